@@ -1,0 +1,275 @@
+//! The LoRA-capable layer types.
+//!
+//! Every linear and convolution that a LoRA can target is built as one of these types. Each
+//! carries a shared, lockable state so that code outside the model — the LoRA loader, the
+//! per-step mixing engine — can attach low-rank branches, change their weights between steps,
+//! or swap in a fused weight, without the model code knowing anything about LoRA formats.
+//!
+//! Forward: `y = W x + b + Σ_i weight_i · scale_i · up_i(down_i(x))`.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+/// One low-rank update attached to a layer.
+///
+/// For a linear layer `down` is `[rank, in]` and `up` is `[out, rank]`. For a convolution
+/// `down` is a convolution kernel `[rank, in, kh, kw]` applied with the base layer's stride and
+/// padding, and `up` is `[out, rank, 1, 1]`. `down`/`up` may be products of LoHa/LoKr factors
+/// computed at load time: the layer only ever sees a rank-`r` pair.
+#[derive(Debug, Clone)]
+pub struct LowRankBranch {
+    /// Caller-chosen name (usually the adapter's name) so weights can be set by name.
+    pub name: String,
+    pub down: Tensor,
+    pub up: Tensor,
+    /// The format's own scale (alpha / rank for LoRA).
+    pub scale: f64,
+    /// The user's strength times whatever the mixing strategy sets for this step; 0 disables.
+    pub weight: f64,
+}
+
+/// Mutable state of one adaptable layer.
+#[derive(Debug, Default)]
+pub struct LayerState {
+    /// A replacement for the base weight (a fused static mix), kept beside the original so
+    /// that "unfusing" is dropping it, never subtracting (which drifts).
+    pub fused_weight: Option<Tensor>,
+    pub branches: Vec<LowRankBranch>,
+}
+
+/// Shared handle to a layer's [`LayerState`].
+#[derive(Debug, Clone, Default)]
+pub struct AdapterSlot(Arc<RwLock<LayerState>>);
+
+impl AdapterSlot {
+    pub fn read(&self) -> RwLockReadGuard<'_, LayerState> {
+        // A poisoned lock only means another thread panicked mid-update; the state is plain data.
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn write(&self) -> RwLockWriteGuard<'_, LayerState> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    Linear,
+    Conv2d { kernel: usize, stride: usize, padding: usize },
+}
+
+/// A cheap handle describing one adaptable layer, as listed by [`Adaptable`].
+#[derive(Debug, Clone)]
+pub struct AdaptableLayer {
+    /// The diffusers / transformers module path, e.g.
+    /// `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`.
+    pub path: String,
+    pub kind: LayerKind,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub base_weight: Tensor,
+    pub slot: AdapterSlot,
+}
+
+/// Models and blocks list their adaptable layers in execution order.
+pub trait Adaptable {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>);
+
+    fn adaptable_layers(&self) -> Vec<AdaptableLayer> {
+        let mut v = Vec::new();
+        self.collect_adaptable(&mut v);
+        v
+    }
+}
+
+impl<T: Adaptable> Adaptable for Vec<T> {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        self.iter().for_each(|x| x.collect_adaptable(out));
+    }
+}
+
+impl<T: Adaptable> Adaptable for Option<T> {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        if let Some(x) = self {
+            x.collect_adaptable(out)
+        }
+    }
+}
+
+/// A linear layer that LoRA can target.
+#[derive(Debug, Clone)]
+pub struct AdaptableLinear {
+    base: Linear,
+    path: String,
+    in_features: usize,
+    out_features: usize,
+    slot: AdapterSlot,
+}
+
+impl AdaptableLinear {
+    pub fn new(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias { Some(vb.get(out_features, "bias")?) } else { None };
+        Ok(Self {
+            base: Linear::new(weight, bias),
+            path: vb.prefix(),
+            in_features,
+            out_features,
+            slot: AdapterSlot::default(),
+        })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        self.base.weight()
+    }
+}
+
+/// `x @ down^T @ up^T` summed over active branches, in x's dtype.
+fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
+    let mut acc: Option<Tensor> = None;
+    for b in state.branches.iter().filter(|b| b.weight != 0.0) {
+        let h = x.broadcast_matmul(&b.down.t()?)?;
+        let h = h.broadcast_matmul(&b.up.t()?)?;
+        let h = (h * (b.weight * b.scale))?;
+        acc = Some(match acc {
+            None => h,
+            Some(a) => (a + h)?,
+        });
+    }
+    Ok(acc)
+}
+
+impl Module for AdaptableLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let state = self.slot.read();
+        let y = match &state.fused_weight {
+            Some(w) => Linear::new(w.clone(), self.base.bias().cloned()).forward(x)?,
+            None => self.base.forward(x)?,
+        };
+        match linear_branches(x, &state)? {
+            Some(delta) => y + delta,
+            None => Ok(y),
+        }
+    }
+}
+
+impl Adaptable for AdaptableLinear {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        out.push(AdaptableLayer {
+            path: self.path.clone(),
+            kind: LayerKind::Linear,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            base_weight: self.base.weight().clone(),
+            slot: self.slot.clone(),
+        });
+    }
+}
+
+/// A 2-D convolution that LoRA can target (kohya "conv LoRA" / LoCon on resnets).
+#[derive(Debug, Clone)]
+pub struct AdaptableConv2d {
+    base: Conv2d,
+    path: String,
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    slot: AdapterSlot,
+}
+
+impl AdaptableConv2d {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        let cfg = Conv2dConfig { padding, stride, dilation: 1, groups: 1, cudnn_fwd_algo: None };
+        Ok(Self {
+            base: Conv2d::new(weight, Some(bias), cfg),
+            path: vb.prefix(),
+            in_channels,
+            out_channels,
+            kernel,
+            cfg,
+            slot: AdapterSlot::default(),
+        })
+    }
+
+    /// Stride and padding, which a conv LoRA's down kernel must share.
+    pub fn config(&self) -> Conv2dConfig {
+        self.cfg
+    }
+}
+
+impl Module for AdaptableConv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let state = self.slot.read();
+        let y = match &state.fused_weight {
+            Some(w) => Conv2d::new(w.clone(), self.base.bias().cloned(), self.cfg).forward(x)?,
+            None => self.base.forward(x)?,
+        };
+        let mut y = y;
+        for b in state.branches.iter().filter(|b| b.weight != 0.0) {
+            let h = x.conv2d(&b.down, self.cfg.padding, self.cfg.stride, 1, 1)?;
+            let h = h.conv2d(&b.up, 0, 1, 1, 1)?;
+            y = (y + (h * (b.weight * b.scale))?)?;
+        }
+        Ok(y)
+    }
+}
+
+impl Adaptable for AdaptableConv2d {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        out.push(AdaptableLayer {
+            path: self.path.clone(),
+            kind: LayerKind::Conv2d { kernel: self.kernel, stride: self.cfg.stride, padding: self.cfg.padding },
+            in_features: self.in_channels,
+            out_features: self.out_channels,
+            base_weight: self.base.weight().clone(),
+            slot: self.slot.clone(),
+        });
+    }
+}
+
+/// Convenience: run in `dtype`, keeping the weights' dtype for storage.
+pub fn ensure_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype { Ok(x.clone()) } else { x.to_dtype(dtype) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use std::collections::HashMap;
+
+    /// The unfused branch equals applying the fused weight W + w·s·B A.
+    #[test]
+    fn branch_equals_fused_weight() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (6, 5), &dev)?;
+        let b = Tensor::randn(0f32, 1., 6, &dev)?;
+        let mut m = HashMap::new();
+        m.insert("l.weight".to_string(), w.clone());
+        m.insert("l.bias".to_string(), b.clone());
+        let vb = VarBuilder::from_tensors(m, DType::F32, &dev);
+        let layer = AdaptableLinear::new(vb.pp("l"), 5, 6, true)?;
+        let down = Tensor::randn(0f32, 1., (2, 5), &dev)?;
+        let up = Tensor::randn(0f32, 1., (6, 2), &dev)?;
+        layer.slot.write().branches.push(LowRankBranch { name: "a".into(), down: down.clone(), up: up.clone(), scale: 0.5, weight: 0.8 });
+        let x = Tensor::randn(0f32, 1., (3, 4, 5), &dev)?;
+        let y = layer.forward(&x)?;
+        let fused = (w + (up.matmul(&down)? * 0.4)?)?;
+        let y2 = Linear::new(fused, Some(b)).forward(&x)?;
+        let d = (y - y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-4, "{d}");
+        assert_eq!(layer.adaptable_layers()[0].path, "l");
+        Ok(())
+    }
+}

@@ -1,0 +1,12 @@
+//! Model code for LoRAMix on candle.
+//!
+//! Module paths and weight names mirror diffusers / transformers exactly, so a reader can put a
+//! file here beside its Python counterpart, and so LoRA keys (which name those modules) resolve
+//! without translation tables. Every linear and convolution that a LoRA can target is an
+//! [`adapter::AdaptableLinear`] or [`adapter::AdaptableConv2d`].
+
+pub mod adapter;
+pub mod clip;
+pub mod sdxl;
+
+pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch};

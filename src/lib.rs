@@ -1,0 +1,20 @@
+//! LoRAMix engine: SDXL text-to-image on candle, equal to diffusers.
+//!
+//! The engine knows nothing about any UI; the `loramix` binary and the desktop shell are thin
+//! layers over [`pipeline::SdxlPipeline`].
+
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod model;
+pub mod pipeline;
+pub mod prompt;
+pub mod rng;
+pub mod schedulers;
+pub mod text;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use pipeline::{GenerateRequest, LoadOptions, SdxlPipeline};
+pub use schedulers::SamplerKind;

@@ -1,0 +1,336 @@
+//! The SDXL text-to-image pipeline: the same steps, in the same order, as diffusers'
+//! `StableDiffusionXLPipeline.__call__`, so that equal inputs give equal latents.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use loramix_models::clip::{ClipTextConfig, ClipTextModel};
+use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, UNet2DConditionConfig, UNet2DConditionModel};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::{self, ModelSource};
+use crate::rng::TorchCpuRng;
+use crate::schedulers::{self, SamplerKind};
+use crate::text::{Conditioning, TextEncoders};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::WeightSource;
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub dtype: DType,
+    /// Configs and tokenizers for a single-file checkpoint (a diffusers folder, like
+    /// diffusers' `from_single_file(config=...)`); default: SDXL base from the HF cache/hub.
+    pub config_dir: Option<PathBuf>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None }
+    }
+}
+
+pub struct SdxlPipeline {
+    pub text: TextEncoders,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKl,
+    vae_dtype: DType,
+    pub scheduler_config: Value,
+    pub force_zeros_for_empty_prompt: bool,
+    pub device: Device,
+    pub dtype: DType,
+    /// What the user named, for metadata.
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// `None` = no negative prompt (zeros when the model forces them); `Some("")` encodes the
+    /// empty string, exactly as diffusers distinguishes `negative_prompt=None` and `""`.
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    pub cfg: f64,
+    /// `None`: the model folder's own scheduler.
+    pub sampler: Option<SamplerKind>,
+    pub seed: u64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub batch_size: usize,
+    /// Unscaled standard-normal noise `[batch, 4, H/f, W/f]` (diffusers' `latents=`).
+    pub init_noise: Option<Tensor>,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: None,
+            steps: 30,
+            cfg: 5.0,
+            sampler: None,
+            seed: 0,
+            width: None,
+            height: None,
+            batch_size: 1,
+            init_noise: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StepProgress {
+    pub step: usize,
+    pub steps: usize,
+    pub elapsed: Duration,
+}
+
+fn load_weights(ws: WeightSource, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
+    ws.into_var_builder(dtype, device)
+}
+
+fn wrap(label: &str, e: candle_core::Error) -> Error {
+    Error::Model { path: PathBuf::from(label), message: e.to_string() }
+}
+
+impl SdxlPipeline {
+    pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        match ModelSource::parse(spec)? {
+            ModelSource::Folder(dir) => Self::load_folder(&dir, None, opts, spec),
+            ModelSource::HubRepo(repo) => {
+                let dir = model::fetch_hub_repo(&repo, false)?;
+                Self::load_folder(&dir, None, opts, spec)
+            }
+            ModelSource::SingleFile(file) => {
+                let config_root = match &opts.config_dir {
+                    Some(d) => d.clone(),
+                    None => model::fetch_hub_repo(model::SDXL_BASE_REPO, true).map_err(|e| {
+                        Error::model(
+                            &file,
+                            format!("a single-file checkpoint needs SDXL's configs and tokenizers: pass --config <diffusers folder>, or have {} in the HF cache ({e})", model::SDXL_BASE_REPO),
+                        )
+                    })?,
+                };
+                Self::load_folder(&config_root, Some(&file), opts, spec)
+            }
+        }
+    }
+
+    /// `single_file`: take the weights from this checkpoint and only configs/tokenizers from `root`.
+    fn load_folder(root: &Path, single_file: Option<&Path>, opts: &LoadOptions, spec: &str) -> Result<Self> {
+        let index_path = root.join("model_index.json");
+        let index = if index_path.is_file() {
+            model::read_json(&index_path)?
+        } else if single_file.is_some() {
+            Value::Null
+        } else {
+            return Err(Error::model(root, "not a diffusers model folder: model_index.json is missing"));
+        };
+        if single_file.is_none() {
+            for comp in ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"] {
+                if index.get(comp).is_none_or(|v| v.is_null() || v.get(0).is_some_and(Value::is_null)) {
+                    return Err(Error::model(&index_path, format!("model_index.json lists no '{comp}': not an SDXL pipeline")));
+                }
+            }
+        }
+        let dev = &opts.device;
+        let dtype = opts.dtype;
+        let unet_cfg: UNet2DConditionConfig = model::parse_config(&root.join("unet/config.json"))?;
+        let vae_cfg: AutoencoderKlConfig = model::parse_config(&root.join("vae/config.json"))?;
+        let te1_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder/config.json"))?;
+        let te2_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder_2/config.json"))?;
+        let (unet_ws, vae_ws, te1_ws, te2_ws) = match single_file {
+            Some(f) => {
+                let c = model::open_single_file(f, root)?;
+                (c.unet, c.vae, c.text_encoder, c.text_encoder_2)
+            }
+            None => (
+                model::open_component(root, "unet")?.1,
+                model::open_component(root, "vae")?.1,
+                model::open_component(root, "text_encoder")?.1,
+                model::open_component(root, "text_encoder_2")?.1,
+            ),
+        };
+        // diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.
+        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast { DType::F32 } else { dtype };
+        let labels = (unet_ws.label().to_string(), vae_ws.label().to_string(), te1_ws.label().to_string(), te2_ws.label().to_string());
+        let unet = UNet2DConditionModel::new(load_weights(unet_ws, dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
+        let vae = AutoencoderKl::new(load_weights(vae_ws, vae_dtype, dev), &vae_cfg).map_err(|e| wrap(&labels.1, e))?;
+        let encoder = ClipTextModel::new(load_weights(te1_ws, dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.2, e))?;
+        let encoder_2 = ClipTextModel::new(load_weights(te2_ws, dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.3, e))?;
+        if encoder_2.config().projection_dim.is_none() || !te2_cfg.has_projection() {
+            return Err(Error::model(root.join("text_encoder_2"), "expected a CLIPTextModelWithProjection (SDXL's second encoder)"));
+        }
+        let width = te1_cfg.hidden_size + te2_cfg.hidden_size;
+        if width != unet_cfg.cross_attention_dim {
+            return Err(Error::model(
+                root.join("unet/config.json"),
+                format!("cross_attention_dim is {}, but the text encoders give {} + {} = {width}", unet_cfg.cross_attention_dim, te1_cfg.hidden_size, te2_cfg.hidden_size),
+            ));
+        }
+        let scheduler_config = model::read_json(&root.join("scheduler/scheduler_config.json"))?;
+        let text = TextEncoders {
+            tokenizer: ClipTokenizer::from_dir(&root.join("tokenizer"))?,
+            encoder,
+            tokenizer_2: Some(ClipTokenizer::from_dir(&root.join("tokenizer_2"))?),
+            encoder_2: Some(encoder_2),
+            layer_from_end: 1,
+            device: dev.clone(),
+            dtype,
+        };
+        Ok(Self {
+            text,
+            unet,
+            vae,
+            vae_dtype,
+            scheduler_config,
+            force_zeros_for_empty_prompt: index.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true),
+            device: dev.clone(),
+            dtype,
+            source: spec.to_string(),
+        })
+    }
+
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.config().downscale()
+    }
+
+    pub fn default_size(&self) -> (usize, usize) {
+        let s = self.unet.config().sample_size.unwrap_or(128) * self.vae_scale_factor();
+        (s, s)
+    }
+
+    pub fn default_sampler(&self) -> Result<SamplerKind> {
+        SamplerKind::from_config(&self.scheduler_config)
+    }
+
+    /// Positive and negative conditioning, as `encode_prompt` builds them.
+    pub fn encode_prompts(&self, prompt: &str, negative: Option<&str>, cfg: bool) -> Result<(Conditioning, Option<Conditioning>)> {
+        let pos = self.text.encode(prompt)?;
+        if !cfg {
+            return Ok((pos, None));
+        }
+        let (neg, zero) = match negative {
+            None if self.force_zeros_for_empty_prompt => (TextEncoders::zeros_like(&pos)?, true),
+            other => (self.text.encode(other.unwrap_or(""))?, false),
+        };
+        let (pos, neg) = self.text.match_lengths(pos, neg, zero)?;
+        Ok((pos, Some(neg)))
+    }
+
+    /// Runs the denoising loop and returns the final latents (before VAE scaling/decoding).
+    /// `on_step` is called after every step; returning `false` cancels.
+    pub fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(&StepProgress) -> bool) -> Result<Tensor> {
+        let f = self.vae_scale_factor();
+        let (dw, dh) = self.default_size();
+        let (width, height) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
+        if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
+            return Err(Error::Argument(format!("width and height must be positive multiples of {f}, got {width}x{height}")));
+        }
+        if req.batch_size == 0 {
+            return Err(Error::Argument("batch size must be at least 1".into()));
+        }
+        if !req.cfg.is_finite() {
+            return Err(Error::Argument(format!("cfg must be a finite number, got {}", req.cfg)));
+        }
+        let b = req.batch_size;
+        let shape = [b, self.unet.config().in_channels, height / f, width / f];
+        let mut rng = TorchCpuRng::new(req.seed);
+        let noise = match &req.init_noise {
+            Some(n) => {
+                if n.dims() != shape {
+                    return Err(Error::Argument(format!(
+                        "init noise has shape {:?}, expected {:?} ([batch, channels, height/{f}, width/{f}])",
+                        n.dims(),
+                        shape
+                    )));
+                }
+                n.to_dtype(DType::F32)?.to_device(&self.device)?
+            }
+            None => Tensor::from_vec(rng.randn(shape.iter().product()), &shape, &Device::Cpu)?.to_device(&self.device)?,
+        };
+        let sampler = match req.sampler {
+            Some(s) => s,
+            None => self.default_sampler()?,
+        };
+        let mut sched = schedulers::build(sampler, &self.scheduler_config, req.steps)?;
+        let cfg = req.cfg > 1.0;
+        let (pos, neg) = self.encode_prompts(&req.prompt, req.negative_prompt.as_deref(), cfg)?;
+        let repeat = |t: &Tensor| Tensor::cat(&vec![t.clone(); b], 0);
+        let mut contexts = Vec::new();
+        let mut pooled = Vec::new();
+        for c in neg.iter().chain(std::iter::once(&pos)) {
+            contexts.push(repeat(&c.context)?);
+            if let Some(p) = &c.pooled {
+                pooled.push(repeat(p)?);
+            }
+        }
+        let context = Tensor::cat(&contexts, 0)?;
+        let rows = context.dim(0)?;
+        let added = if self.unet.uses_added_conditions() {
+            let text_embeds = Tensor::cat(&pooled, 0)?;
+            let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
+            let time_ids = Tensor::from_slice(&ids, (1, 6), &self.device)?.repeat((rows, 1))?;
+            Some(AddedConditions { text_embeds, time_ids })
+        } else {
+            None
+        };
+
+        let mut latents = (noise * sched.init_noise_sigma())?;
+        let timesteps = sched.timesteps().to_vec();
+        let start = Instant::now();
+        let mut draw = |dims: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?)
+        };
+        for (i, &t) in timesteps.iter().enumerate() {
+            let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let input = sched.scale_model_input(&input, i)?.to_dtype(self.dtype)?;
+            let out = self.unet.forward(&input, t as f32, &context, added.as_ref())?.to_dtype(DType::F32)?;
+            let guided = if cfg {
+                let uncond = out.narrow(0, 0, b)?;
+                let text = out.narrow(0, b, b)?;
+                (&uncond + ((text - &uncond)? * req.cfg)?)?
+            } else {
+                out
+            };
+            latents = sched.step(&guided, i, &latents, &mut draw)?;
+            let progress = StepProgress { step: i + 1, steps: timesteps.len(), elapsed: start.elapsed() };
+            if !on_step(&progress) {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// Final latents → RGB images, with diffusers' scaling and post-processing.
+    pub fn decode(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        let c = self.vae.config();
+        let z = latents.to_dtype(DType::F32)?;
+        let z = match (&c.latents_mean, &c.latents_std) {
+            (Some(m), Some(s)) => {
+                let n = m.len();
+                let m = Tensor::from_vec(m.iter().map(|&x| x as f32).collect::<Vec<_>>(), (1, n, 1, 1), z.device())?;
+                let s = Tensor::from_vec(s.iter().map(|&x| x as f32).collect::<Vec<_>>(), (1, n, 1, 1), z.device())?;
+                (z.broadcast_mul(&s)? / c.scaling_factor)?.broadcast_add(&m)?
+            }
+            _ => (z / c.scaling_factor)?,
+        };
+        let pixels = self.vae.decode(&z.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?;
+        to_images(&pixels)
+    }
+}
+
+/// `[b, 3, h, w]` in [-1, 1] → 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.
+pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let x = ((pixels / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    let x = (x * 255.0)?.round()?.to_dtype(DType::U8)?.permute((0, 2, 3, 1))?.contiguous()?.to_device(&Device::Cpu)?;
+    let (b, h, w, _) = x.dims4()?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let data: Vec<u8> = x.get(i)?.flatten_all()?.to_vec1()?;
+        out.push(image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Argument("image buffer size mismatch".into()))?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,172 @@
+//! diffusers `DPMSolverMultistepScheduler` as DPM++ 2M (`algorithm_type = "dpmsolver++"`,
+//! order 2), with or without Karras sigmas. The sampler name fixes the algorithm and order;
+//! the rest (spacing, offsets, final sigma, solver type) comes from the folder's config.
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use super::{interp, karras, round_half_even, scale, sigma_to_t, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use crate::error::{Error, Result};
+
+pub struct DpmSolverMultistep {
+    timesteps: Vec<f64>,
+    sigmas: Vec<f64>,
+    prediction: Prediction,
+    midpoint: bool,
+    lower_order_final: bool,
+    euler_at_final: bool,
+    final_zero: bool,
+    /// The last two data predictions (x0), newest last.
+    history: Vec<Tensor>,
+    lower_order_nums: usize,
+}
+
+/// `(alpha_t, sigma_t)` of the VP process at EDM noise level `sigma`.
+fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+fn lambda(sigma: f64) -> f64 {
+    let (a, s) = alpha_sigma(sigma);
+    a.ln() - s.ln()
+}
+
+impl DpmSolverMultistep {
+    pub fn new(config: &Value, steps: usize, use_karras: bool) -> Result<Self> {
+        let c = ConfigReader(config);
+        let sched = NoiseSchedule::from_config(&c, 0.0001, 0.02, "linear")?;
+        c.refuse_true(&["thresholding", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
+        let n = sched.num_train_timesteps;
+        let train = sched.train_sigmas();
+        let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+        // lambda_min_clipped (default -inf) cuts the schedule's low-noise end.
+        let lmc = c.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
+        let clipped_idx = {
+            let mut lambdas: Vec<f64> = sched
+                .alphas_cumprod
+                .iter()
+                .map(|&a| (a.sqrt() as f64).ln() - ((1.0 - a).sqrt() as f64).ln())
+                .collect();
+            lambdas.reverse();
+            lambdas.iter().position(|&l| l >= lmc).unwrap_or(lambdas.len())
+        };
+        let last = n - clipped_idx;
+        let offset = c.usize("steps_offset", 0)?;
+        let spacing = c.string("timestep_spacing", "linspace")?;
+        let mut timesteps: Vec<f64> = match spacing.as_str() {
+            "linspace" => (0..=steps)
+                .rev()
+                .map(|i| round_half_even(i as f64 * ((last - 1) as f64 / steps as f64)))
+                .take(steps)
+                .collect(),
+            "leading" => {
+                let ratio = last / (steps + 1);
+                (0..=steps).rev().map(|i| (i * ratio + offset) as f64).take(steps).collect()
+            }
+            "trailing" => {
+                let ratio = n as f64 / steps as f64;
+                let len = ((0.0 - last as f64) / -ratio).ceil() as usize;
+                (0..len).map(|i| round_half_even(last as f64 - i as f64 * ratio) - 1.0).collect()
+            }
+            other => return Err(Error::Scheduler(format!("timestep_spacing {other:?} is not supported (linspace, leading, trailing)"))),
+        };
+        let mut sigmas: Vec<f64> = if use_karras {
+            let flipped: Vec<f64> = train.iter().rev().copied().collect();
+            let s = karras(&flipped, steps, &c)?;
+            let squaredcos = c.string("beta_schedule", "linear")? == "squaredcos_cap_v2";
+            timesteps = s
+                .iter()
+                .map(|&x| {
+                    let t = sigma_to_t(x, &log_sigmas);
+                    if squaredcos { t } else { round_half_even(t) }
+                })
+                .collect();
+            s
+        } else {
+            timesteps.iter().map(|&t| interp(t, &train)).collect()
+        };
+        let final_type = c.string("final_sigmas_type", "zero")?;
+        sigmas.push(match final_type.as_str() {
+            "zero" => 0.0,
+            "sigma_min" => train[0],
+            other => return Err(Error::Scheduler(format!("final_sigmas_type {other:?} is not supported (zero, sigma_min)"))),
+        });
+        let midpoint = match c.string("solver_type", "midpoint")?.as_str() {
+            "midpoint" => true,
+            "heun" => false,
+            other => return Err(Error::Scheduler(format!("solver_type {other:?} is not supported (midpoint, heun)"))),
+        };
+        // Timesteps are int64 in diffusers.
+        let timesteps = timesteps.into_iter().map(|t| t.trunc()).collect();
+        Ok(Self {
+            timesteps,
+            sigmas: sigmas.into_iter().map(|s| s as f32 as f64).collect(),
+            prediction: Prediction::from_config(&c, true)?,
+            midpoint,
+            lower_order_final: c.bool("lower_order_final", true)?,
+            euler_at_final: c.bool("euler_at_final", false)?,
+            final_zero: final_type == "zero",
+            history: Vec::with_capacity(2),
+            lower_order_nums: 0,
+        })
+    }
+
+    fn data_prediction(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+        let (alpha_t, sigma_t) = alpha_sigma(sigma);
+        Ok(match self.prediction {
+            Prediction::Epsilon => scale(&(sample - scale(model_output, sigma_t)?)?, 1.0 / alpha_t)?,
+            Prediction::VPrediction => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+            Prediction::Sample => model_output.clone(),
+        })
+    }
+}
+
+impl Scheduler for DpmSolverMultistep {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas)
+    }
+    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+        let len = self.timesteps.len();
+        let lower_final = i == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);
+        let x0 = self.data_prediction(model_output, sample, self.sigmas[i])?;
+        if self.history.len() == 2 {
+            self.history.remove(0);
+        }
+        self.history.push(x0.clone());
+
+        let (s_t, s_s0) = (self.sigmas[i + 1], self.sigmas[i]);
+        let (alpha_t, sigma_t) = alpha_sigma(s_t);
+        let (_, sigma_s0) = alpha_sigma(s_s0);
+        let h = lambda(s_t) - lambda(s_s0);
+        let phi = alpha_t * ((-h).exp() - 1.0);
+        let ratio = sigma_t / sigma_s0;
+        let prev = if self.lower_order_nums < 1 || lower_final {
+            (scale(sample, ratio)? - scale(&x0, phi)?)?
+        } else {
+            let m1 = &self.history[0];
+            let h0 = lambda(s_s0) - lambda(self.sigmas[i - 1]);
+            let r0 = h0 / h;
+            let d1 = scale(&(&x0 - m1)?, 1.0 / r0)?;
+            let base = (scale(sample, ratio)? - scale(&x0, phi)?)?;
+            if self.midpoint {
+                (base - scale(&d1, 0.5 * phi)?)?
+            } else {
+                (base + scale(&d1, alpha_t * (((-h).exp() - 1.0) / h + 1.0))?)?
+            }
+        };
+        if self.lower_order_nums < 2 {
+            self.lower_order_nums += 1;
+        }
+        Ok(prev)
+    }
+}

@@ -1,0 +1,345 @@
+//! Samplers equal to diffusers' schedulers, each a small independent unit.
+//!
+//! A scheduler is built from the model folder's `scheduler_config.json` the way diffusers'
+//! `SchedulerClass.from_config(config)` does: keys the class knows are taken, missing keys take
+//! *that class's* defaults (so DDIM built from SDXL's Euler config gets `clip_sample = true`,
+//! exactly as in diffusers). Numerics follow diffusers: schedule tables in f32, interpolation
+//! in f64, update coefficients as scalars.
+
+mod ddim;
+mod dpm_solver;
+mod euler;
+mod euler_ancestral;
+
+use std::str::FromStr;
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub use ddim::Ddim;
+pub use dpm_solver::DpmSolverMultistep;
+pub use euler::EulerDiscrete;
+pub use euler_ancestral::EulerAncestralDiscrete;
+
+/// The samplers users choose by name (CLI `--sampler`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SamplerKind {
+    Euler,
+    EulerA,
+    Dpmpp2m,
+    Dpmpp2mKarras,
+    Ddim,
+}
+
+impl SamplerKind {
+    pub const ALL: [SamplerKind; 5] = [Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras, Self::Ddim];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Euler => "euler",
+            Self::EulerA => "euler_a",
+            Self::Dpmpp2m => "dpmpp_2m",
+            Self::Dpmpp2mKarras => "dpmpp_2m_karras",
+            Self::Ddim => "ddim",
+        }
+    }
+
+    /// The A1111 display name, used in PNG `parameters` text.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Euler => "Euler",
+            Self::EulerA => "Euler a",
+            Self::Dpmpp2m => "DPM++ 2M",
+            Self::Dpmpp2mKarras => "DPM++ 2M Karras",
+            Self::Ddim => "DDIM",
+        }
+    }
+
+    /// The sampler a folder's scheduler config describes, if we implement it.
+    pub fn from_config(config: &Value) -> Result<Self> {
+        let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("EulerDiscreteScheduler");
+        let karras = config.get("use_karras_sigmas").and_then(Value::as_bool).unwrap_or(false);
+        match class {
+            "EulerDiscreteScheduler" => Ok(Self::Euler),
+            "EulerAncestralDiscreteScheduler" => Ok(Self::EulerA),
+            "DPMSolverMultistepScheduler" if karras => Ok(Self::Dpmpp2mKarras),
+            "DPMSolverMultistepScheduler" => Ok(Self::Dpmpp2m),
+            "DDIMScheduler" => Ok(Self::Ddim),
+            other => Err(Error::Scheduler(format!(
+                "scheduler class {other:?} is not implemented; choose one with --sampler ({})",
+                Self::ALL.map(|s| s.name()).join(", ")
+            ))),
+        }
+    }
+}
+
+impl FromStr for SamplerKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            Error::Argument(format!("unknown sampler {s:?}; expected one of {}", Self::ALL.map(|s| s.name()).join(", ")))
+        })
+    }
+}
+
+impl std::fmt::Display for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Supplies standard-normal noise of a shape (ancestral samplers draw fresh noise each step).
+pub type NoiseSource<'a> = dyn FnMut(&[usize]) -> Result<Tensor> + 'a;
+
+/// One denoising run's schedule and update rule.
+pub trait Scheduler: Send {
+    /// Model timesteps, in the order they are used.
+    fn timesteps(&self) -> &[f64];
+    /// The multiplier for unit-variance initial noise.
+    fn init_noise_sigma(&self) -> f64;
+    /// Scale the latents before the model call at step `i`.
+    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor>;
+    /// Advance from step `i` given the (guided) model output.
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor>;
+    /// The sigma schedule, for samplers that have one (length steps + 1).
+    fn sigmas(&self) -> Option<&[f64]> {
+        None
+    }
+}
+
+/// Builds `kind` from a folder's scheduler config, as `from_config` would.
+pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn Scheduler>> {
+    if steps == 0 {
+        return Err(Error::Argument("steps must be at least 1".into()));
+    }
+    Ok(match kind {
+        SamplerKind::Euler => Box::new(EulerDiscrete::new(config, steps)?),
+        SamplerKind::EulerA => Box::new(EulerAncestralDiscrete::new(config, steps)?),
+        SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, false)?),
+        SamplerKind::Dpmpp2mKarras => Box::new(DpmSolverMultistep::new(config, steps, true)?),
+        SamplerKind::Ddim => Box::new(Ddim::new(config, steps)?),
+    })
+}
+
+/// Typed access to a config with per-class defaults.
+pub(crate) struct ConfigReader<'a>(pub &'a Value);
+
+impl ConfigReader<'_> {
+    fn present(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+    pub fn f64(&self, key: &str, default: f64) -> Result<f64> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v.as_f64().ok_or_else(|| Error::Scheduler(format!("config field {key}: expected a number, got {v}"))),
+        }
+    }
+    pub fn usize(&self, key: &str, default: usize) -> Result<usize> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| Error::Scheduler(format!("config field {key}: expected a non-negative integer, got {v}"))),
+        }
+    }
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| Error::Scheduler(format!("config field {key}: expected true/false, got {v}"))),
+        }
+    }
+    pub fn string(&self, key: &str, default: &str) -> Result<String> {
+        match self.present(key) {
+            None => Ok(default.to_string()),
+            Some(v) => v
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| Error::Scheduler(format!("config field {key}: expected a string, got {v}"))),
+        }
+    }
+    /// Options no implementation here supports: refuse rather than silently differ.
+    pub fn refuse_true(&self, keys: &[&str]) -> Result<()> {
+        for k in keys {
+            if self.bool(k, false)? {
+                return Err(Error::Scheduler(format!("config field {k} = true is not supported")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The training noise schedule: `alphas_cumprod` in f32, as diffusers keeps it.
+pub(crate) struct NoiseSchedule {
+    pub num_train_timesteps: usize,
+    pub alphas_cumprod: Vec<f32>,
+}
+
+/// torch.linspace in f32: the first half counts up from `start`, the second half down from
+/// `end`, as ATen's CPU kernel does.
+fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (n - 1) as f32;
+    let half = n / 2;
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - 1 - i) as f32 }).collect()
+}
+
+impl NoiseSchedule {
+    pub fn from_config(c: &ConfigReader, beta_start_default: f64, beta_end_default: f64, schedule_default: &str) -> Result<Self> {
+        c.refuse_true(&["rescale_betas_zero_snr"])?;
+        let n = c.usize("num_train_timesteps", 1000)?;
+        if n < 2 {
+            return Err(Error::Scheduler(format!("num_train_timesteps must be at least 2, got {n}")));
+        }
+        let bs = c.f64("beta_start", beta_start_default)?;
+        let be = c.f64("beta_end", beta_end_default)?;
+        let betas: Vec<f32> = if let Some(tb) = c.0.get("trained_betas").filter(|v| !v.is_null()) {
+            let v: Vec<f64> = serde_json::from_value(tb.clone())
+                .map_err(|_| Error::Scheduler("trained_betas must be a list of numbers".into()))?;
+            if v.len() != n {
+                return Err(Error::Scheduler(format!("trained_betas has {} entries, expected num_train_timesteps = {n}", v.len())));
+            }
+            v.into_iter().map(|x| x as f32).collect()
+        } else {
+            match c.string("beta_schedule", schedule_default)?.as_str() {
+                "linear" => linspace_f32(bs as f32, be as f32, n),
+                "scaled_linear" => linspace_f32((bs as f32).sqrt(), (be as f32).sqrt(), n).into_iter().map(|x| x * x).collect(),
+                "squaredcos_cap_v2" => {
+                    let bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                    (0..n)
+                        .map(|i| {
+                            let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
+                            (1.0 - bar(t2) / bar(t1)).min(0.999) as f32
+                        })
+                        .collect()
+                }
+                other => return Err(Error::Scheduler(format!("beta_schedule {other:?} is not supported (linear, scaled_linear, squaredcos_cap_v2)"))),
+            }
+        };
+        // torch's CPU cumprod accumulates in double and rounds each output to float.
+        let mut acc = 1f64;
+        let alphas_cumprod = betas
+            .iter()
+            .map(|b| {
+                acc *= (1.0f32 - b) as f64;
+                acc as f32
+            })
+            .collect();
+        Ok(Self { num_train_timesteps: n, alphas_cumprod })
+    }
+
+    /// `sqrt((1 - ᾱ) / ᾱ)` per training timestep, computed in f32 as diffusers does.
+    pub fn train_sigmas(&self) -> Vec<f64> {
+        self.alphas_cumprod.iter().map(|&a| (((1.0f32 - a) / a).sqrt()) as f64).collect()
+    }
+}
+
+/// numpy.interp over integer abscissae 0..len.
+pub(crate) fn interp(x: f64, ys: &[f64]) -> f64 {
+    if x <= 0.0 {
+        return ys[0];
+    }
+    let last = ys.len() - 1;
+    if x >= last as f64 {
+        return ys[last];
+    }
+    let i = x.floor() as usize;
+    let f = x - i as f64;
+    ys[i] + f * (ys[i + 1] - ys[i])
+}
+
+/// diffusers' `_sigma_to_t`: piecewise-linear inverse of the sigma table in log space.
+pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    // low_idx = (number of log_sigmas <= log_sigma) - 1 via cumsum/argmax, clipped to len-2.
+    let dists: Vec<bool> = log_sigmas.iter().map(|ls| log_sigma - ls >= 0.0).collect();
+    let mut best = 0usize;
+    let mut best_val = 0usize;
+    let mut cum = 0usize;
+    for (i, d) in dists.iter().enumerate() {
+        cum += *d as usize;
+        if cum > best_val {
+            best_val = cum;
+            best = i;
+        }
+    }
+    let low_idx = best.min(log_sigmas.len() - 2);
+    let high_idx = low_idx + 1;
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
+    let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// Karras et al. (2022) schedule between the ends of `in_sigmas` (or the config's overrides).
+pub(crate) fn karras(in_sigmas: &[f64], steps: usize, c: &ConfigReader) -> Result<Vec<f64>> {
+    let sigma_min = c.f64("sigma_min", in_sigmas[in_sigmas.len() - 1])?;
+    let sigma_max = c.f64("sigma_max", in_sigmas[0])?;
+    let rho = 7.0;
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    Ok((0..steps)
+        .map(|i| {
+            let ramp = if steps == 1 { 0.0 } else { i as f64 / (steps - 1) as f64 };
+            (max_inv + ramp * (min_inv - max_inv)).powf(rho)
+        })
+        .collect())
+}
+
+/// np.round: round half to even.
+pub(crate) fn round_half_even(x: f64) -> f64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 {
+        2.0 * (x / 2.0).round()
+    } else {
+        r
+    }
+}
+
+/// Multiplies a tensor by a scalar keeping its dtype.
+pub(crate) fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
+    Ok(t.affine(s, 0.0)?)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+impl Prediction {
+    pub fn from_config(c: &ConfigReader, allow_sample: bool) -> Result<Self> {
+        match c.string("prediction_type", "epsilon")?.as_str() {
+            "epsilon" => Ok(Self::Epsilon),
+            "v_prediction" => Ok(Self::VPrediction),
+            "sample" if allow_sample => Ok(Self::Sample),
+            other => Err(Error::Scheduler(format!("prediction_type {other:?} is not supported (epsilon, v_prediction)"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampler_names_round_trip_and_unknown_is_clear() {
+        for k in SamplerKind::ALL {
+            assert_eq!(k.name().parse::<SamplerKind>().unwrap(), k);
+        }
+        let e = "heun".parse::<SamplerKind>().unwrap_err().to_string();
+        assert!(e.contains("unknown sampler \"heun\"") && e.contains("dpmpp_2m_karras"), "{e}");
+    }
+
+    #[test]
+    fn round_half_even_matches_numpy() {
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(3.5), 4.0);
+        assert_eq!(round_half_even(-0.5), -0.0);
+        assert_eq!(round_half_even(2.4), 2.0);
+    }
+}

@@ -1,0 +1,133 @@
+//! SDXL text conditioning: both CLIP encoders, A1111 chunking and emphasis, and diffusers'
+//! rules for the negative prompt.
+//!
+//! Context = concat(penultimate hidden state of CLIP-L, penultimate of OpenCLIP-G) per chunk,
+//! chunks concatenated along the sequence. Pooled = OpenCLIP-G's projected EOS embedding of
+//! the first chunk. Emphasis scales each position's hidden state and then restores the chunk's
+//! mean (A1111's "Original" emphasis), separately per encoder.
+
+use candle_core::{DType, Device, Tensor};
+use loramix_models::clip::ClipTextModel;
+
+use crate::error::{Error, Result};
+use crate::prompt::{chunk_prompt, PromptChunk};
+use crate::tokenizer::ClipTokenizer;
+
+/// Encoded text for one prompt (batch of one).
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// `[1, 77·chunks, width]`.
+    pub context: Tensor,
+    /// `[1, projection_dim]`, or `None` for models without a second encoder.
+    pub pooled: Option<Tensor>,
+}
+
+pub struct TextEncoders {
+    pub tokenizer: ClipTokenizer,
+    pub encoder: ClipTextModel,
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub encoder_2: Option<ClipTextModel>,
+    /// 1 = penultimate layer, as SDXL is trained (diffusers `clip_skip=None`).
+    pub layer_from_end: usize,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+fn weighted(hidden: &Tensor, chunk: &PromptChunk) -> Result<Tensor> {
+    if chunk.is_unweighted() {
+        return Ok(hidden.clone());
+    }
+    let dtype = hidden.dtype();
+    let h = hidden.to_dtype(DType::F32)?;
+    let original_mean = h.mean_all()?.to_scalar::<f32>()? as f64;
+    let w: Vec<f32> = chunk.weights.iter().map(|&w| w as f32).collect();
+    let w = Tensor::from_vec(w, (1, chunk.weights.len(), 1), h.device())?;
+    let z = h.broadcast_mul(&w)?;
+    let new_mean = z.mean_all()?.to_scalar::<f32>()? as f64;
+    let z = if new_mean != 0.0 { (z * (original_mean / new_mean))? } else { z };
+    Ok(z.to_dtype(dtype)?)
+}
+
+impl TextEncoders {
+    fn encode_one(
+        &self,
+        tok: &ClipTokenizer,
+        enc: &ClipTextModel,
+        prompt: &str,
+        want_pooled: bool,
+    ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let chunks = chunk_prompt(tok, prompt)?;
+        let mut hidden = Vec::with_capacity(chunks.len());
+        let mut pooled = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let out = enc.forward(std::slice::from_ref(&chunk.ids), &self.device)?;
+            let idx = out.hidden_states.len().checked_sub(1 + self.layer_from_end).ok_or_else(|| {
+                Error::Argument(format!("clip skip {} exceeds the encoder's {} layers", self.layer_from_end, out.hidden_states.len() - 1))
+            })?;
+            hidden.push(weighted(&out.hidden_states[idx], chunk)?);
+            if i == 0 && want_pooled {
+                pooled = out.text_embeds.or(Some(out.pooled));
+            }
+        }
+        Ok((hidden, pooled))
+    }
+
+    /// Encodes one prompt with A1111 chunking/emphasis.
+    pub fn encode(&self, prompt: &str) -> Result<Conditioning> {
+        let (mut h1, _) = self.encode_one(&self.tokenizer, &self.encoder, prompt, false)?;
+        let (context, pooled) = match (&self.tokenizer_2, &self.encoder_2) {
+            (Some(t2), Some(e2)) => {
+                let (mut h2, pooled2) = self.encode_one(t2, e2, prompt, true)?;
+                // The two tokenizers share a vocabulary, so chunk counts agree; if a custom
+                // model's do not, pad the shorter with empty-prompt chunks as A1111 does.
+                let n = h1.len().max(h2.len());
+                if h1.len() < n {
+                    let empty = self.encode_one(&self.tokenizer, &self.encoder, "", false)?.0.remove(0);
+                    h1.resize(n, empty);
+                }
+                if h2.len() < n {
+                    let empty = self.encode_one(t2, e2, "", false)?.0.remove(0);
+                    h2.resize(n, empty);
+                }
+                let per_chunk = h1
+                    .iter()
+                    .zip(&h2)
+                    .map(|(a, b)| Tensor::cat(&[a, b], 2))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                (Tensor::cat(&per_chunk, 1)?, pooled2)
+            }
+            _ => (Tensor::cat(&h1, 1)?, None),
+        };
+        Ok(Conditioning { context: context.to_dtype(self.dtype)?, pooled: pooled.map(|p| p.to_dtype(self.dtype)).transpose()? })
+    }
+
+    /// Zeros shaped like `like` (diffusers' `force_zeros_for_empty_prompt` negative).
+    pub fn zeros_like(like: &Conditioning) -> Result<Conditioning> {
+        Ok(Conditioning { context: like.context.zeros_like()?, pooled: like.pooled.as_ref().map(|p| p.zeros_like()).transpose()? })
+    }
+
+    /// Pads the shorter context with empty-prompt chunks so cond and uncond can be batched
+    /// (A1111's `pad_cond_uncond`); zero conditioning is padded with zeros.
+    pub fn match_lengths(&self, a: Conditioning, b: Conditioning, b_is_zero: bool) -> Result<(Conditioning, Conditioning)> {
+        let (la, lb) = (a.context.dim(1)?, b.context.dim(1)?);
+        if la == lb {
+            return Ok((a, b));
+        }
+        let pad = |c: Conditioning, to: usize, zero: bool| -> Result<Conditioning> {
+            let have = c.context.dim(1)?;
+            let filler = if zero {
+                Tensor::zeros((1, to - have, c.context.dim(2)?), c.context.dtype(), c.context.device())?
+            } else {
+                let empty = self.encode("")?.context;
+                let reps = (to - have) / empty.dim(1)?;
+                Tensor::cat(&vec![empty; reps], 1)?
+            };
+            Ok(Conditioning { context: Tensor::cat(&[&c.context, &filler], 1)?, pooled: c.pooled })
+        };
+        if la < lb {
+            Ok((pad(a, lb, false)?, b))
+        } else {
+            Ok((a, pad(b, la, b_is_zero)?))
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Memory-mapped safetensors files as a candle `VarBuilder` backend.
+//!
+//! Why our own backend rather than candle's `MmapedSafetensors`: we need errors that name the
+//! file and tensor with what was expected, a NaN/Inf check at load time, refusal of pickles
+//! with an explanation, and a key map so that a single-file (SGM/LDM layout) checkpoint can be
+//! read by the same model code as a diffusers folder, converting names and layouts on the fly.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use loramix_kernels::{count_non_finite, RawDType};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata};
+
+use crate::error::{Error, Result};
+
+/// Extensions of formats that are Python pickles. Unpickling runs arbitrary code, so we never
+/// open them.
+const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
+
+pub fn pickle_refusal(path: &Path) -> Error {
+    Error::BadFile {
+        path: path.to_path_buf(),
+        message: "this is a Python pickle (.ckpt/.pt/.pth/.bin). Loading a pickle can run arbitrary code, so LoRAMix \
+                  never unpickles. Use the .safetensors version of this file (most model pages offer one), or convert it \
+                  once in a trusted environment, e.g. with `safetensors.torch.save_file(torch.load(f, weights_only=True), \"out.safetensors\")`."
+            .into(),
+    }
+}
+
+/// One mapped safetensors file with its parsed, validated header.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SafetensorsFile({})", self.path.display())
+    }
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+        if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+            return Err(pickle_refusal(path));
+        }
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the map is read-only; a concurrent writer could change bytes under us, which
+        // at worst yields wrong weights (caught by shape/NaN checks), never memory unsafety in
+        // our code since every access is bounds-checked against the validated header.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let bad = |message: String| Error::BadFile { path: path.to_path_buf(), message };
+        if mmap.is_empty() {
+            return Err(bad("the file is empty (expected a safetensors file)".into()));
+        }
+        if mmap.starts_with(b"PK\x03\x04") {
+            return Err(bad("this is a zip archive (a PyTorch .pt/.ckpt pickle or an archive), not safetensors; LoRAMix never unpickles — use a .safetensors file".into()));
+        }
+        if mmap[0] == 0x80 {
+            return Err(pickle_refusal(path));
+        }
+        if mmap.len() < 8 {
+            return Err(bad(format!("the file is {} bytes, too short for a safetensors header", mmap.len())));
+        }
+        let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap_or([0; 8]));
+        if header_len > (mmap.len() as u64).saturating_sub(8) {
+            return Err(bad(format!(
+                "not a safetensors file: header length {header_len} runs past the end of the file ({} bytes) — truncated or another format",
+                mmap.len()
+            )));
+        }
+        let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
+            .map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+        Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + n, metadata })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.tensors().into_keys().collect()
+    }
+
+    /// `__metadata__` string pairs from the header.
+    pub fn user_metadata(&self) -> HashMap<String, String> {
+        self.metadata.metadata().clone().unwrap_or_default()
+    }
+
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    /// Loads one tensor on the CPU in its stored dtype, checking it is finite.
+    pub fn load(&self, name: &str) -> Result<Tensor> {
+        let terr = |message: String| Error::Tensor { file: self.path.display().to_string(), tensor: name.to_string(), message };
+        let info = self.metadata.info(name).ok_or_else(|| terr("not in this file".into()))?;
+        let (dtype, raw) = match info.dtype {
+            StDtype::F16 => (DType::F16, Some(RawDType::F16)),
+            StDtype::BF16 => (DType::BF16, Some(RawDType::BF16)),
+            StDtype::F32 => (DType::F32, Some(RawDType::F32)),
+            StDtype::F64 => (DType::F64, Some(RawDType::F64)),
+            StDtype::U8 => (DType::U8, None),
+            StDtype::U32 => (DType::U32, None),
+            StDtype::I64 => (DType::I64, None),
+            other => return Err(terr(format!("unsupported dtype {other:?} (expected F16, BF16 or F32)"))),
+        };
+        let (start, end) = info.data_offsets;
+        let bytes = self
+            .mmap
+            .get(self.data_start + start..self.data_start + end)
+            .ok_or_else(|| terr("data offsets run past the end of the file".into()))?;
+        if let Some(raw) = raw {
+            let bad = count_non_finite(bytes, raw);
+            if bad > 0 {
+                return Err(terr(format!("{bad} of {} values are NaN or infinite; the checkpoint is corrupt", info.shape.iter().product::<usize>())));
+            }
+        }
+        Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu).map_err(|e| terr(e.to_string()))
+    }
+}
+
+/// How a stored tensor becomes the tensor the model asks for.
+#[derive(Debug, Clone)]
+pub enum Transform {
+    /// Used as stored (a trailing-1 reshape such as `[c, c, 1, 1]` → `[c, c]` is allowed).
+    Identity,
+    /// Rows `[start, start + len)` of a fused tensor (OpenCLIP's `in_proj_weight` holds q, k, v).
+    Rows { start: usize, len: usize },
+    /// Stored transposed (OpenCLIP's `text_projection` is `[hidden, proj]`).
+    Transpose,
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub file: usize,
+    pub key: String,
+    pub transform: Transform,
+}
+
+/// Weights of one model component, possibly spread over several files, under the names the
+/// model code asks for.
+#[derive(Debug, Clone)]
+pub struct WeightSource {
+    files: Arc<Vec<SafetensorsFile>>,
+    index: HashMap<String, Source>,
+    label: String,
+}
+
+impl WeightSource {
+    /// Every tensor of the files under its own name (a diffusers component folder).
+    pub fn from_files(paths: &[PathBuf]) -> Result<Self> {
+        let files = paths.iter().map(|p| SafetensorsFile::open(p)).collect::<Result<Vec<_>>>()?;
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.names() {
+                index.insert(name.clone(), Source { file: i, key: name, transform: Transform::Identity });
+            }
+        }
+        let label = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Ok(Self { files: Arc::new(files), index, label })
+    }
+
+    /// A view with a new name map: `(model name, source)` pairs over already opened files.
+    pub fn remapped(files: Arc<Vec<SafetensorsFile>>, index: HashMap<String, Source>, label: String) -> Self {
+        Self { files, index, label }
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    fn fetch(&self, name: &str, expected: Option<&Shape>) -> candle_core::Result<Tensor> {
+        let src = self.index.get(name).ok_or_else(|| {
+            let want = expected.map(|s| format!(" (expected shape {:?})", s.dims())).unwrap_or_default();
+            candle_core::Error::Msg(format!("{}: missing tensor '{name}'{want}", self.label))
+        })?;
+        let file = &self.files[src.file];
+        let t = file.load(&src.key).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let t = match &src.transform {
+            Transform::Identity => t,
+            Transform::Rows { start, len } => t.narrow(0, *start, *len)?,
+            Transform::Transpose => t.t()?.contiguous()?,
+        };
+        match expected {
+            Some(shape) if t.shape() != shape => {
+                let squeeze = |d: &[usize]| d.iter().copied().filter(|&x| x != 1).collect::<Vec<_>>();
+                if t.elem_count() == shape.elem_count() && squeeze(t.dims()) == squeeze(shape.dims()) {
+                    t.reshape(shape)
+                } else {
+                    let stored = if src.key == name { String::new() } else { format!(" (stored as '{}')", src.key) };
+                    Err(candle_core::Error::Msg(format!(
+                        "{}: tensor '{name}'{stored} has shape {:?}, expected {:?}",
+                        file.path().display(),
+                        t.dims(),
+                        shape.dims()
+                    )))
+                }
+            }
+            _ => Ok(t),
+        }
+    }
+
+    pub fn into_var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for WeightSource {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, Some(&s))?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.fetch(name, None)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+}
