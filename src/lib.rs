@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod model;
+pub mod output;
 pub mod pipeline;
 pub mod prompt;
 pub mod rng;

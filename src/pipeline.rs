@@ -149,8 +149,8 @@ impl SdxlPipeline {
             None => (
                 model::open_component(root, "unet")?.1,
                 model::open_component(root, "vae")?.1,
-                model::open_component(root, "text_encoder")?.1,
-                model::open_component(root, "text_encoder_2")?.1,
+                model::open_component(root, "text_encoder")?.1.with_prefix("text_model.", &["text_projection."]),
+                model::open_component(root, "text_encoder_2")?.1.with_prefix("text_model.", &["text_projection."]),
             ),
         };
         // diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.

@@ -47,6 +47,11 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 impl ClipTokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let terr = |message: String| Error::Tokenizer { path: dir.to_path_buf(), message };
+        let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let special_map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
+        let special_text = |field: &str, default: &str| -> String {
+            token_text(config.get(field)).or_else(|| token_text(special_map.get(field))).unwrap_or_else(|| default.into())
+        };
         let json_path = dir.join("tokenizer.json");
         let inner = if json_path.exists() {
             Tokenizer::from_file(&json_path).map_err(|e| terr(format!("tokenizer.json: {e}")))?
@@ -67,7 +72,16 @@ impl ClipTokenizer {
                 })
                 .collect();
             let special = |t: &str| vocab.get(t).and_then(Value::as_u64);
-            let added: Vec<Value> = ["<|startoftext|>", "<|endoftext|>"]
+            // transformers matches every special token (including SDXL tokenizer_2's pad "!")
+            // as a whole before BPE, so "!!" becomes two pad ids; do the same.
+            let mut specials = vec!["<|startoftext|>".to_string(), "<|endoftext|>".to_string()];
+            for f in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+                let t = special_text(f, "<|endoftext|>");
+                if !specials.contains(&t) {
+                    specials.push(t);
+                }
+            }
+            let added: Vec<Value> = specials
                 .iter()
                 .filter_map(|t| special(t).map(|id| json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true})))
                 .collect();
@@ -91,10 +105,8 @@ impl ClipTokenizer {
             });
             spec.to_string().parse::<Tokenizer>().map_err(|e| terr(format!("vocab.json/merges.txt: {e}")))?
         };
-        let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
-        let special_map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or(Value::Null);
         let lookup = |field: &str, default: &str| -> Result<u32> {
-            let text = token_text(config.get(field)).or_else(|| token_text(special_map.get(field))).unwrap_or_else(|| default.into());
+            let text = special_text(field, default);
             inner.token_to_id(&text).ok_or_else(|| terr(format!("{field} {text:?} is not in the vocabulary")))
         };
         let max_length = config.get("model_max_length").and_then(Value::as_u64).filter(|&m| m <= 1024).unwrap_or(77) as usize;

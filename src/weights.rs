@@ -174,6 +174,21 @@ impl WeightSource {
         Self { files, index, label }
     }
 
+    /// Serves keys stored without `prefix` under `prefix + key` (except keys starting with one
+    /// of `keep`). transformers ≥ 5 saves `CLIPTextModel` without its `text_model.` prefix;
+    /// normalising keeps module paths (and so LoRA key matching) the same for both layouts.
+    pub fn with_prefix(mut self, prefix: &str, keep: &[&str]) -> Self {
+        if self.index.keys().any(|k| k.starts_with(prefix)) {
+            return self;
+        }
+        self.index = self
+            .index
+            .into_iter()
+            .map(|(k, v)| if keep.iter().any(|p| k.starts_with(p)) { (k, v) } else { (format!("{prefix}{k}"), v) })
+            .collect();
+        self
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.index.keys()
     }

@@ -1,0 +1,96 @@
+//! Writing results: PNGs with A1111-compatible `parameters` text, and latent files — always
+//! through a temporary file and a rename, so a crash never leaves a half-written file.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{Error, Result};
+use crate::weights::SafetensorsFile;
+
+/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}
+
+/// PNG bytes with `tEXt` chunks (A1111 reads `parameters`).
+pub fn encode_png(img: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        for (k, v) in text {
+            // tEXt is Latin-1; iTXt carries UTF-8 prompts.
+            let r = if v.is_ascii() { enc.add_text_chunk(k.to_string(), v.clone()) } else { enc.add_itxt_chunk(k.to_string(), v.clone()) };
+            r.map_err(|e| Error::Argument(format!("png text chunk {k}: {e}")))?;
+        }
+        let mut w = enc.write_header().map_err(|e| Error::Argument(format!("png: {e}")))?;
+        w.write_image_data(img.as_raw()).map_err(|e| Error::Argument(format!("png: {e}")))?;
+    }
+    Ok(buf)
+}
+
+/// The next free `NNNNN-<seed>.png` name in `dir` (A1111's numbering).
+pub fn next_image_path(dir: &Path, seed: u64, taken: &mut usize) -> PathBuf {
+    loop {
+        let p = dir.join(format!("{:05}-{seed}.png", *taken));
+        *taken += 1;
+        if !p.exists() {
+            return p;
+        }
+    }
+}
+
+pub fn first_free_index(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().and_then(|n| n.split('-').next()).and_then(|n| n.parse::<usize>().ok()))
+                .map(|n| n + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+/// Saves a tensor under the key `latents` (the `--save-latents` format).
+pub fn save_latents(path: &Path, latents: &Tensor) -> Result<()> {
+    let t = latents.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    let mut m = HashMap::new();
+    m.insert("latents".to_string(), t);
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&m, &tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Reads the `latents` tensor of an `--init-noise` file as f32.
+pub fn load_latents(path: &Path) -> Result<Tensor> {
+    let f = SafetensorsFile::open(path)?;
+    if f.shape_of("latents").is_none() {
+        return Err(Error::BadFile {
+            path: path.to_path_buf(),
+            message: format!("no tensor named 'latents' (found: {})", {
+                let mut n = f.names();
+                n.sort();
+                n.join(", ")
+            }),
+        });
+    }
+    Ok(f.load("latents")?.to_dtype(candle_core::DType::F32)?)
+}

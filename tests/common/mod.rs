@@ -1,0 +1,37 @@
+//! Shared helpers for the golden-comparison tests.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+pub fn fixture(config: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdxl").join(config)
+}
+
+pub fn goldens(config: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(config).join("golden.safetensors"), &Device::Cpu).expect("golden.safetensors")
+}
+
+pub fn golden_json(config: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(config).join("golden.json")).expect("golden.json")).expect("json")
+}
+
+/// ‖a − b‖₂ / ‖b‖₂ in f64.
+pub fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
+    num / den.max(1e-30)
+}
+
+#[track_caller]
+pub fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f64) {
+    let e = rel_l2(ours, golden);
+    assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:.0e}");
+    eprintln!("{what}: rel L2 {e:.2e}");
+}
