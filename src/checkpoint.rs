@@ -190,7 +190,7 @@ fn te1_map(names: &[String]) -> HashMap<String, Source> {
 }
 
 /// OpenCLIP-G (open_clip layout) → transformers `CLIPTextModelWithProjection` names.
-fn te2_map(file: &SafetensorsFile, c: &ClipTextConfig) -> HashMap<String, Source> {
+fn te2_map(has_key: &dyn Fn(&str) -> bool, c: &ClipTextConfig) -> HashMap<String, Source> {
     let d = c.hidden_size;
     let mut out = HashMap::new();
     let mut put = |name: String, key: String, transform: Transform| {
@@ -217,8 +217,48 @@ fn te2_map(file: &SafetensorsFile, c: &ClipTextConfig) -> HashMap<String, Source
     }
     // Drop entries whose source key is absent so that "missing tensor" errors name the
     // diffusers name and the model's expected shape.
-    out.retain(|_, s| file.shape_of(&s.key).is_some());
+    out.retain(|_, s| has_key(&s.key));
     out
+}
+
+/// Name maps (diffusers name → SGM key) of the four SDXL components.
+pub struct SgmMaps {
+    pub unet: HashMap<String, Source>,
+    pub vae: HashMap<String, Source>,
+    pub text_encoder: HashMap<String, Source>,
+    pub text_encoder_2: HashMap<String, Source>,
+}
+
+/// Checks the file holds an SDXL base checkpoint and builds its name maps.
+pub fn sgm_maps(
+    path: &Path,
+    names: &[String],
+    has_key: &dyn Fn(&str) -> bool,
+    unet: &UNet2DConditionConfig,
+    vae: &AutoencoderKlConfig,
+    te2: &ClipTextConfig,
+) -> Result<SgmMaps> {
+    match detect(names) {
+        CheckpointKind::SdxlBase => {}
+        CheckpointKind::SdxlRefiner => {
+            return Err(Error::model(path, "this is an SDXL refiner checkpoint (one OpenCLIP-G text encoder); only SDXL base-architecture checkpoints are supported"))
+        }
+        CheckpointKind::Sd1Or2 => {
+            return Err(Error::model(path, "this is an SD 1.x/2.x checkpoint (cond_stage_model.*); LoRAMix loads SDXL checkpoints"))
+        }
+        CheckpointKind::Unknown => {
+            return Err(Error::model(
+                path,
+                format!("not an SDXL single-file checkpoint: expected keys under '{UNET_PREFIX}', '{TE1_PREFIX}' and '{TE2_PREFIX}'"),
+            ))
+        }
+    }
+    Ok(SgmMaps {
+        unet: apply_rules(names, UNET_PREFIX, &unet_rules(unet)),
+        vae: apply_rules(names, VAE_PREFIX, &vae_rules(vae)),
+        text_encoder: te1_map(names),
+        text_encoder_2: te2_map(has_key, te2),
+    })
 }
 
 /// The four component weight sources of one SGM-layout SDXL file.
@@ -237,39 +277,13 @@ pub fn open_sgm(
 ) -> Result<SgmComponents> {
     let file = SafetensorsFile::open(path)?;
     let names = file.names();
-    match detect(&names) {
-        CheckpointKind::SdxlBase => {}
-        CheckpointKind::SdxlRefiner => {
-            return Err(Error::model(path, "this is an SDXL refiner checkpoint (one OpenCLIP-G text encoder); only SDXL base-architecture checkpoints are supported"))
-        }
-        CheckpointKind::Sd1Or2 => {
-            return Err(Error::model(path, "this is an SD 1.x/2.x checkpoint (cond_stage_model.*); LoRAMix loads SDXL checkpoints"))
-        }
-        CheckpointKind::Unknown => {
-            return Err(Error::model(
-                path,
-                format!("not an SDXL single-file checkpoint: expected keys under '{UNET_PREFIX}', '{TE1_PREFIX}' and '{TE2_PREFIX}'"),
-            ))
-        }
-    }
-    let unet_map = apply_rules(&names, UNET_PREFIX, &unet_rules(unet));
-    let vae_map = apply_rules(&names, VAE_PREFIX, &vae_rules(vae));
-    let te1 = te1_map(&names);
-    let te2m = te2_map(&file, te2);
+    let maps = sgm_maps(path, &names, &|k| file.shape_of(k).is_some(), unet, vae, te2)?;
     let label = path.display().to_string();
     let files = Arc::new(vec![file]);
     Ok(SgmComponents {
-        unet: WeightSource::remapped(files.clone(), unet_map, format!("{label} (unet)")),
-        vae: WeightSource::remapped(files.clone(), vae_map, format!("{label} (vae)")),
-        text_encoder: WeightSource::remapped(files.clone(), te1, format!("{label} (text encoder 1)")),
-        text_encoder_2: WeightSource::remapped(files, te2m, format!("{label} (text encoder 2)")),
+        unet: WeightSource::remapped(files.clone(), maps.unet, format!("{label} (unet)")),
+        vae: WeightSource::remapped(files.clone(), maps.vae, format!("{label} (vae)")),
+        text_encoder: WeightSource::remapped(files.clone(), maps.text_encoder, format!("{label} (text encoder 1)")),
+        text_encoder_2: WeightSource::remapped(files, maps.text_encoder_2, format!("{label} (text encoder 2)")),
     })
-}
-
-/// The SGM key that holds each diffusers UNet/VAE name, for tools that write single files
-/// and for the manifest tests.
-pub fn sgm_names_for(names: &[String], unet: &UNet2DConditionConfig, vae: &AutoencoderKlConfig) -> HashMap<String, String> {
-    let mut m: HashMap<String, String> = apply_rules(names, UNET_PREFIX, &unet_rules(unet)).into_iter().map(|(k, s)| (k, s.key)).collect();
-    m.extend(apply_rules(names, VAE_PREFIX, &vae_rules(vae)).into_iter().map(|(k, s)| (k, s.key)));
-    m
 }

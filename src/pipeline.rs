@@ -135,6 +135,11 @@ impl SdxlPipeline {
                 }
             }
         }
+        for comp in ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"] {
+            if !root.join(comp).is_dir() {
+                return Err(Error::model(root, format!("component folder '{comp}/' is missing")));
+            }
+        }
         let dev = &opts.device;
         let dtype = opts.dtype;
         let unet_cfg: UNet2DConditionConfig = model::parse_config(&root.join("unet/config.json"))?;

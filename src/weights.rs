@@ -148,9 +148,18 @@ pub struct Source {
 
 /// Weights of one model component, possibly spread over several files, under the names the
 /// model code asks for.
+/// Where tensor bytes come from.
+#[derive(Debug, Clone)]
+enum Storage {
+    Files(Arc<Vec<SafetensorsFile>>),
+    /// Shapes only (a key/shape manifest): tensors are zero-cost broadcast zeros. Lets us
+    /// check that a full-size checkpoint layout is accepted without having its weights.
+    Manifest(Arc<HashMap<String, Vec<usize>>>),
+}
+
 #[derive(Debug, Clone)]
 pub struct WeightSource {
-    files: Arc<Vec<SafetensorsFile>>,
+    storage: Storage,
     index: HashMap<String, Source>,
     label: String,
 }
@@ -166,12 +175,37 @@ impl WeightSource {
             }
         }
         let label = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
-        Ok(Self { files: Arc::new(files), index, label })
+        Ok(Self { storage: Storage::Files(Arc::new(files)), index, label })
     }
 
     /// A view with a new name map: `(model name, source)` pairs over already opened files.
     pub fn remapped(files: Arc<Vec<SafetensorsFile>>, index: HashMap<String, Source>, label: String) -> Self {
-        Self { files, index, label }
+        Self { storage: Storage::Files(files), index, label }
+    }
+
+    /// A shape-only source over a key → shape manifest, optionally through a name map.
+    pub fn from_manifest(shapes: HashMap<String, Vec<usize>>, index: Option<HashMap<String, Source>>, label: &str) -> Self {
+        let index = index.unwrap_or_else(|| {
+            shapes.keys().map(|k| (k.clone(), Source { file: 0, key: k.clone(), transform: Transform::Identity })).collect()
+        });
+        Self { storage: Storage::Manifest(Arc::new(shapes)), index, label: label.to_string() }
+    }
+
+    fn stored(&self, src: &Source, name: &str) -> candle_core::Result<(Tensor, String)> {
+        match &self.storage {
+            Storage::Files(files) => {
+                let file = &files[src.file];
+                let t = file.load(&src.key).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Ok((t, file.path().display().to_string()))
+            }
+            Storage::Manifest(shapes) => {
+                let shape = shapes.get(&src.key).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{}: missing tensor '{}' (for '{name}')", self.label, src.key))
+                })?;
+                let t = Tensor::zeros(1, DType::F32, &Device::Cpu)?.reshape(vec![1; shape.len().max(1)])?.broadcast_as(shape.clone())?;
+                Ok((t, self.label.clone()))
+            }
+        }
     }
 
     /// Serves keys stored without `prefix` under `prefix + key` (except keys starting with one
@@ -202,8 +236,7 @@ impl WeightSource {
             let want = expected.map(|s| format!(" (expected shape {:?})", s.dims())).unwrap_or_default();
             candle_core::Error::Msg(format!("{}: missing tensor '{name}'{want}", self.label))
         })?;
-        let file = &self.files[src.file];
-        let t = file.load(&src.key).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (t, origin) = self.stored(src, name)?;
         let t = match &src.transform {
             Transform::Identity => t,
             Transform::Rows { start, len } => t.narrow(0, *start, *len)?,
@@ -217,8 +250,7 @@ impl WeightSource {
                 } else {
                     let stored = if src.key == name { String::new() } else { format!(" (stored as '{}')", src.key) };
                     Err(candle_core::Error::Msg(format!(
-                        "{}: tensor '{name}'{stored} has shape {:?}, expected {:?}",
-                        file.path().display(),
+                        "{origin}: tensor '{name}'{stored} has shape {:?}, expected {:?}",
                         t.dims(),
                         shape.dims()
                     )))
