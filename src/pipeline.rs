@@ -104,6 +104,8 @@ impl SdxlPipeline {
                 Self::load_folder(&dir, None, opts, spec)
             }
             ModelSource::SingleFile(file) => {
+                // Refuse pickles and broken files before looking for configs.
+                crate::weights::SafetensorsFile::open(&file)?;
                 let config_root = match &opts.config_dir {
                     Some(d) => d.clone(),
                     None => model::fetch_hub_repo(model::SDXL_BASE_REPO, true).map_err(|e| {
