@@ -1,5 +1,6 @@
 //! The `loramix` command line: a thin layer over the engine.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -93,15 +94,25 @@ fn generate(a: GenerateArgs) -> Result<()> {
         init_noise,
     };
     let bar = ProgressBar::new(a.steps as u64);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     bar.set_style(
         ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let tty = std::io::stderr().is_terminal();
     let latents = pipe.generate_latents(&req, &mut |p| {
         let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
-        bar.set_length(p.steps as u64);
-        bar.set_position(p.step as u64);
-        bar.set_message(format!("{its:.2} it/s"));
+        if tty {
+            bar.set_length(p.steps as u64);
+            bar.set_position(p.step as u64);
+            bar.set_message(format!("{its:.2} it/s"));
+        } else {
+            // Logs and pipes get one plain line per step.
+            let eta = (p.steps - p.step) as f64 / its;
+            eprintln!("step {}/{} {its:.2} it/s ETA {eta:.1}s", p.step, p.steps);
+        }
         true
     })?;
     bar.finish();

@@ -1,0 +1,77 @@
+//! The `loramix generate` command line, run as a user would.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::*;
+
+fn loramix() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loramix"))
+}
+
+#[test]
+fn generate_with_init_noise_saves_latents_and_png() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = goldens("tiny2");
+    let gj = golden_json("tiny2");
+    // pipe5: euler, 5 steps, cfg 7, negative "blurry, ugly".
+    let case = &gj["pipeline"]["pipe5"];
+    let noise_path = tmp.path().join("noise.safetensors");
+    let mut m = HashMap::new();
+    m.insert("latents".to_string(), g["pipe5.init_noise"].clone());
+    candle_core::safetensors::save(&m, &noise_path).unwrap();
+    let lat_path = tmp.path().join("final.safetensors");
+    let out = loramix()
+        .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap()])
+        .args(["--prompt", case["prompt"].as_str().unwrap(), "--negative-prompt", case["negative"].as_str().unwrap()])
+        .args(["--steps", "5", "--cfg", "7", "--sampler", "euler", "--width", "32", "--height", "32", "--seed", "42"])
+        .arg("--init-noise")
+        .arg(&noise_path)
+        .arg("--save-latents")
+        .arg(&lat_path)
+        .arg("--out")
+        .arg(tmp.path().join("imgs"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("step 5/5") && stderr.contains("it/s"), "progress on stderr: {stderr}");
+    let lat = candle_core::safetensors::load(&lat_path, &Device::Cpu).unwrap();
+    assert_close("cli latents", &lat["latents"], &g["pipe5.latents"], 1e-3);
+    let png_path = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    assert!(png_path.ends_with("00000-42.png"), "{png_path}");
+    let bytes = std::fs::read(&png_path).unwrap();
+    let img = image::load_from_memory(&bytes).unwrap();
+    assert_eq!((img.width(), img.height()), (32, 32));
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("parameters") && text.contains("Sampler: Euler, CFG scale: 7, Seed: 42, Size: 32x32"), "A1111 parameters chunk");
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let model = fixture("tiny2").join("pipeline");
+    let out = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--sampler", "plms"]).output().unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("unknown sampler \"plms\""), "{e}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("noise.safetensors");
+    let mut m = HashMap::new();
+    m.insert("noise".to_string(), Tensor::zeros((1, 4, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap());
+    candle_core::safetensors::save(&m, &bad).unwrap();
+    let out = loramix()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--width", "32", "--height", "32", "--init-noise"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("no tensor named 'latents'") && e.contains("noise.safetensors"), "{e}");
+
+    let out = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--device", "cuda"]).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("--features cuda"), "{e}");
+}
