@@ -3,6 +3,7 @@
 //! The engine knows nothing about any UI; the `loramix` binary and the desktop shell are thin
 //! layers over [`pipeline::SdxlPipeline`].
 
+pub mod bench;
 pub mod checkpoint;
 pub mod device;
 pub mod error;

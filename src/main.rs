@@ -22,6 +22,17 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt.
     Generate(GenerateArgs),
+    /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A Python with diffusers (tools/parity/requirements.txt) to time the reference in the same run.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
 }
 
 #[derive(clap::Args)]
@@ -154,5 +165,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(a) => generate(a),
+        Command::Bench(a) => {
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let repo = std::env::current_dir()?;
+            let rows = loramix::bench::run(&repo, a.python.as_deref(), a.iters.max(1), threads)?;
+            print!("{}", loramix::bench::table(&rows, threads));
+            Ok(())
+        }
     }
 }

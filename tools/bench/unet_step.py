@@ -1,0 +1,49 @@
+"""diffusers side of `loramix bench`: seconds per SDXL UNet step (CFG batch of 2) on CPU.
+
+python tools/bench/unet_step.py --unet DIR --height H --width W --threads T --iters N
+If DIR does not exist and --create mid is given, writes a random-weight mid-size SDXL-architecture
+UNet there first (seed 0), so the Rust side times the very same weights.
+Prints one JSON line.
+"""
+import argparse, json, os, time
+import torch
+from diffusers import UNet2DConditionModel
+
+MID = dict(block_out_channels=(160, 320, 640), layers_per_block=2, sample_size=64,
+           down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+           up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+           attention_head_dim=(5, 5, 10), transformer_layers_per_block=(1, 2, 4), use_linear_projection=True,
+           cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+           projection_class_embeddings_input_dim=2816, in_channels=4, out_channels=4)
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--unet", required=True)
+ap.add_argument("--height", type=int, required=True)
+ap.add_argument("--width", type=int, required=True)
+ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--iters", type=int, default=3)
+ap.add_argument("--create", choices=["mid"])
+a = ap.parse_args()
+torch.set_num_threads(a.threads)
+if not os.path.isdir(a.unet):
+    if not a.create:
+        raise SystemExit(f"{a.unet}: no such UNet folder")
+    torch.manual_seed(0)
+    UNet2DConditionModel(**MID).save_pretrained(a.unet, safe_serialization=True)
+unet = UNet2DConditionModel.from_pretrained(a.unet, torch_dtype=torch.float32).eval()
+c = unet.config
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, c.in_channels, a.height, a.width, generator=g)
+ctx = torch.randn(2, 77, c.cross_attention_dim, generator=g)
+proj = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+added = {"text_embeds": torch.randn(2, proj, generator=g), "time_ids": torch.tensor([[8.0 * a.height, 8.0 * a.width, 0, 0, 8.0 * a.height, 8.0 * a.width]] * 2)}
+times = []
+with torch.no_grad():
+    unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)  # warm-up
+    for _ in range(a.iters):
+        t = time.perf_counter()
+        unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)
+        times.append(time.perf_counter() - t)
+times.sort()
+print(json.dumps({"seconds_per_step": times[len(times) // 2], "params": sum(p.numel() for p in unet.parameters()),
+                  "attention": type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}))
