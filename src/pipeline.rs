@@ -97,6 +97,9 @@ fn wrap(label: &str, e: candle_core::Error) -> Error {
 
 impl SdxlPipeline {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
+        if opts.device.is_cpu() && opts.dtype == DType::BF16 {
+            return Err(Error::Argument("bf16 is not supported on the CPU (candle's CPU backend has no bf16 matmul); use --dtype f32 or f16, or bf16 on cuda/metal".into()));
+        }
         match ModelSource::parse(spec)? {
             ModelSource::Folder(dir) => Self::load_folder(&dir, None, opts, spec),
             ModelSource::HubRepo(repo) => {

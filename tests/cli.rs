@@ -75,3 +75,49 @@ fn cli_errors_are_clear() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("--features cuda"), "{e}");
 }
+
+fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+/// A repo id resolves through the standard HF cache layout offline; what is missing is listed.
+#[test]
+fn hub_repo_from_offline_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--loramix--tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let snap = repo.join("snapshots/0123abcd");
+    copy_dir(&fixture("tiny2").join("pipeline"), &snap);
+    let run = |model: &str| {
+        loramix()
+            .env("HF_HOME", home.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .env_remove("HF_TOKEN")
+            .args(["generate", "--model", model, "--prompt", "a cat", "--steps", "2", "--seed", "1", "--width", "32", "--height", "32"])
+            .arg("--out")
+            .arg(home.path().join("out"))
+            .output()
+            .unwrap()
+    };
+    let out = run("loramix/tiny");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    std::fs::remove_file(snap.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let out = run("loramix/tiny");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("not fully in the HF cache") && e.contains("unet/diffusion_pytorch_model.safetensors") && e.contains("HF_HUB_OFFLINE"), "{e}");
+
+    let out = run("nobody/nothing");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("\"nobody/nothing\"") && e.contains("model_index.json"), "{e}");
+}
