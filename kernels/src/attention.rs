@@ -28,7 +28,7 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
         let len = rows_per_slice.min(lq - start);
         let qs = q.narrow(2, start, len)?.contiguous()?;
         let scores = (qs.matmul(&k_t)? * scale)?;
-        let probs = softmax_last_dim(&scores)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         outs.push(probs.matmul(&v)?);
         start += len;
     }

@@ -1,11 +1,17 @@
 //! Compute kernels shared by the model code.
 //!
-//! Each kernel has a plain CPU implementation that is the reference for any accelerated
-//! version behind the `cuda` / `metal` features (see the GPU issue). Keeping them in one crate
-//! lets the model code call one function whatever the device.
+//! Each kernel has a plain implementation built from candle ops, which is the reference its
+//! fused CPU version (and any CUDA / Metal version behind the features) is tested against.
+//! Model code calls one function whatever the device and dtype.
 
+pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod finite;
+pub mod norm;
 
+pub use activation::geglu;
 pub use attention::scaled_dot_product_attention;
+pub use conv::conv2d;
 pub use finite::{count_non_finite, RawDType};
+pub use norm::{group_norm, GroupNormParams};

@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 /// One low-rank update attached to a layer.
@@ -211,14 +211,12 @@ impl AdaptableConv2d {
 impl Module for AdaptableConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let state = self.slot.read();
-        let y = match &state.fused_weight {
-            Some(w) => Conv2d::new(w.clone(), self.base.bias().cloned(), self.cfg).forward(x)?,
-            None => self.base.forward(x)?,
-        };
-        let mut y = y;
+        let (stride, padding) = (self.cfg.stride, self.cfg.padding);
+        let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
+        let mut y = loramix_kernels::conv2d(x, weight, self.base.bias(), stride, padding)?;
         for b in state.branches.iter().filter(|b| b.weight != 0.0) {
-            let h = x.conv2d(&b.down, self.cfg.padding, self.cfg.stride, 1, 1)?;
-            let h = h.conv2d(&b.up, 0, 1, 1, 1)?;
+            let h = loramix_kernels::conv2d(x, &b.down, None, stride, padding)?;
+            let h = loramix_kernels::conv2d(&h, &b.up, None, 1, 0)?;
             y = (y + (h * (b.weight * b.scale))?)?;
         }
         Ok(y)
@@ -238,15 +236,18 @@ impl Adaptable for AdaptableConv2d {
     }
 }
 
-/// Convenience: run in `dtype`, keeping the weights' dtype for storage.
-pub fn ensure_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
-    if x.dtype() == dtype { Ok(x.clone()) } else { x.to_dtype(dtype) }
+/// A GroupNorm layer's parameters (`weight`, `bias` under `vb`) for the fused kernel.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<loramix_kernels::GroupNormParams> {
+    if groups == 0 || channels % groups != 0 {
+        candle_core::bail!("{}: {channels} channels cannot be split into {groups} groups", vb.prefix());
+    }
+    loramix_kernels::GroupNormParams::new(groups, eps, vb.get(channels, "weight")?, vb.get(channels, "bias")?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
     use std::collections::HashMap;
 
     /// The unfused branch equals applying the fused weight W + w·s·B A.

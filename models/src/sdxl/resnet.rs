@@ -2,16 +2,17 @@
 //! `models/downsampling.py`, `models/upsampling.py`), shared by the UNet and the VAE.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+use loramix_kernels::{group_norm as norm, GroupNormParams};
 
-use crate::adapter::{Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
+use crate::adapter::{group_norm, Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
 
 #[derive(Debug, Clone)]
 pub struct ResnetBlock2D {
-    norm1: GroupNorm,
+    norm1: GroupNormParams,
     conv1: AdaptableConv2d,
     time_emb_proj: Option<AdaptableLinear>,
-    norm2: GroupNorm,
+    norm2: GroupNormParams,
     conv2: AdaptableConv2d,
     conv_shortcut: Option<AdaptableConv2d>,
 }
@@ -45,12 +46,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&norm(x, &self.norm1, true)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&norm(&h, &self.norm2, true)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),

@@ -3,9 +3,10 @@
 //! feed-forward, with linear or 1×1-conv input/output projections.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, layer_norm, GroupNorm, LayerNorm, LayerNormConfig, VarBuilder};
+use candle_nn::{layer_norm, LayerNorm, LayerNormConfig, VarBuilder};
+use loramix_kernels::GroupNormParams;
 
-use crate::adapter::{Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
+use crate::adapter::{group_norm, Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
 
 /// diffusers `Attention` as used in transformer blocks (no bias on q/k/v, bias on the output).
 #[derive(Debug, Clone)]
@@ -66,7 +67,6 @@ impl Adaptable for Attention {
 struct FeedForward {
     proj: AdaptableLinear,
     out: AdaptableLinear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -75,16 +75,11 @@ impl FeedForward {
         Ok(Self {
             proj: AdaptableLinear::new(vb.pp("net.0.proj"), dim, 2 * inner, true)?,
             out: AdaptableLinear::new(vb.pp("net.2"), inner, dim, true)?,
-            inner,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let last = h.rank() - 1;
-        let a = h.narrow(last, 0, self.inner)?;
-        let gate = h.narrow(last, self.inner, self.inner)?;
-        self.out.forward(&(a * gate.gelu_erf()?)?)
+        self.out.forward(&loramix_kernels::geglu(&self.proj.forward(x)?)?)
     }
 }
 
@@ -144,7 +139,7 @@ impl Adaptable for Projection {
 
 #[derive(Debug, Clone)]
 pub struct Transformer2DModel {
-    norm: GroupNorm,
+    norm: GroupNormParams,
     proj_in: Projection,
     blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
@@ -184,7 +179,7 @@ impl Transformer2DModel {
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, _c, h, w) = x.dims4()?;
-        let normed = self.norm.forward(x)?;
+        let normed = loramix_kernels::group_norm(x, &self.norm, false)?;
         let to_tokens = |t: Tensor| -> Result<Tensor> {
             let c = t.dim(1)?;
             t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))

@@ -3,12 +3,13 @@
 //! time ids), down blocks with skip connections, a cross-attention mid block, up blocks.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+use loramix_kernels::GroupNormParams;
 
 use super::config::UNet2DConditionConfig;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
 use super::transformer::{Transformer2DModel, Transformer2DSpec};
-use crate::adapter::{Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
+use crate::adapter::{group_norm, Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
 
 /// Sinusoidal embedding exactly as diffusers' `get_timestep_embedding`, computed in f32.
 pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f64, device: &Device) -> Result<Tensor> {
@@ -106,7 +107,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<UNetBlock>,
     mid_block: MidBlock,
     up_blocks: Vec<UNetBlock>,
-    conv_norm_out: GroupNorm,
+    conv_norm_out: GroupNormParams,
     conv_out: AdaptableConv2d,
     config: UNet2DConditionConfig,
 }
@@ -287,7 +288,7 @@ impl UNet2DConditionModel {
             }
         }
 
-        let h = self.conv_norm_out.forward(&h)?.silu()?;
+        let h = loramix_kernels::group_norm(&h, &self.conv_norm_out, true)?;
         self.conv_out.forward(&h)
     }
 }

@@ -3,19 +3,19 @@
 //! block has one single-head self-attention, as in the original LDM VAE.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{group_norm, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+use loramix_kernels::{group_norm as norm, GroupNormParams};
 
 use super::config::AutoencoderKlConfig;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-use crate::adapter::AdaptableConv2d;
-use crate::adapter::AdaptableLinear;
+use crate::adapter::{group_norm, AdaptableConv2d, AdaptableLinear};
 
 const EPS: f64 = 1e-6;
 
 /// The mid block's attention: group norm, single-head attention over pixels, residual.
 #[derive(Debug, Clone)]
 struct SpatialSelfAttention {
-    group_norm: GroupNorm,
+    group_norm: GroupNormParams,
     to_q: AdaptableLinear,
     to_k: AdaptableLinear,
     to_v: AdaptableLinear,
@@ -35,7 +35,7 @@ impl SpatialSelfAttention {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let t = self.group_norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let t = norm(x, &self.group_norm, false)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let heads = |y: Tensor| y.unsqueeze(1);
         let o = loramix_kernels::scaled_dot_product_attention(
             &heads(self.to_q.forward(&t)?)?,
@@ -79,7 +79,7 @@ struct Encoder {
     conv_in: AdaptableConv2d,
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Downsample2D>)>,
     mid: MidBlock,
-    norm_out: GroupNorm,
+    norm_out: GroupNormParams,
     conv_out: AdaptableConv2d,
 }
 
@@ -120,7 +120,7 @@ impl Encoder {
             }
         }
         let h = self.mid.forward(&h)?;
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&norm(&h, &self.norm_out, true)?)
     }
 }
 
@@ -129,7 +129,7 @@ struct Decoder {
     conv_in: AdaptableConv2d,
     mid: MidBlock,
     blocks: Vec<(Vec<ResnetBlock2D>, Option<Upsample2D>)>,
-    norm_out: GroupNorm,
+    norm_out: GroupNormParams,
     conv_out: AdaptableConv2d,
 }
 
@@ -169,7 +169,7 @@ impl Decoder {
                 h = u.forward(&h, None)?;
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out.forward(&norm(&h, &self.norm_out, true)?)
     }
 }
 
