@@ -5,7 +5,8 @@
 //! peak to `slice × k` scores per head while computing exactly the same numbers (softmax is per
 //! row), so results do not depend on the slice size.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor, D};
+use rayon::prelude::*;
 
 /// Largest score matrix (elements) held at once per call; ~256 MiB in f32.
 const MAX_SCORE_ELEMENTS: usize = 64 * 1024 * 1024;
@@ -21,19 +22,61 @@ pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     let rows_per_slice = (MAX_SCORE_ELEMENTS / (b * h * lk).max(1)).clamp(1, lq.max(1));
     let k_t = k.to_dtype(DType::F32)?.transpose(2, 3)?.contiguous()?;
     let v = v.to_dtype(DType::F32)?.contiguous()?;
-    let q = q.to_dtype(DType::F32)?;
+    // Scaling q (d wide) is far cheaper than scaling the scores (lk wide).
+    let q = (q.to_dtype(DType::F32)? * scale)?;
     let mut outs = Vec::with_capacity(lq.div_ceil(rows_per_slice));
     let mut start = 0;
     while start < lq {
         let len = rows_per_slice.min(lq - start);
         let qs = q.narrow(2, start, len)?.contiguous()?;
-        let scores = (qs.matmul(&k_t)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let scores = qs.matmul(&k_t)?;
+        let probs = softmax_rows(scores)?;
         outs.push(probs.matmul(&v)?);
         start += len;
     }
     let out = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 2)? };
     out.to_dtype(in_dtype)
+}
+
+/// Softmax over rows of a contiguous f32 CPU buffer, in place and in parallel: no extra
+/// buffer the size of the score matrix is allocated.
+struct SoftmaxRowsInPlace;
+
+impl InplaceOp1 for SoftmaxRowsInPlace {
+    fn name(&self) -> &'static str {
+        "softmax-rows-inplace"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let width = layout.dims().last().copied().unwrap_or(1).max(1);
+        let (a, b) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("softmax: expected contiguous".into()))?;
+        match storage {
+            CpuStorage::F32(v) => {
+                v[a..b].par_chunks_mut(width).for_each(|row| {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|x| *x *= inv);
+                });
+                Ok(())
+            }
+            _ => candle_core::bail!("softmax-rows-inplace: expected f32"),
+        }
+    }
+}
+
+/// Softmax over the last dimension of freshly computed scores (consumed).
+fn softmax_rows(scores: Tensor) -> Result<Tensor> {
+    if scores.device().is_cpu() && scores.dtype() == DType::F32 && scores.is_contiguous() {
+        scores.inplace_op1(&SoftmaxRowsInPlace)?;
+        Ok(scores)
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
 }
 
 /// Numerically stable softmax over the last dimension (subtracts the row max, as torch does).
