@@ -150,7 +150,12 @@ impl SdxlPipeline {
         let unet_cfg: UNet2DConditionConfig = model::parse_config(&root.join("unet/config.json"))?;
         let vae_cfg: AutoencoderKlConfig = model::parse_config(&root.join("vae/config.json"))?;
         let te1_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder/config.json"))?;
-        let te2_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder_2/config.json"))?;
+        let mut te2_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder_2/config.json"))?;
+        // SDXL's second encoder is always CLIPTextModelWithProjection; accept configs saved
+        // without an `architectures` list.
+        if te2_cfg.architectures.is_none() {
+            te2_cfg.architectures = Some(vec!["CLIPTextModelWithProjection".into()]);
+        }
         let (unet_ws, vae_ws, te1_ws, te2_ws) = match single_file {
             Some(f) => {
                 let c = model::open_single_file(f, root)?;
