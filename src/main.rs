@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a text prompt.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(BenchArgs),
 }
@@ -164,7 +164,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Generate(a) => generate(a),
+        Command::Generate(a) => generate(*a),
         Command::Bench(a) => {
             let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let repo = std::env::current_dir()?;

@@ -174,15 +174,12 @@ fn half_precision_runs_close_to_f32() {
     let opts = LoadOptions { dtype: candle_core::DType::BF16, ..Default::default() };
     let e = SdxlPipeline::load(fixture("tiny2").join("pipeline").to_str().unwrap(), &opts).err().unwrap().to_string();
     assert!(e.contains("bf16") && e.contains("CPU"), "{e}");
-    for (dtype, tol) in [(candle_core::DType::F16, 1e-2)] {
-        let opts = LoadOptions { dtype, ..Default::default() };
-        let pipe = SdxlPipeline::load(fixture("tiny2").join("pipeline").to_str().unwrap(), &opts).unwrap();
-        let g = goldens("tiny2");
-        let gj = golden_json("tiny2");
-        let req = request(&gj["pipeline"]["pipe0"], Some(g["pipe0.init_noise"].clone()), (32, 32));
-        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
-        assert_close(&format!("{dtype:?} pipe0"), &lat, &g["pipe0.latents"], tol);
-        let img = pipe.decode(&lat).unwrap();
-        assert_eq!(img.len(), 1);
-    }
+    let opts = LoadOptions { dtype: candle_core::DType::F16, ..Default::default() };
+    let pipe = SdxlPipeline::load(fixture("tiny2").join("pipeline").to_str().unwrap(), &opts).unwrap();
+    let g = goldens("tiny2");
+    let gj = golden_json("tiny2");
+    let req = request(&gj["pipeline"]["pipe0"], Some(g["pipe0.init_noise"].clone()), (32, 32));
+    let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+    assert_close("f16 pipe0", &lat, &g["pipe0.latents"], 1e-2);
+    assert_eq!(pipe.decode(&lat).unwrap().len(), 1);
 }

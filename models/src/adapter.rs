@@ -238,7 +238,7 @@ impl Adaptable for AdaptableConv2d {
 
 /// A GroupNorm layer's parameters (`weight`, `bias` under `vb`) for the fused kernel.
 pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<loramix_kernels::GroupNormParams> {
-    if groups == 0 || channels % groups != 0 {
+    if groups == 0 || !channels.is_multiple_of(groups) {
         candle_core::bail!("{}: {channels} channels cannot be split into {groups} groups", vb.prefix());
     }
     loramix_kernels::GroupNormParams::new(groups, eps, vb.get(channels, "weight")?, vb.get(channels, "bias")?)

@@ -82,7 +82,7 @@ impl Scheduler for Ddim {
                 let eps = scale(&(sample - scale(&x0, a_t.sqrt())?)?, 1.0 / b_t.sqrt())?;
                 (x0, eps)
             }
-            Prediction::VPrediction => (
+            Prediction::V => (
                 (scale(sample, a_t.sqrt())? - scale(model_output, b_t.sqrt())?)?,
                 (scale(model_output, a_t.sqrt())? + scale(sample, b_t.sqrt())?)?,
             ),

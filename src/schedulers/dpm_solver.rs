@@ -116,7 +116,7 @@ impl DpmSolverMultistep {
         let (alpha_t, sigma_t) = alpha_sigma(sigma);
         Ok(match self.prediction {
             Prediction::Epsilon => scale(&(sample - scale(model_output, sigma_t)?)?, 1.0 / alpha_t)?,
-            Prediction::VPrediction => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+            Prediction::V => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
             Prediction::Sample => model_output.clone(),
         })
     }

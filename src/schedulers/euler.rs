@@ -41,7 +41,7 @@ pub(crate) fn init_noise_sigma(sigmas: &[f64], spacing: &str) -> f64 {
 pub(crate) fn predict_x0(prediction: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
     Ok(match prediction {
         Prediction::Epsilon => (sample - scale(model_output, sigma)?)?,
-        Prediction::VPrediction => {
+        Prediction::V => {
             (scale(model_output, -sigma / (sigma * sigma + 1.0).sqrt())? + scale(sample, 1.0 / (sigma * sigma + 1.0))?)?
         }
         Prediction::Sample => model_output.clone(),

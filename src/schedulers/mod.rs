@@ -307,7 +307,7 @@ pub(crate) fn scale(t: &Tensor, s: f64) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Prediction {
     Epsilon,
-    VPrediction,
+    V,
     Sample,
 }
 
@@ -315,7 +315,7 @@ impl Prediction {
     pub fn from_config(c: &ConfigReader, allow_sample: bool) -> Result<Self> {
         match c.string("prediction_type", "epsilon")?.as_str() {
             "epsilon" => Ok(Self::Epsilon),
-            "v_prediction" => Ok(Self::VPrediction),
+            "v_prediction" => Ok(Self::V),
             "sample" if allow_sample => Ok(Self::Sample),
             other => Err(Error::Scheduler(format!("prediction_type {other:?} is not supported (epsilon, v_prediction)"))),
         }

@@ -216,11 +216,10 @@ impl UNet2DConditionConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
-                if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() {
-                    return Err("unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
-                }
+            Some("text_time") if self.addition_time_embed_dim.is_none() || self.projection_class_embeddings_input_dim.is_none() => {
+                return Err("unet config: addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
             }
+            Some("text_time") => {}
             Some(other) => return Err(format!("unet config: addition_embed_type {other:?} is not supported (text_time)")),
         }
         let heads = self.heads()?;
