@@ -90,11 +90,6 @@ impl SafetensorsFile {
         self.metadata.tensors().into_keys().collect()
     }
 
-    /// `__metadata__` string pairs from the header.
-    pub fn user_metadata(&self) -> HashMap<String, String> {
-        self.metadata.metadata().clone().unwrap_or_default()
-    }
-
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         self.metadata.info(name).map(|i| i.shape.clone())
     }
@@ -221,10 +216,6 @@ impl WeightSource {
             .map(|(k, v)| if keep.iter().any(|p| k.starts_with(p)) { (k, v) } else { (format!("{prefix}{k}"), v) })
             .collect();
         self
-    }
-
-    pub fn names(&self) -> impl Iterator<Item = &String> {
-        self.index.keys()
     }
 
     pub fn label(&self) -> &str {

@@ -76,18 +76,6 @@ fn cli_errors_are_clear() {
     assert!(!out.status.success() && e.contains("--features cuda"), "{e}");
 }
 
-fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
 
 /// A repo id resolves through the standard HF cache layout offline; what is missing is listed.
 #[test]

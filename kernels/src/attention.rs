@@ -2,8 +2,8 @@
 //!
 //! The plain formulation materialises a `[batch·heads, q, k]` score matrix: at SDXL's 1024²
 //! that is 4096×4096 per head, over a gigabyte per batch element, and the softmax then streams
-//! it through memory three times. On the CPU we work per (head, 32-query block) instead: the
-//! block's scores (32 × k floats) stay in cache between the two GEMMs and the softmax, and the
+//! it through memory three times. On the CPU we work per (head, 128-query block) instead: the
+//! block's scores (128 × k floats) stay in cache between the two GEMMs and the softmax, and the
 //! blocks run in parallel with single-threaded GEMMs. Softmax is per row, so this computes the
 //! same numbers as the sliced reference, which other devices and dtypes use.
 

@@ -202,10 +202,6 @@ impl AdaptableConv2d {
         })
     }
 
-    /// Stride and padding, which a conv LoRA's down kernel must share.
-    pub fn config(&self) -> Conv2dConfig {
-        self.cfg
-    }
 }
 
 impl Module for AdaptableConv2d {

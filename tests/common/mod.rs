@@ -35,3 +35,17 @@ pub fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f64) {
     assert!(e <= tol, "{what}: relative L2 error {e:.3e} > {tol:.0e}");
     eprintln!("{what}: rel L2 {e:.2e}");
 }
+
+/// Recursive copy (tests break copies of fixture pipelines).
+pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
