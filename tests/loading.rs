@@ -221,3 +221,35 @@ fn bad_requests_give_clear_errors() {
     let e = pipe.generate_latents(&req, &mut |_| { calls += 1; false }).unwrap_err();
     assert!(matches!(e, loramix::Error::Cancelled) && calls == 1, "cancel stops within one step");
 }
+
+/// A component split into shards with a `*.safetensors.index.json` (as large repos ship)
+/// loads to the same model; a full-precision file is preferred over an `fp16` variant.
+#[test]
+fn sharded_and_variant_weights() {
+    let (_t, d) = scratch();
+    let unet = d.join("unet");
+    let all = candle_core::safetensors::load(unet.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
+    let mut keys: Vec<&String> = all.keys().collect();
+    keys.sort();
+    let (a, b) = keys.split_at(keys.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (name, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", a), ("diffusion_pytorch_model-00002-of-00002.safetensors", b)] {
+        let shard: HashMap<String, Tensor> = part.iter().map(|k| ((*k).clone(), all[*k].clone())).collect();
+        candle_core::safetensors::save(&shard, unet.join(name)).unwrap();
+        for k in part {
+            map.insert((*k).clone(), Value::String(name.into()));
+        }
+    }
+    std::fs::remove_file(unet.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(unet.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    // A decoy half-precision variant beside the full-precision VAE must be ignored.
+    std::fs::write(d.join("vae/diffusion_pytorch_model.fp16.safetensors"), b"not used").unwrap();
+
+    let sharded = SdxlPipeline::load(d.to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let plain = SdxlPipeline::load(fixture("tiny3").join("pipeline").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let req = GenerateRequest { prompt: "a cat".into(), steps: 2, width: Some(40), height: Some(48), seed: 3, ..Default::default() };
+    let x = sharded.generate_latents(&req, &mut |_| true).unwrap();
+    let y = plain.generate_latents(&req, &mut |_| true).unwrap();
+    assert_eq!(rel_l2(&x, &y), 0.0);
+}
