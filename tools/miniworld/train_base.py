@@ -1,0 +1,156 @@
+"""Trains the miniworld base model: an SDXL-architecture pipeline at tiny width, saved in the
+diffusers layout (f16 safetensors) so the Rust engine loads it with the same code as real SDXL.
+
+python tools/miniworld/train_base.py --out models/miniworld --minutes 40 [--threads 2]
+
+Phases: the VAE (reconstruction + small KL), then the UNet with both text encoders (epsilon
+loss on SDXL's scaled-linear schedule, 10% caption dropout to *zero* conditioning, matching
+force_zeros_for_empty_prompt at inference). Checkpoints are written periodically, so stopping
+early still leaves a loadable model.
+"""
+import argparse, json, os, shutil, sys, time
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "parity"))
+import world  # noqa: E402
+from make_sdxl_fixtures import write_clip_vocab  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
+
+
+def batch(step, n, kinds=("base",)):
+    imgs, caps = [], []
+    for i in range(n):
+        kind = kinds[(step * n + i) % len(kinds)]
+        im, c = world.render(step * 1_000_003 + i, kind)
+        imgs.append(im)
+        caps.append(c)
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, caps
+
+
+def build(tmp):
+    vocab = world.vocabulary()
+    n = write_clip_vocab(os.path.join(tmp, "tokenizer"), vocab)
+    write_clip_vocab(os.path.join(tmp, "tokenizer_2"), vocab)
+    for tk, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        with open(os.path.join(tmp, tk, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+                       "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad}, f, indent=2)
+    common = dict(vocab_size=n, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=n - 2, eos_token_id=2, pad_token_id=1)
+    te1 = CLIPTextModel(CLIPTextConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                       num_attention_heads=2, hidden_act="quick_gelu"))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                                     num_attention_heads=2, hidden_act="gelu", projection_dim=64))
+    unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                transformer_layers_per_block=(1, 1), use_linear_projection=True, cross_attention_dim=128,
+                                addition_embed_type="text_time", addition_time_embed_dim=16,
+                                projection_class_embeddings_input_dim=16 * 6 + 64, norm_num_groups=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[32, 64, 64], layers_per_block=1,
+                        norm_num_groups=16, down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                        sample_size=64, scaling_factor=1.0, force_upcast=True)
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                                   prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+    return te1, te2, unet, vae, sched
+
+
+def save(out, tmp, te1, te2, unet, vae, sched):
+    tok1 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer"))
+    tok2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer_2"))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+                                     unet=unet, scheduler=sched, force_zeros_for_empty_prompt=True)
+    stage = out + ".tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(stage, safe_serialization=True)
+    pipe.to(torch.float32)
+    for tk in ("tokenizer", "tokenizer_2"):  # keep vocab.json + merges.txt, the real SDXL layout
+        shutil.rmtree(os.path.join(stage, tk), ignore_errors=True)
+        shutil.copytree(os.path.join(tmp, tk), os.path.join(stage, tk))
+    loras = os.path.join(out, "loras")
+    if os.path.isdir(loras):
+        shutil.copytree(loras, os.path.join(stage, "loras"))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(stage, out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="models/miniworld")
+    ap.add_argument("--minutes", type=float, default=40)
+    ap.add_argument("--vae-fraction", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    tmp = a.out + ".work"
+    os.makedirs(tmp, exist_ok=True)
+    te1, te2, unet, vae, sched = build(tmp)
+    t0 = time.time()
+    budget = a.minutes * 60
+    log = open(os.path.join(tmp, "train.log"), "a")
+
+    # Phase 1: VAE.
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    step = 0
+    while time.time() - t0 < budget * a.vae_fraction:
+        x, _ = batch(step, a.batch)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean()
+        loss = F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + 1e-6 * kl
+        opt.zero_grad(); loss.backward(); opt.step(); step += 1
+        if step % 50 == 0:
+            print(f"vae step {step} loss {loss.item():.4f} kl {kl.item():.1f} {time.time()-t0:.0f}s", file=log, flush=True)
+    vae.eval().requires_grad_(False)
+    # Latent scale so latents have unit variance (what scaling_factor is for).
+    with torch.no_grad():
+        z = torch.cat([vae.encode(batch(10_000 + i, 32)[0]).latent_dist.mean for i in range(4)])
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+    print(f"vae done after {step} steps, scaling_factor {vae.config.scaling_factor:.4f}", file=log, flush=True)
+
+    # Phase 2: UNet + text encoders.
+    tok1 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer"))
+    tok2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer_2"))
+    params = list(unet.parameters()) + list(te1.parameters()) + list(te2.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    ac = sched.alphas_cumprod
+    time_ids = torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]])
+    step, last_save = 0, time.time()
+    while time.time() - t0 < budget:
+        x, caps = batch(500_000 + step, a.batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+        ids1 = tok1(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids2 = tok2(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        h1 = te1(ids1, output_hidden_states=True).hidden_states[-2]
+        o2 = te2(ids2, output_hidden_states=True)
+        ctx = torch.cat([h1, o2.hidden_states[-2]], -1)
+        pooled = o2.text_embeds
+        drop = (torch.rand(len(caps)) < 0.1).float()
+        ctx = ctx * (1 - drop)[:, None, None]
+        pooled = pooled * (1 - drop)[:, None]
+        t = torch.randint(0, 1000, (len(caps),))
+        noise = torch.randn_like(z)
+        a_t = ac[t].sqrt()[:, None, None, None]
+        s_t = (1 - ac[t]).sqrt()[:, None, None, None]
+        pred = unet(a_t * z + s_t * noise, t, encoder_hidden_states=ctx,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(len(caps), 1)}).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(); loss.backward(); torch.nn.utils.clip_grad_norm_(params, 1.0); opt.step(); step += 1
+        if step % 50 == 0:
+            print(f"unet step {step} loss {loss.item():.4f} {time.time()-t0:.0f}s", file=log, flush=True)
+        if time.time() - last_save > 600:
+            save(a.out, tmp, te1, te2, unet, vae, sched)
+            last_save = time.time()
+    save(a.out, tmp, te1, te2, unet, vae, sched)
+    print(f"done: unet {step} steps in {time.time()-t0:.0f}s", file=log, flush=True)
+
+
+if __name__ == "__main__":
+    main()
