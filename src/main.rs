@@ -1,6 +1,6 @@
 //! The `loramix` command line: a thin layer over the engine.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -151,11 +151,19 @@ fn generate(a: GenerateArgs) -> Result<()> {
         env!("CARGO_PKG_VERSION")
     ));
     let mut idx = output::first_free_index(&a.out);
+    let mut written = Vec::with_capacity(images.len());
     for img in &images {
         let path = output::next_image_path(&a.out, seed, &mut idx);
         let png = output::encode_png(img, &[("parameters", params.clone())])?;
         output::write_atomic(&path, &png)?;
-        println!("{}", path.display());
+        written.push(path);
+    }
+    // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
+    let mut stdout = std::io::stdout().lock();
+    for path in &written {
+        if writeln!(stdout, "{}", path.display()).is_err() {
+            break;
+        }
     }
     eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
     Ok(())

@@ -109,3 +109,22 @@ fn hub_repo_from_offline_cache() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("\"nobody/nothing\"") && e.contains("model_index.json"), "{e}");
 }
+
+/// Every image of a batch is written even when stdout is closed early (`| head -0`).
+#[test]
+fn closed_stdout_does_not_lose_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = loramix()
+        .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "a cat"])
+        .args(["--steps", "2", "--batch-size", "3", "--seed", "5", "--width", "32", "--height", "32"])
+        .arg("--out")
+        .arg(tmp.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader goes away before anything is printed
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 3);
+}
