@@ -15,7 +15,6 @@ use crate::rng::TorchCpuRng;
 use crate::schedulers::{self, SamplerKind};
 use crate::text::{Conditioning, TextEncoders};
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::WeightSource;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -85,10 +84,6 @@ pub struct StepProgress {
     pub step: usize,
     pub steps: usize,
     pub elapsed: Duration,
-}
-
-fn load_weights(ws: WeightSource, dtype: DType, device: &Device) -> candle_nn::VarBuilder<'static> {
-    ws.into_var_builder(dtype, device)
 }
 
 fn wrap(label: &str, e: candle_core::Error) -> Error {
@@ -171,10 +166,10 @@ impl SdxlPipeline {
         // diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.
         let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast { DType::F32 } else { dtype };
         let labels = (unet_ws.label().to_string(), vae_ws.label().to_string(), te1_ws.label().to_string(), te2_ws.label().to_string());
-        let unet = UNet2DConditionModel::new(load_weights(unet_ws, dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
-        let vae = AutoencoderKl::new(load_weights(vae_ws, vae_dtype, dev), &vae_cfg).map_err(|e| wrap(&labels.1, e))?;
-        let encoder = ClipTextModel::new(load_weights(te1_ws, dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.2, e))?;
-        let encoder_2 = ClipTextModel::new(load_weights(te2_ws, dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.3, e))?;
+        let unet = UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
+        let vae = AutoencoderKl::new(vae_ws.into_var_builder(vae_dtype, dev), &vae_cfg).map_err(|e| wrap(&labels.1, e))?;
+        let encoder = ClipTextModel::new(te1_ws.into_var_builder(dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.2, e))?;
+        let encoder_2 = ClipTextModel::new(te2_ws.into_var_builder(dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.3, e))?;
         if encoder_2.config().projection_dim.is_none() || !te2_cfg.has_projection() {
             return Err(Error::model(root.join("text_encoder_2"), "expected a CLIPTextModelWithProjection (SDXL's second encoder)"));
         }

@@ -35,17 +35,17 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
     let (qs, _) = q.storage_and_layout();
     let (ks, _) = k.storage_and_layout();
     let (vs, _) = v.storage_and_layout();
-    let slice = |s: &candle_core::Storage, t: &Tensor| -> Result<Vec<f32>> {
+    // Borrow the inputs in place (the storage guards live until the end of the function).
+    fn slice<'a>(s: &'a candle_core::Storage, t: &Tensor) -> Result<&'a [f32]> {
         match s {
             candle_core::Storage::Cpu(CpuStorage::F32(data)) => {
                 let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("attention: expected contiguous".into()))?;
-                Ok(data[a..z].to_vec())
+                Ok(&data[a..z])
             }
             _ => candle_core::bail!("attention: expected f32 on the CPU"),
         }
-    };
+    }
     let (qd, kd, vd) = (slice(&qs, &q)?, slice(&ks, &k)?, slice(&vs, &v)?);
-    drop((qs, ks, vs));
     let mut out = vec![0f32; b * h * lq * dv];
     let scale = scale as f32;
     out.par_chunks_mut(lq * dv).enumerate().for_each(|(head, o_head)| {
