@@ -150,6 +150,30 @@ fn vae_rules(c: &AutoencoderKlConfig) -> Vec<PrefixRule> {
     r
 }
 
+/// The SGM (kohya SDXL) module path of a diffusers UNet module path, e.g.
+/// `down_blocks.1.attentions.0.proj_in` → `input_blocks.4.1.proj_in`, `up_blocks.0.resnets.2.conv1`
+/// → `output_blocks.2.0.in_layers.2`. Kohya trains SDXL on the SGM UNet, so its LoRA keys use
+/// these names; mapping from our layer list (rather than parsing the key) follows any block layout.
+pub fn unet_sgm_module_path(config: &UNet2DConditionConfig, diffusers_path: &str) -> Option<String> {
+    let rules = unet_rules(config);
+    let best = rules
+        .iter()
+        .filter(|r| diffusers_path == r.diffusers || diffusers_path.starts_with(&format!("{}.", r.diffusers)))
+        .max_by_key(|r| r.diffusers.len())?;
+    let Some(tail) = diffusers_path.strip_prefix(&format!("{}.", best.diffusers)) else {
+        return Some(best.sgm.clone());
+    };
+    for (sgm, diffusers) in best.renames {
+        if tail == *diffusers {
+            return Some(format!("{}.{sgm}", best.sgm));
+        }
+        if let Some(t) = tail.strip_prefix(&format!("{diffusers}.")) {
+            return Some(format!("{}.{sgm}.{t}", best.sgm));
+        }
+    }
+    Some(format!("{}.{tail}", best.sgm))
+}
+
 /// Maps every key under `prefix` through the longest matching rule.
 fn apply_rules(names: &[String], prefix: &str, rules: &[PrefixRule]) -> HashMap<String, Source> {
     let mut by_prefix: HashMap<&str, &PrefixRule> = HashMap::new();

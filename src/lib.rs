@@ -7,6 +7,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod library;
+pub mod lora;
 pub mod model;
 pub mod output;
 pub mod pipeline;

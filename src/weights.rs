@@ -32,6 +32,65 @@ pub fn pickle_refusal(path: &Path) -> Error {
     }
 }
 
+/// Why bytes are not a usable safetensors file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderError {
+    Pickle,
+    Invalid(String),
+}
+
+/// safetensors' own limit; a bigger header means a corrupt or hostile file.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Parses and validates a whole safetensors buffer's header: every tensor's offsets lie inside
+/// the data section, do not overlap, cover it exactly, and match dtype × shape. Never reads
+/// tensor data. Public for the fuzz target.
+pub fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), HeaderError> {
+    use safetensors::SafeTensorError as E;
+    let bad = |m: String| Err(HeaderError::Invalid(m));
+    if bytes.is_empty() {
+        return bad("the file is empty (expected a safetensors file)".into());
+    }
+    if bytes.starts_with(b"PK\x03\x04") {
+        return bad("this is a zip archive (a PyTorch .pt/.ckpt pickle or an archive), not safetensors; LoRAMix never unpickles — use a .safetensors file".into());
+    }
+    if bytes[0] == 0x80 {
+        return Err(HeaderError::Pickle);
+    }
+    if bytes.len() < 8 {
+        return bad(format!("the file is {} bytes, too short for a safetensors header", bytes.len()));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]));
+    if header_len > MAX_HEADER_BYTES {
+        return bad(format!(
+            "the header claims {header_len} bytes ({} MB); safetensors headers are at most 100 MB — corrupt or not a safetensors file",
+            header_len / 1_000_000
+        ));
+    }
+    if header_len > (bytes.len() as u64).saturating_sub(8) {
+        return bad(format!(
+            "not a safetensors file: header length {header_len} runs past the end of the file ({} bytes) — truncated or another format",
+            bytes.len()
+        ));
+    }
+    safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+        HeaderError::Invalid(match e {
+            E::InvalidOffset(name) => format!(
+                "tensor '{name}': its data offsets are out of order, overlap another tensor, or leave a gap"
+            ),
+            E::TensorInvalidInfo => "a tensor's byte length does not match its dtype and shape".into(),
+            E::MetadataIncompleteBuffer => format!(
+                "the data section ({} bytes) does not match the header's offsets — the file is truncated or has trailing bytes",
+                bytes.len() as u64 - 8 - header_len
+            ),
+            E::ValidationOverflow => "a tensor's shape is so large that its size overflows".into(),
+            E::InvalidHeader(_) | E::InvalidHeaderStart => "the header is not UTF-8 JSON".into(),
+            E::InvalidHeaderDeserialization(e) | E::JsonError(e) => format!("the header is not valid safetensors JSON: {e}"),
+            other => format!("invalid safetensors header: {other}"),
+        })
+    })
+}
+
 /// One mapped safetensors file with its parsed, validated header.
 pub struct SafetensorsFile {
     path: PathBuf,
@@ -57,33 +116,34 @@ impl SafetensorsFile {
         // at worst yields wrong weights (caught by shape/NaN checks), never memory unsafety in
         // our code since every access is bounds-checked against the validated header.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |message: String| Error::BadFile { path: path.to_path_buf(), message };
-        if mmap.is_empty() {
-            return Err(bad("the file is empty (expected a safetensors file)".into()));
-        }
-        if mmap.starts_with(b"PK\x03\x04") {
-            return Err(bad("this is a zip archive (a PyTorch .pt/.ckpt pickle or an archive), not safetensors; LoRAMix never unpickles — use a .safetensors file".into()));
-        }
-        if mmap[0] == 0x80 {
-            return Err(pickle_refusal(path));
-        }
-        if mmap.len() < 8 {
-            return Err(bad(format!("the file is {} bytes, too short for a safetensors header", mmap.len())));
-        }
-        let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap_or([0; 8]));
-        if header_len > (mmap.len() as u64).saturating_sub(8) {
-            return Err(bad(format!(
-                "not a safetensors file: header length {header_len} runs past the end of the file ({} bytes) — truncated or another format",
-                mmap.len()
-            )));
-        }
-        let (n, metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-            .map_err(|e| bad(format!("invalid safetensors header: {e}")))?;
+        let (n, metadata) = parse_header(&mmap).map_err(|e| match e {
+            HeaderError::Pickle => pickle_refusal(path),
+            HeaderError::Invalid(message) => Error::BadFile { path: path.to_path_buf(), message },
+        })?;
         Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + n, metadata })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The free-form `__metadata__` map (kohya `ss_*`, `modelspec.*`, diffusers' adapter config).
+    pub fn user_metadata(&self) -> HashMap<String, String> {
+        self.metadata.metadata().clone().unwrap_or_default()
+    }
+
+    pub fn dtype_of(&self, name: &str) -> Option<StDtype> {
+        self.metadata.info(name).map(|i| i.dtype)
+    }
+
+    /// Bytes of the data section (everything after the header), for the A1111-style "addnet"
+    /// hash that ignores metadata edits.
+    pub fn data_bytes(&self) -> &[u8] {
+        &self.mmap[self.data_start..]
+    }
+
+    pub fn file_bytes(&self) -> &[u8] {
+        &self.mmap
     }
 
     pub fn names(&self) -> Vec<String> {

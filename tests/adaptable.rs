@@ -67,7 +67,7 @@ fn attached_branch_equals_fused_weight() {
                 Tensor::randn(0f32, 0.2, (l.out_features, 4, 1, 1), &dev).unwrap(),
             ),
         };
-        l.slot.write().branches.push(LowRankBranch { name: "x".into(), down: down.clone(), up: up.clone(), scale: 0.5, weight: 1.5 });
+        l.slot.write().branches.push(LowRankBranch::low_rank("x", down.clone(), up.clone(), 0.5, 1.5));
         let unfused = run();
         assert!(rel_l2(&unfused, &base) > 1e-4, "{path}: the branch has an effect");
         // Fused: W' = W + weight·scale·(up ∘ down), in a fresh tensor.

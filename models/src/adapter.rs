@@ -5,29 +5,59 @@
 //! per-step mixing engine — can attach low-rank branches, change their weights between steps,
 //! or swap in a fused weight, without the model code knowing anything about LoRA formats.
 //!
-//! Forward: `y = W x + b + Σ_i weight_i · scale_i · up_i(down_i(x))`.
+//! Forward: `y = W x + b + Σ_i weight_i · scale_i · ΔW_i x`, with ΔW_i kept factored (`up_i(down_i(x))`)
+//! where it is low-rank.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
-/// One low-rank update attached to a layer.
+/// The weights of one update attached to a layer.
 ///
-/// For a linear layer `down` is `[rank, in]` and `up` is `[out, rank]`. For a convolution
-/// `down` is a convolution kernel `[rank, in, kh, kw]` applied with the base layer's stride and
-/// padding, and `up` is `[out, rank, 1, 1]`. `down`/`up` may be products of LoHa/LoKr factors
-/// computed at load time: the layer only ever sees a rank-`r` pair.
+/// For a linear layer a low-rank `down` is `[rank, in]` and `up` is `[out, rank]`. For a
+/// convolution `down` is a kernel `[rank, in, kh, kw]` applied with the base layer's stride and
+/// padding, and `up` is `[out, rank, 1, 1]`. LoHa factors become a low-rank pair at load time
+/// (a Hadamard product of two rank-r products is exactly a rank-r² product). Updates with no
+/// useful low-rank form (LoKr's Kronecker products, LyCORIS full diffs) are `Dense`: a ΔW with
+/// the base weight's shape.
+#[derive(Debug, Clone)]
+pub enum BranchWeights {
+    LowRank { down: Tensor, up: Tensor },
+    Dense(Tensor),
+}
+
+impl BranchWeights {
+    /// ΔW (without scale) in the base weight's shape.
+    pub fn delta(&self) -> Result<Tensor> {
+        match self {
+            Self::Dense(d) => Ok(d.clone()),
+            Self::LowRank { down, up } if down.rank() == 2 => up.matmul(down),
+            Self::LowRank { down, up } => {
+                let (r, i, kh, kw) = down.dims4()?;
+                let o = up.dim(0)?;
+                up.reshape((o, r))?.matmul(&down.reshape((r, i * kh * kw))?)?.reshape((o, i, kh, kw))
+            }
+        }
+    }
+}
+
+/// One update attached to a layer: `weight · scale · ΔW`.
 #[derive(Debug, Clone)]
 pub struct LowRankBranch {
     /// Caller-chosen name (usually the adapter's name) so weights can be set by name.
     pub name: String,
-    pub down: Tensor,
-    pub up: Tensor,
+    pub weights: BranchWeights,
     /// The format's own scale (alpha / rank for LoRA).
     pub scale: f64,
     /// The user's strength times whatever the mixing strategy sets for this step; 0 disables.
     pub weight: f64,
+}
+
+impl LowRankBranch {
+    pub fn low_rank(name: impl Into<String>, down: Tensor, up: Tensor, scale: f64, weight: f64) -> Self {
+        Self { name: name.into(), weights: BranchWeights::LowRank { down, up }, scale, weight }
+    }
 }
 
 /// Mutable state of one adaptable layer.
@@ -129,8 +159,10 @@ impl AdaptableLinear {
 fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     let mut acc: Option<Tensor> = None;
     for b in state.branches.iter().filter(|b| b.weight != 0.0) {
-        let h = x.broadcast_matmul(&b.down.t()?)?;
-        let h = h.broadcast_matmul(&b.up.t()?)?;
+        let h = match &b.weights {
+            BranchWeights::LowRank { down, up } => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
+            BranchWeights::Dense(delta) => x.broadcast_matmul(&delta.t()?)?,
+        };
         let h = (h * (b.weight * b.scale))?;
         acc = Some(match acc {
             None => h,
@@ -211,8 +243,13 @@ impl Module for AdaptableConv2d {
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
         let mut y = loramix_kernels::conv2d(x, weight, self.base.bias(), stride, padding)?;
         for b in state.branches.iter().filter(|b| b.weight != 0.0) {
-            let h = loramix_kernels::conv2d(x, &b.down, None, stride, padding)?;
-            let h = loramix_kernels::conv2d(&h, &b.up, None, 1, 0)?;
+            let h = match &b.weights {
+                BranchWeights::LowRank { down, up } => {
+                    let h = loramix_kernels::conv2d(x, down, None, stride, padding)?;
+                    loramix_kernels::conv2d(&h, up, None, 1, 0)?
+                }
+                BranchWeights::Dense(delta) => loramix_kernels::conv2d(x, delta, None, stride, padding)?,
+            };
             y = (y + (h * (b.weight * b.scale))?)?;
         }
         Ok(y)
@@ -259,7 +296,7 @@ mod tests {
         let layer = AdaptableLinear::new(vb.pp("l"), 5, 6, true)?;
         let down = Tensor::randn(0f32, 1., (2, 5), &dev)?;
         let up = Tensor::randn(0f32, 1., (6, 2), &dev)?;
-        layer.slot.write().branches.push(LowRankBranch { name: "a".into(), down: down.clone(), up: up.clone(), scale: 0.5, weight: 0.8 });
+        layer.slot.write().branches.push(LowRankBranch::low_rank("a", down.clone(), up.clone(), 0.5, 0.8));
         let x = Tensor::randn(0f32, 1., (3, 4, 5), &dev)?;
         let y = layer.forward(&x)?;
         let fused = (w + (up.matmul(&down)? * 0.4)?)?;

@@ -9,4 +9,4 @@ pub mod adapter;
 pub mod clip;
 pub mod sdxl;
 
-pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch};
+pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch, BranchWeights};

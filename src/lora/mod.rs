@@ -1,0 +1,87 @@
+//! LoRA files of every common family (kohya, diffusers/PEFT, LyCORIS LoHa/LoKr/full), read from
+//! safetensors only and applied exactly as diffusers does, through the model's LoRA-capable
+//! layers — unfused (per-layer, per-step weights) or fused into a fresh copy of the weights.
+
+pub mod info;
+pub mod keys;
+pub mod network;
+pub mod targets;
+
+pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};
+pub use network::{attach, fuse, LoadReport, LoadedLora, LoraModule};
+pub use targets::{AdapterTargets, Target};
+
+use crate::error::{Error, Result};
+
+/// A `--lora PATH[:WEIGHT]` argument. The weight is taken only when the text after the last
+/// `:` parses as a number, so Windows paths (`C:\loras\x.safetensors`) work unchanged.
+pub fn parse_lora_arg(arg: &str) -> Result<(String, f64)> {
+    if let Some((head, tail)) = arg.rsplit_once(':') {
+        if let Ok(w) = tail.trim().parse::<f64>() {
+            if !w.is_finite() {
+                return Err(Error::Argument(format!("--lora {arg}: the weight must be a finite number")));
+            }
+            if head.is_empty() {
+                return Err(Error::Argument(format!("--lora {arg}: expected PATH[:WEIGHT]")));
+            }
+            return Ok((head.to_string(), w));
+        }
+    }
+    if arg.is_empty() {
+        return Err(Error::Argument("--lora: expected PATH[:WEIGHT]".into()));
+    }
+    Ok((arg.to_string(), 1.0))
+}
+
+/// A1111's `<lora:name:weight>` prompt tags: returns the prompt with the tags removed and the
+/// (name, weight) pairs in order. The weight defaults to 1; A1111's extra `:te:unet` fields are
+/// accepted and the first weight is used for the whole LoRA.
+pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<(String, f64)>)> {
+    let mut out = String::with_capacity(prompt.len());
+    let mut found = Vec::new();
+    let mut rest = prompt;
+    while let Some(start) = rest.find("<lora:") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 6..];
+        let Some(end) = after.find('>') else {
+            return Err(Error::Argument(format!("prompt: unclosed <lora:...> tag at \"{}\"", &rest[start..])));
+        };
+        let body = &after[..end];
+        let mut parts = body.split(':');
+        let name = parts.next().unwrap_or("").trim();
+        if name.is_empty() {
+            return Err(Error::Argument(format!("prompt: <lora:{body}> has no name")));
+        }
+        let weight = match parts.next() {
+            None => 1.0,
+            Some(w) => w.trim().parse::<f64>().map_err(|_| Error::Argument(format!("prompt: <lora:{body}>: weight '{w}' is not a number")))?,
+        };
+        found.push((name.to_string(), weight));
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok((out, found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_args() {
+        assert_eq!(parse_lora_arg("a.safetensors:0.7").unwrap(), ("a.safetensors".into(), 0.7));
+        assert_eq!(parse_lora_arg("a.safetensors").unwrap(), ("a.safetensors".into(), 1.0));
+        assert_eq!(parse_lora_arg(r"C:\l\a.safetensors").unwrap(), (r"C:\l\a.safetensors".into(), 1.0));
+        assert_eq!(parse_lora_arg(r"C:\l\a.safetensors:-0.5").unwrap(), (r"C:\l\a.safetensors".into(), -0.5));
+        assert!(parse_lora_arg(":1").is_err());
+    }
+
+    #[test]
+    fn prompt_tags() {
+        let (p, l) = extract_prompt_loras("a cat <lora:tebo:0.8>, flat style <lora:striped>").unwrap();
+        assert_eq!(p, "a cat , flat style ");
+        assert_eq!(l, vec![("tebo".to_string(), 0.8), ("striped".to_string(), 1.0)]);
+        assert!(extract_prompt_loras("x <lora:a:zz>").is_err());
+        assert!(extract_prompt_loras("x <lora:a").is_err());
+    }
+}
