@@ -1,1 +1,429 @@
-//! placeholder
+//! The LoRA library: a content-addressed folder of LoRA files plus a SQLite index.
+//!
+//! Layout under the library root (the platform data dir, or `LORAMIX_HOME`):
+//! `loras/<sha256>.safetensors` and `library.sqlite`. Files are named by content so that two
+//! imports of the same bytes are one entry, and renaming an entry never touches the file.
+//!
+//! Crash safety. A file is copied to a temporary name, synced, and renamed into place *before*
+//! its index row is committed, and a row is deleted *before* its file. So at every instant each
+//! row points at a complete, verified file; the only possible leftovers are temporary files and
+//! files without a row, which [`LoraLibrary::open`] sweeps away.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::lora::{inspect, Role};
+use crate::weights::{SafetensorsFile, PICKLE_EXTENSIONS};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS loras (
+    sha256        TEXT PRIMARY KEY,
+    addnet_hash   TEXT NOT NULL,
+    file_name     TEXT NOT NULL,
+    display_name  TEXT NOT NULL UNIQUE,
+    size          INTEGER NOT NULL,
+    format        TEXT NOT NULL,
+    ranks         TEXT NOT NULL,
+    alphas        TEXT NOT NULL,
+    base_model    TEXT NOT NULL,
+    module_count  INTEGER NOT NULL,
+    trigger_words TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    user_tags     TEXT NOT NULL,
+    title         TEXT,
+    thumbnail     TEXT,
+    added_at      INTEGER NOT NULL
+);
+PRAGMA user_version = 1;
+";
+
+/// One library entry, as listed by `loramix lora list --json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoraEntry {
+    pub sha256: String,
+    /// A1111 / Civitai "AutoV3" hash: sha256 of the tensor data after the header, so metadata
+    /// edits do not change it. Its first 12 characters go in PNG `Lora hashes`.
+    pub addnet_hash: String,
+    pub file_name: String,
+    /// The name used by `<lora:NAME:w>`; the file stem unless renamed.
+    pub display_name: String,
+    pub size: u64,
+    pub format: String,
+    pub ranks: Vec<usize>,
+    pub alphas: Vec<f64>,
+    pub base_model: String,
+    pub module_count: usize,
+    pub trigger_words: Vec<String>,
+    pub role: String,
+    pub user_tags: Vec<String>,
+    pub title: Option<String>,
+    pub thumbnail: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub added_at: i64,
+    /// Where the library keeps the file.
+    pub path: PathBuf,
+}
+
+/// What happened to one file of an import.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ImportOutcome {
+    Added { source: PathBuf, entry: Box<LoraEntry> },
+    /// The same bytes were already in the library.
+    Existing { source: PathBuf, entry: Box<LoraEntry> },
+    Failed { source: PathBuf, error: String },
+}
+
+/// Filters for [`LoraLibrary::list`]; empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct LoraQuery {
+    /// Case-insensitive substring of name, file name, title, trigger words or tags.
+    pub text: Option<String>,
+    pub role: Option<Role>,
+    /// Base model id (`sdxl`, `sd1`, ...).
+    pub base: Option<String>,
+    /// A user tag or trigger word, exact (case-insensitive).
+    pub tag: Option<String>,
+}
+
+pub struct LoraLibrary {
+    root: PathBuf,
+    db: Connection,
+}
+
+fn db_err(root: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::BadFile { path: root.join("library.sqlite"), message: format!("library index: {e}") }
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl LoraLibrary {
+    /// `LORAMIX_HOME` if set, else the platform data dir (`~/.local/share/loramix`,
+    /// `~/Library/Application Support/LoRAMix`, `%APPDATA%\LoRAMix\data`).
+    pub fn default_root() -> Result<PathBuf> {
+        if let Some(h) = std::env::var_os("LORAMIX_HOME").filter(|h| !h.is_empty()) {
+            return Ok(PathBuf::from(h));
+        }
+        directories::ProjectDirs::from("", "", "LoRAMix")
+            .map(|d| d.data_dir().to_path_buf())
+            .ok_or_else(|| Error::Argument("cannot find a home directory for the LoRA library; set LORAMIX_HOME".into()))
+    }
+
+    /// Opens (creating if needed) the library at `root` and sweeps leftovers of interrupted
+    /// imports and removals.
+    pub fn open(root: &Path) -> Result<Self> {
+        let dir = root.join("loras");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let db = Connection::open(root.join("library.sqlite")).map_err(db_err(root))?;
+        db.busy_timeout(std::time::Duration::from_secs(10)).map_err(db_err(root))?;
+        db.pragma_update(None, "journal_mode", "WAL").map_err(db_err(root))?;
+        db.pragma_update(None, "synchronous", "NORMAL").map_err(db_err(root))?;
+        db.execute_batch(SCHEMA).map_err(db_err(root))?;
+        let lib = Self { root: root.to_path_buf(), db };
+        lib.sweep()?;
+        Ok(lib)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn files_dir(&self) -> PathBuf {
+        self.root.join("loras")
+    }
+
+    fn stored_path(&self, sha: &str) -> PathBuf {
+        self.files_dir().join(format!("{sha}.safetensors"))
+    }
+
+    /// Removes temporary files and files no row refers to.
+    fn sweep(&self) -> Result<()> {
+        let dir = self.files_dir();
+        let known: std::collections::HashSet<String> = {
+            let mut st = self.db.prepare("SELECT sha256 FROM loras").map_err(db_err(&self.root))?;
+            let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err(&self.root))?;
+            rows.collect::<rusqlite::Result<_>>().map_err(db_err(&self.root))?
+        };
+        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let e = e.map_err(|e| Error::io(&dir, e))?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let keep = name.strip_suffix(".safetensors").is_some_and(|h| known.contains(h));
+            if !keep {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn row_to_entry(&self, r: &rusqlite::Row) -> rusqlite::Result<LoraEntry> {
+        fn json_vec<T: serde::de::DeserializeOwned>(s: String) -> Vec<T> {
+            serde_json::from_str(&s).unwrap_or_default()
+        }
+        let sha: String = r.get("sha256")?;
+        Ok(LoraEntry {
+            path: self.stored_path(&sha),
+            sha256: sha,
+            addnet_hash: r.get("addnet_hash")?,
+            file_name: r.get("file_name")?,
+            display_name: r.get("display_name")?,
+            size: r.get::<_, i64>("size")? as u64,
+            format: r.get("format")?,
+            ranks: json_vec(r.get("ranks")?),
+            alphas: json_vec(r.get("alphas")?),
+            base_model: r.get("base_model")?,
+            module_count: r.get::<_, i64>("module_count")? as usize,
+            trigger_words: json_vec(r.get("trigger_words")?),
+            role: r.get("role")?,
+            user_tags: json_vec(r.get("user_tags")?),
+            title: r.get("title")?,
+            thumbnail: r.get("thumbnail")?,
+            added_at: r.get("added_at")?,
+        })
+    }
+
+    fn by_sha(&self, sha: &str) -> Result<Option<LoraEntry>> {
+        self.db
+            .query_row("SELECT * FROM loras WHERE sha256 = ?1", [sha], |r| self.row_to_entry(r))
+            .optional()
+            .map_err(db_err(&self.root))
+    }
+
+    /// All entries matching `q`, by display name.
+    pub fn list(&self, q: &LoraQuery) -> Result<Vec<LoraEntry>> {
+        let mut st = self.db.prepare("SELECT * FROM loras ORDER BY display_name COLLATE NOCASE").map_err(db_err(&self.root))?;
+        let rows = st.query_map([], |r| self.row_to_entry(r)).map_err(db_err(&self.root))?;
+        let all: Vec<LoraEntry> = rows.collect::<rusqlite::Result<_>>().map_err(db_err(&self.root))?;
+        let lc = |s: &str| s.to_lowercase();
+        Ok(all
+            .into_iter()
+            .filter(|e| q.role.is_none_or(|r| e.role == r.as_str()))
+            .filter(|e| q.base.as_ref().is_none_or(|b| lc(&e.base_model) == lc(b)))
+            .filter(|e| {
+                q.tag.as_ref().is_none_or(|t| e.user_tags.iter().chain(&e.trigger_words).any(|x| lc(x) == lc(t)))
+            })
+            .filter(|e| {
+                q.text.as_ref().is_none_or(|t| {
+                    let t = lc(t);
+                    let mut hay = vec![e.display_name.clone(), e.file_name.clone(), e.title.clone().unwrap_or_default()];
+                    hay.extend(e.trigger_words.iter().cloned());
+                    hay.extend(e.user_tags.iter().cloned());
+                    hay.iter().any(|h| lc(h).contains(&t))
+                })
+            })
+            .collect())
+    }
+
+    /// An entry by display name (exact, then case-insensitive), file name or stem, or a sha256
+    /// prefix of at least 6 characters. Ambiguity is an error that lists the candidates.
+    pub fn resolve(&self, key: &str) -> Result<LoraEntry> {
+        let all = self.list(&LoraQuery::default())?;
+        let pick = |v: Vec<&LoraEntry>| -> Option<Result<LoraEntry>> {
+            match v.len() {
+                0 => None,
+                1 => Some(Ok(v[0].clone())),
+                _ => Some(Err(Error::Argument(format!(
+                    "'{key}' matches several LoRAs: {}",
+                    v.iter().map(|e| format!("{} ({})", e.display_name, &e.sha256[..12])).collect::<Vec<_>>().join(", ")
+                )))),
+            }
+        };
+        let stem = |f: &str| Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let tries: [Box<dyn Fn(&LoraEntry) -> bool>; 4] = [
+            Box::new(|e| e.display_name == key),
+            Box::new(|e| e.display_name.eq_ignore_ascii_case(key)),
+            Box::new(|e| e.file_name == key || stem(&e.file_name) == key),
+            Box::new(|e| key.len() >= 6 && key.chars().all(|c| c.is_ascii_hexdigit()) && e.sha256.starts_with(&key.to_ascii_lowercase())),
+        ];
+        for t in tries.iter() {
+            if let Some(r) = pick(all.iter().filter(|e| t(e)).collect()) {
+                return r;
+            }
+        }
+        Err(Error::Argument(format!(
+            "no LoRA named '{key}' in the library at {} ({} entries; `loramix lora list` shows them)",
+            self.root.display(),
+            all.len()
+        )))
+    }
+
+    /// Imports files and folders (recursively). Each file is validated as a LoRA from its
+    /// header, hashed, deduplicated and copied in atomically; one file's failure does not stop
+    /// the others. `on_file` sees each outcome as it happens.
+    pub fn import(&mut self, paths: &[PathBuf], on_file: &mut dyn FnMut(&ImportOutcome)) -> Result<Vec<ImportOutcome>> {
+        let mut files = Vec::new();
+        for p in paths {
+            collect_files(p, true, &mut files)?;
+        }
+        let mut out = Vec::with_capacity(files.len());
+        for f in files {
+            let outcome = match self.import_one(&f) {
+                Ok((entry, true)) => ImportOutcome::Added { source: f, entry: Box::new(entry) },
+                Ok((entry, false)) => ImportOutcome::Existing { source: f, entry: Box::new(entry) },
+                Err(e) => ImportOutcome::Failed { source: f, error: e.to_string() },
+            };
+            on_file(&outcome);
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+
+    fn import_one(&mut self, src: &Path) -> Result<(LoraEntry, bool)> {
+        let file = SafetensorsFile::open(src)?;
+        let info = inspect(&file)?;
+        let addnet_hash = hex(&Sha256::digest(file.data_bytes()));
+        drop(file);
+        // Copy while hashing: one read of the source.
+        let tmp = self.files_dir().join(format!(".import-{}-{}.tmp", std::process::id(), rand_suffix()));
+        let (sha, size) = match copy_hashing(src, &tmp) {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        if let Some(existing) = self.by_sha(&sha)? {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok((existing, false));
+        }
+        let dest = self.stored_path(&sha);
+        std::fs::rename(&tmp, &dest).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(&dest, e)
+        })?;
+        let file_name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("{sha}.safetensors"));
+        let stem = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| sha[..12].to_string());
+        let tx = self.db.transaction().map_err(db_err(&self.root))?;
+        let taken: bool = tx
+            .query_row("SELECT EXISTS(SELECT 1 FROM loras WHERE display_name = ?1)", [&stem], |r| r.get(0))
+            .map_err(db_err(&self.root))?;
+        let display_name = if taken { format!("{stem}-{}", &sha[..6]) } else { stem };
+        tx.execute(
+            "INSERT INTO loras (sha256, addnet_hash, file_name, display_name, size, format, ranks, alphas, base_model,
+                                module_count, trigger_words, role, user_tags, title, thumbnail, added_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, '[]', ?13, ?14, ?15)",
+            params![
+                sha,
+                addnet_hash,
+                file_name,
+                display_name,
+                size as i64,
+                info.format.as_str(),
+                serde_json::to_string(&info.ranks).unwrap_or_default(),
+                serde_json::to_string(&info.alphas).unwrap_or_default(),
+                info.base_model.id(),
+                info.module_count as i64,
+                serde_json::to_string(&info.trigger_words).unwrap_or_default(),
+                info.role.as_str(),
+                info.title,
+                info.thumbnail,
+                now(),
+            ],
+        )
+        .map_err(db_err(&self.root))?;
+        tx.commit().map_err(db_err(&self.root))?;
+        let entry = self.by_sha(&sha)?.ok_or_else(|| Error::Argument("library entry vanished after insert".into()))?;
+        Ok((entry, true))
+    }
+
+    /// Removes an entry: the row first, then the file (see the module note on crash safety).
+    pub fn remove(&mut self, key: &str) -> Result<LoraEntry> {
+        let e = self.resolve(key)?;
+        self.db.execute("DELETE FROM loras WHERE sha256 = ?1", [&e.sha256]).map_err(db_err(&self.root))?;
+        let _ = std::fs::remove_file(&e.path);
+        Ok(e)
+    }
+
+    pub fn rename(&mut self, key: &str, new_name: &str) -> Result<LoraEntry> {
+        let new_name = new_name.trim();
+        if new_name.is_empty() || new_name.contains(['<', '>', ':']) {
+            return Err(Error::Argument(format!("'{new_name}': a LoRA name must be non-empty and contain no '<', '>' or ':' (it is used in <lora:NAME:weight>)")));
+        }
+        let e = self.resolve(key)?;
+        self.db
+            .execute("UPDATE loras SET display_name = ?1 WHERE sha256 = ?2", params![new_name, e.sha256])
+            .map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Error::Argument(format!("another LoRA is already named '{new_name}'"))
+                }
+                other => db_err(&self.root)(other),
+            })?;
+        self.resolve(&e.sha256)
+    }
+
+    pub fn set_role(&mut self, key: &str, role: Role) -> Result<LoraEntry> {
+        let e = self.resolve(key)?;
+        self.db.execute("UPDATE loras SET role = ?1 WHERE sha256 = ?2", params![role.as_str(), e.sha256]).map_err(db_err(&self.root))?;
+        self.resolve(&e.sha256)
+    }
+
+    pub fn set_tags(&mut self, key: &str, tags: &[String]) -> Result<LoraEntry> {
+        let e = self.resolve(key)?;
+        let mut clean: Vec<String> = tags.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        clean.dedup();
+        let json = serde_json::to_string(&clean).unwrap_or_else(|_| "[]".into());
+        self.db.execute("UPDATE loras SET user_tags = ?1 WHERE sha256 = ?2", params![json, e.sha256]).map_err(db_err(&self.root))?;
+        self.resolve(&e.sha256)
+    }
+}
+
+fn rand_suffix() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{t:x}")
+}
+
+/// Copies `src` to `tmp` (synced) and returns its sha256 and size.
+fn copy_hashing(src: &Path, tmp: &Path) -> Result<(String, u64)> {
+    let mut input = File::open(src).map_err(|e| Error::io(src, e))?;
+    let mut output = File::create(tmp).map_err(|e| Error::io(tmp, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = input.read(&mut buf).map_err(|e| Error::io(src, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        output.write_all(&buf[..n]).map_err(|e| Error::io(tmp, e))?;
+        size += n as u64;
+    }
+    output.sync_all().map_err(|e| Error::io(tmp, e))?;
+    Ok((hex(&hasher.finalize()), size))
+}
+
+/// Files to import under `p`: every file named explicitly; inside folders, `.safetensors` files
+/// and pickles (which then fail with the refusal message), skipping images, notes and the like.
+fn collect_files(p: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result<()> {
+    let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
+            .map_err(|e| Error::io(p, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            collect_files(&e, false, out)?;
+        }
+    } else if explicit {
+        out.push(p.to_path_buf());
+    } else {
+        let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+        let hidden = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+        if !hidden && (ext == "safetensors" || PICKLE_EXTENSIONS.contains(&ext.as_str())) {
+            out.push(p.to_path_buf());
+        }
+    }
+    Ok(())
+}

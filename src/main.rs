@@ -8,6 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use loramix::device::{parse_device, parse_dtype};
+use loramix::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
+use loramix::lora::{self, Role};
 use loramix::output;
 use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 
@@ -24,6 +26,66 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(BenchArgs),
+    /// The LoRA library: import, list, show, remove, rename, set role and tags.
+    Lora(LoraArgs),
+}
+
+#[derive(clap::Args)]
+struct LoraArgs {
+    /// Library folder (default: $LORAMIX_HOME, else the platform data dir).
+    #[arg(long, global = true)]
+    library: Option<PathBuf>,
+    #[command(subcommand)]
+    command: LoraCommand,
+}
+
+#[derive(Subcommand)]
+enum LoraCommand {
+    /// Import LoRA files and folders (recursively); the same bytes twice are one entry.
+    Import {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// One JSON object per file, as it is processed.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List entries, optionally filtered.
+    List {
+        /// subject | style | unknown
+        #[arg(long)]
+        role: Option<String>,
+        /// Base model id: sdxl, sd1, sd2, sdxl_refiner, ...
+        #[arg(long)]
+        base: Option<String>,
+        /// A user tag or trigger word.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Text to find in names, titles, trigger words and tags.
+        #[arg(long)]
+        query: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one entry (by name, file name or sha256 prefix).
+    Show {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an entry and its stored file.
+    Rm { key: String },
+    /// Change the name used in <lora:NAME:weight>.
+    Rename { key: String, new_name: String },
+    /// Set the role and/or the user tags of an entry.
+    Set {
+        key: String,
+        /// subject | style | unknown
+        #[arg(long)]
+        role: Option<String>,
+        /// Comma-separated; replaces the current tags.
+        #[arg(long)]
+        tags: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -76,6 +138,12 @@ struct GenerateArgs {
     /// Write the final latents (before VAE decode) to this safetensors file, key `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// A LoRA file, or a library name, with an optional strength (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
+    /// Library for <lora:NAME:w> prompt tags and --lora names (default: $LORAMIX_HOME or the data dir).
+    #[arg(long)]
+    library: Option<PathBuf>,
 }
 
 fn random_seed() -> u64 {
@@ -87,13 +155,36 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
+    let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg(s)).collect::<loramix::Result<Vec<_>>>()?;
+    let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
+    let choices = lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref())?;
     let t0 = Instant::now();
     let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
+    let mut loaded = Vec::new();
+    if !choices.is_empty() {
+        let targets = lora::AdapterTargets::of_pipeline(&pipe);
+        for c in &choices {
+            let l = lora::LoadedLora::load(&c.path, &c.name, &targets).with_context(|| format!("loading LoRA {}", c.path.display()))?;
+            eprintln!("lora {} ({}, {}): {} layers matched", c.name, l.info.format.as_str(), l.info.base_model.label(), l.report.matched.len());
+            if !l.report.unmatched_keys.is_empty() {
+                let n = l.report.unmatched_keys.len();
+                let shown: Vec<&str> = l.report.unmatched_keys.iter().take(8).map(|s| s.as_str()).collect();
+                eprintln!("warning: lora {}: {n} keys match no layer of this model: {}{}", c.name, shown.join(", "), if n > 8 { ", ..." } else { "" });
+            }
+            for (k, why) in &l.report.skipped {
+                eprintln!("warning: lora {}: {k} skipped: {why}", c.name);
+            }
+            loaded.push((l, c.weight));
+        }
+        // A static mix: fuse once into fresh weights (no per-step cost).
+        let refs: Vec<(&lora::LoadedLora, f64)> = loaded.iter().map(|(l, w)| (l, *w)).collect();
+        lora::fuse(&targets, &refs)?;
+    }
     let seed = a.seed.unwrap_or_else(random_seed);
     let (dw, dh) = pipe.default_size();
     let req = GenerateRequest {
-        prompt: a.prompt.clone(),
+        prompt: clean_prompt,
         negative_prompt: a.negative_prompt.clone(),
         steps: a.steps,
         cfg: a.cfg,
@@ -138,7 +229,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
         None => pipe.default_sampler()?,
     };
     let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
+    // A1111 keeps <lora:...> tags in the prompt; --lora choices are written the same way so
+    // that A1111 (and our own drop-to-restore) re-applies them.
     let mut params = a.prompt.clone();
+    for (l, w) in &loaded {
+        if !prompt_tags.iter().any(|(n, _)| n == &l.name) {
+            params.push_str(&format!(" <lora:{}:{w}>", l.name));
+        }
+    }
     if let Some(n) = &a.negative_prompt {
         params.push_str(&format!("\nNegative prompt: {n}"));
     }
@@ -150,6 +248,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         std::path::Path::new(&a.model).file_name().and_then(|n| n.to_str()).unwrap_or(&a.model),
         env!("CARGO_PKG_VERSION")
     ));
+    if !loaded.is_empty() {
+        let hashes: Vec<String> = loaded.iter().map(|(l, _)| format!("{}: {}", l.name, &l.addnet_hash[..12])).collect();
+        params.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
+    }
     let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(images.len());
     for img in &images {
@@ -169,10 +271,116 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_role(s: &str) -> Result<Role> {
+    Role::parse(s).ok_or_else(|| anyhow::anyhow!("--role {s}: expected subject, style or unknown"))
+}
+
+fn print_entry(e: &LoraEntry) {
+    let list = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(", ") };
+    println!("name:          {}", e.display_name);
+    println!("file:          {}", e.file_name);
+    println!("sha256:        {}", e.sha256);
+    println!("addnet hash:   {}", &e.addnet_hash[..12]);
+    println!("size:          {} bytes", e.size);
+    println!("format:        {}", e.format);
+    println!("ranks:         {:?}", e.ranks);
+    println!("alphas:        {:?}", e.alphas);
+    println!("base model:    {}", e.base_model);
+    println!("modules:       {}", e.module_count);
+    println!("role:          {}", e.role);
+    println!("trigger words: {}", list(&e.trigger_words));
+    println!("tags:          {}", list(&e.user_tags));
+    if let Some(t) = &e.title {
+        println!("title:         {t}");
+    }
+    println!("thumbnail:     {}", if e.thumbnail.is_some() { "yes" } else { "no" });
+    println!("path:          {}", e.path.display());
+}
+
+fn lora_command(a: LoraArgs) -> Result<()> {
+    let root = match a.library {
+        Some(r) => r,
+        None => LoraLibrary::default_root()?,
+    };
+    let mut lib = LoraLibrary::open(&root)?;
+    match a.command {
+        LoraCommand::Import { paths, json } => {
+            let (mut added, mut existing, mut failed) = (0, 0, 0);
+            let mut stdout = std::io::stdout().lock();
+            lib.import(&paths, &mut |o| {
+                let line = match o {
+                    ImportOutcome::Added { source, entry } => {
+                        added += 1;
+                        format!("added    {} ({}, {}, {}) from {}", entry.display_name, entry.format, entry.base_model, &entry.sha256[..12], source.display())
+                    }
+                    ImportOutcome::Existing { source, entry } => {
+                        existing += 1;
+                        format!("exists   {} ({}) from {}", entry.display_name, &entry.sha256[..12], source.display())
+                    }
+                    ImportOutcome::Failed { source, error } => {
+                        failed += 1;
+                        let _ = source;
+                        format!("failed   {error}")
+                    }
+                };
+                let line = if json { serde_json::to_string(o).unwrap_or_default() } else { line };
+                let _ = writeln!(stdout, "{line}");
+            })?;
+            eprintln!("{added} added, {existing} already in the library, {failed} failed ({})", root.display());
+            if failed > 0 {
+                std::process::exit(1);
+            }
+        }
+        LoraCommand::List { role, base, tag, query, json } => {
+            let q = LoraQuery { text: query, role: role.as_deref().map(parse_role).transpose()?, base, tag };
+            let entries = lib.list(&q)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+            } else {
+                for e in &entries {
+                    println!("{:<28} {:<8} {:<10} {:<9} r={:<8} {}", e.display_name, e.role, e.base_model, e.format, format!("{:?}", e.ranks), &e.sha256[..12]);
+                }
+                eprintln!("{} LoRAs", entries.len());
+            }
+        }
+        LoraCommand::Show { key, json } => {
+            let e = lib.resolve(&key)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print_entry(&e);
+            }
+        }
+        LoraCommand::Rm { key } => {
+            let e = lib.remove(&key)?;
+            println!("removed {} ({})", e.display_name, &e.sha256[..12]);
+        }
+        LoraCommand::Rename { key, new_name } => {
+            let e = lib.rename(&key, &new_name)?;
+            println!("renamed to {}", e.display_name);
+        }
+        LoraCommand::Set { key, role, tags } => {
+            if role.is_none() && tags.is_none() {
+                anyhow::bail!("nothing to set: give --role and/or --tags");
+            }
+            if let Some(r) = role {
+                lib.set_role(&key, parse_role(&r)?)?;
+            }
+            if let Some(t) = tags {
+                let v: Vec<String> = t.split(',').map(str::to_string).collect();
+                lib.set_tags(&key, &v)?;
+            }
+            print_entry(&lib.resolve(&key)?);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(a) => generate(*a),
+        Command::Lora(a) => lora_command(a),
         Command::Bench(a) => {
             let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let repo = std::env::current_dir()?;

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// Extensions of formats that are Python pickles. Unpickling runs arbitrary code, so we never
 /// open them.
-const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
+pub const PICKLE_EXTENSIONS: [&str; 5] = ["ckpt", "pt", "pth", "bin", "pkl"];
 
 pub fn pickle_refusal(path: &Path) -> Error {
     Error::BadFile {

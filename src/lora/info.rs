@@ -309,6 +309,25 @@ pub fn inspect(file: &SafetensorsFile) -> Result<LoraInfo> {
     if module_count == 0 {
         return Err(not_a_lora(file.path(), &names));
     }
+    // diffusers/PEFT files keep alphas in their adapter config rather than in tensors.
+    if let Some(cfg) = meta.get("lora_adapter_metadata").and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()) {
+        if let Some(o) = cfg.as_object() {
+            for (k, v) in o {
+                let vals: Vec<f64> = if k.ends_with(".lora_alpha") {
+                    v.as_f64().into_iter().collect()
+                } else if k.ends_with(".alpha_pattern") {
+                    v.as_object().map(|m| m.values().filter_map(|x| x.as_f64()).collect()).unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                for a in vals {
+                    if !alphas.iter().any(|x| (x - a).abs() < 1e-9) {
+                        alphas.push(a);
+                    }
+                }
+            }
+        }
+    }
     alphas.sort_by(|a, b| a.total_cmp(b));
     let format = if formats.len() == 1 {
         match *formats.iter().next().unwrap_or(&"") {

@@ -11,7 +11,75 @@ pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};
 pub use network::{attach, fuse, LoadReport, LoadedLora, LoraModule};
 pub use targets::{AdapterTargets, Target};
 
+use std::path::{Path, PathBuf};
+
 use crate::error::{Error, Result};
+use crate::library::LoraLibrary;
+
+/// A LoRA the user asked for, resolved to a file.
+#[derive(Debug, Clone)]
+pub struct LoraChoice {
+    /// The name used for branches, traces and `<lora:NAME>` in saved parameters.
+    pub name: String,
+    pub path: PathBuf,
+    pub weight: f64,
+}
+
+/// Resolves `--lora` arguments (a file path, or a library name when no such file exists) and
+/// `<lora:NAME:w>` prompt tags (library names). The library is opened only when needed.
+pub fn resolve_choices(args: &[(String, f64)], prompt_tags: &[(String, f64)], library_root: Option<&Path>) -> Result<Vec<LoraChoice>> {
+    let mut library: Option<LoraLibrary> = None;
+    let open_library = |lib: &mut Option<LoraLibrary>| -> Result<()> {
+        if lib.is_none() {
+            let root = match library_root {
+                Some(r) => r.to_path_buf(),
+                None => LoraLibrary::default_root()?,
+            };
+            *lib = Some(LoraLibrary::open(&root)?);
+        }
+        Ok(())
+    };
+    let mut out: Vec<LoraChoice> = Vec::new();
+    let from_library = |lib: &LoraLibrary, key: &str, weight: f64| -> Result<LoraChoice> {
+        let e = lib.resolve(key)?;
+        Ok(LoraChoice { name: e.display_name, path: e.path, weight })
+    };
+    for (src, weight) in args {
+        let p = Path::new(src);
+        let choice = if p.is_file() {
+            let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| src.clone());
+            LoraChoice { name, path: p.to_path_buf(), weight: *weight }
+        } else if p.extension().is_some() || src.contains(['/', '\\']) {
+            return Err(Error::Argument(format!("--lora {src}: no such file")));
+        } else {
+            open_library(&mut library)?;
+            from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight)?
+        };
+        out.push(choice);
+    }
+    for (name, weight) in prompt_tags {
+        open_library(&mut library)?;
+        out.push(from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, name, *weight)?);
+    }
+    // Branch names must be unique per layer; the same LoRA twice adds its weights, as A1111 does.
+    let mut merged: Vec<LoraChoice> = Vec::new();
+    for c in out {
+        match merged.iter_mut().find(|m| m.path == c.path) {
+            Some(m) => m.weight += c.weight,
+            None => {
+                let mut c = c;
+                let base = c.name.clone();
+                let mut k = 2;
+                while merged.iter().any(|m| m.name == c.name) {
+                    c.name = format!("{base}-{k}");
+                    k += 1;
+                }
+                merged.push(c);
+            }
+        }
+    }
+    Ok(merged)
+}
 
 /// A `--lora PATH[:WEIGHT]` argument. The weight is taken only when the text after the last
 /// `:` parses as a number, so Windows paths (`C:\loras\x.safetensors`) work unchanged.

@@ -42,6 +42,8 @@ pub struct LoadedLora {
     pub name: String,
     pub path: PathBuf,
     pub info: LoraInfo,
+    /// sha256 of the tensor data (A1111's "addnet" / Civitai AutoV3 hash), for `Lora hashes`.
+    pub addnet_hash: String,
     pub modules: Vec<LoraModule>,
     pub report: LoadReport,
 }
@@ -89,6 +91,11 @@ impl PeftConfig {
             .or(self.alpha)?;
         Some(if self.rslora { alpha / (rank as f64).sqrt() } else { alpha / rank as f64 })
     }
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn f32_cpu(file: &SafetensorsFile, name: &str) -> Result<Tensor> {
@@ -190,7 +197,8 @@ impl LoadedLora {
             return Err(refuse(format!("{reason}; the loaded model is {}.{base}", targets.describe_model())));
         }
         report.unmatched_keys.sort();
-        Ok(Self { name: name.to_string(), path: path.to_path_buf(), info, modules: out, report })
+        let addnet_hash = sha256_hex(file.data_bytes());
+        Ok(Self { name: name.to_string(), path: path.to_path_buf(), info, addnet_hash, modules: out, report })
     }
 
     /// `scale · ΔW` of one module, f32 on the CPU (what diffusers' PEFT layer adds at weight 1).
