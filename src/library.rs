@@ -282,6 +282,7 @@ impl LoraLibrary {
     fn import_one(&mut self, src: &Path) -> Result<(LoraEntry, bool)> {
         let file = SafetensorsFile::open(src)?;
         let info = inspect(&file)?;
+        file.check_finite()?;
         let addnet_hash = hex(&Sha256::digest(file.data_bytes()));
         drop(file);
         // Copy while hashing: one read of the source.

@@ -54,7 +54,10 @@ pub fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), Head
     if bytes.starts_with(b"PK\x03\x04") {
         return bad("this is a zip archive (a PyTorch .pt/.ckpt pickle or an archive), not safetensors; LoRAMix never unpickles — use a .safetensors file".into());
     }
-    if bytes[0] == 0x80 {
+    // A pickle starts with PROTO (0x80, protocol 2–5). A safetensors header length can start
+    // with the same bytes (640 = 0x0280), so only call it a pickle when the bytes after the
+    // length are not the header's opening brace.
+    if bytes[0] == 0x80 && bytes.get(1).is_some_and(|p| (2..=5).contains(p)) && bytes.get(8) != Some(&b'{') {
         return Err(HeaderError::Pickle);
     }
     if bytes.len() < 8 {
@@ -73,6 +76,7 @@ pub fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), Head
             bytes.len()
         ));
     }
+    precheck_offsets(&bytes[8..8 + header_len as usize], bytes.len() as u64 - 8 - header_len)?;
     safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
         HeaderError::Invalid(match e {
             E::InvalidOffset(name) => format!(
@@ -89,6 +93,38 @@ pub fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), Head
             other => format!("invalid safetensors header: {other}"),
         })
     })
+}
+
+/// Names the tensor at fault for offsets that run past the data or overlap, which the
+/// safetensors crate reports alike.
+fn precheck_offsets(header: &[u8], data_len: u64) -> std::result::Result<(), HeaderError> {
+    let Ok(serde_json::Value::Object(map)) = serde_json::from_slice::<serde_json::Value>(header) else {
+        return Ok(()); // the crate's own parse gives the precise JSON error
+    };
+    let mut spans: Vec<(u64, u64, &str)> = Vec::new();
+    for (name, v) in &map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let Some(o) = v.get("data_offsets").and_then(|o| o.as_array()) else { continue };
+        let (Some(a), Some(b)) = (o.first().and_then(|x| x.as_u64()), o.get(1).and_then(|x| x.as_u64())) else { continue };
+        if a > b || b > data_len {
+            return Err(HeaderError::Invalid(format!(
+                "tensor '{name}': data offsets [{a}, {b}] lie outside the data section ({data_len} bytes)"
+            )));
+        }
+        spans.push((a, b, name));
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(HeaderError::Invalid(format!(
+                "tensor '{}': its data offsets overlap those of tensor '{}'",
+                w[1].2, w[0].2
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One mapped safetensors file with its parsed, validated header.
@@ -152,6 +188,34 @@ impl SafetensorsFile {
 
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         self.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    /// Checks every float tensor for NaN/Inf without building tensors (a library import
+    /// validates files it does not otherwise load).
+    pub fn check_finite(&self) -> Result<()> {
+        let mut names = self.names();
+        names.sort();
+        for name in names {
+            let Some(info) = self.metadata.info(&name) else { continue };
+            let raw = match info.dtype {
+                StDtype::F16 => RawDType::F16,
+                StDtype::BF16 => RawDType::BF16,
+                StDtype::F32 => RawDType::F32,
+                StDtype::F64 => RawDType::F64,
+                _ => continue,
+            };
+            let (start, end) = info.data_offsets;
+            let Some(bytes) = self.mmap.get(self.data_start + start..self.data_start + end) else { continue };
+            let bad = count_non_finite(bytes, raw);
+            if bad > 0 {
+                return Err(Error::Tensor {
+                    file: self.path.display().to_string(),
+                    tensor: name.clone(),
+                    message: format!("{bad} of {} values are NaN or infinite; the file is corrupt", info.shape.iter().product::<usize>()),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Loads one tensor on the CPU in its stored dtype, checking it is finite.

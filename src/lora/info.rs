@@ -188,6 +188,8 @@ pub struct LoraInfo {
     /// `modelspec.thumbnail` as stored (a `data:image/...;base64,` URI).
     pub thumbnail: Option<String>,
     pub uses_dora: bool,
+    /// The text-embedding width the UNet cross-attention modules read, when present.
+    pub cross_attention_width: Option<usize>,
     /// Tensor names that are not part of any adapter module we know.
     pub foreign_keys: Vec<String>,
 }
@@ -370,6 +372,7 @@ pub fn inspect(file: &SafetensorsFile) -> Result<LoraInfo> {
         title,
         thumbnail: meta.get("modelspec.thumbnail").filter(|t| t.starts_with("data:image/")).cloned(),
         uses_dora,
+        cross_attention_width: cross_width,
         foreign_keys: unparsed,
     })
 }

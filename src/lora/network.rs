@@ -124,7 +124,8 @@ impl LoadedLora {
                     .into(),
             ));
         }
-        if info.base_model.is_foreign_to_sdxl() {
+        let fits_by_shape = info.cross_attention_width == Some(targets.cross_attention_dim) && !info.base_evidence.contains('=');
+        if info.base_model.is_foreign_to_sdxl() && !fits_by_shape {
             return Err(refuse(format!(
                 "this LoRA is for {} ({}), but the loaded model is {}",
                 info.base_model.label(),
