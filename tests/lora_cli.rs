@@ -1,0 +1,125 @@
+//! `loramix lora ...` and `generate --lora` / `<lora:NAME:w>`, run as a user would; the final
+//! latents equal the diffusers goldens of tests/fixtures/lora.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+use common::*;
+
+fn loramix() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_loramix"))
+}
+
+fn lora_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora")
+}
+
+fn lora(lib: &Path, args: &[&str]) -> Output {
+    loramix().arg("lora").arg("--library").arg(lib).args(args).env_remove("LORAMIX_HOME").output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn lora_import_list_show_set_rm() {
+    let lib = tempfile::tempdir().unwrap();
+    let empty = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bad/empty.safetensors");
+    let out = lora(lib.path(), &["import", lora_fixtures().to_str().unwrap(), empty.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "a failed file makes the exit status 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("added ").count(), 5, "{stdout}");
+    assert!(stdout.contains("failed") && stdout.contains("empty.safetensors") && stdout.contains("the file is empty"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("5 added, 0 already in the library, 2 failed"), "the fixture folder's golden.safetensors is not a LoRA either");
+
+    let again = lora(lib.path(), &["import", "--json", lora_fixtures().to_str().unwrap()]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&again.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 6);
+    assert_eq!(lines.iter().filter(|l| l["status"] == "existing").count(), 5, "{lines:?}");
+    assert_eq!(lines.iter().filter(|l| l["status"] == "failed").count(), 1, "{lines:?}");
+
+    let list = json(&lora(lib.path(), &["list", "--json"]));
+    let entries = list.as_array().unwrap();
+    assert_eq!(entries.len(), 5);
+    for key in ["sha256", "file_name", "display_name", "size", "format", "ranks", "alphas", "base_model", "module_count", "trigger_words", "role", "user_tags", "thumbnail", "added_at"] {
+        assert!(entries[0].get(key).is_some(), "list --json lacks '{key}'");
+    }
+    let formats: Vec<&str> = entries.iter().map(|e| e["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["kohya", "kohya", "loha", "lokr", "diffusers"]);
+
+    let show = json(&lora(lib.path(), &["show", "kohya_sgm", "--json"]));
+    assert_eq!(show["base_model"], "sdxl");
+    assert_eq!(show["alphas"], serde_json::json!([1.0, 2.0]));
+    let by_hash = json(&lora(lib.path(), &["show", &show["sha256"].as_str().unwrap()[..10], "--json"]));
+    assert_eq!(by_hash["display_name"], "kohya_sgm");
+
+    assert!(json(&lora(lib.path(), &["list", "--role", "style", "--json"])).as_array().unwrap().is_empty());
+    assert!(lora(lib.path(), &["set", "peft", "--role", "style", "--tags", "neon,night"]).status.success());
+    let styles = json(&lora(lib.path(), &["list", "--role", "style", "--json"]));
+    assert_eq!(styles[0]["display_name"], "peft");
+    assert_eq!(styles[0]["user_tags"], serde_json::json!(["neon", "night"]));
+    assert_eq!(json(&lora(lib.path(), &["list", "--tag", "night", "--json"])).as_array().unwrap().len(), 1);
+    assert_eq!(json(&lora(lib.path(), &["list", "--base", "sd1", "--json"])).as_array().unwrap().len(), 0);
+
+    let rm = lora(lib.path(), &["rm", "lokr"]);
+    assert!(rm.status.success());
+    assert_eq!(json(&lora(lib.path(), &["list", "--json"])).as_array().unwrap().len(), 4);
+    let missing = lora(lib.path(), &["show", "lokr"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no LoRA named 'lokr'"));
+}
+
+#[test]
+fn generate_with_lora_file_and_prompt_tag_equals_diffusers() {
+    let lib = tempfile::tempdir().unwrap();
+    assert!(lora(lib.path(), &["import", lora_fixtures().join("peft.safetensors").to_str().unwrap()]).status.success());
+    let g = candle_core::safetensors::load(lora_fixtures().join("golden.safetensors"), &Device::Cpu).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let noise = tmp.path().join("noise.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("latents".to_string(), g["init_noise"].clone())]), &noise).unwrap();
+    let kohya = format!("{}:0.8", lora_fixtures().join("kohya_sgm.safetensors").display());
+    for (case, prompt, extra) in [
+        ("kohya_sgm", "a photo of a cat", vec!["--lora", kohya.as_str()]),
+        ("peft", "a photo of a cat<lora:peft:0.7>", vec![]),
+        ("sgm_plus_peft", "a photo of a cat<lora:peft:0.5>", vec!["--lora", kohya.as_str()]),
+    ] {
+        let lat = tmp.path().join(format!("{case}.safetensors"));
+        let out = loramix()
+            .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap()])
+            .args(["--prompt", prompt, "--negative-prompt", "blurry", "--steps", "5", "--cfg", "5", "--sampler", "euler"])
+            .args(["--width", "32", "--height", "32", "--seed", "3"])
+            .args(&extra)
+            .arg("--library")
+            .arg(lib.path())
+            .arg("--init-noise")
+            .arg(&noise)
+            .arg("--save-latents")
+            .arg(&lat)
+            .arg("--out")
+            .arg(tmp.path().join(case))
+            .env_remove("LORAMIX_HOME")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let ours = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap();
+        assert_close(case, &ours["latents"], &g[&format!("{case}.latents")], 1e-3);
+        let png = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+        let bytes = std::fs::read(&png).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("Lora hashes: \""), "{case}: PNG parameters lack Lora hashes");
+    }
+    let out = loramix()
+        .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "x <lora:nobody:1>", "--steps", "1"])
+        .arg("--library")
+        .arg(lib.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no LoRA named 'nobody'"));
+}
