@@ -4,6 +4,7 @@
 //! layers over [`pipeline::SdxlPipeline`].
 
 pub mod bench;
+pub mod bench_library;
 pub mod checkpoint;
 pub mod device;
 pub mod error;

@@ -95,6 +95,12 @@ struct BenchArgs {
     python: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     iters: usize,
+    /// unet: UNet step time; library: importing --count generated SDXL LoRAs.
+    #[arg(long, default_value = "unet")]
+    suite: String,
+    /// Files for the library suite.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
 }
 
 #[derive(clap::Args)]
@@ -381,6 +387,14 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate(*a),
         Command::Lora(a) => lora_command(a),
+        Command::Bench(a) if a.suite == "library" => {
+            let repo = std::env::current_dir()?;
+            let work = loramix::bench_library::default_work_dir(&repo);
+            let b = loramix::bench_library::run(&repo, a.python.as_deref(), a.count.max(1), &work)?;
+            print!("{}", loramix::bench_library::table(&b));
+            Ok(())
+        }
+        Command::Bench(a) if a.suite != "unet" => anyhow::bail!("--suite {}: expected unet or library", a.suite),
         Command::Bench(a) => {
             let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let repo = std::env::current_dir()?;

@@ -127,10 +127,26 @@ fn precheck_offsets(header: &[u8], data_len: u64) -> std::result::Result<(), Hea
     Ok(())
 }
 
+/// A file's bytes: memory-mapped from disk, or owned.
+enum FileBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Owned(v) => v,
+        }
+    }
+}
+
 /// One mapped safetensors file with its parsed, validated header.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: FileBytes,
     data_start: usize,
     metadata: Metadata,
 }
@@ -156,7 +172,16 @@ impl SafetensorsFile {
             HeaderError::Pickle => pickle_refusal(path),
             HeaderError::Invalid(message) => Error::BadFile { path: path.to_path_buf(), message },
         })?;
-        Ok(Self { path: path.to_path_buf(), mmap, data_start: 8 + n, metadata })
+        Ok(Self { path: path.to_path_buf(), mmap: FileBytes::Mapped(mmap), data_start: 8 + n, metadata })
+    }
+
+    /// A file held in memory (the fuzz target; files received over IPC). `label` names it in errors.
+    pub fn from_bytes(label: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let (n, metadata) = parse_header(&bytes).map_err(|e| match e {
+            HeaderError::Pickle => pickle_refusal(label),
+            HeaderError::Invalid(message) => Error::BadFile { path: label.to_path_buf(), message },
+        })?;
+        Ok(Self { path: label.to_path_buf(), mmap: FileBytes::Owned(bytes), data_start: 8 + n, metadata })
     }
 
     pub fn path(&self) -> &Path {
