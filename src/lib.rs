@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod library;
+pub mod mix;
 pub mod lora;
 pub mod model;
 pub mod output;

@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use loramix::device::{parse_device, parse_dtype};
 use loramix::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
 use loramix::lora::{self, Role};
+use loramix::mix;
 use loramix::output;
 use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 
@@ -150,6 +151,21 @@ struct GenerateArgs {
     /// Library for <lora:NAME:w> prompt tags and --lora names (default: $LORAMIX_HOME or the data dir).
     #[arg(long)]
     library: Option<PathBuf>,
+    /// How several LoRAs combine: merge | switch | composite | klora | est | auto.
+    #[arg(long, default_value = "merge")]
+    mix: String,
+    /// K-LoRA / auto time-scale pattern: s | s* (default s*).
+    #[arg(long)]
+    klora_pattern: Option<String>,
+    /// corrected (progress = step/steps, alpha/rank scale) | reference (the reference's call counter, no alpha).
+    #[arg(long, default_value = "corrected")]
+    klora_mode: String,
+    /// LoRA Switch period in steps.
+    #[arg(long, default_value_t = 5)]
+    switch_every: usize,
+    /// Write the per-step, per-layer LoRA weights as JSON.
+    #[arg(long)]
+    mix_trace: Option<PathBuf>,
 }
 
 fn random_seed() -> u64 {
@@ -161,32 +177,46 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
-    let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg(s)).collect::<loramix::Result<Vec<_>>>()?;
+    let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
+    let mix_opts = mix::MixOptions {
+        strategy: a.mix.clone(),
+        klora_pattern: a.klora_pattern.clone(),
+        klora_mode: a.klora_mode.clone(),
+        switch_every: a.switch_every,
+    };
+    let strategy = mix::build(&mix_opts)?;
     let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
     let choices = lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref())?;
     let t0 = Instant::now();
     let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
-    let mut loaded = Vec::new();
-    if !choices.is_empty() {
-        let targets = lora::AdapterTargets::of_pipeline(&pipe);
-        for c in &choices {
-            let l = lora::LoadedLora::load(&c.path, &c.name, &targets).with_context(|| format!("loading LoRA {}", c.path.display()))?;
-            eprintln!("lora {} ({}, {}): {} layers matched", c.name, l.info.format.as_str(), l.info.base_model.label(), l.report.matched.len());
-            if !l.report.unmatched_keys.is_empty() {
-                let n = l.report.unmatched_keys.len();
-                let shown: Vec<&str> = l.report.unmatched_keys.iter().take(8).map(|s| s.as_str()).collect();
-                eprintln!("warning: lora {}: {n} keys match no layer of this model: {}{}", c.name, shown.join(", "), if n > 8 { ", ..." } else { "" });
-            }
-            for (k, why) in &l.report.skipped {
-                eprintln!("warning: lora {}: {k} skipped: {why}", c.name);
-            }
-            loaded.push((l, c.weight));
+    let targets = lora::AdapterTargets::of_pipeline(&pipe);
+    let mut loaded: Vec<(lora::LoadedLora, f64)> = Vec::new();
+    let mut mix_loras = Vec::new();
+    for c in &choices {
+        let l = lora::LoadedLora::load(&c.path, &c.name, &targets).with_context(|| format!("loading LoRA {}", c.path.display()))?;
+        let role = c.role.unwrap_or(l.info.role);
+        eprintln!("lora {} ({}, {}, {}): {} layers matched", c.name, l.info.format.as_str(), l.info.base_model.label(), role.as_str(), l.report.matched.len());
+        if !l.report.unmatched_keys.is_empty() {
+            let n = l.report.unmatched_keys.len();
+            let shown: Vec<&str> = l.report.unmatched_keys.iter().take(8).map(|s| s.as_str()).collect();
+            eprintln!("warning: lora {}: {n} keys match no layer of this model: {}{}", c.name, shown.join(", "), if n > 8 { ", ..." } else { "" });
         }
-        // A static mix: fuse once into fresh weights (no per-step cost).
-        let refs: Vec<(&lora::LoadedLora, f64)> = loaded.iter().map(|(l, w)| (l, *w)).collect();
-        lora::fuse(&targets, &refs)?;
+        for (k, why) in &l.report.skipped {
+            eprintln!("warning: lora {}: {k} skipped: {why}", c.name);
+        }
+        mix_loras.push(mix::MixLora { lora: l.clone(), role, strength: c.weight });
+        loaded.push((l, c.weight));
     }
+    let mut mixer = if mix_loras.is_empty() {
+        if a.mix_trace.is_some() {
+            anyhow::bail!("--mix-trace needs at least one --lora");
+        }
+        None
+    } else {
+        let plan = mix::MixPlan::new(&targets, mix_loras)?;
+        Some(mix::Mixer::new(&targets, plan, strategy)?)
+    };
     let seed = a.seed.unwrap_or_else(random_seed);
     let (dw, dh) = pipe.default_size();
     let req = GenerateRequest {
@@ -210,7 +240,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let tty = std::io::stderr().is_terminal();
-    let latents = pipe.generate_latents(&req, &mut |p| {
+    let latents = pipe.generate_latents_mixed(&req, mixer.as_mut().map(|m| m as &mut dyn loramix::pipeline::StepMixer), &mut |p| {
         let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
         if tty {
             bar.set_length(p.steps as u64);
@@ -224,6 +254,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
         true
     })?;
     bar.finish();
+    if let Some(m) = mixer.take() {
+        let trace = m.finish();
+        if let Some(path) = &a.mix_trace {
+            trace.write(path)?;
+            eprintln!("wrote mix trace {}", path.display());
+        }
+    }
     if let Some(path) = &a.save_latents {
         output::save_latents(path, &latents)?;
         eprintln!("wrote {}", path.display());

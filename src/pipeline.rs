@@ -44,6 +44,14 @@ pub struct SdxlPipeline {
     pub source: String,
 }
 
+/// Sets LoRA layer weights before each UNet pass: the mixing engine's hook into sampling.
+pub trait StepMixer {
+    /// UNet passes for step `step` of `steps` at `timestep`: 1, or one per LoRA (Composite).
+    fn passes(&mut self, step: usize, steps: usize, timestep: f64) -> Result<usize>;
+    /// Sets every layer's branch weights for pass `pass` of step `step`.
+    fn apply(&mut self, step: usize, pass: usize) -> Result<()>;
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
     pub prompt: String,
@@ -233,6 +241,18 @@ impl SdxlPipeline {
     /// Runs the denoising loop and returns the final latents (before VAE scaling/decoding).
     /// `on_step` is called after every step; returning `false` cancels.
     pub fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(&StepProgress) -> bool) -> Result<Tensor> {
+        self.generate_latents_mixed(req, None, on_step)
+    }
+
+    /// [`Self::generate_latents`] with a mixer that sets the LoRA layer weights before every
+    /// UNet pass. A step with several passes (LoRA Composite) averages their noise predictions
+    /// — unconditional and conditional halves separately, since they are batched — before CFG.
+    pub fn generate_latents_mixed(
+        &self,
+        req: &GenerateRequest,
+        mut mixer: Option<&mut dyn StepMixer>,
+        on_step: &mut dyn FnMut(&StepProgress) -> bool,
+    ) -> Result<Tensor> {
         let f = self.vae_scale_factor();
         let (dw, dh) = self.default_size();
         let (width, height) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
@@ -297,7 +317,26 @@ impl SdxlPipeline {
         for (i, &t) in timesteps.iter().enumerate() {
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = sched.scale_model_input(&input, i)?.to_dtype(self.dtype)?;
-            let out = self.unet.forward(&input, t as f32, &context, added.as_ref())?.to_dtype(DType::F32)?;
+            let passes = match mixer.as_deref_mut() {
+                Some(m) => m.passes(i, timesteps.len(), t)?,
+                None => 1,
+            };
+            let mut out: Option<Tensor> = None;
+            for pass in 0..passes.max(1) {
+                if let Some(m) = mixer.as_deref_mut() {
+                    m.apply(i, pass)?;
+                }
+                let o = self.unet.forward(&input, t as f32, &context, added.as_ref())?.to_dtype(DType::F32)?;
+                out = Some(match out {
+                    None => o,
+                    Some(acc) => (acc + o)?,
+                });
+            }
+            let out = match out {
+                Some(o) if passes > 1 => (o / passes as f64)?,
+                Some(o) => o,
+                None => return Err(Error::Argument("no UNet pass ran".into())),
+            };
             let guided = if cfg {
                 let uncond = out.narrow(0, 0, b)?;
                 let text = out.narrow(0, b, b)?;

@@ -23,11 +23,13 @@ pub struct LoraChoice {
     pub name: String,
     pub path: PathBuf,
     pub weight: f64,
+    /// From `PATH:WEIGHT:ROLE` or the library entry; `None`: guess from the file's metadata.
+    pub role: Option<Role>,
 }
 
 /// Resolves `--lora` arguments (a file path, or a library name when no such file exists) and
 /// `<lora:NAME:w>` prompt tags (library names). The library is opened only when needed.
-pub fn resolve_choices(args: &[(String, f64)], prompt_tags: &[(String, f64)], library_root: Option<&Path>) -> Result<Vec<LoraChoice>> {
+pub fn resolve_choices(args: &[(String, f64, Option<Role>)], prompt_tags: &[(String, f64)], library_root: Option<&Path>) -> Result<Vec<LoraChoice>> {
     let mut library: Option<LoraLibrary> = None;
     let open_library = |lib: &mut Option<LoraLibrary>| -> Result<()> {
         if lib.is_none() {
@@ -40,26 +42,27 @@ pub fn resolve_choices(args: &[(String, f64)], prompt_tags: &[(String, f64)], li
         Ok(())
     };
     let mut out: Vec<LoraChoice> = Vec::new();
-    let from_library = |lib: &LoraLibrary, key: &str, weight: f64| -> Result<LoraChoice> {
+    let from_library = |lib: &LoraLibrary, key: &str, weight: f64, role: Option<Role>| -> Result<LoraChoice> {
         let e = lib.resolve(key)?;
-        Ok(LoraChoice { name: e.display_name, path: e.path, weight })
+        let role = role.or_else(|| Role::parse(&e.role).filter(|r| *r != Role::Unknown));
+        Ok(LoraChoice { name: e.display_name, path: e.path, weight, role })
     };
-    for (src, weight) in args {
+    for (src, weight, role) in args {
         let p = Path::new(src);
         let choice = if p.is_file() {
             let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| src.clone());
-            LoraChoice { name, path: p.to_path_buf(), weight: *weight }
+            LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role }
         } else if p.extension().is_some() || src.contains(['/', '\\']) {
             return Err(Error::Argument(format!("--lora {src}: no such file")));
         } else {
             open_library(&mut library)?;
-            from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight)?
+            from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight, *role)?
         };
         out.push(choice);
     }
     for (name, weight) in prompt_tags {
         open_library(&mut library)?;
-        out.push(from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, name, *weight)?);
+        out.push(from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, name, *weight, None)?);
     }
     // Branch names must be unique per layer; the same LoRA twice adds its weights, as A1111 does.
     let mut merged: Vec<LoraChoice> = Vec::new();
@@ -81,24 +84,36 @@ pub fn resolve_choices(args: &[(String, f64)], prompt_tags: &[(String, f64)], li
     Ok(merged)
 }
 
-/// A `--lora PATH[:WEIGHT]` argument. The weight is taken only when the text after the last
-/// `:` parses as a number, so Windows paths (`C:\loras\x.safetensors`) work unchanged.
+/// A `--lora PATH[:WEIGHT][:ROLE]` argument (ROLE: subject | style). A suffix counts only
+/// when it parses (a number, a role), so Windows paths (`C:\loras\x.safetensors`) work unchanged.
 pub fn parse_lora_arg(arg: &str) -> Result<(String, f64)> {
-    if let Some((head, tail)) = arg.rsplit_once(':') {
+    parse_lora_arg_with_role(arg).map(|(p, w, _)| (p, w))
+}
+
+pub fn parse_lora_arg_with_role(arg: &str) -> Result<(String, f64, Option<Role>)> {
+    let bad = || Error::Argument(format!("--lora {arg}: expected PATH[:WEIGHT][:subject|style]"));
+    let mut head = arg;
+    let mut role = None;
+    if let Some((h, tail)) = head.rsplit_once(':') {
+        if let Some(r) = Role::parse(tail.trim()).filter(|_| !tail.trim().is_empty() && tail.trim().parse::<f64>().is_err()) {
+            role = Some(r);
+            head = h;
+        }
+    }
+    let mut weight = 1.0;
+    if let Some((h, tail)) = head.rsplit_once(':') {
         if let Ok(w) = tail.trim().parse::<f64>() {
             if !w.is_finite() {
                 return Err(Error::Argument(format!("--lora {arg}: the weight must be a finite number")));
             }
-            if head.is_empty() {
-                return Err(Error::Argument(format!("--lora {arg}: expected PATH[:WEIGHT]")));
-            }
-            return Ok((head.to_string(), w));
+            weight = w;
+            head = h;
         }
     }
-    if arg.is_empty() {
-        return Err(Error::Argument("--lora: expected PATH[:WEIGHT]".into()));
+    if head.is_empty() {
+        return Err(bad());
     }
-    Ok((arg.to_string(), 1.0))
+    Ok((head.to_string(), weight, role))
 }
 
 /// A1111's `<lora:name:weight>` prompt tags: returns the prompt with the tags removed and the
@@ -142,6 +157,9 @@ mod tests {
         assert_eq!(parse_lora_arg(r"C:\l\a.safetensors").unwrap(), (r"C:\l\a.safetensors".into(), 1.0));
         assert_eq!(parse_lora_arg(r"C:\l\a.safetensors:-0.5").unwrap(), (r"C:\l\a.safetensors".into(), -0.5));
         assert!(parse_lora_arg(":1").is_err());
+        assert_eq!(parse_lora_arg_with_role("a.safetensors:0.5:style").unwrap(), ("a.safetensors".into(), 0.5, Some(Role::Style)));
+        assert_eq!(parse_lora_arg_with_role("a.safetensors:subject").unwrap(), ("a.safetensors".into(), 1.0, Some(Role::Subject)));
+        assert_eq!(parse_lora_arg_with_role(r"C:\x.safetensors:2").unwrap(), (r"C:\x.safetensors".into(), 2.0, None));
     }
 
     #[test]
