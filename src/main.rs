@@ -96,9 +96,12 @@ struct BenchArgs {
     python: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// unet: UNet step time; library: importing --count generated SDXL LoRAs.
+    /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy.
     #[arg(long, default_value = "unet")]
     suite: String,
+    /// Same as --suite mix.
+    #[arg(long)]
+    mix: bool,
     /// Files for the library suite.
     #[arg(long, default_value_t = 1000)]
     count: usize,
@@ -431,7 +434,14 @@ fn main() -> Result<()> {
             print!("{}", loramix::bench_library::table(&b));
             Ok(())
         }
-        Command::Bench(a) if a.suite != "unet" => anyhow::bail!("--suite {}: expected unet or library", a.suite),
+        Command::Bench(a) if a.suite == "mix" || a.mix => {
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let repo = std::env::current_dir()?;
+            let (rows, note) = loramix::bench_mix::run(&repo, a.iters.max(1))?;
+            print!("{}", loramix::bench_mix::table(&rows, &note, threads));
+            Ok(())
+        }
+        Command::Bench(a) if a.suite != "unet" => anyhow::bail!("--suite {}: expected unet, library or mix", a.suite),
         Command::Bench(a) => {
             let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let repo = std::env::current_dir()?;

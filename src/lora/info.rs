@@ -379,11 +379,7 @@ pub fn inspect(file: &SafetensorsFile) -> Result<LoraInfo> {
 
 /// A scalar `alpha` (any float dtype), read without loading anything else.
 pub fn read_scalar(file: &SafetensorsFile, name: &str) -> Option<f64> {
-    let t = file.load(name).ok()?;
-    if t.elem_count() != 1 {
-        return None;
-    }
-    t.flatten_all().ok()?.to_dtype(candle_core::DType::F64).ok()?.to_vec1::<f64>().ok()?.first().copied()
+    file.scalar(name)
 }
 
 /// `modelspec.trigger_phrase` (comma-separated), then the five most frequent training tags.

@@ -81,6 +81,13 @@ pub fn module_stats(lora: &LoadedLora, module: usize, scaled: bool, stats: &[Sta
     Ok(out)
 }
 
+/// One statistic computed from scratch, bypassing the cache: what the references pay at every
+/// layer call (used by `loramix bench --suite mix` to show that cost).
+pub fn uncached(lora: &LoadedLora, module: usize, scaled: bool, stat: Stat) -> Result<f64> {
+    let mut values = delta_values(lora, module, scaled)?;
+    Ok(compute(&mut values, stat))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
