@@ -8,6 +8,7 @@ pub mod bench_library;
 pub mod bench_mix;
 pub mod checkpoint;
 pub mod device;
+pub mod embed;
 pub mod error;
 pub mod library;
 pub mod mix;

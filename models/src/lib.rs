@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod clip;
+pub mod vit;
 pub mod sdxl;
 
 pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch, BranchWeights};
