@@ -169,6 +169,15 @@ struct GenerateArgs {
     /// Write the per-step, per-layer LoRA weights as JSON.
     #[arg(long)]
     mix_trace: Option<PathBuf>,
+    /// DINO ViT-S/16 folder for --mix est (default: <library>/models/dino-vits16).
+    #[arg(long)]
+    est_embedder: Option<PathBuf>,
+    /// Steps of EST's two preview generations (default: --steps).
+    #[arg(long)]
+    est_preview_steps: Option<usize>,
+    /// Size of EST's previews, WxH (default: the output size).
+    #[arg(long)]
+    est_preview_size: Option<String>,
 }
 
 fn random_seed() -> u64 {
@@ -181,13 +190,16 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
     let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
-    let mix_opts = mix::MixOptions {
+    let mut mix_opts = mix::MixOptions {
         strategy: a.mix.clone(),
         klora_pattern: a.klora_pattern.clone(),
         klora_mode: a.klora_mode.clone(),
         switch_every: a.switch_every,
+        est_previews: None,
     };
-    let strategy = mix::build(&mix_opts)?;
+    if a.mix != "est" {
+        mix::build(&mix_opts)?; // flag errors before the model loads
+    }
     let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
     let choices = lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref())?;
     let t0 = Instant::now();
@@ -211,15 +223,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
         mix_loras.push(mix::MixLora { lora: l.clone(), role, strength: c.weight });
         loaded.push((l, c.weight));
     }
-    let mut mixer = if mix_loras.is_empty() {
-        if a.mix_trace.is_some() {
-            anyhow::bail!("--mix-trace needs at least one --lora");
-        }
-        None
-    } else {
-        let plan = mix::MixPlan::new(&targets, mix_loras)?;
-        Some(mix::Mixer::new(&targets, plan, strategy)?)
-    };
     let seed = a.seed.unwrap_or_else(random_seed);
     let (dw, dh) = pipe.default_size();
     let req = GenerateRequest {
@@ -233,6 +236,46 @@ fn generate(a: GenerateArgs) -> Result<()> {
         height: Some(a.height.unwrap_or(dh)),
         batch_size: a.batch_size,
         init_noise,
+    };
+    let mut mixer = if mix_loras.is_empty() {
+        if a.mix_trace.is_some() {
+            anyhow::bail!("--mix-trace needs at least one --lora");
+        }
+        None
+    } else {
+        let plan = mix::MixPlan::new(&targets, mix_loras)?;
+        if a.mix == "est" {
+            let dir = match &a.est_embedder {
+                Some(d) => d.clone(),
+                None => LoraLibrary::default_root()?.join("models/dino-vits16"),
+            };
+            if !dir.join("model.safetensors").exists() {
+                anyhow::bail!(
+                    "--mix est needs the DINO ViT-S/16 embedder: put facebook/dino-vits16's config.json, model.safetensors and \
+                     preprocessor_config.json in {} or pass --est-embedder DIR",
+                    dir.display()
+                );
+            }
+            let embedder = loramix::embed::ImageEmbedder::load(&dir, &opts.device)?;
+            let mut preview = req.clone();
+            preview.init_noise = None;
+            preview.batch_size = 1;
+            if let Some(n) = a.est_preview_steps {
+                preview.steps = n;
+            }
+            if let Some((w, h)) = a.est_preview_size.as_deref().map(parse_size).transpose()? {
+                preview.width = Some(w);
+                preview.height = Some(h);
+            }
+            let t = Instant::now();
+            let previews = mix::est::style_discrepancy(&pipe, &targets, &plan, &preview, &embedder)?;
+            eprintln!(
+                "est: previews {} steps at {}x{}: style discrepancy d = {:.4} ({:.1}s)",
+                previews.steps, previews.width, previews.height, previews.discrepancy, t.elapsed().as_secs_f64()
+            );
+            mix_opts.est_previews = Some(previews);
+        }
+        Some(mix::Mixer::new(&targets, plan, mix::build(&mix_opts)?)?)
     };
     let bar = ProgressBar::new(a.steps as u64);
     if !std::io::stderr().is_terminal() {
@@ -315,6 +358,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("size '{s}': expected WxH, e.g. 512x512"))?;
+    Ok((w.trim().parse()?, h.trim().parse()?))
 }
 
 fn parse_role(s: &str) -> Result<Role> {

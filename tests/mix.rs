@@ -1,6 +1,6 @@
 //! Mixing strategies against their references (goldens: tools/parity/make_mix_fixtures.py):
-//! K-LoRA decision for decision in both modes and patterns at 6 and 50 steps (reference mode
-//! from the reference's own `KLoRALinearLayer` inside real sampling); `auto` reducing to K-LoRA
+//! K-LoRA and EST-LoRA decision for decision in both modes and patterns at 6 and 50 steps
+//! (reference mode from each reference's own `KLoRALinearLayer` inside real sampling); `auto` reducing to K-LoRA
 //! for one subject and one style; merge / switch / composite final latents against diffusers.
 
 mod common;
@@ -34,18 +34,28 @@ fn plan(targets: &AdapterTargets, strengths: (f64, f64)) -> MixPlan {
 }
 
 fn strategy(name: &str, pattern: &str, mode: &str) -> Box<dyn mix::MixStrategy> {
-    mix::build(&MixOptions { strategy: name.into(), klora_pattern: Some(pattern.into()), klora_mode: mode.into(), switch_every: 5 }).unwrap()
+    mix::build(&MixOptions { strategy: name.into(), klora_pattern: Some(pattern.into()), klora_mode: mode.into(), ..Default::default() }).unwrap()
 }
 
 #[test]
-fn klora_decisions_equal_the_reference_in_both_modes() {
+fn klora_and_est_decisions_equal_the_references_in_both_modes() {
     let pipe = pipeline();
     let targets = AdapterTargets::of_pipeline(&pipe);
     let tables: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mix_dir().join("klora.json")).unwrap()).unwrap();
     for (key, table) in tables.as_object().unwrap() {
         let parts: Vec<&str> = key.split('/').collect();
         let (mode, pattern, steps) = (parts[0], parts[1], parts[2].parse::<usize>().unwrap());
-        let mixer = Mixer::new(&targets, plan(&targets, (1.0, 1.0)), strategy("klora", pattern, mode)).unwrap();
+        let strat = match mode.strip_prefix("est-") {
+            None => strategy("klora", pattern, mode),
+            // EST-LoRA with the discrepancy its previews would give (the tables fix d).
+            Some(m) => {
+                let previews = mix::est::Previews { steps: 0, width: 0, height: 0, seed: 0, discrepancy: table["discrepancy"].as_f64().unwrap() };
+                let opts = MixOptions { strategy: "est".into(), klora_pattern: Some(pattern.into()), klora_mode: m.into(), est_previews: Some(previews), ..Default::default() };
+                mix::build(&opts).unwrap()
+            }
+        };
+        let mode = mode.trim_start_matches("est-");
+        let mixer = Mixer::new(&targets, plan(&targets, (1.0, 1.0)), strat).unwrap();
         let ours = mixer.plan_weights(steps);
         let rows: Vec<String> = mixer.plan().layers.iter().filter(|l| l.is_linear).map(|l| l.path.clone()).collect();
         let layers: Vec<&str> = table["layers"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
@@ -175,4 +185,43 @@ fn mix_trace_file_from_the_command_line() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("exactly one subject and one style"));
+}
+
+#[test]
+fn est_end_to_end_with_previews_and_an_embedder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let trace = tmp.path().join("trace.json");
+    let vit = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit/new");
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_loramix"))
+            .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "a cat", "--steps", "5", "--seed", "2"])
+            .arg("--lora")
+            .arg(format!("{}:1.0:subject", mix_dir().join("content.safetensors").display()))
+            .arg("--lora")
+            .arg(format!("{}:1.0:style", mix_dir().join("style.safetensors").display()))
+            .args(["--mix", "est"])
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.path())
+            .env("LORAMIX_HOME", tmp.path().join("home"))
+            .output()
+            .unwrap()
+    };
+    // A random-weight ViT stands in for DINO here; the embedder itself is checked in tests/embed.rs.
+    let out = run(&["--est-embedder", vit.to_str().unwrap(), "--est-preview-steps", "3", "--mix-trace", trace.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("style discrepancy d ="));
+    let t: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert_eq!(t["strategy"], "est");
+    let p = &t["details"]["previews"];
+    assert_eq!(p["steps"], 3);
+    assert_eq!((p["width"].as_u64(), p["height"].as_u64()), (Some(32), Some(32)));
+    let d = p["discrepancy"].as_f64().unwrap();
+    assert!((0.0..=2.0).contains(&d));
+    assert_eq!(t["details"]["beta"].as_f64().unwrap(), d, "d replaces beta in the time scale");
+    assert_eq!(t["details"]["pattern"], "s", "EST's default pattern");
+    // Without an embedder the message says what to get and where to put it.
+    let out = run(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("facebook/dino-vits16"));
 }

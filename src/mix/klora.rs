@@ -30,13 +30,35 @@ pub enum Mode {
     Reference,
 }
 
+const ALPHA: f64 = 1.5;
+
 /// The reference's time scale at progress `p` ∈ [0, 1).
 pub fn time_scale(pattern: Pattern, p: f64) -> f64 {
-    const ALPHA: f64 = 1.5;
+    time_scale_with_beta(pattern, p, default_beta(pattern))
+}
+
+/// K-LoRA's offsets: 0.5 for `s`, 1.5 × 0.85 for `s*` (EST-LoRA replaces it by its discrepancy).
+pub fn default_beta(pattern: Pattern) -> f64 {
     match pattern {
-        Pattern::S => ALPHA * p + 0.5,
-        Pattern::SStar => (ALPHA * p + ALPHA * 0.85) % ALPHA,
+        Pattern::S => 0.5,
+        Pattern::SStar => ALPHA * 0.85,
     }
+}
+
+pub fn time_scale_with_beta(pattern: Pattern, p: f64, beta: f64) -> f64 {
+    match pattern {
+        Pattern::S => ALPHA * p + beta,
+        Pattern::SStar => (ALPHA * p + beta) % ALPHA,
+    }
+}
+
+/// How a layer's LoRA update is scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Score {
+    /// K-LoRA: sum of the r_c·r_s largest |ΔW| entries.
+    TopK,
+    /// EST-LoRA: ‖ΔW‖²_F (the sum of squared singular values).
+    Energy,
 }
 
 /// gamma: the mean of per-module L1 ratios content / style after dropping ratios ≥ 3× the mean
@@ -79,6 +101,8 @@ struct Lone {
 pub struct KLora {
     pattern: Pattern,
     mode: Mode,
+    score: Score,
+    beta: f64,
     pair: (usize, usize),
     selectors: Vec<Selector>,
     lone: Vec<Lone>,
@@ -87,7 +111,12 @@ pub struct KLora {
 
 impl KLora {
     pub fn new(pattern: Pattern, mode: Mode) -> Self {
-        Self { pattern, mode, pair: (0, 1), selectors: Vec::new(), lone: Vec::new(), gamma: 1.0 }
+        Self::with_score(pattern, mode, Score::TopK, default_beta(pattern))
+    }
+
+    /// The K-LoRA machinery with another score and offset (EST-LoRA).
+    pub fn with_score(pattern: Pattern, mode: Mode, score: Score, beta: f64) -> Self {
+        Self { pattern, mode, score, beta, pair: (0, 1), selectors: Vec::new(), lone: Vec::new(), gamma: 1.0 }
     }
 
     fn scaled(&self) -> bool {
@@ -110,7 +139,7 @@ impl KLora {
     /// Whether selector `idx` applies the content LoRA at `step`.
     pub fn decide(&self, idx: usize, step: usize, steps: usize) -> bool {
         let s = &self.selectors[idx];
-        content_wins(s.s_c, s.s_s, self.gamma, time_scale(self.pattern, self.progress(idx, step, steps)))
+        content_wins(s.s_c, s.s_s, self.gamma, time_scale_with_beta(self.pattern, self.progress(idx, step, steps), self.beta))
     }
 
     pub fn gamma_value(&self) -> f64 {
@@ -160,9 +189,12 @@ impl MixStrategy for KLora {
                 }
                 _ => continue,
             };
-            let k = module_rank(&plan.loras[c].lora, mc) * module_rank(&plan.loras[s].lora, ms);
-            let s_c = module_stats(&plan.loras[c].lora, mc, scaled, &[Stat::TopK(k)])?[0];
-            let s_s = module_stats(&plan.loras[s].lora, ms, scaled, &[Stat::TopK(k)])?[0];
+            let stat = match self.score {
+                Score::TopK => Stat::TopK(module_rank(&plan.loras[c].lora, mc) * module_rank(&plan.loras[s].lora, ms)),
+                Score::Energy => Stat::Energy,
+            };
+            let s_c = module_stats(&plan.loras[c].lora, mc, scaled, &[stat])?[0];
+            let s_s = module_stats(&plan.loras[s].lora, ms, scaled, &[stat])?[0];
             self.selectors.push(Selector { layer: li, s_c, s_s });
         }
         if self.selectors.is_empty() {
@@ -202,6 +234,7 @@ impl MixStrategy for KLora {
             "pattern": match self.pattern { Pattern::S => "s", Pattern::SStar => "s*" },
             "mode": match self.mode { Mode::Corrected => "corrected", Mode::Reference => "reference" },
             "gamma": self.gamma,
+            "beta": self.beta,
             "selector_layers": self.selectors.len(),
             "single_lora_layers": self.lone.len(),
         })

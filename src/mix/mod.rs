@@ -9,6 +9,7 @@
 
 pub mod auto;
 pub mod composite;
+pub mod est;
 pub mod klora;
 pub mod merge;
 pub mod stats;
@@ -134,20 +135,23 @@ pub struct MixOptions {
     pub klora_mode: String,
     /// LoRA Switch period in steps.
     pub switch_every: usize,
+    /// EST-LoRA's previews and their discrepancy (from [`est::style_discrepancy`]).
+    pub est_previews: Option<est::Previews>,
 }
 
 impl Default for MixOptions {
     fn default() -> Self {
-        Self { strategy: "merge".into(), klora_pattern: None, klora_mode: "corrected".into(), switch_every: 5 }
+        Self { strategy: "merge".into(), klora_pattern: None, klora_mode: "corrected".into(), switch_every: 5, est_previews: None }
     }
 }
 
 pub const STRATEGIES: &[&str] = &["merge", "switch", "composite", "klora", "est", "auto"];
 
 pub fn build(opts: &MixOptions) -> Result<Box<dyn MixStrategy>> {
+    let default_pattern = if opts.strategy == "est" { klora::Pattern::S } else { klora::Pattern::SStar };
     let pattern = || -> Result<klora::Pattern> {
         match opts.klora_pattern.as_deref() {
-            None => Ok(klora::Pattern::SStar),
+            None => Ok(default_pattern),
             Some("s*") => Ok(klora::Pattern::SStar),
             Some("s") => Ok(klora::Pattern::S),
             Some(o) => Err(Error::Argument(format!("--klora-pattern {o}: expected s or s*"))),
@@ -166,11 +170,10 @@ pub fn build(opts: &MixOptions) -> Result<Box<dyn MixStrategy>> {
         "composite" => Box::new(composite::Composite),
         "klora" => Box::new(klora::KLora::new(pattern()?, mode()?)),
         "auto" => Box::new(auto::Auto::new(pattern()?)),
-        "est" => {
-            return Err(Error::Argument(
-                "--mix est needs the DINO ViT-S/16 image embedder, which is not in this build yet; use klora or auto".into(),
-            ))
-        }
+        "est" => match &opts.est_previews {
+            Some(p) => Box::new(est::Est::new(pattern()?, mode()?, p.clone())),
+            None => return Err(Error::Argument("--mix est: the style discrepancy of the previews is computed first (est::style_discrepancy)".into())),
+        },
         o => return Err(Error::Argument(format!("--mix {o}: expected one of {}", STRATEGIES.join(", ")))),
     })
 }

@@ -19,7 +19,10 @@ Switch and composite are run the way Multi-LoRA-Composition runs them on diffuse
 `callback_on_step_end` with `set_adapters`, composite by running the UNet once per adapter and
 averaging the (batched uncond/cond) predictions before CFG.
 
-Run: /work/venv/bin/python tools/parity/make_mix_fixtures.py --klora-repo /path/to/K-LoRA
+EST-LoRA's tables come the same way from Godz-z/EST-LoRA's `klora.py` (--est-repo), with a fixed
+discrepancy d standing in for the DINO previews (tests/embed.rs covers the embedder).
+
+Run: /work/venv/bin/python tools/parity/make_mix_fixtures.py --klora-repo /path/to/K-LoRA --est-repo /path/to/EST-LoRA
 """
 import argparse
 import importlib.util
@@ -84,7 +87,7 @@ def reference_gamma(content, style, scaled):
     return sum(ratios) / len(ratios) if ratios else float("inf")
 
 
-def klora_reference_tables(pipe, klora_mod, mats, all_mats, steps_list, patterns):
+def klora_reference_tables(pipe, klora_mod, mats, all_mats, steps_list, patterns, prefix="reference", beta_override=None):
     """Run the reference KLoRALinearLayer inside real sampling; record each call's choice.
     gamma runs over every module of the files (`all_mats`), as the reference's does."""
     sel = [(p, m) for p, m in attention_projections(pipe.unet) if p in mats["content"]]
@@ -93,6 +96,8 @@ def klora_reference_tables(pipe, klora_mod, mats, all_mats, steps_list, patterns
     tables = {}
     for pattern in patterns:
         alpha, beta = (1.5, 1.5 * 0.85) if pattern == "s*" else (1.5, 0.5)
+        if beta_override is not None:
+            beta = beta_override
         for steps in steps_list:
             klora_mod.glo_count = 0
             log = []
@@ -119,11 +124,11 @@ def klora_reference_tables(pipe, klora_mod, mats, all_mats, steps_list, patterns
                 h.remove()
             assert len(log) == steps * n_sel, (len(log), steps, n_sel)
             table = [[c for _, c in log[s * n_sel:(s + 1) * n_sel]] for s in range(steps)]
-            tables[f"reference/{pattern}/{steps}"] = {"layers": [p for p, _ in log[:n_sel]], "content": table, "gamma": gamma}
+            tables[f"{prefix}/{pattern}/{steps}"] = {"layers": [p for p, _ in log[:n_sel]], "content": table, "gamma": gamma}
     return tables
 
 
-def klora_corrected_tables(pipe, mats, all_mats, steps_list, patterns):
+def klora_corrected_tables(pipe, mats, all_mats, steps_list, patterns, prefix="corrected", energy=False, beta_override=None):
     """The corrected rule, line by line: p = step / steps; ΔW = (alpha / r) B A; same gamma on scaled ΔW."""
     order = [p for p, _ in attention_projections(pipe.unet) if p in mats["content"]]
     gamma = reference_gamma(all_mats["content"], all_mats["style"], scaled=True)
@@ -132,30 +137,40 @@ def klora_corrected_tables(pipe, mats, all_mats, steps_list, patterns):
         uc, dc, ac = mats["content"][path]
         us, ds, as_ = mats["style"][path]
         k = dc.shape[0] * ds.shape[0]
-        c = ((uc @ dc) * (ac / dc.shape[0])).abs().flatten().topk(k).values.sum().item()
-        s = ((us @ ds) * (as_ / ds.shape[0])).abs().flatten().topk(k).values.sum().item()
-        sums[path] = (c, s)
+        mc, ms = (uc @ dc) * (ac / dc.shape[0]), (us @ ds) * (as_ / ds.shape[0])
+        if energy:
+            sums[path] = ((torch.norm(mc) ** 2).item(), (torch.norm(ms) ** 2).item())
+        else:
+            sums[path] = (mc.abs().flatten().topk(k).values.sum().item(), ms.abs().flatten().topk(k).values.sum().item())
     tables = {}
     for pattern in patterns:
         for steps in steps_list:
             table = []
             for step in range(steps):
                 p = step / steps
-                scale = 1.5 * p + (1.275 if pattern == "s*" else 0.5)
+                beta = beta_override if beta_override is not None else (1.5 * 0.85 if pattern == "s*" else 0.5)
+                scale = 1.5 * p + beta
                 if pattern == "s*":
                     scale = scale % 1.5
                 table.append([(sums[path][0] / gamma) / (sums[path][1] * scale) > 1 for path in order])
-            tables[f"corrected/{pattern}/{steps}"] = {"layers": order, "content": table, "gamma": gamma}
+            tables[f"{prefix}/{pattern}/{steps}"] = {"layers": order, "content": table, "gamma": gamma}
     return tables
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--klora-repo", required=True, help="a checkout of github.com/HVision-NKU/K-LoRA")
+    ap.add_argument("--est-repo", required=True, help="a checkout of github.com/Godz-z/EST-LoRA")
     args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location("klora", os.path.join(args.klora_repo, "klora.py"))
-    klora_mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(klora_mod)
+
+    def load(path, name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(path, "klora.py"))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    klora_mod = load(args.klora_repo, "klora_ref")
+    est_mod = load(args.est_repo, "est_ref")
 
     os.makedirs(OUT, exist_ok=True)
     pipe = StableDiffusionXLPipeline.from_pretrained(PIPE, torch_dtype=torch.float32)
@@ -169,6 +184,14 @@ def main():
     tables = {}
     tables.update(klora_reference_tables(pipe, klora_mod, attn, mats, (6, 50), ("s", "s*")))
     tables.update(klora_corrected_tables(pipe, attn, mats, (6, 50), ("s", "s*")))
+    # EST-LoRA: its own klora.py (Frobenius energy) with beta = the style discrepancy d; d comes
+    # from DINO previews in real runs, a fixed value here.
+    d = 0.37
+    tables.update(klora_reference_tables(pipe, est_mod, attn, mats, (6, 50), ("s", "s*"), prefix="est-reference", beta_override=d))
+    tables.update(klora_corrected_tables(pipe, attn, mats, (6, 50), ("s", "s*"), prefix="est-corrected", energy=True, beta_override=d))
+    for k in tables:
+        if k.startswith("est-"):
+            tables[k]["discrepancy"] = d
     with open(os.path.join(OUT, "klora.json"), "w") as fh:
         json.dump(tables, fh)
 
