@@ -106,7 +106,7 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
     rows.push(MixRow { name: "2 LoRAs, plain unfused".into(), seconds: time(&mut || forward())? });
     targets.clear();
     let steps = 30;
-    for strategy in ["merge", "switch", "composite", "klora", "auto"] {
+    for strategy in ["merge", "switch", "composite", "klora", "est", "auto"] {
         let plan = MixPlan::new(
             &targets,
             vec![
@@ -115,7 +115,9 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
             ],
         )?;
         let t0 = Instant::now();
-        let mut mixer = Mixer::new(&targets, plan, mix::build(&MixOptions { strategy: strategy.into(), ..Default::default() })?)?;
+        // EST's two previews are whole generations, outside the per-step cost: a fixed d here.
+        let est_previews = Some(mix::est::Previews { steps: 0, width: 0, height: 0, seed: 0, discrepancy: 0.3 });
+        let mut mixer = Mixer::new(&targets, plan, mix::build(&MixOptions { strategy: strategy.into(), est_previews, ..Default::default() })?)?;
         let prepare = t0.elapsed().as_secs_f64();
         let mut step = 0usize;
         let secs = time(&mut || {
