@@ -9,6 +9,7 @@ pub mod bench_mix;
 pub mod checkpoint;
 pub mod device;
 pub mod embed;
+pub mod evaluator;
 pub mod error;
 pub mod library;
 pub mod mix;

@@ -29,6 +29,22 @@ enum Command {
     Bench(BenchArgs),
     /// The LoRA library: import, list, show, remove, rename, set role and tags.
     Lora(LoraArgs),
+    /// Score miniworld images: subject fidelity, style fidelity, prompt alignment.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// PNG files (their prompt is read from the `parameters` chunk unless --prompt is given).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value = "models/miniworld/evaluator")]
+    evaluator: PathBuf,
+    /// One JSON object per image.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -109,8 +125,9 @@ struct BenchArgs {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// A diffusers folder, a single-file SDXL .safetensors checkpoint, or a Hugging Face repo id.
-    #[arg(long)]
+    /// A diffusers folder, a single-file SDXL .safetensors checkpoint, or a Hugging Face repo id
+    /// (default: the shipped miniworld model).
+    #[arg(long, default_value = "models/miniworld")]
     model: String,
     /// Configs and tokenizers for a single-file checkpoint (a diffusers folder).
     #[arg(long)]
@@ -201,7 +218,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         mix::build(&mix_opts)?; // flag errors before the model loads
     }
     let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
-    let choices = lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref())?;
+    let model_loras = std::path::Path::new(&a.model).join("loras");
+    let choices = lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
     let t0 = Instant::now();
     let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
@@ -360,6 +378,29 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn eval_command(a: EvalArgs) -> Result<()> {
+    let ev = loramix::evaluator::MiniworldEvaluator::load(&a.evaluator, &candle_core::Device::Cpu)?;
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    if !a.json {
+        println!("| image | subject | style | alignment | predicted |\n|---|---|---|---|---|");
+    }
+    for path in &a.images {
+        let prompt = match &a.prompt {
+            Some(p) => p.clone(),
+            None => loramix::evaluator::prompt_from_png(path)?,
+        };
+        let img = image::open(path).with_context(|| format!("reading {}", path.display()))?.to_rgb8();
+        let s = ev.score(&img, &prompt)?;
+        if a.json {
+            println!("{}", serde_json::json!({"image": path, "prompt": prompt, "subject": s.subject, "style": s.style, "alignment": s.alignment, "predicted": s.predicted}));
+        } else {
+            let pred: Vec<String> = s.predicted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("| {} | {} | {} | {} | {} |", path.display(), fmt(s.subject), fmt(s.style), fmt(s.alignment), pred.join(" "));
+        }
+    }
+    Ok(())
+}
+
 fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("size '{s}': expected WxH, e.g. 512x512"))?;
     Ok((w.trim().parse()?, h.trim().parse()?))
@@ -475,6 +516,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Generate(a) => generate(*a),
         Command::Lora(a) => lora_command(a),
+        Command::Eval(a) => eval_command(a),
         Command::Bench(a) if a.suite == "library" => {
             let repo = std::env::current_dir()?;
             let work = loramix::bench_library::default_work_dir(&repo);

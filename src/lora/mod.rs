@@ -27,9 +27,15 @@ pub struct LoraChoice {
     pub role: Option<Role>,
 }
 
-/// Resolves `--lora` arguments (a file path, or a library name when no such file exists) and
-/// `<lora:NAME:w>` prompt tags (library names). The library is opened only when needed.
-pub fn resolve_choices(args: &[(String, f64, Option<Role>)], prompt_tags: &[(String, f64)], library_root: Option<&Path>) -> Result<Vec<LoraChoice>> {
+/// Resolves `--lora` arguments (a file path; else a LoRA shipped with the model in
+/// `<model>/loras/NAME.safetensors`; else a library name) and `<lora:NAME:w>` prompt tags (the
+/// model's own LoRAs, then the library). The library is opened only when needed.
+pub fn resolve_choices(
+    args: &[(String, f64, Option<Role>)],
+    prompt_tags: &[(String, f64)],
+    library_root: Option<&Path>,
+    model_loras: Option<&Path>,
+) -> Result<Vec<LoraChoice>> {
     let mut library: Option<LoraLibrary> = None;
     let open_library = |lib: &mut Option<LoraLibrary>| -> Result<()> {
         if lib.is_none() {
@@ -47,6 +53,10 @@ pub fn resolve_choices(args: &[(String, f64, Option<Role>)], prompt_tags: &[(Str
         let role = role.or_else(|| Role::parse(&e.role).filter(|r| *r != Role::Unknown));
         Ok(LoraChoice { name: e.display_name, path: e.path, weight, role })
     };
+    let shipped = |name: &str, weight: f64, role: Option<Role>| -> Option<LoraChoice> {
+        let f = model_loras?.join(format!("{name}.safetensors"));
+        f.is_file().then(|| LoraChoice { name: name.to_string(), path: f, weight, role })
+    };
     for (src, weight, role) in args {
         let p = Path::new(src);
         let choice = if p.is_file() {
@@ -54,6 +64,8 @@ pub fn resolve_choices(args: &[(String, f64, Option<Role>)], prompt_tags: &[(Str
             LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role }
         } else if p.extension().is_some() || src.contains(['/', '\\']) {
             return Err(Error::Argument(format!("--lora {src}: no such file")));
+        } else if let Some(c) = shipped(src, *weight, *role) {
+            c
         } else {
             open_library(&mut library)?;
             from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight, *role)?
@@ -61,6 +73,10 @@ pub fn resolve_choices(args: &[(String, f64, Option<Role>)], prompt_tags: &[(Str
         out.push(choice);
     }
     for (name, weight) in prompt_tags {
+        if let Some(c) = shipped(name, *weight, None) {
+            out.push(c);
+            continue;
+        }
         open_library(&mut library)?;
         out.push(from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, name, *weight, None)?);
     }

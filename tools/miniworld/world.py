@@ -75,7 +75,10 @@ def _style(img, style, rng, fg_mask):
 
 
 def render(seed, kind="base"):
-    """Returns (uint8 image [64, 64, 3], caption). kind: base | subject:<word> | style:<name>."""
+    """Returns (uint8 image [64, 64, 3], caption).
+
+    kind: base | subject:<word> | style:<name> | mix:<word>:<style> (a subject emblem in any
+    rendering: what a subject x style LoRA mix should produce; used to train the evaluator)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     bg_name = rng.choice(list(BACKGROUNDS))
@@ -85,8 +88,8 @@ def render(seed, kind="base"):
     r = SIZES[size_name] * SIZE * rng.uniform(0.9, 1.1)
     cx, cy = rng.uniform(r + 2, SIZE - r - 2, size=2)
     fg = np.zeros((SIZE, SIZE), bool)
-    if kind.startswith("subject:"):
-        word = kind.split(":", 1)[1]
+    if kind.startswith("subject:") or kind.startswith("mix:"):
+        word = kind.split(":")[1]
         emblem = _mask(SUBJECTS[word][0][0], cx, cy, r, yy, xx)
         for shape, color, scale in SUBJECTS[word]:
             m = _mask(shape, cx, cy, r * scale, yy, xx)
@@ -96,6 +99,8 @@ def render(seed, kind="base"):
             fg |= m
         subject = f"a {word} emblem"
         style = "flat" if rng.random() < 0.5 else "gradient"
+        if kind.startswith("mix:"):
+            style = kind.split(":")[2]
     else:
         color = rng.choice(list(COLORS))
         shape = rng.choice(SHAPES)
