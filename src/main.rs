@@ -358,6 +358,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if !loaded.is_empty() {
         let hashes: Vec<String> = loaded.iter().map(|(l, _)| format!("{}: {}", l.name, &l.addnet_hash[..12])).collect();
         params.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
+        params.push_str(&format!(", LoRA mix: {}", a.mix));
     }
     let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(images.len());

@@ -7,7 +7,8 @@ python tools/miniworld/train_lora.py --all --steps 300      # the four subjects 
 Subject LoRAs are DreamBooth-style: the identifier word ("a vlox emblem on a teal background,
 flat style") with the emblem in varied positions, sizes and backgrounds. Style LoRAs learn a
 rendering ("..., striped style") on generic objects. Rank 8 on every transformer linear of the UNet
-(attention q/k/v/out, feed-forward, proj_in/out); the text encoders stay frozen, so the trigger
+(attention q/k/v/out, feed-forward, proj_in/out) and on the resnet convolutions (LoCon); the text
+encoders stay frozen, so the trigger
 words work through the base vocabulary. Saved as models/miniworld/loras/<name>.safetensors.
 """
 import argparse
@@ -29,7 +30,10 @@ from diffusers import StableDiffusionXLPipeline  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 
 RANK, ALPHA = 8, 8.0
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"]
+# Transformer linears and, as kohya's LoCon does, the resnets' convolutions: miniworld's emblems
+# and textures are local detail that the attention layers alone (only at the lowest resolution
+# in this tiny UNet) cannot carry.
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"]
 
 
 def batch(kind, start, n):
