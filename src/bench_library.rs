@@ -144,7 +144,7 @@ pub fn run(repo: &Path, python: Option<&Path>, count: usize, work: &Path) -> Res
     let lib_dir = work.join("library");
     let t = Instant::now();
     let mut lib = LoraLibrary::open(&lib_dir)?;
-    let outcomes = lib.import(&[src.clone()], &mut |_| {})?;
+    let outcomes = lib.import(std::slice::from_ref(&src), &mut |_| {})?;
     let secs = t.elapsed().as_secs_f64();
     let failed = outcomes.iter().filter(|o| matches!(o, crate::library::ImportOutcome::Failed { .. })).count();
     if failed > 0 {

@@ -240,7 +240,8 @@ impl LoraLibrary {
             }
         };
         let stem = |f: &str| Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-        let tries: [Box<dyn Fn(&LoraEntry) -> bool>; 4] = [
+        type Matcher<'a> = Box<dyn Fn(&LoraEntry) -> bool + 'a>;
+        let tries: [Matcher; 4] = [
             Box::new(|e| e.display_name == key),
             Box::new(|e| e.display_name.eq_ignore_ascii_case(key)),
             Box::new(|e| e.file_name == key || stem(&e.file_name) == key),

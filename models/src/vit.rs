@@ -128,7 +128,7 @@ impl ViTModel {
         if c.hidden_act != "gelu" {
             candle_core::bail!("ViT config: hidden_act '{}' is not supported (expected gelu)", c.hidden_act);
         }
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             candle_core::bail!("ViT config: hidden_size {} is not divisible by {} heads", c.hidden_size, c.num_attention_heads);
         }
         let e = vb.pp("embeddings");

@@ -194,8 +194,11 @@ pub struct LoraInfo {
     pub foreign_keys: Vec<String>,
 }
 
-/// Groups a file's tensor names into modules; returns (module → params, unparsed names).
-pub fn group_modules(names: &[String]) -> (BTreeMap<String, (ModuleName, BTreeMap<ParamKey, String>)>, Vec<String>) {
+/// A file's modules: module key → (its name, parameter → tensor name).
+pub type ModuleMap = BTreeMap<String, (ModuleName, BTreeMap<ParamKey, String>)>;
+
+/// Groups a file's tensor names into modules; returns (modules, unparsed names).
+pub fn group_modules(names: &[String]) -> (ModuleMap, Vec<String>) {
     let mut modules: BTreeMap<String, (ModuleName, BTreeMap<ParamKey, String>)> = BTreeMap::new();
     let mut unparsed = Vec::new();
     for n in names {

@@ -352,7 +352,7 @@ fn convert_module(
             return Err(shape_err("lokr_w1", w1.dims(), "a matrix".into()));
         }
         let (o1, i1) = w1.dims2()?;
-        if o1 == 0 || i1 == 0 || outf % o1 != 0 || inf % i1 != 0 {
+        if o1 == 0 || i1 == 0 || !outf.is_multiple_of(o1) || !inf.is_multiple_of(i1) {
             return Err(shape_err("lokr_w1", w1.dims(), format!("factors of [{outf}, {inf}]")));
         }
         let (o2, i2) = (outf / o1, inf / i1);

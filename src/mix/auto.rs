@@ -9,6 +9,7 @@
 //! 2. Between the subject candidate c and the style candidate s apply K-LoRA's rule with that
 //!    pair's statistics: K = r_c·r_s, gamma of the pair, the time scale of the chosen pattern,
 //!    p = step / steps.
+//!
 //! With one subject and one style step 1 is trivial and step 2 is exactly corrected-mode
 //! K-LoRA, so `auto` reduces to K-LoRA (tests/mix.rs checks the traces are equal).
 //! Everything is computed in `prepare`; a step is a lookup.
