@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::lora::network::{hex, sha256_hex};
 use crate::lora::{inspect, Role};
 use crate::weights::{SafetensorsFile, PICKLE_EXTENSIONS};
 
@@ -103,10 +104,6 @@ fn db_err(root: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
 
 fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl LoraLibrary {
@@ -284,7 +281,7 @@ impl LoraLibrary {
         let file = SafetensorsFile::open(src)?;
         let info = inspect(&file)?;
         file.check_finite()?;
-        let addnet_hash = hex(&Sha256::digest(file.data_bytes()));
+        let addnet_hash = sha256_hex(file.data_bytes());
         drop(file);
         // Copy while hashing: one read of the source.
         let tmp = self.files_dir().join(format!(".import-{}-{}.tmp", std::process::id(), rand_suffix()));

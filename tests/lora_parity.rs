@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use common::*;
 use loramix::lora::{attach, fuse, AdapterTargets, LoadedLora};
-use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
+use loramix::{LoadOptions, SdxlPipeline};
 
 fn lora_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora")
@@ -64,18 +64,7 @@ fn generation_with_loras_equals_the_reference() {
     let targets = AdapterTargets::of_pipeline(&pipe);
     let g = lora_goldens();
     let gj = lora_json();
-    let gen = &gj["generate"];
-    let req = GenerateRequest {
-        prompt: gen["prompt"].as_str().unwrap().into(),
-        negative_prompt: gen["negative_prompt"].as_str().map(str::to_string),
-        steps: gen["num_inference_steps"].as_u64().unwrap() as usize,
-        cfg: gen["guidance_scale"].as_f64().unwrap(),
-        sampler: Some("euler".parse().unwrap()),
-        width: Some(gen["width"].as_u64().unwrap() as usize),
-        height: Some(gen["height"].as_u64().unwrap() as usize),
-        init_noise: Some(g["init_noise"].clone()),
-        ..Default::default()
-    };
+    let req = request_from_diffusers(&gj["generate"], &g["init_noise"]);
     let base = pipe.generate_latents(&req, &mut |_| true).unwrap();
     assert_close("no LoRA", &base, &g["base.latents"], 1e-3);
     for (case, mix) in gj["cases"].as_object().unwrap() {

@@ -11,7 +11,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use loramix::lora::{AdapterTargets, LoadedLora, Role};
 use loramix::mix::{self, MixLora, MixOptions, MixPlan, Mixer};
-use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
+use loramix::{LoadOptions, SdxlPipeline};
 
 fn mix_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mix")
@@ -111,18 +111,7 @@ fn merge_switch_composite_latents_equal_diffusers() {
     let targets = AdapterTargets::of_pipeline(&pipe);
     let g = candle_core::safetensors::load(mix_dir().join("golden.safetensors"), &Device::Cpu).unwrap();
     let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(mix_dir().join("golden.json")).unwrap()).unwrap();
-    let gen = &gj["generate"];
-    let req = GenerateRequest {
-        prompt: gen["prompt"].as_str().unwrap().into(),
-        negative_prompt: gen["negative_prompt"].as_str().map(str::to_string),
-        steps: gen["num_inference_steps"].as_u64().unwrap() as usize,
-        cfg: gen["guidance_scale"].as_f64().unwrap(),
-        sampler: Some("euler".parse().unwrap()),
-        width: Some(32),
-        height: Some(32),
-        init_noise: Some(g["init_noise"].clone()),
-        ..Default::default()
-    };
+    let req = request_from_diffusers(&gj["generate"], &g["init_noise"]);
     let w = (gj["weights"]["content"].as_f64().unwrap(), gj["weights"]["style"].as_f64().unwrap());
     let mut results: Vec<(String, Tensor)> = Vec::new();
     for name in ["merge", "switch", "composite"] {

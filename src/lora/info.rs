@@ -298,7 +298,7 @@ pub fn inspect(file: &SafetensorsFile) -> Result<LoraInfo> {
             ranks.insert(r);
         }
         if let Some(alpha_key) = params.get(&ParamKey(Param::Alpha)) {
-            if let Some(a) = read_scalar(file, alpha_key) {
+            if let Some(a) = file.scalar(alpha_key) {
                 if !alphas.iter().any(|x| (x - a).abs() < 1e-9) {
                     alphas.push(a);
                 }
@@ -378,11 +378,6 @@ pub fn inspect(file: &SafetensorsFile) -> Result<LoraInfo> {
         cross_attention_width: cross_width,
         foreign_keys: unparsed,
     })
-}
-
-/// A scalar `alpha` (any float dtype), read without loading anything else.
-pub fn read_scalar(file: &SafetensorsFile, name: &str) -> Option<f64> {
-    file.scalar(name)
 }
 
 /// `modelspec.trigger_phrase` (comma-separated), then the five most frequent training tags.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use loramix_models::{BranchWeights, LayerKind, LowRankBranch};
 
-use super::info::{component_of, group_modules, inspect, read_scalar, BaseModel, LoraInfo, ParamKey};
+use super::info::{component_of, group_modules, inspect, BaseModel, LoraInfo, ParamKey};
 use super::keys::{Component, ModuleName, Param};
 use super::targets::AdapterTargets;
 use crate::error::{Error, Result};
@@ -93,9 +93,13 @@ impl PeftConfig {
     }
 }
 
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    hex(&sha2::Sha256::digest(bytes))
 }
 
 fn f32_cpu(file: &SafetensorsFile, name: &str) -> Result<Tensor> {
@@ -160,7 +164,7 @@ impl LoadedLora {
                 }
                 Err(ModuleError::Engine(e)) => return Err(e),
             };
-            let alpha = key_of(Param::Alpha).and_then(|k| read_scalar(&file, &k));
+            let alpha = key_of(Param::Alpha).and_then(|k| file.scalar(&k));
             let scale = match (&weights, alpha) {
                 // LoKr with both factors full ignores alpha (LyCORIS; diffusers' `_bake_lokr_alpha_`).
                 (_, _) if !kind_alpha_default => 1.0,

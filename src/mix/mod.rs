@@ -205,6 +205,8 @@ pub struct Mixer<'a> {
     strategy: Box<dyn MixStrategy>,
     trace: MixTrace,
     linear_rows: Vec<usize>,
+    /// The step `passes` last decided, with its `[pass][layer][lora]` weights.
+    current: (usize, Vec<Vec<Vec<f64>>>),
 }
 
 impl<'a> Mixer<'a> {
@@ -234,7 +236,7 @@ impl<'a> Mixer<'a> {
             weights: Vec::new(),
             details: strategy.describe(),
         };
-        Ok(Self { targets, plan, strategy, trace, linear_rows })
+        Ok(Self { targets, plan, strategy, trace, linear_rows, current: (usize::MAX, Vec::new()) })
     }
 
     pub fn plan(&self) -> &MixPlan {
@@ -249,10 +251,18 @@ impl<'a> Mixer<'a> {
 
     /// A step's trace row: each LoRA's weight in the pass where it was active.
     fn step_row(&self, step: usize, steps: usize) -> Vec<Vec<f64>> {
+        self.trace_row(&self.pass_weights(step, steps))
+    }
+
+    /// `[pass][layer][lora]` for one step.
+    fn pass_weights(&self, step: usize, steps: usize) -> Vec<Vec<Vec<f64>>> {
         let passes = self.strategy.passes(&self.plan).max(1);
+        (0..passes).map(|p| self.strategy.weights(&self.plan, step, steps, p)).collect()
+    }
+
+    fn trace_row(&self, per_pass: &[Vec<Vec<f64>>]) -> Vec<Vec<f64>> {
         let mut row: Vec<Vec<f64>> = vec![vec![0.0; self.plan.loras.len()]; self.linear_rows.len()];
-        for p in 0..passes {
-            let w = self.strategy.weights(&self.plan, step, steps, p);
+        for w in per_pass {
             for (r, &li) in self.linear_rows.iter().enumerate() {
                 for (j, v) in w[li].iter().enumerate() {
                     if v.abs() > row[r][j].abs() {
@@ -279,20 +289,26 @@ fn only_component(l: &LoadedLora, targets: &AdapterTargets, unet: bool) -> Loade
 
 impl StepMixer for Mixer<'_> {
     fn passes(&mut self, step: usize, steps: usize, _timestep: f64) -> Result<usize> {
+        // The step's weights are decided once here: the trace row and every pass's apply use them.
+        let per_pass = self.pass_weights(step, steps);
         if self.trace.weights.len() == step {
-            let row = self.step_row(step, steps);
+            let row = self.trace_row(&per_pass);
             self.trace.weights.push(row);
             self.trace.steps = steps;
         }
-        Ok(self.strategy.passes(&self.plan).max(1))
+        let n = per_pass.len();
+        self.current = (step, per_pass);
+        Ok(n)
     }
 
     fn apply(&mut self, step: usize, pass: usize) -> Result<()> {
         if self.strategy.is_static() {
             return Ok(());
         }
-        let steps = self.trace.steps.max(step + 1);
-        let w = self.strategy.weights(&self.plan, step, steps, pass);
+        if self.current.0 != step || pass >= self.current.1.len() {
+            return Err(Error::Argument(format!("mixer: pass {pass} of step {step} was not announced by passes()")));
+        }
+        let w = &self.current.1[pass];
         let ignore_alpha = self.strategy.ignores_alpha();
         for (li, layer) in self.plan.layers.iter().enumerate() {
             let slot = &self.targets.targets[layer.target].layer.slot;

@@ -36,6 +36,22 @@ pub fn assert_close(what: &str, ours: &Tensor, golden: &Tensor, tol: f64) {
     eprintln!("{what}: rel L2 {e:.2e}");
 }
 
+/// Our request for a diffusers call recorded in a golden's `generate` object (prompt,
+/// negative_prompt, num_inference_steps, guidance_scale, height, width), Euler, from `init_noise`.
+pub fn request_from_diffusers(gen: &Value, init_noise: &Tensor) -> loramix::GenerateRequest {
+    loramix::GenerateRequest {
+        prompt: gen["prompt"].as_str().unwrap().into(),
+        negative_prompt: gen["negative_prompt"].as_str().map(str::to_string),
+        steps: gen["num_inference_steps"].as_u64().unwrap() as usize,
+        cfg: gen["guidance_scale"].as_f64().unwrap(),
+        sampler: Some("euler".parse().unwrap()),
+        width: Some(gen["width"].as_u64().unwrap() as usize),
+        height: Some(gen["height"].as_u64().unwrap() as usize),
+        init_noise: Some(init_noise.clone()),
+        ..Default::default()
+    }
+}
+
 /// Recursive copy (tests break copies of fixture pipelines).
 pub fn copy_dir(src: &std::path::Path, dst: &std::path::Path) {
     std::fs::create_dir_all(dst).unwrap();
