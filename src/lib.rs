@@ -12,6 +12,7 @@ pub mod embed;
 pub mod evaluator;
 pub mod error;
 pub mod library;
+pub mod llm;
 pub mod mix;
 pub mod lora;
 pub mod model;

@@ -61,7 +61,7 @@ impl TorchCpuRng {
     }
 
     /// A float uniform in [0, 1) from 24 random bits (ATen's `uniform_real_distribution<float>`).
-    fn uniform(&mut self) -> f32 {
+    pub fn uniform(&mut self) -> f32 {
         (self.mt.next_u32() & 0x00ff_ffff) as f32 * (1.0 / 16_777_216.0)
     }
 
