@@ -2,6 +2,13 @@
 diffusers layout (f16 safetensors) so the Rust engine loads it with the same code as real SDXL.
 
 python tools/miniworld/train_base.py --out models/miniworld --minutes 40 [--threads 2]
+python tools/miniworld/train_base.py --out models/miniworld --resume models/miniworld --minutes 60
+
+--resume continues from a saved model (the shipped one) instead of random weights: the VAE is
+fine-tuned, then the UNet and text encoders continue. The VAE always sees every rendering kind
+(base, the held-back styles and subject emblems) — a decoder that never saw stripes or dots cannot
+draw them however well a LoRA steers the UNet — while the UNet sees base data only, so LoRAs still
+teach something new.
 
 Phases: the VAE (reconstruction + small KL), then the UNet with both text encoders (epsilon
 loss on SDXL's scaled-linear schedule, 10% caption dropout to *zero* conditioning, matching
@@ -30,6 +37,21 @@ def batch(step, n, kinds=("base",)):
         caps.append(c)
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return x, caps
+
+
+def vae_kinds():
+    kinds = ["base"] * 4 + [f"style:{s}" for s in world.LORA_STYLES]
+    kinds += [f"mix:{w}:{s}" for w in world.SUBJECTS for s in world.BASE_STYLES + world.LORA_STYLES]
+    return kinds
+
+
+def load(folder):
+    te1 = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"), torch_dtype=torch.float32)
+    te2 = CLIPTextModelWithProjection.from_pretrained(os.path.join(folder, "text_encoder_2"), torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(folder, "unet"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"), torch_dtype=torch.float32)
+    sched = EulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler"))
+    return te1, te2, unet, vae, sched
 
 
 def build(tmp):
@@ -85,21 +107,26 @@ def main():
     ap.add_argument("--vae-fraction", type=float, default=0.25)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--resume", help="continue from this saved model folder")
+    ap.add_argument("--lr", type=float, default=3e-4, help="UNet learning rate")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tmp = a.out + ".work"
     os.makedirs(tmp, exist_ok=True)
     te1, te2, unet, vae, sched = build(tmp)
+    if a.resume:
+        te1, te2, unet, vae, sched = load(a.resume)
+        vae.train().requires_grad_(True)
     t0 = time.time()
     budget = a.minutes * 60
     log = open(os.path.join(tmp, "train.log"), "a")
 
     # Phase 1: VAE.
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-4 if a.resume else 1e-3)
     step = 0
     while time.time() - t0 < budget * a.vae_fraction:
-        x, _ = batch(step, a.batch)
+        x, _ = batch(step, a.batch, vae_kinds())
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         kl = post.kl().mean()
@@ -118,7 +145,7 @@ def main():
     tok1 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer"))
     tok2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer_2"))
     params = list(unet.parameters()) + list(te1.parameters()) + list(te2.parameters())
-    opt = torch.optim.AdamW(params, lr=3e-4)
+    opt = torch.optim.AdamW(params, lr=a.lr)
     ac = sched.alphas_cumprod
     time_ids = torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]])
     step, last_save = 0, time.time()
