@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod bench_library;
+pub mod bench_llm;
 pub mod bench_mix;
 pub mod checkpoint;
 pub mod device;

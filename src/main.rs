@@ -143,7 +143,8 @@ struct BenchArgs {
     python: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy.
+    /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy;
+    /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens.
     #[arg(long, default_value = "unet")]
     suite: String,
     /// Same as --suite mix.
@@ -632,7 +633,14 @@ fn main() -> Result<()> {
             print!("{}", loramix::bench_mix::table(&rows, &note, threads));
             Ok(())
         }
-        Command::Bench(a) if a.suite != "unet" => anyhow::bail!("--suite {}: expected unet, library or mix", a.suite),
+        Command::Bench(a) if a.suite == "llm" => {
+            let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let repo = std::env::current_dir()?;
+            let rows = loramix::bench_llm::run(&repo, &[256, 1024, 4096], a.iters.max(1))?;
+            print!("{}", loramix::bench_llm::table(&rows, threads));
+            Ok(())
+        }
+        Command::Bench(a) if a.suite != "unet" => anyhow::bail!("--suite {}: expected unet, library, mix or llm", a.suite),
         Command::Bench(a) => {
             let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             let repo = std::env::current_dir()?;

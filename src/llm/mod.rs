@@ -27,6 +27,9 @@ pub use template::{ChatTemplate, Message};
 use crate::error::{Error, Result};
 use crate::weights::WeightSource;
 
+/// Longest run of positions computed in one forward.
+pub const PREFILL_CHUNK: usize = 512;
+
 /// Generation settings of one reply.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -321,9 +324,23 @@ impl LlmSession {
         if upto <= have {
             return Ok(0);
         }
-        let logits = self.model.forward(&conv.tokens[have..upto], &mut conv.cache, &[], false)?;
-        conv.last_logits = Some(logits.flatten_all()?.to_vec1::<f32>()?);
+        let tokens = conv.tokens[have..upto].to_vec();
+        conv.last_logits = Some(self.forward_chunked(&tokens, &mut conv.cache, &[])?);
         Ok(upto - have)
+    }
+
+    /// Runs `ids` in chunks of [`PREFILL_CHUNK`] (bounded attention-score memory on long
+    /// prefixes); `active` positions are relative to the start of `ids`. Returns the last logits.
+    fn forward_chunked(&self, ids: &[u32], cache: &mut KvCache, active: &[(usize, usize)]) -> Result<Vec<f32>> {
+        let mut logits = None;
+        for (c, chunk) in ids.chunks(PREFILL_CHUNK).enumerate() {
+            let at = c * PREFILL_CHUNK;
+            let acts: Vec<ActiveAdapter> =
+                active.iter().map(|&(adapter, from)| ActiveAdapter { adapter, from: from.saturating_sub(at) }).collect();
+            logits = Some(self.model.forward(chunk, cache, &acts, false)?);
+        }
+        let logits = logits.ok_or_else(|| Error::Argument("forward over zero tokens".into()))?;
+        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// Logits at every position of `ids` run from scratch with `enabled` adapters applied as PEFT
@@ -384,10 +401,9 @@ impl LlmSession {
             conv.last_logits.clone().unwrap_or_default()
         } else {
             let seg = &full[fork_at..];
-            let acts: Vec<ActiveAdapter> =
-                active.iter().map(|&(adapter, start)| ActiveAdapter { adapter, from: start.saturating_sub(fork_at) }).collect();
+            let acts: Vec<(usize, usize)> = active.iter().map(|&(adapter, start)| (adapter, start.saturating_sub(fork_at))).collect();
             computed += seg.len();
-            self.model.forward(seg, &mut cache, &acts, false)?.flatten_all()?.to_vec1::<f32>()?
+            self.forward_chunked(seg, &mut cache, &acts)?
         };
         // Every generated token is adapted by each adapter active on the prompt.
         let gen_acts: Vec<ActiveAdapter> = active.iter().map(|&(adapter, _)| ActiveAdapter { adapter, from: 0 }).collect();
