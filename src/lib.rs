@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod prompt;
 pub mod rng;
 pub mod schedulers;
+pub mod studio;
 pub mod text;
 pub mod tokenizer;
 pub mod weights;

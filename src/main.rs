@@ -12,6 +12,7 @@ use loramix::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
 use loramix::lora::{self, Role};
 use loramix::mix;
 use loramix::output;
+use loramix::studio;
 use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 
 #[derive(Parser)]
@@ -229,11 +230,6 @@ struct GenerateArgs {
     est_preview_size: Option<String>,
 }
 
-fn random_seed() -> u64 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    (t as u64 ^ (std::process::id() as u64).rotate_left(32)) % 4_294_967_296
-}
-
 fn generate(a: GenerateArgs) -> Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
@@ -251,29 +247,22 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
     let model_loras = std::path::Path::new(&a.model).join("loras");
-    let choices = lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
+    // Resolve names before the model loads, so a typo fails fast.
+    lora::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
     let t0 = Instant::now();
     let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
     let targets = lora::AdapterTargets::of_pipeline(&pipe);
-    let mut loaded: Vec<(lora::LoadedLora, f64)> = Vec::new();
-    let mut mix_loras = Vec::new();
-    for c in &choices {
-        let l = lora::LoadedLora::load(&c.path, &c.name, &targets).with_context(|| format!("loading LoRA {}", c.path.display()))?;
-        let role = c.role.unwrap_or(l.info.role);
-        eprintln!("lora {} ({}, {}, {}): {} layers matched", c.name, l.info.format.as_str(), l.info.base_model.label(), role.as_str(), l.report.matched.len());
-        if !l.report.unmatched_keys.is_empty() {
-            let n = l.report.unmatched_keys.len();
-            let shown: Vec<&str> = l.report.unmatched_keys.iter().take(8).map(|s| s.as_str()).collect();
-            eprintln!("warning: lora {}: {n} keys match no layer of this model: {}{}", c.name, shown.join(", "), if n > 8 { ", ..." } else { "" });
+    let ll = studio::load_loras(&lora_args, &prompt_tags, a.library.as_deref(), &model_loras, &targets)?;
+    for r in &ll.reports {
+        eprintln!("lora {} ({}, {}, {}): {} layers matched", r.name, r.format, r.base, r.role, r.layers);
+        for w in &r.warnings {
+            eprintln!("warning: lora {}: {w}", r.name);
         }
-        for (k, why) in &l.report.skipped {
-            eprintln!("warning: lora {}: {k} skipped: {why}", c.name);
-        }
-        mix_loras.push(mix::MixLora { lora: l.clone(), role, strength: c.weight });
-        loaded.push((l, c.weight));
     }
-    let seed = a.seed.unwrap_or_else(random_seed);
+    let mix_loras = ll.mix.clone();
+    let loaded: Vec<(lora::LoadedLora, f64)> = ll.mix.iter().map(|m| (m.lora.clone(), m.strength)).collect();
+    let seed = a.seed.unwrap_or_else(studio::random_seed);
     let (dw, dh) = pipe.default_size();
     let req = GenerateRequest {
         prompt: clean_prompt,
@@ -350,8 +339,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         true
     })?;
     bar.finish();
+    let mut summary = None;
     if let Some(m) = mixer.take() {
         let trace = m.finish();
+        summary = Some(studio::MixSummary::of(&trace));
         if let Some(path) = &a.mix_trace {
             trace.write(path)?;
             eprintln!("wrote mix trace {}", path.display());
@@ -368,36 +359,47 @@ fn generate(a: GenerateArgs) -> Result<()> {
         None => pipe.default_sampler()?,
     };
     let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
-    // A1111 keeps <lora:...> tags in the prompt; --lora choices are written the same way so
-    // that A1111 (and our own drop-to-restore) re-applies them.
-    let mut params = a.prompt.clone();
-    for (l, w) in &loaded {
-        if !prompt_tags.iter().any(|(n, _)| n == &l.name) {
-            params.push_str(&format!(" <lora:{}:{w}>", l.name));
-        }
-    }
-    if let Some(n) = &a.negative_prompt {
-        params.push_str(&format!("\nNegative prompt: {n}"));
-    }
-    params.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {seed}, Size: {w}x{h}, Model: {}, Version: loramix {}",
-        a.steps,
-        sampler.a1111_name(),
-        a.cfg,
-        std::path::Path::new(&a.model).file_name().and_then(|n| n.to_str()).unwrap_or(&a.model),
-        env!("CARGO_PKG_VERSION")
-    ));
-    if !loaded.is_empty() {
-        let hashes: Vec<String> = loaded.iter().map(|(l, _)| format!("{}: {}", l.name, &l.addnet_hash[..12])).collect();
-        params.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
-        params.push_str(&format!(", LoRA mix: {}", a.mix));
-    }
+    // The same record the app writes: A1111 `parameters` (with <lora:..> tags and Lora hashes,
+    // so A1111 and our drop-to-restore re-apply them) and our JSON chunk with the full settings.
+    let settings = studio::Settings {
+        model: a.model.clone(),
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        steps: a.steps,
+        cfg: a.cfg,
+        sampler: sampler.name().to_string(),
+        seed: Some(seed),
+        width: w,
+        height: h,
+        batch_count: 1,
+        batch_size: a.batch_size,
+        loras: loaded
+            .iter()
+            .filter(|(l, _)| !prompt_tags.iter().any(|(n, _)| n == &l.name))
+            .map(|(l, w)| studio::LoraSetting { name: l.name.clone(), weight: *w, role: None })
+            .collect(),
+        mix: a.mix.clone(),
+        klora_pattern: a.klora_pattern.clone(),
+        switch_every: a.switch_every,
+    };
+    let hashes = ll.hashes.clone();
     let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(images.len());
-    for img in &images {
+    for (i, img) in images.iter().enumerate() {
+        let rec = studio::ImageRecord {
+            settings: settings.clone(),
+            seed,
+            batch_index: 0,
+            index_in_batch: i,
+            width: w,
+            height: h,
+            sampler: sampler.a1111_name().to_string(),
+            lora_hashes: hashes.clone(),
+            mix_trace: summary.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
         let path = output::next_image_path(&a.out, seed, &mut idx);
-        let png = output::encode_png(img, &[("parameters", params.clone())])?;
-        output::write_atomic(&path, &png)?;
+        output::write_atomic(&path, &studio::encode_image(img, &rec)?)?;
         written.push(path);
     }
     // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.

@@ -92,6 +92,8 @@ pub struct StepProgress {
     pub step: usize,
     pub steps: usize,
     pub elapsed: Duration,
+    /// The sample after this step (for previews).
+    pub latents: Option<Tensor>,
 }
 
 fn wrap(label: &str, e: candle_core::Error) -> Error {
@@ -209,6 +211,11 @@ impl SdxlPipeline {
             dtype,
             source: spec.to_string(),
         })
+    }
+
+    /// The dtype the VAE runs in (f32 when an f16 model's VAE must be upcast).
+    pub fn vae_dtype(&self) -> DType {
+        self.vae_dtype
     }
 
     pub fn vae_scale_factor(&self) -> usize {
@@ -345,7 +352,7 @@ impl SdxlPipeline {
                 out
             };
             latents = sched.step(&guided, i, &latents, &mut draw)?;
-            let progress = StepProgress { step: i + 1, steps: timesteps.len(), elapsed: start.elapsed() };
+            let progress = StepProgress { step: i + 1, steps: timesteps.len(), elapsed: start.elapsed(), latents: Some(latents.clone()) };
             if !on_step(&progress) {
                 return Err(Error::Cancelled);
             }

@@ -79,7 +79,7 @@ impl SamplerKind {
 impl FromStr for SamplerKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+        Self::ALL.into_iter().find(|k| k.name() == s || k.a1111_name() == s).ok_or_else(|| {
             Error::Argument(format!("unknown sampler {s:?}; expected one of {}", Self::ALL.map(|s| s.name()).join(", ")))
         })
     }

@@ -1,0 +1,29 @@
+/// The app's own commands. Each gets an `allow-<command>` permission from the app manifest; the
+/// main window's capability (capabilities/main.json) grants exactly these plus `core:default`.
+const COMMANDS: &[&str] = &[
+    "app_info",
+    "library_list",
+    "library_import",
+    "library_update",
+    "library_remove",
+    "studio_generate",
+    "studio_cancel",
+    "gallery_list",
+    "gallery_image",
+    "gallery_settings",
+    "gallery_export",
+    "model_list",
+    "model_download",
+    "llm_load",
+    "llm_add_adapter",
+    "llm_send",
+    "llm_reset",
+];
+
+fn main() {
+    // tauri.conf.json lives at the repository root (the design card's layout), not in this crate.
+    let attrs = tauri_build::Attributes::new()
+        .config_path("../tauri.conf.json")
+        .app_manifest(tauri_build::AppManifest::new().commands(COMMANDS));
+    tauri_build::try_build(attrs).expect("tauri-build failed");
+}

@@ -1,0 +1,733 @@
+//! The app's commands: thin, async, and testable without a window. Each `#[tauri::command]` wraps
+//! a plain function over [`AppState`]; progress goes through `tauri::ipc::Channel`.
+//!
+//! Paths from the UI are never trusted: [`user_path`] requires absolute paths without `..`, reads
+//! are limited to what a command needs (PNG settings, LoRA files to import, model folders), and
+//! the only places written are the library (imports, the gallery of generated images) and the
+//! export folder the user names.
+
+use std::collections::VecDeque;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use base64::Engine as _;
+use loramix::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
+use loramix::llm::{AdapterKind, GenerateOptions, LlmSession, Message, SamplingOptions};
+use loramix::lora::Role;
+use loramix::studio::{self, Settings, Studio, StudioEvent};
+use serde::{Deserialize, Serialize};
+use tauri::ipc::Channel;
+
+/// The command layer's error: a message for the UI that names the file or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Engine(#[from] loramix::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Serialize for AppError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+pub type AppResult<T> = Result<T, AppError>;
+
+/// A path from the UI: non-empty, absolute, no `..`, no NUL.
+pub fn user_path(s: &str, what: &str) -> AppResult<PathBuf> {
+    if s.trim().is_empty() || s.contains('\0') {
+        return Err(AppError::Invalid(format!("{what}: empty path")));
+    }
+    let p = PathBuf::from(s);
+    if !p.is_absolute() {
+        return Err(AppError::Invalid(format!("{what} {s:?}: expected an absolute path")));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(AppError::Invalid(format!("{what} {s:?}: '..' is not allowed")));
+    }
+    Ok(p)
+}
+
+/// True when `p` (existing) lies inside `dir`.
+fn inside(p: &Path, dir: &Path) -> bool {
+    match (p.canonicalize(), dir.canonicalize()) {
+        (Ok(p), Ok(d)) => p.starts_with(d),
+        _ => false,
+    }
+}
+
+/// One queued or running generation.
+struct Job {
+    id: u64,
+    settings: Settings,
+    events: Box<dyn Fn(JobEvent) + Send>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// What a job reports to the UI.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobEvent {
+    Queued { job: u64, position: usize },
+    Started { job: u64 },
+    Progress { job: u64, event: StudioEvent },
+    Preview { job: u64, data_url: String },
+    Done { job: u64, images: Vec<PathBuf> },
+    Cancelled { job: u64 },
+    Failed { job: u64, message: String },
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    running: Option<(u64, Arc<AtomicBool>)>,
+}
+
+/// The LLM pane's session and conversation.
+pub struct ChatState {
+    session: LlmSession,
+    messages: Vec<Message>,
+    conversation: Option<loramix::llm::Conversation>,
+}
+
+pub struct AppState {
+    pub library_root: PathBuf,
+    pub gallery_dir: PathBuf,
+    /// The shipped models folder (miniworld), found beside the executable or in the repo.
+    pub models_dir: PathBuf,
+    studio: Arc<Studio>,
+    queue: Arc<(Mutex<Queue>, Condvar)>,
+    next_job: AtomicU64,
+    library: Mutex<()>,
+    chat: Mutex<Option<ChatState>>,
+}
+
+fn data_url(png: &[u8]) -> String {
+    format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(png))
+}
+
+impl AppState {
+    /// Opens (creating) the library and starts the generation worker.
+    pub fn new(library_root: PathBuf, models_dir: PathBuf) -> AppResult<Self> {
+        LoraLibrary::open(&library_root)?;
+        let gallery_dir = library_root.join("gallery");
+        std::fs::create_dir_all(&gallery_dir).map_err(|e| loramix::Error::io(&gallery_dir, e))?;
+        let state = Self {
+            library_root,
+            gallery_dir,
+            models_dir,
+            studio: Arc::new(Studio::new()),
+            queue: Arc::new((Mutex::new(Queue::default()), Condvar::new())),
+            next_job: AtomicU64::new(1),
+            library: Mutex::new(()),
+            chat: Mutex::new(None),
+        };
+        state.start_worker();
+        Ok(state)
+    }
+
+    fn start_worker(&self) {
+        let queue = self.queue.clone();
+        let studio = self.studio.clone();
+        let library = self.library_root.clone();
+        let gallery = self.gallery_dir.clone();
+        std::thread::Builder::new()
+            .name("loramix-jobs".into())
+            .spawn(move || loop {
+                let job = {
+                    let (lock, cv) = &*queue;
+                    let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+                    while q.jobs.is_empty() {
+                        q = cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                    }
+                    let job = q.jobs.pop_front();
+                    if let Some(j) = &job {
+                        q.running = Some((j.id, j.cancel.clone()));
+                    }
+                    job
+                };
+                let Some(job) = job else { continue };
+                run_job(&studio, &library, &gallery, &job);
+                let (lock, _) = &*queue;
+                lock.lock().unwrap_or_else(|e| e.into_inner()).running = None;
+            })
+            .ok();
+    }
+
+    fn open_library(&self) -> AppResult<(std::sync::MutexGuard<'_, ()>, LoraLibrary)> {
+        let g = self.library.lock().unwrap_or_else(|e| e.into_inner());
+        Ok((g, LoraLibrary::open(&self.library_root)?))
+    }
+
+    // ---- library -------------------------------------------------------------------------
+
+    pub fn library_list(&self, q: LibraryQuery) -> AppResult<Vec<LoraEntry>> {
+        let (_g, lib) = self.open_library()?;
+        let role = match q.role.as_deref().filter(|r| !r.is_empty()) {
+            Some(r) => Some(Role::parse(r).ok_or_else(|| AppError::Invalid(format!("role {r:?}: expected subject, style or unknown")))?),
+            None => None,
+        };
+        Ok(lib.list(&LoraQuery {
+            text: q.text.filter(|t| !t.is_empty()),
+            role,
+            base: q.base.filter(|b| !b.is_empty()),
+            tag: q.tag.filter(|t| !t.is_empty()),
+        })?)
+    }
+
+    /// Imports files and folders (recursively), reporting each file as it is done.
+    pub fn library_import(&self, paths: &[String], on_event: &dyn Fn(ImportEvent)) -> AppResult<ImportSummary> {
+        let paths = paths.iter().map(|p| user_path(p, "import")).collect::<AppResult<Vec<_>>>()?;
+        let (_g, mut lib) = self.open_library()?;
+        let mut n = 0;
+        let outcomes = lib.import(&paths, &mut |o| {
+            n += 1;
+            on_event(ImportEvent::of(o, n));
+        })?;
+        let mut s = ImportSummary::default();
+        for o in &outcomes {
+            match o {
+                ImportOutcome::Added { .. } => s.added += 1,
+                ImportOutcome::Existing { .. } => s.existing += 1,
+                ImportOutcome::Failed { .. } => s.failed += 1,
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn library_update(&self, key: &str, u: LibraryUpdate) -> AppResult<LoraEntry> {
+        let (_g, mut lib) = self.open_library()?;
+        let mut e = lib.resolve(key)?;
+        if let Some(r) = u.role {
+            let role = Role::parse(&r).ok_or_else(|| AppError::Invalid(format!("role {r:?}: expected subject, style or unknown")))?;
+            e = lib.set_role(&e.sha256, role)?;
+        }
+        if let Some(t) = u.tags {
+            e = lib.set_tags(&e.sha256, &t)?;
+        }
+        if let Some(n) = u.name {
+            e = lib.rename(&e.sha256, &n)?;
+        }
+        Ok(e)
+    }
+
+    pub fn library_remove(&self, key: &str) -> AppResult<LoraEntry> {
+        let (_g, mut lib) = self.open_library()?;
+        Ok(lib.remove(key)?)
+    }
+
+    // ---- studio --------------------------------------------------------------------------
+
+    /// Queues a job; events go to `events` until it is done, cancelled or failed.
+    pub fn enqueue(&self, mut settings: Settings, events: Box<dyn Fn(JobEvent) + Send>) -> AppResult<u64> {
+        settings.model = self.resolve_model(&settings.model)?;
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let (lock, cv) = &*self.queue;
+        let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let position = q.jobs.len() + usize::from(q.running.is_some());
+        events(JobEvent::Queued { job: id, position });
+        q.jobs.push_back(Job { id, settings, events, cancel: Arc::new(AtomicBool::new(false)) });
+        cv.notify_one();
+        Ok(id)
+    }
+
+    /// Cancels a queued job, or stops the running one within a step.
+    pub fn cancel(&self, job: u64) -> bool {
+        let (lock, _) = &*self.queue;
+        let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((id, flag)) = &q.running {
+            if *id == job {
+                flag.store(true, Ordering::Relaxed);
+                return true;
+            }
+        }
+        if let Some(i) = q.jobs.iter().position(|j| j.id == job) {
+            if let Some(j) = q.jobs.remove(i) {
+                (j.events)(JobEvent::Cancelled { job });
+            }
+            return true;
+        }
+        false
+    }
+
+    /// A model spec from the UI: the shipped model's name, an absolute folder or file, or an HF
+    /// repo id (`owner/name`).
+    pub fn resolve_model(&self, spec: &str) -> AppResult<String> {
+        let spec = spec.trim();
+        if spec.is_empty() || spec == "miniworld" || spec == "models/miniworld" {
+            return Ok(self.models_dir.join("miniworld").to_string_lossy().into_owned());
+        }
+        if Path::new(spec).is_absolute() {
+            let p = user_path(spec, "model")?;
+            if !p.exists() {
+                return Err(AppError::Invalid(format!("model {spec:?}: no such file or folder")));
+            }
+            return Ok(spec.to_string());
+        }
+        let parts: Vec<&str> = spec.split('/').collect();
+        let ok = |s: &str| !s.is_empty() && s != "." && s != ".." && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if parts.len() == 2 && parts.iter().all(|p| ok(p)) {
+            return Ok(spec.to_string());
+        }
+        Err(AppError::Invalid(format!("model {spec:?}: expected miniworld, an absolute path, or an HF repo id owner/name")))
+    }
+
+    pub fn model_list(&self) -> Vec<ModelEntry> {
+        let mut out = vec![ModelEntry { name: "miniworld (shipped)".into(), spec: "miniworld".into(), kind: "shipped".into() }];
+        let user = self.library_root.join("models");
+        if let Ok(rd) = std::fs::read_dir(&user) {
+            let mut found: Vec<ModelEntry> = rd
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.join("model_index.json").exists() || p.extension().is_some_and(|e| e == "safetensors"))
+                .map(|p| ModelEntry {
+                    name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                    spec: p.to_string_lossy().into_owned(),
+                    kind: if p.is_dir() { "folder".into() } else { "file".into() },
+                })
+                .collect();
+            found.sort_by(|a, b| a.name.cmp(&b.name));
+            out.extend(found);
+        }
+        out
+    }
+
+    // ---- gallery -------------------------------------------------------------------------
+
+    pub fn gallery_list(&self) -> AppResult<Vec<GalleryItem>> {
+        let mut items = vec![];
+        let rd = std::fs::read_dir(&self.gallery_dir).map_err(|e| loramix::Error::io(&self.gallery_dir, e))?;
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.extension().is_none_or(|x| x != "png") {
+                continue;
+            }
+            let modified = e.metadata().and_then(|m| m.modified()).ok();
+            let settings = studio::settings_from_png(&p).ok().map(|(s, _)| s);
+            items.push((modified, GalleryItem { path: p.clone(), name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), settings }));
+        }
+        items.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.name.cmp(&a.1.name)));
+        Ok(items.into_iter().map(|(_, i)| i).collect())
+    }
+
+    /// A gallery image as a data URL (the CSP allows no other image source).
+    pub fn gallery_image(&self, path: &str) -> AppResult<String> {
+        let p = user_path(path, "image")?;
+        if !inside(&p, &self.gallery_dir) {
+            return Err(AppError::Invalid(format!("{path}: not an image of the gallery")));
+        }
+        let bytes = std::fs::read(&p).map_err(|e| loramix::Error::io(&p, e))?;
+        Ok(data_url(&bytes))
+    }
+
+    /// Settings from a PNG dropped on the window (ours or A1111's). Only reads the file.
+    pub fn png_settings(&self, path: &str) -> AppResult<Settings> {
+        let p = user_path(path, "PNG")?;
+        if p.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) {
+            return Err(AppError::Invalid(format!("{path}: expected a .png file")));
+        }
+        let meta = std::fs::metadata(&p).map_err(|e| loramix::Error::io(&p, e))?;
+        if !meta.is_file() || meta.len() > 256 << 20 {
+            return Err(AppError::Invalid(format!("{path}: expected a PNG file under 256 MB")));
+        }
+        let (mut s, _) = studio::settings_from_png(&p)?;
+        // A model named by file name only (A1111's "Model: x") may not exist here; keep ours then.
+        if self.resolve_model(&s.model).is_err() {
+            s.model = "miniworld".into();
+        }
+        Ok(s)
+    }
+
+    pub fn gallery_export(&self, req: ExportRequest) -> AppResult<Vec<PathBuf>> {
+        let dest = user_path(&req.dest, "export folder")?;
+        let mut images = vec![];
+        for p in &req.images {
+            let p = user_path(p, "image")?;
+            if !inside(&p, &self.gallery_dir) {
+                return Err(AppError::Invalid(format!("{}: only gallery images can be exported", p.display())));
+            }
+            images.push(p);
+        }
+        let template = if req.template.trim().is_empty() { "{index}-{seed}-{prompt}" } else { req.template.as_str() };
+        Ok(studio::export(&images, &dest, template, req.zip)?)
+    }
+
+    // ---- LLM -----------------------------------------------------------------------------
+
+    pub fn llm_load(&self, model: &str) -> AppResult<ChatInfo> {
+        let m = if Path::new(model).is_absolute() { user_path(model, "LLM model")?.to_string_lossy().into_owned() } else { self.resolve_model(model)? };
+        let session = LlmSession::load(&m, &candle_core::Device::Cpu)?;
+        let info = ChatInfo { model: m, has_chat_template: session.has_chat_template(), adapters: vec![] };
+        *self.chat.lock().unwrap_or_else(|e| e.into_inner()) = Some(ChatState { session, messages: vec![], conversation: None });
+        Ok(info)
+    }
+
+    pub fn llm_add_adapter(&self, dir: &str) -> AppResult<AdapterView> {
+        let d = user_path(dir, "adapter")?;
+        let mut g = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let chat = g.as_mut().ok_or_else(|| AppError::Invalid("load an LLM first".into()))?;
+        let a = chat.session.add_adapter(&d, None)?;
+        Ok(AdapterView::of(a))
+    }
+
+    pub fn llm_reset(&self) {
+        if let Some(c) = self.chat.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            c.messages.clear();
+            c.conversation = None;
+        }
+    }
+
+    /// Adds the user's message (if any) and replies: with the base model, or with the invoked
+    /// aLoRA on the conversation's cached prefix.
+    pub fn llm_send(&self, text: &str, invoke: Option<&str>, max_new_tokens: usize, on: &dyn Fn(ChatEvent)) -> AppResult<ChatStats> {
+        let mut g = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let chat = g.as_mut().ok_or_else(|| AppError::Invalid("load an LLM first".into()))?;
+        if !text.trim().is_empty() {
+            chat.messages.push(Message::user(text));
+        }
+        if chat.messages.is_empty() {
+            return Err(AppError::Invalid("write a message first".into()));
+        }
+        let extra = match invoke {
+            None => vec![],
+            Some(name) => {
+                let i = chat.session.adapter_index(name).ok_or_else(|| AppError::Invalid(format!("no adapter named {name:?} is loaded")))?;
+                match &chat.session.adapters()[i].kind {
+                    AdapterKind::Activated { invocation } => invocation.clone(),
+                    AdapterKind::Lora => return Err(AppError::Invalid(format!("{name} is a standard LoRA: it has no invocation"))),
+                }
+            }
+        };
+        let tokens = chat.session.encode_messages(&chat.messages, invoke.is_none())?;
+        // Reuse the cached conversation when the new tokens extend it.
+        let conv = match chat.conversation.take() {
+            Some(mut c) if tokens.starts_with(c.tokens()) => {
+                let rest = tokens[c.tokens().len()..].to_vec();
+                c.push(&rest);
+                c
+            }
+            _ => chat.session.conversation(&tokens),
+        };
+        let mut conv = conv;
+        let prefilled = chat.session.prefill(&mut conv)?;
+        // aLoRAs are enabled as PEFT enables them; a standard LoRA only when it is the one invoked.
+        let enabled: Vec<usize> = chat
+            .session
+            .adapters()
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| matches!(a.kind, AdapterKind::Activated { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        let opts = GenerateOptions { max_new_tokens: max_new_tokens.clamp(1, 4096), sampling: SamplingOptions::default(), ..Default::default() };
+        let reply = chat.session.reply(&mut conv, &extra, &enabled, &opts, &mut |_, piece| {
+            on(ChatEvent::Token { text: piece.to_string() });
+            true
+        })?;
+        if invoke.is_none() {
+            chat.messages.push(Message::assistant(reply.text.trim()));
+        }
+        chat.conversation = Some(conv);
+        Ok(ChatStats {
+            text: reply.text,
+            tokens: reply.tokens.len(),
+            computed_positions: reply.computed_positions,
+            reused_positions: reply.reused_positions,
+            prefilled_positions: prefilled,
+            invoked: invoke.map(str::to_string),
+        })
+    }
+}
+
+fn run_job(studio: &Studio, library: &Path, gallery: &Path, job: &Job) {
+    (job.events)(JobEvent::Started { job: job.id });
+    let id = job.id;
+    let ev = &job.events;
+    let r = studio.generate(
+        &job.settings,
+        Some(library),
+        gallery,
+        &job.cancel,
+        &mut |e| ev(JobEvent::Progress { job: id, event: e }),
+        &mut |img| {
+            if let Ok(png) = loramix::output::encode_png(img, &[]) {
+                ev(JobEvent::Preview { job: id, data_url: data_url(&png) });
+            }
+        },
+    );
+    match r {
+        Ok(images) => ev(JobEvent::Done { job: id, images }),
+        Err(loramix::Error::Cancelled) => ev(JobEvent::Cancelled { job: id }),
+        Err(e) => ev(JobEvent::Failed { job: id, message: e.to_string() }),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct LibraryQuery {
+    pub text: Option<String>,
+    pub role: Option<String>,
+    pub base: Option<String>,
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct LibraryUpdate {
+    pub role: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportEvent {
+    pub index: usize,
+    pub path: PathBuf,
+    /// added | existing | failed
+    pub status: String,
+    pub message: Option<String>,
+    pub entry: Option<LoraEntry>,
+}
+
+impl ImportEvent {
+    fn of(o: &ImportOutcome, index: usize) -> Self {
+        match o {
+            ImportOutcome::Added { source, entry } => {
+                Self { index, path: source.clone(), status: "added".into(), message: None, entry: Some((**entry).clone()) }
+            }
+            ImportOutcome::Existing { source, entry } => Self {
+                index,
+                path: source.clone(),
+                status: "existing".into(),
+                message: Some("already in the library".into()),
+                entry: Some((**entry).clone()),
+            },
+            ImportOutcome::Failed { source, error } => {
+                Self { index, path: source.clone(), status: "failed".into(), message: Some(error.clone()), entry: None }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct ImportSummary {
+    pub added: usize,
+    pub existing: usize,
+    pub failed: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelEntry {
+    pub name: String,
+    pub spec: String,
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GalleryItem {
+    pub path: PathBuf,
+    pub name: String,
+    pub settings: Option<Settings>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ExportRequest {
+    pub images: Vec<String>,
+    pub dest: String,
+    #[serde(default)]
+    pub template: String,
+    #[serde(default)]
+    pub zip: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatInfo {
+    pub model: String,
+    pub has_chat_template: bool,
+    pub adapters: Vec<AdapterView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdapterView {
+    pub name: String,
+    /// lora | alora
+    pub kind: String,
+    pub invocation_string: Option<String>,
+    pub invocation_tokens: Vec<u32>,
+    pub modules: usize,
+}
+
+impl AdapterView {
+    fn of(a: &loramix::llm::LlmAdapter) -> Self {
+        Self {
+            name: a.name.clone(),
+            kind: if a.invocation().is_some() { "alora".into() } else { "lora".into() },
+            invocation_string: a.invocation_string.clone(),
+            invocation_tokens: a.invocation().map(<[u32]>::to_vec).unwrap_or_default(),
+            modules: a.modules.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChatEvent {
+    Token { text: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatStats {
+    pub text: String,
+    pub tokens: usize,
+    pub computed_positions: usize,
+    pub reused_positions: usize,
+    pub prefilled_positions: usize,
+    pub invoked: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AppInfo {
+    pub version: String,
+    pub library_dir: PathBuf,
+    pub gallery_dir: PathBuf,
+    pub samplers: Vec<(String, String)>,
+    pub strategies: Vec<String>,
+    pub size_presets: Vec<(usize, usize)>,
+}
+
+// ---- the Tauri commands ------------------------------------------------------------------
+
+type State<'a> = tauri::State<'a, AppState>;
+
+#[tauri::command]
+pub async fn app_info(state: State<'_>) -> AppResult<AppInfo> {
+    Ok(AppInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        library_dir: state.library_root.clone(),
+        gallery_dir: state.gallery_dir.clone(),
+        samplers: loramix::SamplerKind::ALL.iter().map(|s| (s.name().to_string(), s.a1111_name().to_string())).collect(),
+        strategies: ["merge", "switch", "composite", "klora", "auto"].map(String::from).to_vec(),
+        // SDXL's trained aspect buckets (width x height).
+        size_presets: vec![(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536)],
+    })
+}
+
+#[tauri::command]
+pub async fn library_list(state: State<'_>, query: Option<LibraryQuery>) -> AppResult<Vec<LoraEntry>> {
+    state.library_list(query.unwrap_or_default())
+}
+
+#[tauri::command]
+pub async fn library_import(state: State<'_>, paths: Vec<String>, on_event: Channel<ImportEvent>) -> AppResult<ImportSummary> {
+    state.library_import(&paths, &|e| {
+        let _ = on_event.send(e);
+    })
+}
+
+#[tauri::command]
+pub async fn library_update(state: State<'_>, key: String, update: LibraryUpdate) -> AppResult<LoraEntry> {
+    state.library_update(&key, update)
+}
+
+#[tauri::command]
+pub async fn library_remove(state: State<'_>, key: String) -> AppResult<LoraEntry> {
+    state.library_remove(&key)
+}
+
+#[tauri::command]
+pub async fn studio_generate(state: State<'_>, settings: Settings, on_event: Channel<JobEvent>) -> AppResult<u64> {
+    state.enqueue(settings, Box::new(move |e| {
+        let _ = on_event.send(e);
+    }))
+}
+
+#[tauri::command]
+pub async fn studio_cancel(state: State<'_>, job: u64) -> AppResult<bool> {
+    Ok(state.cancel(job))
+}
+
+#[tauri::command]
+pub async fn gallery_list(state: State<'_>) -> AppResult<Vec<GalleryItem>> {
+    state.gallery_list()
+}
+
+#[tauri::command]
+pub async fn gallery_image(state: State<'_>, path: String) -> AppResult<String> {
+    state.gallery_image(&path)
+}
+
+#[tauri::command]
+pub async fn gallery_settings(state: State<'_>, path: String) -> AppResult<Settings> {
+    state.png_settings(&path)
+}
+
+#[tauri::command]
+pub async fn gallery_export(state: State<'_>, request: ExportRequest) -> AppResult<Vec<PathBuf>> {
+    state.gallery_export(request)
+}
+
+#[tauri::command]
+pub async fn model_list(state: State<'_>) -> AppResult<Vec<ModelEntry>> {
+    Ok(state.model_list())
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DownloadEvent {
+    Started { repo: String },
+    Done { repo: String, path: PathBuf },
+    Failed { repo: String, message: String },
+}
+
+#[tauri::command]
+pub async fn model_download(state: State<'_>, repo: String, on_event: Channel<DownloadEvent>) -> AppResult<String> {
+    let spec = state.resolve_model(&repo)?;
+    if Path::new(&spec).is_absolute() {
+        return Err(AppError::Invalid(format!("{repo}: expected an HF repo id (owner/name)")));
+    }
+    let _ = on_event.send(DownloadEvent::Started { repo: repo.clone() });
+    let r = tauri::async_runtime::spawn_blocking(move || loramix::model::fetch_hub_repo(&spec, false))
+        .await
+        .map_err(|e| AppError::Invalid(e.to_string()))?;
+    match r {
+        Ok(p) => {
+            let _ = on_event.send(DownloadEvent::Done { repo: repo.clone(), path: p.clone() });
+            Ok(p.to_string_lossy().into_owned())
+        }
+        Err(e) => {
+            let _ = on_event.send(DownloadEvent::Failed { repo, message: e.to_string() });
+            Err(e.into())
+        }
+    }
+}
+
+#[tauri::command]
+pub async fn llm_load(state: State<'_>, model: String) -> AppResult<ChatInfo> {
+    state.llm_load(&model)
+}
+
+#[tauri::command]
+pub async fn llm_add_adapter(state: State<'_>, dir: String) -> AppResult<AdapterView> {
+    state.llm_add_adapter(&dir)
+}
+
+#[tauri::command]
+pub async fn llm_send(
+    state: State<'_>,
+    text: String,
+    invoke: Option<String>,
+    max_new_tokens: Option<usize>,
+    on_event: Channel<ChatEvent>,
+) -> AppResult<ChatStats> {
+    state.llm_send(&text, invoke.as_deref(), max_new_tokens.unwrap_or(256), &|e| {
+        let _ = on_event.send(e);
+    })
+}
+
+#[tauri::command]
+pub async fn llm_reset(state: State<'_>) -> AppResult<()> {
+    state.llm_reset();
+    Ok(())
+}
+

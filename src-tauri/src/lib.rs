@@ -1,0 +1,67 @@
+//! The LoRAMix desktop shell: window, state and command registration. Everything the app does
+//! is in the `loramix` engine; [`commands`] is the thin layer between the two.
+
+pub mod commands;
+
+use std::path::PathBuf;
+
+use tauri::{Emitter, Manager};
+
+/// Where the shipped models (miniworld) are: beside the executable's resources when bundled,
+/// else the repository's `models/` (development), found from the working directory up.
+fn models_dir(app: &tauri::AppHandle) -> PathBuf {
+    if let Ok(dir) = std::env::var("LORAMIX_MODELS") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(res) = app.path().resource_dir() {
+        if res.join("models/miniworld/model_index.json").exists() {
+            return res.join("models");
+        }
+    }
+    let mut dir = std::env::current_dir().unwrap_or_default();
+    loop {
+        if dir.join("models/miniworld/model_index.json").exists() {
+            return dir.join("models");
+        }
+        if !dir.pop() {
+            return PathBuf::from("models");
+        }
+    }
+}
+
+pub fn run() {
+    tauri::Builder::default()
+        .setup(|app| {
+            let library = loramix::library::LoraLibrary::default_root()?;
+            let state = commands::AppState::new(library, models_dir(app.handle()))?;
+            app.manage(state);
+            Ok(())
+        })
+        .on_window_event(|window, event| {
+            // OS drag and drop: the UI decides what a drop means (LoRAs → import, PNG → restore).
+            if let tauri::WindowEvent::DragDrop(tauri::DragDropEvent::Drop { paths, .. }) = event {
+                let _ = window.emit("loramix://drop", paths);
+            }
+        })
+        .invoke_handler(tauri::generate_handler![
+            commands::app_info,
+            commands::library_list,
+            commands::library_import,
+            commands::library_update,
+            commands::library_remove,
+            commands::studio_generate,
+            commands::studio_cancel,
+            commands::gallery_list,
+            commands::gallery_image,
+            commands::gallery_settings,
+            commands::gallery_export,
+            commands::model_list,
+            commands::model_download,
+            commands::llm_load,
+            commands::llm_add_adapter,
+            commands::llm_send,
+            commands::llm_reset,
+        ])
+        .run(tauri::generate_context!("../tauri.conf.json"))
+        .expect("error while running the LoRAMix app");
+}

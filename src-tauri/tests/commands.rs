@@ -1,0 +1,185 @@
+//! The command layer without a window: the same functions the Tauri commands wrap.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use loramix::studio::{LoraSetting, Settings};
+use loramix_app::commands::{user_path, AppState, ExportRequest, JobEvent, LibraryQuery, LibraryUpdate};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn state(dir: &Path) -> AppState {
+    AppState::new(dir.join("library"), repo().join("models")).unwrap()
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn paths_from_the_ui_are_validated() {
+    assert!(user_path("relative/file", "x").is_err());
+    assert!(user_path("", "x").is_err());
+    assert!(user_path("/tmp/../etc/passwd", "x").unwrap_err().to_string().contains(".."));
+    assert!(user_path("/tmp/ok.png", "x").is_ok());
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    assert!(st.resolve_model("../../etc").is_err());
+    assert!(st.resolve_model("owner/name").is_ok());
+    assert!(st.resolve_model("miniworld").unwrap().ends_with("miniworld"));
+    // Only gallery images are served or exported.
+    let outside = tmp.path().join("x.png");
+    std::fs::write(&outside, b"not a png").unwrap();
+    assert!(st.gallery_image(&s(&outside)).unwrap_err().to_string().contains("not an image of the gallery"));
+    let e = st.gallery_export(ExportRequest { images: vec![s(&outside)], dest: s(&tmp.path().join("out")), template: String::new(), zip: false });
+    assert!(e.unwrap_err().to_string().contains("only gallery images"));
+}
+
+#[test]
+fn library_import_reports_each_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    let loras = repo().join("models/miniworld/loras");
+    let bad = repo().join("tests/fixtures/bad/truncated.safetensors");
+    let events = std::sync::Mutex::new(vec![]);
+    let sum = st.library_import(&[s(&loras), s(&bad)], &|e| events.lock().unwrap().push(e)).unwrap();
+    let events = events.into_inner().unwrap();
+    assert_eq!(sum.added, 8);
+    assert_eq!(sum.failed, 1);
+    assert_eq!(events.len(), 9);
+    let failed: Vec<_> = events.iter().filter(|e| e.status == "failed").collect();
+    assert!(failed[0].message.as_deref().unwrap().contains("truncated"), "{:?}", failed[0].message);
+    let styles = st.library_list(LibraryQuery { role: Some("style".into()), ..Default::default() }).unwrap();
+    assert_eq!(styles.len(), 4);
+    let e = st.library_update("vlox", LibraryUpdate { role: Some("style".into()), tags: Some(vec!["emblem".into()]), name: None }).unwrap();
+    assert_eq!((e.role.as_str(), e.user_tags.clone()), ("style", vec!["emblem".to_string()]));
+    assert!(st.library_update("vlox", LibraryUpdate { role: Some("hero".into()), ..Default::default() }).is_err());
+    st.library_remove("vlox").unwrap();
+    assert_eq!(st.library_list(LibraryQuery::default()).unwrap().len(), 7);
+}
+
+fn wait_for(rx: &mpsc::Receiver<JobEvent>, done: impl Fn(&JobEvent) -> bool) -> Vec<JobEvent> {
+    let mut seen = vec![];
+    loop {
+        let e = rx.recv_timeout(Duration::from_secs(300)).expect("job event");
+        let stop = done(&e);
+        seen.push(e);
+        if stop {
+            return seen;
+        }
+    }
+}
+
+#[test]
+fn generate_restore_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    let settings = Settings {
+        prompt: "a big red circle on a cream background, flat style".into(),
+        negative_prompt: "blurry".into(),
+        steps: 4,
+        seed: Some(11),
+        batch_count: 2,
+        loras: vec![LoraSetting { name: "striped".into(), weight: 0.8, role: None }],
+        mix: "merge".into(),
+        ..Settings::default()
+    };
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let id = st.enqueue(settings.clone(), Box::new(move |e| { let _ = tx.lock().unwrap().send(e); })).unwrap();
+    let events = wait_for(&rx, |e| matches!(e, JobEvent::Done { .. } | JobEvent::Failed { .. }));
+    let images = match events.last().unwrap() {
+        JobEvent::Done { job, images } => {
+            assert_eq!(*job, id);
+            images.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(images.len(), 2);
+    assert!(matches!(events[0], JobEvent::Queued { position: 0, .. }));
+    let steps = events.iter().filter(|e| matches!(e, JobEvent::Progress { event: loramix::studio::StudioEvent::Step { .. }, .. })).count();
+    assert_eq!(steps, 8, "a step event per step and batch");
+    assert_eq!(events.iter().filter(|e| matches!(e, JobEvent::Preview { .. })).count(), 8);
+    // Gallery lists them with their settings; a PNG restores them (seed of its batch).
+    let gallery = st.gallery_list().unwrap();
+    assert_eq!(gallery.len(), 2);
+    let restored = st.png_settings(&s(&images[1])).unwrap();
+    assert_eq!(restored.prompt, settings.prompt);
+    assert_eq!(restored.seed, Some(12));
+    assert_eq!(restored.loras, settings.loras);
+    assert!(st.gallery_image(&s(&images[0])).unwrap().starts_with("data:image/png;base64,"));
+    // The PNG's A1111 text carries the LoRA hash.
+    let text = loramix::studio::png_text_chunks(&std::fs::read(&images[0]).unwrap()).unwrap();
+    assert!(text["parameters"].contains("Lora hashes: \"striped: "), "{}", text["parameters"]);
+    assert!(text["parameters"].contains("<lora:striped:0.8>"));
+    // Export to a folder by template, then to a zip.
+    let dest = tmp.path().join("export");
+    let out = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest), template: "{index}-{seed}".into(), zip: false }).unwrap();
+    let names: Vec<String> = out.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, vec!["00001-11.png", "00002-12.png"]);
+    assert_eq!(std::fs::read(&out[0]).unwrap(), std::fs::read(&images[0]).unwrap());
+    let zip = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest.join("batch.zip")), template: String::new(), zip: true }).unwrap();
+    let bytes = std::fs::read(&zip[0]).unwrap();
+    assert_eq!(&bytes[..4], b"PK\x03\x04");
+    assert!(std::fs::read_dir(&dest).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+}
+
+#[test]
+fn cancel_stops_within_a_step_and_queued_jobs_can_be_dropped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    let settings = Settings { prompt: "a small blue square".into(), steps: 200, seed: Some(1), ..Settings::default() };
+    let (tx, rx) = mpsc::channel();
+    let tx2 = tx.clone();
+    let tx = std::sync::Mutex::new(tx);
+    let a = st.enqueue(settings.clone(), Box::new(move |e| { let _ = tx.lock().unwrap().send(e); })).unwrap();
+    let tx2 = std::sync::Mutex::new(tx2);
+    let b = st.enqueue(settings, Box::new(move |e| { let _ = tx2.lock().unwrap().send(e); })).unwrap();
+    // Drop the queued one, then stop the running one after its first step.
+    assert!(st.cancel(b));
+    let mut events = vec![];
+    let mut cancelled = false;
+    loop {
+        let e = rx.recv_timeout(Duration::from_secs(300)).expect("job event");
+        if !cancelled && matches!(e, JobEvent::Progress { event: loramix::studio::StudioEvent::Step { .. }, .. }) {
+            assert!(st.cancel(a));
+            cancelled = true;
+        }
+        let stop = matches!(e, JobEvent::Cancelled { job, .. } if job == a) || matches!(e, JobEvent::Done { .. } | JobEvent::Failed { .. });
+        events.push(e);
+        if stop {
+            break;
+        }
+    }
+    let last_step = events.iter().rev().find_map(|e| match e {
+        JobEvent::Progress { event: loramix::studio::StudioEvent::Step { step, .. }, .. } => Some(*step),
+        _ => None,
+    });
+    assert!(matches!(events.last().unwrap(), JobEvent::Cancelled { job, .. } if *job == a), "{:?}", events.last());
+    // Stopped within one step of the request.
+    assert!(last_step.unwrap() <= 2, "ran to step {last_step:?}");
+    assert!(events.iter().any(|e| matches!(e, JobEvent::Cancelled { job, .. } if *job == b)));
+    assert!(st.gallery_list().unwrap().is_empty(), "a cancelled job writes nothing");
+}
+
+#[test]
+fn llm_pane_reuses_the_conversation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    let granite = repo().join("tests/fixtures/llm/granite");
+    st.llm_load(&s(&granite)).unwrap();
+    let a = st.llm_add_adapter(&s(&granite.join("adapters/certainty"))).unwrap();
+    assert_eq!(a.kind, "alora");
+    let first = st.llm_send("what is the capital of france", None, 5, &|_| {}).unwrap();
+    // A fresh conversation: the prompt is prefilled once, the reply feeds back its own tokens only.
+    assert_eq!(first.reused_positions, first.prefilled_positions);
+    assert_eq!(first.computed_positions, first.tokens - 1);
+    let inv = st.llm_send("", Some("certainty"), 4, &|_| {}).unwrap();
+    // The invocation reuses every conversation position and computes only itself and the reply.
+    assert!(inv.reused_positions > 10);
+    assert_eq!(inv.computed_positions, a.invocation_tokens.len() + inv.tokens - 1);
+    assert!(st.llm_send("", Some("nope"), 4, &|_| {}).is_err());
+}

@@ -1,0 +1,88 @@
+// End-to-end test in a real window: the built app under tauri-driver + WebKitWebDriver (Xvfb).
+// Imports a LoRA, generates with miniworld, sees the image in the gallery, exports it, and saves
+// screenshots (target/e2e/screenshot.png and one per pane).
+import { Builder, By, until } from "selenium-webdriver";
+import fs from "node:fs";
+import path from "node:path";
+
+const repo = path.resolve(process.env.REPO);
+const app = process.env.APP;
+const outDir = path.join(repo, "target/e2e");
+const exportDir = path.join(process.env.LORAMIX_HOME, "exported");
+fs.mkdirSync(outDir, { recursive: true });
+
+const driver = await new Builder()
+  .usingServer("http://127.0.0.1:4444/")
+  .withCapabilities({ "tauri:options": { application: app }, browserName: "wry" })
+  .build();
+
+async function shot(name) {
+  fs.writeFileSync(path.join(outDir, name), await driver.takeScreenshot(), "base64");
+}
+const byTest = (id) => By.css(`[data-testid="${id}"]`);
+async function tab(id) {
+  await driver.findElement(By.css(`[data-tab="${id}"]`)).click();
+}
+function check(cond, msg) {
+  if (!cond) throw new Error(msg);
+  console.log("ok -", msg);
+}
+
+let failed = false;
+try {
+  await driver.wait(until.elementLocated(By.css("[data-tab=library]")), 30000);
+  // 1. Import a LoRA fixture through the library pane.
+  await tab("library");
+  const lora = path.join(repo, "models/miniworld/loras/striped.safetensors");
+  await driver.findElement(byTest("import-path")).sendKeys(lora);
+  await driver.findElement(byTest("import")).click();
+  await driver.wait(until.elementLocated(byTest("lora-card")), 30000);
+  const progress = await driver.wait(until.elementLocated(byTest("import-progress")), 10000);
+  check((await progress.getText()).includes("added"), "the import is reported per file");
+  await driver.findElement(By.xpath("//button[contains(., '+ Mix')]")).click();
+  await shot("library.png");
+
+  // 2. Generate with miniworld and the LoRA.
+  await tab("studio");
+  const prompt = await driver.findElement(By.id("prompt"));
+  await prompt.sendKeys("a big red circle on a cream background, striped style");
+  const steps = await driver.findElement(By.id("steps"));
+  await steps.clear();
+  await steps.sendKeys("12");
+  await driver.findElement(byTest("generate")).click();
+  await driver.wait(until.elementLocated(By.css(".preview img")), 120000);
+  await shot("studio.png");
+
+  // 3. The image appears in the gallery.
+  await tab("gallery");
+  await driver.wait(until.elementLocated(By.css("[data-testid=gallery-item] img")), 180000);
+  const items = await driver.findElements(byTest("gallery-item"));
+  check(items.length === 1, "one image in the gallery");
+  await items[0].findElement(By.css("button")).click();
+
+  // 4. Export it.
+  await driver.findElement(byTest("export-dest")).sendKeys(exportDir);
+  await driver.findElement(byTest("export-all")).click();
+  const result = await driver.wait(until.elementLocated(byTest("export-result")), 30000);
+  await driver.wait(async () => (await result.getText()).includes("Exported"), 30000);
+  const files = fs.readdirSync(exportDir).filter((f) => f.endsWith(".png"));
+  check(files.length === 1, `exported ${files.join(", ")}`);
+  const png = fs.readFileSync(path.join(exportDir, files[0]));
+  check(png.includes(Buffer.from("Lora hashes")) && png.includes(Buffer.from("loramix")), "the export carries parameters and our JSON chunk");
+  await shot("gallery.png");
+  await tab("studio");
+  await shot("mix.png");
+  await tab("chat");
+  await shot("llm.png");
+  await tab("gallery");
+  await shot("screenshot.png");
+} catch (e) {
+  failed = true;
+  console.error("e2e failed:", e);
+  try {
+    await shot("failure.png");
+  } catch {}
+} finally {
+  await driver.quit();
+}
+process.exit(failed ? 1 : 0);

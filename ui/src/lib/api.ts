@@ -1,0 +1,44 @@
+// Typed wrappers over the app's commands. Progress arrives on Tauri channels.
+import { Channel, invoke } from "@tauri-apps/api/core";
+import type {
+  AdapterView, AppInfo, ChatStats, GalleryItem, ImportEvent, JobEvent, LoraEntry, ModelEntry, Settings,
+} from "./types";
+
+export const api = {
+  appInfo: () => invoke<AppInfo>("app_info"),
+  libraryList: (query: { text?: string; role?: string; base?: string; tag?: string }) =>
+    invoke<LoraEntry[]>("library_list", { query }),
+  libraryImport: (paths: string[], onEvent: (e: ImportEvent) => void) => {
+    const ch = new Channel<ImportEvent>();
+    ch.onmessage = onEvent;
+    return invoke<{ added: number; existing: number; failed: number }>("library_import", { paths, onEvent: ch });
+  },
+  libraryUpdate: (key: string, update: { role?: string; tags?: string[]; name?: string }) =>
+    invoke<LoraEntry>("library_update", { key, update }),
+  libraryRemove: (key: string) => invoke<LoraEntry>("library_remove", { key }),
+  generate: (settings: Settings, onEvent: (e: JobEvent) => void) => {
+    const ch = new Channel<JobEvent>();
+    ch.onmessage = onEvent;
+    return invoke<number>("studio_generate", { settings, onEvent: ch });
+  },
+  cancel: (job: number) => invoke<boolean>("studio_cancel", { job }),
+  galleryList: () => invoke<GalleryItem[]>("gallery_list"),
+  galleryImage: (path: string) => invoke<string>("gallery_image", { path }),
+  pngSettings: (path: string) => invoke<Settings>("gallery_settings", { path }),
+  exportImages: (request: { images: string[]; dest: string; template: string; zip: boolean }) =>
+    invoke<string[]>("gallery_export", { request }),
+  modelList: () => invoke<ModelEntry[]>("model_list"),
+  modelDownload: (repo: string, onEvent: (e: { kind: string; message?: string }) => void) => {
+    const ch = new Channel<{ kind: string; message?: string }>();
+    ch.onmessage = onEvent;
+    return invoke<string>("model_download", { repo, onEvent: ch });
+  },
+  llmLoad: (model: string) => invoke<{ model: string; has_chat_template: boolean }>("llm_load", { model }),
+  llmAddAdapter: (dir: string) => invoke<AdapterView>("llm_add_adapter", { dir }),
+  llmSend: (text: string, invoke_: string | null, onToken: (t: string) => void) => {
+    const ch = new Channel<{ kind: string; text: string }>();
+    ch.onmessage = (e) => onToken(e.text);
+    return invoke<ChatStats>("llm_send", { text, invoke: invoke_, maxNewTokens: 256, onEvent: ch });
+  },
+  llmReset: () => invoke<void>("llm_reset"),
+};

@@ -1,0 +1,41 @@
+import { describe, expect, it } from "vitest";
+import { formatEta, formatRate, jobFraction, previewTemplate } from "./format";
+import { cellColor, heatmapCells, OFF, PALETTE } from "./heatmap";
+
+describe("progress formatting", () => {
+  it("formats ETA", () => {
+    expect(formatEta(5.4)).toBe("5s");
+    expect(formatEta(125)).toBe("2m 05s");
+    expect(formatEta(3725)).toBe("1h 02m");
+    expect(formatEta(NaN)).toBe("–");
+  });
+  it("formats rates both ways", () => {
+    expect(formatRate(2.5)).toBe("2.50 it/s");
+    expect(formatRate(0.25)).toBe("4.00 s/it");
+    expect(formatRate(0)).toBe("–");
+  });
+  it("spreads progress over batches", () => {
+    expect(jobFraction(0, 2, 5, 10)).toBeCloseTo(0.25);
+    expect(jobFraction(1, 2, 10, 10)).toBe(1);
+  });
+});
+
+describe("export names", () => {
+  it("mirrors the engine's template", () => {
+    expect(previewTemplate("{index}-{seed}-{prompt}", 3, 7, "a big/red: circle?")).toBe("00003-7-a_big_red_circle.png");
+    expect(previewTemplate("{}", 12, null, "")).toBe("00012.png");
+  });
+});
+
+describe("heatmap", () => {
+  it("colours by dominant LoRA", () => {
+    expect(cellColor(-1)).toBe(OFF);
+    expect(cellColor(1)).toBe(PALETTE[1]);
+  });
+  it("down-samples layers into bands by majority", () => {
+    const dominant = [[0, 0, 1, 1, 1, -1]];
+    const cells = heatmapCells(dominant, 3);
+    expect(cells.map((c) => c.color)).toEqual([PALETTE[0], PALETTE[1], PALETTE[1]]);
+    expect(heatmapCells([], 3)).toEqual([]);
+  });
+});

@@ -1,0 +1,137 @@
+// Mirrors of the Rust types the commands exchange (src/studio.rs, src/library.rs, src-tauri/src/commands.rs).
+
+export interface LoraSetting {
+  name: string;
+  weight: number;
+  role?: string | null;
+}
+
+export interface Settings {
+  model: string;
+  prompt: string;
+  negative_prompt: string;
+  steps: number;
+  cfg: number;
+  sampler: string;
+  seed: number | null;
+  width: number;
+  height: number;
+  batch_count: number;
+  batch_size: number;
+  loras: LoraSetting[];
+  mix: string;
+  klora_pattern: string | null;
+  switch_every: number;
+}
+
+export interface LoraEntry {
+  sha256: string;
+  addnet_hash: string;
+  file_name: string;
+  display_name: string;
+  size: number;
+  format: string;
+  ranks: number[];
+  alphas: number[];
+  base_model: string;
+  module_count: number;
+  trigger_words: string[];
+  role: string;
+  user_tags: string[];
+  title: string | null;
+  thumbnail: string | null;
+  added_at: string;
+  path: string;
+}
+
+export interface ImportEvent {
+  index: number;
+  path: string;
+  status: "added" | "existing" | "failed";
+  message: string | null;
+  entry: LoraEntry | null;
+}
+
+export interface MixSummary {
+  strategy: string;
+  loras: string[];
+  layers: number;
+  steps: number;
+  mean_weight: number[];
+  dominant: number[][];
+}
+
+export type StudioEvent =
+  | { kind: "loading"; model: string }
+  | { kind: "loaded"; model: string; seconds: number }
+  | { kind: "lora_loaded"; name: string; role: string; layers: number; warnings: string[] }
+  | { kind: "step"; batch: number; batches: number; step: number; steps: number; its: number; eta_seconds: number }
+  | { kind: "image"; path: string; seed: number; batch: number; index: number }
+  | { kind: "mix_trace"; summary: MixSummary };
+
+export type JobEvent =
+  | { kind: "queued"; job: number; position: number }
+  | { kind: "started"; job: number }
+  | { kind: "progress"; job: number; event: StudioEvent }
+  | { kind: "preview"; job: number; data_url: string }
+  | { kind: "done"; job: number; images: string[] }
+  | { kind: "cancelled"; job: number }
+  | { kind: "failed"; job: number; message: string };
+
+export interface GalleryItem {
+  path: string;
+  name: string;
+  settings: Settings | null;
+}
+
+export interface ModelEntry {
+  name: string;
+  spec: string;
+  kind: string;
+}
+
+export interface AppInfo {
+  version: string;
+  library_dir: string;
+  gallery_dir: string;
+  samplers: [string, string][];
+  strategies: string[];
+  size_presets: [number, number][];
+}
+
+export interface AdapterView {
+  name: string;
+  kind: "lora" | "alora";
+  invocation_string: string | null;
+  invocation_tokens: number[];
+  modules: number;
+}
+
+export interface ChatStats {
+  text: string;
+  tokens: number;
+  computed_positions: number;
+  reused_positions: number;
+  prefilled_positions: number;
+  invoked: string | null;
+}
+
+export function defaultSettings(): Settings {
+  return {
+    model: "miniworld",
+    prompt: "",
+    negative_prompt: "",
+    steps: 25,
+    cfg: 5,
+    sampler: "",
+    seed: null,
+    width: 0,
+    height: 0,
+    batch_count: 1,
+    batch_size: 1,
+    loras: [],
+    mix: "merge",
+    klora_pattern: null,
+    switch_every: 5,
+  };
+}
