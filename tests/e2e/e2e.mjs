@@ -16,11 +16,15 @@ const driver = await new Builder()
   .withCapabilities({ "tauri:options": { application: app }, browserName: "wry" })
   .build();
 
+const t0 = Date.now();
+const log = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
 async function shot(name) {
+  log(`screenshot ${name}`);
   fs.writeFileSync(path.join(outDir, name), await driver.takeScreenshot(), "base64");
 }
 const byTest = (id) => By.css(`[data-testid="${id}"]`);
 async function tab(id) {
+  log(`tab ${id}`);
   await driver.findElement(By.css(`[data-tab="${id}"]`)).click();
 }
 function check(cond, msg) {
@@ -31,6 +35,8 @@ function check(cond, msg) {
 let failed = false;
 try {
   await driver.wait(until.elementLocated(By.css("[data-tab=library]")), 30000);
+  await tab("chat");
+  await shot("llm.png");
   // 1. Import a LoRA fixture through the library pane.
   await tab("library");
   const lora = path.join(repo, "models/miniworld/loras/striped.safetensors");
@@ -70,12 +76,9 @@ try {
   const png = fs.readFileSync(path.join(exportDir, files[0]));
   check(png.includes(Buffer.from("Lora hashes")) && png.includes(Buffer.from("loramix")), "the export carries parameters and our JSON chunk");
   await shot("gallery.png");
+  fs.copyFileSync(path.join(outDir, "gallery.png"), path.join(outDir, "screenshot.png"));
   await tab("studio");
   await shot("mix.png");
-  await tab("chat");
-  await shot("llm.png");
-  await tab("gallery");
-  await shot("screenshot.png");
 } catch (e) {
   failed = true;
   console.error("e2e failed:", e);

@@ -12,10 +12,10 @@ done
 if ! command -v tauri-driver >/dev/null; then
   cargo install tauri-driver --locked --version '^2'
 fi
-(cd ui && npm ci --no-audit --no-fund --loglevel=error && npm run build --silent)
+(cd ui && npm install --no-audit --no-fund --loglevel=error && npm run build --silent)
 # The test profile shares every artifact with `cargo test --workspace` (the README's test command).
 cargo build -p loramix-app --profile test --locked
-(cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+(cd tests/e2e && npm install --no-audit --no-fund --loglevel=error)
 
 home=$(mktemp -d)
 cleanup() {
