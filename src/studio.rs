@@ -432,6 +432,44 @@ impl LatentPreview {
     }
 }
 
+/// Per-step previews: the tiny autoencoder when its weights are present, else the linear map.
+#[derive(Clone)]
+pub enum Previewer {
+    Linear(LatentPreview),
+    Tiny(Arc<loramix_models::sdxl::taesd::TinyDecoder>),
+}
+
+impl Previewer {
+    /// TAESD/TAESDXL weights in diffusers layout (`config.json` + `diffusion_pytorch_model.safetensors`)
+    /// from the first of `dirs` that has them.
+    pub fn find_tiny(dirs: &[PathBuf], device: &Device) -> Result<Option<Self>> {
+        for d in dirs {
+            let w = d.join("diffusion_pytorch_model.safetensors");
+            let c = d.join("config.json");
+            if w.exists() && c.exists() {
+                let text = std::fs::read_to_string(&c).map_err(|e| Error::io(&c, e))?;
+                let cfg: loramix_models::sdxl::taesd::TinyDecoderConfig =
+                    serde_json::from_str(&text).map_err(|e| Error::model(&c, format!("not an AutoencoderTiny config: {e}")))?;
+                let vb = crate::weights::WeightSource::from_files(&[w])?.into_var_builder(DType::F32, device);
+                let dec = loramix_models::sdxl::taesd::TinyDecoder::new(vb, &cfg).map_err(|e| Error::model(d, e.to_string()))?;
+                return Ok(Some(Self::Tiny(Arc::new(dec))));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn render(&self, latents: &Tensor) -> Result<image::RgbImage> {
+        match self {
+            Self::Linear(l) => l.render(latents),
+            Self::Tiny(t) => {
+                let z = latents.narrow(0, 0, 1)?.to_dtype(DType::F32)?;
+                let img = t.decode(&z)?;
+                crate::pipeline::to_images(&img)?.into_iter().next().ok_or_else(|| Error::Argument("empty preview".into()))
+            }
+        }
+    }
+}
+
 /// Gaussian elimination with partial pivoting; `b` has several right-hand sides.
 fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
     let n = a.len();
@@ -534,7 +572,7 @@ pub fn random_seed() -> u64 {
 /// Loads models once and runs jobs on them.
 #[derive(Default)]
 pub struct Studio {
-    loaded: Mutex<Option<(String, Arc<SdxlPipeline>, LatentPreview)>>,
+    loaded: Mutex<Option<(String, Arc<SdxlPipeline>, Previewer)>>,
 }
 
 impl Studio {
@@ -542,7 +580,7 @@ impl Studio {
         Self::default()
     }
 
-    fn pipeline(&self, model: &str, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, LatentPreview)> {
+    fn pipeline(&self, model: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((m, p, prev)) = guard.as_ref() {
             if m == model {
@@ -552,7 +590,15 @@ impl Studio {
         on_event(StudioEvent::Loading { model: model.to_string() });
         let t0 = Instant::now();
         let pipe = Arc::new(SdxlPipeline::load(model, &LoadOptions::default())?);
-        let preview = LatentPreview::fit(&pipe)?;
+        // TAESD beside the model, or TAESDXL in the library's models folder, when present.
+        let mut tiny_dirs = vec![Path::new(model).join("taesd")];
+        if let Some(l) = library {
+            tiny_dirs.push(l.join("models/taesdxl"));
+        }
+        let preview = match Previewer::find_tiny(&tiny_dirs, &pipe.device)? {
+            Some(p) => p,
+            None => Previewer::Linear(LatentPreview::fit(&pipe)?),
+        };
         on_event(StudioEvent::Loaded { model: model.to_string(), seconds: t0.elapsed().as_secs_f64() });
         *guard = Some((model.to_string(), pipe.clone(), preview.clone()));
         Ok((pipe, preview))
@@ -589,7 +635,7 @@ impl Studio {
         }
         mix::build(&mix_opts)?;
         let (prompt, tags) = lora::extract_prompt_loras(&settings.prompt)?;
-        let (pipe, preview) = self.pipeline(&settings.model, on_event)?;
+        let (pipe, preview) = self.pipeline(&settings.model, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
         let args = settings
             .loras

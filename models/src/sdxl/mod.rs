@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod resnet;
+pub mod taesd;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
