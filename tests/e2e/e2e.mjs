@@ -3,6 +3,7 @@
 // screenshots (target/e2e/screenshot.png and one per pane).
 import { Builder, By, until } from "selenium-webdriver";
 import fs from "node:fs";
+import { execFileSync } from "node:child_process";
 import path from "node:path";
 
 const repo = path.resolve(process.env.REPO);
@@ -18,9 +19,18 @@ const driver = await new Builder()
 
 const t0 = Date.now();
 const log = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
+// A command that never answers must fail the test, not hang CI.
+function withTimeout(promise, ms, what) {
+  let timer;
+  const t = new Promise((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: no answer in ${ms / 1000}s`)), ms)));
+  return Promise.race([promise, t]).finally(() => clearTimeout(timer));
+}
+// Screenshots come from the X server (ImageMagick's `import` on Xvfb's root window), i.e. the real
+// window as drawn: WebKitWebDriver's own snapshot sometimes never returns under Xvfb.
 async function shot(name) {
   log(`screenshot ${name}`);
-  fs.writeFileSync(path.join(outDir, name), await driver.takeScreenshot(), "base64");
+  await new Promise((r) => setTimeout(r, 400)); // let the pane paint
+  execFileSync("import", ["-window", "root", path.join(outDir, name)], { timeout: 30000 });
 }
 const byTest = (id) => By.css(`[data-testid="${id}"]`);
 async function tab(id) {
@@ -35,8 +45,6 @@ function check(cond, msg) {
 let failed = false;
 try {
   await driver.wait(until.elementLocated(By.css("[data-tab=library]")), 30000);
-  await tab("chat");
-  await shot("llm.png");
   // 1. Import a LoRA fixture through the library pane.
   await tab("library");
   const lora = path.join(repo, "models/miniworld/loras/striped.safetensors");
@@ -79,6 +87,8 @@ try {
   fs.copyFileSync(path.join(outDir, "gallery.png"), path.join(outDir, "screenshot.png"));
   await tab("studio");
   await shot("mix.png");
+  await tab("chat");
+  await shot("llm.png");
 } catch (e) {
   failed = true;
   console.error("e2e failed:", e);
@@ -86,6 +96,6 @@ try {
     await shot("failure.png");
   } catch {}
 } finally {
-  await driver.quit();
+  await withTimeout(driver.quit(), 20000, "quit").catch((e) => console.error(String(e)));
 }
 process.exit(failed ? 1 : 0);

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$(pwd)
 
-for tool in Xvfb WebKitWebDriver; do
-  command -v "$tool" >/dev/null || { echo "e2e: $tool is missing (apt-get install xvfb webkit2gtk-driver)"; exit 1; }
+for tool in Xvfb WebKitWebDriver import; do
+  command -v "$tool" >/dev/null || { echo "e2e: $tool is missing (apt-get install xvfb webkit2gtk-driver imagemagick)"; exit 1; }
 done
 if ! command -v tauri-driver >/dev/null; then
   cargo install tauri-driver --locked --version '^2'
@@ -24,7 +24,7 @@ cleanup() {
 }
 trap cleanup EXIT
 display=:$((90 + RANDOM % 100))
-Xvfb "$display" -screen 0 1400x900x24 -nolisten tcp &
+Xvfb "$display" -screen 0 1280x820x24 -nolisten tcp &
 xvfb_pid=$!
 sleep 1
 export DISPLAY=$display LORAMIX_HOME=$home/library LORAMIX_MODELS=$repo/models
@@ -33,5 +33,5 @@ export WEBKIT_DISABLE_COMPOSITING_MODE=1 WEBKIT_DISABLE_DMABUF_RENDERER=1 LIBGL_
 tauri-driver --port 4444 &
 driver_pid=$!
 sleep 2
-REPO=$repo APP=$repo/target/debug/loramix-app LORAMIX_HOME=$home node tests/e2e/e2e.mjs
+REPO=$repo APP=$repo/target/debug/loramix-app LORAMIX_HOME=$home timeout 600 node tests/e2e/e2e.mjs
 echo "e2e: screenshot at target/e2e/screenshot.png"
