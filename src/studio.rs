@@ -485,8 +485,9 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
             if r != col {
                 let f = a[r][col] / d;
                 if f != 0.0 {
-                    for k in col..n {
-                        a[r][k] -= f * a[col][k];
+                    let pivot_row = a[col].clone();
+                    for (x, p) in a[r][col..].iter_mut().zip(&pivot_row[col..]) {
+                        *x -= f * p;
                     }
                     for k in 0..b[r].len() {
                         b[r][k] -= f * b[col][k];

@@ -355,7 +355,7 @@ impl Rope {
     fn new(cfg: &LlmConfig) -> Self {
         let d = cfg.head_dim;
         let mut inv_freq: Vec<f32> =
-            (0..d / 2).map(|i| (1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32)) as f32).collect();
+            (0..d / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / d as f32)).collect();
         match cfg.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor as f32),
@@ -367,7 +367,8 @@ impl Rope {
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
-                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    // Between the two wavelengths (inclusive): interpolate.
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                     *f = if medium {
                         let smooth = (old / wavelen - lo) / (hi - lo);
                         (1.0 - smooth) * scaled / factor + smooth * scaled
