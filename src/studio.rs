@@ -500,12 +500,7 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
 }
 
 fn parse_role(r: &str) -> Result<Role> {
-    match r {
-        "subject" => Ok(Role::Subject),
-        "style" => Ok(Role::Style),
-        "unknown" | "" => Ok(Role::Unknown),
-        other => Err(Error::Argument(format!("role {other:?}: expected subject or style"))),
-    }
+    Role::parse(r).ok_or_else(|| Error::Argument(format!("role {r:?}: expected subject or style")))
 }
 
 /// What loading one LoRA reported.

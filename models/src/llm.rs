@@ -62,7 +62,8 @@ pub struct LlmConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn ids_of(v: Option<&Value>) -> Vec<u32> {
+/// Token ids given as one number or a list (config.json / generation_config.json).
+pub fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),

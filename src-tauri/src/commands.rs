@@ -403,7 +403,7 @@ impl AppState {
         };
         let tokens = chat.session.encode_messages(&chat.messages, invoke.is_none())?;
         // Reuse the cached conversation when the new tokens extend it.
-        let conv = match chat.conversation.take() {
+        let mut conv = match chat.conversation.take() {
             Some(mut c) if tokens.starts_with(c.tokens()) => {
                 let rest = tokens[c.tokens().len()..].to_vec();
                 c.push(&rest);
@@ -411,7 +411,6 @@ impl AppState {
             }
             _ => chat.session.conversation(&tokens),
         };
-        let mut conv = conv;
         let prefilled = chat.session.prefill(&mut conv)?;
         // aLoRAs are enabled as PEFT enables them; a standard LoRA only when it is the one invoked.
         let enabled: Vec<usize> = chat

@@ -142,14 +142,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Downloads (or finds in the HF cache) the files of an LLM repo; returns its snapshot folder.
 pub fn fetch_llm_repo(repo: &str) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
-    let cache = hf_hub::Cache::from_env();
-    let crepo = cache.model(repo.to_string());
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
-    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()).or_else(|| cache.token());
-    let api = if offline { None } else { ApiBuilder::from_cache(cache.clone()).with_token(token).with_progress(true).build().ok() };
-    let listing: Option<Vec<String>> =
-        api.as_ref().and_then(|a| a.model(repo.to_string()).info().ok()).map(|i| i.siblings.into_iter().map(|s| s.rfilename).collect());
+    let crate::model::HubRepo { cache, cached: crepo, offline, api, listing } = crate::model::HubRepo::open(repo);
     let mut want: Vec<String> = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"]
         .map(String::from)
         .to_vec();
@@ -222,11 +215,7 @@ impl LlmSession {
         let mut eos_tokens = cfg.eos_token_ids.clone();
         if gen_path.exists() {
             let g = read_json(&gen_path)?;
-            let ids: Vec<u32> = match g.get("eos_token_id") {
-                Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
-                _ => vec![],
-            };
+            let ids = loramix_models::llm::ids_of(g.get("eos_token_id"));
             if !ids.is_empty() {
                 eos_tokens = ids;
             }
