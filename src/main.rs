@@ -186,6 +186,9 @@ struct GenerateArgs {
     height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
+    /// Batches run one after another (A1111's batch count); batch i starts at seed + i·batch-size.
+    #[arg(long, default_value_t = 1)]
+    batch_count: usize,
     #[arg(long, default_value = "out")]
     out: PathBuf,
     #[arg(long, default_value = "f32")]
@@ -276,7 +279,13 @@ fn generate(a: GenerateArgs) -> Result<()> {
         batch_size: a.batch_size,
         init_noise,
     };
-    let mut mixer = if mix_loras.is_empty() {
+    if a.batch_count == 0 {
+        anyhow::bail!("--batch-count must be at least 1");
+    }
+    if a.batch_count > 1 && (a.mix_trace.is_some() || a.save_latents.is_some() || req.init_noise.is_some()) {
+        anyhow::bail!("--mix-trace, --save-latents and --init-noise describe one batch: use them with --batch-count 1");
+    }
+    let plan = if mix_loras.is_empty() {
         if a.mix_trace.is_some() {
             anyhow::bail!("--mix-trace needs at least one --lora");
         }
@@ -314,8 +323,49 @@ fn generate(a: GenerateArgs) -> Result<()> {
             );
             mix_opts.est_previews = Some(previews);
         }
-        Some(mix::Mixer::new(&targets, plan, mix::build(&mix_opts)?)?)
+        Some(plan)
     };
+    let sampler = match sampler {
+        Some(s) => Some(s),
+        None => Some(pipe.default_sampler()?),
+    };
+    let hashes = ll.hashes.clone();
+    let mut idx = output::first_free_index(&a.out);
+    let mut written = Vec::with_capacity(a.batch_count * a.batch_size);
+    for batch in 0..a.batch_count {
+        let t_batch = Instant::now();
+        let mut req = req.clone();
+        req.seed = seed + (batch * a.batch_size) as u64;
+        req.sampler = sampler;
+        let mixer = plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?;
+        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, &mut idx)?);
+        eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
+    }
+    // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
+    let mut stdout = std::io::stdout().lock();
+    for path in &written {
+        if writeln!(stdout, "{}", path.display()).is_err() {
+            break;
+        }
+    }
+    eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// One batch of `generate`: denoise (with the mixer, if any), decode, write the PNGs with their
+/// A1111 `parameters` and our JSON chunk; returns the paths written.
+#[allow(clippy::too_many_arguments)]
+fn generate_batch(
+    a: &GenerateArgs,
+    pipe: &SdxlPipeline,
+    req: &GenerateRequest,
+    mut mixer: Option<mix::Mixer>,
+    (batch_index, seed): (usize, u64),
+    loaded: &[(lora::LoadedLora, f64)],
+    prompt_tags: &[(String, f64)],
+    hashes: &[(String, String)],
+    idx: &mut usize,
+) -> anyhow::Result<Vec<PathBuf>> {
     let bar = ProgressBar::new(a.steps as u64);
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -325,7 +375,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let tty = std::io::stderr().is_terminal();
-    let latents = pipe.generate_latents_mixed(&req, mixer.as_mut().map(|m| m as &mut dyn loramix::pipeline::StepMixer), &mut |p| {
+    let latents = pipe.generate_latents_mixed(req, mixer.as_mut().map(|m| m as &mut dyn loramix::pipeline::StepMixer), &mut |p| {
         let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
         if tty {
             bar.set_length(p.steps as u64);
@@ -354,10 +404,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
     }
     let images = pipe.decode(&latents)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let sampler = match sampler {
+    let sampler = match req.sampler {
         Some(s) => s,
         None => pipe.default_sampler()?,
     };
+    let (dw, dh) = pipe.default_size();
     let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
     // The same record the app writes: A1111 `parameters` (with <lora:..> tags and Lora hashes,
     // so A1111 and our drop-to-restore re-apply them) and our JSON chunk with the full settings.
@@ -371,7 +422,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         seed: Some(seed),
         width: w,
         height: h,
-        batch_count: 1,
+        batch_count: a.batch_count,
         batch_size: a.batch_size,
         loras: loaded
             .iter()
@@ -382,35 +433,25 @@ fn generate(a: GenerateArgs) -> Result<()> {
         klora_pattern: a.klora_pattern.clone(),
         switch_every: a.switch_every,
     };
-    let hashes = ll.hashes.clone();
-    let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
         let rec = studio::ImageRecord {
             settings: settings.clone(),
-            seed,
-            batch_index: 0,
+            seed: req.seed,
+            batch_index,
             index_in_batch: i,
             width: w,
             height: h,
             sampler: sampler.a1111_name().to_string(),
-            lora_hashes: hashes.clone(),
+            lora_hashes: hashes.to_vec(),
             mix_trace: summary.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        let path = output::next_image_path(&a.out, seed, &mut idx);
+        let path = output::next_image_path(&a.out, req.seed, idx);
         output::write_atomic(&path, &studio::encode_image(img, &rec)?)?;
         written.push(path);
     }
-    // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
-    let mut stdout = std::io::stdout().lock();
-    for path in &written {
-        if writeln!(stdout, "{}", path.display()).is_err() {
-            break;
-        }
-    }
-    eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
-    Ok(())
+    Ok(written)
 }
 
 fn eval_command(a: EvalArgs) -> Result<()> {

@@ -16,9 +16,12 @@ const MAX_SCORE_ELEMENTS: usize = 64 * 1024 * 1024;
 /// `softmax(q kᵀ · scale) v` for `q: [b, h, lq, d]`, `k, v: [b, h, lk, d]`.
 ///
 /// Scores and softmax run in f32 whatever the input dtype (half-precision softmax over long
-/// rows loses several bits); the result has the dtype of `q`.
+/// rows loses several bits); the result has the dtype of `q`. On CUDA with head dim 64 this is
+/// our fused kernel (`fused.rs`), which never materialises the scores.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
+    if crate::fused::attention_is_fused(q, k, v) {
+        crate::fused::attention_hd64(q, k, v, scale)
+    } else if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {
         blocked_cpu(q, k, v, scale)
     } else {
         sliced(q, k, v, scale)

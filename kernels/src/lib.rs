@@ -8,10 +8,12 @@ pub mod activation;
 pub mod attention;
 pub mod conv;
 pub mod finite;
+pub mod fused;
 pub mod norm;
 
 pub use activation::geglu;
 pub use attention::scaled_dot_product_attention;
 pub use conv::conv2d;
 pub use finite::{count_non_finite, RawDType};
+pub use fused::{attention_hd64, lora_branch};
 pub use norm::{group_norm, GroupNormParams};

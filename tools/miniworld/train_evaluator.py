@@ -128,8 +128,12 @@ def main():
             print(name, json.dumps(acc), flush=True)
     os.makedirs(a.out, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(a.out, "model.safetensors"))
-    with open(os.path.join(a.out, "config.json"), "w") as fh:
-        json.dump({"heads": HEADS, "input_size": 64}, fh, indent=1)
+    # Keep the other sections (train_style_stats.py adds "style_statistics").
+    cfg_path = os.path.join(a.out, "config.json")
+    cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else {}
+    cfg.update({"heads": HEADS, "input_size": 64})
+    with open(cfg_path, "w") as fh:
+        json.dump(cfg, fh, indent=1)
     # Parity goldens for the Rust runner.
     fx = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "evaluator")
     os.makedirs(fx, exist_ok=True)

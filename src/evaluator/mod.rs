@@ -1,7 +1,12 @@
 //! The miniworld evaluator: how well an image keeps the requested subject, the requested style,
 //! and the rest of the prompt (object colour and shape, background). It runs the small CNN that
 //! `tools/miniworld/train_evaluator.py` trains on world renders (one softmax head per attribute)
-//! and reads scores as the probability of the requested class. Deterministic: no sampling.
+//! and reads scores as the probability of the requested class. Style fidelity comes from texture
+//! and palette statistics instead (`texture.rs`), where the evaluator ships them. Deterministic.
+
+mod texture;
+
+pub use texture::{StyleStatistics, StyleStatisticsConfig};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,12 +22,15 @@ use crate::weights::SafetensorsFile;
 struct EvaluatorConfig {
     heads: BTreeMap<String, Vec<String>>,
     input_size: usize,
+    #[serde(default)]
+    style_statistics: Option<StyleStatisticsConfig>,
 }
 
 pub struct MiniworldEvaluator {
     convs: Vec<Conv2d>,
     heads: BTreeMap<String, (Linear, Vec<String>)>,
     input_size: usize,
+    style: Option<StyleStatistics>,
     device: Device,
 }
 
@@ -31,7 +39,8 @@ pub struct MiniworldEvaluator {
 pub struct Scores {
     /// P(the requested subject's emblem).
     pub subject: Option<f64>,
-    /// P(the requested rendering style).
+    /// P(the requested rendering style), from texture and palette statistics when the evaluator
+    /// ships them (else from the CNN's style head).
     pub style: Option<f64>,
     /// Mean P of the requested object colour, shape and background.
     pub alignment: Option<f64>,
@@ -88,11 +97,17 @@ impl MiniworldEvaluator {
             let l = candle_nn::linear(128, classes.len(), vb.pp(format!("heads.{name}"))).map_err(wrap)?;
             heads.insert(name.clone(), (l, classes.clone()));
         }
-        Ok(Self { convs, heads, input_size: cfg.input_size, device: device.clone() })
+        let style = cfg.style_statistics.map(|c| StyleStatistics::load(dir, c)).transpose()?;
+        Ok(Self { convs, heads, input_size: cfg.input_size, style, device: device.clone() })
     }
 
     pub fn heads(&self) -> BTreeMap<String, Vec<String>> {
         self.heads.iter().map(|(k, (_, c))| (k.clone(), c.clone())).collect()
+    }
+
+    /// The texture/palette style classifier, where the evaluator ships one.
+    pub fn style_statistics(&self) -> Option<&StyleStatistics> {
+        self.style.as_ref()
     }
 
     /// Logits per head for `[B, 3, S, S]` pixels in [0, 255].
@@ -128,6 +143,7 @@ impl MiniworldEvaluator {
         let want = requested(prompt, &self.heads());
         let mut probs: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut predicted = BTreeMap::new();
+        let mut style_classes: Option<Vec<String>> = None;
         for (k, l) in &logits {
             let p = candle_nn::ops::softmax(&l.squeeze(0)?, 0)?.to_vec1::<f32>()?;
             let classes = &self.heads[k].1;
@@ -135,9 +151,21 @@ impl MiniworldEvaluator {
             predicted.insert(k.clone(), best);
             probs.insert(k.clone(), p);
         }
+        if let Some(st) = &self.style {
+            let p: Vec<f32> = st.probabilities(&img).into_iter().map(|v| v as f32).collect();
+            let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| st.classes()[i].clone()).unwrap_or_default();
+            predicted.insert("style".to_string(), best);
+            // The statistics' classes replace the CNN head's for the lookup below.
+            style_classes = Some(st.classes().to_vec());
+            probs.insert("style".to_string(), p);
+        }
         let prob = |head: &str| -> Option<f64> {
             let class = want.get(head)?;
-            let i = self.heads.get(head)?.1.iter().position(|c| c == class)?;
+            let classes = match (head, &style_classes) {
+                ("style", Some(c)) => c,
+                _ => &self.heads.get(head)?.1,
+            };
+            let i = classes.iter().position(|c| c == class)?;
             Some(probs.get(head)?[i] as f64)
         };
         let parts: Vec<f64> = ["color", "shape", "background"].iter().filter_map(|h| prob(h)).collect();
