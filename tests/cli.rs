@@ -128,3 +128,42 @@ fn closed_stdout_does_not_lose_images() {
     assert!(status.success());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 3);
 }
+
+/// `--batch-count 2 --batch-size 2 --seed 5`: four images, the second batch from seed 7, equal to
+/// a run of its own with `--seed 7`, each batch timed on stderr; per-batch files are refused.
+#[test]
+fn batch_count_runs_batches_from_consecutive_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let run = |seed: &str, count: &str, out: &std::path::Path| {
+        loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "2", "--batch-size", "2"])
+            .args(["--seed", seed, "--batch-count", count, "--width", "32", "--height", "32"])
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = run("5", "2", &tmp.path().join("both"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("batch 1/2: ") && stderr.contains("batch 2/2: "), "{stderr}");
+    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let names: Vec<&str> = paths.iter().map(|p| p.rsplit('/').next().unwrap()).collect();
+    assert_eq!(names, ["00000-5.png", "00001-5.png", "00002-7.png", "00003-7.png"]);
+    let alone = run("7", "1", &tmp.path().join("alone"));
+    assert!(alone.status.success());
+    let alone_paths: Vec<String> = String::from_utf8_lossy(&alone.stdout).lines().map(str::to_string).collect();
+    for (a, b) in paths[2..].iter().zip(&alone_paths) {
+        let (a, b) = (image::open(a).unwrap().to_rgb8(), image::open(b).unwrap().to_rgb8());
+        assert_eq!(a.as_raw(), b.as_raw(), "batch 2 of seed 5 is the batch of seed 7");
+    }
+    let text = String::from_utf8_lossy(&std::fs::read(&paths[2]).unwrap()).to_string();
+    assert!(text.contains("Seed: 7"), "the second batch's images carry their own seed");
+    let bad = loramix()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--batch-count", "2", "--save-latents"])
+        .arg(tmp.path().join("l.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--batch-count 1"));
+}

@@ -3,7 +3,9 @@
 //! need a CUDA device and fail without one. The reference tests run everywhere.
 
 use candle_core::{DType, Device, Result, Tensor};
-use loramix_kernels::fused::{attention_hd64, attention_reference, lora_branch, lora_branch_reference};
+use loramix_kernels::fused::{attention_hd64, lora_branch};
+#[cfg(feature = "cuda")]
+use loramix_kernels::fused::{attention_reference, lora_branch_reference};
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
