@@ -75,8 +75,8 @@ fn prompts_are_parsed_into_requested_attributes() {
 
 /// On images our engine makes with the base model, the evaluator's prompt alignment is high for
 /// the prompt that made them and low for a prompt that asks for something else. (The LoRA
-/// ranking — subject LoRAs high on subject fidelity, style LoRAs on style fidelity — waits for
-/// LoRAs that learn their subject; see the README's miniworld section.)
+/// rankings — subject LoRAs high on subject fidelity, style LoRAs on style fidelity — are in
+/// tests/miniworld_loras.rs.)
 #[test]
 fn alignment_ranks_the_right_prompt_above_a_wrong_one() {
     let ev = evaluator();
@@ -89,7 +89,7 @@ fn alignment_ranks_the_right_prompt_above_a_wrong_one() {
     let wrong = mean("a small blue square on a navy background, flat style");
     eprintln!("alignment: {right:.3} with its own prompt, {wrong:.3} with another");
     assert!(right > 0.7 && right > wrong + 0.4, "{right:.3} vs {wrong:.3}");
-    // No subject was asked for, so there is no subject score; the style head sees "flat".
+    // No subject was asked for, so there is no subject score; "flat style" was.
     let s = ev.score(&imgs[0], prompt).unwrap();
     assert_eq!(s.subject, None);
     assert!(s.style.is_some());

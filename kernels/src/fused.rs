@@ -73,7 +73,7 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, InplaceOpN, Layout, Result, Shape, Storage, Tensor};
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, InplaceOp3, Layout, Result, Shape, Storage, Tensor};
     use half::{bf16, f16};
 
     const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
@@ -163,13 +163,16 @@ mod cuda {
         scales: Tensor,
     }
 
-    impl InplaceOpN<2> for LoraBranch {
+    impl InplaceOp3 for LoraBranch {
         fn name(&self) -> &'static str {
             "loramix-lora-branch"
         }
 
-        fn cuda_fwd(&self, out: &mut CudaStorage, ol: &Layout, srcs: [(&CudaStorage, &Layout); 2]) -> Result<()> {
-            let [(x, xl), (a, al)] = srcs;
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+            bail!("the fused LoRA branch is CUDA-only; the CPU uses lora_branch_reference")
+        }
+
+        fn cuda_fwd(&self, out: &mut CudaStorage, ol: &Layout, x: &CudaStorage, xl: &Layout, a: &CudaStorage, al: &Layout) -> Result<()> {
             let (m, kd) = xl.shape().dims2()?;
             let (r, _) = al.shape().dims2()?;
             let (_, n) = ol.shape().dims2()?;

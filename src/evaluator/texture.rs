@@ -79,7 +79,7 @@ impl StyleStatistics {
                 ),
             ));
         }
-        if let Some(i) = std.iter().position(|s| !(*s > 0.0)) {
+        if let Some(i) = std.iter().position(|s| s.is_nan() || *s <= 0.0) {
             return Err(Error::model(&path, format!("std[{i}] must be positive")));
         }
         Ok(Self { weight: weight.to_vec2::<f64>()?, config, mean, std, bias })
