@@ -172,6 +172,37 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     Ok(acc)
 }
 
+/// On CUDA, every active low-rank branch of the layer in one launch of our kernel
+/// (`loramix_kernels::lora_branch`): the LoRAs' down matrices stacked, their up matrices side by
+/// side, one scale per rank row. `None` where a branch has no low-rank form (the caller then runs
+/// the branches one by one). Stacking per call copies only the small factor matrices.
+#[cfg(feature = "cuda")]
+fn fused_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
+    let active: Vec<&LowRankBranch> = state.branches.iter().filter(|b| b.weight != 0.0).collect();
+    if active.is_empty() || !x.device().is_cuda() {
+        return Ok(None);
+    }
+    let (mut downs, mut ups, mut scales) = (vec![], vec![], vec![]);
+    for b in &active {
+        match &b.weights {
+            BranchWeights::LowRank { down, up } if down.rank() == 2 => {
+                scales.extend(std::iter::repeat_n((b.weight * b.scale) as f32, down.dim(0)?));
+                downs.push(down.to_dtype(x.dtype())?);
+                ups.push(up.to_dtype(x.dtype())?);
+            }
+            _ => return Ok(None),
+        }
+    }
+    let a = Tensor::cat(&downs, 0)?;
+    let bm = Tensor::cat(&ups, 1)?;
+    let in_f = x.dim(candle_core::D::Minus1)?;
+    let out_dims = y.dims().to_vec();
+    let out_f = *out_dims.last().unwrap_or(&0);
+    let x2 = x.reshape(((), in_f))?;
+    let y2 = y.reshape(((), out_f))?;
+    Ok(Some(loramix_kernels::lora_branch(&y2, &x2, &a, &bm, &scales)?.reshape(out_dims)?))
+}
+
 impl Module for AdaptableLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let state = self.slot.read();
@@ -179,6 +210,10 @@ impl Module for AdaptableLinear {
             Some(w) => Linear::new(w.clone(), self.base.bias().cloned()).forward(x)?,
             None => self.base.forward(x)?,
         };
+        #[cfg(feature = "cuda")]
+        if let Some(out) = fused_linear_branches(x, &y, &state)? {
+            return Ok(out);
+        }
         match linear_branches(x, &state)? {
             Some(delta) => y + delta,
             None => Ok(y),
