@@ -53,8 +53,9 @@ pub fn lora_branch(base: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, scales: &[
             base.dims()
         );
     }
+    // The kernel keeps 16 rows × r floats in shared memory: 48 KiB without an opt-in, r ≤ 768.
     #[cfg(feature = "cuda")]
-    if base.device().is_cuda() && matches!(base.dtype(), DType::F16 | DType::BF16 | DType::F32) {
+    if base.device().is_cuda() && matches!(base.dtype(), DType::F16 | DType::BF16 | DType::F32) && r <= 768 {
         return cuda::lora_branch(base, x, a, b, scales);
     }
     lora_branch_reference(base, x, a, b, scales)
