@@ -8,6 +8,7 @@ const KERNELS: [&str; 2] = ["attention", "lora"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=cuda/dtype.cuh");
     for k in KERNELS {
         println!("cargo:rerun-if-changed=cuda/{k}.cu");
     }

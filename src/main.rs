@@ -325,10 +325,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         Some(plan)
     };
-    let sampler = match sampler {
-        Some(s) => Some(s),
-        None => Some(pipe.default_sampler()?),
-    };
     let hashes = ll.hashes.clone();
     let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(a.batch_count * a.batch_size);
@@ -336,7 +332,6 @@ fn generate(a: GenerateArgs) -> Result<()> {
         let t_batch = Instant::now();
         let mut req = req.clone();
         req.seed = seed + (batch * a.batch_size) as u64;
-        req.sampler = sampler;
         let mixer = plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?;
         written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, &mut idx)?);
         eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());

@@ -5,21 +5,12 @@
 //
 // q: [bh, lq, 64], k and v: [bh, lk, 64], out: [bh, lq, 64]; all contiguous, same dtype.
 // Launch: grid (ceil(lq / ROWS), bh), block ROWS threads.
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "dtype.cuh"
 #include <stdint.h>
 
 #define HEAD_DIM 64
 #define ROWS 128
 #define KEY_TILE 64
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __device__ void attention_hd64(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,

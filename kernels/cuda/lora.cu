@@ -7,19 +7,10 @@
 // Launch: grid (ceil(m / ROWS)), block THREADS threads, dynamic shared memory ROWS * r_total floats.
 // Phase 1 puts the block's ROWS × r_total low-rank activations in shared memory; phase 2 expands
 // them through b into the block's output rows. The [m, r_total] intermediate never leaves the chip.
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "dtype.cuh"
 
 #define ROWS 16
 #define THREADS 256
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __device__ void lora_branch(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,

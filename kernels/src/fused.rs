@@ -30,14 +30,9 @@ pub fn attention_hd64(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<
     attention_reference(q, k, v, scale)
 }
 
-/// The composed reference: scores and softmax in f32, result in q's dtype.
-pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let dt = q.dtype();
-    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
-    let s = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let p = crate::attention::softmax_last_dim(&s)?;
-    p.matmul(&v.contiguous()?)?.to_dtype(dt)
-}
+/// The composed reference: the sliced path of `attention.rs` (scores and softmax in f32, result in
+/// q's dtype), which other devices and dtypes already use.
+pub use crate::attention::sliced as attention_reference;
 
 /// `base + ((x aᵀ) ⊙ scales) bᵀ` for `x: [m, k]`, `a: [r, k]` (the LoRAs' down matrices stacked),
 /// `b: [n, r]` (their up matrices side by side), `scales: [r]` (each row's LoRA weight) and

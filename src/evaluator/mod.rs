@@ -143,39 +143,42 @@ impl MiniworldEvaluator {
         let want = requested(prompt, &self.heads());
         let mut probs: BTreeMap<String, Vec<f32>> = BTreeMap::new();
         let mut predicted = BTreeMap::new();
-        let mut style_classes: Option<Vec<String>> = None;
         for (k, l) in &logits {
             let p = candle_nn::ops::softmax(&l.squeeze(0)?, 0)?.to_vec1::<f32>()?;
-            let classes = &self.heads[k].1;
-            let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| classes[i].clone()).unwrap_or_default();
-            predicted.insert(k.clone(), best);
+            predicted.insert(k.clone(), most_likely(&p, &self.heads[k].1));
             probs.insert(k.clone(), p);
-        }
-        if let Some(st) = &self.style {
-            let p: Vec<f32> = st.probabilities(&img).into_iter().map(|v| v as f32).collect();
-            let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| st.classes()[i].clone()).unwrap_or_default();
-            predicted.insert("style".to_string(), best);
-            // The statistics' classes replace the CNN head's for the lookup below.
-            style_classes = Some(st.classes().to_vec());
-            probs.insert("style".to_string(), p);
         }
         let prob = |head: &str| -> Option<f64> {
             let class = want.get(head)?;
-            let classes = match (head, &style_classes) {
-                ("style", Some(c)) => c,
-                _ => &self.heads.get(head)?.1,
-            };
-            let i = classes.iter().position(|c| c == class)?;
+            let i = self.heads.get(head)?.1.iter().position(|c| c == class)?;
             Some(probs.get(head)?[i] as f64)
+        };
+        // Style from the texture statistics where they ship; their classes are their own.
+        let style = match &self.style {
+            Some(st) => {
+                let p = st.probabilities(&img);
+                predicted.insert("style".to_string(), most_likely(&p, st.classes()));
+                want.get("style").and_then(|class| st.classes().iter().position(|c| c == class)).map(|i| p[i])
+            }
+            None => prob("style"),
         };
         let parts: Vec<f64> = ["color", "shape", "background"].iter().filter_map(|h| prob(h)).collect();
         Ok(Scores {
             subject: prob("subject"),
-            style: prob("style"),
+            style,
             alignment: (!parts.is_empty()).then(|| parts.iter().sum::<f64>() / parts.len() as f64),
             predicted,
         })
     }
+}
+
+/// The class with the highest probability ("" for no classes).
+fn most_likely<P: PartialOrd>(p: &[P], classes: &[String]) -> String {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.partial_cmp(b.1).unwrap_or(std::cmp::Ordering::Equal))
+        .and_then(|(i, _)| classes.get(i).cloned())
+        .unwrap_or_default()
 }
 
 /// The prompt stored in one of our (or A1111's) PNGs: the first line of `parameters`.

@@ -170,10 +170,9 @@ def main():
     d = sub.add_parser("diffusers")
     d.add_argument("dir")
     d.add_argument("--lora", action="append", default=[])
-    for p in (d,):
-        p.add_argument("--steps", type=int, default=30)
-        p.add_argument("--cfg", type=float, default=5.0)
-        p.add_argument("--iters", type=int, default=2)
+    d.add_argument("--steps", type=int, default=30)
+    d.add_argument("--cfg", type=float, default=5.0)
+    d.add_argument("--iters", type=int, default=2)
     f = sub.add_parser("flops")
     f.add_argument("dir")
     for p in (d, f):
