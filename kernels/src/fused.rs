@@ -12,10 +12,19 @@ use candle_core::{DType, Result, Tensor, D};
 /// Head dimension the fused attention kernel is specialised for (SDXL's and most LLMs').
 pub const FUSED_HEAD_DIM: usize = 64;
 
+/// Whether our kernels are in use: `LORAMIX_FUSED_KERNELS=0` runs the composed references instead,
+/// so that a benchmark can time both in one build (tools/bench/gpu.sh) and a suspected kernel bug
+/// can be ruled out without rebuilding.
+pub fn fused_kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("LORAMIX_FUSED_KERNELS").map(|v| v.trim() != "0").unwrap_or(true))
+}
+
 /// Whether `attention_hd64` runs our kernel (rather than the reference) for these inputs.
 pub fn attention_is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && q.device().is_cuda()
+        && fused_kernels_enabled()
         && q.rank() == 4
         && [q, k, v].iter().all(|t| t.dim(D::Minus1).ok() == Some(FUSED_HEAD_DIM) && t.dtype() == q.dtype())
         && matches!(q.dtype(), DType::F16 | DType::BF16 | DType::F32)
@@ -50,7 +59,7 @@ pub fn lora_branch(base: &Tensor, x: &Tensor, a: &Tensor, b: &Tensor, scales: &[
     }
     // The kernel keeps 16 rows × r floats in shared memory: 48 KiB without an opt-in, r ≤ 768.
     #[cfg(feature = "cuda")]
-    if base.device().is_cuda() && matches!(base.dtype(), DType::F16 | DType::BF16 | DType::F32) && r <= 768 {
+    if base.device().is_cuda() && matches!(base.dtype(), DType::F16 | DType::BF16 | DType::F32) && r <= 768 && fused_kernels_enabled() {
         return cuda::lora_branch(base, x, a, b, scales);
     }
     lora_branch_reference(base, x, a, b, scales)
@@ -74,8 +83,10 @@ mod cuda {
 
     const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
-    /// Must match ROWS in attention.cu and ROWS / THREADS in lora.cu.
-    const ATTENTION_ROWS: u32 = 128;
+    /// Must match ROWS and TC_ROWS (query rows per block; 128 threads each) in attention.cu and
+    /// ROWS / THREADS in lora.cu.
+    const ATTENTION_ROWS_F32: u32 = 128;
+    const ATTENTION_ROWS_TC: u32 = 64;
     const LORA_ROWS: u32 = 16;
     const LORA_THREADS: u32 = 256;
 
@@ -119,9 +130,13 @@ mod cuda {
                 bail!("fused attention: q {:?}, k {:?}, v {:?} (head dim must be 64)", ql.shape(), kl.shape(), vl.shape());
             }
             let dev = q.device().clone();
-            let name = format!("attention_hd64_{}", suffix(q.dtype())?);
+            // Half precision goes through the tensor cores; f32 through the CUDA cores.
+            let (name, rows) = match q.dtype() {
+                DType::F32 => ("attention_hd64_f32".to_string(), ATTENTION_ROWS_F32),
+                dt => (format!("attention_hd64_tc_{}", suffix(dt)?), ATTENTION_ROWS_TC),
+            };
             let func = dev.get_or_load_custom_func(&name, "loramix_attention", ATTENTION_PTX)?;
-            let cfg = LaunchConfig { grid_dim: ((lq as u32).div_ceil(ATTENTION_ROWS), (b * h) as u32, 1), block_dim: (ATTENTION_ROWS, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: ((lq as u32).div_ceil(rows), (b * h) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
             let (lq_i, lk_i) = (lq as i32, lk as i32);
             macro_rules! launch {
                 ($t:ty) => {{

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # SDXL on the GPU machine, ours beside diffusers in one run: seconds per 1024² image (30 steps,
 # batch 1, CFG 5, Euler), then the same with two LoRAs under merge and under klora; the UNet's FLOPs
-# per step and the floor they set at the measured fp16 matmul rate; and our CUDA kernel tests.
+# per step and the floor they set at the measured fp16 matmul rate; and our CUDA kernel tests and
+# kernel timings. Rows marked "candle paths" run with LORAMIX_FUSED_KERNELS=0: the same build with
+# our kernels switched off, so the table shows what they are worth end to end.
 #
 #   here:             bash tools/cuda/build.sh          (makes .gpu/loramix.gz, .gpu/kernel-tests.gz)
 #                     python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers
@@ -23,11 +25,16 @@ if [ "$small" = 1 ]; then
   size=small; px=256; steps=3; count=3; device=cpu; dtype=f32
   bin=${LORAMIX_BIN:-target/release/loramix}
 else
-  size=full; px=1024; steps=30; count=3; device=cuda; dtype=f16
-  lib=$("$PY" -c "import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))" 2>/dev/null || true)
-  [ -n "$lib" ] && [ -d "$lib/nvidia/cu13/lib" ] && export LD_LIBRARY_PATH="$lib/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}"
+  size=full; px=1024; steps=30; count=${GPU_BENCH_COUNT:-3}; device=cuda; dtype=f16
+  # The CUDA 13 libraries the binary needs, from the machine's PyTorch wheels.
+  lib=$("$PY" -c "import nvidia, os; print(nvidia.__path__[0])" 2>/dev/null || true)
+  for so in libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudart.so.13; do
+    found=$([ -n "$lib" ] && find "$lib" -name "$so" -print -quit 2>/dev/null || true)
+    [ -n "$found" ] && export LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
+  done
   bin=$work/loramix
   gzip -dc .gpu/loramix.gz > "$bin" && chmod +x "$bin"
+  ldd "$bin" | grep "not found" && { echo "missing libraries for $bin (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"; exit 1; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 fi
 if ! "$PY" -c "import diffusers" 2>/dev/null; then
@@ -38,7 +45,13 @@ fi
 # Kernel tests first: a wrong kernel makes every timing below meaningless.
 if [ "$small" = 0 ] && [ -f .gpu/kernel-tests.gz ]; then
   gzip -dc .gpu/kernel-tests.gz > "$work/kernel-tests" && chmod +x "$work/kernel-tests"
-  "$work/kernel-tests" --include-ignored --nocapture 2>&1 | grep -E "rel L2|^test |test result"
+  "$work/kernel-tests" --include-ignored --nocapture 2>&1 | grep -E "rel L2|^test |test result|panicked" \
+    || echo "KERNEL TESTS FAILED: the rows below that use our kernels are not valid"
+fi
+if [ "$small" = 0 ] && [ -f .gpu/kernel-bench.gz ]; then
+  gzip -dc .gpu/kernel-bench.gz > "$work/kernel-bench" && chmod +x "$work/kernel-bench"
+  echo
+  "$work/kernel-bench"
 fi
 
 model=$work/sdxl-$size
@@ -49,14 +62,17 @@ loras=(--lora "$model/loras/subject.safetensors" --lora "$model/loras/style.safe
 # cuBLAS handles), the rest are timed per image (text encoding, denoising, VAE decode: what a
 # diffusers pipeline call covers).
 ours() {
+  local tag=$1
+  shift
   "$bin" generate --model "$model" --prompt "a photo" --steps "$steps" --cfg 5 --sampler euler --seed 0 \
-    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$count" --out "$work/out" "$@" 2>&1 >/dev/null \
-    | awk '/^batch [0-9]+\/[0-9]+: / { n++; if (n > 1) { sub("s$", "", $3); print $3 } }' | sort -g \
+    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$count" --out "$work/out" "$@" \
+    >/dev/null 2>"$work/ours-$tag.log" || { echo "ours ($tag) failed:" >&2; tail -5 "$work/ours-$tag.log" >&2; }
+  awk '/^batch [0-9]+\/[0-9]+: / { n++; if (n > 1) { sub("s$", "", $3); print $3 } }' "$work/ours-$tag.log" | sort -g \
     | awk '{ t[++m] = $1 } END { if (m == 0) print "nan"; else print t[int((m + 1) / 2)] }'
 }
 theirs() {
-  "$PY" tools/bench/gpu_side.py diffusers "$model" --steps "$steps" --cfg 5 --height "$px" --width "$px" --iters $((count - 1)) "$@" 2>/dev/null \
-    | tail -1 | "$PY" -c "import json, sys; print(json.load(sys.stdin)['seconds_per_image'])"
+  "$PY" tools/bench/gpu_side.py diffusers "$model" --steps "$steps" --cfg 5 --height "$px" --width "$px" --iters $((count - 1)) "$@" 2>>"$work/diffusers.log" \
+    | tail -1 | tee -a "$work/diffusers.jsonl" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['seconds_per_image'])" || echo nan
 }
 
 flops=$("$PY" tools/bench/gpu_side.py flops "$model" --height "$px" --width "$px" 2>/dev/null | tail -1)
@@ -65,16 +81,19 @@ read -r step_flops rate floor < <(echo "$flops" | "$PY" -c "import json, sys; d 
 echo
 echo "| ${px}², $steps steps, batch 1, CFG 5 ($dtype) | ours (s/image) | diffusers (s/image) | diffusers / ours |"
 echo "|---|---|---|---|"
-for row in plain merge klora; do
+plain_theirs=""
+for row in plain plain-candle merge klora klora-candle; do
   case $row in
-    plain) o=$(ours); t=$(theirs) ;;
-    merge) o=$(ours "${loras[@]}" --mix merge); t=$(theirs --lora "$model/loras/subject.safetensors" --lora "$model/loras/style.safetensors") ;;
-    klora) o=$(ours "${loras[@]}" --mix klora); t="" ;;
+    plain) o=$(ours plain); t=$(theirs); plain_theirs=$t; label="plain" ;;
+    plain-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours plain-candle); t=$plain_theirs; label="plain, candle paths" ;;
+    merge) o=$(ours merge "${loras[@]}" --mix merge); t=$(theirs --lora "$model/loras/subject.safetensors" --lora "$model/loras/style.safetensors"); label="2 LoRAs, merge (diffusers: fuse_lora)" ;;
+    klora) o=$(ours klora "${loras[@]}" --mix klora); t=""; label="2 LoRAs, klora (diffusers has no K-LoRA)" ;;
+    klora-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours klora-candle "${loras[@]}" --mix klora); t=""; label="2 LoRAs, klora, candle paths" ;;
   esac
   if [ -n "$t" ]; then
-    echo "| $row | $(printf "%.3f" "$o") | $(printf "%.3f" "$t") | $(awk -v a="$t" -v b="$o" 'BEGIN { printf "%.2f", a / b }') |"
+    echo "| $label | $(printf "%.3f" "$o") | $(printf "%.3f" "$t") | $(awk -v a="$t" -v b="$o" 'BEGIN { printf "%.2f", a / b }') |"
   else
-    echo "| $row (diffusers has no K-LoRA) | $(printf "%.3f" "$o") | — | — |"
+    echo "| $label | $(printf "%.3f" "$o") | — | — |"
   fi
 done
 echo
