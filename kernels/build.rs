@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["attention", "lora"];
+const KERNELS: [&str; 3] = ["attention", "lora", "elementwise"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

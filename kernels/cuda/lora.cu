@@ -4,13 +4,17 @@
 // ([n, r_total]) and scale[r] is the weight of the LoRA that row r belongs to (strength · alpha / rank;
 // 0 switches a LoRA off without re-stacking). x: [m, k], out: [m, n]; all row-major, contiguous.
 //
-// Launch: grid (ceil(m / ROWS)), block THREADS threads, dynamic shared memory ROWS * r_total floats.
-// Phase 1 puts the block's ROWS × r_total low-rank activations in shared memory; phase 2 expands
-// them through b into the block's output rows. The [m, r_total] intermediate never leaves the chip.
+// Launch: grid (ceil(m / ROWS)), block THREADS threads, dynamic shared memory ROWS * r_total floats
+// (r_total ≤ 256 keeps the total under the 48 KiB a kernel gets without opting in).
+// Phase 1 puts the block's ROWS × r_total low-rank activations in shared memory: x's rows and a's
+// rows are staged through shared memory in chunks of KC columns, each warp owning two rows and
+// each lane one rank row, so x is read from memory once per block. Phase 2 expands them through b
+// into the block's output rows. The [m, r_total] intermediate never leaves the chip.
 #include "dtype.cuh"
 
 #define ROWS 16
 #define THREADS 256
+#define KC 128
 
 template <typename T>
 __device__ void lora_branch(const T* __restrict__ x, const T* __restrict__ a, const T* __restrict__ b,
@@ -18,17 +22,37 @@ __device__ void lora_branch(const T* __restrict__ x, const T* __restrict__ a, co
     extern __shared__ float low[];  // [ROWS][r_total]
     const int row0 = blockIdx.x * ROWS;
     const int rows = min(ROWS, m - row0);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = THREADS / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;  // THREADS / 32 = 8 warps, 2 rows each
 
-    // Phase 1: one warp per (row, r) dot product over k, lanes striding k.
-    for (int idx = warp; idx < rows * r_total; idx += warps) {
-        const int i = idx / r_total, r = idx % r_total;
-        const T* xr = x + (size_t)(row0 + i) * k;
-        const T* ar = a + (size_t)r * k;
-        float s = 0.f;
-        for (int c = lane; c < k; c += 32) s = fmaf(to_f32(xr[c]), to_f32(ar[c]), s);
-        for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-        if (lane == 0) low[i * r_total + r] = s * scale[r];
+    // Phase 1, per block of 32 rank rows (one per lane) and chunk of KC columns.
+    __shared__ float xs[ROWS][KC];
+    __shared__ float as[32][KC + 1];  // +1: lanes reading different rank rows hit different banks
+    for (int rb0 = 0; rb0 < r_total; rb0 += 32) {
+        const int rbn = min(32, r_total - rb0);
+        float acc0 = 0.f, acc1 = 0.f;  // rows 2·warp and 2·warp + 1, rank row rb0 + lane
+        for (int c0 = 0; c0 < k; c0 += KC) {
+            const int cn = min(KC, k - c0);
+            __syncthreads();  // the previous chunk is consumed
+            for (int i = threadIdx.x; i < ROWS * KC; i += THREADS) {
+                const int rr = i / KC, c = i % KC;
+                xs[rr][c] = rr < rows && c < cn ? to_f32(x[(size_t)(row0 + rr) * k + c0 + c]) : 0.f;
+            }
+            for (int i = threadIdx.x; i < 32 * KC; i += THREADS) {
+                const int rr = i / KC, c = i % KC;
+                as[rr][c] = rr < rbn && c < cn ? to_f32(a[(size_t)(rb0 + rr) * k + c0 + c]) : 0.f;
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int c = 0; c < KC; ++c) {
+                const float av = as[lane][c];
+                acc0 = fmaf(xs[2 * warp][c], av, acc0);
+                acc1 = fmaf(xs[2 * warp + 1][c], av, acc1);
+            }
+        }
+        if (lane < rbn) {
+            low[(2 * warp) * r_total + rb0 + lane] = acc0 * scale[rb0 + lane];
+            low[(2 * warp + 1) * r_total + rb0 + lane] = acc1 * scale[rb0 + lane];
+        }
     }
     __syncthreads();
 

@@ -1,5 +1,6 @@
-//! Our CUDA kernels against the composed candle paths they replace, at SDXL's 1024² shapes (f16):
-//! median milliseconds per call of each and the ratio. Run on a GPU machine (tools/bench/gpu.sh):
+//! Our CUDA kernels against the composed candle paths they replace, at SDXL's 1024² shapes (f16
+//! unless noted): median milliseconds per call of each, the ratio, and our achieved rate (TFLOP/s
+//! for the matrix kernels, GB/s of compulsory traffic for the memory-bound ones). Run on a GPU machine (tools/bench/gpu.sh):
 //!
 //!   cargo run --release -p loramix-kernels --features cuda --example kernel_bench
 //!
@@ -29,7 +30,7 @@ fn main() -> candle_core::Result<()> {
         Ok(t[t.len() / 2])
     };
     let dt = DType::F16;
-    println!("| kernel (f16, SDXL 1024², CFG batch 2) | ours (ms) | candle path (ms) | candle / ours | ours TFLOP/s |");
+    println!("| kernel (f16, SDXL 1024², CFG batch 2) | ours (ms) | candle path (ms) | candle / ours | ours (rate) |");
     println!("|---|---|---|---|---|");
     // (label, batch·heads, query tokens, key tokens): the UNet's self- and cross-attention at 64² and 32² latents' levels.
     for (label, bh, lq, lk) in [
@@ -44,7 +45,7 @@ fn main() -> candle_core::Result<()> {
         let ours = median_ms(&|| attention_hd64(&q, &k, &v, 0.125))?;
         let theirs = median_ms(&|| attention_reference(&q, &k, &v, 0.125))?;
         let flop = 4.0 * (bh * lq * lk * 64) as f64;
-        println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.0} |", theirs / ours, flop / ours / 1e9);
+        println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.0} TFLOP/s |", theirs / ours, flop / ours / 1e9);
     }
     // Two rank-16 LoRAs on a 640-wide projection at 4096 tokens × 2, and on a 1280-wide one at 1024 × 2.
     for (label, m, kd, n, r) in [("LoRA branch, 2 × rank 16, 8192×640→640", 8192, 640, 640, 32), ("LoRA branch, 2 × rank 16, 2048×1280→1280", 2048, 1280, 1280, 32)] {
@@ -59,7 +60,43 @@ fn main() -> candle_core::Result<()> {
         let theirs = median_ms(&|| base.clone() + x.matmul(&a.t()?)?.broadcast_mul(&s)?.matmul(&b.t()?)?)?;
         let _ = lora_branch_reference;
         let flop = 2.0 * (m * r * (kd + n)) as f64;
-        println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.1} |", theirs / ours, flop / ours / 1e9);
+        println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.1} TFLOP/s |", theirs / ours, flop / ours / 1e9);
+    }
+    // The memory-bound steps: GroupNorm + SiLU on the UNet's largest map and on the VAE decoder's
+    // (f32, as the VAE runs), a Linear's bias add, the level-2 feed-forward's GEGLU.
+    let gn_case = |label: &str, dims: (usize, usize, usize, usize), dt: DType| -> candle_core::Result<()> {
+        let x = Tensor::randn(0f32, 1., dims, &dev)?.to_dtype(dt)?;
+        let p = loramix_kernels::GroupNormParams::new(32, 1e-5, Tensor::ones(dims.1, dt, &dev)?, Tensor::zeros(dims.1, dt, &dev)?)?;
+        let ours = median_ms(&|| loramix_kernels::group_norm(&x, &p, true))?;
+        let theirs = median_ms(&|| loramix_kernels::norm::group_norm_reference(&x, &p, true))?;
+        let gb = 4.0 * (dims.0 * dims.1 * dims.2 * dims.3 * dt.size_in_bytes()) as f64 / 1e9; // 3 reads + 1 write
+        println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.0} GB/s |", theirs / ours, gb / ours * 1e3);
+        Ok(())
+    };
+    gn_case("GroupNorm + SiLU, 2×320×128×128 f16", (2, 320, 128, 128), dt)?;
+    gn_case("GroupNorm + SiLU, 1×128×1024×1024 f32 (VAE)", (1, 128, 1024, 1024), DType::F32)?;
+    let y = Tensor::randn(0f32, 1., (2, 1024, 10240), &dev)?.to_dtype(dt)?;
+    let bias = Tensor::randn(0f32, 1., 10240, &dev)?.to_dtype(dt)?;
+    let ours = median_ms(&|| loramix_kernels::fused::bias_add(&y, &bias, 2))?;
+    let theirs = median_ms(&|| y.broadcast_add(&bias))?;
+    let gb = 2.0 * (y.elem_count() * 2) as f64 / 1e9;
+    println!("| bias add, 2×1024×10240 f16 | {ours:.3} | {theirs:.3} | {:.2} | {:.0} GB/s |", theirs / ours, gb / ours * 1e3);
+    let ours = median_ms(&|| loramix_kernels::geglu(&y))?;
+    let theirs = median_ms(&|| loramix_kernels::activation::geglu_reference(&y))?;
+    let gb = 1.5 * (y.elem_count() * 2) as f64 / 1e9;
+    println!("| GEGLU, 2×1024×10240 → 5120 f16 | {ours:.3} | {theirs:.3} | {:.2} | {:.0} GB/s |", theirs / ours, gb / ours * 1e3);
+    // 3×3 convolutions: our im2col + one batched GEMM vs candle's im2col + GEMM + transposing copy.
+    for (label, dims, dt) in [
+        ("conv 3×3, 2×320×128×128 → 320 f16 (UNet)", (2usize, 320usize, 128usize, 128usize), DType::F16),
+        ("conv 3×3, 1×128×1024×1024 → 128 f32 (VAE)", (1, 128, 1024, 1024), DType::F32),
+    ] {
+        let x = Tensor::randn(0f32, 1., dims, &dev)?.to_dtype(dt)?;
+        let w = (Tensor::randn(0f32, 1., (dims.1, dims.1, 3, 3), &dev)? * 0.05)?.to_dtype(dt)?;
+        let b = Tensor::randn(0f32, 1., dims.1, &dev)?.to_dtype(dt)?;
+        let ours = median_ms(&|| loramix_kernels::conv2d(&x, &w, Some(&b), 1, 1))?;
+        let theirs = median_ms(&|| loramix_kernels::conv::conv2d_reference(&x, &w, Some(&b), 1, 1))?;
+        let flop = 2.0 * (dims.0 * dims.1 * dims.1 * 9 * dims.2 * dims.3) as f64;
+        println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.0} TFLOP/s |", theirs / ours, flop / ours / 1e9);
     }
     Ok(())
 }

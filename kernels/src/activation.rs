@@ -64,6 +64,9 @@ pub fn geglu_reference(h: &Tensor) -> Result<Tensor> {
 
 /// `h[..., :n] * gelu(h[..., n:])` for `h` of width `2n`.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    if let Some(out) = crate::fused::geglu(h)? {
+        return Ok(out);
+    }
     if h.device().is_cpu() && h.dtype() == DType::F32 {
         h.contiguous()?.apply_op1_no_bwd(&Geglu)
     } else {

@@ -4,7 +4,8 @@
 //! sizes the whole convolution ran at about a third of torch's speed while the GEMM alone was on
 //! par. The im2col here writes each column row with straight copies (zero padding at the edges)
 //! in parallel over input channels; the GEMM is candle's. One batch element at a time bounds the
-//! column buffer (≈190 MB for SDXL's first level at 1024²).
+//! column buffer (≈190 MB for SDXL's first level at 1024²). On CUDA the columns come from our
+//! kernel (`fused::im2col`, all batch elements at once) and the GEMM is one batched cuBLAS call.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -82,12 +83,27 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize,
         // A 1×1 convolution is a matmul over pixels.
         let y = weight.reshape((o, c))?.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, o, h, w))?;
         return match bias {
-            Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+            Some(bias) => crate::fused::bias_add(&y, bias, 1),
             None => Ok(y),
         };
     }
+    if k == k2 {
+        if let Some(cols) = crate::fused::im2col(x, k, stride, padding)? {
+            // [o, c·k·k] × [b, c·k·k, oh·ow]: the output comes out in NCHW order.
+            let (oh, ow) = ((h + 2 * padding - k) / stride + 1, (w + 2 * padding - k) / stride + 1);
+            let y = weight.reshape((o, c * k * k))?.broadcast_matmul(&cols)?.reshape((b, o, oh, ow))?;
+            return match bias {
+                Some(bias) => crate::fused::bias_add(&y, bias, 1),
+                None => Ok(y),
+            };
+        }
+    }
     if !(x.device().is_cpu() && x.dtype() == DType::F32 && k == k2) {
-        return conv2d_reference(x, weight, bias, stride, padding);
+        let y = conv2d_reference(x, weight, None, stride, padding)?;
+        return match bias {
+            Some(bias) => crate::fused::bias_add(&y, bias, 1),
+            None => Ok(y),
+        };
     }
     let op = Im2Col { kernel: k, stride, padding };
     let (oh, ow) = (op.out_size(h), op.out_size(w));

@@ -206,9 +206,12 @@ fn fused_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<O
 impl Module for AdaptableLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let state = self.slot.read();
-        let y = match &state.fused_weight {
-            Some(w) => Linear::new(w.clone(), self.base.bias().cloned()).forward(x)?,
-            None => self.base.forward(x)?,
+        // Bias through `bias_add` (our one-pass kernel on CUDA; candle's broadcast add elsewhere).
+        let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
+        let y = Linear::new(weight.clone(), None).forward(x)?;
+        let y = match self.base.bias() {
+            Some(b) => loramix_kernels::fused::bias_add(&y, b, y.rank() - 1)?,
+            None => y,
         };
         #[cfg(feature = "cuda")]
         if let Some(out) = fused_linear_branches(x, &y, &state)? {

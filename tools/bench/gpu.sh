@@ -82,7 +82,7 @@ echo
 echo "| ${px}², $steps steps, batch 1, CFG 5 ($dtype) | ours (s/image) | diffusers (s/image) | diffusers / ours |"
 echo "|---|---|---|---|"
 plain_theirs=""
-for row in plain plain-candle merge klora klora-candle; do
+for row in ${GPU_BENCH_ROWS:-plain plain-candle merge klora klora-candle}; do
   case $row in
     plain) o=$(ours plain); t=$(theirs); plain_theirs=$t; label="plain" ;;
     plain-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours plain-candle); t=$plain_theirs; label="plain, candle paths" ;;
@@ -99,3 +99,14 @@ done
 echo
 awk -v f="$step_flops" -v r="$rate" -v fl="$floor" -v s="$steps" 'BEGIN {
   printf "UNet: %.1f TFLOP per step (CFG batch of 2); measured fp16 matmul rate %.0f TFLOP/s; floor %.3f s per step, %.2f s per image (%d steps)\n", f / 1e12, r / 1e12, fl, fl * s, s }'
+
+# GPU_BENCH_PROFILE=1: one denoising step (plus text encoding and VAE decode) under Nsight Compute,
+# GPU time per kernel name, largest first: where our time goes.
+if [ "${GPU_BENCH_PROFILE:-0}" = 1 ] && [ "$small" = 0 ]; then
+  timeout "${GPU_BENCH_PROFILE_TIMEOUT:-240}" ncu --metrics gpu__time_duration.sum --print-summary per-kernel --csv \
+    "$bin" generate --model "$model" --prompt "a photo" --steps 1 --cfg 5 --sampler euler --seed 0 \
+    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --out "$work/prof" ${GPU_BENCH_PROFILE_ARGS:-} \
+    >"$work/ncu.csv" 2>"$work/ncu.log" || { echo "ncu failed:"; tail -5 "$work/ncu.log"; }
+  echo
+  "$PY" tools/bench/gpu_side.py ncu-summary "$work/ncu.csv" || true
+fi

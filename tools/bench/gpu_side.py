@@ -161,6 +161,37 @@ def flops(a):
                       "floor_seconds_per_step": step_flops / rate}))
 
 
+def ncu_summary(a):
+    """Total GPU time per kernel name from `ncu --print-summary per-kernel --csv` (the CSV block
+    after ncu's own log lines), largest first, with the share of the whole."""
+    import csv
+    import io
+
+    lines = open(a.csv, encoding="utf-8", errors="replace").read().splitlines()
+    start = next((i for i, l in enumerate(lines) if "Kernel Name" in l or "Function Name" in l), None)
+    if start is None:
+        print("no per-kernel table in", a.csv)
+        return 1
+    rows = list(csv.DictReader(io.StringIO("\n".join(l for l in lines[start:] if l.startswith('"')))))
+    name_col = next(c for c in rows[0] if c in ("Kernel Name", "Function Name"))
+    unit_to_ns = {"nsecond": 1, "ns": 1, "usecond": 1e3, "us": 1e3, "msecond": 1e6, "ms": 1e6, "second": 1e9, "s": 1e9}
+    totals = {}
+    for r in rows:
+        if "duration" not in r.get("Metric Name", "gpu__time_duration"):
+            continue
+        avg = float(str(r.get("Average", r.get("Metric Value", "0"))).replace(",", ""))
+        n = int(str(r.get("Invocations", "1")).replace(",", ""))
+        ns = avg * unit_to_ns.get(r.get("Metric Unit", "nsecond"), 1) * n
+        name = r[name_col].split("(")[0][:90]
+        t, c = totals.get(name, (0.0, 0))
+        totals[name] = (t + ns, c + n)
+    whole = sum(t for t, _ in totals.values())
+    print(f"| kernel | calls | ms | share |  (one step + text encoders + VAE decode: {whole / 1e6:.1f} ms GPU time)")
+    print("|---|---|---|---|")
+    for name, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0])[: a.top]:
+        print(f"| {name} | {c} | {t / 1e6:.2f} | {100 * t / whole:.1f}% |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -178,8 +209,11 @@ def main():
     for p in (d, f):
         p.add_argument("--height", type=int, default=1024)
         p.add_argument("--width", type=int, default=1024)
+    n = sub.add_parser("ncu-summary")
+    n.add_argument("csv")
+    n.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
-    {"make": make, "diffusers": diffusers_time, "flops": flops}[a.cmd](a)
+    return {"make": make, "diffusers": diffusers_time, "flops": flops, "ncu-summary": ncu_summary}[a.cmd](a)
 
 
 if __name__ == "__main__":
