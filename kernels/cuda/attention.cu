@@ -12,7 +12,11 @@
 // - f32 (`attention_hd64_f32`): CUDA cores; each thread owns one query row and keeps the running
 //   max, sum and output accumulator in registers. Launch: grid (ceil(lq / 128), bh), block 128.
 //
-// q: [bh, lq, 64], k and v: [bh, lk, 64], out: [bh, lq, 64]; all contiguous, same dtype.
+// f32: q [bh, lq, 64], k and v [bh, lk, 64], out [bh, lq, 64]; all contiguous.
+// f16 / bf16: logical [b, heads, tokens, 64] with element strides (batch, head, token) per tensor
+// and unit stride along the head dim, so the models' [b, tokens, heads, 64] projections are read
+// and the output written in that order without transposing copies; every row starts 16-byte
+// aligned (strides and offsets multiples of 8 elements).
 #include "dtype.cuh"
 #include <stdint.h>
 
@@ -127,15 +131,22 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
-// Two adjacent elements (an even column) of a row-major [rows][64] matrix, or zeros past the end.
+// Two adjacent elements (an even column) of row `row` (rows `stride` elements apart), or zeros
+// past the end.
 template <typename T>
-__device__ __forceinline__ uint32_t load_pair(const T* base, int row, int rows, int col) {
-    return row < rows ? *reinterpret_cast<const uint32_t*>(base + (size_t)row * HEAD_DIM + col) : 0u;
+__device__ __forceinline__ uint32_t load_pair(const T* base, int row, int rows, long long stride, int col) {
+    return row < rows ? *reinterpret_cast<const uint32_t*>(base + row * stride + col) : 0u;
 }
+
+// Element strides of one operand: batch, head, token.
+struct Strides {
+    long long b, h, t;
+};
 
 template <typename T>
 __device__ void attention_hd64_tc(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                  T* __restrict__ out, int lq, int lk, float scale) {
+                                  T* __restrict__ out, int lq, int lk, int heads, Strides qs, Strides ks_, Strides vs_,
+                                  Strides os, float scale) {
     __shared__ __align__(16) T ks[TC_KEYS][TC_LD];   // K tile, [key][d]
     __shared__ __align__(16) T vt[HEAD_DIM][TC_LD];  // V tile transposed, [d][key]
 
@@ -143,18 +154,19 @@ __device__ void attention_hd64_tc(const T* __restrict__ q, const T* __restrict__
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int g = lane >> 2, t = lane & 3;
     const int ra = blockIdx.x * TC_ROWS + warp * 16 + g, rb = ra + 8;  // this lane's two rows
-    const T* qb = q + (size_t)bh * lq * HEAD_DIM;
-    const T* kb = k + (size_t)bh * lk * HEAD_DIM;
-    const T* vb = v + (size_t)bh * lk * HEAD_DIM;
+    const int bi = bh / heads, hi = bh % heads;
+    const T* qb = q + bi * qs.b + hi * qs.h;
+    const T* kb = k + bi * ks_.b + hi * ks_.h;
+    const T* vb = v + bi * vs_.b + hi * vs_.h;
 
     // Q as four A fragments (d in steps of 16), straight from global memory, once.
     uint32_t qa[HEAD_DIM / 16][4];
 #pragma unroll
     for (int s = 0; s < HEAD_DIM / 16; ++s) {
-        qa[s][0] = load_pair(qb, ra, lq, s * 16 + 2 * t);
-        qa[s][1] = load_pair(qb, rb, lq, s * 16 + 2 * t);
-        qa[s][2] = load_pair(qb, ra, lq, s * 16 + 2 * t + 8);
-        qa[s][3] = load_pair(qb, rb, lq, s * 16 + 2 * t + 8);
+        qa[s][0] = load_pair(qb, ra, lq, qs.t, s * 16 + 2 * t);
+        qa[s][1] = load_pair(qb, rb, lq, qs.t, s * 16 + 2 * t);
+        qa[s][2] = load_pair(qb, ra, lq, qs.t, s * 16 + 2 * t + 8);
+        qa[s][3] = load_pair(qb, rb, lq, qs.t, s * 16 + 2 * t + 8);
     }
 
     const float scale_log2 = scale * 1.4426950408889634f;  // exp(x·scale) = exp2(x·scale·log2 e)
@@ -171,13 +183,13 @@ __device__ void attention_hd64_tc(const T* __restrict__ q, const T* __restrict__
         for (int i = threadIdx.x; i < TC_KEYS * HEAD_DIM / 8; i += blockDim.x) {
             const int key = i / 8, c8 = i % 8;
             uint4 val = make_uint4(0, 0, 0, 0);
-            if (start + key < lk) val = *reinterpret_cast<const uint4*>(kb + (size_t)(start + key) * HEAD_DIM + c8 * 8);
+            if (start + key < lk) val = *reinterpret_cast<const uint4*>(kb + (start + key) * ks_.t + c8 * 8);
             *reinterpret_cast<uint4*>(&ks[key][c8 * 8]) = val;
         }
         for (int i = threadIdx.x; i < TC_KEYS * HEAD_DIM / 8; i += blockDim.x) {
             const int key = i % TC_KEYS, c8 = i / TC_KEYS;
             uint4 val = make_uint4(0, 0, 0, 0);
-            if (start + key < lk) val = *reinterpret_cast<const uint4*>(vb + (size_t)(start + key) * HEAD_DIM + c8 * 8);
+            if (start + key < lk) val = *reinterpret_cast<const uint4*>(vb + (start + key) * vs_.t + c8 * 8);
             const T* e = reinterpret_cast<const T*>(&val);
 #pragma unroll
             for (int d = 0; d < 8; ++d) vt[c8 * 8 + d][key] = e[d];
@@ -255,17 +267,21 @@ __device__ void attention_hd64_tc(const T* __restrict__ q, const T* __restrict__
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    T* ob = out + (size_t)bh * lq * HEAD_DIM;
+    T* ob = out + bi * os.b + hi * os.h;
 #pragma unroll
     for (int j = 0; j < HEAD_DIM / 8; ++j) {
-        if (ra < lq) *reinterpret_cast<uint32_t*>(ob + (size_t)ra * HEAD_DIM + j * 8 + 2 * t) = Mma<T>::pack(o[j][0] * i0, o[j][1] * i0);
-        if (rb < lq) *reinterpret_cast<uint32_t*>(ob + (size_t)rb * HEAD_DIM + j * 8 + 2 * t) = Mma<T>::pack(o[j][2] * i1, o[j][3] * i1);
+        if (ra < lq) *reinterpret_cast<uint32_t*>(ob + ra * os.t + j * 8 + 2 * t) = Mma<T>::pack(o[j][0] * i0, o[j][1] * i0);
+        if (rb < lq) *reinterpret_cast<uint32_t*>(ob + rb * os.t + j * 8 + 2 * t) = Mma<T>::pack(o[j][2] * i1, o[j][3] * i1);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_hd64_tc_f16(const __half* q, const __half* k, const __half* v, __half* out, int lq, int lk, float scale) {
-    attention_hd64_tc<__half>(q, k, v, out, lq, lk, scale);
-}
-extern "C" __global__ void __launch_bounds__(128) attention_hd64_tc_bf16(const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v, __nv_bfloat16* out, int lq, int lk, float scale) {
-    attention_hd64_tc<__nv_bfloat16>(q, k, v, out, lq, lk, scale);
-}
+#define TC_ENTRY(T, S)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                                  \
+        attention_hd64_tc_##S(const T* q, const T* k, const T* v, T* out, int lq, int lk, int heads, long long qb,     \
+                              long long qh, long long qt, long long kb, long long kh, long long kt, long long vb,       \
+                              long long vh, long long vt, long long ob, long long oh, long long ot, float scale) {      \
+        attention_hd64_tc<T>(q, k, v, out, lq, lk, heads, Strides{qb, qh, qt}, Strides{kb, kh, kt},                   \
+                             Strides{vb, vh, vt}, Strides{ob, oh, ot}, scale);                                         \
+    }
+TC_ENTRY(__half, f16)
+TC_ENTRY(__nv_bfloat16, bf16)

@@ -48,7 +48,13 @@ fn main() -> candle_core::Result<()> {
         println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.0} TFLOP/s |", theirs / ours, flop / ours / 1e9);
     }
     // Two rank-16 LoRAs on a 640-wide projection at 4096 tokens × 2, and on a 1280-wide one at 1024 × 2.
-    for (label, m, kd, n, r) in [("LoRA branch, 2 × rank 16, 8192×640→640", 8192, 640, 640, 32), ("LoRA branch, 2 × rank 16, 2048×1280→1280", 2048, 1280, 1280, 32)] {
+    // Down to the few rows of a text context (to_k / to_v read 2 × 77 tokens) and one decoded token.
+    for (label, m, kd, n, r) in [
+        ("LoRA branch, 2 × rank 16, 8192×640→640", 8192, 640, 640, 32),
+        ("LoRA branch, 2 × rank 16, 2048×1280→1280", 2048, 1280, 1280, 32),
+        ("LoRA branch, 2 × rank 16, 154×2048→640 (context)", 154, 2048, 640, 32),
+        ("LoRA branch, 2 × rank 16, 1×4096→4096 (a decoded token)", 1, 4096, 4096, 32),
+    ] {
         let x = Tensor::randn(0f32, 1., (m, kd), &dev)?.to_dtype(dt)?;
         let a = (Tensor::randn(0f32, 1., (r, kd), &dev)? * 0.03)?.to_dtype(dt)?;
         let b = (Tensor::randn(0f32, 1., (n, r), &dev)? * 0.03)?.to_dtype(dt)?;

@@ -5,7 +5,10 @@
 //! - `attention_hd64`: softmax(q kᵀ · scale) v for head dim 64 without materialising the score
 //!   matrix (candle's path upcasts half precision to f32 and writes [q, k] scores to memory).
 //! - `lora_branch`: the low-rank branch of every active LoRA of a layer, `base + ((x aᵀ) ⊙ s) bᵀ`,
-//!   in one launch that keeps the [rows, r_total] intermediate on chip.
+//!   in one launch that keeps the [rows, r_total] intermediate on chip. It does its arithmetic on
+//!   CUDA cores and measured slower than two cuBLAS GEMMs over the stacked factors at every size
+//!   tried on an H100 (BENCHMARKS.md), so the models use the GEMMs; it stays, tested and timed,
+//!   as the baseline a tensor-core version has to beat.
 //! - `group_norm`, `bias_add`, `geglu`: memory-bound steps that candle runs as chains of generic
 //!   broadcasting kernels (GroupNorm alone is ten passes in f32); profiling SDXL at 1024² on an
 //!   H100 put them at the top of the UNet's and the VAE's time (BENCHMARKS.md).
@@ -189,35 +192,60 @@ mod cuda {
                 bail!("fused attention: q {:?}, k {:?}, v {:?} (head dim must be 64)", ql.shape(), kl.shape(), vl.shape());
             }
             let dev = q.device().clone();
-            // Half precision goes through the tensor cores; f32 through the CUDA cores.
-            let (name, rows) = match q.dtype() {
-                DType::F32 => ("attention_hd64_f32".to_string(), ATTENTION_ROWS_F32),
-                dt => (format!("attention_hd64_tc_{}", suffix(dt)?), ATTENTION_ROWS_TC),
+            if q.dtype() == DType::F32 {
+                // CUDA cores, contiguous [b·h, l, 64] operands.
+                let func = dev.get_or_load_custom_func("attention_hd64_f32", "loramix_attention", ATTENTION_PTX)?;
+                let cfg = LaunchConfig { grid_dim: ((lq as u32).div_ceil(ATTENTION_ROWS_F32), (b * h) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                let (lq_i, lk_i) = (lq as i32, lk as i32);
+                let qs = contiguous_slice::<f32>(q, ql, "q")?;
+                let ks = contiguous_slice::<f32>(k, kl, "k")?;
+                let vs = contiguous_slice::<f32>(v, vl, "v")?;
+                // SAFETY: every element is written by the kernel.
+                let out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(b * h * lq * d)? };
+                let mut bld = func.builder();
+                bld.arg(&qs).arg(&ks).arg(&vs).arg(&out).arg(&lq_i).arg(&lk_i).arg(&self.scale);
+                // SAFETY: argument list matches the kernel's signature.
+                unsafe { bld.launch(cfg) }.w()?;
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), ql.shape().clone()));
+            }
+            // Tensor cores. Operands are read through their strides; the output is written as
+            // [b, lq, h, 64] (the order the models' output projection wants), shape returned so.
+            let func = dev.get_or_load_custom_func(&format!("attention_hd64_tc_{}", suffix(q.dtype())?), "loramix_attention", ATTENTION_PTX)?;
+            let cfg = LaunchConfig { grid_dim: ((lq as u32).div_ceil(ATTENTION_ROWS_TC), (b * h) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let (lq_i, lk_i, h_i) = (lq as i32, lk as i32, h as i32);
+            let strides = |l: &Layout| -> Result<[i64; 3]> {
+                let st = l.stride();
+                if st[3] != 1 || st[..3].iter().chain([&l.start_offset()]).any(|s| s % 8 != 0) {
+                    bail!("fused attention: rows must be 16-byte aligned with a unit stride along the head dim (strides {st:?}, offset {})", l.start_offset());
+                }
+                Ok([st[0] as i64, st[1] as i64, st[2] as i64])
             };
-            let func = dev.get_or_load_custom_func(&name, "loramix_attention", ATTENTION_PTX)?;
-            let cfg = LaunchConfig { grid_dim: ((lq as u32).div_ceil(rows), (b * h) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            let (lq_i, lk_i) = (lq as i32, lk as i32);
+            let (qst, kst, vst) = (strides(ql)?, strides(kl)?, strides(vl)?);
+            let ost = [(lq * h * d) as i64, d as i64, (h * d) as i64];
             macro_rules! launch {
                 ($t:ty) => {{
-                    let qs = contiguous_slice::<$t>(q, ql, "q")?;
-                    let ks = contiguous_slice::<$t>(k, kl, "k")?;
-                    let vs = contiguous_slice::<$t>(v, vl, "v")?;
+                    let qs = q.as_cuda_slice::<$t>()?.slice(ql.start_offset()..);
+                    let ks = k.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
+                    let vs = v.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
                     // SAFETY: every element is written by the kernel.
                     let out: CudaSlice<$t> = unsafe { dev.alloc::<$t>(b * h * lq * d)? };
                     let mut bld = func.builder();
-                    bld.arg(&qs).arg(&ks).arg(&vs).arg(&out).arg(&lq_i).arg(&lk_i).arg(&self.scale);
+                    bld.arg(&qs).arg(&ks).arg(&vs).arg(&out).arg(&lq_i).arg(&lk_i).arg(&h_i);
+                    for s in qst.iter().chain(&kst).chain(&vst).chain(&ost) {
+                        bld.arg(s);
+                    }
+                    bld.arg(&self.scale);
                     // SAFETY: argument list matches the kernel's signature.
                     unsafe { bld.launch(cfg) }.w()?;
                     CudaStorage::wrap_cuda_slice(out, dev.clone())
                 }};
             }
             let st = match q.dtype() {
-                DType::F32 => launch!(f32),
                 DType::F16 => launch!(f16),
                 DType::BF16 => launch!(bf16),
                 other => bail!("no fused attention for {other:?}"),
             };
-            Ok((st, ql.shape().clone()))
+            Ok((st, Shape::from((b, lq, h, d))))
         }
     }
 
@@ -231,9 +259,23 @@ mod cuda {
         }
     }
 
+    /// Rows the tensor-core kernel can read in place: unit stride along the head dim, strides and
+    /// offset in multiples of 8 elements (16 bytes).
+    fn rows_aligned(t: &Tensor) -> bool {
+        let st = t.stride();
+        st.len() == 4 && st[3] == 1 && st[..3].iter().chain([&t.layout().start_offset()]).all(|s| s % 8 == 0)
+    }
+
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
-        q.apply_op3_no_bwd(&k, &v, &Attention { scale: scale as f32 })
+        let op = Attention { scale: scale as f32 };
+        if q.dtype() == DType::F32 {
+            let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+            return q.apply_op3_no_bwd(&k, &v, &op);
+        }
+        let prep = |t: &Tensor| if rows_aligned(t) { Ok(t.clone()) } else { aligned(t) };
+        let (q, k, v) = (prep(q)?, prep(k)?, prep(v)?);
+        // [b, lq, h, 64] in memory, [b, h, lq, 64] as the caller sees it.
+        q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2)
     }
 
     /// In place on `out` (a fresh copy of the base output), with `x` and `a` as the op's sources
@@ -444,7 +486,7 @@ mod cuda {
             let mut dims = hl.dims().to_vec();
             let two_n = *dims.last().unwrap_or(&0);
             let n = two_n / 2;
-            let rows = if two_n == 0 { 0 } else { hl.shape().elem_count() / two_n };
+            let rows = hl.shape().elem_count().checked_div(two_n).unwrap_or(0);
             if let Some(last) = dims.last_mut() {
                 *last = n;
             }

@@ -90,6 +90,17 @@ fn fused_attention_equals_reference() -> Result<()> {
         let e = rel_l2(&got, &attention_reference(&f(&q)?, &f(&k)?, &f(&v)?, 0.125)?)?;
         eprintln!("attention on unaligned views F16: rel L2 {e:.2e}");
         assert!(e < 2e-3, "attention on unaligned views: rel L2 {e:e}");
+        // Token-major operands ([b, l, h, 64] viewed as [b, h, l, 64], as the models pass them) are
+        // read in place, and the output comes back in the caller's logical order.
+        for (dt, tol) in [(DType::F16, 2e-3), (DType::BF16, 1e-2)] {
+            let tm = |l: usize| Tensor::randn(0f32, 1., (2, l, 5, 64), &Device::Cpu)?.to_dtype(dt);
+            let (q, k, v) = (tm(300)?.transpose(1, 2)?, tm(77)?.transpose(1, 2)?, tm(77)?.transpose(1, 2)?);
+            let got = attention_hd64(&q.to_device(&dev)?, &k.to_device(&dev)?, &v.to_device(&dev)?, 0.125)?;
+            assert_eq!(got.dims(), &[2, 5, 300, 64]);
+            let e = rel_l2(&got, &attention_reference(&f(&q)?, &f(&k)?, &f(&v)?, 0.125)?)?;
+            eprintln!("attention on token-major views {dt:?}: rel L2 {e:.2e}");
+            assert!(e < tol, "attention on token-major views {dt:?}: rel L2 {e:e}");
+        }
     }
     Ok(())
 }
@@ -103,8 +114,9 @@ fn fused_lora_branch_equals_reference() -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let dev = gpu();
-        let cases: [(usize, usize, usize, &[(usize, f32)]); 2] =
-            [(1000, 1280, 640, &[(4, 0.75), (8, 0.0), (16, 1.5)]), (37, 300, 200, &[(32, 0.5), (8, -1.25)])];
+        // (rows, in, out, [(rank, scale)] per LoRA)
+        type Case = (usize, usize, usize, &'static [(usize, f32)]);
+        let cases: [Case; 2] = [(1000, 1280, 640, &[(4, 0.75), (8, 0.0), (16, 1.5)]), (37, 300, 200, &[(32, 0.5), (8, -1.25)])];
         for (m, kd, n, loras) in cases {
             let scales: Vec<f32> = loras.iter().flat_map(|&(r, s)| std::iter::repeat_n(s, r)).collect();
             let r = scales.len();

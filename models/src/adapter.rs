@@ -172,14 +172,18 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     Ok(acc)
 }
 
-/// On CUDA, every active low-rank branch of the layer in one launch of our kernel
-/// (`loramix_kernels::lora_branch`): the LoRAs' down matrices stacked, their up matrices side by
-/// side, one scale per rank row. `None` where a branch has no low-rank form (the caller then runs
-/// the branches one by one). Stacking per call copies only the small factor matrices.
+/// On CUDA, every active low-rank branch of the layer at once: the LoRAs' down matrices stacked,
+/// their up matrices side by side, one scale per rank row, as two cuBLAS GEMMs (`(x Aᵀ ⊙ s) Bᵀ`)
+/// instead of two per LoRA plus their adds. Our one-launch kernel for the same sum
+/// (`loramix_kernels::lora_branch`, tested against the reference) measured slower than these two
+/// tensor-core GEMMs at every size on an H100 — 0.76× at 8192 rows down to 0.24× for one row
+/// (BENCHMARKS.md) — so it is not dispatched here. `None` where a branch has no low-rank form
+/// (the caller then runs the branches one by one) or with `LORAMIX_FUSED_KERNELS=0`. Stacking per
+/// call copies only the small factor matrices.
 #[cfg(feature = "cuda")]
-fn fused_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
+fn stacked_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     let active: Vec<&LowRankBranch> = state.branches.iter().filter(|b| b.weight != 0.0).collect();
-    if active.is_empty() || !x.device().is_cuda() {
+    if active.is_empty() || !x.device().is_cuda() || !loramix_kernels::fused::fused_kernels_enabled() {
         return Ok(None);
     }
     let (mut downs, mut ups, mut scales) = (vec![], vec![], vec![]);
@@ -200,7 +204,9 @@ fn fused_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<O
     let out_f = *out_dims.last().unwrap_or(&0);
     let x2 = x.reshape(((), in_f))?;
     let y2 = y.reshape(((), out_f))?;
-    Ok(Some(loramix_kernels::lora_branch(&y2, &x2, &a, &bm, &scales)?.reshape(out_dims)?))
+    let s = Tensor::from_slice(&scales, (1, scales.len()), x.device())?.to_dtype(x.dtype())?;
+    let low = x2.matmul(&a.t()?)?.broadcast_mul(&s)?;
+    Ok(Some((y2 + low.matmul(&bm.t()?)?)?.reshape(out_dims)?))
 }
 
 impl Module for AdaptableLinear {
@@ -214,7 +220,7 @@ impl Module for AdaptableLinear {
             None => y,
         };
         #[cfg(feature = "cuda")]
-        if let Some(out) = fused_linear_branches(x, &y, &state)? {
+        if let Some(out) = stacked_linear_branches(x, &y, &state)? {
             return Ok(out);
         }
         match linear_branches(x, &state)? {

@@ -39,9 +39,8 @@ impl Attention {
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        let heads = |t: Tensor, l: usize| -> Result<Tensor> {
-            t.reshape((b, l, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()
-        };
+        // Views, not copies: the attention kernels copy what they cannot read in place.
+        let heads = |t: Tensor, l: usize| -> Result<Tensor> { t.reshape((b, l, self.heads, self.head_dim))?.transpose(1, 2) };
         let o = loramix_kernels::scaled_dot_product_attention(
             &heads(q, lq)?,
             &heads(k, lk)?,
