@@ -10,7 +10,7 @@
 #[cfg(feature = "cuda")]
 fn main() -> candle_core::Result<()> {
     use candle_core::{DType, Device, Tensor};
-    use loramix_kernels::fused::{attention_hd64, attention_reference, lora_branch, lora_branch_reference};
+    use loramix_kernels::fused::{attention_hd64, attention_reference, lora_branch};
     use std::time::Instant;
 
     let dev = Device::new_cuda(0)?;
@@ -64,7 +64,6 @@ fn main() -> candle_core::Result<()> {
         // The composed path in the input dtype, as the models ran it before the kernel.
         let s = Tensor::from_slice(&scales, (1, r), &dev)?.to_dtype(dt)?;
         let theirs = median_ms(&|| base.clone() + x.matmul(&a.t()?)?.broadcast_mul(&s)?.matmul(&b.t()?)?)?;
-        let _ = lora_branch_reference;
         let flop = 2.0 * (m * r * (kd + n)) as f64;
         println!("| {label} | {ours:.3} | {theirs:.3} | {:.2} | {:.1} TFLOP/s |", theirs / ours, flop / ours / 1e9);
     }

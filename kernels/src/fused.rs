@@ -163,6 +163,18 @@ mod cuda {
         }
     }
 
+    /// Runs the site's own `launch!` macro with the Rust type of a float dtype.
+    macro_rules! by_float_dtype {
+        ($dt:expr, $what:literal, $launch:ident) => {
+            match $dt {
+                DType::F32 => $launch!(f32),
+                DType::F16 => $launch!(f16),
+                DType::BF16 => $launch!(bf16),
+                other => bail!("no {} kernel for {other:?}", $what),
+            }
+        };
+    }
+
     fn suffix(dt: DType) -> Result<&'static str> {
         Ok(match dt {
             DType::F32 => "f32",
@@ -215,7 +227,7 @@ mod cuda {
             let (lq_i, lk_i, h_i) = (lq as i32, lk as i32, h as i32);
             let strides = |l: &Layout| -> Result<[i64; 3]> {
                 let st = l.stride();
-                if st[3] != 1 || st[..3].iter().chain([&l.start_offset()]).any(|s| s % 8 != 0) {
+                if !rows_aligned(l) {
                     bail!("fused attention: rows must be 16-byte aligned with a unit stride along the head dim (strides {st:?}, offset {})", l.start_offset());
                 }
                 Ok([st[0] as i64, st[1] as i64, st[2] as i64])
@@ -261,9 +273,9 @@ mod cuda {
 
     /// Rows the tensor-core kernel can read in place: unit stride along the head dim, strides and
     /// offset in multiples of 8 elements (16 bytes).
-    fn rows_aligned(t: &Tensor) -> bool {
-        let st = t.stride();
-        st.len() == 4 && st[3] == 1 && st[..3].iter().chain([&t.layout().start_offset()]).all(|s| s % 8 == 0)
+    fn rows_aligned(l: &Layout) -> bool {
+        let st = l.stride();
+        st.len() == 4 && st[3] == 1 && st[..3].iter().chain([&l.start_offset()]).all(|s| s % 8 == 0)
     }
 
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
@@ -272,7 +284,7 @@ mod cuda {
             let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
             return q.apply_op3_no_bwd(&k, &v, &op);
         }
-        let prep = |t: &Tensor| if rows_aligned(t) { Ok(t.clone()) } else { aligned(t) };
+        let prep = |t: &Tensor| if rows_aligned(t.layout()) { Ok(t.clone()) } else { aligned(t) };
         let (q, k, v) = (prep(q)?, prep(k)?, prep(v)?);
         // [b, lq, h, 64] in memory, [b, h, lq, 64] as the caller sees it.
         q.apply_op3_no_bwd(&k, &v, &op)?.transpose(1, 2)
@@ -324,12 +336,7 @@ mod cuda {
                     unsafe { bld.launch(cfg) }.w()?;
                 }};
             }
-            match x.dtype() {
-                DType::F32 => launch!(f32),
-                DType::F16 => launch!(f16),
-                DType::BF16 => launch!(bf16),
-                other => bail!("no fused LoRA branch for {other:?}"),
-            }
+            by_float_dtype!(x.dtype(), "fused LoRA branch", launch);
             Ok(())
         }
     }
@@ -403,12 +410,7 @@ mod cuda {
                     CudaStorage::wrap_cuda_slice(out, dev.clone())
                 }};
             }
-            let st = match x.dtype() {
-                DType::F32 => launch!(f32),
-                DType::F16 => launch!(f16),
-                DType::BF16 => launch!(bf16),
-                other => bail!("no GroupNorm kernel for {other:?}"),
-            };
+            let st = by_float_dtype!(x.dtype(), "GroupNorm", launch);
             Ok((st, xl.shape().clone()))
         }
     }
@@ -457,12 +459,7 @@ mod cuda {
                     CudaStorage::wrap_cuda_slice(out, dev.clone())
                 }};
             }
-            let st = match y.dtype() {
-                DType::F32 => launch!(f32),
-                DType::F16 => launch!(f16),
-                DType::BF16 => launch!(bf16),
-                other => bail!("no bias kernel for {other:?}"),
-            };
+            let st = by_float_dtype!(y.dtype(), "bias", launch);
             Ok((st, yl.shape().clone()))
         }
     }
@@ -507,12 +504,7 @@ mod cuda {
                     CudaStorage::wrap_cuda_slice(out, dev.clone())
                 }};
             }
-            let st = match h.dtype() {
-                DType::F32 => launch!(f32),
-                DType::F16 => launch!(f16),
-                DType::BF16 => launch!(bf16),
-                other => bail!("no GEGLU kernel for {other:?}"),
-            };
+            let st = by_float_dtype!(h.dtype(), "GEGLU", launch);
             Ok((st, Shape::from(dims)))
         }
     }
@@ -560,12 +552,7 @@ mod cuda {
                     CudaStorage::wrap_cuda_slice(out, dev.clone())
                 }};
             }
-            let st = match x.dtype() {
-                DType::F32 => launch!(f32),
-                DType::F16 => launch!(f16),
-                DType::BF16 => launch!(bf16),
-                other => bail!("no im2col kernel for {other:?}"),
-            };
+            let st = by_float_dtype!(x.dtype(), "im2col", launch);
             Ok((st, Shape::from((b, c * k * k, oh * ow))))
         }
     }
