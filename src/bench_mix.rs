@@ -106,36 +106,59 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
     rows.push(MixRow { name: "2 LoRAs, plain unfused".into(), seconds: time(&mut || forward())? });
     targets.clear();
     let steps = 30;
-    for strategy in ["merge", "switch", "composite", "klora", "est", "auto"] {
-        let plan = MixPlan::new(
+    // Every strategy as the pipeline runs it: `passes` then `apply` + UNet per pass; with
+    // asymmetric CFG the LoRA passes on the conditional row and a base pass on the
+    // unconditional one. `auto` with its subject located (regions from cross-attention) and
+    // without (salience routing).
+    let runs: Vec<(String, &str, Option<Vec<usize>>)> = mix::STRATEGIES
+        .iter()
+        .map(|s| (s.to_string(), *s, if *s == "auto" { Some(vec![2, 3]) } else { None }))
+        .chain([("auto, no trigger in the prompt".to_string(), "auto", None)])
+        .collect();
+    for (label, strategy, subject_tokens) in runs {
+        let mut plan = MixPlan::new(
             &targets,
             vec![
-                MixLora { lora: content.clone(), role: Role::Subject, strength: 1.0 },
-                MixLora { lora: style.clone(), role: Role::Style, strength: 1.0 },
+                MixLora { lora: content.clone(), role: Role::Subject, strength: 1.0, schedule: None },
+                MixLora { lora: style.clone(), role: Role::Style, strength: 1.0, schedule: None },
             ],
         )?;
+        plan.subject_tokens = subject_tokens.unwrap_or_default();
         let t0 = Instant::now();
-        // EST's two previews are whole generations, outside the per-step cost: a fixed d here.
         let est_previews = Some(mix::est::Previews { steps: 0, width: 0, height: 0, seed: 0, discrepancy: 0.3 });
         let mut mixer = Mixer::new(&targets, plan, mix::build(&MixOptions { strategy: strategy.into(), est_previews, ..Default::default() })?)?;
         let prepare = t0.elapsed().as_secs_f64();
+        mixer.begin((h, w), 2)?;
+        let asymmetric = mixer.asymmetric_cfg();
+        let half = |t: &Tensor, i: usize| t.narrow(0, i, 1);
+        let added_row = |i: usize| -> Result<AddedConditions> {
+            Ok(AddedConditions { text_embeds: added.text_embeds.narrow(0, i, 1)?, time_ids: added.time_ids.narrow(0, i, 1)? })
+        };
         let mut step = 0usize;
         let secs = time(&mut || {
             let passes = mixer.passes(step % steps, steps, 500.0)?;
             for p in 0..passes {
                 mixer.apply(step % steps, p)?;
-                forward()?;
+                if asymmetric {
+                    unet.forward(&half(&x, 1)?, 500.0, &half(&ctx, 1)?, Some(&added_row(1)?))?;
+                } else {
+                    forward()?;
+                }
+            }
+            if asymmetric {
+                mixer.apply_base()?;
+                unet.forward(&half(&x, 0)?, 500.0, &half(&ctx, 0)?, Some(&added_row(0)?))?;
             }
             step += 1;
             Ok(())
         })?;
         mixer.finish();
-        rows.push(MixRow { name: format!("{strategy} (prepare once: {prepare:.2} s)"), seconds: secs });
+        rows.push(MixRow { name: format!("{label} (prepare once: {prepare:.2} s)"), seconds: secs });
     }
     // The reference recomputes ΔW = B A and a top-K for both LoRAs at every selector-layer call.
     let plan = MixPlan::new(&targets, vec![
-        MixLora { lora: content.clone(), role: Role::Subject, strength: 1.0 },
-        MixLora { lora: style.clone(), role: Role::Style, strength: 1.0 },
+        MixLora { lora: content.clone(), role: Role::Subject, strength: 1.0, schedule: None },
+        MixLora { lora: style.clone(), role: Role::Style, strength: 1.0, schedule: None },
     ])?;
     let t = Instant::now();
     let mut calls = 0;

@@ -207,9 +207,25 @@ struct GenerateArgs {
     /// Library for <lora:NAME:w> prompt tags and --lora names (default: $LORAMIX_HOME or the data dir).
     #[arg(long)]
     library: Option<PathBuf>,
-    /// How several LoRAs combine: merge | switch | composite | klora | est | auto.
+    /// How several LoRAs combine: merge | switch | composite | klora | est | np | windows | auto.
     #[arg(long, default_value = "merge")]
     mix: String,
+    /// --mix windows: step windows per role as fractions of the steps (default subject=0:0.7,style=0.3:1).
+    #[arg(long)]
+    windows: Option<String>,
+    /// Run the unconditional half of CFG on the base weights (any per-step --mix).
+    #[arg(long)]
+    asymmetric_cfg: bool,
+    /// --mix np: the soft projection's strength mu (default 0.5; large = hard projection).
+    #[arg(long)]
+    np_mu: Option<f64>,
+    /// --mix klora / est, corrected mode: the layers they do not select on: merge | follow.
+    #[arg(long)]
+    klora_others: Option<String>,
+    /// `library`: add the library's LoRAs that the prompt calls for (trigger words, names, tags,
+    /// text-encoder similarity), the best per role; the trace and the PNG say which and why.
+    #[arg(long)]
+    candidates: Option<String>,
     /// K-LoRA / auto time-scale pattern: s | s* (default s*).
     #[arg(long)]
     klora_pattern: Option<String>,
@@ -244,6 +260,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
         klora_mode: a.klora_mode.clone(),
         switch_every: a.switch_every,
         est_previews: None,
+        windows: a.windows.clone(),
+        asymmetric_cfg: a.asymmetric_cfg,
+        np_mu: a.np_mu,
+        klora_others: a.klora_others.clone(),
     };
     if a.mix != "est" {
         mix::build(&mix_opts)?; // flag errors before the model loads
@@ -256,6 +276,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
     let targets = lora::AdapterTargets::of_pipeline(&pipe);
+    let mut lora_args = lora_args;
+    let picked_candidates = match a.candidates.as_deref() {
+        None => Vec::new(),
+        Some("library") => {
+            let picks = studio::library_candidates(&pipe, a.library.as_deref(), &clean_prompt, &mut lora_args)?;
+            for c in &picks {
+                eprintln!("candidate {} ({}): score {:.2}, {}{}", c.name, c.role.as_str(), c.score, if c.picked { "picked: " } else { "" }, c.reason);
+            }
+            picks
+        }
+        Some(o) => anyhow::bail!("--candidates {o}: expected library"),
+    };
     let ll = studio::load_loras(&lora_args, &prompt_tags, a.library.as_deref(), &model_loras, &targets)?;
     for r in &ll.reports {
         eprintln!("lora {} ({}, {}, {}): {} layers matched", r.name, r.format, r.base, r.role, r.layers);
@@ -291,7 +323,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         }
         None
     } else {
-        let plan = mix::MixPlan::new(&targets, mix_loras)?;
+        let plan = studio::plan_mix(&pipe, &targets, mix_loras, &req.prompt, &a.mix, picked_candidates)?;
         if a.mix == "est" {
             let dir = match &a.est_embedder {
                 Some(d) => d.clone(),
@@ -357,7 +389,7 @@ fn generate_batch(
     mut mixer: Option<mix::Mixer>,
     (batch_index, seed): (usize, u64),
     loaded: &[(lora::LoadedLora, f64)],
-    prompt_tags: &[(String, f64)],
+    prompt_tags: &[lora::PromptLora],
     hashes: &[(String, String)],
     idx: &mut usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
@@ -421,12 +453,16 @@ fn generate_batch(
         batch_size: a.batch_size,
         loras: loaded
             .iter()
-            .filter(|(l, _)| !prompt_tags.iter().any(|(n, _)| n == &l.name))
-            .map(|(l, w)| studio::LoraSetting { name: l.name.clone(), weight: *w, role: None })
+            .filter(|(l, _)| !prompt_tags.iter().any(|t| t.name == l.name))
+            .map(|(l, w)| studio::LoraSetting { name: l.name.clone(), weight: *w, role: None, schedule: None })
             .collect(),
         mix: a.mix.clone(),
         klora_pattern: a.klora_pattern.clone(),
         switch_every: a.switch_every,
+        windows: a.windows.clone(),
+        asymmetric_cfg: a.asymmetric_cfg,
+        klora_others: a.klora_others.clone(),
+        candidates: a.candidates.is_some(),
     };
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {

@@ -50,6 +50,19 @@ pub trait StepMixer {
     fn passes(&mut self, step: usize, steps: usize, timestep: f64) -> Result<usize>;
     /// Sets every layer's branch weights for pass `pass` of step `step`.
     fn apply(&mut self, step: usize, pass: usize) -> Result<()>;
+    /// Asymmetric CFG: the unconditional half of the batch runs on the base weights (in a pass
+    /// of its own, after [`Self::apply_base`]) and only the conditional half with the LoRAs.
+    fn asymmetric_cfg(&self) -> bool {
+        false
+    }
+    /// Switches every LoRA branch off (the base model) for the unconditional pass.
+    fn apply_base(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// The latent's height and width, and the UNet batch (rows), before the first step.
+    fn begin(&mut self, _latent_hw: (usize, usize), _rows: usize) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +328,9 @@ impl SdxlPipeline {
             None
         };
 
+        if let Some(m) = mixer.as_deref_mut() {
+            m.begin((height / f, width / f), rows)?;
+        }
         let mut latents = (noise * sched.init_noise_sigma())?;
         let timesteps = sched.timesteps().to_vec();
         let start = Instant::now();
@@ -328,12 +344,21 @@ impl SdxlPipeline {
                 Some(m) => m.passes(i, timesteps.len(), t)?,
                 None => 1,
             };
+            // Asymmetric CFG: the unconditional rows once on the base weights, then the
+            // strategy's passes on the conditional rows only (same FLOPs as the batched pass).
+            let asymmetric = cfg && mixer.as_deref().is_some_and(|m| m.asymmetric_cfg());
+            let (lo, n) = if asymmetric { (b, b) } else { (0, rows) };
+            let (input_rows, context_rows) = (input.narrow(0, lo, n)?, context.narrow(0, lo, n)?);
+            let added_rows = match &added {
+                Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, lo, n)?, time_ids: a.time_ids.narrow(0, lo, n)? }),
+                None => None,
+            };
             let mut out: Option<Tensor> = None;
             for pass in 0..passes.max(1) {
                 if let Some(m) = mixer.as_deref_mut() {
                     m.apply(i, pass)?;
                 }
-                let o = self.unet.forward(&input, t as f32, &context, added.as_ref())?.to_dtype(DType::F32)?;
+                let o = self.unet.forward(&input_rows, t as f32, &context_rows, added_rows.as_ref())?.to_dtype(DType::F32)?;
                 out = Some(match out {
                     None => o,
                     Some(acc) => (acc + o)?,
@@ -343,6 +368,18 @@ impl SdxlPipeline {
                 Some(o) if passes > 1 => (o / passes as f64)?,
                 Some(o) => o,
                 None => return Err(Error::Argument("no UNet pass ran".into())),
+            };
+            let out = match mixer.as_deref_mut() {
+                Some(m) if asymmetric => {
+                    m.apply_base()?;
+                    let added_u = match &added {
+                        Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, 0, b)?, time_ids: a.time_ids.narrow(0, 0, b)? }),
+                        None => None,
+                    };
+                    let u = self.unet.forward(&input.narrow(0, 0, b)?, t as f32, &context.narrow(0, 0, b)?, added_u.as_ref())?.to_dtype(DType::F32)?;
+                    Tensor::cat(&[u, out], 0)?
+                }
+                _ => out,
             };
             let guided = if cfg {
                 let uncond = out.narrow(0, 0, b)?;

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::library::LoraLibrary;
 use crate::lora::{self, AdapterTargets, LoadedLora, Role};
 use crate::mix::{self, MixLora, MixOptions, MixPlan, Mixer};
 use crate::output;
@@ -30,9 +31,14 @@ pub struct LoraSetting {
     /// A path, a LoRA shipped with the model (`<model>/loras/NAME`), or a library name.
     pub name: String,
     pub weight: f64,
-    /// subject | style; `None`: from the file's metadata or the library.
+    /// subject | style | concept; `None`: from the file's metadata or the library.
     #[serde(default)]
     pub role: Option<String>,
+    /// What follows the name in a `<lora:NAME:...>` tag when it says more than one weight:
+    /// te/unet weights, loractl keyframes (`0.2@0,1@0.5`), lbw block weights and steps
+    /// (`1:lbw=SDXL-OUTALL:start=5`). Overrides `weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
 }
 
 /// Everything that determines a job's images.
@@ -55,10 +61,18 @@ pub struct Settings {
     pub batch_count: usize,
     pub batch_size: usize,
     pub loras: Vec<LoraSetting>,
-    /// merge | switch | composite | klora | est | auto
+    /// merge | switch | composite | klora | est | np | windows | auto
     pub mix: String,
     pub klora_pattern: Option<String>,
     pub switch_every: usize,
+    /// `windows`: step windows per role (`subject=0:0.7,style=0.3:1`).
+    pub windows: Option<String>,
+    /// The unconditional pass on the base weights (any per-step strategy).
+    pub asymmetric_cfg: bool,
+    /// Corrected K-LoRA on the layers it does not select on: merge | follow.
+    pub klora_others: Option<String>,
+    /// Add the library's LoRAs the prompt calls for.
+    pub candidates: bool,
 }
 
 impl Default for Settings {
@@ -79,6 +93,10 @@ impl Default for Settings {
             mix: "merge".into(),
             klora_pattern: None,
             switch_every: 5,
+            windows: None,
+            asymmetric_cfg: false,
+            klora_others: None,
+            candidates: false,
         }
     }
 }
@@ -111,6 +129,13 @@ pub struct MixSummary {
     pub mean_weight: Vec<f64>,
     /// `[step][layer]`: index of the LoRA with the largest weight, -1 where none is on.
     pub dominant: Vec<Vec<i32>>,
+    /// `[step][layer]`: that LoRA's weight over the largest weight in the trace, in percent
+    /// (soft weights: schedules, block weights, K-LoRA's follow rule).
+    #[serde(default)]
+    pub intensity: Vec<Vec<u8>>,
+    /// LoRAs considered for the prompt and why each was picked or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<mix::candidates::Candidate>,
 }
 
 impl MixSummary {
@@ -146,7 +171,16 @@ impl MixSummary {
             layers: trace.layers.len(),
             steps: trace.steps,
             mean_weight: sum.iter().map(|s| s / count.max(1) as f64).collect(),
+            intensity: {
+                let max = trace.weights.iter().flatten().flatten().fold(0.0f64, |m, w| m.max(w.abs()));
+                trace
+                    .weights
+                    .iter()
+                    .map(|step| step.iter().map(|w| (100.0 * w.iter().fold(0.0f64, |m, x| m.max(x.abs())) / max.max(1e-12)).round() as u8).collect())
+                    .collect()
+            },
             dominant,
+            candidates: trace.candidates.clone(),
         }
     }
 }
@@ -177,6 +211,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         let h: Vec<String> = r.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
         text.push_str(&format!(", Lora hashes: \"{}\"", h.join(", ")));
         text.push_str(&format!(", LoRA mix: {}", s.mix));
+    }
+    if let Some(t) = r.mix_trace.as_ref().filter(|t| !t.candidates.is_empty()) {
+        let picked: Vec<&str> = t.candidates.iter().filter(|c| c.picked).map(|c| c.name.as_str()).collect();
+        text.push_str(&format!(", LoRA picked: \"{}\"", picked.join(", ")));
     }
     text.push_str(&format!(", Version: loramix {}", env!("CARGO_PKG_VERSION")));
     text
@@ -259,10 +297,13 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
         }
     }
     let (prompt, tags) = lora::extract_prompt_loras(&prompt_lines.join("\n"))?;
+    // Tags with block weights or schedules stay in the prompt, where they say all they say.
+    let scheduled: Vec<&str> = tags.iter().filter(|t| t.schedule.is_some()).map(|t| t.text.as_str()).collect();
+    let prompt = if scheduled.is_empty() { prompt.trim().to_string() } else { format!("{} {}", prompt.trim(), scheduled.join(" ")) };
     let mut s = Settings {
-        prompt: prompt.trim().to_string(),
+        prompt,
         negative_prompt: negative_lines.join("\n").trim().to_string(),
-        loras: tags.into_iter().map(|(name, weight)| LoraSetting { name, weight, role: None }).collect(),
+        loras: tags.into_iter().filter(|t| t.schedule.is_none()).map(|t| LoraSetting { name: t.name, weight: t.weight, role: None, schedule: None }).collect(),
         ..Settings::default()
     };
     let bad = |k: &str, v: &str, want: &str| Error::Argument(format!("parameters: {k} {v:?}: expected {want}"));
@@ -526,7 +567,7 @@ pub struct LoadedLoras {
 /// a path, then the model's own `loras/`, then the library.
 pub fn load_loras(
     args: &[(String, f64, Option<Role>)],
-    prompt_tags: &[(String, f64)],
+    prompt_tags: &[lora::PromptLora],
     library: Option<&Path>,
     model_loras: &Path,
     targets: &AdapterTargets,
@@ -554,9 +595,60 @@ pub fn load_loras(
             warnings,
         });
         out.hashes.push((c.name.clone(), l.addnet_hash[..12].to_string()));
-        out.mix.push(MixLora { lora: l, role, strength: c.weight });
+        out.mix.push(MixLora { lora: l, role, strength: c.weight, schedule: c.schedule.clone() });
     }
     Ok(out)
+}
+
+/// `--candidates library`: scores the library's LoRAs for the prompt (trigger words, names,
+/// tags, our text encoder), adds the picked ones to `args` (unless given) and returns every
+/// decision for the trace.
+pub fn library_candidates(
+    pipe: &SdxlPipeline,
+    library: Option<&Path>,
+    prompt: &str,
+    args: &mut Vec<(String, f64, Option<Role>)>,
+) -> Result<Vec<mix::candidates::Candidate>> {
+    let root = match library {
+        Some(r) => r.to_path_buf(),
+        None => LoraLibrary::default_root()?,
+    };
+    let entries = LoraLibrary::open(&root)?.list(&Default::default())?;
+    let offered: Vec<mix::candidates::Offered> = entries
+        .iter()
+        .map(|e| mix::candidates::Offered { name: e.display_name.clone(), role: Role::parse(&e.role).unwrap_or(Role::Unknown), phrases: mix::candidates::phrases_of(e) })
+        .collect();
+    let sim = mix::candidates::text_similarity(&pipe.text);
+    let picks = mix::candidates::select(prompt, &offered, Some(&sim))?;
+    for (c, e) in picks.iter().zip(&entries) {
+        let given = args.iter().any(|(p, _, _)| Path::new(p) == e.path || *p == e.display_name);
+        if c.picked && !given {
+            // By hash: the library resolves it to this entry under its display name.
+            args.push((e.sha256.clone(), 1.0, Some(c.role)));
+        }
+    }
+    Ok(picks)
+}
+
+/// The mix plan of a job: `auto` keeps the LoRAs the prompt names when offered more than it asks
+/// for; the subjects' trigger words are located in the prompt (for `auto`'s regions); the
+/// candidates considered go to the trace.
+pub fn plan_mix(
+    pipe: &SdxlPipeline,
+    targets: &AdapterTargets,
+    loras: Vec<MixLora>,
+    prompt: &str,
+    strategy: &str,
+    candidates: Vec<mix::candidates::Candidate>,
+) -> Result<MixPlan> {
+    let mut plan = MixPlan::new(targets, loras)?;
+    if strategy == "auto" {
+        let sim = mix::candidates::text_similarity(&pipe.text);
+        plan.narrow_to_prompt(prompt, Some(&sim))?;
+    }
+    plan.candidates.splice(0..0, candidates);
+    plan.locate_subjects(&pipe.text.tokenizer, prompt)?;
+    Ok(plan)
 }
 
 /// A random seed in A1111's range.
@@ -624,20 +716,31 @@ impl Studio {
             klora_pattern: settings.klora_pattern.clone(),
             klora_mode: "corrected".into(),
             switch_every: settings.switch_every.max(1),
-            est_previews: None,
+            windows: settings.windows.clone(),
+            asymmetric_cfg: settings.asymmetric_cfg,
+            klora_others: settings.klora_others.clone(),
+            ..Default::default()
         };
         if settings.mix == "est" {
             return Err(Error::Argument("the est strategy needs its DINO embedder; use the CLI's --mix est --est-embedder".into()));
         }
         mix::build(&mix_opts)?;
-        let (prompt, tags) = lora::extract_prompt_loras(&settings.prompt)?;
+        let (prompt, mut tags) = lora::extract_prompt_loras(&settings.prompt)?;
         let (pipe, preview) = self.pipeline(&settings.model, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
-        let args = settings
-            .loras
-            .iter()
-            .map(|l| Ok((l.name.clone(), l.weight, l.role.as_deref().map(parse_role).transpose()?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut args = Vec::new();
+        for l in &settings.loras {
+            match &l.schedule {
+                // A schedule is written as in a prompt tag; it goes the tag's way.
+                Some(fields) => {
+                    let (_, mut t) = lora::extract_prompt_loras(&format!("<lora:{}:{fields}>", l.name))
+                        .map_err(|e| Error::Argument(format!("LoRA {}: schedule {fields:?}: {e}", l.name)))?;
+                    tags.append(&mut t);
+                }
+                None => args.push((l.name.clone(), l.weight, l.role.as_deref().map(parse_role).transpose()?)),
+            }
+        }
+        let picked = if settings.candidates { library_candidates(&pipe, library, &prompt, &mut args)? } else { Vec::new() };
         let loaded = load_loras(&args, &tags, library, &Path::new(&settings.model).join("loras"), &targets)?;
         for r in &loaded.reports {
             on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
@@ -671,7 +774,7 @@ impl Studio {
             let mut mixer = if loaded.mix.is_empty() {
                 None
             } else {
-                let plan = MixPlan::new(&targets, loaded.mix.clone())?;
+                let plan = plan_mix(&pipe, &targets, loaded.mix.clone(), &prompt, &mix_opts.strategy, picked.clone())?;
                 mix_opts.est_previews = None;
                 Some(Mixer::new(&targets, plan, mix::build(&mix_opts)?)?)
             };
@@ -904,7 +1007,7 @@ mod tests {
         assert_eq!(s.negative_prompt, "blurry, dark");
         assert_eq!((s.steps, s.cfg, s.seed, s.width, s.height), (30, 6.5, Some(1234), 832, 1216));
         assert_eq!(s.sampler, "dpmpp_2m_karras");
-        assert_eq!(s.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.8, role: None }]);
+        assert_eq!(s.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.8, role: None, schedule: None }]);
         assert_eq!(s.model, "sdxl");
     }
 
@@ -916,7 +1019,7 @@ mod tests {
             steps: 12,
             cfg: 4.0,
             seed: Some(9),
-            loras: vec![LoraSetting { name: "models/miniworld/loras/vlox.safetensors".into(), weight: 0.7, role: None }],
+            loras: vec![LoraSetting { name: "models/miniworld/loras/vlox.safetensors".into(), weight: 0.7, role: None, schedule: None }],
             ..Settings::default()
         };
         let rec = ImageRecord {
@@ -936,7 +1039,7 @@ mod tests {
         assert_eq!(back.negative_prompt, "noise");
         assert_eq!((back.steps, back.cfg, back.seed, back.width, back.height), (12, 4.0, Some(9), 64, 64));
         assert_eq!(back.sampler, "euler");
-        assert_eq!(back.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.7, role: None }]);
+        assert_eq!(back.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.7, role: None, schedule: None }]);
         assert_eq!(back.mix, "merge");
     }
 

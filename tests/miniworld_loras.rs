@@ -23,7 +23,7 @@ fn scores(studio: &Studio, ev: &MiniworldEvaluator, prompt: &str, lora: Option<&
         steps: 25,
         seed: Some(seed),
         batch_size: 4,
-        loras: lora.map(|l| vec![LoraSetting { name: l.into(), weight: 1.0, role: None }]).unwrap_or_default(),
+        loras: lora.map(|l| vec![LoraSetting { name: l.into(), weight: 1.0, role: None, schedule: None }]).unwrap_or_default(),
         ..Settings::default()
     };
     let paths = studio.generate(&settings, None, tmp.path(), &AtomicBool::new(false), &mut |_| {}, &mut |_| {}).unwrap();

@@ -52,12 +52,41 @@ pub struct LowRankBranch {
     pub scale: f64,
     /// The user's strength times whatever the mixing strategy sets for this step; 0 disables.
     pub weight: f64,
+    /// This branch's part in per-token routing ([`LayerState::routing`]).
+    pub route: Route,
 }
 
 impl LowRankBranch {
     pub fn low_rank(name: impl Into<String>, down: Tensor, up: Tensor, scale: f64, weight: f64) -> Self {
-        Self { name: name.into(), weights: BranchWeights::LowRank { down, up }, scale, weight }
+        Self { name: name.into(), weights: BranchWeights::LowRank { down, up }, scale, weight, route: Route::Free }
     }
+}
+
+/// A branch's part in per-token routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    /// Applied at its weight on every token.
+    #[default]
+    Free,
+    /// Applied on every token; its salience decides where `Yield` branches step back.
+    Lead,
+    /// Scaled per token by min(1, (z_self / z_lead)^p).
+    Yield,
+}
+
+/// Per-token soft routing between a layer's branches, read from the branches' own outputs at
+/// this call: the salience of a branch at a token is the norm of its output there over the
+/// mean of that norm across the sample's tokens, z(t) = ‖h(t)‖ / mean_t ‖h(t)‖. Where the leading
+/// branches (summed) are relatively more salient than a yielding branch, the yielding branch is
+/// scaled down by (z_yield / z_lead)^sharpness (at most 1). Two updates that act everywhere alike
+/// both apply fully (z ≈ 1); where one draws something local (a subject's emblem), the other
+/// steps back there and only there. Applies to spatial inputs only: `[B, T, C]` tokens of a
+/// linear or `[B, C, H, W]` positions of a convolution (a `[N, C]` input has no tokens).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenRouting {
+    pub sharpness: f64,
+    /// The leading branches also step back where the yielding ones are relatively more salient.
+    pub symmetric: bool,
 }
 
 /// Mutable state of one adaptable layer.
@@ -67,6 +96,113 @@ pub struct LayerState {
     /// that "unfusing" is dropping it, never subtracting (which drifts).
     pub fused_weight: Option<Tensor>,
     pub branches: Vec<LowRankBranch>,
+    /// Per-token routing between the branches (None: every branch at its weight everywhere).
+    pub routing: Option<TokenRouting>,
+    /// A spatial mask `[batch, 1, h, w]` in [0, 1] over the latent: leading branches are
+    /// multiplied by it and yielding ones by its complement, resized to this layer's tokens.
+    pub mask: Option<Tensor>,
+    /// Cross-attention probe (set on an attention's `to_q`): the prompt token positions whose
+    /// attention mass to record, and the last recorded map `[batch, query tokens]`.
+    pub probe_tokens: Option<Vec<usize>>,
+    pub probe_map: Option<Tensor>,
+}
+
+impl LayerState {
+    /// Routing applies now: it is on, and a leading and a yielding branch are both active.
+    fn routes(&self) -> Option<TokenRouting> {
+        let active = |r: Route| self.branches.iter().any(|b| b.weight != 0.0 && b.route == r);
+        self.routing.filter(|_| active(Route::Lead) && active(Route::Yield))
+    }
+}
+
+/// The mask resized to a layer's `[B, C, H, W]` (`tokens = None`) or `[B, T, C]` tokens
+/// (`Some(T)`, on the latent's grid); `None` when the layer's grid does not match the mask's.
+pub fn resize_mask(mask: &Tensor, batch: usize, tokens: Option<usize>, hw: Option<(usize, usize)>) -> Result<Option<Tensor>> {
+    let (mb, _, h, w) = mask.dims4()?;
+    if mb != batch {
+        return Ok(None);
+    }
+    let (th, tw) = match (tokens, hw) {
+        (_, Some(hw)) => hw,
+        (Some(t), None) => {
+            // h/w keeps the latent's aspect: th = sqrt(t·h/w).
+            let th = ((t * h) as f64 / w as f64).sqrt().round() as usize;
+            if th == 0 || t % th != 0 {
+                return Ok(None);
+            }
+            (th, t / th)
+        }
+        (None, None) => return Ok(None),
+    };
+    let m = if (th, tw) == (h, w) {
+        mask.clone()
+    } else if th > h && th % h == 0 && tw % w == 0 {
+        mask.upsample_nearest2d(th, tw)?
+    } else if h % th == 0 && w % tw == 0 && h / th == w / tw {
+        mask.avg_pool2d(h / th)?
+    } else {
+        return Ok(None);
+    };
+    Ok(Some(match tokens {
+        Some(t) => m.reshape((batch, t, 1))?,
+        None => m,
+    }))
+}
+
+/// Applies the layer's mask to already scaled branch outputs `(route, h)`.
+fn mask_outputs(outs: Vec<(Route, Tensor)>, mask: &Tensor) -> Result<Option<Tensor>> {
+    let mut acc: Option<Tensor> = None;
+    for (r, h) in outs {
+        let h = match r {
+            Route::Lead => h.broadcast_mul(&mask.to_dtype(h.dtype())?)?,
+            Route::Yield => h.broadcast_mul(&(1.0 - mask)?.to_dtype(h.dtype())?)?,
+            Route::Free => h,
+        };
+        acc = Some(match acc {
+            None => h,
+            Some(a) => (a + h)?,
+        });
+    }
+    Ok(acc)
+}
+
+/// z(t): the norm of `h` over `feature_dim` at every token, over its mean across the tokens
+/// (`token_dims`) of each sample.
+fn salience(h: &Tensor, feature_dim: usize, token_dims: &[usize]) -> Result<Tensor> {
+    let n = h.to_dtype(candle_core::DType::F32)?.sqr()?.sum_keepdim(feature_dim)?.sqrt()?;
+    let mut mean = n.clone();
+    for &d in token_dims {
+        mean = mean.mean_keepdim(d)?;
+    }
+    n.broadcast_div(&(mean + 1e-12)?)
+}
+
+/// Sums already scaled branch outputs `(route, h)` with per-token routing.
+fn route_outputs(outs: Vec<(Route, Tensor)>, routing: TokenRouting, feature_dim: usize, token_dims: &[usize]) -> Result<Option<Tensor>> {
+    let group_sum = |r: Route| -> Result<Option<Tensor>> {
+        let mut acc: Option<Tensor> = None;
+        for (_, h) in outs.iter().filter(|(x, _)| *x == r) {
+            acc = Some(match acc {
+                None => h.clone(),
+                Some(a) => (a + h)?,
+            });
+        }
+        Ok(acc)
+    };
+    let (Some(lead), Some(yielding)) = (group_sum(Route::Lead)?, group_sum(Route::Yield)?) else {
+        return group_sum(Route::Free);
+    };
+    let (z_lead, z_yield) = (salience(&lead, feature_dim, token_dims)?, salience(&yielding, feature_dim, token_dims)?);
+    let gate = |num: &Tensor, den: &Tensor, h: Tensor| -> Result<Tensor> {
+        let g = (num / (den + 1e-12)?)?.powf(routing.sharpness)?.clamp(0f32, 1f32)?;
+        h.broadcast_mul(&g.to_dtype(h.dtype())?)
+    };
+    let mut acc = gate(&z_yield, &z_lead, yielding)?;
+    acc = (acc + if routing.symmetric { gate(&z_lead, &z_yield, lead)? } else { lead })?;
+    if let Some(free) = group_sum(Route::Free)? {
+        acc = (acc + free)?;
+    }
+    Ok(Some(acc))
 }
 
 /// Shared handle to a layer's [`LayerState`].
@@ -153,23 +289,41 @@ impl AdaptableLinear {
     pub fn weight(&self) -> &Tensor {
         self.base.weight()
     }
+
+    pub(crate) fn slot(&self) -> &AdapterSlot {
+        &self.slot
+    }
 }
 
 /// `x @ down^T @ up^T` summed over active branches, in x's dtype.
 fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
+    let mask = match (&state.mask, x.rank()) {
+        (Some(m), 3) => resize_mask(m, x.dim(0)?, Some(x.dim(1)?), None)?,
+        _ => None,
+    };
+    let routing = state.routes().filter(|_| x.rank() == 3 && mask.is_none());
     let mut acc: Option<Tensor> = None;
+    let mut outs = Vec::new();
     for b in state.branches.iter().filter(|b| b.weight != 0.0) {
         let h = match &b.weights {
             BranchWeights::LowRank { down, up } => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
             BranchWeights::Dense(delta) => x.broadcast_matmul(&delta.t()?)?,
         };
         let h = (h * (b.weight * b.scale))?;
+        if routing.is_some() || mask.is_some() {
+            outs.push((b.route, h));
+            continue;
+        }
         acc = Some(match acc {
             None => h,
             Some(a) => (a + h)?,
         });
     }
-    Ok(acc)
+    match (routing, &mask) {
+        (_, Some(m)) => mask_outputs(outs, m),
+        (Some(r), None) => route_outputs(outs, r, 2, &[1]),
+        (None, None) => Ok(acc),
+    }
 }
 
 /// On CUDA, every active low-rank branch of the layer at once: the LoRAs' down matrices stacked,
@@ -183,7 +337,7 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
 #[cfg(feature = "cuda")]
 fn stacked_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     let active: Vec<&LowRankBranch> = state.branches.iter().filter(|b| b.weight != 0.0).collect();
-    if active.is_empty() || !x.device().is_cuda() || !loramix_kernels::fused::fused_kernels_enabled() {
+    if active.is_empty() || state.routes().is_some() || state.mask.is_some() || !x.device().is_cuda() || !loramix_kernels::fused::fused_kernels_enabled() {
         return Ok(None);
     }
     let (mut downs, mut ups, mut scales) = (vec![], vec![], vec![]);
@@ -286,6 +440,14 @@ impl Module for AdaptableConv2d {
         let (stride, padding) = (self.cfg.stride, self.cfg.padding);
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
         let mut y = loramix_kernels::conv2d(x, weight, self.base.bias(), stride, padding)?;
+        let (b0, _, hh, ww) = x.dims4()?;
+        let (oh, ow) = ((hh + 2 * padding - self.kernel) / stride + 1, (ww + 2 * padding - self.kernel) / stride + 1);
+        let mask = match &state.mask {
+            Some(m) => resize_mask(m, b0, None, Some((oh, ow)))?,
+            None => None,
+        };
+        let routing = state.routes().filter(|_| mask.is_none());
+        let mut outs = Vec::new();
         for b in state.branches.iter().filter(|b| b.weight != 0.0) {
             let h = match &b.weights {
                 BranchWeights::LowRank { down, up } => {
@@ -294,7 +456,20 @@ impl Module for AdaptableConv2d {
                 }
                 BranchWeights::Dense(delta) => loramix_kernels::conv2d(x, delta, None, stride, padding)?,
             };
-            y = (y + (h * (b.weight * b.scale))?)?;
+            let h = (h * (b.weight * b.scale))?;
+            if routing.is_some() || mask.is_some() {
+                outs.push((b.route, h));
+            } else {
+                y = (y + h)?;
+            }
+        }
+        let d = match (routing, &mask) {
+            (_, Some(m)) => mask_outputs(outs, m)?,
+            (Some(r), None) => route_outputs(outs, r, 1, &[2, 3])?,
+            (None, None) => None,
+        };
+        if let Some(d) = d {
+            y = (y + d)?;
         }
         Ok(y)
     }

@@ -606,7 +606,8 @@ pub async fn app_info(state: State<'_>) -> AppResult<AppInfo> {
         library_dir: state.library_root.clone(),
         gallery_dir: state.gallery_dir.clone(),
         samplers: loramix::SamplerKind::ALL.iter().map(|s| (s.name().to_string(), s.a1111_name().to_string())).collect(),
-        strategies: ["merge", "switch", "composite", "klora", "auto"].map(String::from).to_vec(),
+        // Every strategy but EST, which needs its DINO embedder (the CLI's --mix est).
+        strategies: loramix::mix::STRATEGIES.iter().filter(|s| **s != "est").map(|s| s.to_string()).collect(),
         // SDXL's trained aspect buckets (width x height).
         size_presets: vec![(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536)],
     })

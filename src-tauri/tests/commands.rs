@@ -83,7 +83,7 @@ fn generate_restore_and_export() {
         steps: 4,
         seed: Some(11),
         batch_count: 2,
-        loras: vec![LoraSetting { name: "striped".into(), weight: 0.8, role: None }],
+        loras: vec![LoraSetting { name: "striped".into(), weight: 0.8, role: None, schedule: None }],
         mix: "merge".into(),
         ..Settings::default()
     };

@@ -119,6 +119,8 @@ impl BaseModel {
 pub enum Role {
     Subject,
     Style,
+    /// Neither a thing nor a rendering: a pose, a lighting, a detail tweaker. Mixed freely.
+    Concept,
     Unknown,
 }
 
@@ -127,6 +129,7 @@ impl Role {
         match s.to_ascii_lowercase().as_str() {
             "subject" | "character" | "object" => Some(Self::Subject),
             "style" => Some(Self::Style),
+            "concept" => Some(Self::Concept),
             "unknown" | "" => Some(Self::Unknown),
             _ => None,
         }
@@ -135,6 +138,7 @@ impl Role {
         match self {
             Self::Subject => "subject",
             Self::Style => "style",
+            Self::Concept => "concept",
             Self::Unknown => "unknown",
         }
     }

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::library::LoraLibrary;
+use crate::mix::schedule::{LoraSchedule, Weight};
 
 /// A LoRA the user asked for, resolved to a file.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct LoraChoice {
     pub weight: f64,
     /// From `PATH:WEIGHT:ROLE` or the library entry; `None`: guess from the file's metadata.
     pub role: Option<Role>,
+    /// A prompt tag's block weights and per-step weights.
+    pub schedule: Option<LoraSchedule>,
 }
 
 /// Resolves `--lora` arguments (a file path; else a LoRA shipped with the model in
@@ -32,7 +35,7 @@ pub struct LoraChoice {
 /// model's own LoRAs, then the library). The library is opened only when needed.
 pub fn resolve_choices(
     args: &[(String, f64, Option<Role>)],
-    prompt_tags: &[(String, f64)],
+    prompt_tags: &[PromptLora],
     library_root: Option<&Path>,
     model_loras: Option<&Path>,
 ) -> Result<Vec<LoraChoice>> {
@@ -51,17 +54,17 @@ pub fn resolve_choices(
     let from_library = |lib: &LoraLibrary, key: &str, weight: f64, role: Option<Role>| -> Result<LoraChoice> {
         let e = lib.resolve(key)?;
         let role = role.or_else(|| Role::parse(&e.role).filter(|r| *r != Role::Unknown));
-        Ok(LoraChoice { name: e.display_name, path: e.path, weight, role })
+        Ok(LoraChoice { name: e.display_name, path: e.path, weight, role, schedule: None })
     };
     let shipped = |name: &str, weight: f64, role: Option<Role>| -> Option<LoraChoice> {
         let f = model_loras?.join(format!("{name}.safetensors"));
-        f.is_file().then(|| LoraChoice { name: name.to_string(), path: f, weight, role })
+        f.is_file().then(|| LoraChoice { name: name.to_string(), path: f, weight, role, schedule: None })
     };
     for (src, weight, role) in args {
         let p = Path::new(src);
         let choice = if p.is_file() {
             let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| src.clone());
-            LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role }
+            LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role, schedule: None }
         } else if p.extension().is_some() || src.contains(['/', '\\']) {
             return Err(Error::Argument(format!("--lora {src}: no such file")));
         } else if let Some(c) = shipped(src, *weight, *role) {
@@ -72,19 +75,28 @@ pub fn resolve_choices(
         };
         out.push(choice);
     }
-    for (name, weight) in prompt_tags {
-        if let Some(c) = shipped(name, *weight, None) {
-            out.push(c);
-            continue;
-        }
-        open_library(&mut library)?;
-        out.push(from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, name, *weight, None)?);
+    for tag in prompt_tags {
+        let mut c = match shipped(&tag.name, tag.weight, None) {
+            Some(c) => c,
+            None => {
+                open_library(&mut library)?;
+                from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, &tag.name, tag.weight, None)?
+            }
+        };
+        c.schedule = tag.schedule.clone();
+        out.push(c);
     }
     // Branch names must be unique per layer; the same LoRA twice adds its weights, as A1111 does.
     let mut merged: Vec<LoraChoice> = Vec::new();
     for c in out {
         match merged.iter_mut().find(|m| m.path == c.path) {
-            Some(m) => m.weight += c.weight,
+            Some(m) if m.schedule.is_none() && c.schedule.is_none() => m.weight += c.weight,
+            Some(m) => {
+                return Err(Error::Argument(format!(
+                    "LoRA {} is given twice and one of them has block weights or a schedule: give it once",
+                    m.name
+                )))
+            }
             None => {
                 let mut c = c;
                 let base = c.name.clone();
@@ -132,10 +144,23 @@ pub fn parse_lora_arg_with_role(arg: &str) -> Result<(String, f64, Option<Role>)
     Ok((head.to_string(), weight, role))
 }
 
-/// A1111's `<lora:name:weight>` prompt tags: returns the prompt with the tags removed and the
-/// (name, weight) pairs in order. The weight defaults to 1; A1111's extra `:te:unet` fields are
-/// accepted and the first weight is used for the whole LoRA.
-pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<(String, f64)>)> {
+/// One `<lora:NAME:...>` tag of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptLora {
+    pub name: String,
+    /// The constant weight; 1 when a [`LoraSchedule`] gives the weights.
+    pub weight: f64,
+    /// te/unet weights that differ, loractl keyframes, lbw block weights or step windows.
+    pub schedule: Option<LoraSchedule>,
+    /// The tag as written.
+    pub text: String,
+}
+
+/// A1111's `<lora:NAME:...>` prompt tags: returns the prompt with the tags removed and the tags
+/// in order. The fields after the name are read as A1111 with the lbw and loractl extensions
+/// reads them ([`LoraSchedule::parse`]): `<lora:x:0.8>`, `<lora:x:1:0.5>` (te, unet),
+/// `<lora:x:0.2@0,1@0.5>`, `<lora:x:1:lbw=SDXL-OUTALL:start=5>`.
+pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<PromptLora>)> {
     let mut out = String::with_capacity(prompt.len());
     let mut found = Vec::new();
     let mut rest = prompt;
@@ -151,11 +176,13 @@ pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<(String, f64)>)
         if name.is_empty() {
             return Err(Error::Argument(format!("prompt: <lora:{body}> has no name")));
         }
-        let weight = match parts.next() {
-            None => 1.0,
-            Some(w) => w.trim().parse::<f64>().map_err(|_| Error::Argument(format!("prompt: <lora:{body}>: weight '{w}' is not a number")))?,
+        let fields: Vec<&str> = parts.collect();
+        let schedule = LoraSchedule::parse(&fields).map_err(|e| Error::Argument(format!("prompt: <lora:{body}>: {e}")))?;
+        let (weight, schedule) = match (&schedule.te, schedule.is_plain()) {
+            (Weight::Constant(w), true) => (*w, None),
+            _ => (1.0, Some(schedule)),
         };
-        found.push((name.to_string(), weight));
+        found.push(PromptLora { name: name.to_string(), weight, schedule, text: format!("<lora:{body}>") });
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -182,7 +209,13 @@ mod tests {
     fn prompt_tags() {
         let (p, l) = extract_prompt_loras("a cat <lora:tebo:0.8>, flat style <lora:striped>").unwrap();
         assert_eq!(p, "a cat , flat style ");
-        assert_eq!(l, vec![("tebo".to_string(), 0.8), ("striped".to_string(), 1.0)]);
+        let pairs: Vec<(String, f64)> = l.iter().map(|t| (t.name.clone(), t.weight)).collect();
+        assert_eq!(pairs, vec![("tebo".to_string(), 0.8), ("striped".to_string(), 1.0)]);
+        assert!(l.iter().all(|t| t.schedule.is_none()));
+        let (_, l) = extract_prompt_loras("x <lora:a:0.2@0,1@0.5> <lora:b:1:lbw=SDXL-OUTALL:stop=10> <lora:c:1:0.5>").unwrap();
+        assert!(l.iter().all(|t| t.schedule.is_some() && t.weight == 1.0));
+        assert_eq!(l[1].text, "<lora:b:1:lbw=SDXL-OUTALL:stop=10>");
+        assert!(extract_prompt_loras("x <lora:a:1:lbw=1,2>").is_err());
         assert!(extract_prompt_loras("x <lora:a:zz>").is_err());
         assert!(extract_prompt_loras("x <lora:a").is_err());
     }

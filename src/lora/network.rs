@@ -420,7 +420,7 @@ pub fn attach(targets: &AdapterTargets, loras: &[(&LoadedLora, f64)]) -> Result<
             };
             let mut s = layer.slot.write();
             s.branches.retain(|b| b.name != lora.name);
-            s.branches.push(LowRankBranch { name: lora.name.clone(), weights, scale: m.scale, weight: *strength });
+            s.branches.push(LowRankBranch { name: lora.name.clone(), weights, scale: m.scale, weight: *strength, route: Default::default() });
         }
     }
     Ok(())

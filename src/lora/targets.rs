@@ -14,6 +14,9 @@ use crate::pipeline::SdxlPipeline;
 pub struct Target {
     pub component: Component,
     pub layer: AdaptableLayer,
+    /// lbw's block of the layer (0 = BASE for the text encoders, IN00–OUT11 from the UNet
+    /// module's SGM name); `None` outside every block.
+    pub lbw_block: Option<usize>,
 }
 
 impl Target {
@@ -58,10 +61,13 @@ impl AdapterTargets {
         for (component, layers) in parts {
             for layer in layers {
                 let i = targets.len();
+                let mut lbw_block = Some(0);
                 match component {
                     Component::Unet => {
                         by_flat.insert(format!("lora_unet_{}", flat(&layer.path)), i);
-                        if let Some(sgm) = unet_sgm_module_path(unet, &layer.path) {
+                        let sgm = unet_sgm_module_path(unet, &layer.path);
+                        lbw_block = sgm.as_deref().and_then(crate::mix::schedule::block_of_sgm_path);
+                        if let Some(sgm) = sgm {
                             by_flat.entry(format!("lora_unet_{}", flat(&sgm))).or_insert(i);
                         }
                     }
@@ -74,7 +80,7 @@ impl AdapterTargets {
                     }
                 }
                 by_path.insert((component, layer.path.clone()), i);
-                targets.push(Target { component, layer });
+                targets.push(Target { component, layer, lbw_block });
             }
         }
         Self {
@@ -100,6 +106,7 @@ impl AdapterTargets {
             let mut s = t.layer.slot.write();
             s.branches.clear();
             s.fused_weight = None;
+            s.routing = None;
         }
     }
 

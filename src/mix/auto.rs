@@ -1,45 +1,64 @@
-//! `auto` (ours): K-LoRA generalised to any number of subject and style LoRAs.
+//! `auto` (ours): every LoRA on every layer and step, with the subject and the style kept apart
+//! in space by the step's own cross-attention, and guidance that keeps both at full strength.
 //!
-//! Design. On every attention projection (K-LoRA's selector layers):
-//! 1. Within each group (subjects, styles) pick the candidate whose update is most salient at
-//!    this layer *relative to its own other layers*: z_i(l) = T_i(l) / mean_l' T_i(l'), with
-//!    T_i the sum of the r_i² largest |ΔW_i| entries. Dividing by the LoRA's own mean makes
-//!    LoRAs of different ranks, alphas and training lengths comparable (raw sums would let the
-//!    "loudest" file win everywhere), and a group of one has its only member as candidate.
-//! 2. Between the subject candidate c and the style candidate s apply K-LoRA's rule with that
-//!    pair's statistics: K = r_c·r_s, gamma of the pair, the time scale of the chosen pattern,
-//!    p = step / steps.
-//!
-//! With one subject and one style step 1 is trivial and step 2 is exactly corrected-mode
-//! K-LoRA, so `auto` reduces to K-LoRA (tests/mix.rs checks the traces are equal).
-//! Everything is computed in `prepare`; a step is a lookup.
+//! Design, from the measurements in BENCHMARKS.md "Mixing quality" (miniworld, 16 pairs):
+//! - What fails. A merge lets the style's update act on the subject too (the emblem is
+//!   re-rendered and loses its identity) and the subject's update act on the background (it
+//!   flattens the style): both fidelities drop. Hard one-LoRA-per-layer choices (K-LoRA) halve
+//!   both. Step windows (subject early, style late) lose the subject, whose details are still
+//!   drawn in the late steps; per-layer splits (style only at full resolution) and weaker
+//!   styles only trade one LoRA for the other (harmonic mean ≤ 0.53 for every setting tried).
+//! - Where each LoRA acts. Subject LoRAs are invoked by trigger words ("vlox emblem"). At every
+//!   step the UNet's cross-attention says where the image attends to those words: the probe on
+//!   every `attn2` records the attention mass on the subjects' trigger tokens (averaged over
+//!   heads and layers, conditional rows), which becomes a soft mask for the next step (min–max
+//!   normalised, then ramped from `mask_low` to `mask_high`). On every layer with spatial inputs
+//!   subject LoRAs are multiplied by the mask and style LoRAs by its complement, so the style
+//!   renders everything but the subject and the subject draws only itself. The first step,
+//!   with no map yet, runs both in full. Cross-attention keys and values read the prompt, not
+//!   the image: both apply there. LoRAs of other roles run everywhere.
+//! - Guidance. With the LoRAs confined to their regions, each covers only part of the image, and
+//!   under ordinary CFG the unconditional pass (which also carries them) cancels much of what
+//!   they add. So `auto` runs the unconditional pass on the base weights (CRAFT-LoRA's asymmetric
+//!   CFG): the guidance direction carries each LoRA's whole effect. Alone, asymmetric CFG
+//!   over-drives the style into the subject; with the masks it is what makes both strong.
+//! - Cost: the unconditional and conditional halves run as two UNet passes of half the batch
+//!   (same FLOPs as one CFG pass), plus one attention-probability product on the trigger tokens
+//!   per cross-attention and a few elementwise products per layer: no extra UNet pass.
+//! - Without a subject trigger in the prompt there is nothing to locate: `auto` then routes per
+//!   token from the branch outputs' own salience (a subject leads where its update stands out,
+//!   see [`loramix_models::TokenRouting`]) under ordinary CFG; with only one role it is a merge.
 
-use std::collections::HashMap;
+use loramix_models::{Route, TokenRouting};
 
-use super::klora::{content_wins, pair_gamma, time_scale, Pattern};
-use super::stats::{module_rank, module_stats, Stat};
-use super::{MixPlan, MixStrategy};
-use crate::error::{Error, Result};
+use super::{MaskRamp, MixPlan, MixStrategy};
+use crate::error::Result;
 use crate::lora::Role;
 
-struct LayerChoice {
-    layer: usize,
-    subject: Option<usize>,
-    style: Option<usize>,
-    s_c: f64,
-    s_s: f64,
-    gamma: f64,
-}
+/// How sharply a style steps back where a subject leads (salience routing, no trigger found).
+pub const DEFAULT_SHARPNESS: f64 = 2.0;
+/// The mask ramp: attention mass (min–max normalised) below `low` is background, above `high`
+/// is the subject. Chosen by measurement (BENCHMARKS.md, "auto: mask ramp").
+pub const DEFAULT_RAMP: MaskRamp = MaskRamp { low: 0.25, high: 0.5 };
 
 pub struct Auto {
-    pattern: Pattern,
-    choices: Vec<LayerChoice>,
+    sharpness: f64,
+    ramp: MaskRamp,
+    /// Both roles are present.
+    routed: bool,
+    /// ... and a subject trigger is in the prompt.
+    masked: bool,
 }
 
 impl Auto {
-    pub fn new(pattern: Pattern) -> Self {
-        Self { pattern, choices: Vec::new() }
+    pub fn new(ramp: MaskRamp) -> Self {
+        Self { sharpness: DEFAULT_SHARPNESS, ramp, routed: false, masked: false }
     }
+}
+
+/// Layers whose input is the prompt's tokens, not the image's.
+fn reads_prompt(path: &str) -> bool {
+    path.contains(".attn2.to_k") || path.contains(".attn2.to_v")
 }
 
 impl MixStrategy for Auto {
@@ -48,90 +67,50 @@ impl MixStrategy for Auto {
     }
 
     fn prepare(&mut self, plan: &MixPlan) -> Result<()> {
-        let (subjects, styles): (Vec<usize>, Vec<usize>) = if plan.loras.len() == 2 && plan.loras.iter().any(|l| l.role == Role::Unknown) {
-            let (c, s) = plan.content_and_style()?;
-            (vec![c], vec![s])
-        } else {
-            let pick = |r: Role| plan.loras.iter().enumerate().filter(|(_, l)| l.role == r).map(|(i, _)| i).collect::<Vec<_>>();
-            (pick(Role::Subject), pick(Role::Style))
-        };
-        if subjects.is_empty() || styles.is_empty() || subjects.len() + styles.len() != plan.loras.len() {
-            return Err(Error::Argument(format!(
-                "--mix auto needs every LoRA marked subject or style, at least one of each; got {}",
-                plan.loras.iter().map(|l| format!("{}: {}", l.lora.name, l.role.as_str())).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        let selectors: Vec<usize> = plan.layers.iter().enumerate().filter(|(_, l)| l.is_attention_projection()).map(|(i, _)| i).collect();
-        // Salience of each LoRA at each selector layer, relative to its own mean.
-        let mut z: HashMap<(usize, usize), f64> = HashMap::new();
-        for j in 0..plan.loras.len() {
-            let lora = &plan.loras[j].lora;
-            let mut vals = Vec::new();
-            for &li in &selectors {
-                if let Some(m) = plan.layers[li].modules[j] {
-                    let r = module_rank(lora, m);
-                    vals.push((li, module_stats(lora, m, true, &[Stat::TopK(r * r)])?[0]));
-                }
-            }
-            let mean = vals.iter().map(|v| v.1).sum::<f64>() / vals.len().max(1) as f64;
-            for (li, v) in vals {
-                z.insert((li, j), if mean > 0.0 { v / mean } else { 0.0 });
-            }
-        }
-        let best = |li: usize, group: &[usize]| -> Option<usize> {
-            group
-                .iter()
-                .copied()
-                .filter(|j| z.contains_key(&(li, *j)))
-                .max_by(|a, b| z[&(li, *a)].total_cmp(&z[&(li, *b)]).then(b.cmp(a)))
-        };
-        let mut gammas: HashMap<(usize, usize), f64> = HashMap::new();
-        self.choices.clear();
-        for &li in &selectors {
-            let (c, s) = (best(li, &subjects), best(li, &styles));
-            let (mut s_c, mut s_s, mut g) = (0.0, 0.0, 1.0);
-            if let (Some(c), Some(s)) = (c, s) {
-                let (mc, ms) = (plan.layers[li].modules[c].unwrap_or(0), plan.layers[li].modules[s].unwrap_or(0));
-                let k = module_rank(&plan.loras[c].lora, mc) * module_rank(&plan.loras[s].lora, ms);
-                s_c = module_stats(&plan.loras[c].lora, mc, true, &[Stat::TopK(k)])?[0];
-                s_s = module_stats(&plan.loras[s].lora, ms, true, &[Stat::TopK(k)])?[0];
-                g = match gammas.get(&(c, s)) {
-                    Some(g) => *g,
-                    None => {
-                        let g = pair_gamma(plan, c, s, true)?;
-                        gammas.insert((c, s), g);
-                        g
-                    }
-                };
-            }
-            self.choices.push(LayerChoice { layer: li, subject: c, style: s, s_c, s_s, gamma: g });
-        }
+        let has = |r: Role| plan.loras.iter().any(|l| l.role == r && l.strength != 0.0);
+        self.routed = has(Role::Subject) && has(Role::Style);
+        self.masked = self.routed && !plan.subject_tokens.is_empty();
         Ok(())
     }
 
-    fn weights(&self, plan: &MixPlan, step: usize, steps: usize, _pass: usize) -> Vec<Vec<f64>> {
-        let mut w = vec![vec![0.0; plan.loras.len()]; plan.layers.len()];
-        let p = step as f64 / steps.max(1) as f64;
-        let scale = time_scale(self.pattern, p);
-        for ch in &self.choices {
-            let j = match (ch.subject, ch.style) {
-                (Some(c), Some(s)) => {
-                    if content_wins(ch.s_c, ch.s_s, ch.gamma, scale) {
-                        c
-                    } else {
-                        s
-                    }
-                }
-                (Some(c), None) => c,
-                (None, Some(s)) => s,
-                (None, None) => continue,
-            };
-            w[ch.layer][j] = plan.loras[j].strength;
+    fn asymmetric_cfg(&self) -> bool {
+        self.masked
+    }
+
+    fn weights(&self, plan: &MixPlan, _step: usize, _steps: usize, _pass: usize) -> Vec<Vec<f64>> {
+        plan.layers
+            .iter()
+            .map(|l| plan.loras.iter().enumerate().map(|(j, m)| if l.modules[j].is_some() { m.strength } else { 0.0 }).collect())
+            .collect()
+    }
+
+    fn attention_masks(&self, _plan: &MixPlan) -> Option<MaskRamp> {
+        self.masked.then_some(self.ramp)
+    }
+
+    fn routing(&self, plan: &MixPlan, layer: usize) -> Option<(TokenRouting, Vec<Route>)> {
+        if !self.routed || self.masked || reads_prompt(&plan.layers[layer].path) {
+            return None;
         }
-        w
+        let routes = plan
+            .loras
+            .iter()
+            .map(|l| match l.role {
+                Role::Subject => Route::Lead,
+                Role::Style => Route::Yield,
+                _ => Route::Free,
+            })
+            .collect();
+        Some((TokenRouting { sharpness: self.sharpness, symmetric: true }, routes))
     }
 
     fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "pattern": match self.pattern { Pattern::S => "s", Pattern::SStar => "s*" }, "selector_layers": self.choices.len() })
+        if self.masked {
+            serde_json::json!({ "regions": "cross-attention on the subject triggers", "mask_low": self.ramp.low, "mask_high": self.ramp.high, "asymmetric_cfg": true })
+        } else if self.routed {
+            serde_json::json!({ "regions": "branch-output salience (no subject trigger in the prompt)", "sharpness": self.sharpness })
+        } else {
+            serde_json::json!({ "regions": "none: one role only, merged" })
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! the request's own settings and offer cheaper ones (fewer steps, a smaller size); the trace
 //! records what was used.
 
-use super::klora::{KLora, Mode, Pattern, Score};
+use super::klora::{KLora, Mode, Others, Pattern, Score};
 use super::{MixPlan, MixStrategy};
 use crate::embed::{cosine_distance, ImageEmbedder};
 use crate::error::Result;
@@ -30,8 +30,8 @@ pub struct Est {
 }
 
 impl Est {
-    pub fn new(pattern: Pattern, mode: Mode, previews: Previews) -> Self {
-        Self { inner: KLora::with_score(pattern, mode, Score::Energy, previews.discrepancy), previews }
+    pub fn new(pattern: Pattern, mode: Mode, previews: Previews, others: Others) -> Self {
+        Self { inner: KLora::with_score(pattern, mode, Score::Energy, previews.discrepancy).with_others(others), previews }
     }
 }
 

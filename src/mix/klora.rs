@@ -11,6 +11,13 @@
 //! counter c = L·step + (layer index) + 1 with period 50·L (L = selector layers; 28000 on SDXL),
 //! which is only right for 50-step sampling. `Corrected` (default) uses p = step / steps for
 //! every layer of a step and the standard alpha / rank scale, so it works at any step count.
+//!
+//! Layers K-LoRA does not select on (feed-forward, proj_in/proj_out, resnet convs: 28 of the 60
+//! layers a miniworld LoCon LoRA adapts, and most of a kohya "all linear" file) are off in
+//! reference mode, as in the reference. Corrected mode covers them with an [`Others`] rule:
+//! `merge` (both LoRAs at full strength; the default, see BENCHMARKS.md "Mixing quality") or
+//! `follow` (each LoRA weighted by the share of its attention block's selectors that chose it at
+//! this step; layers outside an attention block are merged).
 
 use super::stats::{module_rank, module_stats, Stat};
 use super::{MixPlan, MixStrategy};
@@ -22,6 +29,23 @@ pub enum Pattern {
     S,
     /// scale = (1.5 p + 1.275) mod 1.5 (the reference default).
     SStar,
+}
+
+/// What corrected mode does on the layers K-LoRA does not select on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Others {
+    Merge,
+    Follow,
+}
+
+impl Others {
+    pub fn parse(s: Option<&str>) -> Result<Self> {
+        match s {
+            None | Some("merge") => Ok(Self::Merge),
+            Some("follow") => Ok(Self::Follow),
+            Some(o) => Err(Error::Argument(format!("--klora-others {o}: expected merge or follow"))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,9 +122,19 @@ struct Lone {
     lora: usize,
 }
 
+/// A layer outside the selectors: merged, or following the selectors `group` (indices into
+/// `selectors`) of its attention block.
+#[derive(Debug, Clone)]
+struct Other {
+    layer: usize,
+    group: Vec<usize>,
+}
+
 pub struct KLora {
     pattern: Pattern,
     mode: Mode,
+    others_rule: Others,
+    others: Vec<Other>,
     score: Score,
     beta: f64,
     pair: (usize, usize),
@@ -116,7 +150,12 @@ impl KLora {
 
     /// The K-LoRA machinery with another score and offset (EST-LoRA).
     pub fn with_score(pattern: Pattern, mode: Mode, score: Score, beta: f64) -> Self {
-        Self { pattern, mode, score, beta, pair: (0, 1), selectors: Vec::new(), lone: Vec::new(), gamma: 1.0 }
+        Self { pattern, mode, others_rule: Others::Merge, others: Vec::new(), score, beta, pair: (0, 1), selectors: Vec::new(), lone: Vec::new(), gamma: 1.0 }
+    }
+
+    pub fn with_others(mut self, rule: Others) -> Self {
+        self.others_rule = rule;
+        self
     }
 
     fn scaled(&self) -> bool {
@@ -145,6 +184,15 @@ impl KLora {
     pub fn gamma_value(&self) -> f64 {
         self.gamma
     }
+}
+
+/// The attention block a layer belongs to (`down_blocks.1.attentions.0` of
+/// `down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2`), if any.
+pub(crate) fn attention_block(path: &str) -> Option<&str> {
+    let i = path.find(".attentions.")?;
+    let rest = &path[i + ".attentions.".len()..];
+    let end = rest.find('.').map_or(path.len(), |k| i + ".attentions.".len() + k);
+    Some(&path[..end])
 }
 
 /// gamma over every module both LoRAs have (UNet and text encoders), L1 of ΔW.
@@ -202,6 +250,25 @@ impl MixStrategy for KLora {
                 "K-LoRA found no attention projection (to_q/to_k/to_v/to_out.0) that both LoRAs adapt".into(),
             ));
         }
+        self.others.clear();
+        if self.mode == Mode::Corrected {
+            for (li, layer) in plan.layers.iter().enumerate() {
+                if layer.is_attention_projection() || (layer.modules[c].is_none() && layer.modules[s].is_none()) {
+                    continue;
+                }
+                let group = match (self.others_rule, attention_block(&layer.path)) {
+                    (Others::Follow, Some(block)) => self
+                        .selectors
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, sel)| attention_block(&plan.layers[sel.layer].path) == Some(block))
+                        .map(|(i, _)| i)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                self.others.push(Other { layer: li, group });
+            }
+        }
         Ok(())
     }
 
@@ -226,6 +293,18 @@ impl MixStrategy for KLora {
         for l in &self.lone {
             w[l.layer][l.lora] = plan.loras[l.lora].strength;
         }
+        for o in &self.others {
+            let share = if o.group.is_empty() {
+                None
+            } else {
+                Some(o.group.iter().filter(|&&i| self.decide(i, step, steps)).count() as f64 / o.group.len() as f64)
+            };
+            for (j, f) in [(c, share.unwrap_or(1.0)), (s, share.map_or(1.0, |x| 1.0 - x))] {
+                if plan.layers[o.layer].modules[j].is_some() {
+                    w[o.layer][j] = plan.loras[j].strength * f;
+                }
+            }
+        }
         w
     }
 
@@ -237,6 +316,8 @@ impl MixStrategy for KLora {
             "beta": self.beta,
             "selector_layers": self.selectors.len(),
             "single_lora_layers": self.lone.len(),
+            "other_layers": self.others.len(),
+            "others": match self.others_rule { Others::Merge => "merge", Others::Follow => "follow" },
         })
     }
 }

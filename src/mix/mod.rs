@@ -8,12 +8,16 @@
 //! fused at the LoRAs' strengths, or left off where the reference does so.
 
 pub mod auto;
+pub mod candidates;
 pub mod composite;
 pub mod est;
 pub mod klora;
 pub mod merge;
+pub mod np;
+pub mod schedule;
 pub mod stats;
 pub mod switch;
+pub mod windows;
 
 use std::path::Path;
 
@@ -22,6 +26,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::lora::{keys::Component, AdapterTargets, LoadedLora, Role};
+use loramix_models::Route;
 use crate::output::write_atomic;
 use crate::pipeline::StepMixer;
 
@@ -30,8 +35,11 @@ use crate::pipeline::StepMixer;
 pub struct MixLora {
     pub lora: LoadedLora,
     pub role: Role,
-    /// The user's strength m.
+    /// The user's strength m (1 when `schedule` gives the weights).
     pub strength: f64,
+    /// Block weights and per-step weights written in the prompt tag (lbw, loractl); the mixer
+    /// multiplies whatever the strategy decides by them.
+    pub schedule: Option<schedule::LoraSchedule>,
 }
 
 /// One UNet layer as the strategies see it.
@@ -43,6 +51,8 @@ pub struct MixLayer {
     pub is_linear: bool,
     /// Per LoRA, the index of its module on this layer.
     pub modules: Vec<Option<usize>>,
+    /// lbw's block (see [`schedule::block_of_sgm_path`]).
+    pub block: Option<usize>,
 }
 
 impl MixLayer {
@@ -58,6 +68,11 @@ impl MixLayer {
 pub struct MixPlan {
     pub loras: Vec<MixLora>,
     pub layers: Vec<MixLayer>,
+    /// Positions in the prompt's token sequence of the subject LoRAs' trigger words (see
+    /// [`MixPlan::locate_subjects`]).
+    pub subject_tokens: Vec<usize>,
+    /// How the LoRAs of the mix were chosen, for the trace.
+    pub candidates: Vec<candidates::Candidate>,
 }
 
 impl MixPlan {
@@ -71,9 +86,94 @@ impl MixPlan {
                 continue;
             }
             let modules = loras.iter().map(|l| l.lora.modules.iter().position(|m| m.target == ti)).collect();
-            layers.push(MixLayer { path: t.layer.path.clone(), target: ti, is_linear: t.layer.kind == LayerKind::Linear, modules });
+            layers.push(MixLayer { path: t.layer.path.clone(), target: ti, is_linear: t.layer.kind == LayerKind::Linear, modules, block: t.lbw_block });
         }
-        Ok(Self { loras, layers })
+        Ok(Self { loras, layers, subject_tokens: Vec::new(), candidates: Vec::new() })
+    }
+
+    /// `auto` with more LoRAs of a role than the prompt calls for: keeps, per role, the ones the
+    /// prompt names (all of them where it names none) and records every decision.
+    pub fn narrow_to_prompt(&mut self, prompt: &str, similarity: Option<&dyn Fn(&str, &str) -> Result<f64>>) -> Result<()> {
+        let offered: Vec<candidates::Offered> = self
+            .loras
+            .iter()
+            .map(|l| {
+                let mut phrases = l.lora.info.trigger_words.clone();
+                phrases.push(l.lora.name.clone());
+                candidates::Offered { name: l.lora.name.clone(), role: l.role, phrases }
+            })
+            .collect();
+        let picks = candidates::select(prompt, &offered, similarity)?;
+        let mut keep = vec![true; self.loras.len()];
+        for role in [Role::Subject, Role::Style] {
+            let idx: Vec<usize> = (0..self.loras.len()).filter(|&i| self.loras[i].role == role).collect();
+            if idx.len() > 1 && idx.iter().any(|&i| picks[i].picked) {
+                for &i in &idx {
+                    keep[i] = picks[i].picked;
+                }
+            }
+        }
+        if keep.iter().any(|k| !k) {
+            let mut k = keep.iter();
+            self.loras.retain(|_| *k.next().unwrap_or(&true));
+            for l in &mut self.layers {
+                let mut k = keep.iter();
+                l.modules.retain(|_| *k.next().unwrap_or(&true));
+            }
+            let mut picks = picks;
+            for (c, kept) in picks.iter_mut().zip(&keep) {
+                c.picked = *kept;
+            }
+            self.candidates.extend(picks);
+        }
+        Ok(())
+    }
+
+    /// Finds the subject LoRAs' trigger words in the prompt as the UNet sees it: positions in
+    /// the first tokenizer's framed ids (start token first), one entry per token of every
+    /// trigger phrase found. Attention weights like `(vlox:1.2)` are read through.
+    pub fn locate_subjects(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, prompt: &str) -> Result<()> {
+        let plain: String = crate::prompt::parse_attention(prompt)
+            .into_iter()
+            .map(|f| match f {
+                crate::prompt::Fragment::Text(t, _) => t,
+                crate::prompt::Fragment::Break => " ".to_string(),
+            })
+            .collect();
+        let ids = tokenizer.frame(&tokenizer.encode_raw(&plain)?);
+        let mut found = Vec::new();
+        for l in self.loras.iter().filter(|l| l.role == Role::Subject) {
+            for phrase in &l.lora.info.trigger_words {
+                let t = tokenizer.encode_raw(phrase)?;
+                if t.is_empty() || t.len() > ids.len() {
+                    continue;
+                }
+                for start in 0..=ids.len() - t.len() {
+                    if ids[start..start + t.len()] == t[..] {
+                        found.extend(start..start + t.len());
+                    }
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        self.subject_tokens = found;
+        Ok(())
+    }
+
+    /// The multiplier a LoRA's prompt schedule puts on layer `layer` at `step` (1 without one).
+    pub fn schedule_factor(&self, layer: usize, lora: usize, step: usize, steps: usize) -> f64 {
+        self.loras[lora].schedule.as_ref().map_or(1.0, |s| s.unet_weight(self.layers[layer].block, step, steps))
+    }
+
+    /// The step-independent part of it (block weights), for fused mixes.
+    pub fn block_factor(&self, layer: usize, lora: usize) -> f64 {
+        self.loras[lora].schedule.as_ref().map_or(1.0, |s| s.block_ratio(self.layers[layer].block))
+    }
+
+    /// Some LoRA's weight changes from step to step (loractl keyframes, lbw start/stop).
+    pub fn has_step_schedules(&self) -> bool {
+        self.loras.iter().any(|l| l.schedule.as_ref().is_some_and(|s| s.varies_per_step()))
     }
 
     /// Indices of the LoRAs with a role; the first `Unknown`s fill missing roles in order
@@ -94,6 +194,14 @@ impl MixPlan {
     }
 }
 
+/// How a cross-attention map becomes a mask: after min–max normalisation, values below `low`
+/// give 0, above `high` 1, linear between.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MaskRamp {
+    pub low: f64,
+    pub high: f64,
+}
+
 /// A per-step mixing rule. One file per strategy.
 pub trait MixStrategy: Send {
     fn name(&self) -> &'static str;
@@ -112,6 +220,27 @@ pub trait MixStrategy: Send {
     /// The reference applies `B A` without alpha / rank (K-LoRA reference mode).
     fn ignores_alpha(&self) -> bool {
         false
+    }
+    /// Asymmetric CFG: the unconditional pass runs on the base weights (see [`windows`]).
+    fn asymmetric_cfg(&self) -> bool {
+        false
+    }
+    /// A static strategy that fuses its own per-layer updates (NP-LoRA's projection): returns
+    /// `Some(ΔW)` (with every scale and strength applied) for the layers it decides; `None` =
+    /// fuse the LoRAs at their weights from [`Self::weights`].
+    fn fused_delta(&self, _plan: &MixPlan, _layer: usize) -> Result<Option<candle_core::Tensor>> {
+        Ok(None)
+    }
+    /// Per-token routing on a layer: the sharpness and each LoRA's route there (see
+    /// [`loramix_models::TokenRouting`]). Set once when the mix starts.
+    fn routing(&self, _plan: &MixPlan, _layer: usize) -> Option<(loramix_models::TokenRouting, Vec<loramix_models::Route>)> {
+        None
+    }
+    /// Spatial masks from cross-attention: at every step, where the subjects' trigger tokens
+    /// draw attention (the previous step's cross-attention maps) subjects lead and styles yield
+    /// (see [`auto`]). Needs [`MixPlan::subject_tokens`].
+    fn attention_masks(&self, _plan: &MixPlan) -> Option<MaskRamp> {
+        None
     }
     /// The strength of each LoRA's text-encoder modules (fused once; the prompt is encoded once).
     fn text_encoder_strengths(&self, plan: &MixPlan) -> Vec<f64> {
@@ -137,15 +266,34 @@ pub struct MixOptions {
     pub switch_every: usize,
     /// EST-LoRA's previews and their discrepancy (from [`est::style_discrepancy`]).
     pub est_previews: Option<est::Previews>,
+    /// Step windows per role for `windows` (see [`windows::RoleWindows::parse`]).
+    pub windows: Option<String>,
+    /// Run the unconditional half of CFG on the base weights (any per-step strategy).
+    pub asymmetric_cfg: bool,
+    /// NP-LoRA's projection strength μ.
+    pub np_mu: Option<f64>,
+    /// What K-LoRA / EST do on the layers they do not select on (corrected mode): `merge` or
+    /// `follow` (the layer follows its attention block's selectors).
+    pub klora_others: Option<String>,
 }
 
 impl Default for MixOptions {
     fn default() -> Self {
-        Self { strategy: "merge".into(), klora_pattern: None, klora_mode: "corrected".into(), switch_every: 5, est_previews: None }
+        Self {
+            strategy: "merge".into(),
+            klora_pattern: None,
+            klora_mode: "corrected".into(),
+            switch_every: 5,
+            est_previews: None,
+            windows: None,
+            asymmetric_cfg: false,
+            np_mu: None,
+            klora_others: None,
+        }
     }
 }
 
-pub const STRATEGIES: &[&str] = &["merge", "switch", "composite", "klora", "est", "auto"];
+pub const STRATEGIES: &[&str] = &["merge", "switch", "composite", "klora", "est", "np", "windows", "auto"];
 
 pub fn build(opts: &MixOptions) -> Result<Box<dyn MixStrategy>> {
     let default_pattern = if opts.strategy == "est" { klora::Pattern::S } else { klora::Pattern::SStar };
@@ -164,18 +312,71 @@ pub fn build(opts: &MixOptions) -> Result<Box<dyn MixStrategy>> {
             o => Err(Error::Argument(format!("--klora-mode {o}: expected corrected or reference"))),
         }
     };
-    Ok(match opts.strategy.as_str() {
+    let strategy: Box<dyn MixStrategy> = match opts.strategy.as_str() {
         "merge" => Box::new(merge::Merge),
+        "np" => Box::new(np::NpLora::new(opts.np_mu.unwrap_or(np::DEFAULT_MU))?),
+        "windows" => Box::new(windows::Windows::new(match &opts.windows {
+            Some(spec) => windows::RoleWindows::parse(spec)?,
+            None => windows::RoleWindows::default(),
+        })),
         "switch" => Box::new(switch::Switch::new(opts.switch_every)?),
         "composite" => Box::new(composite::Composite),
-        "klora" => Box::new(klora::KLora::new(pattern()?, mode()?)),
-        "auto" => Box::new(auto::Auto::new(pattern()?)),
+        "klora" => Box::new(klora::KLora::new(pattern()?, mode()?).with_others(klora::Others::parse(opts.klora_others.as_deref())?)),
+        "auto" => Box::new(auto::Auto::new(auto::DEFAULT_RAMP)),
         "est" => match &opts.est_previews {
-            Some(p) => Box::new(est::Est::new(pattern()?, mode()?, p.clone())),
+            Some(p) => Box::new(est::Est::new(pattern()?, mode()?, p.clone(), klora::Others::parse(opts.klora_others.as_deref())?)),
             None => return Err(Error::Argument("--mix est: the style discrepancy of the previews is computed first (est::style_discrepancy)".into())),
         },
         o => return Err(Error::Argument(format!("--mix {o}: expected one of {}", STRATEGIES.join(", ")))),
-    })
+    };
+    if opts.windows.is_some() && opts.strategy != "windows" {
+        return Err(Error::Argument(format!("--windows is an option of --mix windows, not of --mix {}", opts.strategy)));
+    }
+    Ok(if opts.asymmetric_cfg { Box::new(AsymmetricCfg(strategy)) } else { strategy })
+}
+
+/// Any strategy with asymmetric CFG: the same weights, never fused (the unconditional pass
+/// needs the base weights, the conditional one the LoRAs).
+struct AsymmetricCfg(Box<dyn MixStrategy>);
+
+impl MixStrategy for AsymmetricCfg {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn prepare(&mut self, plan: &MixPlan) -> Result<()> {
+        self.0.prepare(plan)
+    }
+    fn passes(&self, plan: &MixPlan) -> usize {
+        self.0.passes(plan)
+    }
+    fn ignores_alpha(&self) -> bool {
+        self.0.ignores_alpha()
+    }
+    fn asymmetric_cfg(&self) -> bool {
+        true
+    }
+    fn routing(&self, plan: &MixPlan, layer: usize) -> Option<(loramix_models::TokenRouting, Vec<loramix_models::Route>)> {
+        self.0.routing(plan, layer)
+    }
+    fn attention_masks(&self, plan: &MixPlan) -> Option<MaskRamp> {
+        self.0.attention_masks(plan)
+    }
+    fn text_encoder_strengths(&self, plan: &MixPlan) -> Vec<f64> {
+        self.0.text_encoder_strengths(plan)
+    }
+    fn weights(&self, plan: &MixPlan, step: usize, steps: usize, pass: usize) -> Vec<Vec<f64>> {
+        self.0.weights(plan, step, steps, pass)
+    }
+    fn describe(&self) -> serde_json::Value {
+        let mut d = self.0.describe();
+        match d.as_object_mut() {
+            Some(o) => {
+                o.insert("asymmetric_cfg".into(), true.into());
+            }
+            None => d = serde_json::json!({ "asymmetric_cfg": true }),
+        }
+        d
+    }
 }
 
 /// What each LoRA weighed in each UNet linear at each step.
@@ -189,6 +390,10 @@ pub struct MixTrace {
     pub weights: Vec<Vec<Vec<f64>>>,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
+    /// LoRAs considered for the prompt (`--candidates library`, or more offered than asked
+    /// for), picked or not, and why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<candidates::Candidate>,
 }
 
 impl MixTrace {
@@ -203,6 +408,11 @@ pub struct Mixer<'a> {
     targets: &'a AdapterTargets,
     plan: MixPlan,
     strategy: Box<dyn MixStrategy>,
+    /// The mix was fused into the weights once (no per-step work).
+    fused: bool,
+    /// Cross-attention masks are on; `latent` = ((h, w), UNet rows) once sampling begins.
+    masks: Option<MaskRamp>,
+    latent: Option<((usize, usize), usize)>,
     trace: MixTrace,
     linear_rows: Vec<usize>,
     /// The step `passes` last decided, with its `[pass][layer][lora]` weights.
@@ -215,17 +425,54 @@ impl<'a> Mixer<'a> {
     pub fn new(targets: &'a AdapterTargets, plan: MixPlan, mut strategy: Box<dyn MixStrategy>) -> Result<Self> {
         targets.clear();
         strategy.prepare(&plan)?;
-        let te_strengths = strategy.text_encoder_strengths(&plan);
+        let te_strengths: Vec<f64> = strategy
+            .text_encoder_strengths(&plan)
+            .into_iter()
+            .zip(&plan.loras)
+            .map(|(w, l)| w * l.schedule.as_ref().map_or(1.0, |s| s.te_weight()))
+            .collect();
+        // A static mix is fused once, unless a prompt schedule changes weights from step to step.
+        let fused = strategy.is_static() && !plan.has_step_schedules();
+        if strategy.is_static() && !fused && (0..plan.layers.len()).any(|li| strategy.fused_delta(&plan, li).is_ok_and(|d| d.is_some())) {
+            return Err(Error::Argument(format!("--mix {} fuses its own updates once and cannot follow per-step LoRA weights (keyframes, start/stop)", strategy.name())));
+        }
         let te_only: Vec<LoadedLora> = plan.loras.iter().map(|l| only_component(&l.lora, targets, false)).collect();
         let te_refs: Vec<(&LoadedLora, f64)> = te_only.iter().zip(te_strengths).filter(|(_, w)| *w != 0.0).collect();
         crate::lora::fuse(targets, &te_refs)?;
         let unet_only: Vec<LoadedLora> = plan.loras.iter().map(|l| only_component(&l.lora, targets, true)).collect();
-        if strategy.is_static() {
-            let refs: Vec<(&LoadedLora, f64)> = unet_only.iter().zip(&plan.loras).map(|(l, m)| (l, m.strength)).collect();
-            crate::lora::fuse(targets, &refs)?;
+        if fused {
+            fuse_static(targets, &plan, strategy.as_ref())?;
         } else {
             let refs: Vec<(&LoadedLora, f64)> = unet_only.iter().map(|l| (l, 0.0)).collect();
             crate::lora::attach(targets, &refs)?;
+            if strategy.attention_masks(&plan).is_some() {
+                for layer in &plan.layers {
+                    let mut state = targets.targets[layer.target].layer.slot.write();
+                    if layer.path.ends_with("attn2.to_q") {
+                        state.probe_tokens = Some(plan.subject_tokens.clone());
+                    }
+                    for l in &plan.loras {
+                        if let Some(b) = state.branches.iter_mut().find(|b| b.name == l.lora.name) {
+                            b.route = match l.role {
+                                Role::Subject => Route::Lead,
+                                Role::Style => Route::Yield,
+                                _ => Route::Free,
+                            };
+                        }
+                    }
+                }
+            }
+            for (li, layer) in plan.layers.iter().enumerate() {
+                if let Some((routing, routes)) = strategy.routing(&plan, li) {
+                    let mut state = targets.targets[layer.target].layer.slot.write();
+                    state.routing = Some(routing);
+                    for (j, l) in plan.loras.iter().enumerate() {
+                        if let Some(b) = state.branches.iter_mut().find(|b| b.name == l.lora.name) {
+                            b.route = routes[j];
+                        }
+                    }
+                }
+            }
         }
         let linear_rows: Vec<usize> = plan.layers.iter().enumerate().filter(|(_, l)| l.is_linear).map(|(i, _)| i).collect();
         let trace = MixTrace {
@@ -235,8 +482,10 @@ impl<'a> Mixer<'a> {
             loras: plan.loras.iter().map(|l| l.lora.name.clone()).collect(),
             weights: Vec::new(),
             details: strategy.describe(),
+            candidates: plan.candidates.clone(),
         };
-        Ok(Self { targets, plan, strategy, trace, linear_rows, current: (usize::MAX, Vec::new()) })
+        let masks = if fused { None } else { strategy.attention_masks(&plan) };
+        Ok(Self { targets, plan, strategy, fused, masks, latent: None, trace, linear_rows, current: (usize::MAX, Vec::new()) })
     }
 
     pub fn plan(&self) -> &MixPlan {
@@ -257,7 +506,20 @@ impl<'a> Mixer<'a> {
     /// `[pass][layer][lora]` for one step.
     fn pass_weights(&self, step: usize, steps: usize) -> Vec<Vec<Vec<f64>>> {
         let passes = self.strategy.passes(&self.plan).max(1);
-        (0..passes).map(|p| self.strategy.weights(&self.plan, step, steps, p)).collect()
+        let scheduled = self.plan.loras.iter().any(|l| l.schedule.is_some());
+        (0..passes)
+            .map(|p| {
+                let mut w = self.strategy.weights(&self.plan, step, steps, p);
+                if scheduled {
+                    for (li, row) in w.iter_mut().enumerate() {
+                        for (j, v) in row.iter_mut().enumerate() {
+                            *v *= self.plan.schedule_factor(li, j, step, steps);
+                        }
+                    }
+                }
+                w
+            })
+            .collect()
     }
 
     fn trace_row(&self, per_pass: &[Vec<Vec<f64>>]) -> Vec<Vec<f64>> {
@@ -280,6 +542,36 @@ impl<'a> Mixer<'a> {
     }
 }
 
+/// Fuses a static strategy once: per layer, the strategy's own ΔW where it has one, else the
+/// LoRAs at the layer's weights (`W' = W + Σ w_j s_j ΔW_j`, in f32 on the layer's device).
+fn fuse_static(targets: &AdapterTargets, plan: &MixPlan, strategy: &dyn MixStrategy) -> Result<()> {
+    let w = strategy.weights(plan, 0, 1, 0);
+    for (li, layer) in plan.layers.iter().enumerate() {
+        let base = &targets.targets[layer.target].layer.base_weight;
+        let delta = match strategy.fused_delta(plan, li)? {
+            Some(d) => Some(d.to_device(base.device())?.to_dtype(candle_core::DType::F32)?),
+            None => {
+                let mut acc: Option<candle_core::Tensor> = None;
+                for (j, m) in plan.loras.iter().enumerate() {
+                    let wj = w[li][j] * plan.block_factor(li, j);
+                    let (Some(mi), true) = (layer.modules[j], wj != 0.0) else { continue };
+                    let d = (m.lora.delta_on(&m.lora.modules[mi], base.device())? * wj)?;
+                    acc = Some(match acc {
+                        Some(a) => (a + d)?,
+                        None => d,
+                    });
+                }
+                acc
+            }
+        };
+        if let Some(d) = delta {
+            let fused = (base.to_dtype(candle_core::DType::F32)? + d.reshape(base.dims())?)?;
+            targets.targets[layer.target].layer.slot.write().fused_weight = Some(fused.to_dtype(base.dtype())?);
+        }
+    }
+    Ok(())
+}
+
 /// A copy of `l` with only its UNet (or only its text-encoder) modules.
 fn only_component(l: &LoadedLora, targets: &AdapterTargets, unet: bool) -> LoadedLora {
     let mut c = l.clone();
@@ -287,8 +579,91 @@ fn only_component(l: &LoadedLora, targets: &AdapterTargets, unet: bool) -> Loade
     c
 }
 
+impl Mixer<'_> {
+    /// The spatial mask for the next step from the last step's cross-attention maps: the
+    /// attention mass on the subjects' trigger tokens, averaged over the probed layers at the
+    /// finest of their resolutions, over its maximum per image, from the conditional rows (the
+    /// unconditional rows see no prompt) for every row.
+    fn update_mask(&mut self, ramp: MaskRamp) -> Result<()> {
+        let Some(((h, w), rows)) = self.latent else { return Ok(()) };
+        let mut maps = Vec::new();
+        for layer in &self.plan.layers {
+            if layer.path.ends_with("attn2.to_q") {
+                if let Some(m) = self.targets.targets[layer.target].layer.slot.write().probe_map.take() {
+                    maps.push(m);
+                }
+            }
+        }
+        let mut acc: Option<candle_core::Tensor> = None;
+        let mut finest = 0;
+        let mut grids = Vec::new();
+        for m in maps {
+            let (b, t) = m.dims2()?;
+            let th = ((t * h) as f64 / w as f64).sqrt().round() as usize;
+            if th == 0 || t % th != 0 || (b != rows && b != rows / 2) {
+                continue;
+            }
+            finest = finest.max(th);
+            grids.push(m.reshape((b, 1, th, t / th))?);
+        }
+        for g in grids {
+            let (_, _, gh, gw) = g.dims4()?;
+            let g = if gh < finest { g.upsample_nearest2d(finest, gw * finest / gh)? } else { g };
+            acc = Some(match acc {
+                None => g,
+                Some(a) => (a + g)?,
+            });
+        }
+        let Some(acc) = acc else { return Ok(()) };
+        // The conditional rows: the second half of a CFG batch, or all rows of a conditional-only pass.
+        let n = acc.dim(0)?;
+        let half = if n == rows && rows % 2 == 0 && rows > 1 { rows / 2 } else { 0 };
+        let cond = acc.narrow(0, half, n - half)?;
+        let flat = cond.flatten_from(1)?;
+        let max = flat.max_keepdim(1)?.reshape(((), 1, 1, 1))?;
+        let min = flat.min_keepdim(1)?.reshape(((), 1, 1, 1))?;
+        let m = cond.broadcast_sub(&min)?.broadcast_div(&((max - &min)? + 1e-12)?)?;
+        let m = ((m - ramp.low)? / (ramp.high - ramp.low).max(1e-6))?.clamp(0f32, 1f32)?;
+        // With asymmetric CFG the LoRAs run on the conditional rows only.
+        let mask = if half > 0 && !self.strategy.asymmetric_cfg() { candle_core::Tensor::cat(&[&m, &m], 0)? } else { m };
+        for layer in &self.plan.layers {
+            if layer.path.ends_with("attn2.to_k") || layer.path.ends_with("attn2.to_v") {
+                continue;
+            }
+            self.targets.targets[layer.target].layer.slot.write().mask = Some(mask.clone());
+        }
+        Ok(())
+    }
+}
+
 impl StepMixer for Mixer<'_> {
+    fn begin(&mut self, latent_hw: (usize, usize), rows: usize) -> Result<()> {
+        self.latent = Some((latent_hw, rows));
+        Ok(())
+    }
+
+    fn asymmetric_cfg(&self) -> bool {
+        self.strategy.asymmetric_cfg()
+    }
+
+    fn apply_base(&mut self) -> Result<()> {
+        for layer in &self.plan.layers {
+            let mut state = self.targets.targets[layer.target].layer.slot.write();
+            for b in state.branches.iter_mut() {
+                b.weight = 0.0;
+            }
+            // The base pass reads the negative prompt: its attention maps say nothing of the subject.
+            if state.probe_tokens.is_some() {
+                state.probe_tokens = Some(Vec::new());
+            }
+        }
+        Ok(())
+    }
+
     fn passes(&mut self, step: usize, steps: usize, _timestep: f64) -> Result<usize> {
+        if let Some(ramp) = self.masks {
+            self.update_mask(ramp)?;
+        }
         // The step's weights are decided once here: the trace row and every pass's apply use them.
         let per_pass = self.pass_weights(step, steps);
         if self.trace.weights.len() == step {
@@ -302,7 +677,7 @@ impl StepMixer for Mixer<'_> {
     }
 
     fn apply(&mut self, step: usize, pass: usize) -> Result<()> {
-        if self.strategy.is_static() {
+        if self.fused {
             return Ok(());
         }
         if self.current.0 != step || pass >= self.current.1.len() {
@@ -313,6 +688,9 @@ impl StepMixer for Mixer<'_> {
         for (li, layer) in self.plan.layers.iter().enumerate() {
             let slot = &self.targets.targets[layer.target].layer.slot;
             let mut state = slot.write();
+            if state.probe_tokens.is_some() {
+                state.probe_tokens = Some(self.plan.subject_tokens.clone());
+            }
             for (j, lora) in self.plan.loras.iter().enumerate() {
                 if layer.modules[j].is_none() {
                     continue;

@@ -3,6 +3,7 @@ SDXL format with real sd-scripts / modelspec metadata.
 
 python tools/miniworld/train_lora.py --base models/miniworld --kind subject:vlox --steps 300
 python tools/miniworld/train_lora.py --all --steps 300      # the four subjects and four styles
+python tools/miniworld/train_lora.py --all --shape attn     # attention-only, into loras-attn/
 
 Subject LoRAs are DreamBooth-style: the identifier word ("a vlox emblem on a teal background,
 flat style") with the emblem in varied positions, sizes and backgrounds. Style LoRAs learn a
@@ -34,6 +35,9 @@ RANK, ALPHA = 8, 8.0
 # and textures are local detail that the attention layers alone (only at the lowest resolution
 # in this tiny UNet) cannot carry.
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1", "conv2"]
+# The other common shape of real SDXL LoRAs: attention projections only, as diffusers' DreamBooth
+# LoRA scripts train them (what K-LoRA was built for). Shipped beside the others in loras-attn/.
+SHAPES = {"locon": (TARGETS, "loras"), "attn": (["to_q", "to_k", "to_v", "to_out.0"], "loras-attn")}
 
 
 def batch(kind, start, n):
@@ -45,14 +49,14 @@ def batch(kind, start, n):
     return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1, caps
 
 
-def train(base, kind, steps, bs, lr, out_dir, threads):
+def train(base, kind, steps, bs, lr, out_dir, threads, targets=TARGETS, shape="locon"):
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline.from_pretrained(base, torch_dtype=torch.float32)
     unet, vae = pipe.unet, pipe.vae
     for m in (unet, vae, pipe.text_encoder, pipe.text_encoder_2):
         m.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=TARGETS))
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     ac = pipe.scheduler.alphas_cumprod
@@ -111,7 +115,7 @@ def train(base, kind, steps, bs, lr, out_dir, threads):
         "ss_network_alpha": str(ALPHA),
         "ss_base_model_version": "loramix_miniworld_v1",
         "ss_output_name": name,
-        "ss_training_comment": f"miniworld {role} LoRA ({kind}), trained with tools/miniworld/train_lora.py",
+        "ss_training_comment": f"miniworld {role} LoRA ({kind}, {shape} shape), trained with tools/miniworld/train_lora.py",
         "ss_max_train_steps": str(steps),
         "ss_learning_rate": str(lr),
         "ss_num_train_images": str(n_data),
@@ -140,12 +144,14 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="locon", help="locon: linears + convs (loras/); attn: attention projections only (loras-attn/)")
     a = ap.parse_args()
+    targets, folder = SHAPES[a.shape]
     kinds = a.kind or []
     if a.all:
         kinds = [f"subject:{w}" for w in world.SUBJECTS] + [f"style:{s}" for s in world.LORA_STYLES]
     for k in kinds:
-        train(a.base, k, a.steps, a.batch, a.lr, os.path.join(a.base, "loras"), a.threads)
+        train(a.base, k, a.steps, a.batch, a.lr, os.path.join(a.base, folder), a.threads, targets, a.shape)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,13 @@ impl Attention {
         let v = self.to_v.forward(ctx)?;
         // Views, not copies: the attention kernels copy what they cannot read in place.
         let heads = |t: Tensor, l: usize| -> Result<Tensor> { t.reshape((b, l, self.heads, self.head_dim))?.transpose(1, 2) };
+        if context.is_some() {
+            let tokens = self.to_q.slot().read().probe_tokens.clone();
+            if let Some(tokens) = tokens.filter(|t| !t.is_empty()) {
+                let map = self.attention_mass(&heads(q.clone(), lq)?, &heads(k.clone(), lk)?, &tokens)?;
+                self.to_q.slot().write().probe_map = Some(map);
+            }
+        }
         let o = loramix_kernels::scaled_dot_product_attention(
             &heads(q, lq)?,
             &heads(k, lk)?,
@@ -49,6 +56,23 @@ impl Attention {
         )?;
         let o = o.transpose(1, 2)?.reshape((b, lq, self.heads * self.head_dim))?;
         self.to_out.forward(&o)
+    }
+}
+
+impl Attention {
+    /// The attention mass each query token puts on the prompt tokens `tokens`, averaged over
+    /// heads: `[batch, queries]` (for the mixer's cross-attention probe).
+    fn attention_mass(&self, q: &Tensor, k: &Tensor, tokens: &[usize]) -> Result<Tensor> {
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let (q, k) = (q.to_dtype(candle_core::DType::F32)?.contiguous()?, k.to_dtype(candle_core::DType::F32)?.contiguous()?);
+        let p = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?; // [b, h, lq, lk]
+        let lk = p.dim(3)?;
+        let idx: Vec<u32> = tokens.iter().filter(|&&t| t < lk).map(|&t| t as u32).collect();
+        if idx.is_empty() {
+            return Tensor::zeros((q.dim(0)?, q.dim(2)?), candle_core::DType::F32, q.device());
+        }
+        let idx = Tensor::new(idx.as_slice(), q.device())?;
+        p.index_select(&idx, 3)?.sum(3)?.mean(1)
     }
 }
 

@@ -38,4 +38,9 @@ describe("heatmap", () => {
     expect(cells.map((c) => c.color)).toEqual([PALETTE[0], PALETTE[1], PALETTE[1]]);
     expect(heatmapCells([], 3)).toEqual([]);
   });
+  it("shades bands by their soft weight", () => {
+    const cells = heatmapCells([[0, 0, 1, 1]], 2, [[100, 50, 20, 20]]);
+    expect(cells.map((c) => c.alpha)).toEqual([0.75, 0.2]);
+    expect(heatmapCells([[0]], 2)[0].alpha).toBe(1);
+  });
 });

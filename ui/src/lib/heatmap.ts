@@ -7,14 +7,19 @@ export function cellColor(dominant: number): string {
   return dominant < 0 ? OFF : PALETTE[dominant % PALETTE.length];
 }
 
-/** Cells to draw: `dominant[step][layer]` → {x: step, y: layer, color}. Large traces are
- * down-sampled to at most `maxRows` layer rows (taking the most common choice per band). */
-export function heatmapCells(dominant: number[][], maxRows = 160): { x: number; y: number; color: string }[] {
+/** Cells to draw: `dominant[step][layer]` → {x: step, y: layer, color, alpha}. Large traces are
+ * down-sampled to at most `maxRows` layer rows (taking the most common choice per band); `alpha`
+ * is the band's mean soft weight (`intensity`, percent), 1 without one. */
+export function heatmapCells(
+  dominant: number[][],
+  maxRows = 160,
+  intensity?: number[][],
+): { x: number; y: number; color: string; alpha: number }[] {
   const steps = dominant.length;
   if (steps === 0) return [];
   const layers = dominant[0].length;
   const band = Math.max(1, Math.ceil(layers / maxRows));
-  const cells: { x: number; y: number; color: string }[] = [];
+  const cells: { x: number; y: number; color: string; alpha: number }[] = [];
   for (let s = 0; s < steps; s++) {
     for (let y = 0; y * band < layers; y++) {
       const counts = new Map<number, number>();
@@ -30,7 +35,17 @@ export function heatmapCells(dominant: number[][], maxRows = 160): { x: number; 
           bestN = n;
         }
       }
-      cells.push({ x: s, y, color: cellColor(best) });
+      let alpha = 1;
+      if (intensity && intensity[s]) {
+        let sum = 0;
+        let n = 0;
+        for (let l = y * band; l < Math.min(layers, (y + 1) * band); l++) {
+          sum += intensity[s][l] ?? 100;
+          n++;
+        }
+        alpha = n > 0 ? Math.max(0.15, sum / n / 100) : 1;
+      }
+      cells.push({ x: s, y, color: cellColor(best), alpha });
     }
   }
   return cells;

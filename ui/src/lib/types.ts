@@ -4,6 +4,8 @@ export interface LoraSetting {
   name: string;
   weight: number;
   role?: string | null;
+  /** What follows the name in a <lora:NAME:...> tag: te/unet, loractl keyframes, lbw. */
+  schedule?: string | null;
 }
 
 export interface Settings {
@@ -22,6 +24,10 @@ export interface Settings {
   mix: string;
   klora_pattern: string | null;
   switch_every: number;
+  windows: string | null;
+  asymmetric_cfg: boolean;
+  klora_others: string | null;
+  candidates: boolean;
 }
 
 export interface LoraEntry {
@@ -59,6 +65,9 @@ export interface MixSummary {
   steps: number;
   mean_weight: number[];
   dominant: number[][];
+  /** Percent of the largest weight, per step and layer (soft weights). */
+  intensity?: number[][];
+  candidates?: { name: string; role: string; score: number; picked: boolean; reason: string }[];
 }
 
 export type StudioEvent =
@@ -133,5 +142,9 @@ export function defaultSettings(): Settings {
     mix: "merge",
     klora_pattern: null,
     switch_every: 5,
+    windows: null,
+    asymmetric_cfg: false,
+    klora_others: null,
+    candidates: false,
   };
 }
