@@ -128,7 +128,7 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
         let est_previews = Some(mix::est::Previews { steps: 0, width: 0, height: 0, seed: 0, discrepancy: 0.3 });
         let mut mixer = Mixer::new(&targets, plan, mix::build(&MixOptions { strategy: strategy.into(), est_previews, ..Default::default() })?)?;
         let prepare = t0.elapsed().as_secs_f64();
-        mixer.begin((h, w), 2)?;
+        mixer.begin((h, w), 2, true)?;
         let asymmetric = mixer.asymmetric_cfg();
         let half = |t: &Tensor, i: usize| t.narrow(0, i, 1);
         let added_row = |i: usize| -> Result<AddedConditions> {

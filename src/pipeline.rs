@@ -55,12 +55,14 @@ pub trait StepMixer {
     fn asymmetric_cfg(&self) -> bool {
         false
     }
-    /// Switches every LoRA branch off (the base model) for the unconditional pass.
+    /// Sets the LoRA branches for the unconditional pass: off (the base model), or the share of
+    /// their weights the strategy keeps there.
     fn apply_base(&mut self) -> Result<()> {
         Ok(())
     }
-    /// The latent's height and width, and the UNet batch (rows), before the first step.
-    fn begin(&mut self, _latent_hw: (usize, usize), _rows: usize) -> Result<()> {
+    /// The latent's height and width, the UNet batch (rows) and whether it is a CFG batch
+    /// (unconditional rows first), before the first step.
+    fn begin(&mut self, _latent_hw: (usize, usize), _rows: usize, _cfg: bool) -> Result<()> {
         Ok(())
     }
 }
@@ -329,7 +331,7 @@ impl SdxlPipeline {
         };
 
         if let Some(m) = mixer.as_deref_mut() {
-            m.begin((height / f, width / f), rows)?;
+            m.begin((height / f, width / f), rows, cfg)?;
         }
         let mut latents = (noise * sched.init_noise_sigma())?;
         let timesteps = sched.timesteps().to_vec();

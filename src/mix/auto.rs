@@ -19,9 +19,11 @@
 //!   the image: both apply there. LoRAs of other roles run everywhere.
 //! - Guidance. With the LoRAs confined to their regions, each covers only part of the image, and
 //!   under ordinary CFG the unconditional pass (which also carries them) cancels much of what
-//!   they add. So `auto` runs the unconditional pass on the base weights (CRAFT-LoRA's asymmetric
-//!   CFG): the guidance direction carries each LoRA's whole effect. Alone, asymmetric CFG
-//!   over-drives the style into the subject; with the masks it is what makes both strong.
+//!   they add. So `auto`'s unconditional pass keeps only [`UNCOND_FRACTION`] of each LoRA (with
+//!   the same masks): the guidance carries more of each LoRA's effect. CRAFT-LoRA's fully
+//!   asymmetric CFG (base weights unconditional) over-drives: alone it pushes the style into the
+//!   subject, and even with the masks it loses the prompt's colours (alignment 0.51); 0.7 keeps
+//!   both LoRAs and the prompt.
 //! - Cost: the unconditional and conditional halves run as two UNet passes of half the batch
 //!   (same FLOPs as one CFG pass), plus one attention-probability product on the trigger tokens
 //!   per cross-attention and a few elementwise products per layer: no extra UNet pass.
@@ -40,6 +42,10 @@ pub const DEFAULT_SHARPNESS: f64 = 2.0;
 /// The mask ramp: attention mass (min–max normalised) below `low` is background, above `high`
 /// is the subject. Chosen by measurement (BENCHMARKS.md, "auto: mask ramp").
 pub const DEFAULT_RAMP: MaskRamp = MaskRamp { low: 0.25, high: 0.5 };
+/// The share of each LoRA the unconditional pass keeps: the guidance scale then multiplies the
+/// LoRAs' effect by 0.7 + cfg·0.3 instead of 1 (ordinary CFG) or cfg (base-weight unconditional).
+/// Chosen by measurement (BENCHMARKS.md, "auto: design measurements").
+pub const UNCOND_FRACTION: f64 = 0.7;
 
 pub struct Auto {
     sharpness: f64,
@@ -75,6 +81,10 @@ impl MixStrategy for Auto {
 
     fn asymmetric_cfg(&self) -> bool {
         self.masked
+    }
+
+    fn uncond_fraction(&self) -> f64 {
+        UNCOND_FRACTION
     }
 
     fn weights(&self, plan: &MixPlan, _step: usize, _steps: usize, _pass: usize) -> Vec<Vec<f64>> {

@@ -225,6 +225,11 @@ pub trait MixStrategy: Send {
     fn asymmetric_cfg(&self) -> bool {
         false
     }
+    /// With asymmetric CFG, the fraction of each LoRA's weight the unconditional pass keeps
+    /// (0: the base weights, CRAFT-LoRA's rule).
+    fn uncond_fraction(&self) -> f64 {
+        0.0
+    }
     /// A static strategy that fuses its own per-layer updates (NP-LoRA's projection): returns
     /// `Some(ΔW)` (with every scale and strength applied) for the layers it decides; `None` =
     /// fuse the LoRAs at their weights from [`Self::weights`].
@@ -355,6 +360,9 @@ impl MixStrategy for AsymmetricCfg {
     fn asymmetric_cfg(&self) -> bool {
         true
     }
+    fn uncond_fraction(&self) -> f64 {
+        self.0.uncond_fraction()
+    }
     fn routing(&self, plan: &MixPlan, layer: usize) -> Option<(loramix_models::TokenRouting, Vec<loramix_models::Route>)> {
         self.0.routing(plan, layer)
     }
@@ -410,9 +418,9 @@ pub struct Mixer<'a> {
     strategy: Box<dyn MixStrategy>,
     /// The mix was fused into the weights once (no per-step work).
     fused: bool,
-    /// Cross-attention masks are on; `latent` = ((h, w), UNet rows) once sampling begins.
+    /// Cross-attention masks are on; `latent` = ((h, w), UNet rows, CFG batch) once sampling begins.
     masks: Option<MaskRamp>,
-    latent: Option<((usize, usize), usize)>,
+    latent: Option<((usize, usize), usize, bool)>,
     trace: MixTrace,
     linear_rows: Vec<usize>,
     /// The step `passes` last decided, with its `[pass][layer][lora]` weights.
@@ -585,7 +593,7 @@ impl Mixer<'_> {
     /// finest of their resolutions, over its maximum per image, from the conditional rows (the
     /// unconditional rows see no prompt) for every row.
     fn update_mask(&mut self, ramp: MaskRamp) -> Result<()> {
-        let Some(((h, w), rows)) = self.latent else { return Ok(()) };
+        let Some(((h, w), rows, cfg)) = self.latent else { return Ok(()) };
         let mut maps = Vec::new();
         for layer in &self.plan.layers {
             if layer.path.ends_with("attn2.to_q") {
@@ -617,7 +625,7 @@ impl Mixer<'_> {
         let Some(acc) = acc else { return Ok(()) };
         // The conditional rows: the second half of a CFG batch, or all rows of a conditional-only pass.
         let n = acc.dim(0)?;
-        let half = if n == rows && rows % 2 == 0 && rows > 1 { rows / 2 } else { 0 };
+        let half = if cfg && n == rows { rows / 2 } else { 0 };
         let cond = acc.narrow(0, half, n - half)?;
         let flat = cond.flatten_from(1)?;
         let max = flat.max_keepdim(1)?.reshape(((), 1, 1, 1))?;
@@ -625,7 +633,7 @@ impl Mixer<'_> {
         let m = cond.broadcast_sub(&min)?.broadcast_div(&((max - &min)? + 1e-12)?)?;
         let m = ((m - ramp.low)? / (ramp.high - ramp.low).max(1e-6))?.clamp(0f32, 1f32)?;
         // With asymmetric CFG the LoRAs run on the conditional rows only.
-        let mask = if half > 0 && !self.strategy.asymmetric_cfg() { candle_core::Tensor::cat(&[&m, &m], 0)? } else { m };
+        let mask = if cfg && !self.strategy.asymmetric_cfg() { candle_core::Tensor::cat(&[&m, &m], 0)? } else { m };
         for layer in &self.plan.layers {
             if layer.path.ends_with("attn2.to_k") || layer.path.ends_with("attn2.to_v") {
                 continue;
@@ -637,8 +645,8 @@ impl Mixer<'_> {
 }
 
 impl StepMixer for Mixer<'_> {
-    fn begin(&mut self, latent_hw: (usize, usize), rows: usize) -> Result<()> {
-        self.latent = Some((latent_hw, rows));
+    fn begin(&mut self, latent_hw: (usize, usize), rows: usize, cfg: bool) -> Result<()> {
+        self.latent = Some((latent_hw, rows, cfg));
         Ok(())
     }
 
@@ -647,10 +655,11 @@ impl StepMixer for Mixer<'_> {
     }
 
     fn apply_base(&mut self) -> Result<()> {
+        let f = self.strategy.uncond_fraction();
         for layer in &self.plan.layers {
             let mut state = self.targets.targets[layer.target].layer.slot.write();
             for b in state.branches.iter_mut() {
-                b.weight = 0.0;
+                b.weight *= f;
             }
             // The base pass reads the negative prompt: its attention maps say nothing of the subject.
             if state.probe_tokens.is_some() {
