@@ -129,9 +129,9 @@ impl MixPlan {
         Ok(())
     }
 
-    /// Finds the subject LoRAs' trigger words in the prompt as the UNet sees it: positions in
-    /// the first tokenizer's framed ids (start token first), one entry per token of every
-    /// trigger phrase found. Attention weights like `(vlox:1.2)` are read through.
+    /// Finds the subject LoRAs' trigger words (or names) in the prompt as the UNet sees it:
+    /// positions in the first tokenizer's framed ids (start token first), one entry per token of
+    /// every phrase found. Attention weights like `(vlox:1.2)` are read through.
     pub fn locate_subjects(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, prompt: &str) -> Result<()> {
         let plain: String = crate::prompt::parse_attention(prompt)
             .into_iter()
@@ -143,7 +143,10 @@ impl MixPlan {
         let ids = tokenizer.frame(&tokenizer.encode_raw(&plain)?);
         let mut found = Vec::new();
         for l in self.loras.iter().filter(|l| l.role == Role::Subject) {
-            for phrase in &l.lora.info.trigger_words {
+            // Trigger phrases (short: long ones are training captions, whose background and
+            // colour words are not the subject) and the LoRA's own name.
+            let short = l.lora.info.trigger_words.iter().filter(|p| p.split_whitespace().count() <= 3);
+            for phrase in short.chain(std::iter::once(&l.lora.name)) {
                 let t = tokenizer.encode_raw(phrase)?;
                 if t.is_empty() || t.len() > ids.len() {
                     continue;
