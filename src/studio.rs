@@ -193,7 +193,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     for l in &s.loras {
         let tag = format!("<lora:{}:", lora_tag_name(&l.name));
         if !text.contains(&tag) {
-            text.push_str(&format!(" <lora:{}:{}>", lora_tag_name(&l.name), l.weight));
+            match &l.schedule {
+                Some(fields) => text.push_str(&format!(" <lora:{}:{fields}>", lora_tag_name(&l.name))),
+                None => text.push_str(&format!(" <lora:{}:{}>", lora_tag_name(&l.name), l.weight)),
+            }
         }
     }
     if !s.negative_prompt.is_empty() {
@@ -1041,6 +1044,14 @@ mod tests {
         assert_eq!(back.sampler, "euler");
         assert_eq!(back.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.7, role: None, schedule: None }]);
         assert_eq!(back.mix, "merge");
+        // A block-weighted, keyframed LoRA is written as its tag and comes back in the prompt.
+        let mut rec2 = rec.clone();
+        rec2.settings.loras = vec![LoraSetting { name: "vlox".into(), weight: 1.0, role: None, schedule: Some("1:lbw=SDXL-OUTALL:stop=10".into()) }];
+        let text = parameters_text(&rec2);
+        assert!(text.contains("<lora:vlox:1:lbw=SDXL-OUTALL:stop=10>"), "{text}");
+        let back = parse_parameters(&text).unwrap();
+        assert!(back.loras.is_empty());
+        assert!(back.prompt.ends_with("<lora:vlox:1:lbw=SDXL-OUTALL:stop=10>"), "{}", back.prompt);
     }
 
     #[test]

@@ -107,6 +107,9 @@ impl AdapterTargets {
             s.branches.clear();
             s.fused_weight = None;
             s.routing = None;
+            s.mask = None;
+            s.probe_tokens = None;
+            s.probe_map = None;
         }
     }
 

@@ -13,9 +13,6 @@ impl MixStrategy for Merge {
         true
     }
     fn weights(&self, plan: &MixPlan, _step: usize, _steps: usize, _pass: usize) -> Vec<Vec<f64>> {
-        plan.layers
-            .iter()
-            .map(|l| plan.loras.iter().enumerate().map(|(j, m)| if l.modules[j].is_some() { m.strength } else { 0.0 }).collect())
-            .collect()
+        plan.full_strengths()
     }
 }

@@ -164,6 +164,15 @@ impl MixPlan {
         Ok(())
     }
 
+    /// Every LoRA at its strength on every layer it adapts (`[layer][lora]`, 0 where it has no
+    /// module): a merge's weights, and the starting point of several strategies.
+    pub fn full_strengths(&self) -> Vec<Vec<f64>> {
+        self.layers
+            .iter()
+            .map(|l| self.loras.iter().enumerate().map(|(j, m)| if l.modules[j].is_some() { m.strength } else { 0.0 }).collect())
+            .collect()
+    }
+
     /// The multiplier a LoRA's prompt schedule puts on layer `layer` at `step` (1 without one).
     pub fn schedule_factor(&self, layer: usize, lora: usize, step: usize, steps: usize) -> f64 {
         self.loras[lora].schedule.as_ref().map_or(1.0, |s| s.unet_weight(self.layers[layer].block, step, steps))
