@@ -219,7 +219,7 @@ struct GenerateArgs {
     /// --mix np: the soft projection's strength mu (default 0.5; large = hard projection).
     #[arg(long)]
     np_mu: Option<f64>,
-    /// --mix klora / est, corrected mode: the layers they do not select on: merge | follow.
+    /// --mix klora / est, corrected mode: the layers they do not select on: follow (default) | merge.
     #[arg(long)]
     klora_others: Option<String>,
     /// `library`: add the library's LoRAs that the prompt calls for (trigger words, names, tags,

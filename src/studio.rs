@@ -69,7 +69,7 @@ pub struct Settings {
     pub windows: Option<String>,
     /// The unconditional pass on the base weights (any per-step strategy).
     pub asymmetric_cfg: bool,
-    /// Corrected K-LoRA on the layers it does not select on: merge | follow.
+    /// Corrected K-LoRA on the layers it does not select on: follow (default) | merge.
     pub klora_others: Option<String>,
     /// Add the library's LoRAs the prompt calls for.
     pub candidates: bool,

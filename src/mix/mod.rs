@@ -289,8 +289,8 @@ pub struct MixOptions {
     pub asymmetric_cfg: bool,
     /// NP-LoRA's projection strength μ.
     pub np_mu: Option<f64>,
-    /// What K-LoRA / EST do on the layers they do not select on (corrected mode): `merge` or
-    /// `follow` (the layer follows its attention block's selectors).
+    /// What K-LoRA / EST do on the layers they do not select on (corrected mode): `follow` (the
+    /// default: the layer follows its attention block's selectors) or `merge`.
     pub klora_others: Option<String>,
 }
 
