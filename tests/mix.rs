@@ -149,14 +149,14 @@ fn auto_runs_every_lora_on_every_layer_it_adapts_with_regions() {
     let q = m.plan().layers.iter().find(|l| l.path.ends_with("attn1.to_q")).unwrap().target;
     assert!(targets.targets[q].layer.slot.read().routing.is_some());
     m.finish();
-    // With subject tokens located, cross-attention probes and asymmetric CFG instead.
+    // With subject tokens located, cross-attention probes and a partial unconditional instead.
     p.subject_tokens = vec![2, 3];
     let m = Mixer::new(&targets, p, strategy("auto", "s*", "corrected")).unwrap();
     let probe = m.plan().layers.iter().find(|l| l.path.ends_with("attn2.to_q")).unwrap().target;
     assert_eq!(targets.targets[probe].layer.slot.read().probe_tokens, Some(vec![2, 3]));
     assert!(targets.targets[q].layer.slot.read().routing.is_none());
     let trace = m.finish();
-    assert_eq!(trace.details["asymmetric_cfg"], true);
+    assert_eq!(trace.details["uncond_fraction"], 0.7);
 }
 
 #[test]

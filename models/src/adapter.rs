@@ -101,6 +101,9 @@ pub struct LayerState {
     /// A spatial mask `[batch, 1, h, w]` in [0, 1] over the latent: leading branches are
     /// multiplied by it and yielding ones by its complement, resized to this layer's tokens.
     pub mask: Option<Tensor>,
+    /// Per-row factors `[batch]` on every branch where the mask applies (the unconditional rows
+    /// of a CFG batch keep only part of each LoRA).
+    pub mask_rows: Option<Tensor>,
     /// Cross-attention probe (set on an attention's `to_q`): the prompt token positions whose
     /// attention mass to record, and the last recorded map `[batch, query tokens]`.
     pub probe_tokens: Option<Vec<usize>>,
@@ -149,14 +152,24 @@ pub fn resize_mask(mask: &Tensor, batch: usize, tokens: Option<usize>, hw: Optio
     }))
 }
 
-/// Applies the layer's mask to already scaled branch outputs `(route, h)`.
-fn mask_outputs(outs: Vec<(Route, Tensor)>, mask: &Tensor) -> Result<Option<Tensor>> {
+/// Applies the layer's mask (and per-row factors, shaped to broadcast over `mask`) to already
+/// scaled branch outputs `(route, h)`.
+fn mask_outputs(outs: Vec<(Route, Tensor)>, mask: &Tensor, rows: Option<&Tensor>) -> Result<Option<Tensor>> {
     let mut acc: Option<Tensor> = None;
     for (r, h) in outs {
-        let h = match r {
-            Route::Lead => h.broadcast_mul(&mask.to_dtype(h.dtype())?)?,
-            Route::Yield => h.broadcast_mul(&(1.0 - mask)?.to_dtype(h.dtype())?)?,
-            Route::Free => h,
+        let gate = match r {
+            Route::Lead => Some(mask.clone()),
+            Route::Yield => Some((1.0 - mask)?),
+            Route::Free => None,
+        };
+        let gate = match (gate, rows) {
+            (Some(g), Some(r)) => Some(g.broadcast_mul(r)?),
+            (Some(g), None) => Some(g),
+            (None, r) => r.cloned(),
+        };
+        let h = match gate {
+            Some(g) => h.broadcast_mul(&g.to_dtype(h.dtype())?)?,
+            None => h,
         };
         acc = Some(match acc {
             None => h,
@@ -319,8 +332,12 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
             Some(a) => (a + h)?,
         });
     }
+    let rows = match (&state.mask_rows, &mask) {
+        (Some(r), Some(_)) if r.dim(0)? == x.dim(0)? => Some(r.reshape(((), 1, 1))?),
+        _ => None,
+    };
     match (routing, &mask) {
-        (_, Some(m)) => mask_outputs(outs, m),
+        (_, Some(m)) => mask_outputs(outs, m, rows.as_ref()),
         (Some(r), None) => route_outputs(outs, r, 2, &[1]),
         (None, None) => Ok(acc),
     }
@@ -463,8 +480,12 @@ impl Module for AdaptableConv2d {
                 y = (y + h)?;
             }
         }
+        let rows = match (&state.mask_rows, &mask) {
+            (Some(r), Some(_)) if r.dim(0)? == b0 => Some(r.reshape(((), 1, 1, 1))?),
+            _ => None,
+        };
         let d = match (routing, &mask) {
-            (_, Some(m)) => mask_outputs(outs, m)?,
+            (_, Some(m)) => mask_outputs(outs, m, rows.as_ref())?,
             (Some(r), None) => route_outputs(outs, r, 1, &[2, 3])?,
             (None, None) => None,
         };

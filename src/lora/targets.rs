@@ -108,6 +108,7 @@ impl AdapterTargets {
             s.fused_weight = None;
             s.routing = None;
             s.mask = None;
+            s.mask_rows = None;
             s.probe_tokens = None;
             s.probe_map = None;
         }

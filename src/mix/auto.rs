@@ -24,9 +24,10 @@
 //!   asymmetric CFG (base weights unconditional) over-drives: alone it pushes the style into the
 //!   subject, and even with the masks it loses the prompt's colours (alignment 0.51); 0.7 keeps
 //!   both LoRAs and the prompt.
-//! - Cost: the unconditional and conditional halves run as two UNet passes of half the batch
-//!   (same FLOPs as one CFG pass), plus one attention-probability product on the trigger tokens
-//!   per cross-attention and a few elementwise products per layer: no extra UNet pass.
+//! - Cost: one batched CFG pass as in plain unfused sampling (the unconditional rows' share comes
+//!   from per-row factors on the masked branches), plus one attention-probability product on the
+//!   trigger tokens per cross-attention and a few elementwise products per layer: no extra UNet
+//!   pass.
 //! - Without a subject trigger in the prompt there is nothing to locate: `auto` then routes per
 //!   token from the branch outputs' own salience (a subject leads where its update stands out,
 //!   see [`loramix_models::TokenRouting`]) under ordinary CFG; with only one role it is a merge.
@@ -79,9 +80,6 @@ impl MixStrategy for Auto {
         Ok(())
     }
 
-    fn asymmetric_cfg(&self) -> bool {
-        self.masked
-    }
 
     fn uncond_fraction(&self) -> f64 {
         UNCOND_FRACTION
@@ -113,7 +111,7 @@ impl MixStrategy for Auto {
 
     fn describe(&self) -> serde_json::Value {
         if self.masked {
-            serde_json::json!({ "regions": "cross-attention on the subject triggers", "mask_low": self.ramp.low, "mask_high": self.ramp.high, "asymmetric_cfg": true })
+            serde_json::json!({ "regions": "cross-attention on the subject triggers", "mask_low": self.ramp.low, "mask_high": self.ramp.high, "uncond_fraction": UNCOND_FRACTION })
         } else if self.routed {
             serde_json::json!({ "regions": "branch-output salience (no subject trigger in the prompt)", "sharpness": self.sharpness })
         } else {

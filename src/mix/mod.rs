@@ -237,10 +237,15 @@ pub trait MixStrategy: Send {
     fn asymmetric_cfg(&self) -> bool {
         false
     }
-    /// With asymmetric CFG, the fraction of each LoRA's weight the unconditional pass keeps
-    /// (0: the base weights, CRAFT-LoRA's rule).
+    /// The fraction of each LoRA's weight the unconditional pass keeps: with asymmetric CFG (0:
+    /// the base weights, CRAFT-LoRA's rule), or, with attention masks, through per-row factors in
+    /// one batched pass (1: ordinary CFG).
     fn uncond_fraction(&self) -> f64 {
-        0.0
+        if self.asymmetric_cfg() {
+            0.0
+        } else {
+            1.0
+        }
     }
     /// A static strategy that fuses its own per-layer updates (NP-LoRA's projection): returns
     /// `Some(ΔW)` (with every scale and strength applied) for the layers it decides; `None` =
@@ -373,7 +378,7 @@ impl MixStrategy for AsymmetricCfg {
         true
     }
     fn uncond_fraction(&self) -> f64 {
-        self.0.uncond_fraction()
+        0.0
     }
     fn routing(&self, plan: &MixPlan, layer: usize) -> Option<(loramix_models::TokenRouting, Vec<loramix_models::Route>)> {
         self.0.routing(plan, layer)
@@ -644,13 +649,25 @@ impl Mixer<'_> {
         let min = flat.min_keepdim(1)?.reshape(((), 1, 1, 1))?;
         let m = cond.broadcast_sub(&min)?.broadcast_div(&((max - &min)? + 1e-12)?)?;
         let m = ((m - ramp.low)? / (ramp.high - ramp.low).max(1e-6))?.clamp(0f32, 1f32)?;
-        // With asymmetric CFG the LoRAs run on the conditional rows only.
-        let mask = if cfg && !self.strategy.asymmetric_cfg() { candle_core::Tensor::cat(&[&m, &m], 0)? } else { m };
+        // With asymmetric CFG the LoRAs run on the conditional rows only. Otherwise one batched
+        // pass: the unconditional rows keep `uncond_fraction` of each LoRA through per-row factors.
+        let asymmetric = self.strategy.asymmetric_cfg();
+        let mask = if cfg && !asymmetric { candle_core::Tensor::cat(&[&m, &m], 0)? } else { m };
+        let fraction = self.strategy.uncond_fraction();
+        let row_factors = if cfg && !asymmetric && fraction != 1.0 {
+            let b = mask.dim(0)? / 2;
+            let f: Vec<f32> = (0..2 * b).map(|i| if i < b { fraction as f32 } else { 1.0 }).collect();
+            Some(candle_core::Tensor::from_vec(f, 2 * b, mask.device())?)
+        } else {
+            None
+        };
         for layer in &self.plan.layers {
             if layer.path.ends_with("attn2.to_k") || layer.path.ends_with("attn2.to_v") {
                 continue;
             }
-            self.targets.targets[layer.target].layer.slot.write().mask = Some(mask.clone());
+            let mut state = self.targets.targets[layer.target].layer.slot.write();
+            state.mask = Some(mask.clone());
+            state.mask_rows = row_factors.clone();
         }
         Ok(())
     }
