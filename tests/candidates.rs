@@ -55,8 +55,19 @@ fn picks_the_right_pair_of_the_eight_for_every_prompt() {
     assert!(picks.iter().all(|c| !c.picked), "{picks:#?}");
 }
 
-fn loramix() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_loramix"))
+/// `loramix generate` on miniworld with `args`, writing to `out` and the trace to `trace`.
+fn generate(args: &[&str], out: &Path, trace: &Path) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_loramix"))
+        .args(["generate", "--model", miniworld().to_str().unwrap()])
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .arg("--mix-trace")
+        .arg(trace)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out
 }
 
 #[test]
@@ -64,18 +75,12 @@ fn generate_picks_from_the_library_and_auto_narrows_what_it_is_offered() {
     let dir = tempfile::tempdir().unwrap();
     library_with_the_eight(&dir.path().join("lib"));
     let trace_path = dir.path().join("trace.json");
-    let out = loramix()
-        .args(["generate", "--model", miniworld().to_str().unwrap(), "--prompt", "a tebo emblem on a pink background, dotted style"])
-        .args(["--steps", "3", "--seed", "3", "--mix", "auto", "--candidates", "library"])
-        .arg("--library")
-        .arg(dir.path().join("lib"))
-        .arg("--out")
-        .arg(dir.path().join("out"))
-        .arg("--mix-trace")
-        .arg(&trace_path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lib = dir.path().join("lib");
+    let out = generate(
+        &["--prompt", "a tebo emblem on a pink background, dotted style", "--steps", "3", "--seed", "3", "--mix", "auto", "--candidates", "library", "--library", lib.to_str().unwrap()],
+        &dir.path().join("out"),
+        &trace_path,
+    );
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
     let mut loras: Vec<&str> = trace["loras"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
     loras.sort();
@@ -90,17 +95,15 @@ fn generate_picks_from_the_library_and_auto_narrows_what_it_is_offered() {
 
     // Four offered, the prompt names two: auto keeps those two.
     let l = |n: &str, role: &str| format!("{}:1:{role}", miniworld().join(format!("loras/{n}.safetensors")).display());
-    let out = loramix()
-        .args(["generate", "--model", miniworld().to_str().unwrap(), "--prompt", "a krin emblem on a teal background, striped style"])
-        .args(["--steps", "2", "--seed", "4", "--mix", "auto"])
-        .args(["--lora", &l("krin", "subject"), "--lora", &l("vlox", "subject"), "--lora", &l("striped", "style"), "--lora", &l("painted", "style")])
-        .arg("--out")
-        .arg(dir.path().join("out4"))
-        .arg("--mix-trace")
-        .arg(&trace_path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (k, v, st, p) = (l("krin", "subject"), l("vlox", "subject"), l("striped", "style"), l("painted", "style"));
+    generate(
+        &["--prompt", "a krin emblem on a teal background, striped style", "--steps", "2", "--seed", "4", "--mix", "auto"]
+            .into_iter()
+            .chain(["--lora", &k, "--lora", &v, "--lora", &st, "--lora", &p])
+            .collect::<Vec<_>>(),
+        &dir.path().join("out4"),
+        &trace_path,
+    );
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace_path).unwrap()).unwrap();
     assert_eq!(trace["loras"], serde_json::json!(["krin", "striped"]));
 }

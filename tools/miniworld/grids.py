@@ -8,15 +8,14 @@ docs/miniworld_mix_<strategy>.png and prints the quality table (markdown) that g
 BENCHMARKS.md. Every image is seeded; rerunning gives the same files.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mix_quality  # noqa: E402
 import world  # noqa: E402
 
 MODEL = "models/miniworld"
@@ -27,25 +26,10 @@ BGS = ["teal", "cream", "navy", "pink"]
 
 
 def generate(binary, prompt, out_dir, seed, steps, loras=(), mix=None, extra=()):
-    os.makedirs(out_dir, exist_ok=True)
-    cmd = [binary, "generate", "--model", MODEL, "--prompt", prompt, "--steps", str(steps), "--seed", str(seed),
-           "--batch-size", "2", "--out", out_dir]
-    for l in loras:
-        cmd += ["--lora", l]
-    if mix:
-        cmd += ["--mix", mix]
-    cmd += list(extra)
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}\n{r.stderr}")
-    return r.stdout.split()
+    return mix_quality.generate(binary, prompt, out_dir, seed, steps, loras, (["--mix", mix] if mix else []) + list(extra))
 
 
-def evaluate(binary, paths):
-    r = subprocess.run([binary, "eval", "--json"] + paths, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr)
-    return [json.loads(l) for l in r.stdout.splitlines()]
+evaluate = mix_quality.evaluate
 
 
 def grid(rows, labels, path, cell=64, pad=2):
