@@ -35,6 +35,9 @@ pub struct Candidate {
     pub reason: String,
 }
 
+/// How close two texts are (cosine of their embeddings): [`text_similarity`].
+pub type Similarity<'a> = &'a dyn Fn(&str, &str) -> Result<f64>;
+
 /// What the scorer needs to know of a LoRA.
 #[derive(Debug, Clone)]
 pub struct Offered {
@@ -62,7 +65,7 @@ pub fn text_score(prompt: &str, phrase: &str) -> f64 {
 
 /// Scores and picks. `similarity(prompt, phrase)` is called only where no phrase matched
 /// literally; pass `None` to use the text alone.
-pub fn select(prompt: &str, offered: &[Offered], similarity: Option<&dyn Fn(&str, &str) -> Result<f64>>) -> Result<Vec<Candidate>> {
+pub fn select(prompt: &str, offered: &[Offered], similarity: Option<Similarity>) -> Result<Vec<Candidate>> {
     let mut out = Vec::with_capacity(offered.len());
     let norm = |p: &str| words(p).join(" ");
     let shared = |p: &str| offered.iter().filter(|o| o.phrases.iter().any(|q| norm(q) == norm(p))).count().max(1) as f64;

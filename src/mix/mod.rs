@@ -93,7 +93,7 @@ impl MixPlan {
 
     /// `auto` with more LoRAs of a role than the prompt calls for: keeps, per role, the ones the
     /// prompt names (all of them where it names none) and records every decision.
-    pub fn narrow_to_prompt(&mut self, prompt: &str, similarity: Option<&dyn Fn(&str, &str) -> Result<f64>>) -> Result<()> {
+    pub fn narrow_to_prompt(&mut self, prompt: &str, similarity: Option<candidates::Similarity>) -> Result<()> {
         let offered: Vec<candidates::Offered> = self
             .loras
             .iter()
