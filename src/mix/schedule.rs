@@ -184,10 +184,6 @@ pub struct LoraSchedule {
 }
 
 impl LoraSchedule {
-    pub fn constant(w: f64) -> Self {
-        Self { te: Weight::Constant(w), unet: Weight::Constant(w), blocks: None, start: None, stop: None }
-    }
-
     /// The fields after the name in `<lora:NAME:...>`, read as A1111 + loractl + lbw read them:
     /// an item `k=v` is named, anything else positional; te = `te=` or the first positional
     /// (default 1), unet = `unet=` or the second (default: te). `dyn` and loractl's hires
