@@ -1,32 +1,32 @@
-//! LoRAMix engine: SDXL text-to-image on candle, equal to diffusers.
+//! LoRAMix engine: SDXL text-to-image on candle, equal to diffusers, with LoRAs mixed per layer
+//! and per step, and an LLM with activated LoRAs.
 //!
-//! The engine knows nothing about any UI; the `loramix` binary and the desktop shell are thin
-//! layers over [`pipeline::SdxlPipeline`].
+//! The engine knows nothing about any UI; the `loramix` binary (`src/bin/loramix/`) and the
+//! desktop shell (`src-tauri/`) are thin layers over it. Rooms, each depending only on those
+//! above it in this list (and on the shared files: `error`, `device`, `weights`, `rng`, `hub`,
+//! `output`):
+//!
+//! - [`sdxl`]: the pipeline, schedulers, text encoding, prompt syntax, model loading;
+//! - [`lora`]: LoRA files, their application, the prompt tags and schedules, and the library;
+//! - [`eval`]: the miniworld evaluator and image embedders;
+//! - [`mix`]: the mixing strategies behind `MixStrategy`;
+//! - [`studio`]: settings, PNG metadata, previews, the job runner, export;
+//! - [`llm`]: the LLM session with aLoRA and PEFT adapters (uses only the shared files).
 
-pub mod bench;
-pub mod bench_library;
-pub mod bench_llm;
-pub mod bench_mix;
-pub mod checkpoint;
 pub mod device;
-pub mod embed;
-pub mod evaluator;
 pub mod error;
-pub mod library;
-pub mod llm;
-pub mod mix;
-pub mod lora;
-pub mod model;
+pub mod hub;
 pub mod output;
-pub mod pipeline;
-pub mod prompt;
 pub mod rng;
-pub mod schedulers;
-pub mod studio;
-pub mod text;
-pub mod tokenizer;
 pub mod weights;
 
+pub mod eval;
+pub mod llm;
+pub mod lora;
+pub mod mix;
+pub mod sdxl;
+pub mod studio;
+
 pub use error::{Error, Result};
-pub use pipeline::{GenerateRequest, LoadOptions, SdxlPipeline};
-pub use schedulers::SamplerKind;
+pub use sdxl::pipeline::{GenerateRequest, LoadOptions, SdxlPipeline};
+pub use sdxl::schedulers::SamplerKind;

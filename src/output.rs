@@ -1,5 +1,6 @@
 //! Writing results: PNGs with A1111-compatible `parameters` text, and latent files — always
 //! through a temporary file and a rename, so a crash never leaves a half-written file.
+//! Shared by every room that writes (the studio's images, the mix trace, exports).
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -5,6 +5,9 @@
 //! by Box–Muller in blocks of 16. Reproducing it means a seed here gives the same starting noise
 //! (and the same ancestral noise stream) as diffusers, ComfyUI and A1111's "CPU" noise source,
 //! and it is device-independent: noise is drawn on the host and moved to the device.
+//!
+//! Why ours: no crate reproduces torch's generator bit for bit, and seeds that match diffusers'
+//! and A1111's are the point. Shared by the SDXL sampler and the LLM's sampling.
 
 /// MT19937 exactly as `std::mt19937` / ATen's `at::mt19937`.
 #[derive(Clone)]

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use common::*;
-use loramix::library::{ImportOutcome, LoraLibrary};
+use loramix::lora::library::{ImportOutcome, LoraLibrary};
 use loramix::lora::{AdapterTargets, LoadedLora};
 use loramix::{LoadOptions, SdxlPipeline};
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use loramix::library::LoraLibrary;
+use loramix::lora::library::LoraLibrary;
 use loramix::lora::Role;
 use loramix::mix::candidates::{phrases_of, select, text_similarity, Offered};
 use loramix::{LoadOptions, SdxlPipeline};

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use common::*;
-use loramix::embed::{cosine_distance, resize_bilinear_pil, ImageEmbedder};
+use loramix::eval::embed::{cosine_distance, resize_bilinear_pil, ImageEmbedder};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/vit")

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use common::*;
-use loramix::evaluator::{requested, MiniworldEvaluator};
+use loramix::eval::{requested, MiniworldEvaluator};
 use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
 
 fn root() -> PathBuf {

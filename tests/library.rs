@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use loramix::library::{ImportOutcome, LoraLibrary, LoraQuery};
+use loramix::lora::library::{ImportOutcome, LoraLibrary, LoraQuery};
 use loramix::lora::Role;
 use sha2::{Digest, Sha256};
 

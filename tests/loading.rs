@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use loramix::checkpoint::sgm_maps;
+use loramix::sdxl::checkpoint::sgm_maps;
 use loramix::weights::WeightSource;
 use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 use loramix_models::clip::{ClipTextConfig, ClipTextModel};

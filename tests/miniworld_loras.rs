@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 
-use loramix::evaluator::MiniworldEvaluator;
+use loramix::eval::MiniworldEvaluator;
 use loramix::studio::{LoraSetting, Settings, Studio};
 
 fn root() -> PathBuf {

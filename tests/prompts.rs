@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::Device;
 use common::*;
-use loramix::prompt::{chunk_prompt, parse_attention, Fragment};
+use loramix::sdxl::prompt::{chunk_prompt, parse_attention, Fragment};
 use loramix::{LoadOptions, SdxlPipeline};
 use serde_json::Value;
 

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use loramix::schedulers::{self, SamplerKind};
+use loramix::sdxl::schedulers::{self, SamplerKind};
 use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
 use loramix_models::sdxl::AddedConditions;
 

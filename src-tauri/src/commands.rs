@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use base64::Engine as _;
-use loramix::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
+use loramix::lora::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
 use loramix::llm::{AdapterKind, GenerateOptions, LlmSession, Message, SamplingOptions};
 use loramix::lora::Role;
 use loramix::studio::{self, Settings, Studio, StudioEvent};
@@ -687,7 +687,7 @@ pub async fn model_download(state: State<'_>, repo: String, on_event: Channel<Do
         return Err(AppError::Invalid(format!("{repo}: expected an HF repo id (owner/name)")));
     }
     let _ = on_event.send(DownloadEvent::Started { repo: repo.clone() });
-    let r = tauri::async_runtime::spawn_blocking(move || loramix::model::fetch_hub_repo(&spec, false))
+    let r = tauri::async_runtime::spawn_blocking(move || loramix::sdxl::model::fetch_hub_repo(&spec, false))
         .await
         .map_err(|e| AppError::Invalid(e.to_string()))?;
     match r {

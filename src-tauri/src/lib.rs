@@ -32,7 +32,7 @@ fn models_dir(app: &tauri::AppHandle) -> PathBuf {
 pub fn run() {
     tauri::Builder::default()
         .setup(|app| {
-            let library = loramix::library::LoraLibrary::default_root()?;
+            let library = loramix::lora::library::LoraLibrary::default_root()?;
             let state = commands::AppState::new(library, models_dir(app.handle()))?;
             app.manage(state);
             Ok(())

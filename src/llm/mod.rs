@@ -6,6 +6,9 @@
 //! keys and values are the ones the conversation's base cache already holds. A reply therefore
 //! forks the conversation's cache at the first adapted position (sharing, not copying, the
 //! blocks before it) and runs the model over the invocation and the generated tokens only.
+//!
+//! Owns the LLM pane. Uses the model code, the shared weights readers, the hub and the RNG; no
+//! other room (the LLM has its own adapter format handling in [`adapter`]).
 
 pub mod adapter;
 pub mod sampling;
@@ -142,7 +145,7 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// Downloads (or finds in the HF cache) the files of an LLM repo; returns its snapshot folder.
 pub fn fetch_llm_repo(repo: &str) -> Result<PathBuf> {
-    let crate::model::HubRepo { cache, cached: crepo, offline, api, listing } = crate::model::HubRepo::open(repo);
+    let crate::hub::HubRepo { cache, cached: crepo, offline, api, listing } = crate::hub::HubRepo::open(repo);
     let mut want: Vec<String> = ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"]
         .map(String::from)
         .to_vec();

@@ -1,116 +1,26 @@
 //! LoRA files of every common family (kohya, diffusers/PEFT, LyCORIS LoHa/LoKr/full), read from
 //! safetensors only and applied exactly as diffusers does, through the model's LoRA-capable
 //! layers — unfused (per-layer, per-step weights) or fused into a fresh copy of the weights.
+//! Also the LoRA prompt syntax A1111 users write (`<lora:name:w>`, lbw block weights and
+//! loractl schedules, [`schedule`]) and the [`library`].
+//!
+//! Owns everything about a LoRA file. Uses `sdxl` (the UNet's layer names and SGM paths, to map
+//! a file's modules to layers) and the weights readers; `library` builds on the rest of this
+//! room, never the other way round.
 
 pub mod info;
 pub mod keys;
+pub mod library;
 pub mod network;
+pub mod schedule;
 pub mod targets;
 
 pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};
 pub use network::{attach, fuse, LoadReport, LoadedLora, LoraModule};
 pub use targets::{AdapterTargets, Target};
 
-use std::path::{Path, PathBuf};
-
 use crate::error::{Error, Result};
-use crate::library::LoraLibrary;
-use crate::mix::schedule::{LoraSchedule, Weight};
-
-/// A LoRA the user asked for, resolved to a file.
-#[derive(Debug, Clone)]
-pub struct LoraChoice {
-    /// The name used for branches, traces and `<lora:NAME>` in saved parameters.
-    pub name: String,
-    pub path: PathBuf,
-    pub weight: f64,
-    /// From `PATH:WEIGHT:ROLE` or the library entry; `None`: guess from the file's metadata.
-    pub role: Option<Role>,
-    /// A prompt tag's block weights and per-step weights.
-    pub schedule: Option<LoraSchedule>,
-}
-
-/// Resolves `--lora` arguments (a file path; else a LoRA shipped with the model in
-/// `<model>/loras/NAME.safetensors`; else a library name) and `<lora:NAME:w>` prompt tags (the
-/// model's own LoRAs, then the library). The library is opened only when needed.
-pub fn resolve_choices(
-    args: &[(String, f64, Option<Role>)],
-    prompt_tags: &[PromptLora],
-    library_root: Option<&Path>,
-    model_loras: Option<&Path>,
-) -> Result<Vec<LoraChoice>> {
-    let mut library: Option<LoraLibrary> = None;
-    let open_library = |lib: &mut Option<LoraLibrary>| -> Result<()> {
-        if lib.is_none() {
-            let root = match library_root {
-                Some(r) => r.to_path_buf(),
-                None => LoraLibrary::default_root()?,
-            };
-            *lib = Some(LoraLibrary::open(&root)?);
-        }
-        Ok(())
-    };
-    let mut out: Vec<LoraChoice> = Vec::new();
-    let from_library = |lib: &LoraLibrary, key: &str, weight: f64, role: Option<Role>| -> Result<LoraChoice> {
-        let e = lib.resolve(key)?;
-        let role = role.or_else(|| Role::parse(&e.role).filter(|r| *r != Role::Unknown));
-        Ok(LoraChoice { name: e.display_name, path: e.path, weight, role, schedule: None })
-    };
-    let shipped = |name: &str, weight: f64, role: Option<Role>| -> Option<LoraChoice> {
-        let f = model_loras?.join(format!("{name}.safetensors"));
-        f.is_file().then(|| LoraChoice { name: name.to_string(), path: f, weight, role, schedule: None })
-    };
-    for (src, weight, role) in args {
-        let p = Path::new(src);
-        let choice = if p.is_file() {
-            let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| src.clone());
-            LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role, schedule: None }
-        } else if p.extension().is_some() || src.contains(['/', '\\']) {
-            return Err(Error::Argument(format!("--lora {src}: no such file")));
-        } else if let Some(c) = shipped(src, *weight, *role) {
-            c
-        } else {
-            open_library(&mut library)?;
-            from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight, *role)?
-        };
-        out.push(choice);
-    }
-    for tag in prompt_tags {
-        let mut c = match shipped(&tag.name, tag.weight, None) {
-            Some(c) => c,
-            None => {
-                open_library(&mut library)?;
-                from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, &tag.name, tag.weight, None)?
-            }
-        };
-        c.schedule = tag.schedule.clone();
-        out.push(c);
-    }
-    // Branch names must be unique per layer; the same LoRA twice adds its weights, as A1111 does.
-    let mut merged: Vec<LoraChoice> = Vec::new();
-    for c in out {
-        match merged.iter_mut().find(|m| m.path == c.path) {
-            Some(m) if m.schedule.is_none() && c.schedule.is_none() => m.weight += c.weight,
-            Some(m) => {
-                return Err(Error::Argument(format!(
-                    "LoRA {} is given twice and one of them has block weights or a schedule: give it once",
-                    m.name
-                )))
-            }
-            None => {
-                let mut c = c;
-                let base = c.name.clone();
-                let mut k = 2;
-                while merged.iter().any(|m| m.name == c.name) {
-                    c.name = format!("{base}-{k}");
-                    k += 1;
-                }
-                merged.push(c);
-            }
-        }
-    }
-    Ok(merged)
-}
+use crate::lora::schedule::{LoraSchedule, Weight};
 
 /// A `--lora PATH[:WEIGHT][:ROLE]` argument (ROLE: subject | style). A suffix counts only
 /// when it parses (a number, a role), so Windows paths (`C:\loras\x.safetensors`) work unchanged.

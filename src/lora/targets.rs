@@ -6,8 +6,8 @@ use loramix_models::sdxl::UNet2DConditionConfig;
 use loramix_models::{Adaptable, AdaptableLayer};
 
 use super::keys::{Component, ModuleName};
-use crate::checkpoint::unet_sgm_module_path;
-use crate::pipeline::SdxlPipeline;
+use crate::sdxl::checkpoint::unet_sgm_module_path;
+use crate::sdxl::pipeline::SdxlPipeline;
 
 /// One LoRA-capable layer of the loaded pipeline.
 #[derive(Debug, Clone)]
@@ -66,7 +66,7 @@ impl AdapterTargets {
                     Component::Unet => {
                         by_flat.insert(format!("lora_unet_{}", flat(&layer.path)), i);
                         let sgm = unet_sgm_module_path(unet, &layer.path);
-                        lbw_block = sgm.as_deref().and_then(crate::mix::schedule::block_of_sgm_path);
+                        lbw_block = sgm.as_deref().and_then(crate::lora::schedule::block_of_sgm_path);
                         if let Some(sgm) = sgm {
                             by_flat.entry(format!("lora_unet_{}", flat(&sgm))).or_insert(i);
                         }

@@ -113,7 +113,7 @@ pub fn select(prompt: &str, offered: &[Offered], similarity: Option<Similarity>)
 
 /// Cosine similarity of the pooled embeddings (second encoder; the first's mean hidden state for
 /// models without one) of two texts, with the embeddings cached.
-pub fn text_similarity(text: &crate::text::TextEncoders) -> impl Fn(&str, &str) -> Result<f64> + '_ {
+pub fn text_similarity(text: &crate::sdxl::text::TextEncoders) -> impl Fn(&str, &str) -> Result<f64> + '_ {
     let cache = std::cell::RefCell::new(std::collections::HashMap::<String, Vec<f32>>::new());
     move |a: &str, b: &str| {
         let embed = |t: &str| -> Result<Vec<f32>> {
@@ -137,7 +137,7 @@ pub fn text_similarity(text: &crate::text::TextEncoders) -> impl Fn(&str, &str) 
 }
 
 /// The phrases a library entry answers to: trigger words, name, title and tags.
-pub fn phrases_of(e: &crate::library::LoraEntry) -> Vec<String> {
+pub fn phrases_of(e: &crate::lora::library::LoraEntry) -> Vec<String> {
     let mut v = e.trigger_words.clone();
     v.push(e.display_name.clone());
     v.extend(e.title.iter().cloned());

@@ -9,10 +9,10 @@
 
 use super::klora::{KLora, Mode, Others, Pattern, Score};
 use super::{MixPlan, MixStrategy};
-use crate::embed::{cosine_distance, ImageEmbedder};
+use crate::eval::embed::{cosine_distance, ImageEmbedder};
 use crate::error::Result;
 use crate::lora::{fuse, AdapterTargets, LoadedLora};
-use crate::pipeline::{GenerateRequest, SdxlPipeline};
+use crate::sdxl::pipeline::{GenerateRequest, SdxlPipeline};
 
 /// How the two previews were made.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -6,6 +6,10 @@
 //! recording a [`MixTrace`]. Weight statistics are computed once per mix (see [`stats`]), never
 //! per step. Text-encoder modules are not mixed per step (the prompt is encoded once): they are
 //! fused at the LoRAs' strengths, or left off where the reference does so.
+//!
+//! Owns the per-layer, per-step weights. Uses `sdxl` (the pipeline's `StepMixer` hook and its
+//! layers), `lora` (loaded LoRAs, prompt schedules, the library for `--candidates`) and `eval`'s
+//! embedder (EST-LoRA); each strategy is one file behind [`MixStrategy`].
 
 pub mod auto;
 pub mod candidates;
@@ -14,7 +18,7 @@ pub mod est;
 pub mod klora;
 pub mod merge;
 pub mod np;
-pub mod schedule;
+use crate::lora::schedule;
 pub mod stats;
 pub mod switch;
 pub mod windows;
@@ -28,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::lora::{keys::Component, AdapterTargets, LoadedLora, Role};
 use loramix_models::Route;
 use crate::output::write_atomic;
-use crate::pipeline::StepMixer;
+use crate::sdxl::pipeline::StepMixer;
 
 /// One LoRA taking part in a mix.
 #[derive(Debug, Clone)]
@@ -132,12 +136,12 @@ impl MixPlan {
     /// Finds the subject LoRAs' trigger words (or names) in the prompt as the UNet sees it:
     /// positions in the first tokenizer's framed ids (start token first), one entry per token of
     /// every phrase found. Attention weights like `(vlox:1.2)` are read through.
-    pub fn locate_subjects(&mut self, tokenizer: &crate::tokenizer::ClipTokenizer, prompt: &str) -> Result<()> {
-        let plain: String = crate::prompt::parse_attention(prompt)
+    pub fn locate_subjects(&mut self, tokenizer: &crate::sdxl::tokenizer::ClipTokenizer, prompt: &str) -> Result<()> {
+        let plain: String = crate::sdxl::prompt::parse_attention(prompt)
             .into_iter()
             .map(|f| match f {
-                crate::prompt::Fragment::Text(t, _) => t,
-                crate::prompt::Fragment::Break => " ".to_string(),
+                crate::sdxl::prompt::Fragment::Text(t, _) => t,
+                crate::sdxl::prompt::Fragment::Break => " ".to_string(),
             })
             .collect();
         let ids = tokenizer.frame(&tokenizer.encode_raw(&plain)?);

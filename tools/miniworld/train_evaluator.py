@@ -1,6 +1,6 @@
 """Trains the miniworld evaluator: a small CNN with one head per attribute (subject identity,
 style, object colour, object shape, background), on world renders degraded the way generated
-images are (blur, noise, colour shifts). The Rust evaluator (src/evaluator.rs) runs it.
+images are (blur, noise, colour shifts). The Rust evaluator (src/eval/miniworld.rs) runs it.
 
 python tools/miniworld/train_evaluator.py --out models/miniworld/evaluator [--steps 2500]
 

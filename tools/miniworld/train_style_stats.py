@@ -17,7 +17,7 @@ translation invariant and dominated by area, not by the object's outline:
 The references are renders of every style (generic objects and subject emblems) and the same
 renders passed through the model's own VAE (encode, decode), which is what a generated image
 looks like at the pixel level. The features are defined once, by the parameters in
-config.json's "style_statistics" section; the Rust evaluator (src/evaluator/texture.rs) computes
+config.json's "style_statistics" section; the Rust evaluator (src/eval/texture.rs) computes
 them from those parameters and a golden fixture checks that the two agree.
 
 Writes <evaluator>/style.safetensors, updates <evaluator>/config.json and writes

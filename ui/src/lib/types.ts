@@ -1,4 +1,4 @@
-// Mirrors of the Rust types the commands exchange (src/studio.rs, src/library.rs, src-tauri/src/commands.rs).
+// Mirrors of the Rust types the commands exchange (src/studio/, src/lora/library/, src-tauri/src/commands.rs).
 
 export interface LoraSetting {
   name: string;

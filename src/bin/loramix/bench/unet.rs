@@ -8,8 +8,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use loramix_models::sdxl::{AddedConditions, UNet2DConditionConfig, UNet2DConditionModel};
 
-use crate::error::{Error, Result};
-use crate::model;
+use loramix::error::{Error, Result};
+use loramix::sdxl::model;
 
 /// One benchmarked UNet.
 pub struct BenchCase {

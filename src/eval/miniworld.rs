@@ -4,9 +4,7 @@
 //! and reads scores as the probability of the requested class. Style fidelity comes from texture
 //! and palette statistics instead (`texture.rs`), where the evaluator ships them. Deterministic.
 
-mod texture;
-
-pub use texture::{StyleStatistics, StyleStatisticsConfig};
+use super::texture::{StyleStatistics, StyleStatisticsConfig};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -128,7 +126,7 @@ impl MiniworldEvaluator {
     pub fn score(&self, img: &image::RgbImage, prompt: &str) -> Result<Scores> {
         let s = self.input_size;
         let img = if img.width() as usize != s || img.height() as usize != s {
-            crate::embed::resize_bilinear_pil(img, s, s)
+            crate::eval::embed::resize_bilinear_pil(img, s, s)
         } else {
             img.clone()
         };

@@ -10,11 +10,11 @@ use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::{self, ModelSource};
+use crate::sdxl::model::{self, ModelSource};
 use crate::rng::TorchCpuRng;
-use crate::schedulers::{self, SamplerKind};
-use crate::text::{Conditioning, TextEncoders};
-use crate::tokenizer::ClipTokenizer;
+use crate::sdxl::schedulers::{self, SamplerKind};
+use crate::sdxl::text::{Conditioning, TextEncoders};
+use crate::sdxl::tokenizer::ClipTokenizer;
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

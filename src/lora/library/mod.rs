@@ -8,6 +8,9 @@
 //! its index row is committed, and a row is deleted *before* its file. So at every instant each
 //! row points at a complete, verified file; the only possible leftovers are temporary files and
 //! files without a row, which [`LoraLibrary::open`] sweeps away.
+//!
+//! Uses the LoRA core (`lora::{info, network}`: inspection, roles, hashes) and the weights
+//! readers; the core never uses the library, so the arrow runs one way.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -16,6 +19,10 @@ use std::path::{Path, PathBuf};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+mod choices;
+
+pub use choices::{resolve_choices, LoraChoice};
 
 use crate::error::{Error, Result};
 use crate::lora::network::{hex, sha256_hex};

@@ -14,8 +14,8 @@ use std::time::Instant;
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::error::{Error, Result};
-use crate::library::LoraLibrary;
+use loramix::error::{Error, Result};
+use loramix::lora::library::LoraLibrary;
 
 pub struct LibraryBench {
     pub files: usize,
@@ -118,8 +118,8 @@ pub fn run(repo: &Path, python: Option<&Path>, count: usize, work: &Path) -> Res
     let mut names: Vec<PathBuf> = std::fs::read_dir(&src).map_err(|e| Error::io(&src, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
     names.sort();
     for p in &names {
-        let f = crate::weights::SafetensorsFile::open(p)?;
-        crate::lora::inspect(&f)?;
+        let f = loramix::weights::SafetensorsFile::open(p)?;
+        loramix::lora::inspect(&f)?;
     }
     let inspect_seconds = t.elapsed().as_secs_f64();
 
@@ -146,7 +146,7 @@ pub fn run(repo: &Path, python: Option<&Path>, count: usize, work: &Path) -> Res
     let mut lib = LoraLibrary::open(&lib_dir)?;
     let outcomes = lib.import(std::slice::from_ref(&src), &mut |_| {})?;
     let secs = t.elapsed().as_secs_f64();
-    let failed = outcomes.iter().filter(|o| matches!(o, crate::library::ImportOutcome::Failed { .. })).count();
+    let failed = outcomes.iter().filter(|o| matches!(o, loramix::lora::library::ImportOutcome::Failed { .. })).count();
     if failed > 0 {
         return Err(Error::Argument(format!("{failed} bench files failed to import")));
     }

@@ -11,8 +11,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::error::{Error, Result};
-use crate::llm::{GenerateOptions, LlmSession};
+use loramix::error::{Error, Result};
+use loramix::llm::{GenerateOptions, LlmSession};
 
 pub struct LlmRow {
     pub prefix: usize,

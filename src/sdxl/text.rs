@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::ClipTextModel;
 
 use crate::error::{Error, Result};
-use crate::prompt::{chunk_prompt, PromptChunk};
-use crate::tokenizer::ClipTokenizer;
+use crate::sdxl::prompt::{chunk_prompt, PromptChunk};
+use crate::sdxl::tokenizer::ClipTokenizer;
 
 /// Encoded text for one prompt (batch of one).
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@
 //! emphasis that fits one window gives exactly the token ids diffusers uses.
 
 use crate::error::Result;
-use crate::tokenizer::ClipTokenizer;
+use crate::sdxl::tokenizer::ClipTokenizer;
 
 const ROUND: f64 = 1.1;
 const SQUARE: f64 = 1.0 / 1.1;

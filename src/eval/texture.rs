@@ -93,7 +93,7 @@ impl StyleStatistics {
     pub fn features(&self, img: &image::RgbImage) -> Vec<f64> {
         let cfg = &self.config;
         let s = cfg.size;
-        let img = if img.width() as usize != s || img.height() as usize != s { crate::embed::resize_bilinear_pil(img, s, s) } else { img.clone() };
+        let img = if img.width() as usize != s || img.height() as usize != s { crate::eval::embed::resize_bilinear_pil(img, s, s) } else { img.clone() };
         let n = s * s;
         let (mut lum, mut sat) = (Vec::with_capacity(n), Vec::with_capacity(n));
         for p in img.pixels() {

@@ -11,11 +11,11 @@ use loramix_models::sdxl::{AddedConditions, UNet2DConditionConfig, UNet2DConditi
 use loramix_models::Adaptable;
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::error::{Error, Result};
-use crate::lora::{keys::Component, AdapterTargets, LoadedLora, Role};
-use crate::mix::{self, stats, MixLora, MixOptions, MixPlan, Mixer};
-use crate::model;
-use crate::pipeline::StepMixer;
+use loramix::error::{Error, Result};
+use loramix::lora::{keys::Component, AdapterTargets, LoadedLora, Role};
+use loramix::mix::{self, stats, MixLora, MixOptions, MixPlan, Mixer};
+use loramix::sdxl::model;
+use loramix::sdxl::pipeline::StepMixer;
 
 pub struct MixRow {
     pub name: String,
@@ -102,7 +102,7 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
     };
     let mut rows = Vec::new();
     rows.push(MixRow { name: "no LoRA".into(), seconds: time(&mut || forward())? });
-    crate::lora::attach(&targets, &[(&content, 1.0), (&style, 1.0)])?;
+    loramix::lora::attach(&targets, &[(&content, 1.0), (&style, 1.0)])?;
     rows.push(MixRow { name: "2 LoRAs, plain unfused".into(), seconds: time(&mut || forward())? });
     targets.clear();
     let steps = 30;

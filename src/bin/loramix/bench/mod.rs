@@ -1,0 +1,62 @@
+//! `loramix bench`: the benchmark suites behind BENCHMARKS.md, each timed side by side with its
+//! reference in one run. They live in the binary, not the engine: nothing else calls them.
+
+mod library;
+mod llm;
+mod mix;
+mod unet;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A Python with diffusers (tools/parity/requirements.txt) to time the reference in the same run.
+    #[arg(long)]
+    python: Option<PathBuf>,
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy;
+    /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens.
+    #[arg(long, default_value = "unet")]
+    suite: String,
+    /// Same as --suite mix.
+    #[arg(long)]
+    mix: bool,
+    /// Files for the library suite.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let repo = std::env::current_dir()?;
+    match a.suite.as_str() {
+        "library" => {
+            let work = library::default_work_dir(&repo);
+            let b = library::run(&repo, a.python.as_deref(), a.count.max(1), &work)?;
+            print!("{}", library::table(&b));
+            Ok(())
+        }
+        _ if a.mix => run_mix(&repo, a.iters, threads),
+        "mix" => run_mix(&repo, a.iters, threads),
+        "llm" => {
+            let rows = llm::run(&repo, &[256, 1024, 4096], a.iters.max(1))?;
+            print!("{}", llm::table(&rows, threads));
+            Ok(())
+        }
+        "unet" => {
+            let rows = unet::run(&repo, a.python.as_deref(), a.iters.max(1), threads)?;
+            print!("{}", unet::table(&rows, threads));
+            Ok(())
+        }
+        other => anyhow::bail!("--suite {other}: expected unet, library, mix or llm"),
+    }
+}
+
+fn run_mix(repo: &std::path::Path, iters: usize, threads: usize) -> Result<()> {
+    let (rows, note) = mix::run(repo, iters.max(1))?;
+    print!("{}", mix::table(&rows, &note, threads));
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! `loramix eval`: miniworld scores for images, the prompt read from each PNG's parameters.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// PNG files (their prompt is read from the `parameters` chunk unless --prompt is given).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    #[arg(long)]
+    prompt: Option<String>,
+    #[arg(long, default_value = "models/miniworld/evaluator")]
+    evaluator: PathBuf,
+    /// One JSON object per image.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let ev = loramix::eval::MiniworldEvaluator::load(&a.evaluator, &candle_core::Device::Cpu)?;
+    let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+    if !a.json {
+        println!("| image | subject | style | alignment | predicted |\n|---|---|---|---|---|");
+    }
+    for path in &a.images {
+        let prompt = match &a.prompt {
+            Some(p) => p.clone(),
+            None => loramix::eval::prompt_from_png(path)?,
+        };
+        let img = image::open(path).with_context(|| format!("reading {}", path.display()))?.to_rgb8();
+        let s = ev.score(&img, &prompt)?;
+        if a.json {
+            println!("{}", serde_json::json!({"image": path, "prompt": prompt, "subject": s.subject, "style": s.style, "alignment": s.alignment, "predicted": s.predicted}));
+        } else {
+            let pred: Vec<String> = s.predicted.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("| {} | {} | {} | {} | {} |", path.display(), fmt(s.subject), fmt(s.style), fmt(s.alignment), pred.join(" "));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! `loramix generate`: text to images with LoRAs and a mixing strategy, written as PNGs that
+//! carry A1111's parameters and our settings.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use loramix::device::{parse_device, parse_dtype};
+use loramix::lora::library::LoraLibrary;
+use loramix::lora;
+use loramix::mix;
+use loramix::output;
+use loramix::studio;
+use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    /// A diffusers folder, a single-file SDXL .safetensors checkpoint, or a Hugging Face repo id
+    /// (default: the shipped miniworld model).
+    #[arg(long, default_value = "models/miniworld")]
+    model: String,
+    /// Configs and tokenizers for a single-file checkpoint (a diffusers folder).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Omitted: no negative prompt (zero embeddings on SDXL). An explicit "" encodes the empty string.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    #[arg(long, default_value_t = 5.0)]
+    cfg: f64,
+    /// euler | euler_a | dpmpp_2m | dpmpp_2m_karras | ddim (default: the model's scheduler).
+    #[arg(long)]
+    sampler: Option<String>,
+    /// Default: a random seed, printed.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Batches run one after another (A1111's batch count); batch i starts at seed + i·batch-size.
+    #[arg(long, default_value_t = 1)]
+    batch_count: usize,
+    #[arg(long, default_value = "out")]
+    out: PathBuf,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Unscaled standard-normal starting noise: safetensors with key `latents`, [batch, 4, H/f, W/f].
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Write the final latents (before VAE decode) to this safetensors file, key `latents`.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    /// A LoRA file, or a library name, with an optional strength (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "PATH[:WEIGHT]")]
+    loras: Vec<String>,
+    /// Library for <lora:NAME:w> prompt tags and --lora names (default: $LORAMIX_HOME or the data dir).
+    #[arg(long)]
+    library: Option<PathBuf>,
+    /// How several LoRAs combine: merge | switch | composite | klora | est | np | windows | auto.
+    #[arg(long, default_value = "merge")]
+    mix: String,
+    /// --mix windows: step windows per role as fractions of the steps (default subject=0:0.7,style=0.3:1).
+    #[arg(long)]
+    windows: Option<String>,
+    /// Run the unconditional half of CFG on the base weights (any per-step --mix).
+    #[arg(long)]
+    asymmetric_cfg: bool,
+    /// --mix np: the soft projection's strength mu (default 0.5; large = hard projection).
+    #[arg(long)]
+    np_mu: Option<f64>,
+    /// --mix klora / est, corrected mode: the layers they do not select on: follow (default) | merge.
+    #[arg(long)]
+    klora_others: Option<String>,
+    /// `library`: add the library's LoRAs that the prompt calls for (trigger words, names, tags,
+    /// text-encoder similarity), the best per role; the trace and the PNG say which and why.
+    #[arg(long)]
+    candidates: Option<String>,
+    /// K-LoRA / auto time-scale pattern: s | s* (default s*).
+    #[arg(long)]
+    klora_pattern: Option<String>,
+    /// corrected (progress = step/steps, alpha/rank scale) | reference (the reference's call counter, no alpha).
+    #[arg(long, default_value = "corrected")]
+    klora_mode: String,
+    /// LoRA Switch period in steps.
+    #[arg(long, default_value_t = 5)]
+    switch_every: usize,
+    /// Write the per-step, per-layer LoRA weights as JSON.
+    #[arg(long)]
+    mix_trace: Option<PathBuf>,
+    /// DINO ViT-S/16 folder for --mix est (default: <library>/models/dino-vits16).
+    #[arg(long)]
+    est_embedder: Option<PathBuf>,
+    /// Steps of EST's two preview generations (default: --steps).
+    #[arg(long)]
+    est_preview_steps: Option<usize>,
+    /// Size of EST's previews, WxH (default: the output size).
+    #[arg(long)]
+    est_preview_size: Option<String>,
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
+    let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
+    let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
+    let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
+    let mut mix_opts = mix::MixOptions {
+        strategy: a.mix.clone(),
+        klora_pattern: a.klora_pattern.clone(),
+        klora_mode: a.klora_mode.clone(),
+        switch_every: a.switch_every,
+        est_previews: None,
+        windows: a.windows.clone(),
+        asymmetric_cfg: a.asymmetric_cfg,
+        np_mu: a.np_mu,
+        klora_others: a.klora_others.clone(),
+    };
+    if a.mix != "est" {
+        mix::build(&mix_opts)?; // flag errors before the model loads
+    }
+    let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
+    let model_loras = std::path::Path::new(&a.model).join("loras");
+    // Resolve names before the model loads, so a typo fails fast.
+    lora::library::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
+    let t0 = Instant::now();
+    let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
+    eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
+    let targets = lora::AdapterTargets::of_pipeline(&pipe);
+    let mut lora_args = lora_args;
+    let picked_candidates = match a.candidates.as_deref() {
+        None => Vec::new(),
+        Some("library") => {
+            let picks = studio::library_candidates(&pipe, a.library.as_deref(), &clean_prompt, &mut lora_args)?;
+            for c in &picks {
+                eprintln!("candidate {} ({}): score {:.2}, {}{}", c.name, c.role.as_str(), c.score, if c.picked { "picked: " } else { "" }, c.reason);
+            }
+            picks
+        }
+        Some(o) => anyhow::bail!("--candidates {o}: expected library"),
+    };
+    let ll = studio::load_loras(&lora_args, &prompt_tags, a.library.as_deref(), &model_loras, &targets)?;
+    for r in &ll.reports {
+        eprintln!("lora {} ({}, {}, {}): {} layers matched", r.name, r.format, r.base, r.role, r.layers);
+        for w in &r.warnings {
+            eprintln!("warning: lora {}: {w}", r.name);
+        }
+    }
+    let mix_loras = ll.mix.clone();
+    let loaded: Vec<(lora::LoadedLora, f64)> = ll.mix.iter().map(|m| (m.lora.clone(), m.strength)).collect();
+    let seed = a.seed.unwrap_or_else(studio::random_seed);
+    let (dw, dh) = pipe.default_size();
+    let req = GenerateRequest {
+        prompt: clean_prompt,
+        negative_prompt: a.negative_prompt.clone(),
+        steps: a.steps,
+        cfg: a.cfg,
+        sampler,
+        seed,
+        width: Some(a.width.unwrap_or(dw)),
+        height: Some(a.height.unwrap_or(dh)),
+        batch_size: a.batch_size,
+        init_noise,
+    };
+    if a.batch_count == 0 {
+        anyhow::bail!("--batch-count must be at least 1");
+    }
+    if a.batch_count > 1 && (a.mix_trace.is_some() || a.save_latents.is_some() || req.init_noise.is_some()) {
+        anyhow::bail!("--mix-trace, --save-latents and --init-noise describe one batch: use them with --batch-count 1");
+    }
+    let plan = if mix_loras.is_empty() {
+        if a.mix_trace.is_some() {
+            anyhow::bail!("--mix-trace needs at least one --lora");
+        }
+        None
+    } else {
+        let plan = studio::plan_mix(&pipe, &targets, mix_loras, &req.prompt, &a.mix, picked_candidates)?;
+        if a.mix == "est" {
+            let dir = match &a.est_embedder {
+                Some(d) => d.clone(),
+                None => LoraLibrary::default_root()?.join("models/dino-vits16"),
+            };
+            if !dir.join("model.safetensors").exists() {
+                anyhow::bail!(
+                    "--mix est needs the DINO ViT-S/16 embedder: put facebook/dino-vits16's config.json, model.safetensors and \
+                     preprocessor_config.json in {} or pass --est-embedder DIR",
+                    dir.display()
+                );
+            }
+            let embedder = loramix::eval::embed::ImageEmbedder::load(&dir, &opts.device)?;
+            let mut preview = req.clone();
+            preview.init_noise = None;
+            preview.batch_size = 1;
+            if let Some(n) = a.est_preview_steps {
+                preview.steps = n;
+            }
+            if let Some((w, h)) = a.est_preview_size.as_deref().map(parse_size).transpose()? {
+                preview.width = Some(w);
+                preview.height = Some(h);
+            }
+            let t = Instant::now();
+            let previews = mix::est::style_discrepancy(&pipe, &targets, &plan, &preview, &embedder)?;
+            eprintln!(
+                "est: previews {} steps at {}x{}: style discrepancy d = {:.4} ({:.1}s)",
+                previews.steps, previews.width, previews.height, previews.discrepancy, t.elapsed().as_secs_f64()
+            );
+            mix_opts.est_previews = Some(previews);
+        }
+        Some(plan)
+    };
+    let hashes = ll.hashes.clone();
+    let mut idx = output::first_free_index(&a.out);
+    let mut written = Vec::with_capacity(a.batch_count * a.batch_size);
+    for batch in 0..a.batch_count {
+        let t_batch = Instant::now();
+        let mut req = req.clone();
+        req.seed = seed + (batch * a.batch_size) as u64;
+        let mixer = plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?;
+        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, &mut idx)?);
+        eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
+    }
+    // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
+    let mut stdout = std::io::stdout().lock();
+    for path in &written {
+        if writeln!(stdout, "{}", path.display()).is_err() {
+            break;
+        }
+    }
+    eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// One batch of `generate`: denoise (with the mixer, if any), decode, write the PNGs with their
+/// A1111 `parameters` and our JSON chunk; returns the paths written.
+#[allow(clippy::too_many_arguments)]
+fn generate_batch(
+    a: &GenerateArgs,
+    pipe: &SdxlPipeline,
+    req: &GenerateRequest,
+    mut mixer: Option<mix::Mixer>,
+    (batch_index, seed): (usize, u64),
+    loaded: &[(lora::LoadedLora, f64)],
+    prompt_tags: &[lora::PromptLora],
+    hashes: &[(String, String)],
+    idx: &mut usize,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let bar = ProgressBar::new(a.steps as u64);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} ETA {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let tty = std::io::stderr().is_terminal();
+    let latents = pipe.generate_latents_mixed(req, mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| {
+        let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
+        if tty {
+            bar.set_length(p.steps as u64);
+            bar.set_position(p.step as u64);
+            bar.set_message(format!("{its:.2} it/s"));
+        } else {
+            // Logs and pipes get one plain line per step.
+            let eta = (p.steps - p.step) as f64 / its;
+            eprintln!("step {}/{} {its:.2} it/s ETA {eta:.1}s", p.step, p.steps);
+        }
+        true
+    })?;
+    bar.finish();
+    let mut summary = None;
+    if let Some(m) = mixer.take() {
+        let trace = m.finish();
+        summary = Some(studio::MixSummary::of(&trace));
+        if let Some(path) = &a.mix_trace {
+            trace.write(path)?;
+            eprintln!("wrote mix trace {}", path.display());
+        }
+    }
+    if let Some(path) = &a.save_latents {
+        output::save_latents(path, &latents)?;
+        eprintln!("wrote {}", path.display());
+    }
+    let images = pipe.decode(&latents)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let sampler = match req.sampler {
+        Some(s) => s,
+        None => pipe.default_sampler()?,
+    };
+    let (dw, dh) = pipe.default_size();
+    let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
+    // The same record the app writes: A1111 `parameters` (with <lora:..> tags and Lora hashes,
+    // so A1111 and our drop-to-restore re-apply them) and our JSON chunk with the full settings.
+    let settings = studio::Settings {
+        model: a.model.clone(),
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        steps: a.steps,
+        cfg: a.cfg,
+        sampler: sampler.name().to_string(),
+        seed: Some(seed),
+        width: w,
+        height: h,
+        batch_count: a.batch_count,
+        batch_size: a.batch_size,
+        loras: loaded
+            .iter()
+            .filter(|(l, _)| !prompt_tags.iter().any(|t| t.name == l.name))
+            .map(|(l, w)| studio::LoraSetting { name: l.name.clone(), weight: *w, role: None, schedule: None })
+            .collect(),
+        mix: a.mix.clone(),
+        klora_pattern: a.klora_pattern.clone(),
+        switch_every: a.switch_every,
+        windows: a.windows.clone(),
+        asymmetric_cfg: a.asymmetric_cfg,
+        klora_others: a.klora_others.clone(),
+        candidates: a.candidates.is_some(),
+    };
+    let mut written = Vec::with_capacity(images.len());
+    for (i, img) in images.iter().enumerate() {
+        let rec = studio::ImageRecord {
+            settings: settings.clone(),
+            seed: req.seed,
+            batch_index,
+            index_in_batch: i,
+            width: w,
+            height: h,
+            sampler: sampler.a1111_name().to_string(),
+            lora_hashes: hashes.to_vec(),
+            mix_trace: summary.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let path = output::next_image_path(&a.out, req.seed, idx);
+        output::write_atomic(&path, &studio::encode_image(img, &rec)?)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("size '{s}': expected WxH, e.g. 512x512"))?;
+    Ok((w.trim().parse()?, h.trim().parse()?))
+}

@@ -1,0 +1,41 @@
+//! The `loramix` command line: one file per subcommand, each a thin layer over the engine.
+
+mod bench;
+mod chat;
+mod eval;
+mod generate;
+mod lora;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "loramix", version, about = "SDXL image generation with training-free LoRA mixing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a text prompt.
+    Generate(Box<generate::GenerateArgs>),
+    /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
+    Bench(bench::BenchArgs),
+    /// The LoRA library: import, list, show, remove, rename, set role and tags.
+    Lora(lora::LoraArgs),
+    /// Score miniworld images: subject fidelity, style fidelity, prompt alignment.
+    Eval(eval::EvalArgs),
+    /// Chat with an LLM, with LoRA and activated-LoRA adapters that reuse the KV cache.
+    Chat(chat::ChatArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Generate(a) => generate::run(*a),
+        Command::Lora(a) => lora::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Bench(a) => bench::run(a),
+    }
+}

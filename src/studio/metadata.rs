@@ -1,0 +1,270 @@
+//! PNG metadata: A1111-compatible `parameters` text (written by us, read from A1111, Forge and
+//! the rest) and our own JSON chunk, and settings restored from either.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::settings::{ImageRecord, LoraSetting, Settings};
+use crate::error::{Error, Result};
+use crate::lora;
+use crate::output;
+use crate::sdxl::schedulers::SamplerKind;
+
+/// The PNG text chunk that holds our full settings as JSON.
+pub const JSON_CHUNK: &str = "loramix";
+
+/// The A1111 `parameters` text: prompt (with `<lora:NAME:w>` tags), negative prompt, settings
+/// line with `Lora hashes`.
+pub fn parameters_text(r: &ImageRecord) -> String {
+    let s = &r.settings;
+    let mut text = s.prompt.clone();
+    for l in &s.loras {
+        let tag = format!("<lora:{}:", lora_tag_name(&l.name));
+        if !text.contains(&tag) {
+            match &l.schedule {
+                Some(fields) => text.push_str(&format!(" <lora:{}:{fields}>", lora_tag_name(&l.name))),
+                None => text.push_str(&format!(" <lora:{}:{}>", lora_tag_name(&l.name), l.weight)),
+            }
+        }
+    }
+    if !s.negative_prompt.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {}", s.negative_prompt));
+    }
+    let model = Path::new(&s.model).file_name().and_then(|n| n.to_str()).unwrap_or(&s.model);
+    text.push_str(&format!(
+        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
+        s.steps, r.sampler, s.cfg, r.seed, r.width, r.height
+    ));
+    if s.batch_size > 1 {
+        text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
+    }
+    if !r.lora_hashes.is_empty() {
+        let h: Vec<String> = r.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
+        text.push_str(&format!(", Lora hashes: \"{}\"", h.join(", ")));
+        text.push_str(&format!(", LoRA mix: {}", s.mix));
+    }
+    if let Some(t) = r.mix_trace.as_ref().filter(|t| !t.candidates.is_empty()) {
+        let picked: Vec<&str> = t.candidates.iter().filter(|c| c.picked).map(|c| c.name.as_str()).collect();
+        text.push_str(&format!(", LoRA picked: \"{}\"", picked.join(", ")));
+    }
+    text.push_str(&format!(", Version: loramix {}", env!("CARGO_PKG_VERSION")));
+    text
+}
+
+/// The name a LoRA goes by in `<lora:NAME:w>`: a path's file stem, else the name itself.
+pub fn lora_tag_name(name: &str) -> String {
+    let p = Path::new(name);
+    if name.ends_with(".safetensors") || name.contains('/') || name.contains('\\') {
+        p.file_stem().and_then(|s| s.to_str()).unwrap_or(name).to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+/// Splits `a: 1, b: "x, y", c: 3` into pairs (A1111's settings line; values may be quoted).
+fn split_settings_line(line: &str) -> Vec<(String, String)> {
+    let mut out = vec![];
+    let mut rest = line.trim();
+    while !rest.is_empty() {
+        let Some(colon) = rest.find(':') else { break };
+        let key = rest[..colon].trim().to_string();
+        let mut after = rest[colon + 1..].trim_start();
+        let value;
+        if let Some(stripped) = after.strip_prefix('"') {
+            // A quoted value: up to the next unescaped quote.
+            let mut end = None;
+            let mut esc = false;
+            for (i, c) in stripped.char_indices() {
+                if esc {
+                    esc = false;
+                } else if c == '\\' {
+                    esc = true;
+                } else if c == '"' {
+                    end = Some(i);
+                    break;
+                }
+            }
+            let e = end.unwrap_or(stripped.len());
+            value = stripped[..e].replace("\\\"", "\"");
+            after = stripped.get(e + 1..).unwrap_or("");
+            rest = after.trim_start().strip_prefix(',').unwrap_or(after).trim_start();
+        } else {
+            match after.find(", ") {
+                Some(i) => {
+                    value = after[..i].trim().to_string();
+                    rest = after[i + 2..].trim_start();
+                }
+                None => {
+                    value = after.trim().to_string();
+                    rest = "";
+                }
+            }
+        }
+        out.push((key, value));
+    }
+    out
+}
+
+/// Settings from an A1111 `parameters` text (ours, A1111's, Forge's, ...). `<lora:NAME:w>` tags
+/// move from the prompt into [`Settings::loras`].
+pub fn parse_parameters(text: &str) -> Result<Settings> {
+    let lines: Vec<&str> = text.lines().collect();
+    let settings_at = lines.iter().rposition(|l| l.trim_start().starts_with("Steps:"));
+    let (body, settings_line) = match settings_at {
+        Some(i) => (&lines[..i], Some(lines[i])),
+        None => (&lines[..], None),
+    };
+    let mut prompt_lines = vec![];
+    let mut negative_lines = vec![];
+    let mut in_negative = false;
+    for l in body {
+        if let Some(n) = l.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            negative_lines.push(n.trim_start());
+        } else if in_negative {
+            negative_lines.push(l);
+        } else {
+            prompt_lines.push(*l);
+        }
+    }
+    let (prompt, tags) = lora::extract_prompt_loras(&prompt_lines.join("\n"))?;
+    // Tags with block weights or schedules stay in the prompt, where they say all they say.
+    let scheduled: Vec<&str> = tags.iter().filter(|t| t.schedule.is_some()).map(|t| t.text.as_str()).collect();
+    let prompt = if scheduled.is_empty() { prompt.trim().to_string() } else { format!("{} {}", prompt.trim(), scheduled.join(" ")) };
+    let mut s = Settings {
+        prompt,
+        negative_prompt: negative_lines.join("\n").trim().to_string(),
+        loras: tags.into_iter().filter(|t| t.schedule.is_none()).map(|t| LoraSetting { name: t.name, weight: t.weight, role: None, schedule: None }).collect(),
+        ..Settings::default()
+    };
+    let bad = |k: &str, v: &str, want: &str| Error::Argument(format!("parameters: {k} {v:?}: expected {want}"));
+    if let Some(line) = settings_line {
+        for (k, v) in split_settings_line(line) {
+            match k.as_str() {
+                "Steps" => s.steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
+                "Sampler" => {
+                    s.sampler = v.parse::<SamplerKind>().map(|k| k.name().to_string()).unwrap_or(v.clone());
+                }
+                "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m" => s.sampler = "dpmpp_2m_karras".into(),
+                "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
+                "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
+                "Size" => {
+                    let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
+                    s.width = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+                    s.height = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+                }
+                "Model" => s.model = v,
+                "Batch size" => s.batch_size = v.parse().unwrap_or(1),
+                "LoRA mix" => s.mix = v,
+                _ => {}
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// All text chunks of a PNG (tEXt, zTXt, iTXt).
+pub fn png_text_chunks(bytes: &[u8]) -> Result<HashMap<String, String>> {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let reader = decoder.read_info().map_err(|e| Error::Argument(format!("not a PNG: {e}")))?;
+    let info = reader.info();
+    let mut out = HashMap::new();
+    for t in &info.uncompressed_latin1_text {
+        out.insert(t.keyword.clone(), t.text.clone());
+    }
+    for t in &info.compressed_latin1_text {
+        if let Ok(text) = t.get_text() {
+            out.insert(t.keyword.clone(), text);
+        }
+    }
+    for t in &info.utf8_text {
+        if let Ok(text) = t.get_text() {
+            out.insert(t.keyword.clone(), text);
+        }
+    }
+    Ok(out)
+}
+
+/// Settings restored from a PNG made by us (our JSON chunk) or by A1111-compatible tools
+/// (`parameters`).
+pub fn settings_from_png(path: &Path) -> Result<(Settings, Option<ImageRecord>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let chunks = png_text_chunks(&bytes).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })?;
+    if let Some(j) = chunks.get(JSON_CHUNK) {
+        let rec: ImageRecord = serde_json::from_str(j)
+            .map_err(|e| Error::BadFile { path: path.into(), message: format!("'{JSON_CHUNK}' chunk: {e}") })?;
+        let mut s = rec.settings.clone();
+        s.seed = Some(rec.seed);
+        return Ok((s, Some(rec)));
+    }
+    match chunks.get("parameters") {
+        Some(p) => Ok((parse_parameters(p).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })?, None)),
+        None => Err(Error::BadFile {
+            path: path.into(),
+            message: "this PNG carries no generation settings (no 'parameters' or 'loramix' text chunk)".into(),
+        }),
+    }
+}
+
+/// PNG bytes with both text chunks.
+pub fn encode_image(img: &image::RgbImage, rec: &ImageRecord) -> Result<Vec<u8>> {
+    let json = serde_json::to_string(rec).map_err(|e| Error::Argument(e.to_string()))?;
+    output::encode_png(img, &[("parameters", parameters_text(rec)), (JSON_CHUNK, json)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a1111_parameters_round_trip() {
+        let text = "a red circle, <lora:vlox:0.8> flat style\nNegative prompt: blurry, dark\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 832x1216, Model hash: abc, Model: sdxl, Lora hashes: \"vlox: 0123456789ab, b: cdef\", Version: v1.10";
+        let s = parse_parameters(text).unwrap();
+        assert_eq!(s.prompt, "a red circle,  flat style");
+        assert_eq!(s.negative_prompt, "blurry, dark");
+        assert_eq!((s.steps, s.cfg, s.seed, s.width, s.height), (30, 6.5, Some(1234), 832, 1216));
+        assert_eq!(s.sampler, "dpmpp_2m_karras");
+        assert_eq!(s.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.8, role: None, schedule: None }]);
+        assert_eq!(s.model, "sdxl");
+    }
+
+    #[test]
+    fn our_parameters_parse_back() {
+        let settings = Settings {
+            prompt: "a vlox emblem".into(),
+            negative_prompt: "noise".into(),
+            steps: 12,
+            cfg: 4.0,
+            seed: Some(9),
+            loras: vec![LoraSetting { name: "models/miniworld/loras/vlox.safetensors".into(), weight: 0.7, role: None, schedule: None }],
+            ..Settings::default()
+        };
+        let rec = ImageRecord {
+            settings: settings.clone(),
+            seed: 9,
+            batch_index: 0,
+            index_in_batch: 0,
+            width: 64,
+            height: 64,
+            sampler: "Euler".into(),
+            lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
+            mix_trace: None,
+            version: "0".into(),
+        };
+        let back = parse_parameters(&parameters_text(&rec)).unwrap();
+        assert_eq!(back.prompt, "a vlox emblem");
+        assert_eq!(back.negative_prompt, "noise");
+        assert_eq!((back.steps, back.cfg, back.seed, back.width, back.height), (12, 4.0, Some(9), 64, 64));
+        assert_eq!(back.sampler, "euler");
+        assert_eq!(back.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.7, role: None, schedule: None }]);
+        assert_eq!(back.mix, "merge");
+        // A block-weighted, keyframed LoRA is written as its tag and comes back in the prompt.
+        let mut rec2 = rec.clone();
+        rec2.settings.loras = vec![LoraSetting { name: "vlox".into(), weight: 1.0, role: None, schedule: Some("1:lbw=SDXL-OUTALL:stop=10".into()) }];
+        let text = parameters_text(&rec2);
+        assert!(text.contains("<lora:vlox:1:lbw=SDXL-OUTALL:stop=10>"), "{text}");
+        let back = parse_parameters(&text).unwrap();
+        assert!(back.loras.is_empty());
+        assert!(back.prompt.ends_with("<lora:vlox:1:lbw=SDXL-OUTALL:stop=10>"), "{}", back.prompt);
+    }
+}

@@ -1,0 +1,19 @@
+//! The image studio as the app sees it: one serialisable [`Settings`] per job, batches with
+//! progress events and live previews, PNGs that carry A1111-compatible `parameters` plus our own
+//! JSON, settings restored from any such PNG, and batch export to a folder or a zip.
+//!
+//! The CLI's `generate` and the desktop app both go through the helpers here, so a PNG made by
+//! either restores the same settings in the other. Uses every engine room below it (sdxl, lora,
+//! mix); nothing in the engine uses the studio.
+
+mod export;
+mod jobs;
+mod metadata;
+mod preview;
+mod settings;
+
+pub use export::{export, fill_template};
+pub use jobs::*;
+pub use metadata::*;
+pub use preview::{LatentPreview, Previewer};
+pub use settings::{ImageRecord, LoraSetting, MixSummary, Settings};

@@ -1,0 +1,166 @@
+//! What a job is: one serialisable [`Settings`] per job (the app's form, the CLI's flags, a batch
+//! line), and what each image's PNG records beside it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::mix;
+
+/// One LoRA of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraSetting {
+    /// A path, a LoRA shipped with the model (`<model>/loras/NAME`), or a library name.
+    pub name: String,
+    pub weight: f64,
+    /// subject | style | concept; `None`: from the file's metadata or the library.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// What follows the name in a `<lora:NAME:...>` tag when it says more than one weight:
+    /// te/unet weights, loractl keyframes (`0.2@0,1@0.5`), lbw block weights and steps
+    /// (`1:lbw=SDXL-OUTALL:start=5`). Overrides `weight`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+}
+
+/// Everything that determines a job's images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub model: String,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg: f64,
+    /// Ours (`euler_a`) or A1111's (`Euler a`) name; empty: the model's scheduler.
+    pub sampler: String,
+    /// `None`: a random seed per job.
+    pub seed: Option<u64>,
+    /// 0: the model's default size.
+    pub width: usize,
+    pub height: usize,
+    /// Batches run one after another, each `batch_size` images at once; seeds advance per batch.
+    pub batch_count: usize,
+    pub batch_size: usize,
+    pub loras: Vec<LoraSetting>,
+    /// merge | switch | composite | klora | est | np | windows | auto
+    pub mix: String,
+    pub klora_pattern: Option<String>,
+    pub switch_every: usize,
+    /// `windows`: step windows per role (`subject=0:0.7,style=0.3:1`).
+    pub windows: Option<String>,
+    /// The unconditional pass on the base weights (any per-step strategy).
+    pub asymmetric_cfg: bool,
+    /// Corrected K-LoRA on the layers it does not select on: follow (default) | merge.
+    pub klora_others: Option<String>,
+    /// Add the library's LoRAs the prompt calls for.
+    pub candidates: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: "models/miniworld".into(),
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 25,
+            cfg: 5.0,
+            sampler: String::new(),
+            seed: None,
+            width: 0,
+            height: 0,
+            batch_count: 1,
+            batch_size: 1,
+            loras: vec![],
+            mix: "merge".into(),
+            klora_pattern: None,
+            switch_every: 5,
+            windows: None,
+            asymmetric_cfg: false,
+            klora_others: None,
+            candidates: false,
+        }
+    }
+}
+
+/// What each image's PNG records besides the settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub settings: Settings,
+    /// The seed of this image's batch (images of one batch share it, as in A1111's "Seed").
+    pub seed: u64,
+    pub batch_index: usize,
+    pub index_in_batch: usize,
+    pub width: usize,
+    pub height: usize,
+    pub sampler: String,
+    pub lora_hashes: Vec<(String, String)>,
+    pub mix_trace: Option<MixSummary>,
+    pub version: String,
+}
+
+/// A compact mix trace for PNGs and the heatmap: the strategy and, per step and layer, each
+/// LoRA's weight.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MixSummary {
+    pub strategy: String,
+    pub loras: Vec<String>,
+    pub layers: usize,
+    pub steps: usize,
+    /// Mean weight per LoRA over steps and layers.
+    pub mean_weight: Vec<f64>,
+    /// `[step][layer]`: index of the LoRA with the largest weight, -1 where none is on.
+    pub dominant: Vec<Vec<i32>>,
+    /// `[step][layer]`: that LoRA's weight over the largest weight in the trace, in percent
+    /// (soft weights: schedules, block weights, K-LoRA's follow rule).
+    #[serde(default)]
+    pub intensity: Vec<Vec<u8>>,
+    /// LoRAs considered for the prompt and why each was picked or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub candidates: Vec<mix::candidates::Candidate>,
+}
+
+impl MixSummary {
+    pub fn of(trace: &mix::MixTrace) -> Self {
+        let n = trace.loras.len();
+        let mut sum = vec![0.0; n];
+        let mut count = 0usize;
+        let dominant = trace
+            .weights
+            .iter()
+            .map(|step| {
+                step.iter()
+                    .map(|w| {
+                        count += 1;
+                        for (s, x) in sum.iter_mut().zip(w) {
+                            *s += x;
+                        }
+                        let (mut best, mut arg) = (0.0, -1);
+                        for (i, &x) in w.iter().enumerate() {
+                            if x.abs() > best {
+                                best = x.abs();
+                                arg = i as i32;
+                            }
+                        }
+                        arg
+                    })
+                    .collect()
+            })
+            .collect();
+        Self {
+            strategy: trace.strategy.clone(),
+            loras: trace.loras.clone(),
+            layers: trace.layers.len(),
+            steps: trace.steps,
+            mean_weight: sum.iter().map(|s| s / count.max(1) as f64).collect(),
+            intensity: {
+                let max = trace.weights.iter().flatten().flatten().fold(0.0f64, |m, w| m.max(w.abs()));
+                trace
+                    .weights
+                    .iter()
+                    .map(|step| step.iter().map(|w| (100.0 * w.iter().fold(0.0f64, |m, x| m.max(x.abs())) / max.max(1e-12)).round() as u8).collect())
+                    .collect()
+            },
+            dominant,
+            candidates: trace.candidates.clone(),
+        }
+    }
+}
