@@ -123,3 +123,51 @@ fn generate_with_lora_file_and_prompt_tag_equals_diffusers() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no LoRA named 'nobody'"));
 }
+
+#[test]
+fn subspace_build_show_add_and_generate_with_a_member() {
+    let lib = tempfile::tempdir().unwrap();
+    let loras = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/miniworld/loras");
+    assert!(lora(lib.path(), &["import", loras.to_str().unwrap()]).status.success());
+    // Three members at K = N·r in f32: every member exact.
+    let s = json(&lora(lib.path(), &["subspace", "build", "vlox", "krin", "dotted", "--components", "24", "--dtype", "f32", "--name", "s3", "--json"]));
+    assert_eq!(s["members"].as_array().unwrap().len(), 3);
+    for m in s["members"].as_array().unwrap() {
+        assert!(m["error"].as_f64().unwrap() <= 1e-4, "{m}");
+        assert!(m["module_errors"].as_object().unwrap().len() > 10);
+    }
+    assert!(s["bytes_before"].as_u64().unwrap() > 0 && s["ratio"].as_f64().unwrap() > 0.0);
+    // A non-member projected in: a real error, reported, and it joins.
+    let m = json(&lora(lib.path(), &["subspace", "add", "s3", "striped", "--json"]));
+    assert!(m["error"].as_f64().unwrap() > 0.05 && !m["in_basis"].as_bool().unwrap(), "{m}");
+    let shown = json(&lora(lib.path(), &["subspace", "show", "s3", "--json"]));
+    assert_eq!(shown["members"].as_array().unwrap().len(), 4);
+    let text = String::from_utf8_lossy(&lora(lib.path(), &["subspace", "show", "s3"]).stdout).to_string();
+    assert!(text.contains("storage:") && text.contains("projected in") && text.contains("ΔW error"), "{text}");
+    // Bad input: two ways to pick members, and an unknown one; nothing is written.
+    let out = lora(lib.path(), &["subspace", "build", "vlox", "--all", "--name", "t"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not both"));
+    let out = lora(lib.path(), &["subspace", "build", "vlox", "zzz", "--name", "t"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("zzz"));
+    assert_eq!(json(&lora(lib.path(), &["subspace", "list", "--json"])).as_array().unwrap().len(), 1);
+    // generate --lora NAME@S gives the same image as the file (exact basis), and the PNG names it.
+    let out_dir = tempfile::tempdir().unwrap();
+    let gen = |spec: &str, dir: &str| {
+        let o = loramix()
+            .args(["generate", "--prompt", "a vlox emblem on a teal background", "--steps", "4", "--seed", "3", "--out"])
+            .arg(out_dir.path().join(dir))
+            .args(["--lora", spec, "--library"])
+            .arg(lib.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        image::open(String::from_utf8_lossy(&o.stdout).trim()).unwrap().to_rgb8()
+    };
+    let a = gen("vlox:0.8", "a");
+    let b = gen("vlox@s3:0.8", "b");
+    let diff = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
+    assert!(diff <= 1, "largest pixel difference {diff}");
+    let png = std::fs::read_dir(out_dir.path().join("b")).unwrap().next().unwrap().unwrap().path();
+    let params = loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap()["parameters"].clone();
+    assert!(params.contains("<lora:vlox@s3:0.8>"), "{params}");
+}

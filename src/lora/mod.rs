@@ -13,6 +13,7 @@ pub mod keys;
 pub mod library;
 pub mod network;
 pub mod schedule;
+pub mod subspace;
 pub mod targets;
 
 pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};

@@ -65,8 +65,20 @@ pub fn load_loras(
 ) -> Result<LoadedLoras> {
     let choices = lora::library::resolve_choices(args, prompt_tags, library, Some(model_loras))?;
     let mut out = LoadedLoras { mix: vec![], hashes: vec![], reports: vec![] };
+    let mut lib: Option<LoraLibrary> = None;
     for c in &choices {
-        let l = LoadedLora::load(&c.path, &c.name, targets)?;
+        let l = match &c.subspace {
+            Some((member, sub)) => {
+                if lib.is_none() {
+                    lib = Some(LoraLibrary::open(&match library {
+                        Some(r) => r.to_path_buf(),
+                        None => LoraLibrary::default_root()?,
+                    })?);
+                }
+                lib.as_ref().ok_or_else(|| Error::Argument("library".into()))?.subspace_member_lora(sub, member, &c.name, targets)?
+            }
+            None => LoadedLora::load(&c.path, &c.name, targets)?,
+        };
         let role = c.role.unwrap_or(l.info.role);
         let mut warnings = vec![];
         if !l.report.unmatched_keys.is_empty() {

@@ -1,4 +1,5 @@
-//! `loramix lora`: the library from the command line (import, list, show, rm, rename, set).
+//! `loramix lora`: the library from the command line (import, list, show, rm, rename, set;
+//! `subspace` in `subspace.rs`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ enum LoraCommand {
     Rm { key: String },
     /// Change the name used in <lora:NAME:weight>.
     Rename { key: String, new_name: String },
+    /// EigenLoRAx subspaces: shared components per module, a few loadings per LoRA.
+    Subspace {
+        #[command(subcommand)]
+        command: crate::subspace::SubspaceCommand,
+    },
     /// Set the role and/or the user tags of an entry.
     Set {
         key: String,
@@ -98,6 +104,7 @@ pub fn run(a: LoraArgs) -> Result<()> {
     };
     let mut lib = LoraLibrary::open(&root)?;
     match a.command {
+        LoraCommand::Subspace { command } => crate::subspace::run(&mut lib, command)?,
         LoraCommand::Import { paths, json } => {
             let (mut added, mut existing, mut failed) = (0, 0, 0);
             let mut stdout = std::io::stdout().lock();

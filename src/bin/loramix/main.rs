@@ -5,6 +5,7 @@ mod chat;
 mod eval;
 mod generate;
 mod lora;
+mod subspace;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

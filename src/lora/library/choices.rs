@@ -20,6 +20,9 @@ pub struct LoraChoice {
     pub role: Option<Role>,
     /// A prompt tag's block weights and per-step weights.
     pub schedule: Option<LoraSchedule>,
+    /// `NAME@SUBSPACE`: (member, subspace), reconstructed from the library's subspace instead of
+    /// read from `path`.
+    pub subspace: Option<(String, String)>,
 }
 
 /// Resolves `--lora` arguments (a file path; else a LoRA shipped with the model in
@@ -46,17 +49,31 @@ pub fn resolve_choices(
     let from_library = |lib: &LoraLibrary, key: &str, weight: f64, role: Option<Role>| -> Result<LoraChoice> {
         let e = lib.resolve(key)?;
         let role = role.or_else(|| Role::parse(&e.role).filter(|r| *r != Role::Unknown));
-        Ok(LoraChoice { name: e.display_name, path: e.path, weight, role, schedule: None })
+        Ok(LoraChoice { name: e.display_name, path: e.path, weight, role, schedule: None, subspace: None })
     };
     let shipped = |name: &str, weight: f64, role: Option<Role>| -> Option<LoraChoice> {
         let f = model_loras?.join(format!("{name}.safetensors"));
-        f.is_file().then(|| LoraChoice { name: name.to_string(), path: f, weight, role, schedule: None })
+        f.is_file().then(|| LoraChoice { name: name.to_string(), path: f, weight, role, schedule: None, subspace: None })
+    };
+    let from_subspace = |lib: &LoraLibrary, spec: &str, member: &str, sub: &str, weight: f64, role: Option<Role>| -> Result<LoraChoice> {
+        let s = lib.subspace(sub)?;
+        let m = s.members.iter().find(|m| m.display_name.eq_ignore_ascii_case(member) || m.sha256.starts_with(&member.to_ascii_lowercase()));
+        let Some(m) = m else {
+            let names: Vec<&str> = s.members.iter().map(|m| m.display_name.as_str()).collect();
+            return Err(Error::Argument(format!("{spec}: {member} is not a member of subspace {sub} (members: {})", names.join(", "))));
+        };
+        let role = role.or_else(|| lib.resolve(&m.sha256).ok().and_then(|e| Role::parse(&e.role)).filter(|r| *r != Role::Unknown));
+        let name = format!("{}@{sub}", m.display_name);
+        Ok(LoraChoice { path: PathBuf::from(&name), name, weight, role, schedule: None, subspace: Some((m.display_name.clone(), sub.to_string())) })
     };
     for (src, weight, role) in args {
         let p = Path::new(src);
-        let choice = if p.is_file() {
+        let choice = if let Some((member, sub)) = super::split_member(src) {
+            open_library(&mut library)?;
+            from_subspace(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, member, sub, *weight, *role)?
+        } else if p.is_file() {
             let name = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| src.clone());
-            LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role, schedule: None }
+            LoraChoice { name, path: p.to_path_buf(), weight: *weight, role: *role, schedule: None, subspace: None }
         } else if p.extension().is_some() || src.contains(['/', '\\']) {
             return Err(Error::Argument(format!("--lora {src}: no such file")));
         } else if let Some(c) = shipped(src, *weight, *role) {
@@ -70,6 +87,11 @@ pub fn resolve_choices(
     for tag in prompt_tags {
         let mut c = match shipped(&tag.name, tag.weight, None) {
             Some(c) => c,
+            None if super::split_member(&tag.name).is_some() => {
+                let (member, sub) = super::split_member(&tag.name).ok_or_else(|| Error::Argument(tag.name.clone()))?;
+                open_library(&mut library)?;
+                from_subspace(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, &tag.name, member, sub, tag.weight, None)?
+            }
             None => {
                 open_library(&mut library)?;
                 from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, &tag.name, tag.weight, None)?

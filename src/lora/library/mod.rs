@@ -21,8 +21,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod choices;
+mod subspaces;
 
 pub use choices::{resolve_choices, LoraChoice};
+pub use subspaces::{split_member, SubspaceMember, SubspaceRequest, SubspaceSummary};
 
 use crate::error::{Error, Result};
 use crate::lora::network::{hex, sha256_hex};
@@ -135,8 +137,10 @@ impl LoraLibrary {
         db.pragma_update(None, "journal_mode", "WAL").map_err(db_err(root))?;
         db.pragma_update(None, "synchronous", "NORMAL").map_err(db_err(root))?;
         db.execute_batch(SCHEMA).map_err(db_err(root))?;
+        db.execute_batch(subspaces::SCHEMA).map_err(db_err(root))?;
         let lib = Self { root: root.to_path_buf(), db };
         lib.sweep()?;
+        lib.sweep_subspaces()?;
         Ok(lib)
     }
 
