@@ -152,21 +152,33 @@ fn subspace_build_show_add_and_generate_with_a_member() {
     assert_eq!(json(&lora(lib.path(), &["subspace", "list", "--json"])).as_array().unwrap().len(), 1);
     // generate --lora NAME@S gives the same image as the file (exact basis), and the PNG names it.
     let out_dir = tempfile::tempdir().unwrap();
-    let gen = |spec: &str, dir: &str| {
-        let o = loramix()
-            .args(["generate", "--prompt", "a vlox emblem on a teal background", "--steps", "4", "--seed", "3", "--out"])
+    let gen = |args: &[&str], dir: &str| {
+        let mut cmd = loramix();
+        cmd.args(["generate", "--prompt", "a vlox emblem on a teal background, dotted style", "--steps", "4", "--seed", "3", "--out"])
             .arg(out_dir.path().join(dir))
-            .args(["--lora", spec, "--library"])
-            .arg(lib.path())
+            .arg("--library")
+            .arg(lib.path());
+        for a in args {
+            if a.contains(':') {
+                cmd.arg("--lora");
+            }
+            cmd.arg(a);
+        }
+        let o = cmd
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         image::open(String::from_utf8_lossy(&o.stdout).trim()).unwrap().to_rgb8()
     };
-    let a = gen("vlox:0.8", "a");
-    let b = gen("vlox@s3:0.8", "b");
-    let diff = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
-    assert!(diff <= 1, "largest pixel difference {diff}");
+    let max_diff = |a: &image::RgbImage, b: &image::RgbImage| a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as i32 - *y as i32).abs()).max().unwrap();
+    let a = gen(&["vlox:0.8"], "a");
+    let b = gen(&["vlox@s3:0.8"], "b");
+    assert!(max_diff(&a, &b) <= 1, "largest pixel difference {}", max_diff(&a, &b));
+    // Unfused and per step (auto), two members run through the shared basis: the same image as
+    // the two files as separate branches.
+    let c = gen(&["vlox:1:subject", "dotted:1:style", "--mix", "auto"], "c");
+    let d = gen(&["vlox@s3:1:subject", "dotted@s3:1:style", "--mix", "auto"], "d");
+    assert!(max_diff(&c, &d) <= 2, "largest pixel difference {}", max_diff(&c, &d));
     let png = std::fs::read_dir(out_dir.path().join("b")).unwrap().next().unwrap().unwrap().path();
     let params = loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap()["parameters"].clone();
     assert!(params.contains("<lora:vlox@s3:0.8>"), "{params}");

@@ -54,12 +54,38 @@ pub struct LowRankBranch {
     pub weight: f64,
     /// This branch's part in per-token routing ([`LayerState::routing`]).
     pub route: Route,
+    /// The same update as loadings on a basis the layer shares with other branches (an
+    /// EigenLoRAx subspace); `weights` still holds the expanded factors for everything that
+    /// reads ΔW.
+    pub shared: Option<SharedLoadings>,
 }
 
 impl LowRankBranch {
     pub fn low_rank(name: impl Into<String>, down: Tensor, up: Tensor, scale: f64, weight: f64) -> Self {
-        Self { name: name.into(), weights: BranchWeights::LowRank { down, up }, scale, weight, route: Route::Free }
+        Self { name: name.into(), weights: BranchWeights::LowRank { down, up }, scale, weight, route: Route::Free, shared: None }
     }
+}
+
+/// Principal directions that several branches of a layer share (an uncentred EigenLoRAx
+/// subspace): `ΔW_i = up · L_B,i · L_A,iᵀ · down`.
+#[derive(Debug, Clone)]
+pub struct SharedBasis {
+    /// Names the subspace, so branches from one subspace find one basis.
+    pub key: String,
+    /// C_Aᵀ: `[K_d, in]`, or `[K_d, in, k, k]` on a convolution (applied with its stride and padding).
+    pub down: Tensor,
+    /// C_B: `[out, K_u]`, or `[out, K_u, 1, 1]` on a convolution.
+    pub up: Tensor,
+}
+
+/// A branch's loadings on [`LayerState::bases`]`[basis]`.
+#[derive(Debug, Clone)]
+pub struct SharedLoadings {
+    pub basis: usize,
+    /// L_A,iᵀ: `[r, K_d]`.
+    pub down: Tensor,
+    /// L_B,i: `[K_u, r]`.
+    pub up: Tensor,
 }
 
 /// A branch's part in per-token routing.
@@ -108,9 +134,38 @@ pub struct LayerState {
     /// attention mass to record, and the last recorded map `[batch, query tokens]`.
     pub probe_tokens: Option<Vec<usize>>,
     pub probe_map: Option<Tensor>,
+    /// Bases shared by branches ([`LowRankBranch::shared`]).
+    pub bases: Vec<SharedBasis>,
 }
 
 impl LayerState {
+    /// The basis every active branch is a member of, when there is one: then the layer runs
+    /// one rank-K adapter (down once, the members' small loadings, up once) instead of one
+    /// adapter per branch, whatever their number. Masks and routing act in the basis's
+    /// K_u-dimensional space, which is exact: they scale whole tokens, and C_B has orthonormal
+    /// columns, so token norms (routing's salience) are the same there as in the output.
+    fn shared_basis(&self) -> Option<usize> {
+        let mut active = self.branches.iter().filter(|b| b.weight != 0.0);
+        let first = active.next()?.shared.as_ref()?.basis;
+        active.all(|b| b.shared.as_ref().is_some_and(|s| s.basis == first)).then_some(first)
+    }
+
+    /// `Σᵢ wᵢ sᵢ L_B,i L_A,iᵀ` (`[K_u, K_d]`) over the active members: without masks or routing
+    /// the members need no outputs of their own, so the layer runs down, this core and up — three
+    /// products per token whatever the number of members.
+    fn shared_core(&self) -> Result<Option<Tensor>> {
+        let mut core: Option<Tensor> = None;
+        for b in self.branches.iter().filter(|b| b.weight != 0.0) {
+            let Some(s) = &b.shared else { return Ok(None) };
+            let m = (s.up.matmul(&s.down)? * (b.weight * b.scale))?;
+            core = Some(match core {
+                None => m,
+                Some(c) => (c + m)?,
+            });
+        }
+        Ok(core)
+    }
+
     /// Routing applies now: it is on, and a leading and a yielding branch are both active.
     fn routes(&self) -> Option<TokenRouting> {
         let active = |r: Route| self.branches.iter().any(|b| b.weight != 0.0 && b.route == r);
@@ -315,12 +370,24 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
         _ => None,
     };
     let routing = state.routes().filter(|_| x.rank() == 3 && mask.is_none());
+    let shared = state.shared_basis();
+    // Through a shared basis: z = x C_A once, each member's loadings in K space, C_B once.
+    let z = match shared {
+        Some(g) => Some(x.broadcast_matmul(&state.bases[g].down.t()?)?),
+        None => None,
+    };
+    if let (Some(z), Some(g), None, None) = (&z, shared, &mask, routing) {
+        if let Some(core) = state.shared_core()? {
+            return Ok(Some(z.broadcast_matmul(&core.t()?)?.broadcast_matmul(&state.bases[g].up.t()?)?));
+        }
+    }
     let mut acc: Option<Tensor> = None;
     let mut outs = Vec::new();
     for b in state.branches.iter().filter(|b| b.weight != 0.0) {
-        let h = match &b.weights {
-            BranchWeights::LowRank { down, up } => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
-            BranchWeights::Dense(delta) => x.broadcast_matmul(&delta.t()?)?,
+        let h = match (&z, &b.shared, &b.weights) {
+            (Some(z), Some(s), _) => z.broadcast_matmul(&s.down.t()?)?.broadcast_matmul(&s.up.t()?)?,
+            (_, _, BranchWeights::LowRank { down, up }) => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
+            (_, _, BranchWeights::Dense(delta)) => x.broadcast_matmul(&delta.t()?)?,
         };
         let h = (h * (b.weight * b.scale))?;
         if routing.is_some() || mask.is_some() {
@@ -336,10 +403,14 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
         (Some(r), Some(_)) if r.dim(0)? == x.dim(0)? => Some(r.reshape(((), 1, 1))?),
         _ => None,
     };
-    match (routing, &mask) {
-        (_, Some(m)) => mask_outputs(outs, m, rows.as_ref()),
-        (Some(r), None) => route_outputs(outs, r, 2, &[1]),
-        (None, None) => Ok(acc),
+    let d = match (routing, &mask) {
+        (_, Some(m)) => mask_outputs(outs, m, rows.as_ref())?,
+        (Some(r), None) => route_outputs(outs, r, 2, &[1])?,
+        (None, None) => acc,
+    };
+    match (d, shared) {
+        (Some(d), Some(g)) => Ok(Some(d.broadcast_matmul(&state.bases[g].up.t()?)?)),
+        (d, _) => Ok(d),
     }
 }
 
@@ -354,7 +425,13 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
 #[cfg(feature = "cuda")]
 fn stacked_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     let active: Vec<&LowRankBranch> = state.branches.iter().filter(|b| b.weight != 0.0).collect();
-    if active.is_empty() || state.routes().is_some() || state.mask.is_some() || !x.device().is_cuda() || !loramix_kernels::fused::fused_kernels_enabled() {
+    if active.is_empty()
+        || state.routes().is_some()
+        || state.mask.is_some()
+        || state.shared_basis().is_some()
+        || !x.device().is_cuda()
+        || !loramix_kernels::fused::fused_kernels_enabled()
+    {
         return Ok(None);
     }
     let (mut downs, mut ups, mut scales) = (vec![], vec![], vec![]);
@@ -464,18 +541,42 @@ impl Module for AdaptableConv2d {
             None => None,
         };
         let routing = state.routes().filter(|_| mask.is_none());
+        let shared = state.shared_basis();
+        let z = match shared {
+            Some(g) => Some(loramix_kernels::conv2d(x, &state.bases[g].down, None, stride, padding)?),
+            None => None,
+        };
         let mut outs = Vec::new();
+        let mut in_basis: Option<Tensor> = None;
+        if let (Some(z), Some(g), None, None) = (&z, shared, &mask, routing) {
+            if let Some(core) = state.shared_core()? {
+                let (ku, kd) = core.dims2()?;
+                let h = loramix_kernels::conv2d(z, &core.reshape((ku, kd, 1, 1))?, None, 1, 0)?;
+                return y + loramix_kernels::conv2d(&h, &state.bases[g].up, None, 1, 0)?;
+            }
+        }
         for b in state.branches.iter().filter(|b| b.weight != 0.0) {
-            let h = match &b.weights {
-                BranchWeights::LowRank { down, up } => {
+            let h = match (&z, &b.shared, &b.weights) {
+                (Some(z), Some(s), _) => {
+                    let (r, kd) = s.down.dims2()?;
+                    let h = loramix_kernels::conv2d(z, &s.down.reshape((r, kd, 1, 1))?, None, 1, 0)?;
+                    let (ku, r) = s.up.dims2()?;
+                    loramix_kernels::conv2d(&h, &s.up.reshape((ku, r, 1, 1))?, None, 1, 0)?
+                }
+                (_, _, BranchWeights::LowRank { down, up }) => {
                     let h = loramix_kernels::conv2d(x, down, None, stride, padding)?;
                     loramix_kernels::conv2d(&h, up, None, 1, 0)?
                 }
-                BranchWeights::Dense(delta) => loramix_kernels::conv2d(x, delta, None, stride, padding)?,
+                (_, _, BranchWeights::Dense(delta)) => loramix_kernels::conv2d(x, delta, None, stride, padding)?,
             };
             let h = (h * (b.weight * b.scale))?;
             if routing.is_some() || mask.is_some() {
                 outs.push((b.route, h));
+            } else if shared.is_some() {
+                in_basis = Some(match in_basis {
+                    None => h,
+                    Some(a) => (a + h)?,
+                });
             } else {
                 y = (y + h)?;
             }
@@ -487,7 +588,11 @@ impl Module for AdaptableConv2d {
         let d = match (routing, &mask) {
             (_, Some(m)) => mask_outputs(outs, m, rows.as_ref())?,
             (Some(r), None) => route_outputs(outs, r, 1, &[2, 3])?,
-            (None, None) => None,
+            (None, None) => in_basis,
+        };
+        let d = match (d, shared) {
+            (Some(d), Some(g)) => Some(loramix_kernels::conv2d(&d, &state.bases[g].up, None, 1, 0)?),
+            (d, _) => d,
         };
         if let Some(d) = d {
             y = (y + d)?;
@@ -544,6 +649,80 @@ mod tests {
         let d = (y - y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-4, "{d}");
         assert_eq!(layer.adaptable_layers()[0].path, "l");
+        Ok(())
+    }
+
+    /// Branches given as loadings on a shared basis give what their expanded factors give,
+    /// on a linear and a convolution, plain and under a spatial mask with per-row factors.
+    #[test]
+    fn shared_basis_equals_expanded_branches() -> Result<()> {
+        let dev = Device::Cpu;
+        let (kd, ku, r) = (5, 4, 2);
+        // C_B with orthonormal columns (QR through Gram–Schmidt), as a subspace's components are.
+        let orthonormal = |n: usize, k: usize| -> Result<Tensor> {
+            let m = Tensor::randn(0f32, 1., (n, k), &dev)?;
+            let mut cols: Vec<Tensor> = vec![];
+            for j in 0..k {
+                let mut v = m.narrow(1, j, 1)?;
+                for c in &cols {
+                    let p = c.t()?.matmul(&v)?.flatten_all()?.to_vec1::<f32>()?[0] as f64;
+                    v = (v - (c * p)?)?;
+                }
+                let norm = v.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()? as f64;
+                cols.push((v / norm)?);
+            }
+            Tensor::cat(&cols, 1)
+        };
+        for conv in [false, true] {
+            let (inf, outf, k) = (6, 7, if conv { 3 } else { 1 });
+            let w = if conv { Tensor::randn(0f32, 1., (outf, inf, k, k), &dev)? } else { Tensor::randn(0f32, 1., (outf, inf), &dev)? };
+            let mut m = HashMap::new();
+            m.insert("l.weight".to_string(), w);
+            m.insert("l.bias".to_string(), Tensor::randn(0f32, 1., outf, &dev)?);
+            let vb = VarBuilder::from_tensors(m, DType::F32, &dev);
+            let make = || -> Result<(Box<dyn Module>, AdapterSlot)> {
+                Ok(if conv {
+                    let l = AdaptableConv2d::new(vb.pp("l"), inf, outf, k, 1, 1)?;
+                    let s = l.slot.clone();
+                    (Box::new(l), s)
+                } else {
+                    let l = AdaptableLinear::new(vb.pp("l"), inf, outf, true)?;
+                    let s = l.slot.clone();
+                    (Box::new(l), s)
+                })
+            };
+            let (shared_layer, shared_slot) = make()?;
+            let (plain_layer, plain_slot) = make()?;
+            let ca = Tensor::randn(0f32, 1., (kd, inf * k * k), &dev)?; // C_Aᵀ
+            let cb = orthonormal(outf, ku)?; // C_B
+            let (down_basis, up_basis) = if conv { (ca.reshape((kd, inf, k, k))?, cb.reshape((outf, ku, 1, 1))?) } else { (ca.clone(), cb.clone()) };
+            for (i, wgt) in [0.7, -0.4, 1.3].iter().enumerate() {
+                let la = Tensor::randn(0f32, 1., (r, kd), &dev)?; // L_Aᵀ
+                let lb = Tensor::randn(0f32, 1., (ku, r), &dev)?; // L_B
+                let (down, up) = (la.matmul(&ca)?, cb.matmul(&lb)?);
+                let (down, up) = if conv { (down.reshape((r, inf, k, k))?, up.reshape((outf, r, 1, 1))?) } else { (down, up) };
+                let mut b = LowRankBranch::low_rank(format!("m{i}"), down, up, 0.5, *wgt);
+                b.route = if i == 0 { Route::Lead } else { Route::Yield };
+                plain_slot.write().branches.push(b.clone());
+                b.shared = Some(SharedLoadings { basis: 0, down: la, up: lb });
+                shared_slot.write().branches.push(b);
+            }
+            shared_slot.write().bases = vec![SharedBasis { key: "s".into(), down: down_basis, up: up_basis }];
+            let x = if conv { Tensor::randn(0f32, 1., (2, inf, 4, 4), &dev)? } else { Tensor::randn(0f32, 1., (2, 16, inf), &dev)? };
+            for masked in [false, true] {
+                let mask = masked.then(|| Tensor::rand(0f32, 1., (2, 1, 4, 4), &dev)).transpose()?;
+                let rows = masked.then(|| Tensor::new(&[1f32, 0.7], &dev)).transpose()?;
+                for slot in [&shared_slot, &plain_slot] {
+                    let mut s = slot.write();
+                    s.mask = mask.clone();
+                    s.mask_rows = rows.clone();
+                }
+                let (a, b) = (shared_layer.forward(&x)?, plain_layer.forward(&x)?);
+                let d = (a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let n = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-4 * n.max(1.0), "conv {conv} masked {masked}: {d}");
+            }
+        }
         Ok(())
     }
 }

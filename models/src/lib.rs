@@ -11,4 +11,4 @@ pub mod llm;
 pub mod vit;
 pub mod sdxl;
 
-pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch, BranchWeights, Route, TokenRouting};
+pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch, BranchWeights, Route, SharedBasis, SharedLoadings, TokenRouting};

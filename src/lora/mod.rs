@@ -17,7 +17,7 @@ pub mod subspace;
 pub mod targets;
 
 pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};
-pub use network::{attach, fuse, LoadReport, LoadedLora, LoraModule};
+pub use network::{attach, fuse, LoadReport, LoadedLora, LoraModule, SharedModule};
 pub use targets::{AdapterTargets, Target};
 
 use crate::error::{Error, Result};

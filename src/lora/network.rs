@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use loramix_models::{BranchWeights, LayerKind, LowRankBranch};
+use loramix_models::{BranchWeights, LayerKind, LowRankBranch, SharedBasis, SharedLoadings};
 
 use super::info::{component_of, group_modules, inspect, BaseModel, LoraInfo, ParamKey};
 use super::keys::{Component, ModuleName, Param};
@@ -23,6 +23,20 @@ pub struct LoraModule {
     /// f32, on the CPU; cast to the model's dtype and device on attach.
     pub weights: BranchWeights,
     pub scale: f64,
+    /// The same module as loadings on a subspace's basis, for the shared-basis forward.
+    pub shared: Option<SharedModule>,
+}
+
+/// A module of a subspace member (uncentred): `weights` = `basis.up · up` and `down · basis.down`.
+#[derive(Debug, Clone)]
+pub struct SharedModule {
+    /// The subspace's name: members of one subspace share one basis per layer.
+    pub key: String,
+    /// C_Aᵀ `[K_d, in]` (`[K_d, in, k, k]` on a conv) and C_B `[out, K_u]` (`[out, K_u, 1, 1]`), f32 on the CPU.
+    pub basis: std::sync::Arc<(Tensor, Tensor)>,
+    /// L_A,iᵀ `[r, K_d]` and L_B,i `[K_u, r]`.
+    pub down: Tensor,
+    pub up: Tensor,
 }
 
 /// What a load matched and what it left out, by name.
@@ -175,7 +189,7 @@ impl LoadedLora {
                 },
             };
             report.matched.push(target.qualified_path());
-            out.push(LoraModule { target: ti, key: module.clone(), weights, scale });
+            out.push(LoraModule { target: ti, key: module.clone(), weights, scale, shared: None });
         }
         if let Some(m) = mismatch {
             let width_hint = match info.base_model {
@@ -420,7 +434,21 @@ pub fn attach(targets: &AdapterTargets, loras: &[(&LoadedLora, f64)]) -> Result<
             };
             let mut s = layer.slot.write();
             s.branches.retain(|b| b.name != lora.name);
-            s.branches.push(LowRankBranch { name: lora.name.clone(), weights, scale: m.scale, weight: *strength, route: Default::default() });
+            let shared = match &m.shared {
+                Some(sm) => {
+                    let basis = match s.bases.iter().position(|b| b.key == sm.key) {
+                        Some(i) => i,
+                        None => {
+                            let (down, up) = (on_layer(&sm.basis.0, &layer.base_weight)?, on_layer(&sm.basis.1, &layer.base_weight)?);
+                            s.bases.push(SharedBasis { key: sm.key.clone(), down, up });
+                            s.bases.len() - 1
+                        }
+                    };
+                    Some(SharedLoadings { basis, down: on_layer(&sm.down, &layer.base_weight)?, up: on_layer(&sm.up, &layer.base_weight)? })
+                }
+                None => None,
+            };
+            s.branches.push(LowRankBranch { name: lora.name.clone(), weights, scale: m.scale, weight: *strength, route: Default::default(), shared });
         }
     }
     Ok(())

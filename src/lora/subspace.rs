@@ -28,7 +28,7 @@ use faer::Mat;
 use loramix_models::{BranchWeights, LayerKind};
 use serde::{Deserialize, Serialize};
 
-use super::network::{LoadReport, LoadedLora, LoraModule};
+use super::network::{LoadReport, LoadedLora, LoraModule, SharedModule};
 use super::targets::AdapterTargets;
 use super::LoraInfo;
 use crate::error::{Error, Result};
@@ -314,37 +314,22 @@ impl SideBasis {
         Ok(Self { dim, k, components, mean })
     }
 
+    fn components_ref(&self) -> faer::MatRef<'_, f64> {
+        faer::MatRef::from_column_major_slice(&self.components, self.dim, self.k)
+    }
+
     /// `Cᵀ (X − μ 1ᵀ)` for the column-major `dim × r` matrix `x`: `k × r`, column-major.
     pub fn project(&self, x: &[f64], r: usize) -> Vec<f64> {
-        let (d, k) = (self.dim, self.k);
-        let mut out = vec![0.0; k * r];
-        for j in 0..r {
-            let col = &x[j * d..(j + 1) * d];
-            for c in 0..k {
-                let comp = &self.components[c * d..(c + 1) * d];
-                out[j * k + c] = comp.iter().zip(col).zip(&self.mean).map(|((p, v), m)| p * (v - m)).sum();
-            }
-        }
-        out
+        let centred = Mat::<f64>::from_fn(self.dim, r, |i, j| x[j * self.dim + i] - self.mean[i]);
+        let l = self.components_ref().transpose() * &centred;
+        (0..r).flat_map(|j| (0..self.k).map(move |c| (c, j))).map(|(c, j)| l[(c, j)]).collect()
     }
 
     /// `C L + μ 1ᵀ`: `dim × r`, column-major.
     pub fn reconstruct(&self, loadings: &[f64], r: usize) -> Vec<f64> {
-        let (d, k) = (self.dim, self.k);
-        let mut out = vec![0.0; d * r];
-        for j in 0..r {
-            let col = &mut out[j * d..(j + 1) * d];
-            col.copy_from_slice(&self.mean);
-            for c in 0..k {
-                let l = loadings[j * k + c];
-                if l != 0.0 {
-                    for (o, p) in col.iter_mut().zip(&self.components[c * d..(c + 1) * d]) {
-                        *o += l * p;
-                    }
-                }
-            }
-        }
-        out
+        let l = faer::MatRef::from_column_major_slice(loadings, self.k, r);
+        let x = self.components_ref() * l;
+        (0..r).flat_map(|j| (0..self.dim).map(move |i| (i, j))).map(|(i, j)| x[(i, j)] + self.mean[i]).collect()
     }
 
     pub fn stored_values(&self, centering: Centering) -> usize {
@@ -499,8 +484,55 @@ pub fn member_factors(lora: &LoadedLora, targets: &AdapterTargets) -> Result<Mem
     Ok(out)
 }
 
+/// The shared-basis form of a member (uncentred subspaces only: a mean column would add a
+/// per-member rank-one term outside the basis).
+pub struct SharedForm<'a> {
+    pub key: &'a str,
+    /// From [`basis_tensors`], once per subspace: switching members then swaps loadings only.
+    pub bases: &'a BTreeMap<String, std::sync::Arc<(Tensor, Tensor)>>,
+    pub loadings: &'a BTreeMap<String, ModuleLoadings>,
+}
+
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|x| *x as f32).collect()
+}
+
+/// Each module's basis as the layer applies it: C_Aᵀ `[K_d, in]` (`[K_d, in, k, k]` on a conv)
+/// and C_B `[out, K_u]` (`[out, K_u, 1, 1]`), f32 on the CPU.
+pub fn basis_tensors(basis: &BTreeMap<String, ModuleBasis>, targets: &AdapterTargets) -> Result<BTreeMap<String, std::sync::Arc<(Tensor, Tensor)>>> {
+    let kinds: std::collections::HashMap<String, (LayerKind, usize)> =
+        targets.targets.iter().map(|t| (t.qualified_path(), (t.layer.kind, t.layer.in_features))).collect();
+    let mut out = BTreeMap::new();
+    for (path, b) in basis {
+        let Some(&(kind, in_features)) = kinds.get(path) else { continue };
+        let (kd, ku) = (b.down.k, b.up.k);
+        // Column-major [dim × k] components are row-major [k, dim]: C_Aᵀ as it is, C_B transposed.
+        let down = Tensor::from_vec(f32s(&b.down.components), (kd, b.down.dim), &Device::Cpu)?;
+        let up = Tensor::from_vec(f32s(&b.up.components), (ku, b.up.dim), &Device::Cpu)?.t()?.contiguous()?;
+        let pair = match kind {
+            LayerKind::Linear => (down, up),
+            LayerKind::Conv2d { kernel, .. } => (down.reshape((kd, in_features, kernel, kernel))?, up.reshape((b.up.dim, ku, 1, 1))?),
+        };
+        out.insert(path.clone(), std::sync::Arc::new(pair));
+    }
+    Ok(out)
+}
+
+fn shared_module(form: &SharedForm, path: &str) -> Result<Option<SharedModule>> {
+    let (Some(b), Some(l)) = (form.bases.get(path), form.loadings.get(path)) else { return Ok(None) };
+    let r = l.rank;
+    let (kd, ku) = (l.down.len() / r.max(1), l.up.len() / r.max(1));
+    Ok(Some(SharedModule {
+        key: form.key.to_string(),
+        basis: b.clone(),
+        down: Tensor::from_vec(f32s(&l.down), (r, kd), &Device::Cpu)?,
+        up: Tensor::from_vec(f32s(&l.up), (r, ku), &Device::Cpu)?.t()?.contiguous()?,
+    }))
+}
+
 /// A [`LoadedLora`] whose modules are `factors` (a reconstruction), attached like any file's
-/// LoRA, so every mixing strategy works on subspace members unchanged.
+/// LoRA, so every mixing strategy works on subspace members unchanged; with `shared`, the
+/// unfused forward runs through the subspace's basis (see `loramix_models::SharedBasis`).
 pub fn lora_from_factors(
     name: &str,
     label: &std::path::Path,
@@ -508,6 +540,7 @@ pub fn lora_from_factors(
     addnet_hash: String,
     factors: &MemberFactors,
     targets: &AdapterTargets,
+    shared: Option<SharedForm>,
 ) -> Result<LoadedLora> {
     let index: std::collections::HashMap<String, usize> = targets.targets.iter().enumerate().map(|(i, t)| (t.qualified_path(), i)).collect();
     let mut modules = Vec::new();
@@ -530,7 +563,11 @@ pub fn lora_from_factors(
             ),
         };
         report.matched.push(path.clone());
-        modules.push(LoraModule { target: ti, key: path.clone(), weights: BranchWeights::LowRank { down, up }, scale: 1.0 });
+        let shared = match &shared {
+            Some(form) => shared_module(form, path)?,
+            None => None,
+        };
+        modules.push(LoraModule { target: ti, key: path.clone(), weights: BranchWeights::LowRank { down, up }, scale: 1.0, shared });
     }
     if modules.is_empty() {
         return Err(Error::Argument(format!("{name}: none of its subspace modules names a layer of {}", targets.describe_model())));

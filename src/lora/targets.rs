@@ -105,6 +105,7 @@ impl AdapterTargets {
         for t in &self.targets {
             let mut s = t.layer.slot.write();
             s.branches.clear();
+            s.bases.clear();
             s.fused_weight = None;
             s.routing = None;
             s.mask = None;

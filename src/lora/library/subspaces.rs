@@ -372,7 +372,7 @@ impl LoraLibrary {
     /// Member `key` (display name or sha256 prefix) of subspace `name`, reconstructed as a LoRA
     /// named `branch` on `targets`.
     pub fn subspace_member_lora(&self, name: &str, key: &str, branch: &str, targets: &AdapterTargets) -> Result<LoadedLora> {
-        let (_, basis) = self.load_subspace(name)?;
+        let (header, basis) = self.load_subspace(name)?;
         let row: Option<(String, String, Vec<u8>)> = self
             .db
             .query_row(
@@ -394,7 +394,12 @@ impl LoraLibrary {
             let b = basis.get(path).ok_or_else(|| Error::Argument(format!("{key}@{name}: module {path} has loadings but no basis")))?;
             factors.insert(path.clone(), b.reconstruct(l));
         }
-        subspace::lora_from_factors(branch, &label, info, hash, &factors, targets)
+        let bases = match header.centering {
+            Centering::Uncentred => subspace::basis_tensors(&basis, targets)?,
+            Centering::Centred => BTreeMap::new(),
+        };
+        let shared = (header.centering == Centering::Uncentred).then_some(subspace::SharedForm { key: name, bases: &bases, loadings: &loadings });
+        subspace::lora_from_factors(branch, &label, info, hash, &factors, targets, shared)
     }
 }
 

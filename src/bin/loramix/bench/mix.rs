@@ -175,8 +175,70 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
         "K-LoRA reference overhead: recomputing ΔW and top-K for both LoRAs at {calls} selector layers costs {recompute:.3} s per step on this UNet (we compute it once per mix and cache it)."
     );
     rows.push(MixRow { name: "K-LoRA reference: per-step recomputation only".into(), seconds: recompute });
+    let note = format!("{note}\n{}", subspace_rows(&unet, &targets, &work, &mut rows, &mut || forward(), &time)?);
     let _ = std::fs::remove_dir_all(&work);
     Ok((rows, note))
+}
+
+/// EigenLoRAx members mixed through one shared basis (K = 16 per module side, uncentred,
+/// built from 8 rank-8 LoRAs) against the same number of LoRAs as plain unfused branches, and
+/// the time to switch a LoRA: its loadings into LoRA form vs reading its file.
+fn subspace_rows(
+    unet: &UNet2DConditionModel,
+    targets: &AdapterTargets,
+    work: &Path,
+    rows: &mut Vec<MixRow>,
+    forward: &mut dyn FnMut() -> Result<()>,
+    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+) -> Result<String> {
+    use loramix::lora::subspace::{self, Centering, ComponentRule, SharedForm, Storage};
+    let k = 16;
+    let mut originals = Vec::new();
+    let mut factors = Vec::new();
+    for i in 0..8 {
+        let p = work.join(format!("member{i}.safetensors"));
+        write_lora(unet, &p, 8, 11 + i)?;
+        let l = LoadedLora::load(&p, &format!("m{i}"), targets)?;
+        factors.push(subspace::member_factors(&l, targets)?);
+        originals.push(l);
+    }
+    let basis = subspace::build(&factors, Centering::Uncentred, ComponentRule::Fixed(k))?;
+    let bases = subspace::basis_tensors(&basis, targets)?;
+    let mut members = Vec::new();
+    let mut switch = Vec::new();
+    for (i, f) in factors.iter().enumerate() {
+        let (loadings, _) = subspace::project(&basis, f, Storage::F32)?;
+        let t = Instant::now();
+        let rec: subspace::MemberFactors = loadings.iter().map(|(p, l)| (p.clone(), basis[p].reconstruct(l))).collect();
+        let shared = SharedForm { key: "bench", bases: &bases, loadings: &loadings };
+        let m = subspace::lora_from_factors(&format!("s{i}"), Path::new("bench"), originals[i].info.clone(), String::new(), &rec, targets, Some(shared))?;
+        switch.push((t.elapsed().as_secs_f64(), {
+            let t = Instant::now();
+            LoadedLora::load(&work.join(format!("member{i}.safetensors")), "x", targets)?;
+            t.elapsed().as_secs_f64()
+        }));
+        members.push(m);
+    }
+    let mut shared_secs = Vec::new();
+    for n in [1usize, 2, 4, 8] {
+        let refs: Vec<(&LoadedLora, f64)> = originals.iter().take(n).map(|l| (l, 1.0)).collect();
+        loramix::lora::attach(targets, &refs)?;
+        rows.push(MixRow { name: format!("{n} LoRA(s), plain unfused branches"), seconds: time(forward)? });
+        targets.clear();
+        let refs: Vec<(&LoadedLora, f64)> = members.iter().take(n).map(|l| (l, 1.0)).collect();
+        loramix::lora::attach(targets, &refs)?;
+        let secs = time(forward)?;
+        shared_secs.push(secs);
+        rows.push(MixRow { name: format!("{n} member(s) of one subspace (K = {k}), shared basis"), seconds: secs });
+        targets.clear();
+    }
+    let (sw, ld): (Vec<f64>, Vec<f64>) = switch.into_iter().unzip();
+    Ok(format!(
+        "Subspace: 8 members through the shared basis cost {:.2}x one member. Switching a LoRA: its loadings into LoRA form take {:.4} s, reading and resolving its file {:.4} s (medians of 8).",
+        shared_secs[3] / shared_secs[0],
+        median(sw),
+        median(ld)
+    ))
 }
 
 pub fn table(rows: &[MixRow], note: &str, threads: usize) -> String {
