@@ -180,6 +180,9 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
     Ok((rows, note))
 }
 
+/// Times a closure (median of the configured iterations after one warm-up call).
+type Timer<'a> = dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64> + 'a;
+
 /// EigenLoRAx members mixed through one shared basis (K = 16 per module side, uncentred,
 /// built from 8 rank-8 LoRAs) against the same number of LoRAs as plain unfused branches, and
 /// the time to switch a LoRA: its loadings into LoRA form vs reading its file.
@@ -189,7 +192,7 @@ fn subspace_rows(
     work: &Path,
     rows: &mut Vec<MixRow>,
     forward: &mut dyn FnMut() -> Result<()>,
-    time: &dyn Fn(&mut dyn FnMut() -> Result<()>) -> Result<f64>,
+    time: &Timer<'_>,
 ) -> Result<String> {
     use loramix::lora::subspace::{self, Centering, ComponentRule, SharedForm, Storage};
     let k = 16;
