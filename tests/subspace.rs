@@ -176,3 +176,38 @@ fn bad_input_is_refused_and_leaves_the_library_unchanged() {
     assert!(!dir.path().join("subspaces/deadbeef.safetensors").exists());
     assert_eq!(lib.subspaces().unwrap().len(), 1);
 }
+
+#[test]
+fn replace_originals_keeps_a_way_back() {
+    use loramix::lora::library::resolve_choices;
+    let targets = miniworld_targets();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lib = LoraLibrary::open(dir.path()).unwrap();
+    lib.import(&[root().join("models/miniworld/loras")], &mut |_| {}).unwrap();
+    let members: Vec<String> = ["vlox", "krin", "striped"].iter().map(|s| s.to_string()).collect();
+    lib.build_subspace(&request("s", &members, ComponentRule::Fixed(24), Storage::F32), &targets).unwrap();
+    lib.build_subspace(&request("lossy", &members, ComponentRule::Fixed(4), Storage::F32), &targets).unwrap();
+    let via = |key: &str| resolve_choices(&[(key.to_string(), 1.0, None)], &[], Some(dir.path()), None).unwrap()[0].subspace.clone();
+    assert_eq!(via("krin"), None);
+    // Only members under the threshold are replaced: none of the lossy subspace, all of the exact one.
+    assert!(lib.replace_originals("lossy", 0.01).unwrap().is_empty());
+    assert!(lib.replace_originals("s", -1.0).unwrap_err().to_string().contains("--max-error"));
+    assert_eq!(lib.replace_originals("s", 1e-3).unwrap().len(), 3);
+    assert_eq!(via("krin"), Some(("krin".to_string(), "s".to_string())));
+    assert!(lib.subspace("s").unwrap().members.iter().all(|m| m.replaced && m.original_present));
+    // Restoring is the way back while the originals exist.
+    assert_eq!(lib.restore_originals("s").unwrap(), 3);
+    assert_eq!(via("krin"), None);
+    // After replacing and removing an original, the name still works, and the subspace is its
+    // only copy: restoring and removing the subspace are refused.
+    lib.replace_originals("s", 1e-3).unwrap();
+    lib.remove("krin").unwrap();
+    drop(lib);
+    let mut lib = LoraLibrary::open(dir.path()).unwrap();
+    assert_eq!(via("krin"), Some(("krin".to_string(), "s".to_string())));
+    assert!(lib.restore_originals("s").unwrap_err().to_string().contains("only copy"));
+    assert!(lib.remove_subspace("s").unwrap_err().to_string().contains("only copy"));
+    assert!(lib.subspace_member_lora("s", "krin", "krin@s", &targets).is_ok());
+    lib.remove_subspace("lossy").unwrap();
+    assert_eq!(lib.subspaces().unwrap().len(), 1);
+}

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use base64::Engine as _;
-use loramix::lora::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery};
+use loramix::lora::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery, SubspaceMember, SubspaceSummary};
 use loramix::llm::{AdapterKind, GenerateOptions, LlmSession, Message, SamplingOptions};
 use loramix::lora::Role;
 use loramix::studio::{self, Settings, Studio, StudioEvent};
@@ -217,6 +217,23 @@ impl AppState {
     pub fn library_remove(&self, key: &str) -> AppResult<LoraEntry> {
         let (_g, mut lib) = self.open_library()?;
         Ok(lib.remove(key)?)
+    }
+
+    /// Every subspace with its members' errors and the bytes before and after.
+    pub fn subspace_list(&self) -> AppResult<Vec<SubspaceSummary>> {
+        let (_g, lib) = self.open_library()?;
+        Ok(lib.subspaces()?)
+    }
+
+    /// "Replace originals" for members at or under `max_error`; the original files stay.
+    pub fn subspace_replace(&self, name: &str, max_error: f64) -> AppResult<Vec<SubspaceMember>> {
+        let (_g, mut lib) = self.open_library()?;
+        Ok(lib.replace_originals(name, max_error)?)
+    }
+
+    pub fn subspace_restore(&self, name: &str) -> AppResult<usize> {
+        let (_g, mut lib) = self.open_library()?;
+        Ok(lib.restore_originals(name)?)
     }
 
     // ---- studio --------------------------------------------------------------------------
@@ -633,6 +650,21 @@ pub async fn library_update(state: State<'_>, key: String, update: LibraryUpdate
 #[tauri::command]
 pub async fn library_remove(state: State<'_>, key: String) -> AppResult<LoraEntry> {
     state.library_remove(&key)
+}
+
+#[tauri::command]
+pub async fn subspace_list(state: State<'_>) -> AppResult<Vec<SubspaceSummary>> {
+    state.subspace_list()
+}
+
+#[tauri::command]
+pub async fn subspace_replace(state: State<'_>, name: String, max_error: f64) -> AppResult<Vec<SubspaceMember>> {
+    state.subspace_replace(&name, max_error)
+}
+
+#[tauri::command]
+pub async fn subspace_restore(state: State<'_>, name: String) -> AppResult<usize> {
+    state.subspace_restore(&name)
 }
 
 #[tauri::command]

@@ -183,3 +183,27 @@ fn llm_pane_reuses_the_conversation() {
     assert_eq!(inv.computed_positions, a.invocation_tokens.len() + inv.tokens - 1);
     assert!(st.llm_send("", Some("nope"), 4, &|_| {}).is_err());
 }
+
+#[test]
+fn subspaces_are_listed_and_replaced_from_the_app() {
+    use loramix::lora::library::{LoraLibrary, SubspaceRequest};
+    use loramix::lora::subspace::{Centering, ComponentRule, Storage};
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    st.library_import(&[s(&repo().join("models/miniworld/loras"))], &|_| {}).unwrap();
+    assert!(st.subspace_list().unwrap().is_empty());
+    // Built by the engine (the CLI's `lora subspace build`) in the app's library.
+    let pipe = loramix::SdxlPipeline::load(&s(&repo().join("models/miniworld")), &Default::default()).unwrap();
+    let targets = loramix::lora::AdapterTargets::of_pipeline(&pipe);
+    let members = vec!["vlox".to_string(), "dotted".to_string()];
+    let req = SubspaceRequest { name: "pair", members: &members, all: false, base: None, centering: Centering::Uncentred, rule: ComponentRule::Fixed(16), storage: Storage::F32 };
+    LoraLibrary::open(&tmp.path().join("library")).unwrap().build_subspace(&req, &targets).unwrap();
+    let list = st.subspace_list().unwrap();
+    assert_eq!((list.len(), list[0].members.len()), (1, 2));
+    assert!(list[0].bytes_before > 0 && list[0].bytes_after > 0);
+    assert!(st.subspace_replace("pair", f64::NAN).is_err());
+    assert_eq!(st.subspace_replace("pair", 1e-3).unwrap().len(), 2);
+    assert!(st.subspace_list().unwrap()[0].members.iter().all(|m| m.replaced));
+    assert_eq!(st.subspace_restore("pair").unwrap(), 2);
+    assert!(st.subspace_replace("nope", 0.1).unwrap_err().to_string().contains("no subspace"));
+}

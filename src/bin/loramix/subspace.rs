@@ -60,6 +60,15 @@ pub enum SubspaceCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve members whose ΔW error is at most --max-error from the subspace wherever their
+    /// library name is used; the original files stay until you remove them.
+    Replace {
+        name: String,
+        #[arg(long)]
+        max_error: f64,
+    },
+    /// Serve replaced members from their original files again.
+    Restore { name: String },
     /// Remove a subspace (the original LoRAs stay).
     Rm { name: String },
 }
@@ -77,7 +86,11 @@ fn print_member(m: &SubspaceMember, modules: bool) {
         m.original_bytes,
         m.loadings_bytes,
         if m.in_basis { "" } else { "  (projected in)" },
-        if m.original_present { "" } else { "  (original removed)" }
+        match (m.original_present, m.replaced) {
+            (true, false) => "",
+            (true, true) => "  (replaces its original, which is kept)",
+            (false, _) => "  (original removed)",
+        }
     );
     if modules {
         for (path, e) in &m.module_errors {
@@ -153,6 +166,17 @@ pub fn run(lib: &mut LoraLibrary, command: SubspaceCommand) -> Result<()> {
                     println!("{}\t{}\t{} members\t{:.2}×", s.name, s.base_model, s.members.len(), s.ratio);
                 }
             }
+        }
+        SubspaceCommand::Replace { name, max_error } => {
+            let done = lib.replace_originals(&name, max_error)?;
+            println!("{} member(s) of {name} now served from the subspace (originals kept):", done.len());
+            for m in &done {
+                print_member(m, false);
+            }
+        }
+        SubspaceCommand::Restore { name } => {
+            let n = lib.restore_originals(&name)?;
+            println!("{n} member(s) of {name} served from their original files again");
         }
         SubspaceCommand::Rm { name } => {
             lib.remove_subspace(&name)?;

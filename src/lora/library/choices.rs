@@ -80,7 +80,11 @@ pub fn resolve_choices(
             c
         } else {
             open_library(&mut library)?;
-            from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight, *role)?
+            let lib = library.as_ref().ok_or_else(|| Error::Argument("library".into()))?;
+            match lib.replacement(src)? {
+                Some((member, sub)) => from_subspace(lib, src, &member, &sub, *weight, *role)?,
+                None => from_library(lib, src, *weight, *role)?,
+            }
         };
         out.push(choice);
     }
@@ -94,7 +98,11 @@ pub fn resolve_choices(
             }
             None => {
                 open_library(&mut library)?;
-                from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, &tag.name, tag.weight, None)?
+                let lib = library.as_ref().ok_or_else(|| Error::Argument("library".into()))?;
+                match lib.replacement(&tag.name)? {
+                    Some((member, sub)) => from_subspace(lib, &tag.name, &member, &sub, tag.weight, None)?,
+                    None => from_library(lib, &tag.name, tag.weight, None)?,
+                }
             }
         };
         c.schedule = tag.schedule.clone();

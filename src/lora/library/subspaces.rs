@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS subspace_members (
     in_basis      INTEGER NOT NULL,
     PRIMARY KEY (subspace, sha256)
 );
+CREATE TABLE IF NOT EXISTS replaced (
+    sha256       TEXT PRIMARY KEY,
+    display_name TEXT NOT NULL,
+    subspace     TEXT NOT NULL
+);
 ";
 
 /// One member as `lora subspace show` reports it.
@@ -64,6 +69,8 @@ pub struct SubspaceMember {
     pub in_basis: bool,
     /// Whether the original file is still in the library.
     pub original_present: bool,
+    /// Served from the subspace in place of the original ("Replace originals").
+    pub replaced: bool,
 }
 
 /// A subspace with its members and storage.
@@ -257,8 +264,14 @@ impl LoraLibrary {
         let mut members = Vec::new();
         for row in rows {
             let (display_name, sha256, error, module_errors, original, lb, in_basis) = row.map_err(db_err(&self.root))?;
+            let replaced: Option<String> = self
+                .db
+                .query_row("SELECT subspace FROM replaced WHERE sha256 = ?1", [&sha256], |r| r.get(0))
+                .optional()
+                .map_err(db_err(&self.root))?;
             members.push(SubspaceMember {
                 original_present: self.by_sha(&sha256)?.is_some(),
+                replaced: replaced.as_deref() == Some(name),
                 display_name,
                 sha256,
                 error,
@@ -358,10 +371,63 @@ impl LoraLibrary {
             .ok_or_else(|| Error::Argument("subspace member vanished after insert".into()))
     }
 
-    /// Removes a subspace: its rows first, then its file. The original LoRAs stay.
+    /// "Replace originals": members whose ΔW error is at most `max_error` are served from the
+    /// subspace wherever their library name is used (`--lora NAME`, `<lora:NAME:w>`). The
+    /// original files stay (so [`Self::restore_originals`] is always a way back) until the user
+    /// removes them. Returns the members replaced now.
+    pub fn replace_originals(&mut self, name: &str, max_error: f64) -> Result<Vec<SubspaceMember>> {
+        if !(max_error.is_finite() && max_error >= 0.0) {
+            return Err(Error::Argument(format!("--max-error {max_error}: expected a relative ΔW error >= 0, e.g. 0.05")));
+        }
+        let s = self.subspace(name)?;
+        let chosen: Vec<SubspaceMember> = s.members.into_iter().filter(|m| m.error <= max_error && m.original_present).collect();
+        let tx = self.db.transaction().map_err(db_err(&self.root))?;
+        for m in &chosen {
+            tx.execute("INSERT OR REPLACE INTO replaced (sha256, display_name, subspace) VALUES (?1, ?2, ?3)", params![m.sha256, m.display_name, name])
+                .map_err(db_err(&self.root))?;
+        }
+        tx.commit().map_err(db_err(&self.root))?;
+        Ok(chosen.into_iter().map(|m| SubspaceMember { replaced: true, ..m }).collect())
+    }
+
+    /// Serves subspace `name`'s replaced members from their original files again; refused for a
+    /// member whose original was removed (the subspace is then its only copy).
+    pub fn restore_originals(&mut self, name: &str) -> Result<usize> {
+        let s = self.subspace(name)?;
+        if let Some(m) = s.members.iter().find(|m| m.replaced && !m.original_present) {
+            return Err(Error::Argument(format!(
+                "{}'s original file was removed from the library, so subspace {name} is its only copy; import the original again first",
+                m.display_name
+            )));
+        }
+        let n = self.db.execute("DELETE FROM replaced WHERE subspace = ?1", [name]).map_err(db_err(&self.root))?;
+        Ok(n)
+    }
+
+    /// The (member, subspace) that serves library name `key` in place of its original, if any:
+    /// by the entry's hash while the original exists, else by the member's name.
+    pub fn replacement(&self, key: &str) -> Result<Option<(String, String)>> {
+        let by = |sql: &str, v: &str| -> Result<Option<(String, String)>> {
+            self.db.query_row(sql, [v], |r| Ok((r.get(0)?, r.get(1)?))).optional().map_err(db_err(&self.root))
+        };
+        match self.resolve(key) {
+            Ok(e) => by("SELECT display_name, subspace FROM replaced WHERE sha256 = ?1", &e.sha256),
+            Err(_) => by("SELECT display_name, subspace FROM replaced WHERE display_name = ?1 COLLATE NOCASE", key),
+        }
+    }
+
+    /// Removes a subspace: its rows first, then its file. The original LoRAs stay. Refused while
+    /// it is the only copy of a replaced member whose original was removed.
     pub fn remove_subspace(&mut self, name: &str) -> Result<()> {
         let (_, sha, _) = self.subspace_row(name)?.ok_or_else(|| self.unknown_subspace(name))?;
+        if let Some(m) = self.subspace(name)?.members.iter().find(|m| m.replaced && !m.original_present) {
+            return Err(Error::Argument(format!(
+                "subspace {name} is the only copy of {} (its original was removed); import the original again before removing the subspace",
+                m.display_name
+            )));
+        }
         let tx = self.db.transaction().map_err(db_err(&self.root))?;
+        tx.execute("DELETE FROM replaced WHERE subspace = ?1", [name]).map_err(db_err(&self.root))?;
         tx.execute("DELETE FROM subspace_members WHERE subspace = ?1", [name]).map_err(db_err(&self.root))?;
         tx.execute("DELETE FROM subspaces WHERE name = ?1", [name]).map_err(db_err(&self.root))?;
         tx.commit().map_err(db_err(&self.root))?;

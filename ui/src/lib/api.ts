@@ -2,6 +2,7 @@
 import { Channel, invoke } from "@tauri-apps/api/core";
 import type {
   AdapterView, AppInfo, ChatStats, GalleryItem, ImportEvent, JobEvent, LoraEntry, ModelEntry, Settings,
+  SubspaceMember, SubspaceSummary,
 } from "./types";
 
 export const api = {
@@ -16,6 +17,9 @@ export const api = {
   libraryUpdate: (key: string, update: { role?: string; tags?: string[]; name?: string }) =>
     invoke<LoraEntry>("library_update", { key, update }),
   libraryRemove: (key: string) => invoke<LoraEntry>("library_remove", { key }),
+  subspaceList: () => invoke<SubspaceSummary[]>("subspace_list"),
+  subspaceReplace: (name: string, maxError: number) => invoke<SubspaceMember[]>("subspace_replace", { name, maxError }),
+  subspaceRestore: (name: string) => invoke<number>("subspace_restore", { name }),
   generate: (settings: Settings, onEvent: (e: JobEvent) => void) => {
     const ch = new Channel<JobEvent>();
     ch.onmessage = onEvent;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { formatEta, formatRate, jobFraction, previewTemplate } from "./format";
+import { formatBytes, formatError, formatEta, formatRate, jobFraction, previewTemplate, replaceable } from "./format";
 import { cellColor, heatmapCells, OFF, PALETTE } from "./heatmap";
 
 describe("progress formatting", () => {
@@ -42,5 +42,18 @@ describe("heatmap", () => {
     const cells = heatmapCells([[0, 0, 1, 1]], 2, [[100, 50, 20, 20]]);
     expect(cells.map((c) => c.alpha)).toEqual([0.75, 0.2]);
     expect(heatmapCells([[0]], 2)[0].alpha).toBe(1);
+  });
+});
+
+describe("subspace formatting", () => {
+  it("formats bytes, errors and the replaceable count", () => {
+    expect(formatBytes(512)).toBe("512 B");
+    expect(formatBytes(2048)).toBe("2.0 KB");
+    expect(formatBytes(3 * 1024 * 1024)).toBe("3.0 MB");
+    expect(formatError(0.1234)).toBe("12%");
+    expect(formatError(1.3e-8)).toBe("1.3e-6%");
+    const ms = [{ error: 0.01, original_present: true }, { error: 0.2, original_present: true }, { error: 0.0, original_present: false }];
+    expect(replaceable(ms, 0.05)).toBe(1);
+    expect(replaceable(ms, 0.5)).toBe(2);
   });
 });

@@ -36,3 +36,23 @@ export function previewTemplate(template: string, index: number, seed: number | 
   const name = safe(out.replace(/[{}]/g, ""));
   return (name.length > 0 ? name : String(index).padStart(5, "0")) + ".png";
 }
+
+/** Bytes as B / KB / MB (powers of 1024, one decimal). */
+export function formatBytes(n: number): string {
+  if (!isFinite(n) || n < 0) return "–";
+  if (n < 1024) return `${n} B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KB`;
+  return `${(n / (1024 * 1024)).toFixed(1)} MB`;
+}
+
+/** A relative error as a percentage with two significant digits (tiny errors in exponent form). */
+export function formatError(e: number): string {
+  if (!isFinite(e)) return "–";
+  if (e > 0 && e < 1e-4) return `${(e * 100).toExponential(1)}%`;
+  return `${(e * 100).toPrecision(2)}%`;
+}
+
+/** The members "Replace originals" would take at this threshold: under it, original present. */
+export function replaceable(members: { error: number; original_present: boolean }[], maxError: number): number {
+  return members.filter((m) => m.original_present && m.error <= maxError).length;
+}

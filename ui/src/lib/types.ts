@@ -50,6 +50,35 @@ export interface LoraEntry {
   path: string;
 }
 
+/** A member of an EigenLoRAx subspace (src/lora/library/subspaces.rs). */
+export interface SubspaceMember {
+  display_name: string;
+  sha256: string;
+  /** Relative ΔW error of the reconstruction, over all modules. */
+  error: number;
+  module_errors: Record<string, number>;
+  original_bytes: number;
+  loadings_bytes: number;
+  in_basis: boolean;
+  original_present: boolean;
+  replaced: boolean;
+}
+
+export interface SubspaceSummary {
+  name: string;
+  base_model: string;
+  centering: "centred" | "uncentred";
+  rule: { fixed: number } | { energy: number };
+  storage: "f16" | "f32";
+  modules: number;
+  file: string;
+  components_bytes: number;
+  members: SubspaceMember[];
+  bytes_before: number;
+  bytes_after: number;
+  ratio: number;
+}
+
 export interface ImportEvent {
   index: number;
   path: string;
