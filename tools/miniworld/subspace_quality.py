@@ -73,6 +73,31 @@ def gen_env(binary, env, prompt, out, seed, steps, spec):
     return o.split()
 
 
+def table(rows, seeds, steps, seed_base, dtype):
+    """Fidelity ratios are ratios of means (per role), so a LoRA that is weak alone cannot
+    inflate them."""
+    out = [f"8 miniworld LoRAs per shape, {2 * seeds} images per LoRA and row ({seeds} seeds × a batch of 2), {steps} steps, "
+           f"seeds from {seed_base}, storage {dtype}\n",
+           "| LoRA shape | basis | storage ratio | ΔW error (mean over members) | subject fidelity (mean of 4) | style fidelity (mean of 4) | "
+           "subject / original | style / original | mean pixel difference |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    base = {}
+    fmt = lambda v, p="%.3f": "" if v is None or v != v else p % v
+    for r in rows:
+        f = r["fidelity"]
+        if r["config"] == "original LoRAs":
+            base[r["shape"]] = f
+        b = base[r["shape"]]
+        subj = [l for l in SUBJECTS if l in f]
+        sty = [l for l in STYLES if l in f]
+        ms, mt = (mean([f[l] for l in subj]) if subj else None), (mean([f[l] for l in sty]) if sty else None)
+        rs = ms / mean([b[l] for l in subj]) if subj else None
+        rt = mt / mean([b[l] for l in sty]) if sty else None
+        out.append(f"| {SHAPE_LABEL[r['shape']]} | {r['config']} | {fmt(r['ratio'], '%.2f×')} | {fmt(r['error'])} | "
+                   f"{fmt(ms)} | {fmt(mt)} | {fmt(rs, '%.2f')} | {fmt(rt, '%.2f')} | {fmt(r['pixel'])} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/loramix")
@@ -84,7 +109,12 @@ def main():
     ap.add_argument("--seed-base", type=int, default=8000)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--json")
+    ap.add_argument("--render", nargs="+", help="print the table of earlier --json files (rows of one shape stay together)")
     a = ap.parse_args()
+    if a.render:
+        rows = [r for f in a.render for r in json.load(open(f))]
+        print(table(rows, a.seeds, a.steps, a.seed_base, a.dtype))
+        return
     loras = SUBJECTS + STYLES
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -127,23 +157,7 @@ def main():
                                  "ratio": None, "error": m["error"], "fidelity": {l: fidelity(evaluate(a.bin, paths), l)},
                                  "pixel": pixel_diff(orig[l], paths)})
                     print(json.dumps(rows[-1]), file=sys.stderr)
-    n = 2 * a.seeds
-    print(f"8 miniworld LoRAs per shape, {n} images per LoRA and row ({a.seeds} seeds × a batch of 2), {a.steps} steps, "
-          f"seeds from {a.seed_base}, storage {a.dtype}\n")
-    print("| LoRA shape | basis | storage ratio | ΔW error (mean over members) | subject fidelity (mean of 4) | style fidelity (mean of 4) | "
-          "fidelity / original | mean pixel difference |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = {}
-    for r in rows:
-        f = r["fidelity"]
-        subj = [f[l] for l in SUBJECTS if l in f]
-        sty = [f[l] for l in STYLES if l in f]
-        if r["config"] == "original LoRAs":
-            base[r["shape"]] = f
-        rel = mean([f[l] / base[r["shape"]][l] for l in f if base[r["shape"]][l] > 0])
-        fmt = lambda v, p="%.3f": "" if v is None or v != v else p % v
-        print(f"| {SHAPE_LABEL[r['shape']]} | {r['config']} | {fmt(r['ratio'], '%.2f×')} | {fmt(r['error'])} | "
-              f"{fmt(mean(subj) if subj else None)} | {fmt(mean(sty) if sty else None)} | {fmt(rel, '%.2f')} | {fmt(r['pixel'])} |")
+    print(table(rows, a.seeds, a.steps, a.seed_base, a.dtype))
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(rows, fh, indent=1)
