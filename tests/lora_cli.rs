@@ -183,3 +183,43 @@ fn subspace_build_show_add_and_generate_with_a_member() {
     let params = loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap()["parameters"].clone();
     assert!(params.contains("<lora:vlox@s3:0.8>"), "{params}");
 }
+
+#[test]
+fn lora_train_full_and_as_loadings() {
+    let lib = tempfile::tempdir().unwrap();
+    let loras = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/miniworld/loras");
+    assert!(lora(lib.path(), &["import", loras.to_str().unwrap()]).status.success());
+    assert!(json(&lora(lib.path(), &["subspace", "build", "vlox", "krin", "--components", "16", "--dtype", "f32", "--name", "two", "--json"]))["members"].is_array());
+    // Three training images with a kohya caption file for one of them.
+    let imgs = tempfile::tempdir().unwrap();
+    for (i, c) in [[200u8, 40, 40], [40, 170, 60], [40, 70, 220]].iter().enumerate() {
+        image::RgbImage::from_fn(64, 64, |x, y| if (x / 8 + y / 8) % 2 == 0 { image::Rgb(*c) } else { image::Rgb([235, 225, 200]) })
+            .save(imgs.path().join(format!("{i}.png")))
+            .unwrap();
+    }
+    std::fs::write(imgs.path().join("0.txt"), "a zorp emblem on a cream background").unwrap();
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--images", imgs.path().to_str().unwrap(), "--prompt", "a zorp emblem", "--steps", "3", "--batch", "2", "--json"];
+        args.extend_from_slice(extra);
+        lora(lib.path(), &args)
+    };
+    // A normal rank-4 LoRA: a library entry whose file loads like any other.
+    let full = json(&train(&["--rank", "4", "--name", "zorp", "--base", "loramix-miniworld"]));
+    assert_eq!(full["steps"], 3);
+    assert!(full["loss_curve"].as_array().unwrap().iter().all(|l| l.as_f64().unwrap().is_finite()));
+    let shown = json(&lora(lib.path(), &["show", "zorp", "--json"]));
+    assert_eq!(shown["ranks"], serde_json::json!([4]));
+    assert_eq!(shown["base_model"], "loramix-miniworld");
+    // Loadings on the subspace: far fewer trainable numbers, and the result joins the subspace
+    // exactly (its reconstruction is in the basis).
+    let ld = json(&train(&["--subspace", "two", "--name", "zorp2"]));
+    assert!(ld["trainable"].as_u64().unwrap() * 4 < full["trainable"].as_u64().unwrap() * 8 / 4, "{ld} vs {full}");
+    assert!(ld["subspace_error"].as_f64().unwrap() < 1e-3, "{ld}");
+    let sub = json(&lora(lib.path(), &["subspace", "show", "two", "--json"]));
+    assert!(sub["members"].as_array().unwrap().iter().any(|m| m["display_name"] == "zorp2" && m["in_basis"] == false));
+    // Bad input: a name in use, a folder that is not there (resuming is tested in tests/train.rs).
+    let out = lora(lib.path(), &["train", "--images", imgs.path().to_str().unwrap(), "--prompt", "x", "--name", "zorp", "--steps", "1"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("already has a LoRA named zorp"));
+    let out = lora(lib.path(), &["train", "--images", "/no/such/dir", "--prompt", "x", "--name", "q", "--steps", "1"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("/no/such/dir"));
+}

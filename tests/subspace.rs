@@ -90,7 +90,7 @@ fn miniworld_targets() -> AdapterTargets {
 }
 
 fn request<'a>(name: &'a str, members: &'a [String], rule: ComponentRule, storage: Storage) -> SubspaceRequest<'a> {
-    SubspaceRequest { name, members, all: false, base: None, centering: Centering::Uncentred, rule, storage }
+    SubspaceRequest { name, members, all: false, base: None, centering: Centering::Uncentred, rule, storage, random_basis: None }
 }
 
 #[test]

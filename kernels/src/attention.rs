@@ -19,6 +19,11 @@ const MAX_SCORE_ELEMENTS: usize = 64 * 1024 * 1024;
 /// rows loses several bits); the result has the dtype of `q`. On CUDA with head dim 64 this is
 /// our fused kernel (`fused.rs`), which never materialises the scores.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if crate::fused::differentiable() {
+        // Composed ops only (no in-place softmax), so that autograd reaches q, k and v.
+        let s = (q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
+        return softmax_last_dim(&s)?.matmul(&v.contiguous()?);
+    }
     if crate::fused::attention_is_fused(q, k, v) {
         crate::fused::attention_hd64(q, k, v, scale)
     } else if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {

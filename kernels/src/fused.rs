@@ -26,11 +26,25 @@ pub fn fused_kernels_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("LORAMIX_FUSED_KERNELS").map(|v| v.trim() != "0").unwrap_or(true))
 }
 
+static DIFFERENTIABLE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Training switch: while on, every kernel runs its composed candle reference, so that autograd
+/// reaches through the whole model (our fused kernels have forward passes only). Process-wide:
+/// a trainer turns it on for its run.
+pub fn set_differentiable(on: bool) {
+    DIFFERENTIABLE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn differentiable() -> bool {
+    DIFFERENTIABLE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether `attention_hd64` runs our kernel (rather than the reference) for these inputs.
 pub fn attention_is_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && q.device().is_cuda()
         && fused_kernels_enabled()
+        && !differentiable()
         && q.rank() == 4
         && [q, k, v].iter().all(|t| t.dim(D::Minus1).ok() == Some(FUSED_HEAD_DIM) && t.dtype() == q.dtype())
         && matches!(q.dtype(), DType::F16 | DType::BF16 | DType::F32)
@@ -96,7 +110,7 @@ pub fn group_norm(x: &Tensor, p: &crate::GroupNormParams, silu: bool) -> Result<
 /// a strided index per element and ran at a tenth of the memory bandwidth there.
 pub fn bias_add(y: &Tensor, bias: &Tensor, channel_dim: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if y.device().is_cuda() && fused_kernels_enabled() && bias.dtype() == y.dtype() && matches!(y.dtype(), DType::F16 | DType::BF16 | DType::F32) {
+    if y.device().is_cuda() && fused_kernels_enabled() && !differentiable() && bias.dtype() == y.dtype() && matches!(y.dtype(), DType::F16 | DType::BF16 | DType::F32) {
         return cuda::bias_add(y, bias, channel_dim);
     }
     let mut shape = vec![1usize; y.rank()];
@@ -121,7 +135,7 @@ pub fn geglu(h: &Tensor) -> Result<Option<Tensor>> {
 /// result then needed a transposing copy back to NCHW.
 pub fn im2col(x: &Tensor, k: usize, stride: usize, padding: usize) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && fused_kernels_enabled() && x.rank() == 4 && matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32) {
+    if x.device().is_cuda() && fused_kernels_enabled() && !differentiable() && x.rank() == 4 && matches!(x.dtype(), DType::F16 | DType::BF16 | DType::F32) {
         let (b, c, h, w) = x.dims4()?;
         if b * c * k * k <= 65535 && h + 2 * padding >= k && w + 2 * padding >= k && stride > 0 {
             return cuda::im2col(x, k, stride, padding).map(Some);

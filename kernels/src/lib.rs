@@ -15,5 +15,5 @@ pub use activation::geglu;
 pub use attention::scaled_dot_product_attention;
 pub use conv::conv2d;
 pub use finite::{count_non_finite, RawDType};
-pub use fused::{attention_hd64, lora_branch};
+pub use fused::{attention_hd64, differentiable, lora_branch, set_differentiable};
 pub use norm::{group_norm, GroupNormParams};

@@ -196,7 +196,7 @@ fn subspaces_are_listed_and_replaced_from_the_app() {
     let pipe = loramix::SdxlPipeline::load(&s(&repo().join("models/miniworld")), &Default::default()).unwrap();
     let targets = loramix::lora::AdapterTargets::of_pipeline(&pipe);
     let members = vec!["vlox".to_string(), "dotted".to_string()];
-    let req = SubspaceRequest { name: "pair", members: &members, all: false, base: None, centering: Centering::Uncentred, rule: ComponentRule::Fixed(16), storage: Storage::F32 };
+    let req = SubspaceRequest { name: "pair", members: &members, all: false, base: None, centering: Centering::Uncentred, rule: ComponentRule::Fixed(16), storage: Storage::F32, random_basis: None };
     LoraLibrary::open(&tmp.path().join("library")).unwrap().build_subspace(&req, &targets).unwrap();
     let list = st.subspace_list().unwrap();
     assert_eq!((list.len(), list[0].members.len()), (1, 2));

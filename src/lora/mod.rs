@@ -14,6 +14,7 @@ pub mod library;
 pub mod network;
 pub mod schedule;
 pub mod subspace;
+pub mod train;
 pub mod targets;
 
 pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};

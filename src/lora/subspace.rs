@@ -417,6 +417,21 @@ pub fn build(members: &[MemberFactors], centering: Centering, rule: ComponentRul
     Ok(out)
 }
 
+/// A control for experiments: the same modules and K per side, but random orthonormal
+/// components (QR of a seeded Gaussian matrix) and no mean. If loadings trained on this do as
+/// well as on the real basis, the subspace is not what helps.
+pub fn random_like(basis: &BTreeMap<String, ModuleBasis>, seed: u64) -> Result<BTreeMap<String, ModuleBasis>> {
+    let mut rng = crate::rng::TorchCpuRng::new(seed);
+    let mut side = |sb: &SideBasis| -> Result<SideBasis> {
+        let g = rng.randn(sb.dim * sb.k);
+        let m = Mat::<f64>::from_fn(sb.dim, sb.k, |i, j| g[j * sb.dim + i] as f64);
+        let q = m.qr().compute_thin_Q();
+        let components = (0..sb.k).flat_map(|j| (0..sb.dim).map(move |i| (i, j))).map(|(i, j)| q[(i, j)]).collect();
+        Ok(SideBasis { dim: sb.dim, k: sb.k, components, mean: vec![0.0; sb.dim] })
+    };
+    basis.iter().map(|(p, b)| Ok((p.clone(), ModuleBasis { up: side(&b.up)?, down: side(&b.down)? }))).collect()
+}
+
 /// A member's loadings on every module of `basis` it has, and its reconstruction error.
 /// Loadings are rounded to `storage` before the error is measured.
 pub fn project(

@@ -54,6 +54,8 @@ enum LoraCommand {
     Rm { key: String },
     /// Change the name used in <lora:NAME:weight>.
     Rename { key: String, new_name: String },
+    /// Train a new LoRA from images and a prompt: as loadings on a subspace, or a normal LoRA.
+    Train(Box<crate::train::TrainArgs>),
     /// EigenLoRAx subspaces: shared components per module, a few loadings per LoRA.
     Subspace {
         #[command(subcommand)]
@@ -105,6 +107,7 @@ pub fn run(a: LoraArgs) -> Result<()> {
     let mut lib = LoraLibrary::open(&root)?;
     match a.command {
         LoraCommand::Subspace { command } => crate::subspace::run(&mut lib, command)?,
+        LoraCommand::Train(t) => crate::train::run(&mut lib, *t)?,
         LoraCommand::Import { paths, json } => {
             let (mut added, mut existing, mut failed) = (0, 0, 0);
             let mut stdout = std::io::stdout().lock();

@@ -6,6 +6,7 @@ mod eval;
 mod generate;
 mod lora;
 mod subspace;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -30,6 +30,9 @@ pub enum SubspaceCommand {
         /// Storage precision of components and loadings: f16 (like LoRA files) or f32 (exact).
         #[arg(long, default_value = "f16")]
         dtype: String,
+        /// Control for experiments: random orthonormal components (seeded) with the same K.
+        #[arg(long)]
+        random_basis: Option<u64>,
         #[arg(long)]
         name: String,
         /// The model whose layers the LoRAs are resolved against (default: the shipped miniworld).
@@ -123,13 +126,13 @@ fn print_summary(s: &SubspaceSummary, modules: bool) {
 
 pub fn run(lib: &mut LoraLibrary, command: SubspaceCommand) -> Result<()> {
     match command {
-        SubspaceCommand::Build { members, all, base, components, energy, centering, dtype, name, model, json } => {
+        SubspaceCommand::Build { members, all, base, components, energy, centering, dtype, random_basis, name, model, json } => {
             let rule = match (components, energy) {
                 (Some(k), _) => ComponentRule::Fixed(k),
                 (None, Some(e)) => ComponentRule::Energy(e),
                 (None, None) => ComponentRule::Energy(0.99),
             };
-            let req = SubspaceRequest { name: &name, members: &members, all, base: base.as_deref(), centering: Centering::parse(&centering)?, rule, storage: Storage::parse(&dtype)? };
+            let req = SubspaceRequest { name: &name, members: &members, all, base: base.as_deref(), centering: Centering::parse(&centering)?, rule, storage: Storage::parse(&dtype)?, random_basis };
             if members.is_empty() && !all {
                 anyhow::bail!("name the members (library names or hashes) or pass --all");
             }

@@ -104,6 +104,9 @@ pub struct SubspaceRequest<'a> {
     pub centering: Centering,
     pub rule: ComponentRule,
     pub storage: Storage,
+    /// A control: random orthonormal components of the same K instead of the principal ones
+    /// (seeded), to test whether the subspace is what helps.
+    pub random_basis: Option<u64>,
 }
 
 impl LoraLibrary {
@@ -180,6 +183,9 @@ impl LoraLibrary {
         }
         let factors: Vec<MemberFactors> = loaded.iter().map(|(_, _, f)| f.clone()).collect();
         let mut basis = subspace::build(&factors, req.centering, rule)?;
+        if let Some(seed) = req.random_basis {
+            basis = subspace::random_like(&basis, seed)?;
+        }
         basis.values_mut().for_each(|b| b.round(req.storage));
         let header = SubspaceHeader {
             name: name.to_string(),
