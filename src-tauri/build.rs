@@ -6,6 +6,8 @@ const COMMANDS: &[&str] = &[
     "library_import",
     "library_update",
     "library_remove",
+    "library_train",
+    "library_train_stop",
     "subspace_list",
     "subspace_replace",
     "subspace_restore",

@@ -15,7 +15,7 @@ use base64::Engine as _;
 use loramix::lora::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery, SubspaceMember, SubspaceSummary};
 use loramix::llm::{AdapterKind, GenerateOptions, LlmSession, Message, SamplingOptions};
 use loramix::lora::Role;
-use loramix::studio::{self, Settings, Studio, StudioEvent};
+use loramix::studio::{self, Settings, Studio, StudioEvent, TrainEvent, TrainReport, TrainRequest};
 use serde::{Deserialize, Serialize};
 use tauri::ipc::Channel;
 
@@ -103,6 +103,8 @@ pub struct AppState {
     next_job: AtomicU64,
     library: Mutex<()>,
     chat: Mutex<Option<ChatState>>,
+    /// The running training job's stop flag (one at a time).
+    training: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 fn data_url(png: &[u8]) -> String {
@@ -124,6 +126,7 @@ impl AppState {
             next_job: AtomicU64::new(1),
             library: Mutex::new(()),
             chat: Mutex::new(None),
+            training: Mutex::new(None),
         };
         state.start_worker();
         Ok(state)
@@ -217,6 +220,46 @@ impl AppState {
     pub fn library_remove(&self, key: &str) -> AppResult<LoraEntry> {
         let (_g, mut lib) = self.open_library()?;
         Ok(lib.remove(key)?)
+    }
+
+    /// Checks a training request from the UI (absolute paths, the model by name) and registers
+    /// its stop flag; one job at a time.
+    pub fn start_training(&self, mut req: TrainRequest) -> AppResult<(TrainRequest, Arc<AtomicBool>)> {
+        req.images = user_path(&req.images.to_string_lossy(), "training images")?;
+        if let Some(e) = &req.export {
+            req.export = Some(user_path(&e.to_string_lossy(), "export")?);
+        }
+        req.model = self.resolve_model(&req.model)?;
+        let mut t = self.training.lock().unwrap_or_else(|e| e.into_inner());
+        if t.is_some() {
+            return Err(AppError::Invalid("a training job is running already".into()));
+        }
+        let flag = Arc::new(AtomicBool::new(false));
+        *t = Some(flag.clone());
+        Ok((req, flag))
+    }
+
+    /// Runs a registered job on its own connection to the library (SQLite in WAL mode), so the
+    /// library stays usable while it trains; the stop flag ends it after a checkpoint.
+    pub fn run_training(&self, req: &TrainRequest, stop: &AtomicBool, on_event: &dyn Fn(TrainEvent)) -> AppResult<TrainReport> {
+        let r = LoraLibrary::open(&self.library_root).and_then(|mut lib| {
+            loramix::studio::train_lora(&mut lib, req, &mut |e| {
+                on_event(e);
+                !stop.load(Ordering::Relaxed)
+            })
+        });
+        *self.training.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(r?)
+    }
+
+    pub fn stop_training(&self) -> bool {
+        match &*self.training.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(f) => {
+                f.store(true, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Every subspace with its members' errors and the bytes before and after.
@@ -650,6 +693,25 @@ pub async fn library_update(state: State<'_>, key: String, update: LibraryUpdate
 #[tauri::command]
 pub async fn library_remove(state: State<'_>, key: String) -> AppResult<LoraEntry> {
     state.library_remove(&key)
+}
+
+#[tauri::command]
+pub async fn library_train(app: tauri::AppHandle, state: State<'_>, request: TrainRequest, on_event: Channel<TrainEvent>) -> AppResult<TrainReport> {
+    use tauri::Manager;
+    let (req, stop) = state.start_training(request)?;
+    tauri::async_runtime::spawn_blocking(move || {
+        let state = app.state::<AppState>();
+        state.run_training(&req, &stop, &|e| {
+            let _ = on_event.send(e);
+        })
+    })
+    .await
+    .map_err(|e| AppError::Invalid(e.to_string()))?
+}
+
+#[tauri::command]
+pub async fn library_train_stop(state: State<'_>) -> AppResult<bool> {
+    Ok(state.stop_training())
 }
 
 #[tauri::command]

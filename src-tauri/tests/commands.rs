@@ -207,3 +207,51 @@ fn subspaces_are_listed_and_replaced_from_the_app() {
     assert_eq!(st.subspace_restore("pair").unwrap(), 2);
     assert!(st.subspace_replace("nope", 0.1).unwrap_err().to_string().contains("no subspace"));
 }
+
+#[test]
+fn training_runs_from_the_app_and_stops_on_request() {
+    use loramix::studio::TrainRequest;
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(tmp.path());
+    let imgs = tmp.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    for i in 0..2u8 {
+        image::RgbImage::from_fn(64, 64, |x, _| image::Rgb([x as u8 * 4, 80 * i, 40])).save(imgs.join(format!("{i}.png"))).unwrap();
+    }
+    let req = |name: &str, images: PathBuf| TrainRequest {
+        images,
+        prompt: "a zorp emblem".into(),
+        name: name.into(),
+        subspace: None,
+        rank: 2,
+        steps: 2,
+        batch: 1,
+        lr: 1e-3,
+        seed: 0,
+        resolution: None,
+        base: Some("loramix-miniworld".into()),
+        export: None,
+        restart: false,
+        checkpoint_every: 1,
+        model: "miniworld".into(),
+    };
+    assert!(st.start_training(req("a", PathBuf::from("relative/imgs"))).is_err());
+    let (r, stop) = st.start_training(req("zorp", imgs.clone())).unwrap();
+    assert!(st.start_training(req("other", imgs.clone())).unwrap_err().to_string().contains("running already"));
+    let steps = std::sync::Mutex::new(0);
+    let report = st.run_training(&r, &stop, &|e| {
+        if let loramix::studio::TrainEvent::Step { .. } = e {
+            *steps.lock().unwrap() += 1;
+        }
+    }).unwrap();
+    assert_eq!((report.steps, *steps.lock().unwrap()), (2, 2));
+    assert_eq!(report.entry.unwrap().display_name, "zorp");
+    // A stop request ends a job after its checkpoint; the same request resumes it.
+    let (r, stop) = st.start_training(req("zorp2", imgs.clone())).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let stopped = st.run_training(&r, &stop, &|_| {}).unwrap();
+    assert!(stopped.stopped && stopped.entry.is_none() && stopped.steps == 1);
+    let (r, stop) = st.start_training(req("zorp2", imgs)).unwrap();
+    let done = st.run_training(&r, &stop, &|_| {}).unwrap();
+    assert!(!done.stopped && done.steps == 2 && done.entry.is_some());
+}

@@ -11,9 +11,11 @@ mod jobs;
 mod metadata;
 mod preview;
 mod settings;
+mod training;
 
 pub use export::{export, fill_template};
 pub use jobs::*;
 pub use metadata::*;
 pub use preview::{LatentPreview, Previewer};
 pub use settings::{ImageRecord, LoraSetting, MixSummary, Settings};
+pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

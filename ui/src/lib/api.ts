@@ -2,7 +2,7 @@
 import { Channel, invoke } from "@tauri-apps/api/core";
 import type {
   AdapterView, AppInfo, ChatStats, GalleryItem, ImportEvent, JobEvent, LoraEntry, ModelEntry, Settings,
-  SubspaceMember, SubspaceSummary,
+  SubspaceMember, SubspaceSummary, TrainEvent, TrainReport, TrainRequest,
 } from "./types";
 
 export const api = {
@@ -17,6 +17,12 @@ export const api = {
   libraryUpdate: (key: string, update: { role?: string; tags?: string[]; name?: string }) =>
     invoke<LoraEntry>("library_update", { key, update }),
   libraryRemove: (key: string) => invoke<LoraEntry>("library_remove", { key }),
+  libraryTrain: (request: TrainRequest, onEvent: (e: TrainEvent) => void) => {
+    const ch = new Channel<TrainEvent>();
+    ch.onmessage = onEvent;
+    return invoke<TrainReport>("library_train", { request, onEvent: ch });
+  },
+  libraryTrainStop: () => invoke<boolean>("library_train_stop"),
   subspaceList: () => invoke<SubspaceSummary[]>("subspace_list"),
   subspaceReplace: (name: string, maxError: number) => invoke<SubspaceMember[]>("subspace_replace", { name, maxError }),
   subspaceRestore: (name: string) => invoke<number>("subspace_restore", { name }),

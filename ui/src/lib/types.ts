@@ -79,6 +79,40 @@ export interface SubspaceSummary {
   ratio: number;
 }
 
+/** A LoRA training job (src/studio/training.rs). */
+export interface TrainRequest {
+  images: string;
+  prompt: string;
+  name: string;
+  subspace: string | null;
+  rank: number;
+  steps: number;
+  batch: number;
+  lr: number;
+  seed: number;
+  resolution: number | null;
+  base: string | null;
+  export: string | null;
+  restart: boolean;
+  checkpoint_every: number;
+  model: string;
+}
+
+export type TrainEvent =
+  | { kind: "started"; what: string; trainable: number; images: number; size: number; steps: number; resumed_at: number }
+  | { kind: "step"; step: number; steps: number; loss: number };
+
+export interface TrainReport {
+  entry: LoraEntry | null;
+  trainable: number;
+  steps: number;
+  seconds: number;
+  final_loss: number;
+  loss_curve: number[];
+  subspace_error: number | null;
+  stopped: boolean;
+}
+
 export interface ImportEvent {
   index: number;
   path: string;
