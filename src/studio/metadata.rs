@@ -146,6 +146,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     s.sampler = v.parse::<SamplerKind>().map(|k| k.name().to_string()).unwrap_or(v.clone());
                 }
                 "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m" => s.sampler = "dpmpp_2m_karras".into(),
+                "Schedule type" if v == "Karras" && s.sampler == "heun" => s.sampler = "heun_karras".into(),
                 "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
                 "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
                 "Size" => {
@@ -266,5 +267,13 @@ mod tests {
         let back = parse_parameters(&text).unwrap();
         assert!(back.loras.is_empty());
         assert!(back.prompt.ends_with("<lora:vlox:1:lbw=SDXL-OUTALL:stop=10>"), "{}", back.prompt);
+    }
+
+    #[test]
+    fn a1111_heun_with_karras_schedule() {
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: Heun, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
+        assert_eq!(s.sampler, "heun_karras");
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: Heun, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
+        assert_eq!(s.sampler, "heun");
     }
 }

@@ -10,6 +10,7 @@ mod ddim;
 mod dpm_solver;
 mod euler;
 mod euler_ancestral;
+mod heun;
 
 use std::str::FromStr;
 
@@ -22,6 +23,7 @@ pub use ddim::Ddim;
 pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestralDiscrete;
+pub use heun::HeunDiscrete;
 
 /// The samplers users choose by name (CLI `--sampler`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -32,10 +34,12 @@ pub enum SamplerKind {
     Dpmpp2m,
     Dpmpp2mKarras,
     Ddim,
+    Heun,
+    HeunKarras,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 5] = [Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras, Self::Ddim];
+    pub const ALL: [SamplerKind; 7] = [Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras, Self::Ddim, Self::Heun, Self::HeunKarras];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +48,8 @@ impl SamplerKind {
             Self::Dpmpp2m => "dpmpp_2m",
             Self::Dpmpp2mKarras => "dpmpp_2m_karras",
             Self::Ddim => "ddim",
+            Self::Heun => "heun",
+            Self::HeunKarras => "heun_karras",
         }
     }
 
@@ -55,6 +61,8 @@ impl SamplerKind {
             Self::Dpmpp2m => "DPM++ 2M",
             Self::Dpmpp2mKarras => "DPM++ 2M Karras",
             Self::Ddim => "DDIM",
+            Self::Heun => "Heun",
+            Self::HeunKarras => "Heun Karras",
         }
     }
 
@@ -68,6 +76,8 @@ impl SamplerKind {
             "DPMSolverMultistepScheduler" if karras => Ok(Self::Dpmpp2mKarras),
             "DPMSolverMultistepScheduler" => Ok(Self::Dpmpp2m),
             "DDIMScheduler" => Ok(Self::Ddim),
+            "HeunDiscreteScheduler" if karras => Ok(Self::HeunKarras),
+            "HeunDiscreteScheduler" => Ok(Self::Heun),
             other => Err(Error::Scheduler(format!(
                 "scheduler class {other:?} is not implemented; choose one with --sampler ({})",
                 Self::ALL.map(|s| s.name()).join(", ")
@@ -121,6 +131,8 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
         SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, false)?),
         SamplerKind::Dpmpp2mKarras => Box::new(DpmSolverMultistep::new(config, steps, true)?),
         SamplerKind::Ddim => Box::new(Ddim::new(config, steps)?),
+        SamplerKind::Heun => Box::new(HeunDiscrete::new(config, steps, false)?),
+        SamplerKind::HeunKarras => Box::new(HeunDiscrete::new(config, steps, true)?),
     })
 }
 

@@ -1,0 +1,116 @@
+//! diffusers `HeunDiscreteScheduler` (A1111's "Heun"): Karras et al.'s second-order sampler. Each
+//! step after the first is an Euler step followed by a correction that averages the derivative at
+//! both ends, so the schedule lists every inner timestep twice and a run of N steps makes 2N − 1
+//! model calls (diffusers' `timesteps` and `sigmas` are interleaved the same way).
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
+use super::{interp, karras, scale, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use crate::error::Result;
+
+/// diffusers' `_sigma_to_t` over a float32 table, with numpy's promotions: the distance to
+/// the table in float64, the bracket's width `low − high` in float32.
+fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let below = log_sigmas.iter().filter(|&&ls| log_sigma - ls as f64 >= 0.0).count();
+    // cumsum(dists >= 0).argmax(): the last index where the count first reaches its maximum.
+    let mut cum = 0usize;
+    let mut low_idx = 0usize;
+    for (i, ls) in log_sigmas.iter().enumerate() {
+        if log_sigma - *ls as f64 >= 0.0 {
+            cum += 1;
+            if cum == below {
+                low_idx = i;
+                break;
+            }
+        }
+    }
+    let low_idx = low_idx.min(log_sigmas.len() - 2);
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
+    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
+}
+
+pub struct HeunDiscrete {
+    timesteps: Vec<f64>,
+    /// Interleaved as diffusers keeps them: `[σ0, σ1, σ1, σ2, σ2, …, σN−1, σN−1, 0]`.
+    sigmas: Vec<f64>,
+    init_noise_sigma: f64,
+    prediction: Prediction,
+    clip: Option<f64>,
+    /// Between the Euler half and the correction: the first derivative, dt and the sample.
+    pending: Option<(Tensor, f64, Tensor)>,
+}
+
+impl HeunDiscrete {
+    pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
+        let c = ConfigReader(config);
+        let sched = NoiseSchedule::from_config(&c, 0.00085, 0.012, "linear")?;
+        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
+        let spacing = c.string("timestep_spacing", "linspace")?;
+        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
+        let train = sched.train_sigmas();
+        // Heun keeps the log-sigma table in float32 (numpy), unlike Euler.
+        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
+        if force_karras || c.bool("use_karras_sigmas", false)? {
+            sigmas = karras(&sigmas, steps, &c)?;
+            timesteps = sigmas.iter().map(|&s| sigma_to_t_f32(s, &log_sigmas) as f32 as f64).collect();
+        }
+        sigmas.push(0.0);
+        let sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
+        let init = init_noise_sigma(&sigmas, &spacing);
+        let mut inter = vec![sigmas[0]];
+        for s in &sigmas[1..sigmas.len() - 1] {
+            inter.extend([*s, *s]);
+        }
+        inter.push(sigmas[sigmas.len() - 1]);
+        let mut ts = vec![timesteps[0]];
+        for t in &timesteps[1..] {
+            ts.extend([*t, *t]);
+        }
+        let clip = if c.bool("clip_sample", false)? { Some(c.f64("clip_sample_range", 1.0)?) } else { None };
+        Ok(Self { timesteps: ts, sigmas: inter, init_noise_sigma: init, prediction: Prediction::from_config(&c, true)?, clip, pending: None })
+    }
+}
+
+impl Scheduler for HeunDiscrete {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas)
+    }
+    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let s = self.sigmas[i];
+        scale(sample, 1.0 / (s * s + 1.0).sqrt())
+    }
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+        let first = self.pending.is_none();
+        let (sigma, sigma_next) = if first { (self.sigmas[i], self.sigmas[i + 1]) } else { (self.sigmas[i - 1], self.sigmas[i]) };
+        let x0 = predict_x0(self.prediction, model_output, sample, if first { sigma } else { sigma_next })?;
+        let x0 = match self.clip {
+            Some(r) => x0.clamp(-r as f32, r as f32)?,
+            None => x0,
+        };
+        match self.pending.take() {
+            None => {
+                let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;
+                let dt = sigma_next - sigma;
+                let next = (sample + scale(&derivative, dt)?)?;
+                self.pending = Some((derivative, dt, sample.clone()));
+                Ok(next)
+            }
+            Some((d1, dt, start)) => {
+                let d2 = scale(&(sample - x0)?, 1.0 / sigma_next)?;
+                let derivative = scale(&(d1 + d2)?, 0.5)?;
+                Ok((start + scale(&derivative, dt)?)?)
+            }
+        }
+    }
+}

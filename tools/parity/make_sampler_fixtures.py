@@ -1,0 +1,58 @@
+"""Goldens for the samplers added after the first pipeline fixtures (issue 17), on the existing
+tiny pipeline of tests/fixtures/sdxl/tiny2 (so its other goldens stay as they are): each
+scheduler's timesteps, sigmas and init_noise_sigma built from the folder's config, and final
+latents of a seeded pipeline run.
+
+python tools/parity/make_sampler_fixtures.py   (writes tests/fixtures/sdxl/tiny2/samplers.{json,safetensors})
+"""
+import json
+import os
+
+import torch
+from diffusers import HeunDiscreteScheduler, StableDiffusionXLPipeline
+from safetensors.torch import save_file
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "sdxl", "tiny2")
+SAMPLERS = {
+    "heun": (HeunDiscreteScheduler, {}),
+    "heun_karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+}
+
+
+def main():
+    torch.set_num_threads(2)
+    pipe = StableDiffusionXLPipeline.from_pretrained(os.path.join(ROOT, "pipeline"), torch_dtype=torch.float32)
+    cfg = pipe.scheduler.config
+    js = {"schedulers": {}, "pipeline": {}}
+    g = {}
+    for name, (cls, kw) in SAMPLERS.items():
+        js["schedulers"][name] = {}
+        for steps in (4, 7):
+            s = cls.from_config(cfg, **kw)
+            s.set_timesteps(steps)
+            js["schedulers"][name][str(steps)] = {
+                "timesteps": [float(t) for t in s.timesteps],
+                "sigmas": [float(x) for x in s.sigmas],
+                "init_noise_sigma": float(s.init_noise_sigma),
+            }
+    cases = [
+        dict(sampler="heun", steps=5, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=11),
+        dict(sampler="heun_karras", steps=4, cfg=3.0, prompt="a red house", negative="blurry", batch=2, seed=3),
+    ]
+    for i, case in enumerate(cases):
+        cls, kw = SAMPLERS[case["sampler"]]
+        pipe.scheduler = cls.from_config(cfg, **kw)
+        with torch.no_grad():
+            lat = pipe(prompt=case["prompt"], negative_prompt=case["negative"], num_inference_steps=case["steps"],
+                       guidance_scale=case["cfg"], height=32, width=32, num_images_per_prompt=case["batch"],
+                       output_type="latent", generator=torch.Generator("cpu").manual_seed(case["seed"])).images
+        g[f"pipe{i}.latents"] = lat.contiguous()
+        js["pipeline"][f"pipe{i}"] = case
+    save_file(g, os.path.join(ROOT, "samplers.safetensors"))
+    with open(os.path.join(ROOT, "samplers.json"), "w") as f:
+        json.dump(js, f, indent=1)
+    print("wrote", os.path.join(ROOT, "samplers.json"))
+
+
+if __name__ == "__main__":
+    main()
