@@ -147,6 +147,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 }
                 "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m" => s.sampler = "dpmpp_2m_karras".into(),
                 "Schedule type" if v == "Karras" && s.sampler == "heun" => s.sampler = "heun_karras".into(),
+                "Schedule type" if v == "Karras" && s.sampler == "dpm2" => s.sampler = "dpm2_karras".into(),
                 "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
                 "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
                 "Size" => {
@@ -270,10 +271,12 @@ mod tests {
     }
 
     #[test]
-    fn a1111_heun_with_karras_schedule() {
+    fn a1111_second_order_samplers_with_karras_schedule() {
         let s = parse_parameters("a cat\nSteps: 20, Sampler: Heun, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
         assert_eq!(s.sampler, "heun_karras");
         let s = parse_parameters("a cat\nSteps: 20, Sampler: Heun, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
         assert_eq!(s.sampler, "heun");
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: DPM2, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
+        assert_eq!(s.sampler, "dpm2_karras");
     }
 }

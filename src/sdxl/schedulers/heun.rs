@@ -7,31 +7,8 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
-use super::{interp, karras, scale, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use super::{interp, karras, scale, sigma_to_t_f32, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
 use crate::error::Result;
-
-/// diffusers' `_sigma_to_t` over a float32 table, with numpy's promotions: the distance to
-/// the table in float64, the bracket's width `low − high` in float32.
-fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f32]) -> f64 {
-    let log_sigma = sigma.max(1e-10).ln();
-    let below = log_sigmas.iter().filter(|&&ls| log_sigma - ls as f64 >= 0.0).count();
-    // cumsum(dists >= 0).argmax(): the last index where the count first reaches its maximum.
-    let mut cum = 0usize;
-    let mut low_idx = 0usize;
-    for (i, ls) in log_sigmas.iter().enumerate() {
-        if log_sigma - *ls as f64 >= 0.0 {
-            cum += 1;
-            if cum == below {
-                low_idx = i;
-                break;
-            }
-        }
-    }
-    let low_idx = low_idx.min(log_sigmas.len() - 2);
-    let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
-    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
-    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
-}
 
 pub struct HeunDiscrete {
     timesteps: Vec<f64>,

@@ -11,6 +11,7 @@ mod dpm_solver;
 mod euler;
 mod euler_ancestral;
 mod heun;
+mod kdpm2;
 
 use std::str::FromStr;
 
@@ -24,6 +25,7 @@ pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestralDiscrete;
 pub use heun::HeunDiscrete;
+pub use kdpm2::KDpm2Discrete;
 
 /// The samplers users choose by name (CLI `--sampler`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -36,10 +38,13 @@ pub enum SamplerKind {
     Ddim,
     Heun,
     HeunKarras,
+    Dpm2,
+    Dpm2Karras,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 7] = [Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras, Self::Ddim, Self::Heun, Self::HeunKarras];
+    pub const ALL: [SamplerKind; 9] =
+        [Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras, Self::Ddim, Self::Heun, Self::HeunKarras, Self::Dpm2, Self::Dpm2Karras];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -50,6 +55,8 @@ impl SamplerKind {
             Self::Ddim => "ddim",
             Self::Heun => "heun",
             Self::HeunKarras => "heun_karras",
+            Self::Dpm2 => "dpm2",
+            Self::Dpm2Karras => "dpm2_karras",
         }
     }
 
@@ -63,6 +70,8 @@ impl SamplerKind {
             Self::Ddim => "DDIM",
             Self::Heun => "Heun",
             Self::HeunKarras => "Heun Karras",
+            Self::Dpm2 => "DPM2",
+            Self::Dpm2Karras => "DPM2 Karras",
         }
     }
 
@@ -78,6 +87,8 @@ impl SamplerKind {
             "DDIMScheduler" => Ok(Self::Ddim),
             "HeunDiscreteScheduler" if karras => Ok(Self::HeunKarras),
             "HeunDiscreteScheduler" => Ok(Self::Heun),
+            "KDPM2DiscreteScheduler" if karras => Ok(Self::Dpm2Karras),
+            "KDPM2DiscreteScheduler" => Ok(Self::Dpm2),
             other => Err(Error::Scheduler(format!(
                 "scheduler class {other:?} is not implemented; choose one with --sampler ({})",
                 Self::ALL.map(|s| s.name()).join(", ")
@@ -133,6 +144,8 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
         SamplerKind::Ddim => Box::new(Ddim::new(config, steps)?),
         SamplerKind::Heun => Box::new(HeunDiscrete::new(config, steps, false)?),
         SamplerKind::HeunKarras => Box::new(HeunDiscrete::new(config, steps, true)?),
+        SamplerKind::Dpm2 => Box::new(KDpm2Discrete::new(config, steps, false)?),
+        SamplerKind::Dpm2Karras => Box::new(KDpm2Discrete::new(config, steps, true)?),
     })
 }
 
@@ -285,6 +298,29 @@ pub(crate) fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
     let (low, high) = (log_sigmas[low_idx], log_sigmas[high_idx]);
     let w = ((low - log_sigma) / (low - high)).clamp(0.0, 1.0);
     (1.0 - w) * low_idx as f64 + w * high_idx as f64
+}
+
+/// diffusers' `_sigma_to_t` over a float32 table, with numpy's promotions: the distance to
+/// the table in float64, the bracket's width `low − high` in float32.
+pub(crate) fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f32]) -> f64 {
+    let log_sigma = sigma.max(1e-10).ln();
+    let below = log_sigmas.iter().filter(|&&ls| log_sigma - ls as f64 >= 0.0).count();
+    // cumsum(dists >= 0).argmax(): the last index where the count first reaches its maximum.
+    let mut cum = 0usize;
+    let mut low_idx = 0usize;
+    for (i, ls) in log_sigmas.iter().enumerate() {
+        if log_sigma - *ls as f64 >= 0.0 {
+            cum += 1;
+            if cum == below {
+                low_idx = i;
+                break;
+            }
+        }
+    }
+    let low_idx = low_idx.min(log_sigmas.len() - 2);
+    let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
+    let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
+    (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
 }
 
 /// Karras et al. (2022) schedule between the ends of `in_sigmas` (or the config's overrides).

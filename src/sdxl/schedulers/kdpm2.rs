@@ -1,0 +1,111 @@
+//! diffusers `KDPM2DiscreteScheduler` (A1111's "DPM2"): Katherine Crowson's second-order DPM
+//! solver. Each step goes to the geometric midpoint of the two noise levels with an Euler step,
+//! evaluates the model there, and takes the whole step with that midpoint derivative; N steps make
+//! 2N − 1 model calls, the midpoints' timesteps interleaved with the steps' as diffusers does.
+//! The midpoint sigmas are computed as diffusers computes them (log, lerp at 0.5, exp in
+//! float32); its timesteps come from the float32 log-sigma table.
+
+use candle_core::Tensor;
+use serde_json::Value;
+
+use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
+use super::{interp, karras, round_half_even, scale, sigma_to_t_f32, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use crate::error::{Error, Result};
+
+pub struct KDpm2Discrete {
+    timesteps: Vec<f64>,
+    /// `[σ0, σ1, σ1, …, σN−1, σN−1, 0, 0, 0]` as diffusers interleaves them.
+    sigmas: Vec<f64>,
+    /// The midpoints, interleaved the same way.
+    sigmas_interpol: Vec<f64>,
+    init_noise_sigma: f64,
+    prediction: Prediction,
+    /// The sample at the start of a step, kept while the midpoint is evaluated.
+    start: Option<Tensor>,
+}
+
+/// torch.lerp(a, b, 0.5) in float32 (torch switches formula at weight 0.5).
+fn lerp_half(a: f32, b: f32) -> f32 {
+    b - (b - a) * 0.5
+}
+
+impl KDpm2Discrete {
+    pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
+        let c = ConfigReader(config);
+        let sched = NoiseSchedule::from_config(&c, 0.00085, 0.012, "linear")?;
+        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
+        let prediction = Prediction::from_config(&c, false)?;
+        let spacing = c.string("timestep_spacing", "linspace")?;
+        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
+        let train = sched.train_sigmas();
+        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
+        if force_karras || c.bool("use_karras_sigmas", false)? {
+            sigmas = karras(&sigmas, steps, &c)?;
+            timesteps = sigmas.iter().map(|&s| round_half_even(sigma_to_t_f32(s, &log_sigmas)) as f32 as f64).collect();
+        }
+        sigmas.push(0.0);
+        let s32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
+        let n = s32.len();
+        // sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp(): index 0 pairs with the final 0.
+        let interpol: Vec<f32> = (0..n).map(|i| lerp_half(s32[i].ln(), s32[(i + n - 1) % n].ln()).exp()).collect();
+        let inter = |v: &[f32]| -> Vec<f64> {
+            let mut out = vec![v[0] as f64];
+            for x in &v[1..] {
+                out.extend([*x as f64, *x as f64]);
+            }
+            out.push(v[v.len() - 1] as f64);
+            out
+        };
+        let ti: Vec<f64> = interpol.iter().map(|&s| if s.is_finite() { sigma_to_t_f32(s as f64, &log_sigmas) as f32 as f64 } else { f64::NAN }).collect();
+        if ti.len() < 2 {
+            return Err(Error::Scheduler("DPM2 needs at least one step".into()));
+        }
+        let mut ts = vec![timesteps[0]];
+        for k in 1..timesteps.len() {
+            ts.extend([ti[k], timesteps[k]]);
+        }
+        let sigmas_f64: Vec<f64> = s32.iter().map(|&s| s as f64).collect();
+        Ok(Self {
+            init_noise_sigma: init_noise_sigma(&sigmas_f64, &spacing),
+            timesteps: ts,
+            sigmas: inter(&s32),
+            sigmas_interpol: inter(&interpol),
+            prediction,
+            start: None,
+        })
+    }
+}
+
+impl Scheduler for KDpm2Discrete {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.sigmas)
+    }
+    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let s = if self.start.is_none() { self.sigmas[i] } else { self.sigmas_interpol[i] };
+        scale(sample, 1.0 / (s * s + 1.0).sqrt())
+    }
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+        match self.start.take() {
+            None => {
+                let (sigma, mid) = (self.sigmas[i], self.sigmas_interpol[i + 1]);
+                let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
+                let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;
+                self.start = Some(sample.clone());
+                Ok((sample + scale(&derivative, mid - sigma)?)?)
+            }
+            Some(start) => {
+                let (sigma, mid, next) = (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i]);
+                let x0 = predict_x0(self.prediction, model_output, sample, mid)?;
+                let derivative = scale(&(sample - x0)?, 1.0 / mid)?;
+                Ok((start + scale(&derivative, next - sigma)?)?)
+            }
+        }
+    }
+}
