@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from diffusers import HeunDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "sdxl", "tiny2")
@@ -18,6 +18,7 @@ SAMPLERS = {
     "heun_karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
+    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
 }
 
 
@@ -42,6 +43,7 @@ def main():
         dict(sampler="heun_karras", steps=4, cfg=3.0, prompt="a red house", negative="blurry", batch=2, seed=3),
         dict(sampler="dpm2", steps=5, cfg=5.0, prompt="a photo of a dog", negative=None, batch=1, seed=21),
         dict(sampler="dpm2_karras", steps=6, cfg=4.0, prompt="a green tree", negative="ugly", batch=1, seed=5),
+        dict(sampler="dpm2_a", steps=5, cfg=5.0, prompt="a blue dog", negative=None, batch=2, seed=99),
     ]
     for i, case in enumerate(cases):
         cls, kw = SAMPLERS[case["sampler"]]

@@ -109,3 +109,111 @@ impl Scheduler for KDpm2Discrete {
         }
     }
 }
+
+/// diffusers `KDPM2AncestralDiscreteScheduler` (A1111's "DPM2 a"): DPM2's midpoint step towards
+/// the ancestral step's lower noise level, then fresh noise of the ancestral amount, drawn from the
+/// run's noise source (so seeds match diffusers' generator stream).
+pub struct KDpm2Ancestral {
+    timesteps: Vec<f64>,
+    /// Per step k (not interleaved): σ, the midpoint, σ_up and σ_down.
+    sigma: Vec<f64>,
+    mid: Vec<f64>,
+    up: Vec<f64>,
+    down: Vec<f64>,
+    /// Interleaved as diffusers keeps its `sigmas` (for `sigmas()`).
+    interleaved: Vec<f64>,
+    init_noise_sigma: f64,
+    prediction: Prediction,
+    start: Option<Tensor>,
+}
+
+impl KDpm2Ancestral {
+    pub fn new(config: &Value, steps: usize) -> Result<Self> {
+        let c = ConfigReader(config);
+        let sched = NoiseSchedule::from_config(&c, 0.00085, 0.012, "linear")?;
+        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
+        let prediction = Prediction::from_config(&c, false)?;
+        let spacing = c.string("timestep_spacing", "linspace")?;
+        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
+        let train = sched.train_sigmas();
+        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
+        if c.bool("use_karras_sigmas", false)? {
+            sigmas = karras(&sigmas, steps, &c)?;
+            timesteps = sigmas.iter().map(|&s| round_half_even(sigma_to_t_f32(s, &log_sigmas)) as f32 as f64).collect();
+        }
+        sigmas.push(0.0);
+        // The ancestral split and the midpoints in float32, as torch computes them.
+        let s: Vec<f32> = sigmas.iter().map(|&x| x as f32).collect();
+        let n = s.len();
+        let next: Vec<f32> = (0..n).map(|k| if k + 1 < n { s[k + 1] } else { 0.0 }).collect();
+        let up: Vec<f32> = (0..n).map(|k| (next[k] * next[k] * (s[k] * s[k] - next[k] * next[k]) / (s[k] * s[k])).sqrt()).collect();
+        let mut down: Vec<f32> = (0..n).map(|k| (next[k] * next[k] - up[k] * up[k]).sqrt()).collect();
+        down[n - 1] = 0.0;
+        let mut mid: Vec<f32> = (0..n).map(|k| lerp_half(s[k].ln(), down[k].ln()).exp()).collect();
+        mid[n - 1] = 0.0;
+        if n >= 2 {
+            mid[n - 2] = 0.0;
+        }
+        let ti: Vec<f64> = mid.iter().map(|&m| sigma_to_t_f32(m as f64, &log_sigmas) as f32 as f64).collect();
+        let mut ts = vec![timesteps[0]];
+        for k in 0..timesteps.len().saturating_sub(1) {
+            ts.extend([ti[k], timesteps[k + 1]]);
+        }
+        let mut interleaved = vec![s[0] as f64];
+        for x in &s[1..] {
+            interleaved.extend([*x as f64, *x as f64]);
+        }
+        interleaved.push(s[n - 1] as f64);
+        let f = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
+        Ok(Self {
+            init_noise_sigma: init_noise_sigma(&interleaved, &spacing),
+            timesteps: ts,
+            sigma: f(s),
+            mid: f(mid),
+            up: f(up),
+            down: f(down),
+            interleaved,
+            prediction,
+            start: None,
+        })
+    }
+}
+
+impl Scheduler for KDpm2Ancestral {
+    fn timesteps(&self) -> &[f64] {
+        &self.timesteps
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        self.init_noise_sigma
+    }
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.interleaved)
+    }
+    fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
+        let k = i / 2;
+        let s = if self.start.is_none() { self.sigma[k] } else { self.mid[k] };
+        scale(sample, 1.0 / (s * s + 1.0).sqrt())
+    }
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
+        // Step i belongs to step k of the schedule: i = 2k (to the midpoint) or 2k + 1 (the rest).
+        let k = i / 2;
+        match self.start.take() {
+            None => {
+                let (sigma, mid) = (self.sigma[k], self.mid[k]);
+                let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
+                let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;
+                self.start = Some(sample.clone());
+                Ok((sample + scale(&derivative, mid - sigma)?)?)
+            }
+            Some(start) => {
+                let (sigma, mid, up, down) = (self.sigma[k], self.mid[k], self.up[k], self.down[k]);
+                let x0 = predict_x0(self.prediction, model_output, sample, mid)?;
+                let derivative = scale(&(sample - x0)?, 1.0 / mid)?;
+                let prev = (start + scale(&derivative, down - sigma)?)?;
+                let n = noise(model_output.dims())?.to_dtype(prev.dtype())?.to_device(prev.device())?;
+                Ok((prev + scale(&n, up)?)?)
+            }
+        }
+    }
+}

@@ -25,7 +25,7 @@ pub use dpm_solver::DpmSolverMultistep;
 pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestralDiscrete;
 pub use heun::HeunDiscrete;
-pub use kdpm2::KDpm2Discrete;
+pub use kdpm2::{KDpm2Ancestral, KDpm2Discrete};
 
 /// The samplers users choose by name (CLI `--sampler`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -40,11 +40,22 @@ pub enum SamplerKind {
     HeunKarras,
     Dpm2,
     Dpm2Karras,
+    Dpm2A,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 9] =
-        [Self::Euler, Self::EulerA, Self::Dpmpp2m, Self::Dpmpp2mKarras, Self::Ddim, Self::Heun, Self::HeunKarras, Self::Dpm2, Self::Dpm2Karras];
+    pub const ALL: [SamplerKind; 10] = [
+        Self::Euler,
+        Self::EulerA,
+        Self::Dpmpp2m,
+        Self::Dpmpp2mKarras,
+        Self::Ddim,
+        Self::Heun,
+        Self::HeunKarras,
+        Self::Dpm2,
+        Self::Dpm2Karras,
+        Self::Dpm2A,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -57,6 +68,7 @@ impl SamplerKind {
             Self::HeunKarras => "heun_karras",
             Self::Dpm2 => "dpm2",
             Self::Dpm2Karras => "dpm2_karras",
+            Self::Dpm2A => "dpm2_a",
         }
     }
 
@@ -72,6 +84,7 @@ impl SamplerKind {
             Self::HeunKarras => "Heun Karras",
             Self::Dpm2 => "DPM2",
             Self::Dpm2Karras => "DPM2 Karras",
+            Self::Dpm2A => "DPM2 a",
         }
     }
 
@@ -89,6 +102,7 @@ impl SamplerKind {
             "HeunDiscreteScheduler" => Ok(Self::Heun),
             "KDPM2DiscreteScheduler" if karras => Ok(Self::Dpm2Karras),
             "KDPM2DiscreteScheduler" => Ok(Self::Dpm2),
+            "KDPM2AncestralDiscreteScheduler" if !karras => Ok(Self::Dpm2A),
             other => Err(Error::Scheduler(format!(
                 "scheduler class {other:?} is not implemented; choose one with --sampler ({})",
                 Self::ALL.map(|s| s.name()).join(", ")
@@ -146,6 +160,7 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
         SamplerKind::HeunKarras => Box::new(HeunDiscrete::new(config, steps, true)?),
         SamplerKind::Dpm2 => Box::new(KDpm2Discrete::new(config, steps, false)?),
         SamplerKind::Dpm2Karras => Box::new(KDpm2Discrete::new(config, steps, true)?),
+        SamplerKind::Dpm2A => Box::new(KDpm2Ancestral::new(config, steps)?),
     })
 }
 
