@@ -148,6 +148,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m" => s.sampler = "dpmpp_2m_karras".into(),
                 "Schedule type" if v == "Karras" && s.sampler == "heun" => s.sampler = "heun_karras".into(),
                 "Schedule type" if v == "Karras" && s.sampler == "dpm2" => s.sampler = "dpm2_karras".into(),
+                "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m_sde" => s.sampler = "dpmpp_2m_sde_karras".into(),
                 "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
                 "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
                 "Size" => {
@@ -278,5 +279,7 @@ mod tests {
         assert_eq!(s.sampler, "heun");
         let s = parse_parameters("a cat\nSteps: 20, Sampler: DPM2, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
         assert_eq!(s.sampler, "dpm2_karras");
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
+        assert_eq!(s.sampler, "dpmpp_2m_sde_karras");
     }
 }

@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from diffusers import HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "sdxl", "tiny2")
@@ -19,6 +19,8 @@ SAMPLERS = {
     "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm2_karras": (KDPM2DiscreteScheduler, {"use_karras_sigmas": True}),
     "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
 }
 
 
@@ -44,6 +46,8 @@ def main():
         dict(sampler="dpm2", steps=5, cfg=5.0, prompt="a photo of a dog", negative=None, batch=1, seed=21),
         dict(sampler="dpm2_karras", steps=6, cfg=4.0, prompt="a green tree", negative="ugly", batch=1, seed=5),
         dict(sampler="dpm2_a", steps=5, cfg=5.0, prompt="a blue dog", negative=None, batch=2, seed=99),
+        dict(sampler="dpmpp_2m_sde", steps=6, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=4),
+        dict(sampler="dpmpp_2m_sde_karras", steps=8, cfg=3.0, prompt="a red house", negative="blurry", batch=2, seed=8),
     ]
     for i, case in enumerate(cases):
         cls, kw = SAMPLERS[case["sampler"]]

@@ -1,5 +1,7 @@
 //! diffusers `DPMSolverMultistepScheduler` as DPM++ 2M (`algorithm_type = "dpmsolver++"`,
-//! order 2), with or without Karras sigmas. The sampler name fixes the algorithm and order;
+//! order 2) and DPM++ 2M SDE (`"sde-dpmsolver++"`: the same multistep update with part of the
+//! noise replaced by fresh noise each step, drawn from the run's torch-compatible stream), with
+//! or without Karras sigmas. The sampler name fixes the algorithm and order;
 //! the rest (spacing, offsets, final sigma, solver type) comes from the folder's config.
 
 use candle_core::Tensor;
@@ -16,6 +18,8 @@ pub struct DpmSolverMultistep {
     lower_order_final: bool,
     euler_at_final: bool,
     final_zero: bool,
+    /// `sde-dpmsolver++`.
+    sde: bool,
     /// The last two data predictions (x0), newest last.
     history: Vec<Tensor>,
     lower_order_nums: usize,
@@ -33,7 +37,7 @@ fn lambda(sigma: f64) -> f64 {
 }
 
 impl DpmSolverMultistep {
-    pub fn new(config: &Value, steps: usize, use_karras: bool) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, use_karras: bool, sde: bool) -> Result<Self> {
         let c = ConfigReader(config);
         let sched = NoiseSchedule::from_config(&c, 0.0001, 0.02, "linear")?;
         c.refuse_true(&["thresholding", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
@@ -107,6 +111,7 @@ impl DpmSolverMultistep {
             lower_order_final: c.bool("lower_order_final", true)?,
             euler_at_final: c.bool("euler_at_final", false)?,
             final_zero: final_type == "zero",
+            sde,
             history: Vec::with_capacity(2),
             lower_order_nums: 0,
         })
@@ -135,7 +140,7 @@ impl Scheduler for DpmSolverMultistep {
     fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
         Ok(sample.clone())
     }
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let len = self.timesteps.len();
         let lower_final = i == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);
         let x0 = self.data_prediction(model_output, sample, self.sigmas[i])?;
@@ -148,20 +153,32 @@ impl Scheduler for DpmSolverMultistep {
         let (alpha_t, sigma_t) = alpha_sigma(s_t);
         let (_, sigma_s0) = alpha_sigma(s_s0);
         let h = lambda(s_t) - lambda(s_s0);
-        let phi = alpha_t * ((-h).exp() - 1.0);
         let ratio = sigma_t / sigma_s0;
-        let prev = if self.lower_order_nums < 1 || lower_final {
-            (scale(sample, ratio)? - scale(&x0, phi)?)?
-        } else {
-            let m1 = &self.history[0];
+        let second = !(self.lower_order_nums < 1 || lower_final);
+        let d1 = if second {
             let h0 = lambda(s_s0) - lambda(self.sigmas[i - 1]);
-            let r0 = h0 / h;
-            let d1 = scale(&(&x0 - m1)?, 1.0 / r0)?;
+            Some(scale(&(&x0 - &self.history[0])?, h / h0)?)
+        } else {
+            None
+        };
+        let prev = if self.sde {
+            // Drawn at every step, as diffusers draws it, so the stream stays aligned.
+            let noise = noise(model_output.dims())?.to_dtype(sample.dtype())?.to_device(sample.device())?;
+            let e2h = (-2.0 * h).exp();
+            let c0 = alpha_t * (1.0 - e2h);
+            let mut x = (scale(sample, ratio * (-h).exp())? + scale(&x0, c0)?)?;
+            if let Some(d1) = &d1 {
+                let c1 = if self.midpoint { 0.5 * c0 } else { alpha_t * ((1.0 - e2h) / (-2.0 * h) + 1.0) };
+                x = (x + scale(d1, c1)?)?;
+            }
+            (x + scale(&noise, sigma_t * (1.0 - e2h).sqrt())?)?
+        } else {
+            let phi = alpha_t * ((-h).exp() - 1.0);
             let base = (scale(sample, ratio)? - scale(&x0, phi)?)?;
-            if self.midpoint {
-                (base - scale(&d1, 0.5 * phi)?)?
-            } else {
-                (base + scale(&d1, alpha_t * (((-h).exp() - 1.0) / h + 1.0))?)?
+            match &d1 {
+                None => base,
+                Some(d1) if self.midpoint => (base - scale(d1, 0.5 * phi)?)?,
+                Some(d1) => (base + scale(d1, alpha_t * (((-h).exp() - 1.0) / h + 1.0))?)?,
             }
         };
         if self.lower_order_nums < 2 {

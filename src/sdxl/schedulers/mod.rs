@@ -41,10 +41,12 @@ pub enum SamplerKind {
     Dpm2,
     Dpm2Karras,
     Dpm2A,
+    Dpmpp2mSde,
+    Dpmpp2mSdeKarras,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 10] = [
+    pub const ALL: [SamplerKind; 12] = [
         Self::Euler,
         Self::EulerA,
         Self::Dpmpp2m,
@@ -55,6 +57,8 @@ impl SamplerKind {
         Self::Dpm2,
         Self::Dpm2Karras,
         Self::Dpm2A,
+        Self::Dpmpp2mSde,
+        Self::Dpmpp2mSdeKarras,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +73,8 @@ impl SamplerKind {
             Self::Dpm2 => "dpm2",
             Self::Dpm2Karras => "dpm2_karras",
             Self::Dpm2A => "dpm2_a",
+            Self::Dpmpp2mSde => "dpmpp_2m_sde",
+            Self::Dpmpp2mSdeKarras => "dpmpp_2m_sde_karras",
         }
     }
 
@@ -85,6 +91,8 @@ impl SamplerKind {
             Self::Dpm2 => "DPM2",
             Self::Dpm2Karras => "DPM2 Karras",
             Self::Dpm2A => "DPM2 a",
+            Self::Dpmpp2mSde => "DPM++ 2M SDE",
+            Self::Dpmpp2mSdeKarras => "DPM++ 2M SDE Karras",
         }
     }
 
@@ -92,9 +100,12 @@ impl SamplerKind {
     pub fn from_config(config: &Value) -> Result<Self> {
         let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("EulerDiscreteScheduler");
         let karras = config.get("use_karras_sigmas").and_then(Value::as_bool).unwrap_or(false);
+        let sde = config.get("algorithm_type").and_then(Value::as_str) == Some("sde-dpmsolver++");
         match class {
             "EulerDiscreteScheduler" => Ok(Self::Euler),
             "EulerAncestralDiscreteScheduler" => Ok(Self::EulerA),
+            "DPMSolverMultistepScheduler" if sde && karras => Ok(Self::Dpmpp2mSdeKarras),
+            "DPMSolverMultistepScheduler" if sde => Ok(Self::Dpmpp2mSde),
             "DPMSolverMultistepScheduler" if karras => Ok(Self::Dpmpp2mKarras),
             "DPMSolverMultistepScheduler" => Ok(Self::Dpmpp2m),
             "DDIMScheduler" => Ok(Self::Ddim),
@@ -153,8 +164,10 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
     Ok(match kind {
         SamplerKind::Euler => Box::new(EulerDiscrete::new(config, steps)?),
         SamplerKind::EulerA => Box::new(EulerAncestralDiscrete::new(config, steps)?),
-        SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, false)?),
-        SamplerKind::Dpmpp2mKarras => Box::new(DpmSolverMultistep::new(config, steps, true)?),
+        SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, false, false)?),
+        SamplerKind::Dpmpp2mKarras => Box::new(DpmSolverMultistep::new(config, steps, true, false)?),
+        SamplerKind::Dpmpp2mSde => Box::new(DpmSolverMultistep::new(config, steps, false, true)?),
+        SamplerKind::Dpmpp2mSdeKarras => Box::new(DpmSolverMultistep::new(config, steps, true, true)?),
         SamplerKind::Ddim => Box::new(Ddim::new(config, steps)?),
         SamplerKind::Heun => Box::new(HeunDiscrete::new(config, steps, false)?),
         SamplerKind::HeunKarras => Box::new(HeunDiscrete::new(config, steps, true)?),
@@ -394,8 +407,8 @@ mod tests {
         for k in SamplerKind::ALL {
             assert_eq!(k.name().parse::<SamplerKind>().unwrap(), k);
         }
-        let e = "heun".parse::<SamplerKind>().unwrap_err().to_string();
-        assert!(e.contains("unknown sampler \"heun\"") && e.contains("dpmpp_2m_karras"), "{e}");
+        let e = "lms".parse::<SamplerKind>().unwrap_err().to_string();
+        assert!(e.contains("unknown sampler \"lms\"") && e.contains("dpmpp_2m_karras"), "{e}");
     }
 
     #[test]
