@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "sdxl", "tiny2")
@@ -21,6 +21,7 @@ SAMPLERS = {
     "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
+    "lcm": (LCMScheduler, {}),
 }
 
 
@@ -35,11 +36,10 @@ def main():
         for steps in (4, 7):
             s = cls.from_config(cfg, **kw)
             s.set_timesteps(steps)
-            js["schedulers"][name][str(steps)] = {
-                "timesteps": [float(t) for t in s.timesteps],
-                "sigmas": [float(x) for x in s.sigmas],
-                "init_noise_sigma": float(s.init_noise_sigma),
-            }
+            e = {"timesteps": [float(t) for t in s.timesteps], "init_noise_sigma": float(s.init_noise_sigma)}
+            if hasattr(s, "sigmas"):
+                e["sigmas"] = [float(x) for x in s.sigmas]
+            js["schedulers"][name][str(steps)] = e
     cases = [
         dict(sampler="heun", steps=5, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=11),
         dict(sampler="heun_karras", steps=4, cfg=3.0, prompt="a red house", negative="blurry", batch=2, seed=3),
@@ -48,6 +48,7 @@ def main():
         dict(sampler="dpm2_a", steps=5, cfg=5.0, prompt="a blue dog", negative=None, batch=2, seed=99),
         dict(sampler="dpmpp_2m_sde", steps=6, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=4),
         dict(sampler="dpmpp_2m_sde_karras", steps=8, cfg=3.0, prompt="a red house", negative="blurry", batch=2, seed=8),
+        dict(sampler="lcm", steps=4, cfg=1.5, prompt="a photo of a dog", negative=None, batch=2, seed=17),
     ]
     for i, case in enumerate(cases):
         cls, kw = SAMPLERS[case["sampler"]]

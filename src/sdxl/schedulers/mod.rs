@@ -12,6 +12,7 @@ mod euler;
 mod euler_ancestral;
 mod heun;
 mod kdpm2;
+mod lcm;
 
 use std::str::FromStr;
 
@@ -26,6 +27,7 @@ pub use euler::EulerDiscrete;
 pub use euler_ancestral::EulerAncestralDiscrete;
 pub use heun::HeunDiscrete;
 pub use kdpm2::{KDpm2Ancestral, KDpm2Discrete};
+pub use lcm::Lcm;
 
 /// The samplers users choose by name (CLI `--sampler`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -43,10 +45,11 @@ pub enum SamplerKind {
     Dpm2A,
     Dpmpp2mSde,
     Dpmpp2mSdeKarras,
+    Lcm,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 12] = [
+    pub const ALL: [SamplerKind; 13] = [
         Self::Euler,
         Self::EulerA,
         Self::Dpmpp2m,
@@ -59,6 +62,7 @@ impl SamplerKind {
         Self::Dpm2A,
         Self::Dpmpp2mSde,
         Self::Dpmpp2mSdeKarras,
+        Self::Lcm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -75,6 +79,7 @@ impl SamplerKind {
             Self::Dpm2A => "dpm2_a",
             Self::Dpmpp2mSde => "dpmpp_2m_sde",
             Self::Dpmpp2mSdeKarras => "dpmpp_2m_sde_karras",
+            Self::Lcm => "lcm",
         }
     }
 
@@ -93,6 +98,7 @@ impl SamplerKind {
             Self::Dpm2A => "DPM2 a",
             Self::Dpmpp2mSde => "DPM++ 2M SDE",
             Self::Dpmpp2mSdeKarras => "DPM++ 2M SDE Karras",
+            Self::Lcm => "LCM",
         }
     }
 
@@ -114,6 +120,7 @@ impl SamplerKind {
             "KDPM2DiscreteScheduler" if karras => Ok(Self::Dpm2Karras),
             "KDPM2DiscreteScheduler" => Ok(Self::Dpm2),
             "KDPM2AncestralDiscreteScheduler" if !karras => Ok(Self::Dpm2A),
+            "LCMScheduler" => Ok(Self::Lcm),
             other => Err(Error::Scheduler(format!(
                 "scheduler class {other:?} is not implemented; choose one with --sampler ({})",
                 Self::ALL.map(|s| s.name()).join(", ")
@@ -174,6 +181,7 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
         SamplerKind::Dpm2 => Box::new(KDpm2Discrete::new(config, steps, false)?),
         SamplerKind::Dpm2Karras => Box::new(KDpm2Discrete::new(config, steps, true)?),
         SamplerKind::Dpm2A => Box::new(KDpm2Ancestral::new(config, steps)?),
+        SamplerKind::Lcm => Box::new(Lcm::new(config, steps)?),
     })
 }
 
