@@ -60,15 +60,8 @@ impl Ddim {
 }
 
 impl Scheduler for Ddim {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    unit_noise_getters!();
+
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as i64;
         let prev_t = t - self.step_ratio as i64;

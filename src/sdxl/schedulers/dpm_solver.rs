@@ -128,18 +128,11 @@ impl DpmSolverMultistep {
 }
 
 impl Scheduler for DpmSolverMultistep {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
+    unit_noise_getters!();
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
     }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let len = self.timesteps.len();
         let lower_final = i == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);

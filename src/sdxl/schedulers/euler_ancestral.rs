@@ -30,15 +30,7 @@ impl EulerAncestralDiscrete {
 }
 
 impl Scheduler for EulerAncestralDiscrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
+    sigma_table_getters!();
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let s = self.sigmas[i];
         scale(sample, 1.0 / (s * s + 1.0).sqrt())

@@ -6,8 +6,8 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
-use super::{interp, karras, scale, sigma_to_t_f32, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use super::euler::{init_noise_sigma, predict_x0};
+use super::{interleave, k_diffusion_schedule, KSchedule, scale, ConfigReader, NoiseSource, Prediction, Scheduler};
 use crate::error::Result;
 
 pub struct HeunDiscrete {
@@ -24,45 +24,23 @@ pub struct HeunDiscrete {
 impl HeunDiscrete {
     pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
         let c = ConfigReader(config);
-        let sched = NoiseSchedule::from_config(&c, 0.00085, 0.012, "linear")?;
-        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
-        let spacing = c.string("timestep_spacing", "linspace")?;
-        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
-        let train = sched.train_sigmas();
-        // Heun keeps the log-sigma table in float32 (numpy), unlike Euler.
-        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
-        if force_karras || c.bool("use_karras_sigmas", false)? {
-            sigmas = karras(&sigmas, steps, &c)?;
-            timesteps = sigmas.iter().map(|&s| sigma_to_t_f32(s, &log_sigmas) as f32 as f64).collect();
-        }
+        let KSchedule { timesteps, mut sigmas, spacing, .. } = k_diffusion_schedule(&c, steps, force_karras, false)?;
         sigmas.push(0.0);
-        let sigmas: Vec<f64> = sigmas.into_iter().map(|s| s as f32 as f64).collect();
-        let init = init_noise_sigma(&sigmas, &spacing);
-        let mut inter = vec![sigmas[0]];
-        for s in &sigmas[1..sigmas.len() - 1] {
-            inter.extend([*s, *s]);
-        }
-        inter.push(sigmas[sigmas.len() - 1]);
-        let mut ts = vec![timesteps[0]];
-        for t in &timesteps[1..] {
-            ts.extend([*t, *t]);
-        }
+        let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
+        let init = init_noise_sigma(&sigmas.iter().map(|&s| s as f64).collect::<Vec<_>>(), &spacing);
+        // Heun's interleaving drops the final sigma's repeat: [σ0, σ1, σ1, …, σN−1, σN−1, 0].
+        let mut inter = interleave(&sigmas[..sigmas.len() - 1]);
+        inter.pop();
+        inter.push(0.0);
+        let mut ts = interleave(&timesteps);
+        ts.pop();
         let clip = if c.bool("clip_sample", false)? { Some(c.f64("clip_sample_range", 1.0)?) } else { None };
         Ok(Self { timesteps: ts, sigmas: inter, init_noise_sigma: init, prediction: Prediction::from_config(&c, true)?, clip, pending: None })
     }
 }
 
 impl Scheduler for HeunDiscrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
+    sigma_table_getters!();
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let s = self.sigmas[i];
         scale(sample, 1.0 / (s * s + 1.0).sqrt())

@@ -8,8 +8,8 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
-use super::{interp, karras, round_half_even, scale, sigma_to_t_f32, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use super::euler::{init_noise_sigma, predict_x0};
+use super::{interleave, k_diffusion_schedule, KSchedule, scale, sigma_to_t_f32, ConfigReader, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
 pub struct KDpm2Discrete {
@@ -32,31 +32,13 @@ fn lerp_half(a: f32, b: f32) -> f32 {
 impl KDpm2Discrete {
     pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
         let c = ConfigReader(config);
-        let sched = NoiseSchedule::from_config(&c, 0.00085, 0.012, "linear")?;
-        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
         let prediction = Prediction::from_config(&c, false)?;
-        let spacing = c.string("timestep_spacing", "linspace")?;
-        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
-        let train = sched.train_sigmas();
-        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
-        if force_karras || c.bool("use_karras_sigmas", false)? {
-            sigmas = karras(&sigmas, steps, &c)?;
-            timesteps = sigmas.iter().map(|&s| round_half_even(sigma_to_t_f32(s, &log_sigmas)) as f32 as f64).collect();
-        }
+        let KSchedule { timesteps, mut sigmas, spacing, log_sigmas } = k_diffusion_schedule(&c, steps, force_karras, true)?;
         sigmas.push(0.0);
         let s32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         let n = s32.len();
         // sigmas.log().lerp(sigmas.roll(1).log(), 0.5).exp(): index 0 pairs with the final 0.
         let interpol: Vec<f32> = (0..n).map(|i| lerp_half(s32[i].ln(), s32[(i + n - 1) % n].ln()).exp()).collect();
-        let inter = |v: &[f32]| -> Vec<f64> {
-            let mut out = vec![v[0] as f64];
-            for x in &v[1..] {
-                out.extend([*x as f64, *x as f64]);
-            }
-            out.push(v[v.len() - 1] as f64);
-            out
-        };
         let ti: Vec<f64> = interpol.iter().map(|&s| if s.is_finite() { sigma_to_t_f32(s as f64, &log_sigmas) as f32 as f64 } else { f64::NAN }).collect();
         if ti.len() < 2 {
             return Err(Error::Scheduler("DPM2 needs at least one step".into()));
@@ -69,8 +51,8 @@ impl KDpm2Discrete {
         Ok(Self {
             init_noise_sigma: init_noise_sigma(&sigmas_f64, &spacing),
             timesteps: ts,
-            sigmas: inter(&s32),
-            sigmas_interpol: inter(&interpol),
+            sigmas: interleave(&s32),
+            sigmas_interpol: interleave(&interpol),
             prediction,
             start: None,
         })
@@ -78,15 +60,7 @@ impl KDpm2Discrete {
 }
 
 impl Scheduler for KDpm2Discrete {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
+    sigma_table_getters!();
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let s = if self.start.is_none() { self.sigmas[i] } else { self.sigmas_interpol[i] };
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
@@ -121,7 +95,7 @@ pub struct KDpm2Ancestral {
     up: Vec<f64>,
     down: Vec<f64>,
     /// Interleaved as diffusers keeps its `sigmas` (for `sigmas()`).
-    interleaved: Vec<f64>,
+    sigmas: Vec<f64>,
     init_noise_sigma: f64,
     prediction: Prediction,
     start: Option<Tensor>,
@@ -130,18 +104,8 @@ pub struct KDpm2Ancestral {
 impl KDpm2Ancestral {
     pub fn new(config: &Value, steps: usize) -> Result<Self> {
         let c = ConfigReader(config);
-        let sched = NoiseSchedule::from_config(&c, 0.00085, 0.012, "linear")?;
-        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
         let prediction = Prediction::from_config(&c, false)?;
-        let spacing = c.string("timestep_spacing", "linspace")?;
-        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
-        let train = sched.train_sigmas();
-        let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
-        if c.bool("use_karras_sigmas", false)? {
-            sigmas = karras(&sigmas, steps, &c)?;
-            timesteps = sigmas.iter().map(|&s| round_half_even(sigma_to_t_f32(s, &log_sigmas)) as f32 as f64).collect();
-        }
+        let KSchedule { timesteps, mut sigmas, spacing, log_sigmas } = k_diffusion_schedule(&c, steps, false, true)?;
         sigmas.push(0.0);
         // The ancestral split and the midpoints in float32, as torch computes them.
         let s: Vec<f32> = sigmas.iter().map(|&x| x as f32).collect();
@@ -160,11 +124,7 @@ impl KDpm2Ancestral {
         for k in 0..timesteps.len().saturating_sub(1) {
             ts.extend([ti[k], timesteps[k + 1]]);
         }
-        let mut interleaved = vec![s[0] as f64];
-        for x in &s[1..] {
-            interleaved.extend([*x as f64, *x as f64]);
-        }
-        interleaved.push(s[n - 1] as f64);
+        let interleaved = interleave(&s);
         let f = |v: Vec<f32>| v.into_iter().map(f64::from).collect::<Vec<f64>>();
         Ok(Self {
             init_noise_sigma: init_noise_sigma(&interleaved, &spacing),
@@ -173,7 +133,7 @@ impl KDpm2Ancestral {
             mid: f(mid),
             up: f(up),
             down: f(down),
-            interleaved,
+            sigmas: interleaved,
             prediction,
             start: None,
         })
@@ -181,15 +141,7 @@ impl KDpm2Ancestral {
 }
 
 impl Scheduler for KDpm2Ancestral {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        self.init_noise_sigma
-    }
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.interleaved)
-    }
+    sigma_table_getters!();
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let k = i / 2;
         let s = if self.start.is_none() { self.sigma[k] } else { self.mid[k] };

@@ -52,15 +52,8 @@ impl Lcm {
 }
 
 impl Scheduler for Lcm {
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-    fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
-        Ok(sample.clone())
-    }
+    unit_noise_getters!();
+
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as usize;
         let last = i + 1 == self.timesteps.len();

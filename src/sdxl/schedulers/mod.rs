@@ -6,6 +6,37 @@
 //! exactly as in diffusers). Numerics follow diffusers: schedule tables in f32, interpolation
 //! in f64, update coefficients as scalars.
 
+/// The getters every sigma-table scheduler shares, over its `timesteps`, `sigmas` and
+/// `init_noise_sigma` fields (a macro: trait default methods cannot read fields).
+macro_rules! sigma_table_getters {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+        fn init_noise_sigma(&self) -> f64 {
+            self.init_noise_sigma
+        }
+        fn sigmas(&self) -> Option<&[f64]> {
+            Some(&self.sigmas)
+        }
+    };
+}
+
+/// The same for schedulers that work in alpha space: unit initial noise, unscaled model input.
+macro_rules! unit_noise_getters {
+    () => {
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
+        }
+        fn scale_model_input(&self, sample: &Tensor, _i: usize) -> Result<Tensor> {
+            Ok(sample.clone())
+        }
+    };
+}
+
 mod ddim;
 mod dpm_solver;
 mod euler;
@@ -357,6 +388,52 @@ pub(crate) fn sigma_to_t_f32(sigma: f64, log_sigmas: &[f32]) -> f64 {
     let (low, high) = (log_sigmas[low_idx], log_sigmas[low_idx + 1]);
     let w = ((low as f64 - log_sigma) / (low - high) as f64).clamp(0.0, 1.0);
     (1.0 - w) * low_idx as f64 + w * (low_idx + 1) as f64
+}
+
+/// The schedule the second-order k-diffusion samplers (Heun, DPM2, DPM2 a) start from.
+pub(crate) struct KSchedule {
+    pub timesteps: Vec<f64>,
+    /// Without the final 0.
+    pub sigmas: Vec<f64>,
+    pub spacing: String,
+    /// The training table's log sigmas in float32, as numpy keeps them.
+    pub log_sigmas: Vec<f32>,
+}
+
+/// [`KSchedule`] as those diffusers classes build it: class defaults for the betas, the Euler
+/// family's timestep spacing, sigmas interpolated from the training table, optionally Karras
+/// sigmas with their timesteps read off the float32 log-sigma table (rounded where the class
+/// rounds them).
+pub(crate) fn k_diffusion_schedule(c: &ConfigReader, steps: usize, karras_sigmas: bool, round_karras_t: bool) -> Result<KSchedule> {
+    let sched = NoiseSchedule::from_config(c, 0.00085, 0.012, "linear")?;
+    c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
+    let spacing = c.string("timestep_spacing", "linspace")?;
+    let mut timesteps = euler::euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
+    let train = sched.train_sigmas();
+    let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
+    let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
+    if karras_sigmas || c.bool("use_karras_sigmas", false)? {
+        sigmas = karras(&sigmas, steps, c)?;
+        timesteps = sigmas
+            .iter()
+            .map(|&s| {
+                let t = sigma_to_t_f32(s, &log_sigmas);
+                (if round_karras_t { round_half_even(t) } else { t }) as f32 as f64
+            })
+            .collect();
+    }
+    Ok(KSchedule { timesteps, sigmas, spacing, log_sigmas })
+}
+
+/// `[x0, x1, x1, x2, x2, …, xn, xn, xn]`: diffusers' interleaving of a schedule for the
+/// second-order samplers (`cat([x[:1], x[1:].repeat_interleave(2), x[-1:]])`).
+pub(crate) fn interleave<T: Copy + Into<f64>>(x: &[T]) -> Vec<f64> {
+    let mut out = vec![x[0].into()];
+    for v in &x[1..] {
+        out.extend([(*v).into(), (*v).into()]);
+    }
+    out.push(x[x.len() - 1].into());
+    out
 }
 
 /// Karras et al. (2022) schedule between the ends of `in_sigmas` (or the config's overrides).
