@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline
+from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline, UniPCMultistepScheduler
 from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "sdxl", "tiny2")
@@ -22,6 +22,8 @@ SAMPLERS = {
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"use_karras_sigmas": False, "algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
     "lcm": (LCMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {"use_karras_sigmas": False}),
+    "unipc_karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
 }
 
 
@@ -49,6 +51,9 @@ def main():
         dict(sampler="dpmpp_2m_sde", steps=6, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=4),
         dict(sampler="dpmpp_2m_sde_karras", steps=8, cfg=3.0, prompt="a red house", negative="blurry", batch=2, seed=8),
         dict(sampler="lcm", steps=4, cfg=1.5, prompt="a photo of a dog", negative=None, batch=2, seed=17),
+        dict(sampler="unipc", steps=7, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=31),
+        dict(sampler="unipc_karras", steps=9, cfg=4.0, prompt="a red house", negative="blurry", batch=2, seed=32),
+        dict(sampler="unipc", steps=2, cfg=3.0, prompt="a blue dog", negative=None, batch=1, seed=33),
     ]
     for i, case in enumerate(cases):
         cls, kw = SAMPLERS[case["sampler"]]

@@ -10,6 +10,72 @@ use serde_json::Value;
 use super::{interp, karras, round_half_even, scale, sigma_to_t, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
+/// The multistep solvers' schedule (DPM-Solver++, UniPC): their own timestep spacing (one more
+/// point than steps, the last dropped), optionally Karras sigmas over the flipped training table,
+/// and the final sigma. Returns int64-like timesteps, float32 sigmas with the final one, and
+/// whether the final sigma is zero.
+pub(crate) fn multistep_schedule(c: &ConfigReader, steps: usize, use_karras: bool) -> Result<(Vec<f64>, Vec<f64>, bool)> {
+    let sched = NoiseSchedule::from_config(c, 0.0001, 0.02, "linear")?;
+    let n = sched.num_train_timesteps;
+    let train = sched.train_sigmas();
+    let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+    // lambda_min_clipped (default -inf) cuts the schedule's low-noise end.
+    let lmc = c.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
+    let clipped_idx = {
+        let mut lambdas: Vec<f64> = sched
+            .alphas_cumprod
+            .iter()
+            .map(|&a| (a.sqrt() as f64).ln() - ((1.0 - a).sqrt() as f64).ln())
+            .collect();
+        lambdas.reverse();
+        lambdas.iter().position(|&l| l >= lmc).unwrap_or(lambdas.len())
+    };
+    let last = n - clipped_idx;
+    let offset = c.usize("steps_offset", 0)?;
+    let spacing = c.string("timestep_spacing", "linspace")?;
+    let mut timesteps: Vec<f64> = match spacing.as_str() {
+        "linspace" => (0..=steps)
+            .rev()
+            .map(|i| round_half_even(i as f64 * ((last - 1) as f64 / steps as f64)))
+            .take(steps)
+            .collect(),
+        "leading" => {
+            let ratio = last / (steps + 1);
+            (0..=steps).rev().map(|i| (i * ratio + offset) as f64).take(steps).collect()
+        }
+        "trailing" => {
+            let ratio = n as f64 / steps as f64;
+            let len = ((0.0 - last as f64) / -ratio).ceil() as usize;
+            (0..len).map(|i| round_half_even(last as f64 - i as f64 * ratio) - 1.0).collect()
+        }
+        other => return Err(Error::Scheduler(format!("timestep_spacing {other:?} is not supported (linspace, leading, trailing)"))),
+    };
+    let mut sigmas: Vec<f64> = if use_karras {
+        let flipped: Vec<f64> = train.iter().rev().copied().collect();
+        let s = karras(&flipped, steps, &c)?;
+        let squaredcos = c.string("beta_schedule", "linear")? == "squaredcos_cap_v2";
+        timesteps = s
+            .iter()
+            .map(|&x| {
+                let t = sigma_to_t(x, &log_sigmas);
+                if squaredcos { t } else { round_half_even(t) }
+            })
+            .collect();
+        s
+    } else {
+        timesteps.iter().map(|&t| interp(t, &train)).collect()
+    };
+    let final_type = c.string("final_sigmas_type", "zero")?;
+    sigmas.push(match final_type.as_str() {
+        "zero" => 0.0,
+        "sigma_min" => train[0],
+        other => return Err(Error::Scheduler(format!("final_sigmas_type {other:?} is not supported (zero, sigma_min)"))),
+    });
+    // Timesteps are int64 in diffusers.
+    let timesteps = timesteps.into_iter().map(|t| t.trunc()).collect();
+    Ok((timesteps, sigmas.into_iter().map(|s| s as f32 as f64).collect(), final_type == "zero"))
+}
+
 pub struct DpmSolverMultistep {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
@@ -39,78 +105,21 @@ fn lambda(sigma: f64) -> f64 {
 impl DpmSolverMultistep {
     pub fn new(config: &Value, steps: usize, use_karras: bool, sde: bool) -> Result<Self> {
         let c = ConfigReader(config);
-        let sched = NoiseSchedule::from_config(&c, 0.0001, 0.02, "linear")?;
         c.refuse_true(&["thresholding", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
-        let n = sched.num_train_timesteps;
-        let train = sched.train_sigmas();
-        let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
-        // lambda_min_clipped (default -inf) cuts the schedule's low-noise end.
-        let lmc = c.f64("lambda_min_clipped", f64::NEG_INFINITY)?;
-        let clipped_idx = {
-            let mut lambdas: Vec<f64> = sched
-                .alphas_cumprod
-                .iter()
-                .map(|&a| (a.sqrt() as f64).ln() - ((1.0 - a).sqrt() as f64).ln())
-                .collect();
-            lambdas.reverse();
-            lambdas.iter().position(|&l| l >= lmc).unwrap_or(lambdas.len())
-        };
-        let last = n - clipped_idx;
-        let offset = c.usize("steps_offset", 0)?;
-        let spacing = c.string("timestep_spacing", "linspace")?;
-        let mut timesteps: Vec<f64> = match spacing.as_str() {
-            "linspace" => (0..=steps)
-                .rev()
-                .map(|i| round_half_even(i as f64 * ((last - 1) as f64 / steps as f64)))
-                .take(steps)
-                .collect(),
-            "leading" => {
-                let ratio = last / (steps + 1);
-                (0..=steps).rev().map(|i| (i * ratio + offset) as f64).take(steps).collect()
-            }
-            "trailing" => {
-                let ratio = n as f64 / steps as f64;
-                let len = ((0.0 - last as f64) / -ratio).ceil() as usize;
-                (0..len).map(|i| round_half_even(last as f64 - i as f64 * ratio) - 1.0).collect()
-            }
-            other => return Err(Error::Scheduler(format!("timestep_spacing {other:?} is not supported (linspace, leading, trailing)"))),
-        };
-        let mut sigmas: Vec<f64> = if use_karras {
-            let flipped: Vec<f64> = train.iter().rev().copied().collect();
-            let s = karras(&flipped, steps, &c)?;
-            let squaredcos = c.string("beta_schedule", "linear")? == "squaredcos_cap_v2";
-            timesteps = s
-                .iter()
-                .map(|&x| {
-                    let t = sigma_to_t(x, &log_sigmas);
-                    if squaredcos { t } else { round_half_even(t) }
-                })
-                .collect();
-            s
-        } else {
-            timesteps.iter().map(|&t| interp(t, &train)).collect()
-        };
-        let final_type = c.string("final_sigmas_type", "zero")?;
-        sigmas.push(match final_type.as_str() {
-            "zero" => 0.0,
-            "sigma_min" => train[0],
-            other => return Err(Error::Scheduler(format!("final_sigmas_type {other:?} is not supported (zero, sigma_min)"))),
-        });
+        let (timesteps, sigmas, final_zero) = multistep_schedule(&c, steps, use_karras)?;
         let midpoint = match c.string("solver_type", "midpoint")?.as_str() {
             "midpoint" => true,
             "heun" => false,
             other => return Err(Error::Scheduler(format!("solver_type {other:?} is not supported (midpoint, heun)"))),
         };
-        // Timesteps are int64 in diffusers.
-        let timesteps = timesteps.into_iter().map(|t| t.trunc()).collect();
         Ok(Self {
             timesteps,
-            sigmas: sigmas.into_iter().map(|s| s as f32 as f64).collect(),
+            sigmas,
             prediction: Prediction::from_config(&c, true)?,
             midpoint,
             lower_order_final: c.bool("lower_order_final", true)?,
             euler_at_final: c.bool("euler_at_final", false)?,
-            final_zero: final_type == "zero",
+            final_zero,
             sde,
             history: Vec::with_capacity(2),
             lower_order_nums: 0,

@@ -44,6 +44,7 @@ mod euler_ancestral;
 mod heun;
 mod kdpm2;
 mod lcm;
+mod unipc;
 
 use std::str::FromStr;
 
@@ -59,6 +60,7 @@ pub use euler_ancestral::EulerAncestralDiscrete;
 pub use heun::HeunDiscrete;
 pub use kdpm2::{KDpm2Ancestral, KDpm2Discrete};
 pub use lcm::Lcm;
+pub use unipc::UniPc;
 
 /// The samplers users choose by name (CLI `--sampler`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -77,10 +79,12 @@ pub enum SamplerKind {
     Dpmpp2mSde,
     Dpmpp2mSdeKarras,
     Lcm,
+    UniPc,
+    UniPcKarras,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 13] = [
+    pub const ALL: [SamplerKind; 15] = [
         Self::Euler,
         Self::EulerA,
         Self::Dpmpp2m,
@@ -94,6 +98,8 @@ impl SamplerKind {
         Self::Dpmpp2mSde,
         Self::Dpmpp2mSdeKarras,
         Self::Lcm,
+        Self::UniPc,
+        Self::UniPcKarras,
     ];
 
     pub fn name(self) -> &'static str {
@@ -111,6 +117,8 @@ impl SamplerKind {
             Self::Dpmpp2mSde => "dpmpp_2m_sde",
             Self::Dpmpp2mSdeKarras => "dpmpp_2m_sde_karras",
             Self::Lcm => "lcm",
+            Self::UniPc => "unipc",
+            Self::UniPcKarras => "unipc_karras",
         }
     }
 
@@ -130,6 +138,8 @@ impl SamplerKind {
             Self::Dpmpp2mSde => "DPM++ 2M SDE",
             Self::Dpmpp2mSdeKarras => "DPM++ 2M SDE Karras",
             Self::Lcm => "LCM",
+            Self::UniPc => "UniPC",
+            Self::UniPcKarras => "UniPC Karras",
         }
     }
 
@@ -152,6 +162,8 @@ impl SamplerKind {
             "KDPM2DiscreteScheduler" => Ok(Self::Dpm2),
             "KDPM2AncestralDiscreteScheduler" if !karras => Ok(Self::Dpm2A),
             "LCMScheduler" => Ok(Self::Lcm),
+            "UniPCMultistepScheduler" if karras => Ok(Self::UniPcKarras),
+            "UniPCMultistepScheduler" => Ok(Self::UniPc),
             other => Err(Error::Scheduler(format!(
                 "scheduler class {other:?} is not implemented; choose one with --sampler ({})",
                 Self::ALL.map(|s| s.name()).join(", ")
@@ -213,6 +225,8 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
         SamplerKind::Dpm2Karras => Box::new(KDpm2Discrete::new(config, steps, true)?),
         SamplerKind::Dpm2A => Box::new(KDpm2Ancestral::new(config, steps)?),
         SamplerKind::Lcm => Box::new(Lcm::new(config, steps)?),
+        SamplerKind::UniPc => Box::new(UniPc::new(config, steps, false)?),
+        SamplerKind::UniPcKarras => Box::new(UniPc::new(config, steps, true)?),
     })
 }
 
