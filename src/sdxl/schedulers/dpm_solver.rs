@@ -52,7 +52,7 @@ pub(crate) fn multistep_schedule(c: &ConfigReader, steps: usize, use_karras: boo
     };
     let mut sigmas: Vec<f64> = if use_karras {
         let flipped: Vec<f64> = train.iter().rev().copied().collect();
-        let s = karras(&flipped, steps, &c)?;
+        let s = karras(&flipped, steps, c)?;
         let squaredcos = c.string("beta_schedule", "linear")? == "squaredcos_cap_v2";
         timesteps = s
             .iter()
