@@ -92,14 +92,25 @@ pub struct DpmSolverMultistep {
 }
 
 /// `(alpha_t, sigma_t)` of the VP process at EDM noise level `sigma`.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
+pub(crate) fn alpha_sigma(sigma: f64) -> (f64, f64) {
     let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
     (alpha, sigma * alpha)
 }
 
-fn lambda(sigma: f64) -> f64 {
+/// The half log-SNR λ = log α − log σ the multistep solvers step in.
+pub(crate) fn lambda(sigma: f64) -> f64 {
     let (a, s) = alpha_sigma(sigma);
     a.ln() - s.ln()
+}
+
+/// The data prediction (x0) the multistep solvers work with, from any prediction type.
+pub(crate) fn data_prediction(prediction: Prediction, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
+    let (alpha_t, sigma_t) = alpha_sigma(sigma);
+    Ok(match prediction {
+        Prediction::Epsilon => scale(&(sample - scale(model_output, sigma_t)?)?, 1.0 / alpha_t)?,
+        Prediction::V => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
+        Prediction::Sample => model_output.clone(),
+    })
 }
 
 impl DpmSolverMultistep {
@@ -126,14 +137,6 @@ impl DpmSolverMultistep {
         })
     }
 
-    fn data_prediction(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        Ok(match self.prediction {
-            Prediction::Epsilon => scale(&(sample - scale(model_output, sigma_t)?)?, 1.0 / alpha_t)?,
-            Prediction::V => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-            Prediction::Sample => model_output.clone(),
-        })
-    }
 }
 
 impl Scheduler for DpmSolverMultistep {
@@ -145,7 +148,7 @@ impl Scheduler for DpmSolverMultistep {
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let len = self.timesteps.len();
         let lower_final = i == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);
-        let x0 = self.data_prediction(model_output, sample, self.sigmas[i])?;
+        let x0 = data_prediction(self.prediction, model_output, sample, self.sigmas[i])?;
         if self.history.len() == 2 {
             self.history.remove(0);
         }

@@ -6,7 +6,7 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::dpm_solver::multistep_schedule;
+use super::dpm_solver::{alpha_sigma, data_prediction, lambda, multistep_schedule};
 use super::{scale, ConfigReader, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
@@ -21,16 +21,6 @@ pub struct UniPc {
     lower_order_nums: usize,
     /// The sample before the last predictor step and that step's order, for the corrector.
     last: Option<(Tensor, usize)>,
-}
-
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
-
-fn lambda(sigma: f64) -> f64 {
-    let (a, s) = alpha_sigma(sigma);
-    a.ln() - s.ln()
 }
 
 impl UniPc {
@@ -64,15 +54,6 @@ impl UniPc {
         })
     }
 
-    fn data_prediction(&self, model_output: &Tensor, sample: &Tensor, sigma: f64) -> Result<Tensor> {
-        let (alpha_t, sigma_t) = alpha_sigma(sigma);
-        Ok(match self.prediction {
-            Prediction::Epsilon => scale(&(sample - scale(model_output, sigma_t)?)?, 1.0 / alpha_t)?,
-            Prediction::V => (scale(sample, alpha_t)? - scale(model_output, sigma_t)?)?,
-            Prediction::Sample => model_output.clone(),
-        })
-    }
-
     /// hh = −h, h·φ₁ = e^hh − 1 and B(h) for a step from `s0` to `t`.
     fn coefficients(&self, s_t: f64, s_s0: f64) -> (f64, f64, f64, f64) {
         let h = lambda(s_t) - lambda(s_s0);
@@ -89,7 +70,7 @@ impl Scheduler for UniPc {
         Some(&self.sigmas)
     }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
-        let x0 = self.data_prediction(model_output, sample, self.sigmas[i])?;
+        let x0 = data_prediction(self.prediction, model_output, sample, self.sigmas[i])?;
         // UniC: correct the sample the last predictor made, with this step's model output.
         let sample = match self.last.take() {
             Some((last_sample, order)) if i > 0 => {
