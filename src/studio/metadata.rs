@@ -150,6 +150,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 "Schedule type" if v == "Karras" && s.sampler == "dpm2" => s.sampler = "dpm2_karras".into(),
                 "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m_sde" => s.sampler = "dpmpp_2m_sde_karras".into(),
                 "Schedule type" if v == "Karras" && s.sampler == "unipc" => s.sampler = "unipc_karras".into(),
+                "Schedule type" if v == "Karras" && s.sampler == "euler" => s.sampler = "euler_karras".into(),
                 "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
                 "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
                 "Size" => {

@@ -9,7 +9,7 @@ import json
 import os
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline, UniPCMultistepScheduler
 from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "sdxl", "tiny2")
@@ -24,6 +24,7 @@ SAMPLERS = {
     "lcm": (LCMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {"use_karras_sigmas": False}),
     "unipc_karras": (UniPCMultistepScheduler, {"use_karras_sigmas": True}),
+    "euler_karras": (EulerDiscreteScheduler, {"use_karras_sigmas": True}),
 }
 
 
@@ -54,6 +55,7 @@ def main():
         dict(sampler="unipc", steps=7, cfg=5.0, prompt="a photo of a cat", negative=None, batch=1, seed=31),
         dict(sampler="unipc_karras", steps=9, cfg=4.0, prompt="a red house", negative="blurry", batch=2, seed=32),
         dict(sampler="unipc", steps=2, cfg=3.0, prompt="a blue dog", negative=None, batch=1, seed=33),
+        dict(sampler="euler_karras", steps=6, cfg=5.0, prompt="a green tree", negative=None, batch=1, seed=34),
     ]
     for i, case in enumerate(cases):
         cls, kw = SAMPLERS[case["sampler"]]

@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     steps: usize,
     #[arg(long, default_value_t = 5.0)]
     cfg: f64,
-    /// euler | euler_a | dpmpp_2m | dpmpp_2m_karras | ddim | heun | heun_karras | dpm2 | dpm2_karras | dpm2_a | dpmpp_2m_sde | dpmpp_2m_sde_karras | lcm | unipc | unipc_karras (default: the model's scheduler).
+    /// euler | euler_a | dpmpp_2m | dpmpp_2m_karras | ddim | heun | heun_karras | dpm2 | dpm2_karras | dpm2_a | dpmpp_2m_sde | dpmpp_2m_sde_karras | lcm | unipc | unipc_karras | euler_karras (default: the model's scheduler).
     #[arg(long)]
     sampler: Option<String>,
     /// Default: a random seed, printed.

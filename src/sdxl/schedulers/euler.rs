@@ -56,7 +56,7 @@ pub struct EulerDiscrete {
 }
 
 impl EulerDiscrete {
-    pub fn new(config: &Value, steps: usize) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
         let c = ConfigReader(config);
         let sched = NoiseSchedule::from_config(&c, 0.0001, 0.02, "linear")?;
         c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
@@ -76,7 +76,7 @@ impl EulerDiscrete {
             }
             other => return Err(Error::Scheduler(format!("interpolation_type {other:?} is not supported (linear, log_linear)"))),
         };
-        if c.bool("use_karras_sigmas", false)? {
+        if force_karras || c.bool("use_karras_sigmas", false)? {
             sigmas = karras(&sigmas, steps, &c)?;
             timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
         }

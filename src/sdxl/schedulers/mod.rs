@@ -81,10 +81,11 @@ pub enum SamplerKind {
     Lcm,
     UniPc,
     UniPcKarras,
+    EulerKarras,
 }
 
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 15] = [
+    pub const ALL: [SamplerKind; 16] = [
         Self::Euler,
         Self::EulerA,
         Self::Dpmpp2m,
@@ -100,6 +101,7 @@ impl SamplerKind {
         Self::Lcm,
         Self::UniPc,
         Self::UniPcKarras,
+        Self::EulerKarras,
     ];
 
     pub fn name(self) -> &'static str {
@@ -119,6 +121,7 @@ impl SamplerKind {
             Self::Lcm => "lcm",
             Self::UniPc => "unipc",
             Self::UniPcKarras => "unipc_karras",
+            Self::EulerKarras => "euler_karras",
         }
     }
 
@@ -140,6 +143,7 @@ impl SamplerKind {
             Self::Lcm => "LCM",
             Self::UniPc => "UniPC",
             Self::UniPcKarras => "UniPC Karras",
+            Self::EulerKarras => "Euler Karras",
         }
     }
 
@@ -149,6 +153,7 @@ impl SamplerKind {
         let karras = config.get("use_karras_sigmas").and_then(Value::as_bool).unwrap_or(false);
         let sde = config.get("algorithm_type").and_then(Value::as_str) == Some("sde-dpmsolver++");
         match class {
+            "EulerDiscreteScheduler" if karras => Ok(Self::EulerKarras),
             "EulerDiscreteScheduler" => Ok(Self::Euler),
             "EulerAncestralDiscreteScheduler" => Ok(Self::EulerA),
             "DPMSolverMultistepScheduler" if sde && karras => Ok(Self::Dpmpp2mSdeKarras),
@@ -212,7 +217,8 @@ pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn 
         return Err(Error::Argument("steps must be at least 1".into()));
     }
     Ok(match kind {
-        SamplerKind::Euler => Box::new(EulerDiscrete::new(config, steps)?),
+        SamplerKind::Euler => Box::new(EulerDiscrete::new(config, steps, false)?),
+        SamplerKind::EulerKarras => Box::new(EulerDiscrete::new(config, steps, true)?),
         SamplerKind::EulerA => Box::new(EulerAncestralDiscrete::new(config, steps)?),
         SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, false, false)?),
         SamplerKind::Dpmpp2mKarras => Box::new(DpmSolverMultistep::new(config, steps, true, false)?),
