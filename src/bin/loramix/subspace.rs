@@ -76,8 +76,11 @@ pub enum SubspaceCommand {
     Rm { name: String },
 }
 
+/// Only the model's layer table is needed (paths, kinds, shapes), so the model is loaded in f16:
+/// half the memory of f32 for a full-size SDXL; no forward pass runs.
 fn targets(model: &str) -> Result<AdapterTargets> {
-    let pipe = SdxlPipeline::load(model, &LoadOptions::default()).with_context(|| format!("loading model {model}"))?;
+    let opts = LoadOptions { dtype: candle_core::DType::F16, ..LoadOptions::default() };
+    let pipe = SdxlPipeline::load(model, &opts).with_context(|| format!("loading model {model}"))?;
     Ok(AdapterTargets::of_pipeline(&pipe))
 }
 
