@@ -454,3 +454,23 @@ impl candle_nn::var_builder::SimpleBackend for WeightSource {
         self.index.contains_key(name)
     }
 }
+
+/// One tensor to write: name, shape, little-endian bytes of `dtype`.
+pub type RawTensor = (String, Vec<usize>, Vec<u8>);
+
+/// A safetensors file's bytes from raw tensors of one dtype (the subspace components and
+/// loadings, training checkpoints and exported LoRAs are all written this way). `what` names the
+/// file in errors.
+pub fn safetensors_bytes(dtype: StDtype, tensors: &[RawTensor], meta: Option<HashMap<String, String>>, what: &str) -> Result<Vec<u8>> {
+    let views = tensors
+        .iter()
+        .map(|(k, shape, b)| safetensors::tensor::TensorView::new(dtype, shape.clone(), b).map(|v| (k.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Argument(format!("{what}: {e}")))?;
+    safetensors::serialize(views, meta).map_err(|e| Error::Argument(format!("{what}: {e}")))
+}
+
+/// f32 values as little-endian bytes.
+pub fn f32_le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}

@@ -32,7 +32,7 @@ use super::network::{LoadReport, LoadedLora, LoraModule, SharedModule};
 use super::targets::AdapterTargets;
 use super::LoraInfo;
 use crate::error::{Error, Result};
-use crate::weights::SafetensorsFile;
+use crate::weights::{safetensors_bytes, RawTensor, SafetensorsFile};
 
 /// Whether the mean column is subtracted before the SVD (and added back on reconstruction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -331,10 +331,6 @@ impl SideBasis {
         let x = self.components_ref() * l;
         (0..r).flat_map(|j| (0..self.dim).map(move |i| (i, j))).map(|(i, j)| x[(i, j)] + self.mean[i]).collect()
     }
-
-    pub fn stored_values(&self, centering: Centering) -> usize {
-        self.dim * self.k + if centering == Centering::Centred { self.dim } else { 0 }
-    }
 }
 
 /// The basis of one module: both sides.
@@ -603,14 +599,8 @@ pub struct SubspaceHeader {
     pub storage: Storage,
 }
 
-fn serialize(storage: Storage, tensors: Vec<(String, Vec<usize>, Vec<u8>)>, meta: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
-    use safetensors::tensor::TensorView;
-    let views = tensors
-        .iter()
-        .map(|(k, shape, b)| TensorView::new(storage.dtype(), shape.clone(), b).map(|v| (k.clone(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Argument(format!("subspace tensors: {e}")))?;
-    safetensors::serialize(views, meta).map_err(|e| Error::Argument(format!("subspace tensors: {e}")))
+fn serialize(storage: Storage, tensors: Vec<RawTensor>, meta: Option<std::collections::HashMap<String, String>>) -> Result<Vec<u8>> {
+    safetensors_bytes(storage.dtype(), &tensors, meta, "subspace tensors")
 }
 
 fn read_f64(file: &SafetensorsFile, name: &str, len: usize) -> Result<Vec<f64>> {

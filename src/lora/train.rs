@@ -25,14 +25,15 @@ use crate::error::{Error, Result};
 use crate::rng::TorchCpuRng;
 use crate::sdxl::pipeline::SdxlPipeline;
 use crate::sdxl::schedulers::{ConfigReader, NoiseSchedule};
+use crate::weights::{f32_le_bytes, safetensors_bytes, RawTensor};
 
 /// What is trained.
 pub enum Trainable<'a> {
     /// A LoRA of this rank on `layers` (qualified paths; empty: kohya's LoCon set, see
     /// [`LOCON_LAYERS`]).
     Full { rank: usize, layers: Vec<String> },
-    /// Loadings of rank `rank` on a subspace's modules (uncentred or centred; the mean, when
-    /// present, is added to the reconstruction as for any member).
+    /// Loadings of rank `rank` on an uncentred subspace's modules (a centred one's mean would be a
+    /// per-member term outside the basis, which the shared-basis forward does not carry).
     Loadings { rank: usize, basis: &'a BTreeMap<String, ModuleBasis> },
 }
 
@@ -159,13 +160,13 @@ pub fn attach_trainable(targets: &AdapterTargets, trainable: &Trainable, name: &
     let dev = targets.targets.first().map(|t| t.layer.base_weight.device().clone()).unwrap_or(Device::Cpu);
     let mut rng = TorchCpuRng::new(seed);
     let mut vars = BTreeMap::new();
+    if matches!(trainable, Trainable::Full { rank: 0, .. } | Trainable::Loadings { rank: 0, .. }) {
+        return Err(Error::Argument("--rank 0: expected at least 1".into()));
+    }
     let unet: Vec<usize> = (0..targets.targets.len()).filter(|&i| targets.targets[i].component == super::keys::Component::Unet).collect();
     match trainable {
         Trainable::Full { rank, layers } => {
             let r = *rank;
-            if r == 0 {
-                return Err(Error::Argument("--rank 0: expected at least 1".into()));
-            }
             for &i in &unet {
                 let t = &targets.targets[i];
                 let path = t.qualified_path();
@@ -189,6 +190,11 @@ pub fn attach_trainable(targets: &AdapterTargets, trainable: &Trainable, name: &
         }
         Trainable::Loadings { rank, basis } => {
             let r = *rank;
+            if basis.values().any(|b| b.up.mean.iter().chain(&b.down.mean).any(|m| *m != 0.0)) {
+                return Err(Error::Argument(
+                    "loadings can be trained on an uncentred subspace only; build one with --centering uncentred (the default)".into(),
+                ));
+            }
             let bases = super::subspace::basis_tensors(basis, targets)?;
             for &i in &unet {
                 let t = &targets.targets[i];
@@ -229,20 +235,13 @@ pub fn attach_trainable(targets: &AdapterTargets, trainable: &Trainable, name: &
 
 /// Writes the trainable tensors and the step (atomically).
 pub fn save_checkpoint(state: &TrainState, path: &Path) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut data: Vec<RawTensor> = Vec::new();
     for (k, v) in &state.vars {
         let t = v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-        let b: Vec<u8> = t.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect();
-        data.push((k.clone(), t.dims().to_vec(), b));
+        data.push((k.clone(), t.dims().to_vec(), f32_le_bytes(&t.flatten_all()?.to_vec1::<f32>()?)));
     }
-    let views = data
-        .iter()
-        .map(|(k, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (k.clone(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Argument(format!("checkpoint tensors: {e}")))?;
     let meta = [("loramix.train.step".to_string(), state.step.to_string())].into();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("checkpoint: {e}")))?;
+    let bytes = safetensors_bytes(safetensors::tensor::Dtype::F32, &data, Some(meta), "checkpoint")?;
     crate::output::write_atomic(path, &bytes)
 }
 
@@ -356,10 +355,9 @@ pub fn trained_loadings(state: &TrainState, basis: &BTreeMap<String, ModuleBasis
 
 /// A kohya LoRA file (alpha = rank, so scale 1) of `factors`, keyed by UNet layer path.
 pub fn kohya_bytes(factors: &MemberFactors, targets: &AdapterTargets, meta: std::collections::HashMap<String, String>) -> Result<Vec<u8>> {
-    use safetensors::tensor::{Dtype, TensorView};
     let kinds: std::collections::HashMap<String, &super::targets::Target> = targets.targets.iter().map(|t| (t.qualified_path(), t)).collect();
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut data: Vec<RawTensor> = Vec::new();
+    let bytes = f32_le_bytes;
     for (path, f) in factors {
         let t = kinds.get(path).ok_or_else(|| Error::Argument(format!("{path}: not a layer of {}", targets.describe_model())))?;
         let Some(rest) = path.strip_prefix("unet.") else { continue };
@@ -373,10 +371,5 @@ pub fn kohya_bytes(factors: &MemberFactors, targets: &AdapterTargets, meta: std:
         data.push((format!("{name}.lora_up.weight"), up_shape, bytes(&up)));
         data.push((format!("{name}.alpha"), vec![], bytes(&[f.rank as f32])));
     }
-    let views = data
-        .iter()
-        .map(|(k, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (k.clone(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Argument(format!("LoRA tensors: {e}")))?;
-    safetensors::serialize(views, Some(meta)).map_err(|e| Error::Argument(format!("LoRA tensors: {e}")))
+    safetensors_bytes(safetensors::tensor::Dtype::F32, &data, Some(meta), "LoRA tensors")
 }

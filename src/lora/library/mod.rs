@@ -158,17 +158,24 @@ impl LoraLibrary {
 
     /// Removes temporary files and files no row refers to.
     fn sweep(&self) -> Result<()> {
-        let dir = self.files_dir();
+        self.sweep_dir(&self.files_dir(), "SELECT sha256 FROM loras")
+    }
+
+    /// Removes every file of `dir` that is not `<hash>.safetensors` for a hash `query` returns
+    /// (temporary files, and files whose row was never committed or was deleted).
+    fn sweep_dir(&self, dir: &Path, query: &str) -> Result<()> {
+        if !dir.is_dir() {
+            return Ok(());
+        }
         let known: std::collections::HashSet<String> = {
-            let mut st = self.db.prepare("SELECT sha256 FROM loras").map_err(db_err(&self.root))?;
+            let mut st = self.db.prepare(query).map_err(db_err(&self.root))?;
             let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err(&self.root))?;
             rows.collect::<rusqlite::Result<_>>().map_err(db_err(&self.root))?
         };
-        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-            let e = e.map_err(|e| Error::io(&dir, e))?;
+        for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+            let e = e.map_err(|e| Error::io(dir, e))?;
             let name = e.file_name().to_string_lossy().to_string();
-            let keep = name.strip_suffix(".safetensors").is_some_and(|h| known.contains(h));
-            if !keep {
+            if !name.strip_suffix(".safetensors").is_some_and(|h| known.contains(h)) {
                 let _ = std::fs::remove_file(e.path());
             }
         }

@@ -116,23 +116,7 @@ impl LoraLibrary {
 
     /// Removes components files no subspace row names (a build that crashed before its commit).
     pub(super) fn sweep_subspaces(&self) -> Result<()> {
-        let dir = self.subspaces_dir();
-        if !dir.is_dir() {
-            return Ok(());
-        }
-        let known: std::collections::HashSet<String> = {
-            let mut st = self.db.prepare("SELECT file_sha256 FROM subspaces").map_err(db_err(&self.root))?;
-            let rows = st.query_map([], |r| r.get::<_, String>(0)).map_err(db_err(&self.root))?;
-            rows.collect::<rusqlite::Result<_>>().map_err(db_err(&self.root))?
-        };
-        for e in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
-            let e = e.map_err(|e| Error::io(&dir, e))?;
-            let name = e.file_name().to_string_lossy().to_string();
-            if !name.strip_suffix(".safetensors").is_some_and(|h| known.contains(h)) {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        Ok(())
+        self.sweep_dir(&self.subspaces_dir(), "SELECT file_sha256 FROM subspaces")
     }
 
     fn member_entries(&self, req: &SubspaceRequest) -> Result<Vec<LoraEntry>> {
