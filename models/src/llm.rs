@@ -11,7 +11,7 @@
 //!   conversation reuses the conversation's keys and values without copying them. Attention runs
 //!   block by block over the keys and merges the scores, so the prefix is never concatenated.
 
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{embedding, Embedding, Linear, RmsNorm, VarBuilder};
 use serde_json::Value;
 
@@ -60,6 +60,7 @@ pub struct LlmConfig {
     pub logits_scaling: f64,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: Option<u32>,
 }
 
 /// Token ids given as one number or a list (config.json / generation_config.json).
@@ -158,6 +159,7 @@ impl LlmConfig {
             logits_scaling: if granite { f64_or("logits_scaling", 1.0) } else { 1.0 },
             bos_token_id: ids_of(v.get("bos_token_id")).first().copied(),
             eos_token_ids: ids_of(v.get("eos_token_id")),
+            pad_token_id: ids_of(v.get("pad_token_id")).first().copied(),
         })
     }
 }
@@ -182,11 +184,84 @@ pub struct ActiveAdapter {
     pub from: usize,
 }
 
+/// The adapter index that stands for a LoRA-Mixer in an activation list: `ActiveAdapter { adapter:
+/// MIXER, from }` switches every router on from `from` (the mixer is one adapter to the caller,
+/// whatever the number of experts it routes between).
+pub const MIXER: usize = usize::MAX;
+
+/// A LoRA-Mixer router on one linear (arXiv 2507.00029): a linear map from the token's input to
+/// one score per expert, softmax; soft fusion (all experts, weighted) or sparse top-k renormalised.
+///
+/// The experts' factors are stacked once (`a: [Σr, in]`, `b: [out, Σr]` with each expert's scale
+/// folded in), so a routed forward is two matmuls whatever the number of experts: the gates are
+/// spread over each expert's rank rows by `expand: [E, Σr]` (ones), then `Δy = ((x Aᵀ) ⊙ (g P)) Bᵀ`.
+#[derive(Debug, Clone)]
+pub struct Router {
+    /// `[E, in]`; a training run installs a variable here.
+    pub weight: Tensor,
+    /// Adapter index of each expert.
+    pub experts: Vec<usize>,
+    /// `None`: soft fusion over all experts.
+    pub top_k: Option<usize>,
+    a: Tensor,
+    b: Tensor,
+    expand: Tensor,
+    /// When set, each forward pushes its routing probabilities `[n, E]` (training's balance loss,
+    /// routing statistics).
+    pub trace: Option<RouterTrace>,
+}
+
+/// Routing probabilities recorded by the routers of a model, in forward order.
+pub type RouterTrace = std::sync::Arc<std::sync::Mutex<Vec<Tensor>>>;
+
+impl Router {
+    /// The expert terms for `x: [1, n, in]`: `[1, n, out]`.
+    fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let logits = x.broadcast_matmul(&self.weight.t()?)?;
+        let probs = if loramix_kernels::differentiable() {
+            candle_nn::ops::softmax(&logits, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&logits)?
+        };
+        if let Some(t) = &self.trace {
+            t.lock().unwrap_or_else(|e| e.into_inner()).push(probs.squeeze(0)?);
+        }
+        let e = self.experts.len();
+        let gates = match self.top_k {
+            Some(k) if k < e => top_k_renormalised(&probs, k)?,
+            _ => probs,
+        };
+        let h = x.broadcast_matmul(&self.a.t()?)?;
+        let g = gates.broadcast_matmul(&self.expand)?;
+        (h * g)?.broadcast_matmul(&self.b.t()?)
+    }
+}
+
+/// Keeps the `k` largest gates of each row (ties: the lower expert index first) and renormalises
+/// them to sum to one. Not differentiable: inference only (training routes softly).
+pub fn top_k_renormalised(probs: &Tensor, k: usize) -> Result<Tensor> {
+    let dims = probs.dims().to_vec();
+    let e = *dims.last().unwrap_or(&0);
+    let v = probs.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; v.len()];
+    for (row, o) in v.chunks(e.max(1)).zip(out.chunks_mut(e.max(1))) {
+        let mut idx: Vec<usize> = (0..row.len()).collect();
+        idx.sort_by(|&i, &j| row[j].total_cmp(&row[i]).then(i.cmp(&j)));
+        let keep = &idx[..k.min(row.len())];
+        let sum: f32 = keep.iter().map(|&i| row[i]).sum();
+        for &i in keep {
+            o[i] = if sum > 0.0 { row[i] / sum } else { 1.0 / keep.len() as f32 };
+        }
+    }
+    Tensor::from_vec(out, dims, probs.device())?.to_dtype(probs.dtype())
+}
+
 /// A linear layer that LoRA adapters can target.
 #[derive(Debug, Clone)]
 pub struct AdaptedLinear {
     base: Linear,
     branches: Vec<LoraBranch>,
+    router: Option<Router>,
     in_features: usize,
     out_features: usize,
 }
@@ -198,12 +273,12 @@ impl AdaptedLinear {
         } else {
             candle_nn::linear_no_bias(in_features, out_features, vb)?
         };
-        Ok(Self { base, branches: vec![], in_features, out_features })
+        Ok(Self { base, branches: vec![], router: None, in_features, out_features })
     }
 
     fn from_weight(weight: Tensor) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        Ok(Self { base: Linear::new(weight, None), branches: vec![], in_features, out_features })
+        Ok(Self { base: Linear::new(weight, None), branches: vec![], router: None, in_features, out_features })
     }
 
     pub fn in_features(&self) -> usize {
@@ -229,12 +304,95 @@ impl AdaptedLinear {
         Ok(())
     }
 
+    /// The base weight `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        self.base.weight()
+    }
+
+    /// Adapter indices with a branch on this linear.
+    pub fn adapters(&self) -> Vec<usize> {
+        self.branches.iter().map(|b| b.adapter).collect()
+    }
+
+    pub fn router(&self) -> Option<&Router> {
+        self.router.as_ref()
+    }
+
+    /// Routes between `experts` (adapter indices, each with at most one branch here; an expert
+    /// without a branch on this linear adds nothing) with `weight: [E, in]`.
+    pub fn set_router(&mut self, weight: Tensor, experts: &[usize], top_k: Option<usize>, trace: Option<RouterTrace>) -> Result<()> {
+        let (e, i) = weight.dims2()?;
+        if e != experts.len() || i != self.in_features {
+            candle_core::bail!("router weight {:?} does not fit {} experts on a linear with {} inputs", weight.dims(), experts.len(), self.in_features);
+        }
+        let (mut a, mut b, mut ranks) = (vec![], vec![], vec![]);
+        for &ad in experts {
+            let mine: Vec<&LoraBranch> = self.branches.iter().filter(|br| br.adapter == ad).collect();
+            if mine.len() > 1 {
+                candle_core::bail!("adapter {ad} has {} branches on one linear; a mixer expert needs at most one", mine.len());
+            }
+            match mine.first() {
+                Some(br) => {
+                    a.push(br.a.clone());
+                    b.push((&br.b * br.scale)?);
+                    ranks.push(br.a.dim(0)?);
+                }
+                None => ranks.push(0),
+            }
+        }
+        let total: usize = ranks.iter().sum();
+        if total == 0 {
+            candle_core::bail!("no expert has a branch on this linear");
+        }
+        let mut p = vec![0f32; e * total];
+        let mut col = 0;
+        for (k, r) in ranks.iter().enumerate() {
+            for c in col..col + r {
+                p[k * total + c] = 1.0;
+            }
+            col += r;
+        }
+        let dt = weight.dtype();
+        self.router = Some(Router {
+            weight,
+            experts: experts.to_vec(),
+            top_k,
+            a: Tensor::cat(&a, 0)?.to_dtype(dt)?,
+            b: Tensor::cat(&b, 1)?.to_dtype(dt)?,
+            expand: Tensor::from_vec(p, (e, total), self.base.weight().device())?.to_dtype(dt)?,
+            trace,
+        });
+        Ok(())
+    }
+
+    /// Removes every branch of `adapter` (a temporary adaptation, e.g. ChameleonLLM's per-batch head).
+    pub fn detach(&mut self, adapter: usize) {
+        self.branches.retain(|b| b.adapter != adapter);
+    }
+
+    pub fn clear_router(&mut self) {
+        self.router = None;
+    }
+
     /// `x`: `[1, t, in]`.
     fn forward(&self, x: &Tensor, active: &[ActiveAdapter]) -> Result<Tensor> {
         let mut y = self.base.forward(x)?;
         let t = x.dim(1)?;
         for act in active {
             if act.from >= t {
+                continue;
+            }
+            if act.adapter == MIXER {
+                if let Some(r) = &self.router {
+                    let n = t - act.from;
+                    let xs = if act.from == 0 { x.clone() } else { x.narrow(1, act.from, n)? };
+                    let delta = r.delta(&xs)?;
+                    y = if act.from == 0 {
+                        (y + delta)?
+                    } else {
+                        Tensor::cat(&[y.narrow(1, 0, act.from)?, (y.narrow(1, act.from, n)? + delta)?], 1)?
+                    };
+                }
                 continue;
             }
             for br in self.branches.iter().filter(|b| b.adapter == act.adapter) {
@@ -435,8 +593,11 @@ impl Attention {
         let q = self.q_proj.forward(x, active)?.reshape((1, t, h, d))?.transpose(1, 2)?.contiguous()?;
         let k = self.k_proj.forward(x, active)?.reshape((1, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         let v = self.v_proj.forward(x, active)?.reshape((1, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, &cos_sin.0, &cos_sin.1)?;
-        let k = candle_nn::rotary_emb::rope(&k, &cos_sin.0, &cos_sin.1)?;
+        // Training (router, adapters) needs the composed ops: the fused ones have no backward.
+        let diff = loramix_kernels::differentiable();
+        let rope = if diff { candle_nn::rotary_emb::rope_slow } else { candle_nn::rotary_emb::rope };
+        let q = rope(&q, &cos_sin.0, &cos_sin.1)?;
+        let k = rope(&k, &cos_sin.0, &cos_sin.1)?;
         let start = cache.len;
         cache.append(layer, k, v)?;
         let total = start + t;
@@ -457,7 +618,7 @@ impl Attention {
             let mask = Tensor::from_vec(mask, (1, t, total), x.device())?;
             scores = scores.reshape((kvh, g, t, total))?.broadcast_add(&mask.unsqueeze(0)?)?.reshape((kvh, g * t, total))?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if diff { candle_nn::ops::softmax(&scores, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(&scores)? };
         let mut out: Option<Tensor> = None;
         let mut off = 0;
         for b in blocks {
@@ -558,6 +719,30 @@ impl LlmModel {
         KvCache::new(self.layers.len())
     }
 
+    /// Every adaptable linear with its module path (read-only).
+    pub fn linears(&self) -> Vec<(String, &AdaptedLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &a.o_proj));
+            let m = &l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &m.down_proj));
+        }
+        out.push(("lm_head".to_string(), &self.lm_head));
+        out
+    }
+
+    /// The installed LoRA-Mixer routers' weights by module path.
+    pub fn routers(&self) -> Vec<(String, Tensor)> {
+        self.linears().into_iter().filter_map(|(n, l)| l.router().map(|r| (n, r.weight.clone()))).collect()
+    }
+
     /// Every adaptable linear with its transformers module path (`model.layers.0.self_attn.q_proj`).
     pub fn linears_mut(&mut self) -> Vec<(String, &mut AdaptedLinear)> {
         let mut out = Vec::new();
@@ -577,10 +762,24 @@ impl LlmModel {
         out
     }
 
+    /// Input embeddings `[t, hidden]` of `ids` (ChameleonLLM's clustering feature).
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        self.embed_tokens.forward(&Tensor::new(ids, &self.device)?)
+    }
+
+    pub fn lm_head(&self) -> &AdaptedLinear {
+        &self.lm_head
+    }
+
+    pub fn lm_head_mut(&mut self) -> &mut AdaptedLinear {
+        &mut self.lm_head
+    }
+
     /// Runs `ids` at positions `cache.len()..`, appending their keys and values to `cache`.
     /// Returns logits `[t, vocab]` for every position when `all_logits`, else `[1, vocab]` for
     /// the last one (the head is the largest matmul of a long prefill).
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, active: &[ActiveAdapter], all_logits: bool) -> Result<Tensor> {
+    /// The final (normed) hidden states `[1, t, hidden]` of `ids`, the LM head's input.
+    pub fn forward_hidden(&self, ids: &[u32], cache: &mut KvCache, active: &[ActiveAdapter]) -> Result<Tensor> {
         let t = ids.len();
         if t == 0 {
             candle_core::bail!("forward over zero tokens");
@@ -594,13 +793,19 @@ impl LlmModel {
         let cos_sin = self.rope.cos_sin(start, t, &self.device)?;
         let rm = self.config.residual_multiplier;
         for (i, l) in self.layers.iter().enumerate() {
-            let h = l.self_attn.forward(&l.input_layernorm.forward(&x)?, &cos_sin, cache, i, active)?;
+            let h = l.self_attn.forward(&rms_norm(&l.input_layernorm, &x)?, &cos_sin, cache, i, active)?;
             x = if rm != 1.0 { (x + (h * rm)?)? } else { (x + h)? };
-            let h = l.mlp.forward(&l.post_attention_layernorm.forward(&x)?, active)?;
+            let h = l.mlp.forward(&rms_norm(&l.post_attention_layernorm, &x)?, active)?;
             x = if rm != 1.0 { (x + (h * rm)?)? } else { (x + h)? };
         }
         cache.len += t;
-        let x = self.norm.forward(&x)?;
+        let x = rms_norm(&self.norm, &x)?;
+        Ok(x)
+    }
+
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, active: &[ActiveAdapter], all_logits: bool) -> Result<Tensor> {
+        let t = ids.len();
+        let x = self.forward_hidden(ids, cache, active)?;
         let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
         // The head's active positions are relative to the chunk; shift them when only the last row is kept.
         let head_active: Vec<ActiveAdapter> = if all_logits {
@@ -613,6 +818,15 @@ impl LlmModel {
             logits = (logits / self.config.logits_scaling)?;
         }
         logits.to_dtype(DType::F32)
+    }
+}
+
+/// RMSNorm; the composed form while training (the fused op has no backward).
+fn rms_norm(n: &RmsNorm, x: &Tensor) -> Result<Tensor> {
+    if loramix_kernels::differentiable() {
+        candle_nn::ops::rms_norm_slow(x, n.weight(), n.eps() as f32)
+    } else {
+        n.forward(x)
     }
 }
 

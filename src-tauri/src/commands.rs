@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use base64::Engine as _;
 use loramix::lora::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery, SubspaceMember, SubspaceSummary};
+use loramix::llm::chameleon::{train_hypernetwork_folder, ChameleonStep, ChameleonTrainOptions, ChameleonTrainReport};
+use loramix::llm::mixer::{train_router_folder, MixerTrainOptions, MixerTrainReport, MixerTrainStep};
 use loramix::llm::{AdapterKind, GenerateOptions, LlmSession, Message, SamplingOptions};
 use loramix::lora::Role;
 use loramix::studio::{self, Settings, Studio, StudioEvent, TrainEvent, TrainReport, TrainRequest};
@@ -433,6 +435,81 @@ impl AppState {
         Ok(AdapterView::of(a))
     }
 
+    /// Trains LoRA-Mixer routers over loaded or given adapter folders and keeps the mixer on.
+    pub fn llm_mixer_train(&self, req: &MixerTrainRequest, on: &dyn Fn(MixerTrainStep)) -> AppResult<MixerTrainReport> {
+        let adapters = req.adapters.iter().map(|a| user_path(a, "adapter")).collect::<AppResult<Vec<_>>>()?;
+        let data = user_path(&req.data, "training data")?;
+        let out = user_path(&req.out, "router folder")?;
+        let mut g = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let chat = g.as_mut().ok_or_else(|| AppError::Invalid("load an LLM first".into()))?;
+        let opts = MixerTrainOptions {
+            top_k: req.top_k.unwrap_or(2),
+            samples: req.samples.unwrap_or(2000),
+            ..Default::default()
+        };
+        chat.conversation = None;
+        Ok(train_router_folder(&mut chat.session, &adapters, &data, &out, &opts, &mut |s| {
+            on(s.clone());
+            true
+        })?)
+    }
+
+    /// Loads a router folder (its experts too) and routes every reply through it.
+    pub fn llm_mixer_load(&self, dir: &str) -> AppResult<MixerView> {
+        let d = user_path(dir, "router folder")?;
+        let mut g = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let chat = g.as_mut().ok_or_else(|| AppError::Invalid("load an LLM first".into()))?;
+        chat.conversation = None;
+        let m = chat.session.load_mixer(&d)?;
+        Ok(MixerView::of(m))
+    }
+
+    pub fn llm_mixer_off(&self) {
+        if let Some(c) = self.chat.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            c.session.remove_mixer();
+            c.conversation = None;
+        }
+    }
+
+    /// Answers a JSONL file of prompts as one batch (clustered, with a ChameleonLLM hypernetwork
+    /// when given) and writes the answers as JSONL.
+    pub fn llm_batch(&self, req: &BatchRequest, on: &dyn Fn(BatchProgress)) -> AppResult<BatchSummary> {
+        let prompts_path = user_path(&req.prompts, "prompts file")?;
+        let out = user_path(&req.out, "answers file")?;
+        let mut g = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let chat = g.as_mut().ok_or_else(|| AppError::Invalid("load an LLM first".into()))?;
+        let prompts = loramix::llm::data::read_prompts(&prompts_path)?;
+        let hyper = match req.chameleon.as_deref().filter(|s| !s.trim().is_empty()) {
+            Some(dir) => Some(chat.session.load_chameleon(&user_path(dir, "hypernetwork folder")?)?),
+            None => None,
+        };
+        let opts = GenerateOptions { max_new_tokens: req.max_new_tokens.unwrap_or(64).clamp(1, 4096), ..Default::default() };
+        let answers = loramix::llm::chameleon::answer_batch(&mut chat.session, &prompts, hyper.as_ref().map(|(s, n)| (s, n)), req.clusters, &opts, &mut |done, total| {
+            on(BatchProgress { done, total });
+            true
+        })?;
+        let mut text = String::new();
+        for a in &answers {
+            text.push_str(&serde_json::to_string(a).map_err(|e| AppError::Invalid(e.to_string()))?);
+            text.push('\n');
+        }
+        loramix::output::write_atomic(&out, text.as_bytes())?;
+        let clusters = answers.iter().map(|a| a.cluster).max().map_or(0, |m| m + 1);
+        Ok(BatchSummary { out, clusters, answers: answers.into_iter().take(200).collect() })
+    }
+
+    /// Trains a ChameleonLLM hypernetwork for the loaded LLM.
+    pub fn llm_chameleon_train(&self, data: &str, out: &str, on: &dyn Fn(ChameleonStep)) -> AppResult<ChameleonTrainReport> {
+        let data = user_path(data, "training data")?;
+        let out = user_path(out, "hypernetwork folder")?;
+        let g = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let chat = g.as_ref().ok_or_else(|| AppError::Invalid("load an LLM first".into()))?;
+        Ok(train_hypernetwork_folder(&chat.session, &data, &out, &ChameleonTrainOptions::default(), &mut |s| {
+            on(s.clone());
+            true
+        })?)
+    }
+
     pub fn llm_reset(&self) {
         if let Some(c) = self.chat.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
             c.messages.clear();
@@ -473,14 +550,20 @@ impl AppState {
         };
         let prefilled = chat.session.prefill(&mut conv)?;
         // aLoRAs are enabled as PEFT enables them; a standard LoRA only when it is the one invoked.
-        let enabled: Vec<usize> = chat
+        // With a mixer loaded, its experts run through the mixer only (and the mixer itself
+        // is one more adapter: routed from the experts' invocation, or everywhere).
+        let experts: Vec<usize> = chat.session.mixer().map(|m| m.experts.clone()).unwrap_or_default();
+        let mut enabled: Vec<usize> = chat
             .session
             .adapters()
             .iter()
             .enumerate()
-            .filter(|(_, a)| matches!(a.kind, AdapterKind::Activated { .. }))
+            .filter(|(i, a)| matches!(a.kind, AdapterKind::Activated { .. }) && !experts.contains(i))
             .map(|(i, _)| i)
             .collect();
+        if chat.session.mixer().is_some() && invoke.is_none() {
+            enabled.push(loramix::llm::MIXER);
+        }
         let opts = GenerateOptions { max_new_tokens: max_new_tokens.clamp(1, 4096), sampling: SamplingOptions::default(), ..Default::default() };
         let reply = chat.session.reply(&mut conv, &extra, &enabled, &opts, &mut |_, piece| {
             on(ChatEvent::Token { text: piece.to_string() });
@@ -615,12 +698,15 @@ pub struct AdapterView {
     pub invocation_string: Option<String>,
     pub invocation_tokens: Vec<u32>,
     pub modules: usize,
+    /// The folder it was loaded from (what the mixer trains over).
+    pub path: PathBuf,
 }
 
 impl AdapterView {
     fn of(a: &loramix::llm::LlmAdapter) -> Self {
         Self {
             name: a.name.clone(),
+            path: a.path.clone(),
             kind: if a.invocation().is_some() { "alora".into() } else { "lora".into() },
             invocation_string: a.invocation_string.clone(),
             invocation_tokens: a.invocation().map(<[u32]>::to_vec).unwrap_or_default(),
@@ -817,6 +903,104 @@ pub async fn llm_send(
     state.llm_send(&text, invoke.as_deref(), max_new_tokens.unwrap_or(256), &|e| {
         let _ = on_event.send(e);
     })
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MixerTrainRequest {
+    pub adapters: Vec<String>,
+    pub data: String,
+    pub out: String,
+    pub top_k: Option<usize>,
+    pub samples: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MixerView {
+    pub experts: Vec<String>,
+    pub top_k: usize,
+    pub activated: bool,
+    pub routers: usize,
+}
+
+impl MixerView {
+    fn of(m: &loramix::llm::MixerState) -> Self {
+        Self {
+            experts: m.spec.experts.iter().map(|e| e.name.clone()).collect(),
+            top_k: m.spec.top_k,
+            activated: m.spec.invocation_tokens.is_some(),
+            routers: m.spec.modules.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BatchRequest {
+    pub prompts: String,
+    pub out: String,
+    pub chameleon: Option<String>,
+    pub clusters: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchSummary {
+    pub out: PathBuf,
+    pub clusters: usize,
+    /// The first answers, for the pane (the file has them all).
+    pub answers: Vec<loramix::llm::chameleon::BatchAnswer>,
+}
+
+#[tauri::command]
+pub async fn llm_mixer_train(app: tauri::AppHandle, request: MixerTrainRequest, on_event: Channel<MixerTrainStep>) -> AppResult<MixerTrainReport> {
+    use tauri::Manager;
+    tauri::async_runtime::spawn_blocking(move || {
+        app.state::<AppState>().llm_mixer_train(&request, &|s| {
+            let _ = on_event.send(s);
+        })
+    })
+    .await
+    .map_err(|e| AppError::Invalid(e.to_string()))?
+}
+
+#[tauri::command]
+pub async fn llm_mixer_load(state: State<'_>, dir: String) -> AppResult<MixerView> {
+    state.llm_mixer_load(&dir)
+}
+
+#[tauri::command]
+pub async fn llm_mixer_off(state: State<'_>) -> AppResult<()> {
+    state.llm_mixer_off();
+    Ok(())
+}
+
+#[tauri::command]
+pub async fn llm_batch(app: tauri::AppHandle, request: BatchRequest, on_event: Channel<BatchProgress>) -> AppResult<BatchSummary> {
+    use tauri::Manager;
+    tauri::async_runtime::spawn_blocking(move || {
+        app.state::<AppState>().llm_batch(&request, &|p| {
+            let _ = on_event.send(p);
+        })
+    })
+    .await
+    .map_err(|e| AppError::Invalid(e.to_string()))?
+}
+
+#[tauri::command]
+pub async fn llm_chameleon_train(app: tauri::AppHandle, data: String, out: String, on_event: Channel<ChameleonStep>) -> AppResult<ChameleonTrainReport> {
+    use tauri::Manager;
+    tauri::async_runtime::spawn_blocking(move || {
+        app.state::<AppState>().llm_chameleon_train(&data, &out, &|s| {
+            let _ = on_event.send(s);
+        })
+    })
+    .await
+    .map_err(|e| AppError::Invalid(e.to_string()))?
 }
 
 #[tauri::command]

@@ -66,6 +66,11 @@ pub fn run() {
             commands::llm_add_adapter,
             commands::llm_send,
             commands::llm_reset,
+            commands::llm_mixer_train,
+            commands::llm_mixer_load,
+            commands::llm_mixer_off,
+            commands::llm_batch,
+            commands::llm_chameleon_train,
         ])
         .run(tauri::generate_context!("../tauri.conf.json"))
         .expect("error while running the LoRAMix app");

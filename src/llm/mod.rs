@@ -11,6 +11,9 @@
 //! other room (the LLM has its own adapter format handling in [`adapter`]).
 
 pub mod adapter;
+pub mod data;
+pub mod chameleon;
+pub mod mixer;
 pub mod sampling;
 pub mod template;
 
@@ -20,10 +23,12 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use loramix_models::llm::{ActiveAdapter, KvCache, LlmConfig, LlmModel};
+pub use loramix_models::llm::MIXER;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
 pub use adapter::{alora_offset, AdapterKind, LlmAdapter};
+pub use mixer::{MixerSpec, MixerState, MixerTrainOptions};
 pub use sampling::{Sampler, SamplingOptions};
 pub use template::{ChatTemplate, Message};
 
@@ -113,6 +118,8 @@ pub struct LlmSession {
     adapters: Vec<LlmAdapter>,
     eos_tokens: Vec<u32>,
     dir: PathBuf,
+    /// The LoRA-Mixer routing between some of the adapters, enabled by passing [`MIXER`].
+    mixer: Option<MixerState>,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -223,7 +230,7 @@ impl LlmSession {
                 eos_tokens = ids;
             }
         }
-        Ok(Self { model, tokenizer, template, adapters: vec![], eos_tokens, dir: dir.to_path_buf() })
+        Ok(Self { model, tokenizer, template, adapters: vec![], eos_tokens, dir: dir.to_path_buf(), mixer: None })
     }
 
     pub fn model_dir(&self) -> &Path {
@@ -348,6 +355,15 @@ impl LlmSession {
     fn active_for(&self, ids: &[u32], enabled: &[usize]) -> Result<Vec<(usize, usize)>> {
         let mut out = vec![];
         for &i in enabled {
+            if i == MIXER {
+                if self.mixer.is_none() {
+                    return Err(Error::Argument("the mixer is enabled but none is loaded".into()));
+                }
+                if let Some(from) = self.mixer_from(ids) {
+                    out.push((MIXER, from));
+                }
+                continue;
+            }
             let a = self.adapters.get(i).ok_or_else(|| Error::Argument(format!("no adapter number {i}")))?;
             match &a.kind {
                 AdapterKind::Lora => out.push((i, 0)),

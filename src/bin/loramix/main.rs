@@ -4,6 +4,7 @@ mod bench;
 mod chat;
 mod eval;
 mod generate;
+mod llm;
 mod lora;
 mod subspace;
 mod train;
@@ -30,6 +31,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Chat with an LLM, with LoRA and activated-LoRA adapters that reuse the KV cache.
     Chat(chat::ChatArgs),
+    /// Train LLM-pane techniques: LoRA-Mixer routers, ChameleonLLM hypernetworks.
+    Llm(llm::LlmArgs),
 }
 
 fn main() -> Result<()> {
@@ -38,6 +41,7 @@ fn main() -> Result<()> {
         Command::Lora(a) => lora::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Llm(a) => llm::run(a),
         Command::Bench(a) => bench::run(a),
     }
 }

@@ -1,8 +1,9 @@
 // Typed wrappers over the app's commands. Progress arrives on Tauri channels.
 import { Channel, invoke } from "@tauri-apps/api/core";
 import type {
-  AdapterView, AppInfo, ChatStats, GalleryItem, ImportEvent, JobEvent, LoraEntry, ModelEntry, Settings,
-  SubspaceMember, SubspaceSummary, TrainEvent, TrainReport, TrainRequest,
+  AdapterView, AppInfo, BatchRequest, BatchSummary, ChatStats, GalleryItem, ImportEvent, JobEvent, LoraEntry,
+  MixerTrainReport, MixerTrainRequest, MixerTrainStep, MixerView, ModelEntry, Settings, SubspaceMember,
+  SubspaceSummary, TrainEvent, TrainReport, TrainRequest,
 } from "./types";
 
 export const api = {
@@ -51,4 +52,22 @@ export const api = {
     return invoke<ChatStats>("llm_send", { text, invoke: invoke_, maxNewTokens: 256, onEvent: ch });
   },
   llmReset: () => invoke<void>("llm_reset"),
+  llmMixerTrain: (request: MixerTrainRequest, onStep: (s: MixerTrainStep) => void) => {
+    const ch = new Channel<MixerTrainStep>();
+    ch.onmessage = onStep;
+    return invoke<MixerTrainReport>("llm_mixer_train", { request, onEvent: ch });
+  },
+  llmMixerLoad: (dir: string) => invoke<MixerView>("llm_mixer_load", { dir }),
+  llmMixerOff: () => invoke<void>("llm_mixer_off"),
+  llmBatch: (request: BatchRequest, onProgress: (p: { done: number; total: number }) => void) => {
+    const ch = new Channel<{ done: number; total: number }>();
+    ch.onmessage = onProgress;
+    return invoke<BatchSummary>("llm_batch", { request, onEvent: ch });
+  },
+  llmChameleonTrain: (data: string, out: string, onStep: (s: { step: number; steps: number; loss: number }) => void) => {
+    const ch = new Channel<{ step: number; steps: number; loss: number }>();
+    ch.onmessage = onStep;
+    return invoke<{ out: string; examples: number; trainable: number; steps: number; seconds: number; final_loss: number }>(
+      "llm_chameleon_train", { data, out, onEvent: ch });
+  },
 };

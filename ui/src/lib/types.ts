@@ -177,6 +177,7 @@ export interface AdapterView {
   invocation_string: string | null;
   invocation_tokens: number[];
   modules: number;
+  path: string;
 }
 
 export interface ChatStats {
@@ -186,6 +187,64 @@ export interface ChatStats {
   reused_positions: number;
   prefilled_positions: number;
   invoked: string | null;
+}
+
+export interface MixerTrainRequest {
+  adapters: string[];
+  data: string;
+  out: string;
+  top_k: number | null;
+  samples: number | null;
+}
+
+export interface MixerTrainStep {
+  step: number;
+  steps: number;
+  loss: number;
+  task_loss: number;
+  balance_loss: number;
+}
+
+export interface MixerTrainReport {
+  out: string;
+  experts: string[];
+  routers: number;
+  trainable: number;
+  samples: number;
+  steps: number;
+  seconds: number;
+  final_loss: number;
+  activated: boolean;
+}
+
+export interface MixerView {
+  experts: string[];
+  top_k: number;
+  activated: boolean;
+  routers: number;
+}
+
+export interface BatchRequest {
+  prompts: string;
+  out: string;
+  chameleon: string | null;
+  clusters: number | null;
+  max_new_tokens: number | null;
+}
+
+export interface BatchAnswer {
+  index: number;
+  line: number;
+  prompt: string;
+  cluster: number;
+  answer: string;
+  tokens: number;
+}
+
+export interface BatchSummary {
+  out: string;
+  clusters: number;
+  answers: BatchAnswer[];
 }
 
 export function defaultSettings(): Settings {

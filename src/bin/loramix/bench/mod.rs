@@ -1,9 +1,11 @@
 //! `loramix bench`: the benchmark suites behind BENCHMARKS.md, each timed side by side with its
 //! reference in one run. They live in the binary, not the engine: nothing else calls them.
 
+mod chameleon;
 mod library;
 mod llm;
 mod mix;
+mod mixer;
 mod unet;
 
 use std::path::PathBuf;
@@ -18,12 +20,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 3)]
     iters: usize,
     /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy;
-    /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens.
+    /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens;
+    /// mixer: LoRA-Mixer accuracy and routing on the shipped LLM; chameleon: ChameleonLLM perplexities.
     #[arg(long, default_value = "unet")]
     suite: String,
     /// Same as --suite mix.
     #[arg(long)]
     mix: bool,
+    /// mixer: a small run (60 test prompts, 200 training samples) to check the suite works.
+    #[arg(long)]
+    quick: bool,
     /// Files for the library suite.
     #[arg(long, default_value_t = 1000)]
     count: usize,
@@ -46,12 +52,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             print!("{}", llm::table(&rows, threads));
             Ok(())
         }
+        "chameleon" => {
+            let r = chameleon::run(&repo, a.quick)?;
+            print!("{}", chameleon::table(&r, threads));
+            Ok(())
+        }
+        "mixer" => {
+            let r = mixer::run(&repo, a.quick)?;
+            print!("{}", mixer::table(&r, threads));
+            Ok(())
+        }
         "unet" => {
             let rows = unet::run(&repo, a.python.as_deref(), a.iters.max(1), threads)?;
             print!("{}", unet::table(&rows, threads));
             Ok(())
         }
-        other => anyhow::bail!("--suite {other}: expected unet, library, mix or llm"),
+        other => anyhow::bail!("--suite {other}: expected unet, library, mix, llm, mixer or chameleon"),
     }
 }
 

@@ -1,0 +1,251 @@
+//! `loramix bench --suite mixer`: LoRA-Mixer in plug-and-play mode on the shipped LLM
+//! (models/minichat). Four task LoRAs are frozen experts; routers are trained on the mixed
+//! training file and every configuration answers the same mixed test set (no task labels at
+//! inference; the labels only score the answers and the routing). Exact match of the greedy
+//! answer is the accuracy.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use loramix::error::{Error, Result};
+use loramix::llm::data::read_examples;
+use loramix::llm::mixer::MixerTrainOptions;
+use loramix::llm::{GenerateOptions, LlmSession, MIXER};
+
+pub const TASKS: [&str; 4] = ["prompt", "name", "negative", "trigger"];
+
+pub struct Row {
+    pub name: String,
+    pub accuracy: f64,
+    pub per_task: Vec<f64>,
+    pub purity: Option<f64>,
+    pub note: String,
+}
+
+pub struct Report {
+    pub rows: Vec<Row>,
+    pub curve: Vec<(usize, f64, f64)>,
+    pub ablation: Vec<(String, f64, f64)>,
+    pub speed: (f64, f64),
+    pub activated: Option<(f64, f64, f64)>,
+    pub test_n: usize,
+    pub train_seconds: f64,
+}
+
+struct TestCase {
+    prompt: String,
+    answer: String,
+    task: usize,
+}
+
+fn test_set(path: &Path) -> Result<Vec<TestCase>> {
+    let lines = read_examples(path)?;
+    lines
+        .into_iter()
+        .map(|l| {
+            let task = l.raw.get("task").and_then(|t| t.as_str()).and_then(|t| TASKS.iter().position(|x| *x == t)).ok_or_else(|| {
+                Error::BadFile { path: path.to_path_buf(), message: format!("line {}: a \"task\" field (one of {TASKS:?}) is needed to score", l.line) }
+            })?;
+            match l.value {
+                loramix::llm::data::Example::Chat { prompt, completion } => Ok(TestCase { prompt, answer: completion, task }),
+                _ => Err(Error::BadFile { path: path.to_path_buf(), message: format!("line {}: expected prompt + completion", l.line) }),
+            }
+        })
+        .collect()
+}
+
+/// Accuracy (overall, per task) and, with a mixer, the share of top-1 routing decisions that
+/// pick the example's own task expert.
+fn evaluate(s: &LlmSession, tests: &[TestCase], enabled: &dyn Fn(usize) -> Vec<usize>, expert_of_task: Option<&[usize]>) -> Result<Row> {
+    let opts = GenerateOptions { max_new_tokens: 48, ..Default::default() };
+    let (mut ok, mut per_ok, mut per_n) = (0usize, [0usize; 4], [0usize; 4]);
+    let (mut pure, mut decisions) = (0f64, 0f64);
+    for t in tests {
+        let ids = s.encode_prompt(&t.prompt, true)?;
+        let mut conv = s.conversation(&ids);
+        let _ = s.take_routing_trace();
+        let r = s.reply(&mut conv, &[], &enabled(t.task), &opts, &mut |_, _| true)?;
+        let right = r.text.trim() == t.answer;
+        ok += right as usize;
+        per_ok[t.task] += right as usize;
+        per_n[t.task] += 1;
+        if let Some(map) = expert_of_task {
+            let want = map[t.task];
+            for p in s.take_routing_trace() {
+                for row in p.to_dtype(DType::F32)?.to_vec2::<f32>()? {
+                    pure += (loramix_models::llm::argmax(&row) as usize == want) as usize as f64;
+                    decisions += 1.0;
+                }
+            }
+        }
+    }
+    Ok(Row {
+        name: String::new(),
+        accuracy: ok as f64 / tests.len().max(1) as f64,
+        per_task: (0..4).map(|k| per_ok[k] as f64 / per_n[k].max(1) as f64).collect(),
+        purity: (decisions > 0.0).then_some(pure / decisions),
+        note: String::new(),
+    })
+}
+
+fn named(mut r: Row, name: &str, note: &str) -> Row {
+    r.name = name.into();
+    r.note = note.into();
+    r
+}
+
+fn train(s: &mut LlmSession, experts: &[usize], examples: &[loramix::llm::mixer::TokenizedExample], samples: usize, lambda: f64, top_k: usize) -> Result<f64> {
+    let opts = MixerTrainOptions { samples, lambda, top_k, ..Default::default() };
+    let t0 = Instant::now();
+    s.train_mixer(experts, examples, &opts, &mut |_| true)?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+fn tokens_per_second(s: &LlmSession, prompts: &[&str], enabled: &[usize]) -> Result<f64> {
+    let opts = GenerateOptions { max_new_tokens: 48, stop_tokens: vec![], ..Default::default() };
+    let (mut n, t0) = (0usize, Instant::now());
+    for p in prompts {
+        let ids = s.encode_prompt(p, true)?;
+        let mut conv = s.conversation(&ids);
+        n += s.reply(&mut conv, &[], enabled, &opts, &mut |_, _| true)?.tokens.len();
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+pub fn run(repo: &Path, quick: bool) -> Result<Report> {
+    let root = repo.join("models/minichat");
+    let dev = Device::Cpu;
+    let mut s = LlmSession::load(&root.to_string_lossy(), &dev)?;
+    let mut experts = vec![];
+    for t in TASKS {
+        s.add_adapter(&root.join("adapters").join(t), None)?;
+        experts.push(s.adapters().len() - 1);
+    }
+    s.add_adapter(&root.join("baselines/union"), None)?;
+    let union = s.adapters().len() - 1;
+    let train_path = root.join("data/mixed_train.jsonl");
+    let lines = read_examples(&train_path)?;
+    let examples = lines.iter().map(|l| s.tokenize_example(l, &train_path)).collect::<Result<Vec<_>>>()?;
+    let mut tests = test_set(&root.join("data/mixed_test.jsonl"))?;
+    if quick {
+        tests.truncate(60);
+    }
+    let mut rows = vec![];
+    rows.push(named(evaluate(&s, &tests, &|_| vec![], None)?, "base model", ""));
+    rows.push(named(evaluate(&s, &tests, &|t| vec![experts[t]], None)?, "oracle (the task's own LoRA)", "uses the task label"));
+    rows.push(named(evaluate(&s, &tests, &|_| vec![union], None)?, "one LoRA trained on the union", "trained on all four tasks"));
+    let zeros: HashMap<String, Tensor> = {
+        let mut m = HashMap::new();
+        for a in experts.iter().flat_map(|&e| s.adapters()[e].modules.clone()) {
+            let inf = if a.contains("o_proj") { s.config().num_attention_heads * s.config().head_dim } else { s.config().hidden_size };
+            let inf = if a.contains("down_proj") { s.config().intermediate_size } else { inf };
+            m.insert(a, Tensor::zeros((experts.len(), inf), DType::F32, &dev)?);
+        }
+        m
+    };
+    s.set_mixer(&experts, &zeros, 0)?;
+    rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], None)?, "uniform average of the 4 experts", "router weights all zero, soft"));
+    let full = if quick { 200 } else { 2000 };
+    let train_seconds = train(&mut s, &experts, &examples, full, 0.01, 2)?;
+    let mut at_full = 0.0;
+    for (k, label) in [(1usize, "router, top-1"), (2, "router, top-2"), (0, "router, soft (all 4)")] {
+        s.set_mixer_top_k(k)?;
+        let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+        if k == 2 {
+            at_full = r.accuracy;
+        }
+        rows.push(named(r, label, &format!("{full} training samples, α = λ = 0.01")));
+    }
+    // tokens/s: top-2 mixer against one unmerged LoRA, same prompts, 48 new tokens each.
+    s.set_mixer_top_k(2)?;
+    let prompts: Vec<&str> = tests.iter().take(12).map(|t| t.prompt.as_str()).collect();
+    let one = tokens_per_second(&s, &prompts, &[experts[0]])?;
+    let mixed = tokens_per_second(&s, &prompts, &[MIXER])?;
+    let mut curve = vec![];
+    let sizes: &[usize] = if quick { &[100] } else { &[250, 500, 1000] };
+    for &n in sizes {
+        train(&mut s, &experts, &examples, n, 0.01, 2)?;
+        let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+        curve.push((n, r.accuracy, r.purity.unwrap_or(0.0)));
+    }
+    curve.push((full, at_full, rows.iter().find(|r| r.name == "router, top-2").and_then(|r| r.purity).unwrap_or(0.0)));
+    let mut ablation = vec![];
+    train(&mut s, &experts, &examples, full, 0.0, 2)?;
+    let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+    ablation.push(("λ = 0 (α = 0.01)".to_string(), r.accuracy, r.purity.unwrap_or(0.0)));
+    ablation.push(("λ = 0.01 (α = 0.01), as above".to_string(), at_full, curve.last().map_or(0.0, |c| c.2)));
+    // The activated mixer: aLoRA experts invoked by the assistant turn's opening.
+    s.remove_mixer();
+    let mut aloras = vec![];
+    for t in TASKS {
+        let dir: PathBuf = root.join("aloras").join(t);
+        s.add_adapter(&dir, Some(&format!("alora-{t}")))?;
+        aloras.push(s.adapters().len() - 1);
+    }
+    train(&mut s, &aloras, &examples, full, 0.01, 2)?;
+    let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+    // Cache reuse: the conversation is prefilled by the base model, then the mixer replies.
+    let opts = GenerateOptions { max_new_tokens: 48, ..Default::default() };
+    let (mut reused, mut total) = (0usize, 0usize);
+    for t in tests.iter().take(40) {
+        let ids = s.encode_prompt(&t.prompt, true)?;
+        let mut conv = s.conversation(&ids);
+        s.prefill(&mut conv)?;
+        let rep = s.reply(&mut conv, &[], &[MIXER], &opts, &mut |_, _| true)?;
+        reused += rep.reused_positions;
+        total += ids.len();
+    }
+    let activated = Some((r.accuracy, r.purity.unwrap_or(0.0), reused as f64 / total.max(1) as f64));
+    Ok(Report { rows, curve, ablation, speed: (one, mixed), activated, test_n: tests.len(), train_seconds })
+}
+
+pub fn table(r: &Report, threads: usize) -> String {
+    let mut out = format!(
+        "LoRA-Mixer on models/minichat: {} mixed test prompts (no task labels at inference), greedy exact match; {threads} CPU threads\n\n",
+        r.test_n
+    );
+    out += "| configuration | accuracy | prompt | name | negative | trigger | top-1 purity | note |\n|---|---|---|---|---|---|---|---|\n";
+    for row in &r.rows {
+        out += &format!(
+            "| {} | {:.3} | {} | {} |\n",
+            row.name,
+            row.accuracy,
+            row.per_task.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(" | "),
+            row.purity.map_or("".into(), |p| format!("{p:.3}")) + " | " + &row.note
+        );
+    }
+    let oracle = r.rows.iter().find(|x| x.name.starts_with("oracle")).map_or(0.0, |x| x.accuracy);
+    let uniform = r.rows.iter().find(|x| x.name.starts_with("uniform")).map_or(0.0, |x| x.accuracy);
+    let top1 = r.rows.iter().find(|x| x.name == "router, top-1");
+    let best = r.rows.iter().filter(|x| x.name.starts_with("router")).map(|x| x.accuracy).fold(0.0, f64::max);
+    out += &format!(
+        "\nbest router / oracle = {:.3} (goal ≥ 0.95); best router − uniform = {:+.1} points (goal ≥ +10); top-1 purity {:.3} (goal ≥ 0.90); router training {:.0} s\n",
+        best / oracle.max(1e-9),
+        (best - uniform) * 100.0,
+        top1.and_then(|t| t.purity).unwrap_or(0.0),
+        r.train_seconds
+    );
+    out += "\n| training samples | top-2 accuracy | top-1 purity of that router |\n|---|---|---|\n";
+    for (n, a, p) in &r.curve {
+        out += &format!("| {n} | {a:.3} | {p:.3} |\n");
+    }
+    out += "\n| balance term | top-2 accuracy | purity |\n|---|---|---|\n";
+    for (n, a, p) in &r.ablation {
+        out += &format!("| {n} | {a:.3} | {p:.3} |\n");
+    }
+    out += &format!(
+        "\ndecode speed: one unmerged LoRA {:.1} tokens/s, mixer top-2 {:.1} tokens/s → {:.2}× slower (goal ≤ 1.5×)\n",
+        r.speed.0,
+        r.speed.1,
+        r.speed.0 / r.speed.1.max(1e-9)
+    );
+    if let Some((a, p, reuse)) = r.activated {
+        out += &format!(
+            "activated mixer (aLoRA experts, routing from the assistant turn's opening): accuracy {a:.3}, purity {p:.3}, {:.0}% of each prompt's positions reused from the base KV cache\n",
+            reuse * 100.0
+        );
+    }
+    out
+}

@@ -1,0 +1,72 @@
+//! LoRA-Mixer routing and ChameleonLLM pieces against their torch / scikit-learn references
+//! (goldens: tools/parity/make_llm_mixer_fixtures.py), and the mixer's file checks.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use loramix::llm::chameleon::{kmeans, HyperNetwork};
+use loramix::llm::{LlmSession, MIXER};
+
+const DIR: &str = "tests/fixtures/llm/mixer";
+
+fn load(file: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(Path::new(DIR).join(file), &Device::Cpu).unwrap()
+}
+
+fn rel_l2(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+    d / n.max(1e-12)
+}
+
+#[test]
+fn routed_logits_equal_torch_reimplementation() {
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(Path::new(DIR).join("routing.json")).unwrap()).unwrap();
+    let mut s = LlmSession::load("tests/fixtures/llm/llama", &Device::Cpu).unwrap();
+    let mut experts = vec![];
+    for e in meta["experts"].as_array().unwrap() {
+        s.add_adapter(&Path::new("tests/fixtures/llm/llama/adapters").join(e.as_str().unwrap()), None).unwrap();
+        experts.push(s.adapters().len() - 1);
+    }
+    let routers: HashMap<String, Tensor> =
+        load("routers.safetensors").into_iter().map(|(k, v)| (k.trim_end_matches(".router.weight").to_string(), v)).collect();
+    let goldens = load("routing_goldens.safetensors");
+    let ids: Vec<u32> = meta["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    for k in [0usize, 1, 2] {
+        s.set_mixer(&experts, &routers, k).unwrap();
+        let ours = Tensor::new(s.logits_all(&ids, &[MIXER]).unwrap(), &Device::Cpu).unwrap();
+        let err = rel_l2(&ours, &goldens[&format!("logits_top{k}")]);
+        assert!(err < 1e-4, "top-{k}: rel L2 {err}");
+    }
+    // A router missing for a module an expert adapts is refused.
+    let mut partial = routers.clone();
+    partial.remove("model.layers.0.mlp.down_proj");
+    assert!(s.set_mixer(&experts, &partial, 1).unwrap_err().to_string().contains("model.layers.0.mlp.down_proj"));
+}
+
+#[test]
+fn hypernetwork_forward_equals_torch() {
+    let t = load("hypernet.safetensors");
+    let layers = (0..3).map(|l| (t[&format!("layers.{l}.weight")].clone(), t[&format!("layers.{l}.bias")].clone())).collect();
+    let (v, d) = t["head"].dims2().unwrap();
+    let r = t["a"].dim(0).unwrap();
+    let net = HyperNetwork { layers, rank: r, embed_dim: d, vocab_size: v, scale: 1.5 };
+    let (a, b) = net.forward(&t["feature"]).unwrap();
+    assert!(rel_l2(&a, &t["a"]) < 1e-5 && rel_l2(&b, &t["b"]) < 1e-5);
+    let h = &t["hidden"];
+    let logits = (h.matmul(&t["head"].t().unwrap()).unwrap() + (h.matmul(&a.t().unwrap()).unwrap().matmul(&b.t().unwrap()).unwrap() * 1.5).unwrap()).unwrap();
+    assert!(rel_l2(&logits, &t["logits"]) < 1e-5);
+}
+
+#[test]
+fn kmeans_equals_scikit_learn_lloyd() {
+    let t = load("kmeans.safetensors");
+    let pts = t["points"].to_vec2::<f32>().unwrap();
+    let init = t["init"].to_vec2::<f32>().unwrap();
+    let (labels, centres) = kmeans(&pts, &init, 10);
+    let want: Vec<usize> = t["labels"].to_vec1::<i64>().unwrap().into_iter().map(|l| l as usize).collect();
+    assert_eq!(labels, want);
+    let c = Tensor::new(centres, &Device::Cpu).unwrap();
+    assert!(rel_l2(&c, &t["centres"]) < 1e-5);
+}
