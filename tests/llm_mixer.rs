@@ -33,11 +33,27 @@ fn routed_logits_equal_torch_reimplementation() {
         load("routers.safetensors").into_iter().map(|(k, v)| (k.trim_end_matches(".router.weight").to_string(), v)).collect();
     let goldens = load("routing_goldens.safetensors");
     let ids: Vec<u32> = meta["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-    for k in [0usize, 1, 2] {
-        s.set_mixer(&experts, &routers, k).unwrap();
-        let ours = Tensor::new(s.logits_all(&ids, &[MIXER]).unwrap(), &Device::Cpu).unwrap();
-        let err = rel_l2(&ours, &goldens[&format!("logits_top{k}")]);
-        assert!(err < 1e-4, "top-{k}: rel L2 {err}");
+    let causal: HashMap<String, Tensor> =
+        load("routers_causal_mean.safetensors").into_iter().map(|(k, v)| (k.trim_end_matches(".router.weight").to_string(), v)).collect();
+    for (weights, tag) in [(&routers, ""), (&causal, "causal_mean_")] {
+        for k in [0usize, 1, 2] {
+            s.set_mixer(&experts, weights, k).unwrap();
+            let ours = Tensor::new(s.logits_all(&ids, &[MIXER]).unwrap(), &Device::Cpu).unwrap();
+            let err = rel_l2(&ours, &goldens[&format!("logits_{tag}top{k}")]);
+            assert!(err < 1e-4, "{tag}top-{k}: rel L2 {err}");
+        }
+    }
+    // Token-by-token decoding carries the causal mean in the KV cache: greedy tokens of the
+    // cached path equal the argmax of full recomputes.
+    s.set_mixer(&experts, &causal, 2).unwrap();
+    let mut conv = s.conversation(&ids);
+    let opts = loramix::llm::GenerateOptions { max_new_tokens: 4, stop_tokens: vec![], ..Default::default() };
+    let r = s.reply(&mut conv, &[], &[MIXER], &opts, &mut |_, _| true).unwrap();
+    let mut seq = ids.clone();
+    for &tok in &r.tokens {
+        let l = s.logits_all(&seq, &[MIXER]).unwrap();
+        assert_eq!(loramix_models::llm::argmax(l.last().unwrap()), tok);
+        seq.push(tok);
     }
     // A router missing for a module an expert adapts is refused.
     let mut partial = routers.clone();

@@ -209,15 +209,61 @@ pub struct Router {
     /// When set, each forward pushes its routing probabilities `[n, E]` (training's balance loss,
     /// routing statistics).
     pub trace: Option<RouterTrace>,
+    pub input: RouterInput,
+    /// This router's slot in a KV cache's pooled-input state.
+    pub slot: usize,
 }
+
+/// What a router scores a token from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouterInput {
+    /// The token's own projection input (the paper's router): `[E, in]`.
+    Token,
+    /// The token's input beside the mean of the inputs of every routed position up to it
+    /// (causal, so a cached prefix never changes): `[E, 2·in]`. In a small model a token's own
+    /// hidden state rarely says which task the conversation is; the running mean does.
+    CausalMean,
+}
+
+impl RouterInput {
+    pub fn width(self, in_features: usize) -> usize {
+        match self {
+            RouterInput::Token => in_features,
+            RouterInput::CausalMean => 2 * in_features,
+        }
+    }
+}
+
+/// Per-router running sums of routed inputs (sum `[in]`, count), kept in the KV cache.
+pub type RouterPools = Vec<Option<(Tensor, usize)>>;
 
 /// Routing probabilities recorded by the routers of a model, in forward order.
 pub type RouterTrace = std::sync::Arc<std::sync::Mutex<Vec<Tensor>>>;
 
 impl Router {
     /// The expert terms for `x: [1, n, in]`: `[1, n, out]`.
-    fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let logits = x.broadcast_matmul(&self.weight.t()?)?;
+    fn delta(&self, x: &Tensor, pools: &mut RouterPools) -> Result<Tensor> {
+        let u = match self.input {
+            RouterInput::Token => x.clone(),
+            RouterInput::CausalMean => {
+                let (_, n, d) = x.dims3()?;
+                if pools.len() <= self.slot {
+                    pools.resize(self.slot + 1, None);
+                }
+                let (prev, c0) = match &pools[self.slot] {
+                    Some((s, c)) => (s.clone(), *c),
+                    None => (Tensor::zeros(d, x.dtype(), x.device())?, 0),
+                };
+                let sums = x.cumsum(1)?.broadcast_add(&prev)?;
+                let counts: Vec<f32> = (1..=n).map(|i| 1.0 / (c0 + i) as f32).collect();
+                let inv = Tensor::from_vec(counts, (1, n, 1), x.device())?.to_dtype(x.dtype())?;
+                let mean = sums.broadcast_mul(&inv)?;
+                pools[self.slot] = Some(((prev + x.squeeze(0)?.sum(0)?)?.detach(), c0 + n));
+                Tensor::cat(&[x, &mean], 2)?
+            }
+        };
+        let logits = u.broadcast_matmul(&self.weight.t()?)?;
         let probs = if loramix_kernels::differentiable() {
             candle_nn::ops::softmax(&logits, D::Minus1)?
         } else {
@@ -320,10 +366,25 @@ impl AdaptedLinear {
 
     /// Routes between `experts` (adapter indices, each with at most one branch here; an expert
     /// without a branch on this linear adds nothing) with `weight: [E, in]`.
-    pub fn set_router(&mut self, weight: Tensor, experts: &[usize], top_k: Option<usize>, trace: Option<RouterTrace>) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_router(
+        &mut self,
+        weight: Tensor,
+        experts: &[usize],
+        top_k: Option<usize>,
+        trace: Option<RouterTrace>,
+        input: RouterInput,
+        slot: usize,
+    ) -> Result<()> {
         let (e, i) = weight.dims2()?;
-        if e != experts.len() || i != self.in_features {
-            candle_core::bail!("router weight {:?} does not fit {} experts on a linear with {} inputs", weight.dims(), experts.len(), self.in_features);
+        if e != experts.len() || i != input.width(self.in_features) {
+            candle_core::bail!(
+                "router weight {:?} does not fit {} experts on a linear with {} inputs ({:?} routing)",
+                weight.dims(),
+                experts.len(),
+                self.in_features,
+                input
+            );
         }
         let (mut a, mut b, mut ranks) = (vec![], vec![], vec![]);
         for &ad in experts {
@@ -361,6 +422,8 @@ impl AdaptedLinear {
             b: Tensor::cat(&b, 1)?.to_dtype(dt)?,
             expand: Tensor::from_vec(p, (e, total), self.base.weight().device())?.to_dtype(dt)?,
             trace,
+            input,
+            slot,
         });
         Ok(())
     }
@@ -375,7 +438,7 @@ impl AdaptedLinear {
     }
 
     /// `x`: `[1, t, in]`.
-    fn forward(&self, x: &Tensor, active: &[ActiveAdapter]) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, active: &[ActiveAdapter], pools: &mut RouterPools) -> Result<Tensor> {
         let mut y = self.base.forward(x)?;
         let t = x.dim(1)?;
         for act in active {
@@ -386,7 +449,7 @@ impl AdaptedLinear {
                 if let Some(r) = &self.router {
                     let n = t - act.from;
                     let xs = if act.from == 0 { x.clone() } else { x.narrow(1, act.from, n)? };
-                    let delta = r.delta(&xs)?;
+                    let delta = r.delta(&xs, pools)?;
                     y = if act.from == 0 {
                         (y + delta)?
                     } else {
@@ -432,11 +495,13 @@ const BLOCK_MERGE_LIMIT: usize = 256;
 pub struct KvCache {
     layers: Vec<Vec<KvBlock>>,
     len: usize,
+    /// Running router inputs of the positions routed so far ([`RouterInput::CausalMean`]).
+    pub pools: RouterPools,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![vec![]; num_layers], len: 0 }
+        Self { layers: vec![vec![]; num_layers], len: 0, pools: vec![] }
     }
 
     /// Number of cached positions.
@@ -472,7 +537,9 @@ impl KvCache {
             }
             layers.push(out);
         }
-        Ok(Self { layers, len })
+        // Routed positions always follow a fork point (a fork is taken at the first adapted
+        // position or before), so a fork starts with no pooled router state.
+        Ok(Self { layers, len, pools: vec![] })
     }
 
     /// Number of blocks of the first layer (for tests of sharing).
@@ -590,9 +657,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x, active)?.reshape((1, t, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = self.k_proj.forward(x, active)?.reshape((1, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let v = self.v_proj.forward(x, active)?.reshape((1, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let q = self.q_proj.forward(x, active, &mut cache.pools)?.reshape((1, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = self.k_proj.forward(x, active, &mut cache.pools)?.reshape((1, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let v = self.v_proj.forward(x, active, &mut cache.pools)?.reshape((1, t, kvh, d))?.transpose(1, 2)?.contiguous()?;
         // Training (router, adapters) needs the composed ops: the fused ones have no backward.
         let diff = loramix_kernels::differentiable();
         let rope = if diff { candle_nn::rotary_emb::rope_slow } else { candle_nn::rotary_emb::rope };
@@ -632,7 +699,7 @@ impl Attention {
         }
         let out = out.ok_or_else(|| candle_core::Error::Msg("empty KV cache".into()))?;
         let out = out.reshape((1, h, t, d))?.transpose(1, 2)?.reshape((1, t, h * d))?;
-        self.o_proj.forward(&out, active)
+        self.o_proj.forward(&out, active, &mut cache.pools)
     }
 }
 
@@ -659,10 +726,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, active: &[ActiveAdapter]) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, active)?.apply(&self.act)?;
-        let up = self.up_proj.forward(x, active)?;
-        self.down_proj.forward(&(gate * up)?, active)
+    fn forward(&self, x: &Tensor, active: &[ActiveAdapter], pools: &mut RouterPools) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, active, pools)?.apply(&self.act)?;
+        let up = self.up_proj.forward(x, active, pools)?;
+        self.down_proj.forward(&(gate * up)?, active, pools)
     }
 }
 
@@ -795,7 +862,7 @@ impl LlmModel {
         for (i, l) in self.layers.iter().enumerate() {
             let h = l.self_attn.forward(&rms_norm(&l.input_layernorm, &x)?, &cos_sin, cache, i, active)?;
             x = if rm != 1.0 { (x + (h * rm)?)? } else { (x + h)? };
-            let h = l.mlp.forward(&rms_norm(&l.post_attention_layernorm, &x)?, active)?;
+            let h = l.mlp.forward(&rms_norm(&l.post_attention_layernorm, &x)?, active, &mut cache.pools)?;
             x = if rm != 1.0 { (x + (h * rm)?)? } else { (x + h)? };
         }
         cache.len += t;
@@ -806,14 +873,21 @@ impl LlmModel {
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, active: &[ActiveAdapter], all_logits: bool) -> Result<Tensor> {
         let t = ids.len();
         let x = self.forward_hidden(ids, cache, active)?;
-        let x = if all_logits { x } else { x.narrow(1, t - 1, 1)? };
+        // A head router that pools its inputs must see every row; it is rare (experts on the
+        // head), so the head then runs over the whole chunk and the last row is kept.
+        let pooled_head = self.lm_head.router().is_some_and(|r| r.input == RouterInput::CausalMean);
+        let keep_all = all_logits || pooled_head;
+        let x = if keep_all { x } else { x.narrow(1, t - 1, 1)? };
         // The head's active positions are relative to the chunk; shift them when only the last row is kept.
-        let head_active: Vec<ActiveAdapter> = if all_logits {
+        let head_active: Vec<ActiveAdapter> = if keep_all {
             active.to_vec()
         } else {
             active.iter().map(|a| ActiveAdapter { adapter: a.adapter, from: if a.from < t { 0 } else { 1 } }).collect()
         };
-        let mut logits = self.lm_head.forward(&x, &head_active)?.i(0)?;
+        let mut logits = self.lm_head.forward(&x, &head_active, &mut cache.pools)?.i(0)?;
+        if pooled_head && !all_logits {
+            logits = logits.narrow(0, t - 1, 1)?;
+        }
         if self.config.logits_scaling != 1.0 {
             logits = (logits / self.config.logits_scaling)?;
         }

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use loramix_models::llm::{ActiveAdapter, RouterTrace, MIXER};
+use loramix_models::llm::{ActiveAdapter, RouterInput, RouterTrace, MIXER};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -62,9 +62,16 @@ pub struct MixerSpec {
     /// Routing starts at the last occurrence of these tokens (activated experts); none: everywhere.
     pub invocation_tokens: Option<Vec<u32>>,
     pub modules: Vec<String>,
+    /// What each router scores from (older files: the token's own input).
+    #[serde(default = "token_input")]
+    pub router_input: RouterInput,
     pub weights: String,
     #[serde(default)]
     pub training: Value,
+}
+
+fn token_input() -> RouterInput {
+    RouterInput::Token
 }
 
 /// The mixer installed in a session.
@@ -136,12 +143,18 @@ pub struct MixerTrainOptions {
     pub alpha: f64,
     /// Weight of the routing-entropy term.
     pub lambda: f64,
+    /// What the routers score from.
+    pub input: RouterInput,
+    /// Weight of routing supervision: for lines that name their expert, the cross-entropy of
+    /// every routed token's routing distribution against that expert (LoRA-Mixer's first stage
+    /// routes by domain id; 0: off, the plain plug-and-play objective).
+    pub supervision: f64,
     pub seed: u64,
 }
 
 impl Default for MixerTrainOptions {
     fn default() -> Self {
-        Self { top_k: 2, samples: 2000, epochs: 2, batch: 8, lr: 1e-2, alpha: 0.01, lambda: 0.01, seed: 0 }
+        Self { top_k: 2, samples: 2000, epochs: 2, batch: 8, lr: 1e-2, alpha: 0.01, lambda: 0.01, input: RouterInput::CausalMean, supervision: 0.0, seed: 0 }
     }
 }
 
@@ -161,6 +174,9 @@ pub struct TokenizedExample {
     pub ids: Vec<u32>,
     pub answer_from: usize,
     pub line: usize,
+    /// The expert (index into the mixer's expert list) the line names in an `expert` field (or a
+    /// `task` field equal to an expert's name), for routing supervision.
+    pub expert: Option<usize>,
 }
 
 impl LlmSession {
@@ -185,7 +201,7 @@ impl LlmSession {
         if ids.len() == answer_from {
             return Err(Error::BadFile { path: path.to_path_buf(), message: format!("line {}: empty completion", ex.line) });
         }
-        Ok(TokenizedExample { ids, answer_from, line: ex.line })
+        Ok(TokenizedExample { ids, answer_from, line: ex.line, expert: None })
     }
 
     /// Tokens of `text` with no special tokens added.
@@ -228,15 +244,15 @@ impl LlmSession {
     }
 
     /// Installs routers (`module -> [E, in]`) over `experts`.
-    fn install_routers(&mut self, experts: &[usize], weights: &HashMap<String, Tensor>, top_k: usize, trace: &RouterTrace) -> Result<()> {
+    fn install_routers(&mut self, experts: &[usize], weights: &HashMap<String, Tensor>, top_k: usize, input: RouterInput, trace: &RouterTrace) -> Result<()> {
         let k = (top_k > 0).then_some(top_k);
-        for (name, lin) in self.model.linears_mut() {
+        for (slot, (name, lin)) in self.model.linears_mut().into_iter().enumerate() {
             lin.clear_router();
             if !lin.adapters().iter().any(|a| experts.contains(a)) {
                 continue;
             }
             if let Some(w) = weights.get(&name) {
-                lin.set_router(w.clone(), experts, k, Some(trace.clone())).map_err(|e| Error::Argument(format!("router {name}: {e}")))?;
+                lin.set_router(w.clone(), experts, k, Some(trace.clone()), input, slot).map_err(|e| Error::Argument(format!("router {name}: {e}")))?;
             }
         }
         Ok(())
@@ -252,8 +268,8 @@ impl LlmSession {
         let k = (top_k > 0).then_some(top_k);
         for (_, lin) in self.model.linears_mut() {
             if let Some(r) = lin.router() {
-                let (w, e, t) = (r.weight.clone(), r.experts.clone(), r.trace.clone());
-                lin.set_router(w, &e, k, t)?;
+                let (w, e, t, input, slot) = (r.weight.clone(), r.experts.clone(), r.trace.clone(), r.input, r.slot);
+                lin.set_router(w, &e, k, t, input, slot)?;
             }
         }
         Ok(())
@@ -334,10 +350,11 @@ impl LlmSession {
                 path: wpath.clone(),
                 message: format!("no router for {m} (the experts adapt it): a router for another set of adapters"),
             })?;
-            if t.dims() != [experts.len(), *inf] {
+            let width = spec.router_input.width(*inf);
+            if t.dims() != [experts.len(), width] {
                 return Err(Error::BadFile {
                     path: wpath.clone(),
-                    message: format!("{key}: shape {:?}, expected [{}, {inf}] ({} experts)", t.dims(), experts.len(), experts.len()),
+                    message: format!("{key}: shape {:?}, expected [{}, {width}] ({} experts, {:?} routing)", t.dims(), experts.len(), experts.len(), spec.router_input),
                 });
             }
             weights.insert(m.clone(), t.to_dtype(DType::F32)?.to_device(self.model.device())?);
@@ -350,7 +367,7 @@ impl LlmSession {
             });
         }
         let trace: RouterTrace = Arc::new(Mutex::new(vec![]));
-        self.install_routers(&experts, &weights, spec.top_k, &trace)?;
+        self.install_routers(&experts, &weights, spec.top_k, spec.router_input, &trace)?;
         self.mixer = Some(MixerState { spec, experts, trace });
         Ok(self.mixer.as_ref().unwrap_or_else(|| unreachable!()))
     }
@@ -394,13 +411,13 @@ impl LlmSession {
         let mut weights = HashMap::new();
         for (m, inf) in &modules {
             // Zero init: every router starts as the uniform average of the experts.
-            let v = Var::zeros((e, *inf), DType::F32, &dev)?;
+            let v = Var::zeros((e, opts.input.width(*inf)), DType::F32, &dev)?;
             weights.insert(m.clone(), v.as_tensor().clone());
             vars.push(v);
         }
         let trace: RouterTrace = Arc::new(Mutex::new(vec![]));
         // Training fuses softly; top-k is for inference.
-        self.install_routers(experts, &weights, 0, &trace)?;
+        self.install_routers(experts, &weights, 0, opts.input, &trace)?;
         let spec = MixerSpec {
             format: FORMAT.into(),
             model: model_fingerprint(self)?,
@@ -415,6 +432,7 @@ impl LlmSession {
             top_k: opts.top_k,
             invocation_tokens: invocation.clone(),
             modules: modules.iter().map(|(m, _)| m.clone()).collect(),
+            router_input: opts.input,
             weights: String::new(),
             training: serde_json::to_value(opts).unwrap_or(Value::Null),
         };
@@ -437,13 +455,27 @@ impl LlmSession {
                 for chunk in order.chunks(opts.batch) {
                     trace.lock().unwrap_or_else(|p| p.into_inner()).clear();
                     let mut task = Tensor::zeros((), DType::F32, &dev)?;
+                    let mut probs = vec![];
+                    let mut sup = Tensor::zeros((), DType::F32, &dev)?;
+                    let mut supervised = 0usize;
                     for &i in chunk {
                         task = (task + self.answer_loss(&examples[i])?)?;
+                        let mine = std::mem::take(&mut *trace.lock().unwrap_or_else(|p| p.into_inner()));
+                        if let (Some(want), true) = (examples[i].expert, opts.supervision > 0.0) {
+                            for p in &mine {
+                                let lp = p.clamp(1e-9, 1.0)?.log()?.narrow(1, want, 1)?.mean_all()?;
+                                sup = (sup - (lp / mine.len() as f64)?)?;
+                            }
+                            supervised += 1;
+                        }
+                        probs.extend(mine);
                     }
                     let task = (task / chunk.len() as f64)?;
-                    let probs = std::mem::take(&mut *trace.lock().unwrap_or_else(|p| p.into_inner()));
                     let bal = balance_loss(&probs, modules.len(), opts.alpha, opts.lambda)?;
-                    let loss = (&task + &bal)?;
+                    let mut loss = (&task + &bal)?;
+                    if supervised > 0 {
+                        loss = (loss + (sup * (opts.supervision / supervised as f64))?)?;
+                    }
                     adamw.backward_step(&loss)?;
                     step += 1;
                     let s = MixerTrainStep {
@@ -468,7 +500,7 @@ impl LlmSession {
         // Freeze: the trained weights become plain tensors, routed top-k at inference.
         let frozen: HashMap<String, Tensor> =
             modules.iter().zip(&vars).map(|((m, _), v)| Ok((m.clone(), v.as_tensor().detach().copy()?))).collect::<Result<_>>()?;
-        self.install_routers(experts, &frozen, opts.top_k, &trace)?;
+        self.install_routers(experts, &frozen, opts.top_k, opts.input, &trace)?;
         Ok(log)
     }
 
@@ -579,6 +611,8 @@ pub struct MixerTrainReport {
     pub steps: usize,
     pub seconds: f64,
     pub final_loss: f64,
+    /// Mean loss over each run of 25 steps.
+    pub loss_curve: Vec<f64>,
     pub activated: bool,
 }
 
@@ -605,7 +639,17 @@ pub fn train_router_folder(
         experts.push(idx);
     }
     let lines = super::data::read_examples(data)?;
-    let examples = lines.iter().map(|l| session.tokenize_example(l, data)).collect::<Result<Vec<_>>>()?;
+    let names: Vec<String> = experts.iter().map(|&i| session.adapters[i].name.clone()).collect();
+    let mut examples = lines.iter().map(|l| session.tokenize_example(l, data)).collect::<Result<Vec<_>>>()?;
+    for (ex, l) in examples.iter_mut().zip(&lines) {
+        ex.expert = expert_label(&l.raw, &names);
+    }
+    if opts.supervision > 0.0 && examples.iter().all(|e| e.expert.is_none()) {
+        return Err(Error::BadFile {
+            path: data.to_path_buf(),
+            message: format!("routing supervision needs lines with an \"expert\" (or \"task\") field naming one of {}", names.join(", ")),
+        });
+    }
     let t0 = std::time::Instant::now();
     let log = session.train_mixer(&experts, &examples, opts, on_step)?;
     let seconds = t0.elapsed().as_secs_f64();
@@ -625,8 +669,15 @@ pub fn train_router_folder(
         steps: log.len(),
         seconds,
         final_loss: log.last().map_or(f64::NAN, |s| s.loss),
+        loss_curve: log.chunks(25).map(|c| c.iter().map(|s| s.loss).sum::<f64>() / c.len() as f64).collect(),
         activated: m.spec.invocation_tokens.is_some(),
     })
+}
+
+/// The expert a training line names: its `expert` field, else its `task` field, when equal to
+/// an expert's name.
+pub fn expert_label(raw: &Value, names: &[String]) -> Option<usize> {
+    ["expert", "task"].iter().find_map(|k| raw.get(*k).and_then(Value::as_str).and_then(|v| names.iter().position(|n| n == v)))
 }
 
 /// For each expert, the share of top-1 routing decisions (over every router and routed token)
@@ -665,8 +716,13 @@ impl LlmSession {
                 return Err(Error::Argument(format!("no router for {m}, which an expert adapts")));
             }
         }
+        // The weights' width says what the routers score from.
+        let input = match want.first() {
+            Some((m, inf)) if weights[m].dim(1)? == 2 * inf => RouterInput::CausalMean,
+            _ => RouterInput::Token,
+        };
         let trace: RouterTrace = Arc::new(Mutex::new(vec![]));
-        self.install_routers(experts, weights, top_k, &trace)?;
+        self.install_routers(experts, weights, top_k, input, &trace)?;
         let spec = MixerSpec {
             format: FORMAT.into(),
             model: model_fingerprint(self)?,
@@ -680,6 +736,7 @@ impl LlmSession {
             top_k,
             invocation_tokens: self.shared_invocation(experts),
             modules: want.iter().map(|(m, _)| m.clone()).collect(),
+            router_input: input,
             weights: String::new(),
             training: Value::Null,
         };

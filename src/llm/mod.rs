@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use loramix_models::llm::{ActiveAdapter, KvCache, LlmConfig, LlmModel};
-pub use loramix_models::llm::MIXER;
+pub use loramix_models::llm::{RouterInput, MIXER};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 

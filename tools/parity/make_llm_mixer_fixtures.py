@@ -4,8 +4,9 @@ python tools/parity/make_llm_mixer_fixtures.py --out tests/fixtures/llm/mixer
 
 - routing: the tiny random Llama of tests/fixtures/llm/llama with three of its PEFT adapters as
   experts and random routers; a torch re-implementation of the routed forward (each targeted
-  linear: y = W x + sum_e g_e(x) * s_e * B_e A_e x, g = softmax(R x), top-k renormalised) gives
-  the logits for soft, top-1 and top-2 routing.
+  linear: y = W x + sum_e g_e(u) * s_e * B_e A_e x, g = softmax(R u), top-k renormalised, with
+  u = x (the paper's router) or u = [x, causal running mean of x] (ours)) gives the logits for
+  soft, top-1 and top-2 routing.
 - hypernetwork: random weights (d -> 64 -> 32 -> r(d+V), ReLU), a feature, and A, B and adapted
   logits of random hidden states.
 - k-means: random points and initial centres; scikit-learn's Lloyd iterations (max_iter 10).
@@ -41,41 +42,58 @@ def peft_branches(name):
     return out
 
 
+def routed_logits(model, experts, modules, routers, ids, k, causal_mean):
+    """Logits with every targeted linear routed: y = W x + sum_e g_e * s_e * B_e A_e x,
+    g = softmax(R u) (top-k renormalised when k > 0), u = x or [x, running mean of x]."""
+    hooks = []
+    for m in modules:
+        lin = model.get_submodule(m)
+
+        def hook(mod, inp, outp, m=m):
+            x = inp[0]
+            u = x
+            if causal_mean:
+                n = x.shape[1]
+                mean = torch.cumsum(x, dim=1) / torch.arange(1, n + 1, dtype=x.dtype).reshape(1, n, 1)
+                u = torch.cat([x, mean], dim=-1)
+            g = torch.softmax(u @ routers[m].T, dim=-1)
+            if k > 0:
+                top = torch.topk(g, k, dim=-1)
+                keep = torch.zeros_like(g).scatter(-1, top.indices, top.values)
+                g = keep / keep.sum(-1, keepdim=True)
+            delta = 0
+            for e, br in enumerate(experts):
+                if m in br:
+                    a, b, s = br[m]
+                    delta = delta + g[..., e:e + 1] * (s * (x @ a.T) @ b.T)
+            return outp + delta
+        hooks.append(lin.register_forward_hook(hook))
+    with torch.no_grad():
+        out = model(ids).logits[0].contiguous()
+    for h in hooks:
+        h.remove()
+    return out
+
+
 def routing(out):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32).eval()
     experts = [peft_branches(n) for n in EXPERTS]
     modules = sorted({m for e in experts for m in e})
-    routers = {}
+    routers, cm_routers = {}, {}
     for m in modules:
         lin = model.get_submodule(m)
         routers[m] = torch.randn(len(EXPERTS), lin.in_features) * 0.5
+    for m in modules:
+        lin = model.get_submodule(m)
+        cm_routers[m] = torch.randn(len(EXPERTS), 2 * lin.in_features) * 0.5
     save_file({f"{m}.router.weight": w.contiguous() for m, w in routers.items()}, os.path.join(out, "routers.safetensors"))
+    save_file({f"{m}.router.weight": w.contiguous() for m, w in cm_routers.items()}, os.path.join(out, "routers_causal_mean.safetensors"))
     ids = torch.tensor([[0, 5, 9, 17, 33, 8, 41, 2, 77, 12, 8, 3]])
     logits = {}
     for k in [0, 1, 2]:
-        hooks = []
-        for m in modules:
-            lin = model.get_submodule(m)
-
-            def hook(mod, inp, outp, m=m):
-                x = inp[0]
-                g = torch.softmax(x @ routers[m].T, dim=-1)
-                if k > 0:
-                    top = torch.topk(g, k, dim=-1)
-                    keep = torch.zeros_like(g).scatter(-1, top.indices, top.values)
-                    g = keep / keep.sum(-1, keepdim=True)
-                delta = 0
-                for e, br in enumerate(experts):
-                    if m in br:
-                        a, b, s = br[m]
-                        delta = delta + g[..., e:e + 1] * (s * (x @ a.T) @ b.T)
-                return outp + delta
-            hooks.append(lin.register_forward_hook(hook))
-        with torch.no_grad():
-            logits[f"logits_top{k}"] = model(ids).logits[0].contiguous()
-        for h in hooks:
-            h.remove()
+        logits[f"logits_top{k}"] = routed_logits(model, experts, modules, routers, ids, k, False)
+        logits[f"logits_causal_mean_top{k}"] = routed_logits(model, experts, modules, cm_routers, ids, k, True)
     save_file(logits, os.path.join(out, "routing_goldens.safetensors"))
     json.dump({"experts": EXPERTS, "ids": ids[0].tolist(), "modules": modules}, open(os.path.join(out, "routing.json"), "w"), indent=1)
 

@@ -7,7 +7,7 @@ use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use loramix::llm::chameleon::{train_hypernetwork_folder, ChameleonTrainOptions};
 use loramix::llm::mixer::{train_router_folder, MixerTrainOptions};
-use loramix::llm::LlmSession;
+use loramix::llm::{LlmSession, RouterInput};
 
 #[derive(clap::Args)]
 pub struct LlmArgs {
@@ -64,6 +64,14 @@ struct MixerTrainArgs {
     batch: usize,
     #[arg(long, default_value_t = 1e-2)]
     lr: f64,
+    /// What each router scores a token from: `causal-mean` (the token's input beside the running
+    /// mean of the routed inputs so far; ours) or `token` (the token's input alone, the paper's).
+    #[arg(long, default_value = "causal-mean", value_parser = ["causal-mean", "token"])]
+    router_input: String,
+    /// Weight of routing supervision on lines that name their expert (an "expert" field, or a
+    /// "task" field equal to an expert's folder name); 0: plain plug-and-play training.
+    #[arg(long, default_value_t = 0.0)]
+    supervision: f64,
     /// Weight α of the balance term α·Σ p̄ᵢ f̄ᵢ (LoRA-Mixer's routing specialization loss).
     #[arg(long, default_value_t = 0.01)]
     alpha: f64,
@@ -126,6 +134,8 @@ pub fn run(a: LlmArgs) -> Result<()> {
                 lr: a.lr,
                 alpha: a.alpha,
                 lambda: a.lambda,
+                supervision: a.supervision,
+                input: if a.router_input == "token" { RouterInput::Token } else { RouterInput::CausalMean },
                 seed: a.seed,
             };
             let pb = bar(0)?;

@@ -5,14 +5,14 @@
 //! answer is the accuracy.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use loramix::error::{Error, Result};
 use loramix::llm::data::read_examples;
 use loramix::llm::mixer::MixerTrainOptions;
-use loramix::llm::{GenerateOptions, LlmSession, MIXER};
+use loramix::llm::{GenerateOptions, LlmSession, RouterInput, MIXER};
 
 pub const TASKS: [&str; 4] = ["prompt", "name", "negative", "trigger"];
 
@@ -96,8 +96,17 @@ fn named(mut r: Row, name: &str, note: &str) -> Row {
     r
 }
 
-fn train(s: &mut LlmSession, experts: &[usize], examples: &[loramix::llm::mixer::TokenizedExample], samples: usize, lambda: f64, top_k: usize) -> Result<f64> {
-    let opts = MixerTrainOptions { samples, lambda, top_k, ..Default::default() };
+#[derive(Clone, Copy)]
+struct Variant {
+    input: RouterInput,
+    supervision: f64,
+    lambda: f64,
+}
+
+const OURS: Variant = Variant { input: RouterInput::CausalMean, supervision: 1.0, lambda: 0.01 };
+
+fn train(s: &mut LlmSession, experts: &[usize], examples: &[loramix::llm::mixer::TokenizedExample], samples: usize, v: Variant) -> Result<f64> {
+    let opts = MixerTrainOptions { samples, lambda: v.lambda, input: v.input, supervision: v.supervision, top_k: 2, ..Default::default() };
     let t0 = Instant::now();
     s.train_mixer(experts, examples, &opts, &mut |_| true)?;
     Ok(t0.elapsed().as_secs_f64())
@@ -129,9 +138,7 @@ pub fn run(repo: &Path, quick: bool) -> Result<Report> {
     let lines = read_examples(&train_path)?;
     let examples = lines.iter().map(|l| s.tokenize_example(l, &train_path)).collect::<Result<Vec<_>>>()?;
     let mut tests = test_set(&root.join("data/mixed_test.jsonl"))?;
-    if quick {
-        tests.truncate(60);
-    }
+    tests.truncate(if quick { 60 } else { 200 });
     let mut rows = vec![];
     rows.push(named(evaluate(&s, &tests, &|_| vec![], None)?, "base model", ""));
     rows.push(named(evaluate(&s, &tests, &|t| vec![experts[t]], None)?, "oracle (the task's own LoRA)", "uses the task label"));
@@ -148,15 +155,35 @@ pub fn run(repo: &Path, quick: bool) -> Result<Report> {
     s.set_mixer(&experts, &zeros, 0)?;
     rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], None)?, "uniform average of the 4 experts", "router weights all zero, soft"));
     let full = if quick { 200 } else { 2000 };
-    let train_seconds = train(&mut s, &experts, &examples, full, 0.01, 2)?;
-    let mut at_full = 0.0;
-    for (k, label) in [(1usize, "router, top-1"), (2, "router, top-2"), (0, "router, soft (all 4)")] {
-        s.set_mixer_top_k(k)?;
-        let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
-        if k == 2 {
-            at_full = r.accuracy;
+    let names: Vec<String> = TASKS.iter().map(|t| t.to_string()).collect();
+    let label = |exs: &mut Vec<loramix::llm::mixer::TokenizedExample>| {
+        for (e, l) in exs.iter_mut().zip(&lines) {
+            e.expert = loramix::llm::mixer::expert_label(&l.raw, &names);
         }
-        rows.push(named(r, label, &format!("{full} training samples, α = λ = 0.01")));
+    };
+    let mut examples = examples;
+    label(&mut examples);
+    let all = Some(&[0usize, 1, 2, 3][..]);
+    // The paper's router (the token's own input), plain plug-and-play objective.
+    train(&mut s, &experts, &examples, full, Variant { input: RouterInput::Token, supervision: 0.0, lambda: 0.01 })?;
+    for (k, label) in [(2usize, "paper's router (token input), top-2"), (0, "paper's router (token input), soft")] {
+        s.set_mixer_top_k(k)?;
+        rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], all)?, label, &format!("{full} samples, no labels")));
+    }
+    train(&mut s, &experts, &examples, full, Variant { input: RouterInput::CausalMean, supervision: 0.0, lambda: 0.01 })?;
+    for (k, label) in [(2usize, "causal-mean router, top-2"), (0, "causal-mean router, soft")] {
+        s.set_mixer_top_k(k)?;
+        rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], all)?, label, &format!("{full} samples, no labels")));
+    }
+    let train_seconds = train(&mut s, &experts, &examples, full, OURS)?;
+    let mut at_full = (0.0, 0.0);
+    for (k, label) in [(1usize, "causal-mean + routing supervision, top-1"), (2, "causal-mean + routing supervision, top-2"), (0, "causal-mean + routing supervision, soft")] {
+        s.set_mixer_top_k(k)?;
+        let r = evaluate(&s, &tests, &|_| vec![MIXER], all)?;
+        if k == 2 {
+            at_full = (r.accuracy, r.purity.unwrap_or(0.0));
+        }
+        rows.push(named(r, label, &format!("{full} samples with task labels (training only)")));
     }
     // tokens/s: top-2 mixer against one unmerged LoRA, same prompts, 48 new tokens each.
     s.set_mixer_top_k(2)?;
@@ -166,26 +193,29 @@ pub fn run(repo: &Path, quick: bool) -> Result<Report> {
     let mut curve = vec![];
     let sizes: &[usize] = if quick { &[100] } else { &[250, 500, 1000] };
     for &n in sizes {
-        train(&mut s, &experts, &examples, n, 0.01, 2)?;
-        let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+        train(&mut s, &experts, &examples, n, OURS)?;
+        let r = evaluate(&s, &tests, &|_| vec![MIXER], all)?;
         curve.push((n, r.accuracy, r.purity.unwrap_or(0.0)));
     }
-    curve.push((full, at_full, rows.iter().find(|r| r.name == "router, top-2").and_then(|r| r.purity).unwrap_or(0.0)));
+    curve.push((full, at_full.0, at_full.1));
     let mut ablation = vec![];
-    train(&mut s, &experts, &examples, full, 0.0, 2)?;
-    let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+    train(&mut s, &experts, &examples, full, Variant { lambda: 0.0, ..OURS })?;
+    let r = evaluate(&s, &tests, &|_| vec![MIXER], all)?;
     ablation.push(("λ = 0 (α = 0.01)".to_string(), r.accuracy, r.purity.unwrap_or(0.0)));
-    ablation.push(("λ = 0.01 (α = 0.01), as above".to_string(), at_full, curve.last().map_or(0.0, |c| c.2)));
-    // The activated mixer: aLoRA experts invoked by the assistant turn's opening.
-    s.remove_mixer();
+    ablation.push(("λ = 0.01 (α = 0.01), as above".to_string(), at_full.0, at_full.1));
+    // The activated mixer: aLoRA experts invoked by the assistant turn's opening, in a session
+    // of their own (the experts carry the task names, as the labels do).
+    let mut s = LlmSession::load(&root.to_string_lossy(), &dev)?;
     let mut aloras = vec![];
     for t in TASKS {
-        let dir: PathBuf = root.join("aloras").join(t);
-        s.add_adapter(&dir, Some(&format!("alora-{t}")))?;
+        s.add_adapter(&root.join("aloras").join(t), None)?;
         aloras.push(s.adapters().len() - 1);
     }
-    train(&mut s, &aloras, &examples, full, 0.01, 2)?;
-    let r = evaluate(&s, &tests, &|_| vec![MIXER], Some(&[0, 1, 2, 3]))?;
+    let mut examples = lines.iter().map(|l| s.tokenize_example(l, &train_path)).collect::<Result<Vec<_>>>()?;
+    label(&mut examples);
+    train(&mut s, &aloras, &examples, full, OURS)?;
+    s.set_mixer_top_k(2)?;
+    let r = evaluate(&s, &tests, &|_| vec![MIXER], all)?;
     // Cache reuse: the conversation is prefilled by the base model, then the mixer replies.
     let opts = GenerateOptions { max_new_tokens: 48, ..Default::default() };
     let (mut reused, mut total) = (0usize, 0usize);
@@ -218,20 +248,20 @@ pub fn table(r: &Report, threads: usize) -> String {
     }
     let oracle = r.rows.iter().find(|x| x.name.starts_with("oracle")).map_or(0.0, |x| x.accuracy);
     let uniform = r.rows.iter().find(|x| x.name.starts_with("uniform")).map_or(0.0, |x| x.accuracy);
-    let top1 = r.rows.iter().find(|x| x.name == "router, top-1");
-    let best = r.rows.iter().filter(|x| x.name.starts_with("router")).map(|x| x.accuracy).fold(0.0, f64::max);
+    let top1 = r.rows.iter().find(|x| x.name.ends_with("supervision, top-1"));
+    let best = r.rows.iter().filter(|x| x.name.contains("router") || x.name.contains("supervision")).map(|x| x.accuracy).fold(0.0, f64::max);
     out += &format!(
-        "\nbest router / oracle = {:.3} (goal ≥ 0.95); best router − uniform = {:+.1} points (goal ≥ +10); top-1 purity {:.3} (goal ≥ 0.90); router training {:.0} s\n",
+        "\nbest router / oracle = {:.3} (goal ≥ 0.95); best router − uniform = {:+.1} points (goal ≥ +10); top-1 purity of the supervised causal-mean router {:.3} (goal ≥ 0.90); its training {:.0} s\n",
         best / oracle.max(1e-9),
         (best - uniform) * 100.0,
         top1.and_then(|t| t.purity).unwrap_or(0.0),
         r.train_seconds
     );
-    out += "\n| training samples | top-2 accuracy | top-1 purity of that router |\n|---|---|---|\n";
+    out += "\ndata efficiency (causal-mean + routing supervision):\n\n| training samples | top-2 accuracy | top-1 purity of that router |\n|---|---|---|\n";
     for (n, a, p) in &r.curve {
         out += &format!("| {n} | {a:.3} | {p:.3} |\n");
     }
-    out += "\n| balance term | top-2 accuracy | purity |\n|---|---|---|\n";
+    out += "\nbalance-loss ablation (causal-mean + routing supervision, top-2):\n\n| balance term | top-2 accuracy | purity |\n|---|---|---|\n";
     for (n, a, p) in &r.ablation {
         out += &format!("| {n} | {a:.3} | {p:.3} |\n");
     }
