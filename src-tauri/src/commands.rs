@@ -420,7 +420,14 @@ impl AppState {
     // ---- LLM -----------------------------------------------------------------------------
 
     pub fn llm_load(&self, model: &str) -> AppResult<ChatInfo> {
-        let m = if Path::new(model).is_absolute() { user_path(model, "LLM model")?.to_string_lossy().into_owned() } else { self.resolve_model(model)? };
+        // "minichat" (or nothing) is the small LLM we ship, so the pane works offline.
+        let m = if model.trim().is_empty() || model.trim() == "minichat" || model.trim() == "models/minichat" {
+            self.models_dir.join("minichat").to_string_lossy().into_owned()
+        } else if Path::new(model).is_absolute() {
+            user_path(model, "LLM model")?.to_string_lossy().into_owned()
+        } else {
+            self.resolve_model(model)?
+        };
         let session = LlmSession::load(&m, &candle_core::Device::Cpu)?;
         let info = ChatInfo { model: m, has_chat_template: session.has_chat_template(), adapters: vec![] };
         *self.chat.lock().unwrap_or_else(|e| e.into_inner()) = Some(ChatState { session, messages: vec![], conversation: None });

@@ -400,7 +400,6 @@ impl LlmSession {
             return Err(Error::Argument("nothing to train on (no examples, batch 0 or 0 epochs)".into()));
         }
         self.remove_mixer();
-        let invocation = self.shared_invocation(experts);
         let modules = self.routed_modules(experts);
         if modules.is_empty() {
             return Err(Error::Argument("the experts adapt no linear layer".into()));
@@ -415,28 +414,14 @@ impl LlmSession {
             weights.insert(m.clone(), v.as_tensor().clone());
             vars.push(v);
         }
-        let trace: RouterTrace = Arc::new(Mutex::new(vec![]));
         // Training fuses softly; top-k is for inference.
-        self.install_routers(experts, &weights, 0, opts.input, &trace)?;
-        let spec = MixerSpec {
-            format: FORMAT.into(),
-            model: model_fingerprint(self)?,
-            experts: experts
-                .iter()
-                .map(|&i| {
-                    let a = &self.adapters[i];
-                    let path = std::fs::canonicalize(&a.path).unwrap_or_else(|_| a.path.clone());
-                    Ok(ExpertSpec { name: a.name.clone(), path: path.to_string_lossy().into_owned(), sha256: adapter_hash(&a.path)? })
-                })
-                .collect::<Result<Vec<_>>>()?,
-            top_k: opts.top_k,
-            invocation_tokens: invocation.clone(),
-            modules: modules.iter().map(|(m, _)| m.clone()).collect(),
-            router_input: opts.input,
-            weights: String::new(),
-            training: serde_json::to_value(opts).unwrap_or(Value::Null),
+        self.set_mixer(experts, &weights, 0)?;
+        let trace = {
+            let m = self.mixer.as_mut().ok_or_else(|| Error::Argument("no mixer after install".into()))?;
+            m.spec.top_k = opts.top_k;
+            m.spec.training = serde_json::to_value(opts).unwrap_or(Value::Null);
+            m.trace.clone()
         };
-        self.mixer = Some(MixerState { spec, experts: experts.to_vec(), trace: trace.clone() });
 
         let mut order: Vec<usize> = (0..examples.len()).collect();
         let mut rng = crate::rng::TorchCpuRng::new(opts.seed);
@@ -730,7 +715,8 @@ impl LlmSession {
                 .iter()
                 .map(|&i| {
                     let a = &self.adapters[i];
-                    Ok(ExpertSpec { name: a.name.clone(), path: a.path.to_string_lossy().into_owned(), sha256: adapter_hash(&a.path)? })
+                    let path = std::fs::canonicalize(&a.path).unwrap_or_else(|_| a.path.clone());
+                    Ok(ExpertSpec { name: a.name.clone(), path: path.to_string_lossy().into_owned(), sha256: adapter_hash(&a.path)? })
                 })
                 .collect::<Result<Vec<_>>>()?,
             top_k,

@@ -87,7 +87,30 @@ try {
   fs.copyFileSync(path.join(outDir, "gallery.png"), path.join(outDir, "screenshot.png"));
   await tab("studio");
   await shot("mix.png");
+  // 5. The LLM pane on the model we ship: an aLoRA reply on the cached conversation, then a
+  //    batch of prompts answered per cluster into a JSONL file.
   await tab("chat");
+  await driver.findElement(byTest("llm-load")).click();
+  await driver.wait(until.elementLocated(byTest("llm-loaded")), 60000);
+  await driver.findElement(byTest("llm-adapter")).sendKeys(path.join(repo, "models/minichat/aloras/negative"));
+  await driver.findElement(byTest("llm-add")).click();
+  await driver.wait(until.elementLocated(byTest("invoke-negative")), 30000);
+  await driver.findElement(byTest("chat-input")).sendKeys("negative prompt for: a krin emblem on a pink background, painted style");
+  await driver.findElement(byTest("invoke-negative")).click();
+  await driver.wait(until.elementLocated(byTest("turn-stats")), 60000);
+  const texts = await driver.findElements(byTest("turn-text"));
+  const reply = await texts[texts.length - 1].getText();
+  check(reply.includes("striped style") && !reply.includes("painted style"), `the negative aLoRA answers: ${reply}`);
+  const stats = await driver.findElement(byTest("turn-stats")).getText();
+  check(/reused [1-9]/.test(stats), `the invocation reuses the conversation cache (${stats})`);
+  const answers = path.join(exportDir, "answers.jsonl");
+  await driver.findElement(byTest("batch-file")).sendKeys(path.join(repo, "models/minichat/data/batch_prompts.jsonl"));
+  await driver.findElement(byTest("batch-out")).sendKeys(answers);
+  await driver.findElement(byTest("batch-run")).click();
+  const bp = await driver.wait(until.elementLocated(byTest("batch-progress")), 30000);
+  await driver.wait(async () => (await bp.getText()).includes("answers in"), 120000);
+  const lines = fs.readFileSync(answers, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+  check(lines.length === 24 && lines.every((l, i) => l.index === i && typeof l.answer === "string"), "the batch writes one answer per prompt, in order");
   await shot("llm.png");
 } catch (e) {
   failed = true;
