@@ -235,33 +235,79 @@ impl RouterInput {
     }
 }
 
-/// Per-router running sums of routed inputs (sum `[in]`, count), kept in the KV cache.
-pub type RouterPools = Vec<Option<(Tensor, usize)>>;
+/// Cumulative sums of the router inputs of every cached position, per router slot, kept in the KV
+/// cache beside the keys and values ([`RouterInput::CausalMean`]). Every position is pooled,
+/// routed or not, so an activated mixer's running mean includes the conversation before its
+/// invocation (whose base keys and values are reused). Blocks, like the KV blocks: appending never
+/// copies, and a fork shares the blocks before it.
+#[derive(Debug, Clone, Default)]
+pub struct RouterPools {
+    /// Cache position of the chunk being computed.
+    start: usize,
+    /// Per slot: blocks of cumulative sums `[m, in]`, consecutive positions from 0.
+    sums: Vec<Vec<Tensor>>,
+}
+
+impl RouterPools {
+    fn rows(&self, slot: usize) -> usize {
+        self.sums.get(slot).map_or(0, |b| b.iter().map(|t| t.dim(0).unwrap_or(0)).sum())
+    }
+
+    fn fork(&self, len: usize) -> Result<Self> {
+        let mut sums = Vec::with_capacity(self.sums.len());
+        for blocks in &self.sums {
+            let (mut out, mut n) = (vec![], 0);
+            for b in blocks {
+                if n >= len {
+                    break;
+                }
+                let take = b.dim(0)?.min(len - n);
+                out.push(if take == b.dim(0)? { b.clone() } else { b.narrow(0, 0, take)? });
+                n += take;
+            }
+            sums.push(out);
+        }
+        Ok(Self { start: len, sums })
+    }
+}
 
 /// Routing probabilities recorded by the routers of a model, in forward order.
 pub type RouterTrace = std::sync::Arc<std::sync::Mutex<Vec<Tensor>>>;
 
 impl Router {
-    /// The expert terms for `x: [1, n, in]`: `[1, n, out]`.
-    fn delta(&self, x: &Tensor, pools: &mut RouterPools) -> Result<Tensor> {
-        let u = match self.input {
-            RouterInput::Token => x.clone(),
-            RouterInput::CausalMean => {
-                let (_, n, d) = x.dims3()?;
-                if pools.len() <= self.slot {
-                    pools.resize(self.slot + 1, None);
-                }
-                let (prev, c0) = match &pools[self.slot] {
-                    Some((s, c)) => (s.clone(), *c),
-                    None => (Tensor::zeros(d, x.dtype(), x.device())?, 0),
-                };
-                let sums = x.cumsum(1)?.broadcast_add(&prev)?;
-                let counts: Vec<f32> = (1..=n).map(|i| 1.0 / (c0 + i) as f32).collect();
-                let inv = Tensor::from_vec(counts, (1, n, 1), x.device())?.to_dtype(x.dtype())?;
-                let mean = sums.broadcast_mul(&inv)?;
-                pools[self.slot] = Some(((prev + x.squeeze(0)?.sum(0)?)?.detach(), c0 + n));
-                Tensor::cat(&[x, &mean], 2)?
-            }
+    /// The running mean of the inputs up to each position of the chunk `x: [1, t, in]`
+    /// (`[1, t, in]`), pooling the chunk into the cache's sums.
+    fn pool(&self, x: &Tensor, pools: &mut RouterPools) -> Result<Tensor> {
+        let (_, t, d) = x.dims3()?;
+        let m = pools.rows(self.slot);
+        if m != pools.start {
+            candle_core::bail!(
+                "the router's pooled inputs cover {m} positions but this chunk starts at {}: the KV cache was filled before the mixer was installed (start a new conversation)",
+                pools.start
+            );
+        }
+        if pools.sums.len() <= self.slot {
+            pools.sums.resize(self.slot + 1, vec![]);
+        }
+        let blocks = &mut pools.sums[self.slot];
+        let last = match blocks.last() {
+            Some(b) => b.narrow(0, b.dim(0)? - 1, 1)?,
+            None => Tensor::zeros((1, d), x.dtype(), x.device())?,
+        };
+        let cum = x.squeeze(0)?.cumsum(0)?.broadcast_add(&last)?;
+        blocks.push(cum.detach());
+        let inv: Vec<f32> = (1..=t).map(|i| 1.0 / (m + i) as f32).collect();
+        let inv = Tensor::from_vec(inv, (t, 1), x.device())?.to_dtype(x.dtype())?;
+        cum.broadcast_mul(&inv)?.unsqueeze(0)
+    }
+
+    /// The expert terms for `x: [1, n, in]` (`mean`: the running means of the same positions,
+    /// for a causal-mean router): `[1, n, out]`.
+    fn delta(&self, x: &Tensor, mean: Option<&Tensor>) -> Result<Tensor> {
+        let u = match (self.input, mean) {
+            (RouterInput::Token, _) => x.clone(),
+            (RouterInput::CausalMean, Some(m)) => Tensor::cat(&[x, m], 2)?,
+            (RouterInput::CausalMean, None) => candle_core::bail!("a causal-mean router needs its running means"),
         };
         let logits = u.broadcast_matmul(&self.weight.t()?)?;
         let probs = if loramix_kernels::differentiable() {
@@ -441,6 +487,11 @@ impl AdaptedLinear {
     fn forward(&self, x: &Tensor, active: &[ActiveAdapter], pools: &mut RouterPools) -> Result<Tensor> {
         let mut y = self.base.forward(x)?;
         let t = x.dim(1)?;
+        // Every position is pooled, routed or not (see RouterPools).
+        let mean = match &self.router {
+            Some(r) if r.input == RouterInput::CausalMean => Some(r.pool(x, pools)?),
+            _ => None,
+        };
         for act in active {
             if act.from >= t {
                 continue;
@@ -449,7 +500,11 @@ impl AdaptedLinear {
                 if let Some(r) = &self.router {
                     let n = t - act.from;
                     let xs = if act.from == 0 { x.clone() } else { x.narrow(1, act.from, n)? };
-                    let delta = r.delta(&xs, pools)?;
+                    let ms = match &mean {
+                        Some(m) if act.from > 0 => Some(m.narrow(1, act.from, n)?),
+                        other => other.clone(),
+                    };
+                    let delta = r.delta(&xs, ms.as_ref())?;
                     y = if act.from == 0 {
                         (y + delta)?
                     } else {
@@ -495,13 +550,13 @@ const BLOCK_MERGE_LIMIT: usize = 256;
 pub struct KvCache {
     layers: Vec<Vec<KvBlock>>,
     len: usize,
-    /// Running router inputs of the positions routed so far ([`RouterInput::CausalMean`]).
+    /// Pooled router inputs of the cached positions ([`RouterInput::CausalMean`]).
     pub pools: RouterPools,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![vec![]; num_layers], len: 0, pools: vec![] }
+        Self { layers: vec![vec![]; num_layers], len: 0, pools: RouterPools::default() }
     }
 
     /// Number of cached positions.
@@ -537,9 +592,7 @@ impl KvCache {
             }
             layers.push(out);
         }
-        // Routed positions always follow a fork point (a fork is taken at the first adapted
-        // position or before), so a fork starts with no pooled router state.
-        Ok(Self { layers, len, pools: vec![] })
+        Ok(Self { layers, len, pools: self.pools.fork(len)? })
     }
 
     /// Number of blocks of the first layer (for tests of sharing).
@@ -842,9 +895,6 @@ impl LlmModel {
         &mut self.lm_head
     }
 
-    /// Runs `ids` at positions `cache.len()..`, appending their keys and values to `cache`.
-    /// Returns logits `[t, vocab]` for every position when `all_logits`, else `[1, vocab]` for
-    /// the last one (the head is the largest matmul of a long prefill).
     /// The final (normed) hidden states `[1, t, hidden]` of `ids`, the LM head's input.
     pub fn forward_hidden(&self, ids: &[u32], cache: &mut KvCache, active: &[ActiveAdapter]) -> Result<Tensor> {
         let t = ids.len();
@@ -852,6 +902,7 @@ impl LlmModel {
             candle_core::bail!("forward over zero tokens");
         }
         let start = cache.len;
+        cache.pools.start = start;
         let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed_tokens.forward(&input)?;
         if self.config.embedding_multiplier != 1.0 {
@@ -870,6 +921,9 @@ impl LlmModel {
         Ok(x)
     }
 
+    /// Runs `ids` at positions `cache.len()..`, appending their keys and values to `cache`.
+    /// Returns logits `[t, vocab]` for every position when `all_logits`, else `[1, vocab]` for
+    /// the last one (the head is the largest matmul of a long prefill).
     pub fn forward(&self, ids: &[u32], cache: &mut KvCache, active: &[ActiveAdapter], all_logits: bool) -> Result<Tensor> {
         let t = ids.len();
         let x = self.forward_hidden(ids, cache, active)?;
