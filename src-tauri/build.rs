@@ -23,6 +23,11 @@ const COMMANDS: &[&str] = &[
     "llm_add_adapter",
     "llm_send",
     "llm_reset",
+    "llm_mixer_train",
+    "llm_mixer_load",
+    "llm_mixer_off",
+    "llm_batch",
+    "llm_chameleon_train",
 ];
 
 fn main() {
