@@ -279,3 +279,36 @@ pub fn table(r: &Report, threads: usize) -> String {
     }
     out
 }
+
+/// Decode speed alone (no training: router weights do not change the cost): one unmerged LoRA
+/// against a top-2 causal-mean mixer over the four experts, alternating `repeats` times; medians.
+pub fn speed(repo: &Path, repeats: usize) -> Result<(f64, f64)> {
+    let root = repo.join("models/minichat");
+    let dev = Device::Cpu;
+    let mut s = LlmSession::load(&root.to_string_lossy(), &dev)?;
+    let mut experts = vec![];
+    for t in TASKS {
+        s.add_adapter(&root.join("adapters").join(t), None)?;
+        experts.push(s.adapters().len() - 1);
+    }
+    let mut w = HashMap::new();
+    for a in experts.iter().flat_map(|&e| s.adapters()[e].modules.clone()) {
+        let inf = if a.contains("o_proj") { s.config().num_attention_heads * s.config().head_dim } else { s.config().hidden_size };
+        // A little noise so that top-2 picks vary as a trained router's do.
+        let r = Tensor::randn(0f32, 0.05, (experts.len(), 2 * inf), &dev)?;
+        w.insert(a, r);
+    }
+    s.set_mixer(&experts, &w, 2)?;
+    let tests = test_set(&root.join("data/mixed_test.jsonl"))?;
+    let prompts: Vec<&str> = tests.iter().take(12).map(|t| t.prompt.as_str()).collect();
+    let (mut one, mut mixed) = (vec![], vec![]);
+    for _ in 0..repeats.max(1) {
+        one.push(tokens_per_second(&s, &prompts, &[experts[0]])?);
+        mixed.push(tokens_per_second(&s, &prompts, &[MIXER])?);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    Ok((median(&mut one), median(&mut mixed)))
+}

@@ -21,7 +21,8 @@ pub struct BenchArgs {
     iters: usize,
     /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy;
     /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens;
-    /// mixer: LoRA-Mixer accuracy and routing on the shipped LLM; chameleon: ChameleonLLM perplexities.
+    /// mixer: LoRA-Mixer accuracy and routing on the shipped LLM; mixer-speed: its decode speed alone;
+    /// chameleon: ChameleonLLM perplexities.
     #[arg(long, default_value = "unet")]
     suite: String,
     /// Same as --suite mix.
@@ -55,6 +56,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "chameleon" => {
             let r = chameleon::run(&repo, a.quick)?;
             print!("{}", chameleon::table(&r, threads));
+            Ok(())
+        }
+        "mixer-speed" => {
+            let (one, mixed) = mixer::speed(&repo, a.iters.max(1))?;
+            println!(
+                "decode speed on models/minichat ({threads} threads, median of {} alternating runs): one unmerged LoRA {one:.1} tokens/s, top-2 causal-mean mixer over 4 experts {mixed:.1} tokens/s → {:.2}× slower (goal ≤ 1.5×)",
+                a.iters.max(1),
+                one / mixed.max(1e-9)
+            );
             Ok(())
         }
         "mixer" => {
