@@ -106,6 +106,14 @@ impl TorchCpuRng {
     }
 }
 
+/// Fisher–Yates shuffle driven by our torch-compatible stream (deterministic for a seed).
+pub fn shuffle<T>(v: &mut [T], rng: &mut TorchCpuRng) {
+    for i in (1..v.len()).rev() {
+        let j = ((rng.uniform() as f64) * (i + 1) as f64) as usize;
+        v.swap(i, j.min(i));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

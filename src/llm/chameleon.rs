@@ -22,6 +22,7 @@ use super::data::{Example, Line};
 use super::mixer::{model_fingerprint, ModelFingerprint};
 use super::LlmSession;
 use crate::error::{Error, Result};
+use crate::rng::shuffle;
 
 pub const CHAMELEON_FILE: &str = "chameleon.json";
 const FORMAT: &str = "loramix-chameleon/1";
@@ -349,11 +350,7 @@ impl LlmSession {
             }
         }
         let bytes = crate::weights::safetensors_bytes(safetensors::Dtype::F32, &tensors, None, "hypernetwork")?;
-        let hash = {
-            use sha2::Digest;
-            sha2::Sha256::digest(&bytes).iter().take(6).map(|b| format!("{b:02x}")).collect::<String>()
-        };
-        let file = format!("hypernet-{hash}.safetensors");
+        let file = format!("hypernet-{}.safetensors", &super::mixer::sha256_hex(&[&bytes])[..12]);
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         crate::output::write_atomic(&dir.join(&file), &bytes)?;
         let spec = ChameleonSpec {
@@ -397,12 +394,6 @@ pub fn cluster_batches(labels: &[usize], batch: usize, rng: &mut crate::rng::Tor
     out
 }
 
-pub fn shuffle<T>(v: &mut [T], rng: &mut crate::rng::TorchCpuRng) {
-    for i in (1..v.len()).rev() {
-        let j = ((rng.uniform() as f64) * (i + 1) as f64) as usize;
-        v.swap(i, j.min(i));
-    }
-}
 
 /// The mean of some features, L2-normalised (a batch's feature).
 pub fn batch_feature(features: &[&[f32]], device: &Device) -> Result<Tensor> {

@@ -28,6 +28,7 @@ use serde_json::Value;
 use super::data::{Example, Line};
 use super::{alora_offset, AdapterKind, LlmSession};
 use crate::error::{Error, Result};
+use crate::rng::shuffle;
 
 pub const MIXER_FILE: &str = "mixer.json";
 const FORMAT: &str = "loramix-lora-mixer/1";
@@ -83,7 +84,8 @@ pub struct MixerState {
     pub trace: RouterTrace,
 }
 
-fn sha256_hex(parts: &[&[u8]]) -> String {
+/// sha256 of length-prefixed parts (so that moving bytes between parts changes the hash).
+pub(super) fn sha256_hex(parts: &[&[u8]]) -> String {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     for p in parts {
@@ -233,8 +235,8 @@ impl LlmSession {
         inv.cloned()
     }
 
-    /// Module paths that get a router: every linear some expert has a branch on.
-    fn routed_modules(&mut self, experts: &[usize]) -> Vec<(String, usize)> {
+    /// Module paths (with input widths) that get a router: every linear some expert has a branch on.
+    pub fn routed_modules(&mut self, experts: &[usize]) -> Vec<(String, usize)> {
         self.model
             .linears_mut()
             .into_iter()
@@ -372,8 +374,8 @@ impl LlmSession {
         Ok(self.mixer.as_ref().unwrap_or_else(|| unreachable!()))
     }
 
-    /// Where routing starts in `ids` (None: the invocation is absent, the mixer is off).
-    pub(crate) fn mixer_from(&self, ids: &[u32]) -> Option<usize> {
+    /// Where routing starts in `ids` (None: no mixer, or its invocation is absent: it is off).
+    pub fn mixer_start(&self, ids: &[u32]) -> Option<usize> {
         let m = self.mixer.as_ref()?;
         match &m.spec.invocation_tokens {
             None => Some(0),
@@ -491,7 +493,7 @@ impl LlmSession {
 
     /// Mean cross-entropy of the answer tokens of `ex` with the mixer on.
     fn answer_loss(&self, ex: &TokenizedExample) -> Result<Tensor> {
-        let from = self.mixer_from(&ex.ids).unwrap_or(ex.ids.len());
+        let from = self.mixer_start(&ex.ids).unwrap_or(ex.ids.len());
         let mut cache = self.model.new_cache();
         let logits = self.model.forward(&ex.ids, &mut cache, &[ActiveAdapter { adapter: MIXER, from }], true)?;
         let n = ex.ids.len() - ex.answer_from;
@@ -504,12 +506,7 @@ impl LlmSession {
     pub fn save_mixer(&self, dir: &Path, extra_training: Value) -> Result<PathBuf> {
         let m = self.mixer.as_ref().ok_or_else(|| Error::Argument("no mixer to save".into()))?;
         let mut tensors = vec![];
-        let mut linears: Vec<(String, Tensor)> = vec![];
-        // linears_mut needs &mut; the router weights are read through the spec's module list.
-        for (name, w) in self.router_weights() {
-            linears.push((name, w));
-        }
-        for (name, w) in &linears {
+        for (name, w) in &self.model.routers() {
             let v = w.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             tensors.push((format!("{name}.router.weight"), w.dims().to_vec(), crate::weights::f32_le_bytes(&v)));
         }
@@ -535,10 +532,6 @@ impl LlmSession {
             }
         }
         Ok(spec_path)
-    }
-
-    fn router_weights(&self) -> Vec<(String, Tensor)> {
-        self.model.routers()
     }
 
     /// Routing statistics of the forwards since the last call: for each router (forward order
@@ -578,12 +571,6 @@ pub fn balance_loss(probs: &[Tensor], routers: usize, alpha: f64, lambda: f64) -
     Ok((total / routers as f64)?)
 }
 
-fn shuffle(v: &mut [usize], rng: &mut crate::rng::TorchCpuRng) {
-    for i in (1..v.len()).rev() {
-        let j = ((rng.uniform() as f64) * (i + 1) as f64) as usize;
-        v.swap(i, j.min(i));
-    }
-}
 
 /// The outcome of [`train_router_folder`].
 #[derive(Debug, Clone, Serialize)]
@@ -681,13 +668,6 @@ pub fn top1_share(trace: &[Tensor]) -> Result<Vec<f64>> {
         }
     }
     Ok(counts.into_iter().map(|c| if total > 0.0 { c / total } else { 0.0 }).collect())
-}
-
-impl LlmSession {
-    /// Where the mixer starts routing in `ids` (None: not loaded, or its invocation is absent).
-    pub fn mixer_start(&self, ids: &[u32]) -> Option<usize> {
-        self.mixer_from(ids)
-    }
 }
 
 impl LlmSession {

@@ -359,7 +359,7 @@ impl LlmSession {
                 if self.mixer.is_none() {
                     return Err(Error::Argument("the mixer is enabled but none is loaded".into()));
                 }
-                if let Some(from) = self.mixer_from(ids) {
+                if let Some(from) = self.mixer_start(ids) {
                     out.push((MIXER, from));
                 }
                 continue;

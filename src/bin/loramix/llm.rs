@@ -115,6 +115,14 @@ struct ChameleonTrainArgs {
     json: bool,
 }
 
+/// Moves the bar to `step` of `steps` with `msg`.
+fn tick(pb: &ProgressBar, step: usize, steps: usize, msg: String) -> bool {
+    pb.set_length(steps as u64);
+    pb.set_position(step as u64);
+    pb.set_message(msg);
+    true
+}
+
 fn bar(len: u64) -> Result<ProgressBar> {
     let b = ProgressBar::new(len);
     b.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} steps  loss {msg}  {elapsed} (ETA {eta})").map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -140,10 +148,7 @@ pub fn run(a: LlmArgs) -> Result<()> {
             };
             let pb = bar(0)?;
             let r = train_router_folder(&mut session, &a.adapter, &a.data, &a.out, &opts, &mut |s| {
-                pb.set_length(s.steps as u64);
-                pb.set_position(s.step as u64);
-                pb.set_message(format!("{:.4} (task {:.4})", s.loss, s.task_loss));
-                true
+                tick(&pb, s.step, s.steps, format!("{:.4} (task {:.4})", s.loss, s.task_loss))
             })?;
             pb.finish_and_clear();
             if a.json {
@@ -175,12 +180,7 @@ pub fn run(a: LlmArgs) -> Result<()> {
                 seed: a.seed,
             };
             let pb = bar(0)?;
-            let r = train_hypernetwork_folder(&session, &a.data, &a.out, &opts, &mut |s| {
-                pb.set_length(s.steps as u64);
-                pb.set_position(s.step as u64);
-                pb.set_message(format!("{:.4}", s.loss));
-                true
-            })?;
+            let r = train_hypernetwork_folder(&session, &a.data, &a.out, &opts, &mut |s| tick(&pb, s.step, s.steps, format!("{:.4}", s.loss)))?;
             pb.finish_and_clear();
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);

@@ -7,12 +7,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use loramix::error::Result;
 use loramix::llm::chameleon::{
-    batch_feature, cluster_batches, head_nll, kmeans, kmeans_plus_plus, shuffle, train_hypernetwork, ChameleonTrainOptions, HeadExample,
+    batch_feature, cluster_batches, head_nll, kmeans, kmeans_plus_plus, train_hypernetwork, ChameleonTrainOptions, HeadExample,
     HyperNetwork,
 };
 use loramix::llm::data::read_examples;
 use loramix::llm::LlmSession;
-use loramix::rng::TorchCpuRng;
+use loramix::rng::{shuffle, TorchCpuRng};
 
 pub struct Row {
     pub name: String,

@@ -123,15 +123,26 @@ fn tokens_per_second(s: &LlmSession, prompts: &[&str], enabled: &[usize]) -> Res
     Ok(n as f64 / t0.elapsed().as_secs_f64())
 }
 
+/// models/minichat with its four task LoRAs loaded as experts (from `folder`).
+fn with_experts(root: &Path, folder: &str) -> Result<(LlmSession, Vec<usize>)> {
+    let mut s = LlmSession::load(&root.to_string_lossy(), &Device::Cpu)?;
+    let mut experts = vec![];
+    for t in TASKS {
+        s.add_adapter(&root.join(folder).join(t), None)?;
+        experts.push(s.adapters().len() - 1);
+    }
+    Ok((s, experts))
+}
+
+/// Router weights of `width(in)` columns for every routed linear, from `fill`.
+fn routers(s: &mut LlmSession, experts: &[usize], width: usize, fill: &dyn Fn(usize, usize) -> Result<Tensor>) -> Result<HashMap<String, Tensor>> {
+    s.routed_modules(experts).into_iter().map(|(m, inf)| Ok((m, fill(experts.len(), width * inf)?))).collect()
+}
+
 pub fn run(repo: &Path, quick: bool) -> Result<Report> {
     let root = repo.join("models/minichat");
     let dev = Device::Cpu;
-    let mut s = LlmSession::load(&root.to_string_lossy(), &dev)?;
-    let mut experts = vec![];
-    for t in TASKS {
-        s.add_adapter(&root.join("adapters").join(t), None)?;
-        experts.push(s.adapters().len() - 1);
-    }
+    let (mut s, experts) = with_experts(&root, "adapters")?;
     s.add_adapter(&root.join("baselines/union"), None)?;
     let union = s.adapters().len() - 1;
     let train_path = root.join("data/mixed_train.jsonl");
@@ -143,15 +154,7 @@ pub fn run(repo: &Path, quick: bool) -> Result<Report> {
     rows.push(named(evaluate(&s, &tests, &|_| vec![], None)?, "base model", ""));
     rows.push(named(evaluate(&s, &tests, &|t| vec![experts[t]], None)?, "oracle (the task's own LoRA)", "uses the task label"));
     rows.push(named(evaluate(&s, &tests, &|_| vec![union], None)?, "one LoRA trained on the union", "trained on all four tasks"));
-    let zeros: HashMap<String, Tensor> = {
-        let mut m = HashMap::new();
-        for a in experts.iter().flat_map(|&e| s.adapters()[e].modules.clone()) {
-            let inf = if a.contains("o_proj") { s.config().num_attention_heads * s.config().head_dim } else { s.config().hidden_size };
-            let inf = if a.contains("down_proj") { s.config().intermediate_size } else { inf };
-            m.insert(a, Tensor::zeros((experts.len(), inf), DType::F32, &dev)?);
-        }
-        m
-    };
+    let zeros = routers(&mut s, &experts, 1, &|e, w| Ok(Tensor::zeros((e, w), DType::F32, &dev)?))?;
     s.set_mixer(&experts, &zeros, 0)?;
     rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], None)?, "uniform average of the 4 experts", "router weights all zero, soft"));
     let full = if quick { 200 } else { 2000 };
@@ -205,12 +208,7 @@ pub fn run(repo: &Path, quick: bool) -> Result<Report> {
     ablation.push(("λ = 0.01 (α = 0.01), as above".to_string(), at_full.0, at_full.1));
     // The activated mixer: aLoRA experts invoked by the assistant turn's opening, in a session
     // of their own (the experts carry the task names, as the labels do).
-    let mut s = LlmSession::load(&root.to_string_lossy(), &dev)?;
-    let mut aloras = vec![];
-    for t in TASKS {
-        s.add_adapter(&root.join("aloras").join(t), None)?;
-        aloras.push(s.adapters().len() - 1);
-    }
+    let (mut s, aloras) = with_experts(&root, "aloras")?;
     let mut examples = lines.iter().map(|l| s.tokenize_example(l, &train_path)).collect::<Result<Vec<_>>>()?;
     label(&mut examples);
     train(&mut s, &aloras, &examples, full, OURS)?;
@@ -285,19 +283,9 @@ pub fn table(r: &Report, threads: usize) -> String {
 pub fn speed(repo: &Path, repeats: usize) -> Result<(f64, f64)> {
     let root = repo.join("models/minichat");
     let dev = Device::Cpu;
-    let mut s = LlmSession::load(&root.to_string_lossy(), &dev)?;
-    let mut experts = vec![];
-    for t in TASKS {
-        s.add_adapter(&root.join("adapters").join(t), None)?;
-        experts.push(s.adapters().len() - 1);
-    }
-    let mut w = HashMap::new();
-    for a in experts.iter().flat_map(|&e| s.adapters()[e].modules.clone()) {
-        let inf = if a.contains("o_proj") { s.config().num_attention_heads * s.config().head_dim } else { s.config().hidden_size };
-        // A little noise so that top-2 picks vary as a trained router's do.
-        let r = Tensor::randn(0f32, 0.05, (experts.len(), 2 * inf), &dev)?;
-        w.insert(a, r);
-    }
+    let (mut s, experts) = with_experts(&root, "adapters")?;
+    // Causal-mean width, with a little noise so that top-2 picks vary as a trained router's do.
+    let w = routers(&mut s, &experts, 2, &|e, w| Ok(Tensor::randn(0f32, 0.05, (e, w), &dev)?))?;
     s.set_mixer(&experts, &w, 2)?;
     let tests = test_set(&root.join("data/mixed_test.jsonl"))?;
     let prompts: Vec<&str> = tests.iter().take(12).map(|t| t.prompt.as_str()).collect();
