@@ -167,3 +167,70 @@ fn batch_count_runs_batches_from_consecutive_seeds() {
         .unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--batch-count 1"));
 }
+
+/// `--init-image --mask` from the command line: the latents are diffusers' inpainting latents
+/// (golden case11: Euler, 6 steps, strength 0.75, seed 60), the PNG keeps every unmasked pixel
+/// of the init image (A1111's overlay) and records A1111's img2img fields.
+#[test]
+fn inpaint_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = fixture("tiny2").join("img2img");
+    let lat_path = tmp.path().join("final.safetensors");
+    let out = loramix()
+        .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "a blue dog"])
+        .args(["--steps", "6", "--cfg", "5", "--sampler", "euler", "--seed", "60", "--strength", "0.75", "--mask-blur", "0"])
+        .arg("--init-image")
+        .arg(d.join("init.png"))
+        .arg("--mask")
+        .arg(d.join("mask.png"))
+        .arg("--save-latents")
+        .arg(&lat_path)
+        .arg("--out")
+        .arg(tmp.path().join("imgs"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let g = candle_core::safetensors::load(d.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let lat = candle_core::safetensors::load(&lat_path, &Device::Cpu).unwrap();
+    assert_close("cli inpaint latents", &lat["latents"], &g["case11.latents"], 1e-3);
+    let png = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    let made = image::open(&png).unwrap().to_rgb8();
+    let init = image::open(d.join("init.png")).unwrap().to_rgb8();
+    let mask = image::open(d.join("mask.png")).unwrap().to_luma8();
+    let (mut kept, mut changed) = (true, 0);
+    for (x, y, m) in mask.enumerate_pixels() {
+        if m[0] == 0 {
+            kept &= made.get_pixel(x, y) == init.get_pixel(x, y);
+        } else if made.get_pixel(x, y) != init.get_pixel(x, y) {
+            changed += 1;
+        }
+    }
+    assert!(kept, "unmasked pixels must be the init image's");
+    assert!(changed > 100, "only {changed} masked pixels changed");
+    let text = String::from_utf8_lossy(&std::fs::read(&png).unwrap()).to_string();
+    assert!(text.contains("Denoising strength: 0.75, Mask blur: 0, Masked content: original"), "{text}");
+    // Restoring the PNG gives back the img2img settings.
+    let (s, _) = loramix::studio::settings_from_png(std::path::Path::new(&png)).unwrap();
+    let init_s = s.init.unwrap();
+    assert_eq!((init_s.strength, init_s.mask.is_some()), (0.75, true));
+
+    // Bad input: clear errors that name the file or flag.
+    let model = fixture("tiny2").join("pipeline");
+    let run = |extra: &[&str]| {
+        let o = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x"]).args(extra).output().unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).to_string()
+    };
+    let not_image = tmp.path().join("notes.txt");
+    std::fs::write(&not_image, "hello").unwrap();
+    let e = run(&["--init-image", not_image.to_str().unwrap()]);
+    assert!(e.contains("notes.txt") && e.contains("not a readable image"), "{e}");
+    let e = run(&["--init-image", d.join("init.png").to_str().unwrap(), "--strength", "1.5"]);
+    assert!(e.contains("--strength 1.5") && e.contains("[0, 1]"), "{e}");
+    let e = run(&["--strength", "0.5"]);
+    assert!(e.contains("--strength needs --init-image"), "{e}");
+    let small = tmp.path().join("small_mask.png");
+    image::GrayImage::new(16, 16).save(&small).unwrap();
+    let e = run(&["--init-image", d.join("init.png").to_str().unwrap(), "--mask", small.to_str().unwrap()]);
+    assert!(e.contains("small_mask.png") && e.contains("16x16") && e.contains("32x32"), "{e}");
+}

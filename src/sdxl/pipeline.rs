@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::sdxl::model::{self, ModelSource};
 use crate::rng::TorchCpuRng;
+use crate::sdxl::img2img::{self, InitImage, MaskedContent};
 use crate::sdxl::schedulers::{self, SamplerKind};
 use crate::sdxl::text::{Conditioning, TextEncoders};
 use crate::sdxl::tokenizer::ClipTokenizer;
@@ -83,6 +84,8 @@ pub struct GenerateRequest {
     pub batch_size: usize,
     /// Unscaled standard-normal noise `[batch, 4, H/f, W/f]` (diffusers' `latents=`).
     pub init_noise: Option<Tensor>,
+    /// img2img / inpainting: start from this image (at the output size) instead of noise.
+    pub init: Option<InitImage>,
 }
 
 impl Default for GenerateRequest {
@@ -98,6 +101,7 @@ impl Default for GenerateRequest {
             height: None,
             batch_size: 1,
             init_noise: None,
+            init: None,
         }
     }
 }
@@ -288,26 +292,113 @@ impl SdxlPipeline {
             return Err(Error::Argument(format!("cfg must be a finite number, got {}", req.cfg)));
         }
         let b = req.batch_size;
-        let shape = [b, self.unet.config().in_channels, height / f, width / f];
-        let mut rng = TorchCpuRng::new(req.seed);
-        let noise = match &req.init_noise {
-            Some(n) => {
-                if n.dims() != shape {
-                    return Err(Error::Argument(format!(
-                        "init noise has shape {:?}, expected {:?} ([batch, channels, height/{f}, width/{f}])",
-                        n.dims(),
-                        shape
-                    )));
-                }
-                n.to_dtype(DType::F32)?.to_device(&self.device)?
+        let latent_channels = self.vae.config().latent_channels;
+        let in_channels = self.unet.config().in_channels;
+        // diffusers' inpainting UNets take [latents, mask, masked-image latents] (4 + 1 + 4).
+        let inpaint_unet = in_channels == 2 * latent_channels + 1;
+        if in_channels != latent_channels && !inpaint_unet {
+            return Err(Error::Argument(format!(
+                "the UNet takes {in_channels} input channels; expected {latent_channels} (a regular UNet) or {} (an inpainting UNet)",
+                2 * latent_channels + 1
+            )));
+        }
+        if inpaint_unet && req.init.as_ref().is_none_or(|i| i.mask.is_none()) {
+            return Err(Error::Argument("this is an inpainting UNet (9 input channels): it needs an init image and a mask".into()));
+        }
+        if let Some(init) = &req.init {
+            init.validate(width, height)?;
+            if req.init_noise.is_some() {
+                return Err(Error::Argument("init noise and an init image cannot be combined".into()));
             }
-            None => Tensor::from_vec(rng.randn(shape.iter().product()), &shape, &Device::Cpu)?.to_device(&self.device)?,
-        };
+        }
+        let (h, w) = (height / f, width / f);
+        let shape = [b, latent_channels, h, w];
+        let mut rng = TorchCpuRng::new(req.seed);
         let sampler = match req.sampler {
             Some(s) => s,
             None => self.default_sampler()?,
         };
         let mut sched = schedulers::build(sampler, &self.scheduler_config, req.steps)?;
+        let randn = |rng: &mut TorchCpuRng, dims: &[usize]| -> Result<Tensor> {
+            Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?)
+        };
+        let mut start_index = 0usize;
+        let mut inpaint: Option<InpaintState> = None;
+        let mut latents = match &req.init {
+            None => {
+                let noise = match &req.init_noise {
+                    Some(n) => {
+                        if n.dims() != shape {
+                            return Err(Error::Argument(format!(
+                                "init noise has shape {:?}, expected {:?} ([batch, channels, height/{f}, width/{f}])",
+                                n.dims(),
+                                shape
+                            )));
+                        }
+                        n.to_dtype(DType::F32)?.to_device(&self.device)?
+                    }
+                    None => randn(&mut rng, &shape)?,
+                };
+                (noise * sched.init_noise_sigma())?
+            }
+            Some(init) => {
+                // get_timesteps: strength → how many of the steps run, from entry t_start·order.
+                let init_timestep = ((req.steps as f64 * init.strength) as usize).min(req.steps);
+                if init_timestep == 0 {
+                    return Err(Error::Argument(format!(
+                        "strength {} leaves no step to run at {} steps (it runs ⌊steps × strength⌋ steps); raise --strength or --steps",
+                        init.strength, req.steps
+                    )));
+                }
+                start_index = (req.steps - init_timestep) * sched.order();
+                let pixels = img2img::image_tensor(&init.image, &self.device)?;
+                match &init.mask {
+                    None => {
+                        let image_latents = self.encode_sampled(&pixels, &mut rng)?.repeat((b, 1, 1, 1))?;
+                        let noise = randn(&mut rng, &shape)?;
+                        sched.add_noise(&image_latents, &noise, start_index)?
+                    }
+                    Some(mask) => {
+                        let strength_max = init.strength == 1.0;
+                        let bin = img2img::binary_mask(mask);
+                        // 4-channel UNets blend the re-noised original back in after each step, so
+                        // they always need its latents; 9-channel ones only to start from it.
+                        let image_latents = if !inpaint_unet || !strength_max {
+                            Some(self.encode_sampled(&pixels, &mut rng)?.repeat((b, 1, 1, 1))?)
+                        } else {
+                            None
+                        };
+                        let latent_mask = Tensor::from_vec(img2img::downsample_nearest(&bin, (height, width), (h, w)), (1, 1, h, w), &self.device)?;
+                        let image_latents = match (image_latents, init.masked_content) {
+                            // A1111's latent noise / latent nothing act on the encoded original.
+                            (Some(l), MaskedContent::LatentNoise) => {
+                                let n = randn(&mut rng, &shape)?;
+                                Some((l.broadcast_mul(&(1.0 - &latent_mask)?)? + n.broadcast_mul(&latent_mask)?)?)
+                            }
+                            (Some(l), MaskedContent::LatentNothing) => Some(l.broadcast_mul(&(1.0 - &latent_mask)?)?),
+                            (l, _) => l,
+                        };
+                        let noise = randn(&mut rng, &shape)?;
+                        let latents = match (&image_latents, strength_max) {
+                            (Some(l), false) => sched.add_noise(l, &noise, start_index)?,
+                            _ => (&noise * sched.init_noise_sigma())?,
+                        };
+                        // The pipeline encodes the masked image (original × (mask < 0.5)) with the
+                        // generator even when a 4-channel UNet never reads it: draw its sample so
+                        // the noise of later steps stays diffusers'.
+                        let masked_latents = if inpaint_unet {
+                            let keep = Tensor::from_vec(bin.iter().map(|&m| 1.0 - m).collect::<Vec<f32>>(), (1, 1, height, width), &self.device)?;
+                            Some(self.encode_sampled(&pixels.broadcast_mul(&keep)?, &mut rng)?.repeat((b, 1, 1, 1))?)
+                        } else {
+                            rng.randn(latent_channels * h * w);
+                            None
+                        };
+                        inpaint = Some(InpaintState { image_latents, noise, mask: latent_mask.repeat((b, 1, 1, 1))?, masked_latents });
+                        latents
+                    }
+                }
+            }
+        };
         let cfg = req.cfg > 1.0;
         let (pos, neg) = self.encode_prompts(&req.prompt, req.negative_prompt.as_deref(), cfg)?;
         let repeat = |t: &Tensor| Tensor::cat(&vec![t.clone(); b], 0);
@@ -329,19 +420,31 @@ impl SdxlPipeline {
         } else {
             None
         };
+        // The 9-channel UNet's extra input, for both CFG halves.
+        let extra_input = match &inpaint {
+            Some(InpaintState { mask, masked_latents: Some(ml), .. }) => {
+                let e = Tensor::cat(&[mask, ml], 1)?;
+                Some(if cfg { Tensor::cat(&[&e, &e], 0)? } else { e })
+            }
+            _ => None,
+        };
 
         if let Some(m) = mixer.as_deref_mut() {
-            m.begin((height / f, width / f), rows, cfg)?;
+            m.begin((h, w), rows, cfg)?;
         }
-        let mut latents = (noise * sched.init_noise_sigma())?;
         let timesteps = sched.timesteps().to_vec();
         let start = Instant::now();
         let mut draw = |dims: &[usize]| -> Result<Tensor> {
             Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?)
         };
-        for (i, &t) in timesteps.iter().enumerate() {
+        for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-            let input = sched.scale_model_input(&input, i)?.to_dtype(self.dtype)?;
+            let input = sched.scale_model_input(&input, i)?;
+            let input = match &extra_input {
+                Some(e) => Tensor::cat(&[&input, e], 1)?,
+                None => input,
+            }
+            .to_dtype(self.dtype)?;
             let passes = match mixer.as_deref_mut() {
                 Some(m) => m.passes(i, timesteps.len(), t)?,
                 None => 1,
@@ -391,12 +494,42 @@ impl SdxlPipeline {
                 out
             };
             latents = sched.step(&guided, i, &latents, &mut draw)?;
-            let progress = StepProgress { step: i + 1, steps: timesteps.len(), elapsed: start.elapsed(), latents: Some(latents.clone()) };
+            // 4-channel inpainting: outside the mask, the original re-noised to the next step.
+            if let Some(InpaintState { image_latents: Some(orig), noise, mask, masked_latents: None }) = &inpaint {
+                let proper = if i + 1 < timesteps.len() { sched.add_noise(orig, noise, i + 1)? } else { orig.clone() };
+                latents = (proper.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+            }
+            let progress = StepProgress {
+                step: i + 1 - start_index,
+                steps: timesteps.len() - start_index,
+                elapsed: start.elapsed(),
+                latents: Some(latents.clone()),
+            };
             if !on_step(&progress) {
                 return Err(Error::Cancelled);
             }
         }
         Ok(latents)
+    }
+
+    /// Pixels `[1, 3, H, W]` in [-1, 1] → scaled latents, sampling the VAE's posterior with
+    /// the run's generator (`retrieve_latents(vae.encode(x), generator)` then the scaling,
+    /// with `latents_mean`/`latents_std` where the VAE has them).
+    pub fn encode_sampled(&self, pixels: &Tensor, rng: &mut TorchCpuRng) -> Result<Tensor> {
+        let dist = self.vae.encode(&pixels.to_dtype(self.vae_dtype)?)?;
+        let dims = dist.mean.dims().to_vec();
+        let noise = Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
+        let z = dist.sample(&noise)?.to_dtype(DType::F32)?;
+        let c = self.vae.config();
+        Ok(match (&c.latents_mean, &c.latents_std) {
+            (Some(m), Some(s)) => {
+                let n = m.len();
+                let m = Tensor::from_vec(m.iter().map(|&x| x as f32).collect::<Vec<_>>(), (1, n, 1, 1), z.device())?;
+                let s = Tensor::from_vec(s.iter().map(|&x| x as f32).collect::<Vec<_>>(), (1, n, 1, 1), z.device())?;
+                (z.broadcast_sub(&m)?.broadcast_div(&s)? * c.scaling_factor)?
+            }
+            _ => (z * c.scaling_factor)?,
+        })
     }
 
     /// Final latents → RGB images, with diffusers' scaling and post-processing.
@@ -415,6 +548,18 @@ impl SdxlPipeline {
         let pixels = self.vae.decode(&z.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?;
         to_images(&pixels)
     }
+}
+
+/// What a mask-driven run carries from its start into every step.
+struct InpaintState {
+    /// The encoded original (4-channel UNets blend it back in after each step).
+    image_latents: Option<Tensor>,
+    /// The start noise, reused to re-noise the original to each next step.
+    noise: Tensor,
+    /// `[b, 1, h, w]`, 1 = repaint.
+    mask: Tensor,
+    /// 9-channel UNets: the latents of the original with the masked area grey.
+    masked_latents: Option<Tensor>,
 }
 
 /// `[b, 3, h, w]` in [-1, 1] → 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.

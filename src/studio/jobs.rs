@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::init::prepare_init;
 use super::metadata::encode_image;
 use super::preview::{LatentPreview, Previewer};
 use super::settings::{ImageRecord, MixSummary, Settings};
@@ -249,7 +250,12 @@ impl Studio {
             on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
         }
         let (dw, dh) = pipe.default_size();
-        let (w, h) = (if settings.width == 0 { dw } else { settings.width }, if settings.height == 0 { dh } else { settings.height });
+        let given = |v: usize| (v != 0).then_some(v);
+        let prepared = settings.init.as_ref().map(|i| prepare_init(i, (given(settings.width), given(settings.height)), pipe.vae_scale_factor())).transpose()?;
+        let (w, h) = match &prepared {
+            Some(p) => (p.width, p.height),
+            None => (given(settings.width).unwrap_or(dw), given(settings.height).unwrap_or(dh)),
+        };
         let sampler_name = match sampler {
             Some(s) => s,
             None => pipe.default_sampler()?,
@@ -273,6 +279,7 @@ impl Studio {
                 height: Some(h),
                 batch_size: settings.batch_size,
                 init_noise: None,
+                init: prepared.as_ref().map(|p| p.init.clone()),
             };
             let mut mixer = if loaded.mix.is_empty() {
                 None
@@ -302,6 +309,10 @@ impl Studio {
                 on_event(StudioEvent::MixTrace { summary: s.clone() });
             }
             for (i, img) in pipe.decode(&latents)?.iter().enumerate() {
+                let img = &match &prepared {
+                    Some(p) => p.finish(img),
+                    None => img.clone(),
+                };
                 let rec = ImageRecord {
                     settings: settings.clone(),
                     seed,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::settings::{ImageRecord, LoraSetting, Settings};
+use super::settings::{ImageRecord, InpaintArea, LoraSetting, Settings};
 use crate::error::{Error, Result};
 use crate::lora;
 use crate::output;
@@ -37,6 +37,16 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     ));
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
+    }
+    if let Some(init) = &s.init {
+        // A1111's img2img fields (`processing.py` extra_generation_params).
+        text.push_str(&format!(", Denoising strength: {}", init.strength));
+        if init.mask.is_some() || init.outpaint.is_some() {
+            text.push_str(&format!(", Mask blur: {}, Masked content: {}", init.mask_blur, init.masked_content.a1111_name()));
+            if init.inpaint_area == InpaintArea::OnlyMasked {
+                text.push_str(&format!(", Inpaint area: Only masked, Masked area padding: {}", init.padding));
+            }
+        }
     }
     if !r.lora_hashes.is_empty() {
         let h: Vec<String> = r.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();

@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::mix;
+use crate::sdxl::img2img::MaskedContent;
 
 /// One LoRA of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +54,56 @@ pub struct Settings {
     pub klora_others: Option<String>,
     /// Add the library's LoRAs the prompt calls for.
     pub candidates: bool,
+    /// img2img and inpainting (A1111's img2img tab); `None`: text to image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitSettings>,
+}
+
+/// "Inpaint area".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InpaintArea {
+    #[default]
+    WholePicture,
+    /// The mask's padded bounding box is cropped, generated at the output size and pasted back.
+    OnlyMasked,
+}
+
+/// img2img / inpainting inputs with A1111's names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InitSettings {
+    /// The init image's path.
+    pub image: String,
+    /// "Denoising strength", in [0, 1].
+    pub strength: f64,
+    /// White = repaint; `None`: img2img.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask: Option<String>,
+    /// "Mask blur" (Gaussian sigma, pixels).
+    pub mask_blur: f64,
+    pub masked_content: MaskedContent,
+    pub inpaint_area: InpaintArea,
+    /// "Only masked padding, pixels".
+    pub padding: u32,
+    /// Outpainting: grow the canvas by left, top, right, bottom pixels and repaint the border.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outpaint: Option<[u32; 4]>,
+}
+
+impl Default for InitSettings {
+    fn default() -> Self {
+        Self {
+            image: String::new(),
+            strength: 0.75,
+            mask: None,
+            mask_blur: 4.0,
+            masked_content: MaskedContent::Original,
+            inpaint_area: InpaintArea::WholePicture,
+            padding: 32,
+            outpaint: None,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -77,6 +128,7 @@ impl Default for Settings {
             asymmetric_cfg: false,
             klora_others: None,
             candidates: false,
+            init: None,
         }
     }
 }

@@ -57,6 +57,31 @@ pub struct GenerateArgs {
     /// Unscaled standard-normal starting noise: safetensors with key `latents`, [batch, 4, H/f, W/f].
     #[arg(long)]
     init_noise: Option<PathBuf>,
+    /// img2img: start from this image instead of noise (its size, rounded down to the VAE's
+    /// factor, unless --width/--height resize it).
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// img2img / inpainting denoising strength in [0, 1]: the share of the steps that run.
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Inpainting mask, the init image's size: white = repaint, black = keep.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Gaussian blur of the mask's edge, pixels (A1111's "Mask blur").
+    #[arg(long, default_value_t = 4.0)]
+    mask_blur: f64,
+    /// What the masked area starts from: original | fill | latent_noise | latent_nothing.
+    #[arg(long, default_value = "original")]
+    masked_content: String,
+    /// whole_picture | only_masked (the mask's padded box, generated at the output size and pasted back).
+    #[arg(long, default_value = "whole_picture")]
+    inpaint_area: String,
+    /// only_masked: pixels of context around the mask (A1111's "Only masked padding, pixels").
+    #[arg(long, default_value_t = 32)]
+    inpaint_padding: u32,
+    /// Outpainting: grow the canvas by N pixels on every side, or L,T,R,B, and repaint the border.
+    #[arg(long)]
+    outpaint: Option<String>,
     /// Write the final latents (before VAE decode) to this safetensors file, key `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -108,8 +133,58 @@ pub struct GenerateArgs {
     est_preview_size: Option<String>,
 }
 
+/// The img2img / inpainting part of the flags, checked before the model loads.
+fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
+    let Some(image) = &a.init_image else {
+        for (set, flag) in [(a.strength.is_some(), "--strength"), (a.mask.is_some(), "--mask"), (a.outpaint.is_some(), "--outpaint")] {
+            if set {
+                anyhow::bail!("{flag} needs --init-image FILE");
+            }
+        }
+        return Ok(None);
+    };
+    let strength = a.strength.unwrap_or(0.75);
+    if !(0.0..=1.0).contains(&strength) {
+        anyhow::bail!("--strength {strength}: expected a number in [0, 1]");
+    }
+    let inpaint_area = match a.inpaint_area.as_str() {
+        "whole_picture" | "Whole picture" => studio::InpaintArea::WholePicture,
+        "only_masked" | "Only masked" => studio::InpaintArea::OnlyMasked,
+        o => anyhow::bail!("--inpaint-area {o:?}: expected whole_picture or only_masked"),
+    };
+    let outpaint = match a.outpaint.as_deref() {
+        None => None,
+        Some(v) => {
+            let parts: Vec<u32> = v
+                .split(',')
+                .map(|p| p.trim().parse::<u32>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|_| anyhow::anyhow!("--outpaint {v:?}: expected N or L,T,R,B in pixels"))?;
+            match parts[..] {
+                [n] => Some([n; 4]),
+                [l, t, r, b] => Some([l, t, r, b]),
+                _ => anyhow::bail!("--outpaint {v:?}: expected N or L,T,R,B in pixels"),
+            }
+        }
+    };
+    let s = studio::InitSettings {
+        image: image.to_string_lossy().into_owned(),
+        strength,
+        mask: a.mask.as_ref().map(|m| m.to_string_lossy().into_owned()),
+        mask_blur: a.mask_blur,
+        masked_content: a.masked_content.parse()?,
+        inpaint_area,
+        padding: a.inpaint_padding,
+        outpaint,
+    };
+    // Unreadable files fail now, not after the model has loaded.
+    studio::prepare_init(&s, (a.width, a.height), 8)?;
+    Ok(Some(s))
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
+    let init_settings = init_settings(&a)?;
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
     let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
@@ -158,6 +233,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let loaded: Vec<(lora::LoadedLora, f64)> = ll.mix.iter().map(|m| (m.lora.clone(), m.strength)).collect();
     let seed = a.seed.unwrap_or_else(studio::random_seed);
     let (dw, dh) = pipe.default_size();
+    let prepared = init_settings.as_ref().map(|s| studio::prepare_init(s, (a.width, a.height), pipe.vae_scale_factor())).transpose()?;
+    if let Some(n) = prepared.as_ref().and_then(|p| p.note.as_ref()) {
+        eprintln!("warning: {n}");
+    }
+    let (width, height) = match &prepared {
+        Some(p) => (p.width, p.height),
+        None => (a.width.unwrap_or(dw), a.height.unwrap_or(dh)),
+    };
     let req = GenerateRequest {
         prompt: clean_prompt,
         negative_prompt: a.negative_prompt.clone(),
@@ -165,10 +248,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         cfg: a.cfg,
         sampler,
         seed,
-        width: Some(a.width.unwrap_or(dw)),
-        height: Some(a.height.unwrap_or(dh)),
+        width: Some(width),
+        height: Some(height),
         batch_size: a.batch_size,
         init_noise,
+        init: prepared.as_ref().map(|p| p.init.clone()),
     };
     if a.batch_count == 0 {
         anyhow::bail!("--batch-count must be at least 1");
@@ -224,7 +308,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let mut req = req.clone();
         req.seed = seed + (batch * a.batch_size) as u64;
         let mixer = plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?;
-        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, &mut idx)?);
+        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
         eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
     }
     // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
@@ -250,6 +334,7 @@ fn generate_batch(
     loaded: &[(lora::LoadedLora, f64)],
     prompt_tags: &[lora::PromptLora],
     hashes: &[(String, String)],
+    (init_settings, prepared): (Option<&studio::InitSettings>, Option<&studio::PreparedInit>),
     idx: &mut usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let bar = ProgressBar::new(a.steps as u64);
@@ -322,9 +407,14 @@ fn generate_batch(
         asymmetric_cfg: a.asymmetric_cfg,
         klora_others: a.klora_others.clone(),
         candidates: a.candidates.is_some(),
+        init: init_settings.cloned(),
     };
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
+        let img = &match prepared {
+            Some(p) => p.finish(img),
+            None => img.clone(),
+        };
         let rec = studio::ImageRecord {
             settings: settings.clone(),
             seed: req.seed,

@@ -141,6 +141,9 @@ impl DpmSolverMultistep {
 
 impl Scheduler for DpmSolverMultistep {
     unit_noise_getters!();
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::add_noise_vp(&self.sigmas, original, noise, i)
+    }
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
     }

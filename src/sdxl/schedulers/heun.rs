@@ -41,6 +41,9 @@ impl HeunDiscrete {
 
 impl Scheduler for HeunDiscrete {
     sigma_table_getters!();
+    fn order(&self) -> usize {
+        2
+    }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let s = self.sigmas[i];
         scale(sample, 1.0 / (s * s + 1.0).sqrt())

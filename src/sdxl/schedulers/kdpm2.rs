@@ -61,6 +61,9 @@ impl KDpm2Discrete {
 
 impl Scheduler for KDpm2Discrete {
     sigma_table_getters!();
+    fn order(&self) -> usize {
+        2
+    }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let s = if self.start.is_none() { self.sigmas[i] } else { self.sigmas_interpol[i] };
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
@@ -142,6 +145,9 @@ impl KDpm2Ancestral {
 
 impl Scheduler for KDpm2Ancestral {
     sigma_table_getters!();
+    fn order(&self) -> usize {
+        2
+    }
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor> {
         let k = i / 2;
         let s = if self.start.is_none() { self.sigma[k] } else { self.mid[k] };

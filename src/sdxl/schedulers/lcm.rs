@@ -53,6 +53,9 @@ impl Lcm {
 
 impl Scheduler for Lcm {
     unit_noise_getters!();
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::add_noise_ddpm(&self.alphas_cumprod, original, noise, *self.timesteps.get(i).ok_or_else(|| crate::error::Error::Scheduler(format!("add_noise at step {i}: past the schedule")))?)
+    }
 
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as usize;

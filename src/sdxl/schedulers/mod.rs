@@ -209,6 +209,36 @@ pub trait Scheduler: Send {
     fn sigmas(&self) -> Option<&[f64]> {
         None
     }
+    /// diffusers' `order`: how many entries of `timesteps` one sampling step takes (2 for the
+    /// second-order k-diffusion samplers). img2img starts `order × t_start` entries in.
+    fn order(&self) -> usize {
+        1
+    }
+    /// diffusers' `add_noise` at entry `i` of the schedule (img2img's start latents and the
+    /// inpainting pipeline's re-noised original). The k-diffusion samplers add `σᵢ · noise`;
+    /// the alpha-space ones override this.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        let sigmas = self.sigmas().ok_or_else(|| Error::Scheduler("this sampler has no sigma table to add noise with".into()))?;
+        let sigma = *sigmas.get(i).ok_or_else(|| Error::Scheduler(format!("add_noise at step {i}: the schedule has {} sigmas", sigmas.len())))?;
+        Ok((original + scale(noise, sigma as f32 as f64)?)?)
+    }
+}
+
+/// `add_noise` of the schedulers that work in alpha space on a sigma table (DPM-Solver++, UniPC):
+/// `α·x + σ_t·noise` with `α = 1/√(σ²+1)`, in float32 as torch computes it.
+pub(crate) fn add_noise_vp(sigmas: &[f64], original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+    let sigma = *sigmas.get(i).ok_or_else(|| Error::Scheduler(format!("add_noise at step {i}: the schedule has {} sigmas", sigmas.len())))? as f32;
+    let alpha = 1.0f32 / (sigma * sigma + 1.0).sqrt();
+    let sigma_t = sigma * alpha;
+    Ok((scale(original, alpha as f64)? + scale(noise, sigma_t as f64)?)?)
+}
+
+/// DDPM's `add_noise` at training timestep `t`: `√ᾱ·x + √(1−ᾱ)·noise` (DDIM, LCM).
+pub(crate) fn add_noise_ddpm(alphas_cumprod: &[f32], original: &Tensor, noise: &Tensor, t: f64) -> Result<Tensor> {
+    let a = *alphas_cumprod
+        .get(t as usize)
+        .ok_or_else(|| Error::Scheduler(format!("add_noise at timestep {t}: outside the training schedule")))?;
+    Ok((scale(original, a.sqrt() as f64)? + scale(noise, (1.0f32 - a).sqrt() as f64)?)?)
 }
 
 /// Builds `kind` from a folder's scheduler config, as `from_config` would.

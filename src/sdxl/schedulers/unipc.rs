@@ -66,6 +66,9 @@ impl UniPc {
 
 impl Scheduler for UniPc {
     unit_noise_getters!();
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        super::add_noise_vp(&self.sigmas, original, noise, i)
+    }
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
     }

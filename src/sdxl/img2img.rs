@@ -1,0 +1,447 @@
+//! img2img and inpainting inputs: the init image and mask as diffusers' image processors see
+//! them, and A1111's pixel-space steps around an inpainting run (mask blur, "masked content:
+//! fill", "inpaint area: only masked", the overlay that keeps unmasked pixels).
+//!
+//! The denoising itself (strength → start step, VAE encode with the seeded sample, the noise,
+//! the per-step blend or the 9-channel UNet input) lives in the pipeline and equals diffusers'
+//! `StableDiffusionXLImg2ImgPipeline` / `StableDiffusionXLInpaintPipeline`. What only A1111
+//! defines follows `modules/processing.py` (`StableDiffusionProcessingImg2Img.init`) and
+//! `modules/masking.py`; each function says where it differs.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{Device, Tensor};
+use image::{GrayImage, RgbImage, RgbaImage};
+
+use crate::error::{Error, Result};
+
+/// A1111's "Masked content": what the masked area starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskedContent {
+    /// The init image itself (diffusers' behaviour).
+    #[default]
+    Original,
+    /// The masked area painted with blurred surrounding colours before encoding.
+    Fill,
+    /// Filled, then the masked latents replaced by fresh noise.
+    LatentNoise,
+    /// Filled, then the masked latents zeroed.
+    LatentNothing,
+}
+
+impl MaskedContent {
+    pub const ALL: [MaskedContent; 4] = [Self::Original, Self::Fill, Self::LatentNoise, Self::LatentNothing];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Original => "original",
+            Self::Fill => "fill",
+            Self::LatentNoise => "latent_noise",
+            Self::LatentNothing => "latent_nothing",
+        }
+    }
+    /// As A1111 writes it (`Masked content: latent noise`).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Original => "original",
+            Self::Fill => "fill",
+            Self::LatentNoise => "latent noise",
+            Self::LatentNothing => "latent nothing",
+        }
+    }
+}
+
+impl FromStr for MaskedContent {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s || m.a1111_name() == s).ok_or_else(|| {
+            Error::Argument(format!("masked content {s:?}: expected one of {}", Self::ALL.map(|m| m.name()).join(", ")))
+        })
+    }
+}
+
+/// The init image of an img2img or inpainting run, at the output size.
+#[derive(Debug, Clone)]
+pub struct InitImage {
+    pub image: RgbImage,
+    /// diffusers' `strength` (A1111's "Denoising strength"), in [0, 1].
+    pub strength: f64,
+    /// White = repaint, at the image's size; `None`: img2img.
+    pub mask: Option<GrayImage>,
+    /// Only `LatentNoise` and `LatentNothing` act in the pipeline; `Fill` is applied to
+    /// `image` beforehand by [`fill`].
+    pub masked_content: MaskedContent,
+}
+
+impl InitImage {
+    pub fn validate(&self, width: usize, height: usize) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.strength) || !self.strength.is_finite() {
+            return Err(Error::Argument(format!("strength must be in [0, 1], got {}", self.strength)));
+        }
+        let (w, h) = self.image.dimensions();
+        if (w as usize, h as usize) != (width, height) {
+            return Err(Error::Argument(format!("init image is {w}x{h}, but the output is {width}x{height}: resize it first")));
+        }
+        if let Some(m) = &self.mask {
+            if m.dimensions() != (w, h) {
+                let (mw, mh) = m.dimensions();
+                return Err(Error::Argument(format!("mask is {mw}x{mh}, but the init image is {w}x{h}: they must be the same size")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[1, 3, H, W]` in [-1, 1]: diffusers' `VaeImageProcessor.preprocess` (÷255 in float32, then
+/// `2x − 1`).
+pub fn image_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| 2.0 * (v as f32 / 255.0) - 1.0).collect();
+    Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?.to_device(device)?)
+}
+
+/// The mask as diffusers' mask processor binarises it: 1 where the 8-bit value ÷ 255 ≥ 0.5.
+pub fn binary_mask(mask: &GrayImage) -> Vec<f32> {
+    mask.as_raw().iter().map(|&v| if v as f32 / 255.0 >= 0.5 { 1.0 } else { 0.0 }).collect()
+}
+
+/// `torch.nn.functional.interpolate(mask, size=(h, w))` (mode "nearest"): source index
+/// `floor(dst · in / out)`.
+pub fn downsample_nearest(mask: &[f32], (in_h, in_w): (usize, usize), (h, w): (usize, usize)) -> Vec<f32> {
+    let (sy, sx) = (in_h as f32 / h as f32, in_w as f32 / w as f32);
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let iy = ((y as f32 * sy).floor() as usize).min(in_h - 1);
+        for x in 0..w {
+            let ix = ((x as f32 * sx).floor() as usize).min(in_w - 1);
+            out.push(mask[iy * in_w + ix]);
+        }
+    }
+    out
+}
+
+/// Reads an init image. Transparency is flattened onto white, as A1111's
+/// `images.flatten(img, opts.img2img_background_color)` does by default.
+pub fn load_image(path: &Path) -> Result<RgbImage> {
+    let img = image::open(path).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a readable image: {e}") })?;
+    if !img.color().has_alpha() {
+        return Ok(img.to_rgb8());
+    }
+    let rgba = img.to_rgba8();
+    let mut out = RgbImage::new(rgba.width(), rgba.height());
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let a = p[3] as f32 / 255.0;
+        for c in 0..3 {
+            o[c] = (p[c] as f32 * a + 255.0 * (1.0 - a)).round() as u8;
+        }
+    }
+    Ok(out)
+}
+
+/// Reads a mask (white = repaint). A mask with real transparency is read from its alpha (a
+/// painted layer), as A1111's `create_binary_mask`; otherwise PIL's `convert("L")` luma.
+pub fn load_mask(path: &Path) -> Result<GrayImage> {
+    let img = image::open(path).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a readable mask image: {e}") })?;
+    if img.color().has_alpha() {
+        let rgba = img.to_rgba8();
+        if rgba.pixels().any(|p| p[3] != 255) {
+            return Ok(GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| image::Luma([if rgba.get_pixel(x, y)[3] > 128 { 255 } else { 0 }])));
+        }
+    }
+    let rgb = img.to_rgb8();
+    // PIL's ITU-R 601-2 luma in fixed point: (R·19595 + G·38470 + B·7471 + 2^15) >> 16.
+    Ok(GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+        let p = rgb.get_pixel(x, y);
+        image::Luma([((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as u8])
+    }))
+}
+
+/// A1111's mask blur: `cv2.GaussianBlur` along x then y with kernel size `2·⌊2.5σ + 0.5⌋ + 1`
+/// and cv2's default border (reflect-101). cv2 rounds 8-bit results with fixed-point kernels;
+/// we round a float result, so single values can differ by one.
+pub fn blur_mask(mask: &GrayImage, sigma: f64) -> GrayImage {
+    if sigma <= 0.0 {
+        return mask.clone();
+    }
+    let k = 2 * (2.5 * sigma + 0.5) as usize + 1;
+    let half = (k / 2) as i64;
+    let mut kernel: Vec<f64> = (0..k).map(|i| (-((i as i64 - half) as f64).powi(2) / (2.0 * sigma * sigma)).exp()).collect();
+    let sum: f64 = kernel.iter().sum();
+    kernel.iter_mut().for_each(|v| *v /= sum);
+    let (w, h) = (mask.width() as i64, mask.height() as i64);
+    let reflect = |i: i64, n: i64| -> i64 {
+        if n == 1 {
+            return 0;
+        }
+        let period = 2 * (n - 1);
+        let m = i.rem_euclid(period);
+        if m < n { m } else { period - m }
+    };
+    let src: Vec<f64> = mask.as_raw().iter().map(|&v| v as f64).collect();
+    let mut tmp = vec![0f64; src.len()];
+    for y in 0..h {
+        for x in 0..w {
+            tmp[(y * w + x) as usize] = kernel.iter().enumerate().map(|(i, kv)| kv * src[(y * w + reflect(x + i as i64 - half, w)) as usize]).sum::<f64>().round();
+        }
+    }
+    GrayImage::from_fn(w as u32, h as u32, |x, y| {
+        let (x, y) = (x as i64, y as i64);
+        let v: f64 = kernel.iter().enumerate().map(|(i, kv)| kv * tmp[(reflect(y + i as i64 - half, h) * w + x) as usize]).sum();
+        image::Luma([v.round().clamp(0.0, 255.0) as u8])
+    })
+}
+
+/// Three passes of a running box blur that together have variance σ² (PIL's `GaussianBlur` is
+/// built the same way, with fractional box edges; ours uses whole pixels), edges clamped.
+/// Works on premultiplied RGBA in f32.
+fn box_gaussian(data: &mut [f32], w: usize, h: usize, sigma: f64) {
+    if sigma <= 0.0 {
+        return;
+    }
+    let r = (((4.0 * sigma * sigma + 1.0).sqrt() - 1.0) / 2.0).round().max(1.0) as i64;
+    let mut line = Vec::new();
+    for _ in 0..3 {
+        for (len, count, stride, step) in [(w, h, w * 4, 4), (h, w, 4, w * 4)] {
+            for j in 0..count {
+                for c in 0..4 {
+                    let base = j * stride + c;
+                    line.clear();
+                    line.extend((0..len).map(|i| data[base + i * step]));
+                    let at = |i: i64| line[i.clamp(0, len as i64 - 1) as usize];
+                    let mut acc: f32 = (-r..=r).map(at).sum();
+                    let n = (2 * r + 1) as f32;
+                    for i in 0..len as i64 {
+                        data[base + i as usize * step] = acc / n;
+                        acc += at(i + r + 1) - at(i - r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A1111's `masking.fill`: the masked area painted with the surrounding colours, blurred at
+/// radii 256, 64, 16 (twice), 4 (four times), 2 (twice) and 0, each composited over the last,
+/// so that "fill" starts the repaint from plausible colours rather than from what was there.
+pub fn fill(image: &RgbImage, mask: &GrayImage) -> RgbImage {
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    // Premultiplied RGBA with alpha = 1 − mask.
+    let mut masked = vec![0f32; w * h * 4];
+    for (i, (p, m)) in image.pixels().zip(mask.pixels()).enumerate() {
+        let a = 1.0 - m[0] as f32 / 255.0;
+        for c in 0..3 {
+            masked[i * 4 + c] = p[c] as f32 / 255.0 * a;
+        }
+        masked[i * 4 + 3] = a;
+    }
+    let mut out = vec![0f32; w * h * 4]; // straight RGBA, starts transparent
+    for (radius, repeats) in [(256.0, 1), (64.0, 1), (16.0, 2), (4.0, 4), (2.0, 2), (0.0, 1)] {
+        let mut blurred = masked.clone();
+        box_gaussian(&mut blurred, w, h, radius);
+        for _ in 0..repeats {
+            for i in 0..w * h {
+                let sa = blurred[i * 4 + 3];
+                if sa <= 0.0 {
+                    continue;
+                }
+                let da = out[i * 4 + 3];
+                let oa = sa + da * (1.0 - sa);
+                for c in 0..3 {
+                    let sc = blurred[i * 4 + c] / sa;
+                    out[i * 4 + c] = (sc * sa + out[i * 4 + c] * da * (1.0 - sa)) / oa;
+                }
+                out[i * 4 + 3] = oa;
+            }
+        }
+    }
+    RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let i = (y as usize * w + x as usize) * 4;
+        image::Rgb([0, 1, 2].map(|c| (out[i + c] * 255.0).round().clamp(0.0, 255.0) as u8))
+    })
+}
+
+/// A1111's "only masked" crop: the mask's bounding box grown by `pad` (`get_crop_region_v2`),
+/// then widened to the output's aspect ratio inside the image (`expand_crop_region`).
+/// `None` when the mask is empty. Returns `(x1, y1, x2, y2)`, exclusive ends.
+pub fn crop_region(mask: &GrayImage, pad: u32, out_w: usize, out_h: usize) -> Option<(u32, u32, u32, u32)> {
+    let (w, h) = mask.dimensions();
+    let (mut x1, mut y1, mut x2, mut y2) = (w, h, 0, 0);
+    for (x, y, p) in mask.enumerate_pixels() {
+        if p[0] != 0 {
+            x1 = x1.min(x);
+            y1 = y1.min(y);
+            x2 = x2.max(x + 1);
+            y2 = y2.max(y + 1);
+        }
+    }
+    if x2 == 0 {
+        return None;
+    }
+    let (x1, y1, x2, y2) = (x1.saturating_sub(pad) as i64, y1.saturating_sub(pad) as i64, (x2 + pad).min(w) as i64, (y2 + pad).min(h) as i64);
+    let (mut x1, mut y1, mut x2, mut y2) = (x1, y1, x2, y2);
+    let (iw, ih) = (w as i64, h as i64);
+    let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
+    let ratio_out = out_w as f64 / out_h as f64;
+    // Python's `//` floors; the differences are never negative here.
+    if ratio_crop > ratio_out {
+        let desired = (x2 - x1) as f64 / ratio_out;
+        let diff = (desired - (y2 - y1) as f64) as i64;
+        y1 -= diff.div_euclid(2);
+        y2 += diff - diff.div_euclid(2);
+        if y2 >= ih {
+            let d = y2 - ih;
+            y2 -= d;
+            y1 -= d;
+        }
+        if y1 < 0 {
+            y2 -= y1;
+            y1 = 0;
+        }
+        y2 = y2.min(ih);
+    } else {
+        let desired = (y2 - y1) as f64 * ratio_out;
+        let diff = (desired - (x2 - x1) as f64) as i64;
+        x1 -= diff.div_euclid(2);
+        x2 += diff - diff.div_euclid(2);
+        if x2 >= iw {
+            let d = x2 - iw;
+            x2 -= d;
+            x1 -= d;
+        }
+        if x1 < 0 {
+            x2 -= x1;
+            x1 = 0;
+        }
+        x2 = x2.min(iw);
+    }
+    Some((x1 as u32, y1 as u32, x2 as u32, y2 as u32))
+}
+
+/// Lanczos resampling (A1111's `images.resize_image` without an upscaler model uses PIL's
+/// LANCZOS; the `image` crate's Lanczos3 is the same filter with slightly different rounding).
+pub fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+    if img.dimensions() == (w, h) {
+        return img.clone();
+    }
+    image::imageops::resize(img, w, h, image::imageops::FilterType::Lanczos3)
+}
+
+pub fn resize_mask(mask: &GrayImage, w: u32, h: u32) -> GrayImage {
+    if mask.dimensions() == (w, h) {
+        return mask.clone();
+    }
+    image::imageops::resize(mask, w, h, image::imageops::FilterType::Lanczos3)
+}
+
+/// A1111's overlay after inpainting: the original where `overlay_mask` is 0, the generated
+/// image where it is 255, blended between (the blurred mask is the alpha). With `paste`, the
+/// generated image is first resized into that region of the original (`apply_overlay`).
+pub fn overlay(original: &RgbImage, generated: &RgbImage, overlay_mask: &GrayImage, paste: Option<(u32, u32, u32, u32)>) -> RgbImage {
+    let base = match paste {
+        Some((x1, y1, x2, y2)) => {
+            let mut base = original.clone();
+            let patch = resize(generated, x2 - x1, y2 - y1);
+            image::imageops::replace(&mut base, &patch, x1 as i64, y1 as i64);
+            base
+        }
+        None => generated.clone(),
+    };
+    RgbImage::from_fn(base.width(), base.height(), |x, y| {
+        let a = 1.0 - overlay_mask.get_pixel(x, y)[0] as f32 / 255.0; // the original's alpha
+        let (o, g) = (original.get_pixel(x, y), base.get_pixel(x, y));
+        image::Rgb([0, 1, 2].map(|c| (o[c] as f32 * a + g[c] as f32 * (1.0 - a)).round() as u8))
+    })
+}
+
+/// A1111's whole-picture overlay mask: the blurred mask doubled and clipped, so the generated
+/// image shows fully from half-way up the blur's edge.
+pub fn whole_picture_overlay_mask(blurred: &GrayImage) -> GrayImage {
+    GrayImage::from_fn(blurred.width(), blurred.height(), |x, y| image::Luma([(blurred.get_pixel(x, y)[0] as u32 * 2).min(255) as u8]))
+}
+
+/// Outpainting: the image on a canvas grown by `(left, top, right, bottom)` pixels, the new
+/// border filled (A1111's `fill`) and masked white for repainting.
+pub fn outpaint_canvas(image: &RgbImage, (l, t, r, b): (u32, u32, u32, u32)) -> (RgbImage, GrayImage) {
+    let (w, h) = (image.width() + l + r, image.height() + t + b);
+    let mut canvas = RgbImage::new(w, h);
+    image::imageops::replace(&mut canvas, image, l as i64, t as i64);
+    let mask = GrayImage::from_fn(w, h, |x, y| {
+        let inside = x >= l && x < l + image.width() && y >= t && y < t + image.height();
+        image::Luma([if inside { 0 } else { 255 }])
+    });
+    (fill(&canvas, &mask), mask)
+}
+
+/// The RGBA of an image with a mask as alpha (for previews of the painted mask).
+pub fn with_alpha(image: &RgbImage, alpha: &GrayImage) -> RgbaImage {
+    RgbaImage::from_fn(image.width(), image.height(), |x, y| {
+        let p = image.get_pixel(x, y);
+        image::Rgba([p[0], p[1], p[2], alpha.get_pixel(x, y)[0]])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_region_follows_a1111() {
+        // A 10x10 mark at (40..50, 20..30) in a 100x80 mask, padding 5, square output: the
+        // 20x20 box stays square and is placed inside the image.
+        let mut m = GrayImage::new(100, 80);
+        for y in 20..30 {
+            for x in 40..50 {
+                m.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        assert_eq!(crop_region(&m, 5, 64, 64), Some((35, 15, 55, 35)));
+        // Wide output: the box widens to 2:1 around its centre.
+        assert_eq!(crop_region(&m, 5, 128, 64), Some((25, 15, 65, 35)));
+        // Near the edge the box slides back inside.
+        assert_eq!(crop_region(&m, 5, 512, 64), Some((0, 15, 100, 35)));
+        assert_eq!(crop_region(&GrayImage::new(8, 8), 4, 8, 8), None);
+    }
+
+    #[test]
+    fn mask_blur_keeps_hard_masks_binary_inside_and_softens_edges() {
+        let mut m = GrayImage::new(32, 8);
+        for y in 0..8 {
+            for x in 16..32 {
+                m.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        let b = blur_mask(&m, 4.0);
+        assert_eq!(b.get_pixel(0, 4)[0], 0);
+        assert_eq!(b.get_pixel(31, 4)[0], 255);
+        let edge = b.get_pixel(16, 4)[0];
+        assert!((120..=140).contains(&edge), "{edge}");
+        assert_eq!(blur_mask(&m, 0.0), m);
+    }
+
+    #[test]
+    fn fill_paints_the_hole_with_surrounding_colour_and_keeps_the_rest() {
+        let img = RgbImage::from_fn(32, 32, |_, _| image::Rgb([200, 40, 10]));
+        let mut hole = img.clone();
+        let mut m = GrayImage::new(32, 32);
+        for y in 12..20 {
+            for x in 12..20 {
+                m.put_pixel(x, y, image::Luma([255]));
+                hole.put_pixel(x, y, image::Rgb([0, 255, 0]));
+            }
+        }
+        let f = fill(&hole, &m);
+        assert_eq!(f.get_pixel(0, 0), &image::Rgb([200, 40, 10]));
+        let c = f.get_pixel(16, 16);
+        assert!((c[0] as i32 - 200).abs() <= 2 && (c[1] as i32 - 40).abs() <= 2, "{c:?}");
+    }
+
+    #[test]
+    fn masked_content_names() {
+        for m in MaskedContent::ALL {
+            assert_eq!(m.name().parse::<MaskedContent>().unwrap(), m);
+            assert_eq!(m.a1111_name().parse::<MaskedContent>().unwrap(), m);
+        }
+        assert!("blank".parse::<MaskedContent>().unwrap_err().to_string().contains("latent_noise"));
+    }
+}

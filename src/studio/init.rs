@@ -1,0 +1,180 @@
+//! An img2img / inpainting job's inputs as A1111's img2img tab prepares them (outpaint canvas,
+//! mask blur, "only masked" crop, "fill"), and the overlay that puts the result back, shared
+//! by the CLI and the app so both give the same pictures.
+
+use std::path::Path;
+
+use image::{GrayImage, RgbImage};
+
+use super::settings::{InitSettings, InpaintArea};
+use crate::error::{Error, Result};
+use crate::sdxl::img2img::{self, InitImage, MaskedContent};
+
+/// What the pipeline gets, and what turns its output into the final picture.
+#[derive(Debug, Clone)]
+pub struct PreparedInit {
+    pub init: InitImage,
+    /// The generation size (the init image's, rounded down to the VAE's factor, unless set).
+    pub width: usize,
+    pub height: usize,
+    original: RgbImage,
+    overlay_mask: Option<GrayImage>,
+    paste: Option<(u32, u32, u32, u32)>,
+    /// Set when "only masked" found nothing to crop and fell back to the whole picture.
+    pub note: Option<String>,
+}
+
+impl PreparedInit {
+    /// The generated image with the original kept outside the mask (A1111's overlay); img2img
+    /// results pass through.
+    pub fn finish(&self, generated: &RgbImage) -> RgbImage {
+        match &self.overlay_mask {
+            Some(m) => img2img::overlay(&self.original, generated, m, self.paste),
+            None => generated.clone(),
+        }
+    }
+}
+
+/// Reads and prepares `s` for a run at `size` (`None`: the init image's own size).
+pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), factor: usize) -> Result<PreparedInit> {
+    if !(0.0..=1.0).contains(&s.strength) || !s.strength.is_finite() {
+        return Err(Error::Argument(format!("strength (denoising strength) must be in [0, 1], got {}", s.strength)));
+    }
+    if !(0.0..=256.0).contains(&s.mask_blur) {
+        return Err(Error::Argument(format!("mask blur must be in [0, 256] pixels, got {}", s.mask_blur)));
+    }
+    let image_path = Path::new(&s.image);
+    let mut image = img2img::load_image(image_path)?;
+    let mut mask = match &s.mask {
+        Some(m) => {
+            let mask = img2img::load_mask(Path::new(m))?;
+            if mask.dimensions() != image.dimensions() {
+                return Err(Error::BadFile {
+                    path: m.into(),
+                    message: format!(
+                        "the mask is {}x{}, but the init image {} is {}x{}: they must be the same size",
+                        mask.width(),
+                        mask.height(),
+                        s.image,
+                        image.width(),
+                        image.height()
+                    ),
+                });
+            }
+            Some(mask)
+        }
+        None => None,
+    };
+    if let Some(pad) = s.outpaint {
+        let (canvas, border) = img2img::outpaint_canvas(&image, (pad[0], pad[1], pad[2], pad[3]));
+        let union = match &mask {
+            Some(m) => {
+                let mut u = border.clone();
+                image::imageops::replace(&mut u, m, pad[0] as i64, pad[1] as i64);
+                for (o, b) in u.pixels_mut().zip(border.pixels()) {
+                    o[0] = o[0].max(b[0]);
+                }
+                u
+            }
+            None => border,
+        };
+        image = canvas;
+        mask = Some(union);
+    }
+    let round = |v: u32| (v as usize / factor) * factor;
+    let width = size.0.unwrap_or_else(|| round(image.width()));
+    let height = size.1.unwrap_or_else(|| round(image.height()));
+    if width == 0 || height == 0 {
+        return Err(Error::BadFile {
+            path: image_path.into(),
+            message: format!("the init image is {}x{}: smaller than one latent pixel ({factor}x{factor})", image.width(), image.height()),
+        });
+    }
+    let (w, h) = (width as u32, height as u32);
+    let Some(mask) = mask else {
+        let init = InitImage { image: img2img::resize(&image, w, h), strength: s.strength, mask: None, masked_content: MaskedContent::Original };
+        return Ok(PreparedInit { init, width, height, original: image, overlay_mask: None, paste: None, note: None });
+    };
+    let blurred = img2img::blur_mask(&mask, s.mask_blur);
+    let mut note = None;
+    let crop = match s.inpaint_area {
+        InpaintArea::OnlyMasked => {
+            let c = img2img::crop_region(&blurred, s.padding, width, height);
+            if c.is_none() {
+                note = Some("only masked: the mask is empty, so the whole picture is used".to_string());
+            }
+            c
+        }
+        InpaintArea::WholePicture => None,
+    };
+    let (work_image, work_mask, original, overlay_mask) = match crop {
+        Some((x1, y1, x2, y2)) => {
+            let ci = image::imageops::crop_imm(&image, x1, y1, x2 - x1, y2 - y1).to_image();
+            let cm = image::imageops::crop_imm(&blurred, x1, y1, x2 - x1, y2 - y1).to_image();
+            (img2img::resize(&ci, w, h), img2img::resize_mask(&cm, w, h), image, blurred)
+        }
+        None => {
+            let ri = img2img::resize(&image, w, h);
+            let rm = img2img::resize_mask(&blurred, w, h);
+            let overlay = img2img::whole_picture_overlay_mask(&rm);
+            (ri.clone(), rm, ri, overlay)
+        }
+    };
+    let work_image = match s.masked_content {
+        MaskedContent::Original => work_image,
+        _ => img2img::fill(&work_image, &work_mask),
+    };
+    let init = InitImage { image: work_image, strength: s.strength, mask: Some(work_mask), masked_content: s.masked_content };
+    Ok(PreparedInit { init, width, height, original, overlay_mask: Some(overlay_mask), paste: crop, note })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, img: &image::DynamicImage) -> String {
+        let p = dir.join(name);
+        img.save(&p).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn mask_of_another_size_and_non_image_init_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = write(dir.path(), "init.png", &image::DynamicImage::ImageRgb8(RgbImage::new(32, 32)));
+        let mask = write(dir.path(), "mask.png", &image::DynamicImage::ImageLuma8(GrayImage::new(16, 32)));
+        let s = InitSettings { image: img.clone(), mask: Some(mask.clone()), ..Default::default() };
+        let e = prepare_init(&s, (None, None), 8).unwrap_err().to_string();
+        assert!(e.contains("mask.png") && e.contains("16x32") && e.contains("32x32"), "{e}");
+        let txt = dir.path().join("notes.txt");
+        std::fs::write(&txt, "hello").unwrap();
+        let s = InitSettings { image: txt.to_string_lossy().into(), ..Default::default() };
+        let e = prepare_init(&s, (None, None), 8).unwrap_err().to_string();
+        assert!(e.contains("notes.txt") && e.contains("not a readable image"), "{e}");
+        let s = InitSettings { image: img, strength: 1.5, ..Default::default() };
+        assert!(prepare_init(&s, (None, None), 8).unwrap_err().to_string().contains("[0, 1]"));
+    }
+
+    #[test]
+    fn only_masked_crops_and_pastes_back_keeping_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 7]));
+        let img = write(dir.path(), "init.png", &image::DynamicImage::ImageRgb8(original.clone()));
+        let mut m = GrayImage::new(64, 48);
+        for y in 10..20 {
+            for x in 30..40 {
+                m.put_pixel(x, y, image::Luma([255]));
+            }
+        }
+        let mask = write(dir.path(), "mask.png", &image::DynamicImage::ImageLuma8(m));
+        let s = InitSettings { image: img, mask: Some(mask), mask_blur: 0.0, inpaint_area: InpaintArea::OnlyMasked, padding: 4, ..Default::default() };
+        let p = prepare_init(&s, (Some(32), Some(32)), 8).unwrap();
+        assert_eq!((p.width, p.height), (32, 32));
+        assert_eq!(p.init.image.dimensions(), (32, 32));
+        let white = RgbImage::from_pixel(32, 32, image::Rgb([255, 255, 255]));
+        let out = p.finish(&white);
+        assert_eq!(out.dimensions(), (64, 48));
+        assert_eq!(out.get_pixel(0, 0), original.get_pixel(0, 0));
+        assert_eq!(out.get_pixel(35, 15), &image::Rgb([255, 255, 255]));
+    }
+}
