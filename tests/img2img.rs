@@ -29,6 +29,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         height: Some(32),
         batch_size: case["batch"].as_u64().unwrap() as usize,
         init_noise: None,
+        schedule: Default::default(),
         init: Some(InitImage {
             image: img2img::load_image(&d.join("init.png")).unwrap(),
             strength: case["strength"].as_f64().unwrap(),

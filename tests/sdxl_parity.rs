@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use loramix::sdxl::schedulers::{self, SamplerKind};
+use loramix::sdxl::schedulers::{self, SamplerKind, Schedule};
 use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
 use loramix_models::sdxl::AddedConditions;
 
@@ -99,7 +99,7 @@ fn scheduler_tables_equal_diffusers() {
         let kind: SamplerKind = name.parse().unwrap();
         for (steps, want) in by_steps.as_object().unwrap() {
             let steps: usize = steps.parse().unwrap();
-            let s = schedulers::build(kind, &pipe.scheduler_config, steps).unwrap();
+            let s = schedulers::build(kind, Schedule::Default, &pipe.scheduler_config, steps).unwrap();
             let wt: Vec<f64> = want["timesteps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
             if golden_json("tiny2")["schedulers"].get(name.as_str()).is_some() {
                 assert_eq!(s.timesteps(), &wt[..], "{name} {steps} timesteps");
@@ -139,6 +139,7 @@ fn request(case: &serde_json::Value, init_noise: Option<Tensor>, size: (usize, u
         height: Some(size.0),
         batch_size: case["batch"].as_u64().unwrap() as usize,
         init_noise,
+        ..Default::default()
     }
 }
 
@@ -209,4 +210,83 @@ fn half_precision_runs_close_to_f32() {
     let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
     assert_close("f16 pipe0", &lat, &g["pipe0.latents"], 1e-2);
     assert_eq!(pipe.decode(&lat).unwrap().len(), 1);
+}
+
+fn schedules_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(common::fixture("tiny2").join("schedules.json")).unwrap()).unwrap()
+}
+
+/// Karras, Exponential and Beta tables equal diffusers' `use_*_sigmas` for every sampler whose
+/// class has them, at 4 and 25 steps (tools/parity/make_schedule_fixtures.py).
+#[test]
+fn schedule_type_tables_equal_diffusers() {
+    let pipe = load("tiny2");
+    let g = schedules_json();
+    let tables = g["tables"].as_object().unwrap();
+    assert_eq!(tables.len(), 7 * 3 * 2);
+    for (key, want) in tables {
+        let mut parts = key.split('/');
+        let (kind, schedule, steps): (SamplerKind, Schedule, usize) =
+            (parts.next().unwrap().parse().unwrap(), parts.next().unwrap().parse().unwrap(), parts.next().unwrap().parse().unwrap());
+        let s = schedulers::build(kind, schedule, &pipe.scheduler_config, steps).unwrap();
+        let wt: Vec<f64> = want["timesteps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(s.timesteps().len(), wt.len(), "{key} timestep count");
+        for (a, b) in s.timesteps().iter().zip(&wt) {
+            // Timesteps read off the log-sigma table in float32 (see above): a few ulps; the
+            // multistep solvers' int64 cut can move one by 1 only where the float lands on an integer.
+            assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{key}: timestep {a} vs {b}");
+        }
+        let ws: Vec<f64> = want["sigmas"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let ours = s.sigmas().expect("sigmas");
+        assert_eq!(ours.len(), ws.len(), "{key} sigma count");
+        for (a, b) in ours.iter().zip(&ws) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{key}: sigma {a} vs {b}");
+        }
+        let ins = want["init_noise_sigma"].as_f64().unwrap();
+        assert!((s.init_noise_sigma() - ins).abs() <= 1e-5 * ins, "{key} init_noise_sigma {} vs {ins}", s.init_noise_sigma());
+    }
+}
+
+/// SGM Uniform and Align Your Steps equal a Python re-implementation of A1111's
+/// `modules/sd_schedulers.py` (`sgm_uniform`, `get_align_your_steps_sigmas`).
+#[test]
+fn a1111_schedules_equal_a1111() {
+    let pipe = load("tiny2");
+    let g = schedules_json();
+    for (key, want) in g["a1111"].as_object().unwrap() {
+        let (name, steps) = key.split_once('/').unwrap();
+        let s = schedulers::build(SamplerKind::Euler, name.parse().unwrap(), &pipe.scheduler_config, steps.parse().unwrap()).unwrap();
+        let ws: Vec<f64> = want.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let ours = s.sigmas().unwrap();
+        assert_eq!(ours.len(), ws.len(), "{key}");
+        for (a, b) in ours.iter().zip(&ws) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-3), "{key}: sigma {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn schedule_type_pipeline_latents_equal_diffusers() {
+    let pipe = load("tiny2");
+    let dir = common::fixture("tiny2");
+    let g = candle_core::safetensors::load(dir.join("schedules.safetensors"), &candle_core::Device::Cpu).unwrap();
+    for (key, case) in schedules_json()["pipeline"].as_object().unwrap() {
+        let mut req = request(case, None, size_of("tiny2"));
+        req.schedule = case["schedule"].as_str().unwrap().parse().unwrap();
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("tiny2 {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+    }
+}
+
+#[test]
+fn schedule_errors_are_clear() {
+    let pipe = load("tiny2");
+    let e = schedulers::build(SamplerKind::Ddim, Schedule::Karras, &pipe.scheduler_config, 5).err().unwrap().to_string();
+    assert!(e.contains("not available for sampler ddim"), "{e}");
+    let e = schedulers::build(SamplerKind::Dpmpp2mKarras, Schedule::Beta, &pipe.scheduler_config, 5).err().unwrap().to_string();
+    assert!(e.contains("--sampler dpmpp_2m with --schedule beta"), "{e}");
+    let e = "cosine".parse::<Schedule>().unwrap_err().to_string();
+    assert!(e.contains("unknown schedule \"cosine\"") && e.contains("sgm_uniform"), "{e}");
+    assert_eq!("Align Your Steps".parse::<Schedule>().unwrap(), Schedule::Ays);
+    assert_eq!("normal".parse::<Schedule>().unwrap(), Schedule::Default);
 }

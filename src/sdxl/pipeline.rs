@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::sdxl::model::{self, ModelSource};
 use crate::rng::TorchCpuRng;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
-use crate::sdxl::schedulers::{self, SamplerKind};
+use crate::sdxl::schedulers::{self, SamplerKind, Schedule};
 use crate::sdxl::text::{Conditioning, TextEncoders};
 use crate::sdxl::tokenizer::ClipTokenizer;
 
@@ -78,6 +78,8 @@ pub struct GenerateRequest {
     pub cfg: f64,
     /// `None`: the model folder's own scheduler.
     pub sampler: Option<SamplerKind>,
+    /// A1111's schedule type on top of the sampler (`Default`: the sampler's own).
+    pub schedule: Schedule,
     pub seed: u64,
     pub width: Option<usize>,
     pub height: Option<usize>,
@@ -96,6 +98,7 @@ impl Default for GenerateRequest {
             steps: 30,
             cfg: 5.0,
             sampler: None,
+            schedule: Schedule::Default,
             seed: 0,
             width: None,
             height: None,
@@ -318,7 +321,7 @@ impl SdxlPipeline {
             Some(s) => s,
             None => self.default_sampler()?,
         };
-        let mut sched = schedulers::build(sampler, &self.scheduler_config, req.steps)?;
+        let mut sched = schedulers::build(sampler, req.schedule, &self.scheduler_config, req.steps)?;
         let randn = |rng: &mut TorchCpuRng, dims: &[usize]| -> Result<Tensor> {
             Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?)
         };

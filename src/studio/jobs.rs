@@ -18,7 +18,7 @@ use crate::lora::{self, AdapterTargets, LoadedLora, Role};
 use crate::mix::{self, MixLora, MixOptions, MixPlan, Mixer};
 use crate::output;
 use crate::sdxl::pipeline::{GenerateRequest, LoadOptions, SdxlPipeline, StepMixer};
-use crate::sdxl::schedulers::SamplerKind;
+use crate::sdxl::schedulers::{self, SamplerKind, Schedule};
 
 /// Progress of a running job.
 #[derive(Debug, Clone, Serialize)]
@@ -215,6 +215,7 @@ impl Studio {
             return Err(Error::Argument("batch count and batch size must be at least 1".into()));
         }
         let sampler = if settings.sampler.is_empty() { None } else { Some(settings.sampler.parse::<SamplerKind>()?) };
+        let schedule: Schedule = settings.schedule.parse()?;
         let mut mix_opts = MixOptions {
             strategy: settings.mix.clone(),
             klora_pattern: settings.klora_pattern.clone(),
@@ -256,12 +257,9 @@ impl Studio {
             Some(p) => (p.width, p.height),
             None => (given(settings.width).unwrap_or(dw), given(settings.height).unwrap_or(dh)),
         };
-        let sampler_name = match sampler {
-            Some(s) => s,
-            None => pipe.default_sampler()?,
-        }
-        .a1111_name()
-        .to_string();
+        let (base, resolved) = schedulers::resolve(sampler.map_or_else(|| pipe.default_sampler(), Ok)?, schedule)?;
+        let sampler_name = base.a1111_name().to_string();
+        let schedule_name = if resolved == Schedule::Default { String::new() } else { resolved.a1111_name().to_string() };
         let seed0 = settings.seed.unwrap_or_else(random_seed);
         std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
         let mut written = vec![];
@@ -274,6 +272,7 @@ impl Studio {
                 steps: settings.steps,
                 cfg: settings.cfg,
                 sampler,
+                schedule,
                 seed,
                 width: Some(w),
                 height: Some(h),
@@ -321,6 +320,7 @@ impl Studio {
                     width: w,
                     height: h,
                     sampler: sampler_name.clone(),
+                    schedule: schedule_name.clone(),
                     lora_hashes: loaded.hashes.clone(),
                     mix_trace: summary.clone(),
                     version: env!("CARGO_PKG_VERSION").to_string(),

@@ -8,7 +8,7 @@ use super::settings::{ImageRecord, InpaintArea, LoraSetting, Settings};
 use crate::error::{Error, Result};
 use crate::lora;
 use crate::output;
-use crate::sdxl::schedulers::SamplerKind;
+use crate::sdxl::schedulers::{SamplerKind, Schedule};
 
 /// The PNG text chunk that holds our full settings as JSON.
 pub const JSON_CHUNK: &str = "loramix";
@@ -32,9 +32,13 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     }
     let model = Path::new(&s.model).file_name().and_then(|n| n.to_str()).unwrap_or(&s.model);
     text.push_str(&format!(
-        "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}",
-        s.steps, r.sampler, s.cfg, r.seed, r.width, r.height
+        "\nSteps: {}, Sampler: {}, ",
+        s.steps, r.sampler
     ));
+    if !r.schedule.is_empty() {
+        text.push_str(&format!("Schedule type: {}, ", r.schedule));
+    }
+    text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}", s.cfg, r.seed, r.width, r.height));
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
     }
@@ -155,12 +159,18 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 "Sampler" => {
                     s.sampler = v.parse::<SamplerKind>().map(|k| k.name().to_string()).unwrap_or(v.clone());
                 }
-                "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m" => s.sampler = "dpmpp_2m_karras".into(),
-                "Schedule type" if v == "Karras" && s.sampler == "heun" => s.sampler = "heun_karras".into(),
-                "Schedule type" if v == "Karras" && s.sampler == "dpm2" => s.sampler = "dpm2_karras".into(),
-                "Schedule type" if v == "Karras" && s.sampler == "dpmpp_2m_sde" => s.sampler = "dpmpp_2m_sde_karras".into(),
-                "Schedule type" if v == "Karras" && s.sampler == "unipc" => s.sampler = "unipc_karras".into(),
-                "Schedule type" if v == "Karras" && s.sampler == "euler" => s.sampler = "euler_karras".into(),
+                "Schedule type" => {
+                    // Unknown labels (other tools' schedules) are kept out rather than refused.
+                    if let Ok(k) = v.parse::<Schedule>() {
+                        s.schedule = if k == Schedule::Default { String::new() } else { k.name().to_string() };
+                    }
+                }
+                "Denoising strength" => {
+                    // The init image itself is not in A1111's text; the strength is kept for
+                    // when the user picks one.
+                    let strength = v.parse().map_err(|_| bad(&k, &v, "a number"))?;
+                    s.init.get_or_insert_with(Default::default).strength = strength;
+                }
                 "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
                 "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
                 "Size" => {
@@ -238,7 +248,7 @@ mod tests {
         assert_eq!(s.prompt, "a red circle,  flat style");
         assert_eq!(s.negative_prompt, "blurry, dark");
         assert_eq!((s.steps, s.cfg, s.seed, s.width, s.height), (30, 6.5, Some(1234), 832, 1216));
-        assert_eq!(s.sampler, "dpmpp_2m_karras");
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("dpmpp_2m", "karras"));
         assert_eq!(s.loras, vec![LoraSetting { name: "vlox".into(), weight: 0.8, role: None, schedule: None }]);
         assert_eq!(s.model, "sdxl");
     }
@@ -262,6 +272,7 @@ mod tests {
             width: 64,
             height: 64,
             sampler: "Euler".into(),
+            schedule: String::new(),
             lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
             mix_trace: None,
             version: "0".into(),
@@ -286,12 +297,16 @@ mod tests {
     #[test]
     fn a1111_second_order_samplers_with_karras_schedule() {
         let s = parse_parameters("a cat\nSteps: 20, Sampler: Heun, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
-        assert_eq!(s.sampler, "heun_karras");
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("heun", "karras"));
         let s = parse_parameters("a cat\nSteps: 20, Sampler: Heun, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
-        assert_eq!(s.sampler, "heun");
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("heun", ""));
         let s = parse_parameters("a cat\nSteps: 20, Sampler: DPM2, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
-        assert_eq!(s.sampler, "dpm2_karras");
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("dpm2", "karras"));
         let s = parse_parameters("a cat\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
-        assert_eq!(s.sampler, "dpmpp_2m_sde_karras");
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("dpmpp_2m_sde", "karras"));
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: Euler a, Schedule type: Align Your Steps, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("euler_a", "ays"));
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 1, Size: 64x64").unwrap();
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("dpmpp_2m_karras", ""));
     }
 }

@@ -33,6 +33,10 @@ pub struct Settings {
     pub cfg: f64,
     /// Ours (`euler_a`) or A1111's (`Euler a`) name; empty: the model's scheduler.
     pub sampler: String,
+    /// A1111's schedule type (`karras`, `exponential`, `beta`, `sgm_uniform`, `ays`); empty:
+    /// the sampler's own.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub schedule: String,
     /// `None`: a random seed per job.
     pub seed: Option<u64>,
     /// 0: the model's default size.
@@ -115,6 +119,7 @@ impl Default for Settings {
             steps: 25,
             cfg: 5.0,
             sampler: String::new(),
+            schedule: String::new(),
             seed: None,
             width: 0,
             height: 0,
@@ -144,6 +149,9 @@ pub struct ImageRecord {
     pub width: usize,
     pub height: usize,
     pub sampler: String,
+    /// A1111's `Schedule type` label; empty: the sampler's own schedule.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub schedule: String,
     pub lora_hashes: Vec<(String, String)>,
     pub mix_trace: Option<MixSummary>,
     pub version: String,

@@ -13,6 +13,7 @@ use loramix::lora;
 use loramix::mix;
 use loramix::output;
 use loramix::studio;
+use loramix::sdxl::schedulers::Schedule;
 use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 
 #[derive(clap::Args)]
@@ -36,6 +37,9 @@ pub struct GenerateArgs {
     /// euler | euler_a | dpmpp_2m | dpmpp_2m_karras | ddim | heun | heun_karras | dpm2 | dpm2_karras | dpm2_a | dpmpp_2m_sde | dpmpp_2m_sde_karras | lcm | unipc | unipc_karras | euler_karras (default: the model's scheduler).
     #[arg(long)]
     sampler: Option<String>,
+    /// karras | exponential | beta | sgm_uniform | ays (A1111's schedule type; default: the sampler's own).
+    #[arg(long)]
+    schedule: Option<String>,
     /// Default: a random seed, printed.
     #[arg(long)]
     seed: Option<u64>,
@@ -184,6 +188,10 @@ fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
+    let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
+    if let Some(s) = sampler {
+        loramix::sdxl::schedulers::resolve(s, schedule)?; // before the model loads
+    }
     let init_settings = init_settings(&a)?;
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
@@ -247,6 +255,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         steps: a.steps,
         cfg: a.cfg,
         sampler,
+        schedule,
         seed,
         width: Some(width),
         height: Some(height),
@@ -375,10 +384,7 @@ fn generate_batch(
     }
     let images = pipe.decode(&latents)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let sampler = match req.sampler {
-        Some(s) => s,
-        None => pipe.default_sampler()?,
-    };
+    let (sampler, schedule) = loramix::sdxl::schedulers::resolve(req.sampler.map_or_else(|| pipe.default_sampler(), Ok)?, req.schedule)?;
     let (dw, dh) = pipe.default_size();
     let (w, h) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
     // The same record the app writes: A1111 `parameters` (with <lora:..> tags and Lora hashes,
@@ -390,6 +396,7 @@ fn generate_batch(
         steps: a.steps,
         cfg: a.cfg,
         sampler: sampler.name().to_string(),
+        schedule: if schedule == Schedule::Default { String::new() } else { schedule.name().to_string() },
         seed: Some(seed),
         width: w,
         height: h,
@@ -423,6 +430,7 @@ fn generate_batch(
             width: w,
             height: h,
             sampler: sampler.a1111_name().to_string(),
+            schedule: if schedule == Schedule::Default { String::new() } else { schedule.a1111_name().to_string() },
             lora_hashes: hashes.to_vec(),
             mix_trace: summary.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),

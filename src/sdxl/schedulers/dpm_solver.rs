@@ -7,14 +7,14 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::{interp, karras, round_half_even, scale, sigma_to_t, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use super::{interp, round_half_even, Schedule, scale, sigma_to_t, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
 /// The multistep solvers' schedule (DPM-Solver++, UniPC): their own timestep spacing (one more
 /// point than steps, the last dropped), optionally Karras sigmas over the flipped training table,
 /// and the final sigma. Returns int64-like timesteps, float32 sigmas with the final one, and
 /// whether the final sigma is zero.
-pub(crate) fn multistep_schedule(c: &ConfigReader, steps: usize, use_karras: bool) -> Result<(Vec<f64>, Vec<f64>, bool)> {
+pub(crate) fn multistep_schedule(c: &ConfigReader, steps: usize, schedule: Schedule) -> Result<(Vec<f64>, Vec<f64>, bool)> {
     let sched = NoiseSchedule::from_config(c, 0.0001, 0.02, "linear")?;
     let n = sched.num_train_timesteps;
     let train = sched.train_sigmas();
@@ -50,20 +50,23 @@ pub(crate) fn multistep_schedule(c: &ConfigReader, steps: usize, use_karras: boo
         }
         other => return Err(Error::Scheduler(format!("timestep_spacing {other:?} is not supported (linspace, leading, trailing)"))),
     };
-    let mut sigmas: Vec<f64> = if use_karras {
-        let flipped: Vec<f64> = train.iter().rev().copied().collect();
-        let s = karras(&flipped, steps, c)?;
-        let squaredcos = c.string("beta_schedule", "linear")? == "squaredcos_cap_v2";
-        timesteps = s
-            .iter()
-            .map(|&x| {
-                let t = sigma_to_t(x, &log_sigmas);
-                if squaredcos { t } else { round_half_even(t) }
-            })
-            .collect();
-        s
-    } else {
-        timesteps.iter().map(|&t| interp(t, &train)).collect()
+    let schedule = schedule.effective(c)?;
+    let flipped: Vec<f64> = train.iter().rev().copied().collect();
+    let mut sigmas: Vec<f64> = match schedule.sigmas(&flipped, steps, c, &train)? {
+        Some(s) => {
+            // Karras timesteps are rounded (except on squaredcos tables); the others are cut
+            // to int64 below, as diffusers casts them.
+            let round = schedule == Schedule::Karras && c.string("beta_schedule", "linear")? != "squaredcos_cap_v2";
+            // Unrounded timesteps are cut, so they are read off numpy's float32 log table (as
+            // diffusers does) for the cut to land on the same integer.
+            let log32: Vec<f32> = train.iter().map(|&s| s.ln() as f32).collect();
+            timesteps = s
+                .iter()
+                .map(|&x| if round { round_half_even(sigma_to_t(x, &log_sigmas)) } else { super::sigma_to_t_f32(x, &log32) })
+                .collect();
+            s
+        }
+        None => timesteps.iter().map(|&t| interp(t, &train)).collect(),
     };
     let final_type = c.string("final_sigmas_type", "zero")?;
     sigmas.push(match final_type.as_str() {
@@ -114,10 +117,10 @@ pub(crate) fn data_prediction(prediction: Prediction, model_output: &Tensor, sam
 }
 
 impl DpmSolverMultistep {
-    pub fn new(config: &Value, steps: usize, use_karras: bool, sde: bool) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, schedule: Schedule, sde: bool) -> Result<Self> {
         let c = ConfigReader(config);
-        c.refuse_true(&["thresholding", "use_lu_lambdas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
-        let (timesteps, sigmas, final_zero) = multistep_schedule(&c, steps, use_karras)?;
+        c.refuse_true(&["thresholding", "use_lu_lambdas", "use_flow_sigmas"])?;
+        let (timesteps, sigmas, final_zero) = multistep_schedule(&c, steps, schedule)?;
         let midpoint = match c.string("solver_type", "midpoint")?.as_str() {
             "midpoint" => true,
             "heun" => false,

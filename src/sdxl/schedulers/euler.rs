@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use serde_json::Value;
 
-use super::{interp, karras, round_half_even, scale, sigma_to_t, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use super::{interp, round_half_even, scale, sigma_to_t, ConfigReader, Schedule, NoiseSchedule, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
 /// Timesteps for the Euler family (diffusers keeps them as float32).
@@ -56,10 +56,9 @@ pub struct EulerDiscrete {
 }
 
 impl EulerDiscrete {
-    pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, schedule: Schedule) -> Result<Self> {
         let c = ConfigReader(config);
         let sched = NoiseSchedule::from_config(&c, 0.0001, 0.02, "linear")?;
-        c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
         if c.string("timestep_type", "discrete")? != "discrete" {
             return Err(Error::Scheduler("timestep_type \"continuous\" is not supported".into()));
         }
@@ -76,9 +75,9 @@ impl EulerDiscrete {
             }
             other => return Err(Error::Scheduler(format!("interpolation_type {other:?} is not supported (linear, log_linear)"))),
         };
-        if force_karras || c.bool("use_karras_sigmas", false)? {
-            sigmas = karras(&sigmas, steps, &c)?;
-            timesteps = sigmas.iter().map(|&s| sigma_to_t(s, &log_sigmas) as f32 as f64).collect();
+        if let Some(s) = schedule.effective(&c)?.sigmas(&sigmas, steps, &c, &train)? {
+            timesteps = s.iter().map(|&x| sigma_to_t(x, &log_sigmas) as f32 as f64).collect();
+            sigmas = s;
         }
         let last = match c.string("final_sigmas_type", "zero")?.as_str() {
             "zero" => 0.0,

@@ -6,7 +6,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::euler::{euler_timesteps, init_noise_sigma, predict_x0};
-use super::{interp, scale, ConfigReader, NoiseSchedule, NoiseSource, Prediction, Scheduler};
+use super::{interp, scale, ConfigReader, Schedule, NoiseSchedule, NoiseSource, Prediction, Scheduler};
 use crate::error::Result;
 
 pub struct EulerAncestralDiscrete {
@@ -17,13 +17,23 @@ pub struct EulerAncestralDiscrete {
 }
 
 impl EulerAncestralDiscrete {
-    pub fn new(config: &Value, steps: usize) -> Result<Self> {
+    /// diffusers' class has no schedule types; with one (A1111 offers them for Euler a) the
+    /// sigmas and timesteps are derived as EulerDiscrete derives them.
+    pub fn new(config: &Value, steps: usize, schedule: Schedule) -> Result<Self> {
         let c = ConfigReader(config);
         let sched = NoiseSchedule::from_config(&c, 0.0001, 0.02, "linear")?;
         let spacing = c.string("timestep_spacing", "linspace")?;
-        let timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
+        let mut timesteps = euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
         let train = sched.train_sigmas();
         let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train) as f32 as f64).collect();
+        if schedule != Schedule::Default {
+            let log_sigmas: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+            let raw: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
+            if let Some(s) = schedule.sigmas(&raw, steps, &c, &train)? {
+                timesteps = s.iter().map(|&x| super::sigma_to_t(x, &log_sigmas) as f32 as f64).collect();
+                sigmas = s.into_iter().map(|x| x as f32 as f64).collect();
+            }
+        }
         sigmas.push(0.0);
         Ok(Self { init_noise_sigma: init_noise_sigma(&sigmas, &spacing), timesteps, sigmas, prediction: Prediction::from_config(&c, false)? })
     }

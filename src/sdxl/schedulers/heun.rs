@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::euler::{init_noise_sigma, predict_x0};
-use super::{interleave, k_diffusion_schedule, KSchedule, scale, ConfigReader, NoiseSource, Prediction, Scheduler};
+use super::{interleave, k_diffusion_schedule, KSchedule, scale, ConfigReader, Schedule, NoiseSource, Prediction, Scheduler};
 use crate::error::Result;
 
 pub struct HeunDiscrete {
@@ -22,9 +22,9 @@ pub struct HeunDiscrete {
 }
 
 impl HeunDiscrete {
-    pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, schedule: Schedule) -> Result<Self> {
         let c = ConfigReader(config);
-        let KSchedule { timesteps, mut sigmas, spacing, .. } = k_diffusion_schedule(&c, steps, force_karras, false)?;
+        let KSchedule { timesteps, mut sigmas, spacing, .. } = k_diffusion_schedule(&c, steps, schedule, false)?;
         sigmas.push(0.0);
         let sigmas: Vec<f32> = sigmas.into_iter().map(|s| s as f32).collect();
         let init = init_noise_sigma(&sigmas.iter().map(|&s| s as f64).collect::<Vec<_>>(), &spacing);

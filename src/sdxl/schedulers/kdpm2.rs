@@ -9,7 +9,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::euler::{init_noise_sigma, predict_x0};
-use super::{interleave, k_diffusion_schedule, KSchedule, scale, sigma_to_t_f32, ConfigReader, NoiseSource, Prediction, Scheduler};
+use super::{interleave, k_diffusion_schedule, KSchedule, scale, sigma_to_t_f32, ConfigReader, Schedule, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
 pub struct KDpm2Discrete {
@@ -30,10 +30,10 @@ fn lerp_half(a: f32, b: f32) -> f32 {
 }
 
 impl KDpm2Discrete {
-    pub fn new(config: &Value, steps: usize, force_karras: bool) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, schedule: Schedule) -> Result<Self> {
         let c = ConfigReader(config);
         let prediction = Prediction::from_config(&c, false)?;
-        let KSchedule { timesteps, mut sigmas, spacing, log_sigmas } = k_diffusion_schedule(&c, steps, force_karras, true)?;
+        let KSchedule { timesteps, mut sigmas, spacing, log_sigmas } = k_diffusion_schedule(&c, steps, schedule, true)?;
         sigmas.push(0.0);
         let s32: Vec<f32> = sigmas.iter().map(|&s| s as f32).collect();
         let n = s32.len();
@@ -105,10 +105,10 @@ pub struct KDpm2Ancestral {
 }
 
 impl KDpm2Ancestral {
-    pub fn new(config: &Value, steps: usize) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, schedule: Schedule) -> Result<Self> {
         let c = ConfigReader(config);
         let prediction = Prediction::from_config(&c, false)?;
-        let KSchedule { timesteps, mut sigmas, spacing, log_sigmas } = k_diffusion_schedule(&c, steps, false, true)?;
+        let KSchedule { timesteps, mut sigmas, spacing, log_sigmas } = k_diffusion_schedule(&c, steps, schedule, true)?;
         sigmas.push(0.0);
         // The ancestral split and the midpoints in float32, as torch computes them.
         let s: Vec<f32> = sigmas.iter().map(|&x| x as f32).collect();

@@ -165,7 +165,7 @@ impl SamplerKind {
             "HeunDiscreteScheduler" => Ok(Self::Heun),
             "KDPM2DiscreteScheduler" if karras => Ok(Self::Dpm2Karras),
             "KDPM2DiscreteScheduler" => Ok(Self::Dpm2),
-            "KDPM2AncestralDiscreteScheduler" if !karras => Ok(Self::Dpm2A),
+            "KDPM2AncestralDiscreteScheduler" => Ok(Self::Dpm2A),
             "LCMScheduler" => Ok(Self::Lcm),
             "UniPCMultistepScheduler" if karras => Ok(Self::UniPcKarras),
             "UniPCMultistepScheduler" => Ok(Self::UniPc),
@@ -189,6 +189,122 @@ impl FromStr for SamplerKind {
 impl std::fmt::Display for SamplerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// A1111's "Schedule type": the noise levels a sigma-table sampler steps through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Schedule {
+    /// The sampler's own (diffusers' spacing from the folder's config; A1111's "Automatic").
+    #[default]
+    Default,
+    /// Karras et al. 2022 (ρ = 7) between the schedule's ends.
+    Karras,
+    /// Log-linear between the schedule's ends (diffusers' `use_exponential_sigmas`).
+    Exponential,
+    /// Beta(0.6, 0.6) quantiles between the ends (diffusers' `use_beta_sigmas`, arXiv 2407.12173).
+    Beta,
+    /// Uniform in model time from the first to the last training timestep (A1111's `sgm_uniform`).
+    SgmUniform,
+    /// NVIDIA's Align Your Steps list for SDXL, log-linearly resampled (A1111's `ays`).
+    Ays,
+}
+
+impl Schedule {
+    pub const ALL: [Schedule; 6] = [Self::Default, Self::Karras, Self::Exponential, Self::Beta, Self::SgmUniform, Self::Ays];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::Karras => "karras",
+            Self::Exponential => "exponential",
+            Self::Beta => "beta",
+            Self::SgmUniform => "sgm_uniform",
+            Self::Ays => "ays",
+        }
+    }
+    /// A1111's label (`Schedule type: Karras`).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Default => "Automatic",
+            Self::Karras => "Karras",
+            Self::Exponential => "Exponential",
+            Self::Beta => "Beta",
+            Self::SgmUniform => "SGM Uniform",
+            Self::Ays => "Align Your Steps",
+        }
+    }
+}
+
+impl FromStr for Schedule {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        // ComfyUI's names too ("normal" is its default, "AYS SDXL" its node's label).
+        let alias = match s {
+            "" | "automatic" | "normal" | "Normal" => Some(Self::Default),
+            "AYS SDXL" | "align_your_steps" => Some(Self::Ays),
+            "SGM uniform" => Some(Self::SgmUniform),
+            _ => None,
+        };
+        alias.or_else(|| Self::ALL.into_iter().find(|k| k.name() == s || k.a1111_name() == s)).ok_or_else(|| {
+            Error::Argument(format!("unknown schedule {s:?}; expected one of {}", Self::ALL.map(|k| k.name()).join(", ")))
+        })
+    }
+}
+
+impl Schedule {
+    /// The schedule a run uses: the one asked for, else the folder config's `use_*_sigmas`.
+    pub(crate) fn effective(self, c: &ConfigReader) -> Result<Self> {
+        if self != Self::Default {
+            return Ok(self);
+        }
+        let flags = [(c.bool("use_karras_sigmas", false)?, Self::Karras), (c.bool("use_exponential_sigmas", false)?, Self::Exponential), (c.bool("use_beta_sigmas", false)?, Self::Beta)];
+        let on: Vec<Schedule> = flags.iter().filter(|(b, _)| *b).map(|(_, k)| *k).collect();
+        match on[..] {
+            [] => Ok(Self::Default),
+            [k] => Ok(k),
+            _ => Err(Error::Scheduler("only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas can be set".into())),
+        }
+    }
+
+    /// The schedule's `steps` sigmas, descending, without the final one. `in_sigmas` is the
+    /// sampler's own schedule (its ends bound Karras, Exponential and Beta, unless the config
+    /// sets `sigma_min`/`sigma_max`); `train` the training table, ascending. `None` for the
+    /// sampler's own schedule.
+    pub(crate) fn sigmas(self, in_sigmas: &[f64], steps: usize, c: &ConfigReader, train: &[f64]) -> Result<Option<Vec<f64>>> {
+        let ends = || -> Result<(f64, f64)> { Ok((c.f64("sigma_min", in_sigmas[in_sigmas.len() - 1])?, c.f64("sigma_max", in_sigmas[0])?)) };
+        let ramp = |i: usize| if steps == 1 { 0.0 } else { i as f64 / (steps - 1) as f64 };
+        Ok(Some(match self {
+            Self::Default => return Ok(None),
+            Self::Karras => karras(in_sigmas, steps, c)?,
+            Self::Exponential => {
+                let (lo, hi) = ends()?;
+                (0..steps).map(|i| (hi.ln() + ramp(i) * (lo.ln() - hi.ln())).exp()).collect()
+            }
+            Self::Beta => {
+                let (lo, hi) = ends()?;
+                (0..steps).map(|i| lo + puruspe::invbetai(1.0 - ramp(i), 0.6, 0.6) * (hi - lo)).collect()
+            }
+            Self::SgmUniform => {
+                // k-diffusion's t_to_sigma over torch.linspace(t_max, 0, steps + 1)[:-1] (float32).
+                let log: Vec<f64> = train.iter().map(|s| s.ln()).collect();
+                let t_max = (train.len() - 1) as f32;
+                linspace_f32(t_max, 0.0, steps + 1)[..steps].iter().map(|&t| interp(t as f64, &log).exp()).collect()
+            }
+            Self::Ays => {
+                const SDXL: [f64; 11] = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029];
+                if steps == SDXL.len() {
+                    SDXL.to_vec()
+                } else {
+                    // A1111's loglinear_interp: np.interp of the reversed log list on [0, 1].
+                    let ys: Vec<f64> = SDXL.iter().rev().map(|s| s.ln()).collect();
+                    let m = (ys.len() - 1) as f64;
+                    let mut out: Vec<f64> = (0..steps).map(|i| interp(ramp(i) * m, &ys).exp()).collect();
+                    out.reverse();
+                    out
+                }
+            }
+        }))
     }
 }
 
@@ -241,28 +357,72 @@ pub(crate) fn add_noise_ddpm(alphas_cumprod: &[f32], original: &Tensor, noise: &
     Ok((scale(original, a.sqrt() as f64)? + scale(noise, (1.0f32 - a).sqrt() as f64)?)?)
 }
 
-/// Builds `kind` from a folder's scheduler config, as `from_config` would.
-pub fn build(kind: SamplerKind, config: &Value, steps: usize) -> Result<Box<dyn Scheduler>> {
+impl SamplerKind {
+    /// The sampler without a schedule in its name, and that schedule (`dpmpp_2m_karras` is
+    /// `dpmpp_2m` with Karras sigmas).
+    pub fn split(self) -> (SamplerKind, Schedule) {
+        match self {
+            Self::Dpmpp2mKarras => (Self::Dpmpp2m, Schedule::Karras),
+            Self::HeunKarras => (Self::Heun, Schedule::Karras),
+            Self::Dpm2Karras => (Self::Dpm2, Schedule::Karras),
+            Self::Dpmpp2mSdeKarras => (Self::Dpmpp2mSde, Schedule::Karras),
+            Self::UniPcKarras => (Self::UniPc, Schedule::Karras),
+            Self::EulerKarras => (Self::Euler, Schedule::Karras),
+            other => (other, Schedule::Default),
+        }
+    }
+
+    /// Whether the sampler steps through a sigma table (and so takes a schedule type).
+    pub fn takes_schedule(self) -> bool {
+        !matches!(self, Self::Ddim | Self::Lcm)
+    }
+}
+
+/// The sampler and schedule a run uses: `schedule` on top of the one the name implies.
+pub fn resolve(kind: SamplerKind, schedule: Schedule) -> Result<(SamplerKind, Schedule)> {
+    let (base, implied) = kind.split();
+    let schedule = match (implied, schedule) {
+        (Schedule::Default, s) | (s, Schedule::Default) => s,
+        (a, b) if a == b => a,
+        (a, b) => {
+            return Err(Error::Argument(format!(
+                "sampler {} already has the {} schedule; use --sampler {} with --schedule {}",
+                kind.name(),
+                a.name(),
+                base.name(),
+                b.name()
+            )))
+        }
+    };
+    if schedule != Schedule::Default && !base.takes_schedule() {
+        return Err(Error::Argument(format!(
+            "schedule {} is not available for sampler {}: it has no sigma schedule (schedules work with {})",
+            schedule.name(),
+            base.name(),
+            SamplerKind::ALL.into_iter().filter(|k| k.takes_schedule() && k.split().1 == Schedule::Default).map(|k| k.name()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok((base, schedule))
+}
+
+/// Builds `kind` with `schedule` from a folder's scheduler config, as `from_config` would.
+pub fn build(kind: SamplerKind, schedule: Schedule, config: &Value, steps: usize) -> Result<Box<dyn Scheduler>> {
     if steps == 0 {
         return Err(Error::Argument("steps must be at least 1".into()));
     }
-    Ok(match kind {
-        SamplerKind::Euler => Box::new(EulerDiscrete::new(config, steps, false)?),
-        SamplerKind::EulerKarras => Box::new(EulerDiscrete::new(config, steps, true)?),
-        SamplerKind::EulerA => Box::new(EulerAncestralDiscrete::new(config, steps)?),
-        SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, false, false)?),
-        SamplerKind::Dpmpp2mKarras => Box::new(DpmSolverMultistep::new(config, steps, true, false)?),
-        SamplerKind::Dpmpp2mSde => Box::new(DpmSolverMultistep::new(config, steps, false, true)?),
-        SamplerKind::Dpmpp2mSdeKarras => Box::new(DpmSolverMultistep::new(config, steps, true, true)?),
+    let (base, schedule) = resolve(kind, schedule)?;
+    Ok(match base {
+        SamplerKind::Euler => Box::new(EulerDiscrete::new(config, steps, schedule)?),
+        SamplerKind::EulerA => Box::new(EulerAncestralDiscrete::new(config, steps, schedule)?),
+        SamplerKind::Dpmpp2m => Box::new(DpmSolverMultistep::new(config, steps, schedule, false)?),
+        SamplerKind::Dpmpp2mSde => Box::new(DpmSolverMultistep::new(config, steps, schedule, true)?),
         SamplerKind::Ddim => Box::new(Ddim::new(config, steps)?),
-        SamplerKind::Heun => Box::new(HeunDiscrete::new(config, steps, false)?),
-        SamplerKind::HeunKarras => Box::new(HeunDiscrete::new(config, steps, true)?),
-        SamplerKind::Dpm2 => Box::new(KDpm2Discrete::new(config, steps, false)?),
-        SamplerKind::Dpm2Karras => Box::new(KDpm2Discrete::new(config, steps, true)?),
-        SamplerKind::Dpm2A => Box::new(KDpm2Ancestral::new(config, steps)?),
+        SamplerKind::Heun => Box::new(HeunDiscrete::new(config, steps, schedule)?),
+        SamplerKind::Dpm2 => Box::new(KDpm2Discrete::new(config, steps, schedule)?),
+        SamplerKind::Dpm2A => Box::new(KDpm2Ancestral::new(config, steps, schedule)?),
         SamplerKind::Lcm => Box::new(Lcm::new(config, steps)?),
-        SamplerKind::UniPc => Box::new(UniPc::new(config, steps, false)?),
-        SamplerKind::UniPcKarras => Box::new(UniPc::new(config, steps, true)?),
+        SamplerKind::UniPc => Box::new(UniPc::new(config, steps, schedule)?),
+        karras => return Err(Error::Argument(format!("sampler {} did not resolve", karras.name()))),
     })
 }
 
@@ -350,7 +510,8 @@ impl NoiseSchedule {
         } else {
             match c.string("beta_schedule", schedule_default)?.as_str() {
                 "linear" => linspace_f32(bs as f32, be as f32, n),
-                "scaled_linear" => linspace_f32((bs as f32).sqrt(), (be as f32).sqrt(), n).into_iter().map(|x| x * x).collect(),
+                // Python computes beta_start ** 0.5 in double; torch.linspace takes it as float.
+                "scaled_linear" => linspace_f32(bs.sqrt() as f32, be.sqrt() as f32, n).into_iter().map(|x| x * x).collect(),
                 "squaredcos_cap_v2" => {
                     let bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
                     (0..n)
@@ -454,23 +615,25 @@ pub(crate) struct KSchedule {
 /// family's timestep spacing, sigmas interpolated from the training table, optionally Karras
 /// sigmas with their timesteps read off the float32 log-sigma table (rounded where the class
 /// rounds them).
-pub(crate) fn k_diffusion_schedule(c: &ConfigReader, steps: usize, karras_sigmas: bool, round_karras_t: bool) -> Result<KSchedule> {
+pub(crate) fn k_diffusion_schedule(c: &ConfigReader, steps: usize, schedule: Schedule, round_karras_t: bool) -> Result<KSchedule> {
     let sched = NoiseSchedule::from_config(c, 0.00085, 0.012, "linear")?;
-    c.refuse_true(&["use_exponential_sigmas", "use_beta_sigmas"])?;
     let spacing = c.string("timestep_spacing", "linspace")?;
     let mut timesteps = euler::euler_timesteps(&spacing, sched.num_train_timesteps, steps, c.usize("steps_offset", 0)?)?;
     let train = sched.train_sigmas();
     let log_sigmas: Vec<f32> = train.iter().map(|s| s.ln() as f32).collect();
     let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &train)).collect();
-    if karras_sigmas || c.bool("use_karras_sigmas", false)? {
-        sigmas = karras(&sigmas, steps, c)?;
-        timesteps = sigmas
+    let schedule = schedule.effective(c)?;
+    if let Some(s) = schedule.sigmas(&sigmas, steps, c, &train)? {
+        // Only the Karras branch rounds (in the classes that round it).
+        let round = round_karras_t && schedule == Schedule::Karras;
+        timesteps = s
             .iter()
-            .map(|&s| {
-                let t = sigma_to_t_f32(s, &log_sigmas);
-                (if round_karras_t { round_half_even(t) } else { t }) as f32 as f64
+            .map(|&x| {
+                let t = sigma_to_t_f32(x, &log_sigmas);
+                (if round { round_half_even(t) } else { t }) as f32 as f64
             })
             .collect();
+        sigmas = s;
     }
     Ok(KSchedule { timesteps, sigmas, spacing, log_sigmas })
 }

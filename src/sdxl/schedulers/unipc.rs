@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use serde_json::Value;
 
 use super::dpm_solver::{alpha_sigma, data_prediction, lambda, multistep_schedule};
-use super::{scale, ConfigReader, NoiseSource, Prediction, Scheduler};
+use super::{scale, ConfigReader, Schedule, NoiseSource, Prediction, Scheduler};
 use crate::error::{Error, Result};
 
 pub struct UniPc {
@@ -24,9 +24,9 @@ pub struct UniPc {
 }
 
 impl UniPc {
-    pub fn new(config: &Value, steps: usize, use_karras: bool) -> Result<Self> {
+    pub fn new(config: &Value, steps: usize, schedule: Schedule) -> Result<Self> {
         let c = ConfigReader(config);
-        c.refuse_true(&["thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas"])?;
+        c.refuse_true(&["thresholding", "use_flow_sigmas"])?;
         if c.usize("solver_order", 2)? != 2 {
             return Err(Error::Scheduler("UniPC: only solver_order 2 (diffusers' default) is supported".into()));
         }
@@ -41,7 +41,7 @@ impl UniPc {
         if config.get("disable_corrector").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
             return Err(Error::Scheduler("UniPC: disable_corrector is not supported".into()));
         }
-        let (timesteps, sigmas, _) = multistep_schedule(&c, steps, use_karras || c.bool("use_karras_sigmas", false)?)?;
+        let (timesteps, sigmas, _) = multistep_schedule(&c, steps, schedule)?;
         Ok(Self {
             timesteps,
             sigmas,
