@@ -290,3 +290,29 @@ fn schedule_errors_are_clear() {
     assert_eq!("Align Your Steps".parse::<Schedule>().unwrap(), Schedule::Ays);
     assert_eq!("normal".parse::<Schedule>().unwrap(), Schedule::Default);
 }
+
+/// `--clip-skip` equals diffusers' `clip_skip` (tools/parity/make_clip_skip_fixtures.py): the
+/// embeddings of both encoders per module, and seeded runs end to end.
+#[test]
+fn clip_skip_equals_diffusers() {
+    let pipe = load("tiny2");
+    let dir = common::fixture("tiny2");
+    let g = candle_core::safetensors::load(dir.join("clip_skip.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("clip_skip.json")).unwrap()).unwrap();
+    for (key, e) in gj["embeds"].as_object().unwrap() {
+        let skip = e["clip_skip"].as_u64().unwrap() as usize;
+        let (pos, neg) = pipe.encode_prompts_skip(e["prompt"].as_str().unwrap(), e["negative"].as_str(), true, skip).unwrap();
+        assert_close(&format!("{key} prompt"), &pos.context, &g[&format!("{key}.prompt")], 1e-4);
+        assert_close(&format!("{key} negative"), &neg.unwrap().context, &g[&format!("{key}.negative")], 1e-4);
+        assert_close(&format!("{key} pooled"), pos.pooled.as_ref().unwrap(), &g[&format!("{key}.pooled")], 1e-4);
+    }
+    for (key, case) in gj["pipeline"].as_object().unwrap() {
+        let mut req = request(case, None, size_of("tiny2"));
+        req.clip_skip = case["clip_skip"].as_u64().unwrap() as usize;
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("clip skip {key}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+    }
+    // Skipping past the first layer is refused with the encoder's depth.
+    let e = pipe.text.encode_with_skip("a cat", 9).err().unwrap().to_string();
+    assert!(e.contains("clip skip 9"), "{e}");
+}

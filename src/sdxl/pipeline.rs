@@ -80,6 +80,8 @@ pub struct GenerateRequest {
     pub sampler: Option<SamplerKind>,
     /// A1111's schedule type on top of the sampler (`Default`: the sampler's own).
     pub schedule: Schedule,
+    /// diffusers' `clip_skip`: 0 = SDXL's penultimate layer; A1111's "Clip skip" is this + 1.
+    pub clip_skip: usize,
     pub seed: u64,
     pub width: Option<usize>,
     pub height: Option<usize>,
@@ -99,6 +101,7 @@ impl Default for GenerateRequest {
             cfg: 5.0,
             sampler: None,
             schedule: Schedule::Default,
+            clip_skip: 0,
             seed: 0,
             width: None,
             height: None,
@@ -255,7 +258,14 @@ impl SdxlPipeline {
 
     /// Positive and negative conditioning, as `encode_prompt` builds them.
     pub fn encode_prompts(&self, prompt: &str, negative: Option<&str>, cfg: bool) -> Result<(Conditioning, Option<Conditioning>)> {
-        let pos = self.text.encode(prompt)?;
+        self.encode_prompts_skip(prompt, negative, cfg, 0)
+    }
+
+    /// [`Self::encode_prompts`] with diffusers' `clip_skip` on the prompt. diffusers encodes the
+    /// negative prompt from the penultimate layer whatever `clip_skip` is; so do we, to give
+    /// its numbers (A1111 skips on both).
+    pub fn encode_prompts_skip(&self, prompt: &str, negative: Option<&str>, cfg: bool, clip_skip: usize) -> Result<(Conditioning, Option<Conditioning>)> {
+        let pos = self.text.encode_with_skip(prompt, clip_skip)?;
         if !cfg {
             return Ok((pos, None));
         }
@@ -403,7 +413,7 @@ impl SdxlPipeline {
             }
         };
         let cfg = req.cfg > 1.0;
-        let (pos, neg) = self.encode_prompts(&req.prompt, req.negative_prompt.as_deref(), cfg)?;
+        let (pos, neg) = self.encode_prompts_skip(&req.prompt, req.negative_prompt.as_deref(), cfg, req.clip_skip)?;
         let repeat = |t: &Tensor| Tensor::cat(&vec![t.clone(); b], 0);
         let mut contexts = Vec::new();
         let mut pooled = Vec::new();

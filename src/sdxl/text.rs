@@ -55,14 +55,16 @@ impl TextEncoders {
         enc: &ClipTextModel,
         prompt: &str,
         want_pooled: bool,
+        clip_skip: usize,
     ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let layer_from_end = self.layer_from_end + clip_skip;
         let chunks = chunk_prompt(tok, prompt)?;
         let mut hidden = Vec::with_capacity(chunks.len());
         let mut pooled = None;
         for (i, chunk) in chunks.iter().enumerate() {
             let out = enc.forward(std::slice::from_ref(&chunk.ids), &self.device)?;
-            let idx = out.hidden_states.len().checked_sub(1 + self.layer_from_end).ok_or_else(|| {
-                Error::Argument(format!("clip skip {} exceeds the encoder's {} layers", self.layer_from_end, out.hidden_states.len() - 1))
+            let idx = out.hidden_states.len().checked_sub(1 + layer_from_end).ok_or_else(|| {
+                Error::Argument(format!("clip skip {clip_skip} leaves no layer of the text encoder's {}", out.hidden_states.len() - 1))
             })?;
             hidden.push(weighted(&out.hidden_states[idx], chunk)?);
             if i == 0 && want_pooled {
@@ -74,19 +76,25 @@ impl TextEncoders {
 
     /// Encodes one prompt with A1111 chunking/emphasis.
     pub fn encode(&self, prompt: &str) -> Result<Conditioning> {
-        let (mut h1, _) = self.encode_one(&self.tokenizer, &self.encoder, prompt, false)?;
+        self.encode_with_skip(prompt, 0)
+    }
+
+    /// [`Self::encode`] from `clip_skip` layers further from the end (diffusers' `clip_skip`:
+    /// hidden state `-(clip_skip + 2)` of both encoders; the pooled output is unchanged).
+    pub fn encode_with_skip(&self, prompt: &str, clip_skip: usize) -> Result<Conditioning> {
+        let (mut h1, _) = self.encode_one(&self.tokenizer, &self.encoder, prompt, false, clip_skip)?;
         let (context, pooled) = match (&self.tokenizer_2, &self.encoder_2) {
             (Some(t2), Some(e2)) => {
-                let (mut h2, pooled2) = self.encode_one(t2, e2, prompt, true)?;
+                let (mut h2, pooled2) = self.encode_one(t2, e2, prompt, true, clip_skip)?;
                 // The two tokenizers share a vocabulary, so chunk counts agree; if a custom
                 // model's do not, pad the shorter with empty-prompt chunks as A1111 does.
                 let n = h1.len().max(h2.len());
                 if h1.len() < n {
-                    let empty = self.encode_one(&self.tokenizer, &self.encoder, "", false)?.0.remove(0);
+                    let empty = self.encode_one(&self.tokenizer, &self.encoder, "", false, clip_skip)?.0.remove(0);
                     h1.resize(n, empty);
                 }
                 if h2.len() < n {
-                    let empty = self.encode_one(t2, e2, "", false)?.0.remove(0);
+                    let empty = self.encode_one(t2, e2, "", false, clip_skip)?.0.remove(0);
                     h2.resize(n, empty);
                 }
                 let per_chunk = h1

@@ -273,6 +273,7 @@ impl Studio {
                 cfg: settings.cfg,
                 sampler,
                 schedule,
+                clip_skip: settings.clip_skip,
                 seed,
                 width: Some(w),
                 height: Some(h),

@@ -39,6 +39,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         text.push_str(&format!("Schedule type: {}, ", r.schedule));
     }
     text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}", s.cfg, r.seed, r.width, r.height));
+    if s.clip_skip > 0 {
+        text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
+    }
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
     }
@@ -170,6 +173,10 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     // when the user picks one.
                     let strength = v.parse().map_err(|_| bad(&k, &v, "a number"))?;
                     s.init.get_or_insert_with(Default::default).strength = strength;
+                }
+                "Clip skip" => {
+                    let n: usize = v.parse().map_err(|_| bad(&k, &v, "a positive integer"))?;
+                    s.clip_skip = n.saturating_sub(1);
                 }
                 "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
                 "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),

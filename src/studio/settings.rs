@@ -37,6 +37,9 @@ pub struct Settings {
     /// the sampler's own.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub schedule: String,
+    /// diffusers' `clip_skip` (0: SDXL's penultimate layer). PNGs write A1111's `Clip skip: N+1`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub clip_skip: usize,
     /// `None`: a random seed per job.
     pub seed: Option<u64>,
     /// 0: the model's default size.
@@ -120,6 +123,7 @@ impl Default for Settings {
             cfg: 5.0,
             sampler: String::new(),
             schedule: String::new(),
+            clip_skip: 0,
             seed: None,
             width: 0,
             height: 0,
@@ -223,4 +227,8 @@ impl MixSummary {
             candidates: trace.candidates.clone(),
         }
     }
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }

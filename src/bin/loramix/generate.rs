@@ -40,6 +40,9 @@ pub struct GenerateArgs {
     /// karras | exponential | beta | sgm_uniform | ays (A1111's schedule type; default: the sampler's own).
     #[arg(long)]
     schedule: Option<String>,
+    /// Text-encoder layers to skip beyond SDXL's penultimate (diffusers' clip_skip; A1111's "Clip skip" minus one).
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
     /// Default: a random seed, printed.
     #[arg(long)]
     seed: Option<u64>,
@@ -256,6 +259,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         cfg: a.cfg,
         sampler,
         schedule,
+        clip_skip: a.clip_skip,
         seed,
         width: Some(width),
         height: Some(height),
@@ -397,6 +401,7 @@ fn generate_batch(
         cfg: a.cfg,
         sampler: sampler.name().to_string(),
         schedule: if schedule == Schedule::Default { String::new() } else { schedule.name().to_string() },
+        clip_skip: a.clip_skip,
         seed: Some(seed),
         width: w,
         height: h,
