@@ -403,6 +403,12 @@ impl WeightSource {
         self
     }
 
+    /// The same weights under another name in error messages.
+    pub fn relabel(mut self, label: String) -> Self {
+        self.label = label;
+        self
+    }
+
     pub fn label(&self) -> &str {
         &self.label
     }

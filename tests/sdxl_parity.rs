@@ -316,3 +316,34 @@ fn clip_skip_equals_diffusers() {
     let e = pipe.text.encode_with_skip("a cat", 9).err().unwrap().to_string();
     assert!(e.contains("clip skip 9"), "{e}");
 }
+
+/// `--vae` equals diffusers with `pipe.vae` replaced, from a diffusers folder (its config:
+/// force_upcast false) and from an LDM-named single file
+/// (tools/parity/make_vae_override_fixtures.py). Pixels are compared as floats in [0, 1]
+/// against our 8-bit output, so within half a step of rounding.
+#[test]
+fn vae_override_equals_diffusers() {
+    let dir = common::fixture("tiny2").join("vae_override");
+    let g = candle_core::safetensors::load(dir.join("golden.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let want: Vec<f32> = g["pixels"].flatten_all().unwrap().to_vec1().unwrap();
+    let case: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let model = common::fixture("tiny2").join("pipeline");
+    for vae in [dir.join("vae"), dir.join("vae_ldm.safetensors")] {
+        let opts = LoadOptions { vae: Some(vae.clone()), ..Default::default() };
+        let pipe = SdxlPipeline::load(model.to_str().unwrap(), &opts).unwrap();
+        let lat = pipe.generate_latents(&request(&case, None, (32, 32)), &mut |_| true).unwrap();
+        let img = &pipe.decode(&lat).unwrap()[0];
+        let worst = img.as_raw().iter().zip(&want).map(|(&a, &b)| (a as f32 / 255.0 - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 0.51 / 255.0 + 1e-4, "{}: worst pixel {worst}", vae.display());
+    }
+    // The override changes the picture (the golden is not the model's own VAE).
+    let own = load("tiny2");
+    let lat = own.generate_latents(&request(&case, None, (32, 32)), &mut |_| true).unwrap();
+    let img = &own.decode(&lat).unwrap()[0];
+    let worst = img.as_raw().iter().zip(&want).map(|(&a, &b)| (a as f32 / 255.0 - b).abs()).fold(0f32, f32::max);
+    assert!(worst > 0.05, "{worst}");
+    // Not a VAE: a clear error naming the file.
+    let bad = LoadOptions { vae: Some(model.join("unet/diffusion_pytorch_model.safetensors")), ..Default::default() };
+    let e = SdxlPipeline::load(model.to_str().unwrap(), &bad).err().unwrap().to_string();
+    assert!(e.contains("not a VAE") && e.contains("unet"), "{e}");
+}

@@ -311,3 +311,23 @@ pub fn open_sgm(
         text_encoder_2: WeightSource::remapped(files, maps.text_encoder_2, format!("{label} (text encoder 2)")),
     })
 }
+
+/// A standalone VAE file (`--vae`): diffusers names (e.g. sdxl-vae-fp16-fix's
+/// `diffusion_pytorch_model.safetensors`), or the original LDM names with or without the
+/// checkpoint's `first_stage_model.` prefix (e.g. `sdxl_vae.safetensors`).
+pub fn open_vae_file(path: &Path, vae: &AutoencoderKlConfig) -> Result<WeightSource> {
+    let file = SafetensorsFile::open(path)?;
+    let names = file.names();
+    let label = format!("{} (vae)", path.display());
+    let ldm = |prefix: &str| names.iter().any(|n| n.starts_with(&format!("{prefix}encoder.down.0.")) || n.starts_with(&format!("{prefix}decoder.up.0.")));
+    let map = if ldm(VAE_PREFIX) {
+        apply_rules(&names, VAE_PREFIX, &vae_rules(vae))
+    } else if ldm("") {
+        apply_rules(&names, "", &vae_rules(vae))
+    } else if names.iter().any(|n| n.starts_with("encoder.down_blocks.") || n.starts_with("decoder.up_blocks.")) {
+        return WeightSource::from_files(&[path.to_path_buf()]).map(|w| w.relabel(label));
+    } else {
+        return Err(Error::model(path, "not a VAE: expected encoder./decoder. weights in diffusers or LDM (first_stage_model.) names"));
+    };
+    Ok(WeightSource::remapped(Arc::new(vec![file]), map, label))
+}

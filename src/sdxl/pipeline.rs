@@ -24,11 +24,15 @@ pub struct LoadOptions {
     /// Configs and tokenizers for a single-file checkpoint (a diffusers folder, like
     /// diffusers' `from_single_file(config=...)`); default: SDXL base from the HF cache/hub.
     pub config_dir: Option<PathBuf>,
+    /// A VAE in place of the model's (A1111's "SD VAE"): a diffusers `vae/` folder (its own
+    /// config, so an fp16-safe VAE decodes f16 without upcasting) or a single `.safetensors`
+    /// file in diffusers or LDM names (the model's VAE config).
+    pub vae: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None }
+        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None, vae: None }
     }
 }
 
@@ -178,7 +182,7 @@ impl SdxlPipeline {
         let dev = &opts.device;
         let dtype = opts.dtype;
         let unet_cfg: UNet2DConditionConfig = model::parse_config(&root.join("unet/config.json"))?;
-        let vae_cfg: AutoencoderKlConfig = model::parse_config(&root.join("vae/config.json"))?;
+        let mut vae_cfg: AutoencoderKlConfig = model::parse_config(&root.join("vae/config.json"))?;
         let te1_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder/config.json"))?;
         let mut te2_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder_2/config.json"))?;
         // SDXL's second encoder is always CLIPTextModelWithProjection; accept configs saved
@@ -197,6 +201,16 @@ impl SdxlPipeline {
                 model::open_component(root, "text_encoder")?.1.with_prefix("text_model.", &["text_projection."]),
                 model::open_component(root, "text_encoder_2")?.1.with_prefix("text_model.", &["text_projection."]),
             ),
+        };
+        let vae_ws = match &opts.vae {
+            None => vae_ws,
+            Some(p) if p.is_dir() => {
+                let (config, ws) = model::open_component(p.parent().unwrap_or(Path::new(".")), p.file_name().and_then(|n| n.to_str()).unwrap_or(""))?;
+                vae_cfg = model::parse_config(&config)?;
+                ws
+            }
+            Some(p) if p.is_file() => crate::sdxl::checkpoint::open_vae_file(p, &vae_cfg)?,
+            Some(p) => return Err(Error::model(p, "--vae: no such file or folder")),
         };
         // diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.
         let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast { DType::F32 } else { dtype };

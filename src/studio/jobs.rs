@@ -172,16 +172,19 @@ impl Studio {
         Self::default()
     }
 
-    fn pipeline(&self, model: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
+    fn pipeline(&self, model: &str, vae: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        // A VAE override is part of what is loaded.
+        let key = if vae.is_empty() { model.to_string() } else { format!("{model}\u{0}{vae}") };
         if let Some((m, p, prev)) = guard.as_ref() {
-            if m == model {
+            if *m == key {
                 return Ok((p.clone(), prev.clone()));
             }
         }
         on_event(StudioEvent::Loading { model: model.to_string() });
         let t0 = Instant::now();
-        let pipe = Arc::new(SdxlPipeline::load(model, &LoadOptions::default())?);
+        let opts = LoadOptions { vae: (!vae.is_empty()).then(|| PathBuf::from(vae)), ..LoadOptions::default() };
+        let pipe = Arc::new(SdxlPipeline::load(model, &opts)?);
         // TAESD beside the model, or TAESDXL in the library's models folder, when present.
         let mut tiny_dirs = vec![Path::new(model).join("taesd")];
         if let Some(l) = library {
@@ -192,7 +195,7 @@ impl Studio {
             None => Previewer::Linear(LatentPreview::fit(&pipe)?),
         };
         on_event(StudioEvent::Loaded { model: model.to_string(), seconds: t0.elapsed().as_secs_f64() });
-        *guard = Some((model.to_string(), pipe.clone(), preview.clone()));
+        *guard = Some((key, pipe.clone(), preview.clone()));
         Ok((pipe, preview))
     }
 
@@ -231,7 +234,7 @@ impl Studio {
         }
         mix::build(&mix_opts)?;
         let (prompt, mut tags) = lora::extract_prompt_loras(&settings.prompt)?;
-        let (pipe, preview) = self.pipeline(&settings.model, library, on_event)?;
+        let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
         let mut args = Vec::new();
         for l in &settings.loras {

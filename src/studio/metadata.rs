@@ -39,6 +39,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         text.push_str(&format!("Schedule type: {}, ", r.schedule));
     }
     text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}", s.cfg, r.seed, r.width, r.height));
+    if !s.vae.is_empty() {
+        let name = Path::new(&s.vae).file_name().and_then(|n| n.to_str()).unwrap_or(&s.vae);
+        text.push_str(&format!(", VAE: {name}"));
+    }
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
@@ -186,6 +190,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     s.height = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
                 }
                 "Model" => s.model = v,
+                "VAE" => s.vae = v,
                 "Batch size" => s.batch_size = v.parse().unwrap_or(1),
                 "LoRA mix" => s.mix = v,
                 _ => {}

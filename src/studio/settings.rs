@@ -37,6 +37,9 @@ pub struct Settings {
     /// the sampler's own.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub schedule: String,
+    /// A VAE in place of the model's: a diffusers `vae/` folder or a `.safetensors` file; empty: the model's.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub vae: String,
     /// diffusers' `clip_skip` (0: SDXL's penultimate layer). PNGs write A1111's `Clip skip: N+1`.
     #[serde(skip_serializing_if = "is_zero")]
     pub clip_skip: usize,
@@ -124,6 +127,7 @@ impl Default for Settings {
             sampler: String::new(),
             schedule: String::new(),
             clip_skip: 0,
+            vae: String::new(),
             seed: None,
             width: 0,
             height: 0,

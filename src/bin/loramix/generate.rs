@@ -25,6 +25,9 @@ pub struct GenerateArgs {
     /// Configs and tokenizers for a single-file checkpoint (a diffusers folder).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A VAE in place of the model's: a diffusers vae folder or a .safetensors file (diffusers or LDM names).
+    #[arg(long)]
+    vae: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     /// Omitted: no negative prompt (zero embeddings on SDXL). An explicit "" encodes the empty string.
@@ -196,7 +199,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         loramix::sdxl::schedulers::resolve(s, schedule)?; // before the model loads
     }
     let init_settings = init_settings(&a)?;
-    let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone() };
+    let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
     let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
     let mut mix_opts = mix::MixOptions {
@@ -419,6 +422,7 @@ fn generate_batch(
         asymmetric_cfg: a.asymmetric_cfg,
         klora_others: a.klora_others.clone(),
         candidates: a.candidates.is_some(),
+        vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         init: init_settings.cloned(),
     };
     let mut written = Vec::with_capacity(images.len());
