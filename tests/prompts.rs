@@ -68,3 +68,39 @@ impl JoinWords for str {
         vec!["mountain"; n].join(self)
     }
 }
+
+/// Prompt editing changes the conditioning at A1111's step: `[X:Y:0]` is Y throughout, a when
+/// past the end is X throughout, a switch half-way is neither, and the negative prompt is
+/// scheduled too. An edit left open is a clear error.
+#[test]
+fn prompt_editing_switches_conditioning_at_the_step() {
+    let dir = fixture("tiny2");
+    let pipe = SdxlPipeline::load(dir.join("pipeline").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let run = |prompt: &str, negative: Option<&str>| {
+        let req = loramix::GenerateRequest {
+            prompt: prompt.into(),
+            negative_prompt: negative.map(str::to_string),
+            steps: 6,
+            cfg: 5.0,
+            sampler: Some("euler".parse().unwrap()),
+            seed: 4,
+            width: Some(32),
+            height: Some(32),
+            ..Default::default()
+        };
+        pipe.generate_latents(&req, &mut |_| true)
+    };
+    let x = run("a photo of a cat", None).unwrap();
+    let y = run("a red house", None).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| rel_l2(a, b);
+    assert_eq!(diff(&run("[a photo of a cat:a red house:0]", None).unwrap(), &y), 0.0);
+    assert_eq!(diff(&run("[a photo of a cat:a red house:50]", None).unwrap(), &x), 0.0);
+    let mid = run("[a photo of a cat:a red house:0.5]", None).unwrap();
+    assert!(diff(&mid, &x) > 1e-3 && diff(&mid, &y) > 1e-3);
+    let alt = run("[a photo of a cat|a red house]", None).unwrap();
+    assert!(diff(&alt, &x) > 1e-3 && diff(&alt, &y) > 1e-3 && diff(&alt, &mid) > 1e-4);
+    // The negative prompt: scheduled to switch at once equals its second text.
+    assert_eq!(diff(&run("a cat", Some("[blurry:ugly:0]")).unwrap(), &run("a cat", Some("ugly")).unwrap()), 0.0);
+    let e = run("a [cat:dog:3", None).unwrap_err().to_string();
+    assert!(e.contains("never closed"), "{e}");
+}

@@ -11,6 +11,7 @@ pub mod img2img;
 pub mod model;
 pub mod pipeline;
 pub mod prompt;
+pub mod prompt_schedule;
 pub mod schedulers;
 pub mod text;
 pub mod tokenizer;

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::sdxl::model::{self, ModelSource};
 use crate::rng::TorchCpuRng;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
+use crate::sdxl::prompt_schedule;
 use crate::sdxl::schedulers::{self, SamplerKind, Schedule};
 use crate::sdxl::text::{Conditioning, TextEncoders};
 use crate::sdxl::tokenizer::ClipTokenizer;
@@ -427,26 +428,37 @@ impl SdxlPipeline {
             }
         };
         let cfg = req.cfg > 1.0;
-        let (pos, neg) = self.encode_prompts_skip(&req.prompt, req.negative_prompt.as_deref(), cfg, req.clip_skip)?;
-        let repeat = |t: &Tensor| Tensor::cat(&vec![t.clone(); b], 0);
-        let mut contexts = Vec::new();
-        let mut pooled = Vec::new();
-        for c in neg.iter().chain(std::iter::once(&pos)) {
-            contexts.push(repeat(&c.context)?);
-            if let Some(p) = &c.pooled {
-                pooled.push(repeat(p)?);
+        // A1111 prompt editing / alternation: each prompt's text per sampling step.
+        let pos_schedule = prompt_schedule::prompt_schedule(&req.prompt, req.steps)?;
+        let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, req.steps)).transpose()?;
+        let conditioning = |pi: usize, ni: Option<usize>| -> Result<(Tensor, Option<AddedConditions>)> {
+            let neg_text = ni.and_then(|ni| neg_schedule.as_ref().map(|s| s[ni].1.as_str()));
+            let (pos, neg) = self.encode_prompts_skip(&pos_schedule[pi].1, neg_text, cfg, req.clip_skip)?;
+            let repeat = |t: &Tensor| Tensor::cat(&vec![t.clone(); b], 0);
+            let mut contexts = Vec::new();
+            let mut pooled = Vec::new();
+            for c in neg.iter().chain(std::iter::once(&pos)) {
+                contexts.push(repeat(&c.context)?);
+                if let Some(p) = &c.pooled {
+                    pooled.push(repeat(p)?);
+                }
             }
-        }
-        let context = Tensor::cat(&contexts, 0)?;
-        let rows = context.dim(0)?;
-        let added = if self.unet.uses_added_conditions() {
-            let text_embeds = Tensor::cat(&pooled, 0)?;
-            let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
-            let time_ids = Tensor::from_slice(&ids, (1, 6), &self.device)?.repeat((rows, 1))?;
-            Some(AddedConditions { text_embeds, time_ids })
-        } else {
-            None
+            let context = Tensor::cat(&contexts, 0)?;
+            let rows = context.dim(0)?;
+            let added = if self.unet.uses_added_conditions() {
+                let text_embeds = Tensor::cat(&pooled, 0)?;
+                let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
+                let time_ids = Tensor::from_slice(&ids, (1, 6), &self.device)?.repeat((rows, 1))?;
+                Some(AddedConditions { text_embeds, time_ids })
+            } else {
+                None
+            };
+            Ok((context, added))
         };
+        let entries = |k: usize| (prompt_schedule::entry_at(&pos_schedule, k), neg_schedule.as_ref().map(|s| prompt_schedule::entry_at(s, k)));
+        let mut cond_key = entries(0);
+        let (mut context, mut added) = conditioning(cond_key.0, cond_key.1)?;
+        let rows = context.dim(0)?;
         // The 9-channel UNet's extra input, for both CFG halves.
         let extra_input = match &inpaint {
             Some(InpaintState { mask, masked_latents: Some(ml), .. }) => {
@@ -465,6 +477,12 @@ impl SdxlPipeline {
             Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?)
         };
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
+            // A1111 counts the steps of this run (model calls) from 0.
+            let key = entries(i - start_index);
+            if key != cond_key {
+                (context, added) = conditioning(key.0, key.1)?;
+                cond_key = key;
+            }
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = sched.scale_model_input(&input, i)?;
             let input = match &extra_input {
