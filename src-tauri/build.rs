@@ -15,6 +15,8 @@ const COMMANDS: &[&str] = &[
     "studio_cancel",
     "gallery_list",
     "gallery_image",
+    "studio_image",
+    "studio_save_mask",
     "gallery_settings",
     "gallery_export",
     "model_list",

@@ -385,6 +385,32 @@ impl AppState {
         Ok(data_url(&bytes))
     }
 
+    /// An init image picked by the user, as a PNG data URL with its size (for the mask canvas).
+    pub fn studio_image(&self, path: &str) -> AppResult<InitImageView> {
+        let p = user_path(path, "init image")?;
+        let img = loramix::sdxl::img2img::load_image(&p)?;
+        let png = loramix::output::encode_png(&img, &[])?;
+        Ok(InitImageView { data_url: data_url(&png), width: img.width(), height: img.height() })
+    }
+
+    /// Saves a painted mask (PNG data URL) under the gallery's `masks/`, named by its content,
+    /// atomically; returns its path for `Settings.init.mask`.
+    pub fn studio_save_mask(&self, png_data_url: &str) -> AppResult<PathBuf> {
+        use base64::Engine;
+        use sha2::Digest;
+        let b64 = png_data_url
+            .strip_prefix("data:image/png;base64,")
+            .ok_or_else(|| AppError::Invalid("mask: expected a PNG data URL".into()))?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| AppError::Invalid(format!("mask: bad base64: {e}")))?;
+        image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).map_err(|e| AppError::Invalid(format!("mask: not a PNG: {e}")))?;
+        let dir = self.gallery_dir.join("masks");
+        std::fs::create_dir_all(&dir).map_err(|e| loramix::Error::io(&dir, e))?;
+        let name = format!("mask-{}.png", &hex(&sha2::Sha256::digest(&bytes))[..16]);
+        let path = dir.join(name);
+        loramix::output::write_atomic(&path, &bytes)?;
+        Ok(path)
+    }
+
     /// Settings from a PNG dropped on the window (ours or A1111's). Only reads the file.
     pub fn png_settings(&self, path: &str) -> AppResult<Settings> {
         let p = user_path(path, "PNG")?;
@@ -738,12 +764,25 @@ pub struct ChatStats {
     pub invoked: Option<String>,
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InitImageView {
+    pub data_url: String,
+    pub width: u32,
+    pub height: u32,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct AppInfo {
     pub version: String,
     pub library_dir: PathBuf,
     pub gallery_dir: PathBuf,
     pub samplers: Vec<(String, String)>,
+    /// Schedule types (ours, A1111's label).
+    pub schedules: Vec<(String, String)>,
     pub strategies: Vec<String>,
     pub size_presets: Vec<(usize, usize)>,
 }
@@ -759,6 +798,7 @@ pub async fn app_info(state: State<'_>) -> AppResult<AppInfo> {
         library_dir: state.library_root.clone(),
         gallery_dir: state.gallery_dir.clone(),
         samplers: loramix::SamplerKind::ALL.iter().map(|s| (s.name().to_string(), s.a1111_name().to_string())).collect(),
+        schedules: loramix::sdxl::schedulers::Schedule::ALL.iter().map(|s| (s.name().to_string(), s.a1111_name().to_string())).collect(),
         // Every strategy but EST, which needs its DINO embedder (the CLI's --mix est).
         strategies: loramix::mix::STRATEGIES.iter().filter(|s| **s != "est").map(|s| s.to_string()).collect(),
         // SDXL's trained aspect buckets (width x height).
@@ -837,6 +877,16 @@ pub async fn studio_cancel(state: State<'_>, job: u64) -> AppResult<bool> {
 #[tauri::command]
 pub async fn gallery_list(state: State<'_>) -> AppResult<Vec<GalleryItem>> {
     state.gallery_list()
+}
+
+#[tauri::command]
+pub async fn studio_image(state: State<'_>, path: String) -> AppResult<InitImageView> {
+    state.studio_image(&path)
+}
+
+#[tauri::command]
+pub async fn studio_save_mask(state: State<'_>, data_url: String) -> AppResult<PathBuf> {
+    state.studio_save_mask(&data_url)
 }
 
 #[tauri::command]

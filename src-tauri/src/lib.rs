@@ -58,6 +58,8 @@ pub fn run() {
             commands::studio_cancel,
             commands::gallery_list,
             commands::gallery_image,
+            commands::studio_image,
+            commands::studio_save_mask,
             commands::gallery_settings,
             commands::gallery_export,
             commands::model_list,

@@ -4,6 +4,7 @@
 import { Builder, By, until } from "selenium-webdriver";
 import fs from "node:fs";
 import { execFileSync } from "node:child_process";
+import pako from "pako";
 import path from "node:path";
 
 const repo = path.resolve(process.env.REPO);
@@ -16,6 +17,31 @@ const driver = await new Builder()
   .usingServer("http://127.0.0.1:4444/")
   .withCapabilities({ "tauri:options": { application: app }, browserName: "wry" })
   .build();
+
+// 8-bit RGB/RGBA/grey PNGs (ours) to {w, h, c, data}: enough to compare pixels.
+function readPng(file) {
+  const b = fs.readFileSync(file);
+  let p = 8, w = 0, h = 0, c = 0;
+  const idat = [];
+  while (p < b.length) {
+    const len = b.readUInt32BE(p), type = b.toString("latin1", p + 4, p + 8), body = b.subarray(p + 8, p + 8 + len);
+    if (type === "IHDR") { w = body.readUInt32BE(0); h = body.readUInt32BE(4); c = { 0: 1, 2: 3, 4: 2, 6: 4 }[body[9]]; }
+    if (type === "IDAT") idat.push(body);
+    p += 12 + len;
+  }
+  const raw = pako.inflate(Buffer.concat(idat));
+  const stride = w * c, out = Buffer.alloc(h * stride);
+  for (let y = 0; y < h; y++) {
+    const f = raw[y * (stride + 1)], row = raw.subarray(y * (stride + 1) + 1, (y + 1) * (stride + 1));
+    for (let x = 0; x < stride; x++) {
+      const a = x >= c ? out[y * stride + x - c] : 0, up = y > 0 ? out[(y - 1) * stride + x] : 0, ul = y > 0 && x >= c ? out[(y - 1) * stride + x - c] : 0;
+      const pa = Math.abs(up - ul), pb = Math.abs(a - ul), pc = Math.abs(a + up - 2 * ul);
+      const pred = [0, a, up, (a + up) >> 1, pa <= pb && pa <= pc ? a : pb <= pc ? up : ul][f];
+      out[y * stride + x] = (row[x] + pred) & 255;
+    }
+  }
+  return { w, h, c, data: out };
+}
 
 const t0 = Date.now();
 const log = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
@@ -87,6 +113,39 @@ try {
   fs.copyFileSync(path.join(outDir, "gallery.png"), path.join(outDir, "screenshot.png"));
   await tab("studio");
   await shot("mix.png");
+  // 4b. Inpaint the exported image in the Studio: paint a band across it with the brush, no
+  //     mask blur; the masked area changes and every other pixel stays the init image's.
+  const init = path.join(exportDir, files[0]);
+  await driver.findElement(By.css("details.i2i summary")).click();
+  await driver.findElement(byTest("init-path")).sendKeys(init);
+  await driver.findElement(byTest("init-load")).click();
+  const canvas = await driver.wait(until.elementLocated(byTest("mask-canvas")), 30000);
+  const blur = await driver.findElement(By.id("mblur"));
+  await blur.clear();
+  await blur.sendKeys("0");
+  await driver.actions().move({ origin: canvas, x: -100, y: 0 }).press().move({ origin: canvas, x: 0, y: 10, duration: 200 }).move({ origin: canvas, x: 100, y: 0, duration: 200 }).release().perform();
+  const before = fs.readdirSync(path.join(process.env.LORAMIX_HOME, "library", "gallery")).filter((f) => f.endsWith(".png"));
+  await driver.findElement(byTest("generate")).click();
+  const galleryDir = path.join(process.env.LORAMIX_HOME, "library", "gallery");
+  let made = null;
+  await driver.wait(async () => {
+    made = fs.readdirSync(galleryDir).filter((f) => f.endsWith(".png") && !before.includes(f))[0] ?? null;
+    return made !== null;
+  }, 180000);
+  await driver.sleep(500);
+  const masks = fs.readdirSync(path.join(galleryDir, "masks"));
+  check(masks.length === 1, `the painted mask was saved (${masks.join(", ")})`);
+  const m = readPng(path.join(galleryDir, "masks", masks[0]));
+  const a = readPng(init), o = readPng(path.join(galleryDir, made));
+  let kept = true, painted = 0, changed = 0;
+  for (let i = 0; i < a.w * a.h; i++) {
+    const white = m.data[i * m.c] >= 128;
+    const same = [0, 1, 2].every((k) => a.data[i * a.c + k] === o.data[i * o.c + k]);
+    if (white) { painted++; if (!same) changed++; } else if (!same) kept = false;
+  }
+  check(painted > 0 && kept, `unmasked pixels are the init image's (${painted} painted)`);
+  check(changed > painted / 4, `the masked area changed (${changed}/${painted})`);
+  await shot("inpaint.png");
   // 5. The LLM pane on the model we ship: an aLoRA reply on the cached conversation, then a
   //    batch of prompts answered per cluster into a JSONL file.
   await tab("chat");

@@ -35,6 +35,8 @@ export const api = {
   cancel: (job: number) => invoke<boolean>("studio_cancel", { job }),
   galleryList: () => invoke<GalleryItem[]>("gallery_list"),
   galleryImage: (path: string) => invoke<string>("gallery_image", { path }),
+  studioImage: (path: string) => invoke<{ data_url: string; width: number; height: number }>("studio_image", { path }),
+  saveMask: (dataUrl: string) => invoke<string>("studio_save_mask", { dataUrl }),
   pngSettings: (path: string) => invoke<Settings>("gallery_settings", { path }),
   exportImages: (request: { images: string[]; dest: string; template: string; zip: boolean }) =>
     invoke<string[]>("gallery_export", { request }),

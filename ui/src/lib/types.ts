@@ -8,6 +8,22 @@ export interface LoraSetting {
   schedule?: string | null;
 }
 
+/** img2img / inpainting inputs with A1111's names (src/studio/settings.rs InitSettings). */
+export interface InitSettings {
+  image: string;
+  strength: number;
+  mask?: string | null;
+  mask_blur: number;
+  masked_content: "original" | "fill" | "latent_noise" | "latent_nothing";
+  inpaint_area: "whole_picture" | "only_masked";
+  padding: number;
+  outpaint?: [number, number, number, number] | null;
+}
+
+export function defaultInit(image: string): InitSettings {
+  return { image, strength: 0.75, mask: null, mask_blur: 4, masked_content: "original", inpaint_area: "whole_picture", padding: 32 };
+}
+
 export interface Settings {
   model: string;
   prompt: string;
@@ -15,6 +31,12 @@ export interface Settings {
   steps: number;
   cfg: number;
   sampler: string;
+  /** karras | exponential | beta | sgm_uniform | ays; "" = the sampler's own. */
+  schedule?: string;
+  /** diffusers' clip_skip (0 = SDXL's penultimate layer). */
+  clip_skip?: number;
+  /** A VAE folder or .safetensors in place of the model's; "" = the model's. */
+  vae?: string;
   seed: number | null;
   width: number;
   height: number;
@@ -28,6 +50,7 @@ export interface Settings {
   asymmetric_cfg: boolean;
   klora_others: string | null;
   candidates: boolean;
+  init?: InitSettings | null;
 }
 
 export interface LoraEntry {
@@ -167,6 +190,7 @@ export interface AppInfo {
   library_dir: string;
   gallery_dir: string;
   samplers: [string, string][];
+  schedules?: [string, string][];
   strategies: string[];
   size_presets: [number, number][];
 }
@@ -268,5 +292,9 @@ export function defaultSettings(): Settings {
     asymmetric_cfg: false,
     klora_others: null,
     candidates: false,
+    schedule: "",
+    clip_skip: 0,
+    vae: "",
+    init: null,
   };
 }
