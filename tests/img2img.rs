@@ -28,14 +28,13 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         width: Some(32),
         height: Some(32),
         batch_size: case["batch"].as_u64().unwrap() as usize,
-        init_noise: None,
-        schedule: Default::default(),
         init: Some(InitImage {
             image: img2img::load_image(&d.join("init.png")).unwrap(),
             strength: case["strength"].as_f64().unwrap(),
             mask: masked.then(|| img2img::load_mask(&d.join("mask.png")).unwrap()),
             masked_content: MaskedContent::Original,
         }),
+        ..Default::default()
     }
 }
 
@@ -106,4 +105,29 @@ fn an_inpainting_unet_refuses_text_to_image() {
     let req = GenerateRequest { prompt: "a cat".into(), steps: 2, width: Some(32), height: Some(32), ..Default::default() };
     let e = pipe9.generate_latents(&req, &mut |_| true).unwrap_err().to_string();
     assert!(e.contains("inpainting UNet") && e.contains("mask"), "{e}");
+}
+
+/// A1111's latent upscalers equal `torch.nn.functional.interpolate` (align_corners=False) for
+/// every mode at integer and fractional scales (tools/parity/make_upscale_fixtures.py).
+#[test]
+fn latent_upscalers_equal_torch_interpolate() {
+    use loramix::sdxl::upscale::{upscale_latents, LatentMode, Upscaler};
+    let g = candle_core::safetensors::load(fixture("upscale").join("latent.safetensors"), &Device::Cpu).unwrap();
+    let x = &g["input"];
+    let mut n = 0;
+    for (key, want) in &g {
+        let Some((name, size)) = key.split_once('.') else { continue };
+        let (h, w) = size.split_once('x').unwrap();
+        let mode = match "Latent".parse::<Upscaler>().unwrap() {
+            _ if name.starts_with("bilinear") => LatentMode::Bilinear,
+            _ if name == "bicubic_aa" => LatentMode::BicubicAntialiased,
+            _ if name.starts_with("bicubic") => LatentMode::Bicubic,
+            _ if name == "nearest" => LatentMode::Nearest,
+            _ => LatentMode::NearestExact,
+        };
+        let ours = upscale_latents(x, mode, h.parse().unwrap(), w.parse().unwrap()).unwrap();
+        assert_close(key, &ours, want, 1e-5);
+        n += 1;
+    }
+    assert_eq!(n, 24);
 }

@@ -15,3 +15,4 @@ pub mod prompt_schedule;
 pub mod schedulers;
 pub mod text;
 pub mod tokenizer;
+pub mod upscale;
