@@ -234,3 +234,34 @@ fn inpaint_from_the_command_line() {
     let e = run(&["--init-image", d.join("init.png").to_str().unwrap(), "--mask", small.to_str().unwrap()]);
     assert!(e.contains("small_mask.png") && e.contains("16x16") && e.contains("32x32"), "{e}");
 }
+
+/// Hires fix from the command line: a second pass at twice the size, A1111's fields in the
+/// PNG, restored from it; ESRGAN names and pickles are refused with a clear message.
+#[test]
+fn hires_fix_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let out = loramix()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a red house", "--steps", "6", "--seed", "3"])
+        .args(["--width", "32", "--height", "32", "--hr-scale", "1.5", "--hr-steps", "3", "--hr-denoise", "0.6", "--hr-upscaler", "Latent (bicubic antialiased)"])
+        .arg("--out")
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("hires step 3/3"), "the second pass runs the hires steps: {stderr}");
+    let png = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    let img = image::open(&png).unwrap();
+    assert_eq!((img.width(), img.height()), (48, 48));
+    let text = String::from_utf8_lossy(&std::fs::read(&png).unwrap()).to_string();
+    assert!(text.contains("Size: 32x32") && text.contains("Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent (bicubic antialiased)"), "{text}");
+    let chunks = loramix::studio::png_text_chunks(&std::fs::read(&png).unwrap()).unwrap();
+    let back = loramix::studio::parse_parameters(&chunks["parameters"]).unwrap();
+    let hr = back.hires.unwrap();
+    assert_eq!((hr.scale, hr.steps, hr.denoise, hr.upscaler.as_str()), (1.5, 3, 0.6, "Latent (bicubic antialiased)"));
+    assert!(back.init.is_none());
+    let bad = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--hr-scale", "2", "--hr-upscaler", "RealESRGAN_x4plus.pth"]).output().unwrap();
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && e.contains("ESRGAN-family"), "{e}");
+}

@@ -33,6 +33,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
             strength: case["strength"].as_f64().unwrap(),
             mask: masked.then(|| img2img::load_mask(&d.join("mask.png")).unwrap()),
             masked_content: MaskedContent::Original,
+            latents: None,
         }),
         ..Default::default()
     }

@@ -72,12 +72,25 @@ pub struct InitImage {
     /// Only `LatentNoise` and `LatentNothing` act in the pipeline; `Fill` is applied to
     /// `image` beforehand by [`fill`].
     pub masked_content: MaskedContent,
+    /// Already-encoded, scaled latents `[1 or batch, C, H/f, W/f]` to start from instead of
+    /// encoding `image` (hires fix's second pass); `image` is then unused.
+    pub latents: Option<Tensor>,
 }
 
 impl InitImage {
     pub fn validate(&self, width: usize, height: usize) -> Result<()> {
         if !(0.0..=1.0).contains(&self.strength) || !self.strength.is_finite() {
             return Err(Error::Argument(format!("strength must be in [0, 1], got {}", self.strength)));
+        }
+        if let Some(l) = &self.latents {
+            if self.mask.is_some() {
+                return Err(Error::Argument("a latent start cannot be combined with a mask".into()));
+            }
+            let d = l.dims();
+            if d.len() != 4 {
+                return Err(Error::Argument(format!("start latents have shape {d:?}, expected [batch, channels, h, w]")));
+            }
+            return Ok(());
         }
         let (w, h) = self.image.dimensions();
         if (w as usize, h as usize) != (width, height) {

@@ -379,10 +379,19 @@ impl SdxlPipeline {
                     )));
                 }
                 start_index = (req.steps - init_timestep) * sched.order();
-                let pixels = img2img::image_tensor(&init.image, &self.device)?;
+                let pixels = if init.latents.is_some() { Tensor::zeros(1, DType::F32, &self.device)? } else { img2img::image_tensor(&init.image, &self.device)? };
                 match &init.mask {
                     None => {
-                        let image_latents = self.encode_sampled(&pixels, &mut rng)?.repeat((b, 1, 1, 1))?;
+                        let image_latents = match &init.latents {
+                            Some(l) => {
+                                if l.dims()[2..] != shape[2..] || l.dim(1)? != latent_channels || (l.dim(0)? != 1 && l.dim(0)? != b) {
+                                    return Err(Error::Argument(format!("start latents have shape {:?}, expected [1 or {b}, {latent_channels}, {h}, {w}]", l.dims())));
+                                }
+                                let l = l.to_dtype(DType::F32)?.to_device(&self.device)?;
+                                if l.dim(0)? == b { l } else { l.repeat((b, 1, 1, 1))? }
+                            }
+                            None => self.encode_sampled(&pixels, &mut rng)?.repeat((b, 1, 1, 1))?,
+                        };
                         let noise = randn(&mut rng, &shape)?;
                         sched.add_noise(&image_latents, &noise, start_index)?
                     }

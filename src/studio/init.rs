@@ -92,7 +92,7 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
     }
     let (w, h) = (width as u32, height as u32);
     let Some(mask) = mask else {
-        let init = InitImage { image: img2img::resize(&image, w, h), strength: s.strength, mask: None, masked_content: MaskedContent::Original };
+        let init = InitImage { image: img2img::resize(&image, w, h), strength: s.strength, mask: None, masked_content: MaskedContent::Original, latents: None };
         return Ok(PreparedInit { init, width, height, original: image, overlay_mask: None, paste: None, note: None });
     };
     let blurred = img2img::blur_mask(&mask, s.mask_blur);
@@ -124,7 +124,7 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
         MaskedContent::Original => work_image,
         _ => img2img::fill(&work_image, &work_mask),
     };
-    let init = InitImage { image: work_image, strength: s.strength, mask: Some(work_mask), masked_content: s.masked_content };
+    let init = InitImage { image: work_image, strength: s.strength, mask: Some(work_mask), masked_content: s.masked_content, latents: None };
     Ok(PreparedInit { init, width, height, original, overlay_mask: Some(overlay_mask), paste: crop, note })
 }
 

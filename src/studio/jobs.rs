@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::hires::hires_request;
 use super::init::prepare_init;
 use super::metadata::encode_image;
 use super::preview::{LatentPreview, Previewer};
@@ -306,6 +307,33 @@ impl Studio {
             let latents = match latents {
                 Err(Error::Cancelled) => return Err(Error::Cancelled),
                 other => other?,
+            };
+            // Hires fix: the second pass reports its steps the same way (the UI shows both).
+            let latents = match settings.hires.as_ref().filter(|_| settings.init.is_none()) {
+                None => latents,
+                Some(hr) => {
+                    let second = hires_request(&pipe, &req, &latents, hr)?;
+                    let mut hr_mixer = if loaded.mix.is_empty() {
+                        None
+                    } else {
+                        let plan = plan_mix(&pipe, &targets, loaded.mix.clone(), &prompt, &mix_opts.strategy, picked.clone())?;
+                        Some(Mixer::new(&targets, plan, mix::build(&mix_opts)?)?)
+                    };
+                    let out = pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| {
+                        let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
+                        on_event(StudioEvent::Step { batch, batches, step: p.step, steps: p.steps, its, eta_seconds: (p.steps - p.step) as f64 / its });
+                        if let Some(l) = &p.latents {
+                            if let Ok(img) = preview.render(l) {
+                                on_preview(&img);
+                            }
+                        }
+                        !cancel.load(Ordering::Relaxed)
+                    });
+                    match out {
+                        Err(Error::Cancelled) => return Err(Error::Cancelled),
+                        other => other?,
+                    }
+                }
             };
             let summary = mixer.take().map(|m| MixSummary::of(&m.finish()));
             if let Some(s) = &summary {

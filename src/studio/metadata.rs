@@ -49,6 +49,13 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
     }
+    if let Some(hr) = s.hires.as_ref().filter(|_| s.init.is_none()) {
+        text.push_str(&format!(", Denoising strength: {}, Hires upscale: {}", hr.denoise, hr.scale));
+        if hr.steps > 0 {
+            text.push_str(&format!(", Hires steps: {}", hr.steps));
+        }
+        text.push_str(&format!(", Hires upscaler: {}", hr.upscaler));
+    }
     if let Some(init) = &s.init {
         // A1111's img2img fields (`processing.py` extra_generation_params).
         text.push_str(&format!(", Denoising strength: {}", init.strength));
@@ -189,12 +196,22 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     s.width = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
                     s.height = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
                 }
+                "Hires upscale" => s.hires.get_or_insert_with(Default::default).scale = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
+                "Hires steps" => s.hires.get_or_insert_with(Default::default).steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
+                "Hires upscaler" => s.hires.get_or_insert_with(Default::default).upscaler = v,
                 "Model" => s.model = v,
                 "VAE" => s.vae = v,
                 "Batch size" => s.batch_size = v.parse().unwrap_or(1),
                 "LoRA mix" => s.mix = v,
                 _ => {}
             }
+        }
+    }
+    // With hires fix, A1111's "Denoising strength" is the second pass's.
+    if let (Some(hr), Some(init)) = (s.hires.as_mut(), s.init.as_ref()) {
+        if init.image.is_empty() {
+            hr.denoise = init.strength;
+            s.init = None;
         }
     }
     Ok(s)

@@ -7,6 +7,7 @@
 //! mix); nothing in the engine uses the studio.
 
 mod export;
+mod hires;
 mod init;
 mod jobs;
 mod metadata;
@@ -15,9 +16,10 @@ mod settings;
 mod training;
 
 pub use export::{export, fill_template};
+pub use hires::{hires_request, hires_size};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;
 pub use preview::{LatentPreview, Previewer};
-pub use settings::{ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
+pub use settings::{HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

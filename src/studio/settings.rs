@@ -64,9 +64,31 @@ pub struct Settings {
     pub klora_others: Option<String>,
     /// Add the library's LoRAs the prompt calls for.
     pub candidates: bool,
+    /// A1111's hires fix; `None`: one pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hires: Option<HiresSettings>,
     /// img2img and inpainting (A1111's img2img tab); `None`: text to image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<InitSettings>,
+}
+
+/// Hires fix, with A1111's names (`Hires upscale`, `Hires upscaler`, `Hires steps`,
+/// `Denoising strength`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HiresSettings {
+    pub scale: f64,
+    /// `Latent`, `Latent (bicubic antialiased)`, `Lanczos`, … (see `sdxl::upscale`).
+    pub upscaler: String,
+    /// Steps of the second pass; 0: as many as the first.
+    pub steps: usize,
+    pub denoise: f64,
+}
+
+impl Default for HiresSettings {
+    fn default() -> Self {
+        Self { scale: 2.0, upscaler: "Latent".into(), steps: 0, denoise: 0.7 }
+    }
 }
 
 /// "Inpaint area".
@@ -142,6 +164,7 @@ impl Default for Settings {
             klora_others: None,
             candidates: false,
             init: None,
+            hires: None,
         }
     }
 }

@@ -92,6 +92,18 @@ pub struct GenerateArgs {
     /// Outpainting: grow the canvas by N pixels on every side, or L,T,R,B, and repaint the border.
     #[arg(long)]
     outpaint: Option<String>,
+    /// Hires fix: upscale the first pass by this factor and run a second pass (A1111's "Hires upscale").
+    #[arg(long)]
+    hr_scale: Option<f64>,
+    /// Latent | "Latent (antialiased)" | "Latent (bicubic)" | "Latent (bicubic antialiased)" | "Latent (nearest)" | "Latent (nearest-exact)" | Lanczos.
+    #[arg(long, default_value = "Latent")]
+    hr_upscaler: String,
+    /// Steps of the second pass (0: as many as the first).
+    #[arg(long, default_value_t = 0)]
+    hr_steps: usize,
+    /// Denoising strength of the second pass.
+    #[arg(long, default_value_t = 0.7)]
+    hr_denoise: f64,
     /// Write the final latents (before VAE decode) to this safetensors file, key `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -199,6 +211,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         loramix::sdxl::schedulers::resolve(s, schedule)?; // before the model loads
     }
     let init_settings = init_settings(&a)?;
+    let hires = match a.hr_scale {
+        None => None,
+        Some(scale) => {
+            let h = studio::HiresSettings { scale, upscaler: a.hr_upscaler.clone(), steps: a.hr_steps, denoise: a.hr_denoise };
+            // Names and ranges fail before the model loads.
+            h.upscaler.parse::<loramix::sdxl::upscale::Upscaler>()?;
+            loramix::sdxl::upscale::hires_steps(a.steps, h.steps, h.denoise)?;
+            studio::hires_size(&h, (64, 64), 8)?;
+            if init_settings.is_some() {
+                anyhow::bail!("--hr-scale is for text to image; with --init-image set the size with --width/--height");
+            }
+            Some(h)
+        }
+    };
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone() };
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
     let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
@@ -324,7 +350,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let mut req = req.clone();
         req.seed = seed + (batch * a.batch_size) as u64;
         let mixer = plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?;
-        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
+        let hires = match &hires {
+            Some(h) => Some((h, plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?)),
+            None => None,
+        };
+        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, (init_settings.as_ref(), prepared.as_ref()), hires, &mut idx)?);
         eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
     }
     // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
@@ -351,6 +381,7 @@ fn generate_batch(
     prompt_tags: &[lora::PromptLora],
     hashes: &[(String, String)],
     (init_settings, prepared): (Option<&studio::InitSettings>, Option<&studio::PreparedInit>),
+    hires: Option<(&studio::HiresSettings, Option<mix::Mixer>)>,
     idx: &mut usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
     let bar = ProgressBar::new(a.steps as u64);
@@ -362,19 +393,29 @@ fn generate_batch(
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let tty = std::io::stderr().is_terminal();
-    let latents = pipe.generate_latents_mixed(req, mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| {
+    let progress = |pass: &str, p: &loramix::sdxl::pipeline::StepProgress| {
         let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
         if tty {
             bar.set_length(p.steps as u64);
             bar.set_position(p.step as u64);
-            bar.set_message(format!("{its:.2} it/s"));
+            bar.set_message(format!("{pass}{its:.2} it/s"));
         } else {
             // Logs and pipes get one plain line per step.
             let eta = (p.steps - p.step) as f64 / its;
-            eprintln!("step {}/{} {its:.2} it/s ETA {eta:.1}s", p.step, p.steps);
+            eprintln!("{pass}step {}/{} {its:.2} it/s ETA {eta:.1}s", p.step, p.steps);
         }
         true
-    })?;
+    };
+    let latents = pipe.generate_latents_mixed(req, mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| progress("", p))?;
+    let hires_settings = hires.as_ref().map(|(h, _)| (*h).clone());
+    let latents = match hires {
+        None => latents,
+        Some((hr, mut hr_mixer)) => {
+            let second = studio::hires_request(pipe, req, &latents, hr)?;
+            eprintln!("hires fix: {} to {}x{}", hr.upscaler, second.width.unwrap_or(0), second.height.unwrap_or(0));
+            pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| progress("hires ", p))?
+        }
+    };
     bar.finish();
     let mut summary = None;
     if let Some(m) = mixer.take() {
@@ -424,6 +465,7 @@ fn generate_batch(
         candidates: a.candidates.is_some(),
         vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         init: init_settings.cloned(),
+        hires: hires_settings,
     };
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {

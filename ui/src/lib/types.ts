@@ -51,7 +51,18 @@ export interface Settings {
   klora_others: string | null;
   candidates: boolean;
   init?: InitSettings | null;
+  hires?: HiresSettings | null;
 }
+
+/** A1111's hires fix (src/studio/settings.rs HiresSettings). */
+export interface HiresSettings {
+  scale: number;
+  upscaler: string;
+  steps: number;
+  denoise: number;
+}
+
+export const HIRES_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Lanczos"];
 
 export interface LoraEntry {
   sha256: string;
@@ -296,5 +307,6 @@ export function defaultSettings(): Settings {
     clip_skip: 0,
     vae: "",
     init: null,
+    hires: null,
   };
 }
