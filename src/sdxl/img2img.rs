@@ -331,20 +331,18 @@ pub fn crop_region(mask: &GrayImage, pad: u32, out_w: usize, out_h: usize) -> Op
     Some((x1 as u32, y1 as u32, x2 as u32, y2 as u32))
 }
 
-/// Lanczos resampling (A1111's `images.resize_image` without an upscaler model uses PIL's
-/// LANCZOS; the `image` crate's Lanczos3 is the same filter with slightly different rounding).
-pub fn resize(img: &RgbImage, w: u32, h: u32) -> RgbImage {
+/// Lanczos resampling of an image or a mask (A1111's `images.resize_image` without an
+/// upscaler model uses PIL's LANCZOS; the `image` crate's Lanczos3 is the same filter with
+/// slightly different rounding).
+pub fn resize<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: image::Pixel + 'static,
+    P::Subpixel: 'static,
+{
     if img.dimensions() == (w, h) {
         return img.clone();
     }
     image::imageops::resize(img, w, h, image::imageops::FilterType::Lanczos3)
-}
-
-pub fn resize_mask(mask: &GrayImage, w: u32, h: u32) -> GrayImage {
-    if mask.dimensions() == (w, h) {
-        return mask.clone();
-    }
-    image::imageops::resize(mask, w, h, image::imageops::FilterType::Lanczos3)
 }
 
 /// A1111's overlay after inpainting: the original where `overlay_mask` is 0, the generated

@@ -111,11 +111,11 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
         Some((x1, y1, x2, y2)) => {
             let ci = image::imageops::crop_imm(&image, x1, y1, x2 - x1, y2 - y1).to_image();
             let cm = image::imageops::crop_imm(&blurred, x1, y1, x2 - x1, y2 - y1).to_image();
-            (img2img::resize(&ci, w, h), img2img::resize_mask(&cm, w, h), image, blurred)
+            (img2img::resize(&ci, w, h), img2img::resize(&cm, w, h), image, blurred)
         }
         None => {
             let ri = img2img::resize(&image, w, h);
-            let rm = img2img::resize_mask(&blurred, w, h);
+            let rm = img2img::resize(&blurred, w, h);
             let overlay = img2img::whole_picture_overlay_mask(&rm);
             (ri.clone(), rm, ri, overlay)
         }
