@@ -296,37 +296,27 @@ pub fn crop_region(mask: &GrayImage, pad: u32, out_w: usize, out_h: usize) -> Op
     let (iw, ih) = (w as i64, h as i64);
     let ratio_crop = (x2 - x1) as f64 / (y2 - y1) as f64;
     let ratio_out = out_w as f64 / out_h as f64;
-    // Python's `//` floors; the differences are never negative here.
+    // A1111 grows the short side around its centre to `desired`, slides it back inside
+    // `[0, limit)`, and clips. Python's `//` floors; the difference is never negative here.
+    let grow = |lo: &mut i64, hi: &mut i64, desired: f64, limit: i64| {
+        let diff = (desired - (*hi - *lo) as f64) as i64;
+        *lo -= diff.div_euclid(2);
+        *hi += diff - diff.div_euclid(2);
+        if *hi >= limit {
+            let d = *hi - limit;
+            *hi -= d;
+            *lo -= d;
+        }
+        if *lo < 0 {
+            *hi -= *lo;
+            *lo = 0;
+        }
+        *hi = (*hi).min(limit);
+    };
     if ratio_crop > ratio_out {
-        let desired = (x2 - x1) as f64 / ratio_out;
-        let diff = (desired - (y2 - y1) as f64) as i64;
-        y1 -= diff.div_euclid(2);
-        y2 += diff - diff.div_euclid(2);
-        if y2 >= ih {
-            let d = y2 - ih;
-            y2 -= d;
-            y1 -= d;
-        }
-        if y1 < 0 {
-            y2 -= y1;
-            y1 = 0;
-        }
-        y2 = y2.min(ih);
+        grow(&mut y1, &mut y2, (x2 - x1) as f64 / ratio_out, ih);
     } else {
-        let desired = (y2 - y1) as f64 * ratio_out;
-        let diff = (desired - (x2 - x1) as f64) as i64;
-        x1 -= diff.div_euclid(2);
-        x2 += diff - diff.div_euclid(2);
-        if x2 >= iw {
-            let d = x2 - iw;
-            x2 -= d;
-            x1 -= d;
-        }
-        if x1 < 0 {
-            x2 -= x1;
-            x1 = 0;
-        }
-        x2 = x2.min(iw);
+        grow(&mut x1, &mut x2, (y2 - y1) as f64 * ratio_out, iw);
     }
     Some((x1 as u32, y1 as u32, x2 as u32, y2 as u32))
 }
