@@ -12,7 +12,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use candle_core::{Device, Tensor};
-use image::{GrayImage, RgbImage, RgbaImage};
+use image::{GrayImage, RgbImage};
 
 use crate::error::{Error, Result};
 
@@ -372,14 +372,6 @@ pub fn outpaint_canvas(image: &RgbImage, (l, t, r, b): (u32, u32, u32, u32)) -> 
         image::Luma([if inside { 0 } else { 255 }])
     });
     (fill(&canvas, &mask), mask)
-}
-
-/// The RGBA of an image with a mask as alpha (for previews of the painted mask).
-pub fn with_alpha(image: &RgbImage, alpha: &GrayImage) -> RgbaImage {
-    RgbaImage::from_fn(image.width(), image.height(), |x, y| {
-        let p = image.get_pixel(x, y);
-        image::Rgba([p[0], p[1], p[2], alpha.get_pixel(x, y)[0]])
-    })
 }
 
 #[cfg(test)]

@@ -379,7 +379,7 @@ impl SdxlPipeline {
                     )));
                 }
                 start_index = (req.steps - init_timestep) * sched.order();
-                let pixels = if init.latents.is_some() { Tensor::zeros(1, DType::F32, &self.device)? } else { img2img::image_tensor(&init.image, &self.device)? };
+                let pixels = || img2img::image_tensor(&init.image, &self.device);
                 match &init.mask {
                     None => {
                         let image_latents = match &init.latents {
@@ -390,12 +390,13 @@ impl SdxlPipeline {
                                 let l = l.to_dtype(DType::F32)?.to_device(&self.device)?;
                                 if l.dim(0)? == b { l } else { l.repeat((b, 1, 1, 1))? }
                             }
-                            None => self.encode_sampled(&pixels, &mut rng)?.repeat((b, 1, 1, 1))?,
+                            None => self.encode_sampled(&pixels()?, &mut rng)?.repeat((b, 1, 1, 1))?,
                         };
                         let noise = randn(&mut rng, &shape)?;
                         sched.add_noise(&image_latents, &noise, start_index)?
                     }
                     Some(mask) => {
+                        let pixels = pixels()?;
                         let strength_max = init.strength == 1.0;
                         let bin = img2img::binary_mask(mask);
                         // 4-channel UNets blend the re-noised original back in after each step, so
