@@ -12,7 +12,8 @@ use super::hires::hires_request;
 use super::init::prepare_init;
 use super::metadata::encode_image;
 use super::preview::{LatentPreview, Previewer};
-use super::settings::{ImageRecord, MixSummary, Settings};
+use super::dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, read_styles, WildcardDir};
+use super::settings::{DrawnPrompts, ImageRecord, MixSummary, Settings};
 use crate::error::{Error, Result};
 use crate::lora::library::LoraLibrary;
 use crate::lora::{self, AdapterTargets, LoadedLora, Role};
@@ -30,6 +31,8 @@ pub enum StudioEvent {
     LoraLoaded { name: String, role: String, layers: usize, warnings: Vec<String> },
     Step { batch: usize, batches: usize, step: usize, steps: usize, its: f64, eta_seconds: f64 },
     Image { path: PathBuf, seed: u64, batch: usize, index: usize },
+    /// A fixed-name image already there and valid, not made again.
+    Kept { path: PathBuf },
     MixTrace { summary: MixSummary },
 }
 
@@ -166,11 +169,17 @@ pub fn random_seed() -> u64 {
 #[derive(Default)]
 pub struct Studio {
     loaded: Mutex<Option<(String, Arc<SdxlPipeline>, Previewer)>>,
+    /// Device, dtype and config folder for every model it loads (a job's VAE comes from its settings).
+    load: LoadOptions,
 }
 
 impl Studio {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_load_options(load: LoadOptions) -> Self {
+        Self { loaded: Mutex::default(), load: LoadOptions { vae: None, ..load } }
     }
 
     fn pipeline(&self, model: &str, vae: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
@@ -184,7 +193,7 @@ impl Studio {
         }
         on_event(StudioEvent::Loading { model: model.to_string() });
         let t0 = Instant::now();
-        let opts = LoadOptions { vae: (!vae.is_empty()).then(|| PathBuf::from(vae)), ..LoadOptions::default() };
+        let opts = LoadOptions { vae: (!vae.is_empty()).then(|| PathBuf::from(vae)), ..self.load.clone() };
         let pipe = Arc::new(SdxlPipeline::load(model, &opts)?);
         // TAESD beside the model, or TAESDXL in the library's models folder, when present.
         let mut tiny_dirs = vec![Path::new(model).join("taesd")];
@@ -200,9 +209,9 @@ impl Studio {
         Ok((pipe, preview))
     }
 
-    /// Runs a job: `batch_count` batches of `batch_size`, PNGs written atomically to `out_dir`.
-    /// `on_preview` gets a latent preview after every step. Cancelling stops within one step
-    /// and keeps the images already written.
+    /// Runs a job: `batch_count` batches of `batch_size`, PNGs written atomically to `out_dir`
+    /// under A1111's next free numbers. `on_preview` gets a latent preview after every step.
+    /// Cancelling stops within one step and keeps the images already written.
     pub fn generate(
         &self,
         settings: &Settings,
@@ -212,12 +221,29 @@ impl Studio {
         on_event: &mut dyn FnMut(StudioEvent),
         on_preview: &mut dyn FnMut(&image::RgbImage),
     ) -> Result<Vec<PathBuf>> {
+        let outputs = ImageOutputs { dir: out_dir, names: None, images: None };
+        Ok(self.run(settings, library, &outputs, cancel, on_event, on_preview)?.written)
+    }
+
+    /// Runs a job into `outputs`. With fixed names, an image whose file is already there and
+    /// holds this job's image (same settings, seed and position, a PNG that decodes) is kept and
+    /// not made again, so a killed run restarted finishes with nothing made twice.
+    pub fn run(
+        &self,
+        settings: &Settings,
+        library: Option<&Path>,
+        outputs: &ImageOutputs,
+        cancel: &AtomicBool,
+        on_event: &mut dyn FnMut(StudioEvent),
+        on_preview: &mut dyn FnMut(&image::RgbImage),
+    ) -> Result<JobOutput> {
         if settings.steps == 0 || settings.steps > 1000 {
             return Err(Error::Argument(format!("steps {}: expected 1 to 1000", settings.steps)));
         }
         if settings.batch_count == 0 || settings.batch_size == 0 {
             return Err(Error::Argument("batch count and batch size must be at least 1".into()));
         }
+        let total = outputs.images.unwrap_or(settings.batch_count * settings.batch_size);
         let sampler = if settings.sampler.is_empty() { None } else { Some(settings.sampler.parse::<SamplerKind>()?) };
         let schedule: Schedule = settings.schedule.parse()?;
         let mut mix_opts = MixOptions {
@@ -234,9 +260,35 @@ impl Studio {
             return Err(Error::Argument("the est strategy needs its DINO embedder; use the CLI's --mix est --est-embedder".into()));
         }
         mix::build(&mix_opts)?;
-        let (prompt, mut tags) = lora::extract_prompt_loras(&settings.prompt)?;
+        let library_root = || -> Result<PathBuf> {
+            match library {
+                Some(r) => Ok(r.to_path_buf()),
+                None => LoraLibrary::default_root(),
+            }
+        };
+        // Styles first (their text may hold wildcards), then draws per image.
+        let (styled, styled_negative) = if settings.styles.is_empty() {
+            (settings.prompt.clone(), settings.negative_prompt.clone())
+        } else {
+            let path = library_root()?.join("styles.csv");
+            let styles = if path.exists() { read_styles(&path)? } else { vec![] };
+            apply_styles(&settings.prompt, &settings.negative_prompt, &settings.styles, &styles)
+                .map_err(|e| Error::Argument(format!("{e} ({})", path.display())))?
+        };
+        let dynamic = is_dynamic(&styled) || is_dynamic(&styled_negative);
+        let wildcards = WildcardDir::of_library(&library_root().unwrap_or_default());
+        let draw = |seed: u64| -> Result<(String, String)> {
+            if !dynamic {
+                return Ok((styled.clone(), styled_negative.clone()));
+            }
+            Ok((expand_prompt(&styled, &wildcards, seed)?, expand_prompt(&styled_negative, &wildcards, seed)?))
+        };
+        // Every prompt-level error (unclosed tags, missing wildcards) before the model loads.
+        let seed0 = settings.seed.unwrap_or_else(random_seed);
+        lora::extract_prompt_loras(&draw(seed0)?.0)?;
         let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
+        let mut scheduled_tags = Vec::new();
         let mut args = Vec::new();
         for l in &settings.loras {
             match &l.schedule {
@@ -244,15 +296,10 @@ impl Studio {
                 Some(fields) => {
                     let (_, mut t) = lora::extract_prompt_loras(&format!("<lora:{}:{fields}>", l.name))
                         .map_err(|e| Error::Argument(format!("LoRA {}: schedule {fields:?}: {e}", l.name)))?;
-                    tags.append(&mut t);
+                    scheduled_tags.append(&mut t);
                 }
                 None => args.push((l.name.clone(), l.weight, l.role.as_deref().map(parse_role).transpose()?)),
             }
-        }
-        let picked = if settings.candidates { library_candidates(&pipe, library, &prompt, &mut args)? } else { Vec::new() };
-        let loaded = load_loras(&args, &tags, library, &Path::new(&settings.model).join("loras"), &targets)?;
-        for r in &loaded.reports {
-            on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
         }
         let (dw, dh) = pipe.default_size();
         let given = |v: usize| (v != 0).then_some(v);
@@ -264,46 +311,108 @@ impl Studio {
         let (base, resolved) = schedulers::resolve(sampler.map_or_else(|| pipe.default_sampler(), Ok)?, schedule)?;
         let sampler_name = base.a1111_name().to_string();
         let schedule_name = if resolved == Schedule::Default { String::new() } else { resolved.a1111_name().to_string() };
-        let seed0 = settings.seed.unwrap_or_else(random_seed);
-        std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
-        let mut written = vec![];
-        let mut idx = output::first_free_index(out_dir);
-        for batch in 0..settings.batch_count {
-            let seed = seed0 + (batch * settings.batch_size) as u64;
+        std::fs::create_dir_all(outputs.dir).map_err(|e| Error::io(outputs.dir, e))?;
+        // What one generation call makes: a batch sharing a prompt, or (when every image draws
+        // its own prompt) one image with A1111's per-image seed.
+        struct Unit {
+            seed: u64,
+            batch: usize,
+            first: usize,
+            count: usize,
+        }
+        let bs = settings.batch_size;
+        let units: Vec<Unit> = if dynamic {
+            (0..total).map(|k| Unit { seed: seed0 + k as u64, batch: k / bs, first: k, count: 1 }).collect()
+        } else {
+            (0..total.div_ceil(bs)).map(|b| Unit { seed: seed0 + (b * bs) as u64, batch: b, first: b * bs, count: bs.min(total - b * bs) }).collect()
+        };
+        let batches = units.len();
+        let mut loaded_for: Vec<(String, Arc<(LoadedLoras, Vec<mix::candidates::Candidate>)>)> = vec![];
+        let mut out = JobOutput::default();
+        let mut idx = output::first_free_index(outputs.dir);
+        for (u, unit) in units.iter().enumerate() {
+            let record = |i: usize, hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
+                settings: settings.clone(),
+                seed: unit.seed,
+                batch_index: unit.batch,
+                index_in_batch: if dynamic { unit.first % bs } else { i },
+                width: w,
+                height: h,
+                sampler: sampler_name.clone(),
+                schedule: schedule_name.clone(),
+                lora_hashes: hashes,
+                mix_trace: summary,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                drawn,
+            };
+            let fixed: Option<Vec<PathBuf>> = outputs.names.map(|n| (0..unit.count).map(|i| outputs.dir.join(n(unit.first + i))).collect());
+            let keep: Vec<bool> = match &fixed {
+                Some(paths) => paths.iter().enumerate().map(|(i, p)| holds_image(p, &record(i, vec![], None, None), (w, h))).collect(),
+                None => vec![false; unit.count],
+            };
+            if keep.iter().all(|k| *k) {
+                for p in fixed.iter().flatten() {
+                    on_event(StudioEvent::Kept { path: p.clone() });
+                    out.kept.push(p.clone());
+                }
+                continue;
+            }
+            let (prompt_drawn, negative_drawn) = draw(unit.seed)?;
+            let (prompt, mut tags) = lora::extract_prompt_loras(&prompt_drawn)?;
+            tags.extend(scheduled_tags.iter().cloned());
+            // LoRAs load once per distinct set of tags (wildcards may draw `<lora:…>` tags).
+            let key = format!("{}\u{0}{}", tags.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\u{1}"), if settings.candidates { prompt.as_str() } else { "" });
+            let loaded = match loaded_for.iter().find(|(k, _)| *k == key) {
+                Some((_, l)) => l.clone(),
+                None => {
+                    let mut args = args.clone();
+                    let picked = if settings.candidates { library_candidates(&pipe, library, &prompt, &mut args)? } else { Vec::new() };
+                    let l = load_loras(&args, &tags, library, &Path::new(&settings.model).join("loras"), &targets)?;
+                    for r in &l.reports {
+                        on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
+                    }
+                    let l = Arc::new((l, picked));
+                    loaded_for.push((key, l.clone()));
+                    l
+                }
+            };
+            let (loaded, picked) = (&loaded.0, &loaded.1);
             let req = GenerateRequest {
                 prompt: prompt.clone(),
-                negative_prompt: (!settings.negative_prompt.is_empty()).then(|| settings.negative_prompt.clone()),
+                negative_prompt: (!negative_drawn.is_empty()).then(|| negative_drawn.clone()),
                 steps: settings.steps,
                 cfg: settings.cfg,
                 sampler,
                 schedule,
                 clip_skip: settings.clip_skip,
-                seed,
+                seed: unit.seed,
                 width: Some(w),
                 height: Some(h),
-                batch_size: settings.batch_size,
+                batch_size: unit.count,
                 init_noise: None,
                 init: prepared.as_ref().map(|p| p.init.clone()),
             };
-            let mut mixer = if loaded.mix.is_empty() {
-                None
-            } else {
+            let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {
+                if loaded.mix.is_empty() {
+                    return Ok(None);
+                }
                 let plan = plan_mix(&pipe, &targets, loaded.mix.clone(), &prompt, &mix_opts.strategy, picked.clone())?;
-                mix_opts.est_previews = None;
-                Some(Mixer::new(&targets, plan, mix::build(&mix_opts)?)?)
+                Ok(Some(Mixer::new(&targets, plan, mix::build(mix_opts)?)?))
             };
-            let batches = settings.batch_count;
-            let latents = pipe.generate_latents_mixed(&req, mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| {
+            mix_opts.est_previews = None;
+            let mut mixer = new_mixer(&mix_opts)?;
+            let mut progress = |p: &crate::sdxl::pipeline::StepProgress, rest_units: usize| {
                 let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
-                let remaining = (p.steps - p.step) as f64 / its + ((batches - batch - 1) * p.steps) as f64 / its;
-                on_event(StudioEvent::Step { batch, batches, step: p.step, steps: p.steps, its, eta_seconds: remaining });
+                let remaining = (p.steps - p.step) as f64 / its + (rest_units * p.steps) as f64 / its;
+                on_event(StudioEvent::Step { batch: u, batches, step: p.step, steps: p.steps, its, eta_seconds: remaining });
                 if let Some(l) = &p.latents {
                     if let Ok(img) = preview.render(l) {
                         on_preview(&img);
                     }
                 }
                 !cancel.load(Ordering::Relaxed)
-            });
+            };
+            let latents = pipe.generate_latents_mixed(&req, mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, batches - u - 1));
             let latents = match latents {
                 Err(Error::Cancelled) => return Err(Error::Cancelled),
                 other => other?,
@@ -313,22 +422,8 @@ impl Studio {
                 None => latents,
                 Some(hr) => {
                     let second = hires_request(&pipe, &req, &latents, hr)?;
-                    let mut hr_mixer = if loaded.mix.is_empty() {
-                        None
-                    } else {
-                        let plan = plan_mix(&pipe, &targets, loaded.mix.clone(), &prompt, &mix_opts.strategy, picked.clone())?;
-                        Some(Mixer::new(&targets, plan, mix::build(&mix_opts)?)?)
-                    };
-                    let out = pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| {
-                        let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
-                        on_event(StudioEvent::Step { batch, batches, step: p.step, steps: p.steps, its, eta_seconds: (p.steps - p.step) as f64 / its });
-                        if let Some(l) = &p.latents {
-                            if let Ok(img) = preview.render(l) {
-                                on_preview(&img);
-                            }
-                        }
-                        !cancel.load(Ordering::Relaxed)
-                    });
+                    let mut hr_mixer = new_mixer(&mix_opts)?;
+                    let out = pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, 0));
                     match out {
                         Err(Error::Cancelled) => return Err(Error::Cancelled),
                         other => other?,
@@ -339,30 +434,66 @@ impl Studio {
             if let Some(s) = &summary {
                 on_event(StudioEvent::MixTrace { summary: s.clone() });
             }
+            let drawn = (prompt_drawn != settings.prompt || negative_drawn != settings.negative_prompt)
+                .then(|| DrawnPrompts { prompt: prompt_drawn.clone(), negative_prompt: negative_drawn.clone() });
             for (i, img) in pipe.decode(&latents)?.iter().enumerate() {
+                if keep[i] {
+                    if let Some(p) = fixed.as_ref().map(|f| f[i].clone()) {
+                        on_event(StudioEvent::Kept { path: p.clone() });
+                        out.kept.push(p);
+                    }
+                    continue;
+                }
                 let img = &match &prepared {
                     Some(p) => p.finish(img),
                     None => img.clone(),
                 };
-                let rec = ImageRecord {
-                    settings: settings.clone(),
-                    seed,
-                    batch_index: batch,
-                    index_in_batch: i,
-                    width: w,
-                    height: h,
-                    sampler: sampler_name.clone(),
-                    schedule: schedule_name.clone(),
-                    lora_hashes: loaded.hashes.clone(),
-                    mix_trace: summary.clone(),
-                    version: env!("CARGO_PKG_VERSION").to_string(),
+                let rec = record(i, loaded.hashes.clone(), summary.clone(), drawn.clone());
+                let path = match &fixed {
+                    Some(f) => f[i].clone(),
+                    None => output::next_image_path(outputs.dir, unit.seed, &mut idx),
                 };
-                let path = output::next_image_path(out_dir, seed, &mut idx);
                 output::write_atomic(&path, &encode_image(img, &rec)?)?;
-                on_event(StudioEvent::Image { path: path.clone(), seed, batch, index: i });
-                written.push(path);
+                on_event(StudioEvent::Image { path: path.clone(), seed: unit.seed, batch: unit.batch, index: rec.index_in_batch });
+                out.written.push(path);
             }
+            out.prompts.push(prompt_drawn);
         }
-        Ok(written)
+        Ok(out)
+    }
+}
+
+/// Where a job's images go and how many it makes.
+pub struct ImageOutputs<'a> {
+    pub dir: &'a Path,
+    /// A fixed file name per image index; `None`: A1111's next free `NNNNN-<seed>.png`.
+    pub names: Option<&'a dyn Fn(usize) -> String>,
+    /// Images to make; `None`: `batch_count × batch_size`.
+    pub images: Option<usize>,
+}
+
+/// What a job did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct JobOutput {
+    pub written: Vec<PathBuf>,
+    /// Fixed-name files that already held their image.
+    pub kept: Vec<PathBuf>,
+    /// The prompt of each generation call as drawn (styles and dynamic prompts applied).
+    pub prompts: Vec<String>,
+}
+
+/// Whether `path` is a complete PNG of `expected`'s image: it decodes at the job's size and its
+/// record names the same settings, seed and position.
+pub fn holds_image(path: &Path, expected: &ImageRecord, (w, h): (usize, usize)) -> bool {
+    if !path.is_file() {
+        return false;
+    }
+    let Ok((_, Some(rec))) = super::metadata::settings_from_png(path) else { return false };
+    if rec.settings != expected.settings || rec.seed != expected.seed || rec.batch_index != expected.batch_index || rec.index_in_batch != expected.index_in_batch {
+        return false;
+    }
+    match image::open(path) {
+        Ok(img) => img.width() as usize == w && img.height() as usize == h,
+        Err(_) => false,
     }
 }

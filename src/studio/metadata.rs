@@ -17,7 +17,11 @@ pub const JSON_CHUNK: &str = "loramix";
 /// line with `Lora hashes`.
 pub fn parameters_text(r: &ImageRecord) -> String {
     let s = &r.settings;
-    let mut text = s.prompt.clone();
+    let (prompt, negative) = match &r.drawn {
+        Some(d) => (d.prompt.as_str(), d.negative_prompt.as_str()),
+        None => (s.prompt.as_str(), s.negative_prompt.as_str()),
+    };
+    let mut text = prompt.to_string();
     for l in &s.loras {
         let tag = format!("<lora:{}:", lora_tag_name(&l.name));
         if !text.contains(&tag) {
@@ -27,8 +31,8 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             }
         }
     }
-    if !s.negative_prompt.is_empty() {
-        text.push_str(&format!("\nNegative prompt: {}", s.negative_prompt));
+    if !negative.is_empty() {
+        text.push_str(&format!("\nNegative prompt: {negative}"));
     }
     let model = Path::new(&s.model).file_name().and_then(|n| n.to_str()).unwrap_or(&s.model);
     text.push_str(&format!(
@@ -75,8 +79,29 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         let picked: Vec<&str> = t.candidates.iter().filter(|c| c.picked).map(|c| c.name.as_str()).collect();
         text.push_str(&format!(", LoRA picked: \"{}\"", picked.join(", ")));
     }
+    if r.drawn.is_some() {
+        // sd-dynamic-prompts' fields: what was written before styles and draws.
+        if s.prompt != prompt && !s.prompt.is_empty() {
+            text.push_str(&format!(", Template: {}", quote(&s.prompt)));
+        }
+        if s.negative_prompt != negative && !s.negative_prompt.is_empty() {
+            text.push_str(&format!(", Negative Template: {}", quote(&s.negative_prompt)));
+        }
+    }
+    if !s.styles.is_empty() {
+        text.push_str(&format!(", Styles array: {}", quote(&serde_json::to_string(&s.styles).unwrap_or_default())));
+    }
     text.push_str(&format!(", Version: loramix {}", env!("CARGO_PKG_VERSION")));
     text
+}
+
+/// A1111's quoting of a settings-line value that holds commas or quotes.
+fn quote(v: &str) -> String {
+    if v.contains([',', '"', ':', '\n']) {
+        serde_json::to_string(&v.replace('\n', " ")).unwrap_or_default()
+    } else {
+        v.to_string()
+    }
 }
 
 /// The name a LoRA goes by in `<lora:NAME:w>`: a path's file stem, else the name itself.
@@ -203,6 +228,8 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 "VAE" => s.vae = v,
                 "Batch size" => s.batch_size = v.parse().unwrap_or(1),
                 "LoRA mix" => s.mix = v,
+                // The prompt text already has its styles (and draws) applied, so restoring from
+                // `parameters` keeps them out of `styles`; our JSON chunk keeps the templates.
                 _ => {}
             }
         }
@@ -305,6 +332,7 @@ mod tests {
             lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
             mix_trace: None,
             version: "0".into(),
+            drawn: None,
         };
         let back = parse_parameters(&parameters_text(&rec)).unwrap();
         assert_eq!(back.prompt, "a vlox emblem");

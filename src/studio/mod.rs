@@ -6,6 +6,7 @@
 //! either restores the same settings in the other. Uses every engine room below it (sdxl, lora,
 //! mix); nothing in the engine uses the studio.
 
+mod dynamic_prompt;
 mod export;
 mod hires;
 mod init;
@@ -15,11 +16,12 @@ mod preview;
 mod settings;
 mod training;
 
+pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, parse_styles, read_styles, PromptStyle, WildcardDir, WildcardSource};
 pub use export::{export, fill_template};
 pub use hires::{hires_request, hires_size};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;
 pub use preview::{LatentPreview, Previewer};
-pub use settings::{HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
+pub use settings::{DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

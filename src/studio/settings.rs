@@ -70,6 +70,9 @@ pub struct Settings {
     /// img2img and inpainting (A1111's img2img tab); `None`: text to image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<InitSettings>,
+    /// A1111 styles applied by name from `<library>/styles.csv`, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub styles: Vec<String>,
 }
 
 /// Hires fix, with A1111's names (`Hires upscale`, `Hires upscaler`, `Hires steps`,
@@ -165,6 +168,7 @@ impl Default for Settings {
             candidates: false,
             init: None,
             hires: None,
+            styles: vec![],
         }
     }
 }
@@ -186,6 +190,17 @@ pub struct ImageRecord {
     pub lora_hashes: Vec<(String, String)>,
     pub mix_trace: Option<MixSummary>,
     pub version: String,
+    /// The prompts as drawn for this image (styles, wildcards and `{a|b}` applied) when they
+    /// differ from the settings' templates; the templates and the seed restore them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drawn: Option<DrawnPrompts>,
+}
+
+/// The prompts an image was made from after styles and dynamic prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrawnPrompts {
+    pub prompt: String,
+    pub negative_prompt: String,
 }
 
 /// A compact mix trace for PNGs and the heatmap: the strategy and, per step and layer, each

@@ -104,6 +104,10 @@ pub struct GenerateArgs {
     /// Denoising strength of the second pass.
     #[arg(long, default_value_t = 0.7)]
     hr_denoise: f64,
+    /// An A1111 style from <library>/styles.csv, applied by name (its `{prompt}` placeholder, or
+    /// appended). Repeatable.
+    #[arg(long = "style", value_name = "NAME")]
+    styles: Vec<String>,
     /// Write the final latents (before VAE decode) to this safetensors file, key `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -226,6 +230,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     };
     let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone() };
+    if !a.styles.is_empty() || studio::is_dynamic(&a.prompt) || a.negative_prompt.as_deref().is_some_and(studio::is_dynamic) {
+        return run_drawn(&a, opts, init_settings, hires);
+    }
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
     let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
     let mut mix_opts = mix::MixOptions {
@@ -466,6 +473,7 @@ fn generate_batch(
         vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         init: init_settings.cloned(),
         hires: hires_settings,
+        styles: vec![],
     };
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
@@ -485,12 +493,92 @@ fn generate_batch(
             lora_hashes: hashes.to_vec(),
             mix_trace: summary.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            drawn: None,
         };
         let path = output::next_image_path(&a.out, req.seed, idx);
         output::write_atomic(&path, &studio::encode_image(img, &rec)?)?;
         written.push(path);
     }
     Ok(written)
+}
+
+/// Styles, wildcards and `{a|b}` draw a prompt per image: the job runs through the studio (as
+/// in the app and `batch run`), which draws with each image's seed and records the template.
+fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>) -> Result<()> {
+    for (set, flag) in [
+        (a.mix_trace.is_some(), "--mix-trace"),
+        (a.save_latents.is_some(), "--save-latents"),
+        (a.init_noise.is_some(), "--init-noise"),
+        (a.np_mu.is_some(), "--np-mu"),
+        (a.mix == "est", "--mix est"),
+        (a.klora_mode != "corrected", "--klora-mode"),
+    ] {
+        if set {
+            anyhow::bail!("{flag} describes one fixed prompt: it cannot be used with --style, wildcards (__name__) or variants ({{a|b}})");
+        }
+    }
+    let loras = a
+        .loras
+        .iter()
+        .map(|s| lora::parse_lora_arg_with_role(s).map(|(name, weight, role)| studio::LoraSetting { name, weight, role: role.map(|r| r.as_str().to_string()), schedule: None }))
+        .collect::<loramix::Result<Vec<_>>>()?;
+    let settings = studio::Settings {
+        model: a.model.clone(),
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        steps: a.steps,
+        cfg: a.cfg,
+        sampler: a.sampler.clone().unwrap_or_default(),
+        schedule: a.schedule.clone().unwrap_or_default(),
+        vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
+        clip_skip: a.clip_skip,
+        seed: Some(a.seed.unwrap_or_else(studio::random_seed)),
+        width: a.width.unwrap_or(0),
+        height: a.height.unwrap_or(0),
+        batch_count: a.batch_count,
+        batch_size: a.batch_size,
+        loras,
+        mix: a.mix.clone(),
+        klora_pattern: a.klora_pattern.clone(),
+        switch_every: a.switch_every,
+        windows: a.windows.clone(),
+        asymmetric_cfg: a.asymmetric_cfg,
+        klora_others: a.klora_others.clone(),
+        candidates: match a.candidates.as_deref() {
+            None => false,
+            Some("library") => true,
+            Some(o) => anyhow::bail!("--candidates {o}: expected library"),
+        },
+        hires,
+        init,
+        styles: a.styles.clone(),
+    };
+    let studio = studio::Studio::with_load_options(opts);
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None };
+    let job = studio.run(&settings, a.library.as_deref(), &outputs, &cancel, &mut |e| log_event(&e), &mut |_| {})?;
+    let mut stdout = std::io::stdout().lock();
+    for path in &job.written {
+        if writeln!(stdout, "{}", path.display()).is_err() {
+            break;
+        }
+    }
+    eprintln!("seed {}", settings.seed.unwrap_or(0));
+    Ok(())
+}
+
+/// One stderr line per studio event worth a line in a log.
+pub fn log_event(e: &studio::StudioEvent) {
+    match e {
+        studio::StudioEvent::Loaded { model, seconds } => eprintln!("loaded {model} in {seconds:.1}s"),
+        studio::StudioEvent::LoraLoaded { name, role, layers, warnings } => {
+            eprintln!("lora {name} ({role}): {layers} layers matched");
+            for w in warnings {
+                eprintln!("warning: lora {name}: {w}");
+            }
+        }
+        _ => {}
+    }
 }
 
 fn parse_size(s: &str) -> Result<(usize, usize)> {
