@@ -18,6 +18,9 @@ use crate::sdxl::schedulers::{self, SamplerKind, Schedule};
 use crate::sdxl::text::{Conditioning, TextEncoders};
 use crate::sdxl::tokenizer::ClipTokenizer;
 
+/// The largest side we generate (SDXL's own sizes stop near 2048; the rest is hires-fix room).
+pub const MAX_SIDE: usize = 8192;
+
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub device: Device,
@@ -312,6 +315,9 @@ impl SdxlPipeline {
         let (width, height) = (req.width.unwrap_or(dw), req.height.unwrap_or(dh));
         if width == 0 || height == 0 || width % f != 0 || height % f != 0 {
             return Err(Error::Argument(format!("width and height must be positive multiples of {f}, got {width}x{height}")));
+        }
+        if width > MAX_SIDE || height > MAX_SIDE {
+            return Err(Error::Argument(format!("size {width}x{height}: expected at most {MAX_SIDE} pixels a side")));
         }
         if req.batch_size == 0 {
             return Err(Error::Argument("batch size must be at least 1".into()));

@@ -286,6 +286,38 @@ impl Studio {
         // Every prompt-level error (unclosed tags, missing wildcards) before the model loads.
         let seed0 = settings.seed.unwrap_or_else(random_seed);
         lora::extract_prompt_loras(&draw(seed0)?.0)?;
+        // What one generation call makes: a batch sharing a prompt, or (when every image draws
+        // its own prompt) one image with A1111's per-image seed.
+        struct Unit {
+            seed: u64,
+            batch: usize,
+            first: usize,
+            count: usize,
+        }
+        let bs = settings.batch_size;
+        let units: Vec<Unit> = if dynamic {
+            (0..total).map(|k| Unit { seed: seed0 + k as u64, batch: k / bs, first: k, count: 1 }).collect()
+        } else {
+            (0..total.div_ceil(bs)).map(|b| Unit { seed: seed0 + (b * bs) as u64, batch: b, first: b * bs, count: bs.min(total - b * bs) }).collect()
+        };
+        let names_of = |unit: &Unit| -> Option<Vec<PathBuf>> { outputs.names.map(|n| (0..unit.count).map(|i| outputs.dir.join(n(unit.first + i))).collect()) };
+        // Which fixed-name files already hold their image (same settings, seed and position).
+        let kept_of = |unit: &Unit| -> Vec<bool> {
+            match names_of(unit) {
+                Some(paths) => paths.iter().enumerate().map(|(i, p)| holds_image(p, settings, unit.seed, unit.batch, if dynamic { unit.first % bs } else { i })).collect(),
+                None => vec![false; unit.count],
+            }
+        };
+        let kept: Vec<Vec<bool>> = units.iter().map(kept_of).collect();
+        let mut out = JobOutput::default();
+        if outputs.names.is_some() && kept.iter().flatten().all(|k| *k) {
+            // A finished job: nothing to load.
+            for p in units.iter().filter_map(names_of).flatten() {
+                on_event(StudioEvent::Kept { path: p.clone() });
+                out.kept.push(p);
+            }
+            return Ok(out);
+        }
         let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
         let mut scheduled_tags = Vec::new();
@@ -312,23 +344,8 @@ impl Studio {
         let sampler_name = base.a1111_name().to_string();
         let schedule_name = if resolved == Schedule::Default { String::new() } else { resolved.a1111_name().to_string() };
         std::fs::create_dir_all(outputs.dir).map_err(|e| Error::io(outputs.dir, e))?;
-        // What one generation call makes: a batch sharing a prompt, or (when every image draws
-        // its own prompt) one image with A1111's per-image seed.
-        struct Unit {
-            seed: u64,
-            batch: usize,
-            first: usize,
-            count: usize,
-        }
-        let bs = settings.batch_size;
-        let units: Vec<Unit> = if dynamic {
-            (0..total).map(|k| Unit { seed: seed0 + k as u64, batch: k / bs, first: k, count: 1 }).collect()
-        } else {
-            (0..total.div_ceil(bs)).map(|b| Unit { seed: seed0 + (b * bs) as u64, batch: b, first: b * bs, count: bs.min(total - b * bs) }).collect()
-        };
         let batches = units.len();
         let mut loaded_for: Vec<(String, Arc<(LoadedLoras, Vec<mix::candidates::Candidate>)>)> = vec![];
-        let mut out = JobOutput::default();
         let mut idx = output::first_free_index(outputs.dir);
         for (u, unit) in units.iter().enumerate() {
             let record = |i: usize, hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
@@ -345,11 +362,8 @@ impl Studio {
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 drawn,
             };
-            let fixed: Option<Vec<PathBuf>> = outputs.names.map(|n| (0..unit.count).map(|i| outputs.dir.join(n(unit.first + i))).collect());
-            let keep: Vec<bool> = match &fixed {
-                Some(paths) => paths.iter().enumerate().map(|(i, p)| holds_image(p, &record(i, vec![], None, None), (w, h))).collect(),
-                None => vec![false; unit.count],
-            };
+            let fixed = names_of(unit);
+            let keep = &kept[u];
             if keep.iter().all(|k| *k) {
                 for p in fixed.iter().flatten() {
                     on_event(StudioEvent::Kept { path: p.clone() });
@@ -482,18 +496,18 @@ pub struct JobOutput {
     pub prompts: Vec<String>,
 }
 
-/// Whether `path` is a complete PNG of `expected`'s image: it decodes at the job's size and its
-/// record names the same settings, seed and position.
-pub fn holds_image(path: &Path, expected: &ImageRecord, (w, h): (usize, usize)) -> bool {
+/// Whether `path` is a complete PNG of this image of the job: its record names the same
+/// settings, seed and position, and its pixels decode at the size the record gives.
+pub fn holds_image(path: &Path, settings: &Settings, seed: u64, batch_index: usize, index_in_batch: usize) -> bool {
     if !path.is_file() {
         return false;
     }
     let Ok((_, Some(rec))) = super::metadata::settings_from_png(path) else { return false };
-    if rec.settings != expected.settings || rec.seed != expected.seed || rec.batch_index != expected.batch_index || rec.index_in_batch != expected.index_in_batch {
+    if rec.settings != *settings || rec.seed != seed || rec.batch_index != batch_index || rec.index_in_batch != index_in_batch {
         return false;
     }
     match image::open(path) {
-        Ok(img) => img.width() as usize == w && img.height() as usize == h,
+        Ok(img) => img.width() as usize == rec.width && img.height() as usize == rec.height,
         Err(_) => false,
     }
 }

@@ -6,6 +6,7 @@
 //! either restores the same settings in the other. Uses every engine room below it (sdxl, lora,
 //! mix); nothing in the engine uses the studio.
 
+mod batch;
 mod dynamic_prompt;
 mod export;
 mod hires;
@@ -16,6 +17,7 @@ mod preview;
 mod settings;
 mod training;
 
+pub use batch::{image_name, manifest_line, parse_line, run_batch, seed_of, BatchEvent, BatchSummary, LineError, LineSummary, Manifest, ManifestJob, Shard};
 pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, parse_styles, read_styles, PromptStyle, WildcardDir, WildcardSource};
 pub use export::{export, fill_template};
 pub use hires::{hires_request, hires_size};

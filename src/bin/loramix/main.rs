@@ -1,5 +1,6 @@
 //! The `loramix` command line: one file per subcommand, each a thin layer over the engine.
 
+mod batch;
 mod bench;
 mod chat;
 mod eval;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Generate images from a text prompt.
     Generate(Box<generate::GenerateArgs>),
+    /// Batch manifests: many jobs, fixed output names, restartable and shardable.
+    Batch(batch::BatchArgs),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// The LoRA library: import, list, show, remove, rename, set role and tags.
@@ -43,5 +46,6 @@ fn main() -> Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Llm(a) => llm::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Batch(a) => batch::run(a),
     }
 }

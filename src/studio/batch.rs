@@ -1,0 +1,372 @@
+//! Batch manifests: one job per JSONL line, in the [`Settings`] JSON our PNGs carry, run into
+//! names the manifest fixes, so a run can be killed, restarted, sharded or retried by a
+//! scheduler that delivers at least once, and still makes each image exactly once.
+//!
+//! - A line is a `Settings` object, plus `"images": N` for how many images it makes (default
+//!   `batch_count × batch_size`). Blank lines and lines starting with `#` or `//` are skipped but
+//!   keep their numbers, so errors and names match the editor's line numbers.
+//! - Image `k` of the job on line `L` is `LLLLL-KKKK.png` (`00003-0000.png`): a name fixed by
+//!   the manifest, never a counter. A line without a seed gets one from its own text (SHA-256 of
+//!   its settings), so its bytes depend on the line alone: no timestamp, no path.
+//! - `--shard I/N` runs the lines whose index (0-based, counting job lines only) is `I mod N`;
+//!   `I` is 1..=N, and 0 is read as N, so shards counted from 0 or from 1 both cover every line.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::jobs::{ImageOutputs, Studio, StudioEvent};
+use super::settings::Settings;
+use crate::error::{Error, Result};
+use crate::output;
+
+/// One job of a manifest.
+#[derive(Debug, Clone)]
+pub struct ManifestJob {
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// With its seed fixed (given, or from the line's text).
+    pub settings: Settings,
+    pub images: usize,
+}
+
+/// A line that is not a job, with its number.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LineError {
+    pub line: usize,
+    pub error: String,
+}
+
+/// Every job of a manifest, and the lines that are not jobs.
+#[derive(Debug, Clone, Default)]
+pub struct Manifest {
+    pub jobs: Vec<ManifestJob>,
+    pub errors: Vec<LineError>,
+}
+
+/// Which share of the jobs this run makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// 1..=count
+    pub index: usize,
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::Argument(format!("--shard {s:?}: expected I/N with 1 <= I <= N (0/N is read as N/N)"));
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (i, n): (usize, usize) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if n == 0 || i > n {
+            return Err(bad());
+        }
+        Ok(Self { index: if i == 0 { n } else { i }, count: n })
+    }
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 1, count: 1 };
+
+    pub fn takes(&self, job_index: usize) -> bool {
+        job_index % self.count == self.index % self.count
+    }
+
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.index, self.count)
+    }
+}
+
+/// The keys a line may hold: every `Settings` field and `images`.
+fn known_keys() -> Vec<String> {
+    let full = Settings {
+        schedule: "x".into(),
+        vae: "x".into(),
+        clip_skip: 1,
+        hires: Some(Default::default()),
+        init: Some(Default::default()),
+        styles: vec!["x".into()],
+        ..Settings::default()
+    };
+    match serde_json::to_value(full) {
+        Ok(serde_json::Value::Object(m)) => m.keys().cloned().collect(),
+        _ => vec![],
+    }
+}
+
+/// A seed from the line's settings alone, in A1111's range.
+pub fn seed_of(settings: &Settings) -> u64 {
+    let text = serde_json::to_string(settings).unwrap_or_default();
+    let d = Sha256::digest(text.as_bytes());
+    u32::from_le_bytes([d[0], d[1], d[2], d[3]]) as u64
+}
+
+/// Parses one manifest line's text.
+pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), String> {
+    let mut value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m).to_string();
+        format!("column {}: malformed JSON: {msg}", e.column())
+    })?;
+    let obj = value.as_object_mut().ok_or("expected a JSON object with the job's settings")?;
+    let images = match obj.remove("images") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=100_000).contains(&n) => Some(n as usize),
+            _ => return Err(format!("field images: {v}: expected a whole number from 1 to 100000")),
+        },
+    };
+    let known = known_keys();
+    if let Some(k) = obj.keys().find(|k| !known.contains(k)) {
+        let mut names = known.clone();
+        names.sort();
+        return Err(format!("field {k}: unknown (expected images or one of {})", names.join(", ")));
+    }
+    let settings: Settings = serde_path_to_error::deserialize(value).map_err(|e| format!("field {}: {}", e.path(), e.inner()))?;
+    if settings.prompt.trim().is_empty() && settings.init.is_none() {
+        return Err("field prompt: expected a prompt".into());
+    }
+    if settings.batch_count == 0 || settings.batch_size == 0 {
+        return Err("fields batch_count and batch_size: expected at least 1".into());
+    }
+    for (name, v) in [("width", settings.width), ("height", settings.height)] {
+        if v != 0 && (v % 8 != 0 || v > crate::sdxl::pipeline::MAX_SIDE) {
+            return Err(format!("field {name}: {v}: expected a multiple of 8 up to {}", crate::sdxl::pipeline::MAX_SIDE));
+        }
+    }
+    if settings.steps == 0 || settings.steps > 1000 {
+        return Err(format!("field steps: {}: expected 1 to 1000", settings.steps));
+    }
+    Ok((settings, images))
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Ok(Self::parse(&text))
+    }
+
+    pub fn parse(text: &str) -> Self {
+        let mut m = Manifest::default();
+        for (i, raw) in text.lines().enumerate() {
+            let t = raw.trim();
+            if t.is_empty() || t.starts_with('#') || t.starts_with("//") {
+                continue;
+            }
+            match parse_line(t) {
+                Ok((mut settings, images)) => {
+                    if settings.seed.is_none() {
+                        settings.seed = Some(seed_of(&settings));
+                    }
+                    let images = images.unwrap_or(settings.batch_count * settings.batch_size);
+                    m.jobs.push(ManifestJob { line: i + 1, settings, images });
+                }
+                Err(error) => m.errors.push(LineError { line: i + 1, error }),
+            }
+        }
+        m
+    }
+}
+
+/// The fixed name of image `image` of the job on `line`.
+pub fn image_name(line: usize, image: usize) -> String {
+    format!("{line:05}-{image:04}.png")
+}
+
+/// What one manifest line did.
+#[derive(Debug, Clone, Serialize)]
+pub struct LineSummary {
+    pub line: usize,
+    pub prompt: String,
+    pub seed: u64,
+    pub images: Vec<String>,
+    pub written: usize,
+    pub kept: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `batch.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BatchSummary {
+    pub manifest: String,
+    pub shard: String,
+    /// Jobs of this shard.
+    pub jobs: usize,
+    /// Images this shard is to make.
+    pub images: usize,
+    pub written: usize,
+    /// Already there and valid, so not made again.
+    pub kept: usize,
+    pub failed_lines: usize,
+    pub seconds: f64,
+    /// Lines that are not jobs (every shard reports them).
+    pub errors: Vec<LineError>,
+    pub lines: Vec<LineSummary>,
+}
+
+impl BatchSummary {
+    /// `batch.json` for the whole manifest, `batch.shard-I-of-N.json` for a shard.
+    pub fn file_name(shard: Shard) -> String {
+        if shard.count == 1 {
+            "batch.json".into()
+        } else {
+            format!("batch.shard-{}-of-{}.json", shard.index, shard.count)
+        }
+    }
+}
+
+/// Progress of a batch run over the whole manifest (this shard's share).
+#[derive(Debug, Clone)]
+pub enum BatchEvent {
+    Started { jobs: usize, images: usize },
+    /// An image made or found: `done` of `total`.
+    Image { line: usize, path: PathBuf, kept: bool, done: usize, total: usize },
+    LineFailed { line: usize, error: String },
+    Step { line: usize, step: usize, steps: usize },
+}
+
+/// Runs the shard's jobs of `manifest` into `out`, then writes the summary there atomically.
+/// A job that fails is reported with its line number and the others still run.
+pub fn run_batch(
+    studio: &Studio,
+    manifest: &Manifest,
+    manifest_name: &str,
+    out: &Path,
+    shard: Shard,
+    library: Option<&Path>,
+    cancel: &AtomicBool,
+    on_event: &mut dyn FnMut(BatchEvent),
+) -> Result<BatchSummary> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let jobs: Vec<&ManifestJob> = manifest.jobs.iter().enumerate().filter(|(i, _)| shard.takes(*i)).map(|(_, j)| j).collect();
+    let total: usize = jobs.iter().map(|j| j.images).sum();
+    on_event(BatchEvent::Started { jobs: jobs.len(), images: total });
+    for e in &manifest.errors {
+        on_event(BatchEvent::LineFailed { line: e.line, error: e.error.clone() });
+    }
+    let mut done = 0usize;
+    let mut lines = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let line = job.line;
+        let names = move |k: usize| image_name(line, k);
+        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images) };
+        let r = studio.run(
+            &job.settings,
+            library,
+            &outputs,
+            cancel,
+            &mut |e| match e {
+                StudioEvent::Image { path, .. } => {
+                    done += 1;
+                    on_event(BatchEvent::Image { line, path, kept: false, done, total });
+                }
+                StudioEvent::Kept { path } => {
+                    done += 1;
+                    on_event(BatchEvent::Image { line, path, kept: true, done, total });
+                }
+                StudioEvent::Step { step, steps, .. } => on_event(BatchEvent::Step { line, step, steps }),
+                _ => {}
+            },
+            &mut |_| {},
+        );
+        let mut summary = LineSummary {
+            line,
+            prompt: job.settings.prompt.clone(),
+            seed: job.settings.seed.unwrap_or(0),
+            images: (0..job.images).map(|k| image_name(line, k)).collect(),
+            written: 0,
+            kept: 0,
+            error: None,
+        };
+        match r {
+            Ok(o) => {
+                summary.written = o.written.len();
+                summary.kept = o.kept.len();
+            }
+            Err(Error::Cancelled) => return Err(Error::Cancelled),
+            Err(e) => {
+                on_event(BatchEvent::LineFailed { line, error: e.to_string() });
+                summary.error = Some(e.to_string());
+            }
+        }
+        lines.push(summary);
+    }
+    let summary = BatchSummary {
+        manifest: manifest_name.to_string(),
+        shard: shard.label(),
+        jobs: lines.len(),
+        images: total,
+        written: lines.iter().map(|l| l.written).sum(),
+        kept: lines.iter().map(|l| l.kept).sum(),
+        failed_lines: lines.iter().filter(|l| l.error.is_some()).count() + manifest.errors.len(),
+        seconds: t0.elapsed().as_secs_f64(),
+        errors: manifest.errors.clone(),
+        lines,
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Argument(e.to_string()))?;
+    output::write_atomic(&out.join(BatchSummary::file_name(shard)), &json)?;
+    Ok(summary)
+}
+
+/// Settings as one manifest line (the Gallery's "save as manifest").
+pub fn manifest_line(settings: &Settings, images: Option<usize>) -> Result<String> {
+    let mut v = serde_json::to_value(settings).map_err(|e| Error::Argument(e.to_string()))?;
+    if let (Some(n), Some(o)) = (images, v.as_object_mut()) {
+        o.insert("images".into(), n.into());
+    }
+    serde_json::to_string(&v).map_err(|e| Error::Argument(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_with_numbers_and_errors() {
+        let text = "# comment\n{\"prompt\": \"a\", \"steps\": 4, \"images\": 3}\n\n{\"prompt\": \"b\", \"steps\": 4\n{\"prompt\": \"c\", \"width\": 65}\n{\"prompt\": \"d\", \"stpes\": 4}\n{\"prompt\": \"e\", \"steps\": \"many\"}\n[1]\n{\"prompt\": \"f\", \"seed\": 5}\n";
+        let m = Manifest::parse(text);
+        assert_eq!(m.jobs.iter().map(|j| (j.line, j.images)).collect::<Vec<_>>(), vec![(2, 3), (9, 1)]);
+        assert_eq!(m.jobs[1].settings.seed, Some(5));
+        let errs: Vec<(usize, &str)> = m.errors.iter().map(|e| (e.line, e.error.as_str())).collect();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(errs[0].0 == 4 && errs[0].1.contains("malformed JSON"), "{errs:?}");
+        assert!(errs[1].0 == 5 && errs[1].1.contains("field width"), "{errs:?}");
+        assert!(errs[2].0 == 6 && errs[2].1.contains("field stpes: unknown"), "{errs:?}");
+        assert!(errs[3].0 == 7 && errs[3].1.contains("field steps"), "{errs:?}");
+        assert!(errs[4].0 == 8 && errs[4].1.contains("JSON object"), "{errs:?}");
+    }
+
+    #[test]
+    fn seeds_depend_on_the_line_alone() {
+        let a = Manifest::parse("{\"prompt\": \"a\"}\n{\"prompt\":  \"a\" }\n{\"prompt\": \"b\"}");
+        assert_eq!(a.jobs[0].settings.seed, a.jobs[1].settings.seed);
+        assert_ne!(a.jobs[0].settings.seed, a.jobs[2].settings.seed);
+        assert!(a.jobs[0].settings.seed.unwrap() < 1 << 32);
+    }
+
+    #[test]
+    fn shards_cover_every_job_once_from_0_or_1() {
+        for n in 1..5 {
+            for base in [0, 1] {
+                let shards: Vec<Shard> = (base..base + n).map(|i| format!("{i}/{n}").parse().unwrap()).collect();
+                for job in 0..20 {
+                    assert_eq!(shards.iter().filter(|s| s.takes(job)).count(), 1);
+                }
+            }
+        }
+        assert!("4/3".parse::<Shard>().is_err() && "1/0".parse::<Shard>().is_err() && "x".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn a_saved_line_reads_back() {
+        let s = Settings { prompt: "a vlox".into(), seed: Some(3), ..Settings::default() };
+        let line = manifest_line(&s, Some(4)).unwrap();
+        let (back, n) = parse_line(&line).unwrap();
+        assert_eq!((back, n), (s, Some(4)));
+    }
+}
