@@ -9,6 +9,7 @@
 mod batch;
 mod dynamic_prompt;
 mod export;
+mod grid;
 mod hires;
 mod init;
 mod jobs;
@@ -20,6 +21,7 @@ mod training;
 pub use batch::{image_name, manifest_line, parse_line, run_batch, seed_of, BatchEvent, BatchSummary, LineError, LineSummary, Manifest, ManifestJob, Shard};
 pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, parse_styles, read_styles, PromptStyle, WildcardDir, WildcardSource};
 pub use export::{export, fill_template};
+pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};
 pub use hires::{hires_request, hires_size};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;

@@ -59,7 +59,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     batch_count: usize,
     #[arg(long, default_value = "out")]
-    out: PathBuf,
+    pub out: PathBuf,
     #[arg(long, default_value = "f32")]
     dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -116,7 +116,7 @@ pub struct GenerateArgs {
     loras: Vec<String>,
     /// Library for <lora:NAME:w> prompt tags and --lora names (default: $LORAMIX_HOME or the data dir).
     #[arg(long)]
-    library: Option<PathBuf>,
+    pub library: Option<PathBuf>,
     /// How several LoRAs combine: merge | switch | composite | klora | est | np | windows | auto.
     #[arg(long, default_value = "merge")]
     mix: String,
@@ -208,13 +208,20 @@ fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
     Ok(Some(s))
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+/// What every path of a job needs from the flags, checked before any model loads.
+pub struct JobParts {
+    pub load: LoadOptions,
+    pub init: Option<studio::InitSettings>,
+    pub hires: Option<studio::HiresSettings>,
+}
+
+pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
     if let Some(s) = sampler {
         loramix::sdxl::schedulers::resolve(s, schedule)?; // before the model loads
     }
-    let init_settings = init_settings(&a)?;
+    let init_settings = init_settings(a)?;
     let hires = match a.hr_scale {
         None => None,
         Some(scale) => {
@@ -229,7 +236,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             Some(h)
         }
     };
-    let opts = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone() };
+    let load = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone() };
+    Ok(JobParts { load, init: init_settings, hires })
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let JobParts { load: opts, init: init_settings, hires } = job_parts(&a)?;
+    let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
+    let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
     if !a.styles.is_empty() || studio::is_dynamic(&a.prompt) || a.negative_prompt.as_deref().is_some_and(studio::is_dynamic) {
         return run_drawn(&a, opts, init_settings, hires);
     }
@@ -505,6 +519,24 @@ fn generate_batch(
 /// Styles, wildcards and `{a|b}` draw a prompt per image: the job runs through the studio (as
 /// in the app and `batch run`), which draws with each image's seed and records the template.
 fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>) -> Result<()> {
+    let settings = studio_settings(a, init, hires, "--style, wildcards (__name__) or variants ({a|b})")?;
+    let studio = studio::Studio::with_load_options(opts);
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None };
+    let job = studio.run(&settings, a.library.as_deref(), &outputs, &cancel, &mut |e| log_event(&e), &mut |_| {})?;
+    let mut stdout = std::io::stdout().lock();
+    for path in &job.written {
+        if writeln!(stdout, "{}", path.display()).is_err() {
+            break;
+        }
+    }
+    eprintln!("seed {}", settings.seed.unwrap_or(0));
+    Ok(())
+}
+
+/// The flags as one studio job (`Settings`), for the paths that run through the studio
+/// (drawn prompts, grids); `why` names what needs it, for the flags it cannot carry.
+pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>, why: &str) -> Result<studio::Settings> {
     for (set, flag) in [
         (a.mix_trace.is_some(), "--mix-trace"),
         (a.save_latents.is_some(), "--save-latents"),
@@ -514,7 +546,7 @@ fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSetti
         (a.klora_mode != "corrected", "--klora-mode"),
     ] {
         if set {
-            anyhow::bail!("{flag} describes one fixed prompt: it cannot be used with --style, wildcards (__name__) or variants ({{a|b}})");
+            anyhow::bail!("{flag} cannot be used with {why}");
         }
     }
     let loras = a
@@ -553,18 +585,7 @@ fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSetti
         init,
         styles: a.styles.clone(),
     };
-    let studio = studio::Studio::with_load_options(opts);
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None };
-    let job = studio.run(&settings, a.library.as_deref(), &outputs, &cancel, &mut |e| log_event(&e), &mut |_| {})?;
-    let mut stdout = std::io::stdout().lock();
-    for path in &job.written {
-        if writeln!(stdout, "{}", path.display()).is_err() {
-            break;
-        }
-    }
-    eprintln!("seed {}", settings.seed.unwrap_or(0));
-    Ok(())
+    Ok(settings)
 }
 
 /// One stderr line per studio event worth a line in a log.

@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod eval;
 mod generate;
+mod grid;
 mod llm;
 mod lora;
 mod subspace;
@@ -26,6 +27,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Batch manifests: many jobs, fixed output names, restartable and shardable.
     Batch(batch::BatchArgs),
+    /// An X/Y/Z plot: a job over up to three axes, with labelled grid PNGs.
+    Grid(Box<grid::GridArgs>),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// The LoRA library: import, list, show, remove, rename, set role and tags.
@@ -47,5 +50,6 @@ fn main() -> Result<()> {
         Command::Llm(a) => llm::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Batch(a) => batch::run(a),
+        Command::Grid(a) => grid::run(*a),
     }
 }

@@ -1,0 +1,79 @@
+//! `loramix grid`: a 2×2×2 X/Y/Z plot on miniworld, its files, the order of its labels and the
+//! metadata of every cell.
+
+use std::path::Path;
+use std::process::Command;
+
+fn chunks(path: &Path) -> std::collections::HashMap<String, String> {
+    loramix::studio::png_text_chunks(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("grid");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/miniworld");
+    let o = Command::new(env!("CARGO_BIN_EXE_loramix"))
+        .env("RUST_BACKTRACE", "0")
+        .env("LORAMIX_HOME", tmp.path().join("home"))
+        .args(["grid", "--x", "mix=merge,auto", "--y", "lora:vlox=0.5,1", "--z", "seed=3,4"])
+        .args(["--prompt", "a vlox emblem on a teal background, checkered style", "--lora", "vlox", "--lora", "checkered", "--steps", "3"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let mut expected = vec!["grid-z00.png".to_string(), "grid-z01.png".to_string()];
+    for z in 0..2 {
+        for y in 0..2 {
+            for x in 0..2 {
+                expected.push(format!("xyz-z{z:02}-y{y:02}-x{x:02}-00.png"));
+            }
+        }
+    }
+    expected.sort();
+    assert_eq!(names, expected);
+    // Every cell's own metadata carries the values of its position.
+    for z in 0..2 {
+        for y in 0..2 {
+            for x in 0..2 {
+                let (s, rec) = loramix::studio::settings_from_png(&out.join(format!("xyz-z{z:02}-y{y:02}-x{x:02}-00.png"))).unwrap();
+                assert_eq!(s.mix, ["merge", "auto"][x]);
+                assert_eq!(s.seed, Some([3, 4][z]));
+                let vlox = s.loras.iter().find(|l| l.name == "vlox").unwrap();
+                assert_eq!(vlox.weight, [0.5, 1.0][y]);
+                let params = chunks(&out.join(format!("xyz-z{z:02}-y{y:02}-x{x:02}-00.png")))["parameters"].clone();
+                assert!(params.contains(&format!("LoRA mix: {}", ["merge", "auto"][x])), "{params}");
+                assert!(params.contains(&format!("<lora:vlox:{}>", [0.5, 1.0][y])), "{params}");
+                assert!(rec.is_some());
+            }
+        }
+    }
+    // The grid names its axes and values in order, maps cells to files, and is large enough for
+    // two scaled-up columns and rows plus labels.
+    for z in 0..2 {
+        let path = out.join(format!("grid-z{z:02}.png"));
+        let c = chunks(&path);
+        let meta: serde_json::Value = serde_json::from_str(&c["loramix-grid"]).unwrap();
+        assert_eq!(meta["x"], serde_json::json!(["LoRA mix", ["merge", "auto"]]));
+        assert_eq!(meta["y"], serde_json::json!(["LoRA vlox", ["0.5", "1"]]));
+        assert_eq!(meta["z"], serde_json::json!(["Seed", ["3", "4"]]));
+        assert_eq!(meta["z_value"], ["3", "4"][z]);
+        assert_eq!(meta["cells"][1]["images"][0], format!("xyz-z{z:02}-y00-x01-00.png"));
+        assert!(c["parameters"].contains(&format!("Seed: {}", [3, 4][z])));
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert!(img.width() >= 512 && img.height() >= 512, "{}x{}", img.width(), img.height());
+        // The top-left cell sits right of the row labels and below the column labels: its
+        // pixels are the first cell's, scaled up 4×.
+        let cell = image::open(out.join(format!("xyz-z{z:02}-y00-x00-00.png"))).unwrap().to_rgb8();
+        let (gw, gh) = (img.width(), img.height());
+        let found = (0..gw - 256).step_by(1).any(|ox| {
+            (0..gh.saturating_sub(512)).step_by(1).any(|oy| (0..64).step_by(9).all(|i| img.get_pixel(ox + i * 4, oy + i * 4) == cell.get_pixel(i, i)))
+        });
+        assert!(found, "the first cell is not drawn in the grid");
+    }
+}
