@@ -18,7 +18,7 @@ pub struct BatchArgs {
 
 #[derive(clap::Subcommand)]
 enum BatchCommand {
-    /// Run a JSONL manifest: one job per line, in the settings JSON our PNGs carry, plus
+    /// Run a JSONL manifest (exit status 2 when it finished but some lines are bad): one job per line, in the settings JSON our PNGs carry, plus
     /// `"images": N`. Images are named LLLLL-KKKK.png (manifest line, image); a valid file already
     /// there is kept, so a restarted run finishes the job and a finished one does nothing.
     Run(RunArgs),
@@ -88,7 +88,10 @@ fn run_manifest(a: RunArgs) -> Result<()> {
         path.display()
     );
     if summary.failed_lines > 0 {
-        anyhow::bail!("{} manifest lines failed (listed above and in {})", summary.failed_lines, path.display());
+        // 2, not 1: the run finished and the bad lines are reported; running again cannot help
+        // (schedulers such as tools/ray retry on any other failure).
+        eprintln!("error: {} manifest lines failed (listed above and in {})", summary.failed_lines, path.display());
+        std::process::exit(2);
     }
     Ok(())
 }
