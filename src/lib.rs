@@ -11,7 +11,8 @@
 //! - [`eval`]: the miniworld evaluator and image embedders;
 //! - [`mix`]: the mixing strategies behind `MixStrategy`;
 //! - [`studio`]: settings, PNG metadata, previews, the job runner, export;
-//! - [`llm`]: the LLM session with aLoRA and PEFT adapters (uses only the shared files).
+//! - [`llm`]: the LLM session with aLoRA and PEFT adapters (uses only the shared files);
+//! - `api` (feature `api`): the A1111-compatible HTTP API over the studio.
 
 pub mod device;
 pub mod error;
@@ -26,6 +27,9 @@ pub mod lora;
 pub mod mix;
 pub mod sdxl;
 pub mod studio;
+
+#[cfg(feature = "api")]
+pub mod api;
 
 pub use error::{Error, Result};
 pub use sdxl::pipeline::{GenerateRequest, LoadOptions, SdxlPipeline};

@@ -115,7 +115,7 @@ pub fn lora_tag_name(name: &str) -> String {
 }
 
 /// Splits `a: 1, b: "x, y", c: 3` into pairs (A1111's settings line; values may be quoted).
-fn split_settings_line(line: &str) -> Vec<(String, String)> {
+pub fn split_settings_line(line: &str) -> Vec<(String, String)> {
     let mut out = vec![];
     let mut rest = line.trim();
     while !rest.is_empty() {

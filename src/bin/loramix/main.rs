@@ -8,6 +8,7 @@ mod generate;
 mod grid;
 mod llm;
 mod lora;
+mod serve;
 mod subspace;
 mod train;
 
@@ -29,6 +30,8 @@ enum Command {
     Batch(batch::BatchArgs),
     /// An X/Y/Z plot: a job over up to three axes, with labelled grid PNGs.
     Grid(Box<grid::GridArgs>),
+    /// The A1111-compatible HTTP API (/sdapi/v1/txt2img, img2img, progress, ...).
+    Serve(serve::ServeArgs),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// The LoRA library: import, list, show, remove, rename, set role and tags.
@@ -51,5 +54,6 @@ fn main() -> Result<()> {
         Command::Bench(a) => bench::run(a),
         Command::Batch(a) => batch::run(a),
         Command::Grid(a) => grid::run(*a),
+        Command::Serve(a) => serve::run(a),
     }
 }

@@ -1,0 +1,231 @@
+//! A1111's request and response bodies (`modules/api/models.py`), and how a request becomes one
+//! of our jobs. Fields other tools send that we do not use (`eta`, `s_churn`, `tiling`, extension
+//! blocks) are accepted and ignored, as A1111 does for extensions it lacks; `null` reads as the
+//! field's default, as pydantic's optional fields do.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::sdxl::img2img::MaskedContent;
+use crate::sdxl::schedulers::{SamplerKind, Schedule};
+use crate::studio::{HiresSettings, InitSettings, InpaintArea, Settings};
+
+fn or_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// `/sdapi/v1/txt2img` and the shared part of `/sdapi/v1/img2img`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct GenerationRequest {
+    #[serde(deserialize_with = "or_default")]
+    pub prompt: String,
+    #[serde(deserialize_with = "or_default")]
+    pub negative_prompt: String,
+    #[serde(deserialize_with = "or_default")]
+    pub styles: Vec<String>,
+    pub seed: Option<i64>,
+    #[serde(deserialize_with = "or_default")]
+    pub sampler_name: String,
+    #[serde(deserialize_with = "or_default")]
+    pub sampler_index: String,
+    #[serde(deserialize_with = "or_default")]
+    pub scheduler: String,
+    pub batch_size: Option<usize>,
+    pub n_iter: Option<usize>,
+    pub steps: Option<usize>,
+    pub cfg_scale: Option<f64>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub denoising_strength: Option<f64>,
+    #[serde(deserialize_with = "or_default")]
+    pub enable_hr: bool,
+    pub hr_scale: Option<f64>,
+    #[serde(deserialize_with = "or_default")]
+    pub hr_upscaler: String,
+    #[serde(deserialize_with = "or_default")]
+    pub hr_second_pass_steps: usize,
+    #[serde(deserialize_with = "or_default")]
+    pub override_settings: Map<String, Value>,
+    #[serde(deserialize_with = "or_default")]
+    pub alwayson_scripts: Map<String, Value>,
+    pub send_images: Option<bool>,
+    #[serde(deserialize_with = "or_default")]
+    pub save_images: bool,
+    // img2img
+    #[serde(deserialize_with = "or_default")]
+    pub init_images: Vec<String>,
+    pub mask: Option<String>,
+    pub mask_blur: Option<f64>,
+    pub inpainting_fill: Option<u8>,
+    #[serde(deserialize_with = "or_default")]
+    pub inpaint_full_res: bool,
+    pub inpaint_full_res_padding: Option<u32>,
+    #[serde(deserialize_with = "or_default")]
+    pub inpainting_mask_invert: u8,
+}
+
+/// A request that cannot be a job: the field and what was expected (a 422, as FastAPI's).
+#[derive(Debug, Clone)]
+pub struct FieldError {
+    pub loc: Vec<String>,
+    pub msg: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, msg: impl Into<String>) -> Self {
+        Self { loc: vec!["body".into(), field.into()], msg: msg.into() }
+    }
+}
+
+/// Our mixing settings in a request: `alwayson_scripts: {"LoRAMix": {"args": [{…}]}}` (an
+/// object with `mix`, `klora_pattern`, `switch_every`, `windows`, `asymmetric_cfg`,
+/// `klora_others`, `candidates`), or the shorthand `override_settings: {"loramix_mix": "auto"}`.
+fn apply_mix_settings(req: &GenerationRequest, s: &mut Settings) -> Result<(), FieldError> {
+    if let Some(v) = req.override_settings.get("loramix_mix") {
+        s.mix = v.as_str().ok_or_else(|| FieldError { loc: vec!["body".into(), "override_settings".into(), "loramix_mix".into()], msg: "expected a strategy name".into() })?.to_string();
+    }
+    let script = req.alwayson_scripts.iter().find(|(k, _)| k.eq_ignore_ascii_case("loramix")).map(|(_, v)| v);
+    if let Some(script) = script {
+        let loc = |f: &str| vec!["body".to_string(), "alwayson_scripts".into(), "LoRAMix".into(), "args".into(), "0".into(), f.to_string()];
+        let args = script.get("args").and_then(|a| a.get(0)).and_then(Value::as_object).ok_or_else(|| FieldError {
+            loc: vec!["body".into(), "alwayson_scripts".into(), "LoRAMix".into(), "args".into()],
+            msg: "expected [ {\"mix\": ..., ...} ]".into(),
+        })?;
+        for (k, v) in args {
+            let bad = |want: &str| FieldError { loc: loc(k), msg: format!("expected {want}") };
+            match k.as_str() {
+                "mix" => s.mix = v.as_str().ok_or_else(|| bad("a strategy name"))?.to_string(),
+                "klora_pattern" => s.klora_pattern = Some(v.as_str().ok_or_else(|| bad("s or s*"))?.to_string()),
+                "switch_every" => s.switch_every = v.as_u64().ok_or_else(|| bad("a whole number"))? as usize,
+                "windows" => s.windows = Some(v.as_str().ok_or_else(|| bad("role windows"))?.to_string()),
+                "asymmetric_cfg" => s.asymmetric_cfg = v.as_bool().ok_or_else(|| bad("true or false"))?,
+                "klora_others" => s.klora_others = Some(v.as_str().ok_or_else(|| bad("follow or merge"))?.to_string()),
+                "candidates" => s.candidates = v.as_bool().ok_or_else(|| bad("true or false"))?,
+                _ => return Err(FieldError { loc: loc(k), msg: "unknown LoRAMix setting (mix, klora_pattern, switch_every, windows, asymmetric_cfg, klora_others, candidates)".into() }),
+            }
+        }
+    }
+    crate::mix::build(&crate::mix::MixOptions { strategy: s.mix.clone(), ..Default::default() }).map_err(|e| FieldError::new("alwayson_scripts", e.to_string()))?;
+    Ok(())
+}
+
+/// The job a request asks for. `model` is the current checkpoint (`options`); init images and
+/// masks arrive as files the server wrote (`init_paths`).
+pub fn to_settings(req: &GenerationRequest, model: &str, init_paths: Option<(String, Option<String>)>) -> Result<Settings, FieldError> {
+    let mut s = Settings { model: model.to_string(), prompt: req.prompt.clone(), negative_prompt: req.negative_prompt.clone(), styles: req.styles.clone(), ..Settings::default() };
+    if let Some(m) = req.override_settings.get("sd_model_checkpoint").and_then(Value::as_str) {
+        s.model = m.to_string();
+    }
+    if let Some(v) = req.override_settings.get("sd_vae").and_then(Value::as_str) {
+        if !matches!(v, "Automatic" | "None" | "") {
+            s.vae = v.to_string();
+        }
+    }
+    if let Some(n) = req.override_settings.get("CLIP_stop_at_last_layers").and_then(Value::as_u64) {
+        s.clip_skip = (n as usize).saturating_sub(1);
+    }
+    s.seed = match req.seed {
+        None | Some(-1) => None,
+        Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u64),
+        Some(n) => return Err(FieldError::new("seed", format!("{n}: expected -1 or 0 to 4294967295"))),
+    };
+    let sampler = if req.sampler_name.is_empty() { req.sampler_index.as_str() } else { req.sampler_name.as_str() };
+    if !sampler.is_empty() {
+        let k: SamplerKind = sampler.parse().map_err(|e: crate::Error| FieldError::new("sampler_name", e.to_string()))?;
+        s.sampler = k.name().to_string();
+    }
+    if !req.scheduler.is_empty() {
+        let k: Schedule = req.scheduler.parse().map_err(|e: crate::Error| FieldError::new("scheduler", e.to_string()))?;
+        s.schedule = if k == Schedule::Default { String::new() } else { k.name().to_string() };
+    }
+    s.batch_size = req.batch_size.unwrap_or(1);
+    s.batch_count = req.n_iter.unwrap_or(1);
+    if s.batch_size == 0 || s.batch_size > 64 {
+        return Err(FieldError::new("batch_size", format!("{}: expected 1 to 64", s.batch_size)));
+    }
+    if s.batch_count == 0 || s.batch_count > 1000 {
+        return Err(FieldError::new("n_iter", format!("{}: expected 1 to 1000", s.batch_count)));
+    }
+    s.steps = req.steps.unwrap_or(20);
+    if s.steps == 0 || s.steps > 1000 {
+        return Err(FieldError::new("steps", format!("{}: expected 1 to 1000", s.steps)));
+    }
+    s.cfg = req.cfg_scale.unwrap_or(7.0);
+    if !s.cfg.is_finite() {
+        return Err(FieldError::new("cfg_scale", "expected a number"));
+    }
+    for (f, v) in [("width", req.width), ("height", req.height)] {
+        let v = v.unwrap_or(512);
+        if v == 0 || v % 8 != 0 || v > crate::sdxl::pipeline::MAX_SIDE {
+            return Err(FieldError::new(f, format!("{v}: expected a multiple of 8 up to {}", crate::sdxl::pipeline::MAX_SIDE)));
+        }
+    }
+    s.width = req.width.unwrap_or(512);
+    s.height = req.height.unwrap_or(512);
+    if req.enable_hr && init_paths.is_none() {
+        let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { req.hr_upscaler.clone() };
+        upscaler.parse::<crate::sdxl::upscale::Upscaler>().map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
+        s.hires = Some(HiresSettings { scale: req.hr_scale.unwrap_or(2.0), upscaler, steps: req.hr_second_pass_steps, denoise: req.denoising_strength.unwrap_or(0.7) });
+    }
+    if let Some((image, mask)) = init_paths {
+        let strength = req.denoising_strength.unwrap_or(0.75);
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(FieldError::new("denoising_strength", format!("{strength}: expected a number in [0, 1]")));
+        }
+        let masked_content = match req.inpainting_fill.unwrap_or(1) {
+            0 => MaskedContent::Fill,
+            1 => MaskedContent::Original,
+            2 => MaskedContent::LatentNoise,
+            3 => MaskedContent::LatentNothing,
+            n => return Err(FieldError::new("inpainting_fill", format!("{n}: expected 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing)"))),
+        };
+        s.init = Some(InitSettings {
+            image,
+            strength,
+            mask,
+            mask_blur: req.mask_blur.unwrap_or(4.0),
+            masked_content,
+            inpaint_area: if req.inpaint_full_res { InpaintArea::OnlyMasked } else { InpaintArea::WholePicture },
+            padding: req.inpaint_full_res_padding.unwrap_or(32),
+            outpaint: None,
+        });
+    }
+    apply_mix_settings(req, &mut s)?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webuiapi_defaults_and_nulls_read() {
+        let body = serde_json::json!({
+            "prompt": "a vlox <lora:vlox:0.8>", "seed": -1, "sampler_name": "Euler a", "scheduler": "automatic",
+            "hr_checkpoint_name": null, "script_name": null, "styles": [], "override_settings": {}, "alwayson_scripts": {},
+            "steps": 12, "width": 64, "height": 64, "batch_size": 2, "n_iter": 3, "eta": 1.0, "mask": null,
+        });
+        let req: GenerationRequest = serde_json::from_value(body).unwrap();
+        let s = to_settings(&req, "models/miniworld", None).unwrap();
+        assert_eq!((s.steps, s.width, s.batch_size, s.batch_count, s.seed), (12, 64, 2, 3, None));
+        assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("euler_a", ""));
+    }
+
+    #[test]
+    fn mix_settings_and_field_errors() {
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({
+            "prompt": "x", "alwayson_scripts": {"LoRAMix": {"args": [{"mix": "auto", "asymmetric_cfg": true}]}}
+        }))
+        .unwrap();
+        let s = to_settings(&req, "m", None).unwrap();
+        assert_eq!((s.mix.as_str(), s.asymmetric_cfg), ("auto", true));
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "override_settings": {"loramix_mix": "blend"}})).unwrap();
+        assert!(to_settings(&req, "m", None).is_err());
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "width": 65})).unwrap();
+        let e = to_settings(&req, "m", None).unwrap_err();
+        assert_eq!(e.loc, ["body", "width"]);
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "sampler_name": "Nope"})).unwrap();
+        assert_eq!(to_settings(&req, "m", None).unwrap_err().loc, ["body", "sampler_name"]);
+    }
+}

@@ -1,0 +1,582 @@
+//! An A1111-compatible local HTTP API (`/sdapi/v1/...`), so tools written for A1111 (Open WebUI,
+//! SillyTavern, Krita and Photoshop plug-ins, bots, the `webuiapi` package) drive LoRAMix.
+//!
+//! Requests become studio jobs on one [`Worker`]: a FIFO queue served by one thread, the same
+//! studio the app runs its jobs on, so generations never run two at a time and the models load
+//! once. Bodies are size-limited; a body that is not the expected JSON gets a 422 naming the
+//! field, in FastAPI's shape (`{"detail": [{"loc": ["body", "width"], "msg": …}]}`). With
+//! `auth`, every route answers 401 without HTTP Basic credentials. axum on tokio: HTTP is not
+//! ours to write.
+
+pub mod a1111;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::studio::{self, ImageOutputs, ImageRecord, Settings, Studio, StudioEvent};
+use a1111::{FieldError, GenerationRequest};
+
+/// How `loramix serve` (or the app) runs the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub host: String,
+    pub port: u16,
+    /// HTTP Basic user and password; `None`: open (loopback only by default).
+    pub auth: Option<(String, String)>,
+    pub library: Option<PathBuf>,
+    /// The checkpoint until `options` sets another.
+    pub model: String,
+    /// More checkpoints for `sd-models`: diffusers folders and `.safetensors` files in it.
+    pub models_dir: Option<PathBuf>,
+    /// Where `save_images: true` writes (A1111's numbering).
+    pub out: PathBuf,
+    /// Requests waiting at most; more get a 503.
+    pub queue_limit: usize,
+    /// Request bodies at most, bytes.
+    pub body_limit: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 7860,
+            auth: None,
+            library: None,
+            model: "models/miniworld".into(),
+            models_dir: None,
+            out: PathBuf::from("outputs/api"),
+            queue_limit: 256,
+            body_limit: 64 << 20,
+        }
+    }
+}
+
+/// What a running job has done so far (`/sdapi/v1/progress`).
+#[derive(Debug, Default)]
+struct Progress {
+    active: bool,
+    started: Option<Instant>,
+    batches: usize,
+    batch: usize,
+    step: usize,
+    steps: usize,
+    interrupted: bool,
+    current_image: Option<Vec<u8>>,
+    job_timestamp: String,
+}
+
+/// A finished job: each image's PNG bytes and record.
+#[derive(Debug, Default)]
+pub struct JobDone {
+    pub images: Vec<(Vec<u8>, ImageRecord)>,
+    pub interrupted: bool,
+}
+
+struct Job {
+    settings: Settings,
+    save: bool,
+    reply: tokio::sync::oneshot::Sender<std::result::Result<JobDone, String>>,
+}
+
+/// One queue of studio jobs served by one thread.
+pub struct Worker {
+    tx: Mutex<mpsc::Sender<Job>>,
+    pending: Arc<AtomicUsize>,
+    progress: Arc<Mutex<Progress>>,
+    cancel: Arc<AtomicBool>,
+}
+
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    secs.to_string()
+}
+
+impl Worker {
+    /// Starts the worker thread on `studio`; temporary images go under the system temp folder.
+    pub fn start(studio: Arc<Studio>, library: Option<PathBuf>, out: PathBuf) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let progress = Arc::new(Mutex::new(Progress::default()));
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (p, pr, c) = (pending.clone(), progress.clone(), cancel.clone());
+        std::thread::Builder::new()
+            .name("loramix-api-worker".into())
+            .spawn(move || {
+                static JOB: AtomicU64 = AtomicU64::new(0);
+                for job in rx {
+                    c.store(false, Ordering::SeqCst);
+                    {
+                        let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
+                        *g = Progress { active: true, started: Some(Instant::now()), job_timestamp: timestamp(), ..Default::default() };
+                    }
+                    let n = JOB.fetch_add(1, Ordering::SeqCst);
+                    let dir = if job.save { out.clone() } else { std::env::temp_dir().join(format!("loramix-api-{}-{n}", std::process::id())) };
+                    let r = run_job(&studio, library.as_deref(), &job.settings, &dir, &c, &pr);
+                    if !job.save {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                    {
+                        let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
+                        g.active = false;
+                        g.current_image = None;
+                    }
+                    p.fetch_sub(1, Ordering::SeqCst);
+                    let _ = job.reply.send(r.map_err(|e| e.to_string()));
+                }
+            })
+            .ok();
+        Self { tx: Mutex::new(tx), pending, progress, cancel }
+    }
+
+    /// Queues a job; the receiver gets its images. Refused when `limit` jobs already wait.
+    fn submit(&self, settings: Settings, save: bool, limit: usize) -> std::result::Result<tokio::sync::oneshot::Receiver<std::result::Result<JobDone, String>>, String> {
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= limit {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(format!("{limit} requests are already waiting; try again later"));
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let sent = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Job { settings, save, reply });
+        if sent.is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err("the generation worker has stopped".into());
+        }
+        Ok(rx)
+    }
+
+    /// Stops the running job within a step (A1111's Interrupt); queued jobs still run.
+    pub fn interrupt(&self) {
+        let mut g = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if g.active {
+            g.interrupted = true;
+            self.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, cancel: &AtomicBool, progress: &Mutex<Progress>) -> Result<JobDone> {
+    let mut written = vec![];
+    let outputs = ImageOutputs { dir, names: None, images: None };
+    let r = studio.run(
+        settings,
+        library,
+        &outputs,
+        cancel,
+        &mut |e| match e {
+            StudioEvent::Image { path, .. } => written.push(path),
+            StudioEvent::Step { batch, batches, step, steps, .. } => {
+                let mut g = progress.lock().unwrap_or_else(|e| e.into_inner());
+                (g.batch, g.batches, g.step, g.steps) = (batch, batches, step, steps);
+            }
+            _ => {}
+        },
+        &mut |img| {
+            if let Ok(png) = crate::output::encode_png(img, &[]) {
+                progress.lock().unwrap_or_else(|e| e.into_inner()).current_image = Some(png);
+            }
+        },
+    );
+    let interrupted = match r {
+        Ok(_) => false,
+        // A1111 answers an interrupted job with the images it finished.
+        Err(Error::Cancelled) => true,
+        Err(e) => return Err(e),
+    };
+    let mut images = vec![];
+    for p in written {
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let (_, rec) = studio::settings_from_png(&p)?;
+        images.push((bytes, rec.ok_or_else(|| Error::BadFile { path: p.clone(), message: "no record".into() })?));
+    }
+    Ok(JobDone { images, interrupted })
+}
+
+struct AppState {
+    config: ApiConfig,
+    worker: Arc<Worker>,
+    model: Mutex<String>,
+}
+
+/// An error answer in A1111's shapes: 422 `detail` for bad fields, else `{error, detail, errors}`.
+enum ApiError {
+    Field(FieldError),
+    Status(StatusCode, String),
+}
+
+impl From<FieldError> for ApiError {
+    fn from(e: FieldError) -> Self {
+        Self::Field(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Field(e) => (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": [{"loc": e.loc, "msg": e.msg, "type": "value_error"}]}))).into_response(),
+            Self::Status(code, msg) => {
+                (code, Json(json!({"error": code.canonical_reason().unwrap_or("Error"), "detail": "", "body": "", "errors": msg}))).into_response()
+            }
+        }
+    }
+}
+
+/// JSON bodies with the failing field named (serde_path_to_error), as FastAPI's 422.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> std::result::Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let mut loc = vec!["body".to_string()];
+        if path != "." {
+            loc.extend(path.split('.').map(str::to_string));
+        }
+        let inner = e.into_inner();
+        let msg = if inner.is_syntax() || inner.is_eof() { format!("JSON decode error: {inner}") } else { inner.to_string() };
+        ApiError::Field(FieldError { loc, msg })
+    })
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// A base64 image as A1111 accepts it: raw, or a `data:image/...;base64,` URL.
+fn decode_image(field: &str, text: &str) -> std::result::Result<Vec<u8>, ApiError> {
+    let raw = text.split_once(";base64,").map_or(text, |(_, b)| b);
+    base64::engine::general_purpose::STANDARD
+        .decode(raw.trim())
+        .map_err(|e| FieldError::new(field, format!("expected a base64 image: {e}")).into())
+}
+
+async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) -> std::result::Result<Json<Value>, ApiError> {
+    let rx = state.worker.submit(settings.clone(), req.save_images, state.config.queue_limit).map_err(|e| ApiError::Status(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let done = rx
+        .await
+        .map_err(|_| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, "the generation worker stopped".into()))?
+        .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    let infotexts: Vec<String> = done.images.iter().map(|(_, r)| studio::parameters_text(r)).collect();
+    let prompts: Vec<String> = done.images.iter().map(|(_, r)| r.drawn.as_ref().map_or(r.settings.prompt.clone(), |d| d.prompt.clone())).collect();
+    let negatives: Vec<String> = done.images.iter().map(|(_, r)| r.drawn.as_ref().map_or(r.settings.negative_prompt.clone(), |d| d.negative_prompt.clone())).collect();
+    let seeds: Vec<u64> = done.images.iter().map(|(_, r)| r.seed).collect();
+    let first = done.images.first().map(|(_, r)| r);
+    let info = json!({
+        "prompt": prompts.first().cloned().unwrap_or(settings.prompt.clone()),
+        "all_prompts": prompts,
+        "negative_prompt": negatives.first().cloned().unwrap_or(settings.negative_prompt.clone()),
+        "all_negative_prompts": negatives,
+        "seed": seeds.first().copied().or(settings.seed),
+        "all_seeds": seeds,
+        "subseed": -1,
+        "all_subseeds": seeds.iter().map(|_| -1).collect::<Vec<_>>(),
+        "subseed_strength": 0,
+        "width": first.map_or(settings.width, |r| r.width),
+        "height": first.map_or(settings.height, |r| r.height),
+        "sampler_name": first.map_or(String::new(), |r| r.sampler.clone()),
+        "cfg_scale": settings.cfg,
+        "steps": settings.steps,
+        "batch_size": settings.batch_size,
+        "restore_faces": false,
+        "face_restoration_model": null,
+        "sd_model_name": Path::new(&settings.model).file_name().map(|n| n.to_string_lossy().into_owned()),
+        "sd_model_hash": null,
+        "sd_vae_name": (!settings.vae.is_empty()).then(|| settings.vae.clone()),
+        "sd_vae_hash": null,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": settings.init.as_ref().map(|i| i.strength).or(settings.hires.as_ref().map(|h| h.denoise)),
+        "extra_generation_params": {"LoRA mix": settings.mix},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": settings.styles,
+        "job_timestamp": timestamp(),
+        "clip_skip": settings.clip_skip + 1,
+        "is_using_inpainting_conditioning": false,
+        "interrupted": done.interrupted,
+        "version": format!("loramix {}", env!("CARGO_PKG_VERSION")),
+    });
+    let images: Vec<String> = if req.send_images.unwrap_or(true) { done.images.iter().map(|(b, _)| b64(b)).collect() } else { vec![] };
+    Ok(Json(json!({"images": images, "parameters": req, "info": info.to_string()})))
+}
+
+fn current_model(state: &AppState) -> String {
+    state.model.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+    let req: GenerationRequest = parse_body(&body)?;
+    let settings = a1111::to_settings(&req, &current_model(&state), None)?;
+    generate(&state, req, settings).await
+}
+
+/// The init image (and mask) become files for the job; A1111's img2img API takes the first
+/// init image.
+async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+    let req: GenerationRequest = parse_body(&body)?;
+    let first = req.init_images.first().ok_or_else(|| FieldError::new("init_images", "expected at least one base64 image"))?;
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!("loramix-api-init-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+    std::fs::create_dir_all(&dir).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let write = |name: &str, field: &str, text: &str| -> std::result::Result<String, ApiError> {
+        let bytes = decode_image(field, text)?;
+        let img = image::load_from_memory(&bytes).map_err(|e| FieldError::new(field, format!("not an image: {e}")))?;
+        let path = dir.join(name);
+        let mut img = img.to_rgb8();
+        if field == "mask" && req.inpainting_mask_invert == 1 {
+            image::imageops::invert(&mut img);
+        }
+        img.save(&path).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(path.to_string_lossy().into_owned())
+    };
+    let init = write("init.png", "init_images", first)?;
+    let mask = req.mask.as_deref().map(|m| write("mask.png", "mask", m)).transpose()?;
+    let mut r = req.clone();
+    // A1111 sizes img2img output by width/height; an absent size keeps the image's.
+    if body_lacks(&body, "width") {
+        r.width = None;
+    }
+    let mut settings = a1111::to_settings(&r, &current_model(&state), Some((init, mask)))?;
+    if body_lacks(&body, "width") && body_lacks(&body, "height") {
+        (settings.width, settings.height) = (0, 0);
+    }
+    let out = generate(&state, req, settings).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn body_lacks(body: &Bytes, field: &str) -> bool {
+    serde_json::from_slice::<Value>(body).ok().and_then(|v| v.get(field).cloned()).is_none_or(|v| v.is_null())
+}
+
+async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let mut models = vec![state.config.model.clone()];
+    if let Some(d) = &state.config.models_dir {
+        if let Ok(rd) = std::fs::read_dir(d) {
+            let mut found: Vec<String> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("model_index.json").exists() || p.extension().is_some_and(|e| e == "safetensors"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            found.sort();
+            models.extend(found);
+        }
+    }
+    models.dedup();
+    Json(Value::Array(
+        models
+            .iter()
+            .map(|m| {
+                let name = Path::new(m).file_stem().map_or(m.clone(), |n| n.to_string_lossy().into_owned());
+                json!({"title": name, "model_name": name, "hash": null, "sha256": null, "filename": m, "config": null})
+            })
+            .collect(),
+    ))
+}
+
+async fn samplers() -> Json<Value> {
+    Json(Value::Array(
+        crate::sdxl::schedulers::SamplerKind::ALL.iter().map(|k| json!({"name": k.a1111_name(), "aliases": [k.name()], "options": {}})).collect(),
+    ))
+}
+
+async fn schedulers() -> Json<Value> {
+    use crate::sdxl::schedulers::Schedule;
+    Json(Value::Array(
+        Schedule::ALL
+            .iter()
+            .map(|k| json!({"name": if *k == Schedule::Default { "automatic" } else { k.name() }, "label": k.a1111_name(), "aliases": null, "default_rho": -1, "need_inner_model": false}))
+            .collect(),
+    ))
+}
+
+/// The LoRAs `<lora:NAME:w>` resolves to: the library's, then the current model's own `loras/`.
+async fn loras(State(state): State<Arc<AppState>>) -> std::result::Result<Json<Value>, ApiError> {
+    let mut out = vec![];
+    let root = match &state.config.library {
+        Some(r) => Some(r.clone()),
+        None => crate::lora::library::LoraLibrary::default_root().ok(),
+    };
+    if let Some(root) = root.filter(|r| r.exists()) {
+        let lib = crate::lora::library::LoraLibrary::open(&root).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        for e in lib.list(&Default::default()).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))? {
+            out.push(json!({"name": e.display_name, "alias": e.display_name, "path": e.path, "metadata": {"ss_base_model_version": e.base_model, "role": e.role}}));
+        }
+    }
+    let own = Path::new(&current_model(&state)).join("loras");
+    if let Ok(rd) = std::fs::read_dir(&own) {
+        let mut files: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+        files.sort();
+        for p in files {
+            let name = p.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !out.iter().any(|o| o["name"] == name.as_str()) {
+                out.push(json!({"name": name, "alias": name, "path": p, "metadata": {}}));
+            }
+        }
+    }
+    Ok(Json(Value::Array(out)))
+}
+
+/// The library is read on every `loras` call, so there is nothing to rescan.
+async fn refresh_loras() -> Json<Value> {
+    Json(Value::Null)
+}
+
+async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let model = current_model(&state);
+    let title = Path::new(&model).file_stem().map_or(model.clone(), |n| n.to_string_lossy().into_owned());
+    Json(json!({"sd_model_checkpoint": title, "sd_checkpoint_hash": null, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"}))
+}
+
+/// Sets `sd_model_checkpoint` (a title from `sd-models`, or a path); other options are accepted
+/// and not kept, as for A1111 options an install does not have.
+async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+    let opts: serde_json::Map<String, Value> = parse_body(&body)?;
+    if let Some(v) = opts.get("sd_model_checkpoint") {
+        let want = v.as_str().ok_or_else(|| FieldError::new("sd_model_checkpoint", "expected a checkpoint title"))?;
+        let Json(models) = sd_models(State(state.clone())).await;
+        let found = models.as_array().and_then(|a| a.iter().find(|m| m["title"] == want || m["filename"] == want || m["model_name"] == want)).map(|m| m["filename"].as_str().unwrap_or_default().to_string());
+        let path = match found {
+            Some(p) => p,
+            None if Path::new(want).exists() => want.to_string(),
+            None => return Err(FieldError::new("sd_model_checkpoint", format!("{want:?}: not a checkpoint of /sdapi/v1/sd-models")).into()),
+        };
+        *state.model.lock().unwrap_or_else(|e| e.into_inner()) = path;
+    }
+    Ok(Json(Value::Null))
+}
+
+async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let g = state.worker.progress.lock().unwrap_or_else(|e| e.into_inner());
+    let waiting = state.worker.pending.load(Ordering::SeqCst);
+    let frac = if g.active && g.steps > 0 && g.batches > 0 { (g.batch as f64 + g.step as f64 / g.steps as f64) / g.batches as f64 } else { 0.0 };
+    let elapsed = g.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let eta = if frac > 0.0 { elapsed / frac - elapsed } else { 0.0 };
+    Json(json!({
+        "progress": frac,
+        "eta_relative": eta,
+        "state": {
+            "skipped": false,
+            "interrupted": g.interrupted,
+            "stopping_generation": false,
+            "job": if g.active { format!("Batch {} out of {}", g.batch + 1, g.batches.max(1)) } else { String::new() },
+            "job_count": waiting,
+            "job_timestamp": g.job_timestamp,
+            "job_no": g.batch,
+            "sampling_step": g.step,
+            "sampling_steps": g.steps,
+        },
+        "current_image": g.current_image.as_ref().filter(|_| g.active).map(|b| b64(b)),
+        "textinfo": null,
+        "current_task": null,
+    }))
+}
+
+async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
+    state.worker.interrupt();
+    Json(Value::Null)
+}
+
+#[derive(serde::Deserialize)]
+struct PngInfoRequest {
+    image: String,
+}
+
+/// A1111's parse of an infotext: prompt, negative prompt and each `Key: value` of the last line.
+fn infotext_items(text: &str) -> Value {
+    let mut m = serde_json::Map::new();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines.iter().rposition(|l| l.trim_start().starts_with("Steps:"));
+    let (body, last) = match at {
+        Some(i) => (&lines[..i], Some(lines[i])),
+        None => (&lines[..], None),
+    };
+    let (mut prompt, mut neg, mut in_neg) = (vec![], vec![], false);
+    for l in body {
+        if let Some(n) = l.strip_prefix("Negative prompt:") {
+            in_neg = true;
+            neg.push(n.trim_start());
+        } else if in_neg {
+            neg.push(l);
+        } else {
+            prompt.push(*l);
+        }
+    }
+    m.insert("Prompt".into(), prompt.join("\n").into());
+    m.insert("Negative prompt".into(), neg.join("\n").into());
+    for (k, v) in last.map(studio::split_settings_line).unwrap_or_default() {
+        if k == "Size" {
+            if let Some((w, h)) = v.split_once('x') {
+                m.insert("Size-1".into(), w.into());
+                m.insert("Size-2".into(), h.into());
+            }
+        }
+        m.insert(k, v.into());
+    }
+    Value::Object(m)
+}
+
+async fn png_info(body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+    let req: PngInfoRequest = parse_body(&body)?;
+    let bytes = decode_image("image", &req.image)?;
+    let chunks = studio::png_text_chunks(&bytes).map_err(|e| FieldError::new("image", e.to_string()))?;
+    let info = chunks.get("parameters").cloned().unwrap_or_default();
+    let items: HashMap<&String, &String> = chunks.iter().filter(|(k, _)| *k != "parameters").collect();
+    Ok(Json(json!({"info": info, "items": items, "parameters": infotext_items(&info)})))
+}
+
+async fn require_auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some((user, pass)) = &state.config.auth {
+        let ok = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
+            .and_then(|b| String::from_utf8(b).ok())
+            .is_some_and(|cred| cred == format!("{user}:{pass}"));
+        if !ok {
+            return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic")], Json(json!({"detail": "Incorrect username or password"}))).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The routes, over `worker`.
+pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
+    let state = Arc::new(AppState { model: Mutex::new(config.model.clone()), config: config.clone(), worker });
+    Router::new()
+        .route("/sdapi/v1/txt2img", post(txt2img))
+        .route("/sdapi/v1/img2img", post(img2img))
+        .route("/sdapi/v1/sd-models", get(sd_models))
+        .route("/sdapi/v1/samplers", get(samplers))
+        .route("/sdapi/v1/schedulers", get(schedulers))
+        .route("/sdapi/v1/loras", get(loras))
+        .route("/sdapi/v1/refresh-loras", post(refresh_loras))
+        .route("/sdapi/v1/options", get(get_options).post(set_options))
+        .route("/sdapi/v1/progress", get(progress))
+        .route("/sdapi/v1/interrupt", post(interrupt))
+        .route("/sdapi/v1/png-info", post(png_info))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_auth))
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves. Binds where the config says (loopback by default).
+pub async fn serve(config: ApiConfig, worker: Arc<Worker>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| Error::Argument(format!("cannot listen on {addr}: {e}")))?;
+    axum::serve(listener, router(config, worker)).with_graceful_shutdown(shutdown).await.map_err(|e| Error::Argument(format!("server: {e}")))
+}

@@ -1,0 +1,179 @@
+"""`loramix serve` driven by the `webuiapi` package from PyPI (a client nobody here wrote), on
+the miniworld model: txt2img with a LoRA tag, the returned PNG's parameters, info's seeds, the
+LoRA list, progress and interrupt during a job, png-info, 401 without credentials, a 422 naming
+the field, and a load test of 50 concurrent requests.
+
+    python tests/python/test_api.py --binary target/debug/loramix
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import requests
+import webuiapi
+from PIL import Image
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+USER, PASS = "tester", "s3cret"
+
+
+def check(ok, what):
+    print(("ok - " if ok else "not ok - ") + what, flush=True)
+    if not ok:
+        raise SystemExit(f"api test failed: {what}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def client(port):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=port, sampler="Euler", steps=6)
+    api.set_auth(USER, PASS)
+    return api
+
+
+def pixels(img):
+    return img.convert("RGB").tobytes()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--binary", default=os.path.join(ROOT, "target/debug/loramix"))
+    a = p.parse_args()
+    binary = os.path.abspath(a.binary)
+    tmp = tempfile.mkdtemp(prefix="loramix-api-")
+    port = free_port()
+    env = {**os.environ, "LORAMIX_HOME": os.path.join(tmp, "home"), "RUST_BACKTRACE": "0"}
+    model = os.path.join(ROOT, "models/miniworld")
+    server = subprocess.Popen(
+        [binary, "serve", "--port", str(port), "--api-auth", f"{USER}:{PASS}", "--model", model, "--out", os.path.join(tmp, "saved"), "--queue-limit", "100"],
+        env=env, stderr=open(os.path.join(tmp, "server.log"), "w"),
+    )
+    base = f"http://127.0.0.1:{port}/sdapi/v1"
+    try:
+        for _ in range(200):
+            try:
+                requests.get(base + "/samplers", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        r = requests.get(base + "/samplers")
+        check(r.status_code == 401 and "Basic" in r.headers.get("WWW-Authenticate", ""), "401 without credentials")
+        check(requests.get(base + "/samplers", auth=(USER, "wrong")).status_code == 401, "401 with a wrong password")
+        api = client(port)
+
+        # txt2img with a LoRA tag.
+        res = api.txt2img(prompt="a vlox emblem on a teal background <lora:vlox:1>", seed=11, width=64, height=64, steps=8, n_iter=2)
+        params = res.image.info.get("parameters", "")
+        check(len(res.images) == 2, "txt2img returns the images of n_iter 2")
+        check("<lora:vlox:1>" in params and "Seed: 11" in params and "Lora hashes" in params and "Size: 64x64" in params, f"the PNG's parameters carry the LoRA tag, seed and hash ({params!r})")
+        check(res.info["seed"] == 11 and res.info["all_seeds"] == [11, 12], f"info's seed and all_seeds ({res.info.get('seed')}, {res.info.get('all_seeds')})")
+        check("Seed: 12" in res.images[1].info.get("parameters", ""), "the second image carries its own seed")
+
+        # The same seed without the LoRA draws a different picture.
+        plain = api.txt2img(prompt="a vlox emblem on a teal background", seed=11, width=64, height=64, steps=8)
+        check(pixels(plain.image) != pixels(res.image), "the LoRA tag changes the image")
+
+        loras = api.get_loras()
+        check(any(l["name"] == "vlox" for l in loras) and any(l["name"] == "checkered" for l in loras), "the LoRA list names the model's LoRAs")
+        check(requests.post(base + "/refresh-loras", auth=(USER, PASS)).status_code == 200, "refresh-loras")
+        check(any(s["name"] == "Euler a" for s in api.get_samplers()), "samplers in A1111's names")
+        check(any(s["label"] == "Karras" for s in api.get_schedulers()), "schedulers")
+        check(api.util_get_current_model() == "miniworld", "options name the current checkpoint")
+        check([m["title"] for m in api.get_sd_models()] == ["miniworld"], "sd-models")
+
+        # png-info on our own PNG.
+        info = api.png_info(res.image)
+        check(info.info == params, "png-info reads our PNG's parameters back")
+        check(info.json["parameters"]["Seed"] == "11" and "vlox" in info.json["parameters"]["Prompt"], "png-info parses the infotext")
+
+        # A bad field gets FastAPI's 422 naming it.
+        r = requests.post(base + "/txt2img", auth=(USER, PASS), json={"prompt": "x", "steps": "many"})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "steps"], f"422 names the field ({r.text[:200]})")
+        r = requests.post(base + "/txt2img", auth=(USER, PASS), data="{not json", headers={"Content-Type": "application/json"})
+        check(r.status_code == 422, "malformed JSON is a 422")
+        r = requests.post(base + "/txt2img", auth=(USER, PASS), json={"prompt": "x", "width": 65})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "width"], "a bad size is a 422 naming width")
+        r = requests.post(base + "/txt2img", auth=(USER, PASS), data=b"{" + b" " * (65 << 20) + b"}", headers={"Content-Type": "application/json"})
+        check(r.status_code == 413, f"a body over the limit is refused ({r.status_code})")
+
+        # Progress during a job, then interrupt within a step.
+        out = {}
+
+        def long_job():
+            t = time.time()
+            out["res"] = client(port).txt2img(prompt="a krin emblem", seed=5, width=64, height=64, steps=400)
+            out["t"] = time.time()
+
+        th = threading.Thread(target=long_job)
+        th.start()
+        seen = None
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            pr = api.get_progress()
+            if pr["state"]["sampling_step"] >= 3 and pr["current_image"]:
+                seen = pr
+                break
+            time.sleep(0.05)
+        check(seen is not None and 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 400, f"progress during a job ({seen and {k: seen[k] for k in ('progress', 'eta_relative')}})")
+        Image.open(io.BytesIO(base64.b64decode(seen["current_image"]))).load()
+        check(True, "progress carries a current preview image")
+        s1 = api.get_progress()["state"]["sampling_step"]
+        time.sleep(0.5)
+        s2 = api.get_progress()["state"]["sampling_step"]
+        step_time = 0.5 / max(1, s2 - s1)
+        t_int = time.time()
+        api.interrupt()
+        th.join(60)
+        check("res" in out, "the interrupted request answers")
+        waited = out["t"] - t_int
+        check(waited < max(2.0, 3 * step_time + 1.0), f"interrupt stops the job within a step ({waited:.2f}s after interrupt, {step_time:.3f}s a step)")
+        check(out["res"].info.get("interrupted") is True, "info says the job was interrupted")
+
+        # Load: 50 concurrent requests, each right for its seed.
+        seeds = list(range(1000, 1050))
+
+        def one(seed):
+            try:
+                r = client(port).txt2img(prompt="a tebo emblem on a cream background <lora:tebo:0.8>", seed=seed, width=64, height=64, steps=4)
+                return seed, r
+            except Exception as e:  # noqa: BLE001
+                return seed, e
+
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=50) as ex:
+            results = list(ex.map(one, seeds))
+        took = time.time() - t0
+        errors = [(s, r) for s, r in results if isinstance(r, Exception)]
+        check(not errors, f"50 concurrent requests all answered ({errors[:2]})")
+        check(took < 600, f"the 50 answered in bounded time ({took:.1f}s)")
+        check(all(r.info["seed"] == s and f"Seed: {s}" in r.image.info["parameters"] for s, r in results), "each answer carries its own seed")
+        # Right for its seed: the same picture as a request made alone.
+        for s in (1000, 1025, 1049):
+            alone = api.txt2img(prompt="a tebo emblem on a cream background <lora:tebo:0.8>", seed=s, width=64, height=64, steps=4)
+            check(pixels(alone.image) == pixels(dict(results)[s].image), f"seed {s} under load equals seed {s} alone")
+        check(server.poll() is None, "the server is still running")
+        print("api: all checks passed", flush=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
