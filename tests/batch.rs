@@ -136,3 +136,32 @@ fn bad_lines_are_reported_by_number_and_the_rest_still_run() {
     assert_eq!(summary["failed_lines"].as_u64(), Some(3));
     assert_eq!(summary["errors"][0]["line"].as_u64(), Some(2));
 }
+
+#[test]
+fn a_gallery_manifest_makes_the_same_images_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("made");
+    let o = loramix()
+        .args(["generate", "--prompt", "a mupa emblem on a navy background", "--lora", "mupa", "--steps", "3", "--seed", "21", "--batch-size", "2", "--model"])
+        .arg(model())
+        .arg("--out")
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let images: Vec<PathBuf> = pngs(&made).keys().map(|n| made.join(n)).collect();
+    assert_eq!(images.len(), 2);
+    let m = loramix::studio::export_manifest(&images, &tmp.path().join("saved")).unwrap();
+    assert_eq!(m.extension().unwrap(), "jsonl");
+    let text = std::fs::read_to_string(&m).unwrap();
+    assert_eq!(text.lines().count(), 1, "one job for one batch: {text}");
+    let again = tmp.path().join("again");
+    let o = run(&m, &again, None);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let mut made_px: Vec<Vec<u8>> = images.iter().map(|p| pixels(p)).collect();
+    let mut again_px: Vec<Vec<u8>> = pngs(&again).keys().map(|n| pixels(&again.join(n))).collect();
+    made_px.sort();
+    again_px.sort();
+    assert_eq!(made_px, again_px);
+}

@@ -439,6 +439,9 @@ impl AppState {
             }
             images.push(p);
         }
+        if req.manifest {
+            return Ok(vec![studio::export_manifest(&images, &dest)?]);
+        }
         let template = if req.template.trim().is_empty() { "{index}-{seed}-{prompt}" } else { req.template.as_str() };
         Ok(studio::export(&images, &dest, template, req.zip)?)
     }
@@ -714,6 +717,9 @@ pub struct ExportRequest {
     pub template: String,
     #[serde(default)]
     pub zip: bool,
+    /// Save the images' settings as a `loramix batch run` manifest (`dest`: a .jsonl file).
+    #[serde(default)]
+    pub manifest: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -322,6 +322,38 @@ pub fn manifest_line(settings: &Settings, images: Option<usize>) -> Result<Strin
     serde_json::to_string(&v).map_err(|e| Error::Argument(e.to_string()))
 }
 
+/// The Gallery's "save as manifest": one line per distinct job among `images` that makes that
+/// image again (its seed fixed; a batch of several is kept whole, since its images share noise),
+/// written atomically to `dest` (`.jsonl`).
+pub fn export_manifest(images: &[PathBuf], dest: &Path) -> Result<PathBuf> {
+    if images.is_empty() {
+        return Err(Error::Argument("nothing to export: no images selected".into()));
+    }
+    let mut lines: Vec<String> = vec![];
+    for p in images {
+        let (settings, rec) = super::metadata::settings_from_png(p)?;
+        let mut s = settings;
+        s.batch_count = 1;
+        let images = match &rec {
+            Some(r) => {
+                s.seed = Some(r.seed);
+                s.batch_size.max(1)
+            }
+            None => 1,
+        };
+        let line = manifest_line(&s, Some(images))?;
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    let dest = if dest.extension().is_some_and(|e| e == "jsonl") { dest.to_path_buf() } else { dest.with_extension("jsonl") };
+    if let Some(d) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    output::write_atomic(&dest, format!("{}\n", lines.join("\n")).as_bytes())?;
+    Ok(dest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

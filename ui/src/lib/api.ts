@@ -38,7 +38,7 @@ export const api = {
   studioImage: (path: string) => invoke<{ data_url: string; width: number; height: number }>("studio_image", { path }),
   saveMask: (dataUrl: string) => invoke<string>("studio_save_mask", { dataUrl }),
   pngSettings: (path: string) => invoke<Settings>("gallery_settings", { path }),
-  exportImages: (request: { images: string[]; dest: string; template: string; zip: boolean }) =>
+  exportImages: (request: { images: string[]; dest: string; template: string; zip: boolean; manifest?: boolean }) =>
     invoke<string[]>("gallery_export", { request }),
   modelList: () => invoke<ModelEntry[]>("model_list"),
   modelDownload: (repo: string, onEvent: (e: { kind: string; message?: string }) => void) => {
