@@ -496,27 +496,11 @@ struct PngInfoRequest {
 
 /// A1111's parse of an infotext: prompt, negative prompt and each `Key: value` of the last line.
 fn infotext_items(text: &str) -> Value {
+    let (prompt, negative, fields) = studio::split_infotext(text);
     let mut m = serde_json::Map::new();
-    let lines: Vec<&str> = text.lines().collect();
-    let at = lines.iter().rposition(|l| l.trim_start().starts_with("Steps:"));
-    let (body, last) = match at {
-        Some(i) => (&lines[..i], Some(lines[i])),
-        None => (&lines[..], None),
-    };
-    let (mut prompt, mut neg, mut in_neg) = (vec![], vec![], false);
-    for l in body {
-        if let Some(n) = l.strip_prefix("Negative prompt:") {
-            in_neg = true;
-            neg.push(n.trim_start());
-        } else if in_neg {
-            neg.push(l);
-        } else {
-            prompt.push(*l);
-        }
-    }
-    m.insert("Prompt".into(), prompt.join("\n").into());
-    m.insert("Negative prompt".into(), neg.join("\n").into());
-    for (k, v) in last.map(studio::split_settings_line).unwrap_or_default() {
+    m.insert("Prompt".into(), prompt.into());
+    m.insert("Negative prompt".into(), negative.into());
+    for (k, v) in fields {
         if k == "Size" {
             if let Some((w, h)) = v.split_once('x') {
                 m.insert("Size-1".into(), w.into());

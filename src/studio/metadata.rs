@@ -160,7 +160,9 @@ pub fn split_settings_line(line: &str) -> Vec<(String, String)> {
 
 /// Settings from an A1111 `parameters` text (ours, A1111's, Forge's, ...). `<lora:NAME:w>` tags
 /// move from the prompt into [`Settings::loras`].
-pub fn parse_parameters(text: &str) -> Result<Settings> {
+/// An infotext's parts as A1111 splits them: the prompt, the negative prompt and the last
+/// `Steps: …` line's `Key: value` pairs.
+pub fn split_infotext(text: &str) -> (String, String, Vec<(String, String)>) {
     let lines: Vec<&str> = text.lines().collect();
     let settings_at = lines.iter().rposition(|l| l.trim_start().starts_with("Steps:"));
     let (body, settings_line) = match settings_at {
@@ -180,19 +182,24 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             prompt_lines.push(*l);
         }
     }
-    let (prompt, tags) = lora::extract_prompt_loras(&prompt_lines.join("\n"))?;
+    (prompt_lines.join("\n"), negative_lines.join("\n"), settings_line.map(split_settings_line).unwrap_or_default())
+}
+
+pub fn parse_parameters(text: &str) -> Result<Settings> {
+    let (prompt_text, negative_text, fields) = split_infotext(text);
+    let (prompt, tags) = lora::extract_prompt_loras(&prompt_text)?;
     // Tags with block weights or schedules stay in the prompt, where they say all they say.
     let scheduled: Vec<&str> = tags.iter().filter(|t| t.schedule.is_some()).map(|t| t.text.as_str()).collect();
     let prompt = if scheduled.is_empty() { prompt.trim().to_string() } else { format!("{} {}", prompt.trim(), scheduled.join(" ")) };
     let mut s = Settings {
         prompt,
-        negative_prompt: negative_lines.join("\n").trim().to_string(),
+        negative_prompt: negative_text.trim().to_string(),
         loras: tags.into_iter().filter(|t| t.schedule.is_none()).map(|t| LoraSetting { name: t.name, weight: t.weight, role: None, schedule: None }).collect(),
         ..Settings::default()
     };
     let bad = |k: &str, v: &str, want: &str| Error::Argument(format!("parameters: {k} {v:?}: expected {want}"));
-    if let Some(line) = settings_line {
-        for (k, v) in split_settings_line(line) {
+    {
+        for (k, v) in fields {
             match k.as_str() {
                 "Steps" => s.steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
                 "Sampler" => {

@@ -459,35 +459,19 @@ fn generate_batch(
     // The same record the app writes: A1111 `parameters` (with <lora:..> tags and Lora hashes,
     // so A1111 and our drop-to-restore re-apply them) and our JSON chunk with the full settings.
     let settings = studio::Settings {
-        model: a.model.clone(),
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
-        steps: a.steps,
-        cfg: a.cfg,
         sampler: sampler.name().to_string(),
         schedule: if schedule == Schedule::Default { String::new() } else { schedule.name().to_string() },
-        clip_skip: a.clip_skip,
         seed: Some(seed),
         width: w,
         height: h,
-        batch_count: a.batch_count,
-        batch_size: a.batch_size,
         loras: loaded
             .iter()
             .filter(|(l, _)| !prompt_tags.iter().any(|t| t.name == l.name))
             .map(|(l, w)| studio::LoraSetting { name: l.name.clone(), weight: *w, role: None, schedule: None })
             .collect(),
-        mix: a.mix.clone(),
-        klora_pattern: a.klora_pattern.clone(),
-        switch_every: a.switch_every,
-        windows: a.windows.clone(),
-        asymmetric_cfg: a.asymmetric_cfg,
-        klora_others: a.klora_others.clone(),
         candidates: a.candidates.is_some(),
-        vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
-        init: init_settings.cloned(),
-        hires: hires_settings,
         styles: vec![],
+        ..settings_of(a, init_settings.cloned(), hires_settings)
     };
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
@@ -549,12 +533,24 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
             anyhow::bail!("{flag} cannot be used with {why}");
         }
     }
-    let loras = a
+    let mut settings = settings_of(a, init, hires);
+    settings.loras = a
         .loras
         .iter()
         .map(|s| lora::parse_lora_arg_with_role(s).map(|(name, weight, role)| studio::LoraSetting { name, weight, role: role.map(|r| r.as_str().to_string()), schedule: None }))
         .collect::<loramix::Result<Vec<_>>>()?;
-    let settings = studio::Settings {
+    settings.seed = Some(a.seed.unwrap_or_else(studio::random_seed));
+    settings.candidates = match a.candidates.as_deref() {
+        None => false,
+        Some("library") => true,
+        Some(o) => anyhow::bail!("--candidates {o}: expected library"),
+    };
+    Ok(settings)
+}
+
+/// The flags as settings, as given (the callers fix seeds, LoRAs and resolved names).
+fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>) -> studio::Settings {
+    studio::Settings {
         model: a.model.clone(),
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
@@ -564,28 +560,23 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
         schedule: a.schedule.clone().unwrap_or_default(),
         vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         clip_skip: a.clip_skip,
-        seed: Some(a.seed.unwrap_or_else(studio::random_seed)),
+        seed: a.seed,
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         batch_count: a.batch_count,
         batch_size: a.batch_size,
-        loras,
+        loras: vec![],
         mix: a.mix.clone(),
         klora_pattern: a.klora_pattern.clone(),
         switch_every: a.switch_every,
         windows: a.windows.clone(),
         asymmetric_cfg: a.asymmetric_cfg,
         klora_others: a.klora_others.clone(),
-        candidates: match a.candidates.as_deref() {
-            None => false,
-            Some("library") => true,
-            Some(o) => anyhow::bail!("--candidates {o}: expected library"),
-        },
+        candidates: a.candidates.is_some(),
         hires,
         init,
         styles: a.styles.clone(),
-    };
-    Ok(settings)
+    }
 }
 
 /// One stderr line per studio event worth a line in a log.
