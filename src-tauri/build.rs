@@ -12,6 +12,7 @@ const COMMANDS: &[&str] = &[
     "subspace_replace",
     "subspace_restore",
     "studio_generate",
+    "studio_grid",
     "studio_cancel",
     "gallery_list",
     "gallery_image",

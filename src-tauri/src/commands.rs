@@ -65,6 +65,8 @@ fn inside(p: &Path, dir: &Path) -> bool {
 struct Job {
     id: u64,
     settings: Settings,
+    /// An X/Y/Z plot of `settings` (x, y, z axes) instead of one job.
+    grid: Option<[Option<studio::Axis>; 3]>,
     events: Box<dyn Fn(JobEvent) + Send>,
     cancel: Arc<AtomicBool>,
 }
@@ -291,7 +293,30 @@ impl AppState {
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
         let position = q.jobs.len() + usize::from(q.running.is_some());
         events(JobEvent::Queued { job: id, position });
-        q.jobs.push_back(Job { id, settings, events, cancel: Arc::new(AtomicBool::new(false)) });
+        q.jobs.push_back(Job { id, settings, grid: None, events, cancel: Arc::new(AtomicBool::new(false)) });
+        cv.notify_one();
+        Ok(id)
+    }
+
+    /// Queues an X/Y/Z plot (`AXIS=V1,V2,...` per axis, as `loramix grid`); its images and
+    /// grids go to `gallery/grid-NNNNN/`.
+    pub fn enqueue_grid(&self, mut settings: Settings, axes: [Option<String>; 3], events: Box<dyn Fn(JobEvent) + Send>) -> AppResult<u64> {
+        settings.model = self.resolve_model(&settings.model)?;
+        let mut parsed: [Option<studio::Axis>; 3] = [None, None, None];
+        for (slot, (spec, name)) in parsed.iter_mut().zip(axes.iter().zip(["X", "Y", "Z"])) {
+            if let Some(spec) = spec.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+                *slot = Some(spec.parse().map_err(|e: loramix::Error| AppError::Invalid(format!("{name} axis: {e}")))?);
+            }
+        }
+        if parsed[0].is_none() {
+            return Err(AppError::Invalid("X axis: expected AXIS=V1,V2,... (e.g. mix=merge,auto)".into()));
+        }
+        let id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let (lock, cv) = &*self.queue;
+        let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let position = q.jobs.len() + usize::from(q.running.is_some());
+        events(JobEvent::Queued { job: id, position });
+        q.jobs.push_back(Job { id, settings, grid: Some(parsed), events, cancel: Arc::new(AtomicBool::new(false)) });
         cv.notify_one();
         Ok(id)
     }
@@ -624,6 +649,18 @@ fn run_job(studio: &Studio, library: &Path, gallery: &Path, job: &Job) {
     (job.events)(JobEvent::Started { job: job.id });
     let id = job.id;
     let ev = &job.events;
+    if let Some(axes) = &job.grid {
+        let out = gallery.join(format!("grid-{id:05}"));
+        let r = studio::run_grid(studio, &job.settings, [axes[0].as_ref(), axes[1].as_ref(), axes[2].as_ref()], &out, Some(library), &job.cancel, &mut |e| {
+            ev(JobEvent::Progress { job: id, event: e })
+        });
+        match r {
+            Ok(g) => ev(JobEvent::Done { job: id, images: g.grids }),
+            Err(loramix::Error::Cancelled) => ev(JobEvent::Cancelled { job: id }),
+            Err(e) => ev(JobEvent::Failed { job: id, message: e.to_string() }),
+        }
+        return;
+    }
     let r = studio.generate(
         &job.settings,
         Some(library),
@@ -871,6 +908,13 @@ pub async fn subspace_restore(state: State<'_>, name: String) -> AppResult<usize
 #[tauri::command]
 pub async fn studio_generate(state: State<'_>, settings: Settings, on_event: Channel<JobEvent>) -> AppResult<u64> {
     state.enqueue(settings, Box::new(move |e| {
+        let _ = on_event.send(e);
+    }))
+}
+
+#[tauri::command]
+pub async fn studio_grid(state: State<'_>, settings: Settings, x: String, y: Option<String>, z: Option<String>, on_event: Channel<JobEvent>) -> AppResult<u64> {
+    state.enqueue_grid(settings, [Some(x), y, z], Box::new(move |e| {
         let _ = on_event.send(e);
     }))
 }

@@ -55,6 +55,7 @@ pub fn run() {
             commands::subspace_replace,
             commands::subspace_restore,
             commands::studio_generate,
+            commands::studio_grid,
             commands::studio_cancel,
             commands::gallery_list,
             commands::gallery_image,

@@ -154,6 +154,22 @@ try {
   check(painted > 0 && kept, `unmasked pixels are the init image's (${painted} painted)`);
   check(changed > painted / 4, `the masked area changed (${changed}/${painted})`);
   await shot("inpaint.png");
+  // 4c. An X/Y/Z plot from the Studio: two seeds, the cells and a labelled grid in the gallery.
+  await driver.executeScript("document.querySelector('details.grid-plot').open = true");
+  const gx = await reveal(await driver.findElement(byTest("grid-x")));
+  await gx.clear();
+  await gx.sendKeys("seed=1,2");
+  await (await reveal(await driver.findElement(byTest("grid-run")))).click();
+  let gridDir = null;
+  await driver.wait(async () => {
+    gridDir = fs.readdirSync(galleryDir).find((f) => f.startsWith("grid-") && fs.existsSync(path.join(galleryDir, f, "grid.png"))) ?? null;
+    return gridDir !== null;
+  }, 180000);
+  const cells = fs.readdirSync(path.join(galleryDir, gridDir)).filter((f) => f.startsWith("xyz-")).sort();
+  check(cells.join(",") === "xyz-z00-y00-x00-00.png,xyz-z00-y00-x01-00.png", `the grid's cells were written (${cells.join(", ")})`);
+  const gridPng = fs.readFileSync(path.join(galleryDir, gridDir, "grid.png"));
+  check(gridPng.includes(Buffer.from("loramix-grid")) && gridPng.includes(Buffer.from("Seed: 1")), "the grid PNG names its axis and carries the first cell's parameters");
+  await shot("grid.png");
   // 5. The LLM pane on the model we ship: an aLoRA reply on the cached conversation, then a
   //    batch of prompts answered per cluster into a JSONL file.
   await tab("chat");

@@ -27,6 +27,11 @@ export const api = {
   subspaceList: () => invoke<SubspaceSummary[]>("subspace_list"),
   subspaceReplace: (name: string, maxError: number) => invoke<SubspaceMember[]>("subspace_replace", { name, maxError }),
   subspaceRestore: (name: string) => invoke<number>("subspace_restore", { name }),
+  grid: (settings: Settings, axes: { x: string; y: string; z: string }, onEvent: (e: JobEvent) => void) => {
+    const ch = new Channel<JobEvent>();
+    ch.onmessage = onEvent;
+    return invoke<number>("studio_grid", { settings, x: axes.x, y: axes.y || null, z: axes.z || null, onEvent: ch });
+  },
   generate: (settings: Settings, onEvent: (e: JobEvent) => void) => {
     const ch = new Channel<JobEvent>();
     ch.onmessage = onEvent;
