@@ -29,6 +29,7 @@ fn manifest(dir: &Path, lines: usize) -> PathBuf {
             "loras": [{"name": subjects[i % 4], "weight": 1.0}, {"name": styles[(i / 4) % 4], "weight": 0.8}],
             "steps": 4,
             "images": 2,
+            "mix": if i % 2 == 0 { "klora" } else { "merge" },
         });
         text.push_str(&format!("{line}\n"));
     }
@@ -72,6 +73,19 @@ fn killed_and_restarted_runs_finish_exactly_once_and_shards_match() {
         let text = String::from_utf8_lossy(bytes);
         assert!(!text.contains(&whole.display().to_string()));
     }
+
+    // Batch-aware mixing is exact: every job on its own makes the same bytes; the summary lists
+    // the prompt clusters, and the LoRA sets that recur shared their statistics.
+    let alone = tmp.path().join("alone");
+    let o = loramix().args(["batch", "run"]).arg(&m).arg("--out").arg(&alone).arg("--one-by-one").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pngs(&alone), reference);
+    assert!(!summary["clusters"].as_array().unwrap().is_empty(), "{summary}");
+    let lines_in_clusters: usize = summary["clusters"].as_array().unwrap().iter().map(|c| c["lines"].as_array().unwrap().len()).sum();
+    assert_eq!(lines_in_clusters, 6);
+    assert!(summary["sharing"]["statistics_shared"].as_u64().unwrap() > 0, "{}", summary["sharing"]);
+    let alone_summary: serde_json::Value = serde_json::from_slice(&std::fs::read(alone.join("batch.json")).unwrap()).unwrap();
+    assert_eq!(alone_summary["sharing"]["statistics_shared"].as_u64(), Some(0));
 
     // A second run of a finished job does nothing and changes no byte.
     let o = run(&m, &whole, None);

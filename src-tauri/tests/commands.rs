@@ -34,7 +34,7 @@ fn paths_from_the_ui_are_validated() {
     let outside = tmp.path().join("x.png");
     std::fs::write(&outside, b"not a png").unwrap();
     assert!(st.gallery_image(&s(&outside)).unwrap_err().to_string().contains("not an image of the gallery"));
-    let e = st.gallery_export(ExportRequest { images: vec![s(&outside)], dest: s(&tmp.path().join("out")), template: String::new(), zip: false });
+    let e = st.gallery_export(ExportRequest { images: vec![s(&outside)], dest: s(&tmp.path().join("out")), template: String::new(), zip: false, manifest: false });
     assert!(e.unwrap_err().to_string().contains("only gallery images"));
 }
 
@@ -117,13 +117,17 @@ fn generate_restore_and_export() {
     assert!(text["parameters"].contains("<lora:striped:0.8>"));
     // Export to a folder by template, then to a zip.
     let dest = tmp.path().join("export");
-    let out = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest), template: "{index}-{seed}".into(), zip: false }).unwrap();
+    let out = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest), template: "{index}-{seed}".into(), zip: false, manifest: false }).unwrap();
     let names: Vec<String> = out.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
     assert_eq!(names, vec!["00001-11.png", "00002-12.png"]);
     assert_eq!(std::fs::read(&out[0]).unwrap(), std::fs::read(&images[0]).unwrap());
-    let zip = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest.join("batch.zip")), template: String::new(), zip: true }).unwrap();
+    let zip = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest.join("batch.zip")), template: String::new(), zip: true, manifest: false }).unwrap();
     let bytes = std::fs::read(&zip[0]).unwrap();
     assert_eq!(&bytes[..4], b"PK\x03\x04");
+    let manifest = st.gallery_export(ExportRequest { images: images.iter().map(|p| s(p)).collect(), dest: s(&dest.join("jobs")), template: String::new(), zip: false, manifest: true }).unwrap();
+    assert!(manifest[0].ends_with("jobs.jsonl"));
+    let text = std::fs::read_to_string(&manifest[0]).unwrap();
+    assert!(!text.trim().is_empty() && text.lines().all(|l| loramix::studio::parse_line(l).is_ok()), "{text}");
     assert!(std::fs::read_dir(&dest).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
 }
 

@@ -131,6 +131,7 @@ struct Other {
     group: Vec<usize>,
 }
 
+#[derive(Clone)]
 pub struct KLora {
     pattern: Pattern,
     mode: Mode,
@@ -213,6 +214,10 @@ pub(crate) fn pair_gamma(plan: &MixPlan, c: usize, s: usize, scaled: bool) -> Re
 impl MixStrategy for KLora {
     fn name(&self) -> &'static str {
         "klora"
+    }
+
+    fn share(&self) -> Option<Box<dyn MixStrategy>> {
+        Some(Box::new(self.clone()))
     }
 
     fn prepare(&mut self, plan: &MixPlan) -> Result<()> {

@@ -225,6 +225,12 @@ pub trait MixStrategy: Send {
     fn prepare(&mut self, _plan: &MixPlan) -> Result<()> {
         Ok(())
     }
+    /// A copy of this prepared strategy for another mix of the same LoRAs at the same strengths
+    /// (a batch shares its weight statistics), where `prepare` reads nothing but the LoRAs;
+    /// `None`: prepare again.
+    fn share(&self) -> Option<Box<dyn MixStrategy>> {
+        None
+    }
     /// UNet passes per step (Composite: one per LoRA).
     fn passes(&self, _plan: &MixPlan) -> usize {
         1
@@ -372,6 +378,9 @@ impl MixStrategy for AsymmetricCfg {
     fn prepare(&mut self, plan: &MixPlan) -> Result<()> {
         self.0.prepare(plan)
     }
+    fn share(&self) -> Option<Box<dyn MixStrategy>> {
+        self.0.share().map(|s| Box::new(AsymmetricCfg(s)) as Box<dyn MixStrategy>)
+    }
     fn passes(&self, plan: &MixPlan) -> usize {
         self.0.passes(plan)
     }
@@ -452,8 +461,13 @@ impl<'a> Mixer<'a> {
     /// Attaches every LoRA: UNet modules as branches (weight 0 until a step sets them; fused
     /// once for static strategies), text-encoder modules fused at their strengths.
     pub fn new(targets: &'a AdapterTargets, plan: MixPlan, mut strategy: Box<dyn MixStrategy>) -> Result<Self> {
-        targets.clear();
         strategy.prepare(&plan)?;
+        Self::prepared(targets, plan, strategy)
+    }
+
+    /// A mixer over a strategy already prepared for these LoRAs ([`MixStrategy::share`]).
+    pub fn prepared(targets: &'a AdapterTargets, plan: MixPlan, strategy: Box<dyn MixStrategy>) -> Result<Self> {
+        targets.clear();
         let te_strengths: Vec<f64> = strategy
             .text_encoder_strengths(&plan)
             .into_iter()
@@ -563,6 +577,11 @@ impl<'a> Mixer<'a> {
             }
         }
         row
+    }
+
+    /// The prepared strategy for the next mix of the same LoRAs, when it can be shared.
+    pub fn share_strategy(&self) -> Option<Box<dyn MixStrategy>> {
+        self.strategy.share()
     }
 
     pub fn finish(self) -> MixTrace {

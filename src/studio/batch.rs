@@ -189,6 +189,18 @@ pub struct LineSummary {
     pub error: Option<String>,
 }
 
+/// A cluster of the manifest's prompts (batch-aware mixing) and the mixes its lines used.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterSummary {
+    pub id: usize,
+    pub model: String,
+    /// The member nearest the centroid.
+    pub prompt: String,
+    pub lines: Vec<usize>,
+    /// `strategy: LoRA, LoRA` per distinct mix among this shard's lines of the cluster.
+    pub mixes: Vec<String>,
+}
+
 /// `batch.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct BatchSummary {
@@ -205,6 +217,11 @@ pub struct BatchSummary {
     pub seconds: f64,
     /// Lines that are not jobs (every shard reports them).
     pub errors: Vec<LineError>,
+    /// Batch-aware mixing: the prompt clusters (over the whole manifest, so every shard agrees),
+    /// and how often weight statistics and candidate scores were computed versus reused.
+    pub batch_aware: bool,
+    pub clusters: Vec<ClusterSummary>,
+    pub sharing: super::jobs::MixSharing,
     pub lines: Vec<LineSummary>,
 }
 
@@ -229,8 +246,109 @@ pub enum BatchEvent {
     Step { line: usize, step: usize, steps: usize },
 }
 
+/// k-means with cosine distance on unit vectors, seeded by farthest points from the first
+/// (deterministic: every shard of a manifest must find the same clusters). Why ours: a dozen
+/// lines over a few thousand short vectors, where a clustering crate would bring a linear-algebra
+/// stack with it. Returns each vector's cluster.
+pub fn kmeans(vectors: &[Vec<f32>], k: usize) -> Vec<usize> {
+    let n = vectors.len();
+    if n == 0 || k <= 1 {
+        return vec![0; n];
+    }
+    let unit: Vec<Vec<f32>> = vectors
+        .iter()
+        .map(|v| {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            v.iter().map(|x| x / norm).collect()
+        })
+        .collect();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut centres = vec![unit[0].clone()];
+    while centres.len() < k.min(n) {
+        let far = (0..n)
+            .map(|i| (i, centres.iter().map(|c| dot(&unit[i], c)).fold(f32::MIN, f32::max)))
+            .min_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)))
+            .map_or(0, |(i, _)| i);
+        centres.push(unit[far].clone());
+    }
+    let mut assign = vec![0usize; n];
+    for _ in 0..50 {
+        let next: Vec<usize> = unit
+            .iter()
+            .map(|v| (0..centres.len()).max_by(|&a, &b| dot(v, &centres[a]).total_cmp(&dot(v, &centres[b])).then(b.cmp(&a))).unwrap_or(0))
+            .collect();
+        let moved = next != assign;
+        assign = next;
+        for (c, centre) in centres.iter_mut().enumerate() {
+            let members: Vec<&Vec<f32>> = unit.iter().zip(&assign).filter(|(_, a)| **a == c).map(|(v, _)| v).collect();
+            if members.is_empty() {
+                continue;
+            }
+            let mut m = vec![0f32; centre.len()];
+            for v in &members {
+                for (x, y) in m.iter_mut().zip(v.iter()) {
+                    *x += y;
+                }
+            }
+            let norm = m.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            *centre = m.iter().map(|x| x / norm).collect();
+        }
+        if !moved {
+            break;
+        }
+    }
+    assign
+}
+
+/// Clusters the manifest's jobs by their prompts' pooled text embeddings, per model: `k` is
+/// ⌈√n⌉ (at most 16). Returns per job its cluster id (global) and the clusters' representatives.
+fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) -> Result<(Vec<usize>, Vec<(String, String, Vec<usize>)>)> {
+    let mut of_job = vec![0usize; manifest.jobs.len()];
+    let mut clusters = vec![];
+    let mut models: Vec<(String, String)> = manifest.jobs.iter().map(|j| (j.settings.model.clone(), j.settings.vae.clone())).collect();
+    models.sort();
+    models.dedup();
+    for (model, vae) in models {
+        let idx: Vec<usize> = (0..manifest.jobs.len()).filter(|&i| manifest.jobs[i].settings.model == model && manifest.jobs[i].settings.vae == vae).collect();
+        let prompts: Vec<String> = idx.iter().map(|&i| manifest.jobs[i].settings.prompt.clone()).collect();
+        let emb = studio.prompt_embeddings(&model, &vae, library, &prompts)?;
+        let k = ((idx.len() as f64).sqrt().ceil() as usize).clamp(1, 16);
+        let assign = kmeans(&emb, k);
+        let base = clusters.len();
+        for c in 0..k {
+            let members: Vec<usize> = (0..idx.len()).filter(|&m| assign[m] == c).collect();
+            if members.is_empty() {
+                continue;
+            }
+            // The representative: the member with the largest summed similarity to the others.
+            let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (a.iter().map(|x| x * x).sum::<f32>().sqrt() * b.iter().map(|x| x * x).sum::<f32>().sqrt()).max(1e-12);
+            let rep = members.iter().copied().max_by(|&a, &b| {
+                let sa: f32 = members.iter().map(|&m| dot(&emb[a], &emb[m])).sum();
+                let sb: f32 = members.iter().map(|&m| dot(&emb[b], &emb[m])).sum();
+                sa.total_cmp(&sb).then(b.cmp(&a))
+            });
+            let id = clusters.len();
+            for &m in &members {
+                of_job[idx[m]] = id;
+            }
+            let rep_prompt = rep.map(|r| crate::lora::extract_prompt_loras(&prompts[r]).map(|(p, _)| p.trim().to_string()).unwrap_or_default()).unwrap_or_default();
+            clusters.push((model.clone(), rep_prompt, members.iter().map(|&m| manifest.jobs[idx[m]].line).collect()));
+        }
+        let _ = base;
+    }
+    Ok((of_job, clusters))
+}
+
 /// Runs the shard's jobs of `manifest` into `out`, then writes the summary there atomically.
-/// A job that fails is reported with its line number and the others still run.
+/// A job that fails is reported with its line number and the others still run. With
+/// `batch_aware`, the jobs' prompts are clustered (reported per cluster with the mixes used)
+/// and every mix of the same LoRAs shares its weight statistics and loaded LoRAs (exact:
+/// the same inputs give the same values); without it each job computes its own.
+///
+/// Scoring library candidates once per cluster, on its representative prompt, was tried and
+/// dropped: on miniworld the pooled text embeddings group prompts by layout and background more
+/// than by subject, so a cluster's shared picks gave most of its lines another subject's LoRA.
+#[allow(clippy::too_many_arguments)]
 pub fn run_batch(
     studio: &Studio,
     manifest: &Manifest,
@@ -238,22 +356,27 @@ pub fn run_batch(
     out: &Path,
     shard: Shard,
     library: Option<&Path>,
+    batch_aware: bool,
     cancel: &AtomicBool,
     on_event: &mut dyn FnMut(BatchEvent),
 ) -> Result<BatchSummary> {
     let t0 = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let jobs: Vec<&ManifestJob> = manifest.jobs.iter().enumerate().filter(|(i, _)| shard.takes(*i)).map(|(_, j)| j).collect();
-    let total: usize = jobs.iter().map(|j| j.images).sum();
+    studio.share_mixes(batch_aware);
+    let (cluster_of, clusters) = if batch_aware && !manifest.jobs.is_empty() { cluster_jobs(studio, manifest, library)? } else { (vec![], vec![]) };
+    let mut cluster_mixes: Vec<Vec<String>> = vec![vec![]; clusters.len()];
+    let jobs: Vec<(usize, &ManifestJob)> = manifest.jobs.iter().enumerate().filter(|(i, _)| shard.takes(*i)).collect();
+    let total: usize = jobs.iter().map(|(_, j)| j.images).sum();
     on_event(BatchEvent::Started { jobs: jobs.len(), images: total });
     for e in &manifest.errors {
         on_event(BatchEvent::LineFailed { line: e.line, error: e.error.clone() });
     }
     let mut done = 0usize;
     let mut lines = Vec::with_capacity(jobs.len());
-    for job in jobs {
+    for (ji, job) in jobs {
         let line = job.line;
         let names = move |k: usize| image_name(line, k);
+        let cluster = cluster_of.get(ji).copied();
         let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images) };
         let r = studio.run(
             &job.settings,
@@ -287,8 +410,17 @@ pub fn run_batch(
             Ok(o) => {
                 summary.written = o.written.len();
                 summary.kept = o.kept.len();
+                if let Some(c) = cluster {
+                    let mix = format!("{}: {}", job.settings.mix, o.loras.join(", "));
+                    if !o.loras.is_empty() && !cluster_mixes[c].contains(&mix) {
+                        cluster_mixes[c].push(mix);
+                    }
+                }
             }
-            Err(Error::Cancelled) => return Err(Error::Cancelled),
+            Err(Error::Cancelled) => {
+                studio.share_mixes(false);
+                return Err(Error::Cancelled);
+            }
             Err(e) => {
                 on_event(BatchEvent::LineFailed { line, error: e.to_string() });
                 summary.error = Some(e.to_string());
@@ -306,6 +438,13 @@ pub fn run_batch(
         failed_lines: lines.iter().filter(|l| l.error.is_some()).count() + manifest.errors.len(),
         seconds: t0.elapsed().as_secs_f64(),
         errors: manifest.errors.clone(),
+        batch_aware,
+        clusters: clusters
+            .into_iter()
+            .enumerate()
+            .map(|(id, (model, prompt, lines))| ClusterSummary { id, model, prompt, lines, mixes: std::mem::take(&mut cluster_mixes[id]) })
+            .collect(),
+        sharing: studio.share_mixes(false),
         lines,
     };
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Argument(e.to_string()))?;
@@ -392,6 +531,18 @@ mod tests {
             }
         }
         assert!("4/3".parse::<Shard>().is_err() && "1/0".parse::<Shard>().is_err() && "x".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn kmeans_separates_directions_deterministically() {
+        let v = vec![vec![1.0, 0.0], vec![0.9, 0.1], vec![0.0, 1.0], vec![0.1, 0.95], vec![0.95, 0.05]];
+        let a = kmeans(&v, 2);
+        assert_eq!(a, kmeans(&v, 2));
+        assert_eq!(a[0], a[1]);
+        assert_eq!(a[0], a[4]);
+        assert_eq!(a[2], a[3]);
+        assert_ne!(a[0], a[2]);
+        assert_eq!(kmeans(&v, 1), vec![0; 5]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Running jobs: loading the model and the LoRAs once, planning the mix, then batches with
 //! progress events, previews and cancellation, each image written atomically with its metadata.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -171,6 +172,29 @@ pub struct Studio {
     loaded: Mutex<Option<(String, Arc<SdxlPipeline>, Previewer)>>,
     /// Device, dtype and config folder for every model it loads (a job's VAE comes from its settings).
     load: LoadOptions,
+    /// What mixes compute once, shared between the jobs of a batch (see [`MixSharing`]).
+    shared: Mutex<SharedMix>,
+}
+
+/// Mix computations kept between the jobs of a batch, all exact (the same inputs give the same
+/// values): prepared strategies (weight statistics) per LoRA set, and loaded LoRAs with their
+/// library candidate picks per (prompt tags, LoRA list, scored prompt).
+#[derive(Default)]
+struct SharedMix {
+    on: bool,
+    strategies: HashMap<String, Box<dyn mix::MixStrategy>>,
+    loras: HashMap<String, Arc<(LoadedLoras, Vec<mix::candidates::Candidate>)>>,
+    stats: MixSharing,
+}
+
+/// How often a batch computed a mix's weight statistics and loaded its LoRAs (with candidate
+/// scores), and how often it reused them.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq)]
+pub struct MixSharing {
+    pub statistics_computed: usize,
+    pub statistics_shared: usize,
+    pub loras_loaded: usize,
+    pub loras_shared: usize,
 }
 
 impl Studio {
@@ -179,7 +203,36 @@ impl Studio {
     }
 
     pub fn with_load_options(load: LoadOptions) -> Self {
-        Self { loaded: Mutex::default(), load: LoadOptions { vae: None, ..load } }
+        Self { loaded: Mutex::default(), load: LoadOptions { vae: None, ..load }, shared: Mutex::default() }
+    }
+
+    /// Batch-aware mixing: with `on`, jobs reuse the weight statistics of an earlier mix of the
+    /// same LoRAs, and the loaded LoRAs and candidate scores of an earlier job with the same
+    /// tags, LoRA list and prompt; off (the default, and for single jobs) every job computes its
+    /// own. Returns the counts since the last call.
+    pub fn share_mixes(&self, on: bool) -> MixSharing {
+        let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let stats = g.stats;
+        *g = SharedMix { on, ..Default::default() };
+        stats
+    }
+
+    /// Pooled text embeddings of `prompts` (LoRA tags removed) under `model`'s encoders: what a
+    /// batch clusters its prompts by.
+    pub fn prompt_embeddings(&self, model: &str, vae: &str, library: Option<&Path>, prompts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let (pipe, _) = self.pipeline(model, vae, library, &mut |_| {})?;
+        prompts
+            .iter()
+            .map(|p| {
+                let (clean, _) = lora::extract_prompt_loras(p)?;
+                let c = pipe.text.encode(&clean)?;
+                let v = match c.pooled {
+                    Some(p) => p,
+                    None => c.context.mean(1)?,
+                };
+                Ok(v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+            })
+            .collect()
     }
 
     fn pipeline(&self, model: &str, vae: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
@@ -376,6 +429,18 @@ impl Studio {
             tags.extend(scheduled_tags.iter().cloned());
             // LoRAs load once per distinct set of tags (wildcards may draw `<lora:…>` tags).
             let key = format!("{}\u{0}{}", tags.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\u{1}"), if settings.candidates { prompt.as_str() } else { "" });
+            let key = format!("{}\u{0}{}\u{0}{}\u{0}{key}", settings.model, library.map(|l| l.display().to_string()).unwrap_or_default(), args.iter().map(|(n, w, r)| format!("{n}:{w}:{r:?}")).collect::<Vec<_>>().join(","));
+            if !loaded_for.iter().any(|(k, _)| *k == key) {
+                // An earlier job of the batch loaded the same LoRAs.
+                let batch_cached = {
+                    let g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                    g.on.then(|| g.loras.get(&key).cloned()).flatten()
+                };
+                if let Some(l) = batch_cached {
+                    self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats.loras_shared += 1;
+                    loaded_for.push((key.clone(), l));
+                }
+            }
             let loaded = match loaded_for.iter().find(|(k, _)| *k == key) {
                 Some((_, l)) => l.clone(),
                 None => {
@@ -386,11 +451,25 @@ impl Studio {
                         on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
                     }
                     let l = Arc::new((l, picked));
+                    let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                    g.stats.loras_loaded += 1;
+                    if g.on {
+                        if g.loras.len() >= 64 {
+                            g.loras.clear();
+                        }
+                        g.loras.insert(key.clone(), l.clone());
+                    }
+                    drop(g);
                     loaded_for.push((key, l.clone()));
                     l
                 }
             };
             let (loaded, picked) = (&loaded.0, &loaded.1);
+            for r in &loaded.reports {
+                if !out.loras.contains(&r.name) {
+                    out.loras.push(r.name.clone());
+                }
+            }
             let req = GenerateRequest {
                 prompt: prompt.clone(),
                 negative_prompt: (!negative_drawn.is_empty()).then(|| negative_drawn.clone()),
@@ -411,7 +490,27 @@ impl Studio {
                     return Ok(None);
                 }
                 let plan = plan_mix(&pipe, &targets, loaded.mix.clone(), &prompt, &mix_opts.strategy, picked.clone())?;
-                Ok(Some(Mixer::new(&targets, plan, mix::build(mix_opts)?)?))
+                let key = mix_key(&settings.model, &settings.vae, mix_opts, &plan);
+                let shared = {
+                    let g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                    g.strategies.get(&key).and_then(|s| s.share())
+                };
+                if let Some(strategy) = shared {
+                    self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats.statistics_shared += 1;
+                    return Ok(Some(Mixer::prepared(&targets, plan, strategy)?));
+                }
+                let m = Mixer::new(&targets, plan, mix::build(mix_opts)?)?;
+                let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                g.stats.statistics_computed += 1;
+                if g.on {
+                    if let Some(s) = m.share_strategy() {
+                        if g.strategies.len() >= 64 {
+                            g.strategies.clear();
+                        }
+                        g.strategies.insert(key, s);
+                    }
+                }
+                Ok(Some(m))
             };
             mix_opts.est_previews = None;
             let mut mixer = new_mixer(&mix_opts)?;
@@ -477,6 +576,27 @@ impl Studio {
     }
 }
 
+/// What identifies a prepared strategy: the model, the strategy's options and every LoRA's
+/// file hash, role, strength and schedule, in order.
+fn mix_key(model: &str, vae: &str, opts: &MixOptions, plan: &MixPlan) -> String {
+    let loras: Vec<String> = plan
+        .loras
+        .iter()
+        .map(|l| format!("{}:{}:{}:{:?}", l.lora.addnet_hash, l.role.as_str(), l.strength, l.schedule.as_ref().map(|s| format!("{s:?}"))))
+        .collect();
+    format!(
+        "{model}\u{0}{vae}\u{0}{}|{:?}|{}|{:?}|{}|{:?}|{:?}\u{0}{}",
+        opts.strategy,
+        opts.klora_pattern,
+        opts.switch_every,
+        opts.windows,
+        opts.asymmetric_cfg,
+        opts.klora_others,
+        opts.np_mu,
+        loras.join(",")
+    )
+}
+
 /// Where a job's images go and how many it makes.
 pub struct ImageOutputs<'a> {
     pub dir: &'a Path,
@@ -494,6 +614,8 @@ pub struct JobOutput {
     pub kept: Vec<PathBuf>,
     /// The prompt of each generation call as drawn (styles and dynamic prompts applied).
     pub prompts: Vec<String>,
+    /// The LoRAs the job's mixes used (given and picked from the library), by name.
+    pub loras: Vec<String>,
 }
 
 /// Whether `path` is a complete PNG of this image of the job: its record names the same

@@ -18,7 +18,7 @@ mod preview;
 mod settings;
 mod training;
 
-pub use batch::{export_manifest, image_name, manifest_line, parse_line, run_batch, seed_of, BatchEvent, BatchSummary, LineError, LineSummary, Manifest, ManifestJob, Shard};
+pub use batch::{export_manifest, image_name, kmeans, ClusterSummary, manifest_line, parse_line, run_batch, seed_of, BatchEvent, BatchSummary, LineError, LineSummary, Manifest, ManifestJob, Shard};
 pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, parse_styles, read_styles, PromptStyle, WildcardDir, WildcardSource};
 pub use export::{export, fill_template};
 pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};

@@ -68,6 +68,17 @@ def merge(summaries, manifest, count):
     """One summary from the shards' (the shape `batch run` writes for a whole manifest)."""
     lines = sorted((l for s in summaries for l in s["lines"]), key=lambda l: l["line"])
     errors = summaries[0]["errors"] if summaries else []
+    # Every shard clusters the whole manifest the same way; each lists the mixes of its own lines.
+    clusters = [dict(c, mixes=[]) for c in (summaries[0].get("clusters", []) if summaries else [])]
+    for s in summaries:
+        for c in s.get("clusters", []):
+            for m in c["mixes"]:
+                if m not in clusters[c["id"]]["mixes"]:
+                    clusters[c["id"]]["mixes"].append(m)
+    sharing = {}
+    for s in summaries:
+        for k, v in s.get("sharing", {}).items():
+            sharing[k] = sharing.get(k, 0) + v
     return {
         "manifest": manifest,
         "shard": f"all {count}",
@@ -78,6 +89,9 @@ def merge(summaries, manifest, count):
         "failed_lines": sum(1 for l in lines if l.get("error")) + len(errors),
         "seconds": max((s["seconds"] for s in summaries), default=0.0),
         "errors": errors,
+        "batch_aware": all(s.get("batch_aware", False) for s in summaries),
+        "clusters": clusters,
+        "sharing": sharing,
         "lines": lines,
     }
 

@@ -35,6 +35,10 @@ struct RunArgs {
     /// Library for <lora:NAME:w> tags, LoRA names, wildcards and styles.csv.
     #[arg(long)]
     library: Option<PathBuf>,
+    /// Compute every job's mix on its own: no prompt clusters, no shared weight statistics or
+    /// loaded LoRAs (to measure what batch-aware mixing saves).
+    #[arg(long)]
+    one_by_one: bool,
     #[arg(long, default_value = "f32")]
     dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -60,7 +64,7 @@ fn run_manifest(a: RunArgs) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} images {msg} ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()));
-    let summary = studio::run_batch(&studio, &manifest, &name, &a.out, shard, a.library.as_deref(), &cancel, &mut |e| match e {
+    let summary = studio::run_batch(&studio, &manifest, &name, &a.out, shard, a.library.as_deref(), !a.one_by_one, &cancel, &mut |e| match e {
         BatchEvent::Started { jobs, images } => {
             bar.set_length(images as u64);
             if !tty {
@@ -80,11 +84,17 @@ fn run_manifest(a: RunArgs) -> Result<()> {
     bar.finish_and_clear();
     let path = a.out.join(studio::BatchSummary::file_name(shard));
     eprintln!(
-        "{} images: {} written, {} already there; {} failed lines; summary {}",
+        "{} images: {} written, {} already there; {} failed lines; {} prompt clusters; mix statistics computed {}, shared {}; LoRAs loaded {}, shared {}; {:.1}s; summary {}",
         summary.images,
         summary.written,
         summary.kept,
         summary.failed_lines,
+        summary.clusters.len(),
+        summary.sharing.statistics_computed,
+        summary.sharing.statistics_shared,
+        summary.sharing.loras_loaded,
+        summary.sharing.loras_shared,
+        summary.seconds,
         path.display()
     );
     if summary.failed_lines > 0 {
