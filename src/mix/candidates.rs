@@ -113,6 +113,17 @@ pub fn select(prompt: &str, offered: &[Offered], similarity: Option<Similarity>)
 
 /// Cosine similarity of the pooled embeddings (second encoder; the first's mean hidden state for
 /// models without one) of two texts, with the embeddings cached.
+/// A prompt's pooled text embedding (the context's mean where an encoder has no pooled output):
+/// what candidate similarity and batch clustering compare.
+pub fn pooled_embedding(text: &crate::sdxl::text::TextEncoders, prompt: &str) -> Result<Vec<f32>> {
+    let c = text.encode(prompt)?;
+    let v = match c.pooled {
+        Some(p) => p,
+        None => c.context.mean(1)?,
+    };
+    Ok(v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 pub fn text_similarity(text: &crate::sdxl::text::TextEncoders) -> impl Fn(&str, &str) -> Result<f64> + '_ {
     let cache = std::cell::RefCell::new(std::collections::HashMap::<String, Vec<f32>>::new());
     move |a: &str, b: &str| {
@@ -120,12 +131,7 @@ pub fn text_similarity(text: &crate::sdxl::text::TextEncoders) -> impl Fn(&str, 
             if let Some(v) = cache.borrow().get(t) {
                 return Ok(v.clone());
             }
-            let c = text.encode(t)?;
-            let v = match c.pooled {
-                Some(p) => p,
-                None => c.context.mean(1)?,
-            };
-            let v = v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let v = pooled_embedding(text, t)?;
             cache.borrow_mut().insert(t.to_string(), v.clone());
             Ok(v)
         };

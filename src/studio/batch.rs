@@ -314,7 +314,6 @@ fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) ->
         let emb = studio.prompt_embeddings(&model, &vae, library, &prompts)?;
         let k = ((idx.len() as f64).sqrt().ceil() as usize).clamp(1, 16);
         let assign = kmeans(&emb, k);
-        let base = clusters.len();
         for c in 0..k {
             let members: Vec<usize> = (0..idx.len()).filter(|&m| assign[m] == c).collect();
             if members.is_empty() {
@@ -334,7 +333,6 @@ fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) ->
             let rep_prompt = rep.map(|r| crate::lora::extract_prompt_loras(&prompts[r]).map(|(p, _)| p.trim().to_string()).unwrap_or_default()).unwrap_or_default();
             clusters.push((model.clone(), rep_prompt, members.iter().map(|&m| manifest.jobs[idx[m]].line).collect()));
         }
-        let _ = base;
     }
     Ok((of_job, clusters))
 }

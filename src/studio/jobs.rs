@@ -225,12 +225,7 @@ impl Studio {
             .iter()
             .map(|p| {
                 let (clean, _) = lora::extract_prompt_loras(p)?;
-                let c = pipe.text.encode(&clean)?;
-                let v = match c.pooled {
-                    Some(p) => p,
-                    None => c.context.mean(1)?,
-                };
-                Ok(v.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                mix::candidates::pooled_embedding(&pipe.text, &clean)
             })
             .collect()
     }
@@ -427,9 +422,16 @@ impl Studio {
             let (prompt_drawn, negative_drawn) = draw(unit.seed)?;
             let (prompt, mut tags) = lora::extract_prompt_loras(&prompt_drawn)?;
             tags.extend(scheduled_tags.iter().cloned());
-            // LoRAs load once per distinct set of tags (wildcards may draw `<lora:…>` tags).
-            let key = format!("{}\u{0}{}", tags.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\u{1}"), if settings.candidates { prompt.as_str() } else { "" });
-            let key = format!("{}\u{0}{}\u{0}{}\u{0}{key}", settings.model, library.map(|l| l.display().to_string()).unwrap_or_default(), args.iter().map(|(n, w, r)| format!("{n}:{w}:{r:?}")).collect::<Vec<_>>().join(","));
+            // LoRAs load once per distinct set of tags (wildcards may draw `<lora:…>` tags), and
+            // once per batch for the same model, library, LoRA list, tags and scored prompt.
+            let key = format!(
+                "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+                settings.model,
+                library.map(|l| l.display().to_string()).unwrap_or_default(),
+                args.iter().map(|(n, w, r)| format!("{n}:{w}:{r:?}")).collect::<Vec<_>>().join(","),
+                tags.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\u{1}"),
+                if settings.candidates { prompt.as_str() } else { "" }
+            );
             if !loaded_for.iter().any(|(k, _)| *k == key) {
                 // An earlier job of the batch loaded the same LoRAs.
                 let batch_cached = {

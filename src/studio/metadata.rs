@@ -198,47 +198,45 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
         ..Settings::default()
     };
     let bad = |k: &str, v: &str, want: &str| Error::Argument(format!("parameters: {k} {v:?}: expected {want}"));
-    {
-        for (k, v) in fields {
-            match k.as_str() {
-                "Steps" => s.steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
-                "Sampler" => {
-                    s.sampler = v.parse::<SamplerKind>().map(|k| k.name().to_string()).unwrap_or(v.clone());
-                }
-                "Schedule type" => {
-                    // Unknown labels (other tools' schedules) are kept out rather than refused.
-                    if let Ok(k) = v.parse::<Schedule>() {
-                        s.schedule = if k == Schedule::Default { String::new() } else { k.name().to_string() };
-                    }
-                }
-                "Denoising strength" => {
-                    // The init image itself is not in A1111's text; the strength is kept for
-                    // when the user picks one.
-                    let strength = v.parse().map_err(|_| bad(&k, &v, "a number"))?;
-                    s.init.get_or_insert_with(Default::default).strength = strength;
-                }
-                "Clip skip" => {
-                    let n: usize = v.parse().map_err(|_| bad(&k, &v, "a positive integer"))?;
-                    s.clip_skip = n.saturating_sub(1);
-                }
-                "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
-                "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
-                "Size" => {
-                    let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
-                    s.width = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
-                    s.height = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
-                }
-                "Hires upscale" => s.hires.get_or_insert_with(Default::default).scale = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
-                "Hires steps" => s.hires.get_or_insert_with(Default::default).steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
-                "Hires upscaler" => s.hires.get_or_insert_with(Default::default).upscaler = v,
-                "Model" => s.model = v,
-                "VAE" => s.vae = v,
-                "Batch size" => s.batch_size = v.parse().unwrap_or(1),
-                "LoRA mix" => s.mix = v,
-                // The prompt text already has its styles (and draws) applied, so restoring from
-                // `parameters` keeps them out of `styles`; our JSON chunk keeps the templates.
-                _ => {}
+    for (k, v) in fields {
+        match k.as_str() {
+            "Steps" => s.steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
+            "Sampler" => {
+                s.sampler = v.parse::<SamplerKind>().map(|k| k.name().to_string()).unwrap_or(v.clone());
             }
+            "Schedule type" => {
+                // Unknown labels (other tools' schedules) are kept out rather than refused.
+                if let Ok(k) = v.parse::<Schedule>() {
+                    s.schedule = if k == Schedule::Default { String::new() } else { k.name().to_string() };
+                }
+            }
+            "Denoising strength" => {
+                // The init image itself is not in A1111's text; the strength is kept for
+                // when the user picks one.
+                let strength = v.parse().map_err(|_| bad(&k, &v, "a number"))?;
+                s.init.get_or_insert_with(Default::default).strength = strength;
+            }
+            "Clip skip" => {
+                let n: usize = v.parse().map_err(|_| bad(&k, &v, "a positive integer"))?;
+                s.clip_skip = n.saturating_sub(1);
+            }
+            "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
+            "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
+            "Size" => {
+                let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
+                s.width = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+                s.height = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+            }
+            "Hires upscale" => s.hires.get_or_insert_with(Default::default).scale = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
+            "Hires steps" => s.hires.get_or_insert_with(Default::default).steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
+            "Hires upscaler" => s.hires.get_or_insert_with(Default::default).upscaler = v,
+            "Model" => s.model = v,
+            "VAE" => s.vae = v,
+            "Batch size" => s.batch_size = v.parse().unwrap_or(1),
+            "LoRA mix" => s.mix = v,
+            // The prompt text already has its styles (and draws) applied, so restoring from
+            // `parameters` keeps them out of `styles`; our JSON chunk keeps the templates.
+            _ => {}
         }
     }
     // With hires fix, A1111's "Denoising strength" is the second pass's.
