@@ -18,7 +18,13 @@ const MAX_SCORE_ELEMENTS: usize = 64 * 1024 * 1024;
 /// Scores and softmax run in f32 whatever the input dtype (half-precision softmax over long
 /// rows loses several bits); the result has the dtype of `q`. On CUDA with head dim 64 this is
 /// our fused kernel (`fused.rs`), which never materialises the scores.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let _span = crate::profile::span("attention");
     if crate::fused::differentiable() {
         // Composed ops only (no in-place softmax), so that autograd reaches q, k and v.
         let s = (q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
@@ -47,7 +53,9 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
     fn slice<'a>(s: &'a candle_core::Storage, t: &Tensor) -> Result<&'a [f32]> {
         match s {
             candle_core::Storage::Cpu(CpuStorage::F32(data)) => {
-                let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("attention: expected contiguous".into()))?;
+                let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("attention: expected contiguous".into())
+                })?;
                 Ok(&data[a..z])
             }
             _ => candle_core::bail!("attention: expected f32 on the CPU"),
@@ -56,42 +64,75 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
     let (qd, kd, vd) = (slice(&qs, &q)?, slice(&ks, &k)?, slice(&vs, &v)?);
     let mut out = vec![0f32; b * h * lq * dv];
     let scale = scale as f32;
-    out.par_chunks_mut(lq * dv).enumerate().for_each(|(head, o_head)| {
-        let qh = &qd[head * lq * d..(head + 1) * lq * d];
-        let kh = &kd[head * lk * d..(head + 1) * lk * d];
-        let vh = &vd[head * lk * dv..(head + 1) * lk * dv];
-        o_head.par_chunks_mut(QUERY_BLOCK * dv).enumerate().for_each(|(blk, o_blk)| {
-            let rows = o_blk.len() / dv;
-            let q_blk = &qh[blk * QUERY_BLOCK * d..(blk * QUERY_BLOCK + rows) * d];
-            let mut scores = vec![0f32; rows * lk];
-            // SAFETY: every pointer/stride pair below describes a buffer of exactly the
-            // given shape (rows×lk scores, rows×d queries, lk×d keys read transposed, lk×dv
-            // values, rows×dv output), all owned or borrowed for the duration of the call.
-            unsafe {
-                // scores = scale · q_blk · kᵀ
-                gemm::gemm(
-                    rows, lk, d,
-                    scores.as_mut_ptr(), 1, lk as isize, false,
-                    q_blk.as_ptr(), 1, d as isize,
-                    kh.as_ptr(), d as isize, 1,
-                    0.0, scale, false, false, false, gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_mut(lk) {
-                softmax_row(row);
-            }
-            unsafe {
-                // out = probs · v
-                gemm::gemm(
-                    rows, dv, lk,
-                    o_blk.as_mut_ptr(), 1, dv as isize, false,
-                    scores.as_ptr(), 1, lk as isize,
-                    vh.as_ptr(), 1, dv as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                );
-            }
+    out.par_chunks_mut(lq * dv)
+        .enumerate()
+        .for_each(|(head, o_head)| {
+            let qh = &qd[head * lq * d..(head + 1) * lq * d];
+            let kh = &kd[head * lk * d..(head + 1) * lk * d];
+            let vh = &vd[head * lk * dv..(head + 1) * lk * dv];
+            o_head
+                .par_chunks_mut(QUERY_BLOCK * dv)
+                .enumerate()
+                .for_each(|(blk, o_blk)| {
+                    let rows = o_blk.len() / dv;
+                    let q_blk = &qh[blk * QUERY_BLOCK * d..(blk * QUERY_BLOCK + rows) * d];
+                    let mut scores = vec![0f32; rows * lk];
+                    // SAFETY: every pointer/stride pair below describes a buffer of exactly the
+                    // given shape (rows×lk scores, rows×d queries, lk×d keys read transposed, lk×dv
+                    // values, rows×dv output), all owned or borrowed for the duration of the call.
+                    unsafe {
+                        // scores = scale · q_blk · kᵀ
+                        gemm::gemm(
+                            rows,
+                            lk,
+                            d,
+                            scores.as_mut_ptr(),
+                            1,
+                            lk as isize,
+                            false,
+                            q_blk.as_ptr(),
+                            1,
+                            d as isize,
+                            kh.as_ptr(),
+                            d as isize,
+                            1,
+                            0.0,
+                            scale,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    for row in scores.chunks_mut(lk) {
+                        softmax_row(row);
+                    }
+                    unsafe {
+                        // out = probs · v
+                        gemm::gemm(
+                            rows,
+                            dv,
+                            lk,
+                            o_blk.as_mut_ptr(),
+                            1,
+                            dv as isize,
+                            false,
+                            scores.as_ptr(),
+                            1,
+                            lk as isize,
+                            vh.as_ptr(),
+                            1,
+                            dv as isize,
+                            0.0,
+                            1.0,
+                            false,
+                            false,
+                            false,
+                            gemm::Parallelism::None,
+                        );
+                    }
+                });
         });
-    });
     Tensor::from_vec(out, (b, h, lq, dv), q.device())
 }
 
@@ -99,7 +140,7 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
 /// Branch-free integer/float arithmetic so the softmax loop vectorises; libm's `expf` per
 /// element was a third of attention time.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer in the low bits
     const LN2_HI: f32 = 0.693_145_75; // ln 2 split so that n · LN2_HI is exact (Cody–Waite)
     const LN2_LO: f32 = 1.428_606_8e-6;
@@ -107,28 +148,33 @@ fn exp_nonpositive(x: f32) -> f32 {
     let shifted = x * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;
     let y = (x - n * LN2_HI) - n * LN2_LO; // |y| <= ln2 / 2
-    let p = 1.0 + y * (1.0 + y * (0.5 + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
+    let p = 1.0
+        + y * (1.0
+            + y * (0.5
+                + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
     // 2ⁿ from the integer sitting in `shifted`'s mantissa.
     let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits());
     f32::from_bits(n_int.wrapping_add(127) << 23) * p
 }
 
-fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for x in row.iter_mut() {
-        *x = exp_nonpositive(*x - max);
-    }
-    // Eight partial sums so the reduction vectorises (a single running sum cannot).
-    let mut acc = [0f32; 8];
-    let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for i in 0..8 {
-            acc[i] += c[i];
+crate::simd::multiversion! {
+    fn softmax_row(row: &mut [f32]) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for x in row.iter_mut() {
+            *x = exp_nonpositive(*x - max);
         }
+        // Eight partial sums so the reduction vectorises (a single running sum cannot).
+        let mut acc = [0f32; 8];
+        let chunks = row.chunks_exact(8);
+        let tail: f32 = chunks.remainder().iter().sum();
+        for c in chunks {
+            for i in 0..8 {
+                acc[i] += c[i];
+            }
+        }
+        let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
+        row.iter_mut().for_each(|x| *x *= inv);
     }
-    let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
-    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// The reference: whole score rows, sliced over queries to bound memory.
@@ -151,7 +197,11 @@ pub fn sliced(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> 
         outs.push(probs.matmul(&v)?);
         start += len;
     }
-    let out = if outs.len() == 1 { outs.pop().expect("one slice") } else { Tensor::cat(&outs, 2)? };
+    let out = if outs.len() == 1 {
+        outs.pop().expect("one slice")
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
     out.to_dtype(in_dtype)
 }
 
@@ -166,7 +216,9 @@ impl InplaceOp1 for SoftmaxRowsInPlace {
 
     fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
         let width = layout.dims().last().copied().unwrap_or(1).max(1);
-        let (a, b) = layout.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("softmax: expected contiguous".into()))?;
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("softmax: expected contiguous".into()))?;
         match storage {
             CpuStorage::F32(v) => {
                 v[a..b].par_chunks_mut(width).for_each(softmax_row);
@@ -232,13 +284,19 @@ mod tests {
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");
         let c = sliced(&q, &k, &v, 0.3)?;
-        let diff = (c - naive(&q, &k, &v, 0.3)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (c - naive(&q, &k, &v, 0.3)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "sliced: max diff {diff}");
         // More than one query block, a ragged last block, value width != key width.
         let q = Tensor::randn(0f32, 1., (1, 2, 70, 8), &dev)?;
         let k = Tensor::randn(0f32, 1., (1, 2, 45, 8), &dev)?;
         let v = Tensor::randn(0f32, 1., (1, 2, 45, 5), &dev)?;
-        let diff = (scaled_dot_product_attention(&q, &k, &v, 0.4)? - naive(&q, &k, &v, 0.4)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (scaled_dot_product_attention(&q, &k, &v, 0.4)? - naive(&q, &k, &v, 0.4)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "blocked: max diff {diff}");
         Ok(())
     }

@@ -10,10 +10,12 @@ pub mod conv;
 pub mod finite;
 pub mod fused;
 pub mod norm;
+pub mod profile;
+mod simd;
 
 pub use activation::geglu;
 pub use attention::scaled_dot_product_attention;
 pub use conv::conv2d;
 pub use finite::{count_non_finite, RawDType};
 pub use fused::{attention_hd64, differentiable, lora_branch, set_differentiable};
-pub use norm::{group_norm, GroupNormParams};
+pub use norm::{group_norm, layer_norm, GroupNormParams};

@@ -459,6 +459,7 @@ fn stacked_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result
 
 impl Module for AdaptableLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _span = loramix_kernels::profile::span("linear");
         let state = self.slot.read();
         // Bias through `bias_add` (our one-pass kernel on CUDA; candle's broadcast add elsewhere).
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());

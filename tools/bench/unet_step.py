@@ -1,8 +1,8 @@
 """diffusers side of `loramix bench`: seconds per SDXL UNet step (CFG batch of 2) on CPU.
 
 python tools/bench/unet_step.py --unet DIR --height H --width W --threads T --iters N
-If DIR does not exist and --create mid is given, writes a random-weight mid-size SDXL-architecture
-UNet there first (seed 0), so the Rust side times the very same weights.
+If DIR does not exist and --create SHAPE is given (mid, mid2, conv), writes a random-weight
+SDXL-architecture UNet of that shape there first (seed 0), so the Rust side times the very same weights.
 Prints one JSON line.
 """
 import argparse, json, os, time
@@ -15,6 +15,14 @@ MID = dict(block_out_channels=(160, 320, 640), layers_per_block=2, sample_size=6
            attention_head_dim=(5, 5, 10), transformer_layers_per_block=(1, 2, 4), use_linear_projection=True,
            cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
            projection_class_embeddings_input_dim=2816, in_channels=4, out_channels=4)
+# Issue 19's mid-size shape: real SDXL widths (cross-attention 2048, head dim 64), one layer per block.
+MID2 = dict(MID, block_out_channels=(128, 256, 512), layers_per_block=1, attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=(1, 1, 2))
+# A second family: fewer transformer blocks, more convolution (attention at the lowest level only).
+CONV = dict(MID, block_out_channels=(128, 256, 512), layers_per_block=2, attention_head_dim=(2, 4, 8),
+            down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 1, 1))
+SHAPES = {"mid": MID, "mid2": MID2, "conv": CONV}
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--unet", required=True)
@@ -22,14 +30,15 @@ ap.add_argument("--height", type=int, required=True)
 ap.add_argument("--width", type=int, required=True)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--iters", type=int, default=3)
-ap.add_argument("--create", choices=["mid"])
+ap.add_argument("--create", choices=sorted(SHAPES))
+ap.add_argument("--profile", action="store_true", help="also time the iterations under torch.profiler and print ms per step by op kind")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 if not os.path.isdir(a.unet):
     if not a.create:
         raise SystemExit(f"{a.unet}: no such UNet folder")
     torch.manual_seed(0)
-    UNet2DConditionModel(**MID).save_pretrained(a.unet, safe_serialization=True)
+    UNet2DConditionModel(**SHAPES[a.create]).save_pretrained(a.unet, safe_serialization=True)
 unet = UNet2DConditionModel.from_pretrained(a.unet, torch_dtype=torch.float32).eval()
 c = unet.config
 g = torch.Generator().manual_seed(0)
@@ -45,5 +54,29 @@ with torch.no_grad():
         unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)
         times.append(time.perf_counter() - t)
 times.sort()
-print(json.dumps({"seconds_per_step": times[len(times) // 2], "params": sum(p.numel() for p in unet.parameters()),
-                  "attention": type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}))
+result = {"seconds_per_step": times[len(times) // 2], "params": sum(p.numel() for p in unet.parameters()),
+          "attention": type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}
+
+
+def op_kind(name, shapes):
+    """The op kinds of `loramix bench --profile` (kernels/src/profile.rs), from aten names."""
+    if name in ("aten::mkldnn_convolution", "aten::slow_conv2d_forward", "aten::thnn_conv2d"):
+        k = shapes[1][2:] if len(shapes) > 1 and len(shapes[1]) == 4 else None
+        return {(1, 1): "conv 1x1", (3, 3): "conv 3x3"}.get(tuple(k) if k else None, "conv (other)")
+    return {"aten::addmm": "linear", "aten::mm": "linear",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+            "aten::native_group_norm": "group norm (+SiLU)", "aten::silu": "group norm (+SiLU)",
+            "aten::native_layer_norm": "layer norm", "aten::gelu": "GEGLU"}.get(name, "other")
+
+
+if a.profile:
+    from torch.profiler import profile, ProfilerActivity
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(a.iters):
+            unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)
+    ops = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        kind = op_kind(e.key, e.input_shapes)
+        ops[kind] = ops.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / a.iters
+    result["ms_per_step_by_op"] = ops
+print(json.dumps(result))

@@ -130,9 +130,10 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
-        self.ff.forward(&self.norm3.forward(&x)?)? + x
+        // Our LayerNorm kernel (candle-nn's on other devices and dtypes).
+        let x = (self.attn1.forward(&loramix_kernels::layer_norm(x, &self.norm1)?, None)? + x)?;
+        let x = (self.attn2.forward(&loramix_kernels::layer_norm(&x, &self.norm2)?, Some(context))? + &x)?;
+        self.ff.forward(&loramix_kernels::layer_norm(&x, &self.norm3)?)? + x
     }
 }
 

@@ -31,13 +31,21 @@ pub struct BenchArgs {
     /// mixer: a small run (60 test prompts, 200 training samples) to check the suite works.
     #[arg(long)]
     quick: bool,
+    /// unet: only these configs (tiny2, tiny3, mid, mid2, conv); repeat or comma-separate. Default: all.
+    #[arg(long, value_delimiter = ',')]
+    config: Vec<String>,
+    /// unet: also a per-op table for each config (ours from kernels/src/profile.rs spans, diffusers' from torch.profiler).
+    #[arg(long)]
+    profile: bool,
     /// Files for the library suite.
     #[arg(long, default_value_t = 1000)]
     count: usize,
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let repo = std::env::current_dir()?;
     match a.suite.as_str() {
         "library" => {
@@ -73,11 +81,20 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         }
         "unet" => {
-            let rows = unet::run(&repo, a.python.as_deref(), a.iters.max(1), threads)?;
+            let rows = unet::run(
+                &repo,
+                a.python.as_deref(),
+                a.iters.max(1),
+                threads,
+                &a.config,
+                a.profile,
+            )?;
             print!("{}", unet::table(&rows, threads));
             Ok(())
         }
-        other => anyhow::bail!("--suite {other}: expected unet, library, mix, llm, mixer or chameleon"),
+        other => {
+            anyhow::bail!("--suite {other}: expected unet, library, mix, llm, mixer or chameleon")
+        }
     }
 }
 

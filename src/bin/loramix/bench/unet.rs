@@ -1,6 +1,7 @@
 //! `loramix bench`: seconds per SDXL UNet step on the CPU, ours beside diffusers on the same
 //! weights, inputs and thread count, measured in one run and reported as a ratio.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -23,9 +24,36 @@ pub struct BenchCase {
 
 pub fn default_cases(repo: &Path) -> Vec<BenchCase> {
     vec![
-        BenchCase { name: "tiny2 (fixture, 32x32 px)", unet_dir: repo.join("tests/fixtures/sdxl/tiny2/pipeline/unet"), latent: (4, 4), create: None },
-        BenchCase { name: "tiny3 (fixture, 48x40 px)", unet_dir: repo.join("tests/fixtures/sdxl/tiny3/pipeline/unet"), latent: (12, 10), create: None },
-        BenchCase { name: "mid (160/320/640, 512x512 px)", unet_dir: repo.join("target/bench/mid/unet"), latent: (64, 64), create: Some("mid") },
+        BenchCase {
+            name: "tiny2 (fixture, 32x32 px)",
+            unet_dir: repo.join("tests/fixtures/sdxl/tiny2/pipeline/unet"),
+            latent: (4, 4),
+            create: None,
+        },
+        BenchCase {
+            name: "tiny3 (fixture, 48x40 px)",
+            unet_dir: repo.join("tests/fixtures/sdxl/tiny3/pipeline/unet"),
+            latent: (12, 10),
+            create: None,
+        },
+        BenchCase {
+            name: "mid (160/320/640, 512x512 px)",
+            unet_dir: repo.join("target/bench/mid/unet"),
+            latent: (64, 64),
+            create: Some("mid"),
+        },
+        BenchCase {
+            name: "mid2 (128/256/512, depths 1/1/2, 1 layer per block, 512x512 px)",
+            unet_dir: repo.join("target/bench/mid2/unet"),
+            latent: (64, 64),
+            create: Some("mid2"),
+        },
+        BenchCase {
+            name: "conv (128/256/512, attention at 16x16 only, 512x512 px)",
+            unet_dir: repo.join("target/bench/conv/unet"),
+            latent: (64, 64),
+            create: Some("conv"),
+        },
     ]
 }
 
@@ -34,7 +62,26 @@ pub struct BenchRow {
     pub params: usize,
     pub ours: f64,
     pub reference: Option<f64>,
+    /// With `--profile`: ms per step by op kind, ours and the reference's (torch.profiler).
+    pub ops: Option<OpProfile>,
 }
+
+pub struct OpProfile {
+    pub ours: BTreeMap<String, f64>,
+    pub reference: BTreeMap<String, f64>,
+}
+
+/// The kinds `kernels/src/profile.rs` records, in table order; the rest of a step is "other".
+const OP_KINDS: [&str; 8] = [
+    "conv 3x3",
+    "conv 1x1",
+    "conv (other)",
+    "linear",
+    "attention",
+    "group norm (+SiLU)",
+    "layer norm",
+    "GEGLU",
+];
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -42,40 +89,110 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs the diffusers side (creating shared weights if needed); returns seconds per step.
-fn reference(python: &Path, repo: &Path, case: &BenchCase, iters: usize, threads: usize) -> Result<(f64, usize)> {
+fn reference(
+    python: &Path,
+    repo: &Path,
+    case: &BenchCase,
+    iters: usize,
+    threads: usize,
+    profile: bool,
+) -> Result<(f64, usize, BTreeMap<String, f64>)> {
     let mut cmd = Command::new(python);
     cmd.arg(repo.join("tools/bench/unet_step.py"))
         .arg("--unet")
         .arg(&case.unet_dir)
-        .args(["--height", &case.latent.0.to_string(), "--width", &case.latent.1.to_string()])
-        .args(["--threads", &threads.to_string(), "--iters", &iters.to_string()]);
+        .args([
+            "--height",
+            &case.latent.0.to_string(),
+            "--width",
+            &case.latent.1.to_string(),
+        ])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--iters",
+            &iters.to_string(),
+        ]);
     if let Some(c) = case.create {
         cmd.args(["--create", c]);
     }
-    let out = cmd.output().map_err(|e| Error::Argument(format!("running {}: {e}", python.display())))?;
-    if !out.status.success() {
-        return Err(Error::Argument(format!("diffusers benchmark failed: {}", String::from_utf8_lossy(&out.stderr))));
+    if profile {
+        cmd.arg("--profile");
     }
-    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
-    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| Error::Argument(format!("diffusers benchmark output {line:?}: {e}")))?;
-    Ok((v["seconds_per_step"].as_f64().unwrap_or(f64::NAN), v["params"].as_u64().unwrap_or(0) as usize))
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Argument(format!("running {}: {e}", python.display())))?;
+    if !out.status.success() {
+        return Err(Error::Argument(format!(
+            "diffusers benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    let v: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| Error::Argument(format!("diffusers benchmark output {line:?}: {e}")))?;
+    let ops = v["ms_per_step_by_op"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_f64().unwrap_or(f64::NAN)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((
+        v["seconds_per_step"].as_f64().unwrap_or(f64::NAN),
+        v["params"].as_u64().unwrap_or(0) as usize,
+        ops,
+    ))
 }
 
-fn ours(case: &BenchCase, iters: usize) -> Result<(f64, usize)> {
+fn ours(
+    case: &BenchCase,
+    iters: usize,
+    profile: bool,
+) -> Result<(f64, usize, BTreeMap<String, f64>)> {
     let root = case.unet_dir.parent().unwrap_or(Path::new("."));
-    let (config_path, ws) = model::open_component(root, case.unet_dir.file_name().and_then(|n| n.to_str()).unwrap_or("unet"))?;
+    let (config_path, ws) = model::open_component(
+        root,
+        case.unet_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("unet"),
+    )?;
     let cfg: UNet2DConditionConfig = model::parse_config(&config_path)?;
     let dev = Device::Cpu;
     let unet = UNet2DConditionModel::new(ws.into_var_builder(DType::F32, &dev), &cfg)
         .map_err(|e| Error::model(&case.unet_dir, e.to_string()))?;
-    let params: usize = loramix_models::Adaptable::adaptable_layers(&unet).iter().map(|l| l.base_weight.elem_count()).sum();
+    let params: usize = loramix_models::Adaptable::adaptable_layers(&unet)
+        .iter()
+        .map(|l| l.base_weight.elem_count())
+        .sum();
     let (h, w) = case.latent;
     let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, h, w), &dev)?;
     let ctx = Tensor::randn(0f32, 1.0, (2, 77, cfg.cross_attention_dim), &dev)?;
-    let proj = cfg.projection_class_embeddings_input_dim.unwrap_or(0).saturating_sub(6 * cfg.addition_time_embed_dim.unwrap_or(0));
+    let proj = cfg
+        .projection_class_embeddings_input_dim
+        .unwrap_or(0)
+        .saturating_sub(6 * cfg.addition_time_embed_dim.unwrap_or(0));
     let added = AddedConditions {
         text_embeds: Tensor::randn(0f32, 1.0, (2, proj), &dev)?,
-        time_ids: Tensor::from_slice(&[8.0f32 * h as f32, 8.0 * w as f32, 0.0, 0.0, 8.0 * h as f32, 8.0 * w as f32], (1, 6), &dev)?.repeat((2, 1))?,
+        time_ids: Tensor::from_slice(
+            &[
+                8.0f32 * h as f32,
+                8.0 * w as f32,
+                0.0,
+                0.0,
+                8.0 * h as f32,
+                8.0 * w as f32,
+            ],
+            (1, 6),
+            &dev,
+        )?
+        .repeat((2, 1))?,
     };
     let added = cfg.addition_embed_type.as_ref().map(|_| added);
     unet.forward(&x, 500.0, &ctx, added.as_ref())?; // warm-up
@@ -85,20 +202,65 @@ fn ours(case: &BenchCase, iters: usize) -> Result<(f64, usize)> {
         unet.forward(&x, 500.0, &ctx, added.as_ref())?;
         times.push(t.elapsed().as_secs_f64());
     }
-    Ok((median(times), params))
+    let mut ops = BTreeMap::new();
+    if profile {
+        // Separate iterations, so that the spans' own cost stays out of the timed ones.
+        loramix_kernels::profile::enable(true);
+        let t = Instant::now();
+        for _ in 0..iters {
+            unet.forward(&x, 500.0, &ctx, added.as_ref())?;
+        }
+        let total = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+        loramix_kernels::profile::enable(false);
+        for (k, v) in loramix_kernels::profile::totals() {
+            ops.insert(k.to_string(), v.seconds * 1e3 / iters as f64);
+        }
+        let known: f64 = ops.values().sum();
+        ops.insert("other".into(), (total - known).max(0.0));
+    }
+    Ok((median(times), params, ops))
 }
 
 /// Runs every case; with `python`, the diffusers side runs first so both use the same weights.
-pub fn run(repo: &Path, python: Option<&Path>, iters: usize, threads: usize) -> Result<Vec<BenchRow>> {
+/// `only`: config names (the first word of a row, e.g. `mid2`) to run; empty runs all.
+pub fn run(
+    repo: &Path,
+    python: Option<&Path>,
+    iters: usize,
+    threads: usize,
+    only: &[String],
+    profile: bool,
+) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for case in default_cases(repo) {
+        if !only.is_empty()
+            && !only
+                .iter()
+                .any(|o| case.name.split_whitespace().next() == Some(o.as_str()))
+        {
+            continue;
+        }
         let reference = match python {
-            Some(py) => Some(reference(py, repo, &case, iters, threads)?),
+            Some(py) => Some(reference(py, repo, &case, iters, threads, profile)?),
             None if !case.unet_dir.is_dir() => continue,
             None => None,
         };
-        let (t, params) = ours(&case, iters)?;
-        rows.push(BenchRow { name: case.name.to_string(), params: reference.map(|r| r.1).filter(|&p| p > 0).unwrap_or(params), ours: t, reference: reference.map(|r| r.0) });
+        let (t, params, our_ops) = ours(&case, iters, profile)?;
+        let (reference, ref_params, ref_ops) = match reference {
+            Some((s, p, o)) => (Some(s), p, o),
+            None => (None, 0, BTreeMap::new()),
+        };
+        let ops = profile.then_some(OpProfile {
+            ours: our_ops,
+            reference: ref_ops,
+        });
+        rows.push(BenchRow {
+            name: case.name.to_string(),
+            params: if ref_params > 0 { ref_params } else { params },
+            ours: t,
+            reference,
+            ops,
+        });
     }
     Ok(rows)
 }
@@ -112,7 +274,60 @@ pub fn table(rows: &[BenchRow], threads: usize) -> String {
             Some(d) => (format!("{d:.4}"), format!("{:.2}x", d / r.ours)),
             None => ("—".into(), "—".into()),
         };
-        s.push_str(&format!("| {} | {:.1}M | {:.4} | {d} | {ratio} |\n", r.name, r.params as f64 / 1e6, r.ours));
+        s.push_str(&format!(
+            "| {} | {:.1}M | {:.4} | {d} | {ratio} |\n",
+            r.name,
+            r.params as f64 / 1e6,
+            r.ours
+        ));
     }
+    for r in rows {
+        if let Some(ops) = &r.ops {
+            s.push_str(&format!(
+                "\nPer op, {} (ms per step; torch.profiler self time on the reference side)\n\n",
+                r.name
+            ));
+            s.push_str(&op_table(ops));
+        }
+    }
+    s
+}
+
+/// One row per op kind, largest reference time first isn't used: a fixed order keeps configs
+/// comparable. A kind neither side ran is left out.
+fn op_table(ops: &OpProfile) -> String {
+    let mut s = String::from(
+        "| op | loramix ms | diffusers ms | ratio (diffusers / loramix) |\n|---|---|---|---|\n",
+    );
+    let fmt = |v: Option<&f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "—".into());
+    let mut kinds: Vec<&str> = OP_KINDS.to_vec();
+    kinds.push("other");
+    let (mut ours_total, mut ref_total) = (0.0, 0.0);
+    for k in kinds {
+        let (o, r) = (ops.ours.get(k), ops.reference.get(k));
+        if o.is_none() && r.is_none() {
+            continue;
+        }
+        ours_total += o.copied().unwrap_or(0.0);
+        ref_total += r.copied().unwrap_or(0.0);
+        let ratio = match (o, r) {
+            (Some(o), Some(r)) if *o > 0.0 => format!("{:.2}x", r / o),
+            _ => "—".into(),
+        };
+        s.push_str(&format!("| {k} | {} | {} | {ratio} |\n", fmt(o), fmt(r)));
+    }
+    let total_ratio = if ours_total > 0.0 && ref_total > 0.0 {
+        format!("{:.2}x", ref_total / ours_total)
+    } else {
+        "—".into()
+    };
+    s.push_str(&format!(
+        "| total | {ours_total:.1} | {} | {total_ratio} |\n",
+        if ref_total > 0.0 {
+            format!("{ref_total:.1}")
+        } else {
+            "—".into()
+        }
+    ));
     s
 }
