@@ -12,6 +12,7 @@ pub mod fused;
 pub mod norm;
 pub mod profile;
 mod simd;
+pub mod winograd;
 
 pub use activation::geglu;
 pub use attention::scaled_dot_product_attention;

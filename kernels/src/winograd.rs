@@ -1,0 +1,323 @@
+//! 3×3, stride-1, padding-1 convolution by Winograd's minimal filtering F(2×2, 3×3) on the CPU.
+//!
+//! Every 3×3 convolution in the SDXL UNet and VAE is of this kind, and on the CPU they were the
+//! largest op after the linear layers (BENCHMARKS.md, per-op table). im2col + GEMM spends 9·c
+//! multiply-adds per output; F(2×2, 3×3) spends 4·c (16 products per 2×2 output tile instead of
+//! 36), for three cheap linear transforms: inputs V = Bᵀ d B per 4×4 tile, weights U = G g Gᵀ once
+//! per call, outputs Y = Aᵀ M A. The 16 products become 16 GEMMs `M[ξ] = U[ξ] · V[ξ]` over
+//! channels. Tiles run in blocks of whole tile rows (transformed inputs ~2 MB) in parallel, as in
+//! `conv.rs`. The transforms' coefficients are 0, ±1 and ½, so the result differs from direct
+//! convolution by rounding only (relative L2 around 1e-7; tested against candle's convolution).
+//! Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, Result, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Target size of one task's transformed inputs, in f32 elements (2 MiB).
+const BLOCK_ELEMENTS: usize = 1 << 19;
+
+thread_local! {
+    /// Per thread: transformed inputs, then the 16 products, reused across calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint tile rows of one buffer that outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// U = G g Gᵀ for every (o, c) into `u`: `[16][o][c]`. Blocks of output channels transform in
+/// parallel, each into its rows of the 16 planes.
+fn transform_weights(w: &[f32], o: usize, c: usize, u: &mut [f32]) {
+    let block = (o / (4 * rayon::current_num_threads()).max(1)).max(1);
+    let mut tasks: Vec<Vec<&mut [f32]>> = (0..o.div_ceil(block)).map(|_| Vec::with_capacity(16)).collect();
+    for plane in u[..16 * o * c].chunks_mut(o * c) {
+        for (t, rows) in tasks.iter_mut().zip(plane.chunks_mut(block * c)) {
+            t.push(rows);
+        }
+    }
+    tasks.into_par_iter().enumerate().for_each(|(bi, mut planes)| {
+        let mut taps = vec![0f32; 9 * c];
+        let rows = planes[0].len() / c;
+        for r in 0..rows {
+            let oi = bi * block + r;
+            weight_row(&w[oi * 9 * c..(oi + 1) * 9 * c], &mut taps, &mut planes, r * c, c);
+        }
+    });
+}
+
+crate::simd::multiversion! {
+    /// One output channel: `w` is `[c][3][3]`; U[ξ] goes to `planes[ξ][at..at + c]`. The taps are
+    /// first laid out tap-major (`taps[tap][ci]`) so the transform runs as vector operations over
+    /// input channels.
+    fn weight_row(w: &[f32], taps: &mut [f32], planes: &mut [&mut [f32]], at: usize, c: usize) {
+        for ci in 0..c {
+            for tap in 0..9 {
+                taps[tap * c + ci] = w[ci * 9 + tap];
+            }
+        }
+        // t = G g: rows 0..3 for each kernel column j, over ci.
+        for ci in 0..c {
+            let g = |tap: usize| taps[tap * c + ci];
+            let mut tt = [[0f32; 3]; 4];
+            for j in 0..3 {
+                let (g0, g1, g2) = (g(j), g(3 + j), g(6 + j));
+                tt[0][j] = g0;
+                tt[1][j] = 0.5 * (g0 + g1 + g2);
+                tt[2][j] = 0.5 * (g0 - g1 + g2);
+                tt[3][j] = g2;
+            }
+            for (r, tr) in tt.iter().enumerate() {
+                planes[r * 4][at + ci] = tr[0];
+                planes[r * 4 + 1][at + ci] = 0.5 * (tr[0] + tr[1] + tr[2]);
+                planes[r * 4 + 2][at + ci] = 0.5 * (tr[0] - tr[1] + tr[2]);
+                planes[r * 4 + 3][at + ci] = tr[2];
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// The caller's transformed weights, reused across calls (16/9 of the weight's size).
+    static WEIGHTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    tiles_w: usize,
+}
+
+impl Geometry {
+    /// V = Bᵀ d B for the tiles of tile rows `rows` of one image: `v[ξ][ci][t]`.
+    fn transform_inputs(&self, x: &[f32], rows: std::ops::Range<usize>, v: &mut [f32]) {
+        let tw = self.tiles_w;
+        let p = rows.len() * tw;
+        let mut scratch = vec![0f32; 8 * (tw + 1)];
+        for ci in 0..self.c {
+            let plane = &x[ci * self.h * self.w..(ci + 1) * self.h * self.w];
+            for (r, ty) in rows.clone().enumerate() {
+                input_tile_row(plane, self.h, self.w, ty, tw, &mut scratch, v, self.c * p, ci * p + r * tw);
+            }
+        }
+    }
+
+    /// Y = Aᵀ M A plus bias into output rows 2·rows of one image `[o, h, w]`.
+    fn transform_outputs(&self, m: &[f32], rows: std::ops::Range<usize>, bias: &[f32], out: OutPtr) {
+        let (h, w, tw) = (self.h, self.w, self.tiles_w);
+        let p = rows.len() * tw;
+        let mut scratch = vec![0f32; 4 * tw];
+        for oi in 0..self.o {
+            for (r, ty) in rows.clone().enumerate() {
+                // SAFETY: output rows 2ty, 2ty + 1 of channel oi belong to this task alone.
+                let plane = unsafe { std::slice::from_raw_parts_mut(out.get().add(oi * h * w), h * w) };
+                output_tile_row(m, self.o * p, oi * p + r * tw, tw, bias[oi], &mut scratch, plane, h, w, ty);
+            }
+        }
+    }
+
+    fn block(&self, x: &[f32], u: &[f32], bias: &[f32], rows: std::ops::Range<usize>, out: OutPtr, parallelism: gemm::Parallelism) {
+        let p = rows.len() * self.tiles_w;
+        let (c, o) = (self.c, self.o);
+        SCRATCH.with(|s| {
+            let (v, m) = &mut *s.borrow_mut();
+            if v.len() < 16 * c * p {
+                v.resize(16 * c * p, 0.0);
+            }
+            if m.len() < 16 * o * p {
+                m.resize(16 * o * p, 0.0);
+            }
+            self.transform_inputs(x, rows.clone(), &mut v[..16 * c * p]);
+            for xi in 0..16 {
+                // SAFETY: u[ξ] is [o, c], v[ξ] [c, p] and m[ξ] [o, p], all row-major, in bounds.
+                unsafe {
+                    gemm::gemm(
+                        o, p, c,
+                        m.as_mut_ptr().add(xi * o * p), 1, p as isize, false,
+                        u.as_ptr().add(xi * o * c), 1, c as isize,
+                        v.as_ptr().add(xi * c * p), 1, p as isize,
+                        0.0, 1.0, false, false, false, parallelism,
+                    );
+                }
+            }
+            self.transform_outputs(&m[..16 * o * p], rows, bias, out);
+        });
+    }
+}
+
+crate::simd::multiversion! {
+    /// The 4×4 tiles of tile row `ty` of one channel plane, all `tw` of them at once: the four
+    /// input rows 2ty − 1 … 2ty + 2 are split into even and odd columns (of the padded row), so
+    /// both transforms are contiguous vector operations over tiles. Writes
+    /// `v[ξ·plane_stride + at + tx]`.
+    #[allow(clippy::too_many_arguments)]
+    fn input_tile_row(plane: &[f32], h: usize, w: usize, ty: usize, tw: usize, scratch: &mut [f32], v: &mut [f32], plane_stride: usize, at: usize) {
+        let n = tw + 1;
+        // even[i][k] = row i at column 2k − 1, odd[i][k] = row i at column 2k (zero outside).
+        let (even, odd) = scratch.split_at_mut(4 * n);
+        for i in 0..4 {
+            let iy = 2 * ty as isize - 1 + i as isize;
+            let (e, o) = (&mut even[i * n..(i + 1) * n], &mut odd[i * n..(i + 1) * n]);
+            if iy < 0 || iy >= h as isize {
+                e.fill(0.0);
+                o.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+            for k in 0..n {
+                e[k] = if k >= 1 && 2 * k - 1 < w { src[2 * k - 1] } else { 0.0 };
+                o[k] = if 2 * k < w { src[2 * k] } else { 0.0 };
+            }
+        }
+        // Bᵀ across rows, in place: rows become t0 = d0 − d2, t1 = d1 + d2, t2 = d2 − d1, t3 = d1 − d3.
+        for half in [&mut *even, &mut *odd] {
+            let (r01, r23) = half.split_at_mut(2 * n);
+            let (d0, d1) = r01.split_at_mut(n);
+            let (d2, d3) = r23.split_at_mut(n);
+            for k in 0..n {
+                let (a, b, c, d) = (d0[k], d1[k], d2[k], d3[k]);
+                d0[k] = a - c;
+                d1[k] = b + c;
+                d2[k] = c - b;
+                d3[k] = b - d;
+            }
+        }
+        // B across columns: a tile's columns are even[tx], odd[tx], even[tx + 1], odd[tx + 1].
+        for i in 0..4 {
+            let (e, o) = (&even[i * n..(i + 1) * n], &odd[i * n..(i + 1) * n]);
+            for (j, f) in [0usize, 1, 2, 3].into_iter().zip([0u8, 1, 2, 3]) {
+                let dst = &mut v[(i * 4 + j) * plane_stride + at..][..tw];
+                for tx in 0..tw {
+                    dst[tx] = match f {
+                        0 => e[tx] - e[tx + 1],
+                        1 => o[tx] + e[tx + 1],
+                        2 => e[tx + 1] - o[tx],
+                        _ => o[tx] - o[tx + 1],
+                    };
+                }
+            }
+        }
+    }
+}
+
+crate::simd::multiversion! {
+    /// Aᵀ M A for the `tw` tiles of tile row `ty` of one output channel, vectorised over tiles,
+    /// plus `bias`, into rows 2ty and 2ty + 1 of `plane` (`[h, w]`).
+    #[allow(clippy::too_many_arguments)]
+    fn output_tile_row(m: &[f32], plane_stride: usize, at: usize, tw: usize, bias: f32, scratch: &mut [f32], plane: &mut [f32], h: usize, w: usize, ty: usize) {
+        let row = |xi: usize| &m[xi * plane_stride + at..][..tw];
+        for i in 0..2 {
+            let oy = 2 * ty + i;
+            if oy >= h {
+                continue;
+            }
+            // t[j] = (Aᵀ M)[i][j] for the four columns j, over tiles.
+            let (t01, t23) = scratch.split_at_mut(2 * tw);
+            let (t0, t1) = t01.split_at_mut(tw);
+            let (t2, t3) = t23.split_at_mut(tw);
+            for (j, t) in [t0, t1, t2, t3].into_iter().enumerate() {
+                let (m0, m1, m2, m3) = (row(j), row(4 + j), row(8 + j), row(12 + j));
+                for tx in 0..tw {
+                    t[tx] = if i == 0 { m0[tx] + m1[tx] + m2[tx] } else { m1[tx] - m2[tx] - m3[tx] };
+                }
+            }
+            let (t01, t23) = scratch.split_at(2 * tw);
+            let (t0, t1) = t01.split_at(tw);
+            let (t2, t3) = t23.split_at(tw);
+            let dst = &mut plane[oy * w..(oy + 1) * w];
+            let full = w / 2;
+            for tx in 0..full {
+                dst[2 * tx] = t0[tx] + t1[tx] + t2[tx] + bias;
+                dst[2 * tx + 1] = t1[tx] - t2[tx] - t3[tx] + bias;
+            }
+            if w % 2 == 1 {
+                dst[w - 1] = t0[full] + t1[full] + t2[full] + bias;
+            }
+        }
+    }
+}
+
+fn f32_slice<'a>(s: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("winograd: expected contiguous".into()))?;
+            Ok(&data[a..z])
+        }
+        _ => candle_core::bail!("winograd: expected f32 on the CPU"),
+    }
+}
+
+/// `conv2d(x [b, c, h, w], weight [o, c, 3, 3], bias)` with stride 1 and padding 1; f32 on the CPU.
+pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
+    let (o, c, kh, kw) = weight.dims4()?;
+    let (b, xc, h, w) = x.dims4()?;
+    if (kh, kw) != (3, 3) || xc != c || bias.len() != o {
+        candle_core::bail!("winograd: expected a [o, {xc}, 3, 3] weight and {o} biases, got {:?} and {}", weight.dims(), bias.len());
+    }
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let (xs, _) = x.storage_and_layout();
+    let (ws, _) = weight.storage_and_layout();
+    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    WEIGHTS.with(|cell| -> Result<Tensor> {
+    let mut u = cell.borrow_mut();
+    if u.len() < 16 * o * c {
+        u.resize(16 * o * c, 0.0);
+    }
+    transform_weights(wd, o, c, &mut u);
+    let u = &u[..16 * o * c];
+    let (tiles_h, tiles_w) = (h.div_ceil(2), w.div_ceil(2));
+    let g = Geometry { c, h, w, o, tiles_w };
+    let mut out = vec![0f32; b * o * h * w];
+    let rows_per_block = (BLOCK_ELEMENTS / (16 * c.max(o) * tiles_w).max(1)).clamp(1, tiles_h);
+    let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..b)
+        .flat_map(|img| (0..tiles_h).step_by(rows_per_block).map(move |r| (img, r..(r + rows_per_block).min(tiles_h))))
+        .collect();
+    let threads = rayon::current_num_threads();
+    let base = OutPtr(out.as_mut_ptr());
+    let task = |(img, rows): &(usize, std::ops::Range<usize>), parallelism| {
+        // SAFETY: image `img`'s output starts at img·o·h·w inside `out`.
+        let dst = OutPtr(unsafe { base.get().add(img * o * h * w) });
+        g.block(&xd[img * c * h * w..(img + 1) * c * h * w], u, bias, rows.clone(), dst, parallelism);
+    };
+    if blocks.len() >= 2 * threads {
+        blocks.par_iter().for_each(|blk| task(blk, gemm::Parallelism::None));
+    } else {
+        blocks.iter().for_each(|blk| task(blk, gemm::Parallelism::Rayon(threads)));
+    }
+    Tensor::from_vec(out, (b, o, h, w), x.device())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn equals_direct_convolution() -> Result<()> {
+        let d = Device::Cpu;
+        // Odd and even sizes (partial edge tiles), one and many blocks.
+        for (c, o, h, w) in [(3, 5, 7, 6), (16, 8, 8, 9), (64, 24, 33, 64)] {
+            let x = Tensor::randn(0f32, 1., (2, c, h, w), &d)?;
+            let wt = Tensor::randn(0f32, 0.1, (o, c, 3, 3), &d)?;
+            let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.1 - 0.3).collect();
+            let a = conv3x3(&x, &wt, &bias)?;
+            let r = x.conv2d(&wt, 1, 1, 1, 1)?.broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), &d)?)?;
+            assert_eq!(a.dims(), r.dims());
+            let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+            assert!(rel < 1e-5, "c {c} o {o} {h}x{w}: relative L2 {rel}");
+        }
+        Ok(())
+    }
+}
