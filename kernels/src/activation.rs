@@ -82,9 +82,11 @@ impl CustomOp1 for Geglu {
         };
         let rows = data.len() / width;
         let mut out = vec![0f32; rows * inner];
-        out.par_chunks_mut(inner)
-            .zip(data.par_chunks(width))
-            .for_each(|(o, h)| geglu_row(o, h));
+        if data.len() < crate::linear::SERIAL_ELEMENTS {
+            out.chunks_mut(inner).zip(data.chunks(width)).for_each(|(o, h)| geglu_row(o, h));
+        } else {
+            out.par_chunks_mut(inner).zip(data.par_chunks(width)).for_each(|(o, h)| geglu_row(o, h));
+        }
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank >= 1") = inner;
         Ok((CpuStorage::F32(out), Shape::from(shape)))

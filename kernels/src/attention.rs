@@ -64,16 +64,12 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
     let (qd, kd, vd) = (slice(&qs, &q)?, slice(&ks, &k)?, slice(&vs, &v)?);
     let mut out = vec![0f32; b * h * lq * dv];
     let scale = scale as f32;
-    out.par_chunks_mut(lq * dv)
-        .enumerate()
-        .for_each(|(head, o_head)| {
+    let serial = b * h * lq * lk * d < crate::linear::SERIAL_MACS;
+    let one_head = |(head, o_head): (usize, &mut [f32])| {
             let qh = &qd[head * lq * d..(head + 1) * lq * d];
             let kh = &kd[head * lk * d..(head + 1) * lk * d];
             let vh = &vd[head * lk * dv..(head + 1) * lk * dv];
-            o_head
-                .par_chunks_mut(QUERY_BLOCK * dv)
-                .enumerate()
-                .for_each(|(blk, o_blk)| {
+            let block = |(blk, o_blk): (usize, &mut [f32])| {
                     let rows = o_blk.len() / dv;
                     let q_blk = &qh[blk * QUERY_BLOCK * d..(blk * QUERY_BLOCK + rows) * d];
                     let mut scores = vec![0f32; rows * lk];
@@ -131,8 +127,19 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
                             gemm::Parallelism::None,
                         );
                     }
-                });
-        });
+            };
+            if serial {
+                o_head.chunks_mut(QUERY_BLOCK * dv).enumerate().for_each(block);
+            } else {
+                o_head.par_chunks_mut(QUERY_BLOCK * dv).enumerate().for_each(block);
+            }
+    };
+    // Small problems stay on the calling thread: waking the pool costs more than they do.
+    if serial {
+        out.chunks_mut(lq * dv).enumerate().for_each(one_head);
+    } else {
+        out.par_chunks_mut(lq * dv).enumerate().for_each(one_head);
+    }
     Tensor::from_vec(out, (b, h, lq, dv), q.device())
 }
 

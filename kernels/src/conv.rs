@@ -168,6 +168,39 @@ fn f32_slice<'a>(s: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
     }
 }
 
+/// A 1×1 convolution on the CPU: per image `y = W [o, c] · x [c, h·w]`, bias written first and
+/// accumulated onto, small products on the calling thread (as in `linear.rs`).
+fn conv1x1_cpu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let (o, c, _, _) = weight.dims4()?;
+    let (b, _, h, w) = x.dims4()?;
+    let n = h * w;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let mut out = vec![0f32; b * o * n];
+    if let Some(bias) = bias {
+        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+        out.chunks_mut(n).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
+    }
+    let (xs, _) = x.storage_and_layout();
+    let (ws, _) = weight.storage_and_layout();
+    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    let threads = rayon::current_num_threads();
+    let parallelism = if o * c * n < crate::linear::SERIAL_MACS || threads < 2 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
+    for (img, dst) in out.chunks_mut(o * n).enumerate() {
+        // SAFETY: dst is [o, n], W [o, c] and this image's x [c, n], all row-major, in bounds.
+        unsafe {
+            gemm::gemm(
+                o, n, c,
+                dst.as_mut_ptr(), 1, n as isize, bias.is_some(),
+                wd.as_ptr(), 1, c as isize,
+                xd[img * c * n..].as_ptr(), 1, n as isize,
+                1.0, 1.0, false, false, false, parallelism,
+            );
+        }
+    }
+    drop((xs, ws));
+    Tensor::from_vec(out, (b, o, h, w), x.device())
+}
+
 /// The blocked CPU path: f32, square kernel, dilation 1, groups 1.
 fn conv2d_cpu(
     x: &Tensor,
@@ -200,9 +233,7 @@ fn conv2d_cpu(
     };
     let n = oh * ow;
     let mut out = vec![0f32; b * o * n];
-    out.par_chunks_mut(n)
-        .enumerate()
-        .for_each(|(row, dst)| dst.fill(bias[row % o]));
+    out.chunks_mut(n).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
@@ -232,9 +263,9 @@ fn conv2d_cpu(
             .par_iter()
             .for_each(|blk| task(blk, gemm::Parallelism::None));
     } else {
-        blocks
-            .iter()
-            .for_each(|blk| task(blk, gemm::Parallelism::Rayon(threads)));
+        // Too few blocks to share out: one at a time, the GEMM on the pool unless it is small.
+        let parallelism = if b * o * c * k * k * n < crate::linear::SERIAL_MACS { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
+        blocks.iter().for_each(|blk| task(blk, parallelism));
     }
     drop((xs, ws));
     Tensor::from_vec(out, (b, o, oh, ow), x.device())
@@ -260,11 +291,11 @@ pub fn conv2d(
         return conv2d_reference(x, weight, bias, stride, padding);
     }
     if k == 1 && k2 == 1 && stride == 1 && padding == 0 {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+            return conv1x1_cpu(x, weight, bias);
+        }
         // A 1×1 convolution is a matmul over pixels.
-        let y = weight
-            .reshape((o, c))?
-            .broadcast_matmul(&x.reshape((b, c, h * w))?)?
-            .reshape((b, o, h, w))?;
+        let y = weight.reshape((o, c))?.broadcast_matmul(&x.reshape((b, c, h * w))?)?.reshape((b, o, h, w))?;
         return match bias {
             Some(bias) => crate::fused::bias_add(&y, bias, 1),
             None => Ok(y),
@@ -363,6 +394,22 @@ mod tests {
                 let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
                 assert!(rel < 1e-5, "{path}: c {c} stride {stride}: relative L2 {rel}");
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pointwise_conv_equals_reference() -> Result<()> {
+        let d = Device::Cpu;
+        // A small product (calling thread) and a large one (pool), with bias.
+        for (c, o, hw) in [(5, 6, 3), (96, 80, 40)] {
+            let x = Tensor::randn(0f32, 1., (2, c, hw, hw + 1), &d)?;
+            let wt = Tensor::randn(0f32, 0.1, (o, c, 1, 1), &d)?;
+            let b = Tensor::randn(0f32, 0.3, o, &d)?;
+            let a = conv2d(&x, &wt, Some(&b), 1, 0)?;
+            let r = conv2d_reference(&x, &wt, Some(&b), 1, 0)?;
+            let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+            assert!(rel < 1e-5, "c {c} o {o}: relative L2 {rel}");
         }
         Ok(())
     }

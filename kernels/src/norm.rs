@@ -85,17 +85,16 @@ impl CustomOp1 for FusedGroupNorm<'_> {
         let cpg = c / self.groups;
         let block = cpg * spatial;
         let mut out = vec![0f32; data.len()];
-        out.par_chunks_mut(block)
-            .zip(data.par_chunks(block))
-            .enumerate()
-            .for_each(|(i, (o, x))| {
-                let g = i % self.groups;
-                let (w, b) = (
-                    &self.weight[g * cpg..(g + 1) * cpg],
-                    &self.bias[g * cpg..(g + 1) * cpg],
-                );
-                normalize_group(o, x, w, b, spatial, self.eps, self.silu);
-            });
+        let group = |(i, (o, x)): (usize, (&mut [f32], &[f32]))| {
+            let g = i % self.groups;
+            let (w, b) = (&self.weight[g * cpg..(g + 1) * cpg], &self.bias[g * cpg..(g + 1) * cpg]);
+            normalize_group(o, x, w, b, spatial, self.eps, self.silu);
+        };
+        if data.len() < crate::linear::SERIAL_ELEMENTS {
+            out.chunks_mut(block).zip(data.chunks(block)).enumerate().for_each(group);
+        } else {
+            out.par_chunks_mut(block).zip(data.par_chunks(block)).enumerate().for_each(group);
+        }
         let _ = n;
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }

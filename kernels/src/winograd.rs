@@ -69,6 +69,7 @@ crate::simd::multiversion! {
         for ci in 0..c {
             let g = |tap: usize| taps[tap * c + ci];
             let mut tt = [[0f32; 3]; 4];
+            #[allow(clippy::needless_range_loop)] // j indexes three arrays in step
             for j in 0..3 {
                 let (g0, g1, g2) = (g(j), g(3 + j), g(6 + j));
                 tt[0][j] = g0;
@@ -118,6 +119,7 @@ impl Geometry {
         let (h, w, tw) = (self.h, self.w, self.tiles_w);
         let p = rows.len() * tw;
         let mut scratch = vec![0f32; 4 * tw];
+        #[allow(clippy::needless_range_loop)] // oi also offsets the output plane
         for oi in 0..self.o {
             for (r, ty) in rows.clone().enumerate() {
                 // SAFETY: output rows 2ty, 2ty + 1 of channel oi belong to this task alone.

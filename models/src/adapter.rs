@@ -461,13 +461,10 @@ impl Module for AdaptableLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _span = loramix_kernels::profile::span("linear");
         let state = self.slot.read();
-        // Bias through `bias_add` (our one-pass kernel on CUDA; candle's broadcast add elsewhere).
+        // Our linear kernel on the CPU (bias inside the GEMM); elsewhere candle's, with the bias
+        // through `bias_add` (our one-pass kernel on CUDA).
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
-        let y = Linear::new(weight.clone(), None).forward(x)?;
-        let y = match self.base.bias() {
-            Some(b) => loramix_kernels::fused::bias_add(&y, b, y.rank() - 1)?,
-            None => y,
-        };
+        let y = loramix_kernels::linear(x, weight, self.base.bias())?;
         #[cfg(feature = "cuda")]
         if let Some(out) = stacked_linear_branches(x, &y, &state)? {
             return Ok(out);

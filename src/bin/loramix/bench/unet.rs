@@ -213,6 +213,7 @@ fn ours(
         let total = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
         loramix_kernels::profile::enable(false);
         for (k, v) in loramix_kernels::profile::totals() {
+
             ops.insert(k.to_string(), v.seconds * 1e3 / iters as f64);
         }
         let known: f64 = ops.values().sum();

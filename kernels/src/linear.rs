@@ -1,0 +1,96 @@
+//! `y = x Wᵀ + b` on the CPU in one GEMM call.
+//!
+//! candle's matmul always hands gemm a rayon pool, and waking it costs ~25 µs per call: on the
+//! small UNets (the parity fixtures) linear layers took 36 µs a call against torch's 7, and were
+//! most of a step. Here small products run on the calling thread, large ones on the pool, and the
+//! bias is written into the output before the GEMM accumulates onto it (no second pass).
+//! Other devices, dtypes and autograd use candle's `Linear` and `bias_add`, the reference.
+
+use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor, D};
+
+/// Multiply-adds below which a GEMM runs on the calling thread: waking the pool costs ~25 µs,
+/// what one core spends on about 2²¹ multiply-adds, so below that a second thread cannot win.
+pub const SERIAL_MACS: usize = 1 << 21;
+
+/// Elements below which our elementwise kernels (GEGLU, group norm) run on the calling thread.
+pub const SERIAL_ELEMENTS: usize = 1 << 16;
+
+fn f32_slice<'a>(s: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("linear: expected contiguous".into()))?;
+            Ok(&data[a..z])
+        }
+        _ => candle_core::bail!("linear: expected f32 on the CPU"),
+    }
+}
+
+/// `x [..., in] · weight [out, in]ᵀ + bias [out]`.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.is_none_or(|b| b.dtype() == DType::F32);
+    if !cpu_f32 || crate::fused::differentiable() || weight.rank() != 2 {
+        let y = candle_nn::Linear::new(weight.clone(), None).forward(x)?;
+        return match bias {
+            Some(b) => crate::fused::bias_add(&y, b, y.rank() - 1),
+            None => Ok(y),
+        };
+    }
+    let (out_f, in_f) = weight.dims2()?;
+    if x.dim(D::Minus1)? != in_f {
+        candle_core::bail!("linear: input has {} features, the weight expects {in_f}", x.dim(D::Minus1)?);
+    }
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = out_f;
+    let m = x.elem_count() / in_f.max(1);
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let mut y = vec![0f32; m * out_f];
+    if let Some(b) = bias {
+        let b: Vec<f32> = b.to_vec1()?;
+        for row in y.chunks_mut(out_f) {
+            row.copy_from_slice(&b);
+        }
+    }
+    let (xs, _) = x.storage_and_layout();
+    let (ws, _) = weight.storage_and_layout();
+    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    let threads = rayon::current_num_threads();
+    let parallelism = if m * out_f * in_f < SERIAL_MACS || threads < 2 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
+    // SAFETY: y is [m, out] row-major, x [m, in] row-major, and Wᵀ is read from the [out, in]
+    // row-major weight with row stride 1 and column stride `in`; all in bounds.
+    unsafe {
+        gemm::gemm(
+            m, out_f, in_f,
+            y.as_mut_ptr(), 1, out_f as isize, bias.is_some(),
+            xd.as_ptr(), 1, in_f as isize,
+            wd.as_ptr(), in_f as isize, 1,
+            1.0, 1.0, false, false, false, parallelism,
+        );
+    }
+    drop((xs, ws));
+    Tensor::from_vec(y, out_shape, x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn equals_candle_linear() -> Result<()> {
+        let d = Device::Cpu;
+        // Small (serial) and large (pooled) products, with and without bias, 2-D and 3-D inputs.
+        for (dims, in_f, out_f) in [(vec![3usize, 5], 5usize, 7usize), (vec![2, 300, 320], 320, 640)] {
+            let x = Tensor::randn(0f32, 1., dims.as_slice(), &d)?;
+            let w = Tensor::randn(0f32, 0.1, (out_f, in_f), &d)?;
+            let b = Tensor::randn(0f32, 0.1, out_f, &d)?;
+            for bias in [None, Some(&b)] {
+                let a = linear(&x, &w, bias)?;
+                let r = candle_nn::Linear::new(w.clone(), bias.cloned()).forward(&x)?;
+                assert_eq!(a.dims(), r.dims());
+                let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+                assert!(rel < 1e-6, "{dims:?} bias {}: relative L2 {rel}", bias.is_some());
+            }
+        }
+        Ok(())
+    }
+}
