@@ -173,6 +173,27 @@ impl std::fmt::Debug for SafetensorsFile {
 }
 
 impl SafetensorsFile {
+    /// Drops the mapped pages of bytes `[start, end)` of the file from this process's resident
+    /// set once a tensor has been copied out of them. Without it, loading a model held every
+    /// page of the file it had read beside the copies — twice the weights at peak (measured:
+    /// 810 MB for mid2's 420 MB of weights). The mapping is read-only and backed by the file, so a
+    /// later read of the range faults the same bytes back in from the page cache. Whole pages
+    /// inside the range only; Unix only (elsewhere the pages stay until the file is closed).
+    fn release(&self, start: usize, end: usize) {
+        #[cfg(unix)]
+        if let FileBytes::Mapped(m) = &self.mmap {
+            const PAGE: usize = 4096;
+            let (a, z) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+            if z > a {
+                // SAFETY: DONTNEED on a read-only, file-backed private mapping discards no data:
+                // the pages are re-read from the file if touched again. Failure only means the
+                // pages stay resident, so it is ignored.
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, z - a) };
+            }
+        }
+        let _ = (start, end);
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
         if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
@@ -268,6 +289,7 @@ impl SafetensorsFile {
             let (start, end) = info.data_offsets;
             let Some(bytes) = self.mmap.get(self.data_start + start..self.data_start + end) else { continue };
             let bad = count_non_finite(bytes, raw);
+            self.release(self.data_start + start, self.data_start + end);
             if bad > 0 {
                 return Err(Error::Tensor {
                     file: self.path.display().to_string(),
@@ -304,7 +326,9 @@ impl SafetensorsFile {
                 return Err(terr(format!("{bad} of {} values are NaN or infinite; the checkpoint is corrupt", info.shape.iter().product::<usize>())));
             }
         }
-        Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu).map_err(|e| terr(e.to_string()))
+        let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu).map_err(|e| terr(e.to_string()))?;
+        self.release(self.data_start + start, self.data_start + end);
+        Ok(t)
     }
 }
 

@@ -79,4 +79,6 @@ if a.profile:
         kind = op_kind(e.key, e.input_shapes)
         ops[kind] = ops.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / a.iters
     result["ms_per_step_by_op"] = ops
+import resource
+result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 print(json.dumps(result))

@@ -37,6 +37,9 @@ pub struct BenchArgs {
     /// unet: also a per-op table for each config (ours from kernels/src/profile.rs spans, diffusers' from torch.profiler).
     #[arg(long)]
     profile: bool,
+    /// unet: also the peak resident memory of ours (a fresh process per config) beside diffusers'.
+    #[arg(long)]
+    memory: bool,
     /// Files for the library suite.
     #[arg(long, default_value_t = 1000)]
     count: usize,
@@ -88,8 +91,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 threads,
                 &a.config,
                 a.profile,
+                a.memory,
             )?;
             print!("{}", unet::table(&rows, threads));
+            Ok(())
+        }
+        // The child process of `--memory` (one config, one step, prints its peak RSS).
+        "unet-rss" => {
+            let name = a.config.first().map(String::as_str).unwrap_or("");
+            unet::rss_child(&repo, name)?;
             Ok(())
         }
         other => {

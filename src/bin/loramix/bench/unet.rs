@@ -64,6 +64,44 @@ pub struct BenchRow {
     pub reference: Option<f64>,
     /// With `--profile`: ms per step by op kind, ours and the reference's (torch.profiler).
     pub ops: Option<OpProfile>,
+    /// With `--memory`: peak resident set (MB) of a process that loads the UNet and steps it,
+    /// ours (a fresh child process, one step) and the reference's (its own process).
+    pub peak_rss: Option<(Option<f64>, Option<f64>)>,
+}
+
+/// This process's peak resident set in MB (Linux `VmHWM`; `None` elsewhere).
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The child side of `--memory`: load config `name`, run one step, print the peak RSS as JSON.
+pub fn rss_child(repo: &Path, name: &str) -> Result<()> {
+    let case = default_cases(repo)
+        .into_iter()
+        .find(|c| c.name.split_whitespace().next() == Some(name))
+        .ok_or_else(|| Error::Argument(format!("--config {name}: no such UNet config")))?;
+    ours(&case, 1, false)?;
+    println!("{}", serde_json::json!({ "peak_rss_mb": peak_rss_mb() }));
+    Ok(())
+}
+
+/// Runs `rss_child` in a fresh process of this binary, so earlier configs do not raise the peak.
+fn ours_peak_rss(case: &BenchCase) -> Result<Option<f64>> {
+    let exe = std::env::current_exe().map_err(|e| Error::Argument(format!("finding this executable: {e}")))?;
+    let name = case.name.split_whitespace().next().unwrap_or("");
+    let out = Command::new(exe)
+        .args(["bench", "--suite", "unet-rss", "--config", name])
+        .output()
+        .map_err(|e| Error::Argument(format!("running the memory child: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Argument(format!("memory child for {name} failed: {}", String::from_utf8_lossy(&out.stderr))));
+    }
+    let line = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").to_string();
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| Error::Argument(format!("memory child output {line:?}: {e}")))?;
+    Ok(v["peak_rss_mb"].as_f64())
 }
 
 pub struct OpProfile {
@@ -96,7 +134,7 @@ fn reference(
     iters: usize,
     threads: usize,
     profile: bool,
-) -> Result<(f64, usize, BTreeMap<String, f64>)> {
+) -> Result<(f64, usize, BTreeMap<String, f64>, Option<f64>)> {
     let mut cmd = Command::new(python);
     cmd.arg(repo.join("tools/bench/unet_step.py"))
         .arg("--unet")
@@ -147,6 +185,7 @@ fn reference(
         v["seconds_per_step"].as_f64().unwrap_or(f64::NAN),
         v["params"].as_u64().unwrap_or(0) as usize,
         ops,
+        v["peak_rss_mb"].as_f64(),
     ))
 }
 
@@ -231,6 +270,7 @@ pub fn run(
     threads: usize,
     only: &[String],
     profile: bool,
+    memory: bool,
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for case in default_cases(repo) {
@@ -247,10 +287,11 @@ pub fn run(
             None => None,
         };
         let (t, params, our_ops) = ours(&case, iters, profile)?;
-        let (reference, ref_params, ref_ops) = match reference {
-            Some((s, p, o)) => (Some(s), p, o),
-            None => (None, 0, BTreeMap::new()),
+        let (reference, ref_params, ref_ops, ref_rss) = match reference {
+            Some((s, p, o, m)) => (Some(s), p, o, m),
+            None => (None, 0, BTreeMap::new(), None),
         };
+        let peak_rss = if memory { Some((ours_peak_rss(&case)?, ref_rss)) } else { None };
         let ops = profile.then_some(OpProfile {
             ours: our_ops,
             reference: ref_ops,
@@ -261,6 +302,7 @@ pub fn run(
             ours: t,
             reference,
             ops,
+            peak_rss,
         });
     }
     Ok(rows)
@@ -281,6 +323,18 @@ pub fn table(rows: &[BenchRow], threads: usize) -> String {
             r.params as f64 / 1e6,
             r.ours
         ));
+    }
+    if rows.iter().any(|r| r.peak_rss.is_some()) {
+        s.push_str("\nPeak resident memory of a process that loads the UNet (f32) and steps it (MB; ours in a fresh process, one step; diffusers' after its timed steps, torch's own libraries included)\n\n| UNet config | loramix MB | diffusers MB | ratio (loramix / diffusers) |\n|---|---|---|---|\n");
+        for r in rows {
+            let Some((o, d)) = r.peak_rss else { continue };
+            let f = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "—".into());
+            let ratio = match (o, d) {
+                (Some(o), Some(d)) if d > 0.0 => format!("{:.2}x", o / d),
+                _ => "—".into(),
+            };
+            s.push_str(&format!("| {} | {} | {} | {ratio} |\n", r.name, f(o), f(d)));
+        }
     }
     for r in rows {
         if let Some(ops) = &r.ops {
