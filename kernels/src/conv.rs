@@ -13,7 +13,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, DType, Result, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
 /// Target size of one task's column block, in f32 elements (2 MiB: 1, 4 and 8 MiB measured slower
@@ -155,17 +155,14 @@ impl Geometry {
     }
 }
 
-fn f32_slice<'a>(s: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(CpuStorage::F32(data)) => {
-            let (a, z) = t
-                .layout()
-                .contiguous_offsets()
-                .ok_or_else(|| candle_core::Error::Msg("conv2d: expected contiguous".into()))?;
-            Ok(&data[a..z])
-        }
-        _ => candle_core::bail!("conv2d: expected f32 on the CPU"),
+/// A `[b, o, n]` output holding each channel's bias (zeros without one), for a GEMM to accumulate onto.
+fn output_with_bias(b: usize, o: usize, n: usize, bias: Option<&Tensor>) -> Result<Vec<f32>> {
+    let mut out = vec![0f32; b * o * n];
+    if let Some(bias) = bias {
+        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+        out.chunks_mut(n).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
     }
+    Ok(out)
 }
 
 /// A 1×1 convolution on the CPU: per image `y = W [o, c] · x [c, h·w]`, bias written first and
@@ -175,14 +172,10 @@ fn conv1x1_cpu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     let (b, _, h, w) = x.dims4()?;
     let n = h * w;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let mut out = vec![0f32; b * o * n];
-    if let Some(bias) = bias {
-        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
-        out.chunks_mut(n).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
-    }
+    let mut out = output_with_bias(b, o, n, bias)?;
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
-    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    let (xd, wd) = (crate::host_f32(&xs, &x, "conv2d")?, crate::host_f32(&ws, &weight, "conv2d")?);
     let threads = rayon::current_num_threads();
     let parallelism = if o * c * n < crate::linear::SERIAL_MACS || threads < 2 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
     for (img, dst) in out.chunks_mut(o * n).enumerate() {
@@ -227,16 +220,11 @@ fn conv2d_cpu(
         ow,
     };
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let bias: Vec<f32> = match bias {
-        Some(bias) => bias.to_dtype(DType::F32)?.to_vec1()?,
-        None => vec![0.0; o],
-    };
     let n = oh * ow;
-    let mut out = vec![0f32; b * o * n];
-    out.chunks_mut(n).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
+    let mut out = output_with_bias(b, o, n, bias)?;
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
-    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    let (xd, wd) = (crate::host_f32(&xs, &x, "conv2d")?, crate::host_f32(&ws, &weight, "conv2d")?);
     let rows_per_block = (BLOCK_ELEMENTS / (c * k * k * ow).max(1)).clamp(1, oh);
     let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..b)
         .flat_map(|img| {

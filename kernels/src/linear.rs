@@ -6,7 +6,7 @@
 //! bias is written into the output before the GEMM accumulates onto it (no second pass).
 //! Other devices, dtypes and autograd use candle's `Linear` and `bias_add`, the reference.
 
-use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 
 /// Multiply-adds below which a GEMM runs on the calling thread: waking the pool costs ~25 µs,
 /// what one core spends on about 2²¹ multiply-adds, so below that a second thread cannot win.
@@ -14,16 +14,6 @@ pub const SERIAL_MACS: usize = 1 << 21;
 
 /// Elements below which our elementwise kernels (GEGLU, group norm) run on the calling thread.
 pub const SERIAL_ELEMENTS: usize = 1 << 16;
-
-fn f32_slice<'a>(s: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(CpuStorage::F32(data)) => {
-            let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("linear: expected contiguous".into()))?;
-            Ok(&data[a..z])
-        }
-        _ => candle_core::bail!("linear: expected f32 on the CPU"),
-    }
-}
 
 /// `x [..., in] · weight [out, in]ᵀ + bias [out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -52,7 +42,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     }
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
-    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    let (xd, wd) = (crate::host_f32(&xs, &x, "linear")?, crate::host_f32(&ws, &weight, "linear")?);
     let threads = rayon::current_num_threads();
     let parallelism = if m * out_f * in_f < SERIAL_MACS || threads < 2 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
     // SAFETY: y is [m, out] row-major, x [m, in] row-major, and Wᵀ is read from the [out, in]

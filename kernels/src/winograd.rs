@@ -12,7 +12,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, Result, Storage, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Target size of one task's transformed inputs, in f32 elements (2 MiB).
@@ -250,16 +250,6 @@ crate::simd::multiversion! {
     }
 }
 
-fn f32_slice<'a>(s: &'a Storage, t: &Tensor) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(CpuStorage::F32(data)) => {
-            let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("winograd: expected contiguous".into()))?;
-            Ok(&data[a..z])
-        }
-        _ => candle_core::bail!("winograd: expected f32 on the CPU"),
-    }
-}
-
 /// `conv2d(x [b, c, h, w], weight [o, c, 3, 3], bias)` with stride 1 and padding 1; f32 on the CPU.
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let (o, c, kh, kw) = weight.dims4()?;
@@ -270,7 +260,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
-    let (xd, wd) = (f32_slice(&xs, &x)?, f32_slice(&ws, &weight)?);
+    let (xd, wd) = (crate::host_f32(&xs, &x, "winograd")?, crate::host_f32(&ws, &weight, "winograd")?);
     WEIGHTS.with(|cell| -> Result<Tensor> {
     let mut u = cell.borrow_mut();
     if u.len() < 16 * o * c {
