@@ -50,89 +50,88 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
     let (ks, _) = k.storage_and_layout();
     let (vs, _) = v.storage_and_layout();
     // Borrow the inputs in place (the storage guards live until the end of the function).
-    fn slice<'a>(s: &'a candle_core::Storage, t: &Tensor) -> Result<&'a [f32]> {
-        match s {
-            candle_core::Storage::Cpu(CpuStorage::F32(data)) => {
-                let (a, z) = t.layout().contiguous_offsets().ok_or_else(|| {
-                    candle_core::Error::Msg("attention: expected contiguous".into())
-                })?;
-                Ok(&data[a..z])
-            }
-            _ => candle_core::bail!("attention: expected f32 on the CPU"),
-        }
-    }
-    let (qd, kd, vd) = (slice(&qs, &q)?, slice(&ks, &k)?, slice(&vs, &v)?);
+    let (qd, kd, vd) = (
+        crate::host_f32(&qs, &q, "attention")?,
+        crate::host_f32(&ks, &k, "attention")?,
+        crate::host_f32(&vs, &v, "attention")?,
+    );
     let mut out = vec![0f32; b * h * lq * dv];
     let scale = scale as f32;
     let serial = b * h * lq * lk * d < crate::linear::SERIAL_MACS;
     let one_head = |(head, o_head): (usize, &mut [f32])| {
-            let qh = &qd[head * lq * d..(head + 1) * lq * d];
-            let kh = &kd[head * lk * d..(head + 1) * lk * d];
-            let vh = &vd[head * lk * dv..(head + 1) * lk * dv];
-            let block = |(blk, o_blk): (usize, &mut [f32])| {
-                    let rows = o_blk.len() / dv;
-                    let q_blk = &qh[blk * QUERY_BLOCK * d..(blk * QUERY_BLOCK + rows) * d];
-                    let mut scores = vec![0f32; rows * lk];
-                    // SAFETY: every pointer/stride pair below describes a buffer of exactly the
-                    // given shape (rows×lk scores, rows×d queries, lk×d keys read transposed, lk×dv
-                    // values, rows×dv output), all owned or borrowed for the duration of the call.
-                    unsafe {
-                        // scores = scale · q_blk · kᵀ
-                        gemm::gemm(
-                            rows,
-                            lk,
-                            d,
-                            scores.as_mut_ptr(),
-                            1,
-                            lk as isize,
-                            false,
-                            q_blk.as_ptr(),
-                            1,
-                            d as isize,
-                            kh.as_ptr(),
-                            d as isize,
-                            1,
-                            0.0,
-                            scale,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-                    for row in scores.chunks_mut(lk) {
-                        softmax_row(row);
-                    }
-                    unsafe {
-                        // out = probs · v
-                        gemm::gemm(
-                            rows,
-                            dv,
-                            lk,
-                            o_blk.as_mut_ptr(),
-                            1,
-                            dv as isize,
-                            false,
-                            scores.as_ptr(),
-                            1,
-                            lk as isize,
-                            vh.as_ptr(),
-                            1,
-                            dv as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
-            };
-            if serial {
-                o_head.chunks_mut(QUERY_BLOCK * dv).enumerate().for_each(block);
-            } else {
-                o_head.par_chunks_mut(QUERY_BLOCK * dv).enumerate().for_each(block);
+        let qh = &qd[head * lq * d..(head + 1) * lq * d];
+        let kh = &kd[head * lk * d..(head + 1) * lk * d];
+        let vh = &vd[head * lk * dv..(head + 1) * lk * dv];
+        let block = |(blk, o_blk): (usize, &mut [f32])| {
+            let rows = o_blk.len() / dv;
+            let q_blk = &qh[blk * QUERY_BLOCK * d..(blk * QUERY_BLOCK + rows) * d];
+            let mut scores = vec![0f32; rows * lk];
+            // SAFETY: every pointer/stride pair below describes a buffer of exactly the
+            // given shape (rows×lk scores, rows×d queries, lk×d keys read transposed, lk×dv
+            // values, rows×dv output), all owned or borrowed for the duration of the call.
+            unsafe {
+                // scores = scale · q_blk · kᵀ
+                gemm::gemm(
+                    rows,
+                    lk,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    lk as isize,
+                    false,
+                    q_blk.as_ptr(),
+                    1,
+                    d as isize,
+                    kh.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
+            for row in scores.chunks_mut(lk) {
+                softmax_row(row);
+            }
+            unsafe {
+                // out = probs · v
+                gemm::gemm(
+                    rows,
+                    dv,
+                    lk,
+                    o_blk.as_mut_ptr(),
+                    1,
+                    dv as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    lk as isize,
+                    vh.as_ptr(),
+                    1,
+                    dv as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        };
+        if serial {
+            o_head
+                .chunks_mut(QUERY_BLOCK * dv)
+                .enumerate()
+                .for_each(block);
+        } else {
+            o_head
+                .par_chunks_mut(QUERY_BLOCK * dv)
+                .enumerate()
+                .for_each(block);
+        }
     };
     // Small problems stay on the calling thread: waking the pool costs more than they do.
     if serial {

@@ -14,7 +14,8 @@
 use std::cell::RefCell;
 
 use candle_core::{DType, Result, Tensor};
-use rayon::prelude::*;
+
+use crate::blocks::SharedOut;
 
 /// Target size of one task's column block, in f32 elements (2 MiB: 1, 4 and 8 MiB measured slower
 /// on 64×64 latents with 128–384 channels).
@@ -31,20 +32,6 @@ thread_local! {
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The output of one convolution, written by tasks that own disjoint column ranges.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint (image, column range) blocks of one buffer that outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `offset` must stay inside the buffer.
-    unsafe fn add(self, offset: usize) -> OutPtr {
-        OutPtr(unsafe { self.0.add(offset) })
-    }
-}
 
 struct Geometry {
     c: usize,
@@ -113,7 +100,7 @@ impl Geometry {
         x: &[f32],
         weight: &[f32],
         rows: std::ops::Range<usize>,
-        out: OutPtr,
+        out: SharedOut,
         parallelism: gemm::Parallelism,
     ) {
         let kk = self.c * self.k * self.k;
@@ -133,7 +120,7 @@ impl Geometry {
                     self.o,
                     px,
                     kk,
-                    out.0.add(rows.start * self.ow),
+                    out.ptr().add(rows.start * self.ow),
                     1,
                     n as isize,
                     true,
@@ -226,35 +213,12 @@ fn conv2d_cpu(
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "conv2d")?, crate::host_f32(&ws, &weight, "conv2d")?);
     let rows_per_block = (BLOCK_ELEMENTS / (c * k * k * ow).max(1)).clamp(1, oh);
-    let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..b)
-        .flat_map(|img| {
-            (0..oh)
-                .step_by(rows_per_block)
-                .map(move |r| (img, r..(r + rows_per_block).min(oh)))
-        })
-        .collect();
-    let threads = rayon::current_num_threads();
-    let base = OutPtr(out.as_mut_ptr());
-    let task = |(img, rows): &(usize, std::ops::Range<usize>), parallelism| {
-        // SAFETY: image `img`'s output starts at img·o·n inside `out`.
+    let base = SharedOut::new(&mut out);
+    crate::blocks::for_row_blocks(b, oh, rows_per_block, b * o * c * k * k * n, |img, rows, parallelism| {
+        // SAFETY: image `img`'s output starts at img·o·n inside `out`; `rows` are this task's.
         let dst = unsafe { base.add(img * o * n) };
-        g.block(
-            &xd[img * c * h * w..(img + 1) * c * h * w],
-            wd,
-            rows.clone(),
-            dst,
-            parallelism,
-        );
-    };
-    if blocks.len() >= 2 * threads {
-        blocks
-            .par_iter()
-            .for_each(|blk| task(blk, gemm::Parallelism::None));
-    } else {
-        // Too few blocks to share out: one at a time, the GEMM on the pool unless it is small.
-        let parallelism = if b * o * c * k * k * n < crate::linear::SERIAL_MACS { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
-        blocks.iter().for_each(|blk| task(blk, parallelism));
-    }
+        g.block(&xd[img * c * h * w..(img + 1) * c * h * w], wd, rows, dst, parallelism);
+    });
     drop((xs, ws));
     Tensor::from_vec(out, (b, o, oh, ow), x.device())
 }

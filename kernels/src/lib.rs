@@ -6,6 +6,7 @@
 
 pub mod activation;
 pub mod attention;
+mod blocks;
 pub mod conv;
 pub mod finite;
 pub mod fused;

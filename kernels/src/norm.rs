@@ -187,10 +187,7 @@ pub fn layer_norm(x: &Tensor, norm: &candle_nn::LayerNorm) -> Result<Tensor> {
     };
     let x = x.contiguous()?;
     let (storage, _) = x.storage_and_layout();
-    let data = match (&*storage, x.layout().contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => &v[a..b],
-        _ => candle_core::bail!("layer_norm: expected contiguous f32"),
-    };
+    let data = crate::host_f32(&storage, &x, "layer_norm")?;
     let mut out = vec![0f32; data.len()];
     // ~16k values per task, so that a task's rows amortise rayon's cost.
     let rows_per_task = (16 * 1024 / dim.max(1)).max(1);

@@ -13,6 +13,8 @@
 use std::cell::RefCell;
 
 use candle_core::{Result, Tensor};
+
+use crate::blocks::SharedOut;
 use rayon::prelude::*;
 
 /// Target size of one task's transformed inputs, in f32 elements (2 MiB).
@@ -21,18 +23,6 @@ const BLOCK_ELEMENTS: usize = 1 << 19;
 thread_local! {
     /// Per thread: transformed inputs, then the 16 products, reused across calls.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint tile rows of one buffer that outlives them.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// U = G g Gᵀ for every (o, c) into `u`: `[16][o][c]`. Blocks of output channels transform in
@@ -115,7 +105,7 @@ impl Geometry {
     }
 
     /// Y = Aᵀ M A plus bias into output rows 2·rows of one image `[o, h, w]`.
-    fn transform_outputs(&self, m: &[f32], rows: std::ops::Range<usize>, bias: &[f32], out: OutPtr) {
+    fn transform_outputs(&self, m: &[f32], rows: std::ops::Range<usize>, bias: &[f32], out: SharedOut) {
         let (h, w, tw) = (self.h, self.w, self.tiles_w);
         let p = rows.len() * tw;
         let mut scratch = vec![0f32; 4 * tw];
@@ -123,13 +113,13 @@ impl Geometry {
         for oi in 0..self.o {
             for (r, ty) in rows.clone().enumerate() {
                 // SAFETY: output rows 2ty, 2ty + 1 of channel oi belong to this task alone.
-                let plane = unsafe { std::slice::from_raw_parts_mut(out.get().add(oi * h * w), h * w) };
+                let plane = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(oi * h * w), h * w) };
                 output_tile_row(m, self.o * p, oi * p + r * tw, tw, bias[oi], &mut scratch, plane, h, w, ty);
             }
         }
     }
 
-    fn block(&self, x: &[f32], u: &[f32], bias: &[f32], rows: std::ops::Range<usize>, out: OutPtr, parallelism: gemm::Parallelism) {
+    fn block(&self, x: &[f32], u: &[f32], bias: &[f32], rows: std::ops::Range<usize>, out: SharedOut, parallelism: gemm::Parallelism) {
         let p = rows.len() * self.tiles_w;
         let (c, o) = (self.c, self.o);
         SCRATCH.with(|s| {
@@ -272,21 +262,12 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let g = Geometry { c, h, w, o, tiles_w };
     let mut out = vec![0f32; b * o * h * w];
     let rows_per_block = (BLOCK_ELEMENTS / (16 * c.max(o) * tiles_w).max(1)).clamp(1, tiles_h);
-    let blocks: Vec<(usize, std::ops::Range<usize>)> = (0..b)
-        .flat_map(|img| (0..tiles_h).step_by(rows_per_block).map(move |r| (img, r..(r + rows_per_block).min(tiles_h))))
-        .collect();
-    let threads = rayon::current_num_threads();
-    let base = OutPtr(out.as_mut_ptr());
-    let task = |(img, rows): &(usize, std::ops::Range<usize>), parallelism| {
-        // SAFETY: image `img`'s output starts at img·o·h·w inside `out`.
-        let dst = OutPtr(unsafe { base.get().add(img * o * h * w) });
-        g.block(&xd[img * c * h * w..(img + 1) * c * h * w], u, bias, rows.clone(), dst, parallelism);
-    };
-    if blocks.len() >= 2 * threads {
-        blocks.par_iter().for_each(|blk| task(blk, gemm::Parallelism::None));
-    } else {
-        blocks.iter().for_each(|blk| task(blk, gemm::Parallelism::Rayon(threads)));
-    }
+    let base = SharedOut::new(&mut out);
+    crate::blocks::for_row_blocks(b, tiles_h, rows_per_block, 4 * b * o * c * h * w, |img, rows, parallelism| {
+        // SAFETY: image `img`'s output starts at img·o·h·w inside `out`; tile rows `rows` are this task's.
+        let dst = unsafe { base.add(img * o * h * w) };
+        g.block(&xd[img * c * h * w..(img + 1) * c * h * w], u, bias, rows, dst, parallelism);
+    });
     Tensor::from_vec(out, (b, o, h, w), x.device())
     })
 }
