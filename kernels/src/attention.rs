@@ -30,6 +30,10 @@ pub fn scaled_dot_product_attention(
         let s = (q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)? * scale)?;
         return softmax_last_dim(&s)?.matmul(&v.contiguous()?);
     }
+    if let Some(half) = crate::half_on_cpu(q) {
+        let (q, k, v) = (crate::f32_copy(q)?, crate::f32_copy(k)?, crate::f32_copy(v)?);
+        return scaled_dot_product_attention(&q, &k, &v, scale)?.to_dtype(half);
+    }
     if crate::fused::attention_is_fused(q, k, v) {
         crate::fused::attention_hd64(q, k, v, scale)
     } else if q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32) {

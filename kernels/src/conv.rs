@@ -242,6 +242,10 @@ pub fn conv2d(
     if crate::fused::differentiable() {
         return conv2d_reference(x, weight, bias, stride, padding);
     }
+    if let Some(half) = crate::half_on_cpu(x) {
+        let bias = bias.map(crate::f32_copy).transpose()?;
+        return conv2d(&crate::f32_copy(x)?, &crate::f32_copy(weight)?, bias.as_ref(), stride, padding)?.to_dtype(half);
+    }
     if k == 1 && k2 == 1 && stride == 1 && padding == 0 {
         if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
             return conv1x1_cpu(x, weight, bias);

@@ -24,6 +24,22 @@ pub use fused::{attention_hd64, differentiable, lora_branch, set_differentiable}
 pub use linear::linear;
 pub use norm::{group_norm, layer_norm, GroupNormParams};
 
+/// The half-precision dtype of a CPU computation whose first tensor is f16 or bf16 (`None` otherwise,
+/// and under autograd). Why: candle's CPU backend has no fast half-precision GEMM, convolution or
+/// norm, and torch's CPU kernels compute f16 in f32 too. So the kernels keep half-precision
+/// *storage* (an f16 SDXL holds half an f32 one's memory, the point of `--dtype f16` on a laptop)
+/// and run their f32 code on upcast copies, rounding the output back: per op, what diffusers in
+/// f16 on the CPU computes. A layer's f32 weight copy lives only for that call.
+pub(crate) fn half_on_cpu(first: &candle_core::Tensor) -> Option<candle_core::DType> {
+    use candle_core::DType;
+    (first.device().is_cpu() && matches!(first.dtype(), DType::F16 | DType::BF16) && !fused::differentiable()).then_some(first.dtype())
+}
+
+/// Upcasts to f32 (a no-op on f32 tensors).
+pub(crate) fn f32_copy(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    t.to_dtype(candle_core::DType::F32)
+}
+
 /// The f32 values of a contiguous CPU tensor, borrowed from its storage guard (the CPU kernels read
 /// their inputs in place). `what` names the kernel in the error.
 pub(crate) fn host_f32<'a>(storage: &'a candle_core::Storage, t: &candle_core::Tensor, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -33,5 +49,52 @@ pub(crate) fn host_f32<'a>(storage: &'a candle_core::Storage, t: &candle_core::T
             Ok(&data[a..z])
         }
         _ => candle_core::bail!("{what}: expected f32 on the CPU"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Result, Tensor};
+
+    fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        (&a - &b)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>().map(|d| d / b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap())
+    }
+
+    /// Half precision on the CPU: every kernel returns f16 and agrees with its f32 reference on
+    /// the same (f16-rounded) inputs to f16's own rounding (2⁻¹¹ ≈ 4.9e-4 relative per value).
+    #[test]
+    fn half_precision_kernels_round_only_their_outputs() -> Result<()> {
+        let d = Device::Cpu;
+        let half = |t: Tensor| t.to_dtype(DType::F16);
+        let x = half(Tensor::randn(0f32, 1., (2, 32, 12, 12), &d)?)?;
+        let w = half(Tensor::randn(0f32, 0.1, (16, 32, 3, 3), &d)?)?;
+        let b = half(Tensor::randn(0f32, 0.1, 16, &d)?)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let bound = 1e-3;
+        let mut check = |what: &str, got: Tensor, want: Tensor| -> Result<()> {
+            assert_eq!(got.dtype(), DType::F16, "{what}");
+            let r = rel(&got, &want)?;
+            assert!(r < bound, "{what}: rel {r}");
+            Ok(())
+        };
+        let conv_ref = crate::conv::conv2d_reference(&x32, &w.to_dtype(DType::F32)?, Some(&b.to_dtype(DType::F32)?), 1, 1)?;
+        check("conv 3x3", crate::conv2d(&x, &w, Some(&b), 1, 1)?, conv_ref)?;
+        let tokens = half(Tensor::randn(0f32, 1., (2, 50, 32), &d)?)?;
+        let t32 = tokens.to_dtype(DType::F32)?;
+        let lw = half(Tensor::randn(0f32, 0.2, (24, 32), &d)?)?;
+        let lb = half(Tensor::randn(0f32, 0.1, 24, &d)?)?;
+        let lin_ref = t32.broadcast_matmul(&lw.to_dtype(DType::F32)?.t()?)?.broadcast_add(&lb.to_dtype(DType::F32)?)?;
+        check("linear", crate::linear(&tokens, &lw, Some(&lb))?, lin_ref)?;
+        let gn = crate::GroupNormParams::new(8, 1e-5, Tensor::ones(32, DType::F16, &d)?, Tensor::zeros(32, DType::F16, &d)?)?;
+        check("group norm", crate::group_norm(&x, &gn, true)?, crate::norm::group_norm_reference(&x32, &gn, true)?)?;
+        let ln = candle_nn::LayerNorm::new(half(Tensor::randn(1f32, 0.1, 32, &d)?)?, half(Tensor::randn(0f32, 0.1, 32, &d)?)?, 1e-5);
+        let ln32 = candle_nn::LayerNorm::new(ln.weight().to_dtype(DType::F32)?, ln.bias().unwrap().to_dtype(DType::F32)?, 1e-5);
+        check("layer norm", crate::layer_norm(&tokens, &ln)?, candle_core::Module::forward(&ln32, &t32)?)?;
+        check("GEGLU", crate::geglu(&tokens)?, crate::activation::geglu_reference(&t32)?)?;
+        let q = half(Tensor::randn(0f32, 1., (2, 2, 50, 16), &d)?)?;
+        let q32 = q.to_dtype(DType::F32)?;
+        check("attention", crate::scaled_dot_product_attention(&q, &q, &q, 0.25)?, crate::attention::sliced(&q32, &q32, &q32, 0.25)?)?;
+        Ok(())
     }
 }

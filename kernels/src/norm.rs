@@ -173,6 +173,13 @@ crate::simd::multiversion! {
 pub fn layer_norm(x: &Tensor, norm: &candle_nn::LayerNorm) -> Result<Tensor> {
     let _span = crate::profile::span("layer norm");
     let dim = x.dim(candle_core::D::Minus1)?;
+    if let Some(half) = crate::half_on_cpu(x) {
+        let norm32 = candle_nn::LayerNorm::new(crate::f32_copy(norm.weight())?, match norm.bias() {
+            Some(b) => crate::f32_copy(b)?,
+            None => Tensor::zeros(dim, DType::F32, x.device())?,
+        }, norm.eps());
+        return layer_norm(&crate::f32_copy(x)?, &norm32)?.to_dtype(half);
+    }
     if crate::fused::differentiable()
         || !x.device().is_cpu()
         || x.dtype() != DType::F32
@@ -231,6 +238,9 @@ pub fn group_norm(x: &Tensor, p: &GroupNormParams, silu: bool) -> Result<Tensor>
     }
     if let Some(y) = crate::fused::group_norm(x, p, silu)? {
         return Ok(y);
+    }
+    if let (Some(half), Some(_)) = (crate::half_on_cpu(x), &p.host) {
+        return group_norm(&crate::f32_copy(x)?, p, silu)?.to_dtype(half);
     }
     match &p.host {
         Some((w, b)) if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 3 => {
