@@ -504,3 +504,14 @@ pub fn safetensors_bytes(dtype: StDtype, tensors: &[RawTensor], meta: Option<Has
 pub fn f32_le_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
+
+/// Hands memory freed by dropped weights back to the OS. Why: glibc keeps freed blocks below its
+/// mmap threshold (up to 32 MB, i.e. most weight tensors) in its heaps, so releasing a model would
+/// not lower the process's resident memory without a trim. Elsewhere the allocator decides.
+pub fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -20,7 +20,7 @@ fn weight_keys(file: &std::path::Path) -> Vec<(String, usize)> {
 fn all_linears_and_convs_are_adaptable() {
     let root = fixture("tiny2").join("pipeline");
     let pipe = SdxlPipeline::load(root.to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let layers = pipe.unet.adaptable_layers();
+    let layers = pipe.unet().unwrap().adaptable_layers();
     let paths: std::collections::HashSet<String> = layers.iter().map(|l| format!("{}.weight", l.path)).collect();
     let file_keys = weight_keys(&root.join("unet/diffusion_pytorch_model.safetensors"));
     assert_eq!(paths.len(), layers.len(), "paths are unique");
@@ -37,7 +37,7 @@ fn all_linears_and_convs_are_adaptable() {
     assert!(layers.iter().any(|l| matches!(l.kind, LayerKind::Conv2d { kernel: 3, .. })));
 
     // Both text encoders: every projection and MLP linear.
-    for (enc, file) in [(&pipe.text.encoder, "text_encoder/model.safetensors"), (pipe.text.encoder_2.as_ref().unwrap(), "text_encoder_2/model.safetensors")] {
+    for (enc, file) in [(&pipe.text().unwrap().encoder, "text_encoder/model.safetensors"), (pipe.text().unwrap().encoder_2.as_ref().unwrap(), "text_encoder_2/model.safetensors")] {
         let n = enc.adaptable_layers().len();
         let linears = weight_keys(&root.join(file)).iter().filter(|(k, r)| *r == 2 && !k.contains("embedding")).count();
         assert_eq!(n, linears, "{file}");
@@ -51,9 +51,9 @@ fn attached_branch_equals_fused_weight() {
     let pipe = SdxlPipeline::load(root.to_str().unwrap(), &LoadOptions::default()).unwrap();
     let g = goldens("tiny2");
     let added = AddedConditions { text_embeds: g["unet.text_embeds"].clone(), time_ids: g["unet.time_ids"].clone() };
-    let run = || pipe.unet.forward(&g["unet.sample"], 421.0, &g["unet.context"], Some(&added)).unwrap();
+    let run = || pipe.unet().unwrap().forward(&g["unet.sample"], 421.0, &g["unet.context"], Some(&added)).unwrap();
     let base = run();
-    let layers = pipe.unet.adaptable_layers();
+    let layers = pipe.unet().unwrap().adaptable_layers();
     let dev = Device::Cpu;
     for path in ["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "up_blocks.1.resnets.0.conv1"] {
         let l = layers.iter().find(|l| l.path == path).unwrap();

@@ -37,7 +37,7 @@ fn picks_the_right_pair_of_the_eight_for_every_prompt() {
         .map(|e| Offered { name: e.display_name.clone(), role: Role::parse(&e.role).unwrap(), phrases: phrases_of(e) })
         .collect();
     let pipe = SdxlPipeline::load(miniworld().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    let sim = text_similarity(&pipe.text);
+    let sim = text_similarity(pipe.text().unwrap());
     for (i, s) in SUBJECTS.iter().enumerate() {
         for (j, st) in STYLES.iter().enumerate() {
             let bg = ["teal", "cream", "navy", "pink", "olive", "gray"][(i + 2 * j) % 6];

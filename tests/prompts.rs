@@ -30,12 +30,12 @@ fn a1111_chunks_fragments_and_embeddings() {
                 }
             }
         }
-        for (tok, key) in [(&pipe.text.tokenizer, "chunks_1"), (pipe.text.tokenizer_2.as_ref().unwrap(), "chunks_2")] {
+        for (tok, key) in [(&pipe.text().unwrap().tokenizer, "chunks_1"), (pipe.text().unwrap().tokenizer_2.as_ref().unwrap(), "chunks_2")] {
             let ours: Vec<Vec<u32>> = chunk_prompt(tok, prompt).unwrap().into_iter().map(|c| c.ids).collect();
             let want: Vec<Vec<u32>> = serde_json::from_value(case[key].clone()).unwrap();
             assert_eq!(ours, want, "{key} of {prompt:?}");
         }
-        let c = pipe.text.encode(prompt).unwrap();
+        let c = pipe.text().unwrap().encode(prompt).unwrap();
         assert_close(&format!("a1111 context {prompt:?}"), &c.context.squeeze(0).unwrap(), &g[&format!("p{i}.context")], 1e-4);
         assert_close(&format!("a1111 pooled {prompt:?}"), &c.pooled.unwrap().squeeze(0).unwrap(), &g[&format!("p{i}.pooled")], 1e-4);
     }
@@ -49,11 +49,11 @@ fn cond_and_uncond_lengths_are_matched() {
     let long = " ".join_words(90);
     let (pos, neg) = pipe.encode_prompts("a cat", Some(&long), true).unwrap();
     let neg = neg.unwrap();
-    let chunks = chunk_prompt(&pipe.text.tokenizer, &long).unwrap().len();
+    let chunks = chunk_prompt(&pipe.text().unwrap().tokenizer, &long).unwrap().len();
     assert!(chunks >= 2);
     assert_eq!(neg.context.dims(), &[1, 77 * chunks, 64]);
     assert_eq!(pos.context.dims(), &[1, 77 * chunks, 64]);
-    let empty = pipe.text.encode("").unwrap().context;
+    let empty = pipe.text().unwrap().encode("").unwrap().context;
     let tail = pos.context.narrow(1, 77, 77).unwrap();
     assert!(rel_l2(&tail, &empty) < 1e-7, "padding is the empty-prompt encoding");
     let (pos, neg) = pipe.encode_prompts(&long, None, true).unwrap();

@@ -26,11 +26,11 @@ fn token_ids_equal_transformers() {
         let pipe = load(config);
         let g = golden_json(config);
         for (prompt, want) in g["tokens"].as_object().unwrap() {
-            let t1 = pipe.text.tokenizer.encode_padded(prompt).unwrap();
-            let t2 = pipe.text.tokenizer_2.as_ref().unwrap().encode_padded(prompt).unwrap();
+            let t1 = pipe.text().unwrap().tokenizer.encode_padded(prompt).unwrap();
+            let t2 = pipe.text().unwrap().tokenizer_2.as_ref().unwrap().encode_padded(prompt).unwrap();
             assert_eq!(t1, ids(&want["tokenizer"]), "{config} tokenizer: {prompt:?}");
             assert_eq!(t2, ids(&want["tokenizer_2"]), "{config} tokenizer_2: {prompt:?}");
-            assert_eq!(pipe.text.tokenizer.encode_raw(prompt).unwrap(), ids(&want["raw"]), "{config} raw: {prompt:?}");
+            assert_eq!(pipe.text().unwrap().tokenizer.encode_raw(prompt).unwrap(), ids(&want["raw"]), "{config} raw: {prompt:?}");
         }
     }
 }
@@ -42,8 +42,8 @@ fn text_encoders_equal_transformers() {
         let g = goldens(config);
         let gj = golden_json(config);
         let p = &gj["tokens"]["a photo of a cat"];
-        let o1 = pipe.text.encoder.forward(&[ids(&p["tokenizer"])], &Device::Cpu).unwrap();
-        let o2 = pipe.text.encoder_2.as_ref().unwrap().forward(&[ids(&p["tokenizer_2"])], &Device::Cpu).unwrap();
+        let o1 = pipe.text().unwrap().encoder.forward(&[ids(&p["tokenizer"])], &Device::Cpu).unwrap();
+        let o2 = pipe.text().unwrap().encoder_2.as_ref().unwrap().forward(&[ids(&p["tokenizer_2"])], &Device::Cpu).unwrap();
         let n1 = o1.hidden_states.len();
         let n2 = o2.hidden_states.len();
         assert_close(&format!("{config} te1 penultimate"), &o1.hidden_states[n1 - 2].squeeze(0).unwrap(), &g["te1.penultimate"], 1e-4);
@@ -68,7 +68,7 @@ fn unet_equals_diffusers() {
         let g = goldens(config);
         let added = AddedConditions { text_embeds: g["unet.text_embeds"].clone(), time_ids: g["unet.time_ids"].clone() };
         for t in [999, 421, 1] {
-            let out = pipe.unet.forward(&g["unet.sample"], t as f32, &g["unet.context"], Some(&added)).unwrap();
+            let out = pipe.unet().unwrap().forward(&g["unet.sample"], t as f32, &g["unet.context"], Some(&added)).unwrap();
             assert_close(&format!("{config} unet t={t}"), &out, &g[&format!("unet.out.t{t}")], 1e-4);
         }
     }
@@ -79,9 +79,9 @@ fn vae_equals_diffusers() {
     for config in CONFIGS {
         let pipe = load(config);
         let g = goldens(config);
-        let dec = pipe.vae.decode(&g["vae.latents"]).unwrap();
+        let dec = pipe.vae().unwrap().decode(&g["vae.latents"]).unwrap();
         assert_close(&format!("{config} vae decode"), &dec, &g["vae.decoded"], 1e-4);
-        let dist = pipe.vae.encode(&g["vae.image"]).unwrap();
+        let dist = pipe.vae().unwrap().encode(&g["vae.image"]).unwrap();
         assert_close(&format!("{config} vae encode mean"), &dist.mean, &g["vae.enc_mean"], 1e-4);
         assert_close(&format!("{config} vae encode logvar"), &dist.logvar, &g["vae.enc_logvar"], 1e-4);
     }
@@ -313,7 +313,7 @@ fn clip_skip_equals_diffusers() {
         assert_close(&format!("clip skip {key}"), &lat, &g[&format!("{key}.latents")], 1e-3);
     }
     // Skipping past the first layer is refused with the encoder's depth.
-    let e = pipe.text.encode_with_skip("a cat", 9).err().unwrap().to_string();
+    let e = pipe.text().unwrap().encode_with_skip("a cat", 9).err().unwrap().to_string();
     assert!(e.contains("clip skip 9"), "{e}");
 }
 
@@ -346,4 +346,57 @@ fn vae_override_equals_diffusers() {
     let bad = LoadOptions { vae: Some(model.join("unet/diffusion_pytorch_model.safetensors")), ..Default::default() };
     let e = SdxlPipeline::load(model.to_str().unwrap(), &bad).err().unwrap().to_string();
     assert!(e.contains("not a VAE") && e.contains("unet"), "{e}");
+}
+
+/// Tiled VAE decode and encode equal diffusers' `enable_tiling()` (tiles of 32 pixels / 8 latents
+/// over images of 3×4 and 3×5 tiles with partial edge tiles, and the config's default tiles).
+/// Per module bound. Tiling changes the result (GroupNorm per tile), so the untiled decode must
+/// differ from the golden: the test would fail if tiling were silently skipped.
+#[test]
+fn tiled_vae_equals_diffusers() {
+    use loramix_models::sdxl::VaeTiling;
+    let pipe = load("tiny3");
+    let g = candle_core::safetensors::load(fixture("tiny3").join("vae_tiling.safetensors"), &Device::Cpu).unwrap();
+    let tiling = VaeTiling { sample_tile: 32, latent_tile: 8, overlap: 0.25 };
+    let pixels = pipe.vae().unwrap().decode_tiled(&g["decode.z"], &tiling).unwrap();
+    assert_close("tiled decode", &pixels, &g["decode.pixels"], 1e-4);
+    let whole = pipe.vae().unwrap().decode(&g["decode.z"]).unwrap();
+    assert!(rel_l2(&whole, &g["decode.pixels"]) > 1e-3, "the untiled decode should differ from the tiled golden");
+    let default = VaeTiling::for_config(pipe.vae().unwrap().config());
+    assert_eq!((default.sample_tile, default.latent_tile), (48, 12));
+    assert_close("tiled decode, default tiles", &pipe.vae().unwrap().decode_tiled(&g["decode.z"], &default).unwrap(), &g["default.pixels"], 1e-4);
+    let dist = pipe.vae().unwrap().encode_tiled(&g["encode.x"], &tiling).unwrap();
+    assert_close("tiled encode mean", &dist.mean, &g["encode.mean"], 1e-4);
+    assert_close("tiled encode logvar", &dist.logvar, &g["encode.logvar"], 1e-4);
+    let bad = VaeTiling { sample_tile: 3, latent_tile: 0, overlap: 0.25 };
+    let e = pipe.vae().unwrap().decode_tiled(&g["decode.z"], &bad).unwrap_err().to_string();
+    assert!(e.contains("too small"), "{e}");
+}
+
+/// `--low-memory`'s engine side: prompts encoded ahead (a prompt-editing schedule, so two
+/// conditionings) give the same latents once the text encoders are released; a released VAE
+/// is read again from the model's files and decodes the same pixels; a released UNet is a
+/// clear error, not a crash; and a prompt that was not encoded ahead names itself.
+#[test]
+fn released_models_give_the_same_images() {
+    let mut pipe = load("tiny3");
+    let g = goldens("tiny3");
+    let gj = golden_json("tiny3");
+    let mut req = request(&gj["pipeline"]["pipe0"], Some(g["pipe0.init_noise"].clone()), (48, 40));
+    req.prompt = "a cat [on a mat:in a hat:0.5]".into();
+    let whole = pipe.generate_latents(&req, &mut |_| true).unwrap();
+    let pixels = pipe.decode(&whole).unwrap();
+    pipe.encode_ahead(&req).unwrap();
+    pipe.release_text_encoders();
+    assert!(pipe.text().is_err());
+    let ahead = pipe.generate_latents(&req, &mut |_| true).unwrap();
+    assert_eq!(rel_l2(&ahead, &whole), 0.0);
+    let other = loramix::GenerateRequest { prompt: "a dog".into(), ..req.clone() };
+    let e = pipe.generate_latents(&other, &mut |_| true).unwrap_err().to_string();
+    assert!(e.contains("released") && e.contains("a dog"), "{e}");
+    pipe.release_vae();
+    assert_eq!(pipe.decode(&ahead).unwrap(), pixels);
+    pipe.release_unet();
+    let e = pipe.generate_latents(&req, &mut |_| true).unwrap_err().to_string();
+    assert!(e.contains("UNet was released"), "{e}");
 }

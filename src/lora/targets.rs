@@ -47,11 +47,18 @@ fn flat(path: &str) -> String {
 
 impl AdapterTargets {
     pub fn of_pipeline(pipe: &SdxlPipeline) -> Self {
-        let mut parts = vec![(Component::Unet, pipe.unet.adaptable_layers()), (Component::TextEncoder, pipe.text.encoder.adaptable_layers())];
-        if let Some(e) = &pipe.text.encoder_2 {
-            parts.push((Component::TextEncoder2, e.adaptable_layers()));
+        // Released models (low memory) have no layers left to adapt.
+        let mut parts = Vec::new();
+        if let Some(u) = pipe.loaded_unet() {
+            parts.push((Component::Unet, u.adaptable_layers()));
         }
-        Self::new(parts, pipe.unet.config(), pipe.text.encoder_2.is_some(), &pipe.source)
+        if let Some(t) = pipe.loaded_text() {
+            parts.push((Component::TextEncoder, t.encoder.adaptable_layers()));
+            if let Some(e) = &t.encoder_2 {
+                parts.push((Component::TextEncoder2, e.adaptable_layers()));
+            }
+        }
+        Self::new(parts, pipe.unet_config(), pipe.loaded_text().is_none_or(|t| t.encoder_2.is_some()), &pipe.source)
     }
 
     pub fn new(parts: Vec<(Component, Vec<AdaptableLayer>)>, unet: &UNet2DConditionConfig, has_second_encoder: bool, label: &str) -> Self {

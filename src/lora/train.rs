@@ -83,8 +83,8 @@ impl TrainData {
             let c = image::imageops::crop_imm(&r, x0, y0, size as u32, size as u32).to_image();
             let px: Vec<f32> = (0..3).flat_map(|ch| c.pixels().map(move |p| p.0[ch] as f32 / 127.5 - 1.0)).collect();
             let x = Tensor::from_vec(px, (1, 3, size, size), &pipe.device)?.to_dtype(pipe.vae_dtype())?;
-            let dist = pipe.vae.encode(&x)?;
-            latents.push((dist.mean.to_dtype(DType::F32)? * pipe.vae.config().scaling_factor)?);
+            let dist = pipe.vae()?.encode(&x)?;
+            latents.push((dist.mean.to_dtype(DType::F32)? * pipe.vae()?.config().scaling_factor)?);
             caption_of.push(match captions.iter().position(|c| c == caption) {
                 Some(i) => i,
                 None => {
@@ -96,7 +96,7 @@ impl TrainData {
         let mut conds = Vec::new();
         for caption in &captions {
             let (cond, _) = pipe.encode_prompts(caption, None, false)?;
-            let added = if pipe.unet.uses_added_conditions() {
+            let added = if pipe.unet()?.uses_added_conditions() {
                 let pooled = cond.pooled.clone().ok_or_else(|| Error::Argument("the model needs a pooled text embedding".into()))?;
                 let ids = [size as f32, size as f32, 0.0, 0.0, size as f32, size as f32];
                 Some(AddedConditions { text_embeds: pooled, time_ids: Tensor::from_slice(&ids, (1, 6), &pipe.device)? })
@@ -291,7 +291,7 @@ pub fn train(
             let ab = sched.alphas_cumprod[t] as f64;
             let noise = Tensor::from_vec(rng.randn(x0.elem_count()), x0.dims(), &Device::Cpu)?.to_device(x0.device())?;
             let xt = ((&x0 * ab.sqrt())? + (&noise * (1.0 - ab).sqrt())?)?;
-            let pred = pipe.unet.forward(&xt.to_dtype(pipe.dtype)?, t as f32, &context, added.as_ref())?.to_dtype(DType::F32)?;
+            let pred = pipe.unet()?.forward(&xt.to_dtype(pipe.dtype)?, t as f32, &context, added.as_ref())?.to_dtype(DType::F32)?;
             let target = if v_pred { ((&noise * ab.sqrt())? - (&x0 * (1.0 - ab).sqrt())?)? } else { noise };
             let loss = (pred - target)?.sqr()?.mean_all()?;
             opt.backward_step(&loss)?;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::{ClipTextConfig, ClipTextModel};
-use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, UNet2DConditionConfig, UNet2DConditionModel};
+use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -40,10 +40,77 @@ impl Default for LoadOptions {
     }
 }
 
+/// When the VAE works in tiles (diffusers' `enable_vae_tiling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VaeTilingMode {
+    /// Tiles only when the whole image would not fit in the memory free now (the log says so).
+    #[default]
+    Auto,
+    /// Always, in tiles of this many pixels (`None`: the VAE's `sample_size`, diffusers' default).
+    On(Option<usize>),
+    Off,
+}
+
+impl VaeTilingMode {
+    /// `auto`, `off`, `on` (the VAE's default tiles) or a tile size in pixels.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "off" | "false" | "no" => Ok(Self::Off),
+            "on" | "true" | "yes" => Ok(Self::On(None)),
+            n => match n.parse::<usize>() {
+                Ok(px) if px >= 64 => Ok(Self::On(Some(px))),
+                _ => Err(Error::Argument(format!("VAE tiling {s:?}: expected auto, on, off or a tile size of at least 64 pixels"))),
+            },
+        }
+    }
+}
+
+/// How one VAE pass will run: whole, or in tiles, and why (for the log).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaePlan {
+    pub tiling: Option<VaeTiling>,
+    /// Set when tiling was switched on automatically.
+    pub note: Option<String>,
+}
+
+/// Bytes the VAE holds at once for a `[batch, _, height, width]` image run whole: the decoder's
+/// full-resolution stages keep about three tensors of its widest full-resolution width (the last
+/// upsampler's input, its norm, the convolution's output) alive, in f32 (the kernels compute in f32).
+pub fn vae_working_bytes(config: &AutoencoderKlConfig, batch: usize, height: usize, width: usize) -> u64 {
+    let c = &config.block_out_channels;
+    let widest = c.first().copied().unwrap_or(0).max(c.get(1).copied().unwrap_or(0));
+    3 * widest as u64 * (batch * height * width) as u64 * 4
+}
+
+/// Memory the OS says is free for us now (available, not merely unused).
+fn available_memory() -> u64 {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.available_memory()
+}
+
+/// A component's weights, read again from the model's files when the VAE was released.
+type VaeLoader = Box<dyn Fn() -> Result<AutoencoderKl> + Send + Sync>;
+
+/// The prompt texts, CFG and clip skip one conditioning was encoded for.
+type ConditioningKey = (String, Option<String>, bool, usize);
+
+/// The SDXL pipeline. Its three models can be released once used (`--low-memory`): the text
+/// encoders after encoding (the conditioning is kept), the UNet after denoising, the VAE after
+/// decoding (it is read again from the model's files if needed again; the other two are not,
+/// since LoRA layers attach to them).
 pub struct SdxlPipeline {
-    pub text: TextEncoders,
-    pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKl,
+    text: Option<TextEncoders>,
+    unet: Option<UNet2DConditionModel>,
+    vae: std::sync::OnceLock<AutoencoderKl>,
+    vae_loader: VaeLoader,
+    unet_config: UNet2DConditionConfig,
+    vae_config: AutoencoderKlConfig,
+    /// Conditioning encoded ahead ([`Self::encode_ahead`]), used once the text encoders are released.
+    encoded: std::sync::Mutex<std::collections::HashMap<ConditioningKey, (Conditioning, Option<Conditioning>)>>,
+    /// Tiled VAE decode and encode.
+    pub vae_tiling: VaeTilingMode,
     vae_dtype: DType,
     pub scheduler_config: Value,
     pub force_zeros_for_empty_prompt: bool,
@@ -221,6 +288,21 @@ impl SdxlPipeline {
         let labels = (unet_ws.label().to_string(), vae_ws.label().to_string(), te1_ws.label().to_string(), te2_ws.label().to_string());
         let unet = UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
         let vae = AutoencoderKl::new(vae_ws.into_var_builder(vae_dtype, dev), &vae_cfg).map_err(|e| wrap(&labels.1, e))?;
+        let vae_loader: VaeLoader = {
+            let (root, single_file, opts, cfg) = (root.to_path_buf(), single_file.map(Path::to_path_buf), opts.clone(), vae_cfg.clone());
+            Box::new(move || {
+                let ws = match &opts.vae {
+                    Some(p) if p.is_dir() => model::open_component(p.parent().unwrap_or(Path::new(".")), p.file_name().and_then(|n| n.to_str()).unwrap_or(""))?.1,
+                    Some(p) => crate::sdxl::checkpoint::open_vae_file(p, &cfg)?,
+                    None => match &single_file {
+                        Some(f) => model::open_single_file(f, &root)?.vae,
+                        None => model::open_component(&root, "vae")?.1,
+                    },
+                };
+                let label = ws.label().to_string();
+                AutoencoderKl::new(ws.into_var_builder(vae_dtype, &opts.device), &cfg).map_err(|e| wrap(&label, e))
+            })
+        };
         let encoder = ClipTextModel::new(te1_ws.into_var_builder(dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.2, e))?;
         let encoder_2 = ClipTextModel::new(te2_ws.into_var_builder(dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.3, e))?;
         if encoder_2.config().projection_dim.is_none() || !te2_cfg.has_projection() {
@@ -244,9 +326,14 @@ impl SdxlPipeline {
             dtype,
         };
         Ok(Self {
-            text,
-            unet,
-            vae,
+            text: Some(text),
+            unet: Some(unet),
+            vae: vae.into(),
+            vae_loader,
+            unet_config: unet_cfg,
+            vae_config: vae_cfg,
+            encoded: Default::default(),
+            vae_tiling: VaeTilingMode::Auto,
             vae_dtype,
             scheduler_config,
             force_zeros_for_empty_prompt: index.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true),
@@ -256,17 +343,90 @@ impl SdxlPipeline {
         })
     }
 
+    /// The text encoders, unless released.
+    pub fn text(&self) -> Result<&TextEncoders> {
+        self.text.as_ref().ok_or_else(|| Error::Argument("the text encoders were released after encoding (low memory)".into()))
+    }
+
+    /// The UNet, unless released.
+    pub fn unet(&self) -> Result<&UNet2DConditionModel> {
+        self.unet.as_ref().ok_or_else(|| Error::Argument("the UNet was released after denoising (low memory)".into()))
+    }
+
+    /// The text encoders if they are loaded (LoRA targets attach to what is there).
+    pub fn loaded_text(&self) -> Option<&TextEncoders> {
+        self.text.as_ref()
+    }
+
+    pub fn loaded_unet(&self) -> Option<&UNet2DConditionModel> {
+        self.unet.as_ref()
+    }
+
+    /// The VAE, read again from the model's files if it was released.
+    pub fn vae(&self) -> Result<&AutoencoderKl> {
+        if let Some(v) = self.vae.get() {
+            return Ok(v);
+        }
+        let v = (self.vae_loader)()?;
+        Ok(self.vae.get_or_init(|| v))
+    }
+
+    pub fn unet_config(&self) -> &UNet2DConditionConfig {
+        &self.unet_config
+    }
+
+    pub fn vae_config(&self) -> &AutoencoderKlConfig {
+        &self.vae_config
+    }
+
+    /// Encodes every prompt and negative prompt `req` will use (each entry of their prompt
+    /// editing schedules), so that the text encoders can be released before denoising.
+    pub fn encode_ahead(&self, req: &GenerateRequest) -> Result<()> {
+        let cfg = req.cfg > 1.0;
+        let pos = prompt_schedule::prompt_schedule(&req.prompt, req.steps)?;
+        let neg = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, req.steps)).transpose()?;
+        for k in 0..req.steps.max(1) {
+            let p = &pos[prompt_schedule::entry_at(&pos, k)].1;
+            let n = neg.as_ref().map(|s| s[prompt_schedule::entry_at(s, k)].1.as_str());
+            let key: ConditioningKey = (p.clone(), n.map(str::to_string), cfg, req.clip_skip);
+            if self.encoded.lock().map_err(|_| Error::Argument("conditioning cache poisoned".into()))?.contains_key(&key) {
+                continue;
+            }
+            let c = self.encode_prompts_skip(p, n, cfg, req.clip_skip)?;
+            self.encoded.lock().map_err(|_| Error::Argument("conditioning cache poisoned".into()))?.insert(key, c);
+        }
+        Ok(())
+    }
+
+    /// Drops the text encoders' weights; prompts encoded ahead stay usable.
+    pub fn release_text_encoders(&mut self) {
+        self.text = None;
+        crate::weights::return_freed_memory();
+    }
+
+    /// Drops the UNet's weights (after the last denoising pass).
+    pub fn release_unet(&mut self) {
+        self.unet = None;
+        crate::weights::return_freed_memory();
+    }
+
+    /// Drops the VAE's weights; the next VAE pass reads them again.
+    pub fn release_vae(&mut self) {
+        self.vae.take();
+        crate::weights::return_freed_memory();
+    }
+
     /// The dtype the VAE runs in (f32 when an f16 model's VAE must be upcast).
     pub fn vae_dtype(&self) -> DType {
         self.vae_dtype
     }
 
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae.config().downscale()
+        self.vae_config.downscale()
     }
 
     pub fn default_size(&self) -> (usize, usize) {
-        let s = self.unet.config().sample_size.unwrap_or(128) * self.vae_scale_factor();
+        let s = self.unet_config.sample_size.unwrap_or(128) * self.vae_scale_factor();
         (s, s)
     }
 
@@ -283,15 +443,20 @@ impl SdxlPipeline {
     /// negative prompt from the penultimate layer whatever `clip_skip` is; so do we, to give
     /// its numbers (A1111 skips on both).
     pub fn encode_prompts_skip(&self, prompt: &str, negative: Option<&str>, cfg: bool, clip_skip: usize) -> Result<(Conditioning, Option<Conditioning>)> {
-        let pos = self.text.encode_with_skip(prompt, clip_skip)?;
+        let Some(text) = &self.text else {
+            let key: ConditioningKey = (prompt.to_string(), negative.map(str::to_string), cfg, clip_skip);
+            let cached = self.encoded.lock().map_err(|_| Error::Argument("conditioning cache poisoned".into()))?.get(&key).cloned();
+            return cached.ok_or_else(|| Error::Argument(format!("the text encoders were released (low memory) before the prompt {prompt:?} was encoded")));
+        };
+        let pos = text.encode_with_skip(prompt, clip_skip)?;
         if !cfg {
             return Ok((pos, None));
         }
         let (neg, zero) = match negative {
             None if self.force_zeros_for_empty_prompt => (TextEncoders::zeros_like(&pos)?, true),
-            other => (self.text.encode(other.unwrap_or(""))?, false),
+            other => (text.encode(other.unwrap_or(""))?, false),
         };
-        let (pos, neg) = self.text.match_lengths(pos, neg, zero)?;
+        let (pos, neg) = text.match_lengths(pos, neg, zero)?;
         Ok((pos, Some(neg)))
     }
 
@@ -326,8 +491,9 @@ impl SdxlPipeline {
             return Err(Error::Argument(format!("cfg must be a finite number, got {}", req.cfg)));
         }
         let b = req.batch_size;
-        let latent_channels = self.vae.config().latent_channels;
-        let in_channels = self.unet.config().in_channels;
+        let unet = self.unet()?;
+        let latent_channels = self.vae_config.latent_channels;
+        let in_channels = self.unet_config.in_channels;
         // diffusers' inpainting UNets take [latents, mask, masked-image latents] (4 + 1 + 4).
         let inpaint_unet = in_channels == 2 * latent_channels + 1;
         if in_channels != latent_channels && !inpaint_unet {
@@ -461,7 +627,7 @@ impl SdxlPipeline {
             }
             let context = Tensor::cat(&contexts, 0)?;
             let rows = context.dim(0)?;
-            let added = if self.unet.uses_added_conditions() {
+            let added = if unet.uses_added_conditions() {
                 let text_embeds = Tensor::cat(&pooled, 0)?;
                 let ids = [height as f32, width as f32, 0.0, 0.0, height as f32, width as f32];
                 let time_ids = Tensor::from_slice(&ids, (1, 6), &self.device)?.repeat((rows, 1))?;
@@ -524,7 +690,7 @@ impl SdxlPipeline {
                 if let Some(m) = mixer.as_deref_mut() {
                     m.apply(i, pass)?;
                 }
-                let o = self.unet.forward(&input_rows, t as f32, &context_rows, added_rows.as_ref())?.to_dtype(DType::F32)?;
+                let o = unet.forward(&input_rows, t as f32, &context_rows, added_rows.as_ref())?.to_dtype(DType::F32)?;
                 out = Some(match out {
                     None => o,
                     Some(acc) => (acc + o)?,
@@ -542,7 +708,7 @@ impl SdxlPipeline {
                         Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, 0, b)?, time_ids: a.time_ids.narrow(0, 0, b)? }),
                         None => None,
                     };
-                    let u = self.unet.forward(&input.narrow(0, 0, b)?, t as f32, &context.narrow(0, 0, b)?, added_u.as_ref())?.to_dtype(DType::F32)?;
+                    let u = unet.forward(&input.narrow(0, 0, b)?, t as f32, &context.narrow(0, 0, b)?, added_u.as_ref())?.to_dtype(DType::F32)?;
                     Tensor::cat(&[u, out], 0)?
                 }
                 _ => out,
@@ -577,11 +743,16 @@ impl SdxlPipeline {
     /// the run's generator (`retrieve_latents(vae.encode(x), generator)` then the scaling,
     /// with `latents_mean`/`latents_std` where the VAE has them).
     pub fn encode_sampled(&self, pixels: &Tensor, rng: &mut TorchCpuRng) -> Result<Tensor> {
-        let dist = self.vae.encode(&pixels.to_dtype(self.vae_dtype)?)?;
+        let (b, _, h, w) = pixels.dims4()?;
+        let x = pixels.to_dtype(self.vae_dtype)?;
+        let dist = match self.vae_plan(b, h, w).tiling {
+            Some(t) => self.vae()?.encode_tiled(&x, &t)?,
+            None => self.vae()?.encode(&x)?,
+        };
         let dims = dist.mean.dims().to_vec();
         let noise = Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
         let z = dist.sample(&noise)?.to_dtype(DType::F32)?;
-        let c = self.vae.config();
+        let c = &self.vae_config;
         Ok(match (&c.latents_mean, &c.latents_std) {
             (Some(m), Some(s)) => {
                 let n = m.len();
@@ -595,7 +766,7 @@ impl SdxlPipeline {
 
     /// Final latents → RGB images, with diffusers' scaling and post-processing.
     pub fn decode(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
-        let c = self.vae.config();
+        let c = &self.vae_config;
         let z = latents.to_dtype(DType::F32)?;
         let z = match (&c.latents_mean, &c.latents_std) {
             (Some(m), Some(s)) => {
@@ -606,8 +777,45 @@ impl SdxlPipeline {
             }
             _ => (z / c.scaling_factor)?,
         };
-        let pixels = self.vae.decode(&z.to_dtype(self.vae_dtype)?)?.to_dtype(DType::F32)?;
-        to_images(&pixels)
+        let (b, _, h, w) = z.dims4()?;
+        let f = c.downscale();
+        let z = z.to_dtype(self.vae_dtype)?;
+        let pixels = match self.vae_plan(b, h * f, w * f).tiling {
+            Some(t) => self.vae()?.decode_tiled(&z, &t)?,
+            None => self.vae()?.decode(&z)?,
+        };
+        to_images(&pixels.to_dtype(DType::F32)?)
+    }
+
+    /// How the VAE will run on `batch` images of `height`×`width` pixels under [`Self::vae_tiling`].
+    /// Auto tiles when the whole pass would take more than ¾ of the free memory, with the
+    /// VAE's default tiles halved (down to 256 pixels) until one tile fits.
+    pub fn vae_plan(&self, batch: usize, height: usize, width: usize) -> VaePlan {
+        let c = &self.vae_config;
+        match self.vae_tiling {
+            VaeTilingMode::Off => VaePlan { tiling: None, note: None },
+            VaeTilingMode::On(None) => VaePlan { tiling: Some(VaeTiling::for_config(c)), note: None },
+            VaeTilingMode::On(Some(px)) => VaePlan { tiling: Some(VaeTiling::with_tile_size(c, px)), note: None },
+            VaeTilingMode::Auto => {
+                let need = vae_working_bytes(c, batch, height, width);
+                let free = available_memory();
+                if free == 0 || need <= free / 4 * 3 {
+                    return VaePlan { tiling: None, note: None };
+                }
+                let mut tiling = VaeTiling::for_config(c);
+                while tiling.sample_tile > 256 && (tiling.sample_tile >= height.max(width) || vae_working_bytes(c, batch, tiling.sample_tile, tiling.sample_tile) > free / 4 * 3) {
+                    tiling = VaeTiling::with_tile_size(c, tiling.sample_tile / 2);
+                }
+                let gb = |b: u64| b as f64 / 1e9;
+                let note = format!(
+                    "tiled VAE: {width}x{height} x{batch} would need about {:.1} GB and {:.1} GB is free, so the VAE works in tiles of {} pixels (diffusers' enable_vae_tiling; --vae-tiling off to refuse)",
+                    gb(need),
+                    gb(free),
+                    tiling.sample_tile
+                );
+                VaePlan { tiling: Some(tiling), note: Some(note) }
+            }
+        }
     }
 }
 

@@ -127,7 +127,7 @@ pub fn library_candidates(
         .iter()
         .map(|e| mix::candidates::Offered { name: e.display_name.clone(), role: Role::parse(&e.role).unwrap_or(Role::Unknown), phrases: mix::candidates::phrases_of(e) })
         .collect();
-    let sim = mix::candidates::text_similarity(&pipe.text);
+    let sim = mix::candidates::text_similarity(pipe.text()?);
     let picks = mix::candidates::select(prompt, &offered, Some(&sim))?;
     for (c, e) in picks.iter().zip(&entries) {
         let given = args.iter().any(|(p, _, _)| Path::new(p) == e.path || *p == e.display_name);
@@ -152,11 +152,11 @@ pub fn plan_mix(
 ) -> Result<MixPlan> {
     let mut plan = MixPlan::new(targets, loras)?;
     if strategy == "auto" {
-        let sim = mix::candidates::text_similarity(&pipe.text);
+        let sim = mix::candidates::text_similarity(pipe.text()?);
         plan.narrow_to_prompt(prompt, Some(&sim))?;
     }
     plan.candidates.splice(0..0, candidates);
-    plan.locate_subjects(&pipe.text.tokenizer, prompt)?;
+    plan.locate_subjects(&pipe.text()?.tokenizer, prompt)?;
     Ok(plan)
 }
 
@@ -225,7 +225,7 @@ impl Studio {
             .iter()
             .map(|p| {
                 let (clean, _) = lora::extract_prompt_loras(p)?;
-                mix::candidates::pooled_embedding(&pipe.text, &clean)
+                mix::candidates::pooled_embedding(pipe.text()?, &clean)
             })
             .collect()
     }

@@ -39,8 +39,8 @@ impl LatentPreview {
             }
         }
         let x = Tensor::from_vec(data, (colours.len(), 3, s, s), &pipe.device)?;
-        let dist = pipe.vae.encode(&x.to_dtype(pipe.vae_dtype())?)?;
-        let scale = pipe.vae.config().scaling_factor;
+        let dist = pipe.vae()?.encode(&x.to_dtype(pipe.vae_dtype())?)?;
+        let scale = pipe.vae()?.config().scaling_factor;
         let z = (dist.mean.to_dtype(DType::F32)? * scale)?.mean((2, 3))?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
         let c = z[0].len();
         // Least squares rgb = M [z; 1] via the normal equations (c + 1 unknowns per channel).

@@ -9,4 +9,4 @@ pub mod vae;
 
 pub use config::{AutoencoderKlConfig, UNet2DConditionConfig};
 pub use unet::{AddedConditions, UNet2DConditionModel};
-pub use vae::AutoencoderKl;
+pub use vae::{AutoencoderKl, VaeTiling};

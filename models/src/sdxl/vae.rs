@@ -220,10 +220,19 @@ impl AutoencoderKl {
 
     /// Pixels in [-1, 1], `[b, 3, H, W]` → distribution over (unscaled) latents.
     pub fn encode(&self, x: &Tensor) -> Result<LatentDistribution> {
-        let mut h = self.encoder.forward(x)?;
-        if let Some(q) = &self.quant_conv {
-            h = q.forward(&h)?;
+        self.distribution(&self.moments(x)?)
+    }
+
+    /// The encoder's (and quant conv's) output: means and log-variances side by side.
+    fn moments(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.encoder.forward(x)?;
+        match &self.quant_conv {
+            Some(q) => q.forward(&h),
+            None => Ok(h),
         }
+    }
+
+    fn distribution(&self, h: &Tensor) -> Result<LatentDistribution> {
         let l = self.config.latent_channels;
         Ok(LatentDistribution { mean: h.narrow(1, 0, l)?, logvar: h.narrow(1, l, l)?.clamp(-30f32, 20f32)? })
     }
@@ -236,4 +245,125 @@ impl AutoencoderKl {
         };
         self.decoder.forward(&z)
     }
+
+    /// [`Self::encode`] in overlapping tiles when the image is larger than a tile, as diffusers'
+    /// `AutoencoderKL` with `enable_tiling()` (`_tiled_encode`).
+    pub fn encode_tiled(&self, x: &Tensor, tiling: &VaeTiling) -> Result<LatentDistribution> {
+        let (_, _, h, w) = x.dims4()?;
+        if w <= tiling.sample_tile && h <= tiling.sample_tile {
+            return self.encode(x);
+        }
+        let plan = tiling.plan(tiling.sample_tile, tiling.latent_tile)?;
+        self.distribution(&plan.run(x, |tile| self.moments(tile))?)
+    }
+
+    /// [`Self::decode`] in overlapping tiles when the latents are larger than a tile, as
+    /// diffusers' `tiled_decode`.
+    pub fn decode_tiled(&self, z: &Tensor, tiling: &VaeTiling) -> Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        if w <= tiling.latent_tile && h <= tiling.latent_tile {
+            return self.decode(z);
+        }
+        let plan = tiling.plan(tiling.latent_tile, tiling.sample_tile)?;
+        plan.run(z, |tile| self.decode(tile))
+    }
+}
+
+/// diffusers' `enable_tiling()` settings. Why tiles: the decoder's last blocks hold several
+/// full-resolution tensors of 128–256 channels (about 1 GB each at 1024² in f32); a tile bounds
+/// that by its own size, at the price of GroupNorm statistics taken per tile (hence the blend).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct VaeTiling {
+    /// Tile side in pixels (diffusers' `tile_sample_min_size`).
+    pub sample_tile: usize,
+    /// Tile side in latents (`tile_latent_min_size`).
+    pub latent_tile: usize,
+    /// Share of a tile blended with its neighbours (`tile_overlap_factor`).
+    pub overlap: f64,
+}
+
+impl VaeTiling {
+    /// diffusers' defaults for this VAE: tiles of the config's `sample_size` (32 when absent, as
+    /// diffusers' default), a quarter of each blended.
+    pub fn for_config(config: &AutoencoderKlConfig) -> Self {
+        Self::with_tile_size(config, config.sample_size.unwrap_or(32))
+    }
+
+    /// Tiles of `pixels` a side (diffusers with `tile_sample_min_size` set; ComfyUI's tile size).
+    pub fn with_tile_size(config: &AutoencoderKlConfig, pixels: usize) -> Self {
+        Self { sample_tile: pixels, latent_tile: pixels / config.downscale(), overlap: 0.25 }
+    }
+
+    /// Strides and blends for tiles of `input_tile` on the input side and `output_tile` on the
+    /// output side, with diffusers' integer truncations.
+    fn plan(&self, input_tile: usize, output_tile: usize) -> Result<TilePlan> {
+        if !(0.0..1.0).contains(&self.overlap) {
+            candle_core::bail!("VAE tiling: overlap must be in [0, 1), got {}", self.overlap);
+        }
+        let stride = (input_tile as f64 * (1.0 - self.overlap)) as usize;
+        if stride == 0 || self.latent_tile == 0 {
+            candle_core::bail!("VAE tiling: tiles of {} pixels / {} latents are too small", self.sample_tile, self.latent_tile);
+        }
+        let blend = (output_tile as f64 * self.overlap) as usize;
+        Ok(TilePlan { stride, input_tile, blend, keep: output_tile - blend })
+    }
+}
+
+/// One tiled pass: tiles of `input_tile` every `stride`, outputs blended over `blend` rows and
+/// columns with the tile above and to the left, then cropped to `keep`.
+struct TilePlan {
+    stride: usize,
+    input_tile: usize,
+    blend: usize,
+    keep: usize,
+}
+
+impl TilePlan {
+    /// Raster order, as diffusers: each output is blended, in place, first with the (already
+    /// blended) output above it and then with the one to its left. Only the previous row of
+    /// outputs is kept, where diffusers keeps every tile.
+    fn run(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let mut above: Vec<Tensor> = Vec::new();
+        let mut rows = Vec::new();
+        for i in (0..h).step_by(self.stride) {
+            let mut row: Vec<Tensor> = Vec::new();
+            let mut kept = Vec::new();
+            for (col, j) in (0..w).step_by(self.stride).enumerate() {
+                let tile = x.narrow(2, i, self.input_tile.min(h - i))?.narrow(3, j, self.input_tile.min(w - j))?;
+                let mut out = f(&tile.contiguous()?)?;
+                if let Some(a) = above.get(col) {
+                    out = blend(a, &out, self.blend, 2)?;
+                }
+                if let Some(l) = row.last() {
+                    out = blend(l, &out, self.blend, 3)?;
+                }
+                let (oh, ow) = (out.dim(2)?, out.dim(3)?);
+                kept.push(out.narrow(2, 0, self.keep.min(oh))?.narrow(3, 0, self.keep.min(ow))?);
+                row.push(out);
+            }
+            rows.push(Tensor::cat(&kept, 3)?);
+            above = row;
+        }
+        Tensor::cat(&rows, 2)
+    }
+}
+
+/// diffusers' `blend_v` (dim 2) / `blend_h` (dim 3): the first `extent` rows (columns) of `b`
+/// fade from `a`'s last ones, with weights `1 − y/extent` and `y/extent`.
+fn blend(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tensor> {
+    let (na, nb) = (a.dim(dim)?, b.dim(dim)?);
+    let e = extent.min(na).min(nb);
+    if e == 0 {
+        return Ok(b.clone());
+    }
+    let mut shape = vec![1usize; 4];
+    shape[dim] = e;
+    let ramp = |f: &dyn Fn(f64) -> f64| Tensor::from_vec((0..e).map(|y| f(y as f64 / e as f64) as f32).collect::<Vec<_>>(), shape.as_slice(), b.device())?.to_dtype(b.dtype());
+    let (wa, wb) = (ramp(&|r| 1.0 - r)?, ramp(&|r| r)?);
+    let head = (a.narrow(dim, na - e, e)?.broadcast_mul(&wa)? + b.narrow(dim, 0, e)?.broadcast_mul(&wb)?)?;
+    if e == nb {
+        return Ok(head);
+    }
+    Tensor::cat(&[&head, &b.narrow(dim, e, nb - e)?], dim)
 }

@@ -13,7 +13,11 @@ use loramix::lora;
 use loramix::mix;
 use loramix::output;
 use loramix::studio;
+use loramix::sdxl::pipeline::VaeTilingMode;
 use loramix::sdxl::schedulers::Schedule;
+
+/// The VAE's tile under `--low-memory`: ComfyUI's default tile, about 0.8 GB of VAE work in f32.
+const LOW_MEMORY_VAE_TILE: usize = 512;
 use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 
 #[derive(clap::Args)]
@@ -108,6 +112,16 @@ pub struct GenerateArgs {
     /// appended). Repeatable.
     #[arg(long = "style", value_name = "NAME")]
     styles: Vec<String>,
+    /// Tiled VAE (diffusers' enable_vae_tiling): auto (tiles only when the whole image would
+    /// not fit in the free memory; the log says so), on (the VAE's own tile size), off, or a
+    /// tile size in pixels.
+    #[arg(long, default_value = "auto")]
+    vae_tiling: String,
+    /// Keep memory low: the text encoders are released once the prompts are encoded (runs
+    /// without LoRAs; LoRA layers span them), the UNet after the last denoising step, and the
+    /// VAE is loaded only to decode, in tiles of 512 pixels (unless --vae-tiling says otherwise).
+    #[arg(long)]
+    low_memory: bool,
     /// Write the final latents (before VAE decode) to this safetensors file, key `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
@@ -267,10 +281,20 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let model_loras = std::path::Path::new(&a.model).join("loras");
     // Resolve names before the model loads, so a typo fails fast.
     lora::library::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
+    let tiling = VaeTilingMode::parse(&a.vae_tiling)?;
     let t0 = Instant::now();
-    let pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
+    let mut pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
-    let targets = lora::AdapterTargets::of_pipeline(&pipe);
+    pipe.vae_tiling = match tiling {
+        VaeTilingMode::Auto if a.low_memory => VaeTilingMode::On(Some(LOW_MEMORY_VAE_TILE)),
+        t => t,
+    };
+    if a.low_memory {
+        // Read again from the model's files when the decode needs it.
+        pipe.release_vae();
+    }
+    let mut targets = Some(lora::AdapterTargets::of_pipeline(&pipe));
+    let targets_ref = targets.as_ref().expect("just built");
     let mut lora_args = lora_args;
     let picked_candidates = match a.candidates.as_deref() {
         None => Vec::new(),
@@ -283,7 +307,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         Some(o) => anyhow::bail!("--candidates {o}: expected library"),
     };
-    let ll = studio::load_loras(&lora_args, &prompt_tags, a.library.as_deref(), &model_loras, &targets)?;
+    let ll = studio::load_loras(&lora_args, &prompt_tags, a.library.as_deref(), &model_loras, targets_ref)?;
     for r in &ll.reports {
         eprintln!("lora {} ({}, {}, {}): {} layers matched", r.name, r.format, r.base, r.role, r.layers);
         for w in &r.warnings {
@@ -329,7 +353,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         None
     } else {
-        let plan = studio::plan_mix(&pipe, &targets, mix_loras, &req.prompt, &a.mix, picked_candidates)?;
+        let plan = studio::plan_mix(&pipe, targets_ref, mix_loras, &req.prompt, &a.mix, picked_candidates)?;
         if a.mix == "est" {
             let dir = match &a.est_embedder {
                 Some(d) => d.clone(),
@@ -354,7 +378,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 preview.height = Some(h);
             }
             let t = Instant::now();
-            let previews = mix::est::style_discrepancy(&pipe, &targets, &plan, &preview, &embedder)?;
+            let previews = mix::est::style_discrepancy(&pipe, targets_ref, &plan, &preview, &embedder)?;
             eprintln!(
                 "est: previews {} steps at {}x{}: style discrepancy d = {:.4} ({:.1}s)",
                 previews.steps, previews.width, previews.height, previews.discrepancy, t.elapsed().as_secs_f64()
@@ -364,18 +388,41 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         Some(plan)
     };
     let hashes = ll.hashes.clone();
+    let mut plan = plan;
+    if a.low_memory {
+        if plan.is_none() {
+            pipe.encode_ahead(&req)?;
+            if let Some(h) = &hires {
+                pipe.encode_ahead(&GenerateRequest { steps: loramix::sdxl::upscale::hires_steps(req.steps, h.steps, h.denoise)?.0, ..req.clone() })?;
+            }
+            drop(targets.take()); // it holds the encoders' weights too
+            pipe.release_text_encoders();
+            targets = Some(lora::AdapterTargets::of_pipeline(&pipe));
+            eprintln!("low memory: prompts encoded, text encoders released");
+        } else {
+            eprintln!("low memory: the text encoders stay loaded while LoRAs are in use (their layers are LoRA targets)");
+        }
+    }
     let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(a.batch_count * a.batch_size);
     for batch in 0..a.batch_count {
         let t_batch = Instant::now();
         let mut req = req.clone();
         req.seed = seed + (batch * a.batch_size) as u64;
-        let mixer = plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?;
+        let targets_ref = targets.as_ref().expect("kept until the last batch");
+        let mixer = plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?;
         let hires = match &hires {
-            Some(h) => Some((h, plan.clone().map(|p| mix::Mixer::new(&targets, p, mix::build(&mix_opts)?)).transpose()?)),
+            Some(h) => Some((h, plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?)),
             None => None,
         };
-        written.extend(generate_batch(&a, &pipe, &req, mixer, (batch, seed), &loaded, &prompt_tags, &hashes, (init_settings.as_ref(), prepared.as_ref()), hires, &mut idx)?);
+        let denoised = denoise_batch(&a, &pipe, &req, mixer, hires)?;
+        if batch + 1 == a.batch_count {
+            // A one-shot run never denoises again: the decode gets the UNet's and encoders' memory.
+            (plan, targets) = (None, None);
+            pipe.release_unet();
+            pipe.release_text_encoders();
+        }
+        written.extend(write_batch(&a, &pipe, &req, denoised, (batch, seed), &loaded, &prompt_tags, &hashes, (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
         eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
     }
     // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
@@ -389,22 +436,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// One batch of `generate`: denoise (with the mixer, if any), decode, write the PNGs with their
-/// A1111 `parameters` and our JSON chunk; returns the paths written.
-#[allow(clippy::too_many_arguments)]
-fn generate_batch(
+/// What one batch's denoising leaves for its decode.
+struct Denoised {
+    latents: candle_core::Tensor,
+    summary: Option<studio::MixSummary>,
+    hires: Option<studio::HiresSettings>,
+}
+
+/// One batch of `generate`: denoise (with the mixer, if any, and the hires fix's second pass).
+fn denoise_batch(
     a: &GenerateArgs,
     pipe: &SdxlPipeline,
     req: &GenerateRequest,
     mut mixer: Option<mix::Mixer>,
-    (batch_index, seed): (usize, u64),
-    loaded: &[(lora::LoadedLora, f64)],
-    prompt_tags: &[lora::PromptLora],
-    hashes: &[(String, String)],
-    (init_settings, prepared): (Option<&studio::InitSettings>, Option<&studio::PreparedInit>),
     hires: Option<(&studio::HiresSettings, Option<mix::Mixer>)>,
-    idx: &mut usize,
-) -> anyhow::Result<Vec<PathBuf>> {
+) -> anyhow::Result<Denoised> {
     let bar = ProgressBar::new(a.steps as u64);
     if !std::io::stderr().is_terminal() {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -450,6 +496,29 @@ fn generate_batch(
     if let Some(path) = &a.save_latents {
         output::save_latents(path, &latents)?;
         eprintln!("wrote {}", path.display());
+    }
+    Ok(Denoised { latents, summary, hires: hires_settings })
+}
+
+/// Decodes one batch and writes the PNGs with their A1111 `parameters` and our JSON chunk;
+/// returns the paths written.
+#[allow(clippy::too_many_arguments)]
+fn write_batch(
+    a: &GenerateArgs,
+    pipe: &SdxlPipeline,
+    req: &GenerateRequest,
+    Denoised { latents, summary, hires: hires_settings }: Denoised,
+    (batch_index, seed): (usize, u64),
+    loaded: &[(lora::LoadedLora, f64)],
+    prompt_tags: &[lora::PromptLora],
+    hashes: &[(String, String)],
+    (init_settings, prepared): (Option<&studio::InitSettings>, Option<&studio::PreparedInit>),
+    idx: &mut usize,
+) -> anyhow::Result<Vec<PathBuf>> {
+    let (b, _, h, w) = latents.dims4()?;
+    let f = pipe.vae_scale_factor();
+    if let Some(note) = pipe.vae_plan(b, h * f, w * f).note {
+        eprintln!("{note}");
     }
     let images = pipe.decode(&latents)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -528,6 +597,8 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
         (a.np_mu.is_some(), "--np-mu"),
         (a.mix == "est", "--mix est"),
         (a.klora_mode != "corrected", "--klora-mode"),
+        (a.low_memory, "--low-memory"),
+        (a.vae_tiling != "auto", "--vae-tiling"),
     ] {
         if set {
             anyhow::bail!("{flag} cannot be used with {why}");
