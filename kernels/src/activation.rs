@@ -109,8 +109,8 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     if let Some(out) = crate::fused::geglu(h)? {
         return Ok(out);
     }
-    if let Some(half) = crate::half_on_cpu(h) {
-        return geglu(&crate::f32_copy(h)?)?.to_dtype(half);
+    if crate::half_on_cpu(h).is_some() {
+        return crate::half_rows(h, h.dim(candle_core::D::Minus1)? / 2, geglu);
     }
     if h.device().is_cpu() && h.dtype() == DType::F32 {
         h.contiguous()?.apply_op1_no_bwd(&Geglu)

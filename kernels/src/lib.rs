@@ -35,6 +35,49 @@ pub(crate) fn half_on_cpu(first: &candle_core::Tensor) -> Option<candle_core::DT
     (first.device().is_cpu() && matches!(first.dtype(), DType::F16 | DType::BF16) && !fused::differentiable()).then_some(first.dtype())
 }
 
+/// f32 elements a row chunk of [`half_rows`] may hold (16 MB; tests use small chunks, so that
+/// their tensors span several, with a partial last one).
+#[cfg(not(test))]
+const HALF_CHUNK_ELEMENTS: usize = 1 << 22;
+#[cfg(test)]
+const HALF_CHUNK_ELEMENTS: usize = 1 << 10;
+
+/// Runs the f32 row kernel `f` (`[rows, k]` → `[rows, n]`) over a half-precision `x` (`[..., k]`)
+/// in chunks of rows, writing the half-precision output directly. Why: upcasting a whole
+/// activation, and the kernel's whole f32 output, held three copies of the largest tensors of an
+/// SDXL step (the feed-forward's 10,240-wide projection: 0.5 GB at 1024²); chunks hold one.
+pub(crate) fn half_rows(x: &candle_core::Tensor, n: usize, f: impl Fn(&candle_core::Tensor) -> candle_core::Result<candle_core::Tensor>) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{DType, Tensor};
+    use half::slice::HalfFloatSliceExt;
+    let k = x.dim(candle_core::D::Minus1)?;
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?;
+    let chunk = (HALF_CHUNK_ELEMENTS / k.max(n).max(1)).max(1);
+    let mut out_shape = x.dims().to_vec();
+    *out_shape.last_mut().expect("rank >= 1") = n;
+    let mut run = |write: &mut dyn FnMut(usize, &[f32])| -> candle_core::Result<()> {
+        for r in (0..rows).step_by(chunk) {
+            let len = chunk.min(rows - r);
+            let y = f(&x2.narrow(0, r, len)?.to_dtype(DType::F32)?)?.contiguous()?;
+            let (storage, _) = y.storage_and_layout();
+            write(r * n, host_f32(&storage, &y, "half_rows")?);
+        }
+        Ok(())
+    };
+    match x.dtype() {
+        DType::BF16 => {
+            let mut out = vec![half::bf16::ZERO; rows * n];
+            run(&mut |at, v| out[at..at + v.len()].convert_from_f32_slice(v))?;
+            Tensor::from_vec(out, out_shape, x.device())
+        }
+        _ => {
+            let mut out = vec![half::f16::ZERO; rows * n];
+            run(&mut |at, v| out[at..at + v.len()].convert_from_f32_slice(v))?;
+            Tensor::from_vec(out, out_shape, x.device())
+        }
+    }
+}
+
 /// Upcasts to f32 (a no-op on f32 tensors).
 pub(crate) fn f32_copy(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     t.to_dtype(candle_core::DType::F32)

@@ -17,9 +17,10 @@ pub const SERIAL_ELEMENTS: usize = 1 << 16;
 
 /// `x [..., in] · weight [out, in]ᵀ + bias [out]`.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if let Some(half) = crate::half_on_cpu(x) {
+    if crate::half_on_cpu(x).is_some() && weight.rank() == 2 {
         let bias = bias.map(crate::f32_copy).transpose()?;
-        return linear(&crate::f32_copy(x)?, &crate::f32_copy(weight)?, bias.as_ref())?.to_dtype(half);
+        let weight = crate::f32_copy(weight)?;
+        return crate::half_rows(x, weight.dim(0)?, |rows| linear(rows, &weight, bias.as_ref()));
     }
     let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && bias.is_none_or(|b| b.dtype() == DType::F32);
     if !cpu_f32 || crate::fused::differentiable() || weight.rank() != 2 {

@@ -82,6 +82,13 @@ thread_local! {
     static WEIGHTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// The largest weight transform (f32 elements, 16 MB) kept in the thread's buffer between calls
+/// (in tests, small enough that the last test case takes the other path).
+#[cfg(not(test))]
+const REUSED_WEIGHT_ELEMENTS: usize = 1 << 22;
+#[cfg(test)]
+const REUSED_WEIGHT_ELEMENTS: usize = 1 << 12;
+
 struct Geometry {
     c: usize,
     h: usize,
@@ -251,12 +258,17 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "winograd")?, crate::host_f32(&ws, &weight, "winograd")?);
+    // Small transforms reuse this thread's buffer; large ones (SDXL's 2560→1280 convolutions: 210
+    // MB) get their own, freed on return, so that the largest layer's does not stay resident.
+    let reuse = 16 * o * c <= REUSED_WEIGHT_ELEMENTS;
+    let mut own = Vec::new();
     WEIGHTS.with(|cell| -> Result<Tensor> {
-    let mut u = cell.borrow_mut();
+    let mut cached = cell.borrow_mut();
+    let u = if reuse { &mut *cached } else { &mut own };
     if u.len() < 16 * o * c {
         u.resize(16 * o * c, 0.0);
     }
-    transform_weights(wd, o, c, &mut u);
+    transform_weights(wd, o, c, u);
     let u = &u[..16 * o * c];
     let (tiles_h, tiles_w) = (h.div_ceil(2), w.div_ceil(2));
     let g = Geometry { c, h, w, o, tiles_w };

@@ -6,6 +6,7 @@ mod library;
 mod llm;
 mod mix;
 mod mixer;
+mod sdxl_memory;
 mod unet;
 
 use std::path::PathBuf;
@@ -40,6 +41,21 @@ pub struct BenchArgs {
     /// unet: also the peak resident memory of ours (a fresh process per config) beside diffusers'.
     #[arg(long)]
     memory: bool,
+    /// sdxl-memory: a single-file SDXL checkpoint (tools/bench/make_full_sdxl.py makes a random one).
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// sdxl-memory: the diffusers folder with the checkpoint's configs and tokenizers.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
+    /// sdxl-memory: image side in pixels.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// sdxl-memory: denoising steps per run.
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// sdxl-memory: the dtype both sides load the checkpoint in.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
     /// Files for the library suite.
     #[arg(long, default_value_t = 1000)]
     count: usize,
@@ -96,6 +112,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             print!("{}", unet::table(&rows, threads));
             Ok(())
         }
+        "sdxl-memory" => {
+            let (Some(checkpoint), Some(config)) = (&a.checkpoint, &a.model_config) else {
+                anyhow::bail!("--suite sdxl-memory needs --checkpoint FILE and --model-config DIR (tools/bench/make_full_sdxl.py writes both)");
+            };
+            let setup = sdxl_memory::Setup { checkpoint, config, python: a.python.as_deref(), size: a.size, steps: a.steps, dtype: &a.dtype };
+            let runs = sdxl_memory::run(&repo, &setup)?;
+            print!("{}", sdxl_memory::table(&runs, &setup));
+            Ok(())
+        }
         // The child process of `--memory` (one config, one step, prints its peak RSS).
         "unet-rss" => {
             let name = a.config.first().map(String::as_str).unwrap_or("");
@@ -103,7 +128,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         }
         other => {
-            anyhow::bail!("--suite {other}: expected unet, library, mix, llm, mixer or chameleon")
+            anyhow::bail!("--suite {other}: expected unet, sdxl-memory, library, mix, llm, mixer or chameleon")
         }
     }
 }
