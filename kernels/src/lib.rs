@@ -55,7 +55,7 @@ pub(crate) fn half_rows(x: &candle_core::Tensor, n: usize, f: impl Fn(&candle_co
     let chunk = (HALF_CHUNK_ELEMENTS / k.max(n).max(1)).max(1);
     let mut out_shape = x.dims().to_vec();
     *out_shape.last_mut().expect("rank >= 1") = n;
-    let mut run = |write: &mut dyn FnMut(usize, &[f32])| -> candle_core::Result<()> {
+    let run = |write: &mut dyn FnMut(usize, &[f32])| -> candle_core::Result<()> {
         for r in (0..rows).step_by(chunk) {
             let len = chunk.min(rows - r);
             let y = f(&x2.narrow(0, r, len)?.to_dtype(DType::F32)?)?.contiguous()?;

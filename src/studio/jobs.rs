@@ -35,6 +35,8 @@ pub enum StudioEvent {
     /// A fixed-name image already there and valid, not made again.
     Kept { path: PathBuf },
     MixTrace { summary: MixSummary },
+    /// Something the user should know about how the job runs (e.g. the VAE switched to tiles).
+    Notice { message: String },
 }
 
 fn parse_role(r: &str) -> Result<Role> {
@@ -551,6 +553,12 @@ impl Studio {
             }
             let drawn = (prompt_drawn != settings.prompt || negative_drawn != settings.negative_prompt)
                 .then(|| DrawnPrompts { prompt: prompt_drawn.clone(), negative_prompt: negative_drawn.clone() });
+            if let Ok((b, _, h, w)) = latents.dims4() {
+                let f = pipe.vae_scale_factor();
+                if let Some(message) = pipe.vae_plan(b, h * f, w * f).note {
+                    on_event(StudioEvent::Notice { message });
+                }
+            }
             for (i, img) in pipe.decode(&latents)?.iter().enumerate() {
                 if keep[i] {
                     if let Some(p) = fixed.as_ref().map(|f| f[i].clone()) {

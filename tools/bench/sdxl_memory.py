@@ -32,7 +32,7 @@ def main():
     out = {"mode": a.mode}
     try:
         if a.mode == "vae_tiling":
-            pipe.enable_vae_tiling()
+            pipe.vae.enable_tiling()  # the pipeline-level enable_vae_tiling is gone in diffusers 0.42
             pipe.vae.tile_sample_min_size = 512
             pipe.vae.tile_latent_min_size = 64
         elif a.mode == "model_offload":

@@ -654,6 +654,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
 pub fn log_event(e: &studio::StudioEvent) {
     match e {
         studio::StudioEvent::Loaded { model, seconds } => eprintln!("loaded {model} in {seconds:.1}s"),
+        studio::StudioEvent::Notice { message } => eprintln!("{message}"),
         studio::StudioEvent::LoraLoaded { name, role, layers, warnings } => {
             eprintln!("lora {name} ({role}): {layers} layers matched");
             for w in warnings {

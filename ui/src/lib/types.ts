@@ -173,7 +173,8 @@ export type StudioEvent =
   | { kind: "lora_loaded"; name: string; role: string; layers: number; warnings: string[] }
   | { kind: "step"; batch: number; batches: number; step: number; steps: number; its: number; eta_seconds: number }
   | { kind: "image"; path: string; seed: number; batch: number; index: number }
-  | { kind: "mix_trace"; summary: MixSummary };
+  | { kind: "mix_trace"; summary: MixSummary }
+  | { kind: "notice"; message: string };
 
 export type JobEvent =
   | { kind: "queued"; job: number; position: number }

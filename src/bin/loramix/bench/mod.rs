@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// sdxl-memory: the dtype both sides load the checkpoint in.
     #[arg(long, default_value = "f16")]
     dtype: String,
+    /// sdxl-memory: the dtype diffusers runs in (torch has no fast f16 convolution on the CPU).
+    #[arg(long, default_value = "f32")]
+    reference_dtype: String,
     /// Files for the library suite.
     #[arg(long, default_value_t = 1000)]
     count: usize,
@@ -116,7 +119,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let (Some(checkpoint), Some(config)) = (&a.checkpoint, &a.model_config) else {
                 anyhow::bail!("--suite sdxl-memory needs --checkpoint FILE and --model-config DIR (tools/bench/make_full_sdxl.py writes both)");
             };
-            let setup = sdxl_memory::Setup { checkpoint, config, python: a.python.as_deref(), size: a.size, steps: a.steps, dtype: &a.dtype };
+            let setup = sdxl_memory::Setup { checkpoint, config, python: a.python.as_deref(), size: a.size, steps: a.steps, dtype: &a.dtype, reference_dtype: &a.reference_dtype };
             let runs = sdxl_memory::run(&repo, &setup)?;
             print!("{}", sdxl_memory::table(&runs, &setup));
             Ok(())

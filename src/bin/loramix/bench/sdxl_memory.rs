@@ -24,6 +24,9 @@ pub struct Setup<'a> {
     pub size: usize,
     pub steps: usize,
     pub dtype: &'a str,
+    /// The dtype diffusers runs in: torch's CPU has no fast f16 convolution (an f16 SDXL step at
+    /// 1024² did not finish in 14 minutes on 2 cores), so by default diffusers runs in f32.
+    pub reference_dtype: &'a str,
 }
 
 /// A finished child: exit success, stdout, stderr and its own peak RSS in MB.
@@ -85,8 +88,8 @@ fn ours(s: &Setup, low_memory: bool, out_dir: &Path) -> Result<MemoryRun> {
     let t = Instant::now();
     let f = run_measured(cmd)?;
     let error = (!f.ok).then(|| f.stderr.lines().last().unwrap_or("failed").to_string());
-    let label = if low_memory { "ours, generate --low-memory" } else { "ours, generate" };
-    Ok(MemoryRun { label: label.into(), peak_mb: f.peak_mb.filter(|_| f.ok), seconds: t.elapsed().as_secs_f64(), error })
+    let label = format!("ours ({}), generate{}", s.dtype, if low_memory { " --low-memory" } else { "" });
+    Ok(MemoryRun { label, peak_mb: f.peak_mb.filter(|_| f.ok), seconds: t.elapsed().as_secs_f64(), error })
 }
 
 fn reference(s: &Setup, python: &Path, repo: &Path, mode: &str) -> Result<MemoryRun> {
@@ -94,10 +97,10 @@ fn reference(s: &Setup, python: &Path, repo: &Path, mode: &str) -> Result<Memory
     cmd.arg(repo.join("tools/bench/sdxl_memory.py"))
         .arg(s.checkpoint)
         .arg(s.config)
-        .args(["--size", &s.size.to_string(), "--steps", &s.steps.to_string(), "--dtype", s.dtype, "--mode", mode]);
+        .args(["--size", &s.size.to_string(), "--steps", &s.steps.to_string(), "--dtype", s.reference_dtype, "--mode", mode]);
     let t = Instant::now();
     let f = run_measured(cmd)?;
-    let label = format!("diffusers, {}", match mode {
+    let label = format!("diffusers ({}), {}", s.reference_dtype, match mode {
         "plain" => "plain",
         "vae_tiling" => "enable_vae_tiling (512-pixel tiles)",
         "model_offload" => "enable_model_cpu_offload",
