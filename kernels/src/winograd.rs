@@ -82,10 +82,11 @@ thread_local! {
     static WEIGHTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The largest weight transform (f32 elements, 16 MB) kept in the thread's buffer between calls
-/// (in tests, small enough that the last test case takes the other path).
+/// The largest weight transform (f32 elements, 64 MB) kept in the thread's buffer between calls.
+/// Above it are only full-size SDXL's widest convolutions (105–210 MB), whose allocation is small
+/// beside their work. In tests, small enough that the last test case takes the other path.
 #[cfg(not(test))]
-const REUSED_WEIGHT_ELEMENTS: usize = 1 << 22;
+const REUSED_WEIGHT_ELEMENTS: usize = 1 << 24;
 #[cfg(test)]
 const REUSED_WEIGHT_ELEMENTS: usize = 1 << 12;
 
@@ -258,8 +259,8 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "winograd")?, crate::host_f32(&ws, &weight, "winograd")?);
-    // Small transforms reuse this thread's buffer; large ones (SDXL's 2560→1280 convolutions: 210
-    // MB) get their own, freed on return, so that the largest layer's does not stay resident.
+    // Transforms up to 64 MB reuse this thread's buffer; larger ones (SDXL's 2560→1280
+    // convolutions: 210 MB) get their own, freed on return, so the largest does not stay resident.
     let reuse = 16 * o * c <= REUSED_WEIGHT_ELEMENTS;
     let mut own = Vec::new();
     WEIGHTS.with(|cell| -> Result<Tensor> {
