@@ -173,12 +173,12 @@ crate::simd::multiversion! {
 pub fn layer_norm(x: &Tensor, norm: &candle_nn::LayerNorm) -> Result<Tensor> {
     let _span = crate::profile::span("layer norm");
     let dim = x.dim(candle_core::D::Minus1)?;
-    if let Some(half) = crate::half_on_cpu(x) {
+    if crate::half_on_cpu(x).is_some() {
         let norm32 = candle_nn::LayerNorm::new(crate::f32_copy(norm.weight())?, match norm.bias() {
             Some(b) => crate::f32_copy(b)?,
             None => Tensor::zeros(dim, DType::F32, x.device())?,
         }, norm.eps());
-        return layer_norm(&crate::f32_copy(x)?, &norm32)?.to_dtype(half);
+        return crate::half_rows(x, dim, |rows| layer_norm(rows, &norm32));
     }
     if crate::fused::differentiable()
         || !x.device().is_cpu()

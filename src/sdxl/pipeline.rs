@@ -200,6 +200,35 @@ fn wrap(label: &str, e: candle_core::Error) -> Error {
     Error::Model { path: PathBuf::from(label), message: e.to_string() }
 }
 
+/// The VAE's weights and config: the model's own, or `--vae`'s (a folder brings its own config;
+/// a file uses the model's).
+fn vae_source(root: &Path, single_file: Option<&Path>, opts: &LoadOptions, model_cfg: &AutoencoderKlConfig) -> Result<(crate::weights::WeightSource, AutoencoderKlConfig)> {
+    match &opts.vae {
+        None => {
+            let ws = match single_file {
+                Some(f) => model::open_single_file(f, root)?.vae,
+                None => model::open_component(root, "vae")?.1,
+            };
+            Ok((ws, model_cfg.clone()))
+        }
+        Some(p) if p.is_dir() => {
+            let (config, ws) = model::open_component(p.parent().unwrap_or(Path::new(".")), p.file_name().and_then(|n| n.to_str()).unwrap_or(""))?;
+            Ok((ws, model::parse_config(&config)?))
+        }
+        Some(p) if p.is_file() => Ok((crate::sdxl::checkpoint::open_vae_file(p, model_cfg)?, model_cfg.clone())),
+        Some(p) => Err(Error::model(p, "--vae: no such file or folder")),
+    }
+}
+
+/// diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.
+fn vae_dtype_for(dtype: DType, config: &AutoencoderKlConfig) -> DType {
+    if dtype == DType::F16 && config.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 impl SdxlPipeline {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         if opts.device.is_cpu() && opts.dtype == DType::BF16 {
@@ -253,7 +282,7 @@ impl SdxlPipeline {
         let dev = &opts.device;
         let dtype = opts.dtype;
         let unet_cfg: UNet2DConditionConfig = model::parse_config(&root.join("unet/config.json"))?;
-        let mut vae_cfg: AutoencoderKlConfig = model::parse_config(&root.join("vae/config.json"))?;
+        let vae_cfg: AutoencoderKlConfig = model::parse_config(&root.join("vae/config.json"))?;
         let te1_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder/config.json"))?;
         let mut te2_cfg: ClipTextConfig = model::parse_config(&root.join("text_encoder_2/config.json"))?;
         // SDXL's second encoder is always CLIPTextModelWithProjection; accept configs saved
@@ -261,50 +290,34 @@ impl SdxlPipeline {
         if te2_cfg.architectures.is_none() {
             te2_cfg.architectures = Some(vec!["CLIPTextModelWithProjection".into()]);
         }
-        let (unet_ws, vae_ws, te1_ws, te2_ws) = match single_file {
+        let (unet_ws, te1_ws, te2_ws) = match single_file {
             Some(f) => {
                 let c = model::open_single_file(f, root)?;
-                (c.unet, c.vae, c.text_encoder, c.text_encoder_2)
+                (c.unet, c.text_encoder, c.text_encoder_2)
             }
             None => (
                 model::open_component(root, "unet")?.1,
-                model::open_component(root, "vae")?.1,
                 model::open_component(root, "text_encoder")?.1.with_prefix("text_model.", &["text_projection."]),
                 model::open_component(root, "text_encoder_2")?.1.with_prefix("text_model.", &["text_projection."]),
             ),
         };
-        let vae_ws = match &opts.vae {
-            None => vae_ws,
-            Some(p) if p.is_dir() => {
-                let (config, ws) = model::open_component(p.parent().unwrap_or(Path::new(".")), p.file_name().and_then(|n| n.to_str()).unwrap_or(""))?;
-                vae_cfg = model::parse_config(&config)?;
-                ws
-            }
-            Some(p) if p.is_file() => crate::sdxl::checkpoint::open_vae_file(p, &vae_cfg)?,
-            Some(p) => return Err(Error::model(p, "--vae: no such file or folder")),
-        };
-        // diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.
-        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast { DType::F32 } else { dtype };
-        let labels = (unet_ws.label().to_string(), vae_ws.label().to_string(), te1_ws.label().to_string(), te2_ws.label().to_string());
-        let unet = UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
-        let vae = AutoencoderKl::new(vae_ws.into_var_builder(vae_dtype, dev), &vae_cfg).map_err(|e| wrap(&labels.1, e))?;
+        let labels = (unet_ws.label().to_string(), te1_ws.label().to_string(), te2_ws.label().to_string());
+        // The same loader reads the VAE now (first, so a bad `--vae` fails before the UNet loads)
+        // and again after `release_vae`.
         let vae_loader: VaeLoader = {
-            let (root, single_file, opts, cfg) = (root.to_path_buf(), single_file.map(Path::to_path_buf), opts.clone(), vae_cfg.clone());
+            let (root, single_file, opts, model_cfg) = (root.to_path_buf(), single_file.map(Path::to_path_buf), opts.clone(), vae_cfg);
             Box::new(move || {
-                let ws = match &opts.vae {
-                    Some(p) if p.is_dir() => model::open_component(p.parent().unwrap_or(Path::new(".")), p.file_name().and_then(|n| n.to_str()).unwrap_or(""))?.1,
-                    Some(p) => crate::sdxl::checkpoint::open_vae_file(p, &cfg)?,
-                    None => match &single_file {
-                        Some(f) => model::open_single_file(f, &root)?.vae,
-                        None => model::open_component(&root, "vae")?.1,
-                    },
-                };
+                let (ws, cfg) = vae_source(&root, single_file.as_deref(), &opts, &model_cfg)?;
                 let label = ws.label().to_string();
-                AutoencoderKl::new(ws.into_var_builder(vae_dtype, &opts.device), &cfg).map_err(|e| wrap(&label, e))
+                AutoencoderKl::new(ws.into_var_builder(vae_dtype_for(opts.dtype, &cfg), &opts.device), &cfg).map_err(|e| wrap(&label, e))
             })
         };
-        let encoder = ClipTextModel::new(te1_ws.into_var_builder(dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.2, e))?;
-        let encoder_2 = ClipTextModel::new(te2_ws.into_var_builder(dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.3, e))?;
+        let vae = vae_loader()?;
+        let vae_cfg = vae.config().clone();
+        let vae_dtype = vae_dtype_for(dtype, &vae_cfg);
+        let unet = UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
+        let encoder = ClipTextModel::new(te1_ws.into_var_builder(dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.1, e))?;
+        let encoder_2 = ClipTextModel::new(te2_ws.into_var_builder(dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.2, e))?;
         if encoder_2.config().projection_dim.is_none() || !te2_cfg.has_projection() {
             return Err(Error::model(root.join("text_encoder_2"), "expected a CLIPTextModelWithProjection (SDXL's second encoder)"));
         }
@@ -389,13 +402,19 @@ impl SdxlPipeline {
             let p = &pos[prompt_schedule::entry_at(&pos, k)].1;
             let n = neg.as_ref().map(|s| s[prompt_schedule::entry_at(s, k)].1.as_str());
             let key: ConditioningKey = (p.clone(), n.map(str::to_string), cfg, req.clip_skip);
-            if self.encoded.lock().map_err(|_| Error::Argument("conditioning cache poisoned".into()))?.contains_key(&key) {
+            if self.encoded().contains_key(&key) {
                 continue;
             }
             let c = self.encode_prompts_skip(p, n, cfg, req.clip_skip)?;
-            self.encoded.lock().map_err(|_| Error::Argument("conditioning cache poisoned".into()))?.insert(key, c);
+            self.encoded().insert(key, c);
         }
         Ok(())
+    }
+
+    /// The conditioning encoded ahead. A poisoned lock only means another thread panicked; the
+    /// entries are whole values, so they stay usable.
+    fn encoded(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<ConditioningKey, (Conditioning, Option<Conditioning>)>> {
+        self.encoded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Drops the text encoders' weights; prompts encoded ahead stay usable.
@@ -445,7 +464,7 @@ impl SdxlPipeline {
     pub fn encode_prompts_skip(&self, prompt: &str, negative: Option<&str>, cfg: bool, clip_skip: usize) -> Result<(Conditioning, Option<Conditioning>)> {
         let Some(text) = &self.text else {
             let key: ConditioningKey = (prompt.to_string(), negative.map(str::to_string), cfg, clip_skip);
-            let cached = self.encoded.lock().map_err(|_| Error::Argument("conditioning cache poisoned".into()))?.get(&key).cloned();
+            let cached = self.encoded().get(&key).cloned();
             return cached.ok_or_else(|| Error::Argument(format!("the text encoders were released (low memory) before the prompt {prompt:?} was encoded")));
         };
         let pos = text.encode_with_skip(prompt, clip_skip)?;
