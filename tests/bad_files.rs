@@ -61,7 +61,9 @@ fn the_library_refuses_malformed_files_and_keeps_the_rest() {
     for o in &outcomes {
         let (src, failed, msg) = match o {
             ImportOutcome::Failed { source, error } => (source, true, error.clone()),
-            ImportOutcome::Added { source, .. } | ImportOutcome::Existing { source, .. } => (source, false, String::new()),
+            ImportOutcome::Added { source, .. } | ImportOutcome::Existing { source, .. } | ImportOutcome::Embedding { source, .. } => {
+                (source, false, String::new())
+            }
         };
         let name = src.file_name().unwrap().to_str().unwrap();
         let (_, expect, refused) = CASES.iter().find(|c| c.0 == name).unwrap();

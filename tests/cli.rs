@@ -265,3 +265,95 @@ fn hires_fix_from_the_command_line() {
     let e = String::from_utf8_lossy(&bad.stderr);
     assert!(!bad.status.success() && e.contains("ESRGAN-family"), "{e}");
 }
+
+/// Textual-inversion embeddings from the command line: imported into the library (an A1111
+/// file with its preview, a diffusers folder; twice is once), called by name, equal to
+/// diffusers (tools/parity/make_ti_fixtures.py run0), `TI hashes` in the PNG; the same from
+/// `--embedding DIR` without a library; an SD 1.5 embedding refused by name.
+#[test]
+fn textual_inversion_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ti = fixture("tiny2").join("ti");
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(ti.join("vloxemb.safetensors"), src.join("vloxemb.safetensors")).unwrap();
+    image::RgbImage::from_pixel(4, 4, image::Rgb([200, 10, 10])).save(src.join("vloxemb.preview.png")).unwrap();
+    let lib = tmp.path().join("lib");
+    let import = || {
+        let out = loramix().args(["lora", "import", "--library"]).arg(&lib).arg(src.join("vloxemb.safetensors")).arg(ti.join("shinystyle")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let first = import();
+    assert!(first.contains("added    embedding vloxemb (a1111, 2 vectors") && first.contains("added    embedding shinystyle (diffusers, 3 vectors"), "{first}");
+    assert!(import().matches("exists   embedding").count() == 2);
+    let out = loramix().args(["lora", "embedding", "list", "--json", "--library"]).arg(&lib).output().unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|e| e["display_name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["shinystyle", "vloxemb"]);
+    assert!(list[1]["thumbnail"].as_str().unwrap().starts_with("data:image/png;base64,"));
+    assert_eq!(list[0]["widths"], serde_json::json!([32, 32]));
+
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ti.join("golden.json")).unwrap()).unwrap();
+    let golden = candle_core::safetensors::load(ti.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let case = &gj["pipeline"]["run0"];
+    let run = |extra: &[&str], home: &std::path::Path, name: &str| {
+        let lat = tmp.path().join(format!("{name}.safetensors"));
+        let out = loramix()
+            .env("LORAMIX_HOME", home)
+            .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap()])
+            .args(["--prompt", case["prompt"].as_str().unwrap(), "--negative-prompt", case["negative"].as_str().unwrap()])
+            .args(["--steps", "5", "--cfg", "5", "--sampler", "euler", "--width", "32", "--height", "32", "--seed", "21"])
+            .args(extra)
+            .arg("--save-latents")
+            .arg(&lat)
+            .arg("--out")
+            .arg(tmp.path().join(name))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let l = candle_core::safetensors::load(&lat, &Device::Cpu).unwrap()["latents"].clone();
+        assert_close(&format!("{name} latents"), &l, &golden["run0.latents"], 1e-3);
+        let png = std::fs::read_dir(tmp.path().join(name)).unwrap().next().unwrap().unwrap().path();
+        let text = loramix::studio::png_text_chunks(&std::fs::read(&png).unwrap()).unwrap();
+        text.get("parameters").cloned().unwrap()
+    };
+    let params = run(&["--library", lib.to_str().unwrap()], tmp.path(), "from-library");
+    let sha = |p: &std::path::Path| {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(std::fs::read(p).unwrap());
+        h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let shiny = list[0]["sha256"].as_str().unwrap();
+    let want = format!("TI hashes: \"vloxemb: {}, shinystyle: {}\"", &sha(&ti.join("vloxemb.safetensors"))[..12], &shiny[..12]);
+    assert!(params.contains(&want), "{params}\nwanted {want}");
+    // No library: the fixtures folder (which also holds non-embedding files) by --embedding.
+    let empty = tmp.path().join("empty-home");
+    let params = run(&["--embedding", ti.to_str().unwrap()], &empty, "from-folder");
+    assert!(params.contains("TI hashes: \"vloxemb: "), "{params}");
+    assert!(!empty.join("library.sqlite").exists(), "a generate run must not create a library");
+    // An SD 1.5 embedding named on the command line is refused with its file name.
+    let sd15 = tmp.path().join("easyneg.safetensors");
+    let z = Tensor::zeros((2, 768), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("emb_params".to_string(), z)]), &sd15).unwrap();
+    let out = loramix()
+        .env("LORAMIX_HOME", &empty)
+        .args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "a cat", "--steps", "1"])
+        .arg("--embedding")
+        .arg(&sd15)
+        .arg("--out")
+        .arg(tmp.path().join("never"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("easyneg.safetensors") && err.contains("SD 1.x"), "{err}");
+    // Rename (the new name is the word that calls it), refuse prompt syntax in names, remove.
+    let lora = |args: &[&str]| loramix().arg("lora").args(args).arg("--library").arg(&lib).output().unwrap();
+    assert!(lora(&["embedding", "rename", "shinystyle", "shinyxl"]).status.success());
+    let bad = lora(&["embedding", "rename", "shinyxl", "a:b"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("must be non-empty and contain none of"));
+    assert!(lora(&["embedding", "rm", "shinyxl"]).status.success());
+    let left: serde_json::Value = serde_json::from_slice(&lora(&["embedding", "list", "--json"]).stdout).unwrap();
+    assert_eq!(left.as_array().unwrap().iter().map(|e| e["display_name"].as_str().unwrap()).collect::<Vec<_>>(), ["vloxemb"]);
+    assert_eq!(std::fs::read_dir(lib.join("embeddings")).unwrap().count(), 1, "the removed file is gone");
+}

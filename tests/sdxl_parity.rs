@@ -400,3 +400,92 @@ fn released_models_give_the_same_images() {
     let e = pipe.generate_latents(&req, &mut |_| true).unwrap_err().to_string();
     assert!(e.contains("UNet was released"), "{e}");
 }
+
+/// The embeddings of tools/parity/make_ti_fixtures.py, in the order the script loads them.
+fn ti_embeddings() -> loramix::sdxl::embedding::Embeddings {
+    use loramix::sdxl::embedding::{Embeddings, TextualInversion};
+    let dir = common::fixture("tiny2").join("ti");
+    let a1111 = TextualInversion::load(&dir.join("vloxemb.safetensors"), None).unwrap();
+    let diffusers = TextualInversion::load(&dir.join("shinystyle"), None).unwrap();
+    assert_eq!((a1111.name.as_str(), a1111.vector_count()), ("vloxemb", 2));
+    assert_eq!((diffusers.name.as_str(), diffusers.vector_count()), ("shinystyle", 3));
+    Embeddings::new(vec![std::sync::Arc::new(a1111), std::sync::Arc::new(diffusers)])
+}
+
+/// Textual inversion equals diffusers' `load_textual_inversion` on both encoders, from an
+/// A1111 file and a diffusers pair: the prompt, negative and pooled embeddings per module
+/// (the pooled one where transformers takes it for SDXL's `eos_token_id: 2` configs), and
+/// seeded runs end to end. Emphasis on an embedding is A1111's and changes its vectors' states.
+#[test]
+fn textual_inversion_equals_diffusers() {
+    let pipe = load("tiny2");
+    let dir = common::fixture("tiny2").join("ti");
+    let g = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let emb = ti_embeddings();
+    for (key, e) in gj["embeds"].as_object().unwrap() {
+        let prompt = e["prompt"].as_str().unwrap();
+        let (pos, neg) = pipe.encode_prompts_with(prompt, e["negative"].as_str(), true, 0, &emb).unwrap();
+        if key == "e2" {
+            // Weighted: differs from the plain prompt's golden, which the unweighted text equals.
+            let plain = pipe.encode_prompts_with("a vloxemb and a house", None, false, 0, &emb).unwrap().0;
+            assert_close("e2 plain", &plain.context, &g["e2plain.prompt"], 1e-4);
+            assert!(rel_l2(&pos.context, &g["e2plain.prompt"]) > 1e-3, "emphasis had no effect");
+            continue;
+        }
+        assert_close(&format!("{key} prompt"), &pos.context, &g[&format!("{key}.prompt")], 1e-4);
+        assert_close(&format!("{key} negative"), &neg.unwrap().context, &g[&format!("{key}.negative")], 1e-4);
+        assert_close(&format!("{key} pooled"), pos.pooled.as_ref().unwrap(), &g[&format!("{key}.pooled")], 1e-4);
+    }
+    // Without the embeddings the same prompt encodes otherwise (the test can fail).
+    let (bare, _) = pipe.encode_prompts("a vloxemb on a cream background", None, false).unwrap();
+    assert!(rel_l2(&bare.context, &g["e0.prompt"]) > 1e-2);
+    for (key, case) in gj["pipeline"].as_object().unwrap() {
+        let mut req = request(case, None, size_of("tiny2"));
+        req.embeddings = emb.clone();
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("ti {key}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+    }
+    // TI hashes: each embedding called, in order of use, with the file's short sha256.
+    let req = GenerateRequest { prompt: "shinystyle, a vloxemb".into(), negative_prompt: Some("vloxemb".into()), embeddings: emb.clone(), ..Default::default() };
+    let hashes = loramix::studio::embedding_hashes(&pipe, &req).unwrap();
+    assert_eq!(hashes.iter().map(|h| h.0.as_str()).collect::<Vec<_>>(), ["shinystyle", "vloxemb"]);
+    assert!(hashes.iter().all(|h| h.1.len() == 12 && h.1.chars().all(|c| c.is_ascii_hexdigit())));
+}
+
+/// Embeddings that cannot be used are refused naming the file and what was expected.
+#[test]
+fn textual_inversion_errors_are_clear() {
+    use loramix::sdxl::embedding::{Embeddings, TextualInversion};
+    let tmp = tempfile::tempdir().unwrap();
+    let save = |name: &str, tensors: Vec<(&str, Tensor)>| {
+        let p = tmp.path().join(name);
+        let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        candle_core::safetensors::save(&map, &p).unwrap();
+        p
+    };
+    let z = |n: usize, w: usize| Tensor::zeros((n, w), candle_core::DType::F32, &Device::Cpu).unwrap();
+    // SD 1.5 layouts on SDXL.
+    for (file, key) in [("sd15.safetensors", "emb_params"), ("sd15b.safetensors", "string_to_param.*"), ("sd15c.safetensors", "<cat-toy>")] {
+        let p = save(file, vec![(key, z(2, 768))]);
+        let e = TextualInversion::load(&p, None).unwrap_err().to_string();
+        assert!(e.contains(file) && e.contains("SD 1.x") && e.contains("clip_g"), "{e}");
+    }
+    let p = save("half.safetensors", vec![("clip_l", z(2, 768))]);
+    let e = TextualInversion::load(&p, None).unwrap_err().to_string();
+    assert!(e.contains("half.safetensors") && e.contains("without `clip_g`"), "{e}");
+    let p = save("uneven.safetensors", vec![("clip_l", z(2, 768)), ("clip_g", z(3, 1280))]);
+    let e = TextualInversion::load(&p, None).unwrap_err().to_string();
+    assert!(e.contains("clip_l has 2 vectors and clip_g 3"), "{e}");
+    // A pickle is never opened.
+    std::fs::write(tmp.path().join("old.pt"), b"\x80\x02}q\x00.").unwrap();
+    let e = TextualInversion::load(&tmp.path().join("old.pt"), None).unwrap_err().to_string();
+    assert!(e.contains("old.pt") && e.contains("pickle"), "{e}");
+    // Real SDXL widths (768/1280) on the tiny model (32/32): an error only when the prompt uses it.
+    let p = save("bigxl.safetensors", vec![("clip_l", z(1, 768)), ("clip_g", z(1, 1280))]);
+    let emb = Embeddings::new(vec![std::sync::Arc::new(TextualInversion::load(&p, None).unwrap())]);
+    let pipe = load("tiny2");
+    assert!(pipe.encode_prompts_with("a red house", None, false, 0, &emb).is_ok());
+    let e = pipe.encode_prompts_with("a bigxl house", None, false, 0, &emb).unwrap_err().to_string();
+    assert!(e.contains("bigxl") && e.contains("768 wide") && e.contains("takes 32"), "{e}");
+}

@@ -226,6 +226,13 @@ impl ClipTextModel {
 
     /// `ids`: rows of equal length, already padded to the model's context length.
     pub fn forward(&self, ids: &[Vec<u32>], device: &Device) -> Result<ClipTextOutput> {
+        self.forward_with_extra(ids, None, device)
+    }
+
+    /// [`Self::forward`] with `extra` (`[n, hidden]`) as token embeddings for ids
+    /// `vocab_size..vocab_size + n`: textual-inversion vectors, placed as diffusers'
+    /// `load_textual_inversion` places the tokens it adds to the vocabulary.
+    pub fn forward_with_extra(&self, ids: &[Vec<u32>], extra: Option<&Tensor>, device: &Device) -> Result<ClipTextOutput> {
         let b = ids.len();
         let t = ids.first().map(|r| r.len()).unwrap_or(0);
         if ids.iter().any(|r| r.len() != t) {
@@ -234,13 +241,32 @@ impl ClipTextModel {
         if t > self.config.max_position_embeddings {
             candle_core::bail!("CLIP input of {t} tokens exceeds max_position_embeddings {}", self.config.max_position_embeddings);
         }
-        if let Some(&bad) = ids.iter().flatten().find(|&&x| x as usize >= self.config.vocab_size) {
-            candle_core::bail!("token id {bad} is outside the text encoder's vocabulary of {}", self.config.vocab_size);
+        let vocab = self.config.vocab_size;
+        let n_extra = match extra {
+            Some(e) => e.dim(0)?,
+            None => 0,
+        };
+        if let Some(&bad) = ids.iter().flatten().find(|&&x| x as usize >= vocab + n_extra) {
+            candle_core::bail!("token id {bad} is outside the text encoder's vocabulary of {vocab} (+{n_extra} embedding vectors)");
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let input = Tensor::from_vec(flat, (b, t), device)?;
+        let in_vocab: Vec<u32> = flat.iter().map(|&x| if (x as usize) < vocab { x } else { 0 }).collect();
+        let input = Tensor::from_vec(in_vocab, (b, t), device)?;
         let pos = Tensor::arange(0u32, t as u32, device)?.unsqueeze(0)?;
-        let mut h = self.token_embedding.forward(&input)?.broadcast_add(&self.position_embedding.forward(&pos)?)?;
+        let mut tokens = self.token_embedding.forward(&input)?;
+        if let Some(extra) = extra.filter(|_| flat.iter().any(|&x| x as usize >= vocab)) {
+            // Positions past the vocabulary take their row of `extra`; the rest keep the table's.
+            let is_extra: Vec<u8> = flat.iter().map(|&x| u8::from(x as usize >= vocab)).collect();
+            let extra_idx: Vec<u32> = flat.iter().map(|&x| (x as usize).saturating_sub(vocab) as u32).collect();
+            let picked = extra
+                .to_dtype(tokens.dtype())?
+                .to_device(device)?
+                .index_select(&Tensor::from_vec(extra_idx, b * t, device)?, 0)?
+                .reshape(tokens.shape())?;
+            let mask = Tensor::from_vec(is_extra, (b, t, 1), device)?.broadcast_as(tokens.shape())?;
+            tokens = mask.where_cond(&picked, &tokens)?;
+        }
+        let mut h = tokens.broadcast_add(&self.position_embedding.forward(&pos)?)?;
         let mask = Self::causal_mask(t, device)?;
         let mut hidden_states = vec![h.clone()];
         for layer in &self.layers {

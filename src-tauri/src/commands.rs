@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use base64::Engine as _;
-use loramix::lora::library::{ImportOutcome, LoraEntry, LoraLibrary, LoraQuery, SubspaceMember, SubspaceSummary};
+use loramix::lora::library::{EmbeddingEntry, ImportOutcome, LoraEntry, LoraLibrary, LoraQuery, SubspaceMember, SubspaceSummary};
 use loramix::llm::chameleon::{train_hypernetwork_folder, ChameleonStep, ChameleonTrainOptions, ChameleonTrainReport};
 use loramix::llm::mixer::{train_router_folder, MixerTrainOptions, MixerTrainReport, MixerTrainStep};
 use loramix::llm::{AdapterKind, GenerateOptions, LlmSession, Message, SamplingOptions};
@@ -198,7 +198,8 @@ impl AppState {
         for o in &outcomes {
             match o {
                 ImportOutcome::Added { .. } => s.added += 1,
-                ImportOutcome::Existing { .. } => s.existing += 1,
+                ImportOutcome::Existing { .. } | ImportOutcome::Embedding { existing: true, .. } => s.existing += 1,
+                ImportOutcome::Embedding { .. } => s.added += 1,
                 ImportOutcome::Failed { .. } => s.failed += 1,
             }
         }
@@ -224,6 +225,16 @@ impl AppState {
     pub fn library_remove(&self, key: &str) -> AppResult<LoraEntry> {
         let (_g, mut lib) = self.open_library()?;
         Ok(lib.remove(key)?)
+    }
+
+    pub fn embedding_list(&self) -> AppResult<Vec<EmbeddingEntry>> {
+        let (_g, lib) = self.open_library()?;
+        Ok(lib.embeddings()?)
+    }
+
+    pub fn embedding_remove(&self, key: &str) -> AppResult<EmbeddingEntry> {
+        let (_g, mut lib) = self.open_library()?;
+        Ok(lib.remove_embedding(key)?)
     }
 
     /// Checks a training request from the UI (absolute paths, the model by name) and registers
@@ -718,6 +729,13 @@ impl ImportEvent {
                 message: Some("already in the library".into()),
                 entry: Some((**entry).clone()),
             },
+            ImportOutcome::Embedding { source, entry, existing } => Self {
+                index,
+                path: source.clone(),
+                status: if *existing { "existing" } else { "added" }.into(),
+                message: Some(format!("textual-inversion embedding {} ({} vectors)", entry.display_name, entry.vectors)),
+                entry: None,
+            },
             ImportOutcome::Failed { source, error } => {
                 Self { index, path: source.clone(), status: "failed".into(), message: Some(error.clone()), entry: None }
             }
@@ -869,6 +887,16 @@ pub async fn library_update(state: State<'_>, key: String, update: LibraryUpdate
 #[tauri::command]
 pub async fn library_remove(state: State<'_>, key: String) -> AppResult<LoraEntry> {
     state.library_remove(&key)
+}
+
+#[tauri::command]
+pub async fn embedding_list(state: State<'_>) -> AppResult<Vec<EmbeddingEntry>> {
+    state.embedding_list()
+}
+
+#[tauri::command]
+pub async fn embedding_remove(state: State<'_>, key: String) -> AppResult<EmbeddingEntry> {
+    state.embedding_remove(&key)
 }
 
 #[tauri::command]

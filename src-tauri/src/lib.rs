@@ -49,6 +49,8 @@ pub fn run() {
             commands::library_import,
             commands::library_update,
             commands::library_remove,
+            commands::embedding_list,
+            commands::embedding_remove,
             commands::library_train,
             commands::library_train_stop,
             commands::subspace_list,

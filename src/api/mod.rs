@@ -429,6 +429,22 @@ async fn loras(State(state): State<Arc<AppState>>) -> std::result::Result<Json<V
     Ok(Json(Value::Array(out)))
 }
 
+/// A1111's `embeddings`: the textual-inversion embeddings a prompt can call by name (the
+/// model's `embeddings/`, then the library's), keyed by name.
+async fn embeddings(State(state): State<Arc<AppState>>) -> std::result::Result<Json<Value>, ApiError> {
+    let model = current_model(&state);
+    let all = crate::studio::job_embeddings(&model, state.config.library.as_deref(), &[])
+        .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut loaded = serde_json::Map::new();
+    for e in all.items() {
+        loaded.insert(
+            e.name.clone(),
+            json!({"step": null, "sd_checkpoint": null, "sd_checkpoint_name": null, "shape": e.vectors[0].dim(1).unwrap_or(0), "vectors": e.vector_count()}),
+        );
+    }
+    Ok(Json(json!({"loaded": loaded, "skipped": {}})))
+}
+
 /// The library is read on every `loras` call, so there is nothing to rescan.
 async fn refresh_loras() -> Json<Value> {
     Json(Value::Null)
@@ -549,6 +565,8 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/loras", get(loras))
         .route("/sdapi/v1/refresh-loras", post(refresh_loras))
+        .route("/sdapi/v1/embeddings", get(embeddings))
+        .route("/sdapi/v1/refresh-embeddings", post(refresh_loras))
         .route("/sdapi/v1/options", get(get_options).post(set_options))
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))

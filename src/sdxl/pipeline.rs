@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::sdxl::model::{self, ModelSource};
 use crate::rng::TorchCpuRng;
+use crate::sdxl::embedding::Embeddings;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
 use crate::sdxl::prompt_schedule;
 use crate::sdxl::schedulers::{self, SamplerKind, Schedule};
@@ -93,8 +94,8 @@ fn available_memory() -> u64 {
 /// A component's weights, read again from the model's files when the VAE was released.
 type VaeLoader = Box<dyn Fn() -> Result<AutoencoderKl> + Send + Sync>;
 
-/// The prompt texts, CFG and clip skip one conditioning was encoded for.
-type ConditioningKey = (String, Option<String>, bool, usize);
+/// The prompt texts, CFG, clip skip and embedding set one conditioning was encoded for.
+type ConditioningKey = (String, Option<String>, bool, usize, String);
 
 /// The SDXL pipeline. Its three models can be released once used (`--low-memory`): the text
 /// encoders after encoding (the conditioning is kept), the UNet after denoising, the VAE after
@@ -165,6 +166,8 @@ pub struct GenerateRequest {
     pub init_noise: Option<Tensor>,
     /// img2img / inpainting: start from this image (at the output size) instead of noise.
     pub init: Option<InitImage>,
+    /// Textual-inversion embeddings the prompts may call by name.
+    pub embeddings: Embeddings,
 }
 
 impl Default for GenerateRequest {
@@ -183,6 +186,7 @@ impl Default for GenerateRequest {
             batch_size: 1,
             init_noise: None,
             init: None,
+            embeddings: Embeddings::default(),
         }
     }
 }
@@ -401,11 +405,11 @@ impl SdxlPipeline {
         for k in 0..req.steps.max(1) {
             let p = &pos[prompt_schedule::entry_at(&pos, k)].1;
             let n = neg.as_ref().map(|s| s[prompt_schedule::entry_at(s, k)].1.as_str());
-            let key: ConditioningKey = (p.clone(), n.map(str::to_string), cfg, req.clip_skip);
+            let key: ConditioningKey = (p.clone(), n.map(str::to_string), cfg, req.clip_skip, req.embeddings.fingerprint());
             if self.encoded().contains_key(&key) {
                 continue;
             }
-            let c = self.encode_prompts_skip(p, n, cfg, req.clip_skip)?;
+            let c = self.encode_prompts_with(p, n, cfg, req.clip_skip, &req.embeddings)?;
             self.encoded().insert(key, c);
         }
         Ok(())
@@ -462,18 +466,31 @@ impl SdxlPipeline {
     /// negative prompt from the penultimate layer whatever `clip_skip` is; so do we, to give
     /// its numbers (A1111 skips on both).
     pub fn encode_prompts_skip(&self, prompt: &str, negative: Option<&str>, cfg: bool, clip_skip: usize) -> Result<(Conditioning, Option<Conditioning>)> {
+        self.encode_prompts_with(prompt, negative, cfg, clip_skip, &Embeddings::default())
+    }
+
+    /// [`Self::encode_prompts_skip`] with textual-inversion embeddings, in both prompts as
+    /// diffusers' `maybe_convert_prompt` applies them.
+    pub fn encode_prompts_with(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+        cfg: bool,
+        clip_skip: usize,
+        embeddings: &Embeddings,
+    ) -> Result<(Conditioning, Option<Conditioning>)> {
         let Some(text) = &self.text else {
-            let key: ConditioningKey = (prompt.to_string(), negative.map(str::to_string), cfg, clip_skip);
+            let key: ConditioningKey = (prompt.to_string(), negative.map(str::to_string), cfg, clip_skip, embeddings.fingerprint());
             let cached = self.encoded().get(&key).cloned();
             return cached.ok_or_else(|| Error::Argument(format!("the text encoders were released (low memory) before the prompt {prompt:?} was encoded")));
         };
-        let pos = text.encode_with_skip(prompt, clip_skip)?;
+        let pos = text.encode_with(prompt, clip_skip, embeddings)?;
         if !cfg {
             return Ok((pos, None));
         }
         let (neg, zero) = match negative {
             None if self.force_zeros_for_empty_prompt => (TextEncoders::zeros_like(&pos)?, true),
-            other => (text.encode(other.unwrap_or(""))?, false),
+            other => (text.encode_with(other.unwrap_or(""), 0, embeddings)?, false),
         };
         let (pos, neg) = text.match_lengths(pos, neg, zero)?;
         Ok((pos, Some(neg)))
@@ -634,7 +651,7 @@ impl SdxlPipeline {
         let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, req.steps)).transpose()?;
         let conditioning = |pi: usize, ni: Option<usize>| -> Result<(Tensor, Option<AddedConditions>)> {
             let neg_text = ni.and_then(|ni| neg_schedule.as_ref().map(|s| s[ni].1.as_str()));
-            let (pos, neg) = self.encode_prompts_skip(&pos_schedule[pi].1, neg_text, cfg, req.clip_skip)?;
+            let (pos, neg) = self.encode_prompts_with(&pos_schedule[pi].1, neg_text, cfg, req.clip_skip, &req.embeddings)?;
             let repeat = |t: &Tensor| Tensor::cat(&vec![t.clone(); b], 0);
             let mut contexts = Vec::new();
             let mut pooled = Vec::new();

@@ -181,9 +181,38 @@ impl PromptChunk {
     }
 }
 
+/// A textual-inversion embedding as the chunker sees it: its name's token ids, and the ids its
+/// vectors take (`first_id..first_id + vectors`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingTokens {
+    pub name_ids: Vec<u32>,
+    pub first_id: u32,
+    pub vectors: usize,
+}
+
+/// The longest embedding whose name's tokens start at `tokens[at]` (A1111's
+/// `find_embedding_at_position`, which tries longer names first).
+fn embedding_at(tokens: &[u32], at: usize, embeddings: &[EmbeddingTokens]) -> Option<usize> {
+    embeddings
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !e.name_ids.is_empty() && tokens[at..].starts_with(&e.name_ids))
+        .max_by_key(|(i, e)| (e.name_ids.len(), usize::MAX - i))
+        .map(|(i, _)| i)
+}
+
 /// Tokenizes a prompt into A1111 chunks of `max_length - 2` tokens each.
 pub fn chunk_prompt(tok: &ClipTokenizer, prompt: &str) -> Result<Vec<PromptChunk>> {
+    Ok(chunk_prompt_with(tok, prompt, &[])?.0)
+}
+
+/// [`chunk_prompt`] with textual-inversion embeddings: where a name's tokens appear (inside
+/// one emphasis fragment), its vectors' ids take their place, moved whole to the next chunk if
+/// they would cross a chunk boundary (A1111's `tokenize_line`). Also returns which embeddings
+/// (indices into `embeddings`) the prompt used.
+pub fn chunk_prompt_with(tok: &ClipTokenizer, prompt: &str, embeddings: &[EmbeddingTokens]) -> Result<(Vec<PromptChunk>, Vec<usize>)> {
     let window = tok.max_length - 2;
+    let mut used: Vec<usize> = Vec::new();
     let mut chunks = Vec::new();
     let mut ids: Vec<u32> = Vec::new();
     let mut weights: Vec<f64> = Vec::new();
@@ -206,7 +235,10 @@ pub fn chunk_prompt(tok: &ClipTokenizer, prompt: &str) -> Result<Vec<PromptChunk
             }
             Fragment::Text(t, w) => (t, w),
         };
-        for token in tok.encode_raw(&text)? {
+        let tokens = tok.encode_raw(&text)?;
+        let mut position = 0;
+        while position < tokens.len() {
+            let token = tokens[position];
             if Some(token) == tok.comma {
                 last_comma = Some(ids.len());
             } else if ids.len() == window && last_comma.is_some_and(|c| ids.len() - c <= COMMA_BACKTRACK) {
@@ -223,14 +255,38 @@ pub fn chunk_prompt(tok: &ClipTokenizer, prompt: &str) -> Result<Vec<PromptChunk
                 close(&mut ids, &mut weights, &mut chunks);
                 last_comma = None;
             }
-            ids.push(token);
-            weights.push(weight);
+            match embedding_at(&tokens, position, embeddings) {
+                None => {
+                    ids.push(token);
+                    weights.push(weight);
+                    position += 1;
+                }
+                Some(k) => {
+                    let e = &embeddings[k];
+                    if e.vectors > window {
+                        return Err(crate::error::Error::Argument(format!(
+                            "a textual-inversion embedding of {} vectors does not fit a {window}-token chunk",
+                            e.vectors
+                        )));
+                    }
+                    if ids.len() + e.vectors > window {
+                        close(&mut ids, &mut weights, &mut chunks);
+                        last_comma = None;
+                    }
+                    ids.extend((0..e.vectors as u32).map(|j| e.first_id + j));
+                    weights.extend(std::iter::repeat_n(weight, e.vectors));
+                    position += e.name_ids.len();
+                    if !used.contains(&k) {
+                        used.push(k);
+                    }
+                }
+            }
         }
     }
     if !ids.is_empty() || chunks.is_empty() {
         close(&mut ids, &mut weights, &mut chunks);
     }
-    Ok(chunks)
+    Ok((chunks, used))
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::ClipTextModel;
 
 use crate::error::{Error, Result};
-use crate::sdxl::prompt::{chunk_prompt, PromptChunk};
+use crate::sdxl::embedding::Embeddings;
+use crate::sdxl::prompt::{chunk_prompt_with, EmbeddingTokens, PromptChunk};
 use crate::sdxl::tokenizer::ClipTokenizer;
 
 /// Encoded text for one prompt (batch of one).
@@ -49,20 +50,62 @@ fn weighted(hidden: &Tensor, chunk: &PromptChunk) -> Result<Tensor> {
 }
 
 impl TextEncoders {
-    fn encode_one(
-        &self,
+    /// The chunker's view of `embeddings` for encoder `which` (0: CLIP-L, 1: OpenCLIP-G), and
+    /// the vectors for ids past its vocabulary, in order. An embedding of the wrong width gets
+    /// zero rows here and is an error only if a prompt uses it.
+    fn embedding_tables(
         tok: &ClipTokenizer,
         enc: &ClipTextModel,
+        which: usize,
+        embeddings: &Embeddings,
+    ) -> Result<(Vec<EmbeddingTokens>, Option<Tensor>, Vec<Option<String>>)> {
+        if embeddings.is_empty() {
+            return Ok((Vec::new(), None, Vec::new()));
+        }
+        let (vocab, width) = (enc.config().vocab_size, enc.hidden_size());
+        let (mut lookup, mut rows, mut misfits) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = vocab as u32;
+        for e in embeddings.items() {
+            let v = &e.vectors[which];
+            let n = v.dim(0)?;
+            let w = v.dim(1)?;
+            lookup.push(EmbeddingTokens { name_ids: tok.encode_raw(&e.name)?, first_id: next, vectors: n });
+            next += n as u32;
+            if w == width {
+                rows.push(v.clone());
+                misfits.push(None);
+            } else {
+                rows.push(Tensor::zeros((n, width), DType::F32, v.device())?);
+                let (key, which_enc) = if which == 0 { ("clip_l", "first") } else { ("clip_g", "second") };
+                misfits.push(Some(format!(
+                    "textual-inversion embedding {} ({}): its `{key}` vectors are {w} wide, and this model's {which_enc} text encoder takes {width}",
+                    e.name,
+                    e.path.display()
+                )));
+            }
+        }
+        Ok((lookup, Some(Tensor::cat(&rows, 0)?), misfits))
+    }
+
+    fn encode_one(
+        &self,
+        (tok, enc, which): (&ClipTokenizer, &ClipTextModel, usize),
         prompt: &str,
         want_pooled: bool,
         clip_skip: usize,
+        embeddings: &Embeddings,
     ) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let layer_from_end = self.layer_from_end + clip_skip;
-        let chunks = chunk_prompt(tok, prompt)?;
+        let (lookup, extra, misfits) = Self::embedding_tables(tok, enc, which, embeddings)?;
+        let (chunks, used) = chunk_prompt_with(tok, prompt, &lookup)?;
+        if let Some(m) = used.iter().find_map(|&k| misfits[k].clone()) {
+            return Err(Error::Argument(m));
+        }
+        let extra = if used.is_empty() { None } else { extra.map(|e| e.to_device(&self.device)).transpose()? };
         let mut hidden = Vec::with_capacity(chunks.len());
         let mut pooled = None;
         for (i, chunk) in chunks.iter().enumerate() {
-            let out = enc.forward(std::slice::from_ref(&chunk.ids), &self.device)?;
+            let out = enc.forward_with_extra(std::slice::from_ref(&chunk.ids), extra.as_ref(), &self.device)?;
             let idx = out.hidden_states.len().checked_sub(1 + layer_from_end).ok_or_else(|| {
                 Error::Argument(format!("clip skip {clip_skip} leaves no layer of the text encoder's {}", out.hidden_states.len() - 1))
             })?;
@@ -82,19 +125,31 @@ impl TextEncoders {
     /// [`Self::encode`] from `clip_skip` layers further from the end (diffusers' `clip_skip`:
     /// hidden state `-(clip_skip + 2)` of both encoders; the pooled output is unchanged).
     pub fn encode_with_skip(&self, prompt: &str, clip_skip: usize) -> Result<Conditioning> {
-        let (mut h1, _) = self.encode_one(&self.tokenizer, &self.encoder, prompt, false, clip_skip)?;
+        self.encode_with(prompt, clip_skip, &Embeddings::default())
+    }
+
+    /// Which of `embeddings` (indices) `prompt` calls by name.
+    pub fn used_embeddings(&self, prompt: &str, embeddings: &Embeddings) -> Result<Vec<usize>> {
+        let (lookup, _, _) = Self::embedding_tables(&self.tokenizer, &self.encoder, 0, embeddings)?;
+        Ok(chunk_prompt_with(&self.tokenizer, prompt, &lookup)?.1)
+    }
+
+    /// [`Self::encode_with_skip`] with textual-inversion embeddings callable by name.
+    pub fn encode_with(&self, prompt: &str, clip_skip: usize, embeddings: &Embeddings) -> Result<Conditioning> {
+        let (mut h1, _) = self.encode_one((&self.tokenizer, &self.encoder, 0), prompt, false, clip_skip, embeddings)?;
         let (context, pooled) = match (&self.tokenizer_2, &self.encoder_2) {
             (Some(t2), Some(e2)) => {
-                let (mut h2, pooled2) = self.encode_one(t2, e2, prompt, true, clip_skip)?;
+                let (mut h2, pooled2) = self.encode_one((t2, e2, 1), prompt, true, clip_skip, embeddings)?;
                 // The two tokenizers share a vocabulary, so chunk counts agree; if a custom
                 // model's do not, pad the shorter with empty-prompt chunks as A1111 does.
                 let n = h1.len().max(h2.len());
+                let none = Embeddings::default();
                 if h1.len() < n {
-                    let empty = self.encode_one(&self.tokenizer, &self.encoder, "", false, clip_skip)?.0.remove(0);
+                    let empty = self.encode_one((&self.tokenizer, &self.encoder, 0), "", false, clip_skip, &none)?.0.remove(0);
                     h1.resize(n, empty);
                 }
                 if h2.len() < n {
-                    let empty = self.encode_one(t2, e2, "", false, clip_skip)?.0.remove(0);
+                    let empty = self.encode_one((t2, e2, 1), "", false, clip_skip, &none)?.0.remove(0);
                     h2.resize(n, empty);
                 }
                 let per_chunk = h1

@@ -370,6 +370,7 @@ impl Studio {
         }
         let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
+        let embeddings = super::job_embeddings(&settings.model, library, &settings.embeddings)?;
         let mut scheduled_tags = Vec::new();
         let mut args = Vec::new();
         for l in &settings.loras {
@@ -398,7 +399,7 @@ impl Studio {
         let mut loaded_for: Vec<(String, Arc<(LoadedLoras, Vec<mix::candidates::Candidate>)>)> = vec![];
         let mut idx = output::first_free_index(outputs.dir);
         for (u, unit) in units.iter().enumerate() {
-            let record = |i: usize, hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
+            let record = |i: usize, hashes: Vec<(String, String)>, ti_hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
                 settings: settings.clone(),
                 seed: unit.seed,
                 batch_index: unit.batch,
@@ -408,6 +409,7 @@ impl Studio {
                 sampler: sampler_name.clone(),
                 schedule: schedule_name.clone(),
                 lora_hashes: hashes,
+                ti_hashes,
                 mix_trace: summary,
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 drawn,
@@ -488,7 +490,9 @@ impl Studio {
                 batch_size: unit.count,
                 init_noise: None,
                 init: prepared.as_ref().map(|p| p.init.clone()),
+                embeddings: embeddings.clone(),
             };
+            let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {
                 if loaded.mix.is_empty() {
                     return Ok(None);
@@ -571,7 +575,7 @@ impl Studio {
                     Some(p) => p.finish(img),
                     None => img.clone(),
                 };
-                let rec = record(i, loaded.hashes.clone(), summary.clone(), drawn.clone());
+                let rec = record(i, loaded.hashes.clone(), ti_hashes.clone(), summary.clone(), drawn.clone());
                 let path = match &fixed {
                     Some(f) => f[i].clone(),
                     None => output::next_image_path(outputs.dir, unit.seed, &mut idx),

@@ -70,6 +70,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             }
         }
     }
+    if !r.ti_hashes.is_empty() {
+        let h: Vec<String> = r.ti_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
+        text.push_str(&format!(", TI hashes: \"{}\"", h.join(", ")));
+    }
     if !r.lora_hashes.is_empty() {
         let h: Vec<String> = r.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
         text.push_str(&format!(", Lora hashes: \"{}\"", h.join(", ")));
@@ -335,6 +339,7 @@ mod tests {
             sampler: "Euler".into(),
             schedule: String::new(),
             lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
+            ti_hashes: vec![],
             mix_trace: None,
             version: "0".into(),
             drawn: None,

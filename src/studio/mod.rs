@@ -8,6 +8,7 @@
 
 mod batch;
 mod dynamic_prompt;
+mod embeddings;
 mod export;
 mod grid;
 mod hires;
@@ -20,6 +21,7 @@ mod training;
 
 pub use batch::{export_manifest, image_name, kmeans, ClusterSummary, manifest_line, parse_line, run_batch, seed_of, BatchEvent, BatchSummary, LineError, LineSummary, Manifest, ManifestJob, Shard};
 pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, parse_styles, read_styles, PromptStyle, WildcardDir, WildcardSource};
+pub use embeddings::{embedding_hashes, job_embeddings};
 pub use export::{export, fill_template};
 pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};
 pub use hires::{hires_request, hires_size};

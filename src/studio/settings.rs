@@ -73,6 +73,9 @@ pub struct Settings {
     /// A1111 styles applied by name from `<library>/styles.csv`, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub styles: Vec<String>,
+    /// Textual-inversion embedding files or folders beside the model's and the library's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub embeddings: Vec<String>,
 }
 
 /// Hires fix, with A1111's names (`Hires upscale`, `Hires upscaler`, `Hires steps`,
@@ -169,6 +172,7 @@ impl Default for Settings {
             init: None,
             hires: None,
             styles: vec![],
+            embeddings: vec![],
         }
     }
 }
@@ -188,6 +192,9 @@ pub struct ImageRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub schedule: String,
     pub lora_hashes: Vec<(String, String)>,
+    /// A1111's `TI hashes`: the embeddings the prompts called, `(name, shorthash)`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ti_hashes: Vec<(String, String)>,
     pub mix_trace: Option<MixSummary>,
     pub version: String,
     /// The prompts as drawn for this image (styles, wildcards and `{a|b}` applied) when they

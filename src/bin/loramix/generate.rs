@@ -112,6 +112,11 @@ pub struct GenerateArgs {
     /// appended). Repeatable.
     #[arg(long = "style", value_name = "NAME")]
     styles: Vec<String>,
+    /// A textual-inversion embedding (an SDXL `.safetensors` with `clip_l` and `clip_g`, or a
+    /// diffusers folder), or a folder of them, callable by name in the prompts besides the
+    /// model's `embeddings/` and the library's. Repeatable.
+    #[arg(long = "embedding", value_name = "PATH")]
+    embeddings: Vec<String>,
     /// Tiled VAE (diffusers' enable_vae_tiling): auto (tiles only when the whole image would
     /// not fit in the free memory; the log says so), on (the VAE's own tile size), off, or a
     /// tile size in pixels.
@@ -340,7 +345,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         batch_size: a.batch_size,
         init_noise,
         init: prepared.as_ref().map(|p| p.init.clone()),
+        embeddings: studio::job_embeddings(&a.model, a.library.as_deref(), &a.embeddings)?,
     };
+    // Before the text encoders may be released (--low-memory): they tokenize the prompts.
+    let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
     if a.batch_count == 0 {
         anyhow::bail!("--batch-count must be at least 1");
     }
@@ -422,7 +430,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             pipe.release_unet();
             pipe.release_text_encoders();
         }
-        written.extend(write_batch(&a, &pipe, &req, denoised, (batch, seed), &loaded, &prompt_tags, &hashes, (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
+        written.extend(write_batch(&a, &pipe, &req, denoised, (batch, seed), &loaded, &prompt_tags, (&hashes, &ti_hashes), (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
         eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
     }
     // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
@@ -511,7 +519,7 @@ fn write_batch(
     (batch_index, seed): (usize, u64),
     loaded: &[(lora::LoadedLora, f64)],
     prompt_tags: &[lora::PromptLora],
-    hashes: &[(String, String)],
+    (hashes, ti_hashes): (&[(String, String)], &[(String, String)]),
     (init_settings, prepared): (Option<&studio::InitSettings>, Option<&studio::PreparedInit>),
     idx: &mut usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
@@ -558,6 +566,7 @@ fn write_batch(
             sampler: sampler.a1111_name().to_string(),
             schedule: if schedule == Schedule::Default { String::new() } else { schedule.a1111_name().to_string() },
             lora_hashes: hashes.to_vec(),
+            ti_hashes: ti_hashes.to_vec(),
             mix_trace: summary.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             drawn: None,
@@ -647,6 +656,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         hires,
         init,
         styles: a.styles.clone(),
+        embeddings: a.embeddings.clone(),
     }
 }
 

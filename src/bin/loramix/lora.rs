@@ -18,14 +18,33 @@ pub struct LoraArgs {
 }
 
 #[derive(clap::Subcommand)]
+enum EmbeddingCommand {
+    /// Every embedding: name (the word that calls it), vectors, widths, format, hash.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an embedding (by name or sha256 prefix).
+    Rm { key: String },
+    /// Rename an embedding: the new name is the word that calls it in prompts.
+    Rename { key: String, new_name: String },
+}
+
+#[derive(clap::Subcommand)]
 enum LoraCommand {
-    /// Import LoRA files and folders (recursively); the same bytes twice are one entry.
+    /// Import LoRA files, textual-inversion embeddings (SDXL `clip_l`/`clip_g` files, diffusers
+    /// `learned_embeds` folders) and folders of them (recursively); the same bytes twice are one entry.
     Import {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
         /// One JSON object per file, as it is processed.
         #[arg(long)]
         json: bool,
+    },
+    /// The library's textual-inversion embeddings: list, remove, rename.
+    Embedding {
+        #[command(subcommand)]
+        command: EmbeddingCommand,
     },
     /// List entries, optionally filtered.
     List {
@@ -121,6 +140,18 @@ pub fn run(a: LoraArgs) -> Result<()> {
                         existing += 1;
                         format!("exists   {} ({}) from {}", entry.display_name, &entry.sha256[..12], source.display())
                     }
+                    ImportOutcome::Embedding { source, entry, existing: was } => {
+                        if *was {
+                            existing += 1;
+                        } else {
+                            added += 1;
+                        }
+                        let verb = if *was { "exists  " } else { "added   " };
+                        format!(
+                            "{verb} embedding {} ({}, {} vectors, {}) from {}",
+                            entry.display_name, entry.format, entry.vectors, &entry.sha256[..12], source.display()
+                        )
+                    }
                     ImportOutcome::Failed { source, error } => {
                         failed += 1;
                         let _ = source;
@@ -135,6 +166,28 @@ pub fn run(a: LoraArgs) -> Result<()> {
                 std::process::exit(1);
             }
         }
+        LoraCommand::Embedding { command } => match command {
+            EmbeddingCommand::List { json } => {
+                let entries = lib.embeddings()?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&entries)?);
+                } else {
+                    for e in &entries {
+                        let widths = e.widths.iter().map(|w| w.to_string()).collect::<Vec<_>>().join("/");
+                        println!("{:<28} {:>2} vectors  {:<9} {:<9} {}", e.display_name, e.vectors, widths, e.format, &e.sha256[..12]);
+                    }
+                    eprintln!("{} embeddings", entries.len());
+                }
+            }
+            EmbeddingCommand::Rm { key } => {
+                let e = lib.remove_embedding(&key)?;
+                println!("removed embedding {} ({})", e.display_name, &e.sha256[..12]);
+            }
+            EmbeddingCommand::Rename { key, new_name } => {
+                let e = lib.rename_embedding(&key, &new_name)?;
+                println!("renamed embedding to {} ({})", e.display_name, &e.sha256[..12]);
+            }
+        },
         LoraCommand::List { role, base, tag, query, json } => {
             let q = LoraQuery { text: query, role: role.as_deref().map(parse_role).transpose()?, base, tag };
             let entries = lib.list(&q)?;

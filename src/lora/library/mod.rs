@@ -21,9 +21,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 mod choices;
+mod embeddings;
 mod subspaces;
 
 pub use choices::{resolve_choices, LoraChoice};
+pub use embeddings::EmbeddingEntry;
 pub use subspaces::{split_member, SubspaceMember, SubspaceRequest, SubspaceSummary};
 
 use crate::error::{Error, Result};
@@ -87,6 +89,8 @@ pub enum ImportOutcome {
     Added { source: PathBuf, entry: Box<LoraEntry> },
     /// The same bytes were already in the library.
     Existing { source: PathBuf, entry: Box<LoraEntry> },
+    /// A textual-inversion embedding; `existing`: its bytes were already in the library.
+    Embedding { source: PathBuf, entry: Box<EmbeddingEntry>, existing: bool },
     Failed { source: PathBuf, error: String },
 }
 
@@ -138,8 +142,10 @@ impl LoraLibrary {
         db.pragma_update(None, "synchronous", "NORMAL").map_err(db_err(root))?;
         db.execute_batch(SCHEMA).map_err(db_err(root))?;
         db.execute_batch(subspaces::SCHEMA).map_err(db_err(root))?;
+        db.execute_batch(embeddings::SCHEMA).map_err(db_err(root))?;
         let lib = Self { root: root.to_path_buf(), db };
         lib.sweep()?;
+        lib.sweep_embeddings()?;
         lib.sweep_subspaces()?;
         Ok(lib)
     }
@@ -284,6 +290,16 @@ impl LoraLibrary {
         }
         let mut out = Vec::with_capacity(files.len());
         for f in files {
+            // Textual-inversion embeddings go to their own kind; anything else is read as a LoRA.
+            if let Some(info) = crate::sdxl::embedding::EmbeddingInfo::recognise(&f) {
+                let outcome = match info.and_then(|info| self.import_embedding(&f, &info)) {
+                    Ok((entry, added)) => ImportOutcome::Embedding { source: f, entry: Box::new(entry), existing: !added },
+                    Err(e) => ImportOutcome::Failed { source: f, error: e.to_string() },
+                };
+                on_file(&outcome);
+                out.push(outcome);
+                continue;
+            }
             let outcome = match self.import_one(&f) {
                 Ok((entry, true)) => ImportOutcome::Added { source: f, entry: Box::new(entry) },
                 Ok((entry, false)) => ImportOutcome::Existing { source: f, entry: Box::new(entry) },
@@ -424,7 +440,10 @@ fn copy_hashing(src: &Path, tmp: &Path) -> Result<(String, u64)> {
 /// and pickles (which then fail with the refusal message), skipping images, notes and the like.
 fn collect_files(p: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> Result<()> {
     let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
-    if meta.is_dir() {
+    if meta.is_dir() && crate::sdxl::embedding::is_diffusers_embedding(p) {
+        // A diffusers embedding is one folder holding a pair of files.
+        out.push(p.to_path_buf());
+    } else if meta.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
             .map_err(|e| Error::io(p, e))?
             .filter_map(|e| e.ok().map(|e| e.path()))

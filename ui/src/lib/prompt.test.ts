@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { applyCompletion, loraCompletionAt, loraTags, rankNames } from "./prompt";
+import { applyCompletion, loraCompletionAt, loraTags, rankNames, wordCompletionAt } from "./prompt";
 
 describe("lora autocomplete", () => {
   it("finds the tag being typed", () => {
@@ -28,5 +28,19 @@ describe("lora autocomplete", () => {
       { name: "striped", weight: 1 },
       { name: "x", weight: -1 },
     ]);
+  });
+});
+
+describe("embedding autocomplete", () => {
+  it("completes the word being typed, outside tags", () => {
+    const t = "a photo, unaesth";
+    expect(wordCompletionAt(t, t.length)).toEqual({ from: 9, to: t.length, query: "unaesth", kind: "embedding" });
+    expect(wordCompletionAt("a <lora:vl", 10)).toBeNull();
+    expect(wordCompletionAt("a b", 3)).toBeNull();
+  });
+  it("replaces the word with the name, keeping the rest", () => {
+    const t = "x unae, y";
+    const c = wordCompletionAt(t, 6)!;
+    expect(applyCompletion(t, c, "unaestheticXL")).toEqual({ text: "x unaestheticXL, y", caret: 15 });
   });
 });

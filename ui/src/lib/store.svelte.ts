@@ -1,5 +1,5 @@
 // App-wide state shared by the panes (Svelte 5 runes).
-import { defaultSettings, type AppInfo, type GalleryItem, type LoraEntry, type MixSummary, type Settings } from "./types";
+import { defaultSettings, type AppInfo, type EmbeddingEntry, type GalleryItem, type LoraEntry, type MixSummary, type Settings } from "./types";
 
 export interface JobView {
   id: number;
@@ -20,6 +20,8 @@ export const app = $state({
   settings: defaultSettings() as Settings,
   seedLocked: false,
   library: [] as LoraEntry[],
+  /** Textual-inversion embeddings in the library, for the prompt autocomplete. */
+  embeddings: [] as EmbeddingEntry[],
   gallery: [] as GalleryItem[],
   jobs: [] as JobView[],
   preview: null as string | null,

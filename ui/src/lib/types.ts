@@ -84,6 +84,20 @@ export interface LoraEntry {
   path: string;
 }
 
+/** A textual-inversion embedding in the library (src/lora/library/embeddings.rs). */
+export interface EmbeddingEntry {
+  sha256: string;
+  file_name: string;
+  display_name: string;
+  size: number;
+  format: string;
+  vectors: number;
+  widths: number[];
+  thumbnail: string | null;
+  added_at: number;
+  path: string;
+}
+
 /** A member of an EigenLoRAx subspace (src/lora/library/subspaces.rs). */
 export interface SubspaceMember {
   display_name: string;
