@@ -236,7 +236,8 @@ fn inpaint_from_the_command_line() {
 }
 
 /// Hires fix from the command line: a second pass at twice the size, A1111's fields in the
-/// PNG, restored from it; ESRGAN names and pickles are refused with a clear message.
+/// PNG, restored from it; pickles and unknown upscalers are refused with a clear message; an
+/// ESRGAN-family model from the library's `models/ESRGAN` upscales the first pass.
 #[test]
 fn hires_fix_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
@@ -263,7 +264,34 @@ fn hires_fix_from_the_command_line() {
     assert!(back.init.is_none());
     let bad = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--hr-scale", "2", "--hr-upscaler", "RealESRGAN_x4plus.pth"]).output().unwrap();
     let e = String::from_utf8_lossy(&bad.stderr);
-    assert!(!bad.status.success() && e.contains("ESRGAN-family"), "{e}");
+    assert!(!bad.status.success() && e.contains("RealESRGAN_x4plus.pth") && e.contains("pickle"), "{e}");
+    let lib = tmp.path().join("lib");
+    let bad = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--hr-scale", "2", "--hr-upscaler", "4x-Missing", "--library"]).arg(&lib).output().unwrap();
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && e.contains("unknown hires upscaler \"4x-Missing\"") && e.contains("models/ESRGAN"), "{e}");
+
+    // An ESRGAN-family model by name from the library's models/ESRGAN (A1111's folder), as A1111
+    // resizes: the model once (×4 to 128²), then Lanczos down to 64², then the second pass.
+    std::fs::create_dir_all(lib.join("models/ESRGAN")).unwrap();
+    std::fs::copy(fixture("upscale").join("esrgan/tiny_x4.safetensors"), lib.join("models/ESRGAN/4x-tiny.safetensors")).unwrap();
+    let run = |upscaler: &str, dir: &str| {
+        let out = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a red house", "--steps", "4", "--seed", "3"])
+            .args(["--width", "32", "--height", "32", "--hr-scale", "2", "--hr-denoise", "0.5", "--hr-upscaler", upscaler, "--library"])
+            .arg(&lib)
+            .arg("--out")
+            .arg(tmp.path().join(dir))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let png = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+        (image::open(&png).unwrap().to_rgb8(), String::from_utf8_lossy(&std::fs::read(&png).unwrap()).to_string())
+    };
+    let (esrgan, text) = run("4x-tiny", "esrgan");
+    assert_eq!(esrgan.dimensions(), (64, 64));
+    assert!(text.contains("Hires upscaler: 4x-tiny"), "{text}");
+    let (lanczos, _) = run("Lanczos", "lanczos");
+    assert_ne!(esrgan.as_raw(), lanczos.as_raw(), "the model, not Lanczos, upscaled");
 }
 
 /// Textual-inversion embeddings from the command line: imported into the library (an A1111

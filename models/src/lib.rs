@@ -7,6 +7,7 @@
 
 pub mod adapter;
 pub mod clip;
+pub mod esrgan;
 pub mod llm;
 pub mod vit;
 pub mod sdxl;

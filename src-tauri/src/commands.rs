@@ -846,6 +846,8 @@ pub struct AppInfo {
     pub schedules: Vec<(String, String)>,
     pub strategies: Vec<String>,
     pub size_presets: Vec<(usize, usize)>,
+    /// ESRGAN-family models in the library's upscaler folders, for the hires fix picker.
+    pub upscaler_models: Vec<String>,
 }
 
 // ---- the Tauri commands ------------------------------------------------------------------
@@ -864,6 +866,7 @@ pub async fn app_info(state: State<'_>) -> AppResult<AppInfo> {
         strategies: loramix::mix::STRATEGIES.iter().filter(|s| **s != "est").map(|s| s.to_string()).collect(),
         // SDXL's trained aspect buckets (width x height).
         size_presets: vec![(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536)],
+        upscaler_models: studio::upscaler_models(&state.library_root),
     })
 }
 

@@ -112,7 +112,8 @@ fn apply_mix_settings(req: &GenerationRequest, s: &mut Settings) -> Result<(), F
 
 /// The job a request asks for. `model` is the current checkpoint (`options`); init images and
 /// masks arrive as files the server wrote (`init_paths`).
-pub fn to_settings(req: &GenerationRequest, model: &str, init_paths: Option<(String, Option<String>)>) -> Result<Settings, FieldError> {
+/// `library` is where upscaler models named by `hr_upscaler` are looked up.
+pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::path::Path>, init_paths: Option<(String, Option<String>)>) -> Result<Settings, FieldError> {
     let mut s = Settings { model: model.to_string(), prompt: req.prompt.clone(), negative_prompt: req.negative_prompt.clone(), styles: req.styles.clone(), ..Settings::default() };
     if let Some(m) = req.override_settings.get("sd_model_checkpoint").and_then(Value::as_str) {
         s.model = m.to_string();
@@ -165,7 +166,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, init_paths: Option<(Str
     s.height = req.height.unwrap_or(512);
     if req.enable_hr && init_paths.is_none() {
         let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { req.hr_upscaler.clone() };
-        upscaler.parse::<crate::sdxl::upscale::Upscaler>().map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
+        // Built-in names, or an ESRGAN-family model by path or by name in the library's folders.
+        crate::studio::upscaler_model_path(&upscaler, library).map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
         s.hires = Some(HiresSettings { scale: req.hr_scale.unwrap_or(2.0), upscaler, steps: req.hr_second_pass_steps, denoise: req.denoising_strength.unwrap_or(0.7) });
     }
     if let Some((image, mask)) = init_paths {
@@ -207,7 +209,7 @@ mod tests {
             "steps": 12, "width": 64, "height": 64, "batch_size": 2, "n_iter": 3, "eta": 1.0, "mask": null,
         });
         let req: GenerationRequest = serde_json::from_value(body).unwrap();
-        let s = to_settings(&req, "models/miniworld", None).unwrap();
+        let s = to_settings(&req, "models/miniworld", None, None).unwrap();
         assert_eq!((s.steps, s.width, s.batch_size, s.batch_count, s.seed), (12, 64, 2, 3, None));
         assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("euler_a", ""));
     }
@@ -218,14 +220,14 @@ mod tests {
             "prompt": "x", "alwayson_scripts": {"LoRAMix": {"args": [{"mix": "auto", "asymmetric_cfg": true}]}}
         }))
         .unwrap();
-        let s = to_settings(&req, "m", None).unwrap();
+        let s = to_settings(&req, "m", None, None).unwrap();
         assert_eq!((s.mix.as_str(), s.asymmetric_cfg), ("auto", true));
         let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "override_settings": {"loramix_mix": "blend"}})).unwrap();
-        assert!(to_settings(&req, "m", None).is_err());
+        assert!(to_settings(&req, "m", None, None).is_err());
         let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "width": 65})).unwrap();
-        let e = to_settings(&req, "m", None).unwrap_err();
+        let e = to_settings(&req, "m", None, None).unwrap_err();
         assert_eq!(e.loc, ["body", "width"]);
         let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "sampler_name": "Nope"})).unwrap();
-        assert_eq!(to_settings(&req, "m", None).unwrap_err().loc, ["body", "sampler_name"]);
+        assert_eq!(to_settings(&req, "m", None, None).unwrap_err().loc, ["body", "sampler_name"]);
     }
 }

@@ -318,7 +318,7 @@ fn current_model(state: &AppState) -> String {
 
 async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: GenerationRequest = parse_body(&body)?;
-    let settings = a1111::to_settings(&req, &current_model(&state), None)?;
+    let settings = a1111::to_settings(&req, &current_model(&state), state.config.library.as_deref(), None)?;
     generate(&state, req, settings).await
 }
 
@@ -348,7 +348,7 @@ async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
     if body_lacks(&body, "width") {
         r.width = None;
     }
-    let mut settings = a1111::to_settings(&r, &current_model(&state), Some((init, mask)))?;
+    let mut settings = a1111::to_settings(&r, &current_model(&state), state.config.library.as_deref(), Some((init, mask)))?;
     if body_lacks(&body, "width") && body_lacks(&body, "height") {
         (settings.width, settings.height) = (0, 0);
     }

@@ -17,3 +17,4 @@ pub mod schedulers;
 pub mod text;
 pub mod tokenizer;
 pub mod upscale;
+pub mod upscale_model;

@@ -57,12 +57,8 @@ impl FromStr for Upscaler {
         // Our lower-case spellings too: latent, latent_bicubic, latent_nearest_exact, lanczos.
         let norm = |n: &str| n.to_lowercase().replace(['(', ')'], "").replace([' ', '-'], "_").replace("__", "_");
         Self::NAMES.iter().find(|(n, _, _)| *n == key || norm(n) == norm(key)).map(|(_, u, _)| *u).ok_or_else(|| {
-            let lower = key.to_lowercase();
-            if lower.contains("esrgan") || lower.ends_with(".pth") || lower.ends_with(".pt") {
-                Error::Argument(format!("hires upscaler {key:?}: ESRGAN-family models are not supported yet; use one of {}", Self::names().join(", ")))
-            } else {
-                Error::Argument(format!("unknown hires upscaler {key:?}; expected one of {}", Self::names().join(", ")))
-            }
+            // Model upscalers (ESRGAN-family) are resolved by the studio (`upscaler_model_path`).
+            Error::Argument(format!("unknown hires upscaler {key:?}; expected one of {}, or an ESRGAN-family .safetensors model", Self::names().join(", ")))
         })
     }
 }

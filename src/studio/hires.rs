@@ -1,7 +1,9 @@
 //! A1111's hires fix (`processing.py` `StableDiffusionProcessingTxt2Img.sample_hr_pass`): the
 //! first pass at W×H, an upscale by `scale` (latents with torch's interpolate, or the decoded
-//! image with Lanczos and encoded again), then an img2img pass that runs A1111's step count at
-//! the hires denoising strength. Shared by the CLI and the app.
+//! image with Lanczos or an ESRGAN-family model and encoded again), then an img2img pass that
+//! runs A1111's step count at the hires denoising strength. Shared by the CLI and the app.
+
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 
@@ -11,6 +13,72 @@ use crate::rng::TorchCpuRng;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
 use crate::sdxl::pipeline::{GenerateRequest, SdxlPipeline};
 use crate::sdxl::upscale::{self, Upscaler};
+use crate::sdxl::upscale_model::UpscaleModel;
+use crate::weights::{pickle_refusal, PICKLE_EXTENSIONS};
+
+/// The folders under the library an upscaler model is looked up in by name: A1111's
+/// `models/ESRGAN` and `models/RealESRGAN`, ComfyUI's `upscale_models`.
+const MODEL_DIRS: [&str; 3] = ["models/ESRGAN", "models/RealESRGAN", "models/upscale_models"];
+
+/// Where the hires upscaler `name` reads its model from: `None` for the built-in ones (latent
+/// modes, Lanczos); else a `.safetensors` path as given, or `NAME.safetensors` in the library's
+/// upscaler folders (A1111 lists those models by file stem). Pickles are refused.
+pub fn upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<PathBuf>> {
+    if name.parse::<Upscaler>().is_ok() {
+        return Ok(None);
+    }
+    let p = Path::new(name);
+    let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
+    if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
+        return Err(pickle_refusal(p));
+    }
+    if p.is_file() {
+        return Ok(Some(p.to_path_buf()));
+    }
+    let root = match library {
+        Some(r) => Some(r.to_path_buf()),
+        None => crate::lora::library::LoraLibrary::default_root().ok(),
+    };
+    if let Some(root) = &root {
+        for d in MODEL_DIRS {
+            let f = root.join(d).join(format!("{name}.safetensors"));
+            if f.is_file() {
+                return Ok(Some(f));
+            }
+            if root.join(d).join(format!("{name}.pth")).is_file() {
+                return Err(pickle_refusal(&root.join(d).join(format!("{name}.pth"))));
+            }
+        }
+    }
+    Err(Error::Argument(format!(
+        "unknown hires upscaler {name:?}: expected one of {}, a .safetensors ESRGAN-family model (RRDBNet), or the name of one in {}",
+        Upscaler::names().join(", "),
+        match &root {
+            Some(r) => MODEL_DIRS.iter().map(|d| r.join(d).display().to_string()).collect::<Vec<_>>().join(", "),
+            None => "the library's models/ESRGAN".to_string(),
+        }
+    )))
+}
+
+/// The upscaler models in the library's folders, by the name hires fix takes (file stem).
+pub fn upscaler_models(library: &Path) -> Vec<String> {
+    let mut names: Vec<String> = MODEL_DIRS
+        .iter()
+        .filter_map(|d| std::fs::read_dir(library.join(d)).ok())
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().to_string()))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The model hires fix upscales with, loaded once per job (`None`: a built-in upscaler).
+pub fn hires_upscaler_model(hr: &HiresSettings, library: Option<&Path>, device: &candle_core::Device) -> Result<Option<UpscaleModel>> {
+    upscaler_model_path(&hr.upscaler, library)?.map(|p| UpscaleModel::load(&p, device)).transpose()
+}
 
 /// The second pass's size: `scale ×` the first, rounded down to the VAE's factor.
 pub fn hires_size(hr: &HiresSettings, (w, h): (usize, usize), factor: usize) -> Result<(usize, usize)> {
@@ -22,20 +90,30 @@ pub fn hires_size(hr: &HiresSettings, (w, h): (usize, usize), factor: usize) -> 
 }
 
 /// The request of the second pass, from the first pass's request and final latents.
-pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents: &Tensor, hr: &HiresSettings) -> Result<GenerateRequest> {
+/// `model` is [`hires_upscaler_model`]'s for `hr` (required when `hr.upscaler` names a model).
+pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents: &Tensor, hr: &HiresSettings, model: Option<&UpscaleModel>) -> Result<GenerateRequest> {
     let f = pipe.vae_scale_factor();
     let (dw, dh) = pipe.default_size();
     let size = (first.width.unwrap_or(dw), first.height.unwrap_or(dh));
     let (tw, th) = hires_size(hr, size, f)?;
-    let upscaler: Upscaler = hr.upscaler.parse()?;
+    let upscaler = match (hr.upscaler.parse::<Upscaler>(), model) {
+        (Ok(u), _) => Some(u),
+        (Err(_), Some(_)) => None,
+        (Err(e), None) => return Err(e),
+    };
     let (total, run) = upscale::hires_steps(first.steps, hr.steps, hr.denoise)?;
     let latents = match upscaler {
-        Upscaler::Latent(mode) => upscale::upscale_latents(first_latents, mode, th / f, tw / f)?,
-        Upscaler::Lanczos => {
+        Some(Upscaler::Latent(mode)) => upscale::upscale_latents(first_latents, mode, th / f, tw / f)?,
+        _ => {
+            // A1111's `images.resize_image(0, …, upscaler_name)` on each decoded image.
             let images = pipe.decode(first_latents)?;
             let mut pixels = Vec::with_capacity(images.len());
             for img in &images {
-                pixels.push(img2img::image_tensor(&img2img::resize(img, tw as u32, th as u32), &pipe.device)?);
+                let big = match model.filter(|_| upscaler.is_none()) {
+                    Some(m) => m.upscale_to(img, tw as u32, th as u32)?,
+                    None => img2img::resize(img, tw as u32, th as u32),
+                };
+                pixels.push(img2img::image_tensor(&big, &pipe.device)?);
             }
             // A1111 samples the posterior from torch's global generator; ours is the seed's.
             pipe.encode_sampled(&Tensor::cat(&pixels, 0)?, &mut TorchCpuRng::new(first.seed))?

@@ -371,6 +371,10 @@ impl Studio {
         let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
         let embeddings = super::job_embeddings(&settings.model, library, &settings.embeddings)?;
+        let hires_model = match settings.hires.as_ref().filter(|_| settings.init.is_none()) {
+            Some(hr) => super::hires_upscaler_model(hr, library, &pipe.device)?,
+            None => None,
+        };
         let mut scheduled_tags = Vec::new();
         let mut args = Vec::new();
         for l in &settings.loras {
@@ -542,7 +546,7 @@ impl Studio {
             let latents = match settings.hires.as_ref().filter(|_| settings.init.is_none()) {
                 None => latents,
                 Some(hr) => {
-                    let second = hires_request(&pipe, &req, &latents, hr)?;
+                    let second = hires_request(&pipe, &req, &latents, hr, hires_model.as_ref())?;
                     let mut hr_mixer = new_mixer(&mix_opts)?;
                     let out = pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, 0));
                     match out {

@@ -24,7 +24,7 @@ pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, pars
 pub use embeddings::{embedding_hashes, job_embeddings};
 pub use export::{export, fill_template};
 pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};
-pub use hires::{hires_request, hires_size};
+pub use hires::{hires_request, hires_size, hires_upscaler_model, upscaler_model_path, upscaler_models};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;

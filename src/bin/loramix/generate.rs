@@ -246,7 +246,7 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
         Some(scale) => {
             let h = studio::HiresSettings { scale, upscaler: a.hr_upscaler.clone(), steps: a.hr_steps, denoise: a.hr_denoise };
             // Names and ranges fail before the model loads.
-            h.upscaler.parse::<loramix::sdxl::upscale::Upscaler>()?;
+            studio::upscaler_model_path(&h.upscaler, a.library.as_deref())?;
             loramix::sdxl::upscale::hires_steps(a.steps, h.steps, h.denoise)?;
             studio::hires_size(&h, (64, 64), 8)?;
             if init_settings.is_some() {
@@ -486,7 +486,8 @@ fn denoise_batch(
     let latents = match hires {
         None => latents,
         Some((hr, mut hr_mixer)) => {
-            let second = studio::hires_request(pipe, req, &latents, hr)?;
+            let model = studio::hires_upscaler_model(hr, a.library.as_deref(), &pipe.device)?;
+            let second = studio::hires_request(pipe, req, &latents, hr, model.as_ref())?;
             eprintln!("hires fix: {} to {}x{}", hr.upscaler, second.width.unwrap_or(0), second.height.unwrap_or(0));
             pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| progress("hires ", p))?
         }

@@ -219,6 +219,8 @@ export interface AppInfo {
   schedules?: [string, string][];
   strategies: string[];
   size_presets: [number, number][];
+  /** ESRGAN-family models in the library's models/ESRGAN (hires fix upscalers). */
+  upscaler_models?: string[];
 }
 
 export interface AdapterView {
