@@ -385,3 +385,48 @@ fn textual_inversion_from_the_command_line() {
     assert_eq!(left.as_array().unwrap().iter().map(|e| e["display_name"].as_str().unwrap()).collect::<Vec<_>>(), ["vloxemb"]);
     assert_eq!(std::fs::read_dir(lib.join("embeddings")).unwrap().count(), 1, "the removed file is gone");
 }
+
+/// The few-step recipes of distilled models as their cards run them in diffusers
+/// (tools/parity/make_distilled_fixtures.py): Lightning (Euler, trailing, 4 steps, CFG 0), the
+/// same LoRA merged with a subject and a style LoRA, Hyper-SD (DDIM trailing), LCM-LoRA (LCM,
+/// CFG 1) and Turbo (Euler a trailing, 1 step), from the command line.
+#[test]
+fn distilled_recipes_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let loras = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora");
+    let g = candle_core::safetensors::load(loras.join("distilled.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(loras.join("distilled.json")).unwrap()).unwrap();
+    let run = |case: &serde_json::Value, spacing: bool, name: &str| -> (Tensor, String) {
+        let lat = tmp.path().join(format!("{name}.safetensors"));
+        let mut cmd = loramix();
+        cmd.args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "a photo of a cat"])
+            .args(["--width", "32", "--height", "32", "--mix", "merge"])
+            .args(["--sampler", case["scheduler"].as_str().unwrap()])
+            .args(["--steps", &case["steps"].to_string(), "--cfg", &case["cfg"].to_string(), "--seed", &case["seed"].to_string()]);
+        if let (true, Some(s)) = (spacing, case["spacing"].as_str()) {
+            cmd.args(["--timestep-spacing", s]);
+        }
+        for l in case["loras"].as_array().unwrap() {
+            cmd.arg("--lora").arg(format!("{}:{}", loras.join(format!("{}.safetensors", l[0].as_str().unwrap())).display(), l[1]));
+        }
+        let out = cmd.arg("--save-latents").arg(&lat).arg("--out").arg(tmp.path().join(name)).output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let png = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+        let params = loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap()["parameters"].clone();
+        (candle_core::safetensors::load(&lat, &Device::Cpu).unwrap()["latents"].clone(), params)
+    };
+    for (name, case) in gj.as_object().unwrap() {
+        let (lat, params) = run(case, true, name);
+        assert_close(name, &lat, &g[&format!("{name}.latents")], 1e-3);
+        if case["spacing"].is_string() {
+            assert!(params.contains("Timestep spacing: trailing"), "{params}");
+            let back = loramix::studio::parse_parameters(&params).unwrap();
+            assert_eq!(back.timestep_spacing, "trailing");
+        }
+    }
+    // The model's own (leading) spacing is not the recipe: the flag is what makes it equal.
+    let (lat, _) = run(&gj["lightning"], false, "lightning-leading");
+    assert!(rel_l2(&lat, &g["lightning.latents"]) > 1e-2);
+    let bad = loramix().args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "x", "--steps", "2", "--timestep-spacing", "uniform", "--out"]).arg(tmp.path().join("bad")).output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("timestep spacing \"uniform\": expected linspace, leading or trailing"));
+}

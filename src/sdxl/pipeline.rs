@@ -168,6 +168,9 @@ pub struct GenerateRequest {
     pub init: Option<InitImage>,
     /// Textual-inversion embeddings the prompts may call by name.
     pub embeddings: Embeddings,
+    /// diffusers' `timestep_spacing` in place of the model's scheduler config (`trailing` is
+    /// what SDXL Lightning, Turbo and Hyper-SD's model cards set for few-step sampling).
+    pub timestep_spacing: Option<String>,
 }
 
 impl Default for GenerateRequest {
@@ -187,6 +190,7 @@ impl Default for GenerateRequest {
             init_noise: None,
             init: None,
             embeddings: Embeddings::default(),
+            timestep_spacing: None,
         }
     }
 }
@@ -554,7 +558,19 @@ impl SdxlPipeline {
             Some(s) => s,
             None => self.default_sampler()?,
         };
-        let mut sched = schedulers::build(sampler, req.schedule, &self.scheduler_config, req.steps)?;
+        let mut sched = match &req.timestep_spacing {
+            None => schedulers::build(sampler, req.schedule, &self.scheduler_config, req.steps)?,
+            Some(spacing) => {
+                if !["linspace", "leading", "trailing"].contains(&spacing.as_str()) {
+                    return Err(Error::Argument(format!("timestep spacing {spacing:?}: expected linspace, leading or trailing")));
+                }
+                let mut config = self.scheduler_config.clone();
+                if let Some(o) = config.as_object_mut() {
+                    o.insert("timestep_spacing".into(), Value::String(spacing.clone()));
+                }
+                schedulers::build(sampler, req.schedule, &config, req.steps)?
+            }
+        };
         let randn = |rng: &mut TorchCpuRng, dims: &[usize]| -> Result<Tensor> {
             Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?)
         };

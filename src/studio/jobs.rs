@@ -488,6 +488,7 @@ impl Studio {
                 sampler,
                 schedule,
                 clip_skip: settings.clip_skip,
+                timestep_spacing: (!settings.timestep_spacing.is_empty()).then(|| settings.timestep_spacing.clone()),
                 seed: unit.seed,
                 width: Some(w),
                 height: Some(h),

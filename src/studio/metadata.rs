@@ -50,6 +50,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
+    if !s.timestep_spacing.is_empty() {
+        // Not an A1111 field (A1111 has the SGM Uniform schedule instead); others ignore it.
+        text.push_str(&format!(", Timestep spacing: {}", s.timestep_spacing));
+    }
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
     }
@@ -224,6 +228,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 let n: usize = v.parse().map_err(|_| bad(&k, &v, "a positive integer"))?;
                 s.clip_skip = n.saturating_sub(1);
             }
+            "Timestep spacing" => s.timestep_spacing = v.clone(),
             "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
             "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
             "Size" => {

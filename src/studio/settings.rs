@@ -43,6 +43,10 @@ pub struct Settings {
     /// diffusers' `clip_skip` (0: SDXL's penultimate layer). PNGs write A1111's `Clip skip: N+1`.
     #[serde(skip_serializing_if = "is_zero")]
     pub clip_skip: usize,
+    /// diffusers' `timestep_spacing` over the model's scheduler config (`trailing` for
+    /// Lightning / Turbo / Hyper-SD); empty: the model's.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub timestep_spacing: String,
     /// `None`: a random seed per job.
     pub seed: Option<u64>,
     /// 0: the model's default size.
@@ -155,6 +159,7 @@ impl Default for Settings {
             sampler: String::new(),
             schedule: String::new(),
             clip_skip: 0,
+            timestep_spacing: String::new(),
             vae: String::new(),
             seed: None,
             width: 0,

@@ -50,6 +50,10 @@ pub struct GenerateArgs {
     /// Text-encoder layers to skip beyond SDXL's penultimate (diffusers' clip_skip; A1111's "Clip skip" minus one).
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// diffusers' timestep_spacing in place of the model's scheduler config: linspace, leading or
+    /// trailing (SDXL Lightning, Turbo and Hyper-SD's cards use trailing for few steps).
+    #[arg(long)]
+    timestep_spacing: Option<String>,
     /// Default: a random seed, printed.
     #[arg(long)]
     seed: Option<u64>,
@@ -339,6 +343,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sampler,
         schedule,
         clip_skip: a.clip_skip,
+        timestep_spacing: a.timestep_spacing.clone(),
         seed,
         width: Some(width),
         height: Some(height),
@@ -641,6 +646,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         schedule: a.schedule.clone().unwrap_or_default(),
         vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         clip_skip: a.clip_skip,
+        timestep_spacing: a.timestep_spacing.clone().unwrap_or_default(),
         seed: a.seed,
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),

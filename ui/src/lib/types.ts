@@ -35,6 +35,8 @@ export interface Settings {
   schedule?: string;
   /** diffusers' clip_skip (0 = SDXL's penultimate layer). */
   clip_skip?: number;
+  /** diffusers' timestep_spacing over the model's (trailing: Lightning / Turbo / Hyper-SD); "" = the model's. */
+  timestep_spacing?: string;
   /** A VAE folder or .safetensors in place of the model's; "" = the model's. */
   vae?: string;
   seed: number | null;
