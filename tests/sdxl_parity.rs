@@ -399,6 +399,17 @@ fn released_models_give_the_same_images() {
     pipe.release_unet();
     let e = pipe.generate_latents(&req, &mut |_| true).unwrap_err().to_string();
     assert!(e.contains("UNet was released"), "{e}");
+
+    // A deferred UNet: encode, release the encoders, then read the UNet: the same latents.
+    let opts = LoadOptions { defer_unet: true, ..Default::default() };
+    let mut late = SdxlPipeline::load(fixture("tiny3").join("pipeline").to_str().unwrap(), &opts).unwrap();
+    assert!(late.loaded_unet().is_none());
+    let e = late.generate_latents(&req, &mut |_| true).unwrap_err().to_string();
+    assert!(e.contains("not loaded yet"), "{e}");
+    late.encode_ahead(&req).unwrap();
+    late.release_text_encoders();
+    late.load_unet().unwrap();
+    assert_eq!(rel_l2(&late.generate_latents(&req, &mut |_| true).unwrap(), &whole), 0.0);
 }
 
 /// The embeddings of tools/parity/make_ti_fixtures.py, in the order the script loads them.

@@ -33,11 +33,15 @@ pub struct LoadOptions {
     /// config, so an fp16-safe VAE decodes f16 without upcasting) or a single `.safetensors`
     /// file in diffusers or LDM names (the model's VAE config).
     pub vae: Option<PathBuf>,
+    /// Leave the UNet unread until [`SdxlPipeline::load_unet`] (`--low-memory` without LoRAs:
+    /// the prompts are encoded and the text encoders released first, so the two never share
+    /// the memory).
+    pub defer_unet: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None, vae: None }
+        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None, vae: None, defer_unet: false }
     }
 }
 
@@ -94,6 +98,9 @@ fn available_memory() -> u64 {
 /// A component's weights, read again from the model's files when the VAE was released.
 type VaeLoader = Box<dyn Fn() -> Result<AutoencoderKl> + Send + Sync>;
 
+/// The UNet's weights, read when a deferred load asks for them.
+type UnetLoader = Box<dyn FnOnce() -> Result<UNet2DConditionModel> + Send + Sync>;
+
 /// The prompt texts, CFG, clip skip and embedding set one conditioning was encoded for.
 type ConditioningKey = (String, Option<String>, bool, usize, String);
 
@@ -104,6 +111,8 @@ type ConditioningKey = (String, Option<String>, bool, usize, String);
 pub struct SdxlPipeline {
     text: Option<TextEncoders>,
     unet: Option<UNet2DConditionModel>,
+    /// Set while the UNet's load is deferred ([`LoadOptions::defer_unet`]).
+    unet_loader: Option<UnetLoader>,
     vae: std::sync::OnceLock<AutoencoderKl>,
     vae_loader: VaeLoader,
     unet_config: UNet2DConditionConfig,
@@ -323,7 +332,11 @@ impl SdxlPipeline {
         let vae = vae_loader()?;
         let vae_cfg = vae.config().clone();
         let vae_dtype = vae_dtype_for(dtype, &vae_cfg);
-        let unet = UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, dev), &unet_cfg).map_err(|e| wrap(&labels.0, e))?;
+        let unet_loader: UnetLoader = {
+            let (cfg, dev, label) = (unet_cfg.clone(), dev.clone(), labels.0.clone());
+            Box::new(move || UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, &dev), &cfg).map_err(|e| wrap(&label, e)))
+        };
+        let (unet, unet_loader) = if opts.defer_unet { (None, Some(unet_loader)) } else { (Some(unet_loader()?), None) };
         let encoder = ClipTextModel::new(te1_ws.into_var_builder(dtype, dev), &te1_cfg).map_err(|e| wrap(&labels.1, e))?;
         let encoder_2 = ClipTextModel::new(te2_ws.into_var_builder(dtype, dev), &te2_cfg).map_err(|e| wrap(&labels.2, e))?;
         if encoder_2.config().projection_dim.is_none() || !te2_cfg.has_projection() {
@@ -348,7 +361,8 @@ impl SdxlPipeline {
         };
         Ok(Self {
             text: Some(text),
-            unet: Some(unet),
+            unet,
+            unet_loader,
             vae: vae.into(),
             vae_loader,
             unet_config: unet_cfg,
@@ -369,9 +383,20 @@ impl SdxlPipeline {
         self.text.as_ref().ok_or_else(|| Error::Argument("the text encoders were released after encoding (low memory)".into()))
     }
 
-    /// The UNet, unless released.
+    /// The UNet, unless released (or not loaded yet).
     pub fn unet(&self) -> Result<&UNet2DConditionModel> {
-        self.unet.as_ref().ok_or_else(|| Error::Argument("the UNet was released after denoising (low memory)".into()))
+        self.unet.as_ref().ok_or_else(|| match self.unet_loader {
+            Some(_) => Error::Argument("the UNet is not loaded yet (deferred load: call load_unet)".into()),
+            None => Error::Argument("the UNet was released after denoising (low memory)".into()),
+        })
+    }
+
+    /// Reads a deferred UNet (a no-op when it is loaded).
+    pub fn load_unet(&mut self) -> Result<()> {
+        if let Some(load) = self.unet_loader.take() {
+            self.unet = Some(load()?);
+        }
+        Ok(())
     }
 
     /// The text encoders if they are loaded (LoRA targets attach to what is there).

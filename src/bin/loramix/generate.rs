@@ -259,12 +259,12 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
             Some(h)
         }
     };
-    let load = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone() };
+    let load = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone(), defer_unet: false };
     Ok(JobParts { load, init: init_settings, hires })
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let JobParts { load: opts, init: init_settings, hires } = job_parts(&a)?;
+    let JobParts { load: mut opts, init: init_settings, hires } = job_parts(&a)?;
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
     if !a.styles.is_empty() || studio::is_dynamic(&a.prompt) || a.negative_prompt.as_deref().is_some_and(studio::is_dynamic) {
@@ -291,6 +291,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // Resolve names before the model loads, so a typo fails fast.
     lora::library::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
     let tiling = VaeTilingMode::parse(&a.vae_tiling)?;
+    // Low memory without LoRAs: the UNet is read only after the prompts are encoded and the
+    // text encoders released, so the two are never in memory together.
+    opts.defer_unet = a.low_memory && lora_args.is_empty() && prompt_tags.is_empty() && a.candidates.is_none();
     let t0 = Instant::now();
     let mut pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
@@ -410,8 +413,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             }
             drop(targets.take()); // it holds the encoders' weights too
             pipe.release_text_encoders();
-            targets = Some(lora::AdapterTargets::of_pipeline(&pipe));
             eprintln!("low memory: prompts encoded, text encoders released");
+            if opts.defer_unet {
+                let t = Instant::now();
+                pipe.load_unet()?;
+                eprintln!("low memory: UNet loaded after the encoders were released ({:.1}s)", t.elapsed().as_secs_f64());
+            }
+            targets = Some(lora::AdapterTargets::of_pipeline(&pipe));
         } else {
             eprintln!("low memory: the text encoders stay loaded while LoRAs are in use (their layers are LoRA targets)");
         }
