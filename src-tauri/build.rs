@@ -31,6 +31,11 @@ const COMMANDS: &[&str] = &[
     "llm_mixer_off",
     "llm_batch",
     "llm_chameleon_train",
+    "embedding_list",
+    "embedding_remove",
+    "api_status",
+    "api_start",
+    "api_stop",
 ];
 
 fn main() {

@@ -69,6 +69,8 @@ struct Job {
     grid: Option<[Option<studio::Axis>; 3]>,
     events: Box<dyn Fn(JobEvent) + Send>,
     cancel: Arc<AtomicBool>,
+    /// An API request (the local API switch): it runs here, in queue order, instead of `settings`.
+    external: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// What a job reports to the UI.
@@ -109,6 +111,39 @@ pub struct AppState {
     chat: Mutex<Option<ChatState>>,
     /// The running training job's stop flag (one at a time).
     training: Mutex<Option<Arc<AtomicBool>>>,
+    /// The local A1111-compatible API, when switched on.
+    api: Mutex<Option<ApiServer>>,
+}
+
+/// The API server the app runs: its settings and the sender that stops it.
+struct ApiServer {
+    settings: ApiSettings,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The app's API switch, kept in `<library>/app_settings.json` so it survives a restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ApiSettings {
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// `USER:PASS` for HTTP Basic; empty: none (then only loopback is sensible).
+    pub auth: String,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self { enabled: false, host: "127.0.0.1".into(), port: 7860, auth: String::new() }
+    }
+}
+
+/// What the UI shows of the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiStatus {
+    pub running: bool,
+    pub settings: ApiSettings,
+    pub url: Option<String>,
 }
 
 fn data_url(png: &[u8]) -> String {
@@ -131,6 +166,7 @@ impl AppState {
             library: Mutex::new(()),
             chat: Mutex::new(None),
             training: Mutex::new(None),
+            api: Mutex::new(None),
         };
         state.start_worker();
         Ok(state)
@@ -156,8 +192,11 @@ impl AppState {
                     }
                     job
                 };
-                let Some(job) = job else { continue };
-                run_job(&studio, &library, &gallery, &job);
+                let Some(mut job) = job else { continue };
+                match job.external.take() {
+                    Some(request) => request(),
+                    None => run_job(&studio, &library, &gallery, &job),
+                }
                 let (lock, _) = &*queue;
                 lock.lock().unwrap_or_else(|e| e.into_inner()).running = None;
             })
@@ -294,6 +333,99 @@ impl AppState {
         Ok(lib.restore_originals(name)?)
     }
 
+    // ---- local API -------------------------------------------------------------------------
+
+    fn app_settings_path(&self) -> PathBuf {
+        self.library_root.join("app_settings.json")
+    }
+
+    /// The saved API switch (defaults when there is no file; a broken file is an error naming it).
+    pub fn api_settings(&self) -> AppResult<ApiSettings> {
+        let p = self.app_settings_path();
+        let Ok(text) = std::fs::read_to_string(&p) else { return Ok(ApiSettings::default()) };
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| AppError::Invalid(format!("{}: {e}", p.display())))?;
+        Ok(serde_json::from_value(v.get("api").cloned().unwrap_or_default()).map_err(|e| AppError::Invalid(format!("{}: api: {e}", p.display())))?)
+    }
+
+    fn save_api_settings(&self, a: &ApiSettings) -> AppResult<()> {
+        let p = self.app_settings_path();
+        let mut v: serde_json::Value = std::fs::read_to_string(&p).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_else(|| serde_json::json!({}));
+        if let Some(o) = v.as_object_mut() {
+            o.insert("api".into(), serde_json::to_value(a).unwrap_or_default());
+        }
+        loramix::output::write_atomic(&p, serde_json::to_string_pretty(&v).unwrap_or_default().as_bytes())?;
+        Ok(())
+    }
+
+    pub fn api_status(&self) -> ApiStatus {
+        let g = self.api.lock().unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Some(s) => ApiStatus { running: true, settings: s.settings.clone(), url: Some(format!("http://{}:{}", s.settings.host, s.settings.port)) },
+            None => ApiStatus { running: false, settings: self.api_settings().unwrap_or_default(), url: None },
+        }
+    }
+
+    /// Starts (or restarts) the API with `settings` and saves the switch. Its requests run on
+    /// this app's job queue, after the jobs already queued, on the app's loaded model.
+    pub async fn api_start(&self, settings: ApiSettings) -> AppResult<ApiStatus> {
+        self.api_stop_running();
+        let auth = match settings.auth.split_once(':') {
+            Some((u, p)) if !u.is_empty() => Some((u.to_string(), p.to_string())),
+            None if settings.auth.is_empty() => None,
+            _ => return Err(AppError::Invalid(format!("API credentials {:?}: expected USER:PASS", settings.auth))),
+        };
+        let config = loramix::api::ApiConfig {
+            host: settings.host.clone(),
+            port: settings.port,
+            auth,
+            library: Some(self.library_root.clone()),
+            model: self.models_dir.join("miniworld").to_string_lossy().into_owned(),
+            models_dir: Some(self.models_dir.clone()),
+            out: self.gallery_dir.join("api"),
+            ..Default::default()
+        };
+        let listener = loramix::api::bind(&config).await?;
+        let queue = self.queue.clone();
+        let ids = Arc::new(AtomicU64::new(1 << 48));
+        let dispatch: loramix::api::Dispatch = Arc::new(move |request| {
+            let (lock, cv) = &*queue;
+            let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            q.jobs.push_back(Job { id, settings: Settings::default(), grid: None, events: Box::new(|_| {}), cancel: Arc::new(AtomicBool::new(false)), external: Some(request) });
+            cv.notify_one();
+            true
+        });
+        let worker = Arc::new(loramix::api::Worker::start_on(self.studio.clone(), Some(self.library_root.clone()), config.out.clone(), dispatch));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tauri::async_runtime::spawn(async move {
+            let _ = loramix::api::serve_on(listener, config, worker, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        let saved = ApiSettings { enabled: true, ..settings };
+        self.save_api_settings(&saved)?;
+        *self.api.lock().unwrap_or_else(|e| e.into_inner()) = Some(ApiServer { settings: saved, stop });
+        Ok(self.api_status())
+    }
+
+    fn api_stop_running(&self) {
+        if let Some(s) = self.api.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = s.stop.send(());
+        }
+    }
+
+    /// Stops the API and saves the switch off.
+    pub fn api_stop(&self) -> AppResult<ApiStatus> {
+        let settings = match self.api.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(s) => s.settings.clone(),
+            None => self.api_settings()?,
+        };
+        self.api_stop_running();
+        self.save_api_settings(&ApiSettings { enabled: false, ..settings })?;
+        Ok(self.api_status())
+    }
+
     // ---- studio --------------------------------------------------------------------------
 
     /// Queues a job; events go to `events` until it is done, cancelled or failed.
@@ -304,7 +436,7 @@ impl AppState {
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
         let position = q.jobs.len() + usize::from(q.running.is_some());
         events(JobEvent::Queued { job: id, position });
-        q.jobs.push_back(Job { id, settings, grid: None, events, cancel: Arc::new(AtomicBool::new(false)) });
+        q.jobs.push_back(Job { id, settings, grid: None, events, cancel: Arc::new(AtomicBool::new(false)), external: None });
         cv.notify_one();
         Ok(id)
     }
@@ -327,7 +459,7 @@ impl AppState {
         let mut q = lock.lock().unwrap_or_else(|e| e.into_inner());
         let position = q.jobs.len() + usize::from(q.running.is_some());
         events(JobEvent::Queued { job: id, position });
-        q.jobs.push_back(Job { id, settings, grid: Some(parsed), events, cancel: Arc::new(AtomicBool::new(false)) });
+        q.jobs.push_back(Job { id, settings, grid: Some(parsed), events, cancel: Arc::new(AtomicBool::new(false)), external: None });
         cv.notify_one();
         Ok(id)
     }
@@ -890,6 +1022,21 @@ pub async fn library_update(state: State<'_>, key: String, update: LibraryUpdate
 #[tauri::command]
 pub async fn library_remove(state: State<'_>, key: String) -> AppResult<LoraEntry> {
     state.library_remove(&key)
+}
+
+#[tauri::command]
+pub async fn api_status(state: State<'_>) -> AppResult<ApiStatus> {
+    Ok(state.api_status())
+}
+
+#[tauri::command]
+pub async fn api_start(state: State<'_>, settings: ApiSettings) -> AppResult<ApiStatus> {
+    state.api_start(settings).await
+}
+
+#[tauri::command]
+pub async fn api_stop(state: State<'_>) -> AppResult<ApiStatus> {
+    state.api_stop()
 }
 
 #[tauri::command]

@@ -35,6 +35,20 @@ pub fn run() {
             let library = loramix::lora::library::LoraLibrary::default_root()?;
             let state = commands::AppState::new(library, models_dir(app.handle()))?;
             app.manage(state);
+            // The local API, if it was switched on when the app last ran.
+            let handle = app.handle().clone();
+            tauri::async_runtime::spawn(async move {
+                let state = handle.state::<commands::AppState>();
+                match state.api_settings() {
+                    Ok(s) if s.enabled => {
+                        if let Err(e) = state.api_start(s).await {
+                            eprintln!("local API not started: {e}");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => eprintln!("local API settings: {e}"),
+                }
+            });
             Ok(())
         })
         .on_window_event(|window, event| {
@@ -50,6 +64,9 @@ pub fn run() {
             commands::library_update,
             commands::library_remove,
             commands::embedding_list,
+            commands::api_status,
+            commands::api_start,
+            commands::api_stop,
             commands::embedding_remove,
             commands::library_train,
             commands::library_train_stop,

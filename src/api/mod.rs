@@ -88,15 +88,17 @@ pub struct JobDone {
     pub interrupted: bool,
 }
 
-struct Job {
-    settings: Settings,
-    save: bool,
-    reply: tokio::sync::oneshot::Sender<std::result::Result<JobDone, String>>,
-}
+/// Where the worker's jobs run: `loramix serve` gives them a thread of their own; the desktop
+/// app passes its job queue, so API requests wait behind the app's own jobs and the two never
+/// share the model at once. Returns false when the queue has stopped.
+pub type Dispatch = Arc<dyn Fn(Box<dyn FnOnce() + Send>) -> bool + Send + Sync>;
 
-/// One queue of studio jobs served by one thread.
+/// One queue of studio jobs, run one at a time by its dispatcher.
 pub struct Worker {
-    tx: Mutex<mpsc::Sender<Job>>,
+    dispatch: Dispatch,
+    studio: Arc<Studio>,
+    library: Option<PathBuf>,
+    out: PathBuf,
     pending: Arc<AtomicUsize>,
     progress: Arc<Mutex<Progress>>,
     cancel: Arc<AtomicBool>,
@@ -107,52 +109,60 @@ fn timestamp() -> String {
     secs.to_string()
 }
 
+type Reply = tokio::sync::oneshot::Receiver<std::result::Result<JobDone, String>>;
+
 impl Worker {
-    /// Starts the worker thread on `studio`; temporary images go under the system temp folder.
+    /// Starts a worker thread of its own on `studio`; temporary images go under the system temp folder.
     pub fn start(studio: Arc<Studio>, library: Option<PathBuf>, out: PathBuf) -> Self {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let pending = Arc::new(AtomicUsize::new(0));
-        let progress = Arc::new(Mutex::new(Progress::default()));
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (p, pr, c) = (pending.clone(), progress.clone(), cancel.clone());
+        let (tx, rx) = mpsc::channel::<Box<dyn FnOnce() + Send>>();
         std::thread::Builder::new()
             .name("loramix-api-worker".into())
             .spawn(move || {
-                static JOB: AtomicU64 = AtomicU64::new(0);
                 for job in rx {
-                    c.store(false, Ordering::SeqCst);
-                    {
-                        let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
-                        *g = Progress { active: true, started: Some(Instant::now()), job_timestamp: timestamp(), ..Default::default() };
-                    }
-                    let n = JOB.fetch_add(1, Ordering::SeqCst);
-                    let dir = if job.save { out.clone() } else { std::env::temp_dir().join(format!("loramix-api-{}-{n}", std::process::id())) };
-                    let r = run_job(&studio, library.as_deref(), &job.settings, &dir, &c, &pr);
-                    if !job.save {
-                        let _ = std::fs::remove_dir_all(&dir);
-                    }
-                    {
-                        let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
-                        g.active = false;
-                        g.current_image = None;
-                    }
-                    p.fetch_sub(1, Ordering::SeqCst);
-                    let _ = job.reply.send(r.map_err(|e| e.to_string()));
+                    job();
                 }
             })
             .ok();
-        Self { tx: Mutex::new(tx), pending, progress, cancel }
+        let tx = Mutex::new(tx);
+        Self::start_on(studio, library, out, Arc::new(move |job| tx.lock().unwrap_or_else(|e| e.into_inner()).send(job).is_ok()))
+    }
+
+    /// A worker whose jobs run wherever `dispatch` puts them (the app's queue).
+    pub fn start_on(studio: Arc<Studio>, library: Option<PathBuf>, out: PathBuf, dispatch: Dispatch) -> Self {
+        Self { dispatch, studio, library, out, pending: Arc::default(), progress: Arc::default(), cancel: Arc::default() }
     }
 
     /// Queues a job; the receiver gets its images. Refused when `limit` jobs already wait.
-    fn submit(&self, settings: Settings, save: bool, limit: usize) -> std::result::Result<tokio::sync::oneshot::Receiver<std::result::Result<JobDone, String>>, String> {
+    fn submit(&self, settings: Settings, save: bool, limit: usize) -> std::result::Result<Reply, String> {
         if self.pending.fetch_add(1, Ordering::SeqCst) >= limit {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err(format!("{limit} requests are already waiting; try again later"));
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let sent = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(Job { settings, save, reply });
-        if sent.is_err() {
+        let (studio, library, out) = (self.studio.clone(), self.library.clone(), self.out.clone());
+        let (p, pr, c) = (self.pending.clone(), self.progress.clone(), self.cancel.clone());
+        let job = move || {
+            static JOB: AtomicU64 = AtomicU64::new(0);
+            c.store(false, Ordering::SeqCst);
+            {
+                let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
+                *g = Progress { active: true, started: Some(Instant::now()), job_timestamp: timestamp(), ..Default::default() };
+            }
+            let n = JOB.fetch_add(1, Ordering::SeqCst);
+            let dir = if save { out.clone() } else { std::env::temp_dir().join(format!("loramix-api-{}-{n}", std::process::id())) };
+            let r = run_job(&studio, library.as_deref(), &settings, &dir, &c, &pr);
+            if !save {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            {
+                let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
+                g.active = false;
+                g.current_image = None;
+            }
+            p.fetch_sub(1, Ordering::SeqCst);
+            let _ = reply.send(r.map_err(|e| e.to_string()));
+        };
+        if !(self.dispatch)(Box::new(job)) {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Err("the generation worker has stopped".into());
         }
@@ -578,7 +588,22 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
 
 /// Serves until `shutdown` resolves. Binds where the config says (loopback by default).
 pub async fn serve(config: ApiConfig, worker: Arc<Worker>, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    let listener = bind(&config).await?;
+    serve_on(listener, config, worker, shutdown).await
+}
+
+/// Binds the API's address (so a caller can report a taken port before serving).
+pub async fn bind(config: &ApiConfig) -> Result<tokio::net::TcpListener> {
     let addr = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| Error::Argument(format!("cannot listen on {addr}: {e}")))?;
+    tokio::net::TcpListener::bind(&addr).await.map_err(|e| Error::Argument(format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serves on a bound listener until `shutdown` resolves.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    config: ApiConfig,
+    worker: Arc<Worker>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     axum::serve(listener, router(config, worker)).with_graceful_shutdown(shutdown).await.map_err(|e| Error::Argument(format!("server: {e}")))
 }

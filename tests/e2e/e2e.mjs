@@ -80,6 +80,14 @@ try {
   const progress = await driver.wait(until.elementLocated(byTest("import-progress")), 10000);
   check((await progress.getText()).includes("added"), "the import is reported per file");
   await driver.findElement(By.xpath("//button[contains(., '+ Mix')]")).click();
+  // A textual-inversion embedding goes to its own kind, shown in its own section.
+  const importPath = await driver.findElement(byTest("import-path"));
+  await importPath.clear();
+  await importPath.sendKeys(path.join(repo, "tests/fixtures/sdxl/tiny2/ti/vloxemb.safetensors"));
+  await driver.findElement(byTest("import")).click();
+  const emb = await driver.wait(until.elementLocated(byTest("embedding-card")), 30000);
+  await driver.executeScript("arguments[0].scrollIntoView()", emb);
+  check((await emb.getAttribute("textContent")).includes("vloxemb"), "an imported embedding is listed as an embedding");
   await shot("library.png");
 
   // 2. Generate with miniworld and the LoRA.
@@ -170,6 +178,31 @@ try {
   const gridPng = fs.readFileSync(path.join(galleryDir, gridDir, "grid.png"));
   check(gridPng.includes(Buffer.from("loramix-grid")) && gridPng.includes(Buffer.from("Seed: 1")), "the grid PNG names its axis and carries the first cell's parameters");
   await shot("grid.png");
+  // 4d. The API switch: the app serves A1111's API; a txt2img request runs on the app's queue
+  // and model; switching it off closes the port and saves the switch off.
+  await driver.findElement(byTest("api-open")).click();
+  const portInput = await driver.findElement(byTest("api-port"));
+  await portInput.clear();
+  await portInput.sendKeys("7871");
+  await driver.findElement(byTest("api-toggle")).click();
+  await driver.wait(async () => (await driver.findElement(byTest("api-open")).getText()).includes(":7871"), 30000);
+  const res = await withTimeout(fetch("http://127.0.0.1:7871/sdapi/v1/txt2img", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ prompt: "a big red circle on a cream background", steps: 4, width: 64, height: 64, seed: 5 }),
+  }), 180000, "api txt2img");
+  const body = await res.json();
+  check(res.status === 200 && body.images.length === 1 && body.images[0].startsWith("iVBOR"), "the app's API answers txt2img with a PNG");
+  check(JSON.parse(body.info).seed === 5, "the API reports the request's seed");
+  await driver.findElement(byTest("api-toggle")).click();
+  await driver.wait(async () => (await driver.findElement(byTest("api-open")).getText()).includes("off"), 30000);
+  await new Promise((r) => setTimeout(r, 500));
+  const closed = await fetch("http://127.0.0.1:7871/sdapi/v1/sd-models").then(() => false, () => true);
+  check(closed, "switching the API off closes its port");
+  const saved = JSON.parse(fs.readFileSync(path.join(process.env.LORAMIX_HOME, "library", "app_settings.json"), "utf8"));
+  check(saved.api.enabled === false && saved.api.port === 7871, "the switch is saved");
+  await driver.findElement(byTest("api-open")).click();
+
   // 5. The LLM pane on the model we ship: an aLoRA reply on the cached conversation, then a
   //    batch of prompts answered per cluster into a JSONL file.
   await tab("chat");

@@ -1,7 +1,7 @@
 // Typed wrappers over the app's commands. Progress arrives on Tauri channels.
 import { Channel, invoke } from "@tauri-apps/api/core";
 import type {
-  AdapterView, AppInfo, BatchRequest, BatchSummary, ChatStats, EmbeddingEntry, GalleryItem, ImportEvent, JobEvent, LoraEntry,
+  AdapterView, ApiSettings, ApiStatus, AppInfo, BatchRequest, BatchSummary, ChatStats, EmbeddingEntry, GalleryItem, ImportEvent, JobEvent, LoraEntry,
   MixerTrainReport, MixerTrainRequest, MixerTrainStep, MixerView, ModelEntry, Settings, SubspaceMember,
   SubspaceSummary, TrainEvent, TrainReport, TrainRequest,
 } from "./types";
@@ -18,6 +18,9 @@ export const api = {
   libraryUpdate: (key: string, update: { role?: string; tags?: string[]; name?: string }) =>
     invoke<LoraEntry>("library_update", { key, update }),
   libraryRemove: (key: string) => invoke<LoraEntry>("library_remove", { key }),
+  apiStatus: () => invoke<ApiStatus>("api_status"),
+  apiStart: (settings: ApiSettings) => invoke<ApiStatus>("api_start", { settings }),
+  apiStop: () => invoke<ApiStatus>("api_stop"),
   embeddingList: () => invoke<EmbeddingEntry[]>("embedding_list"),
   embeddingRemove: (key: string) => invoke<EmbeddingEntry>("embedding_remove", { key }),
   libraryTrain: (request: TrainRequest, onEvent: (e: TrainEvent) => void) => {

@@ -86,6 +86,21 @@ export interface LoraEntry {
   path: string;
 }
 
+/** The app's local A1111-compatible API switch (saved in <library>/app_settings.json). */
+export interface ApiSettings {
+  enabled: boolean;
+  host: string;
+  port: number;
+  /** USER:PASS for HTTP Basic, or "". */
+  auth: string;
+}
+
+export interface ApiStatus {
+  running: boolean;
+  settings: ApiSettings;
+  url: string | null;
+}
+
 /** A textual-inversion embedding in the library (src/lora/library/embeddings.rs). */
 export interface EmbeddingEntry {
   sha256: string;
