@@ -15,7 +15,7 @@ use base64::Engine;
 use rusqlite::{params, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use super::{db_err, now, LoraLibrary};
+use super::{db_err, free_display_name, now, LoraLibrary};
 use crate::error::{Error, Result};
 use crate::lora::network::sha256_hex;
 use crate::sdxl::embedding::{EmbeddingInfo, TextualInversion};
@@ -165,10 +165,7 @@ impl LoraLibrary {
         crate::output::write_atomic(&self.embedding_path(&sha), &bytes)?;
         let file_name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("{sha}.safetensors"));
         let tx = self.db.transaction().map_err(db_err(&self.root))?;
-        let taken: bool = tx
-            .query_row("SELECT EXISTS(SELECT 1 FROM embeddings WHERE display_name = ?1)", [&ti.name], |r| r.get(0))
-            .map_err(db_err(&self.root))?;
-        let display_name = if taken { format!("{}-{}", ti.name, &sha[..6]) } else { ti.name.clone() };
+        let display_name = free_display_name(&tx, &self.root, "embeddings", &ti.name, &sha)?;
         tx.execute(
             "INSERT INTO embeddings (sha256, file_name, display_name, size, format, vectors, widths, thumbnail, added_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -193,8 +190,7 @@ impl LoraLibrary {
     /// Removes an embedding: the row first, then the file.
     pub fn remove_embedding(&mut self, key: &str) -> Result<EmbeddingEntry> {
         let e = self.resolve_embedding(key)?;
-        self.db.execute("DELETE FROM embeddings WHERE sha256 = ?1", [&e.sha256]).map_err(db_err(&self.root))?;
-        let _ = std::fs::remove_file(&e.path);
+        self.delete_row_then_file("embeddings", &e.sha256, &e.path)?;
         Ok(e)
     }
 
@@ -207,14 +203,7 @@ impl LoraLibrary {
             )));
         }
         let e = self.resolve_embedding(key)?;
-        self.db
-            .execute("UPDATE embeddings SET display_name = ?1 WHERE sha256 = ?2", params![new_name, e.sha256])
-            .map_err(|err| match err {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Error::Argument(format!("another embedding is already named '{new_name}'"))
-                }
-                other => db_err(&self.root)(other),
-            })?;
+        self.set_display_name("embeddings", &e.sha256, new_name, "embedding")?;
         self.resolve_embedding(&e.sha256)
     }
 }

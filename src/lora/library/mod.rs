@@ -338,10 +338,7 @@ impl LoraLibrary {
         let file_name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("{sha}.safetensors"));
         let stem = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| sha[..12].to_string());
         let tx = self.db.transaction().map_err(db_err(&self.root))?;
-        let taken: bool = tx
-            .query_row("SELECT EXISTS(SELECT 1 FROM loras WHERE display_name = ?1)", [&stem], |r| r.get(0))
-            .map_err(db_err(&self.root))?;
-        let display_name = if taken { format!("{stem}-{}", &sha[..6]) } else { stem };
+        let display_name = free_display_name(&tx, &self.root, "loras", &stem, &sha)?;
         tx.execute(
             "INSERT INTO loras (sha256, addnet_hash, file_name, display_name, size, format, ranks, alphas, base_model,
                                 module_count, trigger_words, role, user_tags, title, thumbnail, added_at)
@@ -373,8 +370,7 @@ impl LoraLibrary {
     /// Removes an entry: the row first, then the file (see the module note on crash safety).
     pub fn remove(&mut self, key: &str) -> Result<LoraEntry> {
         let e = self.resolve(key)?;
-        self.db.execute("DELETE FROM loras WHERE sha256 = ?1", [&e.sha256]).map_err(db_err(&self.root))?;
-        let _ = std::fs::remove_file(&e.path);
+        self.delete_row_then_file("loras", &e.sha256, &e.path)?;
         Ok(e)
     }
 
@@ -384,14 +380,7 @@ impl LoraLibrary {
             return Err(Error::Argument(format!("'{new_name}': a LoRA name must be non-empty and contain no '<', '>' or ':' (it is used in <lora:NAME:weight>)")));
         }
         let e = self.resolve(key)?;
-        self.db
-            .execute("UPDATE loras SET display_name = ?1 WHERE sha256 = ?2", params![new_name, e.sha256])
-            .map_err(|err| match err {
-                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    Error::Argument(format!("another LoRA is already named '{new_name}'"))
-                }
-                other => db_err(&self.root)(other),
-            })?;
+        self.set_display_name("loras", &e.sha256, new_name, "LoRA")?;
         self.resolve(&e.sha256)
     }
 
@@ -408,6 +397,37 @@ impl LoraLibrary {
         let json = serde_json::to_string(&clean).unwrap_or_else(|_| "[]".into());
         self.db.execute("UPDATE loras SET user_tags = ?1 WHERE sha256 = ?2", params![json, e.sha256]).map_err(db_err(&self.root))?;
         self.resolve(&e.sha256)
+    }
+}
+
+/// `name`, or `name-<sha[..6]>` when `table` already has an entry of that display name (the
+/// same file name imported from two places).
+fn free_display_name(tx: &rusqlite::Transaction, root: &Path, table: &str, name: &str, sha: &str) -> Result<String> {
+    let taken: bool = tx
+        .query_row(&format!("SELECT EXISTS(SELECT 1 FROM {table} WHERE display_name = ?1)"), [name], |r| r.get(0))
+        .map_err(db_err(root))?;
+    Ok(if taken { format!("{name}-{}", &sha[..6]) } else { name.to_string() })
+}
+
+impl LoraLibrary {
+    /// Deletes a row, then its file (the module note's order: a row never points at a missing file).
+    fn delete_row_then_file(&self, table: &str, sha: &str, file: &Path) -> Result<()> {
+        self.db.execute(&format!("DELETE FROM {table} WHERE sha256 = ?1"), [sha]).map_err(db_err(&self.root))?;
+        let _ = std::fs::remove_file(file);
+        Ok(())
+    }
+
+    /// Sets a row's display name; a name another row has is refused, naming `what` it is.
+    fn set_display_name(&self, table: &str, sha: &str, new_name: &str, what: &str) -> Result<()> {
+        self.db
+            .execute(&format!("UPDATE {table} SET display_name = ?1 WHERE sha256 = ?2"), params![new_name, sha])
+            .map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    Error::Argument(format!("another {what} is already named '{new_name}'"))
+                }
+                other => db_err(&self.root)(other),
+            })?;
+        Ok(())
     }
 }
 
