@@ -394,8 +394,9 @@ fn textual_inversion_from_the_command_line() {
 fn distilled_recipes_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let loras = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora");
-    let g = candle_core::safetensors::load(loras.join("distilled.safetensors"), &Device::Cpu).unwrap();
-    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(loras.join("distilled.json")).unwrap()).unwrap();
+    let dir = fixture("tiny2").join("distilled");
+    let g = candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
     let run = |case: &serde_json::Value, spacing: bool, name: &str| -> (Tensor, String) {
         let lat = tmp.path().join(format!("{name}.safetensors"));
         let mut cmd = loramix();

@@ -9,7 +9,8 @@ the weights, is what is checked):
   lcm_lora        LCM-LoRA: LCMScheduler, 4 steps, CFG 1
   turbo           SDXL-Turbo: EulerAncestralDiscreteScheduler(timestep_spacing="trailing"), 1 step, CFG 0
 
-python tools/parity/make_distilled_fixtures.py   (writes tests/fixtures/lora/distilled.{json,safetensors})
+python tools/parity/make_distilled_fixtures.py   (writes tests/fixtures/sdxl/tiny2/distilled/golden.{json,safetensors};
+not beside the LoRAs, whose folder the library-import tests import whole)
 """
 import json
 import os
@@ -55,8 +56,10 @@ def main():
                        output_type="latent", generator=torch.Generator("cpu").manual_seed(c["seed"])).images
         g[f"{case}.latents"] = lat.contiguous()
         js[case] = c
-    save_file(g, os.path.join(LORAS, "distilled.safetensors"))
-    with open(os.path.join(LORAS, "distilled.json"), "w") as f:
+    out = os.path.join(os.path.dirname(PIPE), "distilled")
+    os.makedirs(out, exist_ok=True)
+    save_file(g, os.path.join(out, "golden.safetensors"))
+    with open(os.path.join(out, "golden.json"), "w") as f:
         json.dump(js, f, indent=1)
     print(json.dumps(js))
 
