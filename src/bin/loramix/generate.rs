@@ -424,6 +424,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             eprintln!("low memory: the text encoders stay loaded while LoRAs are in use (their layers are LoRA targets)");
         }
     }
+    // The hires upscaler model, read once for every batch.
+    let upscaler_model = hires.as_ref().map(|h| studio::hires_upscaler_model(h, a.library.as_deref(), &pipe.device)).transpose()?.flatten();
     let mut idx = output::first_free_index(&a.out);
     let mut written = Vec::with_capacity(a.batch_count * a.batch_size);
     for batch in 0..a.batch_count {
@@ -433,7 +435,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let targets_ref = targets.as_ref().expect("kept until the last batch");
         let mixer = plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?;
         let hires = match &hires {
-            Some(h) => Some((h, plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?)),
+            Some(h) => Some((h, upscaler_model.as_ref(), plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?)),
             None => None,
         };
         let denoised = denoise_batch(&a, &pipe, &req, mixer, hires)?;
@@ -470,7 +472,7 @@ fn denoise_batch(
     pipe: &SdxlPipeline,
     req: &GenerateRequest,
     mut mixer: Option<mix::Mixer>,
-    hires: Option<(&studio::HiresSettings, Option<mix::Mixer>)>,
+    hires: Option<(&studio::HiresSettings, Option<&loramix::sdxl::upscale_model::UpscaleModel>, Option<mix::Mixer>)>,
 ) -> anyhow::Result<Denoised> {
     let bar = ProgressBar::new(a.steps as u64);
     if !std::io::stderr().is_terminal() {
@@ -495,12 +497,11 @@ fn denoise_batch(
         true
     };
     let latents = pipe.generate_latents_mixed(req, mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| progress("", p))?;
-    let hires_settings = hires.as_ref().map(|(h, _)| (*h).clone());
+    let hires_settings = hires.as_ref().map(|(h, _, _)| (*h).clone());
     let latents = match hires {
         None => latents,
-        Some((hr, mut hr_mixer)) => {
-            let model = studio::hires_upscaler_model(hr, a.library.as_deref(), &pipe.device)?;
-            let second = studio::hires_request(pipe, req, &latents, hr, model.as_ref())?;
+        Some((hr, model, mut hr_mixer)) => {
+            let second = studio::hires_request(pipe, req, &latents, hr, model)?;
             eprintln!("hires fix: {} to {}x{}", hr.upscaler, second.width.unwrap_or(0), second.height.unwrap_or(0));
             pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn loramix::sdxl::pipeline::StepMixer), &mut |p| progress("hires ", p))?
         }
