@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use loramix::llm::chameleon::{kmeans, HyperNetwork};
-use loramix::llm::{LlmSession, MIXER};
+use loramix::llm::{LlmSession, RouterInput, MIXER};
 
 const DIR: &str = "tests/fixtures/llm/mixer";
 
@@ -52,6 +52,29 @@ fn routed_logits_equal_torch_reimplementation() {
     let mut seq = ids.clone();
     for &tok in &r.tokens {
         let l = s.logits_all(&seq, &[MIXER]).unwrap();
+        assert_eq!(loramix_models::llm::argmax(l.last().unwrap()), tok);
+        seq.push(tok);
+    }
+    // The prompt-mean router: a prefill pools the whole prompt; a prompt of 7 tokens followed by
+    // its answer pools the prompt whole and the answer causally, as torch computes it.
+    for k in [0usize, 1, 2] {
+        s.set_mixer_as(&experts, &causal, k, Some(RouterInput::PromptMean)).unwrap();
+        let ours = Tensor::new(s.logits_all(&ids, &[MIXER]).unwrap(), &Device::Cpu).unwrap();
+        let err = rel_l2(&ours, &goldens[&format!("logits_prompt_mean_top{k}")]);
+        assert!(err < 1e-4, "prompt-mean top-{k}: rel L2 {err}");
+    }
+    let split = Tensor::new(s.logits_answer(&ids, &[MIXER], 7).unwrap(), &Device::Cpu).unwrap();
+    let err = rel_l2(&split, &goldens["logits_prompt_mean_split7_top2"]);
+    assert!(err < 1e-4, "prompt-mean, prompt of 7: rel L2 {err}");
+    let whole = &goldens["logits_prompt_mean_top2"];
+    assert!(rel_l2(&split, whole) > 1e-3, "the split must differ from pooling everything");
+    // Training's one-chunk forward and inference's prefill + decoding agree: each greedy token of
+    // a reply to the 7-token prompt is the argmax of the training-style logits of the sequence.
+    let mut conv = s.conversation(&ids[..7]);
+    let r = s.reply(&mut conv, &[], &[MIXER], &opts, &mut |_, _| true).unwrap();
+    let mut seq = ids[..7].to_vec();
+    for &tok in &r.tokens {
+        let l = s.logits_answer(&seq, &[MIXER], 7).unwrap();
         assert_eq!(loramix_models::llm::argmax(l.last().unwrap()), tok);
         seq.push(tok);
     }

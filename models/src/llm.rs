@@ -224,14 +224,28 @@ pub enum RouterInput {
     /// (causal, so a cached prefix never changes): `[E, 2·in]`. In a small model a token's own
     /// hidden state rarely says which task the conversation is; the running mean does.
     CausalMean,
+    /// As [`RouterInput::CausalMean`], except that every position of a prompt (a prefill) sees
+    /// the mean over the whole prompt, up to its last position, and only generated positions see
+    /// the causal mean. Under the causal mean the first positions of a request are routed before
+    /// the request has said which task it is, so their keys and values (e.g. "light" in "light
+    /// dotted") are computed by the wrong expert and the answer reads them wrong; a prompt is
+    /// known whole before its prefill, so nothing is lost by pooling it whole. The price: a
+    /// routed prompt's keys and values depend on the whole prompt, so a routed cache is reused
+    /// at prompt boundaries (turns, an activated mixer's base prefix), never cut mid-prompt.
+    PromptMean,
 }
 
 impl RouterInput {
     pub fn width(self, in_features: usize) -> usize {
         match self {
             RouterInput::Token => in_features,
-            RouterInput::CausalMean => 2 * in_features,
+            RouterInput::CausalMean | RouterInput::PromptMean => 2 * in_features,
         }
+    }
+
+    /// Whether the router reads pooled inputs from the cache.
+    pub fn pools(self) -> bool {
+        self != RouterInput::Token
     }
 }
 
@@ -244,6 +258,11 @@ impl RouterInput {
 pub struct RouterPools {
     /// Cache position of the chunk being computed.
     start: usize,
+    /// Where the prompt of the chunk being computed ends ([`RouterInput::PromptMean`]): positions
+    /// before it pool up to it, later ones causally. `None`: the whole chunk is prompt (a prefill;
+    /// decoding runs one position at a time, where both agree). Set for one forward by training,
+    /// which runs prompt and answer in one chunk.
+    pub prompt_end: Option<usize>,
     /// Per slot: blocks of cumulative sums `[m, in]`, consecutive positions from 0.
     sums: Vec<Vec<Tensor>>,
 }
@@ -267,7 +286,7 @@ impl RouterPools {
             }
             sums.push(out);
         }
-        Ok(Self { start: len, sums })
+        Ok(Self { start: len, sums, prompt_end: None })
     }
 }
 
@@ -296,9 +315,24 @@ impl Router {
         };
         let cum = x.squeeze(0)?.cumsum(0)?.broadcast_add(&last)?;
         blocks.push(cum.detach());
-        let inv: Vec<f32> = (1..=t).map(|i| 1.0 / (m + i) as f32).collect();
+        // Positions [0, e) of the chunk are prompt positions pooled up to e (PromptMean).
+        let e = match self.input {
+            RouterInput::PromptMean => pools.prompt_end.map_or(t, |p| p.saturating_sub(m).min(t)),
+            _ => 0,
+        };
+        let inv: Vec<f32> = (1..=t).map(|i| 1.0 / (m + i.max(e)) as f32).collect();
         let inv = Tensor::from_vec(inv, (t, 1), x.device())?.to_dtype(x.dtype())?;
-        cum.broadcast_mul(&inv)?.unsqueeze(0)
+        let pooled = if e > 1 {
+            let whole = cum.narrow(0, e - 1, 1)?.broadcast_as((e, d))?;
+            if e == t {
+                whole
+            } else {
+                Tensor::cat(&[&whole, &cum.narrow(0, e, t - e)?], 0)?
+            }
+        } else {
+            cum
+        };
+        pooled.broadcast_mul(&inv)?.unsqueeze(0)
     }
 
     /// The expert terms for `x: [1, n, in]` (`mean`: the running means of the same positions,
@@ -306,8 +340,8 @@ impl Router {
     fn delta(&self, x: &Tensor, mean: Option<&Tensor>) -> Result<Tensor> {
         let u = match (self.input, mean) {
             (RouterInput::Token, _) => x.clone(),
-            (RouterInput::CausalMean, Some(m)) => Tensor::cat(&[x, m], 2)?,
-            (RouterInput::CausalMean, None) => candle_core::bail!("a causal-mean router needs its running means"),
+            (RouterInput::CausalMean | RouterInput::PromptMean, Some(m)) => Tensor::cat(&[x, m], 2)?,
+            (_, None) => candle_core::bail!("a pooling router needs its running means"),
         };
         let logits = u.broadcast_matmul(&self.weight.t()?)?;
         let probs = if loramix_kernels::differentiable() {
@@ -489,7 +523,7 @@ impl AdaptedLinear {
         let t = x.dim(1)?;
         // Every position is pooled, routed or not (see RouterPools).
         let mean = match &self.router {
-            Some(r) if r.input == RouterInput::CausalMean => Some(r.pool(x, pools)?),
+            Some(r) if r.input.pools() => Some(r.pool(x, pools)?),
             _ => None,
         };
         for act in active {
@@ -929,7 +963,7 @@ impl LlmModel {
         let x = self.forward_hidden(ids, cache, active)?;
         // A head router that pools its inputs must see every row; it is rare (experts on the
         // head), so the head then runs over the whole chunk and the last row is kept.
-        let pooled_head = self.lm_head.router().is_some_and(|r| r.input == RouterInput::CausalMean);
+        let pooled_head = self.lm_head.router().is_some_and(|r| r.input.pools());
         let keep_all = all_logits || pooled_head;
         let x = if keep_all { x } else { x.narrow(1, t - 1, 1)? };
         // The head's active positions are relative to the chunk; shift them when only the last row is kept.

@@ -417,7 +417,7 @@ impl LlmSession {
             vars.push(v);
         }
         // Training fuses softly; top-k is for inference.
-        self.set_mixer(experts, &weights, 0)?;
+        self.set_mixer_as(experts, &weights, 0, Some(opts.input))?;
         let trace = {
             let m = self.mixer.as_mut().ok_or_else(|| Error::Argument("no mixer after install".into()))?;
             m.spec.top_k = opts.top_k;
@@ -495,6 +495,8 @@ impl LlmSession {
     fn answer_loss(&self, ex: &TokenizedExample) -> Result<Tensor> {
         let from = self.mixer_start(&ex.ids).unwrap_or(ex.ids.len());
         let mut cache = self.model.new_cache();
+        // Prompt and answer run in one chunk: the answer's positions are generated ones.
+        cache.pools.prompt_end = Some(ex.answer_from);
         let logits = self.model.forward(&ex.ids, &mut cache, &[ActiveAdapter { adapter: MIXER, from }], true)?;
         let n = ex.ids.len() - ex.answer_from;
         let pred = logits.narrow(0, ex.answer_from - 1, n)?;
@@ -674,16 +676,25 @@ impl LlmSession {
     /// Installs routers given directly (`module -> [E, in]`) over `experts`, e.g. from another
     /// implementation; the mixer is activated when every expert is an aLoRA with one invocation.
     pub fn set_mixer(&mut self, experts: &[usize], weights: &HashMap<String, Tensor>, top_k: usize) -> Result<()> {
+        self.set_mixer_as(experts, weights, top_k, None)
+    }
+
+    /// [`Self::set_mixer`] with what the routers score from; `None`: read from the weights'
+    /// width (`2·in`: the causal mean, `in`: the token alone).
+    pub fn set_mixer_as(&mut self, experts: &[usize], weights: &HashMap<String, Tensor>, top_k: usize, input: Option<RouterInput>) -> Result<()> {
         self.remove_mixer();
         let want = self.routed_modules(experts);
-        for (m, _) in &want {
-            if !weights.contains_key(m) {
-                return Err(Error::Argument(format!("no router for {m}, which an expert adapts")));
+        for (m, inf) in &want {
+            let w = weights.get(m).ok_or_else(|| Error::Argument(format!("no router for {m}, which an expert adapts")))?;
+            if let Some(i) = input {
+                if w.dim(1)? != i.width(*inf) {
+                    return Err(Error::Argument(format!("router for {m}: {} columns, expected {} for {i:?}", w.dim(1)?, i.width(*inf))));
+                }
             }
         }
-        // The weights' width says what the routers score from.
-        let input = match want.first() {
-            Some((m, inf)) if weights[m].dim(1)? == 2 * inf => RouterInput::CausalMean,
+        let input = match (input, want.first()) {
+            (Some(i), _) => i,
+            (None, Some((m, inf))) if weights[m].dim(1)? == 2 * inf => RouterInput::CausalMean,
             _ => RouterInput::Token,
         };
         let trace: RouterTrace = Arc::new(Mutex::new(vec![]));

@@ -351,6 +351,17 @@ impl LlmSession {
         Ok(self.model.forward(ids, &mut cache, &acts, true)?.to_vec2::<f32>()?)
     }
 
+    /// As [`Self::logits_all`] for a prompt of `answer_from` tokens followed by its answer in one
+    /// forward, as mixer training runs it: a prompt-mean router pools the prompt whole and the
+    /// answer causally (what a prefill followed by decoding gives).
+    pub fn logits_answer(&self, ids: &[u32], enabled: &[usize], answer_from: usize) -> Result<Vec<Vec<f32>>> {
+        let active = self.active_for(&ids[..answer_from.min(ids.len())], enabled)?;
+        let mut cache = self.model.new_cache();
+        cache.pools.prompt_end = Some(answer_from);
+        let acts: Vec<ActiveAdapter> = active.iter().map(|&(adapter, from)| ActiveAdapter { adapter, from }).collect();
+        Ok(self.model.forward(ids, &mut cache, &acts, true)?.to_vec2::<f32>()?)
+    }
+
     /// (adapter, first adapted position) for each enabled adapter active on `ids`.
     fn active_for(&self, ids: &[u32], enabled: &[usize]) -> Result<Vec<(usize, usize)>> {
         let mut out = vec![];

@@ -6,7 +6,9 @@ python tools/parity/make_llm_mixer_fixtures.py --out tests/fixtures/llm/mixer
   experts and random routers; a torch re-implementation of the routed forward (each targeted
   linear: y = W x + sum_e g_e(u) * s_e * B_e A_e x, g = softmax(R u), top-k renormalised, with
   u = x (the paper's router) or u = [x, causal running mean of x] (ours)) gives the logits for
-  soft, top-1 and top-2 routing.
+  soft, top-1 and top-2 routing; the prompt-mean router (u = [x, mean of x over the whole prompt]
+  for prompt positions, the causal mean after it) for a whole-prompt sequence and for a prompt of
+  7 tokens followed by 5 answer tokens.
 - hypernetwork: random weights (d -> 64 -> 32 -> r(d+V), ReLU), a feature, and A, B and adapted
   logits of random hidden states.
 - k-means: random points and initial centres; scikit-learn's Lloyd iterations (max_iter 10).
@@ -42,9 +44,10 @@ def peft_branches(name):
     return out
 
 
-def routed_logits(model, experts, modules, routers, ids, k, causal_mean):
+def routed_logits(model, experts, modules, routers, ids, k, causal_mean, prompt_end=None):
     """Logits with every targeted linear routed: y = W x + sum_e g_e * s_e * B_e A_e x,
-    g = softmax(R u) (top-k renormalised when k > 0), u = x or [x, running mean of x]."""
+    g = softmax(R u) (top-k renormalised when k > 0), u = x or [x, running mean of x]; with
+    prompt_end, positions before it take the mean over positions [0, prompt_end)."""
     hooks = []
     for m in modules:
         lin = model.get_submodule(m)
@@ -55,6 +58,9 @@ def routed_logits(model, experts, modules, routers, ids, k, causal_mean):
             if causal_mean:
                 n = x.shape[1]
                 mean = torch.cumsum(x, dim=1) / torch.arange(1, n + 1, dtype=x.dtype).reshape(1, n, 1)
+                if prompt_end is not None:
+                    mean = mean.clone()
+                    mean[:, :prompt_end] = x[:, :prompt_end].mean(dim=1, keepdim=True)
                 u = torch.cat([x, mean], dim=-1)
             g = torch.softmax(u @ routers[m].T, dim=-1)
             if k > 0:
@@ -94,6 +100,8 @@ def routing(out):
     for k in [0, 1, 2]:
         logits[f"logits_top{k}"] = routed_logits(model, experts, modules, routers, ids, k, False)
         logits[f"logits_causal_mean_top{k}"] = routed_logits(model, experts, modules, cm_routers, ids, k, True)
+        logits[f"logits_prompt_mean_top{k}"] = routed_logits(model, experts, modules, cm_routers, ids, k, True, ids.shape[1])
+    logits["logits_prompt_mean_split7_top2"] = routed_logits(model, experts, modules, cm_routers, ids, 2, True, 7)
     save_file(logits, os.path.join(out, "routing_goldens.safetensors"))
     json.dump({"experts": EXPERTS, "ids": ids[0].tolist(), "modules": modules}, open(os.path.join(out, "routing.json"), "w"), indent=1)
 

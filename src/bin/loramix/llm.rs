@@ -65,8 +65,9 @@ struct MixerTrainArgs {
     #[arg(long, default_value_t = 1e-2)]
     lr: f64,
     /// What each router scores a token from: `causal-mean` (the token's input beside the running
-    /// mean of the routed inputs so far; ours) or `token` (the token's input alone, the paper's).
-    #[arg(long, default_value = "causal-mean", value_parser = ["causal-mean", "token"])]
+    /// mean of the routed inputs so far; ours), `prompt-mean` (the same, but every prompt position
+    /// sees the mean over the whole prompt) or `token` (the token's input alone, the paper's).
+    #[arg(long, default_value = "causal-mean", value_parser = ["causal-mean", "prompt-mean", "token"])]
     router_input: String,
     /// Weight of routing supervision on lines that name their expert (an "expert" field, or a
     /// "task" field equal to an expert's folder name); 0: plain plug-and-play training.
@@ -143,7 +144,11 @@ pub fn run(a: LlmArgs) -> Result<()> {
                 alpha: a.alpha,
                 lambda: a.lambda,
                 supervision: a.supervision,
-                input: if a.router_input == "token" { RouterInput::Token } else { RouterInput::CausalMean },
+                input: match a.router_input.as_str() {
+                    "token" => RouterInput::Token,
+                    "prompt-mean" => RouterInput::PromptMean,
+                    _ => RouterInput::CausalMean,
+                },
                 seed: a.seed,
             };
             let pb = bar(0)?;

@@ -103,7 +103,7 @@ struct Variant {
     lambda: f64,
 }
 
-const OURS: Variant = Variant { input: RouterInput::CausalMean, supervision: 1.0, lambda: 0.01 };
+const OURS: Variant = Variant { input: RouterInput::PromptMean, supervision: 1.0, lambda: 0.01 };
 
 fn train(s: &mut LlmSession, experts: &[usize], examples: &[loramix::llm::mixer::TokenizedExample], samples: usize, v: Variant) -> Result<f64> {
     let opts = MixerTrainOptions { samples, lambda: v.lambda, input: v.input, supervision: v.supervision, top_k: 2, ..Default::default() };
@@ -178,9 +178,17 @@ pub fn run(repo: &Path, quick: bool) -> Result<Report> {
         s.set_mixer_top_k(k)?;
         rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], all)?, label, &format!("{full} samples, no labels")));
     }
+    train(&mut s, &experts, &examples, full, Variant { input: RouterInput::CausalMean, ..OURS })?;
+    for (k, label) in [(1usize, "causal-mean + routing supervision, top-1"), (2, "causal-mean + routing supervision, top-2")] {
+        s.set_mixer_top_k(k)?;
+        rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], all)?, label, &format!("{full} samples with task labels (training only)")));
+    }
+    train(&mut s, &experts, &examples, full, Variant { supervision: 0.0, ..OURS })?;
+    s.set_mixer_top_k(2)?;
+    rows.push(named(evaluate(&s, &tests, &|_| vec![MIXER], all)?, "prompt-mean router, top-2", &format!("{full} samples, no labels")));
     let train_seconds = train(&mut s, &experts, &examples, full, OURS)?;
     let mut at_full = (0.0, 0.0);
-    for (k, label) in [(1usize, "causal-mean + routing supervision, top-1"), (2, "causal-mean + routing supervision, top-2"), (0, "causal-mean + routing supervision, soft")] {
+    for (k, label) in [(1usize, "prompt-mean + routing supervision, top-1"), (2, "prompt-mean + routing supervision, top-2"), (0, "prompt-mean + routing supervision, soft")] {
         s.set_mixer_top_k(k)?;
         let r = evaluate(&s, &tests, &|_| vec![MIXER], all)?;
         if k == 2 {
@@ -246,20 +254,20 @@ pub fn table(r: &Report, threads: usize) -> String {
     }
     let oracle = r.rows.iter().find(|x| x.name.starts_with("oracle")).map_or(0.0, |x| x.accuracy);
     let uniform = r.rows.iter().find(|x| x.name.starts_with("uniform")).map_or(0.0, |x| x.accuracy);
-    let top1 = r.rows.iter().find(|x| x.name.ends_with("supervision, top-1"));
+    let top1 = r.rows.iter().find(|x| x.name == "prompt-mean + routing supervision, top-1");
     let best = r.rows.iter().filter(|x| x.name.contains("router") || x.name.contains("supervision")).map(|x| x.accuracy).fold(0.0, f64::max);
     out += &format!(
-        "\nbest router / oracle = {:.3} (goal ≥ 0.95); best router − uniform = {:+.1} points (goal ≥ +10); top-1 purity of the supervised causal-mean router {:.3} (goal ≥ 0.90); its training {:.0} s\n",
+        "\nbest router / oracle = {:.3} (goal ≥ 0.95); best router − uniform = {:+.1} points (goal ≥ +10); top-1 purity of the supervised prompt-mean router {:.3} (goal ≥ 0.90); its training {:.0} s\n",
         best / oracle.max(1e-9),
         (best - uniform) * 100.0,
         top1.and_then(|t| t.purity).unwrap_or(0.0),
         r.train_seconds
     );
-    out += "\ndata efficiency (causal-mean + routing supervision):\n\n| training samples | top-2 accuracy | top-1 purity of that router |\n|---|---|---|\n";
+    out += "\ndata efficiency (prompt-mean + routing supervision):\n\n| training samples | top-2 accuracy | top-1 purity of that router |\n|---|---|---|\n";
     for (n, a, p) in &r.curve {
         out += &format!("| {n} | {a:.3} | {p:.3} |\n");
     }
-    out += "\nbalance-loss ablation (causal-mean + routing supervision, top-2):\n\n| balance term | top-2 accuracy | purity |\n|---|---|---|\n";
+    out += "\nbalance-loss ablation (prompt-mean + routing supervision, top-2):\n\n| balance term | top-2 accuracy | purity |\n|---|---|---|\n";
     for (n, a, p) in &r.ablation {
         out += &format!("| {n} | {a:.3} | {p:.3} |\n");
     }
