@@ -5,6 +5,7 @@ pairs, several seeds, with the solo LoRAs as ceilings in the same run. Made with
 
 python3 tools/miniworld/mix_quality.py [--bin target/release/loramix] [--seeds 2] [--seed-base 5000]
        [--shapes locon,attn] [--strategies merge,auto,...] [--grids docs] [--json results.json]
+       [--model models/miniworld-attn16]
 
 Prompts: "a <subject> emblem on a <background> background, <style> style", the background drawn
 per pair and seed from all six of the world's backgrounds; seeds start at --seed-base (5000 by
@@ -24,7 +25,7 @@ import sys
 import tempfile
 
 MODEL = "models/miniworld"
-SHAPES = {"locon": os.path.join(MODEL, "loras"), "attn": os.path.join(MODEL, "loras-attn")}
+SHAPES = {"locon": "loras", "attn": "loras-attn"}  # LoRA folders inside the model folder
 SHAPE_LABEL = {"locon": "all linear + conv (LoCon)", "attn": "attention only"}
 # The world's vocabulary (tools/miniworld/world.py), written out so that this script needs only
 # the standard library (world.py needs numpy).
@@ -45,9 +46,9 @@ STRATEGIES = {
 }
 
 
-def generate(binary, prompt, out_dir, seed, steps, loras, extra=()):
+def generate(binary, model, prompt, out_dir, seed, steps, loras, extra=()):
     os.makedirs(out_dir, exist_ok=True)
-    cmd = [binary, "generate", "--model", MODEL, "--prompt", prompt, "--steps", str(steps), "--seed", str(seed),
+    cmd = [binary, "generate", "--model", model, "--prompt", prompt, "--steps", str(steps), "--seed", str(seed),
            "--batch-size", "2", "--out", out_dir]
     for l in loras:
         cmd += ["--lora", l]
@@ -126,6 +127,7 @@ def grid(rows, labels, cols, path, cell=64, pad=2):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default="target/release/loramix")
+    ap.add_argument("--model", default=MODEL, help="the base model folder; its LoRAs are in loras/ and loras-attn/")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--seed-base", type=int, default=5000)
@@ -138,7 +140,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="miniworld_mix_")
     all_rows, dump = [], []
     for shape in [s for s in a.shapes.split(",") if s]:
-        d = SHAPES[shape]
+        d = os.path.join(a.model, SHAPES[shape])
         path = lambda name, role: f"{os.path.join(d, name + '.safetensors')}:1:{role}"
         cs = cases(a.seeds, a.seed_base)
         runs = {"subject LoRA alone": lambda s, st: ([path(s, "subject")], []),
@@ -153,7 +155,7 @@ def main():
             paths, firsts = [], {}
             for (s, st, seed, prompt) in cs:
                 loras, extra = mk(s, st)
-                out = generate(a.bin, prompt, os.path.join(tmp, shape, name.replace(" ", "_"), f"{s}_{st}_{seed}"), seed, a.steps, loras, extra)
+                out = generate(a.bin, a.model, prompt, os.path.join(tmp, shape, name.replace(" ", "_"), f"{s}_{st}_{seed}"), seed, a.steps, loras, extra)
                 firsts.setdefault((s, st), out[0])
                 paths += out
             sc = evaluate(a.bin, paths)
@@ -162,7 +164,7 @@ def main():
             if a.grids:
                 os.makedirs(a.grids, exist_ok=True)
                 grid([[firsts[(s, st)] for st in STYLES] for s in SUBJECTS], SUBJECTS, STYLES,
-                     os.path.join(a.grids, f"miniworld_mix_{shape}_{name.replace(' ', '_').replace('+', '_')}.png"))
+                     os.path.join(a.grids, f"{os.path.basename(os.path.normpath(a.model)).replace('-', '_')}_mix_{shape}_{name.replace(' ', '_').replace('+', '_')}.png"))
             print(f"{shape} {name}: subject {mean([x['subject'] for x in sc]):.3f} style {mean([x['style'] for x in sc]):.3f}", file=sys.stderr)
         ceil_s = mean([x["subject"] for x in scores["subject LoRA alone"]])
         ceil_t = mean([x["style"] for x in scores["style LoRA alone"]])

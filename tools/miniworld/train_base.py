@@ -3,6 +3,15 @@ diffusers layout (f16 safetensors) so the Rust engine loads it with the same cod
 
 python tools/miniworld/train_base.py --out models/miniworld --minutes 40 [--threads 2]
 python tools/miniworld/train_base.py --out models/miniworld --resume models/miniworld --minutes 60
+python tools/miniworld/train_base.py --out models/miniworld-attn16 --attention-levels 2 \
+       --encoders-from models/miniworld --minutes 40
+
+--attention-levels 2 puts cross-attention at the 16x16 latent level too (the shipped model has it
+at 8x8 only). With --encoders-from, the tokenizers, text encoders and VAE are that model's, frozen,
+and the UNet is warm-started from its UNet: every weight with the same name and shape is copied,
+and the new transformers' proj_out starts at zero, so the new model starts as exactly the old one
+and only learns what the new attention adds. Real SDXL attends at 32x32 and 64x64 latents; this
+variant lets spatial mixing (`--mix auto`) be measured with masks finer than 8x8.
 
 --resume continues from a saved model (the shipped one) instead of random weights: the VAE is
 fine-tuned, then the UNet and text encoders continue. The VAE always sees every rendering kind
@@ -54,7 +63,7 @@ def load(folder):
     return te1, te2, unet, vae, sched
 
 
-def build(tmp):
+def build(tmp, attention_levels=1):
     vocab = world.vocabulary()
     n = write_clip_vocab(os.path.join(tmp, "tokenizer"), vocab)
     write_clip_vocab(os.path.join(tmp, "tokenizer_2"), vocab)
@@ -67,9 +76,10 @@ def build(tmp):
                                        num_attention_heads=2, hidden_act="quick_gelu"))
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**common, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                                      num_attention_heads=2, hidden_act="gelu", projection_dim=64))
+    top_down, top_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attention_levels == 2 else ("DownBlock2D", "UpBlock2D")
     unet = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=1,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                                down_block_types=(top_down, "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", top_up), attention_head_dim=(2, 4),
                                 transformer_layers_per_block=(1, 1), use_linear_projection=True, cross_attention_dim=128,
                                 addition_embed_type="text_time", addition_time_embed_dim=16,
                                 projection_class_embeddings_input_dim=16 * 6 + 64, norm_num_groups=16)
@@ -100,6 +110,21 @@ def save(out, tmp, te1, te2, unet, vae, sched):
     os.replace(stage, out)
 
 
+def warm_start(unet, old):
+    """Copies every same-named, same-shaped weight of `old` into `unet` and zeroes the proj_out of
+    the transformers `old` lacks: a transformer block adds its output to its input, so the new
+    model computes exactly what the old one does until training moves the new attention."""
+    own, theirs = unet.state_dict(), old.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}
+    unet.load_state_dict(copied, strict=False)
+    with torch.no_grad():
+        for name, m in unet.named_modules():
+            if name.endswith("proj_out") and f"{name}.weight" not in copied:
+                m.weight.zero_()
+                m.bias.zero_()
+    print(f"warm start: {len(copied)} of {len(own)} tensors copied", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="models/miniworld")
@@ -109,12 +134,20 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--resume", help="continue from this saved model folder")
     ap.add_argument("--lr", type=float, default=3e-4, help="UNet learning rate")
+    ap.add_argument("--attention-levels", type=int, choices=(1, 2), default=1,
+                    help="1: cross-attention at 8x8 only (the shipped model); 2: at 16x16 and 8x8")
+    ap.add_argument("--encoders-from", help="reuse this model's tokenizers, text encoders and VAE (frozen); warm-start the UNet from it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tmp = a.out + ".work"
     os.makedirs(tmp, exist_ok=True)
-    te1, te2, unet, vae, sched = build(tmp)
+    te1, te2, unet, vae, sched = build(tmp, a.attention_levels)
+    if a.encoders_from:
+        te1, te2, old, vae, sched = load(a.encoders_from)
+        warm_start(unet, old)
+        for m in (te1, te2, vae):
+            m.eval().requires_grad_(False)
     if a.resume:
         te1, te2, unet, vae, sched = load(a.resume)
         vae.train().requires_grad_(True)
@@ -122,10 +155,10 @@ def main():
     budget = a.minutes * 60
     log = open(os.path.join(tmp, "train.log"), "a")
 
-    # Phase 1: VAE.
+    # Phase 1: VAE (skipped when it is reused).
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-4 if a.resume else 1e-3)
     step = 0
-    while time.time() - t0 < budget * a.vae_fraction:
+    while not a.encoders_from and time.time() - t0 < budget * a.vae_fraction:
         x, _ = batch(step, a.batch, vae_kinds())
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -137,14 +170,17 @@ def main():
     vae.eval().requires_grad_(False)
     # Latent scale so latents have unit variance (what scaling_factor is for).
     with torch.no_grad():
-        z = torch.cat([vae.encode(batch(10_000 + i, 32)[0]).latent_dist.mean for i in range(4)])
-        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        if not a.encoders_from:
+            z = torch.cat([vae.encode(batch(10_000 + i, 32)[0]).latent_dist.mean for i in range(4)])
+            vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     print(f"vae done after {step} steps, scaling_factor {vae.config.scaling_factor:.4f}", file=log, flush=True)
 
     # Phase 2: UNet + text encoders.
     tok1 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer"))
     tok2 = CLIPTokenizer.from_pretrained(os.path.join(tmp, "tokenizer_2"))
-    params = list(unet.parameters()) + list(te1.parameters()) + list(te2.parameters())
+    params = list(unet.parameters())
+    if not a.encoders_from:
+        params += list(te1.parameters()) + list(te2.parameters())
     opt = torch.optim.AdamW(params, lr=a.lr)
     ac = sched.alphas_cumprod
     time_ids = torch.tensor([[64.0, 64.0, 0, 0, 64.0, 64.0]])
