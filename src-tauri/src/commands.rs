@@ -649,6 +649,8 @@ impl AppState {
         let opts = MixerTrainOptions {
             top_k: req.top_k.unwrap_or(2),
             samples: req.samples.unwrap_or(2000),
+            // Only lines that name their expert are supervised; unlabelled data trains as before.
+            supervision: 1.0,
             ..Default::default()
         };
         chat.conversation = None;

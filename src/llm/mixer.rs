@@ -156,7 +156,7 @@ pub struct MixerTrainOptions {
 
 impl Default for MixerTrainOptions {
     fn default() -> Self {
-        Self { top_k: 2, samples: 2000, epochs: 2, batch: 8, lr: 1e-2, alpha: 0.01, lambda: 0.01, input: RouterInput::CausalMean, supervision: 0.0, seed: 0 }
+        Self { top_k: 2, samples: 2000, epochs: 2, batch: 8, lr: 1e-2, alpha: 0.01, lambda: 0.01, input: RouterInput::PromptMean, supervision: 0.0, seed: 0 }
     }
 }
 

@@ -64,10 +64,11 @@ struct MixerTrainArgs {
     batch: usize,
     #[arg(long, default_value_t = 1e-2)]
     lr: f64,
-    /// What each router scores a token from: `causal-mean` (the token's input beside the running
-    /// mean of the routed inputs so far; ours), `prompt-mean` (the same, but every prompt position
-    /// sees the mean over the whole prompt) or `token` (the token's input alone, the paper's).
-    #[arg(long, default_value = "causal-mean", value_parser = ["causal-mean", "prompt-mean", "token"])]
+    /// What each router scores a token from: `prompt-mean` (the token's input beside the mean of
+    /// the inputs over the whole prompt, for prompt positions, and the running mean for generated
+    /// ones; ours), `causal-mean` (beside the running mean everywhere) or `token` (the token's
+    /// input alone, the paper's).
+    #[arg(long, default_value = "prompt-mean", value_parser = ["prompt-mean", "causal-mean", "token"])]
     router_input: String,
     /// Weight of routing supervision on lines that name their expert (an "expert" field, or a
     /// "task" field equal to an expert's folder name); 0: plain plug-and-play training.
