@@ -345,10 +345,8 @@ impl LlmSession {
     /// Logits at every position of `ids` run from scratch with `enabled` adapters applied as PEFT
     /// applies them in one forward (for parity tests against PEFT).
     pub fn logits_all(&self, ids: &[u32], enabled: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let active = self.active_for(ids, enabled)?;
-        let mut cache = self.model.new_cache();
-        let acts: Vec<ActiveAdapter> = active.iter().map(|&(adapter, from)| ActiveAdapter { adapter, from }).collect();
-        Ok(self.model.forward(ids, &mut cache, &acts, true)?.to_vec2::<f32>()?)
+        // The whole sequence is prompt.
+        self.logits_answer(ids, enabled, ids.len())
     }
 
     /// As [`Self::logits_all`] for a prompt of `answer_from` tokens followed by its answer in one
