@@ -157,6 +157,7 @@ fn auto_runs_every_lora_on_every_layer_it_adapts_with_regions() {
     assert!(targets.targets[q].layer.slot.read().routing.is_none());
     let trace = m.finish();
     assert_eq!(trace.details["uncond_fraction"], 0.7);
+    assert!(trace.details["cross_attention_kv"].as_str().is_some_and(|s| s.starts_with("per region")));
 }
 
 #[test]

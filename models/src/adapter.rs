@@ -130,6 +130,12 @@ pub struct LayerState {
     /// Per-row factors `[batch]` on every branch where the mask applies (the unconditional rows
     /// of a CFG batch keep only part of each LoRA).
     pub mask_rows: Option<Tensor>,
+    /// On a cross-attention's `to_k` / `to_v`, whose input is the prompt and not the image: the
+    /// spatial mask `[batch, 1, h, w]`, applied over the attention's queries instead of this
+    /// layer's tokens. The queries it covers attend to keys and values made with the leading
+    /// (and free) branches, the rest to those made with the yielding (and free) ones (see
+    /// `sdxl::transformer::Attention::forward`).
+    pub query_mask: Option<Tensor>,
     /// Cross-attention probe (set on an attention's `to_q`): the prompt token positions whose
     /// attention mass to record, and the last recorded map `[batch, query tokens]`.
     pub probe_tokens: Option<Vec<usize>>,
@@ -363,6 +369,17 @@ impl AdaptableLinear {
     }
 }
 
+/// One active branch's scaled output on `x`; `z` is `x` in the layer's shared basis (its
+/// members' outputs stay in that space until the basis's up-projection).
+fn linear_branch(x: &Tensor, z: Option<&Tensor>, b: &LowRankBranch) -> Result<Tensor> {
+    let h = match (z, &b.shared, &b.weights) {
+        (Some(z), Some(s), _) => z.broadcast_matmul(&s.down.t()?)?.broadcast_matmul(&s.up.t()?)?,
+        (_, _, BranchWeights::LowRank { down, up }) => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
+        (_, _, BranchWeights::Dense(delta)) => x.broadcast_matmul(&delta.t()?)?,
+    };
+    h * (b.weight * b.scale)
+}
+
 /// `x @ down^T @ up^T` summed over active branches, in x's dtype.
 fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     let mask = match (&state.mask, x.rank()) {
@@ -384,12 +401,7 @@ fn linear_branches(x: &Tensor, state: &LayerState) -> Result<Option<Tensor>> {
     let mut acc: Option<Tensor> = None;
     let mut outs = Vec::new();
     for b in state.branches.iter().filter(|b| b.weight != 0.0) {
-        let h = match (&z, &b.shared, &b.weights) {
-            (Some(z), Some(s), _) => z.broadcast_matmul(&s.down.t()?)?.broadcast_matmul(&s.up.t()?)?,
-            (_, _, BranchWeights::LowRank { down, up }) => x.broadcast_matmul(&down.t()?)?.broadcast_matmul(&up.t()?)?,
-            (_, _, BranchWeights::Dense(delta)) => x.broadcast_matmul(&delta.t()?)?,
-        };
-        let h = (h * (b.weight * b.scale))?;
+        let h = linear_branch(x, z.as_ref(), b)?;
         if routing.is_some() || mask.is_some() {
             outs.push((b.route, h));
             continue;
@@ -455,6 +467,50 @@ fn stacked_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result
     let s = Tensor::from_slice(&scales, (1, scales.len()), x.device())?.to_dtype(x.dtype())?;
     let low = x2.matmul(&a.t()?)?.broadcast_mul(&s)?;
     Ok(Some((y2 + low.matmul(&bm.t()?)?)?.reshape(out_dims)?))
+}
+
+impl AdaptableLinear {
+    /// Under a [`LayerState::query_mask`]: the layer's output with the leading and free branches,
+    /// the output with the yielding and free ones, and the mask. `None` without a query mask,
+    /// and then [`Module::forward`] applies every branch as usual.
+    pub(crate) fn forward_by_route(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+        let state = self.slot.read();
+        let Some(mask) = state.query_mask.clone() else { return Ok(None) };
+        let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
+        let y = loramix_kernels::linear(x, weight, self.base.bias())?;
+        let z = match state.shared_basis() {
+            Some(g) => Some(x.broadcast_matmul(&state.bases[g].down.t()?)?),
+            None => None,
+        };
+        let (mut lead, mut yielding): (Option<Tensor>, Option<Tensor>) = (None, None);
+        let add = |acc: &mut Option<Tensor>, h: &Tensor| -> Result<()> {
+            *acc = Some(match acc.take() {
+                None => h.clone(),
+                Some(a) => (a + h)?,
+            });
+            Ok(())
+        };
+        for b in state.branches.iter().filter(|b| b.weight != 0.0) {
+            let h = linear_branch(x, z.as_ref(), b)?;
+            let h = match (&z, &b.shared) {
+                (Some(_), Some(s)) => h.broadcast_matmul(&state.bases[s.basis].up.t()?)?,
+                _ => h,
+            };
+            if b.route != Route::Yield {
+                add(&mut lead, &h)?;
+            }
+            if b.route != Route::Lead {
+                add(&mut yielding, &h)?;
+            }
+        }
+        let with = |d: Option<Tensor>| -> Result<Tensor> {
+            match d {
+                Some(d) => &y + d,
+                None => Ok(y.clone()),
+            }
+        };
+        Ok(Some((with(lead)?, with(yielding)?, mask)))
+    }
 }
 
 impl Module for AdaptableLinear {

@@ -117,6 +117,7 @@ impl AdapterTargets {
             s.routing = None;
             s.mask = None;
             s.mask_rows = None;
+            s.query_mask = None;
             s.probe_tokens = None;
             s.probe_map = None;
         }

@@ -686,6 +686,8 @@ impl Mixer<'_> {
         };
         for layer in &self.plan.layers {
             if layer.path.ends_with("attn2.to_k") || layer.path.ends_with("attn2.to_v") {
+                // These read the prompt: the mask splits their attention's queries instead.
+                self.targets.targets[layer.target].layer.slot.write().query_mask = Some(mask.clone());
                 continue;
             }
             let mut state = self.targets.targets[layer.target].layer.slot.write();

@@ -37,25 +37,68 @@ impl Attention {
         let (b, lq, _) = x.dims3()?;
         let lk = ctx.dim(1)?;
         let q = self.to_q.forward(x)?;
-        let k = self.to_k.forward(ctx)?;
-        let v = self.to_v.forward(ctx)?;
         // Views, not copies: the attention kernels copy what they cannot read in place.
         let heads = |t: Tensor, l: usize| -> Result<Tensor> { t.reshape((b, l, self.heads, self.head_dim))?.transpose(1, 2) };
-        if context.is_some() {
-            let tokens = self.to_q.slot().read().probe_tokens.clone();
-            if let Some(tokens) = tokens.filter(|t| !t.is_empty()) {
-                let map = self.attention_mass(&heads(q.clone(), lq)?, &heads(k.clone(), lk)?, &tokens)?;
-                self.to_q.slot().write().probe_map = Some(map);
+        let attend = |q: &Tensor, k: Tensor, v: Tensor| -> Result<Tensor> {
+            let o = loramix_kernels::scaled_dot_product_attention(&heads(q.clone(), lq)?, &heads(k, lk)?, &heads(v, lk)?, (self.head_dim as f64).powf(-0.5))?;
+            o.transpose(1, 2)?.reshape((b, lq, self.heads * self.head_dim))
+        };
+        let regions = match context {
+            Some(_) => self.kv_by_region(ctx, b, lq)?,
+            None => None,
+        };
+        let o = match regions {
+            // The masked queries (the subject's region) attend to the prompt as the leading
+            // LoRAs read it, the others as the yielding ones do: one more attention over the
+            // prompt's few tokens, no more UNet passes.
+            Some(((k_lead, v_lead), (k_yield, v_yield), m)) => {
+                self.probe(&heads, &q, &k_lead, lq, lk)?;
+                let o_lead = attend(&q, k_lead, v_lead)?;
+                let o_yield = attend(&q, k_yield, v_yield)?;
+                let m = m.to_dtype(o_lead.dtype())?;
+                (o_yield.broadcast_mul(&m.affine(-1.0, 1.0)?)? + o_lead.broadcast_mul(&m)?)?
             }
-        }
-        let o = loramix_kernels::scaled_dot_product_attention(
-            &heads(q, lq)?,
-            &heads(k, lk)?,
-            &heads(v, lk)?,
-            (self.head_dim as f64).powf(-0.5),
-        )?;
-        let o = o.transpose(1, 2)?.reshape((b, lq, self.heads * self.head_dim))?;
+            None => {
+                let k = self.to_k.forward(ctx)?;
+                let v = self.to_v.forward(ctx)?;
+                if context.is_some() {
+                    self.probe(&heads, &q, &k, lq, lk)?;
+                }
+                attend(&q, k, v)?
+            }
+        };
         self.to_out.forward(&o)
+    }
+
+    /// Records the mixer's probe map (attention mass on the subjects' trigger tokens) when asked.
+    fn probe(&self, heads: &dyn Fn(Tensor, usize) -> Result<Tensor>, q: &Tensor, k: &Tensor, lq: usize, lk: usize) -> Result<()> {
+        let tokens = self.to_q.slot().read().probe_tokens.clone();
+        if let Some(tokens) = tokens.filter(|t| !t.is_empty()) {
+            let map = self.attention_mass(&heads(q.clone(), lq)?, &heads(k.clone(), lk)?, &tokens)?;
+            self.to_q.slot().write().probe_map = Some(map);
+        }
+        Ok(())
+    }
+
+    /// Keys and values per region under a query mask on `to_k` / `to_v`: ((k, v) of the leading
+    /// branches, (k, v) of the yielding ones, the mask over the queries `[b, lq, 1]`).
+    #[allow(clippy::type_complexity)]
+    fn kv_by_region(&self, ctx: &Tensor, b: usize, lq: usize) -> Result<Option<((Tensor, Tensor), (Tensor, Tensor), Tensor)>> {
+        let (k, v) = (self.to_k.forward_by_route(ctx)?, self.to_v.forward_by_route(ctx)?);
+        let Some(mask) = k.as_ref().or(v.as_ref()).map(|(_, _, m)| m.clone()) else { return Ok(None) };
+        let Some(m) = crate::adapter::resize_mask(&mask, b, Some(lq), None)? else { return Ok(None) };
+        let split = |t: Option<(Tensor, Tensor, Tensor)>, layer: &AdaptableLinear| -> Result<(Tensor, Tensor)> {
+            match t {
+                Some((lead, yielding, _)) => Ok((lead, yielding)),
+                None => {
+                    let y = layer.forward(ctx)?;
+                    Ok((y.clone(), y))
+                }
+            }
+        };
+        let (k_lead, k_yield) = split(k, &self.to_k)?;
+        let (v_lead, v_yield) = split(v, &self.to_v)?;
+        Ok(Some(((k_lead, v_lead), (k_yield, v_yield), m)))
     }
 }
 
@@ -232,5 +275,61 @@ impl Adaptable for Transformer2DModel {
         self.proj_in.collect_adaptable(out);
         self.blocks.collect_adaptable(out);
         self.proj_out.collect_adaptable(out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{LowRankBranch, Route};
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// Under a query mask on `to_k` / `to_v`, every query attends to the prompt as the leading
+    /// (and free) branches read it where the mask is 1, as the yielding (and free) ones do where
+    /// it is 0, and in proportion between: the output is the mask's blend of the two attentions
+    /// (exact, because `to_out` is affine and the blend's weights sum to one per query).
+    #[test]
+    fn query_mask_splits_cross_attention_by_route() -> Result<()> {
+        let dev = Device::Cpu;
+        let (qd, cd, heads, hd) = (8, 6, 2, 4);
+        let mut m = HashMap::new();
+        for (name, shape) in [("to_q.weight", (8, qd)), ("to_k.weight", (8, cd)), ("to_v.weight", (8, cd)), ("to_out.0.weight", (qd, 8))] {
+            m.insert(name.to_string(), Tensor::randn(0f32, 1., shape, &dev)?);
+        }
+        m.insert("to_out.0.bias".to_string(), Tensor::randn(0f32, 1., qd, &dev)?);
+        let attn = Attention::new(VarBuilder::from_tensors(m, DType::F32, &dev), qd, cd, heads, hd)?;
+        let branch = |name: &str, route: Route| -> Result<LowRankBranch> {
+            let mut b = LowRankBranch::low_rank(name, Tensor::randn(0f32, 1., (2, cd), &dev)?, Tensor::randn(0f32, 1., (8, 2), &dev)?, 0.5, 0.9);
+            b.route = route;
+            Ok(b)
+        };
+        for layer in [&attn.to_k, &attn.to_v] {
+            layer.slot().write().branches = vec![branch("subject", Route::Lead)?, branch("style", Route::Yield)?, branch("other", Route::Free)?];
+        }
+        let x = Tensor::randn(0f32, 1., (2, 16, qd), &dev)?;
+        let ctx = Tensor::randn(0f32, 1., (2, 5, cd), &dev)?;
+        let mask = Tensor::rand(0f32, 1., (2, 1, 4, 4), &dev)?;
+        // Each route alone, without the mask.
+        let only = |off: &str| -> Result<Tensor> {
+            for layer in [&attn.to_k, &attn.to_v] {
+                for b in layer.slot().write().branches.iter_mut() {
+                    b.weight = if b.name == off { 0.0 } else { 0.9 };
+                }
+            }
+            attn.forward(&x, Some(&ctx))
+        };
+        let (lead, yielding) = (only("style")?, only("subject")?);
+        for layer in [&attn.to_k, &attn.to_v] {
+            let mut s = layer.slot().write();
+            s.branches.iter_mut().for_each(|b| b.weight = 0.9);
+            s.query_mask = Some(mask.clone());
+        }
+        let got = attn.forward(&x, Some(&ctx))?;
+        let m = mask.reshape((2, 16, 1))?;
+        let want = (lead.broadcast_mul(&m)? + yielding.broadcast_mul(&m.affine(-1.0, 1.0)?)?)?;
+        let d = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-4, "{d}");
+        Ok(())
     }
 }
