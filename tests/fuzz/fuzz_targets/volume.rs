@@ -23,6 +23,6 @@ fuzz_target!(|data: &[u8]| {
     let _ = Manifest::parse(text);
     let _ = text.parse::<Axis>();
     if let Ok(req) = serde_json::from_str::<GenerationRequest>(text) {
-        let _ = to_settings(&req, "m", None);
+        let _ = to_settings(&req, "m", None, None);
     }
 });
