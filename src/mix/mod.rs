@@ -210,12 +210,33 @@ impl MixPlan {
     }
 }
 
-/// How a cross-attention map becomes a mask: after min–max normalisation, values below `low`
-/// give 0, above `high` 1, linear between.
+/// How a cross-attention map becomes a mask. Each image's map is measured from its `floor`
+/// quantile (0: its minimum) to its maximum; values below `low` of that span give 0, above
+/// `high` 1, linear between.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MaskRamp {
+    pub floor: f64,
     pub low: f64,
     pub high: f64,
+}
+
+impl MaskRamp {
+    /// The mask of one image's map (any layout; values in place).
+    fn apply(&self, map: &mut [f32]) {
+        if map.is_empty() {
+            return;
+        }
+        let max = map.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let mut sorted = map.to_vec();
+        let k = ((sorted.len() - 1) as f64 * self.floor.clamp(0.0, 1.0)).round() as usize;
+        let floor = *sorted.select_nth_unstable_by(k, f32::total_cmp).1 as f64;
+        let span = (max - floor).max(1e-12);
+        let width = (self.high - self.low).max(1e-6);
+        for v in map.iter_mut() {
+            let x = (*v as f64 - floor) / span;
+            *v = ((x - self.low) / width).clamp(0.0, 1.0) as f32;
+        }
+    }
 }
 
 /// A per-step mixing rule. One file per strategy.
@@ -630,8 +651,8 @@ fn only_component(l: &LoadedLora, targets: &AdapterTargets, unet: bool) -> Loade
 impl Mixer<'_> {
     /// The spatial mask for the next step from the last step's cross-attention maps: the
     /// attention mass on the subjects' trigger tokens, averaged over the probed layers at the
-    /// finest of their resolutions, over its maximum per image, from the conditional rows (the
-    /// unconditional rows see no prompt) for every row.
+    /// finest of their resolutions, ramped per image ([`MaskRamp`]), from the conditional rows
+    /// (the unconditional rows see no prompt) for every row.
     fn update_mask(&mut self, ramp: MaskRamp) -> Result<()> {
         let Some(((h, w), rows, cfg)) = self.latent else { return Ok(()) };
         let mut maps = Vec::new();
@@ -667,11 +688,13 @@ impl Mixer<'_> {
         let n = acc.dim(0)?;
         let half = if cfg && n == rows { rows / 2 } else { 0 };
         let cond = acc.narrow(0, half, n - half)?;
-        let flat = cond.flatten_from(1)?;
-        let max = flat.max_keepdim(1)?.reshape(((), 1, 1, 1))?;
-        let min = flat.min_keepdim(1)?.reshape(((), 1, 1, 1))?;
-        let m = cond.broadcast_sub(&min)?.broadcast_div(&((max - &min)? + 1e-12)?)?;
-        let m = ((m - ramp.low)? / (ramp.high - ramp.low).max(1e-6))?.clamp(0f32, 1f32)?;
+        // A few maps of a few thousand cells: the quantile is taken on the host.
+        let (b, _, mh, mw) = cond.dims4()?;
+        let mut cells: Vec<f32> = cond.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        for map in cells.chunks_mut(mh * mw) {
+            ramp.apply(map);
+        }
+        let m = candle_core::Tensor::from_vec(cells, (b, 1, mh, mw), &candle_core::Device::Cpu)?.to_device(cond.device())?.to_dtype(cond.dtype())?;
         // With asymmetric CFG the LoRAs run on the conditional rows only. Otherwise one batched
         // pass: the unconditional rows keep `uncond_fraction` of each LoRA through per-row factors.
         let asymmetric = self.strategy.asymmetric_cfg();
@@ -765,5 +788,35 @@ impl StepMixer for Mixer<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MaskRamp;
+
+    #[test]
+    fn mask_ramp_measures_from_the_floor_quantile() {
+        // Ten cells: a background at 4–5 (one cold cell at 0) and a subject at 9–10.
+        let map = [0.0f32, 4.0, 4.0, 4.5, 5.0, 5.0, 5.0, 5.0, 9.0, 10.0];
+        // From the minimum (the old rule) the background is already most of the way up the
+        // ramp: (4 − 0) / 10 = 0.4 → (0.4 − 0.25) / 0.25 = 0.6.
+        let mut old = map;
+        MaskRamp { floor: 0.0, low: 0.25, high: 0.5 }.apply(&mut old);
+        assert!((old[1] - 0.6).abs() < 1e-6 && old[6] == 1.0, "{old:?}");
+        assert!((old[0] - 0.0).abs() < 1e-6 && old[9] == 1.0);
+        // From the 40 % quantile (index round(9·0.4) = 4 of the sorted cells: 5.0) the
+        // background is 0 and the subject 1: (9 − 5) / (10 − 5) = 0.8 ≥ 0.25.
+        let mut new = map;
+        MaskRamp { floor: 0.4, low: 0.0, high: 0.25 }.apply(&mut new);
+        assert_eq!(new, [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]);
+        // Linear inside the ramp: 6.0 is 0.2 of the span above the floor, 0.8 of the ramp.
+        let mut mid = [5.0f32, 6.0, 10.0, 0.0, 0.0];
+        MaskRamp { floor: 0.5, low: 0.0, high: 0.25 }.apply(&mut mid);
+        assert!((mid[1] - 0.8).abs() < 1e-6, "{mid:?}");
+        // A flat map gives no region rather than dividing by zero.
+        let mut flat = [3.0f32; 4];
+        MaskRamp { floor: 0.4, low: 0.0, high: 0.25 }.apply(&mut flat);
+        assert_eq!(flat, [0.0; 4]);
     }
 }
