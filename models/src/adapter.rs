@@ -471,17 +471,23 @@ fn stacked_linear_branches(x: &Tensor, y: &Tensor, state: &LayerState) -> Result
 
 impl AdaptableLinear {
     /// Under a [`LayerState::query_mask`]: the layer's output with the leading and free branches,
-    /// the output with the yielding and free ones, and the mask. `None` without a query mask,
-    /// and then [`Module::forward`] applies every branch as usual.
+    /// the output with the yielding and free ones, and the mask. `None` without a query mask or
+    /// without an active leading or yielding branch, and then [`Module::forward`] applies every
+    /// branch as usual.
     pub(crate) fn forward_by_route(&self, x: &Tensor) -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let state = self.slot.read();
         let Some(mask) = state.query_mask.clone() else { return Ok(None) };
+        if !state.branches.iter().any(|b| b.weight != 0.0 && b.route != Route::Free) {
+            return Ok(None);
+        }
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
         let y = loramix_kernels::linear(x, weight, self.base.bias())?;
-        let z = match state.shared_basis() {
+        let shared = state.shared_basis();
+        let z = match shared {
             Some(g) => Some(x.broadcast_matmul(&state.bases[g].down.t()?)?),
             None => None,
         };
+        // Through a shared basis the sums stay in its space until one up-projection each.
         let (mut lead, mut yielding): (Option<Tensor>, Option<Tensor>) = (None, None);
         let add = |acc: &mut Option<Tensor>, h: &Tensor| -> Result<()> {
             *acc = Some(match acc.take() {
@@ -492,10 +498,6 @@ impl AdaptableLinear {
         };
         for b in state.branches.iter().filter(|b| b.weight != 0.0) {
             let h = linear_branch(x, z.as_ref(), b)?;
-            let h = match (&z, &b.shared) {
-                (Some(_), Some(s)) => h.broadcast_matmul(&state.bases[s.basis].up.t()?)?,
-                _ => h,
-            };
             if b.route != Route::Yield {
                 add(&mut lead, &h)?;
             }
@@ -504,9 +506,10 @@ impl AdaptableLinear {
             }
         }
         let with = |d: Option<Tensor>| -> Result<Tensor> {
-            match d {
-                Some(d) => &y + d,
-                None => Ok(y.clone()),
+            match (d, shared) {
+                (Some(d), Some(g)) => &y + d.broadcast_matmul(&state.bases[g].up.t()?)?,
+                (Some(d), None) => &y + d,
+                (None, _) => Ok(y.clone()),
             }
         };
         Ok(Some((with(lead)?, with(yielding)?, mask)))
