@@ -13,8 +13,8 @@
 //!   every `attn2` records the attention mass on the subjects' trigger tokens (averaged over
 //!   heads and layers, conditional rows), which becomes a soft mask for the next step: measured
 //!   from the map's own background level to its peak, then ramped (below). On every layer with
-//!   spatial inputs subject LoRAs are multiplied by the mask and style LoRAs by its complement, so the style
-//!   renders everything but the subject and the subject draws only itself. The first step,
+//!   spatial inputs subject LoRAs are multiplied by the mask and style LoRAs by its complement,
+//!   so the style renders everything but the subject and the subject draws only itself. The first step,
 //!   with no map yet, runs both in full. LoRAs of other roles run everywhere.
 //! - The region follows the map, not a fixed share of its range. The background's attention to
 //!   the trigger words is not zero, and its level depends on the model and the LoRAs: ramped
