@@ -106,6 +106,93 @@ impl TorchCpuRng {
     }
 }
 
+/// How the images of one batch take their noise.
+///
+/// Both conventions are in use, and a PNG must name its own to restore exactly: diffusers and
+/// ComfyUI draw a batch from one generator, A1111, Forge and InvokeAI give image `k` the seed
+/// `seed + k`, so that any image of a batch is the image its seed makes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchSeeds {
+    /// One generator for the batch (diffusers' `generator=`): image `k` draws after image `k - 1`.
+    #[default]
+    Shared,
+    /// A1111's seeds: image `k` has seed `seed + k` and a generator of its own (diffusers'
+    /// `generator=[…]`, one per image).
+    PerImage,
+}
+
+impl BatchSeeds {
+    /// The seed of image `k` of a batch whose first seed is `seed`.
+    pub fn seed_of(self, seed: u64, k: usize) -> u64 {
+        match self {
+            Self::Shared => seed,
+            Self::PerImage => seed.wrapping_add(k as u64),
+        }
+    }
+}
+
+impl std::str::FromStr for BatchSeeds {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().replace(['-', ' '], "_").as_str() {
+            "shared" => Ok(Self::Shared),
+            "per_image" => Ok(Self::PerImage),
+            _ => Err(format!("batch seeds {s:?}: expected shared or per-image")),
+        }
+    }
+}
+
+/// The noise of one batch of `images` latents, drawn by its [`BatchSeeds`] convention.
+#[derive(Clone)]
+pub struct BatchNoise {
+    /// One generator (shared) or one per image.
+    generators: Vec<TorchCpuRng>,
+    images: usize,
+}
+
+impl BatchNoise {
+    pub fn new(seed: u64, images: usize, seeds: BatchSeeds) -> Self {
+        let images = images.max(1);
+        let generators = match seeds {
+            BatchSeeds::Shared => vec![TorchCpuRng::new(seed)],
+            BatchSeeds::PerImage => (0..images).map(|k| TorchCpuRng::new(seeds.seed_of(seed, k))).collect(),
+        };
+        Self { generators, images }
+    }
+
+    pub fn per_image(&self) -> bool {
+        self.generators.len() > 1
+    }
+
+    /// How many images the batch has.
+    pub fn images(&self) -> usize {
+        self.images
+    }
+
+    /// Standard normals for a tensor of `dims`, `dims[0]` images. Shared: one draw in order.
+    /// Per image: each image's slice from its own generator, so `dims[0]` must be the batch
+    /// size; `None` otherwise.
+    pub fn randn(&mut self, dims: &[usize]) -> Option<Vec<f32>> {
+        let total: usize = dims.iter().product();
+        if !self.per_image() {
+            return Some(self.generators[0].randn(total));
+        }
+        if dims.first() != Some(&self.generators.len()) {
+            return None;
+        }
+        let each = total / self.generators.len();
+        Some(self.generators.iter_mut().flat_map(|g| g.randn(each)).collect())
+    }
+
+    /// Advances every generator as a draw of `n` values per image would (shared: one draw of `n`).
+    pub fn skip(&mut self, n: usize) {
+        for g in &mut self.generators {
+            g.randn(n);
+        }
+    }
+}
+
 /// Fisher–Yates shuffle driven by our torch-compatible stream (deterministic for a seed).
 pub fn shuffle<T>(v: &mut [T], rng: &mut TorchCpuRng) {
     for i in (1..v.len()).rev() {

@@ -77,4 +77,92 @@ fn api_requests_queue_behind_the_hosts_jobs() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["images"].as_array().unwrap().len(), 1);
     assert_eq!(*log.lock().unwrap(), ["host job", "api request"], "the request waited for the host's job");
+    // A1111's batches: image k has the seed seed + k.
+    let (code, body) = post(port, "/sdapi/v1/txt2img", r#"{"prompt": "a red house", "steps": 2, "width": 32, "height": 32, "seed": 4, "batch_size": 2}"#);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let info: serde_json::Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], serde_json::json!([4, 5]), "{info}");
+    assert!(info["infotexts"][1].as_str().unwrap().contains("Seed: 5, "), "{info}");
+}
+
+/// A1111's Interrupt (what the API's jobs do): the interrupted batch is decoded from the clean
+/// latents its last step predicted, and written; without it (the app's Stop, fixed-name batch
+/// runs) nothing unfinished is written. Either way the job ends Cancelled.
+#[test]
+fn an_interrupted_batch_is_decoded_from_its_last_prediction() {
+    use loramix::rng::BatchSeeds;
+    use loramix::studio::{ImageOutputs, Settings, StudioEvent};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let model = fixture("tiny2").join("pipeline");
+    let settings = Settings {
+        model: model.to_string_lossy().into_owned(),
+        prompt: "a red house".into(),
+        steps: 12,
+        sampler: "euler_a".into(),
+        seed: Some(30),
+        width: 32,
+        height: 32,
+        batch_size: 2,
+        batch_seeds: BatchSeeds::PerImage,
+        ..Default::default()
+    };
+    let studio = Studio::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let pngs = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect()).unwrap_or_default();
+        v.sort();
+        v
+    };
+    for keep in [false, true] {
+        let dir = tmp.path().join(format!("keep-{keep}"));
+        let cancel = AtomicBool::new(false);
+        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep };
+        let r = studio.run(
+            &settings,
+            None,
+            &outputs,
+            &cancel,
+            &mut |e| {
+                if let StudioEvent::Step { step: 5, .. } = e {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            },
+            &mut |_| {},
+        );
+        assert!(matches!(r, Err(loramix::Error::Cancelled)), "{r:?}");
+        let files = pngs(&dir);
+        if !keep {
+            assert!(files.is_empty(), "{files:?}");
+            continue;
+        }
+        let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, ["00000-30.png", "00001-31.png"]);
+        // The same five steps by hand: each image is the decode of the fifth step's x0.
+        let pipe = loramix::SdxlPipeline::load(model.to_str().unwrap(), &loramix::LoadOptions::default()).unwrap();
+        let req = loramix::GenerateRequest {
+            prompt: settings.prompt.clone(),
+            steps: 12,
+            cfg: settings.cfg,
+            sampler: Some("euler_a".parse().unwrap()),
+            seed: 30,
+            batch_seeds: BatchSeeds::PerImage,
+            width: Some(32),
+            height: Some(32),
+            batch_size: 2,
+            ..Default::default()
+        };
+        let mut x0 = None;
+        let e = pipe.generate_latents(&req, &mut |p| {
+            x0 = p.denoised.clone();
+            p.step < 5
+        });
+        assert!(matches!(e, Err(loramix::Error::Cancelled)));
+        let expected = pipe.decode(&x0.expect("euler a predicts x0")).unwrap();
+        for (f, want) in files.iter().zip(&expected) {
+            let got = image::open(f).unwrap().to_rgb8();
+            let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+            assert!(worst <= 1, "{}: {worst} levels from the decoded prediction", f.display());
+        }
+    }
 }

@@ -168,6 +168,47 @@ fn batch_count_runs_batches_from_consecutive_seeds() {
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--batch-count 1"));
 }
 
+/// `--batch-seeds per-image`: A1111's seeds, so image k of a batch is the image `--seed S+k`
+/// makes alone (an ancestral sampler, so every step's noise is per image too), named and
+/// recorded with its own seed; the default shared generator's PNGs say so for a restore.
+#[test]
+fn per_image_batch_seeds_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let run = |seed: &str, extra: &[&str], out: &std::path::Path| {
+        loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "3", "--sampler", "euler_a"])
+            .args(["--seed", seed, "--width", "32", "--height", "32"])
+            .args(extra)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = run("5", &["--batch-size", "2", "--batch-seeds", "per-image"], &tmp.path().join("batch"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let paths: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    let names: Vec<&str> = paths.iter().map(|p| p.rsplit('/').next().unwrap()).collect();
+    assert_eq!(names, ["00000-5.png", "00001-6.png"]);
+    let text = String::from_utf8_lossy(&std::fs::read(&paths[1]).unwrap()).to_string();
+    assert!(text.contains("Seed: 6,") && text.contains("Batch pos: 1") && !text.contains("Batch seeds"), "{text}");
+    let alone = run("6", &[], &tmp.path().join("alone"));
+    assert!(alone.status.success());
+    let alone_path = String::from_utf8_lossy(&alone.stdout).lines().next().unwrap().to_string();
+    let (a, b) = (image::open(&paths[1]).unwrap().to_rgb8(), image::open(&alone_path).unwrap().to_rgb8());
+    let worst = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(worst <= 1, "image 1 of seed 5's batch is seed 6 alone ({worst} levels apart)");
+    let shared = run("5", &["--batch-size", "2"], &tmp.path().join("shared"));
+    let shared_paths: Vec<String> = String::from_utf8_lossy(&shared.stdout).lines().map(str::to_string).collect();
+    let text = String::from_utf8_lossy(&std::fs::read(&shared_paths[1]).unwrap()).to_string();
+    assert!(text.contains("Seed: 5,") && text.contains("Batch seeds: shared"), "{text}");
+    let b2 = image::open(&shared_paths[1]).unwrap().to_rgb8();
+    assert_ne!(b2.as_raw(), b.as_raw(), "a shared generator's second image is not seed 6's");
+    let bad = run("5", &["--batch-seeds", "sometimes"], &tmp.path().join("bad"));
+    let e = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && e.contains("shared or per-image"), "{e}");
+}
+
 /// `--init-image --mask` from the command line: the latents are diffusers' inpainting latents
 /// (golden case11: Euler, 6 steps, strength 0.75, seed 60), the PNG keeps every unmasked pixel
 /// of the init image (A1111's overlay) and records A1111's img2img fields.

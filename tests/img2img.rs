@@ -8,6 +8,7 @@ use std::path::Path;
 
 use candle_core::Device;
 use common::*;
+use loramix::rng::BatchSeeds;
 use loramix::sdxl::img2img::{self, InitImage, MaskedContent};
 use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
 
@@ -25,6 +26,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
         cfg: case["cfg"].as_f64().unwrap(),
         sampler: Some(case["sampler"].as_str().unwrap().parse().unwrap()),
         seed: case["seed"].as_u64().unwrap(),
+        batch_seeds: case.get("batch_seeds").and_then(|v| v.as_str()).map_or(BatchSeeds::Shared, |v| v.parse().unwrap()),
         width: Some(32),
         height: Some(32),
         batch_size: case["batch"].as_u64().unwrap() as usize,
@@ -65,11 +67,46 @@ fn img2img_and_inpainting_latents_equal_diffusers() {
     let g = candle_core::safetensors::load(dir().join("golden.safetensors"), &Device::Cpu).unwrap();
     let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("golden.json")).unwrap()).unwrap();
     let cases = gj.as_object().unwrap();
-    assert!(cases.len() >= 16, "{} cases", cases.len());
+    assert!(cases.len() >= 17, "{} cases", cases.len());
+    assert!(cases.values().any(|c| c["batch_seeds"] == "per_image"), "a case with diffusers' list of generators");
     for (key, case) in cases {
         let p = if case["kind"] == "inpaint9" { &pipe9 } else { &pipe };
         let lat = p.generate_latents(&request(case), &mut |_| true).unwrap();
         assert_close(&format!("{key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+    }
+}
+
+/// A1111's promise for per-image seeds: image k of a batch is the image that seed + k makes
+/// alone, with an ancestral sampler (fresh noise every step) in txt2img, img2img (a posterior
+/// sample per image), 4-channel and 9-channel inpainting; a shared generator's second image
+/// is not.
+#[test]
+fn per_image_seeds_make_each_image_as_its_seed_alone() {
+    let pipe = SdxlPipeline::load(fixture("tiny2").join("pipeline").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let pipe9 = inpaint_pipeline(tmp.path());
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("golden.json")).unwrap()).unwrap();
+    let img2img = request(&gj["case1"]);
+    let mut txt2img = GenerateRequest { init: None, ..img2img.clone() };
+    txt2img.steps = 4;
+    let inpaint = request(&gj["case12"]);
+    assert!(inpaint.init.as_ref().unwrap().mask.is_some());
+    let mut inpaint9 = request(&gj["case15"]);
+    inpaint9.sampler = Some("euler_a".parse().unwrap());
+    for (what, p, base) in [("txt2img", &pipe, txt2img), ("img2img", &pipe, img2img), ("inpaint", &pipe, inpaint), ("inpaint9", &pipe9, inpaint9)] {
+        let seed = 90;
+        let batch = GenerateRequest { seed, batch_size: 3, batch_seeds: BatchSeeds::PerImage, ..base.clone() };
+        let lat = p.generate_latents(&batch, &mut |_| true).unwrap();
+        for k in 0..3 {
+            let alone = GenerateRequest { seed: seed + k as u64, batch_size: 1, batch_seeds: BatchSeeds::Shared, ..base.clone() };
+            let one = p.generate_latents(&alone, &mut |_| true).unwrap();
+            let d = rel_l2(&lat.narrow(0, k, 1).unwrap(), &one);
+            assert!(d <= 1e-5, "{what}: image {k} of the batch vs seed {} alone: rel. L2 {d}", seed + k as u64);
+        }
+        let shared = GenerateRequest { seed, batch_size: 2, batch_seeds: BatchSeeds::Shared, ..base.clone() };
+        let lat = p.generate_latents(&shared, &mut |_| true).unwrap();
+        let alone = p.generate_latents(&GenerateRequest { seed: seed + 1, batch_size: 1, ..base.clone() }, &mut |_| true).unwrap();
+        assert!(rel_l2(&lat.narrow(0, 1, 1).unwrap(), &alone) > 0.1, "{what}: a shared generator's second image is its own");
     }
 }
 

@@ -142,6 +142,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     }
     s.batch_size = req.batch_size.unwrap_or(1);
     s.batch_count = req.n_iter.unwrap_or(1);
+    // A1111's `all_seeds`: image k of every batch has the seed seed + k.
+    s.batch_seeds = crate::rng::BatchSeeds::PerImage;
     if s.batch_size == 0 || s.batch_size > 64 {
         return Err(FieldError::new("batch_size", format!("{}: expected 1 to 64", s.batch_size)));
     }

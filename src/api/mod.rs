@@ -181,7 +181,7 @@ impl Worker {
 
 fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, cancel: &AtomicBool, progress: &Mutex<Progress>) -> Result<JobDone> {
     let mut written = vec![];
-    let outputs = ImageOutputs { dir, names: None, images: None };
+    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true };
     let r = studio.run(
         settings,
         library,
@@ -203,7 +203,8 @@ fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &P
     );
     let interrupted = match r {
         Ok(_) => false,
-        // A1111 answers an interrupted job with the images it finished.
+        // A1111 answers an interrupted job with the images it finished and the interrupted
+        // batch decoded from its last prediction of the clean latents.
         Err(Error::Cancelled) => true,
         Err(e) => return Err(e),
     };

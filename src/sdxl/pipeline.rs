@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::sdxl::model::{self, ModelSource};
-use crate::rng::TorchCpuRng;
+use crate::rng::{BatchNoise, BatchSeeds};
 use crate::sdxl::embedding::Embeddings;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
 use crate::sdxl::prompt_schedule;
@@ -168,6 +168,8 @@ pub struct GenerateRequest {
     /// diffusers' `clip_skip`: 0 = SDXL's penultimate layer; A1111's "Clip skip" is this + 1.
     pub clip_skip: usize,
     pub seed: u64,
+    /// Whether the batch's images share one generator (diffusers) or take A1111's seeds.
+    pub batch_seeds: BatchSeeds,
     pub width: Option<usize>,
     pub height: Option<usize>,
     pub batch_size: usize,
@@ -193,6 +195,7 @@ impl Default for GenerateRequest {
             schedule: Schedule::Default,
             clip_skip: 0,
             seed: 0,
+            batch_seeds: BatchSeeds::Shared,
             width: None,
             height: None,
             batch_size: 1,
@@ -211,6 +214,9 @@ pub struct StepProgress {
     pub elapsed: Duration,
     /// The sample after this step (for previews).
     pub latents: Option<Tensor>,
+    /// The clean latents this step predicted (the sampler's x0), where the sampler gives them:
+    /// A1111 decodes these when a run is interrupted.
+    pub denoised: Option<Tensor>,
 }
 
 fn wrap(label: &str, e: candle_core::Error) -> Error {
@@ -578,7 +584,7 @@ impl SdxlPipeline {
         }
         let (h, w) = (height / f, width / f);
         let shape = [b, latent_channels, h, w];
-        let mut rng = TorchCpuRng::new(req.seed);
+        let mut rng = BatchNoise::new(req.seed, b, req.batch_seeds);
         let sampler = match req.sampler {
             Some(s) => s,
             None => self.default_sampler()?,
@@ -596,9 +602,7 @@ impl SdxlPipeline {
                 schedulers::build(sampler, req.schedule, &config, req.steps)?
             }
         };
-        let randn = |rng: &mut TorchCpuRng, dims: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?)
-        };
+        let randn = |rng: &mut BatchNoise, dims: &[usize]| -> Result<Tensor> { Ok(batch_randn(rng, dims)?.to_device(&self.device)?) };
         let mut start_index = 0usize;
         let mut inpaint: Option<InpaintState> = None;
         let mut latents = match &req.init {
@@ -639,7 +643,7 @@ impl SdxlPipeline {
                                 let l = l.to_dtype(DType::F32)?.to_device(&self.device)?;
                                 if l.dim(0)? == b { l } else { l.repeat((b, 1, 1, 1))? }
                             }
-                            None => self.encode_sampled(&pixels()?, &mut rng)?.repeat((b, 1, 1, 1))?,
+                            None => to_batch(self.encode_sampled(&pixels()?, &mut rng)?, b)?,
                         };
                         let noise = randn(&mut rng, &shape)?;
                         sched.add_noise(&image_latents, &noise, start_index)?
@@ -651,7 +655,7 @@ impl SdxlPipeline {
                         // 4-channel UNets blend the re-noised original back in after each step, so
                         // they always need its latents; 9-channel ones only to start from it.
                         let image_latents = if !inpaint_unet || !strength_max {
-                            Some(self.encode_sampled(&pixels, &mut rng)?.repeat((b, 1, 1, 1))?)
+                            Some(to_batch(self.encode_sampled(&pixels, &mut rng)?, b)?)
                         } else {
                             None
                         };
@@ -675,9 +679,9 @@ impl SdxlPipeline {
                         // the noise of later steps stays diffusers'.
                         let masked_latents = if inpaint_unet {
                             let keep = Tensor::from_vec(bin.iter().map(|&m| 1.0 - m).collect::<Vec<f32>>(), (1, 1, height, width), &self.device)?;
-                            Some(self.encode_sampled(&pixels.broadcast_mul(&keep)?, &mut rng)?.repeat((b, 1, 1, 1))?)
+                            Some(to_batch(self.encode_sampled(&pixels.broadcast_mul(&keep)?, &mut rng)?, b)?)
                         } else {
-                            rng.randn(latent_channels * h * w);
+                            rng.skip(latent_channels * h * w);
                             None
                         };
                         inpaint = Some(InpaintState { image_latents, noise, mask: latent_mask.repeat((b, 1, 1, 1))?, masked_latents });
@@ -732,9 +736,7 @@ impl SdxlPipeline {
         }
         let timesteps = sched.timesteps().to_vec();
         let start = Instant::now();
-        let mut draw = |dims: &[usize]| -> Result<Tensor> {
-            Ok(Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?)
-        };
+        let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
             // A1111 counts the steps of this run (model calls) from 0.
             let key = entries(i - start_index);
@@ -808,6 +810,7 @@ impl SdxlPipeline {
                 steps: timesteps.len() - start_index,
                 elapsed: start.elapsed(),
                 latents: Some(latents.clone()),
+                denoised: sched.denoised().cloned(),
             };
             if !on_step(&progress) {
                 return Err(Error::Cancelled);
@@ -816,18 +819,23 @@ impl SdxlPipeline {
         Ok(latents)
     }
 
-    /// Pixels `[1, 3, H, W]` in [-1, 1] → scaled latents, sampling the VAE's posterior with
+    /// Pixels `[n, 3, H, W]` in [-1, 1] → scaled latents, sampling the VAE's posterior with
     /// the run's generator (`retrieve_latents(vae.encode(x), generator)` then the scaling,
-    /// with `latents_mean`/`latents_std` where the VAE has them).
-    pub fn encode_sampled(&self, pixels: &Tensor, rng: &mut TorchCpuRng) -> Result<Tensor> {
+    /// with `latents_mean`/`latents_std` where the VAE has them). With per-image seeds each
+    /// image of the batch samples its own posterior (one image is encoded once for them all),
+    /// as diffusers does with a list of generators.
+    pub fn encode_sampled(&self, pixels: &Tensor, rng: &mut BatchNoise) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         let x = pixels.to_dtype(self.vae_dtype)?;
-        let dist = match self.vae_plan(b, h, w).tiling {
+        let mut dist = match self.vae_plan(b, h, w).tiling {
             Some(t) => self.vae()?.encode_tiled(&x, &t)?,
             None => self.vae()?.encode(&x)?,
         };
-        let dims = dist.mean.dims().to_vec();
-        let noise = Tensor::from_vec(rng.randn(dims.iter().product()), dims, &Device::Cpu)?.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
+        if rng.per_image() && b != rng.images() {
+            dist.mean = to_batch(dist.mean, rng.images())?;
+            dist.logvar = to_batch(dist.logvar, rng.images())?;
+        }
+        let noise = batch_randn(rng, dist.mean.dims())?.to_device(&self.device)?.to_dtype(self.vae_dtype)?;
         let z = dist.sample(&noise)?.to_dtype(DType::F32)?;
         let c = &self.vae_config;
         Ok(match (&c.latents_mean, &c.latents_std) {
@@ -919,4 +927,21 @@ pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
         out.push(image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Argument("image buffer size mismatch".into()))?);
     }
     Ok(out)
+}
+
+/// `dims` of standard normals on the host, drawn by the batch's seed convention.
+fn batch_randn(rng: &mut BatchNoise, dims: &[usize]) -> Result<Tensor> {
+    let values = rng
+        .randn(dims)
+        .ok_or_else(|| Error::Argument(format!("noise of shape {dims:?} for a batch of {} images with per-image seeds", rng.images())))?;
+    Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
+}
+
+/// One image's latents repeated to the batch (a batch already that size is kept).
+fn to_batch(t: Tensor, b: usize) -> Result<Tensor> {
+    match t.dim(0)? {
+        n if n == b => Ok(t),
+        1 => Ok(t.repeat((b, 1, 1, 1))?),
+        n => Err(Error::Argument(format!("latents of {n} images for a batch of {b}"))),
+    }
 }

@@ -375,7 +375,7 @@ pub fn run_batch(
         let line = job.line;
         let names = move |k: usize| image_name(line, k);
         let cluster = cluster_of.get(ji).copied();
-        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images) };
+        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images), keep_interrupted: false };
         let r = studio.run(
             &job.settings,
             library,
@@ -460,7 +460,8 @@ pub fn manifest_line(settings: &Settings, images: Option<usize>) -> Result<Strin
 }
 
 /// The Gallery's "save as manifest": one line per distinct job among `images` that makes that
-/// image again (its seed fixed; a batch of several is kept whole, since its images share noise),
+/// image again (its seed fixed; with per-image seeds that is the image alone, with a shared
+/// generator its batch kept whole, since its images share one noise stream),
 /// written atomically to `dest` (`.jsonl`).
 pub fn export_manifest(images: &[PathBuf], dest: &Path) -> Result<PathBuf> {
     if images.is_empty() {
@@ -474,6 +475,9 @@ pub fn export_manifest(images: &[PathBuf], dest: &Path) -> Result<PathBuf> {
         let images = match &rec {
             Some(r) => {
                 s.seed = Some(r.seed);
+                if s.batch_seeds == crate::rng::BatchSeeds::PerImage {
+                    s.batch_size = 1;
+                }
                 s.batch_size.max(1)
             }
             None => 1,

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor};
 
 use super::settings::HiresSettings;
 use crate::error::{Error, Result};
-use crate::rng::TorchCpuRng;
+use crate::rng::BatchNoise;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
 use crate::sdxl::pipeline::{GenerateRequest, SdxlPipeline};
 use crate::sdxl::upscale::{self, Upscaler};
@@ -116,7 +116,7 @@ pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents
                 pixels.push(img2img::image_tensor(&big, &pipe.device)?);
             }
             // A1111 samples the posterior from torch's global generator; ours is the seed's.
-            pipe.encode_sampled(&Tensor::cat(&pixels, 0)?, &mut TorchCpuRng::new(first.seed))?
+            pipe.encode_sampled(&Tensor::cat(&pixels, 0)?, &mut BatchNoise::new(first.seed, pixels.len(), first.batch_seeds))?
         }
     };
     let mut req = first.clone();

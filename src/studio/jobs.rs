@@ -271,7 +271,7 @@ impl Studio {
         on_event: &mut dyn FnMut(StudioEvent),
         on_preview: &mut dyn FnMut(&image::RgbImage),
     ) -> Result<Vec<PathBuf>> {
-        let outputs = ImageOutputs { dir: out_dir, names: None, images: None };
+        let outputs = ImageOutputs { dir: out_dir, names: None, images: None, keep_interrupted: false };
         Ok(self.run(settings, library, &outputs, cancel, on_event, on_preview)?.written)
     }
 
@@ -354,7 +354,11 @@ impl Studio {
         // Which fixed-name files already hold their image (same settings, seed and position).
         let kept_of = |unit: &Unit| -> Vec<bool> {
             match names_of(unit) {
-                Some(paths) => paths.iter().enumerate().map(|(i, p)| holds_image(p, settings, unit.seed, unit.batch, if dynamic { unit.first % bs } else { i })).collect(),
+                Some(paths) => paths
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| holds_image(p, settings, settings.batch_seeds.seed_of(unit.seed, i), unit.batch, if dynamic { unit.first % bs } else { i }))
+                    .collect(),
                 None => vec![false; unit.count],
             }
         };
@@ -405,7 +409,7 @@ impl Studio {
         for (u, unit) in units.iter().enumerate() {
             let record = |i: usize, hashes: Vec<(String, String)>, ti_hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
                 settings: settings.clone(),
-                seed: unit.seed,
+                seed: settings.batch_seeds.seed_of(unit.seed, i),
                 batch_index: unit.batch,
                 index_in_batch: if dynamic { unit.first % bs } else { i },
                 width: w,
@@ -490,6 +494,7 @@ impl Studio {
                 clip_skip: settings.clip_skip,
                 timestep_spacing: (!settings.timestep_spacing.is_empty()).then(|| settings.timestep_spacing.clone()),
                 seed: unit.seed,
+                batch_seeds: settings.batch_seeds,
                 width: Some(w),
                 height: Some(h),
                 batch_size: unit.count,
@@ -527,7 +532,15 @@ impl Studio {
             };
             mix_opts.est_previews = None;
             let mut mixer = new_mixer(&mix_opts)?;
+            let last_denoised: std::cell::RefCell<Option<candle_core::Tensor>> = Default::default();
+            // An interrupted pass ends on the clean latents its last step predicted, where the
+            // job keeps them.
+            let partial = || if outputs.keep_interrupted { last_denoised.borrow_mut().take() } else { None };
+            let mut interrupted = false;
             let mut progress = |p: &crate::sdxl::pipeline::StepProgress, rest_units: usize| {
+                if outputs.keep_interrupted {
+                    *last_denoised.borrow_mut() = p.denoised.clone();
+                }
                 let its = p.step as f64 / p.elapsed.as_secs_f64().max(1e-9);
                 let remaining = (p.steps - p.step) as f64 / its + (rest_units * p.steps) as f64 / its;
                 on_event(StudioEvent::Step { batch: u, batches, step: p.step, steps: p.steps, its, eta_seconds: remaining });
@@ -540,18 +553,24 @@ impl Studio {
             };
             let latents = pipe.generate_latents_mixed(&req, mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, batches - u - 1));
             let latents = match latents {
-                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(Error::Cancelled) => {
+                    interrupted = true;
+                    partial().ok_or(Error::Cancelled)?
+                }
                 other => other?,
             };
             // Hires fix: the second pass reports its steps the same way (the UI shows both).
-            let latents = match settings.hires.as_ref().filter(|_| settings.init.is_none()) {
+            let latents = match settings.hires.as_ref().filter(|_| settings.init.is_none() && !interrupted) {
                 None => latents,
                 Some(hr) => {
                     let second = hires_request(&pipe, &req, &latents, hr, hires_model.as_ref())?;
                     let mut hr_mixer = new_mixer(&mix_opts)?;
                     let out = pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, 0));
                     match out {
-                        Err(Error::Cancelled) => return Err(Error::Cancelled),
+                        Err(Error::Cancelled) => {
+                            interrupted = true;
+                            partial().ok_or(Error::Cancelled)?
+                        }
                         other => other?,
                     }
                 }
@@ -583,13 +602,16 @@ impl Studio {
                 let rec = record(i, loaded.hashes.clone(), ti_hashes.clone(), summary.clone(), drawn.clone());
                 let path = match &fixed {
                     Some(f) => f[i].clone(),
-                    None => output::next_image_path(outputs.dir, unit.seed, &mut idx),
+                    None => output::next_image_path(outputs.dir, rec.seed, &mut idx),
                 };
                 output::write_atomic(&path, &encode_image(img, &rec)?)?;
-                on_event(StudioEvent::Image { path: path.clone(), seed: unit.seed, batch: unit.batch, index: rec.index_in_batch });
+                on_event(StudioEvent::Image { path: path.clone(), seed: rec.seed, batch: unit.batch, index: rec.index_in_batch });
                 out.written.push(path);
             }
             out.prompts.push(prompt_drawn);
+            if interrupted {
+                return Err(Error::Cancelled);
+            }
         }
         Ok(out)
     }
@@ -623,6 +645,10 @@ pub struct ImageOutputs<'a> {
     pub names: Option<&'a dyn Fn(usize) -> String>,
     /// Images to make; `None`: `batch_count × batch_size`.
     pub images: Option<usize>,
+    /// An interrupted batch is decoded from the clean latents its last step predicted and
+    /// written, as A1111's Interrupt does (the job still ends `Cancelled`). Off: only finished
+    /// images are written, which fixed names need (a half-denoised file would pass as done).
+    pub keep_interrupted: bool,
 }
 
 /// What a job did.

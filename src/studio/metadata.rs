@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::settings::{ImageRecord, InpaintArea, LoraSetting, Settings};
 use crate::error::{Error, Result};
+use crate::rng::BatchSeeds;
 use crate::lora;
 use crate::output;
 use crate::sdxl::schedulers::{SamplerKind, Schedule};
@@ -56,6 +57,11 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     }
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
+        if s.batch_seeds == BatchSeeds::Shared {
+            // Not an A1111 field: A1111's batches take per-image seeds, so its text without
+            // this field restores as per-image.
+            text.push_str(", Batch seeds: shared");
+        }
     }
     if let Some(hr) = s.hires.as_ref().filter(|_| s.init.is_none()) {
         text.push_str(&format!(", Denoising strength: {}, Hires upscale: {}", hr.denoise, hr.scale));
@@ -203,6 +209,8 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
         prompt,
         negative_prompt: negative_text.trim().to_string(),
         loras: tags.into_iter().filter(|t| t.schedule.is_none()).map(|t| LoraSetting { name: t.name, weight: t.weight, role: None, schedule: None }).collect(),
+        // A1111's "Seed" is the image's own: its batch sizes mean per-image seeds.
+        batch_seeds: BatchSeeds::PerImage,
         ..Settings::default()
     };
     let bad = |k: &str, v: &str, want: &str| Error::Argument(format!("parameters: {k} {v:?}: expected {want}"));
@@ -242,6 +250,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             "Model" => s.model = v,
             "VAE" => s.vae = v,
             "Batch size" => s.batch_size = v.parse().unwrap_or(1),
+            "Batch seeds" => s.batch_seeds = v.parse().map_err(|_| bad(&k, &v, "shared or per-image"))?,
             "LoRA mix" => s.mix = v,
             // The prompt text already has its styles (and draws) applied, so restoring from
             // `parameters` keeps them out of `styles`; our JSON chunk keeps the templates.
@@ -364,6 +373,16 @@ mod tests {
         let back = parse_parameters(&text).unwrap();
         assert!(back.loras.is_empty());
         assert!(back.prompt.ends_with("<lora:vlox:1:lbw=SDXL-OUTALL:stop=10>"), "{}", back.prompt);
+        // A batch's seeds: A1111's text means per-image; a shared generator's batch says so.
+        assert_eq!(parse_parameters("a cat\nSteps: 2, Seed: 5, Batch size: 2, Batch pos: 1").unwrap().batch_seeds, BatchSeeds::PerImage);
+        let mut rec3 = rec.clone();
+        rec3.settings.batch_size = 2;
+        for seeds in [BatchSeeds::Shared, BatchSeeds::PerImage] {
+            rec3.settings.batch_seeds = seeds;
+            let back = parse_parameters(&parameters_text(&rec3)).unwrap();
+            assert_eq!((back.batch_size, back.batch_seeds), (2, seeds));
+        }
+        assert!(parse_parameters("a cat\nSteps: 2, Batch seeds: sometimes").unwrap_err().to_string().contains("Batch seeds"));
     }
 
     #[test]

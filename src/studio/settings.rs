@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::mix;
+use crate::rng::BatchSeeds;
 use crate::sdxl::img2img::MaskedContent;
 
 /// One LoRA of a job.
@@ -55,6 +56,10 @@ pub struct Settings {
     /// Batches run one after another, each `batch_size` images at once; seeds advance per batch.
     pub batch_count: usize,
     pub batch_size: usize,
+    /// How a batch's images take their noise. Absent: shared, which is what every record made
+    /// before the choice existed used; the app and the API ask for A1111's per-image seeds.
+    #[serde(skip_serializing_if = "is_shared")]
+    pub batch_seeds: BatchSeeds,
     pub loras: Vec<LoraSetting>,
     /// merge | switch | composite | klora | est | np | windows | auto
     pub mix: String,
@@ -166,6 +171,7 @@ impl Default for Settings {
             height: 0,
             batch_count: 1,
             batch_size: 1,
+            batch_seeds: BatchSeeds::Shared,
             loras: vec![],
             mix: "merge".into(),
             klora_pattern: None,
@@ -186,7 +192,8 @@ impl Default for Settings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageRecord {
     pub settings: Settings,
-    /// The seed of this image's batch (images of one batch share it, as in A1111's "Seed").
+    /// The seed this image restores from: its own with per-image seeds (A1111's "Seed"), its
+    /// batch's with a shared generator.
     pub seed: u64,
     pub batch_index: usize,
     pub index_in_batch: usize,
@@ -285,4 +292,8 @@ impl MixSummary {
 
 fn is_zero(v: &usize) -> bool {
     *v == 0
+}
+
+fn is_shared(s: &BatchSeeds) -> bool {
+    *s == BatchSeeds::Shared
 }

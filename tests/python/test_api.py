@@ -83,6 +83,15 @@ def main():
         check(res.info["seed"] == 11 and res.info["all_seeds"] == [11, 12], f"info's seed and all_seeds ({res.info.get('seed')}, {res.info.get('all_seeds')})")
         check("Seed: 12" in res.images[1].info.get("parameters", ""), "the second image carries its own seed")
 
+        # A batch: A1111's seeds, image k has seed + k and is the image that seed makes alone.
+        batch = api.txt2img(prompt="a vlox emblem on a teal background", seed=21, width=64, height=64, steps=6, batch_size=2, sampler_name="Euler a")
+        check(len(batch.images) == 2 and batch.info["all_seeds"] == [21, 22], f"batch_size 2: all_seeds {batch.info.get('all_seeds')}")
+        second = batch.images[1].info.get("parameters", "")
+        check("Seed: 22," in second and "Batch pos: 1" in second, f"the batch's second image records its own seed ({second!r})")
+        alone = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler a")
+        worst = max(abs(a - b) for a, b in zip(pixels(batch.images[1]), pixels(alone.image)))
+        check(worst <= 1, f"the batch's second image is seed 22 alone ({worst} levels apart)")
+
         # The same seed without the LoRA draws a different picture.
         plain = api.txt2img(prompt="a vlox emblem on a teal background", seed=11, width=64, height=64, steps=8)
         check(pixels(plain.image) != pixels(res.image), "the LoRA tag changes the image")
@@ -142,6 +151,8 @@ def main():
         waited = out["t"] - t_int
         check(waited < max(2.0, 3 * step_time + 1.0), f"interrupt stops the job within a step ({waited:.2f}s after interrupt, {step_time:.3f}s a step)")
         check(out["res"].info.get("interrupted") is True, "info says the job was interrupted")
+        got = out["res"].images
+        check(len(got) == 1 and "Seed: 5," in got[0].info.get("parameters", ""), "as A1111, the interrupted image comes back, decoded from its last prediction")
 
         # Load: 50 concurrent requests, each right for its seed.
         seeds = list(range(1000, 1050))

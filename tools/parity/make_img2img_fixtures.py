@@ -85,6 +85,9 @@ def main():
     cases.append(dict(kind="inpaint9", sampler="euler", steps=6, strength=1.0, cfg=5.0, prompt="a blue dog", negative=None, batch=1, seed=70))
     cases.append(dict(kind="inpaint9", sampler="euler_a", steps=6, strength=0.7, cfg=4.0, prompt="a red house", negative=None, batch=2, seed=71))
     cases.append(dict(kind="inpaint9", sampler="dpmpp_2m", steps=5, strength=0.9, cfg=5.0, prompt="a photo of a cat", negative="blurry", batch=1, seed=72))
+    # A1111's per-image seeds are diffusers' list of generators: image k has its own, seeded seed + k.
+    cases.append(dict(kind="img2img", sampler="euler_a", steps=6, strength=0.7, cfg=4.0, prompt="a red house", negative="ugly", batch=2, seed=80,
+                      batch_seeds="per_image"))
     g, js = {}, {}
     for i, c in enumerate(cases):
         cls, kw = SAMPLERS[c["sampler"]]
@@ -93,6 +96,8 @@ def main():
         args = dict(prompt=c["prompt"], negative_prompt=c["negative"], num_inference_steps=c["steps"], strength=c["strength"],
                     guidance_scale=c["cfg"], num_images_per_prompt=c["batch"], output_type="latent",
                     generator=torch.Generator("cpu").manual_seed(c["seed"]), image=init)
+        if c.get("batch_seeds") == "per_image":
+            args["generator"] = [torch.Generator("cpu").manual_seed(c["seed"] + k) for k in range(c["batch"])]
         if c["kind"] != "img2img":
             args.update(mask_image=mask, height=32, width=32)
         with torch.no_grad():

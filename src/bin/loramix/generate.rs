@@ -14,6 +14,7 @@ use loramix::mix;
 use loramix::output;
 use loramix::studio;
 use loramix::sdxl::pipeline::VaeTilingMode;
+use loramix::rng::BatchSeeds;
 use loramix::sdxl::schedulers::Schedule;
 
 /// The VAE's tile under `--low-memory`: ComfyUI's default tile, about 0.8 GB of VAE work in f32.
@@ -63,6 +64,12 @@ pub struct GenerateArgs {
     height: Option<usize>,
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
+    /// How a batch's images take their noise: `shared`, one generator for the batch as in
+    /// diffusers and ComfyUI (the default here, where diffusers is the reference), or
+    /// `per-image`, A1111's seed + k per image, each the image its seed makes alone (the app's
+    /// and the API's default).
+    #[arg(long, default_value = "shared", value_parser = parse_batch_seeds)]
+    batch_seeds: BatchSeeds,
     /// Batches run one after another (A1111's batch count); batch i starts at seed + i·batch-size.
     #[arg(long, default_value_t = 1)]
     batch_count: usize,
@@ -348,6 +355,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         clip_skip: a.clip_skip,
         timestep_spacing: a.timestep_spacing.clone(),
         seed,
+        batch_seeds: a.batch_seeds,
         width: Some(width),
         height: Some(height),
         batch_size: a.batch_size,
@@ -573,7 +581,7 @@ fn write_batch(
         };
         let rec = studio::ImageRecord {
             settings: settings.clone(),
-            seed: req.seed,
+            seed: req.batch_seeds.seed_of(req.seed, i),
             batch_index,
             index_in_batch: i,
             width: w,
@@ -586,7 +594,7 @@ fn write_batch(
             version: env!("CARGO_PKG_VERSION").to_string(),
             drawn: None,
         };
-        let path = output::next_image_path(&a.out, req.seed, idx);
+        let path = output::next_image_path(&a.out, rec.seed, idx);
         output::write_atomic(&path, &studio::encode_image(img, &rec)?)?;
         written.push(path);
     }
@@ -599,7 +607,7 @@ fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSetti
     let settings = studio_settings(a, init, hires, "--style, wildcards (__name__) or variants ({a|b})")?;
     let studio = studio::Studio::with_load_options(opts);
     let cancel = std::sync::atomic::AtomicBool::new(false);
-    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None };
+    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None, keep_interrupted: false };
     let job = studio.run(&settings, a.library.as_deref(), &outputs, &cancel, &mut |e| log_event(&e), &mut |_| {})?;
     let mut stdout = std::io::stdout().lock();
     for path in &job.written {
@@ -661,6 +669,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         height: a.height.unwrap_or(0),
         batch_count: a.batch_count,
         batch_size: a.batch_size,
+        batch_seeds: a.batch_seeds,
         loras: vec![],
         mix: a.mix.clone(),
         klora_pattern: a.klora_pattern.clone(),
@@ -694,4 +703,8 @@ pub fn log_event(e: &studio::StudioEvent) {
 fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("size '{s}': expected WxH, e.g. 512x512"))?;
     Ok((w.trim().parse()?, h.trim().parse()?))
+}
+
+fn parse_batch_seeds(s: &str) -> Result<BatchSeeds, String> {
+    s.parse()
 }

@@ -12,6 +12,8 @@ pub struct Ddim {
     final_alpha_cumprod: f64,
     step_ratio: usize,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     clip: Option<f64>,
 }
 
@@ -45,7 +47,7 @@ impl Ddim {
             alphas_cumprod: sched.alphas_cumprod,
             final_alpha_cumprod,
             step_ratio: n / steps,
-            prediction: Prediction::from_config(&c, true)?,
+            prediction: Prediction::from_config(&c, true)?, denoised: None,
             clip,
         })
     }
@@ -65,6 +67,9 @@ impl Scheduler for Ddim {
         super::add_noise_ddpm(&self.alphas_cumprod, original, noise, *self.timesteps.get(i).ok_or_else(|| crate::error::Error::Scheduler(format!("add_noise at step {i}: past the schedule")))?)
     }
 
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as i64;
         let prev_t = t - self.step_ratio as i64;
@@ -86,6 +91,7 @@ impl Scheduler for Ddim {
         if let Some(r) = self.clip {
             x0 = x0.clamp(-r as f32, r as f32)?;
         }
+        self.denoised = Some(x0.clone());
         Ok((scale(&x0, a_prev.sqrt())? + scale(&eps, (1.0 - a_prev).sqrt())?)?)
     }
 }

@@ -83,6 +83,8 @@ pub struct DpmSolverMultistep {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     midpoint: bool,
     lower_order_final: bool,
     euler_at_final: bool,
@@ -129,7 +131,7 @@ impl DpmSolverMultistep {
         Ok(Self {
             timesteps,
             sigmas,
-            prediction: Prediction::from_config(&c, true)?,
+            prediction: Prediction::from_config(&c, true)?, denoised: None,
             midpoint,
             lower_order_final: c.bool("lower_order_final", true)?,
             euler_at_final: c.bool("euler_at_final", false)?,
@@ -151,10 +153,14 @@ impl Scheduler for DpmSolverMultistep {
         Some(&self.sigmas)
     }
 
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let len = self.timesteps.len();
         let lower_final = i == len - 1 && (self.euler_at_final || (self.lower_order_final && len < 15) || self.final_zero);
         let x0 = data_prediction(self.prediction, model_output, sample, self.sigmas[i])?;
+        self.denoised = Some(x0.clone());
         if self.history.len() == 2 {
             self.history.remove(0);
         }

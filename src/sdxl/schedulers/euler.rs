@@ -53,6 +53,8 @@ pub struct EulerDiscrete {
     sigmas: Vec<f64>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
 }
 
 impl EulerDiscrete {
@@ -90,7 +92,7 @@ impl EulerDiscrete {
             init_noise_sigma: init_noise_sigma(&sigmas, &spacing),
             timesteps,
             sigmas,
-            prediction: Prediction::from_config(&c, true)?,
+            prediction: Prediction::from_config(&c, true)?, denoised: None,
         })
     }
 }
@@ -101,9 +103,13 @@ impl Scheduler for EulerDiscrete {
         let s = self.sigmas[i];
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
     }
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let sigma = self.sigmas[i];
         let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
+        self.denoised = Some(x0.clone());
         let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;
         let dt = self.sigmas[i + 1] - sigma;
         Ok((sample + scale(&derivative, dt)?)?)

@@ -14,6 +14,8 @@ pub struct EulerAncestralDiscrete {
     sigmas: Vec<f64>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
 }
 
 impl EulerAncestralDiscrete {
@@ -35,7 +37,7 @@ impl EulerAncestralDiscrete {
             }
         }
         sigmas.push(0.0);
-        Ok(Self { init_noise_sigma: init_noise_sigma(&sigmas, &spacing), timesteps, sigmas, prediction: Prediction::from_config(&c, false)? })
+        Ok(Self { init_noise_sigma: init_noise_sigma(&sigmas, &spacing), timesteps, sigmas, prediction: Prediction::from_config(&c, false)?, denoised: None })
     }
 }
 
@@ -45,9 +47,13 @@ impl Scheduler for EulerAncestralDiscrete {
         let s = self.sigmas[i];
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
     }
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let (from, to) = (self.sigmas[i], self.sigmas[i + 1]);
         let x0 = predict_x0(self.prediction, model_output, sample, from)?;
+        self.denoised = Some(x0.clone());
         let sigma_up = (to * to * (from * from - to * to) / (from * from)).sqrt();
         let sigma_down = (to * to - sigma_up * sigma_up).sqrt();
         let derivative = scale(&(sample - x0)?, 1.0 / from)?;

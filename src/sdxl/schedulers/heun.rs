@@ -16,6 +16,8 @@ pub struct HeunDiscrete {
     sigmas: Vec<f64>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     clip: Option<f64>,
     /// Between the Euler half and the correction: the first derivative, dt and the sample.
     pending: Option<(Tensor, f64, Tensor)>,
@@ -35,7 +37,7 @@ impl HeunDiscrete {
         let mut ts = interleave(&timesteps);
         ts.pop();
         let clip = if c.bool("clip_sample", false)? { Some(c.f64("clip_sample_range", 1.0)?) } else { None };
-        Ok(Self { timesteps: ts, sigmas: inter, init_noise_sigma: init, prediction: Prediction::from_config(&c, true)?, clip, pending: None })
+        Ok(Self { timesteps: ts, sigmas: inter, init_noise_sigma: init, prediction: Prediction::from_config(&c, true)?, denoised: None, clip, pending: None })
     }
 }
 
@@ -48,6 +50,9 @@ impl Scheduler for HeunDiscrete {
         let s = self.sigmas[i];
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
     }
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let first = self.pending.is_none();
         let (sigma, sigma_next) = if first { (self.sigmas[i], self.sigmas[i + 1]) } else { (self.sigmas[i - 1], self.sigmas[i]) };
@@ -56,6 +61,7 @@ impl Scheduler for HeunDiscrete {
             Some(r) => x0.clamp(-r as f32, r as f32)?,
             None => x0,
         };
+        self.denoised = Some(x0.clone());
         match self.pending.take() {
             None => {
                 let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;

@@ -20,6 +20,8 @@ pub struct KDpm2Discrete {
     sigmas_interpol: Vec<f64>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     /// The sample at the start of a step, kept while the midpoint is evaluated.
     start: Option<Tensor>,
 }
@@ -54,6 +56,7 @@ impl KDpm2Discrete {
             sigmas: interleave(&s32),
             sigmas_interpol: interleave(&interpol),
             prediction,
+            denoised: None,
             start: None,
         })
     }
@@ -68,11 +71,15 @@ impl Scheduler for KDpm2Discrete {
         let s = if self.start.is_none() { self.sigmas[i] } else { self.sigmas_interpol[i] };
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
     }
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         match self.start.take() {
             None => {
                 let (sigma, mid) = (self.sigmas[i], self.sigmas_interpol[i + 1]);
                 let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
+                self.denoised = Some(x0.clone());
                 let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;
                 self.start = Some(sample.clone());
                 Ok((sample + scale(&derivative, mid - sigma)?)?)
@@ -80,6 +87,7 @@ impl Scheduler for KDpm2Discrete {
             Some(start) => {
                 let (sigma, mid, next) = (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i]);
                 let x0 = predict_x0(self.prediction, model_output, sample, mid)?;
+                self.denoised = Some(x0.clone());
                 let derivative = scale(&(sample - x0)?, 1.0 / mid)?;
                 Ok((start + scale(&derivative, next - sigma)?)?)
             }
@@ -101,6 +109,8 @@ pub struct KDpm2Ancestral {
     sigmas: Vec<f64>,
     init_noise_sigma: f64,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     start: Option<Tensor>,
 }
 
@@ -138,6 +148,7 @@ impl KDpm2Ancestral {
             down: f(down),
             sigmas: interleaved,
             prediction,
+            denoised: None,
             start: None,
         })
     }
@@ -153,6 +164,9 @@ impl Scheduler for KDpm2Ancestral {
         let s = if self.start.is_none() { self.sigma[k] } else { self.mid[k] };
         scale(sample, 1.0 / (s * s + 1.0).sqrt())
     }
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         // Step i belongs to step k of the schedule: i = 2k (to the midpoint) or 2k + 1 (the rest).
         let k = i / 2;
@@ -160,6 +174,7 @@ impl Scheduler for KDpm2Ancestral {
             None => {
                 let (sigma, mid) = (self.sigma[k], self.mid[k]);
                 let x0 = predict_x0(self.prediction, model_output, sample, sigma)?;
+                self.denoised = Some(x0.clone());
                 let derivative = scale(&(sample - x0)?, 1.0 / sigma)?;
                 self.start = Some(sample.clone());
                 Ok((sample + scale(&derivative, mid - sigma)?)?)
@@ -167,6 +182,7 @@ impl Scheduler for KDpm2Ancestral {
             Some(start) => {
                 let (sigma, mid, up, down) = (self.sigma[k], self.mid[k], self.up[k], self.down[k]);
                 let x0 = predict_x0(self.prediction, model_output, sample, mid)?;
+                self.denoised = Some(x0.clone());
                 let derivative = scale(&(sample - x0)?, 1.0 / mid)?;
                 let prev = (start + scale(&derivative, down - sigma)?)?;
                 let n = noise(model_output.dims())?.to_dtype(prev.dtype())?.to_device(prev.device())?;

@@ -15,6 +15,8 @@ pub struct Lcm {
     alphas_cumprod: Vec<f32>,
     final_alpha: f32,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     timestep_scaling: f64,
     clip: Option<f64>,
 }
@@ -44,7 +46,7 @@ impl Lcm {
             timesteps,
             alphas_cumprod: sched.alphas_cumprod.clone(),
             final_alpha,
-            prediction: Prediction::from_config(&c, true)?,
+            prediction: Prediction::from_config(&c, true)?, denoised: None,
             timestep_scaling: c.f64("timestep_scaling", 10.0)?,
             clip,
         })
@@ -57,6 +59,9 @@ impl Scheduler for Lcm {
         super::add_noise_ddpm(&self.alphas_cumprod, original, noise, *self.timesteps.get(i).ok_or_else(|| crate::error::Error::Scheduler(format!("add_noise at step {i}: past the schedule")))?)
     }
 
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let t = self.timesteps[i] as usize;
         let last = i + 1 == self.timesteps.len();
@@ -79,6 +84,7 @@ impl Scheduler for Lcm {
             None => x0,
         };
         let denoised = (scale(&x0, c_out as f64)? + scale(sample, c_skip as f64)?)?;
+        self.denoised = Some(denoised.clone());
         if last {
             return Ok(denoised);
         }

@@ -321,6 +321,11 @@ pub trait Scheduler: Send {
     fn scale_model_input(&self, sample: &Tensor, i: usize) -> Result<Tensor>;
     /// Advance from step `i` given the (guided) model output.
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut NoiseSource) -> Result<Tensor>;
+    /// The clean latents the last step predicted (its x0, k-diffusion's `denoised`): what an
+    /// interrupted run decodes, as A1111 does.
+    fn denoised(&self) -> Option<&Tensor> {
+        None
+    }
     /// The sigma schedule, for samplers that have one (length steps + 1).
     fn sigmas(&self) -> Option<&[f64]> {
         None

@@ -14,6 +14,8 @@ pub struct UniPc {
     timesteps: Vec<f64>,
     sigmas: Vec<f64>,
     prediction: Prediction,
+    /// The last step's prediction of the clean latents (what A1111 decodes when interrupted).
+    denoised: Option<Tensor>,
     bh2: bool,
     lower_order_final: bool,
     /// The data predictions (x0) of the last two steps, newest last.
@@ -45,7 +47,7 @@ impl UniPc {
         Ok(Self {
             timesteps,
             sigmas,
-            prediction: Prediction::from_config(&c, true)?,
+            prediction: Prediction::from_config(&c, true)?, denoised: None,
             bh2,
             lower_order_final: c.bool("lower_order_final", true)?,
             history: Vec::with_capacity(2),
@@ -72,8 +74,12 @@ impl Scheduler for UniPc {
     fn sigmas(&self) -> Option<&[f64]> {
         Some(&self.sigmas)
     }
+    fn denoised(&self) -> Option<&Tensor> {
+        self.denoised.as_ref()
+    }
     fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, _noise: &mut NoiseSource) -> Result<Tensor> {
         let x0 = data_prediction(self.prediction, model_output, sample, self.sigmas[i])?;
+        self.denoised = Some(x0.clone());
         // UniC: correct the sample the last predictor made, with this step's model output.
         let sample = match self.last.take() {
             Some((last_sample, order)) if i > 0 => {

@@ -44,6 +44,9 @@ export interface Settings {
   height: number;
   batch_count: number;
   batch_size: number;
+  /** "per_image": A1111's seed + k per image of a batch; absent or "shared": one generator
+   * for the batch (diffusers; what records made before the choice restore with). */
+  batch_seeds?: "shared" | "per_image";
   loras: LoraSetting[];
   mix: string;
   klora_pattern: string | null;
@@ -329,6 +332,7 @@ export function defaultSettings(): Settings {
     height: 0,
     batch_count: 1,
     batch_size: 1,
+    batch_seeds: "per_image",
     loras: [],
     mix: "merge",
     klora_pattern: null,
