@@ -179,18 +179,18 @@ pub struct Studio {
 }
 
 /// Mix computations kept between the jobs of a batch, all exact (the same inputs give the same
-/// values): prepared strategies (weight statistics) per LoRA set, and loaded LoRAs with their
-/// library candidate picks per (prompt tags, LoRA list, scored prompt).
+/// values): prepared strategies (weight statistics) and loaded LoRAs, each per LoRA set (the
+/// given LoRAs, the library's picks for the prompt, and the prompt's tags).
 #[derive(Default)]
 struct SharedMix {
     on: bool,
     strategies: HashMap<String, Box<dyn mix::MixStrategy>>,
-    loras: HashMap<String, Arc<(LoadedLoras, Vec<mix::candidates::Candidate>)>>,
+    loras: HashMap<String, Arc<LoadedLoras>>,
     stats: MixSharing,
 }
 
-/// How often a batch computed a mix's weight statistics and loaded its LoRAs (with candidate
-/// scores), and how often it reused them.
+/// How often a batch computed a mix's weight statistics and loaded its LoRAs, and how often
+/// it reused them.
 #[derive(Debug, Default, Clone, Copy, Serialize, PartialEq)]
 pub struct MixSharing {
     pub statistics_computed: usize,
@@ -404,7 +404,8 @@ impl Studio {
         let schedule_name = if resolved == Schedule::Default { String::new() } else { resolved.a1111_name().to_string() };
         std::fs::create_dir_all(outputs.dir).map_err(|e| Error::io(outputs.dir, e))?;
         let batches = units.len();
-        let mut loaded_for: Vec<(String, Arc<(LoadedLoras, Vec<mix::candidates::Candidate>)>)> = vec![];
+        let mut loaded_for: Vec<(String, Arc<LoadedLoras>)> = vec![];
+        let mut scored: Vec<(String, Vec<(String, f64, Option<Role>)>, Vec<mix::candidates::Candidate>)> = vec![];
         let mut idx = output::first_free_index(outputs.dir);
         for (u, unit) in units.iter().enumerate() {
             let record = |i: usize, hashes: Vec<(String, String)>, ti_hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
@@ -434,15 +435,25 @@ impl Studio {
             let (prompt_drawn, negative_drawn) = draw(unit.seed)?;
             let (prompt, mut tags) = lora::extract_prompt_loras(&prompt_drawn)?;
             tags.extend(scheduled_tags.iter().cloned());
-            // LoRAs load once per distinct set of tags (wildcards may draw `<lora:…>` tags), and
-            // once per batch for the same model, library, LoRA list, tags and scored prompt.
+            // The library's candidates are scored per prompt (text only, cheap; sharing picks
+            // between prompts gave prompts other subjects' LoRAs), once per distinct prompt.
+            let (job_args, picked) = match scored.iter().find(|(p, _, _)| *p == prompt) {
+                Some((_, a, c)) => (a.clone(), c.clone()),
+                None => {
+                    let mut job_args = args.clone();
+                    let picked = if settings.candidates { library_candidates(&pipe, library, &prompt, &mut job_args)? } else { Vec::new() };
+                    scored.push((prompt.clone(), job_args.clone(), picked.clone()));
+                    (job_args, picked)
+                }
+            };
+            // LoRAs load once per distinct set (given, picked and `<lora:…>` tags, which
+            // wildcards may draw), in a job and across the jobs of a batch.
             let key = format!(
-                "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{}",
+                "{}\u{0}{}\u{0}{}\u{0}{}",
                 settings.model,
                 library.map(|l| l.display().to_string()).unwrap_or_default(),
-                args.iter().map(|(n, w, r)| format!("{n}:{w}:{r:?}")).collect::<Vec<_>>().join(","),
+                job_args.iter().map(|(n, w, r)| format!("{n}:{w}:{r:?}")).collect::<Vec<_>>().join(","),
                 tags.iter().map(|t| t.text.as_str()).collect::<Vec<_>>().join("\u{1}"),
-                if settings.candidates { prompt.as_str() } else { "" }
             );
             if !loaded_for.iter().any(|(k, _)| *k == key) {
                 // An earlier job of the batch loaded the same LoRAs.
@@ -458,13 +469,11 @@ impl Studio {
             let loaded = match loaded_for.iter().find(|(k, _)| *k == key) {
                 Some((_, l)) => l.clone(),
                 None => {
-                    let mut args = args.clone();
-                    let picked = if settings.candidates { library_candidates(&pipe, library, &prompt, &mut args)? } else { Vec::new() };
-                    let l = load_loras(&args, &tags, library, &Path::new(&settings.model).join("loras"), &targets)?;
+                    let l = load_loras(&job_args, &tags, library, &Path::new(&settings.model).join("loras"), &targets)?;
                     for r in &l.reports {
                         on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
                     }
-                    let l = Arc::new((l, picked));
+                    let l = Arc::new(l);
                     let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
                     g.stats.loras_loaded += 1;
                     if g.on {
@@ -478,7 +487,7 @@ impl Studio {
                     l
                 }
             };
-            let (loaded, picked) = (&loaded.0, &loaded.1);
+            let (loaded, picked) = (&*loaded, &picked);
             for r in &loaded.reports {
                 if !out.loras.contains(&r.name) {
                     out.loras.push(r.name.clone());
