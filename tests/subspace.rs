@@ -211,3 +211,76 @@ fn replace_originals_keeps_a_way_back() {
     lib.remove_subspace("lossy").unwrap();
     assert_eq!(lib.subspaces().unwrap().len(), 1);
 }
+
+/// A LyCORIS "full" copy of a miniworld LoRA: each module's `scale · up · down` as a dense
+/// `.diff` (what LoHa and LoKr files also load as), with the original's metadata.
+fn dense_copy(src: &std::path::Path, dest: &std::path::Path) {
+    use candle_core::{DType, Device, Tensor};
+    let bytes = std::fs::read(src).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap_or_default();
+    meta.insert("ss_network_module".into(), "lycoris.kohya".into());
+    let t = candle_core::safetensors::load(src, &Device::Cpu).unwrap();
+    let mut out: Vec<(String, Vec<usize>, Vec<u8>)> = vec![];
+    for key in t.keys().filter(|k| k.ends_with(".lora_down.weight")) {
+        let prefix = key.trim_end_matches(".lora_down.weight");
+        let down = t[key].to_dtype(DType::F32).unwrap();
+        let up = t[&format!("{prefix}.lora_up.weight")].to_dtype(DType::F32).unwrap();
+        let r = down.dim(0).unwrap();
+        let alpha = t.get(&format!("{prefix}.alpha")).map_or(r as f32, |a| a.to_dtype(DType::F32).unwrap().to_vec0::<f32>().unwrap());
+        let o = up.dim(0).unwrap();
+        let d: Tensor = (up.reshape((o, r)).unwrap().matmul(&down.reshape((r, ())).unwrap()).unwrap() * (alpha / r as f32) as f64).unwrap();
+        let mut shape = vec![o];
+        shape.extend_from_slice(&down.dims()[1..]);
+        let v: Vec<f32> = d.flatten_all().unwrap().to_vec1().unwrap();
+        out.push((format!("{prefix}.diff"), shape, v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        out.iter().map(|(k, s, b)| (k.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    std::fs::write(dest, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+/// `subspace add` of a dense LoRA (LoHa, LoKr, full ΔW): each module's orthogonal projection
+/// onto the basis, errors against the true ΔW. A dense copy of a member is reproduced; a dense
+/// copy of a non-member gets exactly the low-rank file's projection and error; a centred
+/// subspace refuses dense modules by name.
+#[test]
+fn dense_loras_join_by_projection() {
+    let targets = miniworld_targets();
+    let dir = tempfile::tempdir().unwrap();
+    let mut lib = LoraLibrary::open(dir.path()).unwrap();
+    let loras = root().join("models/miniworld/loras");
+    let dense = dir.path().join("dense");
+    std::fs::create_dir_all(&dense).unwrap();
+    dense_copy(&loras.join("vlox.safetensors"), &dense.join("vloxfull.safetensors"));
+    dense_copy(&loras.join("tebo.safetensors"), &dense.join("tebofull.safetensors"));
+    lib.import(&[loras, dense], &mut |_| {}).unwrap();
+    let members: Vec<String> = ["vlox", "krin", "striped", "dotted"].iter().map(|s| s.to_string()).collect();
+    lib.build_subspace(&request("all4", &members, ComponentRule::Fixed(32), Storage::F32), &targets).unwrap();
+    assert!(LoadedLora::load(&dir.path().join("dense/vloxfull.safetensors"), "vloxfull", &targets)
+        .unwrap()
+        .modules
+        .iter()
+        .all(|m| matches!(m.weights, loramix_models::BranchWeights::Dense(_))));
+    let m = lib.add_to_subspace("all4", "vloxfull", &targets).unwrap();
+    assert!(m.error <= 1e-4, "a dense copy of a member: ΔW error {}", m.error);
+    let orig = LoadedLora::load(&root().join("models/miniworld/loras/vlox.safetensors"), "vlox", &targets).unwrap();
+    let rec = lib.subspace_member_lora("all4", "vloxfull", "vloxfull@all4", &targets).unwrap();
+    for m in &orig.modules {
+        let r = rec.modules.iter().find(|r| r.target == m.target).expect("same layers");
+        let a: Vec<f64> = orig.delta(m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+        let b: Vec<f64> = rec.delta(r).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+        assert!(rel(&b, &a) <= 1e-4, "{}: {}", m.key, rel(&b, &a));
+    }
+    let full = lib.add_to_subspace("all4", "tebofull", &targets).unwrap();
+    let low = lib.add_to_subspace("all4", "tebo", &targets).unwrap();
+    assert!(low.error > 0.1, "tebo is outside the 4 members' span ({})", low.error);
+    assert!((full.error - low.error).abs() <= 1e-5, "dense {} vs low-rank {}", full.error, low.error);
+    for (path, e) in &low.module_errors {
+        assert!((full.module_errors[path] - e).abs() <= 1e-5, "{path}: {} vs {e}", full.module_errors[path]);
+    }
+    let centred = SubspaceRequest { centering: Centering::Centred, ..request("c", &members, ComponentRule::Fixed(32), Storage::F32) };
+    lib.build_subspace(&centred, &targets).unwrap();
+    let e = lib.add_to_subspace("c", "tebofull", &targets).unwrap_err().to_string();
+    assert!(e.contains("tebofull") && e.contains("dense") && e.contains("uncentred"), "{e}");
+}

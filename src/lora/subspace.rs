@@ -462,6 +462,82 @@ pub fn project(
     Ok((loadings, err))
 }
 
+/// Projects a LoRA whose modules hold a dense ΔW (LoHa, LoKr, LyCORIS full; low-rank modules
+/// of the same file go through their ΔW too) onto an uncentred `basis`: the loadings of each
+/// module are the best rank-K form of its orthogonal projection `C_B (C_Bᵀ ΔW C_A) C_Aᵀ`, from
+/// the SVD of the small `K_u × K_d` core, so no rank limit applies. Errors are measured against
+/// the true ΔW, after the loadings are rounded to `storage`.
+///
+/// Why not through [`ModuleFactors`]: a dense ΔW has no rank-r factors, and its exact SVD would
+/// cost a full decomposition per layer where the core needs two products.
+pub fn project_dense(
+    basis: &BTreeMap<String, ModuleBasis>,
+    lora: &LoadedLora,
+    targets: &AdapterTargets,
+    storage: Storage,
+) -> Result<(BTreeMap<String, ModuleLoadings>, ReconstructionError)> {
+    let mut loadings = BTreeMap::new();
+    let mut err = ReconstructionError::default();
+    let (mut num, mut den) = (0.0, 0.0);
+    for m in &lora.modules {
+        let t = &targets.targets[m.target];
+        let path = t.qualified_path();
+        let b = basis.get(&path).ok_or_else(|| {
+            Error::Argument(format!("module {path}: the subspace has no basis for this layer (its members never adapt it)"))
+        })?;
+        if b.up.mean.iter().chain(&b.down.mean).any(|v| *v != 0.0) {
+            return Err(Error::Argument(format!(
+                "{} has dense modules (ΔW, not up·down factors), which join uncentred subspaces only; build one with --centering uncentred",
+                lora.name
+            )));
+        }
+        let delta = lora.delta(m)?.to_dtype(DType::F32)?;
+        let out_dim = delta.dim(0)?;
+        let w: Vec<f32> = delta.reshape((out_dim, ()))?.flatten_all()?.to_vec1()?;
+        let in_dim = w.len() / out_dim.max(1);
+        if b.up.dim != out_dim || b.down.dim != in_dim {
+            return Err(Error::Argument(format!(
+                "module {path}: this LoRA's shape {out_dim}×{in_dim} does not match the subspace's {}×{}; it is for another base model",
+                b.up.dim, b.down.dim
+            )));
+        }
+        let dw = faer::MatRef::from_row_major_slice(&w, out_dim, in_dim);
+        let dw = Mat::<f64>::from_fn(out_dim, in_dim, |i, j| dw[(i, j)] as f64);
+        let (cb, ca) = (b.up.components_ref(), b.down.components_ref());
+        let core = cb.transpose() * &dw * ca;
+        let svd = core.thin_svd().map_err(|e| Error::Argument(format!("module {path}: SVD of the projected core failed: {e:?}")))?;
+        let (u, sv, v) = (svd.U(), svd.S().column_vector(), svd.V());
+        let top = sv.iter().copied().fold(0.0f64, f64::max);
+        let rank = sv.iter().filter(|s| **s > top * 1e-12).count().max(1);
+        let mut l = ModuleLoadings {
+            rank,
+            up: (0..rank).flat_map(|j| (0..b.up.k).map(move |c| (c, j))).map(|(c, j)| u[(c, j)] * sv[j].sqrt()).collect(),
+            down: (0..rank).flat_map(|j| (0..b.down.k).map(move |c| (c, j))).map(|(c, j)| v[(c, j)] * sv[j].sqrt()).collect(),
+        };
+        storage.round(&mut l.up);
+        storage.round(&mut l.down);
+        // ‖ΔW − C_B L_B L_Aᵀ C_Aᵀ‖² = ‖ΔW‖² − 2⟨core, L_B L_Aᵀ⟩ + ‖L_B L_Aᵀ‖², the components being orthonormal.
+        let lb = faer::MatRef::from_column_major_slice(&l.up, b.up.k, rank);
+        let la = faer::MatRef::from_column_major_slice(&l.down, b.down.k, rank);
+        let kept = lb * la.transpose();
+        let (mut inner, mut kept2) = (0.0, 0.0);
+        for j in 0..b.down.k {
+            for i in 0..b.up.k {
+                inner += core[(i, j)] * kept[(i, j)];
+                kept2 += kept[(i, j)] * kept[(i, j)];
+            }
+        }
+        let n2: f64 = w.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+        let d2 = (n2 - 2.0 * inner + kept2).max(0.0);
+        err.per_module.insert(path.clone(), if n2 > 0.0 { (d2 / n2).sqrt() } else { 0.0 });
+        num += d2;
+        den += n2;
+        loadings.insert(path, l);
+    }
+    err.overall = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
+    Ok((loadings, err))
+}
+
 /// A loaded LoRA's modules in canonical factor form (scale folded in), keyed by layer path.
 /// Only low-rank modules (LoRA, LoCon, Tucker LoCon) have factors; a dense module (LoHa, LoKr,
 /// LyCORIS full) is refused by name, since it has no rank-r factors to share a basis.

@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::{db_err, now, LoraEntry, LoraLibrary};
 use crate::error::{Error, Result};
 use crate::lora::network::{sha256_hex, LoadedLora};
+use loramix_models::BranchWeights;
 use crate::lora::subspace::{self, Centering, ComponentRule, MemberFactors, ModuleBasis, Storage, SubspaceHeader};
 use crate::lora::targets::AdapterTargets;
 use crate::lora::LoraInfo;
@@ -336,20 +337,18 @@ impl LoraLibrary {
             return Err(Error::Argument(format!("{} is already a member of subspace {name} (as {m})", e.display_name)));
         }
         let l = LoadedLora::load(&e.path, &e.display_name, targets)?;
-        let f = subspace::member_factors(&l, targets)?;
-        for (path, m) in &f {
-            if let Some(b) = basis.get(path) {
-                let k = b.up.k.min(b.down.k);
-                if m.rank > k {
-                    return Err(Error::Argument(format!(
-                        "{}: module {path} has rank {} but subspace {name} keeps only {k} components there, so it cannot hold this LoRA; \
-                         rebuild the subspace with more components (--components) or with this LoRA as a member",
-                        e.display_name, m.rank
-                    )));
-                }
+        let (loadings, err) = if l.modules.iter().any(|m| matches!(m.weights, BranchWeights::Dense(_))) {
+            if header.centering != Centering::Uncentred {
+                return Err(Error::Argument(format!(
+                    "{} has dense modules (LoHa, LoKr or full ΔW, not up·down factors), which join uncentred subspaces only, and {name} is {}",
+                    e.display_name,
+                    header.centering.as_str()
+                )));
             }
-        }
-        let (loadings, err) = subspace::project(&basis, &f, header.storage)?;
+            subspace::project_dense(&basis, &l, targets, header.storage)?
+        } else {
+            self.project_low_rank(name, &e.display_name, &basis, &l, targets, header.storage)?
+        };
         let lb = subspace::loadings_bytes(&loadings, header.storage)?;
         let tx = self.db.transaction().map_err(db_err(&self.root))?;
         insert_member(&tx, name, &e, &l.addnet_hash, &l.info, &lb, &err, false).map_err(db_err(&self.root))?;
@@ -359,6 +358,34 @@ impl LoraLibrary {
             .into_iter()
             .find(|m| m.sha256 == e.sha256)
             .ok_or_else(|| Error::Argument("subspace member vanished after insert".into()))
+    }
+
+    /// A low-rank LoRA's loadings on `basis`, refused where a module's rank exceeds the
+    /// components kept there (its projection would lose directions a member never had).
+    #[allow(clippy::too_many_arguments)]
+    fn project_low_rank(
+        &self,
+        name: &str,
+        display_name: &str,
+        basis: &BTreeMap<String, ModuleBasis>,
+        l: &LoadedLora,
+        targets: &AdapterTargets,
+        storage: Storage,
+    ) -> Result<(BTreeMap<String, subspace::ModuleLoadings>, subspace::ReconstructionError)> {
+        let f = subspace::member_factors(l, targets)?;
+        for (path, m) in &f {
+            if let Some(b) = basis.get(path) {
+                let k = b.up.k.min(b.down.k);
+                if m.rank > k {
+                    return Err(Error::Argument(format!(
+                        "{display_name}: module {path} has rank {} but subspace {name} keeps only {k} components there, so it cannot hold this LoRA; \
+                         rebuild the subspace with more components (--components) or with this LoRA as a member",
+                        m.rank
+                    )));
+                }
+            }
+        }
+        subspace::project(basis, &f, storage)
     }
 
     /// "Replace originals": members whose ΔW error is at most `max_error` are served from the
