@@ -329,7 +329,8 @@ fn current_model(state: &AppState) -> String {
 
 async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: GenerationRequest = parse_body(&body)?;
-    let settings = a1111::to_settings(&req, &current_model(&state), state.config.library.as_deref(), None)?;
+    let mut settings = a1111::to_settings(&req, &current_model(&state), state.config.library.as_deref(), None)?;
+    resolve_vae(&state, &mut settings);
     generate(&state, req, settings).await
 }
 
@@ -360,6 +361,7 @@ async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
         r.width = None;
     }
     let mut settings = a1111::to_settings(&r, &current_model(&state), state.config.library.as_deref(), Some((init, mask)))?;
+    resolve_vae(&state, &mut settings);
     if body_lacks(&body, "width") && body_lacks(&body, "height") {
         (settings.width, settings.height) = (0, 0);
     }
@@ -454,6 +456,65 @@ async fn embeddings(State(state): State<Arc<AppState>>) -> std::result::Result<J
         );
     }
     Ok(Json(json!({"loaded": loaded, "skipped": {}})))
+}
+
+fn library_root(state: &AppState) -> Option<PathBuf> {
+    state.config.library.clone().or_else(|| crate::lora::library::LoraLibrary::default_root().ok())
+}
+
+/// `hr_upscaler`'s choices in A1111's shape (clients such as SillyTavern list them): the pixel
+/// upscalers and the library's ESRGAN-family models (`latent-upscale-modes` has the latent ones).
+async fn upscalers(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let mut out = vec![json!({"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4})];
+    out.push(json!({"name": "Lanczos", "model_name": null, "model_path": null, "model_url": null, "scale": 4}));
+    if let Some(root) = library_root(&state) {
+        for name in crate::studio::upscaler_models(&root) {
+            let path = crate::studio::upscaler_model_path(&name, Some(&root)).ok().flatten();
+            out.push(json!({"name": name, "model_name": name, "model_path": path, "model_url": null, "scale": 4}));
+        }
+    }
+    Json(Value::Array(out))
+}
+
+async fn latent_upscale_modes() -> Json<Value> {
+    Json(Value::Array(crate::sdxl::upscale::Upscaler::names().into_iter().filter(|n| n.starts_with("Latent")).map(|n| json!({"name": n})).collect()))
+}
+
+/// The library's `styles.csv` (what `styles` in a request names), in A1111's shape.
+async fn prompt_styles(State(state): State<Arc<AppState>>) -> std::result::Result<Json<Value>, ApiError> {
+    let path = library_root(&state).map(|r| r.join("styles.csv"));
+    let styles = match path.filter(|p| p.exists()) {
+        Some(p) => crate::studio::read_styles(&p).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?,
+        None => vec![],
+    };
+    Ok(Json(Value::Array(styles.iter().map(|s| json!({"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt})).collect())))
+}
+
+/// `override_settings.sd_vae` as `sd-vae` lists it (a name in `--models-dir`'s `VAE/`), or a path.
+fn resolve_vae(state: &AppState, settings: &mut Settings) {
+    if settings.vae.is_empty() || Path::new(&settings.vae).exists() {
+        return;
+    }
+    if let Some(p) = state.config.models_dir.as_ref().map(|d| d.join("VAE").join(&settings.vae)).filter(|p| p.exists()) {
+        settings.vae = p.to_string_lossy().into_owned();
+    }
+}
+
+/// VAEs `override_settings.sd_vae` can name: the `.safetensors` files and diffusers
+/// folders in `--models-dir`'s `VAE/` (A1111's folder name).
+async fn sd_vae(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let mut out: Vec<Value> = vec![];
+    if let Some(dir) = state.config.models_dir.as_ref().map(|d| d.join("VAE")) {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "safetensors") || p.join("config.json").exists()).collect())
+            .unwrap_or_default();
+        found.sort();
+        for p in found {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            out.push(json!({"model_name": name, "filename": p}));
+        }
+    }
+    Json(Value::Array(out))
 }
 
 /// The library is read on every `loras` call, so there is nothing to rescan.
@@ -579,6 +640,11 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/embeddings", get(embeddings))
         .route("/sdapi/v1/refresh-embeddings", post(refresh_loras))
         .route("/sdapi/v1/options", get(get_options).post(set_options))
+        .route("/sdapi/v1/upscalers", get(upscalers))
+        .route("/sdapi/v1/latent-upscale-modes", get(latent_upscale_modes))
+        .route("/sdapi/v1/prompt-styles", get(prompt_styles))
+        .route("/sdapi/v1/sd-vae", get(sd_vae))
+        .route("/sdapi/v1/refresh-checkpoints", post(refresh_loras))
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/png-info", post(png_info))

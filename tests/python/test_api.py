@@ -103,6 +103,11 @@ def main():
         check(any(s["label"] == "Karras" for s in api.get_schedulers()), "schedulers")
         check(api.util_get_current_model() == "miniworld", "options name the current checkpoint")
         check([m["title"] for m in api.get_sd_models()] == ["miniworld"], "sd-models")
+        # What clients such as SillyTavern and Open WebUI list besides.
+        check(any(u["name"] == "Lanczos" for u in api.get_upscalers()), "upscalers")
+        check("Latent (bicubic antialiased)" in [m["name"] for m in api.get_latent_upscale_modes()], "latent-upscale-modes")
+        check(isinstance(api.get_prompt_styles(), list) and isinstance(api.get_sd_vae(), list), "prompt-styles and sd-vae are lists")
+        check(requests.post(base + "/refresh-checkpoints", auth=(USER, PASS)).status_code == 200, "refresh-checkpoints")
 
         # png-info on our own PNG.
         info = api.png_info(res.image)
