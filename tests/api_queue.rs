@@ -117,7 +117,7 @@ fn an_interrupted_batch_is_decoded_from_its_last_prediction() {
     for keep in [false, true] {
         let dir = tmp.path().join(format!("keep-{keep}"));
         let cancel = AtomicBool::new(false);
-        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep };
+        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep, skip: None };
         let r = studio.run(
             &settings,
             None,
@@ -164,5 +164,62 @@ fn an_interrupted_batch_is_decoded_from_its_last_prediction() {
             let worst = got.as_raw().iter().zip(want.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
             assert!(worst <= 1, "{}: {worst} levels from the decoded prediction", f.display());
         }
+    }
+}
+
+/// A1111's Skip: the running batch ends as an interrupted one (kept, decoded from its last
+/// prediction, where the job keeps those) and the job goes on with its next batch, which is the
+/// image its seed makes; the job ends well.
+#[test]
+fn skip_ends_one_batch_and_the_job_goes_on() {
+    use loramix::studio::{ImageOutputs, Settings, StudioEvent};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let settings = Settings {
+        model: fixture("tiny2").join("pipeline").to_string_lossy().into_owned(),
+        prompt: "a red house".into(),
+        steps: 12,
+        sampler: "euler_a".into(),
+        seed: Some(30),
+        width: 32,
+        height: 32,
+        batch_count: 2,
+        ..Default::default()
+    };
+    let studio = Studio::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let alone = studio
+        .generate(&Settings { seed: Some(31), batch_count: 1, ..settings.clone() }, None, &tmp.path().join("alone"), &AtomicBool::new(false), &mut |_| {}, &mut |_| {})
+        .unwrap();
+    let full30 = studio
+        .generate(&Settings { batch_count: 1, ..settings.clone() }, None, &tmp.path().join("full30"), &AtomicBool::new(false), &mut |_| {}, &mut |_| {})
+        .unwrap();
+    let pixels = |p: &std::path::Path| image::open(p).unwrap().to_rgb8().into_raw();
+    for keep in [true, false] {
+        let dir = tmp.path().join(format!("skip-{keep}"));
+        let (cancel, skip) = (AtomicBool::new(false), AtomicBool::new(false));
+        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep, skip: Some(&skip) };
+        let mut written = vec![];
+        let r = studio.run(
+            &settings,
+            None,
+            &outputs,
+            &cancel,
+            &mut |e| match e {
+                StudioEvent::Step { batch: 0, step: 5, .. } => skip.store(true, Ordering::SeqCst),
+                StudioEvent::Image { path, .. } => written.push(path),
+                _ => {}
+            },
+            &mut |_| {},
+        );
+        assert!(r.is_ok(), "{r:?}");
+        let names: Vec<String> = written.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        if keep {
+            assert_eq!(names, ["00000-30.png", "00001-31.png"]);
+            assert_ne!(pixels(&written[0]), pixels(&full30[0]), "the skipped batch stopped at step 5");
+        } else {
+            assert_eq!(names, ["00000-31.png"], "without keep, the skipped batch is dropped");
+        }
+        assert_eq!(pixels(written.last().unwrap()), pixels(&alone[0]), "the next batch is seed 31's image");
+        assert!(!skip.load(Ordering::SeqCst), "the flag is taken");
     }
 }

@@ -102,6 +102,7 @@ pub struct Worker {
     pending: Arc<AtomicUsize>,
     progress: Arc<Mutex<Progress>>,
     cancel: Arc<AtomicBool>,
+    skip: Arc<AtomicBool>,
 }
 
 fn timestamp() -> String {
@@ -129,7 +130,7 @@ impl Worker {
 
     /// A worker whose jobs run wherever `dispatch` puts them (the app's queue).
     pub fn start_on(studio: Arc<Studio>, library: Option<PathBuf>, out: PathBuf, dispatch: Dispatch) -> Self {
-        Self { dispatch, studio, library, out, pending: Arc::default(), progress: Arc::default(), cancel: Arc::default() }
+        Self { dispatch, studio, library, out, pending: Arc::default(), progress: Arc::default(), cancel: Arc::default(), skip: Arc::default() }
     }
 
     /// Queues a job; the receiver gets its images. Refused when `limit` jobs already wait.
@@ -140,7 +141,7 @@ impl Worker {
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
         let (studio, library, out) = (self.studio.clone(), self.library.clone(), self.out.clone());
-        let (p, pr, c) = (self.pending.clone(), self.progress.clone(), self.cancel.clone());
+        let (p, pr, c, sk) = (self.pending.clone(), self.progress.clone(), self.cancel.clone(), self.skip.clone());
         let job = move || {
             static JOB: AtomicU64 = AtomicU64::new(0);
             c.store(false, Ordering::SeqCst);
@@ -150,7 +151,7 @@ impl Worker {
             }
             let n = JOB.fetch_add(1, Ordering::SeqCst);
             let dir = if save { out.clone() } else { std::env::temp_dir().join(format!("loramix-api-{}-{n}", std::process::id())) };
-            let r = run_job(&studio, library.as_deref(), &settings, &dir, &c, &pr);
+            let r = run_job(&studio, library.as_deref(), &settings, &dir, (&c, &sk), &pr);
             if !save {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -169,6 +170,15 @@ impl Worker {
         Ok(rx)
     }
 
+    /// Ends the running batch within a step, keeping it as Interrupt does, and goes on with the
+    /// job's next batch (A1111's Skip).
+    pub fn skip(&self) {
+        let g = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        if g.active {
+            self.skip.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Stops the running job within a step (A1111's Interrupt); queued jobs still run.
     pub fn interrupt(&self) {
         let mut g = self.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -179,9 +189,9 @@ impl Worker {
     }
 }
 
-fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, cancel: &AtomicBool, progress: &Mutex<Progress>) -> Result<JobDone> {
+fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, (cancel, skip): (&AtomicBool, &AtomicBool), progress: &Mutex<Progress>) -> Result<JobDone> {
     let mut written = vec![];
-    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true };
+    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true, skip: Some(skip) };
     let r = studio.run(
         settings,
         library,
@@ -556,7 +566,7 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
         "progress": frac,
         "eta_relative": eta,
         "state": {
-            "skipped": false,
+            "skipped": state.worker.skip.load(Ordering::SeqCst),
             "interrupted": g.interrupted,
             "stopping_generation": false,
             "job": if g.active { format!("Batch {} out of {}", g.batch + 1, g.batches.max(1)) } else { String::new() },
@@ -574,6 +584,11 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
     state.worker.interrupt();
+    Json(Value::Null)
+}
+
+async fn skip(State(state): State<Arc<AppState>>) -> Json<Value> {
+    state.worker.skip();
     Json(Value::Null)
 }
 
@@ -647,6 +662,7 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/refresh-checkpoints", post(refresh_loras))
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))
+        .route("/sdapi/v1/skip", post(skip))
         .route("/sdapi/v1/png-info", post(png_info))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_auth))
         .layer(DefaultBodyLimit::max(config.body_limit))

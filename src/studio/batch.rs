@@ -375,7 +375,7 @@ pub fn run_batch(
         let line = job.line;
         let names = move |k: usize| image_name(line, k);
         let cluster = cluster_of.get(ji).copied();
-        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images), keep_interrupted: false };
+        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images), keep_interrupted: false, skip: None };
         let r = studio.run(
             &job.settings,
             library,

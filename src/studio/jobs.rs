@@ -271,7 +271,7 @@ impl Studio {
         on_event: &mut dyn FnMut(StudioEvent),
         on_preview: &mut dyn FnMut(&image::RgbImage),
     ) -> Result<Vec<PathBuf>> {
-        let outputs = ImageOutputs { dir: out_dir, names: None, images: None, keep_interrupted: false };
+        let outputs = ImageOutputs { dir: out_dir, names: None, images: None, keep_interrupted: false, skip: None };
         Ok(self.run(settings, library, &outputs, cancel, on_event, on_preview)?.written)
     }
 
@@ -408,6 +408,10 @@ impl Studio {
         let mut scored: Vec<(String, Vec<(String, f64, Option<Role>)>, Vec<mix::candidates::Candidate>)> = vec![];
         let mut idx = output::first_free_index(outputs.dir);
         for (u, unit) in units.iter().enumerate() {
+            // A Skip pressed between batches (loading, decoding) is dropped, as in A1111.
+            if let Some(s) = outputs.skip {
+                s.store(false, Ordering::SeqCst);
+            }
             let record = |i: usize, hashes: Vec<(String, String)>, ti_hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
                 settings: settings.clone(),
                 seed: settings.batch_seeds.seed_of(unit.seed, i),
@@ -545,7 +549,8 @@ impl Studio {
             // An interrupted pass ends on the clean latents its last step predicted, where the
             // job keeps them.
             let partial = || if outputs.keep_interrupted { last_denoised.borrow_mut().take() } else { None };
-            let mut interrupted = false;
+            // `cut`: the first pass stopped early (no hires pass follows).
+            let (mut interrupted, mut cut) = (false, false);
             let mut progress = |p: &crate::sdxl::pipeline::StepProgress, rest_units: usize| {
                 if outputs.keep_interrupted {
                     *last_denoised.borrow_mut() = p.denoised.clone();
@@ -558,28 +563,41 @@ impl Studio {
                         on_preview(&img);
                     }
                 }
-                !cancel.load(Ordering::Relaxed)
+                !cancel.load(Ordering::Relaxed) && !outputs.skip.is_some_and(|s| s.load(Ordering::Relaxed))
+            };
+            // A stopped pass: Skip (its flag taken) ends this batch only, Interrupt the job.
+            let stopped = || {
+                let skipped = outputs.skip.is_some_and(|s| s.swap(false, Ordering::SeqCst)) && !cancel.load(Ordering::SeqCst);
+                (skipped, partial())
             };
             let latents = pipe.generate_latents_mixed(&req, mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, batches - u - 1));
             let latents = match latents {
-                Err(Error::Cancelled) => {
-                    interrupted = true;
-                    partial().ok_or(Error::Cancelled)?
-                }
+                Err(Error::Cancelled) => match stopped() {
+                    (skipped, Some(l)) => {
+                        (interrupted, cut) = (!skipped, true);
+                        l
+                    }
+                    (true, None) => continue,
+                    (false, None) => return Err(Error::Cancelled),
+                },
                 other => other?,
             };
             // Hires fix: the second pass reports its steps the same way (the UI shows both).
-            let latents = match settings.hires.as_ref().filter(|_| settings.init.is_none() && !interrupted) {
+            let latents = match settings.hires.as_ref().filter(|_| settings.init.is_none() && !cut) {
                 None => latents,
                 Some(hr) => {
                     let second = hires_request(&pipe, &req, &latents, hr, hires_model.as_ref())?;
                     let mut hr_mixer = new_mixer(&mix_opts)?;
                     let out = pipe.generate_latents_mixed(&second, hr_mixer.as_mut().map(|m| m as &mut dyn StepMixer), &mut |p| progress(p, 0));
                     match out {
-                        Err(Error::Cancelled) => {
-                            interrupted = true;
-                            partial().ok_or(Error::Cancelled)?
-                        }
+                        Err(Error::Cancelled) => match stopped() {
+                            (skipped, Some(l)) => {
+                                interrupted = !skipped;
+                                l
+                            }
+                            (true, None) => continue,
+                            (false, None) => return Err(Error::Cancelled),
+                        },
                         other => other?,
                     }
                 }
@@ -658,6 +676,9 @@ pub struct ImageOutputs<'a> {
     /// written, as A1111's Interrupt does (the job still ends `Cancelled`). Off: only finished
     /// images are written, which fixed names need (a half-denoised file would pass as done).
     pub keep_interrupted: bool,
+    /// A1111's Skip: when set, the running batch ends as an interrupted one would (kept under
+    /// `keep_interrupted`, else dropped) and the job goes on with the next; the flag is cleared.
+    pub skip: Option<&'a AtomicBool>,
 }
 
 /// What a job did.

@@ -159,6 +159,22 @@ def main():
         got = out["res"].images
         check(len(got) == 1 and "Seed: 5," in got[0].info.get("parameters", ""), "as A1111, the interrupted image comes back, decoded from its last prediction")
 
+        # Skip: the running batch ends (kept, as A1111 does) and the job goes on with the next.
+        two = {}
+        th = threading.Thread(target=lambda: two.setdefault("res", client(port).txt2img(prompt="a krin emblem", seed=7, width=64, height=64, steps=200, n_iter=2)))
+        th.start()
+        t0 = time.time()
+        while time.time() - t0 < 120:
+            st = api.get_progress()["state"]
+            if st["job"] and st["job_no"] == 0 and st["sampling_step"] >= 3:
+                break
+            time.sleep(0.02)
+        api.skip()
+        th.join(120)
+        r = two.get("res")
+        check(r is not None and len(r.images) == 2 and r.info.get("interrupted") is False and r.info["all_seeds"] == [7, 8],
+              f"skip ends the running batch and the next one runs ({r and (len(r.images), r.info.get('interrupted'), r.info.get('all_seeds'))})")
+
         # Load: 50 concurrent requests, each right for its seed.
         seeds = list(range(1000, 1050))
 

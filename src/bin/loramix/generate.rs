@@ -607,7 +607,7 @@ fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSetti
     let settings = studio_settings(a, init, hires, "--style, wildcards (__name__) or variants ({a|b})")?;
     let studio = studio::Studio::with_load_options(opts);
     let cancel = std::sync::atomic::AtomicBool::new(false);
-    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None, keep_interrupted: false };
+    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None, keep_interrupted: false, skip: None };
     let job = studio.run(&settings, a.library.as_deref(), &outputs, &cancel, &mut |e| log_event(&e), &mut |_| {})?;
     let mut stdout = std::io::stdout().lock();
     for path in &job.written {
