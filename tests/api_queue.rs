@@ -86,6 +86,20 @@ fn api_requests_queue_behind_the_hosts_jobs() {
     assert!(info["infotexts"][1].as_str().unwrap().contains("Seed: 5, "), "{info}");
 }
 
+/// Twelve Euler a steps of the tiny pipeline from seed 30 (the interrupt and skip jobs).
+fn red_house() -> loramix::studio::Settings {
+    loramix::studio::Settings {
+        model: fixture("tiny2").join("pipeline").to_string_lossy().into_owned(),
+        prompt: "a red house".into(),
+        steps: 12,
+        sampler: "euler_a".into(),
+        seed: Some(30),
+        width: 32,
+        height: 32,
+        ..Default::default()
+    }
+}
+
 /// A1111's Interrupt (what the API's jobs do): the interrupted batch is decoded from the clean
 /// latents its last step predicted, and written; without it (the app's Stop, fixed-name batch
 /// runs) nothing unfinished is written. Either way the job ends Cancelled.
@@ -95,18 +109,7 @@ fn an_interrupted_batch_is_decoded_from_its_last_prediction() {
     use loramix::studio::{ImageOutputs, Settings, StudioEvent};
     use std::sync::atomic::{AtomicBool, Ordering};
     let model = fixture("tiny2").join("pipeline");
-    let settings = Settings {
-        model: model.to_string_lossy().into_owned(),
-        prompt: "a red house".into(),
-        steps: 12,
-        sampler: "euler_a".into(),
-        seed: Some(30),
-        width: 32,
-        height: 32,
-        batch_size: 2,
-        batch_seeds: BatchSeeds::PerImage,
-        ..Default::default()
-    };
+    let settings = Settings { batch_size: 2, batch_seeds: BatchSeeds::PerImage, ..red_house() };
     let studio = Studio::new();
     let tmp = tempfile::tempdir().unwrap();
     let pngs = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
@@ -174,17 +177,7 @@ fn an_interrupted_batch_is_decoded_from_its_last_prediction() {
 fn skip_ends_one_batch_and_the_job_goes_on() {
     use loramix::studio::{ImageOutputs, Settings, StudioEvent};
     use std::sync::atomic::{AtomicBool, Ordering};
-    let settings = Settings {
-        model: fixture("tiny2").join("pipeline").to_string_lossy().into_owned(),
-        prompt: "a red house".into(),
-        steps: 12,
-        sampler: "euler_a".into(),
-        seed: Some(30),
-        width: 32,
-        height: 32,
-        batch_count: 2,
-        ..Default::default()
-    };
+    let settings = Settings { batch_count: 2, ..red_house() };
     let studio = Studio::new();
     let tmp = tempfile::tempdir().unwrap();
     let alone = studio

@@ -436,30 +436,52 @@ pub fn project(
     storage: Storage,
 ) -> Result<(BTreeMap<String, ModuleLoadings>, ReconstructionError)> {
     let mut loadings = BTreeMap::new();
-    let mut err = ReconstructionError::default();
-    let (mut num, mut den) = (0.0, 0.0);
+    let mut err = ErrorSum::default();
     for (path, f) in member {
-        let b = basis.get(path).ok_or_else(|| {
-            Error::Argument(format!("module {path}: the subspace has no basis for this layer (its members never adapt it)"))
-        })?;
-        if b.up.dim != f.out_dim || b.down.dim != f.in_dim {
-            return Err(Error::Argument(format!(
-                "module {path}: this LoRA's shape {}×{} does not match the subspace's {}×{}; it is for another base model",
-                f.out_dim, f.in_dim, b.up.dim, b.down.dim
-            )));
-        }
+        let b = basis_for(basis, path, f.out_dim, f.in_dim)?;
         let mut l = b.project(f);
         storage.round(&mut l.up);
         storage.round(&mut l.down);
         let rec = b.reconstruct(&l);
-        let (d2, n2) = (f.distance_sq(&rec), f.norm_sq());
-        err.per_module.insert(path.clone(), if n2 > 0.0 { (d2 / n2).sqrt() } else { 0.0 });
-        num += d2;
-        den += n2;
+        err.add(path, f.distance_sq(&rec), f.norm_sq());
         loadings.insert(path.clone(), l);
     }
-    err.overall = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
-    Ok((loadings, err))
+    Ok((loadings, err.finish()))
+}
+
+/// The basis of layer `path`, checked against a member's `out × in` shape there.
+fn basis_for<'a>(basis: &'a BTreeMap<String, ModuleBasis>, path: &str, out_dim: usize, in_dim: usize) -> Result<&'a ModuleBasis> {
+    let b = basis
+        .get(path)
+        .ok_or_else(|| Error::Argument(format!("module {path}: the subspace has no basis for this layer (its members never adapt it)")))?;
+    if b.up.dim != out_dim || b.down.dim != in_dim {
+        return Err(Error::Argument(format!(
+            "module {path}: this LoRA's shape {out_dim}×{in_dim} does not match the subspace's {}×{}; it is for another base model",
+            b.up.dim, b.down.dim
+        )));
+    }
+    Ok(b)
+}
+
+/// Squared ΔW distances and norms summed over modules into [`ReconstructionError`].
+#[derive(Default)]
+struct ErrorSum {
+    err: ReconstructionError,
+    num: f64,
+    den: f64,
+}
+
+impl ErrorSum {
+    fn add(&mut self, path: &str, d2: f64, n2: f64) {
+        self.err.per_module.insert(path.to_string(), if n2 > 0.0 { (d2 / n2).sqrt() } else { 0.0 });
+        self.num += d2;
+        self.den += n2;
+    }
+
+    fn finish(mut self) -> ReconstructionError {
+        self.err.overall = if self.den > 0.0 { (self.num / self.den).sqrt() } else { 0.0 };
+        self.err
+    }
 }
 
 /// Projects a LoRA whose modules hold a dense ΔW (LoHa, LoKr, LyCORIS full; low-rank modules
@@ -477,28 +499,19 @@ pub fn project_dense(
     storage: Storage,
 ) -> Result<(BTreeMap<String, ModuleLoadings>, ReconstructionError)> {
     let mut loadings = BTreeMap::new();
-    let mut err = ReconstructionError::default();
-    let (mut num, mut den) = (0.0, 0.0);
+    let mut err = ErrorSum::default();
     for m in &lora.modules {
         let t = &targets.targets[m.target];
         let path = t.qualified_path();
-        let b = basis.get(&path).ok_or_else(|| {
-            Error::Argument(format!("module {path}: the subspace has no basis for this layer (its members never adapt it)"))
-        })?;
-        if b.up.mean.iter().chain(&b.down.mean).any(|v| *v != 0.0) {
-            return Err(Error::Argument(format!(
-                "{} has dense modules (ΔW, not up·down factors), which join uncentred subspaces only; build one with --centering uncentred",
-                lora.name
-            )));
-        }
         let delta = lora.delta(m)?.to_dtype(DType::F32)?;
         let out_dim = delta.dim(0)?;
         let w: Vec<f32> = delta.reshape((out_dim, ()))?.flatten_all()?.to_vec1()?;
         let in_dim = w.len() / out_dim.max(1);
-        if b.up.dim != out_dim || b.down.dim != in_dim {
+        let b = basis_for(basis, &path, out_dim, in_dim)?;
+        if b.up.mean.iter().chain(&b.down.mean).any(|v| *v != 0.0) {
             return Err(Error::Argument(format!(
-                "module {path}: this LoRA's shape {out_dim}×{in_dim} does not match the subspace's {}×{}; it is for another base model",
-                b.up.dim, b.down.dim
+                "{} has dense modules (ΔW, not up·down factors), which join uncentred subspaces only; build one with --centering uncentred",
+                lora.name
             )));
         }
         let dw = faer::MatRef::from_row_major_slice(&w, out_dim, in_dim);
@@ -528,14 +541,10 @@ pub fn project_dense(
             }
         }
         let n2: f64 = w.iter().map(|x| (*x as f64) * (*x as f64)).sum();
-        let d2 = (n2 - 2.0 * inner + kept2).max(0.0);
-        err.per_module.insert(path.clone(), if n2 > 0.0 { (d2 / n2).sqrt() } else { 0.0 });
-        num += d2;
-        den += n2;
+        err.add(&path, (n2 - 2.0 * inner + kept2).max(0.0), n2);
         loadings.insert(path, l);
     }
-    err.overall = if den > 0.0 { (num / den).sqrt() } else { 0.0 };
-    Ok((loadings, err))
+    Ok((loadings, err.finish()))
 }
 
 /// A loaded LoRA's modules in canonical factor form (scale folded in), keyed by layer path.
