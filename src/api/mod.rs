@@ -475,12 +475,14 @@ fn library_root(state: &AppState) -> Option<PathBuf> {
 /// `hr_upscaler`'s choices in A1111's shape (clients such as SillyTavern list them): the pixel
 /// upscalers and the library's ESRGAN-family models (`latent-upscale-modes` has the latent ones).
 async fn upscalers(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let mut out = vec![json!({"name": "None", "model_name": null, "model_path": null, "model_url": null, "scale": 4})];
-    out.push(json!({"name": "Lanczos", "model_name": null, "model_path": null, "model_url": null, "scale": 4}));
+    let entry = |name: &str, model: Option<PathBuf>| {
+        json!({"name": name, "model_name": model.as_ref().map(|_| name), "model_path": model, "model_url": null, "scale": 4})
+    };
+    let mut out = vec![entry("None", None), entry("Lanczos", None)];
     if let Some(root) = library_root(&state) {
         for name in crate::studio::upscaler_models(&root) {
             let path = crate::studio::upscaler_model_path(&name, Some(&root)).ok().flatten();
-            out.push(json!({"name": name, "model_name": name, "model_path": path, "model_url": null, "scale": 4}));
+            out.push(entry(&name, path));
         }
     }
     Json(Value::Array(out))
@@ -527,8 +529,9 @@ async fn sd_vae(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(Value::Array(out))
 }
 
-/// The library is read on every `loras` call, so there is nothing to rescan.
-async fn refresh_loras() -> Json<Value> {
+/// The library and the models folder are read on every `loras`, `embeddings` and `sd-models`
+/// call, so their refresh routes have nothing to rescan.
+async fn refresh() -> Json<Value> {
     Json(Value::Null)
 }
 
@@ -651,15 +654,15 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/samplers", get(samplers))
         .route("/sdapi/v1/schedulers", get(schedulers))
         .route("/sdapi/v1/loras", get(loras))
-        .route("/sdapi/v1/refresh-loras", post(refresh_loras))
+        .route("/sdapi/v1/refresh-loras", post(refresh))
         .route("/sdapi/v1/embeddings", get(embeddings))
-        .route("/sdapi/v1/refresh-embeddings", post(refresh_loras))
+        .route("/sdapi/v1/refresh-embeddings", post(refresh))
         .route("/sdapi/v1/options", get(get_options).post(set_options))
         .route("/sdapi/v1/upscalers", get(upscalers))
         .route("/sdapi/v1/latent-upscale-modes", get(latent_upscale_modes))
         .route("/sdapi/v1/prompt-styles", get(prompt_styles))
         .route("/sdapi/v1/sd-vae", get(sd_vae))
-        .route("/sdapi/v1/refresh-checkpoints", post(refresh_loras))
+        .route("/sdapi/v1/refresh-checkpoints", post(refresh))
         .route("/sdapi/v1/progress", get(progress))
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/skip", post(skip))
