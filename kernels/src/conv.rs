@@ -21,11 +21,12 @@ use crate::blocks::SharedOut;
 /// on 64×64 latents with 128–384 channels).
 const BLOCK_ELEMENTS: usize = 1 << 19;
 
-/// Pixels (batch × height × width) from which a 3×3 stride-1 convolution runs as Winograd
-/// F(2×2, 3×3) (`winograd.rs`) instead of im2col. Winograd transforms the weights on every call
-/// (a pass over 16/9 of them), which the GEMM savings repay only over enough pixels: on 2 AVX-512
-/// cores it was 1.1–1.5× faster than im2col from 2×32×32 up and 0.3–0.9× slower at 2×16×16 and below.
-const WINOGRAD_MIN_PIXELS: usize = 2048;
+/// Multiply-adds (batch × out × in channels × 9 × height × width) from which a 3×3 stride-1
+/// convolution runs as Winograd F(2×2, 3×3) (`winograd.rs`) instead of im2col. Below it the
+/// transforms' passes and the pool's wake-up outweigh the GEMM savings: on 2 AVX-512 cores
+/// Winograd lost at 2.4–4.7 M (2×32×32 channels at 8×8: 0.15 against 0.04 ms) and won from 9 M
+/// (1×128×128 at 8×8: 0.20 against 0.28 ms) up to SDXL's sizes (1.3–1.6× from 16×16 latents).
+const WINOGRAD_MIN_MACS: usize = 8 << 20;
 
 thread_local! {
     /// One column buffer per thread, reused across calls: no page faults after the first.
@@ -275,7 +276,7 @@ pub fn conv2d(
         }
     }
     if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 && k == k2 {
-        if k == 3 && stride == 1 && padding == 1 && b * h * w >= WINOGRAD_MIN_PIXELS && crate::fused::fused_kernels_enabled() {
+        if k == 3 && stride == 1 && padding == 1 && b * o * c * 9 * h * w >= WINOGRAD_MIN_MACS && crate::fused::fused_kernels_enabled() {
             let bias: Vec<f32> = match bias {
                 Some(bias) => bias.to_dtype(DType::F32)?.to_vec1()?,
                 None => vec![0.0; o],

@@ -115,7 +115,7 @@ mod tests {
         let b = half(Tensor::randn(0f32, 0.1, 16, &d)?)?;
         let x32 = x.to_dtype(DType::F32)?;
         let bound = 1e-3;
-        let mut check = |what: &str, got: Tensor, want: Tensor| -> Result<()> {
+        let check = |what: &str, got: Tensor, want: Tensor| -> Result<()> {
             assert_eq!(got.dtype(), DType::F16, "{what}");
             let r = rel(&got, &want)?;
             assert!(r < bound, "{what}: rel {r}");

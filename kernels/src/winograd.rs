@@ -36,7 +36,7 @@ fn transform_weights(w: &[f32], o: usize, c: usize, u: &mut [f32]) {
         }
     }
     tasks.into_par_iter().enumerate().for_each(|(bi, mut planes)| {
-        let mut taps = vec![0f32; 9 * c];
+        let mut taps = vec![0f32; 15 * c];
         let rows = planes[0].len() / c;
         for r in 0..rows {
             let oi = bi * block + r;
@@ -47,31 +47,42 @@ fn transform_weights(w: &[f32], o: usize, c: usize, u: &mut [f32]) {
 
 crate::simd::multiversion! {
     /// One output channel: `w` is `[c][3][3]`; U[ξ] goes to `planes[ξ][at..at + c]`. The taps are
-    /// first laid out tap-major (`taps[tap][ci]`) so the transform runs as vector operations over
-    /// input channels.
+    /// first laid out tap-major (`taps[tap][ci]`) so that both halves of the transform run as
+    /// whole-row vector operations over input channels (a loop over `ci` that writes sixteen
+    /// planes per channel did not vectorise: the weight transform took half of a 16×16 call).
     fn weight_row(w: &[f32], taps: &mut [f32], planes: &mut [&mut [f32]], at: usize, c: usize) {
-        for ci in 0..c {
-            for tap in 0..9 {
-                taps[tap * c + ci] = w[ci * 9 + tap];
+        let (g, t) = taps.split_at_mut(9 * c);
+        for (ci, kernel) in w[..9 * c].chunks_exact(9).enumerate() {
+            for (tap, &v) in kernel.iter().enumerate() {
+                g[tap * c + ci] = v;
             }
         }
-        // t = G g: rows 0..3 for each kernel column j, over ci.
-        for ci in 0..c {
-            let g = |tap: usize| taps[tap * c + ci];
-            let mut tt = [[0f32; 3]; 4];
-            #[allow(clippy::needless_range_loop)] // j indexes three arrays in step
-            for j in 0..3 {
-                let (g0, g1, g2) = (g(j), g(3 + j), g(6 + j));
-                tt[0][j] = g0;
-                tt[1][j] = 0.5 * (g0 + g1 + g2);
-                tt[2][j] = 0.5 * (g0 - g1 + g2);
-                tt[3][j] = g2;
+        // t = G g, kernel column by column: its rows 1 and 2 (rows 0 and 3 are g's rows 0 and 2).
+        for j in 0..3 {
+            let (g0, g1, g2) = (&g[j * c..(j + 1) * c], &g[(3 + j) * c..(4 + j) * c], &g[(6 + j) * c..(7 + j) * c]);
+            let (t1, t2) = t[2 * j * c..(2 * j + 2) * c].split_at_mut(c);
+            for ((((a, b), x0), x1), x2) in t1.iter_mut().zip(t2.iter_mut()).zip(g0).zip(g1).zip(g2) {
+                *a = 0.5 * (x0 + x1 + x2);
+                *b = 0.5 * (x0 - x1 + x2);
             }
-            for (r, tr) in tt.iter().enumerate() {
-                planes[r * 4][at + ci] = tr[0];
-                planes[r * 4 + 1][at + ci] = 0.5 * (tr[0] + tr[1] + tr[2]);
-                planes[r * 4 + 2][at + ci] = 0.5 * (tr[0] - tr[1] + tr[2]);
-                planes[r * 4 + 3][at + ci] = tr[2];
+        }
+        let (g, t) = (&*g, &*t);
+        let row = |r: usize, j: usize| -> &[f32] {
+            match r {
+                0 => &g[j * c..(j + 1) * c],
+                3 => &g[(6 + j) * c..(7 + j) * c],
+                _ => &t[(2 * j + r - 1) * c..(2 * j + r) * c],
+            }
+        };
+        // U = t Gᵀ, row by row of t.
+        for r in 0..4 {
+            let (t0, t1, t2) = (row(r, 0), row(r, 1), row(r, 2));
+            planes[r * 4][at..at + c].copy_from_slice(t0);
+            planes[r * 4 + 3][at..at + c].copy_from_slice(t2);
+            let (p1, p2) = planes[r * 4 + 1..r * 4 + 3].split_at_mut(1);
+            for ((((a, b), x0), x1), x2) in p1[0][at..at + c].iter_mut().zip(p2[0][at..at + c].iter_mut()).zip(t0).zip(t1).zip(t2) {
+                *a = 0.5 * (x0 + x1 + x2);
+                *b = 0.5 * (x0 - x1 + x2);
             }
         }
     }
@@ -89,6 +100,12 @@ thread_local! {
 const REUSED_WEIGHT_ELEMENTS: usize = 1 << 24;
 #[cfg(test)]
 const REUSED_WEIGHT_ELEMENTS: usize = 1 << 12;
+
+/// Batches with at most this many tiles in all (2×32×32 pixels) run as one set of GEMMs
+/// (`Geometry::whole_batch`) rather than in row blocks.
+const WHOLE_BATCH_TILES: usize = 512;
+/// ... provided their transformed inputs and products fit in this many f32 elements (16 MiB).
+const WHOLE_BATCH_ELEMENTS: usize = 1 << 22;
 
 struct Geometry {
     c: usize,
@@ -125,6 +142,63 @@ impl Geometry {
                 output_tile_row(m, self.o * p, oi * p + r * tw, tw, bias[oi], &mut scratch, plane, h, w, ty);
             }
         }
+    }
+
+    /// All images' tiles as one set of 16 GEMMs, for small latents. Split into row blocks, a
+    /// 2×16×16 input gives the GEMMs only 32–64 tiles each, too few to repay reading U[ξ] (the
+    /// weights' transform, 16/9 of their size) once per block; here each U[ξ] is read once and the
+    /// 16 GEMMs run in parallel with all tiles. Inputs are transformed in parallel over channels,
+    /// outputs over output channels. Layouts are channel-major, `v[ci][ξ][t]` and `m[oi][ξ][t]`,
+    /// so that each task owns one contiguous range; the GEMMs read and write them with a row
+    /// stride of 16 planes.
+    fn whole_batch(&self, x: &[f32], u: &[f32], bias: &[f32], b: usize, tiles_h: usize, out: &mut [f32]) {
+        let (c, o, h, w, tw) = (self.c, self.o, self.h, self.w, self.tiles_w);
+        let tiles = tiles_h * tw;
+        let p = b * tiles;
+        SCRATCH.with(|s| {
+            let (v, m) = &mut *s.borrow_mut();
+            if v.len() < 16 * c * p {
+                v.resize(16 * c * p, 0.0);
+            }
+            if m.len() < 16 * o * p {
+                m.resize(16 * o * p, 0.0);
+            }
+            let channels_per_task = c.div_ceil(4 * rayon::current_num_threads()).max(1);
+            v[..16 * c * p].par_chunks_mut(16 * p * channels_per_task).enumerate().for_each(|(k, vs)| {
+                let mut scratch = vec![0f32; 8 * (tw + 1)];
+                for (i, vc) in vs.chunks_mut(16 * p).enumerate() {
+                    let ci = k * channels_per_task + i;
+                    for img in 0..b {
+                        let plane = &x[(img * c + ci) * h * w..][..h * w];
+                        for ty in 0..tiles_h {
+                            input_tile_row(plane, h, w, ty, tw, &mut scratch, vc, p, img * tiles + ty * tw);
+                        }
+                    }
+                }
+            });
+            let (vp, mp) = (SharedOut::new(v), SharedOut::new(m));
+            (0..16).into_par_iter().for_each(|xi| {
+                // SAFETY: u[ξ] is [o, c] row-major; v[ξ] is [c, p] with row stride 16p and m[ξ]
+                // [o, p] likewise, all in bounds; each ξ writes only its own rows of m.
+                unsafe {
+                    gemm::gemm(
+                        o, p, c,
+                        mp.ptr().add(xi * p), 1, (16 * p) as isize, false,
+                        u.as_ptr().add(xi * o * c), 1, c as isize,
+                        vp.ptr().add(xi * p) as *const f32, 1, (16 * p) as isize,
+                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    );
+                }
+            });
+            let m = &m[..16 * o * p];
+            out.par_chunks_mut(h * w).enumerate().for_each(|(j, plane)| {
+                let (img, oi) = (j / o, j % o);
+                let mut scratch = vec![0f32; 4 * tw];
+                for ty in 0..tiles_h {
+                    output_tile_row(&m[oi * 16 * p..(oi + 1) * 16 * p], p, img * tiles + ty * tw, tw, bias[oi], &mut scratch, plane, h, w, ty);
+                }
+            });
+        });
     }
 
     fn block(&self, x: &[f32], u: &[f32], bias: &[f32], rows: std::ops::Range<usize>, out: SharedOut, parallelism: gemm::Parallelism) {
@@ -274,6 +348,10 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let (tiles_h, tiles_w) = (h.div_ceil(2), w.div_ceil(2));
     let g = Geometry { c, h, w, o, tiles_w };
     let mut out = vec![0f32; b * o * h * w];
+    if b * tiles_h * tiles_w <= WHOLE_BATCH_TILES && 16 * (c + o) * b * tiles_h * tiles_w <= WHOLE_BATCH_ELEMENTS {
+        g.whole_batch(&xd[..b * c * h * w], u, bias, b, tiles_h, &mut out);
+        return Tensor::from_vec(out, (b, o, h, w), x.device());
+    }
     let rows_per_block = (BLOCK_ELEMENTS / (16 * c.max(o) * tiles_w).max(1)).clamp(1, tiles_h);
     let base = SharedOut::new(&mut out);
     crate::blocks::for_row_blocks(b, tiles_h, rows_per_block, 4 * b * o * c * h * w, |img, rows, parallelism| {
@@ -293,16 +371,16 @@ mod tests {
     #[test]
     fn equals_direct_convolution() -> Result<()> {
         let d = Device::Cpu;
-        // Odd and even sizes (partial edge tiles), one and many blocks.
-        for (c, o, h, w) in [(3, 5, 7, 6), (16, 8, 8, 9), (64, 24, 33, 64)] {
-            let x = Tensor::randn(0f32, 1., (2, c, h, w), &d)?;
+        // Odd and even sizes (partial edge tiles); the whole batch at once and in row blocks.
+        for (b, c, o, h, w) in [(2, 3, 5, 7, 6), (1, 16, 8, 8, 9), (2, 64, 24, 33, 64)] {
+            let x = Tensor::randn(0f32, 1., (b, c, h, w), &d)?;
             let wt = Tensor::randn(0f32, 0.1, (o, c, 3, 3), &d)?;
             let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.1 - 0.3).collect();
             let a = conv3x3(&x, &wt, &bias)?;
             let r = x.conv2d(&wt, 1, 1, 1, 1)?.broadcast_add(&Tensor::from_slice(&bias, (1, o, 1, 1), &d)?)?;
             assert_eq!(a.dims(), r.dims());
             let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
-            assert!(rel < 1e-5, "c {c} o {o} {h}x{w}: relative L2 {rel}");
+            assert!(rel < 1e-5, "b {b} c {c} o {o} {h}x{w}: relative L2 {rel}");
         }
         Ok(())
     }
