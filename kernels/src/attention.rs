@@ -45,105 +45,102 @@ pub fn scaled_dot_product_attention(
 
 const QUERY_BLOCK: usize = 128;
 
+/// A `[b, h, l, d]` operand read in place: the UNet hands over `[b, l, h·d]` projections viewed
+/// as heads (a transpose), and copying them out took a fifth of attention's time.
+struct Operand<'a> {
+    data: &'a [f32],
+    offset: usize,
+    batch: usize,
+    head: usize,
+    row: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// `t` must be f32 in host memory with a dense last dimension.
+    fn strided(storage: &'a candle_core::Storage, t: &Tensor) -> Result<Self> {
+        let layout = t.layout();
+        match (storage, layout.stride()) {
+            (candle_core::Storage::Cpu(CpuStorage::F32(data)), &[batch, head, row, 1]) => Ok(Self { data, offset: layout.start_offset(), batch, head, row }),
+            _ => candle_core::bail!("attention: expected a [b, h, l, d] f32 CPU tensor with a dense last dimension"),
+        }
+    }
+
+    /// First element of head `hi` of batch element `bi`, and of row `r` within it.
+    fn at(&self, bi: usize, hi: usize, r: usize) -> *const f32 {
+        self.data[self.offset + bi * self.batch + hi * self.head + r * self.row..].as_ptr()
+    }
+}
+
+/// Blocks of queries of every head in parallel; q, k and v are read where they lie, and the
+/// output is written as `[b, lq, h, dv]` and returned as its `[b, h, lq, dv]` view, so that the
+/// caller's merge of the heads back into `[b, lq, h·dv]` is free too.
 fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, h, lq, d) = q.dims4()?;
     let lk = k.dim(2)?;
     let dv = v.dim(3)?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if k.dims4()? != (b, h, lk, d) || v.dims4()? != (b, h, lk, dv) {
+        candle_core::bail!("attention: q {:?}, k {:?} and v {:?} do not match", q.dims(), k.dims(), v.dims());
+    }
+    if b * h * lq * lk * d * dv == 0 {
+        // Nothing to read in place (and softmax over no keys, or over all-zero scores, is the
+        // reference's to define).
+        return sliced(q, k, v, scale);
+    }
+    let dense_rows = |t: &Tensor| -> Result<Tensor> {
+        if t.layout().stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() }
+    };
+    let (q, k, v) = (dense_rows(q)?, dense_rows(k)?, dense_rows(v)?);
     let (qs, _) = q.storage_and_layout();
     let (ks, _) = k.storage_and_layout();
     let (vs, _) = v.storage_and_layout();
-    // Borrow the inputs in place (the storage guards live until the end of the function).
-    let (qd, kd, vd) = (
-        crate::host_f32(&qs, &q, "attention")?,
-        crate::host_f32(&ks, &k, "attention")?,
-        crate::host_f32(&vs, &v, "attention")?,
-    );
-    let mut out = vec![0f32; b * h * lq * dv];
+    let (qo, ko, vo) = (Operand::strided(&qs, &q)?, Operand::strided(&ks, &k)?, Operand::strided(&vs, &v)?);
+    let mut out = vec![0f32; b * lq * h * dv];
+    let out_ptr = crate::blocks::SharedOut::new(&mut out);
     let scale = scale as f32;
-    let serial = b * h * lq * lk * d < crate::linear::SERIAL_MACS;
-    let one_head = |(head, o_head): (usize, &mut [f32])| {
-        let qh = &qd[head * lq * d..(head + 1) * lq * d];
-        let kh = &kd[head * lk * d..(head + 1) * lk * d];
-        let vh = &vd[head * lk * dv..(head + 1) * lk * dv];
-        let block = |(blk, o_blk): (usize, &mut [f32])| {
-            let rows = o_blk.len() / dv;
-            let q_blk = &qh[blk * QUERY_BLOCK * d..(blk * QUERY_BLOCK + rows) * d];
-            let mut scores = vec![0f32; rows * lk];
-            // SAFETY: every pointer/stride pair below describes a buffer of exactly the
-            // given shape (rows×lk scores, rows×d queries, lk×d keys read transposed, lk×dv
-            // values, rows×dv output), all owned or borrowed for the duration of the call.
-            unsafe {
-                // scores = scale · q_blk · kᵀ
-                gemm::gemm(
-                    rows,
-                    lk,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    lk as isize,
-                    false,
-                    q_blk.as_ptr(),
-                    1,
-                    d as isize,
-                    kh.as_ptr(),
-                    d as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-            for row in scores.chunks_mut(lk) {
-                softmax_row(row);
-            }
-            unsafe {
-                // out = probs · v
-                gemm::gemm(
-                    rows,
-                    dv,
-                    lk,
-                    o_blk.as_mut_ptr(),
-                    1,
-                    dv as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    lk as isize,
-                    vh.as_ptr(),
-                    1,
-                    dv as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        };
-        if serial {
-            o_head
-                .chunks_mut(QUERY_BLOCK * dv)
-                .enumerate()
-                .for_each(block);
-        } else {
-            o_head
-                .par_chunks_mut(QUERY_BLOCK * dv)
-                .enumerate()
-                .for_each(block);
+    let blocks_per_head = lq.div_ceil(QUERY_BLOCK);
+    let block = |task: usize| {
+        let (head, blk) = (task / blocks_per_head, task % blocks_per_head);
+        let (bi, hi) = (head / h, head % h);
+        let first = blk * QUERY_BLOCK;
+        let rows = QUERY_BLOCK.min(lq - first);
+        let mut scores = vec![0f32; rows * lk];
+        // SAFETY: each operand pointer with its strides addresses a [rows or lk, d or dv] block
+        // inside its tensor's storage (checked by `at`'s slicing for the first element, and by
+        // the layout for the rest); the output block is [rows, dv] with row stride h·dv inside
+        // `out`, and no other task writes it.
+        unsafe {
+            // scores = scale · q_blk · kᵀ
+            gemm::gemm(
+                rows, lk, d,
+                scores.as_mut_ptr(), 1, lk as isize, false,
+                qo.at(bi, hi, first), 1, qo.row as isize,
+                ko.at(bi, hi, 0), ko.row as isize, 1,
+                0.0, scale, false, false, false, gemm::Parallelism::None,
+            );
+        }
+        for row in scores.chunks_mut(lk) {
+            softmax_row(row);
+        }
+        unsafe {
+            // out = probs · v
+            let dst = out_ptr.ptr().add(((bi * lq + first) * h + hi) * dv);
+            gemm::gemm(
+                rows, dv, lk,
+                dst, 1, (h * dv) as isize, false,
+                scores.as_ptr(), 1, lk as isize,
+                vo.at(bi, hi, 0), 1, vo.row as isize,
+                0.0, 1.0, false, false, false, gemm::Parallelism::None,
+            );
         }
     };
     // Small problems stay on the calling thread: waking the pool costs more than they do.
-    if serial {
-        out.chunks_mut(lq * dv).enumerate().for_each(one_head);
+    if b * h * lq * lk * d < crate::linear::SERIAL_MACS {
+        (0..b * h * blocks_per_head).for_each(block);
     } else {
-        out.par_chunks_mut(lq * dv).enumerate().for_each(one_head);
+        (0..b * h * blocks_per_head).into_par_iter().for_each(block);
     }
-    Tensor::from_vec(out, (b, h, lq, dv), q.device())
+    drop((qs, ks, vs));
+    Tensor::from_vec(out, (b, lq, h, dv), q.device())?.transpose(1, 2)
 }
 
 /// `exp(x)` for `x <= 0` (softmax after subtracting the row max), relative error below 3e-7.
@@ -299,7 +296,7 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "sliced: max diff {diff}");
-        // More than one query block, a ragged last block, value width != key width.
+        // One ragged query block, value width != key width.
         let q = Tensor::randn(0f32, 1., (1, 2, 70, 8), &dev)?;
         let k = Tensor::randn(0f32, 1., (1, 2, 45, 8), &dev)?;
         let v = Tensor::randn(0f32, 1., (1, 2, 45, 5), &dev)?;
@@ -308,6 +305,17 @@ mod tests {
             .max_all()?
             .to_scalar::<f32>()?;
         assert!(diff < 1e-5, "blocked: max diff {diff}");
+        // As the UNet passes them: [b, l, h·d] projections viewed as heads, not copied; three
+        // query blocks, on the pool.
+        let view = |l: usize, d: usize| -> Result<Tensor> { Tensor::randn(0f32, 1., (2, l, 3, d), &dev)?.transpose(1, 2) };
+        let (q, k, v) = (view(300, 16)?, view(200, 16)?, view(200, 12)?);
+        assert!(!q.is_contiguous());
+        let a = scaled_dot_product_attention(&q, &k, &v, 0.25)?;
+        assert_eq!(a.dims(), &[2, 3, 300, 12]);
+        let want = naive(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, 0.25)?;
+        let diff = (a - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "strided: max diff {diff}");
+        assert!(scaled_dot_product_attention(&q, &k.narrow(3, 0, 8)?, &v, 0.25).is_err(), "mismatched head widths must be refused");
         Ok(())
     }
 }
