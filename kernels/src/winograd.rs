@@ -25,6 +25,21 @@ thread_local! {
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Runs `f` on this thread's scratch, grown to `v_len` transformed-input and `m_len` product
+/// elements (their contents are stale: `f` writes before it reads).
+fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|s| {
+        let (v, m) = &mut *s.borrow_mut();
+        if v.len() < v_len {
+            v.resize(v_len, 0.0);
+        }
+        if m.len() < m_len {
+            m.resize(m_len, 0.0);
+        }
+        f(&mut v[..v_len], &mut m[..m_len])
+    })
+}
+
 /// U = G g Gᵀ for every (o, c) into `u`: `[16][o][c]`. Blocks of output channels transform in
 /// parallel, each into its rows of the 16 planes.
 fn transform_weights(w: &[f32], o: usize, c: usize, u: &mut [f32]) {
@@ -155,16 +170,9 @@ impl Geometry {
         let (c, o, h, w, tw) = (self.c, self.o, self.h, self.w, self.tiles_w);
         let tiles = tiles_h * tw;
         let p = b * tiles;
-        SCRATCH.with(|s| {
-            let (v, m) = &mut *s.borrow_mut();
-            if v.len() < 16 * c * p {
-                v.resize(16 * c * p, 0.0);
-            }
-            if m.len() < 16 * o * p {
-                m.resize(16 * o * p, 0.0);
-            }
+        with_scratch(16 * c * p, 16 * o * p, |v, m| {
             let channels_per_task = c.div_ceil(4 * rayon::current_num_threads()).max(1);
-            v[..16 * c * p].par_chunks_mut(16 * p * channels_per_task).enumerate().for_each(|(k, vs)| {
+            v.par_chunks_mut(16 * p * channels_per_task).enumerate().for_each(|(k, vs)| {
                 let mut scratch = vec![0f32; 8 * (tw + 1)];
                 for (i, vc) in vs.chunks_mut(16 * p).enumerate() {
                     let ci = k * channels_per_task + i;
@@ -190,7 +198,7 @@ impl Geometry {
                     );
                 }
             });
-            let m = &m[..16 * o * p];
+            let m = &*m;
             out.par_chunks_mut(h * w).enumerate().for_each(|(j, plane)| {
                 let (img, oi) = (j / o, j % o);
                 let mut scratch = vec![0f32; 4 * tw];
@@ -204,15 +212,8 @@ impl Geometry {
     fn block(&self, x: &[f32], u: &[f32], bias: &[f32], rows: std::ops::Range<usize>, out: SharedOut, parallelism: gemm::Parallelism) {
         let p = rows.len() * self.tiles_w;
         let (c, o) = (self.c, self.o);
-        SCRATCH.with(|s| {
-            let (v, m) = &mut *s.borrow_mut();
-            if v.len() < 16 * c * p {
-                v.resize(16 * c * p, 0.0);
-            }
-            if m.len() < 16 * o * p {
-                m.resize(16 * o * p, 0.0);
-            }
-            self.transform_inputs(x, rows.clone(), &mut v[..16 * c * p]);
+        with_scratch(16 * c * p, 16 * o * p, |v, m| {
+            self.transform_inputs(x, rows.clone(), v);
             for xi in 0..16 {
                 // SAFETY: u[ξ] is [o, c], v[ξ] [c, p] and m[ξ] [o, p], all row-major, in bounds.
                 unsafe {
@@ -225,7 +226,7 @@ impl Geometry {
                     );
                 }
             }
-            self.transform_outputs(&m[..16 * o * p], rows, bias, out);
+            self.transform_outputs(m, rows, bias, out);
         });
     }
 }
