@@ -159,6 +159,27 @@ impl Geometry {
         }
     }
 
+    /// `m[ξ] = U[ξ] · v[ξ]` over `p` tiles: `U[ξ]` is `[o, c]` row-major inside `u`, `v[ξ]` `[c, p]`
+    /// and `m[ξ]` `[o, p]` with rows `row_stride` apart.
+    ///
+    /// # Safety
+    /// `v` and `m` must address matrices of those shapes inside live buffers, and no other thread
+    /// may touch `m`'s rows during the call.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn product(&self, u: &[f32], xi: usize, v: *const f32, m: *mut f32, p: usize, row_stride: usize, parallelism: gemm::Parallelism) {
+        let (c, o) = (self.c, self.o);
+        // SAFETY: U[ξ] lies inside `u` ([16][o][c]); the rest is the caller's promise.
+        unsafe {
+            gemm::gemm(
+                o, p, c,
+                m, 1, row_stride as isize, false,
+                u[xi * o * c..(xi + 1) * o * c].as_ptr(), 1, c as isize,
+                v, 1, row_stride as isize,
+                0.0, 1.0, false, false, false, parallelism,
+            );
+        }
+    }
+
     /// All images' tiles as one set of 16 GEMMs, for small latents. Split into row blocks, a
     /// 2×16×16 input gives the GEMMs only 32–64 tiles each, too few to repay reading U[ξ] (the
     /// weights' transform, 16/9 of their size) once per block; here each U[ξ] is read once and the
@@ -186,24 +207,15 @@ impl Geometry {
             });
             let (vp, mp) = (SharedOut::new(v), SharedOut::new(m));
             (0..16).into_par_iter().for_each(|xi| {
-                // SAFETY: u[ξ] is [o, c] row-major; v[ξ] is [c, p] with row stride 16p and m[ξ]
-                // [o, p] likewise, all in bounds; each ξ writes only its own rows of m.
-                unsafe {
-                    gemm::gemm(
-                        o, p, c,
-                        mp.ptr().add(xi * p), 1, (16 * p) as isize, false,
-                        u.as_ptr().add(xi * o * c), 1, c as isize,
-                        vp.ptr().add(xi * p) as *const f32, 1, (16 * p) as isize,
-                        0.0, 1.0, false, false, false, gemm::Parallelism::None,
-                    );
-                }
+                // SAFETY: v[ξ] is [c, p] and m[ξ] [o, p] with row stride 16p, inside v and m;
+                // each ξ writes only its own rows of m.
+                unsafe { self.product(u, xi, vp.ptr().add(xi * p), mp.ptr().add(xi * p), p, 16 * p, gemm::Parallelism::None) }
             });
             let m = &*m;
-            out.par_chunks_mut(h * w).enumerate().for_each(|(j, plane)| {
+            out.par_chunks_mut(h * w).enumerate().for_each_init(|| vec![0f32; 4 * tw], |scratch, (j, plane)| {
                 let (img, oi) = (j / o, j % o);
-                let mut scratch = vec![0f32; 4 * tw];
                 for ty in 0..tiles_h {
-                    output_tile_row(&m[oi * 16 * p..(oi + 1) * 16 * p], p, img * tiles + ty * tw, tw, bias[oi], &mut scratch, plane, h, w, ty);
+                    output_tile_row(&m[oi * 16 * p..(oi + 1) * 16 * p], p, img * tiles + ty * tw, tw, bias[oi], scratch, plane, h, w, ty);
                 }
             });
         });
@@ -215,16 +227,8 @@ impl Geometry {
         with_scratch(16 * c * p, 16 * o * p, |v, m| {
             self.transform_inputs(x, rows.clone(), v);
             for xi in 0..16 {
-                // SAFETY: u[ξ] is [o, c], v[ξ] [c, p] and m[ξ] [o, p], all row-major, in bounds.
-                unsafe {
-                    gemm::gemm(
-                        o, p, c,
-                        m.as_mut_ptr().add(xi * o * p), 1, p as isize, false,
-                        u.as_ptr().add(xi * o * c), 1, c as isize,
-                        v.as_ptr().add(xi * c * p), 1, p as isize,
-                        0.0, 1.0, false, false, false, parallelism,
-                    );
-                }
+                // SAFETY: v[ξ] is [c, p] and m[ξ] [o, p], row-major, inside v and m.
+                unsafe { self.product(u, xi, v.as_ptr().add(xi * c * p), m.as_mut_ptr().add(xi * o * p), p, p, parallelism) }
             }
             self.transform_outputs(m, rows, bias, out);
         });
@@ -350,7 +354,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let g = Geometry { c, h, w, o, tiles_w };
     let mut out = vec![0f32; b * o * h * w];
     if b * tiles_h * tiles_w <= WHOLE_BATCH_TILES && 16 * (c + o) * b * tiles_h * tiles_w <= WHOLE_BATCH_ELEMENTS {
-        g.whole_batch(&xd[..b * c * h * w], u, bias, b, tiles_h, &mut out);
+        g.whole_batch(xd, u, bias, b, tiles_h, &mut out);
         return Tensor::from_vec(out, (b, o, h, w), x.device());
     }
     let rows_per_block = (BLOCK_ELEMENTS / (16 * c.max(o) * tiles_w).max(1)).clamp(1, tiles_h);
