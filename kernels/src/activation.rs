@@ -81,7 +81,8 @@ impl CustomOp1 for Geglu {
             _ => candle_core::bail!("geglu: expected contiguous f32"),
         };
         let rows = data.len() / width;
-        let mut out = vec![0f32; rows * inner];
+        // SAFETY: `geglu_row` writes every element of each output row.
+        let mut out = unsafe { crate::uninit_output(rows * inner) };
         if data.len() < crate::linear::SERIAL_ELEMENTS {
             out.chunks_mut(inner).zip(data.chunks(width)).for_each(|(o, h)| geglu_row(o, h));
         } else {

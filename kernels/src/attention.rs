@@ -94,7 +94,9 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
     let (ks, _) = k.storage_and_layout();
     let (vs, _) = v.storage_and_layout();
     let (qo, ko, vo) = (Operand::strided(&qs, &q)?, Operand::strided(&ks, &k)?, Operand::strided(&vs, &v)?);
-    let mut out = vec![0f32; b * lq * h * dv];
+    // SAFETY: the tasks together cover every (image, head, query block), and each one's second
+    // GEMM writes its [rows, dv] block without reading it.
+    let mut out = unsafe { crate::uninit_output(b * lq * h * dv) };
     let out_ptr = crate::blocks::SharedOut::new(&mut out);
     let scale = scale as f32;
     let blocks_per_head = lq.div_ceil(QUERY_BLOCK);
@@ -103,7 +105,8 @@ fn blocked_cpu(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor>
         let (bi, hi) = (head / h, head % h);
         let first = blk * QUERY_BLOCK;
         let rows = QUERY_BLOCK.min(lq - first);
-        let mut scores = vec![0f32; rows * lk];
+        // SAFETY: the first GEMM writes all of it without reading it.
+        let mut scores = unsafe { crate::uninit_output(rows * lk) };
         // SAFETY: each operand pointer with its strides addresses a [rows or lk, d or dv] block
         // inside its tensor's storage (checked by `at`'s slicing for the first element, and by
         // the layout for the rest); the output block is [rows, dv] with row stride h·dv inside

@@ -146,11 +146,13 @@ impl Geometry {
 
 /// A `[b, o, n]` output holding each channel's bias (zeros without one), for a GEMM to accumulate onto.
 fn output_with_bias(b: usize, o: usize, n: usize, bias: Option<&Tensor>) -> Result<Vec<f32>> {
-    let mut out = vec![0f32; b * o * n];
-    if let Some(bias) = bias {
-        let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
-        out.chunks_mut(n).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
-    }
+    let Some(bias) = bias else {
+        return Ok(vec![0f32; b * o * n]);
+    };
+    let bias: Vec<f32> = bias.to_dtype(DType::F32)?.to_vec1()?;
+    // SAFETY: every row is filled just below.
+    let mut out = unsafe { crate::uninit_output(b * o * n) };
+    out.chunks_mut(n.max(1)).enumerate().for_each(|(row, dst)| dst.fill(bias[row % o]));
     Ok(out)
 }
 

@@ -83,6 +83,25 @@ pub(crate) fn f32_copy(t: &candle_core::Tensor) -> candle_core::Result<candle_co
     t.to_dtype(candle_core::DType::F32)
 }
 
+/// An output buffer of `len` f32 whose contents are not yet written.
+///
+/// Why not `vec![0.0; len]`: glibc serves a large allocation from heap pages the process already
+/// holds (its mmap threshold rises to the size of freed blocks, up to 32 MB), and then `calloc`
+/// must clear them: a 2048×2560 linear output spent 3 ms of its 15 ms zeroing values the GEMM
+/// overwrote. torch's outputs are not cleared either, and candle's CPU backend allocates its own
+/// outputs this way (`alloc_uninit`).
+///
+/// # Safety
+/// The caller writes every element before any is read (f32 has no invalid bit patterns, so no
+/// value can be invalid, only stale).
+#[allow(clippy::uninit_vec)] // deliberately: the contract above, as in candle's `alloc_uninit`
+pub(crate) unsafe fn uninit_output(len: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; the caller's contract covers the contents.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// The f32 values of a contiguous CPU tensor, borrowed from its storage guard (the CPU kernels read
 /// their inputs in place). `what` names the kernel in the error.
 pub(crate) fn host_f32<'a>(storage: &'a candle_core::Storage, t: &candle_core::Tensor, what: &str) -> candle_core::Result<&'a [f32]> {

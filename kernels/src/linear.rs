@@ -48,7 +48,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     *out_shape.last_mut().expect("rank >= 1") = out_f;
     let m = x.elem_count() / in_f.max(1);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let mut y = vec![0f32; m * out_f];
+    // SAFETY: every element is written below, by the bias rows or by the GEMM (which reads the
+    // output only when the bias is in it).
+    let mut y = unsafe { crate::uninit_output(m * out_f) };
     if let Some(b) = bias {
         let b: Vec<f32> = b.to_vec1()?;
         for row in y.chunks_mut(out_f) {

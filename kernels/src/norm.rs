@@ -84,7 +84,8 @@ impl CustomOp1 for FusedGroupNorm<'_> {
         };
         let cpg = c / self.groups;
         let block = cpg * spatial;
-        let mut out = vec![0f32; data.len()];
+        // SAFETY: `normalize_group` writes every element of each group.
+        let mut out = unsafe { crate::uninit_output(data.len()) };
         let group = |(i, (o, x)): (usize, (&mut [f32], &[f32]))| {
             let g = i % self.groups;
             let (w, b) = (&self.weight[g * cpg..(g + 1) * cpg], &self.bias[g * cpg..(g + 1) * cpg]);
@@ -195,7 +196,8 @@ pub fn layer_norm(x: &Tensor, norm: &candle_nn::LayerNorm) -> Result<Tensor> {
     let x = x.contiguous()?;
     let (storage, _) = x.storage_and_layout();
     let data = crate::host_f32(&storage, &x, "layer_norm")?;
-    let mut out = vec![0f32; data.len()];
+    // SAFETY: `layer_norm_row` writes every element of each row.
+    let mut out = unsafe { crate::uninit_output(data.len()) };
     // ~16k values per task, so that a task's rows amortise rayon's cost.
     let rows_per_task = (16 * 1024 / dim.max(1)).max(1);
     out.par_chunks_mut(rows_per_task * dim)
