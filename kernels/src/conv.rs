@@ -167,19 +167,15 @@ fn conv1x1_cpu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "conv2d")?, crate::host_f32(&ws, &weight, "conv2d")?);
-    let threads = rayon::current_num_threads();
-    let parallelism = if o * c * n < crate::linear::SERIAL_MACS || threads < 2 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
     for (img, dst) in out.chunks_mut(o * n).enumerate() {
+        let product = crate::blocks::Product {
+            m: o, n, k: c,
+            dst: dst.as_mut_ptr(), dst_cs: 1, dst_rs: n as isize, read_dst: bias.is_some(),
+            lhs: wd.as_ptr(), lhs_cs: 1, lhs_rs: c as isize,
+            rhs: xd[img * c * n..].as_ptr(), rhs_cs: 1, rhs_rs: n as isize,
+        };
         // SAFETY: dst is [o, n], W [o, c] and this image's x [c, n], all row-major, in bounds.
-        unsafe {
-            gemm::gemm(
-                o, n, c,
-                dst.as_mut_ptr(), 1, n as isize, bias.is_some(),
-                wd.as_ptr(), 1, c as isize,
-                xd[img * c * n..].as_ptr(), 1, n as isize,
-                1.0, 1.0, false, false, false, parallelism,
-            );
-        }
+        unsafe { product.run_split() };
     }
     drop((xs, ws));
     Tensor::from_vec(out, (b, o, h, w), x.device())

@@ -7,20 +7,10 @@
 //! Other devices, dtypes and autograd use candle's `Linear` and `bias_add`, the reference.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use rayon::prelude::*;
-
-use crate::blocks::SharedOut;
 
 /// Multiply-adds below which a GEMM runs on the calling thread: waking the pool costs ~25 µs,
 /// what one core spends on about 2²¹ multiply-adds, so below that a second thread cannot win.
 pub const SERIAL_MACS: usize = 1 << 21;
-
-/// Rows up to which a pooled product is split by output features, one single-threaded GEMM per
-/// thread, rather than handed to gemm's own threading. With few rows (the cross-attention keys
-/// and values of 154 text tokens, the 16×16 level's 512 tokens) gemm's split was 1.2–1.6× slower
-/// on 2 cores (154×2048→640: 2.9 against 1.8 ms; 512×2560→640: 7.1 against 5.4 ms); from 2048
-/// rows on, its own split was as fast or faster. Every output is the same dot product either way.
-const SPLIT_COLUMNS_MAX_ROWS: usize = 1024;
 
 /// Elements below which our elementwise kernels (GEGLU, group norm) run on the calling thread.
 pub const SERIAL_ELEMENTS: usize = 1 << 16;
@@ -60,30 +50,16 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "linear")?, crate::host_f32(&ws, &weight, "linear")?);
-    let threads = rayon::current_num_threads();
-    let pooled = m * out_f * in_f >= SERIAL_MACS && threads >= 2;
-    let yp = SharedOut::new(&mut y);
-    // y[.., cols] = x · W[cols]ᵀ (+ the bias already in y): one GEMM over a range of output features.
-    let columns = |cols: std::ops::Range<usize>, parallelism: gemm::Parallelism| {
-        // SAFETY: y is [m, out] row-major, x [m, in] row-major, and W[cols]ᵀ is read from the
-        // [out, in] row-major weight with row stride 1 and column stride `in`; all in bounds, and
-        // each call writes only its own columns of y.
-        unsafe {
-            gemm::gemm(
-                m, cols.len(), in_f,
-                yp.ptr().add(cols.start), 1, out_f as isize, bias.is_some(),
-                xd.as_ptr(), 1, in_f as isize,
-                wd.as_ptr().add(cols.start * in_f), in_f as isize, 1,
-                1.0, 1.0, false, false, false, parallelism,
-            );
-        }
+    let product = crate::blocks::Product {
+        m, n: out_f, k: in_f,
+        dst: y.as_mut_ptr(), dst_cs: 1, dst_rs: out_f as isize, read_dst: bias.is_some(),
+        lhs: xd.as_ptr(), lhs_cs: 1, lhs_rs: in_f as isize,
+        // Wᵀ [in, out] read from the [out, in] row-major weight.
+        rhs: wd.as_ptr(), rhs_cs: in_f as isize, rhs_rs: 1,
     };
-    if pooled && m <= SPLIT_COLUMNS_MAX_ROWS && out_f >= 16 * threads {
-        let chunk = out_f.div_ceil(threads).next_multiple_of(16);
-        (0..out_f.div_ceil(chunk)).into_par_iter().for_each(|i| columns(i * chunk..((i + 1) * chunk).min(out_f), gemm::Parallelism::None));
-    } else {
-        columns(0..out_f, if pooled { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None });
-    }
+    // SAFETY: y is [m, out] row-major, x [m, in] row-major and W [out, in] row-major, all in
+    // bounds and alive for the call; nothing else touches y.
+    unsafe { product.run_split() };
     drop((xs, ws));
     Tensor::from_vec(y, out_shape, x.device())
 }
@@ -96,9 +72,9 @@ mod tests {
     #[test]
     fn equals_candle_linear() -> Result<()> {
         let d = Device::Cpu;
-        // Small (serial) products; pooled ones split by output features (evenly and not) and
-        // left to gemm's threading (over 1024 rows); with and without bias, 2-D and 3-D inputs.
-        for (dims, in_f, out_f) in [(vec![3usize, 5], 5usize, 7usize), (vec![2, 300, 320], 320, 640), (vec![2, 300, 96], 96, 100), (vec![4, 300, 64], 64, 96)] {
+        // A small (serial) product; pooled ones split by output features (evenly and not) and by
+        // rows (evenly and not); with and without bias, 2-D and 3-D inputs.
+        for (dims, in_f, out_f) in [(vec![3usize, 5], 5usize, 7usize), (vec![2, 300, 320], 320, 640), (vec![150, 320], 320, 1000), (vec![2, 304, 96], 96, 100), (vec![4, 301, 64], 64, 96)] {
             let x = Tensor::randn(0f32, 1., dims.as_slice(), &d)?;
             let w = Tensor::randn(0f32, 0.1, (out_f, in_f), &d)?;
             let b = Tensor::randn(0f32, 0.1, out_f, &d)?;
