@@ -30,6 +30,7 @@ fn models_dir(app: &tauri::AppHandle) -> PathBuf {
 }
 
 pub fn run() {
+    loramix::weights::tune_allocator();
     tauri::Builder::default()
         .setup(|app| {
             let library = loramix::lora::library::LoraLibrary::default_root()?;

@@ -45,6 +45,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    loramix::weights::tune_allocator();
     match Cli::parse().command {
         Command::Generate(a) => generate::run(*a),
         Command::Lora(a) => lora::run(a),
