@@ -45,8 +45,17 @@ pub(crate) fn for_row_blocks(images: usize, rows: usize, rows_per_block: usize, 
     }
 }
 
-/// One f32 GEMM `dst = lhs · rhs (+ dst when read_dst)`, in gemm's terms: every operand by its
-/// pointer, column stride and row stride.
+/// A bias added to every row (`PerColumn`: one value per output column) or every column
+/// (`PerRow`) of a product's output.
+#[derive(Clone, Copy)]
+pub(crate) enum Bias {
+    None,
+    PerColumn(*const f32),
+    PerRow(*const f32),
+}
+
+/// One f32 GEMM `dst = lhs · rhs + bias`, in gemm's terms: every operand by its pointer, column
+/// stride and row stride. `dst` is only written.
 #[derive(Clone, Copy)]
 pub(crate) struct Product {
     pub m: usize,
@@ -55,7 +64,7 @@ pub(crate) struct Product {
     pub dst: *mut f32,
     pub dst_cs: isize,
     pub dst_rs: isize,
-    pub read_dst: bool,
+    pub bias: Bias,
     pub lhs: *const f32,
     pub lhs_cs: isize,
     pub lhs_rs: isize,
@@ -69,15 +78,44 @@ unsafe impl Send for Product {}
 unsafe impl Sync for Product {}
 
 impl Product {
+    /// The bias is written into `dst` first and the GEMM accumulates onto it, so there is no
+    /// second pass over the output; under `run_split` each thread writes its own part just
+    /// before its GEMM, while that part is in its cache (a separate fill of a 2048×2560 output
+    /// took 1.9 ms of its linear's 12.7).
+    ///
     /// # Safety
     /// The operands must address `[m, k]`, `[k, n]` and `[m, n]` matrices inside live buffers,
-    /// and no other thread may touch `dst`'s elements during the call.
+    /// the bias `n` (per column) or `m` (per row) values, and no other thread may touch `dst`'s
+    /// elements during the call.
     pub(crate) unsafe fn run(&self, parallelism: gemm::Parallelism) {
-        // SAFETY: the caller's promise.
+        // SAFETY: the caller's promise: every (i, j) below is inside dst, every bias index inside the bias.
         unsafe {
+            match self.bias {
+                Bias::None => {}
+                Bias::PerColumn(b) => {
+                    for i in 0..self.m {
+                        let row = self.dst.offset(i as isize * self.dst_rs);
+                        if self.dst_cs == 1 {
+                            std::ptr::copy_nonoverlapping(b, row, self.n);
+                        } else {
+                            (0..self.n).for_each(|j| *row.offset(j as isize * self.dst_cs) = *b.add(j));
+                        }
+                    }
+                }
+                Bias::PerRow(b) => {
+                    for i in 0..self.m {
+                        let row = self.dst.offset(i as isize * self.dst_rs);
+                        if self.dst_cs == 1 {
+                            std::slice::from_raw_parts_mut(row, self.n).fill(*b.add(i));
+                        } else {
+                            (0..self.n).for_each(|j| *row.offset(j as isize * self.dst_cs) = *b.add(i));
+                        }
+                    }
+                }
+            }
             gemm::gemm(
                 self.m, self.n, self.k,
-                self.dst, self.dst_cs, self.dst_rs, self.read_dst,
+                self.dst, self.dst_cs, self.dst_rs, !matches!(self.bias, Bias::None),
                 self.lhs, self.lhs_cs, self.lhs_rs,
                 self.rhs, self.rhs_cs, self.rhs_rs,
                 1.0, 1.0, false, false, false, parallelism,
@@ -118,10 +156,16 @@ impl Product {
                     part.n = end - start;
                     part.dst = self.dst.offset(start as isize * self.dst_cs);
                     part.rhs = self.rhs.offset(start as isize * self.rhs_cs);
+                    if let Bias::PerColumn(b) = self.bias {
+                        part.bias = Bias::PerColumn(b.add(start));
+                    }
                 } else {
                     part.m = end - start;
                     part.dst = self.dst.offset(start as isize * self.dst_rs);
                     part.lhs = self.lhs.offset(start as isize * self.lhs_rs);
+                    if let Bias::PerRow(b) = self.bias {
+                        part.bias = Bias::PerRow(b.add(start));
+                    }
                 }
                 part.run(gemm::Parallelism::None);
             }

@@ -163,18 +163,22 @@ fn conv1x1_cpu(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Ten
     let (b, _, h, w) = x.dims4()?;
     let n = h * w;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let mut out = output_with_bias(b, o, n, bias)?;
+    let bias: Option<Vec<f32>> = bias.map(|b| b.to_dtype(DType::F32)?.to_vec1()).transpose()?;
+    // SAFETY: each image's product writes all of its [o, n] block (bias first, when there is one).
+    let mut out = unsafe { crate::uninit_output(b * o * n) };
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "conv2d")?, crate::host_f32(&ws, &weight, "conv2d")?);
-    for (img, dst) in out.chunks_mut(o * n).enumerate() {
+    for (img, dst) in out.chunks_mut((o * n).max(1)).enumerate() {
         let product = crate::blocks::Product {
             m: o, n, k: c,
-            dst: dst.as_mut_ptr(), dst_cs: 1, dst_rs: n as isize, read_dst: bias.is_some(),
+            dst: dst.as_mut_ptr(), dst_cs: 1, dst_rs: n as isize,
+            bias: bias.as_ref().map_or(crate::blocks::Bias::None, |b| crate::blocks::Bias::PerRow(b.as_ptr())),
             lhs: wd.as_ptr(), lhs_cs: 1, lhs_rs: c as isize,
             rhs: xd[img * c * n..].as_ptr(), rhs_cs: 1, rhs_rs: n as isize,
         };
-        // SAFETY: dst is [o, n], W [o, c] and this image's x [c, n], all row-major, in bounds.
+        // SAFETY: dst is [o, n], W [o, c] and this image's x [c, n], all row-major, and the
+        // bias [o], in bounds.
         unsafe { product.run_split() };
     }
     drop((xs, ws));
@@ -357,15 +361,18 @@ mod tests {
     #[test]
     fn pointwise_conv_equals_reference() -> Result<()> {
         let d = Device::Cpu;
-        // A small product (calling thread) and a large one (pool), with bias.
-        for (c, o, hw) in [(5, 6, 3), (96, 80, 40)] {
+        // A small product (calling thread) and large ones (pool) split by pixels and by output
+        // channels, with and without bias.
+        for (c, o, hw) in [(5, 6, 3), (96, 80, 40), (128, 520, 6)] {
             let x = Tensor::randn(0f32, 1., (2, c, hw, hw + 1), &d)?;
             let wt = Tensor::randn(0f32, 0.1, (o, c, 1, 1), &d)?;
             let b = Tensor::randn(0f32, 0.3, o, &d)?;
-            let a = conv2d(&x, &wt, Some(&b), 1, 0)?;
-            let r = conv2d_reference(&x, &wt, Some(&b), 1, 0)?;
-            let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
-            assert!(rel < 1e-5, "c {c} o {o}: relative L2 {rel}");
+            for bias in [Some(&b), None] {
+                let a = conv2d(&x, &wt, bias, 1, 0)?;
+                let r = conv2d_reference(&x, &wt, bias, 1, 0)?;
+                let rel = ((&a - &r)?.sqr()?.sum_all()?.sqrt()? / r.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+                assert!(rel < 1e-5, "c {c} o {o} bias {}: relative L2 {rel}", bias.is_some());
+            }
         }
         Ok(())
     }

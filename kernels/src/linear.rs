@@ -38,27 +38,22 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     *out_shape.last_mut().expect("rank >= 1") = out_f;
     let m = x.elem_count() / in_f.max(1);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    // SAFETY: every element is written below, by the bias rows or by the GEMM (which reads the
-    // output only when the bias is in it).
+    let bias: Option<Vec<f32>> = bias.map(|b| b.to_vec1()).transpose()?;
+    // SAFETY: the product writes every element (bias first, when there is one).
     let mut y = unsafe { crate::uninit_output(m * out_f) };
-    if let Some(b) = bias {
-        let b: Vec<f32> = b.to_vec1()?;
-        for row in y.chunks_mut(out_f) {
-            row.copy_from_slice(&b);
-        }
-    }
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "linear")?, crate::host_f32(&ws, &weight, "linear")?);
     let product = crate::blocks::Product {
         m, n: out_f, k: in_f,
-        dst: y.as_mut_ptr(), dst_cs: 1, dst_rs: out_f as isize, read_dst: bias.is_some(),
+        dst: y.as_mut_ptr(), dst_cs: 1, dst_rs: out_f as isize,
+        bias: bias.as_ref().map_or(crate::blocks::Bias::None, |b| crate::blocks::Bias::PerColumn(b.as_ptr())),
         lhs: xd.as_ptr(), lhs_cs: 1, lhs_rs: in_f as isize,
         // Wᵀ [in, out] read from the [out, in] row-major weight.
         rhs: wd.as_ptr(), rhs_cs: in_f as isize, rhs_rs: 1,
     };
-    // SAFETY: y is [m, out] row-major, x [m, in] row-major and W [out, in] row-major, all in
-    // bounds and alive for the call; nothing else touches y.
+    // SAFETY: y is [m, out] row-major, x [m, in] row-major, W [out, in] row-major and the bias
+    // [out], all in bounds and alive for the call; nothing else touches y.
     unsafe { product.run_split() };
     drop((xs, ws));
     Tensor::from_vec(y, out_shape, x.device())
