@@ -168,16 +168,15 @@ impl Geometry {
     #[allow(clippy::too_many_arguments)]
     unsafe fn product(&self, u: &[f32], xi: usize, v: *const f32, m: *mut f32, p: usize, row_stride: usize, parallelism: gemm::Parallelism) {
         let (c, o) = (self.c, self.o);
+        let product = crate::blocks::Product {
+            m: o, n: p, k: c,
+            dst: m, dst_cs: 1, dst_rs: row_stride as isize,
+            bias: crate::blocks::Bias::None,
+            lhs: u[xi * o * c..(xi + 1) * o * c].as_ptr(), lhs_cs: 1, lhs_rs: c as isize,
+            rhs: v, rhs_cs: 1, rhs_rs: row_stride as isize,
+        };
         // SAFETY: U[ξ] lies inside `u` ([16][o][c]); the rest is the caller's promise.
-        unsafe {
-            gemm::gemm(
-                o, p, c,
-                m, 1, row_stride as isize, false,
-                u[xi * o * c..(xi + 1) * o * c].as_ptr(), 1, c as isize,
-                v, 1, row_stride as isize,
-                0.0, 1.0, false, false, false, parallelism,
-            );
-        }
+        unsafe { product.run(parallelism) }
     }
 
     /// All images' tiles as one set of 16 GEMMs, for small latents. Split into row blocks, a
