@@ -156,8 +156,22 @@ fn pipeline_latents_equal_diffusers() {
         for (key, case) in gj["pipeline"].as_object().unwrap() {
             let noise = g.get(&format!("{key}.init_noise")).cloned();
             let req = request(case, noise, size_of(config));
-            let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+            // The cross-attentions keep their keys and values while the generation runs (and
+            // the latents still equal diffusers', which recomputes them), and drop them at its end.
+            let kept = || -> usize {
+                let layers = loramix_models::Adaptable::adaptable_layers(pipe.unet().unwrap());
+                layers.iter().filter_map(|l| l.memo.as_ref()).map(|m| m.len()).sum()
+            };
+            let mut kept_during = 0;
+            let lat = pipe
+                .generate_latents(&req, &mut |_| {
+                    kept_during = kept_during.max(kept());
+                    true
+                })
+                .unwrap();
             assert_close(&format!("{config} {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+            assert!(kept_during > 0, "{config} {key}: no cross-attention product was kept during the generation");
+            assert_eq!(kept(), 0, "{config} {key}: kept products outlived the generation");
         }
     }
 }

@@ -8,9 +8,9 @@
 //! Forward: `y = W x + b + Σ_i weight_i · scale_i · ΔW_i x`, with ΔW_i kept factored (`up_i(down_i(x))`)
 //! where it is low-rank.
 
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor, TensorId};
 use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
 
 /// The weights of one update attached to a layer.
@@ -310,6 +310,8 @@ pub struct AdaptableLayer {
     pub out_features: usize,
     pub base_weight: Tensor,
     pub slot: AdapterSlot,
+    /// The layer's remembered base products, where it keeps them ([`AdaptableLinear::remembering_inputs`]).
+    pub memo: Option<ProductMemo>,
 }
 
 /// Models and blocks list their adaptable layers in execution order.
@@ -337,6 +339,67 @@ impl<T: Adaptable> Adaptable for Option<T> {
     }
 }
 
+/// The last base products `W x + b` of a layer whose input repeats from call to call: a
+/// cross-attention's keys and values are a function of the prompt and the weights only, and the
+/// sampler feeds the same prompt tensor at every step (diffusers recomputes them each time; at
+/// 512² they were about 5 % of a mid-size UNet's step on the CPU). Keyed by the ids of the input
+/// and of the weight in use: candle never reuses a tensor id, a fused or swapped weight is a new
+/// tensor, and neither our sampler nor our mixers write into a tensor in place, so a hit is the
+/// same product, bit for bit. LoRA branches are not kept: they are added to the base product at
+/// every call, exactly as without the memo. Two entries, so that a step that runs the CFG halves
+/// as separate calls (asymmetric CFG) keeps both.
+#[derive(Debug, Clone, Default)]
+pub struct ProductMemo(Arc<Mutex<Vec<MemoEntry>>>);
+
+#[derive(Debug)]
+struct MemoEntry {
+    input: TensorId,
+    weight: TensorId,
+    output: Tensor,
+}
+
+impl ProductMemo {
+    const ENTRIES: usize = 2;
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Vec<MemoEntry>> {
+        // A poisoned lock only means another thread panicked mid-update; entries are whole or absent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `product()` for this input and weight, computed once while they stay the same. Inputs or
+    /// weights that carry a gradient graph are never kept (their products must join that graph).
+    fn get_or(&self, x: &Tensor, weight: &Tensor, product: impl FnOnce() -> Result<Tensor>) -> Result<Tensor> {
+        if x.track_op() || weight.track_op() {
+            return product();
+        }
+        let (input, weight) = (x.id(), weight.id());
+        if let Some(e) = self.entries().iter().find(|e| e.input == input && e.weight == weight) {
+            return Ok(e.output.clone());
+        }
+        let output = product()?;
+        let mut entries = self.entries();
+        if entries.len() >= Self::ENTRIES {
+            entries.remove(0);
+        }
+        entries.push(MemoEntry { input, weight, output: output.clone() });
+        Ok(output)
+    }
+
+    /// Drops the kept products (their memory), as at the end of a generation.
+    pub fn clear(&self) {
+        self.entries().clear();
+    }
+
+    /// How many products are kept (for tests).
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A linear layer that LoRA can target.
 #[derive(Debug, Clone)]
 pub struct AdaptableLinear {
@@ -345,6 +408,7 @@ pub struct AdaptableLinear {
     in_features: usize,
     out_features: usize,
     slot: AdapterSlot,
+    memo: Option<ProductMemo>,
 }
 
 impl AdaptableLinear {
@@ -357,11 +421,28 @@ impl AdaptableLinear {
             in_features,
             out_features,
             slot: AdapterSlot::default(),
+            memo: None,
         })
+    }
+
+    /// This layer keeps its last base products ([`ProductMemo`]): for layers whose input is the
+    /// same tensor across calls, such as a cross-attention's `to_k` / `to_v`.
+    pub fn remembering_inputs(mut self) -> Self {
+        self.memo = Some(ProductMemo::default());
+        self
     }
 
     pub fn weight(&self) -> &Tensor {
         self.base.weight()
+    }
+
+    /// `W x + b` with the weight in use (the fused one where there is one).
+    fn base_product(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let product = || loramix_kernels::linear(x, weight, self.base.bias());
+        match &self.memo {
+            Some(memo) => memo.get_or(x, weight, product),
+            None => product(),
+        }
     }
 
     pub(crate) fn slot(&self) -> &AdapterSlot {
@@ -481,7 +562,7 @@ impl AdaptableLinear {
             return Ok(None);
         }
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
-        let y = loramix_kernels::linear(x, weight, self.base.bias())?;
+        let y = self.base_product(x, weight)?;
         let shared = state.shared_basis();
         let z = match shared {
             Some(g) => Some(x.broadcast_matmul(&state.bases[g].down.t()?)?),
@@ -523,7 +604,7 @@ impl Module for AdaptableLinear {
         // Our linear kernel on the CPU (bias inside the GEMM); elsewhere candle's, with the bias
         // through `bias_add` (our one-pass kernel on CUDA).
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
-        let y = loramix_kernels::linear(x, weight, self.base.bias())?;
+        let y = self.base_product(x, weight)?;
         #[cfg(feature = "cuda")]
         if let Some(out) = stacked_linear_branches(x, &y, &state)? {
             return Ok(out);
@@ -544,6 +625,7 @@ impl Adaptable for AdaptableLinear {
             out_features: self.out_features,
             base_weight: self.base.weight().clone(),
             slot: self.slot.clone(),
+            memo: self.memo.clone(),
         });
     }
 }
@@ -667,6 +749,7 @@ impl Adaptable for AdaptableConv2d {
             out_features: self.out_channels,
             base_weight: self.base.weight().clone(),
             slot: self.slot.clone(),
+            memo: None,
         });
     }
 }
@@ -706,6 +789,63 @@ mod tests {
         let d = (y - y2)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-4, "{d}");
         assert_eq!(layer.adaptable_layers()[0].path, "l");
+        Ok(())
+    }
+
+    /// A layer that keeps its base products gives what a fresh layer gives at every call: the
+    /// same input again is served from the memo, bit for bit; a fused weight, a changed branch
+    /// weight, or a new input tensor with the same values are all seen; an input in a gradient
+    /// graph is never kept; and clearing forgets.
+    #[test]
+    fn kept_products_equal_fresh_ones() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (6, 5), &dev)?;
+        let mut m = HashMap::new();
+        m.insert("l.weight".to_string(), w.clone());
+        let vb = VarBuilder::from_tensors(m, DType::F32, &dev);
+        let kept = AdaptableLinear::new(vb.pp("l"), 5, 6, false)?.remembering_inputs();
+        let fresh = AdaptableLinear::new(vb.pp("l"), 5, 6, false)?;
+        let memo = kept.adaptable_layers()[0].memo.clone().expect("the layer keeps products");
+        let (down, up) = (Tensor::randn(0f32, 1., (2, 5), &dev)?, Tensor::randn(0f32, 1., (6, 2), &dev)?);
+        for l in [&kept, &fresh] {
+            l.slot.write().branches.push(LowRankBranch::low_rank("a", down.clone(), up.clone(), 0.5, 0.8));
+        }
+        let same = |a: &Tensor, b: &Tensor| -> Result<bool> { Ok(a.flatten_all()?.to_vec1::<f32>()? == b.flatten_all()?.to_vec1::<f32>()?) };
+        let x = Tensor::randn(0f32, 1., (2, 3, 5), &dev)?;
+        let y0 = kept.forward(&x)?;
+        assert!(same(&y0, &fresh.forward(&x)?)?);
+        assert_eq!(memo.len(), 1);
+        // A hit: the memo is not grown, and the result is unchanged.
+        assert!(same(&kept.forward(&x)?, &y0)?);
+        assert_eq!(memo.len(), 1);
+        // The branch weight changes between calls (as a mixer does): the branch is not kept.
+        for l in [&kept, &fresh] {
+            l.slot.write().branches[0].weight = -1.5;
+        }
+        let y1 = kept.forward(&x)?;
+        assert!(same(&y1, &fresh.forward(&x)?)?);
+        assert!(!same(&y1, &y0)?);
+        // A fused weight is a new tensor: the product is made again with it.
+        let fused = (&w * 2.0)?;
+        for l in [&kept, &fresh] {
+            l.slot.write().fused_weight = Some(fused.clone());
+        }
+        let y2 = kept.forward(&x)?;
+        assert!(same(&y2, &fresh.forward(&x)?)?);
+        assert!(!same(&y2, &y1)?);
+        assert_eq!(memo.len(), 2);
+        // Same values in a new tensor, and a third input: the oldest entry goes (two are kept).
+        let x2 = x.copy()?;
+        assert!(same(&kept.forward(&x2)?, &y2)?);
+        let x3 = Tensor::randn(0f32, 1., (2, 3, 5), &dev)?;
+        assert!(same(&kept.forward(&x3)?, &fresh.forward(&x3)?)?);
+        assert_eq!(memo.len(), 2);
+        // An input that carries a gradient graph is never kept.
+        memo.clear();
+        assert!(memo.is_empty());
+        let v = candle_core::Var::from_tensor(&x)?;
+        assert!(same(&kept.forward(v.as_tensor())?, &fresh.forward(v.as_tensor())?)?);
+        assert!(memo.is_empty());
         Ok(())
     }
 

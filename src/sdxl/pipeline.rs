@@ -706,7 +706,10 @@ impl SdxlPipeline {
                     pooled.push(repeat(p)?);
                 }
             }
-            let context = Tensor::cat(&contexts, 0)?;
+            // In the UNet's dtype here, once: the UNet keeps its cross-attention keys and values
+            // while this very tensor comes back (`ProductMemo`), and a per-call cast would be a
+            // new tensor at every step.
+            let context = Tensor::cat(&contexts, 0)?.to_dtype(self.dtype)?;
             let rows = context.dim(0)?;
             let added = if unet.uses_added_conditions() {
                 let text_embeds = Tensor::cat(&pooled, 0)?;
@@ -734,6 +737,9 @@ impl SdxlPipeline {
         if let Some(m) = mixer.as_deref_mut() {
             m.begin((h, w), rows, cfg)?;
         }
+        let mut context_views = RowViews::default();
+        // The kept keys and values go with the generation, however it ends.
+        let _forget = ForgetKeptProducts(unet);
         let timesteps = sched.timesteps().to_vec();
         let start = Instant::now();
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
@@ -759,7 +765,7 @@ impl SdxlPipeline {
             // strategy's passes on the conditional rows only (same FLOPs as the batched pass).
             let asymmetric = cfg && mixer.as_deref().is_some_and(|m| m.asymmetric_cfg());
             let (lo, n) = if asymmetric { (b, b) } else { (0, rows) };
-            let (input_rows, context_rows) = (input.narrow(0, lo, n)?, context.narrow(0, lo, n)?);
+            let (input_rows, context_rows) = (input.narrow(0, lo, n)?, context_views.rows(&context, lo, n)?);
             let added_rows = match &added {
                 Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, lo, n)?, time_ids: a.time_ids.narrow(0, lo, n)? }),
                 None => None,
@@ -787,7 +793,7 @@ impl SdxlPipeline {
                         Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, 0, b)?, time_ids: a.time_ids.narrow(0, 0, b)? }),
                         None => None,
                     };
-                    let u = unet.forward(&input.narrow(0, 0, b)?, t as f32, &context.narrow(0, 0, b)?, added_u.as_ref())?.to_dtype(DType::F32)?;
+                    let u = unet.forward(&input.narrow(0, 0, b)?, t as f32, &context_views.rows(&context, 0, b)?, added_u.as_ref())?.to_dtype(DType::F32)?;
                     Tensor::cat(&[u, out], 0)?
                 }
                 _ => out,
@@ -901,6 +907,41 @@ impl SdxlPipeline {
                 VaePlan { tiling: Some(tiling), note: Some(note) }
             }
         }
+    }
+}
+
+/// The row ranges of one context tensor that a generation's UNet calls read, each made once: the
+/// UNet keeps its cross-attention keys and values while the same context tensor comes back
+/// (`loramix_models::adapter::ProductMemo`), and a fresh `narrow` at every step would be a new
+/// tensor each time. A new context (a prompt-editing step) starts a new set.
+#[derive(Default)]
+struct RowViews {
+    source: Option<candle_core::TensorId>,
+    views: Vec<((usize, usize), Tensor)>,
+}
+
+impl RowViews {
+    fn rows(&mut self, context: &Tensor, lo: usize, n: usize) -> Result<Tensor> {
+        if self.source != Some(context.id()) {
+            self.source = Some(context.id());
+            self.views.clear();
+        }
+        if let Some((_, t)) = self.views.iter().find(|(k, _)| *k == (lo, n)) {
+            return Ok(t.clone());
+        }
+        let t = context.narrow(0, lo, n)?;
+        self.views.push(((lo, n), t.clone()));
+        Ok(t)
+    }
+}
+
+/// Drops the UNet's kept cross-attention products when a generation ends, however it ends, so
+/// that a resident model does not hold the last prompt's keys and values between generations.
+struct ForgetKeptProducts<'a>(&'a UNet2DConditionModel);
+
+impl Drop for ForgetKeptProducts<'_> {
+    fn drop(&mut self) {
+        self.0.forget_kept_products();
     }
 }
 

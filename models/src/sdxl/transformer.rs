@@ -32,6 +32,15 @@ impl Attention {
         })
     }
 
+    /// A cross-attention: its keys and values, made from the prompt alone, are kept while the
+    /// prompt tensor and the weights stay the same ([`crate::adapter::ProductMemo`]).
+    pub fn cross(vb: VarBuilder, query_dim: usize, context_dim: usize, heads: usize, head_dim: usize) -> Result<Self> {
+        let mut a = Self::new(vb, query_dim, context_dim, heads, head_dim)?;
+        a.to_k = a.to_k.remembering_inputs();
+        a.to_v = a.to_v.remembering_inputs();
+        Ok(a)
+    }
+
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let (b, lq, _) = x.dims3()?;
@@ -166,7 +175,7 @@ impl BasicTransformerBlock {
             norm1: layer_norm(dim, ln, vb.pp("norm1"))?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, head_dim)?,
             norm2: layer_norm(dim, ln, vb.pp("norm2"))?,
-            attn2: Attention::new(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            attn2: Attention::cross(vb.pp("attn2"), dim, context_dim, heads, head_dim)?,
             norm3: layer_norm(dim, ln, vb.pp("norm3"))?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })

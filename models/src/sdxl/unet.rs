@@ -291,6 +291,15 @@ impl UNet2DConditionModel {
         let h = loramix_kernels::group_norm(&h, &self.conv_norm_out, true)?;
         self.conv_out.forward(&h)
     }
+
+    /// Drops every product its cross-attentions keep between calls ([`crate::adapter::ProductMemo`]).
+    pub fn forget_kept_products(&self) {
+        for layer in self.adaptable_layers() {
+            if let Some(memo) = &layer.memo {
+                memo.clear();
+            }
+        }
+    }
 }
 
 impl Adaptable for UNet2DConditionModel {

@@ -131,6 +131,9 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
         mixer.begin((h, w), 2, true)?;
         let asymmetric = mixer.asymmetric_cfg();
         let half = |t: &Tensor, i: usize| t.narrow(0, i, 1);
+        // The context's rows made once, as the pipeline makes them (its cross-attentions keep
+        // their keys and values while the same context tensor comes back).
+        let ctx_rows = [half(&ctx, 0)?, half(&ctx, 1)?];
         let added_row = |i: usize| -> Result<AddedConditions> {
             Ok(AddedConditions { text_embeds: added.text_embeds.narrow(0, i, 1)?, time_ids: added.time_ids.narrow(0, i, 1)? })
         };
@@ -140,14 +143,14 @@ pub fn run(repo: &Path, iters: usize) -> Result<(Vec<MixRow>, String)> {
             for p in 0..passes {
                 mixer.apply(step % steps, p)?;
                 if asymmetric {
-                    unet.forward(&half(&x, 1)?, 500.0, &half(&ctx, 1)?, Some(&added_row(1)?))?;
+                    unet.forward(&half(&x, 1)?, 500.0, &ctx_rows[1], Some(&added_row(1)?))?;
                 } else {
                     forward()?;
                 }
             }
             if asymmetric {
                 mixer.apply_base()?;
-                unet.forward(&half(&x, 0)?, 500.0, &half(&ctx, 0)?, Some(&added_row(0)?))?;
+                unet.forward(&half(&x, 0)?, 500.0, &ctx_rows[0], Some(&added_row(0)?))?;
             }
             step += 1;
             Ok(())
