@@ -108,39 +108,40 @@ impl Geometry {
         let kk = self.c * self.k * self.k;
         let px = rows.len() * self.ow;
         let n = self.oh * self.ow;
-        COLUMNS.with(|buf| {
-            let mut cols = buf.borrow_mut();
-            if cols.len() < kk * px {
-                cols.resize(kk * px, 0.0);
-            }
-            self.im2col_rows(x, rows.clone(), &mut cols[..kk * px]);
-            // SAFETY: `weight` is [o, kk] row-major, `cols` [kk, px] row-major, and the
-            // destination is columns rows.start·ow .. +px of the [o, n] row-major output,
-            // which no other task writes.
-            unsafe {
-                gemm::gemm(
-                    self.o,
-                    px,
-                    kk,
-                    out.ptr().add(rows.start * self.ow),
-                    1,
-                    n as isize,
-                    true,
-                    weight.as_ptr(),
-                    1,
-                    kk as isize,
-                    cols.as_ptr(),
-                    1,
-                    px as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    parallelism,
-                );
-            }
-        });
+        // Taken out of the cell for the block and put back after it, so that a block re-entered
+        // on this thread while gemm waits for the pool gets columns of its own (not a borrow panic).
+        let mut cols = COLUMNS.with(|buf| buf.take());
+        if cols.len() < kk * px {
+            cols.resize(kk * px, 0.0);
+        }
+        self.im2col_rows(x, rows.clone(), &mut cols[..kk * px]);
+        // SAFETY: `weight` is [o, kk] row-major, `cols` [kk, px] row-major, and the
+        // destination is columns rows.start·ow .. +px of the [o, n] row-major output,
+        // which no other task writes.
+        unsafe {
+            gemm::gemm(
+                self.o,
+                px,
+                kk,
+                out.ptr().add(rows.start * self.ow),
+                1,
+                n as isize,
+                true,
+                weight.as_ptr(),
+                1,
+                kk as isize,
+                cols.as_ptr(),
+                1,
+                px as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        COLUMNS.with(|buf| buf.replace(cols));
     }
 }
 

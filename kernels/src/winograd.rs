@@ -27,17 +27,21 @@ thread_local! {
 
 /// Runs `f` on this thread's scratch, grown to `v_len` transformed-input and `m_len` product
 /// elements (their contents are stale: `f` writes before it reads).
+///
+/// The buffers are taken out of the cell for the call and put back after it, so that a call
+/// re-entered on this thread (a pool thread waiting inside `f` may run another convolution's
+/// task) gets buffers of its own instead of a borrow panic.
 fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    SCRATCH.with(|s| {
-        let (v, m) = &mut *s.borrow_mut();
-        if v.len() < v_len {
-            v.resize(v_len, 0.0);
-        }
-        if m.len() < m_len {
-            m.resize(m_len, 0.0);
-        }
-        f(&mut v[..v_len], &mut m[..m_len])
-    })
+    let (mut v, mut m) = SCRATCH.with(|s| s.take());
+    if v.len() < v_len {
+        v.resize(v_len, 0.0);
+    }
+    if m.len() < m_len {
+        m.resize(m_len, 0.0);
+    }
+    let r = f(&mut v[..v_len], &mut m[..m_len]);
+    SCRATCH.with(|s| s.replace((v, m)));
+    r
 }
 
 /// U = G g Gᵀ for every (o, c) into `u`: `[16][o][c]`. Blocks of output channels transform in
@@ -339,16 +343,23 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let (xd, wd) = (crate::host_f32(&xs, &x, "winograd")?, crate::host_f32(&ws, &weight, "winograd")?);
     // Transforms up to 64 MB reuse this thread's buffer; larger ones (SDXL's 2560→1280
     // convolutions: 210 MB) get their own, freed on return, so the largest does not stay resident.
+    // Taken out of the cell for the call (and put back below), so that a call re-entered on this
+    // thread while it waits for the pool gets a buffer of its own instead of a borrow panic.
     let reuse = 16 * o * c <= REUSED_WEIGHT_ELEMENTS;
-    let mut own = Vec::new();
-    WEIGHTS.with(|cell| -> Result<Tensor> {
-    let mut cached = cell.borrow_mut();
-    let u = if reuse { &mut *cached } else { &mut own };
-    if u.len() < 16 * o * c {
-        u.resize(16 * o * c, 0.0);
+    let mut transformed = if reuse { WEIGHTS.with(|cell| cell.take()) } else { Vec::new() };
+    if transformed.len() < 16 * o * c {
+        transformed.resize(16 * o * c, 0.0);
     }
-    transform_weights(wd, o, c, u);
-    let u = &u[..16 * o * c];
+    transform_weights(wd, o, c, &mut transformed);
+    let result = conv3x3_transformed(xd, &transformed[..16 * o * c], bias, (b, c, h, w, o), x.device());
+    if reuse {
+        WEIGHTS.with(|cell| cell.replace(transformed));
+    }
+    result
+}
+
+/// The convolution from the transformed weights `u` (`[16][o][c]`).
+fn conv3x3_transformed(xd: &[f32], u: &[f32], bias: &[f32], (b, c, h, w, o): (usize, usize, usize, usize, usize), device: &candle_core::Device) -> Result<Tensor> {
     let (tiles_h, tiles_w) = (h.div_ceil(2), w.div_ceil(2));
     let g = Geometry { c, h, w, o, tiles_w };
     // SAFETY: both schedules write every output row of every channel and image (the output
@@ -356,7 +367,7 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
     let mut out = unsafe { crate::uninit_output(b * o * h * w) };
     if b * tiles_h * tiles_w <= WHOLE_BATCH_TILES && 16 * (c + o) * b * tiles_h * tiles_w <= WHOLE_BATCH_ELEMENTS {
         g.whole_batch(xd, u, bias, b, tiles_h, &mut out);
-        return Tensor::from_vec(out, (b, o, h, w), x.device());
+        return Tensor::from_vec(out, (b, o, h, w), device);
     }
     let rows_per_block = (BLOCK_ELEMENTS / (16 * c.max(o) * tiles_w).max(1)).clamp(1, tiles_h);
     let base = SharedOut::new(&mut out);
@@ -365,14 +376,40 @@ pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
         let dst = unsafe { base.add(img * o * h * w) };
         g.block(&xd[img * c * h * w..(img + 1) * c * h * w], u, bias, rows, dst, parallelism);
     });
-    Tensor::from_vec(out, (b, o, h, w), x.device())
-    })
+    Tensor::from_vec(out, (b, o, h, w), device)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Convolutions from several threads at once, each on the pool (as a UNet's forward runs):
+    /// a pool thread waiting inside one may run another's task, which must not find this thread's
+    /// buffers borrowed. Every result equals the same convolution run alone.
+    #[test]
+    fn concurrent_calls_on_the_pool() -> Result<()> {
+        let d = Device::Cpu;
+        let cases: Vec<(Tensor, Tensor, Vec<f32>)> = (0..4)
+            .map(|i| -> Result<_> {
+                let (c, o) = (32 + 8 * i, 24 + 8 * i);
+                Ok((Tensor::randn(0f32, 1., (2, c, 24, 24), &d)?, Tensor::randn(0f32, 0.1, (o, c, 3, 3), &d)?, vec![0.1; o]))
+            })
+            .collect::<Result<_>>()?;
+        let alone: Vec<Vec<f32>> = cases.iter().map(|(x, w, b)| conv3x3(x, w, b)?.flatten_all()?.to_vec1()).collect::<Result<_>>()?;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = cases
+                .iter()
+                .map(|(x, w, b)| s.spawn(move || -> Result<Vec<Vec<f32>>> { (0..10).map(|_| crate::on_pool(|| conv3x3(x, w, b)?.flatten_all()?.to_vec1())).collect() }))
+                .collect();
+            for (h, want) in handles.into_iter().zip(&alone) {
+                for got in h.join().expect("no thread panicked")? {
+                    assert_eq!(&got, want);
+                }
+            }
+            Ok(())
+        })
+    }
 
     #[test]
     fn equals_direct_convolution() -> Result<()> {
