@@ -227,6 +227,11 @@ impl UNet2DConditionModel {
     /// (one value for the whole batch, as the pipelines call it), with text `context`
     /// `[b, l, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>) -> Result<Tensor> {
+        // On the kernels' thread pool: `loramix_kernels::on_pool` says why.
+        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added))
+    }
+
+    fn forward_on_pool(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>) -> Result<Tensor> {
         let c = &self.config;
         let b = sample.dim(0)?;
         let dtype = sample.dtype();
