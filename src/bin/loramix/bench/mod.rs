@@ -20,6 +20,10 @@ pub struct BenchArgs {
     python: Option<PathBuf>,
     #[arg(long, default_value_t = 3)]
     iters: usize,
+    /// unet: repeat each config's pair of measurements (diffusers, then ours) this many times;
+    /// each side's figure is the median over rounds, and the table adds the rounds' ratio range.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy;
     /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens;
     /// mixer: LoRA-Mixer accuracy and routing on the shipped LLM; mixer-speed: its decode speed alone;
@@ -107,6 +111,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 &repo,
                 a.python.as_deref(),
                 a.iters.max(1),
+                a.rounds.max(1),
                 threads,
                 &a.config,
                 a.profile,

@@ -62,6 +62,8 @@ pub struct BenchRow {
     pub params: usize,
     pub ours: f64,
     pub reference: Option<f64>,
+    /// With `--rounds` above 1 and a reference: each round's ratio (diffusers / ours), in order.
+    pub round_ratios: Vec<f64>,
     /// With `--profile`: ms per step by op kind, ours and the reference's (torch.profiler).
     pub ops: Option<OpProfile>,
     /// With `--memory`: peak resident set (MB) of a process that loads the UNet and steps it,
@@ -121,9 +123,11 @@ const OP_KINDS: [&str; 8] = [
     "GEGLU",
 ];
 
+/// The middle value (the mean of the two middle ones for an even count).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 0 { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
 }
 
 /// Runs the diffusers side (creating shared weights if needed); returns seconds per step.
@@ -263,10 +267,19 @@ fn ours(
 
 /// Runs every case; with `python`, the diffusers side runs first so both use the same weights.
 /// `only`: config names (the first word of a row, e.g. `mid2`) to run; empty runs all.
+///
+/// `rounds`: how many times each config's pair of measurements (diffusers, then ours) is repeated
+/// back to back. Why: on a shared VM a side's speed drifts by 10–20 % within minutes, and a
+/// single pair can catch one side in a slow spell (seen: ours 3.06 and 4.17 s/step for the same
+/// binary and config twenty minutes apart). Each side's figure is then the median over rounds,
+/// the ratio is the median of the rounds' ratios (each taken from two measurements a minute
+/// apart), and the table shows the rounds' range so that a spread is seen, not averaged away.
+/// The per-op profile and the memory figures come from the first round only.
 pub fn run(
     repo: &Path,
     python: Option<&Path>,
     iters: usize,
+    rounds: usize,
     threads: usize,
     only: &[String],
     profile: bool,
@@ -281,26 +294,42 @@ pub fn run(
         {
             continue;
         }
-        let reference = match python {
-            Some(py) => Some(reference(py, repo, &case, iters, threads, profile)?),
-            None if !case.unet_dir.is_dir() => continue,
-            None => None,
-        };
-        let (t, params, our_ops) = ours(&case, iters, profile)?;
-        let (reference, ref_params, ref_ops, ref_rss) = match reference {
-            Some((s, p, o, m)) => (Some(s), p, o, m),
-            None => (None, 0, BTreeMap::new(), None),
-        };
+        if python.is_none() && !case.unet_dir.is_dir() {
+            continue;
+        }
+        let (mut ours_times, mut ref_times, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut params, mut ref_params, mut our_ops, mut ref_ops, mut ref_rss) = (0, 0, BTreeMap::new(), BTreeMap::new(), None);
+        for round in 0..rounds.max(1) {
+            let first = round == 0;
+            let reference = match python {
+                Some(py) => Some(reference(py, repo, &case, iters, threads, profile && first)?),
+                None => None,
+            };
+            let (t, p, o) = ours(&case, iters, profile && first)?;
+            ours_times.push(t);
+            if first {
+                (params, our_ops) = (p, o);
+            }
+            if let Some((s, p, o, m)) = reference {
+                ref_times.push(s);
+                ratios.push(s / t);
+                if first {
+                    (ref_params, ref_ops, ref_rss) = (p, o, m);
+                }
+            }
+        }
         let peak_rss = if memory { Some((ours_peak_rss(&case)?, ref_rss)) } else { None };
         let ops = profile.then_some(OpProfile {
             ours: our_ops,
             reference: ref_ops,
         });
+        let reference = (!ref_times.is_empty()).then(|| median(ref_times));
         rows.push(BenchRow {
             name: case.name.to_string(),
             params: if ref_params > 0 { ref_params } else { params },
-            ours: t,
+            ours: median(ours_times),
             reference,
+            round_ratios: if ratios.len() > 1 { ratios } else { Vec::new() },
             ops,
             peak_rss,
         });
@@ -309,20 +338,36 @@ pub fn run(
 }
 
 pub fn table(rows: &[BenchRow], threads: usize) -> String {
+    // With several rounds: the ratio is the median of the rounds' ratios, and a column gives their range.
+    let rounds = rows.iter().map(|r| r.round_ratios.len()).max().unwrap_or(0);
     let mut s = format!(
-        "| UNet config (CFG batch 2, f32, CPU, {threads} threads) | params | loramix s/step | diffusers s/step | ratio (diffusers / loramix) |\n|---|---|---|---|---|\n"
+        "| UNet config (CFG batch 2, f32, CPU, {threads} threads) | params | loramix s/step | diffusers s/step | ratio (diffusers / loramix) |"
     );
+    if rounds > 1 {
+        s.push_str(&format!(" ratio range over {rounds} rounds |\n|---|---|---|---|---|---|\n"));
+    } else {
+        s.push_str("\n|---|---|---|---|---|\n");
+    }
     for r in rows {
         let (d, ratio) = match r.reference {
+            Some(d) if r.round_ratios.len() > 1 => (format!("{d:.4}"), format!("{:.2}x", median(r.round_ratios.clone()))),
             Some(d) => (format!("{d:.4}"), format!("{:.2}x", d / r.ours)),
             None => ("—".into(), "—".into()),
         };
         s.push_str(&format!(
-            "| {} | {:.1}M | {:.4} | {d} | {ratio} |\n",
+            "| {} | {:.1}M | {:.4} | {d} | {ratio} |",
             r.name,
             r.params as f64 / 1e6,
             r.ours
         ));
+        if rounds > 1 {
+            let range = match (r.round_ratios.iter().copied().reduce(f64::min), r.round_ratios.iter().copied().reduce(f64::max)) {
+                (Some(lo), Some(hi)) => format!("{lo:.2}–{hi:.2}x"),
+                _ => "—".into(),
+            };
+            s.push_str(&format!(" {range} |"));
+        }
+        s.push('\n');
     }
     if rows.iter().any(|r| r.peak_rss.is_some()) {
         s.push_str("\nPeak resident memory of a process that loads the UNet (f32) and steps it (MB; ours in a fresh process, one step; diffusers' after its timed steps, torch's own libraries included)\n\n| UNet config | loramix MB | diffusers MB | ratio (loramix / diffusers) |\n|---|---|---|---|\n");
@@ -385,4 +430,33 @@ fn op_table(ops: &OpProfile) -> String {
         }
     ));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, ours: f64, reference: Option<f64>, round_ratios: Vec<f64>) -> BenchRow {
+        BenchRow { name: name.into(), params: 1_000_000, ours, reference, round_ratios, ops: None, peak_rss: None }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(vec![7.0]), 7.0);
+    }
+
+    /// One round: the ratio of the two figures, five columns. Several: the median of the rounds'
+    /// ratios (not the ratio of the medians) and their range in a sixth column.
+    #[test]
+    fn table_shows_the_rounds_spread() {
+        let one = table(&[row("a", 2.0, Some(3.0), Vec::new())], 2);
+        assert!(one.contains("| a | 1.0M | 2.0000 | 3.0000 | 1.50x |\n"), "{one}");
+        assert!(!one.contains("rounds"));
+        let three = table(&[row("a", 2.0, Some(3.0), vec![1.2, 1.6, 1.1]), row("b", 1.0, None, Vec::new())], 2);
+        assert!(three.contains("ratio range over 3 rounds |\n|---|---|---|---|---|---|\n"), "{three}");
+        assert!(three.contains("| a | 1.0M | 2.0000 | 3.0000 | 1.20x | 1.10–1.60x |\n"), "{three}");
+        assert!(three.contains("| b | 1.0M | 1.0000 | — | — | — |\n"), "{three}");
+    }
 }
