@@ -4,6 +4,10 @@ python tools/bench/unet_step.py --unet DIR --height H --width W --threads T --it
 If DIR does not exist and --create SHAPE is given (mid, mid2, conv), writes a random-weight
 SDXL-architecture UNet of that shape there first (seed 0), so the Rust side times the very same weights.
 Prints one JSON line.
+
+With --serve (`loramix bench --alternate`), it loads and warms the UNet, prints {"ready": ..., "params": ...},
+then runs one timed step per "step" line on stdin and answers {"seconds": ...} for each, so that the caller can
+alternate its own steps with ours under the same conditions; at end of input it prints its peak RSS and exits.
 """
 import argparse, json, os, time
 import torch
@@ -32,6 +36,7 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--iters", type=int, default=3)
 ap.add_argument("--create", choices=sorted(SHAPES))
 ap.add_argument("--profile", action="store_true", help="also time the iterations under torch.profiler and print ms per step by op kind")
+ap.add_argument("--serve", action="store_true", help="time one step per 'step' line on stdin (see the module doc)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 if not os.path.isdir(a.unet):
@@ -46,6 +51,26 @@ x = torch.randn(2, c.in_channels, a.height, a.width, generator=g)
 ctx = torch.randn(2, 77, c.cross_attention_dim, generator=g)
 proj = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
 added = {"text_embeds": torch.randn(2, proj, generator=g), "time_ids": torch.tensor([[8.0 * a.height, 8.0 * a.width, 0, 0, 8.0 * a.height, 8.0 * a.width]] * 2)}
+import resource, sys
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+if a.serve:
+    with torch.no_grad():
+        unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)  # warm-up
+        print(json.dumps({"ready": True, "params": sum(p.numel() for p in unet.parameters())}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                raise SystemExit(f"--serve: expected 'step' on stdin, got {line.strip()!r}")
+            t = time.perf_counter()
+            unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)
+            print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+    raise SystemExit(0)
+
 times = []
 with torch.no_grad():
     unet(x, 500.0, encoder_hidden_states=ctx, added_cond_kwargs=added)  # warm-up
@@ -79,6 +104,5 @@ if a.profile:
         kind = op_kind(e.key, e.input_shapes)
         ops[kind] = ops.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / a.iters
     result["ms_per_step_by_op"] = ops
-import resource
-result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+result["peak_rss_mb"] = peak_rss_mb()
 print(json.dumps(result))

@@ -24,6 +24,11 @@ pub struct BenchArgs {
     /// each side's figure is the median over rounds, and the table adds the rounds' ratio range.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// unet: load both sides at once and time --iters step pairs in alternation (ABBA), so both see
+    /// the same moment of a noisy machine; each side's figure is the median of its steps, the ratio
+    /// the median of the pairs' ratios, and the table adds their range and middle half. Needs --python.
+    #[arg(long)]
+    alternate: bool,
     /// unet: UNet step time; library: importing --count generated SDXL LoRAs; mix: per-step cost of each mixing strategy;
     /// llm: time to first token invoking an aLoRA (cache reuse) vs a LoRA (re-prefill) after 256, 1k, 4k tokens;
     /// mixer: LoRA-Mixer accuracy and routing on the shipped LLM; mixer-speed: its decode speed alone;
@@ -107,16 +112,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         }
         "unet" => {
-            let rows = unet::run(
-                &repo,
-                a.python.as_deref(),
-                a.iters.max(1),
-                a.rounds.max(1),
+            let options = unet::RunOptions {
+                python: a.python.as_deref(),
+                iters: a.iters.max(1),
+                rounds: a.rounds.max(1),
+                alternate: a.alternate,
                 threads,
-                &a.config,
-                a.profile,
-                a.memory,
-            )?;
+                only: &a.config,
+                profile: a.profile,
+                memory: a.memory,
+            };
+            let rows = unet::run(&repo, &options)?;
             print!("{}", unet::table(&rows, threads));
             Ok(())
         }

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::io::{BufRead, BufReader, Lines, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
@@ -62,8 +63,11 @@ pub struct BenchRow {
     pub params: usize,
     pub ours: f64,
     pub reference: Option<f64>,
-    /// With `--rounds` above 1 and a reference: each round's ratio (diffusers / ours), in order.
-    pub round_ratios: Vec<f64>,
+    /// With a reference and more than one measurement of it: each measurement's ratio (diffusers
+    /// / ours), in order: one per round, or one per step pair with `--alternate`.
+    pub ratios: Vec<f64>,
+    /// What `ratios` are taken over, for the table's header: "rounds" or "step pairs".
+    pub ratios_over: &'static str,
     /// With `--profile`: ms per step by op kind, ours and the reference's (torch.profiler).
     pub ops: Option<OpProfile>,
     /// With `--memory`: peak resident set (MB) of a process that loads the UNet and steps it,
@@ -193,80 +197,228 @@ fn reference(
     ))
 }
 
+/// Our UNet with the bench's inputs (random latents and prompt, SDXL's added conditions), ready
+/// to time steps.
+struct OurSide {
+    unet: UNet2DConditionModel,
+    x: Tensor,
+    ctx: Tensor,
+    added: Option<AddedConditions>,
+    params: usize,
+}
+
+impl OurSide {
+    fn load(case: &BenchCase) -> Result<Self> {
+        let root = case.unet_dir.parent().unwrap_or(Path::new("."));
+        let (config_path, ws) = model::open_component(
+            root,
+            case.unet_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("unet"),
+        )?;
+        let cfg: UNet2DConditionConfig = model::parse_config(&config_path)?;
+        let dev = Device::Cpu;
+        let unet = UNet2DConditionModel::new(ws.into_var_builder(DType::F32, &dev), &cfg)
+            .map_err(|e| Error::model(&case.unet_dir, e.to_string()))?;
+        let params: usize = loramix_models::Adaptable::adaptable_layers(&unet)
+            .iter()
+            .map(|l| l.base_weight.elem_count())
+            .sum();
+        let (h, w) = case.latent;
+        let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, h, w), &dev)?;
+        let ctx = Tensor::randn(0f32, 1.0, (2, 77, cfg.cross_attention_dim), &dev)?;
+        let proj = cfg
+            .projection_class_embeddings_input_dim
+            .unwrap_or(0)
+            .saturating_sub(6 * cfg.addition_time_embed_dim.unwrap_or(0));
+        let added = AddedConditions {
+            text_embeds: Tensor::randn(0f32, 1.0, (2, proj), &dev)?,
+            time_ids: Tensor::from_slice(
+                &[
+                    8.0f32 * h as f32,
+                    8.0 * w as f32,
+                    0.0,
+                    0.0,
+                    8.0 * h as f32,
+                    8.0 * w as f32,
+                ],
+                (1, 6),
+                &dev,
+            )?
+            .repeat((2, 1))?,
+        };
+        let added = cfg.addition_embed_type.as_ref().map(|_| added);
+        Ok(Self { unet, x, ctx, added, params })
+    }
+
+    /// One UNet forward; its seconds.
+    fn step(&self) -> Result<f64> {
+        let t = Instant::now();
+        self.unet.forward(&self.x, 500.0, &self.ctx, self.added.as_ref())?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+}
+
 fn ours(
     case: &BenchCase,
     iters: usize,
     profile: bool,
 ) -> Result<(f64, usize, BTreeMap<String, f64>)> {
-    let root = case.unet_dir.parent().unwrap_or(Path::new("."));
-    let (config_path, ws) = model::open_component(
-        root,
-        case.unet_dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("unet"),
-    )?;
-    let cfg: UNet2DConditionConfig = model::parse_config(&config_path)?;
-    let dev = Device::Cpu;
-    let unet = UNet2DConditionModel::new(ws.into_var_builder(DType::F32, &dev), &cfg)
-        .map_err(|e| Error::model(&case.unet_dir, e.to_string()))?;
-    let params: usize = loramix_models::Adaptable::adaptable_layers(&unet)
-        .iter()
-        .map(|l| l.base_weight.elem_count())
-        .sum();
-    let (h, w) = case.latent;
-    let x = Tensor::randn(0f32, 1.0, (2, cfg.in_channels, h, w), &dev)?;
-    let ctx = Tensor::randn(0f32, 1.0, (2, 77, cfg.cross_attention_dim), &dev)?;
-    let proj = cfg
-        .projection_class_embeddings_input_dim
-        .unwrap_or(0)
-        .saturating_sub(6 * cfg.addition_time_embed_dim.unwrap_or(0));
-    let added = AddedConditions {
-        text_embeds: Tensor::randn(0f32, 1.0, (2, proj), &dev)?,
-        time_ids: Tensor::from_slice(
-            &[
-                8.0f32 * h as f32,
-                8.0 * w as f32,
-                0.0,
-                0.0,
-                8.0 * h as f32,
-                8.0 * w as f32,
-            ],
-            (1, 6),
-            &dev,
-        )?
-        .repeat((2, 1))?,
-    };
-    let added = cfg.addition_embed_type.as_ref().map(|_| added);
-    unet.forward(&x, 500.0, &ctx, added.as_ref())?; // warm-up
-    let mut times = Vec::new();
-    for _ in 0..iters {
-        let t = Instant::now();
-        unet.forward(&x, 500.0, &ctx, added.as_ref())?;
-        times.push(t.elapsed().as_secs_f64());
-    }
+    let side = OurSide::load(case)?;
+    side.step()?; // warm-up
+    let times = (0..iters).map(|_| side.step()).collect::<Result<Vec<_>>>()?;
     let mut ops = BTreeMap::new();
     if profile {
         // Separate iterations, so that the spans' own cost stays out of the timed ones.
         loramix_kernels::profile::enable(true);
         let t = Instant::now();
         for _ in 0..iters {
-            unet.forward(&x, 500.0, &ctx, added.as_ref())?;
+            side.step()?;
         }
         let total = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
         loramix_kernels::profile::enable(false);
         for (k, v) in loramix_kernels::profile::totals() {
-
             ops.insert(k.to_string(), v.seconds * 1e3 / iters as f64);
         }
         let known: f64 = ops.values().sum();
         ops.insert("other".into(), (total - known).max(0.0));
     }
-    Ok((median(times), params, ops))
+    Ok((median(times), side.params, ops))
 }
 
-/// Runs every case; with `python`, the diffusers side runs first so both use the same weights.
-/// `only`: config names (the first word of a row, e.g. `mid2`) to run; empty runs all.
+/// diffusers in a `unet_step.py --serve` process: the UNet stays loaded, and each request times
+/// one step, so that `--alternate` can interleave its steps with ours.
+struct ReferenceServer {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Lines<BufReader<ChildStdout>>,
+    params: usize,
+}
+
+impl ReferenceServer {
+    fn start(python: &Path, repo: &Path, case: &BenchCase, threads: usize) -> Result<Self> {
+        let mut cmd = Command::new(python);
+        cmd.arg(repo.join("tools/bench/unet_step.py"))
+            .arg("--unet")
+            .arg(&case.unet_dir)
+            .args(["--height", &case.latent.0.to_string(), "--width", &case.latent.1.to_string()])
+            .args(["--threads", &threads.to_string(), "--serve"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(c) = case.create {
+            cmd.args(["--create", c]);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::Argument(format!("running {}: {e}", python.display())))?;
+        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err(Error::Argument("diffusers server: no pipes".into()));
+        };
+        let mut server = Self { child, stdin: Some(stdin), lines: BufReader::new(stdout).lines(), params: 0 };
+        let ready = server.answer("ready")?;
+        server.params = ready["params"].as_u64().unwrap_or(0) as usize;
+        Ok(server)
+    }
+
+    /// The next JSON line, which must carry `key`.
+    fn answer(&mut self, key: &str) -> Result<serde_json::Value> {
+        let line = match self.lines.next() {
+            Some(Ok(line)) => line,
+            Some(Err(e)) => return Err(Error::Argument(format!("reading the diffusers server: {e}"))),
+            None => {
+                let status = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                return Err(Error::Argument(format!(
+                    "the diffusers server (tools/bench/unet_step.py --serve) ended before answering {key:?} ({status}; its error is above)"
+                )));
+            }
+        };
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| Error::Argument(format!("diffusers server output {line:?}: {e}")))?;
+        if v.get(key).is_none() {
+            return Err(Error::Argument(format!("diffusers server output {line:?}: expected the key {key:?}")));
+        }
+        Ok(v)
+    }
+
+    /// One diffusers step; its seconds.
+    fn step(&mut self) -> Result<f64> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| Error::Argument("diffusers server already finished".into()))?;
+        writeln!(stdin, "step")
+            .and_then(|_| stdin.flush())
+            .map_err(|e| Error::Argument(format!("writing to the diffusers server: {e}")))?;
+        Ok(self.answer("seconds")?["seconds"].as_f64().unwrap_or(f64::NAN))
+    }
+
+    /// Ends the server; its peak resident memory in MB.
+    fn finish(mut self) -> Result<Option<f64>> {
+        drop(self.stdin.take());
+        let rss = self.answer("peak_rss_mb")?["peak_rss_mb"].as_f64();
+        let _ = self.child.wait();
+        Ok(rss)
+    }
+}
+
+impl Drop for ReferenceServer {
+    fn drop(&mut self) {
+        // After an error mid-way: do not leave a process holding a UNet's memory.
+        if self.stdin.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `--alternate`: both UNets loaded at once, and `pairs` step pairs timed in alternation, the
+/// side that goes first swapping from pair to pair (ABBA). Why: on a shared VM a side's speed
+/// drifts by 10–40 % within a minute, more than the difference being measured; two steps taken
+/// seconds apart see the same conditions, so the pair's ratio is what stays comparable.
+/// Returns (ours, diffusers' seconds per step, diffusers' parameter count, its peak RSS).
+fn alternate(
+    python: &Path,
+    repo: &Path,
+    case: &BenchCase,
+    pairs: usize,
+    threads: usize,
+) -> Result<(Vec<f64>, Vec<f64>, usize, Option<f64>)> {
+    // The server first: it writes the weights when the config's folder is new.
+    let mut server = ReferenceServer::start(python, repo, case, threads)?;
+    let side = OurSide::load(case)?;
+    side.step()?; // warm-up
+    let (mut ours, mut theirs) = (Vec::with_capacity(pairs), Vec::with_capacity(pairs));
+    for pair in 0..pairs {
+        if pair % 4 == 0 || pair % 4 == 3 {
+            theirs.push(server.step()?);
+            ours.push(side.step()?);
+        } else {
+            ours.push(side.step()?);
+            theirs.push(server.step()?);
+        }
+    }
+    let params = server.params;
+    let rss = server.finish()?;
+    Ok((ours, theirs, params, rss))
+}
+
+/// What `run` measures, from the command line.
+pub struct RunOptions<'a> {
+    /// A Python with diffusers: the reference side. Without it, ours alone.
+    pub python: Option<&'a Path>,
+    /// Timed steps per measurement (with `alternate`: step pairs).
+    pub iters: usize,
+    /// How many times each config's pair of measurements is repeated (see `run`).
+    pub rounds: usize,
+    /// Time the two sides step by step in alternation (see `alternate`).
+    pub alternate: bool,
+    pub threads: usize,
+    /// Config names (the first word of a row, e.g. `mid2`) to run; empty runs all.
+    pub only: &'a [String],
+    pub profile: bool,
+    pub memory: bool,
+}
+
+/// Runs every case; with a Python, the diffusers side runs first so both use the same weights.
 ///
 /// `rounds`: how many times each config's pair of measurements (diffusers, then ours) is repeated
 /// back to back. Why: on a shared VM a side's speed drifts by 10–20 % within minutes, and a
@@ -275,51 +427,66 @@ fn ours(
 /// the ratio is the median of the rounds' ratios (each taken from two measurements a minute
 /// apart), and the table shows the rounds' range so that a spread is seen, not averaged away.
 /// The per-op profile and the memory figures come from the first round only.
-pub fn run(
-    repo: &Path,
-    python: Option<&Path>,
-    iters: usize,
-    rounds: usize,
-    threads: usize,
-    only: &[String],
-    profile: bool,
-    memory: bool,
-) -> Result<Vec<BenchRow>> {
+///
+/// `alternate` goes further: one process per side for the whole config, their steps interleaved,
+/// each side's figure the median of its steps and the ratio the median of the step pairs' ratios.
+pub fn run(repo: &Path, o: &RunOptions) -> Result<Vec<BenchRow>> {
+    if o.alternate {
+        if o.python.is_none() {
+            return Err(Error::Argument("--alternate needs --python (it interleaves diffusers' steps with ours)".into()));
+        }
+        if o.profile || o.rounds > 1 {
+            return Err(Error::Argument(
+                "--alternate times step pairs in one session: run --profile and --rounds without it".into(),
+            ));
+        }
+    }
     let mut rows = Vec::new();
     for case in default_cases(repo) {
-        if !only.is_empty()
-            && !only
+        if !o.only.is_empty()
+            && !o
+                .only
                 .iter()
-                .any(|o| case.name.split_whitespace().next() == Some(o.as_str()))
+                .any(|n| case.name.split_whitespace().next() == Some(n.as_str()))
         {
             continue;
         }
-        if python.is_none() && !case.unet_dir.is_dir() {
+        if o.python.is_none() && !case.unet_dir.is_dir() {
             continue;
         }
         let (mut ours_times, mut ref_times, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         let (mut params, mut ref_params, mut our_ops, mut ref_ops, mut ref_rss) = (0, 0, BTreeMap::new(), BTreeMap::new(), None);
-        for round in 0..rounds.max(1) {
-            let first = round == 0;
-            let reference = match python {
-                Some(py) => Some(reference(py, repo, &case, iters, threads, profile && first)?),
-                None => None,
-            };
-            let (t, p, o) = ours(&case, iters, profile && first)?;
-            ours_times.push(t);
-            if first {
-                (params, our_ops) = (p, o);
+        let ratios_over = if o.alternate { "step pairs" } else { "rounds" };
+        match o.python {
+            Some(py) if o.alternate => {
+                let (ours, theirs, p, rss) = alternate(py, repo, &case, o.iters, o.threads)?;
+                ratios = theirs.iter().zip(&ours).map(|(t, o)| t / o).collect();
+                (ours_times, ref_times, ref_params, ref_rss) = (ours, theirs, p, rss);
             }
-            if let Some((s, p, o, m)) = reference {
-                ref_times.push(s);
-                ratios.push(s / t);
-                if first {
-                    (ref_params, ref_ops, ref_rss) = (p, o, m);
+            _ => {
+                for round in 0..o.rounds.max(1) {
+                    let first = round == 0;
+                    let reference = match o.python {
+                        Some(py) => Some(reference(py, repo, &case, o.iters, o.threads, o.profile && first)?),
+                        None => None,
+                    };
+                    let (t, p, ops) = ours(&case, o.iters, o.profile && first)?;
+                    ours_times.push(t);
+                    if first {
+                        (params, our_ops) = (p, ops);
+                    }
+                    if let Some((s, p, ops, m)) = reference {
+                        ref_times.push(s);
+                        ratios.push(s / t);
+                        if first {
+                            (ref_params, ref_ops, ref_rss) = (p, ops, m);
+                        }
+                    }
                 }
             }
         }
-        let peak_rss = if memory { Some((ours_peak_rss(&case)?, ref_rss)) } else { None };
-        let ops = profile.then_some(OpProfile {
+        let peak_rss = if o.memory { Some((ours_peak_rss(&case)?, ref_rss)) } else { None };
+        let ops = o.profile.then_some(OpProfile {
             ours: our_ops,
             reference: ref_ops,
         });
@@ -329,7 +496,8 @@ pub fn run(
             params: if ref_params > 0 { ref_params } else { params },
             ours: median(ours_times),
             reference,
-            round_ratios: if ratios.len() > 1 { ratios } else { Vec::new() },
+            ratios: if ratios.len() > 1 { ratios } else { Vec::new() },
+            ratios_over,
             ops,
             peak_rss,
         });
@@ -337,20 +505,36 @@ pub fn run(
     Ok(rows)
 }
 
+/// `lo–hi` of the ratios, with the middle half (first to third quartile) from four on, so that one
+/// outlying pair does not hide where most of them fall.
+fn spread(ratios: &[f64]) -> String {
+    let mut v = ratios.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let (Some(lo), Some(hi)) = (v.first(), v.last()) else { return "—".into() };
+    let mut s = format!("{lo:.2}–{hi:.2}x");
+    if v.len() >= 4 {
+        let n = v.len();
+        let (q1, q3) = (median(v[..n / 2].to_vec()), median(v[n.div_ceil(2)..].to_vec()));
+        s.push_str(&format!(" (middle half {q1:.2}–{q3:.2}x)"));
+    }
+    s
+}
+
 pub fn table(rows: &[BenchRow], threads: usize) -> String {
-    // With several rounds: the ratio is the median of the rounds' ratios, and a column gives their range.
-    let rounds = rows.iter().map(|r| r.round_ratios.len()).max().unwrap_or(0);
+    // With several measurements: the ratio is the median of their ratios, and a column gives their spread.
+    let widest = rows.iter().max_by_key(|r| r.ratios.len());
     let mut s = format!(
         "| UNet config (CFG batch 2, f32, CPU, {threads} threads) | params | loramix s/step | diffusers s/step | ratio (diffusers / loramix) |"
     );
-    if rounds > 1 {
-        s.push_str(&format!(" ratio range over {rounds} rounds |\n|---|---|---|---|---|---|\n"));
+    let several = widest.filter(|r| r.ratios.len() > 1);
+    if let Some(w) = several {
+        s.push_str(&format!(" ratio range over {} {} |\n|---|---|---|---|---|---|\n", w.ratios.len(), w.ratios_over));
     } else {
         s.push_str("\n|---|---|---|---|---|\n");
     }
     for r in rows {
         let (d, ratio) = match r.reference {
-            Some(d) if r.round_ratios.len() > 1 => (format!("{d:.4}"), format!("{:.2}x", median(r.round_ratios.clone()))),
+            Some(d) if r.ratios.len() > 1 => (format!("{d:.4}"), format!("{:.2}x", median(r.ratios.clone()))),
             Some(d) => (format!("{d:.4}"), format!("{:.2}x", d / r.ours)),
             None => ("—".into(), "—".into()),
         };
@@ -360,12 +544,8 @@ pub fn table(rows: &[BenchRow], threads: usize) -> String {
             r.params as f64 / 1e6,
             r.ours
         ));
-        if rounds > 1 {
-            let range = match (r.round_ratios.iter().copied().reduce(f64::min), r.round_ratios.iter().copied().reduce(f64::max)) {
-                (Some(lo), Some(hi)) => format!("{lo:.2}–{hi:.2}x"),
-                _ => "—".into(),
-            };
-            s.push_str(&format!(" {range} |"));
+        if several.is_some() {
+            s.push_str(&format!(" {} |", spread(&r.ratios)));
         }
         s.push('\n');
     }
@@ -436,8 +616,8 @@ fn op_table(ops: &OpProfile) -> String {
 mod tests {
     use super::*;
 
-    fn row(name: &str, ours: f64, reference: Option<f64>, round_ratios: Vec<f64>) -> BenchRow {
-        BenchRow { name: name.into(), params: 1_000_000, ours, reference, round_ratios, ops: None, peak_rss: None }
+    fn row(name: &str, ours: f64, reference: Option<f64>, ratios: Vec<f64>) -> BenchRow {
+        BenchRow { name: name.into(), params: 1_000_000, ours, reference, ratios, ratios_over: "rounds", ops: None, peak_rss: None }
     }
 
     #[test]
@@ -458,5 +638,19 @@ mod tests {
         assert!(three.contains("ratio range over 3 rounds |\n|---|---|---|---|---|---|\n"), "{three}");
         assert!(three.contains("| a | 1.0M | 2.0000 | 3.0000 | 1.20x | 1.10–1.60x |\n"), "{three}");
         assert!(three.contains("| b | 1.0M | 1.0000 | — | — | — |\n"), "{three}");
+    }
+
+    /// Step pairs (`--alternate`): the header names them, and from four ratios on the column adds
+    /// the middle half, which one outlier does not move.
+    #[test]
+    fn table_shows_the_middle_half_of_many_pairs() {
+        let mut a = row("a", 2.0, Some(3.0), vec![1.30, 1.10, 0.60, 1.22, 1.26, 1.16, 1.40, 1.04]);
+        a.ratios_over = "step pairs";
+        let t = table(&[a], 2);
+        assert!(t.contains("ratio range over 8 step pairs |"), "{t}");
+        // Sorted: 0.60 1.04 1.10 1.16 | 1.22 1.26 1.30 1.40: median 1.19, quartiles 1.07 and 1.28.
+        assert!(t.contains("| 1.19x | 0.60–1.40x (middle half 1.07–1.28x) |\n"), "{t}");
+        assert_eq!(spread(&[1.0, 2.0, 3.0, 4.0, 5.0]), "1.00–5.00x (middle half 1.50–4.50x)");
+        assert_eq!(spread(&[1.0, 2.0]), "1.00–2.00x");
     }
 }
