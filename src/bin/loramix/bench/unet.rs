@@ -134,6 +134,21 @@ fn median(mut v: Vec<f64>) -> f64 {
     if n % 2 == 0 { (v[n / 2 - 1] + v[n / 2]) / 2.0 } else { v[n / 2] }
 }
 
+/// `tools/bench/unet_step.py` for `case`: its UNet folder, latent size and threads, and the shape
+/// to create the weights from when the folder is new.
+fn unet_step_command(python: &Path, repo: &Path, case: &BenchCase, threads: usize) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.arg(repo.join("tools/bench/unet_step.py"))
+        .arg("--unet")
+        .arg(&case.unet_dir)
+        .args(["--height", &case.latent.0.to_string(), "--width", &case.latent.1.to_string()])
+        .args(["--threads", &threads.to_string()]);
+    if let Some(c) = case.create {
+        cmd.args(["--create", c]);
+    }
+    cmd
+}
+
 /// Runs the diffusers side (creating shared weights if needed); returns seconds per step.
 fn reference(
     python: &Path,
@@ -143,25 +158,8 @@ fn reference(
     threads: usize,
     profile: bool,
 ) -> Result<(f64, usize, BTreeMap<String, f64>, Option<f64>)> {
-    let mut cmd = Command::new(python);
-    cmd.arg(repo.join("tools/bench/unet_step.py"))
-        .arg("--unet")
-        .arg(&case.unet_dir)
-        .args([
-            "--height",
-            &case.latent.0.to_string(),
-            "--width",
-            &case.latent.1.to_string(),
-        ])
-        .args([
-            "--threads",
-            &threads.to_string(),
-            "--iters",
-            &iters.to_string(),
-        ]);
-    if let Some(c) = case.create {
-        cmd.args(["--create", c]);
-    }
+    let mut cmd = unet_step_command(python, repo, case, threads);
+    cmd.args(["--iters", &iters.to_string()]);
     if profile {
         cmd.arg("--profile");
     }
@@ -298,19 +296,11 @@ struct ReferenceServer {
 
 impl ReferenceServer {
     fn start(python: &Path, repo: &Path, case: &BenchCase, threads: usize) -> Result<Self> {
-        let mut cmd = Command::new(python);
-        cmd.arg(repo.join("tools/bench/unet_step.py"))
-            .arg("--unet")
-            .arg(&case.unet_dir)
-            .args(["--height", &case.latent.0.to_string(), "--width", &case.latent.1.to_string()])
-            .args(["--threads", &threads.to_string(), "--serve"])
+        let mut child = unet_step_command(python, repo, case, threads)
+            .arg("--serve")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(c) = case.create {
-            cmd.args(["--create", c]);
-        }
-        let mut child = cmd
+            .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| Error::Argument(format!("running {}: {e}", python.display())))?;
         let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
