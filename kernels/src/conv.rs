@@ -22,7 +22,7 @@ use crate::blocks::SharedOut;
 const BLOCK_ELEMENTS: usize = 1 << 19;
 
 /// Multiply-adds (batch × out × in channels × 9 × height × width) from which a 3×3 stride-1
-/// convolution runs as Winograd F(2×2, 3×3) (`winograd.rs`) instead of im2col. Below it the
+/// convolution runs as Winograd (`winograd.rs`) instead of im2col. Below it the
 /// transforms' passes and the pool's wake-up outweigh the GEMM savings: on 2 AVX-512 cores
 /// Winograd lost at 2.4–4.7 M (batch 2, 32 → 32 channels at 8×8: 0.15 against 0.04 ms) and won
 /// from 9 M (batch 1, 128 → 128 at 8×8: 0.20 against 0.28 ms) up to SDXL's sizes (1.3–1.6× from
