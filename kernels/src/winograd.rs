@@ -49,18 +49,26 @@ impl Tile {
 }
 
 thread_local! {
-    /// Per thread: transformed inputs, then the 16 products, reused across calls.
+    /// Per thread: transformed inputs, then the products, reused across calls.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Runs `f` on this thread's scratch, grown to `v_len` transformed-input and `m_len` product
-/// elements (their contents are stale: `f` writes before it reads).
+/// elements (their contents are stale: `f` writes before it reads). Scratch up to
+/// `KEPT_SCRATCH_ELEMENTS` is kept between calls, so that its pages are not faulted in again;
+/// larger (the whole-batch path's, up to 64 MB) is the call's own. Such buffers are over glibc's
+/// 32 MB mmap threshold (`weights::tune_allocator`), so freeing them returns their pages at once;
+/// freed heap blocks below it would stay resident up to the 64 MB trim threshold, beside the
+/// later, larger activations of a step.
 ///
-/// The buffers are taken out of the cell for the call and put back after it, so that a call
+/// Kept buffers are taken out of the cell for the call and put back after it, so that a call
 /// re-entered on this thread (a pool thread waiting inside `f` may run another convolution's
 /// task) gets buffers of its own instead of a borrow panic.
 fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
-    let (mut v, mut m) = SCRATCH.with(|s| s.take());
+    let keep = v_len + m_len <= KEPT_SCRATCH_ELEMENTS;
+    // SAFETY (the call's own buffers): `f` writes every element before it reads it, as the
+    // contract above says of the kept ones, whose contents are stale too.
+    let (mut v, mut m) = if keep { SCRATCH.with(|s| s.take()) } else { unsafe { (crate::uninit_output(v_len), crate::uninit_output(m_len)) } };
     if v.len() < v_len {
         v.resize(v_len, 0.0);
     }
@@ -68,7 +76,9 @@ fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [
         m.resize(m_len, 0.0);
     }
     let r = f(&mut v[..v_len], &mut m[..m_len]);
-    SCRATCH.with(|s| s.replace((v, m)));
+    if keep {
+        SCRATCH.with(|s| s.replace((v, m)));
+    }
     r
 }
 
@@ -190,12 +200,14 @@ thread_local! {
     static WEIGHTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The largest chunk of transformed weights (f32 elements, 64 MB), kept in the thread's buffer
-/// between calls. Below it are every weight of the mid-size benchmark UNets; above it, full-size
-/// SDXL's 32×32 level and some of its 64×64 level's, which run in chunks of output channels. In
-/// tests, small enough that most cases run in several chunks.
+/// The largest chunk of transformed weights (f32 elements, 32 MB), kept in the thread's buffer
+/// between calls; larger transforms run in chunks of output channels. Full-size SDXL at 1024² in
+/// f16 peaked at 7,633–7,695 MiB with 64 MB chunks (and larger kept scratch), above issue 19's
+/// bound of 1.15× its checkpoint (7,610 MiB); the chunks' cost is a repeated input transform, a
+/// pass over c·tiles values beside GEMMs of ≥ 8 M multiply-adds per tile. In tests, small enough
+/// that most cases run in several chunks.
 #[cfg(not(test))]
-const REUSED_WEIGHT_ELEMENTS: usize = 1 << 24;
+const REUSED_WEIGHT_ELEMENTS: usize = 1 << 23;
 #[cfg(test)]
 const REUSED_WEIGHT_ELEMENTS: usize = 1 << 12;
 
@@ -217,9 +229,23 @@ fn min_block_tiles(u_elements: usize) -> usize {
 /// run as one set of GEMMs (`Geometry::whole_batch`) rather than in row blocks.
 const WHOLE_BATCH_TILES: usize = 512;
 /// ... provided their transformed inputs and products fit in this many f32 elements (64 MiB,
-/// kept by the calling thread). With 16 MiB, full-size SDXL's 1280 → 1280 convolutions at 2×32×32
+/// freed on return above `KEPT_SCRATCH_ELEMENTS`). With 16 MiB, full-size SDXL's 1280 → 1280 convolutions at 2×32×32
 /// ran in row blocks of 8 tiles each, 1.8× slower (F(4×4): 232 against 130 ms).
 const WHOLE_BATCH_ELEMENTS: usize = 1 << 24;
+/// Most transformed inputs and products (f32 elements, 16 MiB) that one row block's task holds. Full-size SDXL's 960 → 320 convolutions at
+/// 2×128×128 had 128-tile blocks of 24 MB on each thread, kept to the end of the step, where its
+/// peak memory is; 64-tile blocks ran as fast (352 against 350 ms, in alternation).
+/// In tests, small enough that the larger cases run in single-row blocks.
+#[cfg(not(test))]
+const SCRATCH_ELEMENTS: usize = 1 << 22;
+#[cfg(test)]
+const SCRATCH_ELEMENTS: usize = 1 << 16;
+/// The most scratch a thread keeps between calls (f32 elements, 32 MiB). In tests, small enough
+/// that the larger cases run on the call's own buffers.
+#[cfg(not(test))]
+const KEPT_SCRATCH_ELEMENTS: usize = 1 << 23;
+#[cfg(test)]
+const KEPT_SCRATCH_ELEMENTS: usize = 1 << 16;
 
 struct Geometry {
     tile: Tile,
@@ -615,7 +641,7 @@ pub fn conv3x3_tiled(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> R
     let (xs, _) = x.storage_and_layout();
     let (ws, _) = weight.storage_and_layout();
     let (xd, wd) = (crate::host_f32(&xs, &x, "winograd")?, crate::host_f32(&ws, &weight, "winograd")?);
-    // The weights are transformed in chunks of output channels of at most 64 MB, into this
+    // The weights are transformed in chunks of output channels of at most 32 MB, into this
     // thread's buffer, kept between calls: the widest convolutions (full-size SDXL's 2560 → 1280:
     // 210 MB as F(2×2), 470 MB as F(4×4)) would otherwise add their whole transform to the peak
     // memory and fault its fresh pages in on every call. Each chunk transforms the inputs again,
@@ -657,7 +683,8 @@ impl Geometry {
             return;
         }
         let min_rows = min_block_tiles(planes * o * c).div_ceil(tiles_w);
-        let rows_per_block = (BLOCK_ELEMENTS / (planes * c.max(o) * tiles_w).max(1)).max(min_rows).clamp(1, tiles_h);
+        let max_rows = (SCRATCH_ELEMENTS / (planes * (c + o) * tiles_w).max(1)).max(1);
+        let rows_per_block = (BLOCK_ELEMENTS / (planes * c.max(o) * tiles_w).max(1)).max(min_rows).min(max_rows).clamp(1, tiles_h);
         let base = SharedOut::new(out);
         crate::blocks::for_row_blocks(b, tiles_h, rows_per_block, 4 * b * o * c * h * w, |img, rows, parallelism| {
             // SAFETY: the chunk's first channel of image `img` starts at (img·o_all + o_first)·h·w
