@@ -247,6 +247,7 @@ const KEPT_SCRATCH_ELEMENTS: usize = 1 << 23;
 #[cfg(test)]
 const KEPT_SCRATCH_ELEMENTS: usize = 1 << 16;
 
+#[derive(Clone, Copy)]
 struct Geometry {
     tile: Tile,
     c: usize,
@@ -344,13 +345,16 @@ impl Geometry {
     /// over channels, outputs over output channels. Layouts are channel-major, `v[ci][ξ][t]` and
     /// `m[oi][ξ][t]`, so that each task owns one contiguous range; the GEMMs read and write them
     /// with a row stride of all planes.
-    fn whole_batch(&self, x: &[f32], u: &[f32], bias: &[f32], b: usize, tiles_h: usize, out: &mut [f32]) {
-        let (c, h, w, tw) = (self.c, self.h, self.w, self.tiles_w);
-        let (o_all, chunk) = (self.o_all, self.o_first..self.o_first + self.o);
+    ///
+    /// `self` covers all output channels; the weights `wd` are transformed into `u_buf` in chunks
+    /// of `o_chunk` output channels, each multiplied with the inputs' transform, made once.
+    #[allow(clippy::too_many_arguments)]
+    fn whole_batch(&self, x: &[f32], wd: &[f32], bias: &[f32], b: usize, tiles_h: usize, o_chunk: usize, u_buf: &mut [f32], out: &mut [f32]) {
+        let (c, h, w, tw, o) = (self.c, self.h, self.w, self.tiles_w, self.o);
         let planes = self.tile.planes();
         let tiles = tiles_h * tw;
         let p = b * tiles;
-        with_scratch(planes * c * p, planes * self.o * p, |v, m| {
+        with_scratch(planes * c * p, planes * o_chunk * p, |v, m| {
             let channels_per_task = c.div_ceil(4 * rayon::current_num_threads()).max(1);
             v.par_chunks_mut(planes * p * channels_per_task).enumerate().for_each(|(k, vs)| {
                 let mut scratch = self.input_scratch();
@@ -364,19 +368,27 @@ impl Geometry {
                     }
                 }
             });
-            let (vp, mp) = (SharedOut::new(v), SharedOut::new(m));
-            (0..planes).into_par_iter().for_each(|xi| {
-                // SAFETY: v[ξ] is [c, p] and m[ξ] [o, p] with row stride planes·p, inside v and
-                // m; each ξ writes only its own rows of m.
-                unsafe { self.product(u, xi, vp.ptr().add(xi * p), mp.ptr().add(xi * p), p, planes * p, gemm::Parallelism::None) }
-            });
-            let m = &*m;
-            out.par_chunks_mut(h * w).enumerate().filter(|(j, _)| chunk.contains(&(j % o_all))).for_each_init(|| self.output_scratch(), |scratch, (j, plane)| {
-                let (img, oi) = (j / o_all, j % o_all - chunk.start);
-                for ty in 0..tiles_h {
-                    self.output_row(&m[oi * planes * p..(oi + 1) * planes * p], p, img * tiles + ty * tw, bias[oi], scratch, plane, ty);
-                }
-            });
+            for o_first in (0..o).step_by(o_chunk) {
+                let n = o_chunk.min(o - o_first);
+                let chunk = Geometry { o: n, o_first, ..*self };
+                let u = &mut u_buf[..planes * n * c];
+                transform_weights(self.tile, &wd[o_first * 9 * c..(o_first + n) * 9 * c], n, c, u);
+                let u = &*u;
+                let (vp, mp) = (SharedOut::new(v), SharedOut::new(m));
+                (0..planes).into_par_iter().for_each(|xi| {
+                    // SAFETY: v[ξ] is [c, p] and m[ξ] [n, p] with row stride planes·p, inside v
+                    // and m; each ξ writes only its own rows of m.
+                    unsafe { chunk.product(u, xi, vp.ptr().add(xi * p), mp.ptr().add(xi * p), p, planes * p, gemm::Parallelism::None) }
+                });
+                let m = &*m;
+                let channels = o_first..o_first + n;
+                out.par_chunks_mut(h * w).enumerate().filter(|(j, _)| channels.contains(&(j % o))).for_each_init(|| self.output_scratch(), |scratch, (j, plane)| {
+                    let (img, oi) = (j / o, j % o - o_first);
+                    for ty in 0..tiles_h {
+                        self.output_row(&m[oi * planes * p..(oi + 1) * planes * p], p, img * tiles + ty * tw, bias[o_first + oi], scratch, plane, ty);
+                    }
+                });
+            }
         });
     }
 
@@ -644,8 +656,9 @@ pub fn conv3x3_tiled(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> R
     // The weights are transformed in chunks of output channels of at most 32 MB, into this
     // thread's buffer, kept between calls: the widest convolutions (full-size SDXL's 2560 → 1280:
     // 210 MB as F(2×2), 470 MB as F(4×4)) would otherwise add their whole transform to the peak
-    // memory and fault its fresh pages in on every call. Each chunk transforms the inputs again,
-    // a pass over c·tiles values beside the chunk's GEMMs of ≥ 16 M multiply-adds per tile.
+    // memory and fault its fresh pages in on every call. The whole-batch path transforms the
+    // inputs once for all chunks; in row blocks each chunk transforms them again, a pass over
+    // c·tiles values beside the chunk's GEMMs of ≥ 8 M multiply-adds per tile.
     // The buffer is taken out of its cell for the call (and put back below), so that a call
     // re-entered on this thread while it waits for the pool gets one of its own instead of a
     // borrow panic.
@@ -660,12 +673,18 @@ pub fn conv3x3_tiled(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> R
     // output row of its chunk's channels in every image (the output transform covers the rows of
     // its tile row that are < h and every column of them).
     let mut out = unsafe { crate::uninit_output(b * o * h * w) };
-    for o_first in (0..o).step_by(o_chunk) {
-        let n = o_chunk.min(o - o_first);
-        let u = &mut transformed[..planes * n * c];
-        transform_weights(tile, &wd[o_first * 9 * c..(o_first + n) * 9 * c], n, c, u);
-        let g = Geometry { tile, c, h, w, o: n, o_all: o, o_first, tiles_w: w.div_ceil(tile.m()) };
-        g.run(xd, u, &bias[o_first..o_first + n], b, &mut out);
+    let (tiles_h, tiles_w) = (h.div_ceil(tile.m()), w.div_ceil(tile.m()));
+    let g = Geometry { tile, c, h, w, o, o_all: o, o_first: 0, tiles_w };
+    let p = b * tiles_h * tiles_w;
+    if p <= WHOLE_BATCH_TILES && planes * (c + o_chunk) * p <= WHOLE_BATCH_ELEMENTS {
+        g.whole_batch(xd, wd, bias, b, tiles_h, o_chunk, &mut transformed, &mut out);
+    } else {
+        for o_first in (0..o).step_by(o_chunk) {
+            let n = o_chunk.min(o - o_first);
+            let u = &mut transformed[..planes * n * c];
+            transform_weights(tile, &wd[o_first * 9 * c..(o_first + n) * 9 * c], n, c, u);
+            Geometry { o: n, o_first, ..g }.row_blocks(xd, u, &bias[o_first..o_first + n], b, &mut out);
+        }
     }
     WEIGHTS.with(|cell| cell.replace(transformed));
     Tensor::from_vec(out, (b, o, h, w), x.device())
@@ -673,15 +692,11 @@ pub fn conv3x3_tiled(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> R
 
 impl Geometry {
     /// The convolution of the chunk from its transformed weights `u` (`[planes][o][c]`) into its
-    /// channels of `out` (`[b, o_all, h, w]`).
-    fn run(&self, xd: &[f32], u: &[f32], bias: &[f32], b: usize, out: &mut [f32]) {
+    /// channels of `out` (`[b, o_all, h, w]`), in blocks of tile rows.
+    fn row_blocks(&self, xd: &[f32], u: &[f32], bias: &[f32], b: usize, out: &mut [f32]) {
         let (c, h, w, o, tiles_w) = (self.c, self.h, self.w, self.o, self.tiles_w);
         let tiles_h = h.div_ceil(self.tile.m());
         let planes = self.tile.planes();
-        if b * tiles_h * tiles_w <= WHOLE_BATCH_TILES && planes * (c + o) * b * tiles_h * tiles_w <= WHOLE_BATCH_ELEMENTS {
-            self.whole_batch(xd, u, bias, b, tiles_h, out);
-            return;
-        }
         let min_rows = min_block_tiles(planes * o * c).div_ceil(tiles_w);
         let max_rows = (SCRATCH_ELEMENTS / (planes * (c + o) * tiles_w).max(1)).max(1);
         let rows_per_block = (BLOCK_ELEMENTS / (planes * c.max(o) * tiles_w).max(1)).max(min_rows).min(max_rows).clamp(1, tiles_h);
