@@ -125,16 +125,22 @@ fn g6(x0: &[f32], x1: &[f32], x2: &[f32], out: [&mut [f32]; 6]) {
     }
 }
 
+/// One output channel's kernels `w` (`[c][3][3]`) laid out tap-major into `g` (`[9][c]`).
+#[inline(always)]
+fn tap_major(w: &[f32], g: &mut [f32], c: usize) {
+    for (ci, kernel) in w[..9 * c].chunks_exact(9).enumerate() {
+        for (tap, &v) in kernel.iter().enumerate() {
+            g[tap * c + ci] = v;
+        }
+    }
+}
+
 crate::simd::multiversion! {
     /// F(4×4, 3×3)'s U = G g Gᵀ for one output channel (`w` is `[c][3][3]`) into
     /// `planes[ξ][at..at + c]`, tap-major as `weight_row`.
     fn weight_row4(w: &[f32], taps: &mut [f32], planes: &mut [&mut [f32]], at: usize, c: usize) {
         let (g, t) = taps.split_at_mut(9 * c);
-        for (ci, kernel) in w[..9 * c].chunks_exact(9).enumerate() {
-            for (tap, &v) in kernel.iter().enumerate() {
-                g[tap * c + ci] = v;
-            }
-        }
+        tap_major(w, g, c);
         // t = G g: t[j][k] (j the kernel column, k the row of G) at (6j + k)·c.
         for (j, tj) in t[..18 * c].chunks_exact_mut(6 * c).enumerate() {
             let [a, b, d, e, f, h]: [&mut [f32]; 6] = {
@@ -159,11 +165,7 @@ crate::simd::multiversion! {
     /// planes per channel did not vectorise: the weight transform took half of a 16×16 call).
     fn weight_row(w: &[f32], taps: &mut [f32], planes: &mut [&mut [f32]], at: usize, c: usize) {
         let (g, t) = taps.split_at_mut(9 * c);
-        for (ci, kernel) in w[..9 * c].chunks_exact(9).enumerate() {
-            for (tap, &v) in kernel.iter().enumerate() {
-                g[tap * c + ci] = v;
-            }
-        }
+        tap_major(w, g, c);
         // t = G g, kernel column by column: its rows 1 and 2 (rows 0 and 3 are g's rows 0 and 2).
         for j in 0..3 {
             let (g0, g1, g2) = (&g[j * c..(j + 1) * c], &g[(3 + j) * c..(4 + j) * c], &g[(6 + j) * c..(7 + j) * c]);
