@@ -55,11 +55,11 @@ thread_local! {
 
 /// Runs `f` on this thread's scratch, grown to `v_len` transformed-input and `m_len` product
 /// elements (their contents are stale: `f` writes before it reads). Scratch up to
-/// `KEPT_SCRATCH_ELEMENTS` is kept between calls, so that its pages are not faulted in again;
-/// larger (the whole-batch path's, up to 64 MB) is the call's own. Such buffers are over glibc's
-/// 32 MB mmap threshold (`weights::tune_allocator`), so freeing them returns their pages at once;
-/// freed heap blocks below it would stay resident up to the 64 MB trim threshold, beside the
-/// later, larger activations of a step.
+/// `KEPT_SCRATCH_ELEMENTS` in all is kept between calls, so that its pages are not faulted in
+/// again; larger (the whole-batch path's, up to 64 MB) is the call's own and freed on return, so
+/// that it does not stay resident beside the later, larger activations of a step. (The part of it
+/// over glibc's 32 MB mmap threshold, `weights::tune_allocator`, returns its pages at once; a
+/// smaller part goes back to the heap.)
 ///
 /// Kept buffers are taken out of the cell for the call and put back after it, so that a call
 /// re-entered on this thread (a pool thread waiting inside `f` may run another convolution's
@@ -76,7 +76,8 @@ fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [
         m.resize(m_len, 0.0);
     }
     let r = f(&mut v[..v_len], &mut m[..m_len]);
-    if keep {
+    // Grown by calls of different shapes, the pair can exceed the bound; then it is dropped.
+    if keep && v.len() + m.len() <= KEPT_SCRATCH_ELEMENTS {
         SCRATCH.with(|s| s.replace((v, m)));
     }
     r
@@ -206,7 +207,7 @@ thread_local! {
 /// between calls; larger transforms run in chunks of output channels. Full-size SDXL at 1024² in
 /// f16 peaked at 7,633–7,695 MiB with 64 MB chunks (and larger kept scratch), above issue 19's
 /// bound of 1.15× its checkpoint (7,610 MiB); the chunks' cost is a repeated input transform, a
-/// pass over c·tiles values beside GEMMs of ≥ 8 M multiply-adds per tile. In tests, small enough
+/// pass over c·tiles values beside GEMMs of up to 8.4 M multiply-adds per tile (5–8 M at SDXL's shapes). In tests, small enough
 /// that most cases run in several chunks.
 #[cfg(not(test))]
 const REUSED_WEIGHT_ELEMENTS: usize = 1 << 23;
@@ -234,7 +235,8 @@ const WHOLE_BATCH_TILES: usize = 512;
 /// freed on return above `KEPT_SCRATCH_ELEMENTS`). With 16 MiB, full-size SDXL's 1280 → 1280 convolutions at 2×32×32
 /// ran in row blocks of 8 tiles each, 1.8× slower (F(4×4): 232 against 130 ms).
 const WHOLE_BATCH_ELEMENTS: usize = 1 << 24;
-/// Most transformed inputs and products (f32 elements, 16 MiB) that one row block's task holds. Full-size SDXL's 960 → 320 convolutions at
+/// Most transformed inputs and products (f32 elements, 16 MiB) that one row block's task holds,
+/// unless a single tile row is larger (e.g. 512 → 512 channels at 512 pixels wide: 19 MB). Full-size SDXL's 960 → 320 convolutions at
 /// 2×128×128 had 128-tile blocks of 24 MB on each thread, kept to the end of the step, where its
 /// peak memory is; 64-tile blocks ran as fast (352 against 350 ms, in alternation).
 /// In tests, small enough that the larger cases run in single-row blocks.
@@ -285,10 +287,12 @@ impl Geometry {
 
     /// The output transform of tile row `ty` of one output channel, from `m[ξ·plane_stride + at..]`.
     #[allow(clippy::too_many_arguments)]
-    fn output_row(&self, m: &[f32], plane_stride: usize, at: usize, bias: f32, scratch: &mut [f32], plane: &mut [f32], ty: usize) {
+    /// `plane` is `[h, w]`, `h` its height in rows (the image's, or a tile row's own rows).
+    #[allow(clippy::too_many_arguments)]
+    fn output_row(&self, m: &[f32], plane_stride: usize, at: usize, bias: f32, scratch: &mut [f32], plane: &mut [f32], h: usize, ty: usize) {
         match self.tile {
-            Tile::F2 => output_tile_row(m, plane_stride, at, self.tiles_w, bias, scratch, plane, self.h, self.w, ty),
-            Tile::F4 => output_tile_row4(m, plane_stride, at, self.tiles_w, bias, scratch, plane, self.h, self.w, ty),
+            Tile::F2 => output_tile_row(m, plane_stride, at, self.tiles_w, bias, scratch, plane, h, self.w, ty),
+            Tile::F4 => output_tile_row4(m, plane_stride, at, self.tiles_w, bias, scratch, plane, h, self.w, ty),
         }
     }
 
@@ -313,9 +317,12 @@ impl Geometry {
         #[allow(clippy::needless_range_loop)] // oi also offsets the output plane
         for oi in 0..self.o {
             for (r, ty) in rows.clone().enumerate() {
-                // SAFETY: the output rows of tile row ty of channel oi belong to this task alone.
-                let plane = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(oi * h * w), h * w) };
-                self.output_row(m, self.o * p, oi * p + r * tw, bias[oi], &mut scratch, plane, ty);
+                // The output rows of tile row ty alone, as rows 0.. of a plane of their height.
+                let y0 = ty * self.tile.m();
+                let rows_here = self.tile.m().min(h - y0);
+                // SAFETY: rows y0 .. y0 + rows_here of channel oi belong to this task alone.
+                let plane = unsafe { std::slice::from_raw_parts_mut(out.ptr().add((oi * h + y0) * w), rows_here * w) };
+                self.output_row(m, self.o * p, oi * p + r * tw, bias[oi], &mut scratch, plane, rows_here, 0);
             }
         }
     }
@@ -387,7 +394,7 @@ impl Geometry {
                 out.par_chunks_mut(h * w).enumerate().filter(|(j, _)| channels.contains(&(j % o))).for_each_init(|| self.output_scratch(), |scratch, (j, plane)| {
                     let (img, oi) = (j / o, j % o - o_first);
                     for ty in 0..tiles_h {
-                        self.output_row(&m[oi * planes * p..(oi + 1) * planes * p], p, img * tiles + ty * tw, bias[o_first + oi], scratch, plane, ty);
+                        self.output_row(&m[oi * planes * p..(oi + 1) * planes * p], p, img * tiles + ty * tw, bias[o_first + oi], scratch, plane, h, ty);
                     }
                 });
             }
@@ -660,7 +667,7 @@ pub fn conv3x3_tiled(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> R
     // 210 MB as F(2×2), 470 MB as F(4×4)) would otherwise add their whole transform to the peak
     // memory and fault its fresh pages in on every call. The whole-batch path transforms the
     // inputs once for all chunks; in row blocks each chunk transforms them again, a pass over
-    // c·tiles values beside the chunk's GEMMs of ≥ 8 M multiply-adds per tile.
+    // c·tiles values beside the chunk's GEMMs of up to 8.4 M multiply-adds per tile.
     // The buffer is taken out of its cell for the call (and put back below), so that a call
     // re-entered on this thread while it waits for the pool gets one of its own instead of a
     // borrow panic.
@@ -748,8 +755,9 @@ mod tests {
     fn equals_direct_convolution() -> Result<()> {
         let d = Device::Cpu;
         // Odd and even sizes (partial edge tiles, of each size of F(4×4)'s remainder); the whole
-        // batch at once, and in row blocks: the last case has several per image, the last ragged.
-        for (b, c, o, h, w) in [(2, 3, 5, 7, 6), (1, 16, 8, 8, 9), (2, 64, 24, 33, 64), (1, 8, 8, 10, 11), (2, 256, 16, 67, 73)] {
+        // batch at once, and in row blocks (several per image, the last ragged); the last two cases
+        // in weight chunks that do not divide the output channels (3 + 3 + 1 with F(4×4)).
+        for (b, c, o, h, w) in [(2, 3, 5, 7, 6), (1, 16, 8, 8, 9), (2, 64, 24, 33, 64), (1, 8, 8, 10, 11), (2, 256, 16, 67, 73), (2, 40, 7, 9, 10), (2, 40, 7, 67, 73)] {
             let x = Tensor::randn(0f32, 1., (b, c, h, w), &d)?;
             let wt = Tensor::randn(0f32, 0.1, (o, c, 3, 3), &d)?;
             let bias: Vec<f32> = (0..o).map(|i| i as f32 * 0.1 - 0.3).collect();
