@@ -49,7 +49,7 @@ fn main() -> Result<()> {
             v[v.len() / 2]
         };
         let (a, z) = (med(&mut f2), med(&mut f4));
-        println!("| {b}, {c} → {o}, {h}×{h} | {:?} | {a:.2} | {z:.2} | {:.2} |", loramix_kernels::winograd::choose_tile(b, c, o, h, h), a / z);
+        println!("| {b}, {c} → {o}, {h}×{h} | {:?} | {a:.2} | {z:.2} | {:.2} |", loramix_kernels::winograd::choose_tile(b, h, h), a / z);
     }
     Ok(())
 }

@@ -629,9 +629,8 @@ crate::simd::multiversion! {
 
 /// `conv2d(x [b, c, h, w], weight [o, c, 3, 3], bias)` with stride 1 and padding 1; f32 on the CPU.
 pub fn conv3x3(x: &Tensor, weight: &Tensor, bias: &[f32]) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let o = weight.dim(0)?;
-    conv3x3_tiled(x, weight, bias, choose_tile(b, c, o, h, w))
+    let (b, _, h, w) = x.dims4()?;
+    conv3x3_tiled(x, weight, bias, choose_tile(b, h, w))
 }
 
 /// Fewest F(4×4) tiles in a call (all images) for F(4×4, 3×3) to be chosen. With fewer, each
@@ -643,7 +642,7 @@ const F4_MIN_TILES: usize = 32;
 /// The tile for a convolution's shape: F(4×4, 3×3) from `F4_MIN_TILES` tiles, where it was
 /// measured 1.2–1.7× faster than F(2×2) (`examples/conv_tiles.rs`: 16×16 to 128×128 latents,
 /// 128 to 2560 channels), F(2×2, 3×3) below.
-pub fn choose_tile(b: usize, _c: usize, _o: usize, h: usize, w: usize) -> Tile {
+pub fn choose_tile(b: usize, h: usize, w: usize) -> Tile {
     if b * h.div_ceil(4) * w.div_ceil(4) >= F4_MIN_TILES {
         Tile::F4
     } else {
