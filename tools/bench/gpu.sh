@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SDXL on the GPU machine, ours beside diffusers in one run: seconds per 1024² image (30 steps,
-# batch 1, CFG 5, Euler), then the same with two LoRAs under merge and under klora; the UNet's FLOPs
+# batch 1, CFG 5, Euler), then the same with two LoRAs under merge, klora and auto, and the low-VRAM
+# modes (ours --low-memory; diffusers' model offload); each row's VRAM peak; the UNet's FLOPs
 # per step and the floor they set at the measured fp16 matmul rate; and our CUDA kernel tests and
 # kernel timings. Rows marked "candle paths" run with LORAMIX_FUSED_KERNELS=0: the same build with
 # our kernels switched off, so the table shows what they are worth end to end.
@@ -58,42 +59,75 @@ model=$work/sdxl-$size
 "$PY" tools/bench/gpu_side.py make "$model" --size "$size" | tail -1
 loras=(--lora "$model/loras/subject.safetensors" --lora "$model/loras/style.safetensors")
 
+# VRAM: nvidia-smi samples the device's used memory every 50 ms while a run goes; the peak less
+# the reading just before the run is what it needed, its CUDA context included on both sides (a
+# figure from inside either process would leave out different things). Written to
+# $work/vram-TAG, read by the table; "—" on a CPU.
+vram_start() {
+  rm -f "$work/vram-$1"
+  [ "$small" = 1 ] && return 0
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 > "$work/vram-$1.base"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 50 > "$work/vram-$1.samples" &
+  vram_pid=$!
+}
+vram_stop() {
+  [ "$small" = 1 ] && return 0
+  kill "$vram_pid" 2>/dev/null || true
+  wait "$vram_pid" 2>/dev/null || true
+  awk -v base="$(head -1 "$work/vram-$1.base")" '$1 + 0 > m { m = $1 + 0 } END { printf "%.2f\n", (m - base) / 1024 }' \
+    "$work/vram-$1.samples" > "$work/vram-$1"
+}
+vram() { cat "$work/vram-$1" 2>/dev/null || echo "—"; }
+
 # Ours: --batch-count runs `count` images in one process; the first is the warm-up (module loads,
 # cuBLAS handles), the rest are timed per image (text encoding, denoising, VAE decode: what a
 # diffusers pipeline call covers).
 ours() {
   local tag=$1
   shift
+  vram_start "ours-$tag"
   "$bin" generate --model "$model" --prompt "a photo" --steps "$steps" --cfg 5 --sampler euler --seed 0 \
     --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$count" --out "$work/out" "$@" \
     >/dev/null 2>"$work/ours-$tag.log" || { echo "ours ($tag) failed:" >&2; tail -5 "$work/ours-$tag.log" >&2; }
+  vram_stop "ours-$tag"
   awk '/^batch [0-9]+\/[0-9]+: / { n++; if (n > 1) { sub("s$", "", $3); print $3 } }' "$work/ours-$tag.log" | sort -g \
     | awk '{ t[++m] = $1 } END { if (m == 0) print "nan"; else print t[int((m + 1) / 2)] }'
 }
 theirs() {
+  local tag=$1
+  shift
+  vram_start "theirs-$tag"
   "$PY" tools/bench/gpu_side.py diffusers "$model" --steps "$steps" --cfg 5 --height "$px" --width "$px" --iters $((count - 1)) "$@" 2>>"$work/diffusers.log" \
-    | tail -1 | tee -a "$work/diffusers.jsonl" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['seconds_per_image'])" || echo nan
+    | tail -1 | tee -a "$work/diffusers.jsonl" | "$PY" -c "import json, sys; print(json.load(sys.stdin)['seconds_per_image'])" 2>/dev/null || echo nan
+  vram_stop "theirs-$tag"
 }
 
 flops=$("$PY" tools/bench/gpu_side.py flops "$model" --height "$px" --width "$px" 2>/dev/null | tail -1)
 read -r step_flops rate floor < <(echo "$flops" | "$PY" -c "import json, sys; d = json.load(sys.stdin); print(d['unet_flops_per_step'], d['matmul_flops_per_second'], d['floor_seconds_per_step'])")
 
 echo
-echo "| ${px}², $steps steps, batch 1, CFG 5 ($dtype) | ours (s/image) | diffusers (s/image) | diffusers / ours |"
-echo "|---|---|---|---|"
-plain_theirs=""
-for row in ${GPU_BENCH_ROWS:-plain plain-candle merge klora klora-candle}; do
+echo "| ${px}², $steps steps, batch 1, CFG 5 ($dtype) | ours (s/image) | diffusers (s/image) | diffusers / ours | ours VRAM peak (GiB) | diffusers VRAM peak (GiB) |"
+echo "|---|---|---|---|---|---|"
+for row in ${GPU_BENCH_ROWS:-plain plain-candle merge klora klora-candle auto lowvram}; do
+  t=""; their_tag=""
   case $row in
-    plain) o=$(ours plain); t=$(theirs); plain_theirs=$t; label="plain" ;;
-    plain-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours plain-candle); t=$plain_theirs; label="plain, candle paths" ;;
-    merge) o=$(ours merge "${loras[@]}" --mix merge); t=$(theirs --lora "$model/loras/subject.safetensors" --lora "$model/loras/style.safetensors"); label="2 LoRAs, merge (diffusers: fuse_lora)" ;;
-    klora) o=$(ours klora "${loras[@]}" --mix klora); t=""; label="2 LoRAs, klora (diffusers has no K-LoRA)" ;;
-    klora-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours klora-candle "${loras[@]}" --mix klora); t=""; label="2 LoRAs, klora, candle paths" ;;
+    plain) o=$(ours plain); t=$(theirs plain); their_tag=plain; label="plain" ;;
+    plain-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours plain-candle); t=$(cat "$work/theirs-plain.s" 2>/dev/null || true); their_tag=plain; label="plain, candle paths" ;;
+    merge) o=$(ours merge "${loras[@]}" --mix merge); t=$(theirs merge "${loras[@]}"); their_tag=merge; label="2 LoRAs, merge (diffusers: fuse_lora)" ;;
+    klora) o=$(ours klora "${loras[@]}" --mix klora); label="2 LoRAs, klora (diffusers has no K-LoRA)" ;;
+    klora-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours klora-candle "${loras[@]}" --mix klora); label="2 LoRAs, klora, candle paths" ;;
+    auto) o=$(ours auto "${loras[@]}" --mix auto); label="2 LoRAs, auto (per step and layer; diffusers has none)" ;;
+    # Low VRAM: ours keeps one model on the device at a time (encoders, then UNet, then a tiled
+    # VAE); diffusers' nearest recipe is model offload with VAE tiling.
+    lowvram) o=$(ours lowvram --low-memory); t=$(theirs lowvram --offload model --vae-tiling); their_tag=lowvram
+      label="low VRAM: ours --low-memory; diffusers enable_model_cpu_offload + enable_vae_tiling" ;;
   esac
+  [ "$row" = plain ] && echo "$t" > "$work/theirs-plain.s"
+  their_vram=$([ -n "$their_tag" ] && vram "theirs-$their_tag" || echo "—")
   if [ -n "$t" ]; then
-    echo "| $label | $(printf "%.3f" "$o") | $(printf "%.3f" "$t") | $(awk -v a="$t" -v b="$o" 'BEGIN { printf "%.2f", a / b }') |"
+    echo "| $label | $(printf "%.3f" "$o") | $(printf "%.3f" "$t") | $(awk -v a="$t" -v b="$o" 'BEGIN { printf "%.2f", a / b }') | $(vram "ours-$row") | $their_vram |"
   else
-    echo "| $label | $(printf "%.3f" "$o") | — | — |"
+    echo "| $label | $(printf "%.3f" "$o") | — | — | $(vram "ours-$row") | — |"
   fi
 done
 echo

@@ -2,7 +2,9 @@
 
   python gpu_side.py make DIR [--size full|small]     random-weight SDXL pipeline (diffusers layout,
                                                      f16 safetensors) + two random kohya LoRAs in DIR/loras
-  python gpu_side.py diffusers DIR [--lora ...] ...  seconds per image with diffusers (fp16, SDPA)
+  python gpu_side.py diffusers DIR [--lora ...] ...  seconds per image with diffusers (fp16, SDPA), and
+                                                     its VRAM peak; --offload model|sequential and
+                                                     --vae-tiling for its low-VRAM recipes
   python gpu_side.py flops DIR --height H --width W  UNet FLOPs per step (CFG batch of 2) and the
                                                      measured fp16 matmul rate
 
@@ -96,7 +98,19 @@ def diffusers_time(a):
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if dev == "cuda" else torch.float32
-    pipe = StableDiffusionXLPipeline.from_pretrained(a.dir, torch_dtype=dtype).to(dev)
+    if a.offload != "none" and dev != "cuda":
+        sys.exit(f"--offload {a.offload}: diffusers' offload needs an accelerator, and this machine has none")
+    pipe = StableDiffusionXLPipeline.from_pretrained(a.dir, torch_dtype=dtype)
+    # diffusers' low-VRAM recipes: each model moves to the GPU only while it runs ("model"), or
+    # each submodule does ("sequential"); both need an accelerator.
+    if a.offload == "model":
+        pipe.enable_model_cpu_offload()
+    elif a.offload == "sequential":
+        pipe.enable_sequential_cpu_offload()
+    else:
+        pipe = pipe.to(dev)
+    if a.vae_tiling:
+        pipe.enable_vae_tiling()
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     attn = type(next(iter(pipe.unet.attn_processors.values()))).__name__
@@ -119,8 +133,12 @@ def diffusers_time(a):
 
     once()  # warm-up (kernel selection, allocator)
     times = sorted(once() for _ in range(a.iters))
+    # Allocated is what tensors held at the peak; reserved adds the caching allocator's slack, and
+    # is the figure to set beside nvidia-smi's (which adds the CUDA context on top).
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if dev == "cuda" else None
     print(json.dumps({"seconds_per_image": times[len(times) // 2], "attention": attn, "peak_gib": peak,
+                      "peak_reserved_gib": reserved, "offload": a.offload, "vae_tiling": a.vae_tiling,
                       "torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}))
 
 
@@ -204,6 +222,8 @@ def main():
     d.add_argument("--steps", type=int, default=30)
     d.add_argument("--cfg", type=float, default=5.0)
     d.add_argument("--iters", type=int, default=2)
+    d.add_argument("--offload", choices=["none", "model", "sequential"], default="none")
+    d.add_argument("--vae-tiling", action="store_true")
     f = sub.add_parser("flops")
     f.add_argument("dir")
     for p in (d, f):
