@@ -426,6 +426,31 @@ fn released_models_give_the_same_images() {
     assert_eq!(rel_l2(&late.generate_latents(&req, &mut |_| true).unwrap(), &whole), 0.0);
 }
 
+/// `--vae-dtype` (`LoadOptions::vae_dtype`) overrides diffusers' upcast rule, and only the VAE
+/// changes: the same latents decode in f16 within a few 8-bit levels of the f32 decode. bf16 is
+/// refused on the CPU by name.
+#[test]
+fn chosen_vae_dtype_overrides_the_upcast_rule() {
+    use candle_core::DType;
+    let path = fixture("tiny2").join("pipeline");
+    let load = |dtype, vae_dtype| SdxlPipeline::load(path.to_str().unwrap(), &LoadOptions { dtype, vae_dtype, ..Default::default() });
+    let auto = load(DType::F16, None).unwrap();
+    assert_eq!(auto.vae_dtype(), DType::F32, "the fixture's VAE says force_upcast");
+    let half = load(DType::F16, Some(DType::F16)).unwrap();
+    assert_eq!(half.vae_dtype(), DType::F16);
+    assert_eq!(load(DType::F32, Some(DType::F16)).unwrap().vae_dtype(), DType::F16);
+    let e = load(DType::F16, Some(DType::BF16)).err().unwrap().to_string();
+    assert!(e.contains("--vae-dtype bf16") && e.contains("CPU"), "{e}");
+
+    let g = goldens("tiny2");
+    let gj = golden_json("tiny2");
+    let req = request(&gj["pipeline"]["pipe0"], Some(g["pipe0.init_noise"].clone()), (32, 32));
+    let lat = auto.generate_latents(&req, &mut |_| true).unwrap();
+    let (a, b) = (&auto.decode(&lat).unwrap()[0], &half.decode(&lat).unwrap()[0]);
+    let worst = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as i32 - y as i32).abs()).max().unwrap();
+    assert!(worst <= 4, "f16 decode differs from f32 by {worst} levels");
+}
+
 /// The embeddings of tools/parity/make_ti_fixtures.py, in the order the script loads them.
 fn ti_embeddings() -> loramix::sdxl::embedding::Embeddings {
     use loramix::sdxl::embedding::{Embeddings, TextualInversion};

@@ -37,11 +37,15 @@ pub struct LoadOptions {
     /// the prompts are encoded and the text encoders released first, so the two never share
     /// the memory).
     pub defer_unet: bool,
+    /// The VAE's dtype in place of diffusers' rule (ComfyUI's `--fp32-vae` / `--bf16-vae`). bf16
+    /// has f32's range, so a VAE that overflows f16 (SDXL's own) can decode in it on the tensor
+    /// cores at half of f32's memory traffic; the error against f32 is the user's trade.
+    pub vae_dtype: Option<DType>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None, vae: None, defer_unet: false }
+        Self { device: Device::Cpu, dtype: DType::F32, config_dir: None, vae: None, defer_unet: false, vae_dtype: None }
     }
 }
 
@@ -243,9 +247,13 @@ fn vae_source(root: &Path, single_file: Option<&Path>, opts: &LoadOptions, model
     }
 }
 
-/// diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe.
-fn vae_dtype_for(dtype: DType, config: &AutoencoderKlConfig) -> DType {
-    if dtype == DType::F16 && config.force_upcast {
+/// diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe; a dtype the
+/// user chose wins.
+fn vae_dtype_for(opts: &LoadOptions, config: &AutoencoderKlConfig) -> DType {
+    let dtype = opts.dtype;
+    if let Some(chosen) = opts.vae_dtype {
+        chosen
+    } else if dtype == DType::F16 && config.force_upcast {
         DType::F32
     } else {
         dtype
@@ -256,6 +264,9 @@ impl SdxlPipeline {
     pub fn load(spec: &str, opts: &LoadOptions) -> Result<Self> {
         if opts.device.is_cpu() && opts.dtype == DType::BF16 {
             return Err(Error::Argument("bf16 is not supported on the CPU (candle's CPU backend has no bf16 matmul); use --dtype f32 or f16, or bf16 on cuda/metal".into()));
+        }
+        if opts.device.is_cpu() && opts.vae_dtype == Some(DType::BF16) {
+            return Err(Error::Argument("--vae-dtype bf16 is not supported on the CPU (candle's CPU backend has no bf16 matmul); use f32 or f16, or bf16 on cuda/metal".into()));
         }
         match ModelSource::parse(spec)? {
             ModelSource::Folder(dir) => Self::load_folder(&dir, None, opts, spec),
@@ -332,12 +343,12 @@ impl SdxlPipeline {
             Box::new(move || {
                 let (ws, cfg) = vae_source(&root, single_file.as_deref(), &opts, &model_cfg)?;
                 let label = ws.label().to_string();
-                AutoencoderKl::new(ws.into_var_builder(vae_dtype_for(opts.dtype, &cfg), &opts.device), &cfg).map_err(|e| wrap(&label, e))
+                AutoencoderKl::new(ws.into_var_builder(vae_dtype_for(&opts, &cfg), &opts.device), &cfg).map_err(|e| wrap(&label, e))
             })
         };
         let vae = vae_loader()?;
         let vae_cfg = vae.config().clone();
-        let vae_dtype = vae_dtype_for(dtype, &vae_cfg);
+        let vae_dtype = vae_dtype_for(opts, &vae_cfg);
         let unet_loader: UnetLoader = {
             let (cfg, dev, label) = (unet_cfg.clone(), dev.clone(), labels.0.clone());
             Box::new(move || UNet2DConditionModel::new(unet_ws.into_var_builder(dtype, &dev), &cfg).map_err(|e| wrap(&label, e)))

@@ -79,6 +79,16 @@ pub struct GenerateArgs {
     dtype: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// The VAE's dtype: `auto` (diffusers' rule: f32 for an f16 model whose VAE config says
+    /// force_upcast, else the model's), or f32, f16, bf16 (ComfyUI's --fp32-vae, --fp16-vae,
+    /// --bf16-vae). bf16 decodes SDXL's VAE without f16's overflow, on the GPU's tensor cores.
+    #[arg(long, default_value = "auto")]
+    vae_dtype: String,
+    /// CUDA: let f32 matrix products use TF32 tensor cores (torch's `allow_tf32`; PyTorch's cuDNN
+    /// convolutions, diffusers' VAE among them, do by default). With an f16 model this is the
+    /// upcast VAE's decode.
+    #[arg(long)]
+    tf32: bool,
     /// Unscaled standard-normal starting noise: safetensors with key `latents`, [batch, 4, H/f, W/f].
     #[arg(long)]
     init_noise: Option<PathBuf>,
@@ -266,7 +276,20 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
             Some(h)
         }
     };
-    let load = LoadOptions { device: parse_device(&a.device)?, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone(), defer_unet: false };
+    let vae_dtype = match a.vae_dtype.as_str() {
+        "auto" => None,
+        name => Some(parse_dtype(name).map_err(|_| anyhow::anyhow!("--vae-dtype {name:?}: expected auto, f32, f16 or bf16"))?),
+    };
+    let device = parse_device(&a.device)?;
+    if a.tf32 && !device.is_cuda() {
+        anyhow::bail!("--tf32: TF32 is a CUDA tensor-core mode; this run is on {}", a.device);
+    }
+    if a.tf32 {
+        // Process-wide in candle; a CLI run (generate or grid) is one job, so nothing else
+        // shares the setting.
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
+    let load = LoadOptions { device, dtype: parse_dtype(&a.dtype)?, config_dir: a.config.clone(), vae: a.vae.clone(), defer_unet: false, vae_dtype };
     Ok(JobParts { load, init: init_settings, hires })
 }
 
