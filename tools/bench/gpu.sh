@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SDXL on the GPU machine, ours beside diffusers in one run: seconds per 1024² image (30 steps,
-# batch 1, CFG 5, Euler), then the same with two LoRAs under merge, klora and auto, and the low-VRAM
-# modes (ours --low-memory; diffusers' model offload); each row's VRAM peak; the UNet's FLOPs
+# batch 1, CFG 5, Euler), with the VAE decode in bf16 or TF32 (and its error against f32), then the
+# same with two LoRAs under merge, klora and auto, and the low-VRAM modes (ours --low-memory;
+# diffusers' model offload); each row's VRAM peak; the UNet's FLOPs
 # per step and the floor they set at the measured fp16 matmul rate; and our CUDA kernel tests and
 # kernel timings. Rows marked "candle paths" run with LORAMIX_FUSED_KERNELS=0: the same build with
 # our kernels switched off, so the table shows what they are worth end to end.
@@ -86,8 +87,9 @@ ours() {
   local tag=$1
   shift
   vram_start "ours-$tag"
+  rm -rf "$work/out-$tag"
   "$bin" generate --model "$model" --prompt "a photo" --steps "$steps" --cfg 5 --sampler euler --seed 0 \
-    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$count" --out "$work/out" "$@" \
+    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$count" --out "$work/out-$tag" "$@" \
     >/dev/null 2>"$work/ours-$tag.log" || { echo "ours ($tag) failed:" >&2; tail -5 "$work/ours-$tag.log" >&2; }
   vram_stop "ours-$tag"
   awk '/^batch [0-9]+\/[0-9]+: / { n++; if (n > 1) { sub("s$", "", $3); print $3 } }' "$work/ours-$tag.log" | sort -g \
@@ -108,7 +110,7 @@ read -r step_flops rate floor < <(echo "$flops" | "$PY" -c "import json, sys; d 
 echo
 echo "| ${px}², $steps steps, batch 1, CFG 5 ($dtype) | ours (s/image) | diffusers (s/image) | diffusers / ours | ours VRAM peak (GiB) | diffusers VRAM peak (GiB) |"
 echo "|---|---|---|---|---|---|"
-for row in ${GPU_BENCH_ROWS:-plain plain-candle merge klora klora-candle auto lowvram}; do
+for row in ${GPU_BENCH_ROWS:-plain plain-candle vae-bf16 tf32 merge klora klora-candle auto lowvram}; do
   t=""; their_tag=""
   case $row in
     plain) o=$(ours plain); t=$(theirs plain); their_tag=plain; label="plain" ;;
@@ -117,6 +119,18 @@ for row in ${GPU_BENCH_ROWS:-plain plain-candle merge klora klora-candle auto lo
     klora) o=$(ours klora "${loras[@]}" --mix klora); label="2 LoRAs, klora (diffusers has no K-LoRA)" ;;
     klora-candle) o=$(LORAMIX_FUSED_KERNELS=0 ours klora-candle "${loras[@]}" --mix klora); label="2 LoRAs, klora, candle paths" ;;
     auto) o=$(ours auto "${loras[@]}" --mix auto); label="2 LoRAs, auto (per step and layer; diffusers has none)" ;;
+    # The VAE decode in reduced precision (f32 by default for SDXL's VAE, as in diffusers), with
+    # its error against the plain row's images of the same seeds.
+    vae-bf16|tf32)
+      # On a CPU (--small) there is neither bf16 nor TF32: f16 stands in, to check the row.
+      low=$([ "$small" = 1 ] && echo f16 || echo bf16)
+      [ "$row" = tf32 ] && [ "$small" = 1 ] && continue
+      if [ "$row" = vae-bf16 ]; then o=$(ours vae-bf16 --vae-dtype "$low"); else o=$(ours tf32 --tf32); fi
+      t=$(cat "$work/theirs-plain.s" 2>/dev/null || true); their_tag=plain
+      err=$("$PY" tools/bench/gpu_side.py compare "$work/out-plain" "$work/out-$row" 2>&1 | tail -1 \
+        | "$PY" -c "import json, sys; d = json.load(sys.stdin); print(f\"worst PSNR {d['worst_psnr_db']:.1f} dB, mean {d['mean_abs_levels']:.2f} / max {d['max_abs_levels']} levels\")" 2>/dev/null \
+        || echo "error not measured: run the plain row first")
+      label="plain, VAE decode $([ "$row" = vae-bf16 ] && echo "in $low (--vae-dtype $low)" || echo "with TF32 (--tf32)") vs f32: $err" ;;
     # Low VRAM: ours keeps one model on the device at a time (encoders, then UNet, then a tiled
     # VAE); diffusers' nearest recipe is model offload with VAE tiling.
     lowvram) o=$(ours lowvram --low-memory); t=$(theirs lowvram --offload model --vae-tiling); their_tag=lowvram

@@ -7,6 +7,7 @@
                                                      --vae-tiling for its low-VRAM recipes
   python gpu_side.py flops DIR --height H --width W  UNet FLOPs per step (CFG batch of 2) and the
                                                      measured fp16 matmul rate
+  python gpu_side.py compare REF_DIR DIR             8-bit error of DIR's PNGs against REF_DIR's
 
 Speed does not depend on weight values, so the weights are random (seeded); the tokenizers are
 the small ones of our test fixture (token ids do not change the cost). Every command prints one
@@ -179,6 +180,32 @@ def flops(a):
                       "floor_seconds_per_step": step_flops / rate}))
 
 
+def compare(a):
+    """The error a reduced-precision decode adds: the same seeds' images of two runs, as 8-bit
+    levels (what the user keeps). Only the VAE's precision differs between the runs, so this is
+    its error; the worst image's PSNR is the headline."""
+    import numpy as np
+    from PIL import Image
+
+    names = sorted(n for n in os.listdir(a.reference) if n.endswith(".png"))
+    if not names:
+        sys.exit(f"{a.reference}: no PNG images to compare")
+    psnr, mean_abs, max_abs = [], [], 0
+    for n in names:
+        other = os.path.join(a.candidate, n)
+        if not os.path.exists(other):
+            sys.exit(f"{other}: missing (the reference run wrote {n})")
+        x = np.asarray(Image.open(os.path.join(a.reference, n)).convert("RGB"), dtype=np.float64)
+        y = np.asarray(Image.open(other).convert("RGB"), dtype=np.float64)
+        d = np.abs(x - y)
+        mse = float((d ** 2).mean())
+        psnr.append(float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse))
+        mean_abs.append(float(d.mean()))
+        max_abs = max(max_abs, int(d.max()))
+    print(json.dumps({"images": len(names), "worst_psnr_db": min(psnr), "mean_abs_levels": sum(mean_abs) / len(mean_abs),
+                      "max_abs_levels": max_abs}))
+
+
 def ncu_summary(a):
     """Total GPU time per kernel name from `ncu --print-summary per-kernel --csv` (the CSV block
     after ncu's own log lines), largest first, with the share of the whole."""
@@ -229,11 +256,14 @@ def main():
     for p in (d, f):
         p.add_argument("--height", type=int, default=1024)
         p.add_argument("--width", type=int, default=1024)
+    c = sub.add_parser("compare")
+    c.add_argument("reference")
+    c.add_argument("candidate")
     n = sub.add_parser("ncu-summary")
     n.add_argument("csv")
     n.add_argument("--top", type=int, default=30)
     a = ap.parse_args()
-    return {"make": make, "diffusers": diffusers_time, "flops": flops, "ncu-summary": ncu_summary}[a.cmd](a)
+    return {"make": make, "diffusers": diffusers_time, "flops": flops, "ncu-summary": ncu_summary, "compare": compare}[a.cmd](a)
 
 
 if __name__ == "__main__":
