@@ -12,6 +12,12 @@
 #   on the GPU box:   bash tools/bench/gpu.sh           (prints the table for BENCHMARKS.md)
 #   on a CPU, to check the script itself:  bash tools/bench/gpu.sh --small
 #
+# Under a short device lease (the device tool's 10 minutes per command), split the rows over two
+# calls on the same warm machine, carrying .gpu and .whl, GPU_BENCH_DIR kept between them (the
+# random model is made once, and the rows after `plain` compare with its images):
+#   GPU_BENCH_DIR=/tmp/gb GPU_BENCH_ROWS="plain vae-bf16 tf32 lowvram" bash tools/bench/gpu.sh
+#   GPU_BENCH_DIR=/tmp/gb GPU_BENCH_ROWS="merge klora auto" bash tools/bench/gpu.sh
+#
 # The weights are random (tools/bench/gpu_side.py make; speed does not depend on their values), made
 # on the machine, so nothing large travels. diffusers (pure Python) is installed from .whl/ when the
 # machine's Python lacks it; the CUDA libraries are the ones the machine's PyTorch ships.
