@@ -8,7 +8,7 @@
 # our kernels switched off, so the table shows what they are worth end to end.
 #
 #   here:             bash tools/cuda/build.sh          (makes .gpu/loramix.gz, .gpu/kernel-tests.gz)
-#                     python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers
+#                     python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers accelerate
 #   on the GPU box:   bash tools/bench/gpu.sh           (prints the table for BENCHMARKS.md)
 #   on a CPU, to check the script itself:  bash tools/bench/gpu.sh --small
 #
@@ -45,7 +45,7 @@ else
   ldd "$bin" | grep "not found" && { echo "missing libraries for $bin (LD_LIBRARY_PATH=$LD_LIBRARY_PATH)"; exit 1; }
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 fi
-if ! "$PY" -c "import diffusers" 2>/dev/null; then
+if ! "$PY" -c "import diffusers, accelerate" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --target "$work/site" .whl/*.whl
   export PYTHONPATH="$work/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -74,31 +74,32 @@ vram_start() {
   rm -f "$work/vram-$1"
   [ "$small" = 1 ] && return 0
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 > "$work/vram-$1.base"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 50 > "$work/vram-$1.samples" &
+  # Line-buffered: nvidia-smi's stdio would otherwise hold the samples when it is killed.
+  stdbuf -oL nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 50 > "$work/vram-$1.samples" &
   vram_pid=$!
 }
 vram_stop() {
   [ "$small" = 1 ] && return 0
   kill "$vram_pid" 2>/dev/null || true
   wait "$vram_pid" 2>/dev/null || true
-  awk -v base="$(head -1 "$work/vram-$1.base")" '$1 + 0 > m { m = $1 + 0 } END { printf "%.2f\n", (m - base) / 1024 }' \
+  awk -v base="$(head -1 "$work/vram-$1.base")" '$1 + 0 > m { m = $1 + 0 } END { if (NR == 0) print "— (no samples)"; else printf "%.2f\n", (m - base) / 1024 }' \
     "$work/vram-$1.samples" > "$work/vram-$1"
 }
 vram() { cat "$work/vram-$1" 2>/dev/null || echo "—"; }
 
 # Ours: --batch-count runs `count` images in one process; the first is the warm-up (module loads,
 # cuBLAS handles), the rest are timed per image (text encoding, denoising, VAE decode: what a
-# diffusers pipeline call covers).
+# diffusers pipeline call covers). ours_count=1 runs one image, timed as it is (warm-up included).
 ours() {
-  local tag=$1
+  local tag=$1 n=${ours_count:-$count}
   shift
   vram_start "ours-$tag"
   rm -rf "$work/out-$tag"
   "$bin" generate --model "$model" --prompt "a photo" --steps "$steps" --cfg 5 --sampler euler --seed 0 \
-    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$count" --out "$work/out-$tag" "$@" \
+    --width "$px" --height "$px" --device "$device" --dtype "$dtype" --batch-count "$n" --out "$work/out-$tag" "$@" \
     >/dev/null 2>"$work/ours-$tag.log" || { echo "ours ($tag) failed:" >&2; tail -5 "$work/ours-$tag.log" >&2; }
   vram_stop "ours-$tag"
-  awk '/^batch [0-9]+\/[0-9]+: / { n++; if (n > 1) { sub("s$", "", $3); print $3 } }' "$work/ours-$tag.log" | sort -g \
+  awk -v n="$n" '/^batch [0-9]+\/[0-9]+: / { k++; if (k > 1 || n == 1) { sub("s$", "", $3); print $3 } }' "$work/ours-$tag.log" | sort -g \
     | awk '{ t[++m] = $1 } END { if (m == 0) print "nan"; else print t[int((m + 1) / 2)] }'
 }
 theirs() {
@@ -133,14 +134,17 @@ for row in ${GPU_BENCH_ROWS:-plain plain-candle vae-bf16 tf32 merge klora klora-
       [ "$row" = tf32 ] && [ "$small" = 1 ] && continue
       if [ "$row" = vae-bf16 ]; then o=$(ours vae-bf16 --vae-dtype "$low"); else o=$(ours tf32 --tf32); fi
       t=$(cat "$work/theirs-plain.s" 2>/dev/null || true); their_tag=plain
-      err=$("$PY" tools/bench/gpu_side.py compare "$work/out-plain" "$work/out-$row" 2>&1 | tail -1 \
-        | "$PY" -c "import json, sys; d = json.load(sys.stdin); print(f\"worst PSNR {d['worst_psnr_db']:.1f} dB, mean {d['mean_abs_levels']:.2f} / max {d['max_abs_levels']} levels\")" 2>/dev/null \
-        || echo "error not measured: run the plain row first")
+      cmp=$("$PY" tools/bench/gpu_side.py compare "$work/out-plain" "$work/out-$row" 2>&1 | tail -1 || true)
+      err=$(echo "$cmp" | "$PY" -c "import json, sys; d = json.load(sys.stdin); print(f\"worst PSNR {d['worst_psnr_db']:.1f} dB, mean {d['mean_abs_levels']:.2f} / max {d['max_abs_levels']} levels\")" 2>/dev/null \
+        || echo "error not measured: $cmp")
       label="plain, VAE decode $([ "$row" = vae-bf16 ] && echo "in $low (--vae-dtype $low)" || echo "with TF32 (--tf32)") vs f32: $err" ;;
-    # Low VRAM: ours keeps one model on the device at a time (encoders, then UNet, then a tiled
-    # VAE); diffusers' nearest recipe is model offload with VAE tiling.
-    lowvram) o=$(ours lowvram --low-memory); t=$(theirs lowvram --offload model --vae-tiling); their_tag=lowvram
-      label="low VRAM: ours --low-memory; diffusers enable_model_cpu_offload + enable_vae_tiling" ;;
+    # Low VRAM: a one-shot --low-memory run holds one model on the device at a time (encoders,
+    # then the UNet, then the VAE in 512-pixel tiles), so it runs one image: its peak is the figure
+    # for an 8 GB card, its time includes the warm-up. diffusers' nearest recipe is model offload
+    # with 512-pixel VAE tiles, timed after a warm-up (it moves every model per image).
+    lowvram) o=$(ours_count=1 ours lowvram --low-memory); t=$(theirs lowvram --offload model --vae-tiling); their_tag=lowvram
+      label="low VRAM, 1 image: ours --low-memory (one model on the GPU at a time; first image, warm-up included); diffusers enable_model_cpu_offload + 512-px VAE tiles" ;;
+    *) echo "unknown row $row; expected plain, plain-candle, vae-bf16, tf32, merge, klora, klora-candle, auto or lowvram" >&2; exit 2 ;;
   esac
   [ "$row" = plain ] && echo "$t" > "$work/theirs-plain.s"
   their_vram=$([ -n "$their_tag" ] && vram "theirs-$their_tag" || echo "—")

@@ -101,6 +101,12 @@ def diffusers_time(a):
     dtype = torch.float16 if dev == "cuda" else torch.float32
     if a.offload != "none" and dev != "cuda":
         sys.exit(f"--offload {a.offload}: diffusers' offload needs an accelerator, and this machine has none")
+    if a.offload != "none":
+        try:
+            import accelerate  # noqa: F401  (diffusers' offload hooks)
+        except ImportError:
+            sys.exit(f"--offload {a.offload}: diffusers' offload needs the accelerate package "
+                     "(pip download --no-deps accelerate into .whl/)")
     pipe = StableDiffusionXLPipeline.from_pretrained(a.dir, torch_dtype=dtype)
     # diffusers' low-VRAM recipes: each model moves to the GPU only while it runs ("model"), or
     # each submodule does ("sequential"); both need an accelerator.
@@ -111,7 +117,12 @@ def diffusers_time(a):
     else:
         pipe = pipe.to(dev)
     if a.vae_tiling:
-        pipe.enable_vae_tiling()
+        # The pipeline-level enable_vae_tiling is gone in diffusers 0.42. Its default tile is the
+        # VAE's sample_size (1024 px), which a 1024² image does not exceed, so nothing would be
+        # tiled: 512-pixel tiles, as our --low-memory uses.
+        pipe.vae.enable_tiling()
+        pipe.vae.tile_sample_min_size = 512
+        pipe.vae.tile_latent_min_size = 64
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     attn = type(next(iter(pipe.unet.attn_processors.values()))).__name__

@@ -86,7 +86,7 @@ pub struct GenerateArgs {
     vae_dtype: String,
     /// CUDA: let f32 matrix products use TF32 tensor cores (torch's `allow_tf32`; PyTorch's cuDNN
     /// convolutions, diffusers' VAE among them, do by default). With an f16 model this is the
-    /// upcast VAE's decode.
+    /// upcast VAE's decode (and LoRA weight products formed in f32 on the GPU).
     #[arg(long)]
     tf32: bool,
     /// Unscaled standard-normal starting noise: safetensors with key `latents`, [batch, 4, H/f, W/f].
@@ -327,6 +327,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let t0 = Instant::now();
     let mut pipe = SdxlPipeline::load(&a.model, &opts).with_context(|| format!("loading model {}", a.model))?;
     eprintln!("loaded {} in {:.1}s", a.model, t0.elapsed().as_secs_f64());
+    if opts.vae_dtype == Some(candle_core::DType::F16) && pipe.vae_config().force_upcast {
+        eprintln!("warning: --vae-dtype f16 on a VAE whose config says force_upcast: SDXL's own VAE overflows f16 (black or NaN images); bf16 keeps f32's range, or use an fp16-fix VAE with --vae");
+    }
     pipe.vae_tiling = match tiling {
         VaeTilingMode::Auto if a.low_memory => VaeTilingMode::On(Some(LOW_MEMORY_VAE_TILE)),
         t => t,
