@@ -83,6 +83,17 @@ fn with_scratch<R>(v_len: usize, m_len: usize, f: impl FnOnce(&mut [f32], &mut [
     r
 }
 
+/// Transforms the weights `wd` (`[o][c][3][3]`) chunk by chunk of `o_chunk` output channels into
+/// `buf`, and hands each chunk to `f` as (first channel, channel count, its `[planes][n][c]`).
+fn for_weight_chunks(tile: Tile, wd: &[f32], o: usize, c: usize, o_chunk: usize, buf: &mut [f32], mut f: impl FnMut(usize, usize, &[f32])) {
+    for o_first in (0..o).step_by(o_chunk) {
+        let n = o_chunk.min(o - o_first);
+        let u = &mut buf[..tile.planes() * n * c];
+        transform_weights(tile, &wd[o_first * 9 * c..(o_first + n) * 9 * c], n, c, u);
+        f(o_first, n, u);
+    }
+}
+
 /// U = G g Gᵀ for every (o, c) into `u`: `[planes][o][c]`. Blocks of output channels transform
 /// in parallel, each into its rows of the planes.
 fn transform_weights(tile: Tile, w: &[f32], o: usize, c: usize, u: &mut [f32]) {
@@ -286,7 +297,6 @@ impl Geometry {
     }
 
     /// The output transform of tile row `ty` of one output channel, from `m[ξ·plane_stride + at..]`.
-    #[allow(clippy::too_many_arguments)]
     /// `plane` is `[h, w]`, `h` its height in rows (the image's, or a tile row's own rows).
     #[allow(clippy::too_many_arguments)]
     fn output_row(&self, m: &[f32], plane_stride: usize, at: usize, bias: f32, scratch: &mut [f32], plane: &mut [f32], h: usize, ty: usize) {
@@ -377,12 +387,8 @@ impl Geometry {
                     }
                 }
             });
-            for o_first in (0..o).step_by(o_chunk) {
-                let n = o_chunk.min(o - o_first);
+            for_weight_chunks(self.tile, wd, o, c, o_chunk, u_buf, |o_first, n, u| {
                 let chunk = Geometry { o: n, o_first, ..*self };
-                let u = &mut u_buf[..planes * n * c];
-                transform_weights(self.tile, &wd[o_first * 9 * c..(o_first + n) * 9 * c], n, c, u);
-                let u = &*u;
                 let (vp, mp) = (SharedOut::new(v), SharedOut::new(m));
                 (0..planes).into_par_iter().for_each(|xi| {
                     // SAFETY: v[ξ] is [c, p] and m[ξ] [n, p] with row stride planes·p, inside v
@@ -397,7 +403,7 @@ impl Geometry {
                         self.output_row(&m[oi * planes * p..(oi + 1) * planes * p], p, img * tiles + ty * tw, bias[o_first + oi], scratch, plane, h, ty);
                     }
                 });
-            }
+            });
         });
     }
 
@@ -687,12 +693,9 @@ pub fn conv3x3_tiled(x: &Tensor, weight: &Tensor, bias: &[f32], tile: Tile) -> R
     if p <= WHOLE_BATCH_TILES && planes * (c + o_chunk) * p <= WHOLE_BATCH_ELEMENTS {
         g.whole_batch(xd, wd, bias, b, tiles_h, o_chunk, &mut transformed, &mut out);
     } else {
-        for o_first in (0..o).step_by(o_chunk) {
-            let n = o_chunk.min(o - o_first);
-            let u = &mut transformed[..planes * n * c];
-            transform_weights(tile, &wd[o_first * 9 * c..(o_first + n) * 9 * c], n, c, u);
+        for_weight_chunks(tile, wd, o, c, o_chunk, &mut transformed, |o_first, n, u| {
             Geometry { o: n, o_first, ..g }.row_blocks(xd, u, &bias[o_first..o_first + n], b, &mut out);
-        }
+        });
     }
     WEIGHTS.with(|cell| cell.replace(transformed));
     Tensor::from_vec(out, (b, o, h, w), x.device())

@@ -250,13 +250,10 @@ fn vae_source(root: &Path, single_file: Option<&Path>, opts: &LoadOptions, model
 /// diffusers decodes in f32 when the model runs in f16 unless the VAE is fp16-safe; a dtype the
 /// user chose wins.
 fn vae_dtype_for(opts: &LoadOptions, config: &AutoencoderKlConfig) -> DType {
-    let dtype = opts.dtype;
-    if let Some(chosen) = opts.vae_dtype {
-        chosen
-    } else if dtype == DType::F16 && config.force_upcast {
-        DType::F32
-    } else {
-        dtype
+    match opts.vae_dtype {
+        Some(chosen) => chosen,
+        None if opts.dtype == DType::F16 && config.force_upcast => DType::F32,
+        None => opts.dtype,
     }
 }
 

@@ -281,10 +281,10 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
         name => Some(parse_dtype(name).map_err(|_| anyhow::anyhow!("--vae-dtype {name:?}: expected auto, f32, f16 or bf16"))?),
     };
     let device = parse_device(&a.device)?;
-    if a.tf32 && !device.is_cuda() {
-        anyhow::bail!("--tf32: TF32 is a CUDA tensor-core mode; this run is on {}", a.device);
-    }
     if a.tf32 {
+        if !device.is_cuda() {
+            anyhow::bail!("--tf32: TF32 is a CUDA tensor-core mode; this run is on {}", a.device);
+        }
         // Process-wide in candle; a CLI run (generate or grid) is one job, so nothing else
         // shares the setting.
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
