@@ -133,7 +133,7 @@ fn bad_lines_are_reported_by_number_and_the_rest_still_run() {
         good.clone(),
         "{\"prompt\": \"a\", \"steps\": 2".to_string(),
         serde_json::json!({"model": model(), "prompt": "a", "steps": 2, "loras": [{"name": "no-such-lora", "weight": 1.0}]}).to_string(),
-        serde_json::json!({"model": model(), "prompt": "a", "steps": 2, "width": 100}).to_string(),
+        serde_json::json!({"model": model(), "prompt": "a", "steps": 2, "width": 102}).to_string(),
         serde_json::json!({"model": model(), "prompt": "a tebo emblem", "steps": 2, "images": 2}).to_string(),
     ];
     let m = tmp.path().join("m.jsonl");
@@ -144,7 +144,7 @@ fn bad_lines_are_reported_by_number_and_the_rest_still_run() {
     assert!(!o.status.success(), "bad lines must fail the run: {err}");
     assert!(err.contains("m.jsonl:2: column") && err.contains("malformed JSON"), "{err}");
     assert!(err.contains("m.jsonl:3:") && err.contains("no-such-lora"), "{err}");
-    assert!(err.contains("m.jsonl:4: field width: 100"), "{err}");
+    assert!(err.contains("m.jsonl:4: field width: 102"), "{err}");
     assert_eq!(pngs(&out).keys().cloned().collect::<Vec<_>>(), vec!["00001-0000.png", "00005-0000.png", "00005-0001.png"]);
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("batch.json")).unwrap()).unwrap();
     assert_eq!(summary["failed_lines"].as_u64(), Some(3));

@@ -472,3 +472,57 @@ fn distilled_recipes_from_the_command_line() {
     let bad = loramix().args(["generate", "--model", fixture("tiny2").join("pipeline").to_str().unwrap(), "--prompt", "x", "--steps", "2", "--timestep-spacing", "uniform", "--out"]).arg(tmp.path().join("bad")).output().unwrap();
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("timestep spacing \"uniform\": expected linspace, leading or trailing"));
 }
+
+/// What `generate` records is enough to make the image again: each PNG's settings, run as a
+/// manifest line from another folder, give the same pixels. Among them the cases a record once
+/// lost: a LoRA file whose name the model's own `loras/` also has, an explicit empty negative
+/// prompt (encoded, unlike none), per-image seeds, timestep spacing, NP-LoRA's mu, K-LoRA's
+/// mode, a role and an init image given by relative path.
+#[test]
+fn generated_pngs_restore_through_a_manifest_from_another_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/miniworld");
+    let attn_vlox = model.join("loras-attn/vlox.safetensors");
+    let (here, elsewhere) = (tmp.path().join("here"), tmp.path().join("elsewhere"));
+    std::fs::create_dir_all(&here).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let pixels = |p: &std::path::Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let generate = |name: &str, extra: &[&str]| -> Vec<std::path::PathBuf> {
+        let out = loramix()
+            .current_dir(&here)
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a vlox emblem on a teal background, checkered style"])
+            .args(["--steps", "4", "--seed", "5", "--out", name])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| here.join(l)).collect()
+    };
+    let none = generate("none", &[]);
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("path", vec!["--lora", attn_vlox.to_str().unwrap()]),
+        ("empty", vec!["--negative-prompt", ""]),
+        ("mixed", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--timestep-spacing", "trailing", "--lora", "vlox:0.8:subject", "--lora", "checkered", "--mix", "np", "--np-mu", "5"]),
+        ("klora", vec!["--lora", "vlox", "--lora", "checkered", "--mix", "klora", "--klora-mode", "reference"]),
+        ("init", vec!["--init-image", "none/00000-5.png", "--strength", "0.6"]),
+    ];
+    for (name, extra) in &cases {
+        let made = generate(name, extra);
+        let (_, rec) = loramix::studio::settings_from_png(&made[0]).unwrap();
+        let line = loramix::studio::manifest_line(&rec.unwrap().settings, Some(made.len())).unwrap();
+        let manifest = elsewhere.join(format!("{name}.jsonl"));
+        std::fs::write(&manifest, line + "\n").unwrap();
+        let out = loramix().current_dir(&elsewhere).args(["batch", "run", &format!("{name}.jsonl"), "--out", name]).output().unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut again: Vec<_> = std::fs::read_dir(elsewhere.join(name)).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+        again.sort();
+        assert_eq!(again.len(), made.len(), "{name}");
+        for (a, b) in made.iter().zip(&again) {
+            assert!(pixels(a) == pixels(b), "{name}: {} is not made again by its settings", a.display());
+        }
+        if *name == "empty" {
+            assert!(pixels(&made[0]) != pixels(&none[0]), "an encoded empty negative prompt is not none");
+        }
+    }
+}

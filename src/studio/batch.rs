@@ -86,9 +86,16 @@ fn known_keys() -> Vec<String> {
         schedule: "x".into(),
         vae: "x".into(),
         clip_skip: 1,
+        timestep_spacing: "x".into(),
+        batch_seeds: crate::rng::BatchSeeds::PerImage,
         hires: Some(Default::default()),
         init: Some(Default::default()),
         styles: vec!["x".into()],
+        embeddings: vec!["x".into()],
+        encode_empty_negative: true,
+        dtype: "x".into(),
+        klora_mode: Some("x".into()),
+        np_mu: Some(1.0),
         ..Settings::default()
     };
     match serde_json::to_value(full) {
@@ -133,8 +140,9 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
         return Err("fields batch_count and batch_size: expected at least 1".into());
     }
     for (name, v) in [("width", settings.width), ("height", settings.height)] {
-        if v != 0 && (v % 8 != 0 || v > crate::sdxl::pipeline::MAX_SIDE) {
-            return Err(format!("field {name}: {v}: expected a multiple of 8 up to {}", crate::sdxl::pipeline::MAX_SIDE));
+        // The model's VAE factor (8 for SDXL, 4 for some small models) is checked when the job runs.
+        if v != 0 && (v % 4 != 0 || v > crate::sdxl::pipeline::MAX_SIDE) {
+            return Err(format!("field {name}: {v}: expected a multiple of the model's VAE factor (8 for SDXL) up to {}", crate::sdxl::pipeline::MAX_SIDE));
         }
     }
     if settings.steps == 0 || settings.steps > 1000 {
@@ -498,6 +506,32 @@ pub fn export_manifest(images: &[PathBuf], dest: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every field a record can hold reads back from a manifest line (fields skipped at their
+    /// defaults were once unknown to the line parser).
+    #[test]
+    fn every_recorded_field_reads_back() {
+        let s = Settings {
+            prompt: "a vlox".into(),
+            encode_empty_negative: true,
+            schedule: "karras".into(),
+            vae: "v.safetensors".into(),
+            clip_skip: 1,
+            timestep_spacing: "trailing".into(),
+            dtype: "f16".into(),
+            seed: Some(4),
+            width: 68,
+            batch_seeds: crate::rng::BatchSeeds::PerImage,
+            klora_mode: Some("reference".into()),
+            np_mu: Some(5.0),
+            hires: Some(Default::default()),
+            styles: vec!["s".into()],
+            embeddings: vec!["e.safetensors".into()],
+            ..Settings::default()
+        };
+        let (back, images) = parse_line(&manifest_line(&s, Some(3)).unwrap()).unwrap();
+        assert_eq!((back, images), (s, Some(3)));
+    }
 
     #[test]
     fn lines_parse_with_numbers_and_errors() {

@@ -222,7 +222,7 @@ impl Studio {
     /// Pooled text embeddings of `prompts` (LoRA tags removed) under `model`'s encoders: what a
     /// batch clusters its prompts by.
     pub fn prompt_embeddings(&self, model: &str, vae: &str, library: Option<&Path>, prompts: &[String]) -> Result<Vec<Vec<f32>>> {
-        let (pipe, _) = self.pipeline(model, vae, library, &mut |_| {})?;
+        let (pipe, _) = self.pipeline(model, vae, "", library, &mut |_| {})?;
         prompts
             .iter()
             .map(|p| {
@@ -232,10 +232,12 @@ impl Studio {
             .collect()
     }
 
-    fn pipeline(&self, model: &str, vae: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
+    /// `dtype` empty: the studio's.
+    fn pipeline(&self, model: &str, vae: &str, dtype: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
+        let dtype = if dtype.is_empty() { self.load.dtype } else { crate::device::parse_dtype(dtype)? };
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        // A VAE override is part of what is loaded.
-        let key = if vae.is_empty() { model.to_string() } else { format!("{model}\u{0}{vae}") };
+        // A VAE override and the dtype are part of what is loaded.
+        let key = format!("{model}\u{0}{vae}\u{0}{dtype:?}");
         if let Some((m, p, prev)) = guard.as_ref() {
             if *m == key {
                 return Ok((p.clone(), prev.clone()));
@@ -243,7 +245,7 @@ impl Studio {
         }
         on_event(StudioEvent::Loading { model: model.to_string() });
         let t0 = Instant::now();
-        let opts = LoadOptions { vae: (!vae.is_empty()).then(|| PathBuf::from(vae)), ..self.load.clone() };
+        let opts = LoadOptions { vae: (!vae.is_empty()).then(|| PathBuf::from(vae)), dtype, ..self.load.clone() };
         let pipe = Arc::new(SdxlPipeline::load(model, &opts)?);
         // TAESD beside the model, or TAESDXL in the library's models folder, when present.
         let mut tiny_dirs = vec![Path::new(model).join("taesd")];
@@ -299,11 +301,12 @@ impl Studio {
         let mut mix_opts = MixOptions {
             strategy: settings.mix.clone(),
             klora_pattern: settings.klora_pattern.clone(),
-            klora_mode: "corrected".into(),
+            klora_mode: settings.klora_mode.clone().unwrap_or_else(|| "corrected".into()),
             switch_every: settings.switch_every.max(1),
             windows: settings.windows.clone(),
             asymmetric_cfg: settings.asymmetric_cfg,
             klora_others: settings.klora_others.clone(),
+            np_mu: settings.np_mu,
             ..Default::default()
         };
         if settings.mix == "est" {
@@ -372,7 +375,7 @@ impl Studio {
             }
             return Ok(out);
         }
-        let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, library, on_event)?;
+        let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, &settings.dtype, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
         let embeddings = super::job_embeddings(&settings.model, library, &settings.embeddings)?;
         let hires_model = match settings.hires.as_ref().filter(|_| settings.init.is_none()) {
@@ -499,7 +502,7 @@ impl Studio {
             }
             let req = GenerateRequest {
                 prompt: prompt.clone(),
-                negative_prompt: (!negative_drawn.is_empty()).then(|| negative_drawn.clone()),
+                negative_prompt: (!negative_drawn.is_empty() || settings.encode_empty_negative).then(|| negative_drawn.clone()),
                 steps: settings.steps,
                 cfg: settings.cfg,
                 sampler,

@@ -29,5 +29,5 @@ pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;
 pub use preview::{LatentPreview, Previewer};
-pub use settings::{DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
+pub use settings::{recorded_path, DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

@@ -30,6 +30,12 @@ pub struct Settings {
     pub model: String,
     pub prompt: String,
     pub negative_prompt: String,
+    /// An empty negative prompt is encoded as the empty string (`--negative-prompt ""`,
+    /// diffusers' `negative_prompt=""`). False: an empty one means none, which SDXL models with
+    /// `force_zeros_for_empty_prompt` answer with zero embeddings (diffusers' `None`, A1111's
+    /// empty field). The two give different images, so a record must say which.
+    #[serde(skip_serializing_if = "is_false")]
+    pub encode_empty_negative: bool,
     pub steps: usize,
     pub cfg: f64,
     /// Ours (`euler_a`) or A1111's (`Euler a`) name; empty: the model's scheduler.
@@ -48,6 +54,10 @@ pub struct Settings {
     /// Lightning / Turbo / Hyper-SD); empty: the model's.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub timestep_spacing: String,
+    /// The model's dtype for this job (`f16`, `bf16`); empty: the runner's (`--dtype`, f32 by
+    /// default). Recorded because f16 and f32 give different pixels.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub dtype: String,
     /// `None`: a random seed per job.
     pub seed: Option<u64>,
     /// 0: the model's default size.
@@ -71,6 +81,12 @@ pub struct Settings {
     pub asymmetric_cfg: bool,
     /// Corrected K-LoRA on the layers it does not select on: follow (default) | merge.
     pub klora_others: Option<String>,
+    /// K-LoRA / EST-LoRA: `corrected` (`None`, the default) or `reference`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub klora_mode: Option<String>,
+    /// NP-LoRA's projection strength μ; `None`: the strategy's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub np_mu: Option<f64>,
     /// Add the library's LoRAs the prompt calls for.
     pub candidates: bool,
     /// A1111's hires fix; `None`: one pass.
@@ -159,6 +175,7 @@ impl Default for Settings {
             model: "models/miniworld".into(),
             prompt: String::new(),
             negative_prompt: String::new(),
+            encode_empty_negative: false,
             steps: 25,
             cfg: 5.0,
             sampler: String::new(),
@@ -166,6 +183,7 @@ impl Default for Settings {
             clip_skip: 0,
             timestep_spacing: String::new(),
             vae: String::new(),
+            dtype: String::new(),
             seed: None,
             width: 0,
             height: 0,
@@ -179,6 +197,8 @@ impl Default for Settings {
             windows: None,
             asymmetric_cfg: false,
             klora_others: None,
+            klora_mode: None,
+            np_mu: None,
             candidates: false,
             init: None,
             hires: None,
@@ -290,10 +310,25 @@ impl MixSummary {
     }
 }
 
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
 fn is_zero(v: &usize) -> bool {
     *v == 0
 }
 
 fn is_shared(s: &BatchSeeds) -> bool {
     *s == BatchSeeds::Shared
+}
+
+/// A path as a record keeps it: absolute when it names an existing file or folder, so that the
+/// record restores from any working directory; anything else (a library name, a hub repo id, a
+/// built-in upscaler) as given.
+pub fn recorded_path(p: &str) -> String {
+    let path = std::path::Path::new(p);
+    if p.is_empty() || path.is_absolute() || !path.exists() {
+        return p.to_string();
+    }
+    std::path::absolute(path).map_or_else(|_| p.to_string(), |a| a.to_string_lossy().into_owned())
 }

@@ -25,7 +25,7 @@ use loramix::{GenerateRequest, LoadOptions, SamplerKind, SdxlPipeline};
 pub struct GenerateArgs {
     /// A diffusers folder, a single-file SDXL .safetensors checkpoint, or a Hugging Face repo id
     /// (default: the shipped miniworld model).
-    #[arg(long, default_value = "models/miniworld")]
+    #[arg(long, default_value = "models/miniworld", value_parser = crate::model_arg)]
     model: String,
     /// Configs and tokenizers for a single-file checkpoint (a diffusers folder).
     #[arg(long)]
@@ -301,6 +301,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         return run_drawn(&a, opts, init_settings, hires);
     }
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
+    // Their folders exist before the run, so a missing one cannot lose a finished generation.
+    for (flag, path) in [("--mix-trace", &a.mix_trace), ("--save-latents", &a.save_latents)] {
+        if let Some(dir) = path.as_deref().and_then(std::path::Path::parent).filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("{flag}: creating {}", dir.display()))?;
+        }
+    }
     let lora_args = a.loras.iter().map(|s| lora::parse_lora_arg_with_role(s)).collect::<loramix::Result<Vec<_>>>()?;
     let mut mix_opts = mix::MixOptions {
         strategy: a.mix.clone(),
@@ -360,7 +366,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     }
     let mix_loras = ll.mix.clone();
-    let loaded: Vec<(lora::LoadedLora, f64)> = ll.mix.iter().map(|m| (m.lora.clone(), m.strength)).collect();
     let seed = a.seed.unwrap_or_else(studio::random_seed);
     let (dw, dh) = pipe.default_size();
     let prepared = init_settings.as_ref().map(|s| studio::prepare_init(s, (a.width, a.height), pipe.vae_scale_factor())).transpose()?;
@@ -479,7 +484,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             pipe.release_unet();
             pipe.release_text_encoders();
         }
-        written.extend(write_batch(&a, &pipe, &req, denoised, (batch, seed), &loaded, &prompt_tags, (&hashes, &ti_hashes), (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
+        written.extend(write_batch(&a, &pipe, &req, denoised, (batch, seed), (&hashes, &ti_hashes), (init_settings.as_ref(), prepared.as_ref()), &mut idx)?);
         eprintln!("batch {}/{}: {:.2}s", batch + 1, a.batch_count, t_batch.elapsed().as_secs_f64());
     }
     // Paths go to stdout for scripts; a closed pipe (`| head`) must not abort the run.
@@ -566,8 +571,6 @@ fn write_batch(
     req: &GenerateRequest,
     Denoised { latents, summary, hires: hires_settings }: Denoised,
     (batch_index, seed): (usize, u64),
-    loaded: &[(lora::LoadedLora, f64)],
-    prompt_tags: &[lora::PromptLora],
     (hashes, ti_hashes): (&[(String, String)], &[(String, String)]),
     (init_settings, prepared): (Option<&studio::InitSettings>, Option<&studio::PreparedInit>),
     idx: &mut usize,
@@ -590,11 +593,7 @@ fn write_batch(
         seed: Some(seed),
         width: w,
         height: h,
-        loras: loaded
-            .iter()
-            .filter(|(l, _)| !prompt_tags.iter().any(|t| t.name == l.name))
-            .map(|(l, w)| studio::LoraSetting { name: l.name.clone(), weight: *w, role: None, schedule: None })
-            .collect(),
+        loras: recorded_loras(a)?,
         candidates: a.candidates.is_some(),
         styles: vec![],
         ..settings_of(a, init_settings.cloned(), hires_settings)
@@ -652,9 +651,7 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
         (a.mix_trace.is_some(), "--mix-trace"),
         (a.save_latents.is_some(), "--save-latents"),
         (a.init_noise.is_some(), "--init-noise"),
-        (a.np_mu.is_some(), "--np-mu"),
         (a.mix == "est", "--mix est"),
-        (a.klora_mode != "corrected", "--klora-mode"),
         (a.low_memory, "--low-memory"),
         (a.vae_tiling != "auto", "--vae-tiling"),
     ] {
@@ -663,11 +660,7 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
         }
     }
     let mut settings = settings_of(a, init, hires);
-    settings.loras = a
-        .loras
-        .iter()
-        .map(|s| lora::parse_lora_arg_with_role(s).map(|(name, weight, role)| studio::LoraSetting { name, weight, role: role.map(|r| r.as_str().to_string()), schedule: None }))
-        .collect::<loramix::Result<Vec<_>>>()?;
+    settings.loras = recorded_loras(a)?;
     settings.seed = Some(a.seed.unwrap_or_else(studio::random_seed));
     settings.candidates = match a.candidates.as_deref() {
         None => false,
@@ -677,17 +670,36 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
     Ok(settings)
 }
 
-/// The flags as settings, as given (the callers fix seeds, LoRAs and resolved names).
+/// `--lora` as a record keeps it: a file by its absolute path (a name alone could find another
+/// LoRA of that name when restored), a library or model LoRA by name, with weight and role.
+fn recorded_loras(a: &GenerateArgs) -> Result<Vec<studio::LoraSetting>> {
+    a.loras
+        .iter()
+        .map(|s| {
+            let (name, weight, role) = lora::parse_lora_arg_with_role(s)?;
+            Ok(studio::LoraSetting { name: studio::recorded_path(&name), weight, role: role.map(|r| r.as_str().to_string()), schedule: None })
+        })
+        .collect()
+}
+
+/// The flags as settings (the callers fix seeds, LoRAs and resolved names); paths are made
+/// absolute so that the record restores from any directory.
 fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>) -> studio::Settings {
+    let init = init.map(|i| studio::InitSettings { image: studio::recorded_path(&i.image), mask: i.mask.as_deref().map(studio::recorded_path), ..i });
+    let hires = hires.map(|h| studio::HiresSettings { upscaler: studio::recorded_path(&h.upscaler), ..h });
     studio::Settings {
-        model: a.model.clone(),
+        model: studio::recorded_path(&a.model),
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
+        encode_empty_negative: a.negative_prompt.as_deref() == Some(""),
+        dtype: if a.dtype == "f32" { String::new() } else { a.dtype.clone() },
+        klora_mode: (a.klora_mode != "corrected").then(|| a.klora_mode.clone()),
+        np_mu: a.np_mu,
         steps: a.steps,
         cfg: a.cfg,
         sampler: a.sampler.clone().unwrap_or_default(),
         schedule: a.schedule.clone().unwrap_or_default(),
-        vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
+        vae: a.vae.as_ref().map(|v| studio::recorded_path(&v.to_string_lossy())).unwrap_or_default(),
         clip_skip: a.clip_skip,
         timestep_spacing: a.timestep_spacing.clone().unwrap_or_default(),
         seed: a.seed,
@@ -707,7 +719,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         hires,
         init,
         styles: a.styles.clone(),
-        embeddings: a.embeddings.clone(),
+        embeddings: a.embeddings.iter().map(|e| studio::recorded_path(e)).collect(),
     }
 }
 
