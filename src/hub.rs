@@ -28,3 +28,22 @@ impl HubRepo {
         Self { cache, cached, offline, api, listing }
     }
 }
+
+/// Whether `spec` reads as a hub repo id (`owner/name`) rather than a path.
+pub fn is_repo_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    let valid = |s: &str| !s.is_empty() && !s.starts_with('.') && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    parts.len() == 2 && parts.iter().all(|s| valid(s))
+}
+
+/// The models we ship (`models/miniworld`, `models/minichat`, ...) found from any working
+/// directory: a relative `models/...` path that is not there is looked up in the source tree
+/// the binary was built from, which is where `cargo run` and `target/*/loramix` find them.
+pub fn shipped(spec: &str) -> Option<std::path::PathBuf> {
+    let p = std::path::Path::new(spec);
+    if p.exists() || !spec.starts_with("models/") {
+        return None;
+    }
+    let there = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
+    there.exists().then_some(there)
+}

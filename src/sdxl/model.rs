@@ -28,9 +28,10 @@ impl ModelSource {
         if p.is_file() {
             return Ok(Self::SingleFile(p.to_path_buf()));
         }
-        let parts: Vec<&str> = spec.split('/').collect();
-        let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-        if parts.len() == 2 && parts.iter().all(|s| valid(s)) && !spec.starts_with('.') {
+        if let Some(p) = crate::hub::shipped(spec) {
+            return Self::parse(&p.to_string_lossy());
+        }
+        if crate::hub::is_repo_id(spec) {
             return Ok(Self::HubRepo(spec.to_string()));
         }
         Err(Error::Argument(format!(

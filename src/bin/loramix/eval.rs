@@ -11,7 +11,7 @@ pub struct EvalArgs {
     images: Vec<PathBuf>,
     #[arg(long)]
     prompt: Option<String>,
-    #[arg(long, default_value = "models/miniworld/evaluator")]
+    #[arg(long, default_value = "models/miniworld/evaluator", value_parser = crate::path_arg)]
     evaluator: PathBuf,
     /// One JSON object per image.
     #[arg(long)]

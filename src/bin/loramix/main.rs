@@ -44,6 +44,16 @@ enum Command {
     Llm(llm::LlmArgs),
 }
 
+/// A model argument: our shipped models by their `models/...` path from any directory
+/// ([`loramix::hub::shipped`]), anything else as given.
+fn model_arg(s: &str) -> std::result::Result<String, String> {
+    Ok(loramix::hub::shipped(s).map_or_else(|| s.to_string(), |p| p.to_string_lossy().into_owned()))
+}
+
+fn path_arg(s: &str) -> std::result::Result<std::path::PathBuf, String> {
+    Ok(loramix::hub::shipped(s).unwrap_or_else(|| s.into()))
+}
+
 fn main() -> Result<()> {
     loramix::weights::tune_allocator();
     match Cli::parse().command {

@@ -20,7 +20,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "USER:PASS")]
     api_auth: Option<String>,
     /// The checkpoint until a client sets sd_model_checkpoint.
-    #[arg(long, default_value = "models/miniworld")]
+    #[arg(long, default_value = "models/miniworld", value_parser = crate::model_arg)]
     model: String,
     /// More checkpoints for sd-models (diffusers folders and .safetensors files in it).
     #[arg(long)]

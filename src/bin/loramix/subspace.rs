@@ -36,7 +36,7 @@ pub enum SubspaceCommand {
         #[arg(long)]
         name: String,
         /// The model whose layers the LoRAs are resolved against (default: the shipped miniworld).
-        #[arg(long, default_value = "models/miniworld")]
+        #[arg(long, default_value = "models/miniworld", value_parser = crate::model_arg)]
         model: String,
         #[arg(long)]
         json: bool,
@@ -53,7 +53,7 @@ pub enum SubspaceCommand {
     Add {
         name: String,
         lora: String,
-        #[arg(long, default_value = "models/miniworld")]
+        #[arg(long, default_value = "models/miniworld", value_parser = crate::model_arg)]
         model: String,
         #[arg(long)]
         json: bool,

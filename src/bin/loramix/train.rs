@@ -52,7 +52,7 @@ pub struct TrainArgs {
     restart: bool,
     #[arg(long, default_value_t = 25)]
     checkpoint_every: usize,
-    #[arg(long, default_value = "models/miniworld")]
+    #[arg(long, default_value = "models/miniworld", value_parser = crate::model_arg)]
     model: String,
     /// Print one JSON line with the run's numbers at the end.
     #[arg(long)]
