@@ -69,6 +69,22 @@ fn import_is_idempotent_and_deduplicates() {
     assert_eq!(std::fs::read_dir(lib_dir.path().join("loras")).unwrap().count(), 6);
 }
 
+/// A path that is not there fails alone: the other paths are imported. Names a
+/// `<lora:NAME:w>` tag cannot hold are made usable.
+#[test]
+fn a_missing_path_fails_alone_and_names_fit_tags() {
+    let lib_dir = tempfile::tempdir().unwrap();
+    let src = tempfile::tempdir().unwrap();
+    write_lora(&src.path().join("my lora:v2.safetensors"), 7, &[]);
+    let mut lib = LoraLibrary::open(lib_dir.path()).unwrap();
+    let out = lib.import(&[src.path().join("missing.safetensors"), src.path().to_path_buf()], &mut |_| {}).unwrap();
+    assert!(matches!(&out[0], ImportOutcome::Failed { source, .. } if source.ends_with("missing.safetensors")), "{out:?}");
+    match &out[1] {
+        ImportOutcome::Added { entry, .. } => assert_eq!(entry.display_name, "my lora_v2"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn metadata_roles_tags_queries_and_removal() {
     let lib_dir = tempfile::tempdir().unwrap();

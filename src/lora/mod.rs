@@ -53,6 +53,15 @@ pub fn parse_lora_arg_with_role(arg: &str) -> Result<(String, f64, Option<Role>)
     if head.is_empty() {
         return Err(bad());
     }
+    // A colon left over is a weight or role that did not parse, unless it is part of a path
+    // (`C:\\loras\\x.safetensors`, or a file whose name has one).
+    if let Some((_, tail)) = head.rsplit_once(':') {
+        if !tail.contains(['/', '\\']) && !std::path::Path::new(head).exists() {
+            return Err(Error::Argument(format!(
+                "--lora {arg}: {tail:?} is neither a weight nor a role (expected NAME[:WEIGHT][:subject|style|concept])"
+            )));
+        }
+    }
     Ok((head.to_string(), weight, role))
 }
 
@@ -115,6 +124,12 @@ mod tests {
         assert_eq!(parse_lora_arg_with_role("a.safetensors:0.5:style").unwrap(), ("a.safetensors".into(), 0.5, Some(Role::Style)));
         assert_eq!(parse_lora_arg_with_role("a.safetensors:subject").unwrap(), ("a.safetensors".into(), 1.0, Some(Role::Subject)));
         assert_eq!(parse_lora_arg_with_role(r"C:\x.safetensors:2").unwrap(), (r"C:\x.safetensors".into(), 2.0, None));
+        // A suffix that is neither weight nor role is named, not read as part of the name.
+        for bad in ["vlox:abc", "vlox:1:badrole", "vlox:", "vlox::subject"] {
+            let e = parse_lora_arg_with_role(bad).unwrap_err().to_string();
+            assert!(e.contains("neither a weight nor a role"), "{bad}: {e}");
+        }
+        assert_eq!(parse_lora_arg_with_role("vlox:0.5:concept").unwrap(), ("vlox".into(), 0.5, Some(Role::Concept)));
     }
 
     #[test]

@@ -169,9 +169,11 @@ fn expand_range(v: &str, integer: bool) -> Result<Option<Vec<String>>> {
             x += step;
         }
     }
+    // Integers as A1111's `int(x)` over `np.linspace`: truncated (`1-10 [3]` is 1, 5, 10). The
+    // nudge keeps a value such as 2.9999999 (float spacing) from truncating a whole step down.
     Ok(Some(
         vals.into_iter()
-            .map(|x| if integer { format!("{}", x.round() as i64) } else { format!("{}", (x * 1e6).round() / 1e6) })
+            .map(|x| if integer { format!("{}", (x + x.signum() * 1e-9).trunc() as i64) } else { format!("{}", (x * 1e6).round() / 1e6) })
             .collect(),
     ))
 }
@@ -218,11 +220,11 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
         }
         AxisKind::Size => {
             let (w, h) = value.trim().split_once(['x', 'X']).ok_or_else(|| bad("WxH"))?;
-            settings.width = w.trim().parse().map_err(|_| bad("WxH"))?;
-            settings.height = h.trim().parse().map_err(|_| bad("WxH"))?;
+            settings.width = side(w.trim().parse().map_err(|_| bad("WxH"))?).ok_or_else(|| bad(SIDE))?;
+            settings.height = side(h.trim().parse().map_err(|_| bad("WxH"))?).ok_or_else(|| bad(SIDE))?;
         }
-        AxisKind::Width => settings.width = usize::try_from(int()?).map_err(|_| bad("a size"))?,
-        AxisKind::Height => settings.height = usize::try_from(int()?).map_err(|_| bad("a size"))?,
+        AxisKind::Width => settings.width = usize::try_from(int()?).ok().and_then(side).ok_or_else(|| bad(SIDE))?,
+        AxisKind::Height => settings.height = usize::try_from(int()?).ok().and_then(side).ok_or_else(|| bad(SIDE))?,
         AxisKind::ClipSkip => {
             // A1111's "Clip skip" counts from 1; ours (diffusers') from 0.
             settings.clip_skip = usize::try_from(int()? - 1).map_err(|_| bad("1 or more"))?;
@@ -270,8 +272,16 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                 return Err(Error::Argument(format!("grid axis {}: this job has no such LoRA (give it with --lora)", kind.label())));
             }
         }
-        AxisKind::Checkpoint => settings.model = value.trim().to_string(),
-        AxisKind::Vae => settings.vae = if matches!(value.trim(), "" | "None" | "Automatic") { String::new() } else { value.trim().to_string() },
+        AxisKind::Checkpoint => {
+            crate::sdxl::model::ModelSource::parse(value.trim()).map_err(|e| Error::Argument(format!("grid axis Checkpoint: {e}")))?;
+            settings.model = value.trim().to_string();
+        }
+        AxisKind::Vae => {
+            settings.vae = if matches!(value.trim(), "" | "None" | "Automatic") { String::new() } else { value.trim().to_string() };
+            if !settings.vae.is_empty() && !Path::new(&settings.vae).exists() {
+                return Err(bad("a VAE file or folder, or None"));
+            }
+        }
         AxisKind::Denoise => {
             let d = float()?;
             if !(0.0..=1.0).contains(&d) {
@@ -285,6 +295,13 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
         }
     }
     Ok(())
+}
+
+const SIDE: &str = "a size in pixels, a multiple of the model's VAE factor (8 for SDXL)";
+
+/// A side every model could take; the model's own factor is checked when its cell runs.
+fn side(v: usize) -> Option<usize> {
+    (v > 0 && v % 4 == 0 && v <= crate::sdxl::pipeline::MAX_SIDE).then_some(v)
 }
 
 fn lora_named(l: &LoraSetting, name: &str) -> bool {
@@ -349,6 +366,14 @@ pub fn run_grid(
     }
     let values = |a: Option<&Axis>| a.map_or_else(|| vec![String::new()], |a| a.values.clone());
     let (xs, ys, zs) = (values(axes[0]), values(axes[1]), values(axes[2]));
+    // Two axes on one setting would draw one axis's values under the other's labels. Prompt S/R
+    // is the exception: each axis searches for its own first value.
+    let kinds: Vec<&AxisKind> = axes.iter().flatten().map(|a| &a.kind).collect();
+    for (i, k) in kinds.iter().enumerate() {
+        if **k != AxisKind::PromptSr && kinds[..i].contains(k) {
+            return Err(Error::Argument(format!("grid: two axes vary {}; give each setting one axis", k.label())));
+        }
+    }
     // Every cell's settings first, so a bad value fails before anything runs.
     let mut cells = vec![];
     for (zi, zv) in zs.iter().enumerate() {
@@ -576,6 +601,9 @@ mod tests {
         assert_eq!((a.kind.clone(), a.values.clone()), (AxisKind::Seed, vec!["1".into(), "2".into(), "3".into()]));
         assert_eq!("steps=10-20 (+5)".parse::<Axis>().unwrap().values, ["10", "15", "20"]);
         assert_eq!("CFG Scale=1-2 [3]".parse::<Axis>().unwrap().values, ["1", "1.5", "2"]);
+        // A1111's int(x) over np.linspace truncates.
+        assert_eq!("seed=1-10 [3]".parse::<Axis>().unwrap().values, ["1", "5", "10"]);
+        assert_eq!("steps=10-1 [4]".parse::<Axis>().unwrap().values, ["10", "7", "4", "1"]);
         assert_eq!("lora:Vlox=0,0.5,1".parse::<Axis>().unwrap().kind, AxisKind::LoraWeight("Vlox".into()));
         assert_eq!("prompt_sr=\"red, circle\",blue".parse::<Axis>().unwrap().values, ["red, circle", "blue"]);
         assert!("colour=1,2".parse::<Axis>().unwrap_err().to_string().contains("expected seed"));
@@ -590,6 +618,11 @@ mod tests {
             ..Settings::default()
         };
         let mut s = base.clone();
+        for bad in ["63x64", "0x64"] {
+            assert!(apply(&mut s.clone(), &AxisKind::Size, bad, "").unwrap_err().to_string().contains("multiple"), "{bad}");
+        }
+        assert!(apply(&mut s.clone(), &AxisKind::Checkpoint, "/no/such/model", "").is_err());
+        assert!(apply(&mut s.clone(), &AxisKind::Vae, "/no/such/vae.safetensors", "").is_err());
         apply(&mut s, &AxisKind::PromptSr, "blue", "red").unwrap();
         assert_eq!(s.prompt, "a blue circle <lora:vlox:1>");
         apply(&mut s, &AxisKind::LoraWeight("vlox".into()), "0.5", "").unwrap();

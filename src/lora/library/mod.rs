@@ -285,10 +285,15 @@ impl LoraLibrary {
     /// the others. `on_file` sees each outcome as it happens.
     pub fn import(&mut self, paths: &[PathBuf], on_file: &mut dyn FnMut(&ImportOutcome)) -> Result<Vec<ImportOutcome>> {
         let mut files = Vec::new();
+        let mut out = Vec::new();
+        // A path that cannot be read fails alone; the other paths are still imported.
         for p in paths {
-            collect_files(p, true, &mut files)?;
+            if let Err(e) = collect_files(p, true, &mut files) {
+                let outcome = ImportOutcome::Failed { source: p.clone(), error: e.to_string() };
+                on_file(&outcome);
+                out.push(outcome);
+            }
         }
-        let mut out = Vec::with_capacity(files.len());
         for f in files {
             // Textual-inversion embeddings go to their own kind; anything else is read as a LoRA.
             if let Some(info) = crate::sdxl::embedding::EmbeddingInfo::recognise(&f) {
@@ -336,7 +341,9 @@ impl LoraLibrary {
             Error::io(&dest, e)
         })?;
         let file_name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("{sha}.safetensors"));
-        let stem = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| sha[..12].to_string());
+        // A name is written in `<lora:NAME:weight>`, so the characters that tag cannot hold become `_`.
+        let stem: String = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().replace(['<', '>', ':'], "_").trim().to_string()).unwrap_or_default();
+        let stem = if stem.is_empty() { sha[..12].to_string() } else { stem };
         let tx = self.db.transaction().map_err(db_err(&self.root))?;
         let display_name = free_display_name(&tx, &self.root, "loras", &stem, &sha)?;
         tx.execute(
