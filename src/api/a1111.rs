@@ -41,6 +41,12 @@ pub struct GenerationRequest {
     #[serde(deserialize_with = "or_default")]
     pub enable_hr: bool,
     pub hr_scale: Option<f64>,
+    /// A1111's "Resize width to" / "height to" (0: by `hr_scale`; one of them: the other by the
+    /// first pass's aspect ratio).
+    #[serde(deserialize_with = "or_default")]
+    pub hr_resize_x: usize,
+    #[serde(deserialize_with = "or_default")]
+    pub hr_resize_y: usize,
     #[serde(deserialize_with = "or_default")]
     pub hr_upscaler: String,
     #[serde(deserialize_with = "or_default")]
@@ -139,6 +145,10 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     if !req.scheduler.is_empty() {
         let k: Schedule = req.scheduler.parse().map_err(|e: crate::Error| FieldError::new("scheduler", e.to_string()))?;
         s.schedule = if k == Schedule::Default { String::new() } else { k.name().to_string() };
+        if !s.sampler.is_empty() {
+            let sampler: SamplerKind = s.sampler.parse().map_err(|e: crate::Error| FieldError::new("sampler_name", e.to_string()))?;
+            crate::sdxl::schedulers::resolve(sampler, k).map_err(|e| FieldError::new("scheduler", e.to_string()))?;
+        }
     }
     s.batch_size = req.batch_size.unwrap_or(1);
     s.batch_count = req.n_iter.unwrap_or(1);
@@ -170,13 +180,47 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { req.hr_upscaler.clone() };
         // Built-in names, or an ESRGAN-family model by path or by name in the library's folders.
         crate::studio::upscaler_model_path(&upscaler, library).map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
-        s.hires = Some(HiresSettings { scale: req.hr_scale.unwrap_or(2.0), upscaler, steps: req.hr_second_pass_steps, denoise: req.denoising_strength.unwrap_or(0.7) });
+        let scale = match (req.hr_resize_x, req.hr_resize_y) {
+            (0, 0) => req.hr_scale.unwrap_or(2.0),
+            (x, y) => {
+                // A size the first pass's aspect ratio reaches, as the scale that gives ⌊w × scale⌋ = x.
+                let exact = |to: usize, from: usize| {
+                    let k = to as f64 / from as f64;
+                    if ((from as f64 * k) as usize) < to { k.next_up() } else { k }
+                };
+                let (sx, sy) = (exact(x, s.width), exact(y, s.height));
+                match (x, y) {
+                    (_, 0) => sx,
+                    (0, _) => sy,
+                    _ if (x * s.height).abs_diff(y * s.width) <= s.width.max(s.height) => sx,
+                    _ => {
+                        return Err(FieldError::new(
+                            "hr_resize_y",
+                            format!("{x}x{y}: expected the first pass's aspect ratio ({}x{}); give one side, or hr_scale (cropping to another ratio is not supported)", s.width, s.height),
+                        ))
+                    }
+                }
+            }
+        };
+        if !(1.0..=8.0).contains(&scale) {
+            return Err(FieldError::new(if req.hr_resize_x + req.hr_resize_y > 0 { "hr_resize_x" } else { "hr_scale" }, format!("upscale {scale:.3}: expected 1 to 8 times the first pass")));
+        }
+        s.hires = Some(HiresSettings { scale, upscaler, steps: req.hr_second_pass_steps, denoise: req.denoising_strength.unwrap_or(0.7) });
     }
     if let Some((image, mask)) = init_paths {
         let strength = req.denoising_strength.unwrap_or(0.75);
         if !(0.0..=1.0).contains(&strength) {
             return Err(FieldError::new("denoising_strength", format!("{strength}: expected a number in [0, 1]")));
         }
+        // A1111 runs at least one step whatever the strength (its t_enc + 1 steps). The engine
+        // keeps diffusers' ⌊steps × strength⌋, which is none for a small strength: the smallest
+        // strength that runs the schedule's last step stands in.
+        let strength = if ((s.steps as f64 * strength) as usize) == 0 {
+            let k = 1.0 / s.steps as f64;
+            if (s.steps as f64 * k) < 1.0 { k.next_up() } else { k }
+        } else {
+            strength
+        };
         let masked_content = match req.inpainting_fill.unwrap_or(1) {
             0 => MaskedContent::Fill,
             1 => MaskedContent::Original,
@@ -231,5 +275,25 @@ mod tests {
         assert_eq!(e.loc, ["body", "width"]);
         let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "sampler_name": "Nope"})).unwrap();
         assert_eq!(to_settings(&req, "m", None, None).unwrap_err().loc, ["body", "sampler_name"]);
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "sampler_name": "DDIM", "scheduler": "Karras"})).unwrap();
+        assert_eq!(to_settings(&req, "m", None, None).unwrap_err().loc, ["body", "scheduler"]);
+    }
+
+    /// A1111's "Resize width to / height to", and img2img's at-least-one-step.
+    #[test]
+    fn hires_resize_and_small_strengths() {
+        let read = |v: serde_json::Value| to_settings(&serde_json::from_value(v).unwrap(), "m", None, None);
+        for (x, y, want) in [(128, 0, (128, 96)), (0, 144, (192, 144)), (100, 75, (96, 72))] {
+            let s = read(serde_json::json!({"prompt": "x", "width": 64, "height": 48, "enable_hr": true, "hr_resize_x": x, "hr_resize_y": y})).unwrap();
+            let hr = s.hires.unwrap();
+            assert_eq!(crate::studio::hires_size(&hr, (64, 48), 8).unwrap(), want, "{x}x{y}");
+        }
+        let e = read(serde_json::json!({"prompt": "x", "width": 64, "height": 64, "enable_hr": true, "hr_resize_x": 128, "hr_resize_y": 96})).unwrap_err();
+        assert_eq!(e.loc, ["body", "hr_resize_y"]);
+        for (steps, strength) in [(4, 0.05), (3, 0.0), (7, 0.1), (1, 0.5)] {
+            let s = to_settings(&serde_json::from_value(serde_json::json!({"prompt": "x", "steps": steps, "denoising_strength": strength})).unwrap(), "m", None, Some(("i.png".into(), None))).unwrap();
+            let run = (steps as f64 * s.init.unwrap().strength) as usize;
+            assert_eq!(run, 1, "{steps} steps at strength {strength}");
+        }
     }
 }

@@ -99,7 +99,8 @@ pub struct Worker {
     studio: Arc<Studio>,
     library: Option<PathBuf>,
     out: PathBuf,
-    pending: Arc<AtomicUsize>,
+    /// Jobs queued and not yet started (what `queue_limit` bounds).
+    waiting: Arc<AtomicUsize>,
     progress: Arc<Mutex<Progress>>,
     cancel: Arc<AtomicBool>,
     skip: Arc<AtomicBool>,
@@ -130,20 +131,22 @@ impl Worker {
 
     /// A worker whose jobs run wherever `dispatch` puts them (the app's queue).
     pub fn start_on(studio: Arc<Studio>, library: Option<PathBuf>, out: PathBuf, dispatch: Dispatch) -> Self {
-        Self { dispatch, studio, library, out, pending: Arc::default(), progress: Arc::default(), cancel: Arc::default(), skip: Arc::default() }
+        Self { dispatch, studio, library, out, waiting: Arc::default(), progress: Arc::default(), cancel: Arc::default(), skip: Arc::default() }
     }
 
-    /// Queues a job; the receiver gets its images. Refused when `limit` jobs already wait.
+    /// Queues a job; the receiver gets its images. Refused when `limit` jobs already wait (the
+    /// running one does not count).
     fn submit(&self, settings: Settings, save: bool, limit: usize) -> std::result::Result<Reply, String> {
-        if self.pending.fetch_add(1, Ordering::SeqCst) >= limit {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+        if self.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(format!("{limit} requests are already waiting; try again later"));
         }
         let (reply, rx) = tokio::sync::oneshot::channel();
         let (studio, library, out) = (self.studio.clone(), self.library.clone(), self.out.clone());
-        let (p, pr, c, sk) = (self.pending.clone(), self.progress.clone(), self.cancel.clone(), self.skip.clone());
+        let (w, pr, c, sk) = (self.waiting.clone(), self.progress.clone(), self.cancel.clone(), self.skip.clone());
         let job = move || {
             static JOB: AtomicU64 = AtomicU64::new(0);
+            w.fetch_sub(1, Ordering::SeqCst);
             c.store(false, Ordering::SeqCst);
             {
                 let mut g = pr.lock().unwrap_or_else(|e| e.into_inner());
@@ -160,11 +163,10 @@ impl Worker {
                 g.active = false;
                 g.current_image = None;
             }
-            p.fetch_sub(1, Ordering::SeqCst);
             let _ = reply.send(r.map_err(|e| e.to_string()));
         };
         if !(self.dispatch)(Box::new(job)) {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err("the generation worker has stopped".into());
         }
         Ok(rx)
@@ -231,6 +233,9 @@ struct AppState {
     config: ApiConfig,
     worker: Arc<Worker>,
     model: Mutex<String>,
+    /// What `POST options` set besides the checkpoint; `CLIP_stop_at_last_layers` and `sd_vae`
+    /// are the defaults of requests that do not override them.
+    options: Mutex<serde_json::Map<String, Value>>,
 }
 
 /// An error answer in A1111's shapes: 422 `detail` for bad fields, else `{error, detail, errors}`.
@@ -256,10 +261,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// JSON bodies with the failing field named (serde_path_to_error), as FastAPI's 422.
+/// JSON bodies with the failing field named (serde_path_to_error), as FastAPI's 422. Every
+/// body is an object: serde would read an array as the fields in order.
 fn parse_body<T: DeserializeOwned>(body: &Bytes) -> std::result::Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value: Value = serde_json::from_slice(body).map_err(|e| FieldError { loc: vec!["body".into()], msg: format!("JSON decode error: {e}") })?;
+    if !value.is_object() {
+        return Err(FieldError { loc: vec!["body".into()], msg: "value is not a valid dict".into() }.into());
+    }
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let mut loc = vec!["body".to_string()];
         if path != "." {
@@ -338,10 +347,43 @@ fn current_model(state: &AppState) -> String {
 }
 
 async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
-    let req: GenerationRequest = parse_body(&body)?;
+    let req: GenerationRequest = with_options(&state, parse_body(&body)?);
     let mut settings = a1111::to_settings(&req, &current_model(&state), state.config.library.as_deref(), None)?;
-    resolve_vae(&state, &mut settings);
+    finish_settings(&state, &req, &mut settings)?;
     generate(&state, req, settings).await
+}
+
+/// The server's options (`POST options`) under the request's own `override_settings`.
+fn with_options(state: &AppState, mut req: GenerationRequest) -> GenerationRequest {
+    let options = state.options.lock().unwrap_or_else(|e| e.into_inner());
+    for key in ["CLIP_stop_at_last_layers", "sd_vae"] {
+        if let (Some(v), false) = (options.get(key), req.override_settings.contains_key(key)) {
+            req.override_settings.insert(key.into(), v.clone());
+        }
+    }
+    req
+}
+
+/// What a request names by A1111's titles (checkpoint, VAE) as files, and what A1111 lets
+/// pass: styles that `styles.csv` lacks are left out, as A1111 leaves them out.
+fn finish_settings(state: &AppState, req: &GenerationRequest, settings: &mut Settings) -> std::result::Result<(), ApiError> {
+    let field = |name: &str, msg: String| FieldError { loc: vec!["body".into(), "override_settings".into(), name.into()], msg };
+    if let Some(want) = req.override_settings.get("sd_model_checkpoint") {
+        let want = want.as_str().ok_or_else(|| field("sd_model_checkpoint", "expected a checkpoint title".into()))?;
+        settings.model = find_checkpoint(&state.config, want).ok_or_else(|| field("sd_model_checkpoint", format!("{want:?}: not a checkpoint of /sdapi/v1/sd-models")))?;
+    }
+    resolve_vae(state, settings);
+    if !settings.vae.is_empty() && !Path::new(&settings.vae).exists() {
+        return Err(field("sd_vae", format!("{:?}: not a VAE of /sdapi/v1/sd-vae (expected one of its names, Automatic or None)", settings.vae)).into());
+    }
+    if !settings.styles.is_empty() {
+        let known: Vec<String> = match library_root(state).map(|r| r.join("styles.csv")).filter(|p| p.exists()) {
+            Some(p) => studio::read_styles(&p).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.into_iter().map(|s| s.name).collect(),
+            None => vec![],
+        };
+        settings.styles.retain(|s| known.contains(s));
+    }
+    Ok(())
 }
 
 /// The init image (and mask) become files for the job; A1111's img2img API takes the first
@@ -365,13 +407,25 @@ async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
     };
     let init = write("init.png", "init_images", first)?;
     let mask = req.mask.as_deref().map(|m| write("mask.png", "mask", m)).transpose()?;
+    // A1111 resizes a mask of another size to the init image's.
+    if let Some(m) = &mask {
+        let size = |p: &str| image::image_dimensions(p).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+        let (want, got) = (size(&init)?, size(m)?);
+        if want != got {
+            let img = image::open(m).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.to_rgb8();
+            image::imageops::resize(&img, want.0, want.1, image::imageops::FilterType::Lanczos3)
+                .save(m)
+                .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        }
+    }
     let mut r = req.clone();
     // A1111 sizes img2img output by width/height; an absent size keeps the image's.
     if body_lacks(&body, "width") {
         r.width = None;
     }
+    let r = with_options(&state, r);
     let mut settings = a1111::to_settings(&r, &current_model(&state), state.config.library.as_deref(), Some((init, mask)))?;
-    resolve_vae(&state, &mut settings);
+    finish_settings(&state, &r, &mut settings)?;
     if body_lacks(&body, "width") && body_lacks(&body, "height") {
         (settings.width, settings.height) = (0, 0);
     }
@@ -384,9 +438,10 @@ fn body_lacks(body: &Bytes, field: &str) -> bool {
     serde_json::from_slice::<Value>(body).ok().and_then(|v| v.get(field).cloned()).is_none_or(|v| v.is_null())
 }
 
-async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
-    let mut models = vec![state.config.model.clone()];
-    if let Some(d) = &state.config.models_dir {
+/// The checkpoints `sd-models` lists: the server's model, then `--models-dir`'s.
+fn model_files(config: &ApiConfig) -> Vec<String> {
+    let mut models = vec![config.model.clone()];
+    if let Some(d) = &config.models_dir {
         if let Ok(rd) = std::fs::read_dir(d) {
             let mut found: Vec<String> = rd
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -398,11 +453,24 @@ async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
         }
     }
     models.dedup();
+    models
+}
+
+fn model_title(m: &str) -> String {
+    Path::new(m).file_stem().map_or(m.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// A checkpoint by its `sd-models` title, model name or file, or any model path.
+fn find_checkpoint(config: &ApiConfig, want: &str) -> Option<String> {
+    model_files(config).into_iter().find(|m| model_title(m) == want || m == want).or_else(|| Path::new(want).exists().then(|| want.to_string()))
+}
+
+async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(Value::Array(
-        models
+        model_files(&state.config)
             .iter()
             .map(|m| {
-                let name = Path::new(m).file_stem().map_or(m.clone(), |n| n.to_string_lossy().into_owned());
+                let name = model_title(m);
                 json!({"title": name, "model_name": name, "hash": null, "sha256": null, "filename": m, "config": null})
             })
             .collect(),
@@ -425,6 +493,19 @@ async fn schedulers() -> Json<Value> {
     ))
 }
 
+/// A LoRA file's safetensors metadata (kohya's `ss_*`, `modelspec.*`), which A1111 returns;
+/// values that hold JSON (`ss_tag_frequency`) are returned as JSON, as A1111 parses them.
+fn file_metadata(path: &Path) -> serde_json::Map<String, Value> {
+    let Ok(f) = crate::weights::SafetensorsFile::open(path) else { return Default::default() };
+    f.user_metadata()
+        .into_iter()
+        .map(|(k, v)| {
+            let parsed = if v.starts_with('{') || v.starts_with('[') { serde_json::from_str(&v).ok() } else { None };
+            (k, parsed.unwrap_or(Value::String(v)))
+        })
+        .collect()
+}
+
 /// The LoRAs `<lora:NAME:w>` resolves to: the library's, then the current model's own `loras/`.
 async fn loras(State(state): State<Arc<AppState>>) -> std::result::Result<Json<Value>, ApiError> {
     let mut out = vec![];
@@ -435,7 +516,10 @@ async fn loras(State(state): State<Arc<AppState>>) -> std::result::Result<Json<V
     if let Some(root) = root.filter(|r| r.exists()) {
         let lib = crate::lora::library::LoraLibrary::open(&root).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         for e in lib.list(&Default::default()).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))? {
-            out.push(json!({"name": e.display_name, "alias": e.display_name, "path": e.path, "metadata": {"ss_base_model_version": e.base_model, "role": e.role}}));
+            let mut metadata = file_metadata(&e.path);
+            metadata.entry("ss_base_model_version").or_insert(json!(e.base_model));
+            metadata.insert("role".into(), json!(e.role));
+            out.push(json!({"name": e.display_name, "alias": e.display_name, "path": e.path, "metadata": metadata}));
         }
     }
     let own = Path::new(&current_model(&state)).join("loras");
@@ -445,7 +529,7 @@ async fn loras(State(state): State<Arc<AppState>>) -> std::result::Result<Json<V
         for p in files {
             let name = p.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             if !out.iter().any(|o| o["name"] == name.as_str()) {
-                out.push(json!({"name": name, "alias": name, "path": p, "metadata": {}}));
+                out.push(json!({"name": name, "alias": name, "path": p, "metadata": file_metadata(&p)}));
             }
         }
     }
@@ -537,31 +621,40 @@ async fn refresh() -> Json<Value> {
 
 async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
     let model = current_model(&state);
-    let title = Path::new(&model).file_stem().map_or(model.clone(), |n| n.to_string_lossy().into_owned());
-    Json(json!({"sd_model_checkpoint": title, "sd_checkpoint_hash": null, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"}))
+    let mut out = json!({"sd_model_checkpoint": model_title(&model), "sd_checkpoint_hash": null, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"});
+    if let Value::Object(m) = &mut out {
+        m.extend(state.options.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    }
+    Json(out)
 }
 
-/// Sets `sd_model_checkpoint` (a title from `sd-models`, or a path); other options are accepted
-/// and not kept, as for A1111 options an install does not have.
+/// Sets `sd_model_checkpoint` (a title from `sd-models`, or a path). Other options are kept and
+/// shown by `GET options`; `CLIP_stop_at_last_layers` and `sd_vae` apply to later requests.
 async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
-    let opts: serde_json::Map<String, Value> = parse_body(&body)?;
-    if let Some(v) = opts.get("sd_model_checkpoint") {
+    let mut opts: serde_json::Map<String, Value> = parse_body(&body)?;
+    if let Some(v) = opts.remove("sd_model_checkpoint") {
         let want = v.as_str().ok_or_else(|| FieldError::new("sd_model_checkpoint", "expected a checkpoint title"))?;
-        let Json(models) = sd_models(State(state.clone())).await;
-        let found = models.as_array().and_then(|a| a.iter().find(|m| m["title"] == want || m["filename"] == want || m["model_name"] == want)).map(|m| m["filename"].as_str().unwrap_or_default().to_string());
-        let path = match found {
-            Some(p) => p,
-            None if Path::new(want).exists() => want.to_string(),
-            None => return Err(FieldError::new("sd_model_checkpoint", format!("{want:?}: not a checkpoint of /sdapi/v1/sd-models")).into()),
-        };
+        let path = find_checkpoint(&state.config, want).ok_or_else(|| FieldError::new("sd_model_checkpoint", format!("{want:?}: not a checkpoint of /sdapi/v1/sd-models")))?;
         *state.model.lock().unwrap_or_else(|e| e.into_inner()) = path;
     }
+    if let Some(v) = opts.get("CLIP_stop_at_last_layers") {
+        v.as_u64().filter(|n| (1..=12).contains(n)).ok_or_else(|| FieldError::new("CLIP_stop_at_last_layers", "expected a whole number from 1 to 12"))?;
+    }
+    if let Some(v) = opts.get("sd_vae") {
+        let name = v.as_str().ok_or_else(|| FieldError::new("sd_vae", "expected a VAE name, Automatic or None"))?;
+        let mut probe = Settings { vae: if matches!(name, "Automatic" | "None" | "") { String::new() } else { name.to_string() }, ..Settings::default() };
+        resolve_vae(&state, &mut probe);
+        if !probe.vae.is_empty() && !Path::new(&probe.vae).exists() {
+            return Err(FieldError::new("sd_vae", format!("{name:?}: not a VAE of /sdapi/v1/sd-vae (expected one of its names, Automatic or None)")).into());
+        }
+    }
+    // Kept and shown by `GET options`, as A1111 keeps them.
+    state.options.lock().unwrap_or_else(|e| e.into_inner()).extend(opts);
     Ok(Json(Value::Null))
 }
 
 async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
     let g = state.worker.progress.lock().unwrap_or_else(|e| e.into_inner());
-    let waiting = state.worker.pending.load(Ordering::SeqCst);
     let frac = if g.active && g.steps > 0 && g.batches > 0 { (g.batch as f64 + g.step as f64 / g.steps as f64) / g.batches as f64 } else { 0.0 };
     let elapsed = g.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let eta = if frac > 0.0 { elapsed / frac - elapsed } else { 0.0 };
@@ -573,7 +666,7 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
             "interrupted": g.interrupted,
             "stopping_generation": false,
             "job": if g.active { format!("Batch {} out of {}", g.batch + 1, g.batches.max(1)) } else { String::new() },
-            "job_count": waiting,
+            "job_count": if g.active { g.batches.max(1) } else { 0 },
             "job_timestamp": g.job_timestamp,
             "job_no": g.batch,
             "sampling_step": g.step,
@@ -587,7 +680,7 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 async fn interrupt(State(state): State<Arc<AppState>>) -> Json<Value> {
     state.worker.interrupt();
-    Json(Value::Null)
+    Json(json!({}))
 }
 
 async fn skip(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -646,7 +739,7 @@ async fn require_auth(State(state): State<Arc<AppState>>, req: Request, next: Ne
 
 /// The routes, over `worker`.
 pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
-    let state = Arc::new(AppState { model: Mutex::new(config.model.clone()), config: config.clone(), worker });
+    let state = Arc::new(AppState { model: Mutex::new(config.model.clone()), config: config.clone(), worker, options: Mutex::default() });
     Router::new()
         .route("/sdapi/v1/txt2img", post(txt2img))
         .route("/sdapi/v1/img2img", post(img2img))
@@ -667,6 +760,7 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/skip", post(skip))
         .route("/sdapi/v1/png-info", post(png_info))
+        .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_auth))
         .layer(DefaultBodyLimit::max(config.body_limit))
         .with_state(state)
@@ -692,4 +786,22 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     axum::serve(listener, router(config, worker)).with_graceful_shutdown(shutdown).await.map_err(|e| Error::Argument(format!("server: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_objects() {
+        let bad = |b: &str| match parse_body::<GenerationRequest>(&Bytes::from(b.to_string())) {
+            Err(ApiError::Field(e)) => e,
+            _ => panic!("{b}: accepted"),
+        };
+        assert_eq!(bad(r#"["a red circle", "neg"]"#).msg, "value is not a valid dict");
+        assert_eq!(bad("[]").loc, ["body"]);
+        assert!(bad("{").msg.starts_with("JSON decode error"));
+        assert_eq!(bad(r#"{"steps": "many"}"#).loc, ["body", "steps"]);
+        assert!(parse_body::<GenerationRequest>(&Bytes::from_static(br#"{"prompt": "x"}"#)).is_ok());
+    }
 }
