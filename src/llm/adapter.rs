@@ -144,6 +144,7 @@ pub fn load_adapter(
     dir: &Path,
     name: &str,
     index: usize,
+    vocab_size: usize,
     tokenize: &dyn Fn(&str) -> Result<Vec<u32>>,
 ) -> Result<LlmAdapter> {
     let cfg_path = dir.join("adapter_config.json");
@@ -151,6 +152,10 @@ pub fn load_adapter(
         return Err(Error::model(dir, "not a PEFT adapter folder: adapter_config.json is missing"));
     }
     let cfg = parse_config(&cfg_path)?;
+    // Checked before any layer is touched: a token the model cannot embed would fail only when invoked.
+    if let Some(t) = cfg.invocation_tokens.iter().flatten().find(|&&t| t as usize >= vocab_size) {
+        return Err(config_error(&cfg_path, "alora_invocation_tokens", &format!("token ids below the model's vocabulary size {vocab_size} (found {t})")));
+    }
     let weights_path = dir.join("adapter_model.safetensors");
     if !weights_path.exists() {
         if dir.join("adapter_model.bin").exists() {

@@ -194,6 +194,24 @@ impl Default for ChameleonTrainOptions {
     }
 }
 
+impl ChameleonTrainOptions {
+    /// Each option in its range, named as the command line names it.
+    pub fn check(&self) -> Result<()> {
+        for (flag, v) in [("--rank", self.rank), ("--clusters", self.clusters), ("--batch", self.batch), ("--epochs", self.epochs)] {
+            if v == 0 {
+                return Err(Error::Argument(format!("{flag} 0: expected at least 1")));
+            }
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::Argument(format!("--lr {}: expected a positive number", self.lr)));
+        }
+        if !self.scale.is_finite() {
+            return Err(Error::Argument(format!("scale {}: expected a finite number", self.scale)));
+        }
+        Ok(())
+    }
+}
+
 /// A sequence prepared for LM-head training: the frozen model's final hidden states and the
 /// next-token targets of every real position, and its clustering feature.
 #[derive(Debug, Clone)]
@@ -430,6 +448,7 @@ pub fn train_hypernetwork(
     mut net: HyperNetwork,
     on_step: &mut dyn FnMut(&ChameleonStep) -> bool,
 ) -> Result<HyperNetwork> {
+    opts.check()?;
     if examples.is_empty() {
         return Err(Error::Argument("no training examples".into()));
     }
@@ -493,6 +512,7 @@ pub fn train_hypernetwork_folder(
     opts: &ChameleonTrainOptions,
     on_step: &mut dyn FnMut(&ChameleonStep) -> bool,
 ) -> Result<ChameleonTrainReport> {
+    opts.check()?;
     let lines = super::data::read_examples(data)?;
     let t0 = std::time::Instant::now();
     let examples = session.head_examples(&lines, data)?;
@@ -586,4 +606,22 @@ pub fn answer_batch(
         result?;
     }
     answers.into_iter().map(|a| a.ok_or_else(|| Error::Argument("a prompt was left unanswered".into()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_out_of_range_are_named() {
+        assert!(ChameleonTrainOptions::default().check().is_ok());
+        for (opts, flag) in [
+            (ChameleonTrainOptions { clusters: 0, ..Default::default() }, "--clusters"),
+            (ChameleonTrainOptions { rank: 0, ..Default::default() }, "--rank"),
+            (ChameleonTrainOptions { batch: 0, ..Default::default() }, "--batch"),
+            (ChameleonTrainOptions { lr: f64::NAN, ..Default::default() }, "--lr"),
+        ] {
+            assert!(opts.check().unwrap_err().to_string().contains(flag), "{flag}");
+        }
+    }
 }

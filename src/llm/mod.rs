@@ -197,7 +197,10 @@ impl LlmSession {
         if p.exists() {
             return Err(Error::model(p, "expected a model folder (config.json, tokenizer.json, *.safetensors)"));
         }
-        if model.split('/').count() == 2 && !model.contains('\\') {
+        if let Some(p) = crate::hub::shipped(model) {
+            return Self::load_dir(&p, device);
+        }
+        if crate::hub::is_repo_id(model) {
             return Self::load_dir(&fetch_llm_repo(model)?, device);
         }
         Err(Error::model(p, "no such folder, and not an HF repo id (owner/name)"))
@@ -269,7 +272,8 @@ impl LlmSession {
                 .map(|e| e.get_ids().to_vec())
                 .map_err(|e| Error::Tokenizer { path: dir.to_path_buf(), message: e.to_string() })
         };
-        let a = adapter::load_adapter(&mut self.model, dir, &name, index, &tokenize)?;
+        let vocab = self.config().vocab_size;
+        let a = adapter::load_adapter(&mut self.model, dir, &name, index, vocab, &tokenize)?;
         self.adapters.push(a);
         Ok(&self.adapters[index])
     }

@@ -160,8 +160,11 @@ pub fn run(a: ChatArgs) -> Result<()> {
 fn run_batch(session: &mut loramix::llm::LlmSession, a: &ChatArgs, batch: &std::path::Path) -> Result<()> {
     use loramix::llm::chameleon::answer_batch;
     use loramix::llm::{GenerateOptions, SamplingOptions};
-    if a.mixer.is_some() || a.invoke.is_some() {
-        anyhow::bail!("--batch answers plain prompts: --mixer and --invoke are for single prompts");
+    if a.mixer.is_some() || a.invoke.is_some() || !a.adapter.is_empty() {
+        anyhow::bail!("--batch answers plain prompts (with --chameleon's adapters): --adapter, --mixer and --invoke are for single prompts");
+    }
+    if a.clusters == Some(0) {
+        anyhow::bail!("--clusters 0: expected at least 1");
     }
     let out = a.out.as_ref().context("--batch needs --out")?;
     let prompts = loramix::llm::data::read_prompts(batch)?;
