@@ -479,7 +479,7 @@ async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
 
 async fn samplers() -> Json<Value> {
     Json(Value::Array(
-        crate::sdxl::schedulers::SamplerKind::ALL.iter().map(|k| json!({"name": k.a1111_name(), "aliases": [k.name()], "options": {}})).collect(),
+        crate::sdxl::schedulers::SamplerKind::ALL.iter().map(|k| json!({"name": k.a1111_name(), "aliases": std::iter::once(k.name()).chain(k.a1111_aliases().iter().copied()).collect::<Vec<_>>(), "options": {}})).collect(),
     ))
 }
 

@@ -126,6 +126,10 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
             _ => return Err(format!("field images: {v}: expected a whole number from 1 to 100000")),
         },
     };
+    // A1111's -1: no seed given (the line's own, below).
+    if obj.get("seed").and_then(serde_json::Value::as_i64) == Some(-1) {
+        obj.remove("seed");
+    }
     let known = known_keys();
     if let Some(k) = obj.keys().find(|k| !known.contains(k)) {
         let mut names = known.clone();
@@ -158,6 +162,8 @@ impl Manifest {
     }
 
     pub fn parse(text: &str) -> Self {
+        // Editors on Windows may start the file with a byte-order mark.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut m = Manifest::default();
         for (i, raw) in text.lines().enumerate() {
             let t = raw.trim();
@@ -531,6 +537,7 @@ mod tests {
         };
         let (back, images) = parse_line(&manifest_line(&s, Some(3)).unwrap()).unwrap();
         assert_eq!((back, images), (s, Some(3)));
+        assert_eq!(parse_line(r#"{"prompt": "a", "seed": -1}"#).unwrap().0.seed, None);
     }
 
     #[test]

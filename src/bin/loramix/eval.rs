@@ -24,19 +24,35 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if !a.json {
         println!("| image | subject | style | alignment | predicted |\n|---|---|---|---|---|");
     }
+    // An image that cannot be scored is reported and the others still are; the exit status says so.
+    let mut failed = 0;
     for path in &a.images {
-        let prompt = match &a.prompt {
-            Some(p) => p.clone(),
-            None => loramix::eval::prompt_from_png(path)?,
+        let scored = (|| -> Result<_> {
+            let prompt = match &a.prompt {
+                Some(p) => p.clone(),
+                None => loramix::eval::prompt_from_png(path)?,
+            };
+            let img = image::open(path).with_context(|| format!("reading {}", path.display()))?.to_rgb8();
+            let s = ev.score(&img, &prompt)?;
+            Ok((prompt, s))
+        })();
+        let (prompt, s) = match scored {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("error: {}", crate::error_text(&e));
+                failed += 1;
+                continue;
+            }
         };
-        let img = image::open(path).with_context(|| format!("reading {}", path.display()))?.to_rgb8();
-        let s = ev.score(&img, &prompt)?;
         if a.json {
             println!("{}", serde_json::json!({"image": path, "prompt": prompt, "subject": s.subject, "style": s.style, "alignment": s.alignment, "predicted": s.predicted}));
         } else {
             let pred: Vec<String> = s.predicted.iter().map(|(k, v)| format!("{k}={v}")).collect();
             println!("| {} | {} | {} | {} | {} |", path.display(), fmt(s.subject), fmt(s.style), fmt(s.alignment), pred.join(" "));
         }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} images could not be scored", a.images.len());
     }
     Ok(())
 }

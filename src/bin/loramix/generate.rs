@@ -55,8 +55,8 @@ pub struct GenerateArgs {
     /// trailing (SDXL Lightning, Turbo and Hyper-SD's cards use trailing for few steps).
     #[arg(long)]
     timestep_spacing: Option<String>,
-    /// Default: a random seed, printed.
-    #[arg(long)]
+    /// Default (or -1, as in A1111): a random seed, printed and recorded.
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: Option<u64>,
     #[arg(long)]
     width: Option<usize>,
@@ -741,6 +741,14 @@ pub fn log_event(e: &studio::StudioEvent) {
 fn parse_size(s: &str) -> Result<(usize, usize)> {
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("size '{s}': expected WxH, e.g. 512x512"))?;
     Ok((w.trim().parse()?, h.trim().parse()?))
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<i64>() {
+        Ok(-1) => Ok(studio::random_seed()),
+        Ok(n) if n >= 0 => Ok(n as u64),
+        _ => Err(format!("{s:?}: expected a whole number from 0, or -1 for a random seed")),
+    }
 }
 
 fn parse_batch_seeds(s: &str) -> Result<BatchSeeds, String> {

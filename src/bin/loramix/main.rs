@@ -54,7 +54,27 @@ fn path_arg(s: &str) -> std::result::Result<std::path::PathBuf, String> {
     Ok(loramix::hub::shipped(s).unwrap_or_else(|| s.into()))
 }
 
-fn main() -> Result<()> {
+/// An error and its causes on one line, each cause once: our errors already name their cause
+/// (`path: No such file or directory`), so anyhow's "Caused by" list would say it again.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text = format!("{text}: {c}");
+        }
+    }
+    text
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("Error: {}", error_text(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     loramix::weights::tune_allocator();
     match Cli::parse().command {
         Command::Generate(a) => generate::run(*a),

@@ -147,6 +147,24 @@ impl SamplerKind {
         }
     }
 
+    /// A1111's aliases (k-diffusion's function names), which its API also accepts.
+    pub fn a1111_aliases(self) -> &'static [&'static str] {
+        match self {
+            Self::Euler => &["k_euler"],
+            Self::EulerA => &["k_euler_a", "k_euler_ancestral"],
+            Self::Dpmpp2m => &["k_dpmpp_2m"],
+            Self::Dpmpp2mKarras => &["k_dpmpp_2m_ka"],
+            Self::Heun => &["k_heun"],
+            Self::Dpm2 => &["k_dpm_2"],
+            Self::Dpm2Karras => &["k_dpm_2_ka"],
+            Self::Dpm2A => &["k_dpm_2_a"],
+            Self::Dpmpp2mSde => &["k_dpmpp_2m_sde"],
+            Self::Dpmpp2mSdeKarras => &["k_dpmpp_2m_sde_ka"],
+            Self::Lcm => &["k_lcm"],
+            Self::Ddim | Self::HeunKarras | Self::UniPc | Self::UniPcKarras | Self::EulerKarras => &[],
+        }
+    }
+
     /// The sampler a folder's scheduler config describes, if we implement it.
     pub fn from_config(config: &Value) -> Result<Self> {
         let class = config.get("_class_name").and_then(Value::as_str).unwrap_or("EulerDiscreteScheduler");
@@ -180,7 +198,10 @@ impl SamplerKind {
 impl FromStr for SamplerKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s || k.a1111_name() == s).ok_or_else(|| {
+        // Any case, as A1111's lookup lowercases names and aliases.
+        let t = s.trim();
+        let same = |n: &str| n.eq_ignore_ascii_case(t);
+        Self::ALL.into_iter().find(|k| same(k.name()) || same(k.a1111_name()) || k.a1111_aliases().iter().any(|a| same(a))).ok_or_else(|| {
             Error::Argument(format!("unknown sampler {s:?}; expected one of {}", Self::ALL.map(|s| s.name()).join(", ")))
         })
     }
@@ -709,7 +730,12 @@ mod tests {
     fn sampler_names_round_trip_and_unknown_is_clear() {
         for k in SamplerKind::ALL {
             assert_eq!(k.name().parse::<SamplerKind>().unwrap(), k);
+            assert_eq!(k.a1111_name().to_lowercase().parse::<SamplerKind>().unwrap(), k);
+            for a in k.a1111_aliases() {
+                assert_eq!(a.parse::<SamplerKind>().unwrap(), k);
+            }
         }
+        assert_eq!("k_euler_a".parse::<SamplerKind>().unwrap(), SamplerKind::EulerA);
         let e = "lms".parse::<SamplerKind>().unwrap_err().to_string();
         assert!(e.contains("unknown sampler \"lms\"") && e.contains("dpmpp_2m_karras"), "{e}");
     }
