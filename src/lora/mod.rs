@@ -85,7 +85,10 @@ pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<PromptLora>)> {
     let mut out = String::with_capacity(prompt.len());
     let mut found = Vec::new();
     let mut rest = prompt;
-    while let Some(start) = rest.find("<lora:") {
+    // `<lyco:...>` is A1111's other name for the same tag (LyCORIS files load as LoRAs).
+    let next = |r: &str| [r.find("<lora:"), r.find("<lyco:")].into_iter().flatten().min();
+    while let Some(start) = next(rest) {
+        let kind = &rest[start + 1..start + 5];
         out.push_str(&rest[..start]);
         let after = &rest[start + 6..];
         let Some(end) = after.find('>') else {
@@ -103,7 +106,7 @@ pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<PromptLora>)> {
             (Weight::Constant(w), true) => (*w, None),
             _ => (1.0, Some(schedule)),
         };
-        found.push(PromptLora { name: name.to_string(), weight, schedule, text: format!("<lora:{body}>") });
+        found.push(PromptLora { name: name.to_string(), weight, schedule, text: format!("<{kind}:{body}>") });
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -134,6 +137,8 @@ mod tests {
 
     #[test]
     fn prompt_tags() {
+        let (p, l) = extract_prompt_loras("a cat <lyco:tebo:0.8>, flat style <lora:striped>").unwrap();
+        assert_eq!((p.as_str(), l[0].text.as_str(), l.len()), ("a cat , flat style ", "<lyco:tebo:0.8>", 2));
         let (p, l) = extract_prompt_loras("a cat <lora:tebo:0.8>, flat style <lora:striped>").unwrap();
         assert_eq!(p, "a cat , flat style ");
         let pairs: Vec<(String, f64)> = l.iter().map(|t| (t.name.clone(), t.weight)).collect();

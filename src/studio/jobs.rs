@@ -40,7 +40,7 @@ pub enum StudioEvent {
 }
 
 fn parse_role(r: &str) -> Result<Role> {
-    Role::parse(r).ok_or_else(|| Error::Argument(format!("role {r:?}: expected subject or style")))
+    Role::parse(r).ok_or_else(|| Error::Argument(format!("role {r:?}: expected subject, style or concept")))
 }
 
 /// What loading one LoRA reported.

@@ -12,6 +12,8 @@ use crate::sdxl::img2img::MaskedContent;
 pub struct LoraSetting {
     /// A path, a LoRA shipped with the model (`<model>/loras/NAME`), or a library name.
     pub name: String,
+    /// Absent in a manifest line: 1, as `--lora NAME` and `<lora:NAME>`.
+    #[serde(default = "one")]
     pub weight: f64,
     /// subject | style | concept; `None`: from the file's metadata or the library.
     #[serde(default)]
@@ -308,6 +310,10 @@ impl MixSummary {
             candidates: trace.candidates.clone(),
         }
     }
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn is_false(v: &bool) -> bool {

@@ -93,7 +93,7 @@ enum LoraCommand {
 }
 
 fn parse_role(s: &str) -> Result<Role> {
-    Role::parse(s).ok_or_else(|| anyhow::anyhow!("--role {s}: expected subject, style or unknown"))
+    Role::parse(s).ok_or_else(|| anyhow::anyhow!("--role {s}: expected subject, style, concept or unknown"))
 }
 
 fn print_entry(e: &LoraEntry) {

@@ -262,11 +262,14 @@ impl LoraLibrary {
         };
         let stem = |f: &str| Path::new(f).file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         type Matcher<'a> = Box<dyn Fn(&LoraEntry) -> bool + 'a>;
-        let tries: [Matcher; 4] = [
+        let hex = key.len() >= 6 && key.chars().all(|c| c.is_ascii_hexdigit());
+        let tries: [Matcher; 5] = [
             Box::new(|e| e.display_name == key),
             Box::new(|e| e.display_name.eq_ignore_ascii_case(key)),
             Box::new(|e| e.file_name == key || stem(&e.file_name) == key),
-            Box::new(|e| key.len() >= 6 && key.chars().all(|c| c.is_ascii_hexdigit()) && e.sha256.starts_with(&key.to_ascii_lowercase())),
+            Box::new(|e| hex && e.sha256.starts_with(&key.to_ascii_lowercase())),
+            // The hash PNGs record (`Lora hashes: "name: 392c0170f755"`, A1111's addnet hash).
+            Box::new(|e| hex && e.addnet_hash.starts_with(&key.to_ascii_lowercase())),
         ];
         for t in tries.iter() {
             if let Some(r) = pick(all.iter().filter(|e| t(e)).collect()) {
@@ -399,8 +402,12 @@ impl LoraLibrary {
 
     pub fn set_tags(&mut self, key: &str, tags: &[String]) -> Result<LoraEntry> {
         let e = self.resolve(key)?;
-        let mut clean: Vec<String> = tags.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
-        clean.dedup();
+        let mut clean: Vec<String> = vec![];
+        for t in tags.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+            if !clean.iter().any(|c| c == t) {
+                clean.push(t.to_string());
+            }
+        }
         let json = serde_json::to_string(&clean).unwrap_or_else(|_| "[]".into());
         self.db.execute("UPDATE loras SET user_tags = ?1 WHERE sha256 = ?2", params![json, e.sha256]).map_err(db_err(&self.root))?;
         self.resolve(&e.sha256)
