@@ -218,6 +218,11 @@ impl LoraSchedule {
                 stop = Some(int("step", b)?);
             }
         }
+        if let (Some(a), Some(b)) = (start, stop) {
+            if a >= b {
+                return Err(Error::Argument(format!("<lora:...:start={a}:stop={b}>: the LoRA would apply at no step (expected start < stop)")));
+            }
+        }
         if get("lbwe").is_some() {
             return Err(Error::Argument("<lora:...:lbwe=...>: lbw's elemental weights are not supported; use lbw= block weights".into()));
         }
