@@ -339,7 +339,19 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
         "version": format!("loramix {}", env!("CARGO_PKG_VERSION")),
     });
     let images: Vec<String> = if req.send_images.unwrap_or(true) { done.images.iter().map(|(b, _)| b64(b)).collect() } else { vec![] };
-    Ok(Json(json!({"images": images, "parameters": req, "info": info.to_string()})))
+    // The request echoed with the defaults it ran with, as A1111's filled-in request model.
+    let mut echo = req;
+    echo.batch_size.get_or_insert(settings.batch_size);
+    echo.n_iter.get_or_insert(settings.batch_count);
+    echo.steps.get_or_insert(settings.steps);
+    echo.cfg_scale.get_or_insert(settings.cfg);
+    echo.send_images.get_or_insert(true);
+    echo.hr_scale.get_or_insert(settings.hires.as_ref().map_or(2.0, |h| h.scale));
+    if settings.width > 0 {
+        echo.width.get_or_insert(settings.width);
+        echo.height.get_or_insert(settings.height);
+    }
+    Ok(Json(json!({"images": images, "parameters": echo, "info": info.to_string()})))
 }
 
 fn current_model(state: &AppState) -> String {
