@@ -64,8 +64,7 @@ pub struct GenerationRequest {
     pub mask: Option<String>,
     pub mask_blur: Option<f64>,
     pub inpainting_fill: Option<u8>,
-    #[serde(deserialize_with = "or_default")]
-    pub inpaint_full_res: bool,
+    pub inpaint_full_res: Option<bool>,
     pub inpaint_full_res_padding: Option<u32>,
     #[serde(deserialize_with = "or_default")]
     pub inpainting_mask_invert: u8,
@@ -221,7 +220,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         } else {
             strength
         };
-        let masked_content = match req.inpainting_fill.unwrap_or(1) {
+        // A1111's API defaults (its processing class's, not its UI's): fill, only masked, no padding.
+        let masked_content = match req.inpainting_fill.unwrap_or(0) {
             0 => MaskedContent::Fill,
             1 => MaskedContent::Original,
             2 => MaskedContent::LatentNoise,
@@ -234,8 +234,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
             mask,
             mask_blur: req.mask_blur.unwrap_or(4.0),
             masked_content,
-            inpaint_area: if req.inpaint_full_res { InpaintArea::OnlyMasked } else { InpaintArea::WholePicture },
-            padding: req.inpaint_full_res_padding.unwrap_or(32),
+            inpaint_area: if req.inpaint_full_res.unwrap_or(true) { InpaintArea::OnlyMasked } else { InpaintArea::WholePicture },
+            padding: req.inpaint_full_res_padding.unwrap_or(0),
             outpaint: None,
         });
     }
