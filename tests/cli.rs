@@ -526,3 +526,25 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
         }
     }
 }
+
+/// img2img enters the schedule late: the trace holds a row for every step that ran, from
+/// `first_step` (it held none).
+#[test]
+fn an_img2img_mix_trace_has_the_steps_that_ran() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/miniworld");
+    let run = |extra: &[&str]| {
+        let out = loramix()
+            .current_dir(tmp.path())
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a vlox emblem on a teal background, checkered style", "--steps", "10", "--seed", "3"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string()
+    };
+    let init = run(&["--out", "first"]);
+    run(&["--out", "second", "--init-image", &init, "--strength", "0.5", "--lora", "vlox", "--lora", "checkered", "--mix", "klora", "--mix-trace", "t/trace.json"]);
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("t/trace.json")).unwrap()).unwrap();
+    assert_eq!((trace["steps"].as_u64(), trace["first_step"].as_u64(), trace["weights"].as_array().map(Vec::len)), (Some(10), Some(5), Some(5)), "{}", trace["first_step"]);
+}

@@ -443,9 +443,13 @@ impl MixStrategy for AsymmetricCfg {
 pub struct MixTrace {
     pub strategy: String,
     pub steps: usize,
+    /// The first step that ran: img2img and hires passes enter the schedule at
+    /// ⌊steps × (1 − strength)⌋, and the steps before it never run.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub first_step: usize,
     pub layers: Vec<String>,
     pub loras: Vec<String>,
-    /// `[step][layer][lora]`.
+    /// `[step − first_step][layer][lora]`: one row per step that ran.
     pub weights: Vec<Vec<Vec<f64>>>,
     #[serde(skip_serializing_if = "serde_json::Value::is_null")]
     pub details: serde_json::Value,
@@ -453,6 +457,10 @@ pub struct MixTrace {
     /// for), picked or not, and why.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub candidates: Vec<candidates::Candidate>,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 impl MixTrace {
@@ -542,6 +550,7 @@ impl<'a> Mixer<'a> {
         let trace = MixTrace {
             strategy: strategy.name().to_string(),
             steps: 0,
+            first_step: 0,
             layers: linear_rows.iter().map(|&i| plan.layers[i].path.clone()).collect(),
             loras: plan.loras.iter().map(|l| l.lora.name.clone()).collect(),
             weights: Vec::new(),
@@ -752,7 +761,10 @@ impl StepMixer for Mixer<'_> {
         }
         // The step's weights are decided once here: the trace row and every pass's apply use them.
         let per_pass = self.pass_weights(step, steps);
-        if self.trace.weights.len() == step {
+        if self.trace.weights.is_empty() {
+            self.trace.first_step = step;
+        }
+        if self.trace.first_step + self.trace.weights.len() == step {
             let row = self.trace_row(&per_pass);
             self.trace.weights.push(row);
             self.trace.steps = steps;
