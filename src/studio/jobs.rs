@@ -415,8 +415,9 @@ impl Studio {
             if let Some(s) = outputs.skip {
                 s.store(false, Ordering::SeqCst);
             }
+            let recorded = settings.recorded();
             let record = |i: usize, hashes: Vec<(String, String)>, ti_hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
-                settings: settings.clone(),
+                settings: recorded.clone(),
                 seed: settings.batch_seeds.seed_of(unit.seed, i),
                 batch_index: unit.batch,
                 index_in_batch: if dynamic { unit.first % bs } else { i },
@@ -703,7 +704,7 @@ pub fn holds_image(path: &Path, settings: &Settings, seed: u64, batch_index: usi
         return false;
     }
     let Ok((_, Some(rec))) = super::metadata::settings_from_png(path) else { return false };
-    if rec.settings != *settings || rec.seed != seed || rec.batch_index != batch_index || rec.index_in_batch != index_in_batch {
+    if rec.settings != settings.recorded() || rec.seed != seed || rec.batch_index != batch_index || rec.index_in_batch != index_in_batch {
         return false;
     }
     match image::open(path) {

@@ -328,6 +328,31 @@ fn is_shared(s: &BatchSeeds) -> bool {
     *s == BatchSeeds::Shared
 }
 
+impl Settings {
+    /// The settings as an image's record keeps them: every file by its absolute path, so that
+    /// the record restores from any working directory.
+    pub fn recorded(&self) -> Settings {
+        let mut s = self.clone();
+        s.model = recorded_path(&s.model);
+        s.vae = recorded_path(&s.vae);
+        // A LoRA name that happens to be a folder here stays a name.
+        for l in s.loras.iter_mut().filter(|l| std::path::Path::new(&l.name).is_file()) {
+            l.name = recorded_path(&l.name);
+        }
+        for e in &mut s.embeddings {
+            *e = recorded_path(e);
+        }
+        if let Some(i) = &mut s.init {
+            i.image = recorded_path(&i.image);
+            i.mask = i.mask.as_deref().map(recorded_path);
+        }
+        if let Some(h) = &mut s.hires {
+            h.upscaler = recorded_path(&h.upscaler);
+        }
+        s
+    }
+}
+
 /// A path as a record keeps it: absolute when it names an existing file or folder, so that the
 /// record restores from any working directory; anything else (a library name, a hub repo id, a
 /// built-in upscaler) as given.

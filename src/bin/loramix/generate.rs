@@ -677,7 +677,8 @@ fn recorded_loras(a: &GenerateArgs) -> Result<Vec<studio::LoraSetting>> {
         .iter()
         .map(|s| {
             let (name, weight, role) = lora::parse_lora_arg_with_role(s)?;
-            Ok(studio::LoraSetting { name: studio::recorded_path(&name), weight, role: role.map(|r| r.as_str().to_string()), schedule: None })
+            let name = if std::path::Path::new(&name).is_file() { studio::recorded_path(&name) } else { name };
+            Ok(studio::LoraSetting { name, weight, role: role.map(|r| r.as_str().to_string()), schedule: None })
         })
         .collect()
 }
