@@ -23,13 +23,12 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         None => (s.prompt.as_str(), s.negative_prompt.as_str()),
     };
     let mut text = prompt.to_string();
+    // Every entry, even one whose name a prompt tag or an earlier entry also has: each applies
+    // (their weights add), so A1111's text must list each to restore the same image.
     for l in &s.loras {
-        let tag = format!("<lora:{}:", lora_tag_name(&l.name));
-        if !text.contains(&tag) {
-            match &l.schedule {
-                Some(fields) => text.push_str(&format!(" <lora:{}:{fields}>", lora_tag_name(&l.name))),
-                None => text.push_str(&format!(" <lora:{}:{}>", lora_tag_name(&l.name), l.weight)),
-            }
+        match &l.schedule {
+            Some(fields) => text.push_str(&format!(" <lora:{}:{fields}>", lora_tag_name(&l.name))),
+            None => text.push_str(&format!(" <lora:{}:{}>", lora_tag_name(&l.name), l.weight)),
         }
     }
     if !negative.is_empty() {
@@ -43,10 +42,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if !r.schedule.is_empty() {
         text.push_str(&format!("Schedule type: {}, ", r.schedule));
     }
-    text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, Model: {model}", s.cfg, r.seed, r.width, r.height));
+    text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}", s.cfg, r.seed, r.width, r.height, quote(model)));
     if !s.vae.is_empty() {
         let name = Path::new(&s.vae).file_name().and_then(|n| n.to_str()).unwrap_or(&s.vae);
-        text.push_str(&format!(", VAE: {name}"));
+        text.push_str(&format!(", VAE: {}", quote(name)));
     }
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
@@ -68,7 +67,7 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         if hr.steps > 0 {
             text.push_str(&format!(", Hires steps: {}", hr.steps));
         }
-        text.push_str(&format!(", Hires upscaler: {}", hr.upscaler));
+        text.push_str(&format!(", Hires upscaler: {}", quote(&hr.upscaler)));
     }
     if let Some(init) = &s.init {
         // A1111's img2img fields (`processing.py` extra_generation_params).
@@ -110,9 +109,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
 }
 
 /// A1111's quoting of a settings-line value that holds commas or quotes.
+/// JSON, as A1111's `quote` (`json.dumps`): a newline becomes `\n` and the line stays one line.
 fn quote(v: &str) -> String {
     if v.contains([',', '"', ':', '\n']) {
-        serde_json::to_string(&v.replace('\n', " ")).unwrap_or_default()
+        serde_json::to_string(v).unwrap_or_default()
     } else {
         v.to_string()
     }
@@ -152,7 +152,8 @@ pub fn split_settings_line(line: &str) -> Vec<(String, String)> {
                 }
             }
             let e = end.unwrap_or(stripped.len());
-            value = stripped[..e].replace("\\\"", "\"");
+            // A1111's `unquote` is `json.loads`: every JSON escape, not only `\"`.
+            value = serde_json::from_str::<String>(&format!("\"{}\"", &stripped[..e])).unwrap_or_else(|_| stripped[..e].replace("\\\"", "\""));
             after = stripped.get(e + 1..).unwrap_or("");
             rest = after.trim_start().strip_prefix(',').unwrap_or(after).trim_start();
         } else {
@@ -214,6 +215,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
         ..Settings::default()
     };
     let bad = |k: &str, v: &str, want: &str| Error::Argument(format!("parameters: {k} {v:?}: expected {want}"));
+    let mut hires_resize = None;
     for (k, v) in fields {
         match k.as_str() {
             "Steps" => s.steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
@@ -247,6 +249,13 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             "Hires upscale" => s.hires.get_or_insert_with(Default::default).scale = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
             "Hires steps" => s.hires.get_or_insert_with(Default::default).steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
             "Hires upscaler" => s.hires.get_or_insert_with(Default::default).upscaler = v,
+            // A1111's "Resize width to / height to" (0: by the other side's ratio).
+            "Hires resize" => {
+                let (x, y) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
+                let (x, y): (usize, usize) = (x.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?, y.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?);
+                hires_resize = Some((x, y));
+                s.hires.get_or_insert_with(Default::default);
+            }
             "Model" => s.model = v,
             "VAE" => s.vae = v,
             "Batch size" => s.batch_size = v.parse().unwrap_or(1),
@@ -256,6 +265,19 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             // `parameters` keeps them out of `styles`; our JSON chunk keeps the templates.
             _ => {}
         }
+    }
+    if let (Some((x, y)), Some(hr)) = (hires_resize, s.hires.as_mut()) {
+        // Our hires fix takes a scale: the one that reaches the resize from the first pass's size.
+        let exact = |to: usize, from: usize| {
+            let k = to as f64 / from as f64;
+            if from as f64 * k < to as f64 { k.next_up() } else { k }
+        };
+        let scale = match (x, y) {
+            (0, y) if s.height > 0 => exact(y, s.height),
+            (x, _) if s.width > 0 && x > 0 => exact(x, s.width),
+            _ => hr.scale,
+        };
+        hr.scale = scale;
     }
     // With hires fix, A1111's "Denoising strength" is the second pass's.
     if let (Some(hr), Some(init)) = (s.hires.as_mut(), s.init.as_ref()) {
@@ -319,6 +341,19 @@ pub fn encode_image(img: &image::RgbImage, rec: &ImageRecord) -> Result<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A1111 quotes with `json.dumps` and unquotes with `json.loads`: every escape survives.
+    #[test]
+    fn quoted_values_keep_every_character() {
+        for v in ["a \\(b\\) \"q\"\nnl é, x: y", "plain"] {
+            let line = format!("Steps: 2, Template: {}, Model: {}, Seed: 1", quote(v), quote("mini, world: v2"));
+            let got: HashMap<String, String> = split_settings_line(&line).into_iter().collect();
+            assert_eq!((got["Template"].as_str(), got["Model"].as_str(), got["Seed"].as_str()), (v, "mini, world: v2", "1"), "{line}");
+        }
+        let s = parse_parameters("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x384, Denoising strength: 0.5, Hires resize: 1024x0, Hires upscaler: Latent").unwrap();
+        let hr = s.hires.unwrap();
+        assert_eq!((crate::studio::hires_size(&hr, (512, 384), 8).unwrap(), hr.denoise, s.init.is_none()), ((1024, 768), 0.5, true));
+    }
 
     #[test]
     fn a1111_parameters_round_trip() {
