@@ -52,8 +52,12 @@ impl RoleWindows {
     /// their defaults.
     pub fn parse(spec: &str) -> Result<Self> {
         let mut w = Self::default();
+        if spec.trim().is_empty() {
+            return Err(Error::Argument("--windows \"\": expected ROLE=START:END,... (leave the flag out for the defaults)".into()));
+        }
+        let mut seen: Vec<&str> = vec![];
         for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let bad = || Error::Argument(format!("--windows {spec}: '{part}': expected ROLE=START:END with ROLE subject, style or other and 0 <= START < END <= 1"));
+            let bad = || Error::Argument(format!("--windows {spec}: '{part}': expected ROLE=START:END with ROLE subject, style or other (concept) and 0 <= START < END <= 1"));
             let (role, range) = part.split_once('=').ok_or_else(bad)?;
             let (a, b) = range.split_once(':').ok_or_else(bad)?;
             let (a, b): (f64, f64) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
@@ -61,7 +65,16 @@ impl RoleWindows {
                 return Err(bad());
             }
             let win = Window { start: a, end: b };
-            match role.trim() {
+            // `concept` is `--lora`'s name for the roles this window covers.
+            let role = match role.trim() {
+                "concept" => "other",
+                r => r,
+            };
+            if seen.contains(&role) {
+                return Err(Error::Argument(format!("--windows {spec}: the {role} window is given twice")));
+            }
+            seen.push(role);
+            match role {
                 "subject" => w.subject = win,
                 "style" => w.style = win,
                 "other" => w.other = win,
@@ -125,5 +138,8 @@ mod tests {
         assert!(RoleWindows::parse("style=0.5").is_err());
         assert!(RoleWindows::parse("style=0.6:0.5").is_err());
         assert!(RoleWindows::parse("hue=0:1").is_err());
+        assert!(RoleWindows::parse("").is_err());
+        assert!(RoleWindows::parse("subject=0:0.5,subject=0.5:1").unwrap_err().to_string().contains("twice"));
+        assert_eq!(RoleWindows::parse("concept=0:0.3").unwrap().other.end, 0.3);
     }
 }

@@ -152,6 +152,9 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
     if settings.steps == 0 || settings.steps > 1000 {
         return Err(format!("field steps: {}: expected 1 to 1000", settings.steps));
     }
+    if settings.switch_every == 0 {
+        return Err("field switch_every: 0: expected at least 1".into());
+    }
     Ok((settings, images))
 }
 

@@ -66,6 +66,12 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
         None => None,
     };
     if let Some(pad) = s.outpaint {
+        // The grown canvas is checked before it is allocated.
+        let (w, h) = (image.width() as u64 + pad[0] as u64 + pad[2] as u64, image.height() as u64 + pad[1] as u64 + pad[3] as u64);
+        let max = crate::sdxl::pipeline::MAX_SIDE as u64;
+        if w > max || h > max {
+            return Err(Error::Argument(format!("outpaint: the canvas would be {w}x{h}: expected at most {max} pixels a side")));
+        }
         let (canvas, border) = img2img::outpaint_canvas(&image, (pad[0], pad[1], pad[2], pad[3]));
         let union = match &mask {
             Some(m) => {

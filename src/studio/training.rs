@@ -98,6 +98,14 @@ pub fn train_lora(lib: &mut LoraLibrary, req: &TrainRequest, on_event: &mut dyn 
     if req.prompt.trim().is_empty() {
         return Err(Error::Argument("prompt: expected the training caption, e.g. \"a zorp emblem\"".into()));
     }
+    for (flag, v) in [("--steps", req.steps), ("--batch", req.batch)] {
+        if v == 0 {
+            return Err(Error::Argument(format!("{flag} 0: expected at least 1")));
+        }
+    }
+    if !(req.lr.is_finite() && req.lr > 0.0) {
+        return Err(Error::Argument(format!("--lr {}: expected a positive number", req.lr)));
+    }
     let subspace = req.subspace.as_deref().map(|s| lib.load_subspace(s)).transpose()?;
     let images = read_images(&req.images, &req.prompt)?;
     let pipe = SdxlPipeline::load(&req.model, &LoadOptions::default())?;

@@ -66,9 +66,28 @@ pub fn resolve_choices(
         let name = format!("{}@{sub}", m.display_name);
         Ok(LoraChoice { path: PathBuf::from(&name), name, weight, role, schedule: None, subspace: Some((m.display_name.clone(), sub.to_string())) })
     };
+    // A library entry replaced by its subspace (`lora subspace replace`) is served from it
+    // wherever its name is used, even where the model ships a LoRA of that name.
+    let lib_present = match library_root {
+        Some(r) => r.exists(),
+        None => LoraLibrary::default_root().map(|r| r.exists()).unwrap_or(false),
+    };
+    let replaced = |library: &mut Option<LoraLibrary>, name: &str, weight: f64, role: Option<Role>| -> Result<Option<LoraChoice>> {
+        if !lib_present || Path::new(name).is_file() || super::split_member(name).is_some() {
+            return Ok(None);
+        }
+        open_library(library)?;
+        let lib = library.as_ref().ok_or_else(|| Error::Argument("library".into()))?;
+        match lib.replacement(name)? {
+            Some((member, sub)) => Ok(Some(from_subspace(lib, name, &member, &sub, weight, role)?)),
+            None => Ok(None),
+        }
+    };
     for (src, weight, role) in args {
         let p = Path::new(src);
-        let choice = if let Some((member, sub)) = super::split_member(src) {
+        let choice = if let Some(c) = replaced(&mut library, src, *weight, *role)? {
+            c
+        } else if let Some((member, sub)) = super::split_member(src) {
             open_library(&mut library)?;
             from_subspace(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, member, sub, *weight, *role)?
         } else if p.is_file() {
@@ -89,7 +108,7 @@ pub fn resolve_choices(
         out.push(choice);
     }
     for tag in prompt_tags {
-        let mut c = match shipped(&tag.name, tag.weight, None) {
+        let mut c = match replaced(&mut library, &tag.name, tag.weight, None)?.or_else(|| shipped(&tag.name, tag.weight, None)) {
             Some(c) => c,
             None if super::split_member(&tag.name).is_some() => {
                 let (member, sub) = super::split_member(&tag.name).ok_or_else(|| Error::Argument(tag.name.clone()))?;

@@ -128,7 +128,15 @@ impl LoraLibrary {
             let q = super::LoraQuery { base: req.base.map(str::to_string), ..Default::default() };
             self.list(&q)?
         } else {
-            req.members.iter().map(|k| self.resolve(k)).collect::<Result<Vec<_>>>()?
+            // A LoRA named twice is one member.
+            let mut out: Vec<LoraEntry> = vec![];
+            for e in req.members.iter().map(|k| self.resolve(k)) {
+                let e = e?;
+                if !out.iter().any(|o| o.sha256 == e.sha256) {
+                    out.push(e);
+                }
+            }
+            out
         };
         if entries.len() < 2 {
             return Err(Error::Argument(format!(
