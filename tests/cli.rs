@@ -548,3 +548,26 @@ fn an_img2img_mix_trace_has_the_steps_that_ran() {
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("t/trace.json")).unwrap()).unwrap();
     assert_eq!((trace["steps"].as_u64(), trace["first_step"].as_u64(), trace["weights"].as_array().map(Vec::len)), (Some(10), Some(5), Some(5)), "{}", trace["first_step"]);
 }
+
+/// `auto` offered more LoRAs of a role than one keeps every one the prompt names, and narrows
+/// to the named one when it names one.
+#[test]
+fn auto_keeps_every_lora_the_prompt_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/miniworld");
+    let loras = |prompt: &str, name: &str| -> Vec<String> {
+        let trace = tmp.path().join(format!("{name}.json"));
+        let out = loramix()
+            .current_dir(tmp.path())
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--seed", "3", "--out", name])
+            .args(["--lora", "vlox", "--lora", "krin", "--lora", "checkered", "--mix", "auto", "--mix-trace"])
+            .arg(&trace)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+        t["loras"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(loras("a vlox emblem and a krin emblem on a teal background, checkered style", "both"), ["vlox", "krin", "checkered"]);
+    assert_eq!(loras("a krin emblem on a teal background, checkered style", "one"), ["krin", "checkered"]);
+}

@@ -107,11 +107,25 @@ impl MixPlan {
                 candidates::Offered { name: l.lora.name.clone(), role: l.role, phrases }
             })
             .collect();
-        let picks = candidates::select(prompt, &offered, similarity)?;
+        let mut picks = candidates::select(prompt, &offered, similarity)?;
         let mut keep = vec![true; self.loras.len()];
         for role in [Role::Subject, Role::Style] {
             let idx: Vec<usize> = (0..self.loras.len()).filter(|&i| self.loras[i].role == role).collect();
-            if idx.len() > 1 && idx.iter().any(|&i| picks[i].picked) {
+            if idx.len() < 2 {
+                continue;
+            }
+            // Every one the prompt names (`select` keeps one per role, for library candidates);
+            // failing that, the one it comes closest to.
+            let named: Vec<usize> = idx.iter().copied().filter(|&i| picks[i].score >= 1.0).collect();
+            if named.len() > 1 {
+                for &i in &idx {
+                    keep[i] = named.contains(&i);
+                    if keep[i] {
+                        picks[i].picked = true;
+                        picks[i].reason = format!("'{}' is in the prompt", picks[i].matched.clone().unwrap_or_default());
+                    }
+                }
+            } else if idx.iter().any(|&i| picks[i].picked) {
                 for &i in &idx {
                     keep[i] = picks[i].picked;
                 }
@@ -124,7 +138,6 @@ impl MixPlan {
                 let mut k = keep.iter();
                 l.modules.retain(|_| *k.next().unwrap_or(&true));
             }
-            let mut picks = picks;
             for (c, kept) in picks.iter_mut().zip(&keep) {
                 c.picked = *kept;
             }
