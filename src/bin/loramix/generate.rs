@@ -425,10 +425,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             let mut preview = req.clone();
             preview.init_noise = None;
             preview.batch_size = 1;
+            if a.est_preview_steps == Some(0) {
+                anyhow::bail!("--est-preview-steps 0: expected at least 1");
+            }
             if let Some(n) = a.est_preview_steps {
                 preview.steps = n;
             }
-            if let Some((w, h)) = a.est_preview_size.as_deref().map(parse_size).transpose()? {
+            let size = a.est_preview_size.as_deref().map(|v| parse_size(v).with_context(|| format!("--est-preview-size {v}"))).transpose()?;
+            if let Some((w, h)) = size {
+                if w == 0 || h == 0 || w > loramix::sdxl::pipeline::MAX_SIDE || h > loramix::sdxl::pipeline::MAX_SIDE {
+                    anyhow::bail!("--est-preview-size {w}x{h}: expected positive sides up to {}", loramix::sdxl::pipeline::MAX_SIDE);
+                }
                 preview.width = Some(w);
                 preview.height = Some(h);
             }
