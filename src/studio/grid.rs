@@ -301,7 +301,7 @@ const SIDE: &str = "a size in pixels, a multiple of the model's VAE factor (8 fo
 
 /// A side every model could take; the model's own factor is checked when its cell runs.
 fn side(v: usize) -> Option<usize> {
-    (v > 0 && v % 4 == 0 && v <= crate::sdxl::pipeline::MAX_SIDE).then_some(v)
+    (v > 0 && v.is_multiple_of(4) && v <= crate::sdxl::pipeline::MAX_SIDE).then_some(v)
 }
 
 fn lora_named(l: &LoraSetting, name: &str) -> bool {
