@@ -182,12 +182,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         let scale = match (req.hr_resize_x, req.hr_resize_y) {
             (0, 0) => req.hr_scale.unwrap_or(2.0),
             (x, y) => {
-                // A size the first pass's aspect ratio reaches, as the scale that gives ⌊w × scale⌋ = x.
-                let exact = |to: usize, from: usize| {
-                    let k = to as f64 / from as f64;
-                    if ((from as f64 * k) as usize) < to { k.next_up() } else { k }
-                };
-                let (sx, sy) = (exact(x, s.width), exact(y, s.height));
+                // A size the first pass's aspect ratio reaches.
+                let (sx, sy) = (crate::studio::factor_reaching(x, s.width), crate::studio::factor_reaching(y, s.height));
                 match (x, y) {
                     (_, 0) => sx,
                     (0, _) => sy,
@@ -214,12 +210,7 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         // A1111 runs at least one step whatever the strength (its t_enc + 1 steps). The engine
         // keeps diffusers' ⌊steps × strength⌋, which is none for a small strength: the smallest
         // strength that runs the schedule's last step stands in.
-        let strength = if ((s.steps as f64 * strength) as usize) == 0 {
-            let k = 1.0 / s.steps as f64;
-            if (s.steps as f64 * k) < 1.0 { k.next_up() } else { k }
-        } else {
-            strength
-        };
+        let strength = if ((s.steps as f64 * strength) as usize) == 0 { crate::studio::factor_reaching(1, s.steps) } else { strength };
         // A1111's API defaults (its processing class's, not its UI's): fill, only masked, no padding.
         let masked_content = match req.inpainting_fill.unwrap_or(0) {
             0 => MaskedContent::Fill,

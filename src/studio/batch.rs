@@ -144,8 +144,7 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
         return Err("fields batch_count and batch_size: expected at least 1".into());
     }
     for (name, v) in [("width", settings.width), ("height", settings.height)] {
-        // The model's VAE factor (8 for SDXL, 4 for some small models) is checked when the job runs.
-        if v != 0 && (v % 4 != 0 || v > crate::sdxl::pipeline::MAX_SIDE) {
+        if v != 0 && !super::settings::side_fits_any_model(v) {
             return Err(format!("field {name}: {v}: expected a multiple of the model's VAE factor (8 for SDXL) up to {}", crate::sdxl::pipeline::MAX_SIDE));
         }
     }

@@ -299,9 +299,8 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
 
 const SIDE: &str = "a size in pixels, a multiple of the model's VAE factor (8 for SDXL)";
 
-/// A side every model could take; the model's own factor is checked when its cell runs.
 fn side(v: usize) -> Option<usize> {
-    (v > 0 && v.is_multiple_of(4) && v <= crate::sdxl::pipeline::MAX_SIDE).then_some(v)
+    (v > 0 && super::settings::side_fits_any_model(v)).then_some(v)
 }
 
 fn lora_named(l: &LoraSetting, name: &str) -> bool {

@@ -80,6 +80,17 @@ pub fn hires_upscaler_model(hr: &HiresSettings, library: Option<&Path>, device: 
     upscaler_model_path(&hr.upscaler, library)?.map(|p| UpscaleModel::load(&p, device)).transpose()
 }
 
+/// The factor `k` with ⌊from × k⌋ = to. The engine floors sizes (`hires_size`) and step counts
+/// (img2img's ⌊steps × strength⌋), and `to / from` alone can land a hair below.
+pub fn factor_reaching(to: usize, from: usize) -> f64 {
+    let k = to as f64 / from as f64;
+    if ((from as f64 * k) as usize) < to {
+        k.next_up()
+    } else {
+        k
+    }
+}
+
 /// The second pass's size: `scale ×` the first, rounded down to the VAE's factor.
 pub fn hires_size(hr: &HiresSettings, (w, h): (usize, usize), factor: usize) -> Result<(usize, usize)> {
     if !(1.0..=8.0).contains(&hr.scale) {

@@ -268,13 +268,9 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
     }
     if let (Some((x, y)), Some(hr)) = (hires_resize, s.hires.as_mut()) {
         // Our hires fix takes a scale: the one that reaches the resize from the first pass's size.
-        let exact = |to: usize, from: usize| {
-            let k = to as f64 / from as f64;
-            if from as f64 * k < to as f64 { k.next_up() } else { k }
-        };
         let scale = match (x, y) {
-            (0, y) if s.height > 0 => exact(y, s.height),
-            (x, _) if s.width > 0 && x > 0 => exact(x, s.width),
+            (0, y) if s.height > 0 => super::factor_reaching(y, s.height),
+            (x, _) if s.width > 0 && x > 0 => super::factor_reaching(x, s.width),
             _ => hr.scale,
         };
         hr.scale = scale;

@@ -24,10 +24,10 @@ pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, pars
 pub use embeddings::{embedding_hashes, job_embeddings};
 pub use export::{export, fill_template};
 pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};
-pub use hires::{hires_request, hires_size, hires_upscaler_model, upscaler_model_path, upscaler_models};
+pub use hires::{factor_reaching, hires_request, hires_size, hires_upscaler_model, upscaler_model_path, upscaler_models};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;
 pub use preview::{LatentPreview, Previewer};
-pub use settings::{recorded_path, DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
+pub use settings::{DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

@@ -353,10 +353,16 @@ impl Settings {
     }
 }
 
+/// A width or height some model we load can take: a multiple of the smallest VAE factor (4; 8
+/// for SDXL) up to the largest side. The job's model checks its own factor when the job runs.
+pub(super) fn side_fits_any_model(v: usize) -> bool {
+    v.is_multiple_of(4) && v <= crate::sdxl::pipeline::MAX_SIDE
+}
+
 /// A path as a record keeps it: absolute when it names an existing file or folder, so that the
 /// record restores from any working directory; anything else (a library name, a hub repo id, a
 /// built-in upscaler) as given.
-pub fn recorded_path(p: &str) -> String {
+fn recorded_path(p: &str) -> String {
     let path = std::path::Path::new(p);
     if p.is_empty() || path.is_absolute() || !path.exists() {
         return p.to_string();

@@ -600,11 +600,12 @@ fn write_batch(
         seed: Some(seed),
         width: w,
         height: h,
-        loras: recorded_loras(a)?,
+        loras: lora_settings(a)?,
         candidates: a.candidates.is_some(),
         styles: vec![],
         ..settings_of(a, init_settings.cloned(), hires_settings)
-    };
+    }
+    .recorded();
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
         let img = &match prepared {
@@ -667,7 +668,7 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
         }
     }
     let mut settings = settings_of(a, init, hires);
-    settings.loras = recorded_loras(a)?;
+    settings.loras = lora_settings(a)?;
     settings.seed = Some(a.seed.unwrap_or_else(studio::random_seed));
     settings.candidates = match a.candidates.as_deref() {
         None => false,
@@ -677,26 +678,23 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
     Ok(settings)
 }
 
-/// `--lora` as a record keeps it: a file by its absolute path (a name alone could find another
-/// LoRA of that name when restored), a library or model LoRA by name, with weight and role.
-fn recorded_loras(a: &GenerateArgs) -> Result<Vec<studio::LoraSetting>> {
+/// `--lora` as settings, with weight and role (a record keeps only what the user gave: the
+/// prompt's tags stay in the prompt).
+fn lora_settings(a: &GenerateArgs) -> Result<Vec<studio::LoraSetting>> {
     a.loras
         .iter()
         .map(|s| {
             let (name, weight, role) = lora::parse_lora_arg_with_role(s)?;
-            let name = if std::path::Path::new(&name).is_file() { studio::recorded_path(&name) } else { name };
             Ok(studio::LoraSetting { name, weight, role: role.map(|r| r.as_str().to_string()), schedule: None })
         })
         .collect()
 }
 
-/// The flags as settings (the callers fix seeds, LoRAs and resolved names); paths are made
-/// absolute so that the record restores from any directory.
+/// The flags as settings, as given (the callers fix seeds, LoRAs and resolved names; a record
+/// makes its paths absolute with [`studio::Settings::recorded`]).
 fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>) -> studio::Settings {
-    let init = init.map(|i| studio::InitSettings { image: studio::recorded_path(&i.image), mask: i.mask.as_deref().map(studio::recorded_path), ..i });
-    let hires = hires.map(|h| studio::HiresSettings { upscaler: studio::recorded_path(&h.upscaler), ..h });
     studio::Settings {
-        model: studio::recorded_path(&a.model),
+        model: a.model.clone(),
         prompt: a.prompt.clone(),
         negative_prompt: a.negative_prompt.clone().unwrap_or_default(),
         encode_empty_negative: a.negative_prompt.as_deref() == Some(""),
@@ -707,7 +705,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         cfg: a.cfg,
         sampler: a.sampler.clone().unwrap_or_default(),
         schedule: a.schedule.clone().unwrap_or_default(),
-        vae: a.vae.as_ref().map(|v| studio::recorded_path(&v.to_string_lossy())).unwrap_or_default(),
+        vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         clip_skip: a.clip_skip,
         timestep_spacing: a.timestep_spacing.clone().unwrap_or_default(),
         seed: a.seed,
@@ -727,7 +725,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         hires,
         init,
         styles: a.styles.clone(),
-        embeddings: a.embeddings.iter().map(|e| studio::recorded_path(e)).collect(),
+        embeddings: a.embeddings.clone(),
     }
 }
 

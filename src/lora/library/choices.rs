@@ -98,12 +98,9 @@ pub fn resolve_choices(
         } else if let Some(c) = shipped(src, *weight, *role) {
             c
         } else {
+            // `replaced` above has served a replaced entry already.
             open_library(&mut library)?;
-            let lib = library.as_ref().ok_or_else(|| Error::Argument("library".into()))?;
-            match lib.replacement(src)? {
-                Some((member, sub)) => from_subspace(lib, src, &member, &sub, *weight, *role)?,
-                None => from_library(lib, src, *weight, *role)?,
-            }
+            from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, src, *weight, *role)?
         };
         out.push(choice);
     }
@@ -117,11 +114,7 @@ pub fn resolve_choices(
             }
             None => {
                 open_library(&mut library)?;
-                let lib = library.as_ref().ok_or_else(|| Error::Argument("library".into()))?;
-                match lib.replacement(&tag.name)? {
-                    Some((member, sub)) => from_subspace(lib, &tag.name, &member, &sub, tag.weight, None)?,
-                    None => from_library(lib, &tag.name, tag.weight, None)?,
-                }
+                from_library(library.as_ref().ok_or_else(|| Error::Argument("library".into()))?, &tag.name, tag.weight, None)?
             }
         };
         c.schedule = tag.schedule.clone();
