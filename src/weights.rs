@@ -543,3 +543,12 @@ pub fn return_freed_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// sha256 of a whole file, streamed (A1111's model and embedding hashes).
+pub fn file_sha256(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
+    Ok(crate::lora::network::hex(&h.finalize()))
+}

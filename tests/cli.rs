@@ -571,3 +571,42 @@ fn auto_keeps_every_lora_the_prompt_names() {
     assert_eq!(loras("a vlox emblem and a krin emblem on a teal background, checkered style", "both"), ["vlox", "krin", "checkered"]);
     assert_eq!(loras("a krin emblem on a teal background, checkered style", "one"), ["krin", "checkered"]);
 }
+
+/// A single-file checkpoint's PNGs carry A1111's `Model hash` (sha256, ten digits), hashed once
+/// and then kept beside the library.
+#[test]
+fn a_single_file_checkpoint_has_a1111_model_hash() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = fixture("tiny3");
+    let ckpt = root.join("sgm.safetensors");
+    let want = format!("{:x}", sha2::Sha256::digest(std::fs::read(&ckpt).unwrap()));
+    let home = tmp.path().join("home");
+    let run = |out: &str| {
+        let o = loramix()
+            .args(["generate", "--model", ckpt.to_str().unwrap(), "--config", root.join("pipeline").to_str().unwrap()])
+            .args(["--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--seed", "1", "--out"])
+            .arg(tmp.path().join(out))
+            .env("LORAMIX_HOME", &home)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let png = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_string();
+        loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap().remove("parameters").unwrap()
+    };
+    let text = run("a");
+    assert!(text.contains(&format!("Size: 32x32, Model hash: {}, Model: sgm,", &want[..10])), "{text}");
+    let cache = std::fs::read_to_string(home.join("model-hashes.json")).unwrap();
+    assert!(cache.contains(&want), "{cache}");
+    assert_eq!(run("b"), text);
+    // A diffusers folder has no A1111 hash.
+    let o = loramix()
+        .args(["generate", "--model", root.join("pipeline").to_str().unwrap(), "--prompt", "a cat", "--steps", "1", "--width", "32", "--height", "32", "--out"])
+        .arg(tmp.path().join("c"))
+        .env("LORAMIX_HOME", &home)
+        .output()
+        .unwrap();
+    let png = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_string();
+    let text = loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap().remove("parameters").unwrap();
+    assert!(!text.contains("Model hash"), "{text}");
+}

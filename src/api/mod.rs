@@ -106,9 +106,9 @@ pub struct Worker {
     skip: Arc<AtomicBool>,
 }
 
+/// A1111's `job_timestamp`: local time as `%Y%m%d%H%M%S`.
 fn timestamp() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    secs.to_string()
+    chrono::Local::now().format("%Y%m%d%H%M%S").to_string()
 }
 
 type Reply = tokio::sync::oneshot::Receiver<std::result::Result<JobDone, String>>;
@@ -322,7 +322,7 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
         "restore_faces": false,
         "face_restoration_model": null,
         "sd_model_name": Path::new(&settings.model).file_name().map(|n| n.to_string_lossy().into_owned()),
-        "sd_model_hash": null,
+        "sd_model_hash": first.map(|r| r.model_hash.clone()).filter(|h| !h.is_empty()),
         "sd_vae_name": (!settings.vae.is_empty()).then(|| settings.vae.clone()),
         "sd_vae_hash": null,
         "seed_resize_from_w": -1,
@@ -468,13 +468,48 @@ fn model_files(config: &ApiConfig) -> Vec<String> {
     models
 }
 
-fn model_title(m: &str) -> String {
-    Path::new(m).file_stem().map_or(m.to_string(), |n| n.to_string_lossy().into_owned())
+/// A checkpoint's names as A1111's `CheckpointInfo` gives them: `model_name` (no extension),
+/// `title` (the file name, with ` [shorthash]` once the file has been hashed) and the hashes.
+/// A diffusers folder has its folder name and no hash.
+struct CheckpointNames {
+    title: String,
+    model_name: String,
+    sha256: Option<String>,
 }
 
-/// A checkpoint by its `sd-models` title, model name or file, or any model path.
+impl CheckpointNames {
+    fn of(m: &str) -> Self {
+        let p = Path::new(m);
+        let file = p.file_name().map_or(m.to_string(), |n| n.to_string_lossy().into_owned());
+        let model_name = if p.is_dir() { file.clone() } else { p.file_stem().map_or(m.to_string(), |n| n.to_string_lossy().into_owned()) };
+        // Only hashes already known: listing models must not read gigabytes.
+        let sha256 = studio::cached_model_sha256(m);
+        let title = match &sha256 {
+            Some(h) => format!("{file} [{}]", &h[..10.min(h.len())]),
+            None => file,
+        };
+        Self { title, model_name, sha256 }
+    }
+
+    fn shorthash(&self) -> Option<&str> {
+        self.sha256.as_deref().map(|h| &h[..10.min(h.len())])
+    }
+
+    /// A1111's `checkpoint_aliases`: a checkpoint answers to its title, file name, model name
+    /// and hashes.
+    fn answers_to(&self, m: &str, want: &str) -> bool {
+        let file = self.title.split(" [").next().unwrap_or(&self.title);
+        [self.title.as_str(), file, self.model_name.as_str(), m].contains(&want) || self.sha256.as_deref().is_some_and(|h| want.len() >= 8 && h.starts_with(want))
+    }
+}
+
+fn model_title(m: &str) -> String {
+    CheckpointNames::of(m).title
+}
+
+/// A checkpoint by its `sd-models` title, model name, file or hash, or any model path.
 fn find_checkpoint(config: &ApiConfig, want: &str) -> Option<String> {
-    model_files(config).into_iter().find(|m| model_title(m) == want || m == want).or_else(|| Path::new(want).exists().then(|| want.to_string()))
+    model_files(config).into_iter().find(|m| CheckpointNames::of(m).answers_to(m, want)).or_else(|| Path::new(want).exists().then(|| want.to_string()))
 }
 
 async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
@@ -482,8 +517,8 @@ async fn sd_models(State(state): State<Arc<AppState>>) -> Json<Value> {
         model_files(&state.config)
             .iter()
             .map(|m| {
-                let name = model_title(m);
-                json!({"title": name, "model_name": name, "hash": null, "sha256": null, "filename": m, "config": null})
+                let n = CheckpointNames::of(m);
+                json!({"title": n.title, "model_name": n.model_name, "hash": n.shorthash(), "sha256": n.sha256, "filename": m, "config": null})
             })
             .collect(),
     ))
@@ -633,7 +668,7 @@ async fn refresh() -> Json<Value> {
 
 async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
     let model = current_model(&state);
-    let mut out = json!({"sd_model_checkpoint": model_title(&model), "sd_checkpoint_hash": null, "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"});
+    let mut out = json!({"sd_model_checkpoint": model_title(&model), "sd_checkpoint_hash": studio::cached_model_sha256(&model), "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"});
     if let Value::Object(m) = &mut out {
         m.extend(state.options.lock().unwrap_or_else(|e| e.into_inner()).clone());
     }
@@ -815,5 +850,33 @@ mod tests {
         assert!(bad("{").msg.starts_with("JSON decode error"));
         assert_eq!(bad(r#"{"steps": "many"}"#).loc, ["body", "steps"]);
         assert!(parse_body::<GenerationRequest>(&Bytes::from_static(br#"{"prompt": "x"}"#)).is_ok());
+    }
+
+    /// `sd-models` names a checkpoint as A1111 does, and `sd_model_checkpoint` finds it by any
+    /// of those names.
+    #[test]
+    fn checkpoints_answer_to_their_a1111_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sdxl_base.safetensors");
+        std::fs::write(&file, b"abc").unwrap();
+        let folder = dir.path().join("tiny");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::write(folder.join("model_index.json"), b"{}").unwrap();
+        let (f, d) = (file.to_string_lossy().into_owned(), folder.to_string_lossy().into_owned());
+        let config = ApiConfig { model: d.clone(), models_dir: Some(dir.path().to_path_buf()), ..ApiConfig::default() };
+        // Not hashed yet: listing does not hash.
+        let n = CheckpointNames::of(&f);
+        assert_eq!((n.title.as_str(), n.model_name.as_str(), n.shorthash()), ("sdxl_base.safetensors", "sdxl_base", None));
+        crate::studio::model_hash::hash_in(&f, None).unwrap();
+        let n = CheckpointNames::of(&f);
+        assert_eq!((n.title.as_str(), n.shorthash()), ("sdxl_base.safetensors [ba7816bf8f]", Some("ba7816bf8f")));
+        for want in ["sdxl_base.safetensors [ba7816bf8f]", "sdxl_base.safetensors", "sdxl_base", "ba7816bf8f", f.as_str()] {
+            assert_eq!(find_checkpoint(&config, want).as_deref(), Some(f.as_str()), "{want}");
+        }
+        let n = CheckpointNames::of(&d);
+        assert_eq!((n.title.as_str(), n.model_name.as_str(), n.shorthash()), ("tiny", "tiny", None));
+        assert_eq!(find_checkpoint(&config, "tiny").as_deref(), Some(d.as_str()));
+        assert_eq!(find_checkpoint(&config, "other"), None);
+        assert!(timestamp().len() == 14 && timestamp().bytes().all(|b| b.is_ascii_digit()), "{}", timestamp());
     }
 }

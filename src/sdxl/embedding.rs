@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
-use sha2::{Digest, Sha256};
+use crate::weights::file_sha256;
 
 use crate::error::{Error, Result};
 use crate::weights::{pickle_refusal, SafetensorsFile, PICKLE_EXTENSIONS};
@@ -171,14 +171,6 @@ impl EmbeddingInfo {
         }
         Err(bad(path, format!("not a textual-inversion embedding: expected tensors `clip_l` and `clip_g` (found {})", names.join(", "))))
     }
-}
-
-/// sha256 of a whole file, streamed.
-fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|e| Error::io(path, e))?;
-    Ok(crate::lora::network::hex(&h.finalize()))
 }
 
 fn as_rows(t: Tensor) -> Result<Tensor> {

@@ -410,6 +410,7 @@ impl Studio {
         let mut loaded_for: Vec<(String, Arc<LoadedLoras>)> = vec![];
         let mut scored: Vec<(String, Vec<(String, f64, Option<Role>)>, Vec<mix::candidates::Candidate>)> = vec![];
         let mut idx = output::first_free_index(outputs.dir);
+        let model_hash = super::model_hash::model_shorthash(&settings.model).unwrap_or_default();
         for (u, unit) in units.iter().enumerate() {
             // A Skip pressed between batches (loading, decoding) is dropped, as in A1111.
             if let Some(s) = outputs.skip {
@@ -426,6 +427,7 @@ impl Studio {
                 sampler: sampler_name.clone(),
                 schedule: schedule_name.clone(),
                 lora_hashes: hashes,
+                model_hash: model_hash.clone(),
                 ti_hashes,
                 mix_trace: summary,
                 version: env!("CARGO_PKG_VERSION").to_string(),

@@ -34,7 +34,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if !negative.is_empty() {
         text.push_str(&format!("\nNegative prompt: {negative}"));
     }
+    // A1111 names a checkpoint by its file name without the extension (`name_for_extra`).
     let model = Path::new(&s.model).file_name().and_then(|n| n.to_str()).unwrap_or(&s.model);
+    let model = model.strip_suffix(".safetensors").filter(|m| !m.is_empty()).unwrap_or(model);
     text.push_str(&format!(
         "\nSteps: {}, Sampler: {}, ",
         s.steps, r.sampler
@@ -42,7 +44,11 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if !r.schedule.is_empty() {
         text.push_str(&format!("Schedule type: {}, ", r.schedule));
     }
-    text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}", s.cfg, r.seed, r.width, r.height, quote(model)));
+    text.push_str(&format!("CFG scale: {}, Seed: {}, Size: {}x{}, ", s.cfg, r.seed, r.width, r.height));
+    if !r.model_hash.is_empty() {
+        text.push_str(&format!("Model hash: {}, ", r.model_hash));
+    }
+    text.push_str(&format!("Model: {}", quote(model)));
     if !s.vae.is_empty() {
         let name = Path::new(&s.vae).file_name().and_then(|n| n.to_str()).unwrap_or(&s.vae);
         text.push_str(&format!(", VAE: {}", quote(name)));
@@ -234,6 +240,21 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 let strength = v.parse().map_err(|_| bad(&k, &v, "a number"))?;
                 s.init.get_or_insert_with(Default::default).strength = strength;
             }
+            // The mask itself is not in A1111's text either; how it was used is, for when the
+            // user picks one.
+            "Mask blur" => s.init.get_or_insert_with(Default::default).mask_blur = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
+            "Masked content" => {
+                s.init.get_or_insert_with(Default::default).masked_content =
+                    v.parse().map_err(|_| bad(&k, &v, "original, fill, latent noise or latent nothing"))?
+            }
+            "Inpaint area" => {
+                s.init.get_or_insert_with(Default::default).inpaint_area = match v.as_str() {
+                    "Only masked" => InpaintArea::OnlyMasked,
+                    "Whole picture" => InpaintArea::WholePicture,
+                    _ => return Err(bad(&k, &v, "Whole picture or Only masked")),
+                }
+            }
+            "Masked area padding" => s.init.get_or_insert_with(Default::default).padding = v.parse().map_err(|_| bad(&k, &v, "a whole number of pixels"))?,
             "Clip skip" => {
                 let n: usize = v.parse().map_err(|_| bad(&k, &v, "a positive integer"))?;
                 s.clip_skip = n.saturating_sub(1);
@@ -337,6 +358,8 @@ pub fn encode_image(img: &image::RgbImage, rec: &ImageRecord) -> Result<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use super::super::settings::InitSettings;
+    use crate::sdxl::img2img::MaskedContent;
 
     /// A1111 quotes with `json.dumps` and unquotes with `json.loads`: every escape survives.
     #[test]
@@ -363,6 +386,35 @@ mod tests {
         assert_eq!(s.model, "sdxl");
     }
 
+    /// A1111's inpainting fields come back into the init settings (the mask and image are not
+    /// in the text; the user picks them again).
+    #[test]
+    fn inpainting_fields_parse_back() {
+        let text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 512x512, Model: x, Denoising strength: 0.6, Mask blur: 6, Masked content: latent noise, Inpaint area: Only masked, Masked area padding: 48";
+        let init = parse_parameters(text).unwrap().init.unwrap();
+        assert_eq!((init.strength, init.mask_blur, init.masked_content, init.inpaint_area, init.padding), (0.6, 6.0, MaskedContent::LatentNoise, InpaintArea::OnlyMasked, 48));
+        let rec = ImageRecord {
+            settings: Settings { init: Some(InitSettings { image: "a.png".into(), mask: Some("m.png".into()), ..init.clone() }), ..Settings::default() },
+            seed: 3,
+            batch_index: 0,
+            index_in_batch: 0,
+            width: 64,
+            height: 64,
+            sampler: "Euler".into(),
+            schedule: String::new(),
+            lora_hashes: vec![],
+            model_hash: String::new(),
+            ti_hashes: vec![],
+            mix_trace: None,
+            version: "0".into(),
+            drawn: None,
+        };
+        let back = parse_parameters(&parameters_text(&rec)).unwrap().init.unwrap();
+        assert_eq!(InitSettings { image: String::new(), mask: None, ..back }, init);
+        let err = parse_parameters("a\nSteps: 2, Inpaint area: Everywhere").unwrap_err().to_string();
+        assert!(err.contains("Inpaint area") && err.contains("Only masked"), "{err}");
+    }
+
     #[test]
     fn our_parameters_parse_back() {
         let settings = Settings {
@@ -384,12 +436,16 @@ mod tests {
             sampler: "Euler".into(),
             schedule: String::new(),
             lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
+            model_hash: "31e35c80fc".into(),
             ti_hashes: vec![],
             mix_trace: None,
             version: "0".into(),
             drawn: None,
         };
-        let back = parse_parameters(&parameters_text(&rec)).unwrap();
+        let text = parameters_text(&rec);
+        // A1111's order: the hash right before the name.
+        assert!(text.contains("Size: 64x64, Model hash: 31e35c80fc, Model: miniworld,"), "{text}");
+        let back = parse_parameters(&text).unwrap();
         assert_eq!(back.prompt, "a vlox emblem");
         assert_eq!(back.negative_prompt, "noise");
         assert_eq!((back.steps, back.cfg, back.seed, back.width, back.height), (12, 4.0, Some(9), 64, 64));

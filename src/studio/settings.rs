@@ -226,6 +226,9 @@ pub struct ImageRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub schedule: String,
     pub lora_hashes: Vec<(String, String)>,
+    /// A1111's `Model hash` (a single-file checkpoint's short sha256); empty for folders and repo ids.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub model_hash: String,
     /// A1111's `TI hashes`: the embeddings the prompts called, `(name, shorthash)`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ti_hashes: Vec<(String, String)>,

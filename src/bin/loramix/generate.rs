@@ -606,6 +606,7 @@ fn write_batch(
         ..settings_of(a, init_settings.cloned(), hires_settings)
     }
     .recorded();
+    let model_hash = studio::model_shorthash(&settings.model).unwrap_or_default();
     let mut written = Vec::with_capacity(images.len());
     for (i, img) in images.iter().enumerate() {
         let img = &match prepared {
@@ -622,6 +623,7 @@ fn write_batch(
             sampler: sampler.a1111_name().to_string(),
             schedule: if schedule == Schedule::Default { String::new() } else { schedule.a1111_name().to_string() },
             lora_hashes: hashes.to_vec(),
+            model_hash: model_hash.clone(),
             ti_hashes: ti_hashes.to_vec(),
             mix_trace: summary.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
