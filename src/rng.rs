@@ -193,6 +193,68 @@ impl BatchNoise {
     }
 }
 
+/// A1111's variation seed ("Variation seed" / "Variation seed strength"; the API's `subseed` and
+/// `subseed_strength`): each image's starting noise is spherically interpolated toward the noise
+/// of a second seed. Image `k` of a per-image batch takes `seed + k`, as A1111's
+/// `all_subseeds`; a shared batch draws its second noise from one generator, as it draws its first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variation {
+    pub seed: u64,
+    /// 0 = the image's own noise, 1 = the variation seed's.
+    pub strength: f64,
+}
+
+impl Variation {
+    /// `noise` (a batch of `dims = [images, channels, height, width]`) moved toward this seed's.
+    pub fn apply(&self, noise: &[f32], dims: &[usize], seeds: BatchSeeds) -> Option<Vec<f32>> {
+        let [b, c, h, w] = *dims else { return None };
+        let mut sub = BatchNoise::new(self.seed, b, seeds);
+        let high = sub.randn(dims)?;
+        let each = c * h * w;
+        if noise.len() != b * each {
+            return None;
+        }
+        Some(noise.chunks(each).zip(high.chunks(each)).flat_map(|(lo, hi)| slerp_a1111(self.strength, lo, hi, c, h, w)).collect())
+    }
+}
+
+/// `modules/rng.py` `slerp(val, low, high)` on one image's `[c, h, w]` noise, as A1111 computes
+/// it: norms and dot products run along dim 1 (the rows), so each (channel, column) pair is
+/// interpolated on its own; when the noises are nearly parallel on average it falls back to
+/// `low·val + high·(1 − val)` (sic: the weights are the other way round from the slerp's).
+fn slerp_a1111(val: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usize) -> Vec<f32> {
+    let at = |ci: usize, hi: usize, wi: usize| (ci * h + hi) * w + wi;
+    let mut dots = vec![0f32; c * w];
+    for ci in 0..c {
+        for wi in 0..w {
+            let (mut nl, mut nh) = (0f32, 0f32);
+            for hi in 0..h {
+                nl += low[at(ci, hi, wi)] * low[at(ci, hi, wi)];
+                nh += high[at(ci, hi, wi)] * high[at(ci, hi, wi)];
+            }
+            let (nl, nh) = (nl.sqrt(), nh.sqrt());
+            dots[ci * w + wi] = (0..h).map(|hi| (low[at(ci, hi, wi)] / nl) * (high[at(ci, hi, wi)] / nh)).sum();
+        }
+    }
+    let val32 = val as f32;
+    if dots.iter().map(|&d| d as f64).sum::<f64>() / dots.len().max(1) as f64 > 0.9995 {
+        return low.iter().zip(high).map(|(l, h)| l * val32 + h * (1.0 - val32)).collect();
+    }
+    let mut out = vec![0f32; low.len()];
+    for ci in 0..c {
+        for wi in 0..w {
+            let omega = dots[ci * w + wi].acos();
+            let so = omega.sin();
+            let (kl, kh) = (((1.0 - val32) * omega).sin() / so, (val32 * omega).sin() / so);
+            for hi in 0..h {
+                let i = at(ci, hi, wi);
+                out[i] = kl * low[i] + kh * high[i];
+            }
+        }
+    }
+    out
+}
+
 /// Fisher–Yates shuffle driven by our torch-compatible stream (deterministic for a seed).
 pub fn shuffle<T>(v: &mut [T], rng: &mut TorchCpuRng) {
     for i in (1..v.len()).rev() {
@@ -231,5 +293,29 @@ mod tests {
         for (a, b) in v[16..].iter().zip(want) {
             assert!((a - b).abs() < 1e-5, "{v:?}");
         }
+    }
+
+    /// A1111's variation seeds against `tools/parity/make_variation_fixtures.py`.
+    #[test]
+    fn variation_seeds_equal_a1111() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("variation.json")).unwrap()).unwrap();
+        let bytes = std::fs::read(dir.join("variation.safetensors")).unwrap();
+        let goldens = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, m) in meta.as_object().unwrap() {
+            let dims: Vec<usize> = m["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let seed = m["seed"].as_u64().unwrap();
+            let v = Variation { seed: m["subseed"].as_u64().unwrap(), strength: m["strength"].as_f64().unwrap() };
+            let mut noise = BatchNoise::new(seed, dims[0], BatchSeeds::PerImage);
+            let got = v.apply(&noise.randn(&dims).unwrap(), &dims, BatchSeeds::PerImage).unwrap();
+            let want: Vec<f32> = goldens.tensor(name).unwrap().data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            let (num, den) = got.iter().zip(&want).fold((0f64, 0f64), |(n, d), (g, w)| (n + ((g - w) as f64).powi(2), d + (*w as f64).powi(2)));
+            assert!((num / den).sqrt() < 1e-5, "{name}: relative L2 {}", (num / den).sqrt());
+        }
+        // Strength 1 is the variation seed's own noise.
+        let dims = [2, 4, 8, 8];
+        let own = BatchNoise::new(9, 2, BatchSeeds::PerImage).randn(&dims).unwrap();
+        let moved = Variation { seed: 9, strength: 1.0 }.apply(&BatchNoise::new(3, 2, BatchSeeds::PerImage).randn(&dims).unwrap(), &dims, BatchSeeds::PerImage).unwrap();
+        assert!(own.iter().zip(&moved).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 }

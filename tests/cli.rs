@@ -506,6 +506,8 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
         ("mixed", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--timestep-spacing", "trailing", "--lora", "vlox:0.8:subject", "--lora", "checkered", "--mix", "np", "--np-mu", "5"]),
         ("klora", vec!["--lora", "vlox", "--lora", "checkered", "--mix", "klora", "--klora-mode", "reference"]),
         ("init", vec!["--init-image", "none/00000-5.png", "--strength", "0.6"]),
+        // A random variation seed is recorded; ancestral noise continues the image's own seed.
+        ("variation", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--subseed-strength", "0.4", "--sampler", "euler_a"]),
     ];
     for (name, extra) in &cases {
         let made = generate(name, extra);
@@ -609,4 +611,41 @@ fn a_single_file_checkpoint_has_a1111_model_hash() {
     let png = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_string();
     let text = loramix::studio::png_text_chunks(&std::fs::read(png).unwrap()).unwrap().remove("parameters").unwrap();
     assert!(!text.contains("Model hash"), "{text}");
+}
+
+/// A1111's variation seeds from the command line: strength 1 starts from the variation seed's
+/// noise (with a deterministic sampler, that seed's image), image k takes subseed + k, and the
+/// PNG says so in A1111's words.
+#[test]
+fn variation_seeds_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let run = |out: &str, extra: &[&str]| -> Vec<std::path::PathBuf> {
+        let o = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "3", "--sampler", "euler", "--width", "32", "--height", "32", "--out"])
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{out}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().map(std::path::PathBuf::from).collect()
+    };
+    let pixels = |p: &std::path::Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let nine = run("nine", &["--seed", "9"]);
+    let ten = run("ten", &["--seed", "10"]);
+    let full = run("full", &["--seed", "1", "--subseed", "9", "--subseed-strength", "1", "--batch-size", "2", "--batch-seeds", "per-image"]);
+    // Batched and alone differ by GEMM rounding only (as per_image_batch_seeds_from_the_command_line).
+    let worst = |a: &std::path::Path, b: &std::path::Path| pixels(a).iter().zip(pixels(b)).map(|(x, y)| x.abs_diff(y)).max().unwrap();
+    assert!(worst(&full[0], &nine[0]) <= 1 && worst(&full[1], &ten[0]) <= 1, "strength 1 is the variation seed's image, image k's is subseed + k");
+    let half = run("half", &["--seed", "1", "--subseed", "9", "--subseed-strength", "0.5"]);
+    let one = run("one", &["--seed", "1"]);
+    assert!(worst(&half[0], &one[0]) > 8 && worst(&half[0], &nine[0]) > 8);
+    let text = loramix::studio::png_text_chunks(&std::fs::read(&half[0]).unwrap()).unwrap().remove("parameters").unwrap();
+    assert!(text.contains("Seed: 1,") && text.contains("Variation seed: 9, Variation seed strength: 0.5"), "{text}");
+    assert!(!loramix::studio::png_text_chunks(&std::fs::read(&one[0]).unwrap()).unwrap()["parameters"].contains("Variation"));
+    let full1 = loramix::studio::png_text_chunks(&std::fs::read(&full[1]).unwrap()).unwrap().remove("parameters").unwrap();
+    assert!(full1.contains("Seed: 2,") && full1.contains("Variation seed: 10,"), "{full1}");
+    let o = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--subseed-strength", "1.5"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--subseed-strength 1.5"), "{e}");
 }

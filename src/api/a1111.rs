@@ -25,6 +25,9 @@ pub struct GenerationRequest {
     #[serde(deserialize_with = "or_default")]
     pub styles: Vec<String>,
     pub seed: Option<i64>,
+    /// The variation seed and its strength (A1111's "Variation seed").
+    pub subseed: Option<i64>,
+    pub subseed_strength: Option<f64>,
     #[serde(deserialize_with = "or_default")]
     pub sampler_name: String,
     #[serde(deserialize_with = "or_default")]
@@ -136,6 +139,18 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u64),
         Some(n) => return Err(FieldError::new("seed", format!("{n}: expected -1 or 0 to 4294967295"))),
     };
+    s.subseed = match req.subseed {
+        None | Some(-1) => None,
+        Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u64),
+        Some(n) => return Err(FieldError::new("subseed", format!("{n}: expected -1 or 0 to 4294967295"))),
+    };
+    s.subseed_strength = match req.subseed_strength.unwrap_or(0.0) {
+        v if (0.0..=1.0).contains(&v) => v,
+        v => return Err(FieldError::new("subseed_strength", format!("{v}: expected 0 to 1"))),
+    };
+    if s.subseed_strength == 0.0 {
+        s.subseed = None;
+    }
     let sampler = if req.sampler_name.is_empty() { req.sampler_index.as_str() } else { req.sampler_name.as_str() };
     if !sampler.is_empty() {
         let k: SamplerKind = sampler.parse().map_err(|e: crate::Error| FieldError::new("sampler_name", e.to_string()))?;
@@ -249,6 +264,12 @@ mod tests {
         let s = to_settings(&req, "models/miniworld", None, None).unwrap();
         assert_eq!((s.steps, s.width, s.batch_size, s.batch_count, s.seed), (12, 64, 2, 3, None));
         assert_eq!((s.sampler.as_str(), s.schedule.as_str()), ("euler_a", ""));
+        assert_eq!((s.subseed, s.subseed_strength), (None, 0.0));
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "subseed": 9, "subseed_strength": 0.4})).unwrap();
+        let s = to_settings(&req, "m", None, None).unwrap();
+        assert_eq!((s.subseed, s.subseed_strength), (Some(9), 0.4));
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "subseed": 9, "subseed_strength": 1.5})).unwrap();
+        assert_eq!(to_settings(&req, "m", None, None).unwrap_err().loc, ["body", "subseed_strength"]);
     }
 
     #[test]

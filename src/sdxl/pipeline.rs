@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::sdxl::model::{self, ModelSource};
-use crate::rng::{BatchNoise, BatchSeeds};
+use crate::rng::{BatchNoise, BatchSeeds, Variation};
 use crate::sdxl::embedding::Embeddings;
 use crate::sdxl::img2img::{self, InitImage, MaskedContent};
 use crate::sdxl::prompt_schedule;
@@ -186,6 +186,9 @@ pub struct GenerateRequest {
     /// diffusers' `timestep_spacing` in place of the model's scheduler config (`trailing` is
     /// what SDXL Lightning, Turbo and Hyper-SD's model cards set for few-step sampling).
     pub timestep_spacing: Option<String>,
+    /// A1111's variation seed: the starting noise (the noise added to an init image) moved
+    /// toward another seed's.
+    pub variation: Option<Variation>,
 }
 
 impl Default for GenerateRequest {
@@ -207,6 +210,7 @@ impl Default for GenerateRequest {
             init: None,
             embeddings: Embeddings::default(),
             timestep_spacing: None,
+            variation: None,
         }
     }
 }
@@ -590,6 +594,9 @@ impl SdxlPipeline {
                 return Err(Error::Argument("init noise and an init image cannot be combined".into()));
             }
         }
+        if req.init_noise.is_some() && req.variation.is_some_and(|v| v.strength != 0.0) {
+            return Err(Error::Argument("init noise and a variation seed cannot be combined: the noise is given".into()));
+        }
         let (h, w) = (height / f, width / f);
         let shape = [b, latent_channels, h, w];
         let mut rng = BatchNoise::new(req.seed, b, req.batch_seeds);
@@ -611,6 +618,19 @@ impl SdxlPipeline {
             }
         };
         let randn = |rng: &mut BatchNoise, dims: &[usize]| -> Result<Tensor> { Ok(batch_randn(rng, dims)?.to_device(&self.device)?) };
+        // The starting noise, as A1111's `ImageRNG.first()`: the seed's, moved toward the
+        // variation seed's. Later draws (ancestral noise) continue the seed's generator.
+        let first_noise = |rng: &mut BatchNoise| -> Result<Tensor> {
+            let noise = batch_randn(rng, &shape)?;
+            let noise = match req.variation.filter(|v| v.strength != 0.0) {
+                Some(v) => {
+                    let moved = v.apply(&noise.flatten_all()?.to_vec1::<f32>()?, &shape, req.batch_seeds).ok_or_else(|| Error::Argument("variation seed: noise of another shape".into()))?;
+                    Tensor::from_vec(moved, &shape[..], &Device::Cpu)?
+                }
+                None => noise,
+            };
+            Ok(noise.to_device(&self.device)?)
+        };
         let mut start_index = 0usize;
         let mut inpaint: Option<InpaintState> = None;
         let mut latents = match &req.init {
@@ -626,7 +646,7 @@ impl SdxlPipeline {
                         }
                         n.to_dtype(DType::F32)?.to_device(&self.device)?
                     }
-                    None => randn(&mut rng, &shape)?,
+                    None => first_noise(&mut rng)?,
                 };
                 (noise * sched.init_noise_sigma())?
             }
@@ -653,7 +673,7 @@ impl SdxlPipeline {
                             }
                             None => to_batch(self.encode_sampled(&pixels()?, &mut rng)?, b)?,
                         };
-                        let noise = randn(&mut rng, &shape)?;
+                        let noise = first_noise(&mut rng)?;
                         sched.add_noise(&image_latents, &noise, start_index)?
                     }
                     Some(mask) => {
@@ -677,7 +697,7 @@ impl SdxlPipeline {
                             (Some(l), MaskedContent::LatentNothing) => Some(l.broadcast_mul(&(1.0 - &latent_mask)?)?),
                             (l, _) => l,
                         };
-                        let noise = randn(&mut rng, &shape)?;
+                        let noise = first_noise(&mut rng)?;
                         let latents = match (&image_latents, strength_max) {
                             (Some(l), false) => sched.add_noise(l, &noise, start_index)?,
                             _ => (&noise * sched.init_noise_sigma())?,

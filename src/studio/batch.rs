@@ -96,6 +96,8 @@ fn known_keys() -> Vec<String> {
         dtype: "x".into(),
         klora_mode: Some("x".into()),
         np_mu: Some(1.0),
+        subseed: Some(1),
+        subseed_strength: 0.5,
         ..Settings::default()
     };
     match serde_json::to_value(full) {
@@ -127,8 +129,10 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
         },
     };
     // A1111's -1: no seed given (the line's own, below).
-    if obj.get("seed").and_then(serde_json::Value::as_i64) == Some(-1) {
-        obj.remove("seed");
+    for key in ["seed", "subseed"] {
+        if obj.get(key).and_then(serde_json::Value::as_i64) == Some(-1) {
+            obj.remove(key);
+        }
     }
     let known = known_keys();
     if let Some(k) = obj.keys().find(|k| !known.contains(k)) {
@@ -154,6 +158,9 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
     if settings.switch_every == 0 {
         return Err("field switch_every: 0: expected at least 1".into());
     }
+    if !(0.0..=1.0).contains(&settings.subseed_strength) {
+        return Err(format!("field subseed_strength: {}: expected 0 to 1", settings.subseed_strength));
+    }
     Ok((settings, images))
 }
 
@@ -176,6 +183,10 @@ impl Manifest {
                 Ok((mut settings, images)) => {
                     if settings.seed.is_none() {
                         settings.seed = Some(seed_of(&settings));
+                    }
+                    // A rerun must make the same images: a variation seed from the line too.
+                    if settings.subseed.is_none() && settings.subseed_strength != 0.0 {
+                        settings.subseed = Some(seed_of(&settings));
                     }
                     let images = images.unwrap_or(settings.batch_count * settings.batch_size);
                     m.jobs.push(ManifestJob { line: i + 1, settings, images });

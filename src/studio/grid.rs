@@ -27,6 +27,8 @@ use crate::output;
 #[derive(Debug, Clone, PartialEq)]
 pub enum AxisKind {
     Seed,
+    VarSeed,
+    VarStrength,
     Steps,
     Cfg,
     Sampler,
@@ -65,6 +67,8 @@ impl AxisKind {
         }
         Ok(match lower.as_str() {
             "seed" => Self::Seed,
+            "subseed" | "var. seed" | "variation seed" => Self::VarSeed,
+            "subseed_strength" | "var. strength" | "variation seed strength" => Self::VarStrength,
             "steps" => Self::Steps,
             "cfg" | "cfg scale" | "cfg_scale" => Self::Cfg,
             "sampler" => Self::Sampler,
@@ -81,7 +85,7 @@ impl AxisKind {
             "denoise" | "denoising" | "denoising strength" => Self::Denoise,
             _ => {
                 return Err(Error::Argument(format!(
-                    "grid axis {name:?}: expected seed, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae or denoise"
+                    "grid axis {name:?}: expected seed, subseed, subseed_strength, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae or denoise"
                 )))
             }
         })
@@ -91,6 +95,8 @@ impl AxisKind {
     pub fn label(&self) -> String {
         match self {
             Self::Seed => "Seed".into(),
+            Self::VarSeed => "Var. seed".into(),
+            Self::VarStrength => "Var. strength".into(),
             Self::Steps => "Steps".into(),
             Self::Cfg => "CFG Scale".into(),
             Self::Sampler => "Sampler".into(),
@@ -112,8 +118,8 @@ impl AxisKind {
 
     fn numeric(&self) -> Option<bool> {
         match self {
-            Self::Seed | Self::Steps | Self::Width | Self::Height | Self::ClipSkip => Some(true),
-            Self::Cfg | Self::LoraWeight(_) | Self::Denoise => Some(false),
+            Self::Seed | Self::VarSeed | Self::Steps | Self::Width | Self::Height | Self::ClipSkip => Some(true),
+            Self::Cfg | Self::LoraWeight(_) | Self::Denoise | Self::VarStrength => Some(false),
             _ => None,
         }
     }
@@ -208,6 +214,8 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
     let float = || value.trim().parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| bad("a number"));
     match kind {
         AxisKind::Seed => settings.seed = Some(match int()? { n if n < 0 => super::jobs::random_seed(), n => n as u64 }),
+        AxisKind::VarSeed => settings.subseed = Some(match int()? { n if n < 0 => super::jobs::random_seed(), n => n as u64 }),
+        AxisKind::VarStrength => settings.subseed_strength = Some(float()?).filter(|v| (0.0..=1.0).contains(v)).ok_or_else(|| bad("a number from 0 to 1"))?,
         AxisKind::Steps => settings.steps = usize::try_from(int()?).ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| bad("1 to 1000"))?,
         AxisKind::Cfg => settings.cfg = float()?,
         AxisKind::Sampler => {
@@ -362,6 +370,10 @@ pub fn run_grid(
     // One seed for every cell unless an axis varies it (A1111 fixes -1 before the grid).
     if base.seed.is_none() {
         base.seed = Some(super::jobs::random_seed());
+    }
+    // The same for the variation seed, when some cell has a variation strength.
+    if base.subseed.is_none() && (base.subseed_strength != 0.0 || axes.iter().flatten().any(|a| a.kind == AxisKind::VarStrength)) {
+        base.subseed = Some(super::jobs::random_seed());
     }
     let values = |a: Option<&Axis>| a.map_or_else(|| vec![String::new()], |a| a.values.clone());
     let (xs, ys, zs) = (values(axes[0]), values(axes[1]), values(axes[2]));

@@ -339,6 +339,12 @@ impl Studio {
         // Every prompt-level error (unclosed tags, missing wildcards) before the model loads.
         let seed0 = settings.seed.unwrap_or_else(random_seed);
         lora::extract_prompt_loras(&draw(seed0)?.0)?;
+        if !(0.0..=1.0).contains(&settings.subseed_strength) {
+            return Err(Error::Argument(format!("variation seed strength {}: expected 0 to 1", settings.subseed_strength)));
+        }
+        // A1111 draws a variation seed when none is given; image k's is subseed + k, as its seed.
+        let subseed0 = (settings.subseed_strength != 0.0).then(|| settings.subseed.unwrap_or_else(random_seed));
+        let subseed_of = |unit_seed: u64| subseed0.map(|s| s.wrapping_add(unit_seed.wrapping_sub(seed0)));
         // What one generation call makes: a batch sharing a prompt, or (when every image draws
         // its own prompt) one image with A1111's per-image seed.
         struct Unit {
@@ -427,6 +433,7 @@ impl Studio {
                 sampler: sampler_name.clone(),
                 schedule: schedule_name.clone(),
                 lora_hashes: hashes,
+                subseed: subseed_of(unit.seed).map(|s| settings.batch_seeds.seed_of(s, i)),
                 model_hash: model_hash.clone(),
                 ti_hashes,
                 mix_trace: summary,
@@ -520,6 +527,7 @@ impl Studio {
                 init_noise: None,
                 init: prepared.as_ref().map(|p| p.init.clone()),
                 embeddings: embeddings.clone(),
+                variation: subseed_of(unit.seed).map(|seed| crate::rng::Variation { seed, strength: settings.subseed_strength }),
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

@@ -53,6 +53,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
         let name = Path::new(&s.vae).file_name().and_then(|n| n.to_str()).unwrap_or(&s.vae);
         text.push_str(&format!(", VAE: {}", quote(name)));
     }
+    if let Some(sub) = r.subseed.filter(|_| s.subseed_strength != 0.0) {
+        text.push_str(&format!(", Variation seed: {sub}, Variation seed strength: {}", s.subseed_strength));
+    }
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
@@ -262,6 +265,10 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             "Timestep spacing" => s.timestep_spacing = v.clone(),
             "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
             "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
+            "Variation seed" => s.subseed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
+            "Variation seed strength" => {
+                s.subseed_strength = v.parse().ok().filter(|x| (0.0..=1.0).contains(x)).ok_or_else(|| bad(&k, &v, "a number from 0 to 1"))?
+            }
             "Size" => {
                 let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
                 s.width = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
@@ -338,6 +345,9 @@ pub fn settings_from_png(path: &Path) -> Result<(Settings, Option<ImageRecord>)>
             .map_err(|e| Error::BadFile { path: path.into(), message: format!("'{JSON_CHUNK}' chunk: {e}") })?;
         let mut s = rec.settings.clone();
         s.seed = Some(rec.seed);
+        if rec.subseed.is_some() {
+            s.subseed = rec.subseed;
+        }
         return Ok((s, Some(rec)));
     }
     match chunks.get("parameters") {
@@ -403,6 +413,7 @@ mod tests {
             sampler: "Euler".into(),
             schedule: String::new(),
             lora_hashes: vec![],
+            subseed: None,
             model_hash: String::new(),
             ti_hashes: vec![],
             mix_trace: None,
@@ -436,13 +447,19 @@ mod tests {
             sampler: "Euler".into(),
             schedule: String::new(),
             lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
+            subseed: None,
             model_hash: "31e35c80fc".into(),
             ti_hashes: vec![],
             mix_trace: None,
             version: "0".into(),
             drawn: None,
         };
+        let mut varied = rec.clone();
+        (varied.settings.subseed_strength, varied.subseed) = (0.25, Some(77));
+        let back = parse_parameters(&parameters_text(&varied)).unwrap();
+        assert_eq!((back.subseed, back.subseed_strength), (Some(77), 0.25));
         let text = parameters_text(&rec);
+        assert!(!text.contains("Variation"), "{text}");
         // A1111's order: the hash right before the name.
         assert!(text.contains("Size: 64x64, Model hash: 31e35c80fc, Model: miniworld,"), "{text}");
         let back = parse_parameters(&text).unwrap();

@@ -62,6 +62,14 @@ pub struct Settings {
     pub dtype: String,
     /// `None`: a random seed per job.
     pub seed: Option<u64>,
+    /// A1111's variation seed ("Variation seed"; the API's `subseed`): with a strength above 0,
+    /// each image's starting noise moves toward this seed's (image k of the job: subseed + k, as
+    /// its seed is seed + k). `None`: a random one per job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subseed: Option<u64>,
+    /// "Variation seed strength", 0 (off) to 1 (the variation seed's noise).
+    #[serde(skip_serializing_if = "is_zero_f64")]
+    pub subseed_strength: f64,
     /// 0: the model's default size.
     pub width: usize,
     pub height: usize,
@@ -187,6 +195,8 @@ impl Default for Settings {
             vae: String::new(),
             dtype: String::new(),
             seed: None,
+            subseed: None,
+            subseed_strength: 0.0,
             width: 0,
             height: 0,
             batch_count: 1,
@@ -226,6 +236,10 @@ pub struct ImageRecord {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub schedule: String,
     pub lora_hashes: Vec<(String, String)>,
+    /// This image's variation seed (with per-image seeds its own, as `seed`), when the settings
+    /// have a variation strength.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subseed: Option<u64>,
     /// A1111's `Model hash` (a single-file checkpoint's short sha256); empty for folders and repo ids.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model_hash: String,
@@ -321,6 +335,10 @@ fn one() -> f64 {
 
 fn is_false(v: &bool) -> bool {
     !*v
+}
+
+fn is_zero_f64(v: &f64) -> bool {
+    *v == 0.0
 }
 
 fn is_zero(v: &usize) -> bool {

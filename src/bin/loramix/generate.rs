@@ -58,6 +58,13 @@ pub struct GenerateArgs {
     /// Default (or -1, as in A1111): a random seed, printed and recorded.
     #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: Option<u64>,
+    /// A1111's variation seed: with --subseed-strength above 0, the starting noise moves toward
+    /// this seed's (image k: subseed + k). Default (or -1): a random one, recorded.
+    #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
+    subseed: Option<u64>,
+    /// A1111's "Variation seed strength": 0 (off) to 1 (the variation seed's own noise).
+    #[arg(long, default_value_t = 0.0)]
+    subseed_strength: f64,
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
@@ -293,7 +300,13 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
     Ok(JobParts { load, init: init_settings, hires })
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+pub fn run(mut a: GenerateArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&a.subseed_strength) {
+        anyhow::bail!("--subseed-strength {}: expected a number in [0, 1]", a.subseed_strength);
+    }
+    if a.subseed_strength != 0.0 && a.subseed.is_none() {
+        a.subseed = Some(studio::random_seed());
+    }
     let JobParts { load: mut opts, init: init_settings, hires } = job_parts(&a)?;
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
@@ -393,6 +406,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         init_noise,
         init: prepared.as_ref().map(|p| p.init.clone()),
         embeddings: studio::job_embeddings(&a.model, a.library.as_deref(), &a.embeddings)?,
+        variation: None,
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
@@ -478,6 +492,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         let t_batch = Instant::now();
         let mut req = req.clone();
         req.seed = seed + (batch * a.batch_size) as u64;
+        // Image k's variation seed is subseed + k, as its seed is seed + k.
+        req.variation = a.subseed.filter(|_| a.subseed_strength != 0.0).map(|s| loramix::rng::Variation { seed: s.wrapping_add((batch * a.batch_size) as u64), strength: a.subseed_strength });
         let targets_ref = targets.as_ref().expect("kept until the last batch");
         let mixer = plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?;
         let hires = match &hires {
@@ -623,6 +639,7 @@ fn write_batch(
             sampler: sampler.a1111_name().to_string(),
             schedule: if schedule == Schedule::Default { String::new() } else { schedule.a1111_name().to_string() },
             lora_hashes: hashes.to_vec(),
+            subseed: req.variation.map(|v| req.batch_seeds.seed_of(v.seed, i)),
             model_hash: model_hash.clone(),
             ti_hashes: ti_hashes.to_vec(),
             mix_trace: summary.clone(),
@@ -711,6 +728,8 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         clip_skip: a.clip_skip,
         timestep_spacing: a.timestep_spacing.clone().unwrap_or_default(),
         seed: a.seed,
+        subseed: a.subseed.filter(|_| a.subseed_strength != 0.0),
+        subseed_strength: a.subseed_strength,
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         batch_count: a.batch_count,

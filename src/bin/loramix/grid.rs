@@ -8,7 +8,7 @@ use crate::generate::{self, GenerateArgs};
 
 #[derive(clap::Args)]
 pub struct GridArgs {
-    /// Columns: seed | steps | cfg | sampler | schedule | size | width | height | clip_skip |
+    /// Columns: seed | subseed | subseed_strength | steps | cfg | sampler | schedule | size | width | height | clip_skip |
     /// prompt_sr | lora:NAME | mix | lbw | lbw:NAME | checkpoint | vae | denoise, then = and
     /// comma-separated values (CSV quoting; ranges 1-5, 1-9 (+2), 0.2-1 [5] on numeric axes).
     #[arg(long, value_name = "AXIS=V1,V2,...")]

@@ -40,6 +40,10 @@ export interface Settings {
   /** A VAE folder or .safetensors in place of the model's; "" = the model's. */
   vae?: string;
   seed: number | null;
+  /** A1111's variation seed: with a strength above 0 the starting noise moves toward this seed's; null = random. */
+  subseed?: number | null;
+  /** "Variation seed strength", 0 (off) to 1. */
+  subseed_strength?: number;
   width: number;
   height: number;
   batch_count: number;
