@@ -87,7 +87,7 @@ pub(crate) fn hash_in(model: &str, cache: Option<&Path>) -> Option<String> {
     MEMO.lock().unwrap_or_else(|e| e.into_inner()).insert(path.clone(), entry.clone());
     if let Some(file) = cache {
         // Re-read just before writing: another process may have added its own entries.
-        let mut all = read_cache(&file);
+        let mut all = read_cache(file);
         all.insert(path, entry);
         if let (Some(dir), Ok(bytes)) = (file.parent(), serde_json::to_vec_pretty(&all)) {
             if std::fs::create_dir_all(dir).is_ok() {
