@@ -92,6 +92,15 @@ def main():
         worst = max(abs(a - b) for a, b in zip(pixels(batch.images[1]), pixels(alone.image)))
         check(worst <= 1, f"the batch's second image is seed 22 alone ({worst} levels apart)")
 
+        # Variation seeds: strength 1 starts from the variation seed's noise (Euler is
+        # deterministic, so that seed's image); image k's variation seed is subseed + k.
+        varied = api.txt2img(prompt="a vlox emblem on a teal background", seed=3, subseed=22, subseed_strength=1.0, width=64, height=64, steps=6, sampler_name="Euler", batch_size=2)
+        own = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler")
+        worst = max(abs(a - b) for a, b in zip(pixels(varied.images[0]), pixels(own.image)))
+        check(worst <= 1, f"subseed_strength 1 is the variation seed's image ({worst} levels apart)")
+        check(varied.info["all_subseeds"] == [22, 23] and varied.info["subseed_strength"] == 1.0, f"all_subseeds ({varied.info['all_subseeds']})")
+        check("Variation seed: 22, Variation seed strength: 1" in varied.info["infotexts"][0], "the infotext names the variation seed")
+
         # The same seed without the LoRA draws a different picture.
         plain = api.txt2img(prompt="a vlox emblem on a teal background", seed=11, width=64, height=64, steps=8)
         check(pixels(plain.image) != pixels(res.image), "the LoRA tag changes the image")
