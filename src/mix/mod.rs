@@ -401,6 +401,26 @@ pub fn build(opts: &MixOptions) -> Result<Box<dyn MixStrategy>> {
     Ok(if opts.asymmetric_cfg { Box::new(AsymmetricCfg(strategy)) } else { strategy })
 }
 
+/// The options set for another strategy than the chosen one, which it ignores: a user who asks
+/// for `--np-mu` under `--mix klora` is told, rather than left to wonder why nothing changed.
+/// (`--windows` elsewhere is refused by [`build`].) `switch_every` is not listed: its default
+/// cannot be told from a given value.
+pub fn ignored_options(opts: &MixOptions) -> Vec<String> {
+    let s = opts.strategy.as_str();
+    let klora_like = matches!(s, "klora" | "est");
+    let mut out = vec![];
+    let mut note = |set: bool, flag: &str, of: &str| {
+        if set {
+            out.push(format!("{flag} is an option of {of}; --mix {s} ignores it"));
+        }
+    };
+    note(opts.klora_pattern.is_some() && !klora_like, "--klora-pattern", "--mix klora and est");
+    note(opts.klora_mode != "corrected" && !klora_like, "--klora-mode", "--mix klora and est");
+    note(opts.klora_others.is_some() && !klora_like, "--klora-others", "--mix klora and est");
+    note(opts.np_mu.is_some() && s != "np", "--np-mu", "--mix np");
+    out
+}
+
 /// Any strategy with asymmetric CFG: the same weights, never fused (the unconditional pass
 /// needs the base weights, the conditional one the LoRAs).
 struct AsymmetricCfg(Box<dyn MixStrategy>);
@@ -819,6 +839,16 @@ impl StepMixer for Mixer<'_> {
 #[cfg(test)]
 mod tests {
     use super::MaskRamp;
+
+    #[test]
+    fn options_of_other_strategies_are_named() {
+        let opts = |strategy: &str| super::MixOptions { strategy: strategy.into(), np_mu: Some(5.0), klora_pattern: Some("s".into()), ..Default::default() };
+        let w = super::ignored_options(&opts("merge"));
+        assert_eq!(w, ["--klora-pattern is an option of --mix klora and est; --mix merge ignores it", "--np-mu is an option of --mix np; --mix merge ignores it"]);
+        assert_eq!(super::ignored_options(&opts("klora")), ["--np-mu is an option of --mix np; --mix klora ignores it"]);
+        assert_eq!(super::ignored_options(&opts("np")), ["--klora-pattern is an option of --mix klora and est; --mix np ignores it"]);
+        assert!(super::ignored_options(&super::MixOptions::default()).is_empty());
+    }
 
     #[test]
     fn mask_ramp_measures_from_the_floor_quantile() {

@@ -335,6 +335,9 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     if a.mix != "est" {
         mix::build(&mix_opts)?; // flag errors before the model loads
     }
+    for w in mix::ignored_options(&mix_opts) {
+        eprintln!("warning: {w}");
+    }
     let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
     let model_loras = std::path::Path::new(&a.model).join("loras");
     // Resolve names before the model loads, so a typo fails fast.
