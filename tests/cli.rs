@@ -549,6 +549,16 @@ fn an_img2img_mix_trace_has_the_steps_that_ran() {
     run(&["--out", "second", "--init-image", &init, "--strength", "0.5", "--lora", "vlox", "--lora", "checkered", "--mix", "klora", "--mix-trace", "t/trace.json"]);
     let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("t/trace.json")).unwrap()).unwrap();
     assert_eq!((trace["steps"].as_u64(), trace["first_step"].as_u64(), trace["weights"].as_array().map(Vec::len)), (Some(10), Some(5), Some(5)), "{}", trace["first_step"]);
+    // Second-order samplers call the model twice a step: the trace still counts steps, and a
+    // window over the first half of them ends half-way.
+    for sampler in ["heun", "dpm2"] {
+        run(&["--out", sampler, "--sampler", sampler, "--lora", "vlox:1:subject", "--lora", "checkered:1:style", "--mix", "windows", "--windows", "subject=0:0.5,style=0:1", "--mix-trace", "t/second.json"]);
+        let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("t/second.json")).unwrap()).unwrap();
+        let rows = trace["weights"].as_array().unwrap();
+        assert_eq!((trace["steps"].as_u64(), rows.len()), (Some(10), 10), "{sampler}");
+        let subject_on: Vec<bool> = rows.iter().map(|r| r.as_array().unwrap().iter().any(|l| l[0].as_f64().unwrap() != 0.0)).collect();
+        assert_eq!(subject_on, [true, true, true, true, true, false, false, false, false, false], "{sampler}");
+    }
 }
 
 /// `auto` offered more LoRAs of a role than one keeps every one the prompt names, and narrows

@@ -769,6 +769,12 @@ impl SdxlPipeline {
         // The kept keys and values go with the generation, however it ends.
         let _forget = ForgetKeptProducts(unet);
         let timesteps = sched.timesteps().to_vec();
+        // The mixer counts sampling steps, not model calls: Heun and DPM2 take two entries of
+        // the schedule per step (diffusers' `order`; its last step one), so a trace has a row
+        // per step and a LoRA's start/stop or window falls where the user's step count puts it
+        // (A1111's extensions read `state.sampling_step`, which counts steps too).
+        let order = sched.order().max(1);
+        let mix_steps = timesteps.len().div_ceil(order);
         let start = Instant::now();
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
@@ -786,7 +792,7 @@ impl SdxlPipeline {
             }
             .to_dtype(self.dtype)?;
             let passes = match mixer.as_deref_mut() {
-                Some(m) => m.passes(i, timesteps.len(), t)?,
+                Some(m) => m.passes(i / order, mix_steps, t)?,
                 None => 1,
             };
             // Asymmetric CFG: the unconditional rows once on the base weights, then the
@@ -801,7 +807,7 @@ impl SdxlPipeline {
             let mut out: Option<Tensor> = None;
             for pass in 0..passes.max(1) {
                 if let Some(m) = mixer.as_deref_mut() {
-                    m.apply(i, pass)?;
+                    m.apply(i / order, pass)?;
                 }
                 let o = unet.forward(&input_rows, t as f32, &context_rows, added_rows.as_ref())?.to_dtype(DType::F32)?;
                 out = Some(match out {
