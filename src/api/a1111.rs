@@ -134,16 +134,14 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     if let Some(n) = req.override_settings.get("CLIP_stop_at_last_layers").and_then(Value::as_u64) {
         s.clip_skip = (n as usize).saturating_sub(1);
     }
-    s.seed = match req.seed {
-        None | Some(-1) => None,
-        Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u64),
-        Some(n) => return Err(FieldError::new("seed", format!("{n}: expected -1 or 0 to 4294967295"))),
+    // Any seed the CLI or a PNG may hold (A1111 draws below 2³², but takes what it is given).
+    let seed = |field: &str, v: Option<i64>| match v {
+        None | Some(-1) => Ok(None),
+        Some(n) if n >= 0 => Ok(Some(n as u64)),
+        Some(n) => Err(FieldError::new(field, format!("{n}: expected -1 or a whole number from 0"))),
     };
-    s.subseed = match req.subseed {
-        None | Some(-1) => None,
-        Some(n) if (0..=u32::MAX as i64).contains(&n) => Some(n as u64),
-        Some(n) => return Err(FieldError::new("subseed", format!("{n}: expected -1 or 0 to 4294967295"))),
-    };
+    s.seed = seed("seed", req.seed)?;
+    s.subseed = seed("subseed", req.subseed)?;
     s.subseed_strength = match req.subseed_strength.unwrap_or(0.0) {
         v if (0.0..=1.0).contains(&v) => v,
         v => return Err(FieldError::new("subseed_strength", format!("{v}: expected 0 to 1"))),

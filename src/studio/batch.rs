@@ -158,6 +158,9 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
     if settings.switch_every == 0 {
         return Err("field switch_every: 0: expected at least 1".into());
     }
+    if settings.init.as_ref().is_some_and(|i| i.image.is_empty()) {
+        return Err("field init.image: expected the init image's path".into());
+    }
     if !(0.0..=1.0).contains(&settings.subseed_strength) {
         return Err(format!("field subseed_strength: {}: expected 0 to 1", settings.subseed_strength));
     }
@@ -566,6 +569,13 @@ mod tests {
         assert!(errs[2].0 == 6 && errs[2].1.contains("field stpes: unknown"), "{errs:?}");
         assert!(errs[3].0 == 7 && errs[3].1.contains("field steps"), "{errs:?}");
         assert!(errs[4].0 == 8 && errs[4].1.contains("JSON object"), "{errs:?}");
+        // What a restore from A1111's text leaves (its img2img fields, no image) is named.
+        let e = parse_line(r#"{"prompt": "a", "init": {"image": "", "strength": 0.5}}"#).unwrap_err();
+        assert!(e.contains("field init.image"), "{e}");
+        let e = parse_line(r#"{"prompt": "a", "subseed_strength": 2}"#).unwrap_err();
+        assert!(e.contains("field subseed_strength"), "{e}");
+        let (s, _) = parse_line(r#"{"prompt": "a", "subseed": -1, "subseed_strength": 0.5}"#).unwrap();
+        assert_eq!((s.subseed, s.subseed_strength), (None, 0.5));
     }
 
     #[test]

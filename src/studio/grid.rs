@@ -212,9 +212,14 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
     let bad = |want: &str| Error::Argument(format!("grid axis {}: {value:?}: expected {want}", kind.label()));
     let int = || value.trim().parse::<i64>().map_err(|_| bad("a whole number"));
     let float = || value.trim().parse::<f64>().ok().filter(|f| f.is_finite()).ok_or_else(|| bad("a number"));
+    // A1111's `fix_axis_seeds`: -1 draws a seed; other values are seeds as given.
+    let seed_value = || match value.trim() {
+        "-1" => Ok(super::jobs::random_seed()),
+        v => v.parse::<u64>().map_err(|_| bad("a whole number from 0, or -1 for a random seed")),
+    };
     match kind {
-        AxisKind::Seed => settings.seed = Some(match int()? { n if n < 0 => super::jobs::random_seed(), n => n as u64 }),
-        AxisKind::VarSeed => settings.subseed = Some(match int()? { n if n < 0 => super::jobs::random_seed(), n => n as u64 }),
+        AxisKind::Seed => settings.seed = Some(seed_value()?),
+        AxisKind::VarSeed => settings.subseed = Some(seed_value()?),
         AxisKind::VarStrength => settings.subseed_strength = Some(float()?).filter(|v| (0.0..=1.0).contains(v)).ok_or_else(|| bad("a number from 0 to 1"))?,
         AxisKind::Steps => settings.steps = usize::try_from(int()?).ok().filter(|n| (1..=1000).contains(n)).ok_or_else(|| bad("1 to 1000"))?,
         AxisKind::Cfg => settings.cfg = float()?,
@@ -651,6 +656,16 @@ mod tests {
         assert!(apply(&mut s, &AxisKind::Mix, "blend", "").is_err());
         assert!(apply(&mut s, &AxisKind::LoraWeight("nope".into()), "1", "").unwrap_err().to_string().contains("no LoRA nope"));
         assert!(apply(&mut s, &AxisKind::PromptSr, "x", "zebra").is_err());
+        // Seeds: -1 draws one (A1111's fix_axis_seeds); other negatives are no seeds.
+        apply(&mut s, &AxisKind::VarSeed, "18446744073709551615", "").unwrap();
+        assert_eq!(s.subseed, Some(u64::MAX));
+        apply(&mut s, &AxisKind::VarStrength, "0.3", "").unwrap();
+        assert_eq!(s.subseed_strength, 0.3);
+        assert!(apply(&mut s, &AxisKind::VarStrength, "1.5", "").is_err());
+        apply(&mut s, &AxisKind::Seed, "-1", "").unwrap();
+        for kind in [AxisKind::Seed, AxisKind::VarSeed] {
+            assert!(apply(&mut s, &kind, "-5", "").unwrap_err().to_string().contains("-1 for a random seed"));
+        }
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
     if !(0.0..=256.0).contains(&s.mask_blur) {
         return Err(Error::Argument(format!("mask blur must be in [0, 256] pixels, got {}", s.mask_blur)));
     }
+    if s.image.is_empty() {
+        // What a restore from A1111's text leaves: its img2img fields, not its image.
+        return Err(Error::Argument("init image: none given (img2img, inpainting and outpainting start from an image file)".into()));
+    }
     let image_path = Path::new(&s.image);
     let mut image = img2img::load_image(image_path)?;
     let mut mask = match &s.mask {

@@ -520,6 +520,9 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
             break;
         }
     }
+    if let Some(sub) = a.subseed.filter(|_| a.subseed_strength != 0.0) {
+        eprintln!("variation seed {sub}, strength {}", a.subseed_strength);
+    }
     eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
     Ok(())
 }
@@ -773,11 +776,11 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
     Ok((w.trim().parse()?, h.trim().parse()?))
 }
 
+/// Any u64 (what a record can hold: a batch's seed + k may pass i64's range), or -1.
 fn parse_seed(s: &str) -> Result<u64, String> {
-    match s.trim().parse::<i64>() {
-        Ok(-1) => Ok(studio::random_seed()),
-        Ok(n) if n >= 0 => Ok(n as u64),
-        _ => Err(format!("{s:?}: expected a whole number from 0, or -1 for a random seed")),
+    match s.trim() {
+        "-1" => Ok(studio::random_seed()),
+        t => t.parse::<u64>().map_err(|_| format!("{s:?}: expected a whole number from 0, or -1 for a random seed")),
     }
 }
 
