@@ -130,6 +130,17 @@ impl BatchSeeds {
             Self::PerImage => seed.wrapping_add(k as u64),
         }
     }
+
+    /// The same under a variation seed (`varied`: a strength above 0), where A1111 keeps every
+    /// image on the job's seed (`all_seeds = [seed + (x if subseed_strength == 0 else 0) …]`)
+    /// and only the variation seed advances: variations of one image.
+    pub fn seed_of_varied(self, seed: u64, k: usize, varied: bool) -> u64 {
+        if varied {
+            seed
+        } else {
+            self.seed_of(seed, k)
+        }
+    }
 }
 
 impl std::str::FromStr for BatchSeeds {
@@ -153,10 +164,15 @@ pub struct BatchNoise {
 
 impl BatchNoise {
     pub fn new(seed: u64, images: usize, seeds: BatchSeeds) -> Self {
+        Self::with_variation(seed, images, seeds, false)
+    }
+
+    /// A batch's noise when a variation seed may be set ([`BatchSeeds::seed_of_varied`]).
+    pub fn with_variation(seed: u64, images: usize, seeds: BatchSeeds, varied: bool) -> Self {
         let images = images.max(1);
         let generators = match seeds {
             BatchSeeds::Shared => vec![TorchCpuRng::new(seed)],
-            BatchSeeds::PerImage => (0..images).map(|k| TorchCpuRng::new(seeds.seed_of(seed, k))).collect(),
+            BatchSeeds::PerImage => (0..images).map(|k| TorchCpuRng::new(seeds.seed_of_varied(seed, k, varied))).collect(),
         };
         Self { generators, images }
     }
@@ -196,7 +212,8 @@ impl BatchNoise {
 /// A1111's variation seed ("Variation seed" / "Variation seed strength"; the API's `subseed` and
 /// `subseed_strength`): each image's starting noise is spherically interpolated toward the noise
 /// of a second seed. Image `k` of a per-image batch takes `seed + k`, as A1111's
-/// `all_subseeds`; a shared batch draws its second noise from one generator, as it draws its first.
+/// `all_subseeds`, while its main seed stays the job's ([`BatchSeeds::seed_of_varied`]); a shared
+/// batch draws its second noise from one generator, as it draws its first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Variation {
     pub seed: u64,
@@ -306,7 +323,7 @@ mod tests {
             let dims: Vec<usize> = m["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
             let seed = m["seed"].as_u64().unwrap();
             let v = Variation { seed: m["subseed"].as_u64().unwrap(), strength: m["strength"].as_f64().unwrap() };
-            let mut noise = BatchNoise::new(seed, dims[0], BatchSeeds::PerImage);
+            let mut noise = BatchNoise::with_variation(seed, dims[0], BatchSeeds::PerImage, true);
             let got = v.apply(&noise.randn(&dims).unwrap(), &dims, BatchSeeds::PerImage).unwrap();
             let want: Vec<f32> = goldens.tensor(name).unwrap().data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             let (num, den) = got.iter().zip(&want).fold((0f64, 0f64), |(n, d), (g, w)| (n + ((g - w) as f64).powi(2), d + (*w as f64).powi(2)));

@@ -624,8 +624,8 @@ fn a_single_file_checkpoint_has_a1111_model_hash() {
 }
 
 /// A1111's variation seeds from the command line: strength 1 starts from the variation seed's
-/// noise (with a deterministic sampler, that seed's image), image k takes subseed + k, and the
-/// PNG says so in A1111's words.
+/// noise (with a deterministic sampler, that seed's image), image k takes subseed + k and keeps
+/// the job's seed, and the PNG says so in A1111's words.
 #[test]
 fn variation_seeds_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
@@ -647,14 +647,17 @@ fn variation_seeds_from_the_command_line() {
     // Batched and alone differ by GEMM rounding only (as per_image_batch_seeds_from_the_command_line).
     let worst = |a: &std::path::Path, b: &std::path::Path| pixels(a).iter().zip(pixels(b)).map(|(x, y)| x.abs_diff(y)).max().unwrap();
     assert!(worst(&full[0], &nine[0]) <= 1 && worst(&full[1], &ten[0]) <= 1, "strength 1 is the variation seed's image, image k's is subseed + k");
-    let half = run("half", &["--seed", "1", "--subseed", "9", "--subseed-strength", "0.5"]);
+    let half = run("half", &["--seed", "1", "--subseed", "9", "--subseed-strength", "0.5", "--batch-count", "2"]);
+    let second = loramix::studio::png_text_chunks(&std::fs::read(&half[1]).unwrap()).unwrap().remove("parameters").unwrap();
+    assert!(second.contains("Seed: 1,") && second.contains("Variation seed: 10,"), "the second batch keeps the seed: {second}");
     let one = run("one", &["--seed", "1"]);
     assert!(worst(&half[0], &one[0]) > 8 && worst(&half[0], &nine[0]) > 8);
     let text = loramix::studio::png_text_chunks(&std::fs::read(&half[0]).unwrap()).unwrap().remove("parameters").unwrap();
     assert!(text.contains("Seed: 1,") && text.contains("Variation seed: 9, Variation seed strength: 0.5"), "{text}");
     assert!(!loramix::studio::png_text_chunks(&std::fs::read(&one[0]).unwrap()).unwrap()["parameters"].contains("Variation"));
     let full1 = loramix::studio::png_text_chunks(&std::fs::read(&full[1]).unwrap()).unwrap().remove("parameters").unwrap();
-    assert!(full1.contains("Seed: 2,") && full1.contains("Variation seed: 10,"), "{full1}");
+    // Variations of one image: every image keeps the job's seed (A1111's all_seeds).
+    assert!(full1.contains("Seed: 1,") && full1.contains("Variation seed: 10,"), "{full1}");
     let o = loramix().args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--subseed-strength", "1.5"]).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--subseed-strength 1.5"), "{e}");

@@ -321,7 +321,7 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
         "batch_size": settings.batch_size,
         "restore_faces": false,
         "face_restoration_model": null,
-        "sd_model_name": Path::new(&settings.model).file_name().map(|n| n.to_string_lossy().into_owned()),
+        "sd_model_name": CheckpointNames::of(&settings.model).model_name,
         "sd_model_hash": first.map(|r| r.model_hash.clone()).filter(|h| !h.is_empty()),
         "sd_vae_name": (!settings.vae.is_empty()).then(|| settings.vae.clone()),
         "sd_vae_hash": null,

@@ -599,7 +599,8 @@ impl SdxlPipeline {
         }
         let (h, w) = (height / f, width / f);
         let shape = [b, latent_channels, h, w];
-        let mut rng = BatchNoise::new(req.seed, b, req.batch_seeds);
+        let varied = req.variation.is_some_and(|v| v.strength != 0.0);
+        let mut rng = BatchNoise::with_variation(req.seed, b, req.batch_seeds, varied);
         let sampler = match req.sampler {
             Some(s) => s,
             None => self.default_sampler()?,

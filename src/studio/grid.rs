@@ -380,6 +380,23 @@ pub fn run_grid(
     if base.subseed.is_none() && (base.subseed_strength != 0.0 || axes.iter().flatten().any(|a| a.kind == AxisKind::VarStrength)) {
         base.subseed = Some(super::jobs::random_seed());
     }
+    // A1111's `fix_axis_seeds`: a -1 on a seed axis is drawn once, so its column is one seed
+    // and its label says which.
+    let drawn: Vec<Option<Axis>> = axes
+        .iter()
+        .map(|a| {
+            a.map(|a| {
+                let mut a = a.clone();
+                if matches!(a.kind, AxisKind::Seed | AxisKind::VarSeed) {
+                    for v in a.values.iter_mut().filter(|v| v.trim() == "-1") {
+                        *v = super::jobs::random_seed().to_string();
+                    }
+                }
+                a
+            })
+        })
+        .collect();
+    let axes: [Option<&Axis>; 3] = [drawn[0].as_ref(), drawn[1].as_ref(), drawn[2].as_ref()];
     let values = |a: Option<&Axis>| a.map_or_else(|| vec![String::new()], |a| a.values.clone());
     let (xs, ys, zs) = (values(axes[0]), values(axes[1]), values(axes[2]));
     // Two axes on one setting would draw one axis's values under the other's labels. Prompt S/R

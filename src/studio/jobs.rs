@@ -342,9 +342,13 @@ impl Studio {
         if !(0.0..=1.0).contains(&settings.subseed_strength) {
             return Err(Error::Argument(format!("variation seed strength {}: expected 0 to 1", settings.subseed_strength)));
         }
-        // A1111 draws a variation seed when none is given; image k's is subseed + k, as its seed.
-        let subseed0 = (settings.subseed_strength != 0.0).then(|| settings.subseed.unwrap_or_else(random_seed));
-        let subseed_of = |unit_seed: u64| subseed0.map(|s| s.wrapping_add(unit_seed.wrapping_sub(seed0)));
+        // A1111 draws a variation seed when none is given; image k's is subseed + k, and every
+        // image keeps the job's seed (variations of one image).
+        let varied = settings.subseed_strength != 0.0;
+        let subseed0 = varied.then(|| settings.subseed.unwrap_or_else(random_seed));
+        let subseed_of = |unit: &Unit| subseed0.map(|s| s.wrapping_add(unit.first as u64));
+        let image_seed = |unit: &Unit, i: usize| settings.batch_seeds.seed_of_varied(unit.seed, i, varied);
+        let unit_seed = |first: usize| if varied { seed0 } else { seed0.wrapping_add(first as u64) };
         // What one generation call makes: a batch sharing a prompt, or (when every image draws
         // its own prompt) one image with A1111's per-image seed.
         struct Unit {
@@ -355,9 +359,9 @@ impl Studio {
         }
         let bs = settings.batch_size;
         let units: Vec<Unit> = if dynamic {
-            (0..total).map(|k| Unit { seed: seed0 + k as u64, batch: k / bs, first: k, count: 1 }).collect()
+            (0..total).map(|k| Unit { seed: unit_seed(k), batch: k / bs, first: k, count: 1 }).collect()
         } else {
-            (0..total.div_ceil(bs)).map(|b| Unit { seed: seed0 + (b * bs) as u64, batch: b, first: b * bs, count: bs.min(total - b * bs) }).collect()
+            (0..total.div_ceil(bs)).map(|b| Unit { seed: unit_seed(b * bs), batch: b, first: b * bs, count: bs.min(total - b * bs) }).collect()
         };
         let names_of = |unit: &Unit| -> Option<Vec<PathBuf>> { outputs.names.map(|n| (0..unit.count).map(|i| outputs.dir.join(n(unit.first + i))).collect()) };
         // Which fixed-name files already hold their image (same settings, seed and position).
@@ -366,7 +370,7 @@ impl Studio {
                 Some(paths) => paths
                     .iter()
                     .enumerate()
-                    .map(|(i, p)| holds_image(p, settings, settings.batch_seeds.seed_of(unit.seed, i), unit.batch, if dynamic { unit.first % bs } else { i }))
+                    .map(|(i, p)| holds_image(p, settings, image_seed(unit, i), unit.batch, if dynamic { unit.first % bs } else { i }))
                     .collect(),
                 None => vec![false; unit.count],
             }
@@ -425,7 +429,7 @@ impl Studio {
             let recorded = settings.recorded();
             let record = |i: usize, hashes: Vec<(String, String)>, ti_hashes: Vec<(String, String)>, summary: Option<MixSummary>, drawn: Option<DrawnPrompts>| ImageRecord {
                 settings: recorded.clone(),
-                seed: settings.batch_seeds.seed_of(unit.seed, i),
+                seed: image_seed(unit, i),
                 batch_index: unit.batch,
                 index_in_batch: if dynamic { unit.first % bs } else { i },
                 width: w,
@@ -433,7 +437,7 @@ impl Studio {
                 sampler: sampler_name.clone(),
                 schedule: schedule_name.clone(),
                 lora_hashes: hashes,
-                subseed: subseed_of(unit.seed).map(|s| settings.batch_seeds.seed_of(s, i)),
+                subseed: subseed_of(unit).map(|s| settings.batch_seeds.seed_of(s, i)),
                 model_hash: model_hash.clone(),
                 ti_hashes,
                 mix_trace: summary,
@@ -527,7 +531,7 @@ impl Studio {
                 init_noise: None,
                 init: prepared.as_ref().map(|p| p.init.clone()),
                 embeddings: embeddings.clone(),
-                variation: subseed_of(unit.seed).map(|seed| crate::rng::Variation { seed, strength: settings.subseed_strength }),
+                variation: subseed_of(unit).map(|seed| crate::rng::Variation { seed, strength: settings.subseed_strength }),
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

@@ -36,7 +36,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     }
     // A1111 names a checkpoint by its file name without the extension (`name_for_extra`).
     let model = Path::new(&s.model).file_name().and_then(|n| n.to_str()).unwrap_or(&s.model);
-    let model = model.strip_suffix(".safetensors").filter(|m| !m.is_empty()).unwrap_or(model);
+    let model = match model.len().checked_sub(".safetensors".len()) {
+        Some(n) if n > 0 && model.is_char_boundary(n) && model[n..].eq_ignore_ascii_case(".safetensors") => &model[..n],
+        _ => model,
+    };
     text.push_str(&format!(
         "\nSteps: {}, Sampler: {}, ",
         s.steps, r.sampler
@@ -396,16 +399,11 @@ mod tests {
         assert_eq!(s.model, "sdxl");
     }
 
-    /// A1111's inpainting fields come back into the init settings (the mask and image are not
-    /// in the text; the user picks them again).
-    #[test]
-    fn inpainting_fields_parse_back() {
-        let text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 512x512, Model: x, Denoising strength: 0.6, Mask blur: 6, Masked content: latent noise, Inpaint area: Only masked, Masked area padding: 48";
-        let init = parse_parameters(text).unwrap().init.unwrap();
-        assert_eq!((init.strength, init.mask_blur, init.masked_content, init.inpaint_area, init.padding), (0.6, 6.0, MaskedContent::LatentNoise, InpaintArea::OnlyMasked, 48));
-        let rec = ImageRecord {
-            settings: Settings { init: Some(InitSettings { image: "a.png".into(), mask: Some("m.png".into()), ..init.clone() }), ..Settings::default() },
-            seed: 3,
+    /// A 64×64 Euler image's record of `settings` with `seed`.
+    fn record(settings: Settings, seed: u64) -> ImageRecord {
+        ImageRecord {
+            settings,
+            seed,
             batch_index: 0,
             index_in_batch: 0,
             width: 64,
@@ -419,7 +417,17 @@ mod tests {
             mix_trace: None,
             version: "0".into(),
             drawn: None,
-        };
+        }
+    }
+
+    /// A1111's inpainting fields come back into the init settings (the mask and image are not
+    /// in the text; the user picks them again).
+    #[test]
+    fn inpainting_fields_parse_back() {
+        let text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 512x512, Model: x, Denoising strength: 0.6, Mask blur: 6, Masked content: latent noise, Inpaint area: Only masked, Masked area padding: 48";
+        let init = parse_parameters(text).unwrap().init.unwrap();
+        assert_eq!((init.strength, init.mask_blur, init.masked_content, init.inpaint_area, init.padding), (0.6, 6.0, MaskedContent::LatentNoise, InpaintArea::OnlyMasked, 48));
+        let rec = record(Settings { init: Some(InitSettings { image: "a.png".into(), mask: Some("m.png".into()), ..init.clone() }), ..Settings::default() }, 3);
         let back = parse_parameters(&parameters_text(&rec)).unwrap().init.unwrap();
         assert_eq!(InitSettings { image: String::new(), mask: None, ..back }, init);
         let err = parse_parameters("a\nSteps: 2, Inpaint area: Everywhere").unwrap_err().to_string();
@@ -437,23 +445,7 @@ mod tests {
             loras: vec![LoraSetting { name: "models/miniworld/loras/vlox.safetensors".into(), weight: 0.7, role: None, schedule: None }],
             ..Settings::default()
         };
-        let rec = ImageRecord {
-            settings: settings.clone(),
-            seed: 9,
-            batch_index: 0,
-            index_in_batch: 0,
-            width: 64,
-            height: 64,
-            sampler: "Euler".into(),
-            schedule: String::new(),
-            lora_hashes: vec![("vlox".into(), "0123456789ab".into())],
-            subseed: None,
-            model_hash: "31e35c80fc".into(),
-            ti_hashes: vec![],
-            mix_trace: None,
-            version: "0".into(),
-            drawn: None,
-        };
+        let rec = ImageRecord { lora_hashes: vec![("vlox".into(), "0123456789ab".into())], model_hash: "31e35c80fc".into(), ..record(settings.clone(), 9) };
         let mut varied = rec.clone();
         (varied.settings.subseed_strength, varied.subseed) = (0.25, Some(77));
         let back = parse_parameters(&parameters_text(&varied)).unwrap();

@@ -40,8 +40,11 @@ fn checkpoint_file(model: &str) -> Option<PathBuf> {
     (ext == "safetensors" && p.is_file()).then(|| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
 }
 
+/// The cache's entries; a hand-edited or damaged entry (not 64 hex digits) is left out.
 fn read_cache(file: &Path) -> BTreeMap<PathBuf, Entry> {
-    std::fs::read(file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    let mut all: BTreeMap<PathBuf, Entry> = std::fs::read(file).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    all.retain(|_, e| e.sha256.len() == 64 && e.sha256.bytes().all(|b| b.is_ascii_hexdigit()));
+    all
 }
 
 fn lookup(path: &Path, (size, mtime_ns): (u64, u128), cache: Option<&Path>) -> Option<String> {

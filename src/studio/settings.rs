@@ -63,8 +63,8 @@ pub struct Settings {
     /// `None`: a random seed per job.
     pub seed: Option<u64>,
     /// A1111's variation seed ("Variation seed"; the API's `subseed`): with a strength above 0,
-    /// each image's starting noise moves toward this seed's (image k of the job: subseed + k, as
-    /// its seed is seed + k). `None`: a random one per job.
+    /// each image's starting noise moves toward this seed's. Image k of the job takes subseed + k
+    /// while every image keeps the job's seed, as in A1111. `None`: a random one per job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subseed: Option<u64>,
     /// "Variation seed strength", 0 (off) to 1 (the variation seed's noise).

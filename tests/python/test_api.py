@@ -99,6 +99,7 @@ def main():
         worst = max(abs(a - b) for a, b in zip(pixels(varied.images[0]), pixels(own.image)))
         check(worst <= 1, f"subseed_strength 1 is the variation seed's image ({worst} levels apart)")
         check(varied.info["all_subseeds"] == [22, 23] and varied.info["subseed_strength"] == 1.0, f"all_subseeds ({varied.info['all_subseeds']})")
+        check(varied.info["all_seeds"] == [3, 3], f"variations of one image keep its seed, as A1111's all_seeds ({varied.info['all_seeds']})")
         check("Variation seed: 22, Variation seed strength: 1" in varied.info["infotexts"][0], "the infotext names the variation seed")
 
         # The same seed without the LoRA draws a different picture.

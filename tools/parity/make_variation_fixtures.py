@@ -53,7 +53,8 @@ if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     tensors, meta = {}, {}
     for name, seed, subseed, strength, batch, shape in CASES:
-        seeds = [seed + k for k in range(batch)]
+        # processing.py: all_seeds = [seed + (x if subseed_strength == 0 else 0) ...]
+        seeds = [seed + (k if strength == 0 else 0) for k in range(batch)]
         subseeds = [subseed + k for k in range(batch)]
         tensors[name] = first(seeds, subseeds, strength, shape).contiguous()
         meta[name] = {"seed": seed, "subseed": subseed, "strength": strength, "shape": [batch, *shape]}

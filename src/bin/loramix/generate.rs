@@ -307,6 +307,12 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     if a.subseed_strength != 0.0 && a.subseed.is_none() {
         a.subseed = Some(studio::random_seed());
     }
+    if a.subseed_strength == 0.0 && a.subseed.is_some() {
+        eprintln!("warning: --subseed does nothing without --subseed-strength above 0");
+    }
+    if a.subseed_strength != 0.0 && a.init_noise.is_some() {
+        anyhow::bail!("--init-noise and --subseed-strength cannot be combined: the starting noise is given");
+    }
     let JobParts { load: mut opts, init: init_settings, hires } = job_parts(&a)?;
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
@@ -494,9 +500,11 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     for batch in 0..a.batch_count {
         let t_batch = Instant::now();
         let mut req = req.clone();
-        req.seed = seed + (batch * a.batch_size) as u64;
-        // Image k's variation seed is subseed + k, as its seed is seed + k.
-        req.variation = a.subseed.filter(|_| a.subseed_strength != 0.0).map(|s| loramix::rng::Variation { seed: s.wrapping_add((batch * a.batch_size) as u64), strength: a.subseed_strength });
+        // Image k's variation seed is subseed + k; under a variation every image keeps the
+        // job's seed (A1111: variations of one image), otherwise image k's seed is seed + k.
+        let first = (batch * a.batch_size) as u64;
+        req.variation = a.subseed.filter(|_| a.subseed_strength != 0.0).map(|s| loramix::rng::Variation { seed: s.wrapping_add(first), strength: a.subseed_strength });
+        req.seed = if req.variation.is_some() { seed } else { seed.wrapping_add(first) };
         let targets_ref = targets.as_ref().expect("kept until the last batch");
         let mixer = plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?;
         let hires = match &hires {
@@ -637,7 +645,7 @@ fn write_batch(
         };
         let rec = studio::ImageRecord {
             settings: settings.clone(),
-            seed: req.batch_seeds.seed_of(req.seed, i),
+            seed: req.batch_seeds.seed_of_varied(req.seed, i, req.variation.is_some()),
             batch_index,
             index_in_batch: i,
             width: w,

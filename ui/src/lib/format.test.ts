@@ -57,3 +57,17 @@ describe("subspace formatting", () => {
     expect(replaceable(ms, 0.5)).toBe(2);
   });
 });
+
+describe("restoring a record", () => {
+  it("resets what the record leaves out to the engine's defaults", async () => {
+    const { defaultSettings, restoreSettings } = await import("./types");
+    const current = { ...defaultSettings(), subseed: 7, subseed_strength: 0.5, batch_seeds: "per_image" as const, clip_skip: 1 };
+    const restored = restoreSettings(current, { prompt: "a cat", seed: 3 });
+    expect(restored.subseed_strength).toBe(0);
+    expect(restored.subseed).toBeNull();
+    expect(restored.batch_seeds).toBe("shared");
+    expect(restored.clip_skip).toBe(0);
+    expect(restored.prompt).toBe("a cat");
+    expect(restored.model).toBe(current.model);
+  });
+});

@@ -323,6 +323,31 @@ export interface BatchSummary {
   answers: BatchAnswer[];
 }
 
+/** What a record leaves out means the engine's default (its JSON skips default fields), not
+ * whatever the pane held before: a restore resets those first, so the image is made again. */
+const RECORD_DEFAULTS: Partial<Settings> & Record<string, unknown> = {
+  schedule: "",
+  clip_skip: 0,
+  timestep_spacing: "",
+  vae: "",
+  dtype: "",
+  encode_empty_negative: false,
+  subseed: null,
+  subseed_strength: 0,
+  batch_seeds: "shared",
+  klora_mode: null,
+  np_mu: null,
+  init: null,
+  hires: null,
+  styles: [],
+  embeddings: [],
+};
+
+/** The pane's settings after restoring `restored` (a PNG's record) over `current`. */
+export function restoreSettings(current: Settings, restored: Partial<Settings>): Settings {
+  return { ...current, ...RECORD_DEFAULTS, ...restored } as Settings;
+}
+
 export function defaultSettings(): Settings {
   return {
     model: "miniworld",
