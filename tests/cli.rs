@@ -662,3 +662,26 @@ fn variation_seeds_from_the_command_line() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--subseed-strength 1.5"), "{e}");
 }
+
+/// A1111 builds prompt-editing schedules over steps × 2 for second-order samplers and counts
+/// model calls: with Heun at 4 steps, `[…:0.5]` switches after call int(0.5 × 8) = 4, which is
+/// where `[…:4]` switches (over 4 steps it would be after call 2).
+#[test]
+fn prompt_editing_with_a_second_order_sampler_counts_as_a1111() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/miniworld");
+    let run = |out: &str, prompt: &str, sampler: &str| {
+        let o = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--steps", "4", "--seed", "2", "--sampler", sampler, "--out"])
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let p = String::from_utf8_lossy(&o.stdout).lines().next().unwrap().to_string();
+        image::open(p).unwrap().to_rgb8().into_raw()
+    };
+    let edit = "[a red circle on a cream background:a blue square on a teal background:";
+    assert!(run("h_frac", &format!("{edit}0.5]"), "heun") == run("h_step", &format!("{edit}4]"), "heun"));
+    // With a first-order sampler the two differ (0.5 of 4 steps is step 2).
+    assert!(run("e_frac", &format!("{edit}0.5]"), "euler") != run("e_step", &format!("{edit}4]"), "euler"));
+}

@@ -720,9 +720,12 @@ impl SdxlPipeline {
             }
         };
         let cfg = req.cfg > 1.0;
-        // A1111 prompt editing / alternation: each prompt's text per sampling step.
-        let pos_schedule = prompt_schedule::prompt_schedule(&req.prompt, req.steps)?;
-        let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, req.steps)).transpose()?;
+        // A1111 prompt editing / alternation: each prompt's text per model call. A1111 counts the
+        // calls and builds the schedule over steps × 2 for second-order samplers
+        // (`SamplerData.total_steps`, its `step_multiplier`), so an edit lands where it does there.
+        let schedule_steps = req.steps * sched.order().max(1);
+        let pos_schedule = prompt_schedule::prompt_schedule(&req.prompt, schedule_steps)?;
+        let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, schedule_steps)).transpose()?;
         let conditioning = |pi: usize, ni: Option<usize>| -> Result<(Tensor, Option<AddedConditions>)> {
             let neg_text = ni.and_then(|ni| neg_schedule.as_ref().map(|s| s[ni].1.as_str()));
             let (pos, neg) = self.encode_prompts_with(&pos_schedule[pi].1, neg_text, cfg, req.clip_skip, &req.embeddings)?;
