@@ -775,8 +775,7 @@ impl SdxlPipeline {
         let timesteps = sched.timesteps().to_vec();
         // The mixer counts sampling steps, not model calls: Heun and DPM2 take two entries of
         // the schedule per step (diffusers' `order`; its last step one), so a trace has a row
-        // per step and a LoRA's start/stop or window falls where the user's step count puts it
-        // (A1111's extensions read `state.sampling_step`, which counts steps too).
+        // per step and a LoRA's start/stop or window falls where the user's step count puts it.
         let order = sched.order().max(1);
         let mix_steps = timesteps.len().div_ceil(order);
         let start = Instant::now();
