@@ -485,14 +485,14 @@ impl CheckpointNames {
         // Only hashes already known: listing models must not read gigabytes.
         let sha256 = studio::cached_model_sha256(m);
         let title = match &sha256 {
-            Some(h) => format!("{file} [{}]", &h[..10.min(h.len())]),
+            Some(h) => format!("{file} [{}]", studio::shorthash(h)),
             None => file,
         };
         Self { title, model_name, sha256 }
     }
 
     fn shorthash(&self) -> Option<&str> {
-        self.sha256.as_deref().map(|h| &h[..10.min(h.len())])
+        self.sha256.as_deref().map(studio::shorthash)
     }
 
     /// A1111's `checkpoint_aliases`: a checkpoint answers to its title, file name, model name

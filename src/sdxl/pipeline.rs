@@ -594,13 +594,14 @@ impl SdxlPipeline {
                 return Err(Error::Argument("init noise and an init image cannot be combined".into()));
             }
         }
-        if req.init_noise.is_some() && req.variation.is_some_and(|v| v.strength != 0.0) {
+        // A variation at strength 0 is no variation.
+        let variation = req.variation.filter(|v| v.strength != 0.0);
+        if req.init_noise.is_some() && variation.is_some() {
             return Err(Error::Argument("init noise and a variation seed cannot be combined: the noise is given".into()));
         }
         let (h, w) = (height / f, width / f);
         let shape = [b, latent_channels, h, w];
-        let varied = req.variation.is_some_and(|v| v.strength != 0.0);
-        let mut rng = BatchNoise::with_variation(req.seed, b, req.batch_seeds, varied);
+        let mut rng = BatchNoise::with_variation(req.seed, b, req.batch_seeds, variation.is_some());
         let sampler = match req.sampler {
             Some(s) => s,
             None => self.default_sampler()?,
@@ -623,7 +624,7 @@ impl SdxlPipeline {
         // variation seed's. Later draws (ancestral noise) continue the seed's generator.
         let first_noise = |rng: &mut BatchNoise| -> Result<Tensor> {
             let noise = batch_randn(rng, &shape)?;
-            let noise = match req.variation.filter(|v| v.strength != 0.0) {
+            let noise = match variation {
                 Some(v) => {
                     let moved = v.apply(&noise.flatten_all()?.to_vec1::<f32>()?, &shape, req.batch_seeds).ok_or_else(|| Error::Argument("variation seed: noise of another shape".into()))?;
                     Tensor::from_vec(moved, &shape[..], &Device::Cpu)?
@@ -723,7 +724,8 @@ impl SdxlPipeline {
         // A1111 prompt editing / alternation: each prompt's text per model call. A1111 counts the
         // calls and builds the schedule over steps × 2 for second-order samplers
         // (`SamplerData.total_steps`, its `step_multiplier`), so an edit lands where it does there.
-        let schedule_steps = req.steps * sched.order().max(1);
+        let order = sched.order().max(1);
+        let schedule_steps = req.steps * order;
         let pos_schedule = prompt_schedule::prompt_schedule(&req.prompt, schedule_steps)?;
         let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, schedule_steps)).transpose()?;
         let conditioning = |pi: usize, ni: Option<usize>| -> Result<(Tensor, Option<AddedConditions>)> {
@@ -776,7 +778,6 @@ impl SdxlPipeline {
         // The mixer counts sampling steps, not model calls: Heun and DPM2 take two entries of
         // the schedule per step (diffusers' `order`; its last step one), so a trace has a row
         // per step and a LoRA's start/stop or window falls where the user's step count puts it.
-        let order = sched.order().max(1);
         let mix_steps = timesteps.len().div_ceil(order);
         let start = Instant::now();
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };

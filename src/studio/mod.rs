@@ -29,7 +29,7 @@ pub use hires::{factor_reaching, hires_request, hires_size, hires_upscaler_model
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;
-pub use model_hash::{cached_model_sha256, model_sha256, model_shorthash};
+pub use model_hash::{cached_model_sha256, model_sha256, model_shorthash, shorthash};
 pub use preview::{LatentPreview, Previewer};
 pub use settings::{DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

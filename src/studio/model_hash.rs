@@ -101,9 +101,14 @@ pub(crate) fn hash_in(model: &str, cache: Option<&Path>) -> Option<String> {
     Some(sha256)
 }
 
-/// A1111's short form (`sd_models.CheckpointInfo.shorthash`).
+/// A1111's short form of a sha256 (`sd_models.CheckpointInfo.shorthash`).
+pub fn shorthash(sha256: &str) -> &str {
+    sha256.get(..10).unwrap_or(sha256)
+}
+
+/// The checkpoint's short hash, hashed now if need be.
 pub fn model_shorthash(model: &str) -> Option<String> {
-    model_sha256(model).map(|h| h[..10.min(h.len())].to_string())
+    model_sha256(model).map(|h| shorthash(&h).to_string())
 }
 
 #[cfg(test)]

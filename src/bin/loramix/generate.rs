@@ -307,7 +307,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     if a.subseed_strength != 0.0 && a.subseed.is_none() {
         a.subseed = Some(studio::random_seed());
     }
-    if a.subseed_strength == 0.0 && a.subseed.is_some() {
+    if a.subseed_strength == 0.0 && a.subseed.take().is_some() {
         eprintln!("warning: --subseed does nothing without --subseed-strength above 0");
     }
     if a.subseed_strength != 0.0 && a.init_noise.is_some() {
@@ -503,7 +503,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         // Image k's variation seed is subseed + k; under a variation every image keeps the
         // job's seed (A1111: variations of one image), otherwise image k's seed is seed + k.
         let first = (batch * a.batch_size) as u64;
-        req.variation = a.subseed.filter(|_| a.subseed_strength != 0.0).map(|s| loramix::rng::Variation { seed: s.wrapping_add(first), strength: a.subseed_strength });
+        req.variation = a.subseed.map(|s| loramix::rng::Variation { seed: s.wrapping_add(first), strength: a.subseed_strength });
         req.seed = if req.variation.is_some() { seed } else { seed.wrapping_add(first) };
         let targets_ref = targets.as_ref().expect("kept until the last batch");
         let mixer = plan.clone().map(|p| mix::Mixer::new(targets_ref, p, mix::build(&mix_opts)?)).transpose()?;
@@ -528,7 +528,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
             break;
         }
     }
-    if let Some(sub) = a.subseed.filter(|_| a.subseed_strength != 0.0) {
+    if let Some(sub) = a.subseed {
         eprintln!("variation seed {sub}, strength {}", a.subseed_strength);
     }
     eprintln!("seed {seed}, {:.1}s total", t0.elapsed().as_secs_f64());
