@@ -33,4 +33,5 @@ pub mod api;
 
 pub use error::{Error, Result};
 pub use sdxl::pipeline::{GenerateRequest, LoadOptions, SdxlPipeline};
+pub use loramix_models::Seamless;
 pub use sdxl::schedulers::SamplerKind;

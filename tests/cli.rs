@@ -685,3 +685,73 @@ fn prompt_editing_with_a_second_order_sampler_counts_as_a1111() {
     // With a first-order sampler the two differ (0.5 of 4 steps is step 2).
     assert!(run("e_frac", &format!("{edit}0.5]"), "euler") != run("e_step", &format!("{edit}4]"), "euler"));
 }
+
+/// `--tiling` makes seamless images: with every convolution wrapping, rolling the starting
+/// noise by a multiple of the UNet's downsampling rolls the image by the same amount exactly,
+/// which only a periodic image can do (without it, the image changes). One axis wraps only
+/// that axis. The PNG says `Tiling: True` / `Tiling: X`, and a tiled VAE or a bad axis name
+/// is refused with the flag named.
+#[test]
+fn tiling_images_wrap_around() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let noise = Tensor::randn(0f32, 1., (1, 4, 16, 24), &Device::Cpu).unwrap();
+    // Rolled by 8 latent rows and 12 latent columns (tiny2's UNet downsamples once).
+    let roll = |t: &Tensor, dim: usize, k: usize| {
+        let n = t.dim(dim).unwrap();
+        Tensor::cat(&[&t.narrow(dim, n - k, k).unwrap(), &t.narrow(dim, 0, n - k).unwrap()], dim).unwrap()
+    };
+    for (name, t) in [("n0", noise.clone()), ("rows", roll(&noise, 2, 8)), ("cols", roll(&noise, 3, 12))] {
+        candle_core::safetensors::save(&HashMap::from([("latents".to_string(), t)]), tmp.path().join(format!("{name}.safetensors"))).unwrap();
+    }
+    let run = |noise: &str, tiling: &[&str]| -> (image::RgbImage, String) {
+        let out = tmp.path().join(format!("out-{noise}-{}", tiling.join("")));
+        let o = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a brick wall", "--steps", "3", "--sampler", "euler", "--width", "48", "--height", "32", "--init-noise"])
+            .arg(tmp.path().join(format!("{noise}.safetensors")))
+            .arg("--out")
+            .arg(&out)
+            .args(tiling)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{noise} {tiling:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
+        let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
+        (image::open(&path).unwrap().to_rgb8(), text)
+    };
+    // The image rolled by (dy, dx) pixels, against `b`: the largest difference.
+    let rolled_diff = |a: &image::RgbImage, b: &image::RgbImage, dy: u32, dx: u32| -> u8 {
+        let (w, h) = a.dimensions();
+        let mut worst = 0;
+        for y in 0..h {
+            for x in 0..w {
+                let p = a.get_pixel(x, y);
+                let q = b.get_pixel((x + dx) % w, (y + dy) % h);
+                worst = worst.max(p.0.iter().zip(q.0).map(|(u, v)| u.abs_diff(v)).max().unwrap());
+            }
+        }
+        worst
+    };
+    // tiny2's VAE halves: 8 latent rows are 16 pixels, 12 latent columns 24.
+    let (base, text) = run("n0", &["--tiling"]);
+    assert!(text.contains(", Tiling: True,"), "{text}");
+    assert_eq!(rolled_diff(&base, &run("rows", &["--tiling"]).0, 16, 0), 0, "both axes wrap: rows");
+    assert_eq!(rolled_diff(&base, &run("cols", &["--tiling", "xy"]).0, 0, 24), 0, "both axes wrap: columns");
+    let (x, text) = run("n0", &["--tiling", "x"]);
+    assert!(text.contains(", Tiling: X,"), "{text}");
+    assert_eq!(rolled_diff(&x, &run("cols", &["--tiling", "x"]).0, 0, 24), 0, "x wraps columns");
+    assert!(rolled_diff(&x, &run("rows", &["--tiling", "x"]).0, 16, 0) > 8, "x does not wrap rows");
+    let (plain, text) = run("n0", &[]);
+    assert!(!text.contains("Tiling"), "{text}");
+    assert!(rolled_diff(&plain, &run("cols", &[]).0, 0, 24) > 8, "without tiling the borders do not wrap");
+    for (args, want) in [(vec!["--tiling", "sideways"], "--tiling \"sideways\""), (vec!["--tiling", "--vae-tiling", "on"], "--vae-tiling off")] {
+        let o = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a", "--steps", "1", "--width", "32", "--height", "32", "--out"])
+            .arg(tmp.path().join("bad"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{args:?}: {e}");
+    }
+}

@@ -539,3 +539,41 @@ fn textual_inversion_errors_are_clear() {
     let e = pipe.encode_prompts_with("a bigxl house", None, false, 0, &emb).unwrap_err().to_string();
     assert!(e.contains("bigxl") && e.contains("768 wide") && e.contains("takes 32"), "{e}");
 }
+
+/// Seamless tiling (`--tiling`) equals diffusers with every Conv2d of the UNet and the VAE
+/// wrapping its borders (tools/parity/make_tiling_fixtures.py): A1111's circular padding on
+/// both axes, and one axis wrapped with the other zero-padded (InvokeAI's Seamless X / Y).
+/// Latents end to end, 8-bit pixels after the VAE, and the VAE's encoder. A run without
+/// tiling after runs with it is the plain image again, and a tiled VAE is refused under it.
+#[test]
+fn seamless_tiling_equals_diffusers() {
+    let mut pipe = load("tiny2");
+    let dir = common::fixture("tiny2");
+    let g = candle_core::safetensors::load(dir.join("tiling.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("tiling.json")).unwrap()).unwrap();
+    for (key, case) in gj["pipeline"].as_object().unwrap() {
+        let size = case["size"].as_array().unwrap();
+        let (h, w) = (size[0].as_u64().unwrap() as usize, size[1].as_u64().unwrap() as usize);
+        let mut req = request(case, None, (h, w));
+        req.seamless = loramix::studio::parse_tiling(case["tiling"].as_str().unwrap()).unwrap();
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("tiling {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+        let want = g[&format!("{key}.pixels")].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ours: Vec<f32> = pipe.decode(&lat).unwrap().iter().flat_map(|i| i.as_raw().iter().map(|&x| x as f32)).collect();
+        assert_eq!(ours.len(), want.len());
+        let worst = ours.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let off = ours.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert!(worst <= 1.0 && off * 100 <= ours.len(), "tiling {key}: worst pixel diff {worst}, {off} differ");
+    }
+    // The generation left both axes wrapped only if its request said so; set them for the encoder.
+    pipe.set_seamless(loramix::Seamless::BOTH);
+    let dist = pipe.vae().unwrap().encode(&g["encode.x"]).unwrap();
+    assert_close("tiling encode mean", &dist.mean, &g["encode.mean"], 1e-4);
+    assert_close("tiling encode logvar", &dist.logvar, &g["encode.logvar"], 1e-4);
+    // A VAE read again after a release keeps the setting.
+    pipe.release_vae();
+    assert_close("tiling encode mean, VAE read again", &pipe.vae().unwrap().encode(&g["encode.x"]).unwrap().mean, &g["encode.mean"], 1e-4);
+    pipe.vae_tiling = loramix::sdxl::pipeline::VaeTilingMode::On(None);
+    let e = pipe.decode(&g["run0.latents"]).unwrap_err().to_string();
+    assert!(e.contains("tiled VAE") && e.contains("--vae-tiling off"), "{e}");
+}

@@ -8,6 +8,7 @@
 //! Forward: `y = W x + b + Σ_i weight_i · scale_i · ΔW_i x`, with ΔW_i kept factored (`up_i(down_i(x))`)
 //! where it is low-rank.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use candle_core::{Module, Result, Tensor, TensorId};
@@ -312,6 +313,69 @@ pub struct AdaptableLayer {
     pub slot: AdapterSlot,
     /// The layer's remembered base products, where it keeps them ([`AdaptableLinear::remembering_inputs`]).
     pub memo: Option<ProductMemo>,
+    /// How a convolution pads its borders; `None` for linear layers.
+    pub borders: Option<ConvBorders>,
+}
+
+/// Which image borders wrap around: seamless, tileable images (A1111's "Tiling" wraps both, as
+/// `padding_mode = "circular"` on every Conv2d; InvokeAI's "Seamless X/Y" wraps one axis and
+/// zero-pads the other).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seamless {
+    pub x: bool,
+    pub y: bool,
+}
+
+impl Seamless {
+    pub const OFF: Self = Self { x: false, y: false };
+    pub const BOTH: Self = Self { x: true, y: true };
+
+    pub fn is_off(self) -> bool {
+        !self.x && !self.y
+    }
+
+    /// Pads `x` (`[B, C, H, W]`) by `p` on every side: wrapped on the seamless axes, zeros on
+    /// the others. The wrapped axis goes first, so corners wrap only where both axes do, as
+    /// torch's circular mode and InvokeAI's pad order give.
+    pub fn pad(self, x: &Tensor, p: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        if (self.x && p > w) || (self.y && p > h) {
+            candle_core::bail!("seamless tiling: a border of {p} cannot wrap a {h}x{w} feature map");
+        }
+        let wrap = |t: &Tensor, dim: usize, n: usize| -> Result<Tensor> {
+            Tensor::cat(&[&t.narrow(dim, n - p, p)?, t, &t.narrow(dim, 0, p)?], dim)
+        };
+        match (self.x, self.y) {
+            (true, true) => wrap(&wrap(x, 3, w)?, 2, h),
+            (true, false) => wrap(x, 3, w)?.pad_with_zeros(2, p, p),
+            (false, true) => wrap(x, 2, h)?.pad_with_zeros(3, p, p),
+            (false, false) => x.pad_with_zeros(3, p, p)?.pad_with_zeros(2, p, p),
+        }
+    }
+}
+
+/// Shared handle to a convolution's [`Seamless`] setting. Kept apart from [`LayerState`]
+/// because it belongs to the job, not to the adapters: clearing LoRAs must not clear it.
+#[derive(Debug, Clone, Default)]
+pub struct ConvBorders(Arc<AtomicU8>);
+
+impl ConvBorders {
+    pub fn get(&self) -> Seamless {
+        let v = self.0.load(Ordering::Relaxed);
+        Seamless { x: v & 1 != 0, y: v & 2 != 0 }
+    }
+    pub fn set(&self, s: Seamless) {
+        self.0.store(u8::from(s.x) | (u8::from(s.y) << 1), Ordering::Relaxed);
+    }
+}
+
+/// Sets how every convolution of `model` pads its borders.
+pub fn set_seamless(model: &dyn Adaptable, s: Seamless) {
+    for l in model.adaptable_layers() {
+        if let Some(b) = &l.borders {
+            b.set(s);
+        }
+    }
 }
 
 /// Models and blocks list their adaptable layers in execution order.
@@ -626,6 +690,7 @@ impl Adaptable for AdaptableLinear {
             base_weight: self.base.weight().clone(),
             slot: self.slot.clone(),
             memo: self.memo.clone(),
+            borders: None,
         });
     }
 }
@@ -640,6 +705,7 @@ pub struct AdaptableConv2d {
     kernel: usize,
     cfg: Conv2dConfig,
     slot: AdapterSlot,
+    borders: ConvBorders,
 }
 
 impl AdaptableConv2d {
@@ -662,15 +728,26 @@ impl AdaptableConv2d {
             kernel,
             cfg,
             slot: AdapterSlot::default(),
+            borders: ConvBorders::default(),
         })
     }
-
 }
 
 impl Module for AdaptableConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let state = self.slot.read();
-        let (stride, padding) = (self.cfg.stride, self.cfg.padding);
+        let (stride, mut padding) = (self.cfg.stride, self.cfg.padding);
+        // Wrapped borders: pad here and convolve unpadded, which equals a circular convolution
+        // for the base weight, every branch and a fused ΔW alike.
+        let seamless = self.borders.get();
+        let padded;
+        let x = if padding > 0 && !seamless.is_off() {
+            padded = seamless.pad(x, padding)?;
+            padding = 0;
+            &padded
+        } else {
+            x
+        };
         let weight = state.fused_weight.as_ref().unwrap_or(self.base.weight());
         let mut y = loramix_kernels::conv2d(x, weight, self.base.bias(), stride, padding)?;
         let (b0, _, hh, ww) = x.dims4()?;
@@ -750,6 +827,7 @@ impl Adaptable for AdaptableConv2d {
             base_weight: self.base.weight().clone(),
             slot: self.slot.clone(),
             memo: None,
+            borders: Some(self.borders.clone()),
         });
     }
 }

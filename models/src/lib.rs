@@ -12,4 +12,4 @@ pub mod llm;
 pub mod vit;
 pub mod sdxl;
 
-pub use adapter::{AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch, BranchWeights, Route, SharedBasis, SharedLoadings, TokenRouting};
+pub use adapter::{set_seamless, ConvBorders, Seamless, AdaptableConv2d, AdaptableLayer, AdaptableLinear, Adaptable, LayerKind, LowRankBranch, BranchWeights, Route, SharedBasis, SharedLoadings, TokenRouting};

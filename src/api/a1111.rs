@@ -1,5 +1,5 @@
 //! A1111's request and response bodies (`modules/api/models.py`), and how a request becomes one
-//! of our jobs. Fields other tools send that we do not use (`eta`, `s_churn`, `tiling`, extension
+//! of our jobs. Fields other tools send that we do not use (`eta`, `s_churn`, extension
 //! blocks) are accepted and ignored, as A1111 does for extensions it lacks; `null` reads as the
 //! field's default, as pydantic's optional fields do.
 
@@ -28,6 +28,8 @@ pub struct GenerationRequest {
     /// The variation seed and its strength (A1111's "Variation seed").
     pub subseed: Option<i64>,
     pub subseed_strength: Option<f64>,
+    /// A1111's "Tiling" (seamless images): `true` / `false`, or our axes `"x"`, `"y"`, `"xy"`.
+    pub tiling: Option<Value>,
     #[serde(deserialize_with = "or_default")]
     pub sampler_name: String,
     #[serde(deserialize_with = "or_default")]
@@ -148,6 +150,21 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     };
     if s.subseed_strength == 0.0 {
         s.subseed = None;
+    }
+    // The request's own field wins over the `tiling` option, as A1111's `p.tiling` over `opts.tiling`.
+    let tiling = match (&req.tiling, req.override_settings.get("tiling")) {
+        (Some(v), _) if !v.is_null() => Some(("tiling", v)),
+        (_, Some(v)) => Some(("override_settings", v)),
+        _ => None,
+    };
+    if let Some((field, v)) = tiling {
+        let t = match v {
+            Value::Bool(b) => Some(crate::Seamless { x: *b, y: *b }),
+            Value::String(n) => crate::studio::parse_tiling(n),
+            _ => None,
+        }
+        .ok_or_else(|| FieldError::new(field, format!("tiling {v}: expected true, false, \"x\", \"y\" or \"xy\"")))?;
+        s.tiling = crate::studio::tiling_name(t).to_string();
     }
     let sampler = if req.sampler_name.is_empty() { req.sampler_index.as_str() } else { req.sampler_name.as_str() };
     if !sampler.is_empty() {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::{ClipTextConfig, ClipTextModel};
+use loramix_models::{set_seamless, ConvBorders, Seamless};
 use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
 use serde_json::Value;
 
@@ -125,6 +126,9 @@ pub struct SdxlPipeline {
     encoded: std::sync::Mutex<std::collections::HashMap<ConditioningKey, (Conditioning, Option<Conditioning>)>>,
     /// Tiled VAE decode and encode.
     pub vae_tiling: VaeTilingMode,
+    /// The borders the last generation wrapped; the VAE passes that follow it (decode, hires
+    /// re-encode) and any model read again keep them.
+    seamless: ConvBorders,
     vae_dtype: DType,
     pub scheduler_config: Value,
     pub force_zeros_for_empty_prompt: bool,
@@ -189,6 +193,8 @@ pub struct GenerateRequest {
     /// A1111's variation seed: the starting noise (the noise added to an init image) moved
     /// toward another seed's.
     pub variation: Option<Variation>,
+    /// Seamless (tileable) images: the UNet's and the VAE's convolutions wrap these borders.
+    pub seamless: Seamless,
 }
 
 impl Default for GenerateRequest {
@@ -211,6 +217,7 @@ impl Default for GenerateRequest {
             embeddings: Embeddings::default(),
             timestep_spacing: None,
             variation: None,
+            seamless: Seamless::OFF,
         }
     }
 }
@@ -387,6 +394,7 @@ impl SdxlPipeline {
             vae_config: vae_cfg,
             encoded: Default::default(),
             vae_tiling: VaeTilingMode::Auto,
+            seamless: ConvBorders::default(),
             vae_dtype,
             scheduler_config,
             force_zeros_for_empty_prompt: index.get("force_zeros_for_empty_prompt").and_then(Value::as_bool).unwrap_or(true),
@@ -412,7 +420,9 @@ impl SdxlPipeline {
     /// Reads a deferred UNet (a no-op when it is loaded).
     pub fn load_unet(&mut self) -> Result<()> {
         if let Some(load) = self.unet_loader.take() {
-            self.unet = Some(load()?);
+            let unet = load()?;
+            set_seamless(&unet, self.seamless.get());
+            self.unet = Some(unet);
         }
         Ok(())
     }
@@ -432,7 +442,25 @@ impl SdxlPipeline {
             return Ok(v);
         }
         let v = (self.vae_loader)()?;
+        set_seamless(&v, self.seamless.get());
         Ok(self.vae.get_or_init(|| v))
+    }
+
+    /// Makes the UNet's and the VAE's convolutions wrap the borders `s` names (A1111's
+    /// "Tiling"). [`Self::generate_latents_mixed`] sets its request's; the VAE passes after it
+    /// keep that.
+    pub fn set_seamless(&self, s: Seamless) {
+        self.seamless.set(s);
+        if let Some(u) = &self.unet {
+            set_seamless(u, s);
+        }
+        if let Some(v) = self.vae.get() {
+            set_seamless(v, s);
+        }
+    }
+
+    pub fn seamless(&self) -> Seamless {
+        self.seamless.get()
     }
 
     pub fn unet_config(&self) -> &UNet2DConditionConfig {
@@ -575,6 +603,7 @@ impl SdxlPipeline {
         }
         let b = req.batch_size;
         let unet = self.unet()?;
+        self.set_seamless(req.seamless);
         let latent_channels = self.vae_config.latent_channels;
         let in_channels = self.unet_config.in_channels;
         // diffusers' inpainting UNets take [latents, mask, masked-image latents] (4 + 1 + 4).
@@ -871,7 +900,7 @@ impl SdxlPipeline {
     pub fn encode_sampled(&self, pixels: &Tensor, rng: &mut BatchNoise) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         let x = pixels.to_dtype(self.vae_dtype)?;
-        let mut dist = match self.vae_plan(b, h, w).tiling {
+        let mut dist = match self.vae_plan(b, h, w).tiling.map(|t| self.untiled_if_seamless(t)).transpose()? {
             Some(t) => self.vae()?.encode_tiled(&x, &t)?,
             None => self.vae()?.encode(&x)?,
         };
@@ -909,11 +938,20 @@ impl SdxlPipeline {
         let (b, _, h, w) = z.dims4()?;
         let f = c.downscale();
         let z = z.to_dtype(self.vae_dtype)?;
-        let pixels = match self.vae_plan(b, h * f, w * f).tiling {
+        let pixels = match self.vae_plan(b, h * f, w * f).tiling.map(|t| self.untiled_if_seamless(t)).transpose()? {
             Some(t) => self.vae()?.decode_tiled(&z, &t)?,
             None => self.vae()?.decode(&z)?,
         };
         to_images(&pixels.to_dtype(DType::F32)?)
+    }
+
+    /// Tiles cut the wrap-around that seamless images need, so tiles the user asked for are
+    /// refused under it (auto tiling already stands down, [`Self::vae_plan`]).
+    fn untiled_if_seamless(&self, t: VaeTiling) -> Result<VaeTiling> {
+        if self.seamless.get().is_off() {
+            return Ok(t);
+        }
+        Err(Error::Argument("a tiled VAE cannot make seamless (tiling) images: its tiles do not wrap around the borders; use --vae-tiling off".into()))
     }
 
     /// How the VAE will run on `batch` images of `height`×`width` pixels under [`Self::vae_tiling`].
@@ -925,6 +963,8 @@ impl SdxlPipeline {
             VaeTilingMode::Off => VaePlan { tiling: None, note: None },
             VaeTilingMode::On(None) => VaePlan { tiling: Some(VaeTiling::for_config(c)), note: None },
             VaeTilingMode::On(Some(px)) => VaePlan { tiling: Some(VaeTiling::with_tile_size(c, px)), note: None },
+            // Seamless images need the whole image in one VAE pass.
+            VaeTilingMode::Auto if !self.seamless.get().is_off() => VaePlan { tiling: None, note: None },
             VaeTilingMode::Auto => {
                 let need = vae_working_bytes(c, batch, height, width);
                 let free = available_memory();

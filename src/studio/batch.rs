@@ -86,6 +86,7 @@ fn known_keys() -> Vec<String> {
         schedule: "x".into(),
         vae: "x".into(),
         clip_skip: 1,
+        tiling: "xy".into(),
         timestep_spacing: "x".into(),
         batch_seeds: crate::rng::BatchSeeds::PerImage,
         hires: Some(Default::default()),
@@ -576,6 +577,14 @@ mod tests {
         assert!(e.contains("field subseed_strength"), "{e}");
         let (s, _) = parse_line(r#"{"prompt": "a", "subseed": -1, "subseed_strength": 0.5}"#).unwrap();
         assert_eq!((s.subseed, s.subseed_strength), (None, 0.5));
+        // `tiling`: A1111's boolean or the axes, kept canonical; anything else is named.
+        for (v, want) in [("true", "xy"), ("false", ""), ("\"x\"", "x"), ("\"Y\"", "y"), ("\"both\"", "xy"), ("null", "")] {
+            assert_eq!(parse_line(&format!(r#"{{"prompt": "a", "tiling": {v}}}"#)).unwrap().0.tiling, want, "{v}");
+        }
+        for v in ["3", "\"z\""] {
+            let e = parse_line(&format!(r#"{{"prompt": "a", "tiling": {v}}}"#)).unwrap_err();
+            assert!(e.contains("field tiling") && e.contains("expected xy, x, y"), "{e}");
+        }
     }
 
     #[test]

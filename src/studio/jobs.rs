@@ -532,6 +532,7 @@ impl Studio {
                 init: prepared.as_ref().map(|p| p.init.clone()),
                 embeddings: embeddings.clone(),
                 variation: subseed_of(unit).map(|seed| crate::rng::Variation { seed, strength: settings.subseed_strength }),
+                seamless: settings.seamless()?,
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

@@ -62,6 +62,13 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
+    match s.tiling.as_str() {
+        "" => {}
+        // A1111 writes `Tiling: True` (both axes, all it has); one axis is ours (InvokeAI's
+        // seamless X/Y).
+        "xy" => text.push_str(", Tiling: True"),
+        axis => text.push_str(&format!(", Tiling: {}", axis.to_ascii_uppercase())),
+    }
     if !s.timestep_spacing.is_empty() {
         // Not an A1111 field (A1111 has the SGM Uniform schedule instead); others ignore it.
         text.push_str(&format!(", Timestep spacing: {}", s.timestep_spacing));
@@ -266,6 +273,10 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                 s.clip_skip = n.saturating_sub(1);
             }
             "Timestep spacing" => s.timestep_spacing = v.clone(),
+            "Tiling" => {
+                let t = super::settings::parse_tiling(&v).ok_or_else(|| bad(&k, &v, "True, False, X, Y or XY"))?;
+                s.tiling = super::settings::tiling_name(t).to_string();
+            }
             "CFG scale" => s.cfg = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
             "Seed" => s.seed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
             "Variation seed" => s.subseed = Some(v.parse().map_err(|_| bad(&k, &v, "an integer"))?),
@@ -432,6 +443,21 @@ mod tests {
         assert_eq!(InitSettings { image: String::new(), mask: None, ..back }, init);
         let err = parse_parameters("a\nSteps: 2, Inpaint area: Everywhere").unwrap_err().to_string();
         assert!(err.contains("Inpaint area") && err.contains("Only masked"), "{err}");
+    }
+
+    /// `Tiling: True` is A1111's (both axes); one axis is written as X / Y and read back.
+    #[test]
+    fn tiling_parses_back() {
+        assert_eq!(parse_parameters("a cat\nSteps: 2, Tiling: True").unwrap().tiling, "xy");
+        assert_eq!(parse_parameters("a cat\nSteps: 2, Tiling: False").unwrap().tiling, "");
+        for axes in ["xy", "x", "y", ""] {
+            let rec = record(Settings { tiling: axes.into(), ..Settings::default() }, 3);
+            let text = parameters_text(&rec);
+            assert_eq!(text.contains("Tiling: "), !axes.is_empty(), "{text}");
+            assert_eq!(parse_parameters(&text).unwrap().tiling, axes, "{text}");
+        }
+        let err = parse_parameters("a\nSteps: 2, Tiling: sideways").unwrap_err().to_string();
+        assert!(err.contains("Tiling") && err.contains("True, False, X, Y"), "{err}");
     }
 
     #[test]

@@ -31,5 +31,5 @@ pub use jobs::*;
 pub use metadata::*;
 pub use model_hash::{cached_model_sha256, model_sha256, model_shorthash, shorthash};
 pub use preview::{LatentPreview, Previewer};
-pub use settings::{DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
+pub use settings::{parse_tiling, tiling_name, DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

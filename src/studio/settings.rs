@@ -52,6 +52,11 @@ pub struct Settings {
     /// diffusers' `clip_skip` (0: SDXL's penultimate layer). PNGs write A1111's `Clip skip: N+1`.
     #[serde(skip_serializing_if = "is_zero")]
     pub clip_skip: usize,
+    /// Seamless (tileable) images: `xy` is A1111's "Tiling" (every convolution wraps around),
+    /// `x` / `y` wrap one axis (InvokeAI's "Seamless X/Y"); empty: off. A manifest may also say
+    /// `true` / `false`, as A1111's API does.
+    #[serde(skip_serializing_if = "String::is_empty", deserialize_with = "tiling_field")]
+    pub tiling: String,
     /// diffusers' `timestep_spacing` over the model's scheduler config (`trailing` for
     /// Lightning / Turbo / Hyper-SD); empty: the model's.
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -191,6 +196,7 @@ impl Default for Settings {
             sampler: String::new(),
             schedule: String::new(),
             clip_skip: 0,
+            tiling: String::new(),
             timestep_spacing: String::new(),
             vae: String::new(),
             dtype: String::new(),
@@ -329,6 +335,41 @@ impl MixSummary {
     }
 }
 
+/// A tiling setting: `xy` (`both`, `on`, `true`), `x`, `y`, or off (empty, `off`, `none`, `false`).
+pub fn parse_tiling(v: &str) -> Option<crate::Seamless> {
+    use crate::Seamless;
+    Some(match v.trim().to_ascii_lowercase().as_str() {
+        "" | "off" | "none" | "false" | "no" => Seamless::OFF,
+        "xy" | "both" | "on" | "true" | "yes" => Seamless::BOTH,
+        "x" => Seamless { x: true, y: false },
+        "y" => Seamless { x: false, y: true },
+        _ => return None,
+    })
+}
+
+/// The canonical name of a tiling setting, as [`Settings::tiling`] keeps it.
+pub fn tiling_name(s: crate::Seamless) -> &'static str {
+    match (s.x, s.y) {
+        (true, true) => "xy",
+        (true, false) => "x",
+        (false, true) => "y",
+        (false, false) => "",
+    }
+}
+
+/// `tiling` in a manifest: A1111's boolean or one of [`parse_tiling`]'s names, kept canonical.
+fn tiling_field<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    let s = match &v {
+        serde_json::Value::Bool(b) => Some(crate::Seamless { x: *b, y: *b }),
+        serde_json::Value::String(n) => parse_tiling(n),
+        serde_json::Value::Null => Some(crate::Seamless::OFF),
+        _ => None,
+    }
+    .ok_or_else(|| serde::de::Error::custom(format!("tiling {v}: expected xy, x, y, off, true or false")))?;
+    Ok(tiling_name(s).to_string())
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -350,6 +391,12 @@ fn is_shared(s: &BatchSeeds) -> bool {
 }
 
 impl Settings {
+    /// The borders this job's images wrap ([`Self::tiling`]).
+    pub fn seamless(&self) -> crate::Result<crate::Seamless> {
+        parse_tiling(&self.tiling)
+            .ok_or_else(|| crate::Error::Argument(format!("tiling {:?}: expected xy, x, y or off", self.tiling)))
+    }
+
     /// The settings as an image's record keeps them: every file by its absolute path, so that
     /// the record restores from any working directory.
     pub fn recorded(&self) -> Settings {

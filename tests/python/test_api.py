@@ -102,6 +102,11 @@ def main():
         check(varied.info["all_seeds"] == [3, 3], f"variations of one image keep its seed, as A1111's all_seeds ({varied.info['all_seeds']})")
         check("Variation seed: 22, Variation seed strength: 1" in varied.info["infotexts"][0], "the infotext names the variation seed")
 
+        # A1111's Tiling: seamless images, recorded as `Tiling: True`.
+        tiled = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", tiling=True)
+        check("Tiling: True" in tiled.info["infotexts"][0], f"the infotext says Tiling ({tiled.info['infotexts'][0]!r})")
+        check(pixels(tiled.image) != pixels(own.image), "tiling changes the image")
+
         # The same seed without the LoRA draws a different picture.
         plain = api.txt2img(prompt="a vlox emblem on a teal background", seed=11, width=64, height=64, steps=8)
         check(pixels(plain.image) != pixels(res.image), "the LoRA tag changes the image")

@@ -8,7 +8,7 @@ use loramix_kernels::{group_norm as norm, GroupNormParams};
 
 use super::config::AutoencoderKlConfig;
 use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-use crate::adapter::{group_norm, AdaptableConv2d, AdaptableLinear};
+use crate::adapter::{group_norm, Adaptable, AdaptableConv2d, AdaptableLayer, AdaptableLinear};
 
 const EPS: f64 = 1e-6;
 
@@ -189,6 +189,57 @@ impl LatentDistribution {
     /// reproducible and device-independent).
     pub fn sample(&self, noise: &Tensor) -> Result<Tensor> {
         &self.mean + (self.std()? * noise)?
+    }
+}
+
+// The VAE lists its layers for the conv-border setting ([`crate::adapter::set_seamless`]);
+// LoRA loaders only ever walk the UNet, so these layers never take adapters.
+impl Adaptable for SpatialSelfAttention {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        for l in [&self.to_q, &self.to_k, &self.to_v, &self.to_out] {
+            l.collect_adaptable(out);
+        }
+    }
+}
+
+impl Adaptable for MidBlock {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        self.resnet_0.collect_adaptable(out);
+        self.attention.collect_adaptable(out);
+        self.resnet_1.collect_adaptable(out);
+    }
+}
+
+impl Adaptable for Encoder {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        self.conv_in.collect_adaptable(out);
+        for (resnets, down) in &self.blocks {
+            resnets.collect_adaptable(out);
+            down.collect_adaptable(out);
+        }
+        self.mid.collect_adaptable(out);
+        self.conv_out.collect_adaptable(out);
+    }
+}
+
+impl Adaptable for Decoder {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        self.conv_in.collect_adaptable(out);
+        self.mid.collect_adaptable(out);
+        for (resnets, up) in &self.blocks {
+            resnets.collect_adaptable(out);
+            up.collect_adaptable(out);
+        }
+        self.conv_out.collect_adaptable(out);
+    }
+}
+
+impl Adaptable for AutoencoderKl {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        self.encoder.collect_adaptable(out);
+        self.quant_conv.collect_adaptable(out);
+        self.post_quant_conv.collect_adaptable(out);
+        self.decoder.collect_adaptable(out);
     }
 }
 

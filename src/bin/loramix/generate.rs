@@ -58,6 +58,11 @@ pub struct GenerateArgs {
     /// Default (or -1, as in A1111): a random seed, printed and recorded.
     #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
     seed: Option<u64>,
+    /// Seamless, tileable images (A1111's "Tiling"): every convolution of the UNet and the VAE
+    /// wraps around the image's borders. Alone or `xy`: both axes; `x` or `y`: one axis
+    /// (InvokeAI's Seamless X / Y). The VAE then decodes in one piece.
+    #[arg(long, num_args = 0..=1, default_missing_value = "xy", value_name = "AXES")]
+    tiling: Option<String>,
     /// A1111's variation seed: with --subseed-strength above 0, the starting noise moves toward
     /// this seed's (image k: subseed + k). Default (or -1): a random one, recorded.
     #[arg(long, allow_negative_numbers = true, value_parser = parse_seed)]
@@ -313,6 +318,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     if a.subseed_strength != 0.0 && a.init_noise.is_some() {
         anyhow::bail!("--init-noise and --subseed-strength cannot be combined: the starting noise is given");
     }
+    let seamless = seamless_arg(&a)?;
     let JobParts { load: mut opts, init: init_settings, hires } = job_parts(&a)?;
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
@@ -349,6 +355,9 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     // Resolve names before the model loads, so a typo fails fast.
     lora::library::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
     let tiling = VaeTilingMode::parse(&a.vae_tiling)?;
+    if !seamless.is_off() && matches!(tiling, VaeTilingMode::On(_)) {
+        anyhow::bail!("--tiling with --vae-tiling {}: a tiled VAE cannot make seamless images (its tiles do not wrap around the borders); use --vae-tiling off or auto", a.vae_tiling);
+    }
     // Low memory without LoRAs: the UNet is read only after the prompts are encoded and the
     // text encoders released, so the two are never in memory together.
     opts.defer_unet = a.low_memory && lora_args.is_empty() && prompt_tags.is_empty() && a.candidates.is_none();
@@ -359,7 +368,8 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         eprintln!("warning: --vae-dtype f16 on a VAE whose config says force_upcast: SDXL's own VAE overflows f16 (black or NaN images); bf16 keeps f32's range, or use an fp16-fix VAE with --vae");
     }
     pipe.vae_tiling = match tiling {
-        VaeTilingMode::Auto if a.low_memory => VaeTilingMode::On(Some(LOW_MEMORY_VAE_TILE)),
+        // Seamless images need the VAE whole (its tiles would not wrap around).
+        VaeTilingMode::Auto if a.low_memory && seamless.is_off() => VaeTilingMode::On(Some(LOW_MEMORY_VAE_TILE)),
         t => t,
     };
     if a.low_memory {
@@ -416,6 +426,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         init: prepared.as_ref().map(|p| p.init.clone()),
         embeddings: studio::job_embeddings(&a.model, a.library.as_deref(), &a.embeddings)?,
         variation: None,
+        seamless,
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
@@ -700,6 +711,7 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
             anyhow::bail!("{flag} cannot be used with {why}");
         }
     }
+    seamless_arg(a)?;
     let mut settings = settings_of(a, init, hires);
     settings.loras = lora_settings(a)?;
     settings.seed = Some(a.seed.unwrap_or_else(studio::random_seed));
@@ -709,6 +721,14 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
         Some(o) => anyhow::bail!("--candidates {o}: expected library"),
     };
     Ok(settings)
+}
+
+/// `--tiling`'s axes.
+fn seamless_arg(a: &GenerateArgs) -> Result<loramix::Seamless> {
+    match a.tiling.as_deref() {
+        None => Ok(loramix::Seamless::OFF),
+        Some(t) => studio::parse_tiling(t).ok_or_else(|| anyhow::anyhow!("--tiling {t:?}: expected xy (both axes), x, y or off")),
+    }
 }
 
 /// `--lora` as settings, with weight and role (a record keeps only what the user gave: the
@@ -740,6 +760,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         schedule: a.schedule.clone().unwrap_or_default(),
         vae: a.vae.as_ref().map(|v| v.to_string_lossy().into_owned()).unwrap_or_default(),
         clip_skip: a.clip_skip,
+        tiling: a.tiling.as_deref().and_then(studio::parse_tiling).map_or("", studio::tiling_name).to_string(),
         timestep_spacing: a.timestep_spacing.clone().unwrap_or_default(),
         seed: a.seed,
         subseed: a.subseed.filter(|_| a.subseed_strength != 0.0),

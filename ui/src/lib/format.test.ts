@@ -67,6 +67,7 @@ describe("restoring a record", () => {
     expect(restored.subseed).toBeNull();
     expect(restored.batch_seeds).toBe("shared");
     expect(restored.clip_skip).toBe(0);
+    expect(restoreSettings({ ...current, tiling: "x" }, { prompt: "a cat" }).tiling).toBe("");
     expect(restored.prompt).toBe("a cat");
     expect(restored.model).toBe(current.model);
   });

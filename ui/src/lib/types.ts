@@ -35,6 +35,8 @@ export interface Settings {
   schedule?: string;
   /** diffusers' clip_skip (0 = SDXL's penultimate layer). */
   clip_skip?: number;
+  /** Seamless (tileable) images: "xy" (A1111's Tiling), "x" or "y" (one axis); "" = off. */
+  tiling?: string;
   /** diffusers' timestep_spacing over the model's (trailing: Lightning / Turbo / Hyper-SD); "" = the model's. */
   timestep_spacing?: string;
   /** A VAE folder or .safetensors in place of the model's; "" = the model's. */
@@ -328,6 +330,7 @@ export interface BatchSummary {
 const RECORD_DEFAULTS: Partial<Settings> & Record<string, unknown> = {
   schedule: "",
   clip_skip: 0,
+  tiling: "",
   timestep_spacing: "",
   vae: "",
   dtype: "",
