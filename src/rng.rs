@@ -272,6 +272,49 @@ fn slerp_a1111(val: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usize
     out
 }
 
+/// A batch's starting noise as A1111's `ImageRNG.first()` makes it. `rng` is the images' own
+/// generator(s), fresh: it draws the noise at `dims` (`[images, c, h, w]`), and later draws
+/// (ancestral noise) continue after it. With a variation the noise moves toward the variation
+/// seed's ([`Variation::apply`]).
+///
+/// `resize_from` (latent height and width) is A1111's "Resize seed from": the seed's noise as
+/// it would be at that size (a fresh generator from `seed`, moved toward the variation seed's
+/// noise at that size), pasted centred over the noise at `dims`, so that a seed found at one
+/// size keeps its composition at another. A larger source is cropped around its centre; a
+/// smaller one keeps the noise drawn at `dims` around it. The offsets are Python's floor
+/// division, as A1111 writes them.
+pub fn first_noise(rng: &mut BatchNoise, seed: u64, seeds: BatchSeeds, variation: Option<Variation>, dims: &[usize], resize_from: Option<(usize, usize)>) -> Option<Vec<f32>> {
+    let full = rng.randn(dims)?;
+    let [b, c, h, w] = *dims else { return None };
+    let Some((rh, rw)) = resize_from.filter(|&r| r != (h, w) && r.0 > 0 && r.1 > 0) else {
+        return match variation {
+            Some(v) => v.apply(&full, dims, seeds),
+            None => Some(full),
+        };
+    };
+    let small_dims = [b, c, rh, rw];
+    let small = BatchNoise::with_variation(seed, b, seeds, variation.is_some()).randn(&small_dims)?;
+    let small = match variation {
+        Some(v) => v.apply(&small, &small_dims, seeds)?,
+        None => small,
+    };
+    let offset = |to: usize, from: usize| (to as i64 - from as i64).div_euclid(2);
+    let (dy, dx) = (offset(h, rh), offset(w, rw));
+    let rows = if dy >= 0 { rh } else { (rh as i64 + 2 * dy) as usize };
+    let cols = if dx >= 0 { rw } else { (rw as i64 + 2 * dx) as usize };
+    let (ty, tx) = (dy.max(0) as usize, dx.max(0) as usize);
+    let (sy, sx) = ((-dy).max(0) as usize, (-dx).max(0) as usize);
+    let mut out = full;
+    for plane in 0..b * c {
+        for r in 0..rows {
+            let to = plane * h * w + (ty + r) * w + tx;
+            let from = plane * rh * rw + (sy + r) * rw + sx;
+            out[to..to + cols].copy_from_slice(&small[from..from + cols]);
+        }
+    }
+    Some(out)
+}
+
 /// Fisher–Yates shuffle driven by our torch-compatible stream (deterministic for a seed).
 pub fn shuffle<T>(v: &mut [T], rng: &mut TorchCpuRng) {
     for i in (1..v.len()).rev() {
@@ -313,6 +356,40 @@ mod tests {
     }
 
     /// A1111's variation seeds against `tools/parity/make_variation_fixtures.py`.
+    #[test]
+    fn seed_resize_equals_a1111() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("seed_resize.json")).unwrap()).unwrap();
+        let bytes = std::fs::read(dir.join("seed_resize.safetensors")).unwrap();
+        let goldens = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let golden = |name: &str| -> Vec<f32> { goldens.tensor(name).unwrap().data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
+        let rel = |got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len());
+            let (num, den) = got.iter().zip(want).fold((0f64, 0f64), |(n, d), (g, w)| (n + ((g - w) as f64).powi(2), d + (*w as f64).powi(2)));
+            (num / den).sqrt()
+        };
+        for (name, m) in meta.as_object().unwrap() {
+            let dims: Vec<usize> = m["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let seed = m["seed"].as_u64().unwrap();
+            let strength = m["strength"].as_f64().unwrap();
+            let variation = (strength != 0.0).then(|| Variation { seed: m["subseed"].as_u64().unwrap(), strength });
+            let f = m["factor"].as_u64().unwrap() as usize;
+            let (fw, fh) = (m["from"][0].as_u64().unwrap() as usize, m["from"][1].as_u64().unwrap() as usize);
+            let mut rng = BatchNoise::with_variation(seed, dims[0], BatchSeeds::PerImage, variation.is_some());
+            let got = first_noise(&mut rng, seed, BatchSeeds::PerImage, variation, &dims, Some((fh / f, fw / f))).unwrap();
+            let e = rel(&got, &golden(name));
+            assert!(e < 1e-5, "{name}: relative L2 {e}");
+            let e = rel(&rng.randn(&dims).unwrap(), &golden(&format!("{name}.after")));
+            assert!(e < 1e-5, "{name}: the generators continue after the noise: relative L2 {e}");
+        }
+        // Without a resize it is the plain (varied) noise.
+        let dims = [2, 4, 6, 6];
+        let v = Variation { seed: 4, strength: 0.5 };
+        let plain = v.apply(&BatchNoise::with_variation(8, 2, BatchSeeds::PerImage, true).randn(&dims).unwrap(), &dims, BatchSeeds::PerImage).unwrap();
+        let mut rng = BatchNoise::with_variation(8, 2, BatchSeeds::PerImage, true);
+        assert_eq!(first_noise(&mut rng, 8, BatchSeeds::PerImage, Some(v), &dims, None).unwrap(), plain);
+    }
+
     #[test]
     fn variation_seeds_equal_a1111() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");

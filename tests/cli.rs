@@ -508,6 +508,8 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
         ("init", vec!["--init-image", "none/00000-5.png", "--strength", "0.6"]),
         // A random variation seed is recorded; ancestral noise continues the image's own seed.
         ("variation", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--subseed-strength", "0.4", "--sampler", "euler_a"]),
+        ("tiling", vec!["--tiling", "x"]),
+        ("resize", vec!["--seed-resize-from", "48x80", "--subseed-strength", "0.3"]),
     ];
     for (name, extra) in &cases {
         let made = generate(name, extra);
@@ -753,5 +755,40 @@ fn tiling_images_wrap_around() {
             .unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains(want), "{args:?}: {e}");
+    }
+}
+
+/// `--seed-resize-from WxH` (A1111's "Resize seed from"): the image's own size is the plain
+/// image; another size changes the noise and is recorded; sizes the VAE cannot take are named.
+/// The noise itself equals A1111's (`rng::tests::seed_resize_equals_a1111`).
+#[test]
+fn seed_resize_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let run = |out: &str, extra: &[&str]| -> std::process::Output {
+        loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "3", "--sampler", "euler", "--seed", "4", "--out"])
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let image = |o: &std::process::Output| -> (Vec<u8>, String) {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
+        let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
+        (image::open(&path).unwrap().to_rgb8().into_raw(), text)
+    };
+    let (plain, _) = image(&run("plain", &["--width", "32", "--height", "32"]));
+    let (same, _) = image(&run("same", &["--width", "32", "--height", "32", "--seed-resize-from", "32x32"]));
+    assert!(plain == same, "resizing from the image's own size is the plain image");
+    let (wide, _) = image(&run("wide", &["--width", "48", "--height", "32"]));
+    let (resized, text) = image(&run("resized", &["--width", "48", "--height", "32", "--seed-resize-from", "32x32"]));
+    assert!(wide != resized, "the resized seed's noise differs from the plain seed's");
+    assert!(text.contains("Seed resize from: 32x32"), "{text}");
+    for (value, want) in [("32by32", "--seed-resize-from"), ("1x32", "resize seed from 1x32")] {
+        let o = run("bad", &["--width", "32", "--height", "32", "--seed-resize-from", value]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{value}: {e}");
     }
 }

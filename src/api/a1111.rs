@@ -28,6 +28,9 @@ pub struct GenerationRequest {
     /// The variation seed and its strength (A1111's "Variation seed").
     pub subseed: Option<i64>,
     pub subseed_strength: Option<f64>,
+    /// "Resize seed from width / height" (pixels; -1 or 0: off).
+    pub seed_resize_from_w: Option<i64>,
+    pub seed_resize_from_h: Option<i64>,
     /// A1111's "Tiling" (seamless images): `true` / `false`, or our axes `"x"`, `"y"`, `"xy"`.
     pub tiling: Option<Value>,
     #[serde(deserialize_with = "or_default")]
@@ -151,6 +154,14 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     if s.subseed_strength == 0.0 {
         s.subseed = None;
     }
+    let resize = |field: &str, v: Option<i64>| match v {
+        None => Ok(0),
+        Some(n) if n <= 0 => Ok(0),
+        Some(n) if n as usize <= crate::sdxl::pipeline::MAX_SIDE => Ok(n as usize),
+        Some(n) => Err(FieldError::new(field, format!("{n}: expected -1, 0 or a size in pixels up to {}", crate::sdxl::pipeline::MAX_SIDE))),
+    };
+    s.seed_resize_from_w = resize("seed_resize_from_w", req.seed_resize_from_w)?;
+    s.seed_resize_from_h = resize("seed_resize_from_h", req.seed_resize_from_h)?;
     // The request's own field wins over the `tiling` option, as A1111's `p.tiling` over `opts.tiling`.
     let tiling = match (&req.tiling, req.override_settings.get("tiling")) {
         (Some(v), _) if !v.is_null() => Some(("tiling", v)),

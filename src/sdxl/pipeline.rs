@@ -193,6 +193,9 @@ pub struct GenerateRequest {
     /// A1111's variation seed: the starting noise (the noise added to an init image) moved
     /// toward another seed's.
     pub variation: Option<Variation>,
+    /// A1111's "Resize seed from" (width, height in pixels): the seed's noise as it is at that
+    /// size, centred in this one ([`crate::rng::first_noise`]).
+    pub seed_resize_from: Option<(usize, usize)>,
     /// Seamless (tileable) images: the UNet's and the VAE's convolutions wrap these borders.
     pub seamless: Seamless,
 }
@@ -217,6 +220,7 @@ impl Default for GenerateRequest {
             embeddings: Embeddings::default(),
             timestep_spacing: None,
             variation: None,
+            seed_resize_from: None,
             seamless: Seamless::OFF,
         }
     }
@@ -630,6 +634,18 @@ impl SdxlPipeline {
         }
         let (h, w) = (height / f, width / f);
         let shape = [b, latent_channels, h, w];
+        // A1111 takes the source size in latents by floor division and ignores it when it is the
+        // image's own size.
+        let resize_from = match req.seed_resize_from {
+            None => None,
+            Some((rw, rh)) if rw < f || rh < f || rw > MAX_SIDE || rh > MAX_SIDE => {
+                return Err(Error::Argument(format!("resize seed from {rw}x{rh}: expected {f} to {MAX_SIDE} pixels a side")));
+            }
+            Some((rw, rh)) => Some((rh / f, rw / f)).filter(|&r| r != (h, w)),
+        };
+        if req.init_noise.is_some() && resize_from.is_some() {
+            return Err(Error::Argument("init noise and resize seed from cannot be combined: the noise is given".into()));
+        }
         let mut rng = BatchNoise::with_variation(req.seed, b, req.batch_seeds, variation.is_some());
         let sampler = match req.sampler {
             Some(s) => s,
@@ -652,15 +668,9 @@ impl SdxlPipeline {
         // The starting noise, as A1111's `ImageRNG.first()`: the seed's, moved toward the
         // variation seed's. Later draws (ancestral noise) continue the seed's generator.
         let first_noise = |rng: &mut BatchNoise| -> Result<Tensor> {
-            let noise = batch_randn(rng, &shape)?;
-            let noise = match variation {
-                Some(v) => {
-                    let moved = v.apply(&noise.flatten_all()?.to_vec1::<f32>()?, &shape, req.batch_seeds).ok_or_else(|| Error::Argument("variation seed: noise of another shape".into()))?;
-                    Tensor::from_vec(moved, &shape[..], &Device::Cpu)?
-                }
-                None => noise,
-            };
-            Ok(noise.to_device(&self.device)?)
+            let noise = crate::rng::first_noise(rng, req.seed, req.batch_seeds, variation, &shape, resize_from)
+                .ok_or_else(|| Error::Argument(format!("noise of shape {shape:?} for a batch of {} images with per-image seeds", rng.images())))?;
+            Ok(Tensor::from_vec(noise, &shape[..], &Device::Cpu)?.to_device(&self.device)?)
         };
         let mut start_index = 0usize;
         let mut inpaint: Option<InpaintState> = None;

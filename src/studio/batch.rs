@@ -99,6 +99,8 @@ fn known_keys() -> Vec<String> {
         np_mu: Some(1.0),
         subseed: Some(1),
         subseed_strength: 0.5,
+        seed_resize_from_w: 8,
+        seed_resize_from_h: 8,
         ..Settings::default()
     };
     match serde_json::to_value(full) {
@@ -130,7 +132,7 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
         },
     };
     // A1111's -1: no seed given (the line's own, below).
-    for key in ["seed", "subseed"] {
+    for key in ["seed", "subseed", "seed_resize_from_w", "seed_resize_from_h"] {
         if obj.get(key).and_then(serde_json::Value::as_i64) == Some(-1) {
             obj.remove(key);
         }
@@ -164,6 +166,11 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
     }
     if !(0.0..=1.0).contains(&settings.subseed_strength) {
         return Err(format!("field subseed_strength: {}: expected 0 to 1", settings.subseed_strength));
+    }
+    for (name, v) in [("seed_resize_from_w", settings.seed_resize_from_w), ("seed_resize_from_h", settings.seed_resize_from_h)] {
+        if v > crate::sdxl::pipeline::MAX_SIDE {
+            return Err(format!("field {name}: {v}: expected -1, 0 or a size in pixels up to {}", crate::sdxl::pipeline::MAX_SIDE));
+        }
     }
     Ok((settings, images))
 }
@@ -577,6 +584,8 @@ mod tests {
         assert!(e.contains("field subseed_strength"), "{e}");
         let (s, _) = parse_line(r#"{"prompt": "a", "subseed": -1, "subseed_strength": 0.5}"#).unwrap();
         assert_eq!((s.subseed, s.subseed_strength), (None, 0.5));
+        let (s, _) = parse_line(r#"{"prompt": "a", "seed_resize_from_w": -1, "seed_resize_from_h": 640}"#).unwrap();
+        assert_eq!((s.seed_resize_from_w, s.seed_resize_from_h, s.seed_resize_from()), (0, 640, None));
         // `tiling`: A1111's boolean or the axes, kept canonical; anything else is named.
         for (v, want) in [("true", "xy"), ("false", ""), ("\"x\"", "x"), ("\"Y\"", "y"), ("\"both\"", "xy"), ("null", "")] {
             assert_eq!(parse_line(&format!(r#"{{"prompt": "a", "tiling": {v}}}"#)).unwrap().0.tiling, want, "{v}");

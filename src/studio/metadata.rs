@@ -59,6 +59,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if let Some(sub) = r.subseed.filter(|_| s.subseed_strength != 0.0) {
         text.push_str(&format!(", Variation seed: {sub}, Variation seed strength: {}", s.subseed_strength));
     }
+    if let Some((w, h)) = s.seed_resize_from() {
+        text.push_str(&format!(", Seed resize from: {w}x{h}"));
+    }
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
@@ -283,6 +286,11 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             "Variation seed strength" => {
                 s.subseed_strength = v.parse().ok().filter(|x| (0.0..=1.0).contains(x)).ok_or_else(|| bad(&k, &v, "a number from 0 to 1"))?
             }
+            "Seed resize from" => {
+                let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
+                s.seed_resize_from_w = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+                s.seed_resize_from_h = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+            }
             "Size" => {
                 let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
                 s.width = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
@@ -474,8 +482,12 @@ mod tests {
         let rec = ImageRecord { lora_hashes: vec![("vlox".into(), "0123456789ab".into())], model_hash: "31e35c80fc".into(), ..record(settings.clone(), 9) };
         let mut varied = rec.clone();
         (varied.settings.subseed_strength, varied.subseed) = (0.25, Some(77));
-        let back = parse_parameters(&parameters_text(&varied)).unwrap();
-        assert_eq!((back.subseed, back.subseed_strength), (Some(77), 0.25));
+        (varied.settings.seed_resize_from_w, varied.settings.seed_resize_from_h) = (512, 768);
+        let text = parameters_text(&varied);
+        assert!(text.contains("Variation seed strength: 0.25, Seed resize from: 512x768"), "{text}");
+        let back = parse_parameters(&text).unwrap();
+        assert_eq!((back.subseed, back.subseed_strength, back.seed_resize_from()), (Some(77), 0.25, Some((512, 768))));
+        assert!(parse_parameters("a\nSteps: 2, Seed resize from: big").unwrap_err().to_string().contains("Seed resize from"));
         let text = parameters_text(&rec);
         assert!(!text.contains("Variation"), "{text}");
         // A1111's order: the hash right before the name.

@@ -75,6 +75,12 @@ pub struct Settings {
     /// "Variation seed strength", 0 (off) to 1 (the variation seed's noise).
     #[serde(skip_serializing_if = "is_zero_f64")]
     pub subseed_strength: f64,
+    /// A1111's "Resize seed from width / height" (pixels; 0: off): each seed's noise as it is at
+    /// that size, centred in this one, so a seed found at one size keeps its composition.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub seed_resize_from_w: usize,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub seed_resize_from_h: usize,
     /// 0: the model's default size.
     pub width: usize,
     pub height: usize,
@@ -197,6 +203,8 @@ impl Default for Settings {
             schedule: String::new(),
             clip_skip: 0,
             tiling: String::new(),
+            seed_resize_from_w: 0,
+            seed_resize_from_h: 0,
             timestep_spacing: String::new(),
             vae: String::new(),
             dtype: String::new(),
@@ -391,6 +399,11 @@ fn is_shared(s: &BatchSeeds) -> bool {
 }
 
 impl Settings {
+    /// "Resize seed from" as (width, height), when both sides are set.
+    pub fn seed_resize_from(&self) -> Option<(usize, usize)> {
+        (self.seed_resize_from_w > 0 && self.seed_resize_from_h > 0).then_some((self.seed_resize_from_w, self.seed_resize_from_h))
+    }
+
     /// The borders this job's images wrap ([`Self::tiling`]).
     pub fn seamless(&self) -> crate::Result<crate::Seamless> {
         parse_tiling(&self.tiling)

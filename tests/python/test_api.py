@@ -102,6 +102,13 @@ def main():
         check(varied.info["all_seeds"] == [3, 3], f"variations of one image keep its seed, as A1111's all_seeds ({varied.info['all_seeds']})")
         check("Variation seed: 22, Variation seed strength: 1" in varied.info["infotexts"][0], "the infotext names the variation seed")
 
+        # Resize seed from: recorded and reported; the image's own size changes nothing.
+        resized = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", seed_resize_from_w=48, seed_resize_from_h=96)
+        check("Seed resize from: 48x96" in resized.info["infotexts"][0] and resized.info["seed_resize_from_w"] == 48, f"seed resize is recorded ({resized.info['infotexts'][0]!r})")
+        check(pixels(resized.image) != pixels(own.image), "resize seed from changes the image")
+        same = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", seed_resize_from_w=64, seed_resize_from_h=64)
+        check(pixels(same.image) == pixels(own.image), "resize seed from the image's own size is the plain image")
+
         # A1111's Tiling: seamless images, recorded as `Tiling: True`.
         tiled = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", tiling=True)
         check("Tiling: True" in tiled.info["infotexts"][0], f"the infotext says Tiling ({tiled.info['infotexts'][0]!r})")

@@ -70,6 +70,11 @@ pub struct GenerateArgs {
     /// A1111's "Variation seed strength": 0 (off) to 1 (the variation seed's own noise).
     #[arg(long, default_value_t = 0.0)]
     subseed_strength: f64,
+    /// A1111's "Resize seed from width / height" (WxH pixels): each seed's noise as it is at that
+    /// size, centred in this image's (cropped or surrounded by new noise), so a seed found at one
+    /// size keeps its composition at another.
+    #[arg(long, value_name = "WxH", value_parser = parse_size)]
+    seed_resize_from: Option<(usize, usize)>,
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
@@ -427,6 +432,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         embeddings: studio::job_embeddings(&a.model, a.library.as_deref(), &a.embeddings)?,
         variation: None,
         seamless,
+        seed_resize_from: a.seed_resize_from,
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
@@ -465,7 +471,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
             if let Some(n) = a.est_preview_steps {
                 preview.steps = n;
             }
-            let size = a.est_preview_size.as_deref().map(|v| parse_size(v).with_context(|| format!("--est-preview-size {v}"))).transpose()?;
+            let size = a.est_preview_size.as_deref().map(|v| parse_size(v).map_err(anyhow::Error::msg).with_context(|| format!("--est-preview-size {v}"))).transpose()?;
             if let Some((w, h)) = size {
                 if w == 0 || h == 0 || w > loramix::sdxl::pipeline::MAX_SIDE || h > loramix::sdxl::pipeline::MAX_SIDE {
                     anyhow::bail!("--est-preview-size {w}x{h}: expected positive sides up to {}", loramix::sdxl::pipeline::MAX_SIDE);
@@ -723,6 +729,16 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
     Ok(settings)
 }
 
+/// `WxH`, two positive whole numbers.
+fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {
+    let bad = || format!("{s:?}: expected WxH in pixels, e.g. 512x768");
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    match (w.trim().parse::<usize>(), h.trim().parse::<usize>()) {
+        (Ok(w), Ok(h)) if w > 0 && h > 0 => Ok((w, h)),
+        _ => Err(bad()),
+    }
+}
+
 /// `--tiling`'s axes.
 fn seamless_arg(a: &GenerateArgs) -> Result<loramix::Seamless> {
     match a.tiling.as_deref() {
@@ -765,6 +781,8 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         seed: a.seed,
         subseed: a.subseed.filter(|_| a.subseed_strength != 0.0),
         subseed_strength: a.subseed_strength,
+        seed_resize_from_w: a.seed_resize_from.map_or(0, |s| s.0),
+        seed_resize_from_h: a.seed_resize_from.map_or(0, |s| s.1),
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         batch_count: a.batch_count,
@@ -798,11 +816,6 @@ pub fn log_event(e: &studio::StudioEvent) {
         }
         _ => {}
     }
-}
-
-fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| anyhow::anyhow!("size '{s}': expected WxH, e.g. 512x512"))?;
-    Ok((w.trim().parse()?, h.trim().parse()?))
 }
 
 /// Any u64 (what a record can hold: a batch's seed + k may pass i64's range), or -1.

@@ -68,6 +68,7 @@ describe("restoring a record", () => {
     expect(restored.batch_seeds).toBe("shared");
     expect(restored.clip_skip).toBe(0);
     expect(restoreSettings({ ...current, tiling: "x" }, { prompt: "a cat" }).tiling).toBe("");
+    expect(restoreSettings({ ...current, seed_resize_from_w: 512 }, { prompt: "a cat" }).seed_resize_from_w).toBe(0);
     expect(restored.prompt).toBe("a cat");
     expect(restored.model).toBe(current.model);
   });

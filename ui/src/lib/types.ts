@@ -46,6 +46,9 @@ export interface Settings {
   subseed?: number | null;
   /** "Variation seed strength", 0 (off) to 1. */
   subseed_strength?: number;
+  /** A1111's "Resize seed from width / height" in pixels; 0 = off. */
+  seed_resize_from_w?: number;
+  seed_resize_from_h?: number;
   width: number;
   height: number;
   batch_count: number;
@@ -337,6 +340,8 @@ const RECORD_DEFAULTS: Partial<Settings> & Record<string, unknown> = {
   encode_empty_negative: false,
   subseed: null,
   subseed_strength: 0,
+  seed_resize_from_w: 0,
+  seed_resize_from_h: 0,
   batch_seeds: "shared",
   klora_mode: null,
   np_mu: null,
