@@ -76,4 +76,21 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
         });
         assert!(found, "the first cell is not drawn in the grid");
     }
+    // A second grid in the same folder is numbered and leaves the first's files as they were.
+    let before: Vec<Vec<u8>> = expected.iter().map(|n| std::fs::read(out.join(n)).unwrap()).collect();
+    let o = Command::new(env!("CARGO_BIN_EXE_loramix"))
+        .env("RUST_BACKTRACE", "0")
+        .env("LORAMIX_HOME", tmp.path().join("home"))
+        .args(["grid", "--x", "seed=5", "--prompt", "a teal background", "--steps", "2", "--width", "32", "--height", "32"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), out.join("grid-0001.png").display().to_string());
+    assert!(out.join("xyz-0001-z00-y00-x00-00.png").exists());
+    let after: Vec<Vec<u8>> = expected.iter().map(|n| std::fs::read(out.join(n)).unwrap()).collect();
+    assert!(before == after, "the first grid's files changed");
 }

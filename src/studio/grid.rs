@@ -359,8 +359,22 @@ pub struct GridOutput {
     pub axes: Vec<(String, Vec<String>)>,
 }
 
+/// The tag of a grid's file names in `out`: none for the first grid there, then `-0001`,
+/// `-0002`, …, so that a second grid in the same folder keeps the first's files (A1111 numbers
+/// its grids and images rather than overwrite them).
+fn run_tag(out: &Path, z_axis: bool) -> String {
+    (0..)
+        .map(|n: u32| if n == 0 { String::new() } else { format!("-{n:04}") })
+        .find(|tag| {
+            let grid = if z_axis { format!("grid{tag}-z00.png") } else { format!("grid{tag}.png") };
+            !out.join(grid).exists() && !out.join(format!("xyz{tag}-z00-y00-x00-00.png")).exists()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs every cell (Z outermost, then Y, then X, as A1111 orders them) and draws the grids.
 /// Each cell's images are `xyz-zZZ-yYY-xXX-KK.png`; the grids `grid.png` (no Z) or `grid-zZZ.png`.
+/// A folder that already holds a grid gets the next one as `xyz-NNNN-…` and `grid-NNNN….png`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_grid(
     studio: &Studio,
@@ -423,9 +437,10 @@ pub fn run_grid(
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tag = run_tag(out, axes[2].is_some());
     let mut done = vec![];
     for ((xi, yi, zi), s) in &cells {
-        let prefix = format!("xyz-z{zi:02}-y{yi:02}-x{xi:02}");
+        let prefix = format!("xyz{tag}-z{zi:02}-y{yi:02}-x{xi:02}");
         let names = |k: usize| format!("{prefix}-{k:02}.png");
         let o = studio.run(s, library, &ImageOutputs { dir: out, names: Some(&names), images: None, keep_interrupted: false, skip: None }, cancel, on_event, &mut |_| {})?;
         let mut images = o.kept;
@@ -479,7 +494,7 @@ pub fn run_grid(
         }
         legend.push(shared.join(", "));
         let img = draw_grid(&tiles, xs.len(), &col_labels, &row_labels, &title, &legend);
-        let path = out.join(if axes[2].is_some() { format!("grid-z{zi:02}.png") } else { "grid.png".into() });
+        let path = out.join(if axes[2].is_some() { format!("grid{tag}-z{zi:02}.png") } else { format!("grid{tag}.png") });
         let meta = serde_json::json!({
             "x": axes[0].map(|a| (a.kind.label(), a.values.clone())),
             "y": axes[1].map(|a| (a.kind.label(), a.values.clone())),
