@@ -509,6 +509,7 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
         // A random variation seed is recorded; ancestral noise continues the image's own seed.
         ("variation", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--subseed-strength", "0.4", "--sampler", "euler_a"]),
         ("tiling", vec!["--tiling", "x"]),
+        ("ensd", vec!["--sampler", "euler_a", "--ensd", "31337", "--batch-size", "2", "--batch-seeds", "per-image"]),
         ("resize", vec!["--seed-resize-from", "48x80", "--subseed-strength", "0.3"]),
     ];
     for (name, extra) in &cases {
@@ -791,4 +792,38 @@ fn seed_resize_from_the_command_line() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains(want), "{value}: {e}");
     }
+}
+
+/// `--eta-noise-seed-delta N` (A1111's ENSD): the noise ancestral samplers draw between steps
+/// comes from seed + N. So seed S with N equals seed S + N started from seed S's noise, pixel for
+/// pixel; Euler draws no noise and is unchanged, and only samplers that draw noise write `ENSD`.
+#[test]
+fn eta_noise_seed_delta_reseeds_the_ancestral_noise() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let noise = loramix::rng::BatchNoise::new(3, 1, loramix::rng::BatchSeeds::Shared).randn(&[1, 4, 16, 16]).unwrap();
+    let noise = Tensor::from_vec(noise, (1, 4, 16, 16), &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&HashMap::from([("latents".to_string(), noise)]), tmp.path().join("seed3.safetensors")).unwrap();
+    let run = |out: &str, extra: &[&str]| -> (Vec<u8>, String) {
+        let o = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "4", "--width", "32", "--height", "32", "--out"])
+            .arg(tmp.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{out}: {}", String::from_utf8_lossy(&o.stderr));
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
+        let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
+        (image::open(&path).unwrap().to_rgb8().into_raw(), text)
+    };
+    let init = tmp.path().join("seed3.safetensors");
+    let (ensd, text) = run("ensd", &["--sampler", "euler_a", "--seed", "3", "--ensd", "31337"]);
+    assert!(text.contains(", ENSD: 31337"), "{text}");
+    let (shifted, _) = run("shifted", &["--sampler", "euler_a", "--seed", "31340", "--init-noise", init.to_str().unwrap()]);
+    assert!(ensd == shifted, "ENSD's steps draw from seed + delta");
+    let (plain, _) = run("plain", &["--sampler", "euler_a", "--seed", "3"]);
+    assert!(ensd != plain, "ENSD changes an ancestral sampler's image");
+    let (euler, text) = run("euler", &["--sampler", "euler", "--seed", "3", "--eta-noise-seed-delta", "31337"]);
+    assert!(!text.contains("ENSD"), "{text}");
+    assert!(euler == run("euler-plain", &["--sampler", "euler", "--seed", "3"]).0, "Euler draws no noise: ENSD changes nothing");
 }

@@ -136,6 +136,12 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
             s.vae = v.to_string();
         }
     }
+    if let Some(v) = req.override_settings.get("eta_noise_seed_delta") {
+        s.eta_noise_seed_delta = v.as_u64().ok_or_else(|| FieldError {
+            loc: vec!["body".into(), "override_settings".into(), "eta_noise_seed_delta".into()],
+            msg: format!("{v}: expected a whole number from 0"),
+        })?;
+    }
     if let Some(n) = req.override_settings.get("CLIP_stop_at_last_layers").and_then(Value::as_u64) {
         s.clip_skip = (n as usize).saturating_sub(1);
     }

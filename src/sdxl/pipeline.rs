@@ -196,6 +196,9 @@ pub struct GenerateRequest {
     /// A1111's "Resize seed from" (width, height in pixels): the seed's noise as it is at that
     /// size, centred in this one ([`crate::rng::first_noise`]).
     pub seed_resize_from: Option<(usize, usize)>,
+    /// A1111's "Eta noise seed delta" (ENSD): once the starting noise is drawn, the noise of
+    /// later steps comes from generators seeded with each image's seed plus this.
+    pub eta_noise_seed_delta: u64,
     /// Seamless (tileable) images: the UNet's and the VAE's convolutions wrap these borders.
     pub seamless: Seamless,
 }
@@ -221,6 +224,7 @@ impl Default for GenerateRequest {
             timestep_spacing: None,
             variation: None,
             seed_resize_from: None,
+            eta_noise_seed_delta: 0,
             seamless: Seamless::OFF,
         }
     }
@@ -819,6 +823,10 @@ impl SdxlPipeline {
         // per step and a LoRA's start/stop or window falls where the user's step count puts it.
         let mix_steps = timesteps.len().div_ceil(order);
         let start = Instant::now();
+        if req.eta_noise_seed_delta != 0 {
+            // A1111's `ImageRNG.first()`: `generators = [create_generator(seed + ENSD) ...]`.
+            rng = BatchNoise::with_variation(req.seed.wrapping_add(req.eta_noise_seed_delta), b, req.batch_seeds, variation.is_some());
+        }
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
             // A1111 counts the steps of this run (model calls) from 0.

@@ -101,6 +101,7 @@ fn known_keys() -> Vec<String> {
         subseed_strength: 0.5,
         seed_resize_from_w: 8,
         seed_resize_from_h: 8,
+        eta_noise_seed_delta: 1,
         ..Settings::default()
     };
     match serde_json::to_value(full) {

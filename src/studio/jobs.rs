@@ -534,6 +534,7 @@ impl Studio {
                 variation: subseed_of(unit).map(|seed| crate::rng::Variation { seed, strength: settings.subseed_strength }),
                 seamless: settings.seamless()?,
                 seed_resize_from: settings.seed_resize_from(),
+                eta_noise_seed_delta: settings.eta_noise_seed_delta,
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

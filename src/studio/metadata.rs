@@ -62,6 +62,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if let Some((w, h)) = s.seed_resize_from() {
         text.push_str(&format!(", Seed resize from: {w}x{h}"));
     }
+    // A1111 writes ENSD only where the sampler draws noise (`uses_ensd`); elsewhere it changes nothing.
+    if s.eta_noise_seed_delta != 0 && r.sampler.parse::<SamplerKind>().map_or(true, |k| k.draws_noise()) {
+        text.push_str(&format!(", ENSD: {}", s.eta_noise_seed_delta));
+    }
     if s.clip_skip > 0 {
         text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
@@ -286,6 +290,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             "Variation seed strength" => {
                 s.subseed_strength = v.parse().ok().filter(|x| (0.0..=1.0).contains(x)).ok_or_else(|| bad(&k, &v, "a number from 0 to 1"))?
             }
+            "ENSD" => s.eta_noise_seed_delta = v.parse().map_err(|_| bad(&k, &v, "a whole number"))?,
             "Seed resize from" => {
                 let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
                 s.seed_resize_from_w = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
@@ -488,6 +493,13 @@ mod tests {
         let back = parse_parameters(&text).unwrap();
         assert_eq!((back.subseed, back.subseed_strength, back.seed_resize_from()), (Some(77), 0.25, Some((512, 768))));
         assert!(parse_parameters("a\nSteps: 2, Seed resize from: big").unwrap_err().to_string().contains("Seed resize from"));
+        // ENSD: written for samplers that draw noise, as A1111's `uses_ensd`, and read back.
+        varied.settings.eta_noise_seed_delta = 31337;
+        assert!(!parameters_text(&varied).contains("ENSD"), "Euler draws no noise");
+        varied.sampler = "Euler a".into();
+        let text = parameters_text(&varied);
+        assert!(text.contains(", ENSD: 31337"), "{text}");
+        assert_eq!(parse_parameters(&text).unwrap().eta_noise_seed_delta, 31337);
         let text = parameters_text(&rec);
         assert!(!text.contains("Variation"), "{text}");
         // A1111's order: the hash right before the name.

@@ -81,6 +81,10 @@ pub struct Settings {
     pub seed_resize_from_w: usize,
     #[serde(skip_serializing_if = "is_zero")]
     pub seed_resize_from_h: usize,
+    /// A1111's "Eta noise seed delta" (ENSD; 31337 is NovelAI's): the noise that ancestral and
+    /// SDE samplers draw between steps comes from each image's seed plus this. 0: off.
+    #[serde(skip_serializing_if = "is_zero_u64")]
+    pub eta_noise_seed_delta: u64,
     /// 0: the model's default size.
     pub width: usize,
     pub height: usize,
@@ -205,6 +209,7 @@ impl Default for Settings {
             tiling: String::new(),
             seed_resize_from_w: 0,
             seed_resize_from_h: 0,
+            eta_noise_seed_delta: 0,
             timestep_spacing: String::new(),
             vae: String::new(),
             dtype: String::new(),
@@ -388,6 +393,10 @@ fn is_false(v: &bool) -> bool {
 
 fn is_zero_f64(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &usize) -> bool {

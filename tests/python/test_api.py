@@ -109,6 +109,12 @@ def main():
         same = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", seed_resize_from_w=64, seed_resize_from_h=64)
         check(pixels(same.image) == pixels(own.image), "resize seed from the image's own size is the plain image")
 
+        # ENSD from override_settings: recorded for an ancestral sampler, and it changes the noise.
+        ensd = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler a", override_settings={"eta_noise_seed_delta": 31337})
+        ancestral = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler a")
+        check("ENSD: 31337" in ensd.info["infotexts"][0], f"the infotext says ENSD ({ensd.info['infotexts'][0]!r})")
+        check(pixels(ensd.image) != pixels(ancestral.image), "ENSD changes an ancestral sampler's image")
+
         # A1111's Tiling: seamless images, recorded as `Tiling: True`.
         tiled = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", tiling=True)
         check("Tiling: True" in tiled.info["infotexts"][0], f"the infotext says Tiling ({tiled.info['infotexts'][0]!r})")

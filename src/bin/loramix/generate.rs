@@ -75,6 +75,10 @@ pub struct GenerateArgs {
     /// size keeps its composition at another.
     #[arg(long, value_name = "WxH", value_parser = parse_size)]
     seed_resize_from: Option<(usize, usize)>,
+    /// A1111's "Eta noise seed delta" (ENSD; NovelAI's is 31337): the noise that ancestral and
+    /// SDE samplers draw between steps comes from each image's seed plus N.
+    #[arg(long, visible_alias = "ensd", value_name = "N", default_value_t = 0)]
+    eta_noise_seed_delta: u64,
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
@@ -433,6 +437,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         variation: None,
         seamless,
         seed_resize_from: a.seed_resize_from,
+        eta_noise_seed_delta: a.eta_noise_seed_delta,
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
@@ -783,6 +788,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         subseed_strength: a.subseed_strength,
         seed_resize_from_w: a.seed_resize_from.map_or(0, |s| s.0),
         seed_resize_from_h: a.seed_resize_from.map_or(0, |s| s.1),
+        eta_noise_seed_delta: a.eta_noise_seed_delta,
         width: a.width.unwrap_or(0),
         height: a.height.unwrap_or(0),
         batch_count: a.batch_count,

@@ -398,6 +398,12 @@ impl SamplerKind {
         }
     }
 
+    /// Whether the sampler draws fresh noise between steps (ancestral, SDE, LCM), which is what
+    /// A1111's "Eta noise seed delta" reseeds (its `uses_ensd`).
+    pub fn draws_noise(self) -> bool {
+        matches!(self, Self::EulerA | Self::Dpm2A | Self::Dpmpp2mSde | Self::Dpmpp2mSdeKarras | Self::Lcm)
+    }
+
     /// Whether the sampler steps through a sigma table (and so takes a schedule type).
     pub fn takes_schedule(self) -> bool {
         !matches!(self, Self::Ddim | Self::Lcm)

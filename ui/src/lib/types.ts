@@ -49,6 +49,8 @@ export interface Settings {
   /** A1111's "Resize seed from width / height" in pixels; 0 = off. */
   seed_resize_from_w?: number;
   seed_resize_from_h?: number;
+  /** A1111's "Eta noise seed delta" (ENSD): ancestral / SDE noise from seed + this; 0 = off. */
+  eta_noise_seed_delta?: number;
   width: number;
   height: number;
   batch_count: number;
@@ -342,6 +344,7 @@ const RECORD_DEFAULTS: Partial<Settings> & Record<string, unknown> = {
   subseed_strength: 0,
   seed_resize_from_w: 0,
   seed_resize_from_h: 0,
+  eta_noise_seed_delta: 0,
   batch_seeds: "shared",
   klora_mode: null,
   np_mu: null,
