@@ -827,3 +827,37 @@ fn eta_noise_seed_delta_reseeds_the_ancestral_noise() {
     assert!(!text.contains("ENSD"), "{text}");
     assert!(euler == run("euler-plain", &["--sampler", "euler", "--seed", "3"]).0, "Euler draws no noise: ENSD changes nothing");
 }
+
+/// `--resize-mode` fits an init image of another shape as A1111's "Resize mode": each mode
+/// gives its own picture, the record names it, and a bad name is refused up front.
+#[test]
+fn resize_modes_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let init = tmp.path().join("wide.png");
+    image::RgbImage::from_fn(64, 32, |x, y| image::Rgb([(x * 4) as u8, (y * 8) as u8, if x < 32 { 40 } else { 220 }])).save(&init).unwrap();
+    let run = |mode: &str| -> std::process::Output {
+        loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "4", "--strength", "0.5", "--seed", "2", "--width", "32", "--height", "32", "--init-image"])
+            .arg(&init)
+            .args(["--resize-mode", mode, "--out"])
+            .arg(tmp.path().join(mode))
+            .output()
+            .unwrap()
+    };
+    let mut pictures = vec![];
+    for mode in ["just_resize", "crop_and_resize", "resize_and_fill"] {
+        let o = run(mode);
+        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
+        let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
+        assert_eq!(text.contains("Resize mode: "), mode != "just_resize", "{text}");
+        let (_, rec) = loramix::studio::settings_from_png(&path).unwrap();
+        assert_eq!(rec.unwrap().settings.init.unwrap().resize_mode.name(), mode);
+        pictures.push(image::open(&path).unwrap().to_rgb8().into_raw());
+    }
+    assert!(pictures[0] != pictures[1] && pictures[1] != pictures[2] && pictures[0] != pictures[2], "each mode fits the image its own way");
+    let o = run("squash");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("resize mode \"squash\""), "{e}");
+}

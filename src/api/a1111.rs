@@ -76,6 +76,8 @@ pub struct GenerationRequest {
     pub inpaint_full_res_padding: Option<u32>,
     #[serde(deserialize_with = "or_default")]
     pub inpainting_mask_invert: u8,
+    /// 0 just resize, 1 crop and resize, 2 resize and fill.
+    pub resize_mode: Option<u64>,
 }
 
 /// A request that cannot be a job: the field and what was expected (a 422, as FastAPI's).
@@ -275,6 +277,10 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
             inpaint_area: if req.inpaint_full_res.unwrap_or(true) { InpaintArea::OnlyMasked } else { InpaintArea::WholePicture },
             padding: req.inpaint_full_res_padding.unwrap_or(0),
             outpaint: None,
+            resize_mode: match req.resize_mode.unwrap_or(0) {
+                3 => return Err(FieldError::new("resize_mode", "3 (just resize, latent upscale) is not supported: expected 0 (just resize), 1 (crop and resize) or 2 (resize and fill)")),
+                n => crate::sdxl::img2img::ResizeMode::from_a1111_index(n).ok_or_else(|| FieldError::new("resize_mode", format!("{n}: expected 0 (just resize), 1 (crop and resize) or 2 (resize and fill)")))?,
+            },
         });
     }
     apply_mix_settings(req, &mut s)?;

@@ -335,6 +335,107 @@ where
     image::imageops::resize(img, w, h, image::imageops::FilterType::Lanczos3)
 }
 
+/// A1111's img2img "Resize mode": how an init image (and its mask) of another shape is fitted
+/// to the output size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeMode {
+    /// Stretched to the size (A1111's default).
+    #[default]
+    JustResize,
+    /// Scaled to cover the size, keeping its aspect ratio, and cropped around the centre.
+    CropAndResize,
+    /// Scaled to fit inside, keeping its aspect ratio; the bands left are filled by stretching
+    /// the image's edge rows or columns.
+    ResizeAndFill,
+}
+
+impl ResizeMode {
+    pub const ALL: [ResizeMode; 3] = [Self::JustResize, Self::CropAndResize, Self::ResizeAndFill];
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::JustResize => "just_resize",
+            Self::CropAndResize => "crop_and_resize",
+            Self::ResizeAndFill => "resize_and_fill",
+        }
+    }
+    /// As A1111 labels it.
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::JustResize => "Just resize",
+            Self::CropAndResize => "Crop and resize",
+            Self::ResizeAndFill => "Resize and fill",
+        }
+    }
+    /// A1111's API number (`resize_mode`: 0, 1, 2; 3, "Just resize (latent upscale)", is not ours).
+    pub fn from_a1111_index(i: u64) -> Option<Self> {
+        Self::ALL.get(i as usize).copied()
+    }
+}
+
+impl FromStr for ResizeMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let key = s.trim().to_ascii_lowercase().replace(['-', ' '], "_");
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == key || key.parse::<u64>().ok().and_then(Self::from_a1111_index) == Some(*m))
+            .ok_or_else(|| Error::Argument(format!("resize mode {s:?}: expected one of {} (or A1111's 0, 1, 2)", Self::ALL.map(|m| m.name()).join(", "))))
+    }
+}
+
+/// `img` fitted to `w`×`h` as A1111's `images.resize_image(resize_mode, …)` does without an
+/// upscaler model: the scaled sizes use its integer arithmetic (`im.width * height //
+/// im.height`), the image is pasted at `(w // 2 - src_w // 2, h // 2 - src_h // 2)` on black,
+/// and "resize and fill" pastes the edge row (column) stretched over each band, leaving a
+/// remainder row black where A1111 does.
+pub fn resize_to<P>(mode: ResizeMode, img: &image::ImageBuffer<P, Vec<P::Subpixel>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: image::Pixel + 'static,
+    P::Subpixel: 'static,
+{
+    let (iw, ih) = img.dimensions();
+    if mode == ResizeMode::JustResize || iw == 0 || ih == 0 {
+        return resize(img, w, h);
+    }
+    // ratio vs src_ratio, as w/h against iw/ih, compared exactly.
+    let (lhs, rhs) = (w as u64 * ih as u64, iw as u64 * h as u64);
+    let scaled_w = ((iw as u64 * h as u64) / ih as u64).max(1) as u32;
+    let scaled_h = ((ih as u64 * w as u64) / iw as u64).max(1) as u32;
+    let (src_w, src_h) = match mode {
+        ResizeMode::CropAndResize => (if lhs > rhs { w } else { scaled_w }, if lhs <= rhs { h } else { scaled_h }),
+        _ => (if lhs < rhs { w } else { scaled_w }, if lhs >= rhs { h } else { scaled_h }),
+    };
+    let resized = resize(img, src_w, src_h);
+    let mut out = image::ImageBuffer::<P, Vec<P::Subpixel>>::new(w, h);
+    let (ox, oy) = ((w / 2) as i64 - (src_w / 2) as i64, (h / 2) as i64 - (src_h / 2) as i64);
+    image::imageops::replace(&mut out, &resized, ox, oy);
+    if mode == ResizeMode::ResizeAndFill {
+        if lhs < rhs {
+            let fill = (h / 2).saturating_sub(src_h / 2);
+            for y in 0..fill {
+                for x in 0..w.min(src_w) {
+                    out.put_pixel(x, y, *resized.get_pixel(x, 0));
+                    if fill + src_h + y < h {
+                        out.put_pixel(x, fill + src_h + y, *resized.get_pixel(x, src_h - 1));
+                    }
+                }
+            }
+        } else if lhs > rhs {
+            let fill = (w / 2).saturating_sub(src_w / 2);
+            for x in 0..fill {
+                for y in 0..h.min(src_h) {
+                    out.put_pixel(x, y, *resized.get_pixel(0, y));
+                    if fill + src_w + x < w {
+                        out.put_pixel(fill + src_w + x, y, *resized.get_pixel(src_w - 1, y));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A1111's overlay after inpainting: the original where `overlay_mask` is 0, the generated
 /// image where it is 255, blended between (the blurred mask is the alpha). With `paste`, the
 /// generated image is first resized into that region of the original (`apply_overlay`).
@@ -377,6 +478,38 @@ pub fn outpaint_canvas(image: &RgbImage, (l, t, r, b): (u32, u32, u32, u32)) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A1111's `resize_image` geometry on shapes where the scaled image is the image itself,
+    /// so the expected pixels are exact: crop keeps the centre, fill stretches the edge columns
+    /// or rows, and the names parse as A1111 and our flags write them.
+    #[test]
+    fn resize_modes_follow_a1111() {
+        let wide = RgbImage::from_fn(40, 20, |x, y| image::Rgb([x as u8 * 5, y as u8 * 7, 3]));
+        let crop = resize_to(ResizeMode::CropAndResize, &wide, 20, 20);
+        assert_eq!(crop.dimensions(), (20, 20));
+        assert!(crop.enumerate_pixels().all(|(x, y, p)| p == wide.get_pixel(x + 10, y)), "crop keeps columns 10..30");
+        let tall = RgbImage::from_fn(20, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 3, 9]));
+        let fill = resize_to(ResizeMode::ResizeAndFill, &tall, 40, 40);
+        for (x, y, p) in fill.enumerate_pixels() {
+            let want = tall.get_pixel(x.saturating_sub(10).min(19), y);
+            assert_eq!(p, want, "({x}, {y})");
+        }
+        // Taller than wide on a wide canvas the other way: rows stretched, and an odd remainder
+        // row left black, as A1111's paste offsets leave it.
+        let fill = resize_to(ResizeMode::ResizeAndFill, &wide, 40, 25);
+        assert_eq!(fill.get_pixel(7, 0), wide.get_pixel(7, 0));
+        assert_eq!(fill.get_pixel(7, 2), wide.get_pixel(7, 0));
+        assert_eq!(fill.get_pixel(7, 12), wide.get_pixel(7, 10));
+        assert_eq!(fill.get_pixel(7, 22), wide.get_pixel(7, 19));
+        assert_eq!(fill.get_pixel(7, 24), &image::Rgb([0, 0, 0]));
+        let mask = GrayImage::from_fn(40, 20, |x, _| image::Luma([if x < 20 { 0 } else { 255 }]));
+        assert_eq!(resize_to(ResizeMode::CropAndResize, &mask, 20, 20).get_pixel(12, 3)[0], 255);
+        assert_eq!(resize_to(ResizeMode::JustResize, &wide, 20, 20), resize(&wide, 20, 20));
+        for (s, m) in [("Crop and resize", ResizeMode::CropAndResize), ("resize-and-fill", ResizeMode::ResizeAndFill), ("0", ResizeMode::JustResize), ("2", ResizeMode::ResizeAndFill)] {
+            assert_eq!(s.parse::<ResizeMode>().unwrap(), m, "{s}");
+        }
+        assert!("3".parse::<ResizeMode>().unwrap_err().to_string().contains("crop_and_resize"));
+    }
 
     #[test]
     fn crop_region_follows_a1111() {

@@ -102,7 +102,7 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
     }
     let (w, h) = (width as u32, height as u32);
     let Some(mask) = mask else {
-        let init = InitImage { image: img2img::resize(&image, w, h), strength: s.strength, mask: None, masked_content: MaskedContent::Original, latents: None };
+        let init = InitImage { image: img2img::resize_to(s.resize_mode, &image, w, h), strength: s.strength, mask: None, masked_content: MaskedContent::Original, latents: None };
         return Ok(PreparedInit { init, width, height, original: image, overlay_mask: None, paste: None, note: None });
     };
     let blurred = img2img::blur_mask(&mask, s.mask_blur);
@@ -124,8 +124,8 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
             (img2img::resize(&ci, w, h), img2img::resize(&cm, w, h), image, blurred)
         }
         None => {
-            let ri = img2img::resize(&image, w, h);
-            let rm = img2img::resize(&blurred, w, h);
+            let ri = img2img::resize_to(s.resize_mode, &image, w, h);
+            let rm = img2img::resize_to(s.resize_mode, &blurred, w, h);
             let overlay = img2img::whole_picture_overlay_mask(&rm);
             (ri.clone(), rm, ri, overlay)
         }

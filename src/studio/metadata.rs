@@ -104,6 +104,10 @@ pub fn parameters_text(r: &ImageRecord) -> String {
                 text.push_str(&format!(", Inpaint area: Only masked, Masked area padding: {}", init.padding));
             }
         }
+        if init.resize_mode != crate::sdxl::img2img::ResizeMode::JustResize {
+            // Not written by A1111 (its UI keeps it), which ignores the field.
+            text.push_str(&format!(", Resize mode: {}", init.resize_mode.a1111_name()));
+        }
     }
     if !r.ti_hashes.is_empty() {
         let h: Vec<String> = r.ti_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
@@ -273,6 +277,9 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     "Whole picture" => InpaintArea::WholePicture,
                     _ => return Err(bad(&k, &v, "Whole picture or Only masked")),
                 }
+            }
+            "Resize mode" => {
+                s.init.get_or_insert_with(Default::default).resize_mode = v.parse().map_err(|_| bad(&k, &v, "Just resize, Crop and resize or Resize and fill"))?
             }
             "Masked area padding" => s.init.get_or_insert_with(Default::default).padding = v.parse().map_err(|_| bad(&k, &v, "a whole number of pixels"))?,
             "Clip skip" => {
@@ -448,8 +455,9 @@ mod tests {
     /// in the text; the user picks them again).
     #[test]
     fn inpainting_fields_parse_back() {
-        let text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 512x512, Model: x, Denoising strength: 0.6, Mask blur: 6, Masked content: latent noise, Inpaint area: Only masked, Masked area padding: 48";
+        let text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 3, Size: 512x512, Model: x, Denoising strength: 0.6, Mask blur: 6, Masked content: latent noise, Inpaint area: Only masked, Masked area padding: 48, Resize mode: Crop and resize";
         let init = parse_parameters(text).unwrap().init.unwrap();
+        assert_eq!(init.resize_mode, crate::sdxl::img2img::ResizeMode::CropAndResize);
         assert_eq!((init.strength, init.mask_blur, init.masked_content, init.inpaint_area, init.padding), (0.6, 6.0, MaskedContent::LatentNoise, InpaintArea::OnlyMasked, 48));
         let rec = record(Settings { init: Some(InitSettings { image: "a.png".into(), mask: Some("m.png".into()), ..init.clone() }), ..Settings::default() }, 3);
         let back = parse_parameters(&parameters_text(&rec)).unwrap().init.unwrap();

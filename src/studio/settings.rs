@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mix;
 use crate::rng::BatchSeeds;
-use crate::sdxl::img2img::MaskedContent;
+use crate::sdxl::img2img::{MaskedContent, ResizeMode};
 
 /// One LoRA of a job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -177,6 +177,9 @@ pub struct InitSettings {
     /// Outpainting: grow the canvas by left, top, right, bottom pixels and repaint the border.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub outpaint: Option<[u32; 4]>,
+    /// How an init image of another shape fits the output size (A1111's "Resize mode").
+    #[serde(skip_serializing_if = "is_just_resize")]
+    pub resize_mode: ResizeMode,
 }
 
 impl Default for InitSettings {
@@ -190,6 +193,7 @@ impl Default for InitSettings {
             inpaint_area: InpaintArea::WholePicture,
             padding: 32,
             outpaint: None,
+            resize_mode: ResizeMode::JustResize,
         }
     }
 }
@@ -393,6 +397,10 @@ fn is_false(v: &bool) -> bool {
 
 fn is_zero_f64(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_just_resize(m: &ResizeMode) -> bool {
+    *m == ResizeMode::JustResize
 }
 
 fn is_zero_u64(v: &u64) -> bool {

@@ -135,6 +135,11 @@ pub struct GenerateArgs {
     /// only_masked: pixels of context around the mask (A1111's "Only masked padding, pixels").
     #[arg(long, default_value_t = 32)]
     inpaint_padding: u32,
+    /// How an init image of another shape fits --width/--height (A1111's "Resize mode"):
+    /// just_resize (stretch), crop_and_resize (cover, crop the centre) or resize_and_fill (fit
+    /// inside, stretch the edges over the rest).
+    #[arg(long, default_value = "just_resize")]
+    resize_mode: String,
     /// Outpainting: grow the canvas by N pixels on every side, or L,T,R,B, and repaint the border.
     #[arg(long)]
     outpaint: Option<String>,
@@ -263,6 +268,7 @@ fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
         inpaint_area,
         padding: a.inpaint_padding,
         outpaint,
+        resize_mode: a.resize_mode.parse()?,
     };
     // Unreadable files fail now, not after the model has loaded.
     studio::prepare_init(&s, (a.width, a.height), 8)?;

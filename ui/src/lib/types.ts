@@ -18,10 +18,12 @@ export interface InitSettings {
   inpaint_area: "whole_picture" | "only_masked";
   padding: number;
   outpaint?: [number, number, number, number] | null;
+  /** A1111's "Resize mode" for an init image of another shape. */
+  resize_mode?: "just_resize" | "crop_and_resize" | "resize_and_fill";
 }
 
 export function defaultInit(image: string): InitSettings {
-  return { image, strength: 0.75, mask: null, mask_blur: 4, masked_content: "original", inpaint_area: "whole_picture", padding: 32 };
+  return { image, strength: 0.75, mask: null, mask_blur: 4, masked_content: "original", inpaint_area: "whole_picture", padding: 32, resize_mode: "just_resize" };
 }
 
 export interface Settings {
