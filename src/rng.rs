@@ -273,8 +273,9 @@ fn slerp_a1111(val: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usize
 }
 
 /// A batch's starting noise as A1111's `ImageRNG.first()` makes it. `rng` is the images' own
-/// generator(s), fresh: it draws the noise at `dims` (`[images, c, h, w]`), and later draws
-/// (ancestral noise) continue after it. With a variation the noise moves toward the variation
+/// generator(s): it draws the noise at `dims` (`[images, c, h, w]`), and later draws (ancestral
+/// noise) continue after it. In txt2img it is fresh, as A1111's; in img2img diffusers'
+/// posterior sample has drawn from it first, which A1111 does not do. With a variation the noise moves toward the variation
 /// seed's ([`Variation::apply`]).
 ///
 /// `resize_from` (latent height and width) is A1111's "Resize seed from": the seed's noise as
@@ -355,7 +356,7 @@ mod tests {
         }
     }
 
-    /// A1111's variation seeds against `tools/parity/make_variation_fixtures.py`.
+    /// A1111's "Resize seed from" against `tools/parity/make_seed_resize_fixtures.py`.
     #[test]
     fn seed_resize_equals_a1111() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");
@@ -390,6 +391,7 @@ mod tests {
         assert_eq!(first_noise(&mut rng, 8, BatchSeeds::PerImage, Some(v), &dims, None).unwrap(), plain);
     }
 
+    /// A1111's variation seeds against `tools/parity/make_variation_fixtures.py`.
     #[test]
     fn variation_seeds_equal_a1111() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");

@@ -690,7 +690,8 @@ fn prompt_editing_with_a_second_order_sampler_counts_as_a1111() {
 }
 
 /// `--tiling` makes seamless images: with every convolution wrapping, rolling the starting
-/// noise by a multiple of the UNet's downsampling rolls the image by the same amount exactly,
+/// noise by a multiple of the UNet's downsampling rolls the image by the same amount (to float
+/// rounding),
 /// which only a periodic image can do (without it, the image changes). One axis wraps only
 /// that axis. The PNG says `Tiling: True` / `Tiling: X`, and a tiled VAE or a bad axis name
 /// is refused with the flag named.
@@ -698,7 +699,8 @@ fn prompt_editing_with_a_second_order_sampler_counts_as_a1111() {
 fn tiling_images_wrap_around() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny2").join("pipeline");
-    let noise = Tensor::randn(0f32, 1., (1, 4, 16, 24), &Device::Cpu).unwrap();
+    let noise = loramix::rng::BatchNoise::new(7, 1, loramix::rng::BatchSeeds::Shared).randn(&[1, 4, 16, 24]).unwrap();
+    let noise = Tensor::from_vec(noise, (1, 4, 16, 24), &Device::Cpu).unwrap();
     // Rolled by 8 latent rows and 12 latent columns (tiny2's UNet downsamples once).
     let roll = |t: &Tensor, dim: usize, k: usize| {
         let n = t.dim(dim).unwrap();
@@ -738,11 +740,12 @@ fn tiling_images_wrap_around() {
     // tiny2's VAE halves: 8 latent rows are 16 pixels, 12 latent columns 24.
     let (base, text) = run("n0", &["--tiling"]);
     assert!(text.contains(", Tiling: True,"), "{text}");
-    assert_eq!(rolled_diff(&base, &run("rows", &["--tiling"]).0, 16, 0), 0, "both axes wrap: rows");
-    assert_eq!(rolled_diff(&base, &run("cols", &["--tiling", "xy"]).0, 0, 24), 0, "both axes wrap: columns");
+    // Within a level: the convolutions' tiles fall elsewhere on rolled input, so floats round differently.
+    assert!(rolled_diff(&base, &run("rows", &["--tiling"]).0, 16, 0) <= 1, "both axes wrap: rows");
+    assert!(rolled_diff(&base, &run("cols", &["--tiling", "xy"]).0, 0, 24) <= 1, "both axes wrap: columns");
     let (x, text) = run("n0", &["--tiling", "x"]);
     assert!(text.contains(", Tiling: X,"), "{text}");
-    assert_eq!(rolled_diff(&x, &run("cols", &["--tiling", "x"]).0, 0, 24), 0, "x wraps columns");
+    assert!(rolled_diff(&x, &run("cols", &["--tiling", "x"]).0, 0, 24) <= 1, "x wraps columns");
     assert!(rolled_diff(&x, &run("rows", &["--tiling", "x"]).0, 16, 0) > 8, "x does not wrap rows");
     let (plain, text) = run("n0", &[]);
     assert!(!text.contains("Tiling"), "{text}");
@@ -787,7 +790,7 @@ fn seed_resize_from_the_command_line() {
     let (resized, text) = image(&run("resized", &["--width", "48", "--height", "32", "--seed-resize-from", "32x32"]));
     assert!(wide != resized, "the resized seed's noise differs from the plain seed's");
     assert!(text.contains("Seed resize from: 32x32"), "{text}");
-    for (value, want) in [("32by32", "--seed-resize-from"), ("1x32", "resize seed from 1x32")] {
+    for (value, want) in [("32by32", "--seed-resize-from"), ("1x32", "--seed-resize-from 1x32: expected at least 8")] {
         let o = run("bad", &["--width", "32", "--height", "32", "--seed-resize-from", value]);
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && e.contains(want), "{value}: {e}");

@@ -93,4 +93,28 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
     assert!(out.join("xyz-0001-z00-y00-x00-00.png").exists());
     let after: Vec<Vec<u8>> = expected.iter().map(|n| std::fs::read(out.join(n)).unwrap()).collect();
     assert!(before == after, "the first grid's files changed");
+    // Two grids started together reserve different numbers, and leave no marker behind.
+    let spawn = |seed: &str| {
+        Command::new(env!("CARGO_BIN_EXE_loramix"))
+            .env("RUST_BACKTRACE", "0")
+            .env("LORAMIX_HOME", tmp.path().join("home"))
+            .args(["grid", "--x", &format!("seed={seed}"), "--prompt", "a teal background", "--steps", "2", "--width", "32", "--height", "32"])
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn("6"), spawn("7"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(a.status.success() && b.status.success(), "{} {}", String::from_utf8_lossy(&a.stderr), String::from_utf8_lossy(&b.stderr));
+    let mut grids = vec![String::from_utf8_lossy(&a.stdout).trim().to_string(), String::from_utf8_lossy(&b.stdout).trim().to_string()];
+    grids.sort();
+    assert_eq!(grids, ["grid-0002.png", "grid-0003.png"].map(|n| out.join(n).display().to_string()));
+    let seeds: Vec<bool> = ["-0002", "-0003"].iter().map(|t| chunks(&out.join(format!("xyz{t}-z00-y00-x00-00.png")))["parameters"].contains("Seed: 6,")).collect();
+    assert!(seeds[0] != seeds[1], "each grid's cell is its own run's");
+    assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".reserved")));
 }

@@ -139,9 +139,9 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         }
     }
     if let Some(v) = req.override_settings.get("eta_noise_seed_delta") {
-        s.eta_noise_seed_delta = v.as_u64().ok_or_else(|| FieldError {
+        s.eta_noise_seed_delta = v.as_i64().ok_or_else(|| FieldError {
             loc: vec!["body".into(), "override_settings".into(), "eta_noise_seed_delta".into()],
-            msg: format!("{v}: expected a whole number from 0"),
+            msg: format!("{v}: expected a whole number"),
         })?;
     }
     if let Some(n) = req.override_settings.get("CLIP_stop_at_last_layers").and_then(Value::as_u64) {
@@ -165,8 +165,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     let resize = |field: &str, v: Option<i64>| match v {
         None => Ok(0),
         Some(n) if n <= 0 => Ok(0),
-        Some(n) if n as usize <= crate::sdxl::pipeline::MAX_SIDE => Ok(n as usize),
-        Some(n) => Err(FieldError::new(field, format!("{n}: expected -1, 0 or a size in pixels up to {}", crate::sdxl::pipeline::MAX_SIDE))),
+        Some(n) if (8..=crate::sdxl::pipeline::MAX_SIDE as i64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(FieldError::new(field, format!("{n}: expected -1, 0 or a size from 8 to {} pixels", crate::sdxl::pipeline::MAX_SIDE))),
     };
     s.seed_resize_from_w = resize("seed_resize_from_w", req.seed_resize_from_w)?;
     s.seed_resize_from_h = resize("seed_resize_from_h", req.seed_resize_from_h)?;

@@ -368,7 +368,7 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
 /// The server's options (`POST options`) under the request's own `override_settings`.
 fn with_options(state: &AppState, mut req: GenerationRequest) -> GenerationRequest {
     let options = state.options.lock().unwrap_or_else(|e| e.into_inner());
-    for key in ["CLIP_stop_at_last_layers", "sd_vae"] {
+    for key in ["CLIP_stop_at_last_layers", "sd_vae", "eta_noise_seed_delta", "tiling"] {
         if let (Some(v), false) = (options.get(key), req.override_settings.contains_key(key)) {
             req.override_settings.insert(key.into(), v.clone());
         }
@@ -687,6 +687,12 @@ async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> std::re
     if let Some(v) = opts.get("CLIP_stop_at_last_layers") {
         v.as_u64().filter(|n| (1..=12).contains(n)).ok_or_else(|| FieldError::new("CLIP_stop_at_last_layers", "expected a whole number from 1 to 12"))?;
     }
+    if let Some(v) = opts.get("eta_noise_seed_delta") {
+        v.as_i64().ok_or_else(|| FieldError::new("eta_noise_seed_delta", "expected a whole number"))?;
+    }
+    if let Some(v) = opts.get("tiling") {
+        v.as_bool().ok_or_else(|| FieldError::new("tiling", "expected true or false"))?;
+    }
     if let Some(v) = opts.get("sd_vae") {
         let name = v.as_str().ok_or_else(|| FieldError::new("sd_vae", "expected a VAE name, Automatic or None"))?;
         let mut probe = Settings { vae: if matches!(name, "Automatic" | "None" | "") { String::new() } else { name.to_string() }, ..Settings::default() };
@@ -747,11 +753,11 @@ fn infotext_items(text: &str) -> Value {
     m.insert("Prompt".into(), prompt.into());
     m.insert("Negative prompt".into(), negative.into());
     for (k, v) in fields {
-        if k == "Size" {
-            if let Some((w, h)) = v.split_once('x') {
-                m.insert("Size-1".into(), w.into());
-                m.insert("Size-2".into(), h.into());
-            }
+        // A1111's `re_imagesize` (`^(\d+)x(\d+)$`): every WxH value is also split in two
+        // (`Size-1`, `Seed resize from-2`, `Hires resize-1`).
+        if let Some((w, h)) = v.split_once('x').filter(|(w, h)| [w, h].iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))) {
+            m.insert(format!("{k}-1"), w.into());
+            m.insert(format!("{k}-2"), h.into());
         }
         m.insert(k, v.into());
     }

@@ -384,15 +384,40 @@ impl FromStr for ResizeMode {
     }
 }
 
+/// What PIL's Lanczos gives for a box of zero height at an image's edge (A1111's fill bands:
+/// `resized.resize((width, fill), box=(0, 0, width, 0))`): every output row is the same
+/// extrapolation of the edge rows, weights `lanczos(d + ½)` for rows `d` = 0, 1, 2 from the edge
+/// (fewer in a shorter image), normalised and rounded to PIL's 22-bit fixed point. Ours because
+/// no resampling crate takes PIL's box argument; `edge` yields those rows' channels, nearest first.
+fn pil_edge_extrapolation(edge: &[&[u8]]) -> Vec<u8> {
+    const BITS: u32 = 22;
+    let sinc = |t: f64| if t == 0.0 { 1.0 } else { (std::f64::consts::PI * t).sin() / (std::f64::consts::PI * t) };
+    let weights: Vec<f64> = (0..edge.len()).map(|d| sinc(d as f64 + 0.5) * sinc((d as f64 + 0.5) / 3.0)).collect();
+    let total: f64 = weights.iter().sum();
+    let fixed: Vec<i64> = weights
+        .iter()
+        .map(|w| {
+            let k = w / total * (1u64 << BITS) as f64;
+            if k < 0.0 { (k - 0.5) as i64 } else { (k + 0.5) as i64 }
+        })
+        .collect();
+    (0..edge[0].len())
+        .map(|c| {
+            let ss = (1i64 << (BITS - 1)) + edge.iter().zip(&fixed).map(|(row, k)| row[c] as i64 * k).sum::<i64>();
+            (ss >> BITS).clamp(0, 255) as u8
+        })
+        .collect()
+}
+
 /// `img` fitted to `w`×`h` as A1111's `images.resize_image(resize_mode, …)` does without an
 /// upscaler model: the scaled sizes use its integer arithmetic (`im.width * height //
 /// im.height`), the image is pasted at `(w // 2 - src_w // 2, h // 2 - src_h // 2)` on black,
-/// and "resize and fill" pastes the edge row (column) stretched over each band, leaving a
-/// remainder row black where A1111 does.
-pub fn resize_to<P>(mode: ResizeMode, img: &image::ImageBuffer<P, Vec<P::Subpixel>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+/// and "resize and fill" fills each band with PIL's zero-height-box resize of the edge
+/// ([`pil_edge_extrapolation`]), leaving a remainder row black where A1111 does. The scaling
+/// itself is the `image` crate's Lanczos3 ([`resize`]), not PIL's bit for bit.
+pub fn resize_to<P>(mode: ResizeMode, img: &image::ImageBuffer<P, Vec<u8>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<u8>>
 where
-    P: image::Pixel + 'static,
-    P::Subpixel: 'static,
+    P: image::Pixel<Subpixel = u8> + 'static,
 {
     let (iw, ih) = img.dimensions();
     if mode == ResizeMode::JustResize || iw == 0 || ih == 0 {
@@ -407,28 +432,40 @@ where
         _ => (if lhs < rhs { w } else { scaled_w }, if lhs >= rhs { h } else { scaled_h }),
     };
     let resized = resize(img, src_w, src_h);
-    let mut out = image::ImageBuffer::<P, Vec<P::Subpixel>>::new(w, h);
+    let mut out = image::ImageBuffer::<P, Vec<u8>>::new(w, h);
     let (ox, oy) = ((w / 2) as i64 - (src_w / 2) as i64, (h / 2) as i64 - (src_h / 2) as i64);
     image::imageops::replace(&mut out, &resized, ox, oy);
-    if mode == ResizeMode::ResizeAndFill {
-        if lhs < rhs {
-            let fill = (h / 2).saturating_sub(src_h / 2);
+    if mode != ResizeMode::ResizeAndFill {
+        return out;
+    }
+    // The pixel at `(x, y)` of `resized`, as a channel slice.
+    let px = |x: u32, y: u32| resized.get_pixel(x, y).channels().to_vec();
+    let taps = |n: u32| n.min(3);
+    if lhs < rhs {
+        let fill = (h / 2).saturating_sub(src_h / 2);
+        for x in 0..w.min(src_w) {
+            let top: Vec<Vec<u8>> = (0..taps(src_h)).map(|d| px(x, d)).collect();
+            let bottom: Vec<Vec<u8>> = (0..taps(src_h)).map(|d| px(x, src_h - 1 - d)).collect();
+            let top = pil_edge_extrapolation(&top.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            let bottom = pil_edge_extrapolation(&bottom.iter().map(Vec::as_slice).collect::<Vec<_>>());
             for y in 0..fill {
-                for x in 0..w.min(src_w) {
-                    out.put_pixel(x, y, *resized.get_pixel(x, 0));
-                    if fill + src_h + y < h {
-                        out.put_pixel(x, fill + src_h + y, *resized.get_pixel(x, src_h - 1));
-                    }
+                out.put_pixel(x, y, *P::from_slice(&top));
+                if fill + src_h + y < h {
+                    out.put_pixel(x, fill + src_h + y, *P::from_slice(&bottom));
                 }
             }
-        } else if lhs > rhs {
-            let fill = (w / 2).saturating_sub(src_w / 2);
+        }
+    } else if lhs > rhs {
+        let fill = (w / 2).saturating_sub(src_w / 2);
+        for y in 0..h.min(src_h) {
+            let left: Vec<Vec<u8>> = (0..taps(src_w)).map(|d| px(d, y)).collect();
+            let right: Vec<Vec<u8>> = (0..taps(src_w)).map(|d| px(src_w - 1 - d, y)).collect();
+            let left = pil_edge_extrapolation(&left.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            let right = pil_edge_extrapolation(&right.iter().map(Vec::as_slice).collect::<Vec<_>>());
             for x in 0..fill {
-                for y in 0..h.min(src_h) {
-                    out.put_pixel(x, y, *resized.get_pixel(0, y));
-                    if fill + src_w + x < w {
-                        out.put_pixel(fill + src_w + x, y, *resized.get_pixel(src_w - 1, y));
-                    }
+                out.put_pixel(x, y, *P::from_slice(&left));
+                if fill + src_w + x < w {
+                    out.put_pixel(fill + src_w + x, y, *P::from_slice(&right));
                 }
             }
         }
@@ -443,7 +480,8 @@ pub fn overlay(original: &RgbImage, generated: &RgbImage, overlay_mask: &GrayIma
     let base = match paste {
         Some((x1, y1, x2, y2)) => {
             let mut base = original.clone();
-            let patch = resize(generated, x2 - x1, y2 - y1);
+            // A1111's `apply_overlay`: `resize_image(1, …)`, crop and resize.
+            let patch = resize_to(ResizeMode::CropAndResize, generated, x2 - x1, y2 - y1);
             image::imageops::replace(&mut base, &patch, x1 as i64, y1 as i64);
             base
         }
@@ -488,20 +526,28 @@ mod tests {
         let crop = resize_to(ResizeMode::CropAndResize, &wide, 20, 20);
         assert_eq!(crop.dimensions(), (20, 20));
         assert!(crop.enumerate_pixels().all(|(x, y, p)| p == wide.get_pixel(x + 10, y)), "crop keeps columns 10..30");
+        // The bands' values are Pillow's (`im.resize((2, 40), box=(0, 0, 0, 40), resample=LANCZOS)`
+        // and the same at the other edges), which extrapolate the edge: 95, 90, 85 give 96.
         let tall = RgbImage::from_fn(20, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 3, 9]));
         let fill = resize_to(ResizeMode::ResizeAndFill, &tall, 40, 40);
         for (x, y, p) in fill.enumerate_pixels() {
-            let want = tall.get_pixel(x.saturating_sub(10).min(19), y);
-            assert_eq!(p, want, "({x}, {y})");
+            let want = match x {
+                0..10 => image::Rgb([0, y as u8 * 3, 9]),
+                10..30 => *tall.get_pixel(x - 10, y),
+                _ => image::Rgb([96, y as u8 * 3, 9]),
+            };
+            assert_eq!(p, &want, "({x}, {y})");
         }
-        // Taller than wide on a wide canvas the other way: rows stretched, and an odd remainder
-        // row left black, as A1111's paste offsets leave it.
+        // Wider than the canvas's ratio: row bands, and an odd remainder row left black, as
+        // A1111's paste offsets leave it.
         let fill = resize_to(ResizeMode::ResizeAndFill, &wide, 40, 25);
-        assert_eq!(fill.get_pixel(7, 0), wide.get_pixel(7, 0));
+        assert_eq!(fill.get_pixel(7, 0), &image::Rgb([35, 0, 3]));
         assert_eq!(fill.get_pixel(7, 2), wide.get_pixel(7, 0));
         assert_eq!(fill.get_pixel(7, 12), wide.get_pixel(7, 10));
-        assert_eq!(fill.get_pixel(7, 22), wide.get_pixel(7, 19));
+        assert_eq!(fill.get_pixel(7, 22), &image::Rgb([35, 134, 3]));
         assert_eq!(fill.get_pixel(7, 24), &image::Rgb([0, 0, 0]));
+        let edge = pil_edge_extrapolation(&[&[200], &[0], &[100]]);
+        assert_eq!(edge, vec![249], "Pillow: rows 200, 0, 100 extrapolate to 249");
         let mask = GrayImage::from_fn(40, 20, |x, _| image::Luma([if x < 20 { 0 } else { 255 }]));
         assert_eq!(resize_to(ResizeMode::CropAndResize, &mask, 20, 20).get_pixel(12, 3)[0], 255);
         assert_eq!(resize_to(ResizeMode::JustResize, &wide, 20, 20), resize(&wide, 20, 20));

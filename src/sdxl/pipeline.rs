@@ -100,6 +100,9 @@ fn available_memory() -> u64 {
     sys.available_memory()
 }
 
+/// Why a tiled VAE and seamless images do not mix.
+const SEAMLESS_UNTILED: &str = "a tiled VAE cannot make seamless (tiling) images: its tiles do not wrap around the borders; use --vae-tiling off";
+
 /// A component's weights, read again from the model's files when the VAE was released.
 type VaeLoader = Box<dyn Fn() -> Result<AutoencoderKl> + Send + Sync>;
 
@@ -198,7 +201,7 @@ pub struct GenerateRequest {
     pub seed_resize_from: Option<(usize, usize)>,
     /// A1111's "Eta noise seed delta" (ENSD): once the starting noise is drawn, the noise of
     /// later steps comes from generators seeded with each image's seed plus this.
-    pub eta_noise_seed_delta: u64,
+    pub eta_noise_seed_delta: i64,
     /// Seamless (tileable) images: the UNet's and the VAE's convolutions wrap these borders.
     pub seamless: Seamless,
 }
@@ -611,6 +614,9 @@ impl SdxlPipeline {
         }
         let b = req.batch_size;
         let unet = self.unet()?;
+        if !req.seamless.is_off() && matches!(self.vae_tiling, VaeTilingMode::On(_)) {
+            return Err(Error::Argument(SEAMLESS_UNTILED.into()));
+        }
         self.set_seamless(req.seamless);
         let latent_channels = self.vae_config.latent_channels;
         let in_channels = self.unet_config.in_channels;
@@ -825,7 +831,7 @@ impl SdxlPipeline {
         let start = Instant::now();
         if req.eta_noise_seed_delta != 0 {
             // A1111's `ImageRNG.first()`: `generators = [create_generator(seed + ENSD) ...]`.
-            rng = BatchNoise::with_variation(req.seed.wrapping_add(req.eta_noise_seed_delta), b, req.batch_seeds, variation.is_some());
+            rng = BatchNoise::with_variation(req.seed.wrapping_add_signed(req.eta_noise_seed_delta), b, req.batch_seeds, variation.is_some());
         }
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
@@ -969,7 +975,7 @@ impl SdxlPipeline {
         if self.seamless.get().is_off() {
             return Ok(t);
         }
-        Err(Error::Argument("a tiled VAE cannot make seamless (tiling) images: its tiles do not wrap around the borders; use --vae-tiling off".into()))
+        Err(Error::Argument(SEAMLESS_UNTILED.into()))
     }
 
     /// How the VAE will run on `batch` images of `height`×`width` pixels under [`Self::vae_tiling`].
@@ -981,8 +987,18 @@ impl SdxlPipeline {
             VaeTilingMode::Off => VaePlan { tiling: None, note: None },
             VaeTilingMode::On(None) => VaePlan { tiling: Some(VaeTiling::for_config(c)), note: None },
             VaeTilingMode::On(Some(px)) => VaePlan { tiling: Some(VaeTiling::with_tile_size(c, px)), note: None },
-            // Seamless images need the whole image in one VAE pass.
-            VaeTilingMode::Auto if !self.seamless.get().is_off() => VaePlan { tiling: None, note: None },
+            // Seamless images need the whole image in one VAE pass, whatever the memory.
+            VaeTilingMode::Auto if !self.seamless.get().is_off() => {
+                let (need, free) = (vae_working_bytes(c, batch, height, width), available_memory());
+                let note = (free != 0 && need > free / 4 * 3).then(|| {
+                    format!(
+                        "seamless tiling: the VAE decodes {width}x{height} x{batch} in one piece (its tiles would not wrap around), about {:.1} GB with {:.1} GB free",
+                        need as f64 / 1e9,
+                        free as f64 / 1e9
+                    )
+                });
+                VaePlan { tiling: None, note }
+            }
             VaeTilingMode::Auto => {
                 let need = vae_working_bytes(c, batch, height, width);
                 let free = available_memory();

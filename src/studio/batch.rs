@@ -169,8 +169,8 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
         return Err(format!("field subseed_strength: {}: expected 0 to 1", settings.subseed_strength));
     }
     for (name, v) in [("seed_resize_from_w", settings.seed_resize_from_w), ("seed_resize_from_h", settings.seed_resize_from_h)] {
-        if v > crate::sdxl::pipeline::MAX_SIDE {
-            return Err(format!("field {name}: {v}: expected -1, 0 or a size in pixels up to {}", crate::sdxl::pipeline::MAX_SIDE));
+        if v != 0 && !(8..=crate::sdxl::pipeline::MAX_SIDE).contains(&v) {
+            return Err(format!("field {name}: {v}: expected -1, 0 or a size from 8 to {} pixels", crate::sdxl::pipeline::MAX_SIDE));
         }
     }
     Ok((settings, images))

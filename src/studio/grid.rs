@@ -359,17 +359,32 @@ pub struct GridOutput {
     pub axes: Vec<(String, Vec<String>)>,
 }
 
-/// The tag of a grid's file names in `out`: none for the first grid there, then `-0001`,
-/// `-0002`, …, so that a second grid in the same folder keeps the first's files (A1111 numbers
-/// its grids and images rather than overwrite them).
-fn run_tag(out: &Path, z_axis: bool) -> String {
-    (0..)
-        .map(|n: u32| if n == 0 { String::new() } else { format!("-{n:04}") })
-        .find(|tag| {
-            let grid = if z_axis { format!("grid{tag}-z00.png") } else { format!("grid{tag}.png") };
-            !out.join(grid).exists() && !out.join(format!("xyz{tag}-z00-y00-x00-00.png")).exists()
-        })
-        .unwrap_or_default()
+/// Holds a grid's tag in its folder: the tag of its file names, none for the first grid there,
+/// then `-0001`, `-0002`, …, so that a second grid in the same folder keeps the first's files
+/// (A1111 numbers its grids and images rather than overwrite them). The tag is reserved by a
+/// marker file made with `create_new`, so grids started together take different tags; the
+/// marker goes when the grid is drawn (a run stopped part-way leaves it, and its tag is skipped).
+struct GridTag {
+    tag: String,
+    marker: PathBuf,
+}
+
+impl GridTag {
+    fn reserve(out: &Path) -> Result<Self> {
+        for n in 0u32.. {
+            let tag = if n == 0 { String::new() } else { format!("-{n:04}") };
+            if out.join(format!("grid{tag}.png")).exists() || out.join(format!("grid{tag}-z00.png")).exists() {
+                continue;
+            }
+            let marker = out.join(format!(".grid{tag}.reserved"));
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&marker) {
+                Ok(_) => return Ok(Self { tag, marker }),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&marker, e)),
+            }
+        }
+        Err(Error::Argument(format!("{}: no free grid number", out.display())))
+    }
 }
 
 /// Runs every cell (Z outermost, then Y, then X, as A1111 orders them) and draws the grids.
@@ -437,7 +452,8 @@ pub fn run_grid(
         }
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let tag = run_tag(out, axes[2].is_some());
+    let reserved = GridTag::reserve(out)?;
+    let tag = reserved.tag.as_str();
     let mut done = vec![];
     for ((xi, yi, zi), s) in &cells {
         let prefix = format!("xyz{tag}-z{zi:02}-y{yi:02}-x{xi:02}");
@@ -509,6 +525,7 @@ pub fn run_grid(
         output::write_atomic(&path, &output::encode_png(&img, &[("parameters", params), ("loramix-grid", meta.to_string())])?)?;
         grids.push(path);
     }
+    let _ = std::fs::remove_file(&reserved.marker);
     let axes_out = axes.iter().flatten().map(|a| (a.kind.label(), a.values.clone())).collect();
     Ok(GridOutput { grids, cells: done, axes: axes_out })
 }

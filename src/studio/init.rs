@@ -121,7 +121,10 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
         Some((x1, y1, x2, y2)) => {
             let ci = image::imageops::crop_imm(&image, x1, y1, x2 - x1, y2 - y1).to_image();
             let cm = image::imageops::crop_imm(&blurred, x1, y1, x2 - x1, y2 - y1).to_image();
-            (img2img::resize(&ci, w, h), img2img::resize(&cm, w, h), image, blurred)
+            // A1111 fits the crop with "resize and fill" (`resize_image(2, …)`): the crop has the
+            // output's aspect ratio unless the image's edges cut it short.
+            let fit = img2img::ResizeMode::ResizeAndFill;
+            (img2img::resize_to(fit, &ci, w, h), img2img::resize_to(fit, &cm, w, h), image, blurred)
         }
         None => {
             let ri = img2img::resize_to(s.resize_mode, &image, w, h);

@@ -62,7 +62,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if let Some((w, h)) = s.seed_resize_from() {
         text.push_str(&format!(", Seed resize from: {w}x{h}"));
     }
-    // A1111 writes ENSD only where the sampler draws noise (`uses_ensd`); elsewhere it changes nothing.
+    // Written where the sampler draws noise between steps from the generators ENSD reseeds, so
+    // the text restores the image; elsewhere ENSD changes nothing. (A1111 writes it for its
+    // ancestral samplers; its SDE samplers draw from a Brownian tree instead.)
     if s.eta_noise_seed_delta != 0 && r.sampler.parse::<SamplerKind>().map_or(true, |k| k.draws_noise()) {
         text.push_str(&format!(", ENSD: {}", s.eta_noise_seed_delta));
     }
@@ -105,7 +107,7 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             }
         }
         if init.resize_mode != crate::sdxl::img2img::ResizeMode::JustResize {
-            // Not written by A1111 (its UI keeps it), which ignores the field.
+            // A1111's img2img paste fields read it back.
             text.push_str(&format!(", Resize mode: {}", init.resize_mode.a1111_name()));
         }
     }
@@ -278,8 +280,11 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     _ => return Err(bad(&k, &v, "Whole picture or Only masked")),
                 }
             }
+            // A1111's "Just resize (latent upscale)" is not ours: the field is left at its default.
             "Resize mode" => {
-                s.init.get_or_insert_with(Default::default).resize_mode = v.parse().map_err(|_| bad(&k, &v, "Just resize, Crop and resize or Resize and fill"))?
+                if let Ok(m) = v.parse() {
+                    s.init.get_or_insert_with(Default::default).resize_mode = m;
+                }
             }
             "Masked area padding" => s.init.get_or_insert_with(Default::default).padding = v.parse().map_err(|_| bad(&k, &v, "a whole number of pixels"))?,
             "Clip skip" => {
@@ -299,9 +304,10 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             }
             "ENSD" => s.eta_noise_seed_delta = v.parse().map_err(|_| bad(&k, &v, "a whole number"))?,
             "Seed resize from" => {
+                // A1111 before 1.5 wrote `-1x-1` (off) on every image its API made.
                 let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
-                s.seed_resize_from_w = w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
-                s.seed_resize_from_h = h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?;
+                let (w, h): (i64, i64) = (w.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?, h.trim().parse().map_err(|_| bad(&k, &v, "WxH"))?);
+                (s.seed_resize_from_w, s.seed_resize_from_h) = if w > 0 && h > 0 { (w as usize, h as usize) } else { (0, 0) };
             }
             "Size" => {
                 let (w, h) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
@@ -501,6 +507,9 @@ mod tests {
         let back = parse_parameters(&text).unwrap();
         assert_eq!((back.subseed, back.subseed_strength, back.seed_resize_from()), (Some(77), 0.25, Some((512, 768))));
         assert!(parse_parameters("a\nSteps: 2, Seed resize from: big").unwrap_err().to_string().contains("Seed resize from"));
+        let old = parse_parameters("a\nSteps: 2, Seed: 1, Seed resize from: -1x-1, ENSD: 31337").unwrap();
+        assert_eq!((old.seed_resize_from(), old.eta_noise_seed_delta), (None, 31337));
+        assert_eq!(parse_parameters("a\nSteps: 2, ENSD: -5").unwrap().eta_noise_seed_delta, -5);
         // ENSD: written for samplers that draw noise, as A1111's `uses_ensd`, and read back.
         varied.settings.eta_noise_seed_delta = 31337;
         assert!(!parameters_text(&varied).contains("ENSD"), "Euler draws no noise");

@@ -83,8 +83,8 @@ pub struct Settings {
     pub seed_resize_from_h: usize,
     /// A1111's "Eta noise seed delta" (ENSD; 31337 is NovelAI's): the noise that ancestral and
     /// SDE samplers draw between steps comes from each image's seed plus this. 0: off.
-    #[serde(skip_serializing_if = "is_zero_u64")]
-    pub eta_noise_seed_delta: u64,
+    #[serde(skip_serializing_if = "is_zero_i64")]
+    pub eta_noise_seed_delta: i64,
     /// 0: the model's default size.
     pub width: usize,
     pub height: usize,
@@ -356,8 +356,8 @@ impl MixSummary {
 pub fn parse_tiling(v: &str) -> Option<crate::Seamless> {
     use crate::Seamless;
     Some(match v.trim().to_ascii_lowercase().as_str() {
-        "" | "off" | "none" | "false" | "no" => Seamless::OFF,
-        "xy" | "both" | "on" | "true" | "yes" => Seamless::BOTH,
+        "" | "off" | "none" | "false" | "no" | "0" => Seamless::OFF,
+        "xy" | "both" | "on" | "true" | "yes" | "1" => Seamless::BOTH,
         "x" => Seamless { x: true, y: false },
         "y" => Seamless { x: false, y: true },
         _ => return None,
@@ -403,7 +403,7 @@ fn is_just_resize(m: &ResizeMode) -> bool {
     *m == ResizeMode::JustResize
 }
 
-fn is_zero_u64(v: &u64) -> bool {
+fn is_zero_i64(v: &i64) -> bool {
     *v == 0
 }
 

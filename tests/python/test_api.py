@@ -115,6 +115,12 @@ def main():
         check("ENSD: 31337" in ensd.info["infotexts"][0], f"the infotext says ENSD ({ensd.info['infotexts'][0]!r})")
         check(pixels(ensd.image) != pixels(ancestral.image), "ENSD changes an ancestral sampler's image")
 
+        # ENSD as A1111 users set it: a global option.
+        api.set_options({"eta_noise_seed_delta": 31337})
+        global_ensd = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler a")
+        api.set_options({"eta_noise_seed_delta": 0})
+        check(pixels(global_ensd.image) == pixels(ensd.image) and "ENSD: 31337" in global_ensd.info["infotexts"][0], "ENSD set in /sdapi/v1/options applies")
+
         # A1111's Tiling: seamless images, recorded as `Tiling: True`.
         tiled = api.txt2img(prompt="a vlox emblem on a teal background", seed=22, width=64, height=64, steps=6, sampler_name="Euler", tiling=True)
         check("Tiling: True" in tiled.info["infotexts"][0], f"the infotext says Tiling ({tiled.info['infotexts'][0]!r})")

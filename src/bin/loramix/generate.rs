@@ -77,8 +77,8 @@ pub struct GenerateArgs {
     seed_resize_from: Option<(usize, usize)>,
     /// A1111's "Eta noise seed delta" (ENSD; NovelAI's is 31337): the noise that ancestral and
     /// SDE samplers draw between steps comes from each image's seed plus N.
-    #[arg(long, visible_alias = "ensd", value_name = "N", default_value_t = 0)]
-    eta_noise_seed_delta: u64,
+    #[arg(long, visible_alias = "ensd", value_name = "N", default_value_t = 0, allow_negative_numbers = true)]
+    eta_noise_seed_delta: i64,
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]
@@ -268,7 +268,7 @@ fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
         inpaint_area,
         padding: a.inpaint_padding,
         outpaint,
-        resize_mode: a.resize_mode.parse()?,
+        resize_mode: a.resize_mode.parse().with_context(|| format!("--resize-mode {}", a.resize_mode))?,
     };
     // Unreadable files fail now, not after the model has loaded.
     studio::prepare_init(&s, (a.width, a.height), 8)?;
@@ -334,6 +334,14 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         anyhow::bail!("--init-noise and --subseed-strength cannot be combined: the starting noise is given");
     }
     let seamless = seamless_arg(&a)?;
+    if let Some((w, h)) = a.seed_resize_from {
+        if w < 8 || h < 8 {
+            anyhow::bail!("--seed-resize-from {w}x{h}: expected at least 8 pixels a side (the size a seed was found at)");
+        }
+        if a.init_noise.is_some() {
+            anyhow::bail!("--init-noise and --seed-resize-from cannot be combined: the starting noise is given");
+        }
+    }
     let JobParts { load: mut opts, init: init_settings, hires } = job_parts(&a)?;
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;

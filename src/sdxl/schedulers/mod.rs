@@ -398,8 +398,9 @@ impl SamplerKind {
         }
     }
 
-    /// Whether the sampler draws fresh noise between steps (ancestral, SDE, LCM), which is what
-    /// A1111's "Eta noise seed delta" reseeds (its `uses_ensd`).
+    /// Whether the sampler draws fresh noise between steps (ancestral, SDE, LCM) from the run's
+    /// generators, which A1111's "Eta noise seed delta" reseeds. (A1111 marks only its ancestral
+    /// samplers `uses_ensd`: its SDE samplers draw from a Brownian tree instead.)
     pub fn draws_noise(self) -> bool {
         matches!(self, Self::EulerA | Self::Dpm2A | Self::Dpmpp2mSde | Self::Dpmpp2mSdeKarras | Self::Lcm)
     }
