@@ -12,6 +12,15 @@ fn loramix() -> Command {
     Command::new(env!("CARGO_BIN_EXE_loramix"))
 }
 
+/// The first image a `generate` run printed, which must have succeeded: its pixels and its
+/// `parameters` text.
+fn first_image(o: &std::process::Output) -> (Vec<u8>, String) {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
+    let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
+    (image::open(&path).unwrap().to_rgb8().into_raw(), text)
+}
+
 #[test]
 fn generate_with_init_noise_saves_latents_and_png() {
     let tmp = tempfile::tempdir().unwrap();
@@ -777,12 +786,7 @@ fn seed_resize_from_the_command_line() {
             .output()
             .unwrap()
     };
-    let image = |o: &std::process::Output| -> (Vec<u8>, String) {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
-        let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
-        (image::open(&path).unwrap().to_rgb8().into_raw(), text)
-    };
+    let image = first_image;
     let (plain, _) = image(&run("plain", &["--width", "32", "--height", "32"]));
     let (same, _) = image(&run("same", &["--width", "32", "--height", "32", "--seed-resize-from", "32x32"]));
     assert!(plain == same, "resizing from the image's own size is the plain image");
@@ -808,16 +812,14 @@ fn eta_noise_seed_delta_reseeds_the_ancestral_noise() {
     let noise = Tensor::from_vec(noise, (1, 4, 16, 16), &Device::Cpu).unwrap();
     candle_core::safetensors::save(&HashMap::from([("latents".to_string(), noise)]), tmp.path().join("seed3.safetensors")).unwrap();
     let run = |out: &str, extra: &[&str]| -> (Vec<u8>, String) {
-        let o = loramix()
-            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "4", "--width", "32", "--height", "32", "--out"])
-            .arg(tmp.path().join(out))
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{out}: {}", String::from_utf8_lossy(&o.stderr));
-        let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
-        let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
-        (image::open(&path).unwrap().to_rgb8().into_raw(), text)
+        first_image(
+            &loramix()
+                .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a cat", "--steps", "4", "--width", "32", "--height", "32", "--out"])
+                .arg(tmp.path().join(out))
+                .args(extra)
+                .output()
+                .unwrap(),
+        )
     };
     let init = tmp.path().join("seed3.safetensors");
     let (ensd, text) = run("ensd", &["--sampler", "euler_a", "--seed", "3", "--ensd", "31337"]);

@@ -13,15 +13,13 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("grid");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/miniworld");
-    let o = Command::new(env!("CARGO_BIN_EXE_loramix"))
-        .env("RUST_BACKTRACE", "0")
-        .env("LORAMIX_HOME", tmp.path().join("home"))
-        .args(["grid", "--x", "mix=merge,auto", "--y", "lora:vlox=0.5,1", "--z", "seed=3,4"])
-        .args(["--prompt", "a vlox emblem on a teal background, checkered style", "--lora", "vlox", "--lora", "checkered", "--steps", "3"])
-        .arg("--model")
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
+    // `loramix grid ARGS --model miniworld --out OUT`.
+    let grid = |args: &[&str]| -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_loramix"));
+        c.env("RUST_BACKTRACE", "0").env("LORAMIX_HOME", tmp.path().join("home")).arg("grid").args(args).arg("--model").arg(&model).arg("--out").arg(&out);
+        c
+    };
+    let o = grid(&["--x", "mix=merge,auto", "--y", "lora:vlox=0.5,1", "--z", "seed=3,4", "--prompt", "a vlox emblem on a teal background, checkered style", "--lora", "vlox", "--lora", "checkered", "--steps", "3"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -78,16 +76,7 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
     }
     // A second grid in the same folder is numbered and leaves the first's files as they were.
     let before: Vec<Vec<u8>> = expected.iter().map(|n| std::fs::read(out.join(n)).unwrap()).collect();
-    let o = Command::new(env!("CARGO_BIN_EXE_loramix"))
-        .env("RUST_BACKTRACE", "0")
-        .env("LORAMIX_HOME", tmp.path().join("home"))
-        .args(["grid", "--x", "seed=5", "--prompt", "a teal background", "--steps", "2", "--width", "32", "--height", "32"])
-        .arg("--model")
-        .arg(&model)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let o = grid(&["--x", "seed=5", "--prompt", "a teal background", "--steps", "2", "--width", "32", "--height", "32"]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), out.join("grid-0001.png").display().to_string());
     assert!(out.join("xyz-0001-z00-y00-x00-00.png").exists());
@@ -95,14 +84,7 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
     assert!(before == after, "the first grid's files changed");
     // Two grids started together reserve different numbers, and leave no marker behind.
     let spawn = |seed: &str| {
-        Command::new(env!("CARGO_BIN_EXE_loramix"))
-            .env("RUST_BACKTRACE", "0")
-            .env("LORAMIX_HOME", tmp.path().join("home"))
-            .args(["grid", "--x", &format!("seed={seed}"), "--prompt", "a teal background", "--steps", "2", "--width", "32", "--height", "32"])
-            .arg("--model")
-            .arg(&model)
-            .arg("--out")
-            .arg(&out)
+        grid(&["--x", &format!("seed={seed}"), "--prompt", "a teal background", "--steps", "2", "--width", "32", "--height", "32"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

@@ -18,20 +18,12 @@ from safetensors.torch import save_file
 OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "rng")
 
 
+from make_variation_fixtures import slerp  # noqa: E402  (A1111's slerp, as the variation goldens use it)
+
+
 def randn(seed, shape, generator=None):
     g = generator if generator is not None else torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=g)
-
-
-def slerp(val, low, high):
-    low_norm = low / torch.norm(low, dim=1, keepdim=True)
-    high_norm = high / torch.norm(high, dim=1, keepdim=True)
-    dot = (low_norm * high_norm).sum(1)
-    if dot.mean() > 0.9995:
-        return low * val + high * (1 - val)
-    omega = torch.acos(dot)
-    so = torch.sin(omega)
-    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
 
 
 def first(shape, seeds, subseeds, strength, from_h, from_w, f):
