@@ -275,8 +275,8 @@ fn slerp_a1111(val: f64, low: &[f32], high: &[f32], c: usize, h: usize, w: usize
 /// A batch's starting noise as A1111's `ImageRNG.first()` makes it. `rng` is the images' own
 /// generator(s): it draws the noise at `dims` (`[images, c, h, w]`), and later draws (ancestral
 /// noise) continue after it. In txt2img it is fresh, as A1111's; in img2img diffusers'
-/// posterior sample has drawn from it first, which A1111 does not do. With a variation the noise moves toward the variation
-/// seed's ([`Variation::apply`]).
+/// posterior sample has drawn from it first, which A1111 does not do. With a variation the
+/// noise moves toward the variation seed's ([`Variation::apply`]).
 ///
 /// `resize_from` (latent height and width) is A1111's "Resize seed from": the seed's noise as
 /// it would be at that size (a fresh generator from `seed`, moved toward the variation seed's
@@ -356,19 +356,27 @@ mod tests {
         }
     }
 
+    /// `tests/fixtures/rng/{stem}.json` and every f32 tensor of `{stem}.safetensors`.
+    fn goldens(stem: &str) -> (serde_json::Value, std::collections::HashMap<String, Vec<f32>>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");
+        let meta = serde_json::from_slice(&std::fs::read(dir.join(format!("{stem}.json"))).unwrap()).unwrap();
+        let bytes = std::fs::read(dir.join(format!("{stem}.safetensors"))).unwrap();
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let values = tensors.tensors().into_iter().map(|(n, t)| (n, t.data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())).collect();
+        (meta, values)
+    }
+
+    fn rel(got: &[f32], want: &[f32]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let (num, den) = got.iter().zip(want).fold((0f64, 0f64), |(n, d), (g, w)| (n + ((g - w) as f64).powi(2), d + (*w as f64).powi(2)));
+        (num / den).sqrt()
+    }
+
     /// A1111's "Resize seed from" against `tools/parity/make_seed_resize_fixtures.py`.
     #[test]
     fn seed_resize_equals_a1111() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("seed_resize.json")).unwrap()).unwrap();
-        let bytes = std::fs::read(dir.join("seed_resize.safetensors")).unwrap();
-        let goldens = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let golden = |name: &str| -> Vec<f32> { goldens.tensor(name).unwrap().data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect() };
-        let rel = |got: &[f32], want: &[f32]| {
-            assert_eq!(got.len(), want.len());
-            let (num, den) = got.iter().zip(want).fold((0f64, 0f64), |(n, d), (g, w)| (n + ((g - w) as f64).powi(2), d + (*w as f64).powi(2)));
-            (num / den).sqrt()
-        };
+        let (meta, goldens) = goldens("seed_resize");
+        let golden = |name: &str| goldens[name].clone();
         for (name, m) in meta.as_object().unwrap() {
             let dims: Vec<usize> = m["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
             let seed = m["seed"].as_u64().unwrap();
@@ -394,19 +402,15 @@ mod tests {
     /// A1111's variation seeds against `tools/parity/make_variation_fixtures.py`.
     #[test]
     fn variation_seeds_equal_a1111() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rng");
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("variation.json")).unwrap()).unwrap();
-        let bytes = std::fs::read(dir.join("variation.safetensors")).unwrap();
-        let goldens = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (meta, goldens) = goldens("variation");
         for (name, m) in meta.as_object().unwrap() {
             let dims: Vec<usize> = m["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
             let seed = m["seed"].as_u64().unwrap();
             let v = Variation { seed: m["subseed"].as_u64().unwrap(), strength: m["strength"].as_f64().unwrap() };
             let mut noise = BatchNoise::with_variation(seed, dims[0], BatchSeeds::PerImage, true);
             let got = v.apply(&noise.randn(&dims).unwrap(), &dims, BatchSeeds::PerImage).unwrap();
-            let want: Vec<f32> = goldens.tensor(name).unwrap().data().chunks(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-            let (num, den) = got.iter().zip(&want).fold((0f64, 0f64), |(n, d), (g, w)| (n + ((g - w) as f64).powi(2), d + (*w as f64).powi(2)));
-            assert!((num / den).sqrt() < 1e-5, "{name}: relative L2 {}", (num / den).sqrt());
+            let e = rel(&got, &goldens[name]);
+            assert!(e < 1e-5, "{name}: relative L2 {e}");
         }
         // Strength 1 is the variation seed's own noise.
         let dims = [2, 4, 8, 8];

@@ -470,10 +470,6 @@ impl SdxlPipeline {
         }
     }
 
-    pub fn seamless(&self) -> Seamless {
-        self.seamless.get()
-    }
-
     pub fn unet_config(&self) -> &UNet2DConditionConfig {
         &self.unet_config
     }
@@ -924,7 +920,7 @@ impl SdxlPipeline {
     pub fn encode_sampled(&self, pixels: &Tensor, rng: &mut BatchNoise) -> Result<Tensor> {
         let (b, _, h, w) = pixels.dims4()?;
         let x = pixels.to_dtype(self.vae_dtype)?;
-        let mut dist = match self.vae_plan(b, h, w).tiling.map(|t| self.untiled_if_seamless(t)).transpose()? {
+        let mut dist = match self.vae_tiles(b, h, w)? {
             Some(t) => self.vae()?.encode_tiled(&x, &t)?,
             None => self.vae()?.encode(&x)?,
         };
@@ -962,20 +958,20 @@ impl SdxlPipeline {
         let (b, _, h, w) = z.dims4()?;
         let f = c.downscale();
         let z = z.to_dtype(self.vae_dtype)?;
-        let pixels = match self.vae_plan(b, h * f, w * f).tiling.map(|t| self.untiled_if_seamless(t)).transpose()? {
+        let pixels = match self.vae_tiles(b, h * f, w * f)? {
             Some(t) => self.vae()?.decode_tiled(&z, &t)?,
             None => self.vae()?.decode(&z)?,
         };
         to_images(&pixels.to_dtype(DType::F32)?)
     }
 
-    /// Tiles cut the wrap-around that seamless images need, so tiles the user asked for are
-    /// refused under it (auto tiling already stands down, [`Self::vae_plan`]).
-    fn untiled_if_seamless(&self, t: VaeTiling) -> Result<VaeTiling> {
-        if self.seamless.get().is_off() {
-            return Ok(t);
+    /// The tiles of a VAE pass ([`Self::vae_plan`]). Tiles cut the wrap-around that seamless
+    /// images need, so tiles the user asked for are refused under it (auto tiling stands down).
+    fn vae_tiles(&self, batch: usize, height: usize, width: usize) -> Result<Option<VaeTiling>> {
+        match self.vae_plan(batch, height, width).tiling {
+            Some(_) if !self.seamless.get().is_off() => Err(Error::Argument(SEAMLESS_UNTILED.into())),
+            t => Ok(t),
         }
-        Err(Error::Argument(SEAMLESS_UNTILED.into()))
     }
 
     /// How the VAE will run on `batch` images of `height`×`width` pixels under [`Self::vae_tiling`].
@@ -987,29 +983,26 @@ impl SdxlPipeline {
             VaeTilingMode::Off => VaePlan { tiling: None, note: None },
             VaeTilingMode::On(None) => VaePlan { tiling: Some(VaeTiling::for_config(c)), note: None },
             VaeTilingMode::On(Some(px)) => VaePlan { tiling: Some(VaeTiling::with_tile_size(c, px)), note: None },
-            // Seamless images need the whole image in one VAE pass, whatever the memory.
-            VaeTilingMode::Auto if !self.seamless.get().is_off() => {
-                let (need, free) = (vae_working_bytes(c, batch, height, width), available_memory());
-                let note = (free != 0 && need > free / 4 * 3).then(|| {
-                    format!(
-                        "seamless tiling: the VAE decodes {width}x{height} x{batch} in one piece (its tiles would not wrap around), about {:.1} GB with {:.1} GB free",
-                        need as f64 / 1e9,
-                        free as f64 / 1e9
-                    )
-                });
-                VaePlan { tiling: None, note }
-            }
             VaeTilingMode::Auto => {
                 let need = vae_working_bytes(c, batch, height, width);
                 let free = available_memory();
+                let gb = |b: u64| b as f64 / 1e9;
                 if free == 0 || need <= free / 4 * 3 {
                     return VaePlan { tiling: None, note: None };
+                }
+                // Seamless images need the whole image in one VAE pass, whatever the memory.
+                if !self.seamless.get().is_off() {
+                    let note = format!(
+                        "seamless tiling: the VAE decodes {width}x{height} x{batch} in one piece (its tiles would not wrap around), about {:.1} GB with {:.1} GB free",
+                        gb(need),
+                        gb(free)
+                    );
+                    return VaePlan { tiling: None, note: Some(note) };
                 }
                 let mut tiling = VaeTiling::for_config(c);
                 while tiling.sample_tile > 256 && (tiling.sample_tile >= height.max(width) || vae_working_bytes(c, batch, tiling.sample_tile, tiling.sample_tile) > free / 4 * 3) {
                     tiling = VaeTiling::with_tile_size(c, tiling.sample_tile / 2);
                 }
-                let gb = |b: u64| b as f64 / 1e9;
                 let note = format!(
                     "tiled VAE: {width}x{height} x{batch} would need about {:.1} GB and {:.1} GB is free, so the VAE works in tiles of {} pixels (diffusers' enable_vae_tiling; --vae-tiling off to refuse)",
                     gb(need),
