@@ -577,3 +577,55 @@ fn seamless_tiling_equals_diffusers() {
     let e = pipe.decode(&g["run0.latents"]).unwrap_err().to_string();
     assert!(e.contains("tiled VAE") && e.contains("--vae-tiling off"), "{e}");
 }
+
+/// ControlNet: the model's residuals and the UNet with them added equal diffusers', for the
+/// folder and for its weights alone as one file (config inferred); generations with
+/// `StableDiffusionXLControlNetPipeline` (weight, guidance start/end, batch, no CFG) equal its
+/// latents. tools/parity/make_controlnet_fixtures.py.
+#[test]
+fn controlnet_equals_diffusers() {
+    use loramix::sdxl::controlnet::{self, ControlUnit};
+    let pipe = load("tiny2");
+    let dir = common::fixture("tiny2");
+    let g = candle_core::safetensors::load(dir.join("controlnet.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("controlnet.json")).unwrap()).unwrap();
+    let single = std::env::temp_dir().join(format!("loramix-controlnet-{}.safetensors", std::process::id()));
+    std::fs::copy(dir.join("controlnet/diffusion_pytorch_model.safetensors"), &single).unwrap();
+    let base = pipe.unet_config().clone();
+    let folder = std::sync::Arc::new(controlnet::load(dir.join("controlnet").to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap());
+    let file = controlnet::load(single.to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap();
+    std::fs::remove_file(&single).ok();
+    let added = AddedConditions { text_embeds: g["module.text_embeds"].clone(), time_ids: g["module.time_ids"].clone() };
+    let m = &gj["module"];
+    let (t, scale) = (m["t"].as_f64().unwrap() as f32, m["scale"].as_f64().unwrap());
+    for (what, model) in [("folder", &*folder), ("single file", &file)] {
+        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), &g["module.cond"], scale).unwrap();
+        assert_eq!(r.down.len() as u64, m["down"].as_u64().unwrap());
+        for (i, d) in r.down.iter().enumerate() {
+            assert_close(&format!("controlnet {what} down {i}"), d, &g[&format!("module.down{i}")], 1e-4);
+        }
+        assert_close(&format!("controlnet {what} mid"), &r.mid, &g["module.mid"], 1e-4);
+        let out = pipe.unet().unwrap().forward_controlled(&g["module.sample"], t, &g["module.context"], Some(&added), Some(&r)).unwrap();
+        assert_close(&format!("unet with {what} residuals"), &out, &g["module.unet"], 1e-4);
+    }
+    for (key, case) in gj["pipeline"].as_object().unwrap() {
+        let size = case["size"].as_array().unwrap();
+        let (h, w) = (size[0].as_u64().unwrap() as usize, size[1].as_u64().unwrap() as usize);
+        let mut req = request(case, None, (h, w));
+        let image = image::open(dir.join(case["image"].as_str().unwrap())).unwrap().to_rgb8();
+        req.control = vec![ControlUnit {
+            model: folder.clone(),
+            image,
+            weight: case["weight"].as_f64().unwrap(),
+            start: case["start"].as_f64().unwrap(),
+            end: case["end"].as_f64().unwrap(),
+            resize_mode: loramix::sdxl::img2img::ResizeMode::CropAndResize,
+        }];
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("controlnet {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+        // The control matters: without it the latents are far from these.
+        req.control.clear();
+        let plain = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert!(rel_l2(&plain, &g[&format!("{key}.latents")]) > 1e-2, "controlnet {key}: no effect");
+    }
+}

@@ -7,6 +7,7 @@
 //! the UNet's layers from outside through [`pipeline::StepMixer`].
 
 pub mod checkpoint;
+pub mod controlnet;
 pub mod embedding;
 pub mod img2img;
 pub mod model;

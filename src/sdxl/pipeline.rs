@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::{ClipTextConfig, ClipTextModel};
 use loramix_models::{set_seamless, ConvBorders, Seamless};
-use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
+use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
+use crate::sdxl::controlnet::ControlUnit;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -204,6 +205,8 @@ pub struct GenerateRequest {
     pub eta_noise_seed_delta: i64,
     /// Seamless (tileable) images: the UNet's and the VAE's convolutions wrap these borders.
     pub seamless: Seamless,
+    /// ControlNet units; their residuals add up (diffusers' `MultiControlNetModel`).
+    pub control: Vec<ControlUnit>,
 }
 
 impl Default for GenerateRequest {
@@ -229,6 +232,7 @@ impl Default for GenerateRequest {
             seed_resize_from: None,
             eta_noise_seed_delta: 0,
             seamless: Seamless::OFF,
+            control: Vec::new(),
         }
     }
 }
@@ -614,6 +618,10 @@ impl SdxlPipeline {
             return Err(Error::Argument(SEAMLESS_UNTILED.into()));
         }
         self.set_seamless(req.seamless);
+        for unit in &req.control {
+            unit.validate()?;
+            set_seamless(unit.model.as_ref(), req.seamless);
+        }
         let latent_channels = self.vae_config.latent_channels;
         let in_channels = self.unet_config.in_channels;
         // diffusers' inpainting UNets take [latents, mask, masked-image latents] (4 + 1 + 4).
@@ -830,6 +838,9 @@ impl SdxlPipeline {
             rng = BatchNoise::with_variation(req.seed.wrapping_add_signed(req.eta_noise_seed_delta), b, req.batch_seeds, variation.is_some());
         }
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
+        // Each unit's control image at this pass's size, for every row, made once.
+        let control_images =
+            req.control.iter().map(|u| u.cond_tensor((h, w), rows, &self.device, self.dtype)).collect::<Result<Vec<_>>>()?;
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
             // A1111 counts the steps of this run (model calls) from 0.
             let key = entries(i - start_index);
@@ -839,6 +850,20 @@ impl SdxlPipeline {
             }
             let input = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
             let input = sched.scale_model_input(&input, i)?;
+            // ControlNets see the 4-channel input (an inpainting UNet's extra channels are its
+            // own), with the same text and added conditions, on every row; a unit outside its
+            // steps is not run (diffusers runs it at scale 0, which adds exact zeros).
+            let mut control: Option<ControlResiduals> = None;
+            for (unit, cond) in req.control.iter().zip(&control_images) {
+                if !unit.acts_at(i - start_index, timesteps.len() - start_index) {
+                    continue;
+                }
+                let r = unit.model.forward(&input.to_dtype(self.dtype)?, t as f32, &context, added.as_ref(), cond, unit.weight)?;
+                control = Some(match control {
+                    None => r,
+                    Some(acc) => acc.add(&r)?,
+                });
+            }
             let input = match &extra_input {
                 Some(e) => Tensor::cat(&[&input, e], 1)?,
                 None => input,
@@ -857,12 +882,13 @@ impl SdxlPipeline {
                 Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, lo, n)?, time_ids: a.time_ids.narrow(0, lo, n)? }),
                 None => None,
             };
+            let control_rows = control.as_ref().map(|c| c.rows(lo, n)).transpose()?;
             let mut out: Option<Tensor> = None;
             for pass in 0..passes.max(1) {
                 if let Some(m) = mixer.as_deref_mut() {
                     m.apply(i / order, pass)?;
                 }
-                let o = unet.forward(&input_rows, t as f32, &context_rows, added_rows.as_ref())?.to_dtype(DType::F32)?;
+                let o = unet.forward_controlled(&input_rows, t as f32, &context_rows, added_rows.as_ref(), control_rows.as_ref())?.to_dtype(DType::F32)?;
                 out = Some(match out {
                     None => o,
                     Some(acc) => (acc + o)?,
@@ -880,7 +906,10 @@ impl SdxlPipeline {
                         Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, 0, b)?, time_ids: a.time_ids.narrow(0, 0, b)? }),
                         None => None,
                     };
-                    let u = unet.forward(&input.narrow(0, 0, b)?, t as f32, &context_views.rows(&context, 0, b)?, added_u.as_ref())?.to_dtype(DType::F32)?;
+                    let control_u = control.as_ref().map(|c| c.rows(0, b)).transpose()?;
+                    let u = unet
+                        .forward_controlled(&input.narrow(0, 0, b)?, t as f32, &context_views.rows(&context, 0, b)?, added_u.as_ref(), control_u.as_ref())?
+                        .to_dtype(DType::F32)?;
                     Tensor::cat(&[u, out], 0)?
                 }
                 _ => out,

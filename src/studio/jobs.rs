@@ -535,6 +535,7 @@ impl Studio {
                 seamless: settings.seamless()?,
                 seed_resize_from: settings.seed_resize_from(),
                 eta_noise_seed_delta: settings.eta_noise_seed_delta,
+                control: Vec::new(),
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

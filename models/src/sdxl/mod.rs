@@ -1,6 +1,7 @@
 //! Stable Diffusion XL, module for module as diffusers builds it.
 
 pub mod config;
+pub mod controlnet;
 pub mod resnet;
 pub mod taesd;
 pub mod transformer;
@@ -8,5 +9,6 @@ pub mod unet;
 pub mod vae;
 
 pub use config::{AutoencoderKlConfig, UNet2DConditionConfig};
-pub use unet::{AddedConditions, UNet2DConditionModel};
+pub use controlnet::{ControlNetConfig, ControlNetModel};
+pub use unet::{AddedConditions, ControlResiduals, UNet2DConditionModel};
 pub use vae::{AutoencoderKl, VaeTiling};

@@ -37,7 +37,7 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shi
 
 /// `linear_1 → SiLU → linear_2`.
 #[derive(Debug, Clone)]
-struct TimestepEmbedding {
+pub(crate) struct TimestepEmbedding {
     linear_1: AdaptableLinear,
     linear_2: AdaptableLinear,
 }
@@ -63,7 +63,7 @@ impl Adaptable for TimestepEmbedding {
 
 /// A down or up block: resnets, optional transformers after each resnet, optional resampler.
 #[derive(Debug, Clone)]
-struct UNetBlock {
+pub(crate) struct UNetBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
     downsampler: Option<Downsample2D>,
@@ -85,7 +85,7 @@ impl Adaptable for UNetBlock {
 }
 
 #[derive(Debug, Clone)]
-struct MidBlock {
+pub(crate) struct MidBlock {
     resnets: Vec<ResnetBlock2D>,
     attentions: Vec<Transformer2DModel>,
 }
@@ -99,43 +99,68 @@ pub struct AddedConditions {
     pub time_ids: Tensor,
 }
 
+/// What a ControlNet adds to the UNet: one residual per skip connection (in the order the down
+/// blocks make them) and one for the mid block's output, already scaled by the control's weight.
 #[derive(Debug, Clone)]
-pub struct UNet2DConditionModel {
-    conv_in: AdaptableConv2d,
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+impl ControlResiduals {
+    /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
+    pub fn add(&self, other: &Self) -> Result<Self> {
+        if self.down.len() != other.down.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "controlnets disagree on the number of skip connections ({} and {})",
+                self.down.len(),
+                other.down.len()
+            )));
+        }
+        let down = self.down.iter().zip(&other.down).map(|(a, b)| a + b).collect::<Result<Vec<_>>>()?;
+        Ok(Self { down, mid: (&self.mid + &other.mid)? })
+    }
+
+    /// Rows `[start, start + len)` of the batch.
+    pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
+        let down = self.down.iter().map(|d| d.narrow(0, start, len)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { down, mid: self.mid.narrow(0, start, len)? })
+    }
+}
+
+/// The half of the UNet that a ControlNet copies: the embeddings, the input convolution, the down
+/// blocks and the mid block, built and run by the same code for both.
+#[derive(Debug, Clone)]
+pub(crate) struct UNetEncoder {
+    pub(crate) conv_in: AdaptableConv2d,
     time_embedding: TimestepEmbedding,
     add_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<UNetBlock>,
     mid_block: MidBlock,
-    up_blocks: Vec<UNetBlock>,
-    conv_norm_out: GroupNormParams,
-    conv_out: AdaptableConv2d,
-    config: UNet2DConditionConfig,
 }
 
-impl UNet2DConditionModel {
-    pub fn new(vb: VarBuilder, config: &UNet2DConditionConfig) -> Result<Self> {
-        let c = config;
-        c.validate().map_err(candle_core::Error::Msg)?;
+pub(crate) fn transformer_for(c: &UNet2DConditionConfig, vb: VarBuilder, ch: usize, heads: usize, layers: usize) -> Result<Transformer2DModel> {
+    Transformer2DModel::new(
+        vb,
+        &Transformer2DSpec {
+            channels: ch,
+            heads,
+            layers,
+            context_dim: c.cross_attention_dim,
+            groups: c.norm_num_groups,
+            linear_projection: c.use_linear_projection,
+        },
+    )
+}
+
+impl UNetEncoder {
+    pub(crate) fn new(vb: VarBuilder, c: &UNet2DConditionConfig) -> Result<Self> {
         let boc = &c.block_out_channels;
         let n = boc.len();
         let heads = c.heads().map_err(candle_core::Error::Msg)?;
         let depth = c.transformer_layers().map_err(candle_core::Error::Msg)?;
-        let rev_depth = c.reverse_transformer_layers().map_err(candle_core::Error::Msg)?;
         let temb = boc[0] * 4;
         let (groups, eps) = (c.norm_num_groups, c.norm_eps);
-        let transformer = |vb: VarBuilder, ch: usize, heads: usize, layers: usize| {
-            Transformer2DModel::new(
-                vb,
-                &Transformer2DSpec {
-                    channels: ch,
-                    heads,
-                    layers,
-                    context_dim: c.cross_attention_dim,
-                    groups,
-                    linear_projection: c.use_linear_projection,
-                },
-            )
-        };
 
         let add_embedding = match c.addition_embed_type.as_deref() {
             Some("text_time") => {
@@ -158,7 +183,7 @@ impl UNet2DConditionModel {
                 let rin = if j == 0 { in_ch } else { out_ch };
                 resnets.push(ResnetBlock2D::new(vbb.pp(format!("resnets.{j}")), rin, out_ch, Some(temb), groups, eps)?);
                 if cross {
-                    attentions.push(transformer(vbb.pp(format!("attentions.{j}")), out_ch, heads[i], depth[i])?);
+                    attentions.push(transformer_for(c, vbb.pp(format!("attentions.{j}")), out_ch, heads[i], depth[i])?);
                 }
             }
             let downsampler =
@@ -173,8 +198,98 @@ impl UNet2DConditionModel {
                 ResnetBlock2D::new(vbm.pp("resnets.0"), top, top, Some(temb), groups, eps)?,
                 ResnetBlock2D::new(vbm.pp("resnets.1"), top, top, Some(temb), groups, eps)?,
             ],
-            attentions: vec![transformer(vbm.pp("attentions.0"), top, heads[n - 1], depth[n - 1])?],
+            attentions: vec![transformer_for(c, vbm.pp("attentions.0"), top, heads[n - 1], depth[n - 1])?],
         };
+        Ok(Self {
+            conv_in: AdaptableConv2d::new(vb.pp("conv_in"), c.in_channels, boc[0], 3, 1, 1)?,
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], temb)?,
+            add_embedding,
+            down_blocks,
+            mid_block,
+        })
+    }
+
+    /// The timestep embedding plus, for SDXL, the added text/time embedding.
+    pub(crate) fn embed(&self, c: &UNet2DConditionConfig, b: usize, t: f32, dtype: DType, dev: &Device, added: Option<&AddedConditions>) -> Result<Tensor> {
+        let t_emb = timestep_embedding(&vec![t; b], c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, dev)?;
+        let mut emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?;
+        if let Some(add) = &self.add_embedding {
+            let added = added.ok_or_else(|| {
+                candle_core::Error::Msg("this UNet uses text_time conditioning: pooled text embeddings and time ids are required".into())
+            })?;
+            let dim = c.addition_time_embed_dim.unwrap_or_default();
+            let ids: Vec<f32> = added.time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let time_embeds = timestep_embedding(&ids, dim, c.flip_sin_to_cos, c.freq_shift, dev)?.reshape((b, ()))?;
+            let add_in = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, time_embeds], 1)?.to_dtype(dtype)?;
+            emb = (emb + add.forward(&add_in)?)?;
+        }
+        Ok(emb)
+    }
+
+    /// The down blocks from `h` (the input convolution's output): the last hidden state and
+    /// every skip connection, `h` itself first.
+    pub(crate) fn down(&self, mut h: Tensor, emb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut skips = vec![h.clone()];
+        for block in &self.down_blocks {
+            for (j, resnet) in block.resnets.iter().enumerate() {
+                h = resnet.forward(&h, Some(emb))?;
+                if let Some(attn) = block.attentions.get(j) {
+                    h = attn.forward(&h, context)?;
+                }
+                skips.push(h.clone());
+            }
+            if let Some(d) = &block.downsampler {
+                h = d.forward(&h)?;
+                skips.push(h.clone());
+            }
+        }
+        Ok((h, skips))
+    }
+
+    pub(crate) fn mid(&self, h: &Tensor, emb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let mut h = self.mid_block.resnets[0].forward(h, Some(emb))?;
+        for (attn, resnet) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+            h = attn.forward(&h, context)?;
+            h = resnet.forward(&h, Some(emb))?;
+        }
+        Ok(h)
+    }
+}
+
+impl Adaptable for UNetEncoder {
+    fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
+        self.time_embedding.collect_adaptable(out);
+        self.add_embedding.collect_adaptable(out);
+        self.conv_in.collect_adaptable(out);
+        self.down_blocks.collect_adaptable(out);
+        self.mid_block.resnets[0].collect_adaptable(out);
+        for (a, r) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
+            a.collect_adaptable(out);
+            r.collect_adaptable(out);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UNet2DConditionModel {
+    encoder: UNetEncoder,
+    up_blocks: Vec<UNetBlock>,
+    conv_norm_out: GroupNormParams,
+    conv_out: AdaptableConv2d,
+    config: UNet2DConditionConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(vb: VarBuilder, config: &UNet2DConditionConfig) -> Result<Self> {
+        let c = config;
+        c.validate().map_err(candle_core::Error::Msg)?;
+        let boc = &c.block_out_channels;
+        let n = boc.len();
+        let heads = c.heads().map_err(candle_core::Error::Msg)?;
+        let rev_depth = c.reverse_transformer_layers().map_err(candle_core::Error::Msg)?;
+        let temb = boc[0] * 4;
+        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
+        let encoder = UNetEncoder::new(vb.clone(), c)?;
 
         let rev_boc: Vec<usize> = boc.iter().rev().copied().collect();
         let rev_heads: Vec<usize> = heads.iter().rev().copied().collect();
@@ -194,7 +309,7 @@ impl UNet2DConditionModel {
                 let rin = if j == 0 { prev_out } else { out_ch };
                 resnets.push(ResnetBlock2D::new(vbb.pp(format!("resnets.{j}")), rin + skip, out_ch, Some(temb), groups, eps)?);
                 if cross {
-                    attentions.push(transformer(vbb.pp(format!("attentions.{j}")), out_ch, rev_heads[i], rev_depth[i])?);
+                    attentions.push(transformer_for(c, vbb.pp(format!("attentions.{j}")), out_ch, rev_heads[i], rev_depth[i])?);
                 }
             }
             let upsampler = if i + 1 < n { Some(Upsample2D::new(vbb.pp("upsamplers.0"), out_ch)?) } else { None };
@@ -202,11 +317,7 @@ impl UNet2DConditionModel {
         }
 
         Ok(Self {
-            conv_in: AdaptableConv2d::new(vb.pp("conv_in"), c.in_channels, boc[0], 3, 1, 1)?,
-            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), boc[0], temb)?,
-            add_embedding,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out: group_norm(groups, boc[0], eps, vb.pp("conv_norm_out"))?,
             conv_out: AdaptableConv2d::new(vb.pp("conv_out"), boc[0], c.out_channels, 3, 1, 1)?,
@@ -220,56 +331,61 @@ impl UNet2DConditionModel {
 
     /// Whether the model needs pooled text embeddings and time ids (SDXL) or not (SD 1.x/2.x).
     pub fn uses_added_conditions(&self) -> bool {
-        self.add_embedding.is_some()
+        self.encoder.add_embedding.is_some()
     }
 
     /// Predicts the model output (noise or v) for `sample: [b, c, h, w]` at timestep `t`
     /// (one value for the whole batch, as the pipelines call it), with text `context`
     /// `[b, l, cross_attention_dim]`.
     pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>) -> Result<Tensor> {
-        // On the kernels' thread pool: `loramix_kernels::on_pool` says why.
-        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added))
+        self.forward_controlled(sample, t, context, added, None)
     }
 
-    fn forward_on_pool(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>) -> Result<Tensor> {
+    /// [`Self::forward`] with ControlNet residuals added to the skip connections and the mid
+    /// block's output (diffusers' `down_block_additional_residuals` and
+    /// `mid_block_additional_residual`).
+    pub fn forward_controlled(
+        &self,
+        sample: &Tensor,
+        t: f32,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
+        // On the kernels' thread pool: `loramix_kernels::on_pool` says why.
+        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added, control))
+    }
+
+    fn forward_on_pool(
+        &self,
+        sample: &Tensor,
+        t: f32,
+        context: &Tensor,
+        added: Option<&AddedConditions>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let b = sample.dim(0)?;
         let dtype = sample.dtype();
         let dev = sample.device();
-        let t_emb = timestep_embedding(&vec![t; b], c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift, dev)?;
-        let mut emb = self.time_embedding.forward(&t_emb.to_dtype(dtype)?)?;
-        if let Some(add) = &self.add_embedding {
-            let added = added.ok_or_else(|| {
-                candle_core::Error::Msg("this UNet uses text_time conditioning: pooled text embeddings and time ids are required".into())
-            })?;
-            let dim = c.addition_time_embed_dim.unwrap_or_default();
-            let ids: Vec<f32> = added.time_ids.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            let time_embeds = timestep_embedding(&ids, dim, c.flip_sin_to_cos, c.freq_shift, dev)?.reshape((b, ()))?;
-            let add_in = Tensor::cat(&[added.text_embeds.to_dtype(DType::F32)?, time_embeds], 1)?.to_dtype(dtype)?;
-            emb = (emb + add.forward(&add_in)?)?;
-        }
+        let emb = self.encoder.embed(c, b, t, dtype, dev, added)?;
         let context = context.to_dtype(dtype)?;
 
-        let mut h = self.conv_in.forward(sample)?;
-        let mut skips = vec![h.clone()];
-        for block in &self.down_blocks {
-            for (j, resnet) in block.resnets.iter().enumerate() {
-                h = resnet.forward(&h, Some(&emb))?;
-                if let Some(attn) = block.attentions.get(j) {
-                    h = attn.forward(&h, &context)?;
-                }
-                skips.push(h.clone());
+        let h = self.encoder.conv_in.forward(sample)?;
+        let (h, mut skips) = self.encoder.down(h, &emb, &context)?;
+        let mut h = self.encoder.mid(&h, &emb, &context)?;
+        if let Some(control) = control {
+            if control.down.len() != skips.len() {
+                return Err(candle_core::Error::Msg(format!(
+                    "the ControlNet gives {} residuals; this UNet has {} skip connections (a ControlNet for another model?)",
+                    control.down.len(),
+                    skips.len()
+                )));
             }
-            if let Some(d) = &block.downsampler {
-                h = d.forward(&h)?;
-                skips.push(h.clone());
+            for (s, r) in skips.iter_mut().zip(&control.down) {
+                *s = (&*s + r.to_dtype(dtype)?)?;
             }
-        }
-
-        h = self.mid_block.resnets[0].forward(&h, Some(&emb))?;
-        for (attn, resnet) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
-            h = attn.forward(&h, &context)?;
-            h = resnet.forward(&h, Some(&emb))?;
+            h = (h + control.mid.to_dtype(dtype)?)?;
         }
 
         for block in &self.up_blocks {
@@ -309,15 +425,7 @@ impl UNet2DConditionModel {
 
 impl Adaptable for UNet2DConditionModel {
     fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>) {
-        self.time_embedding.collect_adaptable(out);
-        self.add_embedding.collect_adaptable(out);
-        self.conv_in.collect_adaptable(out);
-        self.down_blocks.collect_adaptable(out);
-        self.mid_block.resnets[0].collect_adaptable(out);
-        for (a, r) in self.mid_block.attentions.iter().zip(&self.mid_block.resnets[1..]) {
-            a.collect_adaptable(out);
-            r.collect_adaptable(out);
-        }
+        self.encoder.collect_adaptable(out);
         self.up_blocks.collect_adaptable(out);
         self.conv_out.collect_adaptable(out);
     }

@@ -452,6 +452,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         seamless,
         seed_resize_from: a.seed_resize_from,
         eta_noise_seed_delta: a.eta_noise_seed_delta,
+        control: Vec::new(),
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;

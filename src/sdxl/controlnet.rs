@@ -1,0 +1,234 @@
+//! ControlNets: opening one (a diffusers folder, one `.safetensors` file in diffusers names, or a
+//! hub repo), and the control units a generation runs.
+//!
+//! A single file has no config. Its shape is read from its tensors; what the tensors cannot say
+//! (the attention heads, the normalisation, the timestep embedding's flavour) is the base UNet's,
+//! which the ControlNet was copied from.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use loramix_models::sdxl::{ControlNetConfig, ControlNetModel, UNet2DConditionConfig};
+
+use super::img2img::ResizeMode;
+use super::model::{component_weights, read_json};
+use crate::error::{Error, Result};
+use crate::hub::HubRepo;
+use crate::weights::{SafetensorsFile, WeightSource};
+
+/// One ControlNet applied to a generation (A1111's "ControlNet Unit").
+#[derive(Debug, Clone)]
+pub struct ControlUnit {
+    pub model: Arc<ControlNetModel>,
+    /// The control map as the model sees it (already preprocessed), at any size: it is fitted
+    /// to each pass's size with `resize_mode`.
+    pub image: RgbImage,
+    /// diffusers' `controlnet_conditioning_scale`, A1111's "Control Weight".
+    pub weight: f64,
+    /// diffusers' `control_guidance_start` / `_end`, A1111's "Starting / Ending Control Step":
+    /// the fraction of the steps the unit acts on.
+    pub start: f64,
+    pub end: f64,
+    pub resize_mode: ResizeMode,
+}
+
+impl ControlUnit {
+    /// Whether the unit acts on step `i` of `n` (diffusers' `controlnet_keep`).
+    pub fn acts_at(&self, i: usize, n: usize) -> bool {
+        let n = n as f64;
+        !((i as f64 / n) < self.start || ((i + 1) as f64 / n) > self.end)
+    }
+
+    /// The control image for a latent of `(h, w)`, `[rows, 3, H, W]` in [0, 1].
+    pub fn cond_tensor(&self, (h, w): (usize, usize), rows: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+        let f = self.model.config().downscale();
+        let img = super::img2img::resize_to(self.resize_mode, &self.image, (w * f) as u32, (h * f) as u32);
+        let (iw, ih) = img.dimensions();
+        let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 255.0).collect();
+        let t = Tensor::from_vec(data, (ih as usize, iw as usize, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)?;
+        Ok(t.repeat((rows, 1, 1, 1))?.to_dtype(dtype)?)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let ok = |x: f64| (0.0..=1.0).contains(&x);
+        if !self.weight.is_finite() {
+            return Err(Error::Argument(format!("controlnet weight must be a finite number, got {}", self.weight)));
+        }
+        if !ok(self.start) || !ok(self.end) || self.start > self.end {
+            return Err(Error::Argument(format!(
+                "controlnet guidance start {} and end {}: expected 0 ≤ start ≤ end ≤ 1",
+                self.start, self.end
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Opens a ControlNet for a model whose UNet has `base`'s config.
+pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DType) -> Result<ControlNetModel> {
+    let p = Path::new(spec);
+    let (config, ws) = if p.is_dir() {
+        let cfg_path = p.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel layout)"));
+        }
+        let cfg = ControlNetConfig::from_json(read_json(&cfg_path)?).map_err(|m| Error::model(&cfg_path, m))?;
+        (cfg, WeightSource::from_files(&component_weights(p)?)?)
+    } else if p.is_file() {
+        let file = SafetensorsFile::open(p)?;
+        let cfg = infer_config(&file, base).map_err(|m| Error::model(p, m))?;
+        (cfg, WeightSource::from_files(&[p.to_path_buf()])?)
+    } else if crate::hub::is_repo_id(spec) {
+        let dir = fetch_hub_controlnet(spec)?;
+        return load(&dir.to_string_lossy(), base, device, dtype);
+    } else {
+        return Err(Error::Argument(format!("controlnet {spec:?}: no such file or folder, and not a Hugging Face repo id (owner/name)")));
+    };
+    check_fits(&config, base).map_err(|m| Error::model(p, m))?;
+    let label = ws.label().to_string();
+    ControlNetModel::new(ws.into_var_builder(dtype, device), &config).map_err(|e| Error::model(PathBuf::from(label), e.to_string()))
+}
+
+/// A ControlNet must make the UNet's skip connections, one for one.
+fn check_fits(c: &ControlNetConfig, base: &UNet2DConditionConfig) -> std::result::Result<(), String> {
+    let u = &c.unet;
+    if u.block_out_channels != base.block_out_channels || u.layers_per_block != base.layers_per_block {
+        return Err(format!(
+            "this ControlNet's blocks ({:?} channels, {} layers each) do not match the model's UNet ({:?}, {}): a ControlNet for another architecture (SD 1.5 vs SDXL?)",
+            u.block_out_channels, u.layers_per_block, base.block_out_channels, base.layers_per_block
+        ));
+    }
+    if u.cross_attention_dim != base.cross_attention_dim {
+        return Err(format!(
+            "this ControlNet attends to {}-wide text embeddings; the model's are {} (a ControlNet for another architecture?)",
+            u.cross_attention_dim, base.cross_attention_dim
+        ));
+    }
+    Ok(())
+}
+
+/// The config of a ControlNet stored as one file in diffusers names, from its tensors' shapes
+/// and, where shapes cannot tell, the base UNet's config.
+fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<ControlNetConfig, String> {
+    let names: BTreeSet<String> = f.names().into_iter().collect();
+    if names.iter().any(|n| n.starts_with("control_model.") || n.starts_with("input_hint_block.") || n.starts_with("zero_convs.")) {
+        return Err("this ControlNet is in the original (LDM) layout; convert it to diffusers names (diffusers' ControlNetModel.from_single_file) or use a diffusers ControlNet".into());
+    }
+    if names.iter().any(|n| n.starts_with("lora_controlnet") || n.contains("lora_up")) {
+        return Err("this is a Control-LoRA, which is not supported; use a full diffusers ControlNet".into());
+    }
+    if !names.contains("controlnet_cond_embedding.conv_in.weight") {
+        return Err("not a ControlNet in diffusers names: no controlnet_cond_embedding.conv_in.weight".into());
+    }
+    let shape = |n: &str| f.shape_of(n).ok_or_else(|| format!("tensor {n} is missing"));
+    let count = |prefix: &str| -> usize {
+        names
+            .iter()
+            .filter_map(|n| n.strip_prefix(prefix))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .map(|i| i + 1)
+            .max()
+            .unwrap_or(0)
+    };
+    let levels = count("down_blocks.");
+    let layers = count("down_blocks.0.resnets.");
+    if levels == 0 || layers == 0 {
+        return Err("no down_blocks.N.resnets.M tensors".into());
+    }
+    let conv_in = shape("conv_in.weight")?;
+    let mut boc = Vec::new();
+    let mut types = Vec::new();
+    let mut depth = Vec::new();
+    let mut linear = base.use_linear_projection;
+    let mut context = base.cross_attention_dim;
+    for i in 0..levels {
+        boc.push(shape(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?[0]);
+        let attn = format!("down_blocks.{i}.attentions.0.");
+        if names.iter().any(|n| n.starts_with(&attn)) {
+            types.push("CrossAttnDownBlock2D");
+            depth.push(count(&format!("{attn}transformer_blocks.")));
+            linear = shape(&format!("{attn}proj_in.weight"))?.len() == 2;
+            context = shape(&format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1];
+        } else {
+            types.push("DownBlock2D");
+            depth.push(1);
+        }
+    }
+    // Heads keep the base UNet's width per head (64 in SDXL) wherever its blocks line up.
+    let base_heads = base.heads()?;
+    let heads: Vec<usize> = boc
+        .iter()
+        .enumerate()
+        .map(|(i, &ch)| match (base.block_out_channels.get(i), base_heads.get(i)) {
+            (Some(&bc), Some(&bh)) if bh > 0 && bc % bh == 0 && ch % (bc / bh) == 0 => ch / (bc / bh),
+            _ => (ch / 64).max(1),
+        })
+        .collect();
+    let embed_in = shape("controlnet_cond_embedding.conv_in.weight")?;
+    let mut embed_channels = vec![embed_in[0]];
+    for k in 0.. {
+        match f.shape_of(&format!("controlnet_cond_embedding.blocks.{}.weight", 2 * k + 1)) {
+            Some(s) => embed_channels.push(s[0]),
+            None => break,
+        }
+    }
+    let add = f.shape_of("add_embedding.linear_1.weight");
+    let v = serde_json::json!({
+        "in_channels": conv_in[1],
+        "conditioning_channels": embed_in[1],
+        "conditioning_embedding_out_channels": embed_channels,
+        "block_out_channels": boc,
+        "layers_per_block": layers,
+        "down_block_types": types,
+        "transformer_layers_per_block": depth,
+        "num_attention_heads": heads,
+        "cross_attention_dim": context,
+        "use_linear_projection": linear,
+        "addition_embed_type": add.as_ref().map(|_| "text_time"),
+        "addition_time_embed_dim": add.as_ref().and(base.addition_time_embed_dim),
+        "projection_class_embeddings_input_dim": add.as_ref().map(|s| s[1]),
+        "norm_num_groups": base.norm_num_groups,
+        "norm_eps": base.norm_eps,
+        "flip_sin_to_cos": base.flip_sin_to_cos,
+        "freq_shift": base.freq_shift,
+    });
+    ControlNetConfig::from_json(v)
+}
+
+/// The config and weights of a diffusers ControlNet repo, through the HF cache (downloading
+/// when online).
+fn fetch_hub_controlnet(repo: &str) -> Result<PathBuf> {
+    let HubRepo { cached, api, listing, offline, .. } = HubRepo::open(repo);
+    let weights = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"];
+    let get = |f: &str| -> Result<Option<PathBuf>> {
+        if let Some(p) = cached.get(f) {
+            return Ok(Some(p));
+        }
+        match (&api, &listing) {
+            (Some(a), Some(l)) if l.iter().any(|x| x == f) => {
+                a.model(repo.to_string()).get(f).map(Some).map_err(|e| Error::Hub(format!("{repo}: downloading {f}: {e}")))
+            }
+            _ => Ok(None),
+        }
+    };
+    let config = get("config.json")?;
+    let mut weight = None;
+    for w in weights {
+        if let Some(p) = get(w)? {
+            weight = Some(p);
+            break;
+        }
+    }
+    match (config, weight) {
+        (Some(c), Some(_)) => c.parent().map(Path::to_path_buf).ok_or_else(|| Error::Hub(format!("{repo}: no snapshot folder"))),
+        _ => Err(Error::Hub(format!(
+            "controlnet {repo:?} is not in the HF cache with config.json and {} ({}); download it with a network{}",
+            weights[0],
+            if offline { "HF_HUB_OFFLINE is set" } else { "the hub could not be reached or has no such files" },
+            if offline { " (unset HF_HUB_OFFLINE)" } else { "" }
+        ))),
+    }
+}
