@@ -12,6 +12,7 @@ pub mod embedding;
 pub mod img2img;
 pub mod model;
 pub mod pipeline;
+pub mod preprocessor;
 pub mod prompt;
 pub mod prompt_schedule;
 pub mod schedulers;
