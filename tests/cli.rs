@@ -866,3 +866,68 @@ fn resize_modes_from_the_command_line() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("resize mode \"squash\""), "{e}");
 }
+
+/// ControlNet from the command line: the canny preprocessor gives the same image as OpenCV's
+/// own edge map given with preprocessor none (both fitted by crop and resize); the control
+/// changes the image; the PNG names the unit as sd-webui-controlnet does, and its record makes
+/// the same image again through a manifest run from another folder.
+#[test]
+fn controlnet_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tiny = fixture("tiny2");
+    let (model, cn) = (tiny.join("pipeline"), tiny.join("controlnet"));
+    let canny_dir = root.join("tests/fixtures/canny");
+    let run = |name: &str, extra: &[&str]| -> (Vec<u8>, String, std::path::PathBuf) {
+        let o = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a red house", "--steps", "4", "--sampler", "euler", "--seed", "9"])
+            .args(["--width", "48", "--height", "32", "--out"])
+            .arg(tmp.path().join(name))
+            .args(extra)
+            .output()
+            .unwrap();
+        let (pixels, text) = first_image(&o);
+        (pixels, text, std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap()))
+    };
+    let shapes = canny_dir.join("shapes.png");
+    let edges = canny_dir.join("shapes_50.7_80.2.png");
+    let (canny, text, path) = run(
+        "canny",
+        &["--controlnet", cn.to_str().unwrap(), "--control-image", shapes.to_str().unwrap(), "--control-preprocessor", "canny", "--control-threshold-a", "50.7", "--control-threshold-b", "80.2", "--control-weight", "1.5", "--control-end", "0.75"],
+    );
+    let (given, _, _) = run("given", &["--controlnet", cn.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-weight", "1.5", "--control-end", "0.75"]);
+    let (plain, _, _) = run("plain", &[]);
+    assert!(canny == given, "the canny preprocessor's map is not OpenCV's");
+    assert!(canny != plain, "the ControlNet changed nothing");
+    assert!(
+        text.contains("ControlNet 0: \"Module: canny, Model: controlnet [") && text.contains("Weight: 1.5, Resize Mode: Crop and Resize, Threshold A: 50.7, Threshold B: 80.2, Guidance Start: 0, Guidance End: 0.75"),
+        "{text}"
+    );
+    // Two units add up; a unit's flags take one value for all or one each.
+    let (two, _, _) = run("two", &["--controlnet", cn.to_str().unwrap(), "--controlnet", cn.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-weight", "0.75"]);
+    let (one, _, _) = run("one", &["--controlnet", cn.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-weight", "1.5", "--control-end", "1"]);
+    let differ = two.iter().zip(&one).filter(|(a, b)| a.abs_diff(**b) > 1).count();
+    assert_eq!(differ, 0, "two units at 0.75 are not one at 1.5");
+    // The record restores the unit, from another folder.
+    let (_, rec) = loramix::studio::settings_from_png(&path).unwrap();
+    let settings = rec.unwrap().settings;
+    assert_eq!(settings.controlnet.len(), 1);
+    let manifest = tmp.path().join("cn.jsonl");
+    std::fs::write(&manifest, loramix::studio::manifest_line(&settings, Some(1)).unwrap() + "\n").unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let o = loramix().current_dir(&elsewhere).args(["batch", "run"]).arg(&manifest).args(["--out", "again"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let again = std::fs::read_dir(elsewhere.join("again")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
+    assert!(image::open(&again).unwrap().to_rgb8().into_raw() == canny, "the record does not make the image again");
+    // Errors name the flag or the unit.
+    let err = |extra: &[&str]| {
+        let o = loramix().env_remove("RUST_BACKTRACE").args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "2", "--out"]).arg(tmp.path().join("err")).args(extra).output().unwrap();
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    assert!(err(&["--control-image", "a.png"]).contains("--control-image needs --controlnet MODEL"));
+    assert!(err(&["--controlnet", cn.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-preprocessor", "depth"]).contains("expected none, canny or invert"));
+    let e = err(&["--controlnet", model.join("unet").to_str().unwrap(), "--control-image", edges.to_str().unwrap()]);
+    assert!(e.contains("controlnet unit 0") && e.contains("not a ControlNet config"), "{e}");
+}

@@ -287,6 +287,102 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     Ok(s)
 }
 
+/// One `alwayson_scripts.controlnet.args` entry as sd-webui-controlnet's API takes it: the unit
+/// (its model as named, not yet a file) and its base64 image (`None`: img2img's init image).
+#[derive(Debug, Clone)]
+pub struct ApiControlUnit {
+    pub setting: crate::studio::ControlNetSetting,
+    pub image: Option<String>,
+}
+
+/// The enabled ControlNet units of a request.
+pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, FieldError> {
+    let Some((key, script)) = req.alwayson_scripts.iter().find(|(k, _)| k.eq_ignore_ascii_case("controlnet")) else {
+        return Ok(vec![]);
+    };
+    let at = |i: Option<usize>, field: &str| {
+        let mut loc = vec!["body".to_string(), "alwayson_scripts".into(), key.clone(), "args".into()];
+        if let Some(i) = i {
+            loc.push(i.to_string());
+        }
+        if !field.is_empty() {
+            loc.push(field.into());
+        }
+        loc
+    };
+    let args = match script.get("args") {
+        None | Some(Value::Null) => return Ok(vec![]),
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(FieldError { loc: at(None, ""), msg: "expected a list of ControlNet units".into() }),
+    };
+    let mut out = vec![];
+    for (i, u) in args.iter().enumerate() {
+        let err = |field: &str, msg: String| FieldError { loc: at(Some(i), field), msg };
+        let Some(o) = u.as_object() else {
+            return Err(err("", "expected a ControlNet unit (an object)".into()));
+        };
+        if o.get("enabled").and_then(Value::as_bool) == Some(false) {
+            continue;
+        }
+        let num = |field: &str| -> Result<Option<f64>, FieldError> {
+            match o.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| err(field, format!("{v}: expected a number"))),
+            }
+        };
+        let text = |field: &str| o.get(field).and_then(Value::as_str).map(str::to_string);
+        let model = text("model").filter(|m| !m.is_empty() && m != "None").ok_or_else(|| err("model", "expected a ControlNet model name (see /controlnet/model_list)".into()))?;
+        let module = text("module").or_else(|| text("preprocessor")).unwrap_or_else(|| "none".into());
+        // Negative thresholds are the extension's "the module's default".
+        let threshold = |field: &str| num(field).map(|v| v.filter(|&x| x >= 0.0));
+        let (threshold_a, threshold_b) = (threshold("threshold_a")?, threshold("threshold_b")?);
+        crate::sdxl::preprocessor::Preprocessor::parse(&module, threshold_a, threshold_b).map_err(|e| err("module", e.to_string()))?;
+        let resize_mode = match o.get("resize_mode") {
+            None | Some(Value::Null) => crate::sdxl::img2img::ResizeMode::CropAndResize,
+            Some(Value::Number(n)) => n.as_u64().and_then(crate::sdxl::img2img::ResizeMode::from_a1111_index).ok_or_else(|| err("resize_mode", format!("{n}: expected 0, 1 or 2")))?,
+            Some(Value::String(m)) => match m.to_ascii_lowercase().as_str() {
+                "just resize" | "envelope (outer fit)" => crate::sdxl::img2img::ResizeMode::JustResize,
+                "crop and resize" | "scale to fit (inner fit)" | "inner fit" => crate::sdxl::img2img::ResizeMode::CropAndResize,
+                "resize and fill" | "outer fit" => crate::sdxl::img2img::ResizeMode::ResizeAndFill,
+                other => other.parse().map_err(|_| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
+            },
+            Some(v) => return Err(err("resize_mode", format!("{v}: expected a resize mode"))),
+        };
+        match o.get("control_mode") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) if n.as_u64() == Some(0) => {}
+            Some(Value::String(m)) if m == "Balanced" => {}
+            Some(v) => return Err(err("control_mode", format!("{v}: only Balanced (0) is supported"))),
+        }
+        if o.get("guessmode").and_then(Value::as_bool) == Some(true) {
+            return Err(err("guessmode", "guess mode is not supported".into()));
+        }
+        let image = match o.get("image").or_else(|| o.get("input_image")) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(b)) if b.is_empty() => None,
+            Some(Value::String(b)) => Some(b.clone()),
+            Some(Value::Object(m)) => m.get("image").and_then(Value::as_str).map(str::to_string),
+            Some(v) => return Err(err("image", format!("{}: expected a base64 image", v.to_string().chars().take(40).collect::<String>()))),
+        };
+        let setting = crate::studio::ControlNetSetting {
+            model,
+            image: String::new(),
+            module,
+            weight: num("weight")?.unwrap_or(1.0),
+            guidance_start: num("guidance_start")?.unwrap_or(0.0),
+            guidance_end: num("guidance_end")?.unwrap_or(1.0),
+            resize_mode,
+            threshold_a,
+            threshold_b,
+        };
+        if !(0.0..=1.0).contains(&setting.guidance_start) || !(0.0..=1.0).contains(&setting.guidance_end) || setting.guidance_start > setting.guidance_end {
+            return Err(err("guidance_start", format!("{} to {}: expected 0 ≤ start ≤ end ≤ 1", setting.guidance_start, setting.guidance_end)));
+        }
+        out.push(ApiControlUnit { setting, image });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -362,7 +362,118 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
     let req: GenerationRequest = with_options(&state, parse_body(&body)?);
     let mut settings = a1111::to_settings(&req, &current_model(&state), state.config.library.as_deref(), None)?;
     finish_settings(&state, &req, &mut settings)?;
+    let dir = JobFiles::new()?;
+    settings.controlnet = controlnet_settings(&state, &req, &dir, None)?;
     generate(&state, req, settings).await
+}
+
+/// A folder for the images a request brings (init image, mask, control images), removed when
+/// the request is answered.
+struct JobFiles(PathBuf);
+
+impl JobFiles {
+    fn new() -> std::result::Result<Self, ApiError> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!("loramix-api-job-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        std::fs::create_dir_all(&dir).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(Self(dir))
+    }
+
+    /// A base64 image of field `field`, decoded and saved as `name`.
+    fn image(&self, name: &str, field: &str, text: &str) -> std::result::Result<(String, image::RgbImage), ApiError> {
+        let bytes = decode_image(field, text)?;
+        let img = image::load_from_memory(&bytes).map_err(|e| FieldError::new(field, format!("not an image: {e}")))?.to_rgb8();
+        let path = self.0.join(name);
+        img.save(&path).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok((path.to_string_lossy().into_owned(), img))
+    }
+}
+
+impl Drop for JobFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The request's ControlNet units: their images written to `files` (a unit without one takes
+/// img2img's init image, as the extension does) and their models found by name.
+fn controlnet_settings(state: &AppState, req: &GenerationRequest, files: &JobFiles, init: Option<&str>) -> std::result::Result<Vec<studio::ControlNetSetting>, ApiError> {
+    let units = a1111::controlnet_units(req)?;
+    let mut out = vec![];
+    for (i, u) in units.into_iter().enumerate() {
+        let field = format!("alwayson_scripts.controlnet.args.{i}");
+        let mut s = u.setting;
+        s.image = match (&u.image, init) {
+            (Some(b), _) => files.image(&format!("control{i}.png"), &format!("{field}.image"), b)?.0,
+            (None, Some(init)) => init.to_string(),
+            (None, None) => return Err(FieldError::new(&format!("{field}.image"), "expected a base64 control image").into()),
+        };
+        s.model = find_controlnet(state, &s.model).ok_or_else(|| FieldError::new(&format!("{field}.model"), format!("{:?}: not a model of /controlnet/model_list", s.model)))?;
+        out.push(s);
+    }
+    Ok(out)
+}
+
+/// Where ControlNets live: `--models-dir`'s `ControlNet/` (A1111's folder) and the library's
+/// `models/ControlNet/`. Each is a diffusers folder or a `.safetensors` file.
+fn controlnet_files(state: &AppState) -> Vec<PathBuf> {
+    let mut dirs = vec![];
+    if let Some(d) = &state.config.models_dir {
+        dirs.push(d.join("ControlNet"));
+    }
+    if let Some(r) = library_root(state) {
+        dirs.push(r.join("models").join("ControlNet"));
+    }
+    let mut out = vec![];
+    for d in dirs {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            let mut found: Vec<PathBuf> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.join("config.json").exists() || p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            found.sort();
+            out.extend(found);
+        }
+    }
+    out
+}
+
+/// A unit's `model`: a path, a hub repo id, or a name from `model_list` (with or without its
+/// ` [hash]`).
+fn find_controlnet(state: &AppState, name: &str) -> Option<String> {
+    if Path::new(name).exists() {
+        return Some(name.to_string());
+    }
+    let bare = match name.rsplit_once(" [") {
+        Some((n, h)) if h.ends_with(']') => n,
+        _ => name,
+    };
+    let found = controlnet_files(state).into_iter().find(|p| {
+        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        let file = p.file_name().and_then(|s| s.to_str()).unwrap_or("");
+        stem == bare || file == bare
+    });
+    match found {
+        Some(p) => Some(p.to_string_lossy().into_owned()),
+        None if crate::hub::is_repo_id(name) => Some(name.to_string()),
+        None => None,
+    }
+}
+
+/// sd-webui-controlnet's `/controlnet/model_list`: `name [hash]` as its infotext writes them.
+async fn controlnet_model_list(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let names: Vec<String> = controlnet_files(&state).iter().map(|p| studio::a1111_controlnet_name(&p.to_string_lossy())).collect();
+    Json(json!({"model_list": names}))
+}
+
+/// `/controlnet/module_list`: the preprocessors this build has.
+async fn controlnet_module_list() -> Json<Value> {
+    Json(json!({"module_list": ["none", "canny", "invert (from white bg & black line)"]}))
+}
+
+/// `/controlnet/version`: clients check it before sending units.
+async fn controlnet_version() -> Json<Value> {
+    Json(json!({"version": 2}))
 }
 
 /// The server's options (`POST options`) under the request's own `override_settings`.
@@ -403,22 +514,19 @@ fn finish_settings(state: &AppState, req: &GenerationRequest, settings: &mut Set
 async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: GenerationRequest = parse_body(&body)?;
     let first = req.init_images.first().ok_or_else(|| FieldError::new("init_images", "expected at least one base64 image"))?;
-    static N: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!("loramix-api-init-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
-    std::fs::create_dir_all(&dir).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let write = |name: &str, field: &str, text: &str| -> std::result::Result<String, ApiError> {
-        let bytes = decode_image(field, text)?;
-        let img = image::load_from_memory(&bytes).map_err(|e| FieldError::new(field, format!("not an image: {e}")))?;
-        let path = dir.join(name);
-        let mut img = img.to_rgb8();
-        if field == "mask" && req.inpainting_mask_invert == 1 {
-            image::imageops::invert(&mut img);
+    let files = JobFiles::new()?;
+    let init = files.image("init.png", "init_images", first)?.0;
+    let mask = match req.mask.as_deref() {
+        Some(m) => {
+            let (path, mut img) = files.image("mask.png", "mask", m)?;
+            if req.inpainting_mask_invert == 1 {
+                image::imageops::invert(&mut img);
+                img.save(&path).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            }
+            Some(path)
         }
-        img.save(&path).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        Ok(path.to_string_lossy().into_owned())
+        None => None,
     };
-    let init = write("init.png", "init_images", first)?;
-    let mask = req.mask.as_deref().map(|m| write("mask.png", "mask", m)).transpose()?;
     // A1111 resizes a mask of another size to the init image's.
     if let Some(m) = &mask {
         let size = |p: &str| image::image_dimensions(p).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
@@ -436,14 +544,13 @@ async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
         r.width = None;
     }
     let r = with_options(&state, r);
-    let mut settings = a1111::to_settings(&r, &current_model(&state), state.config.library.as_deref(), Some((init, mask)))?;
+    let mut settings = a1111::to_settings(&r, &current_model(&state), state.config.library.as_deref(), Some((init.clone(), mask)))?;
     finish_settings(&state, &r, &mut settings)?;
+    settings.controlnet = controlnet_settings(&state, &r, &files, Some(&init))?;
     if body_lacks(&body, "width") && body_lacks(&body, "height") {
         (settings.width, settings.height) = (0, 0);
     }
-    let out = generate(&state, req, settings).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    out
+    generate(&state, req, settings).await
 }
 
 fn body_lacks(body: &Bytes, field: &str) -> bool {
@@ -813,6 +920,9 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/skip", post(skip))
         .route("/sdapi/v1/png-info", post(png_info))
+        .route("/controlnet/model_list", get(controlnet_model_list))
+        .route("/controlnet/module_list", get(controlnet_module_list))
+        .route("/controlnet/version", get(controlnet_version))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_auth))
         .layer(DefaultBodyLimit::max(config.body_limit))

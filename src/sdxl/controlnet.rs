@@ -75,7 +75,13 @@ pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DT
         if !cfg_path.is_file() {
             return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel layout)"));
         }
-        let cfg = ControlNetConfig::from_json(read_json(&cfg_path)?).map_err(|m| Error::model(&cfg_path, m))?;
+        let json = read_json(&cfg_path)?;
+        let class = json.get("_class_name").and_then(|c| c.as_str());
+        let controlnet_keys = json.get("controlnet_conditioning_channel_order").is_some() || json.get("conditioning_embedding_out_channels").is_some();
+        if !(class == Some("ControlNetModel") || class.is_none() && controlnet_keys) {
+            return Err(Error::model(&cfg_path, format!("not a ControlNet config (_class_name {}): expected diffusers' ControlNetModel", class.unwrap_or("absent"))));
+        }
+        let cfg = ControlNetConfig::from_json(json).map_err(|m| Error::model(&cfg_path, m))?;
         (cfg, WeightSource::from_files(&component_weights(p)?)?)
     } else if p.is_file() {
         let file = SafetensorsFile::open(p)?;
@@ -89,7 +95,11 @@ pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DT
     };
     check_fits(&config, base).map_err(|m| Error::model(p, m))?;
     let label = ws.label().to_string();
-    ControlNetModel::new(ws.into_var_builder(dtype, device), &config).map_err(|e| Error::model(PathBuf::from(label), e.to_string()))
+    ControlNetModel::new(ws.into_var_builder(dtype, device), &config).map_err(|e| {
+        // The weights' errors name their file already.
+        let m = e.to_string();
+        if m.contains(&label) { Error::Argument(m) } else { Error::model(PathBuf::from(label), m) }
+    })
 }
 
 /// A ControlNet must make the UNet's skip connections, one for one.

@@ -93,6 +93,7 @@ fn known_keys() -> Vec<String> {
         init: Some(Default::default()),
         styles: vec!["x".into()],
         embeddings: vec!["x".into()],
+        controlnet: vec![Default::default()],
         encode_empty_negative: true,
         dtype: "x".into(),
         klora_mode: Some("x".into()),

@@ -176,6 +176,8 @@ pub struct Studio {
     load: LoadOptions,
     /// What mixes compute once, shared between the jobs of a batch (see [`MixSharing`]).
     shared: Mutex<SharedMix>,
+    /// ControlNets loaded for earlier jobs.
+    controlnets: super::ControlNets,
 }
 
 /// Mix computations kept between the jobs of a batch, all exact (the same inputs give the same
@@ -205,7 +207,7 @@ impl Studio {
     }
 
     pub fn with_load_options(load: LoadOptions) -> Self {
-        Self { loaded: Mutex::default(), load: LoadOptions { vae: None, ..load }, shared: Mutex::default() }
+        Self { loaded: Mutex::default(), load: LoadOptions { vae: None, ..load }, shared: Mutex::default(), controlnets: Default::default() }
     }
 
     /// Batch-aware mixing: with `on`, jobs reuse the weight statistics of an earlier mix of the
@@ -388,6 +390,7 @@ impl Studio {
         let (pipe, preview) = self.pipeline(&settings.model, &settings.vae, &settings.dtype, library, on_event)?;
         let targets = AdapterTargets::of_pipeline(&pipe);
         let embeddings = super::job_embeddings(&settings.model, library, &settings.embeddings)?;
+        let control = super::control_units(&settings.controlnet, &pipe, &self.controlnets)?;
         let hires_model = match settings.hires.as_ref().filter(|_| settings.init.is_none()) {
             Some(hr) => super::hires_upscaler_model(hr, library, &pipe.device)?,
             None => None,
@@ -535,7 +538,7 @@ impl Studio {
                 seamless: settings.seamless()?,
                 seed_resize_from: settings.seed_resize_from(),
                 eta_noise_seed_delta: settings.eta_noise_seed_delta,
-                control: Vec::new(),
+                control: control.clone(),
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

@@ -14,6 +14,29 @@ use crate::sdxl::schedulers::{SamplerKind, Schedule};
 /// The PNG text chunk that holds our full settings as JSON.
 pub const JSON_CHUNK: &str = "loramix";
 
+/// One unit as sd-webui-controlnet writes it (`ControlNet 0: "Module: canny, Model: …"`). The
+/// preprocessor runs on the control image at its own size, so no "Processor Res" is written;
+/// the control image itself is in our JSON record, not in this text.
+fn controlnet_unit_text(c: &super::ControlNetSetting) -> String {
+    let resize = match c.resize_mode {
+        crate::sdxl::img2img::ResizeMode::JustResize => "Just Resize",
+        crate::sdxl::img2img::ResizeMode::CropAndResize => "Crop and Resize",
+        crate::sdxl::img2img::ResizeMode::ResizeAndFill => "Resize and Fill",
+    };
+    let module = crate::sdxl::preprocessor::Preprocessor::parse(&c.module, c.threshold_a, c.threshold_b);
+    let mut t = format!(
+        "Module: {}, Model: {}, Weight: {}, Resize Mode: {resize}",
+        module.as_ref().map_or(c.module.as_str(), |m| m.a1111_name()),
+        super::control::a1111_model_name(&c.model),
+        c.weight
+    );
+    if let Ok(crate::sdxl::preprocessor::Preprocessor::Canny { low, high }) = module {
+        t.push_str(&format!(", Threshold A: {low}, Threshold B: {high}"));
+    }
+    t.push_str(&format!(", Guidance Start: {}, Guidance End: {}, Pixel Perfect: False, Control Mode: Balanced", c.guidance_start, c.guidance_end));
+    t
+}
+
 /// The A1111 `parameters` text: prompt (with `<lora:NAME:w>` tags), negative prompt, settings
 /// line with `Lora hashes`.
 pub fn parameters_text(r: &ImageRecord) -> String {
@@ -135,6 +158,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     }
     if !s.styles.is_empty() {
         text.push_str(&format!(", Styles array: {}", quote(&serde_json::to_string(&s.styles).unwrap_or_default())));
+    }
+    for (i, c) in s.controlnet.iter().enumerate() {
+        text.push_str(&format!(", ControlNet {i}: {}", quote(&controlnet_unit_text(c))));
     }
     text.push_str(&format!(", Version: loramix {}", env!("CARGO_PKG_VERSION")));
     text

@@ -126,6 +126,50 @@ pub struct Settings {
     /// Textual-inversion embedding files or folders beside the model's and the library's.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub embeddings: Vec<String>,
+    /// ControlNet units (sd-webui-controlnet's); their residuals add up.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub controlnet: Vec<ControlNetSetting>,
+}
+
+/// One ControlNet unit, with sd-webui-controlnet's names. A misspelt field is an error, not a
+/// default silently used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlNetSetting {
+    /// A diffusers ControlNet folder, one `.safetensors` in diffusers names, or a hub repo id.
+    pub model: String,
+    /// The picture the preprocessor reads (or the control map itself, with `none`).
+    pub image: String,
+    /// The preprocessor ("Module"): none | canny | invert.
+    pub module: String,
+    /// "Control Weight" (diffusers' `controlnet_conditioning_scale`).
+    pub weight: f64,
+    /// "Starting / Ending Control Step", fractions of the steps.
+    pub guidance_start: f64,
+    pub guidance_end: f64,
+    /// How the map fits the image's size; sd-webui-controlnet's default is crop and resize.
+    pub resize_mode: ResizeMode,
+    /// The preprocessor's "Threshold A / B" (canny: low and high; `None`: 100 and 200).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_a: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold_b: Option<f64>,
+}
+
+impl Default for ControlNetSetting {
+    fn default() -> Self {
+        Self {
+            model: String::new(),
+            image: String::new(),
+            module: "none".into(),
+            weight: 1.0,
+            guidance_start: 0.0,
+            guidance_end: 1.0,
+            resize_mode: ResizeMode::CropAndResize,
+            threshold_a: None,
+            threshold_b: None,
+        }
+    }
 }
 
 /// Hires fix, with A1111's names (`Hires upscale`, `Hires upscaler`, `Hires steps`,
@@ -239,6 +283,7 @@ impl Default for Settings {
             hires: None,
             styles: vec![],
             embeddings: vec![],
+            controlnet: vec![],
         }
     }
 }
@@ -439,6 +484,10 @@ impl Settings {
         }
         for e in &mut s.embeddings {
             *e = recorded_path(e);
+        }
+        for c in &mut s.controlnet {
+            c.model = recorded_path(&c.model);
+            c.image = recorded_path(&c.image);
         }
         if let Some(i) = &mut s.init {
             i.image = recorded_path(&i.image);

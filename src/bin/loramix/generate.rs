@@ -2,7 +2,7 @@
 //! carry A1111's parameters and our settings.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -140,6 +140,38 @@ pub struct GenerateArgs {
     /// inside, stretch the edges over the rest).
     #[arg(long, default_value = "just_resize")]
     resize_mode: String,
+    /// A ControlNet (one unit each; repeatable, their guidance adds up): a diffusers folder, one
+    /// .safetensors in diffusers names (config read from its tensors), or a hub repo id.
+    #[arg(long = "controlnet", value_name = "MODEL")]
+    controlnets: Vec<String>,
+    /// The picture each --controlnet reads (the control map itself with preprocessor none).
+    /// This and the other --control-* flags take one value for every unit, or one per unit in
+    /// the order of --controlnet.
+    #[arg(long = "control-image", value_name = "PATH")]
+    control_images: Vec<String>,
+    /// The preprocessor (A1111's "Module"): none | canny (OpenCV's) | invert (dark lines on a
+    /// light background to the light-on-dark maps line-art ControlNets take).
+    #[arg(long = "control-preprocessor", value_name = "NAME")]
+    control_preprocessors: Vec<String>,
+    /// Control weight (diffusers' controlnet_conditioning_scale); default 1.
+    #[arg(long = "control-weight", value_name = "W")]
+    control_weights: Vec<f64>,
+    /// The fraction of the steps where a unit starts acting (A1111's "Starting Control Step"); default 0.
+    #[arg(long = "control-start", value_name = "F")]
+    control_starts: Vec<f64>,
+    /// The fraction of the steps where it stops (A1111's "Ending Control Step"); default 1.
+    #[arg(long = "control-end", value_name = "F")]
+    control_ends: Vec<f64>,
+    /// How a control image of another shape fits the image: crop_and_resize (the default, as
+    /// sd-webui-controlnet), just_resize or resize_and_fill.
+    #[arg(long = "control-resize-mode", value_name = "MODE")]
+    control_resize_modes: Vec<String>,
+    /// The preprocessor's first threshold (canny: low, default 100).
+    #[arg(long = "control-threshold-a", value_name = "X")]
+    control_thresholds_a: Vec<f64>,
+    /// The preprocessor's second threshold (canny: high, default 200).
+    #[arg(long = "control-threshold-b", value_name = "X")]
+    control_thresholds_b: Vec<f64>,
     /// Outpainting: grow the canvas by N pixels on every side, or L,T,R,B, and repaint the border.
     #[arg(long)]
     outpaint: Option<String>,
@@ -225,6 +257,63 @@ pub struct GenerateArgs {
     est_preview_size: Option<String>,
 }
 
+/// The ControlNet units of the flags, checked before the model loads.
+pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSetting>> {
+    let n = a.controlnets.len();
+    fn pick<T: Clone>(flag: &str, v: &[T], n: usize, i: usize) -> Result<Option<T>> {
+        match v.len() {
+            0 => Ok(None),
+            1 => Ok(Some(v[0].clone())),
+            k if k == n => Ok(Some(v[i].clone())),
+            k => anyhow::bail!("{flag} is given {k} times for {n} --controlnet units: give it once (for all) or once per unit"),
+        }
+    }
+    if n == 0 {
+        let given = [
+            ("--control-image", a.control_images.len()),
+            ("--control-preprocessor", a.control_preprocessors.len()),
+            ("--control-weight", a.control_weights.len()),
+            ("--control-start", a.control_starts.len()),
+            ("--control-end", a.control_ends.len()),
+            ("--control-resize-mode", a.control_resize_modes.len()),
+            ("--control-threshold-a", a.control_thresholds_a.len()),
+            ("--control-threshold-b", a.control_thresholds_b.len()),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, k)| *k > 0) {
+            anyhow::bail!("{flag} needs --controlnet MODEL");
+        }
+        return Ok(vec![]);
+    }
+    (0..n)
+        .map(|i| {
+            let d = studio::ControlNetSetting::default();
+            let image = pick("--control-image", &a.control_images, n, i)?
+                .ok_or_else(|| anyhow::anyhow!("--controlnet {} needs --control-image PATH", a.controlnets[i]))?;
+            let resize_mode = match pick("--control-resize-mode", &a.control_resize_modes, n, i)? {
+                Some(m) => m.parse().with_context(|| format!("--control-resize-mode {m}"))?,
+                None => d.resize_mode,
+            };
+            let module = pick("--control-preprocessor", &a.control_preprocessors, n, i)?.unwrap_or(d.module);
+            let (ta, tb) = (pick("--control-threshold-a", &a.control_thresholds_a, n, i)?, pick("--control-threshold-b", &a.control_thresholds_b, n, i)?);
+            loramix::sdxl::preprocessor::Preprocessor::parse(&module, ta, tb).with_context(|| format!("--control-preprocessor {module}"))?;
+            if !Path::new(&image).is_file() {
+                anyhow::bail!("--control-image {image}: no such file");
+            }
+            Ok(studio::ControlNetSetting {
+                model: a.controlnets[i].clone(),
+                image,
+                module,
+                weight: pick("--control-weight", &a.control_weights, n, i)?.unwrap_or(d.weight),
+                guidance_start: pick("--control-start", &a.control_starts, n, i)?.unwrap_or(d.guidance_start),
+                guidance_end: pick("--control-end", &a.control_ends, n, i)?.unwrap_or(d.guidance_end),
+                resize_mode,
+                threshold_a: ta,
+                threshold_b: tb,
+            })
+        })
+        .collect()
+}
+
 /// The img2img / inpainting part of the flags, checked before the model loads.
 fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
     let Some(image) = &a.init_image else {
@@ -289,6 +378,7 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
         loramix::sdxl::schedulers::resolve(s, schedule)?; // before the model loads
     }
     let init_settings = init_settings(a)?;
+    controlnet_settings(a)?;
     let hires = match a.hr_scale {
         None => None,
         Some(scale) => {
@@ -431,6 +521,11 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         Some(p) => (p.width, p.height),
         None => (a.width.unwrap_or(dw), a.height.unwrap_or(dh)),
     };
+    let control = studio::control_units(&controlnet_settings(&a)?, &pipe, &studio::ControlNets::default())?;
+    for c in &control {
+        let (w, h) = c.image.dimensions();
+        eprintln!("controlnet: {w}x{h} control map, weight {}, steps {}..{}", c.weight, c.start, c.end);
+    }
     let req = GenerateRequest {
         prompt: clean_prompt,
         negative_prompt: a.negative_prompt.clone(),
@@ -452,7 +547,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         seamless,
         seed_resize_from: a.seed_resize_from,
         eta_noise_seed_delta: a.eta_noise_seed_delta,
-        control: Vec::new(),
+        control,
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
@@ -821,6 +916,8 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         init,
         styles: a.styles.clone(),
         embeddings: a.embeddings.clone(),
+        // Checked in `run` before any model loads.
+        controlnet: controlnet_settings(a).unwrap_or_default(),
     }
 }
 

@@ -1,0 +1,90 @@
+//! A job's ControlNet units: models loaded once and kept, control images read and preprocessed,
+//! and the names A1111's infotext gives them.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use loramix_models::sdxl::ControlNetModel;
+
+use super::settings::ControlNetSetting;
+use crate::error::{Error, Result};
+use crate::sdxl::controlnet::{self, ControlUnit};
+use crate::sdxl::preprocessor::Preprocessor;
+use crate::SdxlPipeline;
+
+/// ControlNets loaded for earlier jobs, by what was asked for and the model they serve.
+#[derive(Default)]
+pub struct ControlNets {
+    loaded: Mutex<Vec<(String, Arc<ControlNetModel>)>>,
+}
+
+impl ControlNets {
+    fn get(&self, spec: &str, pipe: &SdxlPipeline) -> Result<Arc<ControlNetModel>> {
+        let key = format!("{spec}\u{0}{:?}\u{0}{:?}\u{0}{:?}", pipe.unet_config().block_out_channels, pipe.dtype, pipe.device.location());
+        let mut g = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, m)) = g.iter().find(|(k, _)| *k == key) {
+            return Ok(m.clone());
+        }
+        let m = Arc::new(controlnet::load(spec, pipe.unet_config(), &pipe.device, pipe.dtype)?);
+        // A few at most: each is the size of half a UNet.
+        if g.len() >= 4 {
+            g.remove(0);
+        }
+        g.push((key, m.clone()));
+        Ok(m)
+    }
+}
+
+/// The units of `settings` for `pipe`: every error names the unit and the file.
+pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache: &ControlNets) -> Result<Vec<ControlUnit>> {
+    settings
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let named = |e: Error| Error::Argument(format!("controlnet unit {i}: {e}"));
+            if s.model.is_empty() {
+                return Err(named(Error::Argument("no model: give a ControlNet folder, file or hub repo".into())));
+            }
+            if s.image.is_empty() {
+                return Err(named(Error::Argument("no control image".into())));
+            }
+            let pre = Preprocessor::parse(&s.module, s.threshold_a, s.threshold_b).map_err(named)?;
+            let img = image::open(&s.image)
+                .map_err(|e| named(Error::BadFile { path: s.image.clone().into(), message: format!("not a readable image: {e}") }))?
+                .to_rgb8();
+            let unit = ControlUnit {
+                model: cache.get(&s.model, pipe).map_err(named)?,
+                image: pre.apply(&img),
+                weight: s.weight,
+                start: s.guidance_start,
+                end: s.guidance_end,
+                resize_mode: s.resize_mode,
+            };
+            unit.validate().map_err(named)?;
+            Ok(unit)
+        })
+        .collect()
+}
+
+/// How sd-webui-controlnet names a model in infotext: the file's stem (a folder's name) and
+/// A1111's legacy model hash (sha256 of the 64 KiB at 1 MiB, 8 hex digits) of its weights.
+pub fn a1111_model_name(spec: &str) -> String {
+    let p = Path::new(spec);
+    let name = p.file_stem().and_then(|n| n.to_str()).unwrap_or(spec).to_string();
+    let weights = if p.is_dir() { crate::sdxl::model::component_weights(p).ok().and_then(|w| w.into_iter().next()) } else { Some(p.to_path_buf()) };
+    match weights.and_then(|w| legacy_hash(&w)) {
+        Some(h) => format!("{name} [{h}]"),
+        None => name,
+    }
+}
+
+fn legacy_hash(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).ok()?;
+    f.seek(SeekFrom::Start(0x100000)).ok()?;
+    let mut buf = Vec::with_capacity(0x10000);
+    f.take(0x10000).read_to_end(&mut buf).ok()?;
+    let h = sha2::Sha256::digest(&buf);
+    Some(crate::lora::network::hex(&h)[..8].to_string())
+}
