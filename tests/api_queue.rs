@@ -216,3 +216,92 @@ fn skip_ends_one_batch_and_the_job_goes_on() {
         assert!(!skip.load(Ordering::SeqCst), "the flag is taken");
     }
 }
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// sd-webui-controlnet's API: `/controlnet/model_list` names the models in `--models-dir`'s
+/// `ControlNet/`, a txt2img request's `alwayson_scripts.controlnet.args` unit (model by that
+/// name, base64 image, canny with its thresholds) makes the image the same settings make in the
+/// studio, the infotext names the unit, and a bad unit is a 422 naming its field.
+#[test]
+fn controlnet_units_through_the_api() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    copy_dir(&fixture("tiny2").join("controlnet"), &models.join("ControlNet").join("edges-xl"));
+    let model = fixture("tiny2").join("pipeline").to_string_lossy().into_owned();
+    let config = ApiConfig { port: 0, model: model.clone(), models_dir: Some(models.clone()), library: Some(tmp.path().join("lib")), out: tmp.path().join("out"), ..Default::default() };
+    let studio = Arc::new(Studio::new());
+    let dispatch: Dispatch = Arc::new(|job| {
+        std::thread::spawn(job);
+        true
+    });
+    let worker = Arc::new(Worker::start_on(studio.clone(), config.library.clone(), config.out.clone(), dispatch));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(loramix::api::bind(&config)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(loramix::api::serve_on(listener, config, worker, std::future::pending()));
+
+    let (code, body) = get(port, "/controlnet/model_list");
+    assert_eq!(code, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let name = list["model_list"][0].as_str().unwrap().to_string();
+    assert!(name.starts_with("edges-xl [") && name.len() == "edges-xl [12345678]".len(), "{name}");
+    let shapes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/canny/shapes.png");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&shapes).unwrap());
+    let unit = serde_json::json!({"enabled": true, "module": "canny", "model": name, "image": b64, "weight": 1.5, "threshold_a": 50.7, "threshold_b": 80.2,
+        "guidance_start": 0.0, "guidance_end": 0.75, "resize_mode": "Crop and Resize", "control_mode": "Balanced", "pixel_perfect": false, "processor_res": 512});
+    let request = |unit: serde_json::Value| {
+        serde_json::json!({"prompt": "a red house", "steps": 4, "sampler_name": "Euler", "seed": 9, "width": 48, "height": 32, "cfg_scale": 5,
+            "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": false, "model": "absent"}]}}})
+        .to_string()
+    };
+    let (code, body) = post(port, "/sdapi/v1/txt2img", &request(unit.clone()));
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let info: serde_json::Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    let text = info["infotexts"][0].as_str().unwrap();
+    assert!(text.contains(&format!("ControlNet 0: \"Module: canny, Model: {name}, Weight: 1.5")), "{text}");
+    let png = base64::engine::general_purpose::STANDARD.decode(v["images"][0].as_str().unwrap()).unwrap();
+    let api_pixels = image::load_from_memory(&png).unwrap().to_rgb8().into_raw();
+    // The same job given to the studio directly.
+    let settings = loramix::studio::Settings {
+        model,
+        prompt: "a red house".into(),
+        steps: 4,
+        sampler: "euler".into(),
+        seed: Some(9),
+        width: 48,
+        height: 32,
+        cfg: 5.0,
+        batch_seeds: loramix::rng::BatchSeeds::PerImage,
+        controlnet: vec![loramix::studio::ControlNetSetting {
+            model: models.join("ControlNet/edges-xl").to_string_lossy().into_owned(),
+            image: shapes.to_string_lossy().into_owned(),
+            module: "canny".into(),
+            weight: 1.5,
+            guidance_end: 0.75,
+            threshold_a: Some(50.7),
+            threshold_b: Some(80.2),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let out = studio.generate(&settings, None, &tmp.path().join("direct"), &std::sync::atomic::AtomicBool::new(false), &mut |_| {}, &mut |_| {}).unwrap();
+    assert!(image::open(&out[0]).unwrap().to_rgb8().into_raw() == api_pixels, "the API's unit is not the studio's");
+    // Bad units name their field.
+    for (field, bad) in [("module", serde_json::json!({"module": "depth_zoe"})), ("model", serde_json::json!({"model": "nope [00000000]"})), ("control_mode", serde_json::json!({"control_mode": "ControlNet is more important"}))] {
+        let mut u = unit.clone();
+        u.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        let (code, body) = post(port, "/sdapi/v1/txt2img", &request(u));
+        assert_eq!(code, 422, "{field}: {body}");
+        assert!(body.contains(field), "{field}: {body}");
+    }
+}
