@@ -26,6 +26,29 @@ export function defaultInit(image: string): InitSettings {
   return { image, strength: 0.75, mask: null, mask_blur: 4, masked_content: "original", inpaint_area: "whole_picture", padding: 32, resize_mode: "just_resize" };
 }
 
+/** One ControlNet unit with sd-webui-controlnet's names (src/studio/settings.rs ControlNetSetting). */
+export interface ControlNetSetting {
+  /** A diffusers ControlNet folder, one .safetensors in diffusers names, or a hub repo id. */
+  model: string;
+  /** The picture the preprocessor reads (the control map itself with "none"). */
+  image: string;
+  /** The preprocessor ("Module"). */
+  module: "none" | "canny" | "invert";
+  /** "Control Weight". */
+  weight: number;
+  /** "Starting / Ending Control Step", fractions of the steps. */
+  guidance_start: number;
+  guidance_end: number;
+  resize_mode: "just_resize" | "crop_and_resize" | "resize_and_fill";
+  /** canny: low and high thresholds; null = 100 and 200. */
+  threshold_a?: number | null;
+  threshold_b?: number | null;
+}
+
+export function defaultControlUnit(): ControlNetSetting {
+  return { model: "", image: "", module: "none", weight: 1, guidance_start: 0, guidance_end: 1, resize_mode: "crop_and_resize", threshold_a: null, threshold_b: null };
+}
+
 export interface Settings {
   model: string;
   prompt: string;
@@ -70,6 +93,8 @@ export interface Settings {
   candidates: boolean;
   init?: InitSettings | null;
   hires?: HiresSettings | null;
+  /** ControlNet units; their guidance adds up. */
+  controlnet?: ControlNetSetting[];
 }
 
 /** A1111's hires fix (src/studio/settings.rs HiresSettings). */
