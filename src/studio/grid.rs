@@ -44,6 +44,12 @@ pub enum AxisKind {
     Checkpoint,
     Vae,
     Denoise,
+    /// sd-webui-controlnet's "[ControlNet] …" axes; each applies to every unit of the job.
+    ControlWeight,
+    ControlStart,
+    ControlEnd,
+    ControlModel,
+    ControlModule,
 }
 
 /// One axis: what it varies and its values as written.
@@ -83,9 +89,14 @@ impl AxisKind {
             "checkpoint" | "checkpoint name" | "model" => Self::Checkpoint,
             "vae" => Self::Vae,
             "denoise" | "denoising" | "denoising strength" => Self::Denoise,
+            "controlnet_weight" | "[controlnet] weight" | "control weight" => Self::ControlWeight,
+            "controlnet_start" | "[controlnet] guidance start" | "guidance start" => Self::ControlStart,
+            "controlnet_end" | "[controlnet] guidance end" | "guidance end" => Self::ControlEnd,
+            "controlnet_model" | "[controlnet] model" => Self::ControlModel,
+            "controlnet_module" | "[controlnet] preprocessor" | "[controlnet] module" => Self::ControlModule,
             _ => {
                 return Err(Error::Argument(format!(
-                    "grid axis {name:?}: expected seed, subseed, subseed_strength, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae or denoise"
+                    "grid axis {name:?}: expected seed, subseed, subseed_strength, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae, denoise, controlnet_weight, controlnet_start, controlnet_end, controlnet_model or controlnet_module"
                 )))
             }
         })
@@ -113,13 +124,18 @@ impl AxisKind {
             Self::Checkpoint => "Checkpoint".into(),
             Self::Vae => "VAE".into(),
             Self::Denoise => "Denoising strength".into(),
+            Self::ControlWeight => "[ControlNet] Weight".into(),
+            Self::ControlStart => "[ControlNet] Guidance Start".into(),
+            Self::ControlEnd => "[ControlNet] Guidance End".into(),
+            Self::ControlModel => "[ControlNet] Model".into(),
+            Self::ControlModule => "[ControlNet] Preprocessor".into(),
         }
     }
 
     fn numeric(&self) -> Option<bool> {
         match self {
             Self::Seed | Self::VarSeed | Self::Steps | Self::Width | Self::Height | Self::ClipSkip => Some(true),
-            Self::Cfg | Self::LoraWeight(_) | Self::Denoise | Self::VarStrength => Some(false),
+            Self::Cfg | Self::LoraWeight(_) | Self::Denoise | Self::VarStrength | Self::ControlWeight | Self::ControlStart | Self::ControlEnd => Some(false),
             _ => None,
         }
     }
@@ -304,6 +320,28 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                 (Some(i), _) => i.strength = d,
                 (None, Some(h)) => h.denoise = d,
                 _ => return Err(Error::Argument("grid axis Denoising strength: the job has neither an init image nor hires fix".into())),
+            }
+        }
+        AxisKind::ControlWeight | AxisKind::ControlStart | AxisKind::ControlEnd | AxisKind::ControlModel | AxisKind::ControlModule => {
+            if settings.controlnet.is_empty() {
+                return Err(Error::Argument(format!("grid axis {}: the job has no ControlNet unit (give one with --controlnet)", kind.label())));
+            }
+            let fraction = || float().ok().filter(|v| (0.0..=1.0).contains(v)).ok_or_else(|| bad("a number from 0 to 1"));
+            let v = value.trim();
+            for u in &mut settings.controlnet {
+                match kind {
+                    AxisKind::ControlWeight => u.weight = float()?,
+                    AxisKind::ControlStart => u.guidance_start = fraction()?,
+                    AxisKind::ControlEnd => u.guidance_end = fraction()?,
+                    AxisKind::ControlModel => u.model = v.to_string(),
+                    _ => {
+                        crate::sdxl::preprocessor::Preprocessor::parse(v, u.threshold_a, u.threshold_b)?;
+                        u.module = v.to_string();
+                    }
+                }
+                if u.guidance_start > u.guidance_end {
+                    return Err(bad(&format!("a step range with start ≤ end (the unit has {} to {})", u.guidance_start, u.guidance_end)));
+                }
             }
         }
     }
@@ -659,6 +697,24 @@ pub fn draw_grid(tiles: &[RgbImage], cols: usize, col_labels: &[String], row_lab
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ControlNet axes set every unit, check their ranges, and need a unit.
+    #[test]
+    fn controlnet_axes() {
+        let unit = super::super::ControlNetSetting { model: "cn".into(), image: "a.png".into(), ..Default::default() };
+        let mut s = Settings { controlnet: vec![unit.clone(), unit], ..Default::default() };
+        let axis: Axis = "[ControlNet] Weight=0.5,1.5".parse().unwrap();
+        assert_eq!(axis.kind, AxisKind::ControlWeight);
+        apply(&mut s, &axis.kind, "0.5", "").unwrap();
+        apply(&mut s, &AxisKind::ControlEnd, "0.6", "").unwrap();
+        apply(&mut s, &AxisKind::ControlModule, "canny", "").unwrap();
+        assert!(s.controlnet.iter().all(|u| u.weight == 0.5 && u.guidance_end == 0.6 && u.module == "canny"));
+        assert!(apply(&mut s, &AxisKind::ControlStart, "0.8", "").unwrap_err().to_string().contains("start ≤ end"));
+        assert!(apply(&mut s.clone(), &AxisKind::ControlEnd, "1.5", "").is_err());
+        assert!(apply(&mut s.clone(), &AxisKind::ControlModule, "depth", "").is_err());
+        let e = apply(&mut Settings::default(), &AxisKind::ControlWeight, "1", "").unwrap_err().to_string();
+        assert!(e.contains("no ControlNet unit"), "{e}");
+    }
 
     #[test]
     fn axes_parse_with_ranges_and_quotes() {

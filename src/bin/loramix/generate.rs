@@ -835,6 +835,7 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
     seamless_arg(a)?;
     let mut settings = settings_of(a, init, hires);
     settings.loras = lora_settings(a)?;
+    settings.controlnet = controlnet_settings(a)?;
     settings.seed = Some(a.seed.unwrap_or_else(studio::random_seed));
     settings.candidates = match a.candidates.as_deref() {
         None => false,
