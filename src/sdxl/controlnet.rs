@@ -82,10 +82,15 @@ pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DT
             return Err(Error::model(&cfg_path, format!("not a ControlNet config (_class_name {}): expected diffusers' ControlNetModel", class.unwrap_or("absent"))));
         }
         let cfg = ControlNetConfig::from_json(json).map_err(|m| Error::model(&cfg_path, m))?;
-        (cfg, WeightSource::from_files(&component_weights(p)?)?)
+        let files = component_weights(p)?;
+        for f in &files {
+            check_plain(&SafetensorsFile::open(f)?.names()).map_err(|m| Error::model(f, m))?;
+        }
+        (cfg, WeightSource::from_files(&files)?)
     } else if p.is_file() {
         let file = SafetensorsFile::open(p)?;
         let cfg = infer_config(&file, base).map_err(|m| Error::model(p, m))?;
+        check_plain(&file.names()).map_err(|m| Error::model(p, m))?;
         (cfg, WeightSource::from_files(&[p.to_path_buf()])?)
     } else if crate::hub::is_repo_id(spec) {
         let dir = fetch_hub_controlnet(spec)?;
@@ -100,6 +105,32 @@ pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DT
         let m = e.to_string();
         if m.contains(&label) { Error::Argument(m) } else { Error::model(PathBuf::from(label), m) }
     })
+}
+
+/// Every tensor must belong to a plain `ControlNetModel`: the weights are read by name, so a
+/// variant with more modules (ControlNet-Union / ControlNet++'s task embeddings, a ControlNet-XS)
+/// would otherwise load and run without them, giving wrong images without an error.
+fn check_plain(names: &[String]) -> std::result::Result<(), String> {
+    const MODULES: [&str; 8] = [
+        "conv_in.",
+        "time_embedding.",
+        "add_embedding.",
+        "down_blocks.",
+        "mid_block.",
+        "controlnet_cond_embedding.",
+        "controlnet_down_blocks.",
+        "controlnet_mid_block.",
+    ];
+    let mut other: Vec<&str> = names.iter().map(String::as_str).filter(|n| !MODULES.iter().any(|m| n.starts_with(m))).collect();
+    if other.is_empty() {
+        return Ok(());
+    }
+    other.sort();
+    Err(format!(
+        "tensors outside a plain ControlNetModel ({}{}): a ControlNet variant (Union / ControlNet++, XS) or another model, which is not supported",
+        other.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+        if other.len() > 3 { format!(" and {} more", other.len() - 3) } else { String::new() }
+    ))
 }
 
 /// A ControlNet must make the UNet's skip connections, one for one.
@@ -240,5 +271,20 @@ fn fetch_hub_controlnet(repo: &str) -> Result<PathBuf> {
             if offline { "HF_HUB_OFFLINE is set" } else { "the hub could not be reached or has no such files" },
             if offline { " (unset HF_HUB_OFFLINE)" } else { "" }
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_with_more_modules_are_refused() {
+        let plain: Vec<String> = ["conv_in.weight", "controlnet_mid_block.bias", "down_blocks.0.resnets.0.conv1.weight"].map(String::from).to_vec();
+        assert!(check_plain(&plain).is_ok());
+        let mut union = plain.clone();
+        union.extend(["task_embedding", "control_add_embedding.linear_1.weight", "spatial_ch_projs.weight", "transformer_layes.0.attn.in_proj_weight"].map(String::from));
+        let e = check_plain(&union).unwrap_err();
+        assert!(e.contains("control_add_embedding.linear_1.weight") && e.contains("and 1 more") && e.contains("not supported"), "{e}");
     }
 }
