@@ -580,8 +580,9 @@ fn seamless_tiling_equals_diffusers() {
 
 /// ControlNet: the model's residuals and the UNet with them added equal diffusers', for the
 /// folder and for its weights alone as one file (config inferred); generations with
-/// `StableDiffusionXLControlNetPipeline` (weight, guidance start/end, batch, no CFG) equal its
-/// latents. tools/parity/make_controlnet_fixtures.py.
+/// `StableDiffusionXLControlNetPipeline` (weight, guidance start/end, batch, no CFG, Heun, guess
+/// mode, a `global_pool_conditions` model) and its img2img pipeline equal their latents.
+/// tools/parity/make_controlnet_fixtures.py.
 #[test]
 fn controlnet_equals_diffusers() {
     use loramix::sdxl::controlnet::{self, ControlUnit};
@@ -599,7 +600,7 @@ fn controlnet_equals_diffusers() {
     let m = &gj["module"];
     let (t, scale) = (m["t"].as_f64().unwrap() as f32, m["scale"].as_f64().unwrap());
     for (what, model) in [("folder", &*folder), ("single file", &file)] {
-        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), &g["module.cond"], scale).unwrap();
+        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), &g["module.cond"], scale, false).unwrap();
         assert_eq!(r.down.len() as u64, m["down"].as_u64().unwrap());
         for (i, d) in r.down.iter().enumerate() {
             assert_close(&format!("controlnet {what} down {i}"), d, &g[&format!("module.down{i}")], 1e-4);
@@ -608,18 +609,42 @@ fn controlnet_equals_diffusers() {
         let out = pipe.unet().unwrap().forward_controlled(&g["module.sample"], t, &g["module.context"], Some(&added), Some(&r)).unwrap();
         assert_close(&format!("unet with {what} residuals"), &out, &g["module.unet"], 1e-4);
     }
+    // A `-mid` / `-small`-style file: a cross-attention level (and so the mid block) without a
+    // transformer block; its config is inferred.
+    let small = controlnet::load(dir.join("controlnet_small.safetensors").to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap();
+    assert_eq!(small.config().unet.transformer_layers().unwrap(), [1, 0]);
+    let r = small.forward(&g["module.sample"], t, &g["module.context"], Some(&added), &g["module.cond"], scale, false).unwrap();
+    for (i, d) in r.down.iter().enumerate() {
+        assert_close(&format!("controlnet small down {i}"), d, &g[&format!("small.down{i}")], 1e-4);
+    }
+    assert_close("controlnet small mid", &r.mid, &g["small.mid"], 1e-4);
+    // The same weights under a config that says `global_pool_conditions`.
+    let pooled_dir = std::env::temp_dir().join(format!("loramix-controlnet-pooled-{}", std::process::id()));
+    common::copy_dir(&dir.join("controlnet"), &pooled_dir);
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pooled_dir.join("config.json")).unwrap()).unwrap();
+    config["global_pool_conditions"] = true.into();
+    std::fs::write(pooled_dir.join("config.json"), config.to_string()).unwrap();
+    let pooled = std::sync::Arc::new(controlnet::load(pooled_dir.to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap());
+    std::fs::remove_dir_all(&pooled_dir).ok();
+    assert!(pooled.needs_guess_mode());
     for (key, case) in gj["pipeline"].as_object().unwrap() {
         let size = case["size"].as_array().unwrap();
         let (h, w) = (size[0].as_u64().unwrap() as usize, size[1].as_u64().unwrap() as usize);
         let mut req = request(case, None, (h, w));
         let image = image::open(dir.join(case["image"].as_str().unwrap())).unwrap().to_rgb8();
+        if let Some(strength) = case.get("strength").and_then(|s| s.as_f64()) {
+            let init = image::open(dir.join(case["init"].as_str().unwrap())).unwrap().to_rgb8();
+            req.init = Some(loramix::sdxl::img2img::InitImage { image: init, strength, mask: None, masked_content: Default::default(), latents: None });
+        }
+        let global_pool = case.get("global_pool").and_then(|v| v.as_bool()) == Some(true);
         req.control = vec![ControlUnit {
-            model: folder.clone(),
+            model: if global_pool { pooled.clone() } else { folder.clone() },
             image,
             weight: case["weight"].as_f64().unwrap(),
             start: case["start"].as_f64().unwrap(),
             end: case["end"].as_f64().unwrap(),
             resize_mode: loramix::sdxl::img2img::ResizeMode::CropAndResize,
+            guess_mode: case.get("guess_mode").and_then(|v| v.as_bool()) == Some(true),
         }];
         let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
         assert_close(&format!("controlnet {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);

@@ -378,6 +378,16 @@ pub fn set_seamless(model: &dyn Adaptable, s: Seamless) {
     }
 }
 
+/// Drops every product a model's cross-attentions keep between calls ([`ProductMemo`]), as at
+/// the end of a generation.
+pub fn forget_kept_products(model: &dyn Adaptable) {
+    for layer in model.adaptable_layers() {
+        if let Some(memo) = &layer.memo {
+            memo.clear();
+        }
+    }
+}
+
 /// Models and blocks list their adaptable layers in execution order.
 pub trait Adaptable {
     fn collect_adaptable(&self, out: &mut Vec<AdaptableLayer>);

@@ -291,6 +291,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
 /// (its model as named, not yet a file) and its base64 image (`None`: img2img's init image).
 #[derive(Debug, Clone)]
 pub struct ApiControlUnit {
+    /// Its place in `args` (disabled units count), for error locations.
+    pub index: usize,
     pub setting: crate::studio::ControlNetSetting,
     pub image: Option<String>,
 }
@@ -340,10 +342,11 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
         let resize_mode = match o.get("resize_mode") {
             None | Some(Value::Null) => crate::sdxl::img2img::ResizeMode::CropAndResize,
             Some(Value::Number(n)) => n.as_u64().and_then(crate::sdxl::img2img::ResizeMode::from_a1111_index).ok_or_else(|| err("resize_mode", format!("{n}: expected 0, 1 or 2")))?,
+            // The extension's names and its aliases from older versions.
             Some(Value::String(m)) => match m.to_ascii_lowercase().as_str() {
-                "just resize" | "envelope (outer fit)" => crate::sdxl::img2img::ResizeMode::JustResize,
-                "crop and resize" | "scale to fit (inner fit)" | "inner fit" => crate::sdxl::img2img::ResizeMode::CropAndResize,
-                "resize and fill" | "outer fit" => crate::sdxl::img2img::ResizeMode::ResizeAndFill,
+                "just resize" => crate::sdxl::img2img::ResizeMode::JustResize,
+                "crop and resize" | "scale to fit (inner fit)" | "inner fit (scale to fit)" | "inner fit" => crate::sdxl::img2img::ResizeMode::CropAndResize,
+                "resize and fill" | "envelope (outer fit)" | "outer fit (shrink to fit)" | "outer fit" => crate::sdxl::img2img::ResizeMode::ResizeAndFill,
                 other => other.parse().map_err(|_| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
             },
             Some(v) => return Err(err("resize_mode", format!("{v}: expected a resize mode"))),
@@ -354,9 +357,7 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
             Some(Value::String(m)) if m == "Balanced" => {}
             Some(v) => return Err(err("control_mode", format!("{v}: only Balanced (0) is supported"))),
         }
-        if o.get("guessmode").and_then(Value::as_bool) == Some(true) {
-            return Err(err("guessmode", "guess mode is not supported".into()));
-        }
+
         let image = match o.get("image").or_else(|| o.get("input_image")) {
             None | Some(Value::Null) => None,
             Some(Value::String(b)) if b.is_empty() => None,
@@ -374,11 +375,17 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
             resize_mode,
             threshold_a,
             threshold_b,
+            guess_mode: o.get("guessmode").or_else(|| o.get("guess_mode")).and_then(Value::as_bool).unwrap_or(false),
         };
-        if !(0.0..=1.0).contains(&setting.guidance_start) || !(0.0..=1.0).contains(&setting.guidance_end) || setting.guidance_start > setting.guidance_end {
-            return Err(err("guidance_start", format!("{} to {}: expected 0 ≤ start ≤ end ≤ 1", setting.guidance_start, setting.guidance_end)));
+        for (field, v) in [("guidance_start", setting.guidance_start), ("guidance_end", setting.guidance_end)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(err(field, format!("{v}: expected 0 to 1")));
+            }
         }
-        out.push(ApiControlUnit { setting, image });
+        if setting.guidance_start > setting.guidance_end {
+            return Err(err("guidance_end", format!("{}: expected at least guidance_start ({})", setting.guidance_end, setting.guidance_start)));
+        }
+        out.push(ApiControlUnit { index: i, setting, image });
     }
     Ok(out)
 }

@@ -400,7 +400,8 @@ impl Drop for JobFiles {
 fn controlnet_settings(state: &AppState, req: &GenerationRequest, files: &JobFiles, init: Option<&str>) -> std::result::Result<Vec<studio::ControlNetSetting>, ApiError> {
     let units = a1111::controlnet_units(req)?;
     let mut out = vec![];
-    for (i, u) in units.into_iter().enumerate() {
+    for u in units {
+        let i = u.index;
         let field = format!("alwayson_scripts.controlnet.args.{i}");
         let mut s = u.setting;
         s.image = match (&u.image, init) {
@@ -468,7 +469,13 @@ async fn controlnet_model_list(State(state): State<Arc<AppState>>) -> Json<Value
 
 /// `/controlnet/module_list`: the preprocessors this build has.
 async fn controlnet_module_list() -> Json<Value> {
-    Json(json!({"module_list": ["none", "canny", "invert (from white bg & black line)"]}))
+    Json(json!({"module_list": ["none", "canny", "invert"], "module_detail": {
+        "none": {"model_free": false, "sliders": []},
+        "canny": {"model_free": false, "sliders": [
+            {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
+            {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}]},
+        "invert": {"model_free": false, "sliders": []}
+    }}))
 }
 
 /// `/controlnet/version`: clients check it before sending units.

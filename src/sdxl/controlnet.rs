@@ -33,10 +33,15 @@ pub struct ControlUnit {
     pub start: f64,
     pub end: f64,
     pub resize_mode: ResizeMode,
+    /// diffusers' `guess_mode`: the ControlNet sees only the conditional rows, its residuals
+    /// scaled from 0.1 to 1 (always on for a model whose config says `global_pool_conditions`).
+    pub guess_mode: bool,
 }
 
 impl ControlUnit {
-    /// Whether the unit acts on step `i` of `n` (diffusers' `controlnet_keep`).
+    /// Whether the unit acts at entry `i` of the `n` schedule entries this run takes (diffusers'
+    /// `controlnet_keep`: entries, so Heun's and DPM2's two model calls per step count twice, and
+    /// an img2img run counts from its first step).
     pub fn acts_at(&self, i: usize, n: usize) -> bool {
         let n = n as f64;
         !((i as f64 / n) < self.start || ((i + 1) as f64 / n) > self.end)
@@ -155,11 +160,12 @@ fn check_fits(c: &ControlNetConfig, base: &UNet2DConditionConfig) -> std::result
 /// and, where shapes cannot tell, the base UNet's config.
 fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<ControlNetConfig, String> {
     let names: BTreeSet<String> = f.names().into_iter().collect();
+    // Stability's Control-LoRAs also hold `input_hint_block.*`: look for them first.
+    if names.iter().any(|n| n.starts_with("lora_controlnet") || n.contains("lora_up") || n.ends_with(".up") || n.ends_with(".up.weight")) {
+        return Err("this is a Control-LoRA, which is not supported; use a full diffusers ControlNet".into());
+    }
     if names.iter().any(|n| n.starts_with("control_model.") || n.starts_with("input_hint_block.") || n.starts_with("zero_convs.")) {
         return Err("this ControlNet is in the original (LDM) layout; convert it to diffusers names (diffusers' ControlNetModel.from_single_file) or use a diffusers ControlNet".into());
-    }
-    if names.iter().any(|n| n.starts_with("lora_controlnet") || n.contains("lora_up")) {
-        return Err("this is a Control-LoRA, which is not supported; use a full diffusers ControlNet".into());
     }
     if !names.contains("controlnet_cond_embedding.conv_in.weight") {
         return Err("not a ControlNet in diffusers names: no controlnet_cond_embedding.conv_in.weight".into());
@@ -181,22 +187,41 @@ fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::resul
     }
     let conv_in = shape("conv_in.weight")?;
     let mut boc = Vec::new();
+    for i in 0..levels {
+        boc.push(shape(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?[0]);
+    }
+    // Before anything the base cannot describe: a ControlNet for another architecture.
+    if boc != base.block_out_channels || layers != base.layers_per_block {
+        return Err(format!(
+            "this ControlNet's blocks ({boc:?} channels, {layers} layers each) do not match the model's UNet ({:?}, {}): a ControlNet for another architecture (SD 1.5 vs SDXL?)",
+            base.block_out_channels, base.layers_per_block
+        ));
+    }
     let mut types = Vec::new();
     let mut depth = Vec::new();
     let mut linear = base.use_linear_projection;
     let mut context = base.cross_attention_dim;
     for i in 0..levels {
-        boc.push(shape(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?[0]);
         let attn = format!("down_blocks.{i}.attentions.0.");
         if names.iter().any(|n| n.starts_with(&attn)) {
             types.push("CrossAttnDownBlock2D");
+            // The `-mid` / `-small` SDXL ControlNets have levels with attention but no
+            // transformer block (depth 0: only the projections).
             depth.push(count(&format!("{attn}transformer_blocks.")));
             linear = shape(&format!("{attn}proj_in.weight"))?.len() == 2;
-            context = shape(&format!("{attn}transformer_blocks.0.attn2.to_k.weight"))?[1];
+            if let Some(k) = f.shape_of(&format!("{attn}transformer_blocks.0.attn2.to_k.weight")) {
+                context = k[1];
+            }
         } else {
             types.push("DownBlock2D");
             depth.push(1);
         }
+    }
+    // diffusers builds the mid block with the last level's depth; a file that says otherwise
+    // is not a ControlNet this config can describe.
+    let mid_depth = count("mid_block.attentions.0.transformer_blocks.");
+    if types.last() == Some(&"CrossAttnDownBlock2D") && depth.last() != Some(&mid_depth) {
+        return Err(format!("the mid block has {mid_depth} transformer blocks and the last down block {}: not a diffusers ControlNetModel layout", depth.last().copied().unwrap_or(0)));
     }
     // Heads keep the base UNet's width per head (64 in SDXL) wherever its blocks line up.
     let base_heads = base.heads()?;

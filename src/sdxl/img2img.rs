@@ -336,9 +336,10 @@ where
 }
 
 /// A1111's img2img "Resize mode": how an init image (and its mask) of another shape is fitted
-/// to the output size.
+/// to the output size. Written as `just_resize` and the like; read also in A1111's words
+/// (`"Crop and resize"`) and numbers (0, 1, 2), as the command line takes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "ResizeModeText")]
 pub enum ResizeMode {
     /// Stretched to the size (A1111's default).
     #[default]
@@ -370,6 +371,23 @@ impl ResizeMode {
     /// A1111's API number (`resize_mode`: 0, 1, 2; 3, "Just resize (latent upscale)", is not ours).
     pub fn from_a1111_index(i: u64) -> Option<Self> {
         Self::ALL.get(i as usize).copied()
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum ResizeModeText {
+    Number(u64),
+    Name(String),
+}
+
+impl TryFrom<ResizeModeText> for ResizeMode {
+    type Error = String;
+    fn try_from(t: ResizeModeText) -> std::result::Result<Self, String> {
+        match t {
+            ResizeModeText::Number(n) => Self::from_a1111_index(n).ok_or_else(|| format!("resize mode {n}: expected 0, 1 or 2")),
+            ResizeModeText::Name(s) => s.parse().map_err(|e: Error| e.to_string()),
+        }
     }
 }
 

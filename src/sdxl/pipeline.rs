@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::{ClipTextConfig, ClipTextModel};
+use loramix_models::adapter::Adaptable;
 use loramix_models::{set_seamless, ConvBorders, Seamless};
 use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
 use crate::sdxl::controlnet::ControlUnit;
@@ -826,7 +827,9 @@ impl SdxlPipeline {
         }
         let mut context_views = RowViews::default();
         // The kept keys and values go with the generation, however it ends.
-        let _forget = ForgetKeptProducts(unet);
+        let mut kept: Vec<&dyn Adaptable> = vec![unet];
+        kept.extend(req.control.iter().map(|u| u.model.as_ref() as &dyn Adaptable));
+        let _forget = ForgetKeptProducts(kept);
         let timesteps = sched.timesteps().to_vec();
         // The mixer counts sampling steps, not model calls: Heun and DPM2 take two entries of
         // the schedule per step (diffusers' `order`; its last step one), so a trace has a row
@@ -858,7 +861,22 @@ impl SdxlPipeline {
                 if !unit.acts_at(i - start_index, timesteps.len() - start_index) {
                     continue;
                 }
-                let r = unit.model.forward(&input.to_dtype(self.dtype)?, t as f32, &context, added.as_ref(), cond, unit.weight)?;
+                let guess = unit.guess_mode || unit.model.needs_guess_mode();
+                let x = input.to_dtype(self.dtype)?;
+                let r = if guess && cfg {
+                    // diffusers' guess mode runs the ControlNet on the conditional rows only and
+                    // gives the unconditional rows zeros.
+                    let added_c = match &added {
+                        Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, b, b)?, time_ids: a.time_ids.narrow(0, b, b)? }),
+                        None => None,
+                    };
+                    let context_c = context_views.rows(&context, b, b)?;
+                    let r = unit.model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), &cond.narrow(0, b, b)?, unit.weight, true)?;
+                    let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
+                    ControlResiduals { down: r.down.iter().map(pad).collect::<Result<Vec<_>>>()?, mid: pad(&r.mid)? }
+                } else {
+                    unit.model.forward(&x, t as f32, &context, added.as_ref(), cond, unit.weight, guess)?
+                };
                 control = Some(match control {
                     None => r,
                     Some(acc) => acc.add(&r)?,
@@ -1071,11 +1089,13 @@ impl RowViews {
 
 /// Drops the UNet's kept cross-attention products when a generation ends, however it ends, so
 /// that a resident model does not hold the last prompt's keys and values between generations.
-struct ForgetKeptProducts<'a>(&'a UNet2DConditionModel);
+struct ForgetKeptProducts<'a>(Vec<&'a dyn Adaptable>);
 
 impl Drop for ForgetKeptProducts<'_> {
     fn drop(&mut self) {
-        self.0.forget_kept_products();
+        for m in &self.0 {
+            loramix_models::adapter::forget_kept_products(*m);
+        }
     }
 }
 

@@ -42,7 +42,7 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let named = |e: Error| Error::Argument(format!("controlnet unit {i}: {e}"));
+            let named = |e: Error| in_unit(i, e);
             if s.model.is_empty() {
                 return Err(named(Error::Argument("no model: give a ControlNet folder, file or hub repo".into())));
             }
@@ -50,9 +50,8 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
                 return Err(named(Error::Argument("no control image".into())));
             }
             let pre = Preprocessor::parse(&s.module, s.threshold_a, s.threshold_b).map_err(named)?;
-            let img = image::open(&s.image)
-                .map_err(|e| named(Error::BadFile { path: s.image.clone().into(), message: format!("not a readable image: {e}") }))?
-                .to_rgb8();
+            // Transparency flattened onto white, as the extension's HWC3 and our init images.
+            let img = crate::sdxl::img2img::load_image(Path::new(&s.image)).map_err(named)?;
             let unit = ControlUnit {
                 model: cache.get(&s.model, pipe).map_err(named)?,
                 image: pre.apply(&img),
@@ -60,6 +59,7 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
                 start: s.guidance_start,
                 end: s.guidance_end,
                 resize_mode: s.resize_mode,
+                guess_mode: s.guess_mode,
             };
             unit.validate().map_err(named)?;
             Ok(unit)
@@ -67,11 +67,26 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
         .collect()
 }
 
+/// `e` with the unit named, keeping its kind (a user's mistake, a bad file, the hub, the device).
+fn in_unit(i: usize, e: Error) -> Error {
+    let unit = format!("controlnet unit {i}");
+    match e {
+        Error::Argument(m) => Error::Argument(format!("{unit}: {m}")),
+        Error::Model { path, message } => Error::Model { path, message: format!("{message} ({unit})") },
+        Error::BadFile { path, message } => Error::BadFile { path, message: format!("{message} ({unit})") },
+        Error::Hub(m) => Error::Hub(format!("{unit}: {m}")),
+        other => other,
+    }
+}
+
 /// How sd-webui-controlnet names a model in infotext: the file's stem (a folder's name) and
 /// A1111's legacy model hash (sha256 of the 64 KiB at 1 MiB, 8 hex digits) of its weights.
 pub fn a1111_model_name(spec: &str) -> String {
     let p = Path::new(spec);
-    let name = p.file_stem().and_then(|n| n.to_str()).unwrap_or(spec).to_string();
+    // A file loses its extension; a folder or a repo id keeps its whole last part
+    // (`controlnet-canny-sdxl-1.0`).
+    let last = if p.is_file() { p.file_stem() } else { p.file_name() };
+    let name = last.and_then(|n| n.to_str()).unwrap_or(spec).to_string();
     let weights = if p.is_dir() { crate::sdxl::model::component_weights(p).ok().and_then(|w| w.into_iter().next()) } else { Some(p.to_path_buf()) };
     match weights.and_then(|w| legacy_hash(&w)) {
         Some(h) => format!("{name} [{h}]"),

@@ -34,6 +34,10 @@ fn controlnet_unit_text(c: &super::ControlNetSetting) -> String {
         t.push_str(&format!(", Threshold A: {low}, Threshold B: {high}"));
     }
     t.push_str(&format!(", Guidance Start: {}, Guidance End: {}, Pixel Perfect: False, Control Mode: Balanced", c.guidance_start, c.guidance_end));
+    if c.guess_mode {
+        // The extension's field from before control modes.
+        t.push_str(", Guess Mode: True");
+    }
     t
 }
 

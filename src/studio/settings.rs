@@ -154,6 +154,10 @@ pub struct ControlNetSetting {
     pub threshold_a: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threshold_b: Option<f64>,
+    /// diffusers' `guess_mode` (the extension's old `guessmode`): the unit guides the
+    /// conditional half of CFG only, with its residuals scaled from 0.1 to 1.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub guess_mode: bool,
 }
 
 impl Default for ControlNetSetting {
@@ -168,6 +172,7 @@ impl Default for ControlNetSetting {
             resize_mode: ResizeMode::CropAndResize,
             threshold_a: None,
             threshold_b: None,
+            guess_mode: false,
         }
     }
 }

@@ -64,6 +64,9 @@ impl ControlNetConfig {
     pub fn validate(&self) -> std::result::Result<(), String> {
         self.unet.validate().map_err(|e| e.replacen("unet config", "controlnet config", 1))?;
         let e = &self.extras;
+        if e.conditioning_channels != 3 {
+            return Err(format!("controlnet config: conditioning_channels {} is not supported (3: an RGB control image)", e.conditioning_channels));
+        }
         if e.conditioning_embedding_out_channels.is_empty() {
             return Err("controlnet config: conditioning_embedding_out_channels is empty".into());
         }
@@ -152,9 +155,17 @@ impl ControlNetModel {
         &self.config
     }
 
+    /// Whether the pipeline must run this model in guess mode (diffusers:
+    /// `guess_mode or controlnet.config.global_pool_conditions`).
+    pub fn needs_guess_mode(&self) -> bool {
+        self.config.extras.global_pool_conditions
+    }
+
     /// The residuals for `sample` (the UNet's scaled input, `[b, 4, h, w]`) and `cond`, the
     /// control image `[b, 3, H, W]` in [0, 1] at the latent's size times [`ControlNetConfig::downscale`],
     /// each multiplied by `scale` (diffusers' `conditioning_scale`, A1111's "Control Weight").
+    /// `guess` is diffusers' `guess_mode`: the residuals are scaled from 0.1 at the first skip
+    /// to 1 at the mid block (`torch.logspace(-1, 0, n + 1)`), unless the model pools them.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -163,8 +174,9 @@ impl ControlNetModel {
         added: Option<&AddedConditions>,
         cond: &Tensor,
         scale: f64,
+        guess: bool,
     ) -> Result<ControlResiduals> {
-        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added, cond, scale))
+        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added, cond, scale, guess))
     }
 
     fn forward_on_pool(
@@ -175,6 +187,7 @@ impl ControlNetModel {
         added: Option<&AddedConditions>,
         cond: &Tensor,
         scale: f64,
+        guess: bool,
     ) -> Result<ControlResiduals> {
         let c = &self.config.unet;
         let (b, _, h, w) = sample.dims4()?;
@@ -205,12 +218,20 @@ impl ControlNetModel {
                 Ok(t)
             }
         };
+        let n = skips.len();
+        let scales: Vec<f64> = if guess && !self.config.extras.global_pool_conditions {
+            // torch.logspace in f32, as diffusers computes it.
+            (0..=n).map(|k| (10f32.powf(-1.0 + k as f32 / n as f32)) as f64 * scale).collect()
+        } else {
+            vec![scale; n + 1]
+        };
         let down = skips
             .iter()
             .zip(&self.down_zero_convs)
-            .map(|(s, z)| pool((z.forward(s)? * scale)?))
+            .zip(&scales)
+            .map(|((s, z), &k)| pool((z.forward(s)? * k)?))
             .collect::<Result<Vec<_>>>()?;
-        let mid = pool((self.mid_zero_conv.forward(&x)? * scale)?)?;
+        let mid = pool((self.mid_zero_conv.forward(&x)? * scales[n])?)?;
         Ok(ControlResiduals { down, mid })
     }
 }

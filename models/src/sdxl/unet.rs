@@ -382,10 +382,11 @@ impl UNet2DConditionModel {
                     skips.len()
                 )));
             }
+            // Broadcast: a ControlNet with `global_pool_conditions` gives `[b, c, 1, 1]`.
             for (s, r) in skips.iter_mut().zip(&control.down) {
-                *s = (&*s + r.to_dtype(dtype)?)?;
+                *s = s.broadcast_add(&r.to_dtype(dtype)?)?;
             }
-            h = (h + control.mid.to_dtype(dtype)?)?;
+            h = h.broadcast_add(&control.mid.to_dtype(dtype)?)?;
         }
 
         for block in &self.up_blocks {
@@ -415,11 +416,7 @@ impl UNet2DConditionModel {
 
     /// Drops every product its cross-attentions keep between calls ([`crate::adapter::ProductMemo`]).
     pub fn forget_kept_products(&self) {
-        for layer in self.adaptable_layers() {
-            if let Some(memo) = &layer.memo {
-                memo.clear();
-            }
-        }
+        crate::adapter::forget_kept_products(self);
     }
 }
 

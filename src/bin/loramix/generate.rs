@@ -172,6 +172,10 @@ pub struct GenerateArgs {
     /// The preprocessor's second threshold (canny: high, default 200).
     #[arg(long = "control-threshold-b", value_name = "X")]
     control_thresholds_b: Vec<f64>,
+    /// diffusers' guess mode for every unit: it guides the conditional half of CFG only, its
+    /// residuals scaled from 0.1 (first skip) to 1 (mid block).
+    #[arg(long = "control-guess-mode")]
+    control_guess_mode: bool,
     /// Outpainting: grow the canvas by N pixels on every side, or L,T,R,B, and repaint the border.
     #[arg(long)]
     outpaint: Option<String>,
@@ -278,6 +282,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
             ("--control-resize-mode", a.control_resize_modes.len()),
             ("--control-threshold-a", a.control_thresholds_a.len()),
             ("--control-threshold-b", a.control_thresholds_b.len()),
+            ("--control-guess-mode", a.control_guess_mode as usize),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, k)| *k > 0) {
             anyhow::bail!("{flag} needs --controlnet MODEL");
@@ -297,7 +302,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
             let (ta, tb) = (pick("--control-threshold-a", &a.control_thresholds_a, n, i)?, pick("--control-threshold-b", &a.control_thresholds_b, n, i)?);
             loramix::sdxl::preprocessor::Preprocessor::parse(&module, ta, tb).with_context(|| format!("--control-preprocessor {module}"))?;
             if !Path::new(&image).is_file() {
-                anyhow::bail!("--control-image {image}: no such file");
+                anyhow::bail!("--control-image {image}: {}", if Path::new(&image).exists() { "not a file" } else { "no such file" });
             }
             Ok(studio::ControlNetSetting {
                 model: a.controlnets[i].clone(),
@@ -309,6 +314,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
                 resize_mode,
                 threshold_a: ta,
                 threshold_b: tb,
+                guess_mode: a.control_guess_mode,
             })
         })
         .collect()
