@@ -260,7 +260,7 @@ fn controlnet_units_through_the_api() {
         "guidance_start": 0.0, "guidance_end": 0.75, "resize_mode": "Crop and Resize", "control_mode": "Balanced", "pixel_perfect": false, "processor_res": 512});
     let request = |unit: serde_json::Value| {
         serde_json::json!({"prompt": "a red house", "steps": 4, "sampler_name": "Euler", "seed": 9, "width": 48, "height": 32, "cfg_scale": 5,
-            "alwayson_scripts": {"controlnet": {"args": [unit, {"enabled": false, "model": "absent"}]}}})
+            "save_images": true, "alwayson_scripts": {"controlnet": {"args": [{"enabled": false, "model": "absent"}, unit]}}})
         .to_string()
     };
     let (code, body) = post(port, "/sdapi/v1/txt2img", &request(unit.clone()));
@@ -296,12 +296,28 @@ fn controlnet_units_through_the_api() {
     };
     let out = studio.generate(&settings, None, &tmp.path().join("direct"), &std::sync::atomic::AtomicBool::new(false), &mut |_| {}, &mut |_| {}).unwrap();
     assert!(image::open(&out[0]).unwrap().to_rgb8().into_raw() == api_pixels, "the API's unit is not the studio's");
+    // The saved image's record names a control image that outlives the request.
+    let saved = std::fs::read_dir(tmp.path().join("out")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
+    let (_, rec) = loramix::studio::settings_from_png(&saved).unwrap();
+    let kept = std::path::PathBuf::from(&rec.unwrap().settings.controlnet[0].image);
+    assert!(kept.starts_with(tmp.path().join("out").join("inputs")) && kept.is_file(), "{}", kept.display());
+    assert_eq!(std::fs::read(&kept).unwrap().len() > 0, true);
     // Bad units name their field.
-    for (field, bad) in [("module", serde_json::json!({"module": "depth_zoe"})), ("model", serde_json::json!({"model": "nope [00000000]"})), ("control_mode", serde_json::json!({"control_mode": "ControlNet is more important"}))] {
+    // A file that is not a plain ControlNet (a UNet's weights) is the request's fault.
+    std::fs::copy(fixture("tiny2").join("pipeline/unet/diffusion_pytorch_model.safetensors"), models.join("ControlNet/not-a-controlnet.safetensors")).unwrap();
+    for (field, bad) in [
+        ("module", serde_json::json!({"module": "depth_zoe"})),
+        ("model", serde_json::json!({"model": "nope [00000000]"})),
+        ("model", serde_json::json!({"model": "not-a-controlnet"})),
+        ("image", serde_json::json!({"image": "not base64!"})),
+        ("guidance_end", serde_json::json!({"guidance_start": 0.5, "guidance_end": 0.2})),
+        ("control_mode", serde_json::json!({"control_mode": "ControlNet is more important"})),
+    ] {
         let mut u = unit.clone();
         u.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
         let (code, body) = post(port, "/sdapi/v1/txt2img", &request(u));
         assert_eq!(code, 422, "{field}: {body}");
-        assert!(body.contains(field), "{field}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["detail"][0]["loc"], serde_json::json!(["body", "alwayson_scripts", "controlnet", "args", "1", field]), "{body}");
     }
 }

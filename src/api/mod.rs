@@ -364,6 +364,9 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
     finish_settings(&state, &req, &mut settings)?;
     let dir = JobFiles::new()?;
     settings.controlnet = controlnet_settings(&state, &req, &dir, None)?;
+    if req.save_images {
+        dir.keep_for(&state.config.out, &mut settings)?;
+    }
     generate(&state, req, settings).await
 }
 
@@ -389,6 +392,43 @@ impl JobFiles {
     }
 }
 
+impl JobFiles {
+    /// With `save_images`, the images a saved PNG's record names must outlive the request: each
+    /// is copied once into `<out>/inputs/`, named by its content's hash (the same picture sent
+    /// again is not copied again), and the settings point there.
+    fn keep_for(&self, out: &Path, settings: &mut Settings) -> std::result::Result<(), ApiError> {
+        let keep = |p: &mut String| -> std::result::Result<(), ApiError> {
+            if !Path::new(p.as_str()).starts_with(&self.0) {
+                return Ok(());
+            }
+            let fail = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
+            let bytes = std::fs::read(p.as_str()).map_err(|e| fail(format!("{p}: {e}")))?;
+            let hash = {
+                use sha2::Digest;
+                crate::lora::network::hex(&sha2::Sha256::digest(&bytes))
+            };
+            let dir = out.join("inputs");
+            std::fs::create_dir_all(&dir).map_err(|e| fail(format!("{}: {e}", dir.display())))?;
+            let dest = dir.join(format!("{}.png", &hash[..16]));
+            if !dest.exists() {
+                crate::output::write_atomic(&dest, &bytes).map_err(|e| fail(e.to_string()))?;
+            }
+            *p = std::path::absolute(&dest).unwrap_or(dest).to_string_lossy().into_owned();
+            Ok(())
+        };
+        if let Some(init) = &mut settings.init {
+            keep(&mut init.image)?;
+            if let Some(m) = &mut init.mask {
+                keep(m)?;
+            }
+        }
+        for c in &mut settings.controlnet {
+            keep(&mut c.image)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for JobFiles {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -402,14 +442,22 @@ fn controlnet_settings(state: &AppState, req: &GenerationRequest, files: &JobFil
     let mut out = vec![];
     for u in units {
         let i = u.index;
-        let field = format!("alwayson_scripts.controlnet.args.{i}");
+        let at = |field: &str, msg: String| -> ApiError {
+            let loc = ["body", "alwayson_scripts", "controlnet", "args", &i.to_string(), field].map(String::from).to_vec();
+            FieldError { loc, msg }.into()
+        };
         let mut s = u.setting;
         s.image = match (&u.image, init) {
-            (Some(b), _) => files.image(&format!("control{i}.png"), &format!("{field}.image"), b)?.0,
+            (Some(b), _) => match files.image(&format!("control{i}.png"), "image", b) {
+                Ok((path, _)) => path,
+                Err(ApiError::Field(e)) => return Err(at("image", e.msg)),
+                Err(e) => return Err(e),
+            },
             (None, Some(init)) => init.to_string(),
-            (None, None) => return Err(FieldError::new(&format!("{field}.image"), "expected a base64 control image").into()),
+            (None, None) => return Err(at("image", "expected a base64 control image".into())),
         };
-        s.model = find_controlnet(state, &s.model).ok_or_else(|| FieldError::new(&format!("{field}.model"), format!("{:?}: not a model of /controlnet/model_list", s.model)))?;
+        s.model = find_controlnet(state, &s.model).ok_or_else(|| at("model", format!("{:?}: not a model of /controlnet/model_list", s.model)))?;
+        crate::sdxl::controlnet::inspect(&s.model).map_err(|e| at("model", e.to_string()))?;
         out.push(s);
     }
     Ok(out)
@@ -554,6 +602,9 @@ async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
     let mut settings = a1111::to_settings(&r, &current_model(&state), state.config.library.as_deref(), Some((init.clone(), mask)))?;
     finish_settings(&state, &r, &mut settings)?;
     settings.controlnet = controlnet_settings(&state, &r, &files, Some(&init))?;
+    if req.save_images {
+        files.keep_for(&state.config.out, &mut settings)?;
+    }
     if body_lacks(&body, "width") && body_lacks(&body, "height") {
         (settings.width, settings.height) = (0, 0);
     }

@@ -81,11 +81,7 @@ pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DT
             return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel layout)"));
         }
         let json = read_json(&cfg_path)?;
-        let class = json.get("_class_name").and_then(|c| c.as_str());
-        let controlnet_keys = json.get("controlnet_conditioning_channel_order").is_some() || json.get("conditioning_embedding_out_channels").is_some();
-        if !(class == Some("ControlNetModel") || class.is_none() && controlnet_keys) {
-            return Err(Error::model(&cfg_path, format!("not a ControlNet config (_class_name {}): expected diffusers' ControlNetModel", class.unwrap_or("absent"))));
-        }
+        check_class(&json).map_err(|m| Error::model(&cfg_path, m))?;
         let cfg = ControlNetConfig::from_json(json).map_err(|m| Error::model(&cfg_path, m))?;
         let files = component_weights(p)?;
         for f in &files {
@@ -156,10 +152,9 @@ fn check_fits(c: &ControlNetConfig, base: &UNet2DConditionConfig) -> std::result
     Ok(())
 }
 
-/// The config of a ControlNet stored as one file in diffusers names, from its tensors' shapes
-/// and, where shapes cannot tell, the base UNet's config.
-fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<ControlNetConfig, String> {
-    let names: BTreeSet<String> = f.names().into_iter().collect();
+/// What a file's tensor names say before its shapes are read: a Control-LoRA, the original
+/// layout, or not a ControlNet at all.
+fn check_layout(names: &BTreeSet<String>) -> std::result::Result<(), String> {
     // Stability's Control-LoRAs also hold `input_hint_block.*`: look for them first.
     if names.iter().any(|n| n.starts_with("lora_controlnet") || n.contains("lora_up") || n.ends_with(".up") || n.ends_with(".up.weight")) {
         return Err("this is a Control-LoRA, which is not supported; use a full diffusers ControlNet".into());
@@ -170,6 +165,46 @@ fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::resul
     if !names.contains("controlnet_cond_embedding.conv_in.weight") {
         return Err("not a ControlNet in diffusers names: no controlnet_cond_embedding.conv_in.weight".into());
     }
+    Ok(())
+}
+
+/// Checks that `spec` (a folder or a file; a hub id is not looked at) holds a ControlNet this
+/// build reads, from its config and tensor names alone: what a server checks before it queues a
+/// job, so a wrong file is the request's fault, not a failed job.
+pub fn inspect(spec: &str) -> Result<()> {
+    let p = Path::new(spec);
+    if p.is_dir() {
+        let cfg_path = p.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel layout)"));
+        }
+        check_class(&read_json(&cfg_path)?).map_err(|m| Error::model(&cfg_path, m))?;
+        for f in component_weights(p)? {
+            check_plain(&SafetensorsFile::open(&f)?.names()).map_err(|m| Error::model(&f, m))?;
+        }
+    } else if p.is_file() {
+        let names: BTreeSet<String> = SafetensorsFile::open(p)?.names().into_iter().collect();
+        check_layout(&names).map_err(|m| Error::model(p, m))?;
+        check_plain(&names.into_iter().collect::<Vec<_>>()).map_err(|m| Error::model(p, m))?;
+    }
+    Ok(())
+}
+
+fn check_class(json: &serde_json::Value) -> std::result::Result<(), String> {
+    let class = json.get("_class_name").and_then(|c| c.as_str());
+    let controlnet_keys = json.get("controlnet_conditioning_channel_order").is_some() || json.get("conditioning_embedding_out_channels").is_some();
+    if class == Some("ControlNetModel") || class.is_none() && controlnet_keys {
+        Ok(())
+    } else {
+        Err(format!("not a ControlNet config (_class_name {}): expected diffusers' ControlNetModel", class.unwrap_or("absent")))
+    }
+}
+
+/// The config of a ControlNet stored as one file in diffusers names, from its tensors' shapes
+/// and, where shapes cannot tell, the base UNet's config.
+fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<ControlNetConfig, String> {
+    let names: BTreeSet<String> = f.names().into_iter().collect();
+    check_layout(&names)?;
     let shape = |n: &str| f.shape_of(n).ok_or_else(|| format!("tensor {n} is missing"));
     let count = |prefix: &str| -> usize {
         names
