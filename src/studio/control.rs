@@ -13,31 +13,38 @@ use crate::sdxl::controlnet::{self, ControlUnit};
 use crate::sdxl::preprocessor::Preprocessor;
 use crate::SdxlPipeline;
 
-/// ControlNets loaded for earlier jobs, by what was asked for and the model they serve.
+/// ControlNets loaded for the last job, by what was asked for and the model they serve: the next
+/// job with the same units reuses them, and one with others lets them go (each is the size of
+/// half a UNet).
 #[derive(Default)]
 pub struct ControlNets {
     loaded: Mutex<Vec<(String, Arc<ControlNetModel>)>>,
 }
 
 impl ControlNets {
+    fn key(spec: &str, pipe: &SdxlPipeline) -> String {
+        format!("{spec}\u{0}{:?}\u{0}{:?}\u{0}{:?}", pipe.unet_config().block_out_channels, pipe.dtype, pipe.device.location())
+    }
+
     fn get(&self, spec: &str, pipe: &SdxlPipeline) -> Result<Arc<ControlNetModel>> {
-        let key = format!("{spec}\u{0}{:?}\u{0}{:?}\u{0}{:?}", pipe.unet_config().block_out_channels, pipe.dtype, pipe.device.location());
-        let mut g = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, m)) = g.iter().find(|(k, _)| *k == key) {
+        let key = Self::key(spec, pipe);
+        if let Some((_, m)) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
             return Ok(m.clone());
         }
         let m = Arc::new(controlnet::load(spec, pipe.unet_config(), &pipe.device, pipe.dtype)?);
-        // A few at most: each is the size of half a UNet.
-        if g.len() >= 4 {
-            g.remove(0);
-        }
-        g.push((key, m.clone()));
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).push((key, m.clone()));
         Ok(m)
+    }
+
+    /// Lets go of every model but those `keys` name.
+    fn keep_only(&self, keys: &[String]) {
+        self.loaded.lock().unwrap_or_else(|e| e.into_inner()).retain(|(k, _)| keys.contains(k));
     }
 }
 
 /// The units of `settings` for `pipe`: every error names the unit and the file.
 pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache: &ControlNets) -> Result<Vec<ControlUnit>> {
+    cache.keep_only(&settings.iter().map(|s| ControlNets::key(&s.model, pipe)).collect::<Vec<_>>());
     settings
         .iter()
         .enumerate()

@@ -25,6 +25,31 @@ pub struct PreparedInit {
 }
 
 impl PreparedInit {
+    /// A ControlNet unit's map in the frame this run generates. "Only masked" generates the
+    /// mask's crop, so the map is cropped to the same region (scaled to the map's own size) and
+    /// fitted with resize and fill, as sd-webui-controlnet does; otherwise the map is unchanged.
+    pub fn fit_control(&self, unit: &mut crate::sdxl::controlnet::ControlUnit) {
+        if let Some(map) = self.crop_control_map(&unit.image) {
+            unit.image = map;
+            unit.resize_mode = img2img::ResizeMode::ResizeAndFill;
+        }
+    }
+
+    /// The region of `map` that "only masked" generates, or `None` when the whole picture is.
+    fn crop_control_map(&self, map: &RgbImage) -> Option<RgbImage> {
+        let (x1, y1, x2, y2) = self.paste?;
+        let (cw, ch) = self.original.dimensions();
+        let (iw, ih) = map.dimensions();
+        if cw == 0 || ch == 0 || iw == 0 || ih == 0 {
+            return None;
+        }
+        let sx = |v: u32| ((v as u64 * iw as u64) / cw as u64) as u32;
+        let sy = |v: u32| ((v as u64 * ih as u64) / ch as u64) as u32;
+        let (x, y) = (sx(x1).min(iw - 1), sy(y1).min(ih - 1));
+        let (w, h) = (sx(x2).saturating_sub(x).max(1).min(iw - x), sy(y2).saturating_sub(y).max(1).min(ih - y));
+        Some(image::imageops::crop_imm(map, x, y, w, h).to_image())
+    }
+
     /// The generated image with the original kept outside the mask (A1111's overlay); img2img
     /// results pass through.
     pub fn finish(&self, generated: &RgbImage) -> RgbImage {
@@ -189,5 +214,15 @@ mod tests {
         assert_eq!(out.dimensions(), (64, 48));
         assert_eq!(out.get_pixel(0, 0), original.get_pixel(0, 0));
         assert_eq!(out.get_pixel(35, 15), &image::Rgb([255, 255, 255]));
+        // A ControlNet map is cropped to the same region, at its own scale.
+        let (x1, y1, x2, y2) = p.paste.unwrap();
+        let same = p.crop_control_map(&original).unwrap();
+        assert_eq!(same, image::imageops::crop_imm(&original, x1, y1, x2 - x1, y2 - y1).to_image());
+        let double = image::imageops::resize(&original, 128, 96, image::imageops::FilterType::Nearest);
+        let cropped = p.crop_control_map(&double).unwrap();
+        assert_eq!(cropped.dimensions(), (2 * (x2 - x1), 2 * (y2 - y1)));
+        assert_eq!(cropped.get_pixel(0, 0), original.get_pixel(x1, y1));
+        let whole = InitSettings { inpaint_area: InpaintArea::WholePicture, ..s.clone() };
+        assert!(prepare_init(&whole, (Some(32), Some(32)), 8).unwrap().crop_control_map(&original).is_none());
     }
 }

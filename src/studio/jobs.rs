@@ -411,6 +411,10 @@ impl Studio {
         let (dw, dh) = pipe.default_size();
         let given = |v: usize| (v != 0).then_some(v);
         let prepared = settings.init.as_ref().map(|i| prepare_init(i, (given(settings.width), given(settings.height)), pipe.vae_scale_factor())).transpose()?;
+        let mut control = control;
+        if let Some(p) = &prepared {
+            control.iter_mut().for_each(|u| p.fit_control(u));
+        }
         let (w, h) = match &prepared {
             Some(p) => (p.width, p.height),
             None => (given(settings.width).unwrap_or(dw), given(settings.height).unwrap_or(dh)),

@@ -527,7 +527,10 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         Some(p) => (p.width, p.height),
         None => (a.width.unwrap_or(dw), a.height.unwrap_or(dh)),
     };
-    let control = studio::control_units(&controlnet_settings(&a)?, &pipe, &studio::ControlNets::default())?;
+    let mut control = studio::control_units(&controlnet_settings(&a)?, &pipe, &studio::ControlNets::default())?;
+    if let Some(p) = &prepared {
+        control.iter_mut().for_each(|u| p.fit_control(u));
+    }
     for c in &control {
         let (w, h) = c.image.dimensions();
         eprintln!("controlnet: {w}x{h} control map, weight {}, steps {}..{}", c.weight, c.start, c.end);
