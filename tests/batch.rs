@@ -179,3 +179,23 @@ fn a_gallery_manifest_makes_the_same_images_again() {
     again_px.sort();
     assert_eq!(made_px, again_px);
 }
+
+/// A hires line's image is larger than its record's (first-pass) size; a second run still
+/// finds it there and makes nothing again.
+#[test]
+fn a_hires_line_is_kept_when_run_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let line = serde_json::json!({"model": model(), "prompt": "a vlox emblem on a teal background", "steps": 3, "width": 64, "height": 64, "seed": 4,
+        "hires": {"scale": 1.5, "steps": 2}});
+    let m = tmp.path().join("hires.jsonl");
+    std::fs::write(&m, format!("{line}\n")).unwrap();
+    let out = tmp.path().join("out");
+    let first = run(&m, &out, None);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let made = pngs(&out);
+    assert_eq!(made.len(), 1);
+    let again = run(&m, &out, None);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success() && err.contains("0 written, 1 already there"), "{err}");
+    assert_eq!(pngs(&out), made);
+}

@@ -732,8 +732,15 @@ pub fn holds_image(path: &Path, settings: &Settings, seed: u64, batch_index: usi
     if rec.settings != settings.recorded() || rec.seed != seed || rec.batch_index != batch_index || rec.index_in_batch != index_in_batch {
         return false;
     }
+    // The record's size is the first pass's (A1111's `Size`); a hires image is its upscale,
+    // rounded down to the model's VAE factor, which the record does not name.
+    let hires = settings.hires.as_ref().filter(|_| settings.init.is_none());
+    let sizes: Vec<(usize, usize)> = match hires {
+        Some(hr) => (0..7).filter_map(|k| super::hires_size(hr, (rec.width, rec.height), 1 << k).ok()).collect(),
+        None => vec![(rec.width, rec.height)],
+    };
     match image::open(path) {
-        Ok(img) => img.width() as usize == rec.width && img.height() as usize == rec.height,
+        Ok(img) => sizes.contains(&(img.width() as usize, img.height() as usize)),
         Err(_) => false,
     }
 }
