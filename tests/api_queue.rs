@@ -301,7 +301,7 @@ fn controlnet_units_through_the_api() {
     let (_, rec) = loramix::studio::settings_from_png(&saved).unwrap();
     let kept = std::path::PathBuf::from(&rec.unwrap().settings.controlnet[0].image);
     assert!(kept.starts_with(tmp.path().join("out").join("inputs")) && kept.is_file(), "{}", kept.display());
-    assert_eq!(std::fs::read(&kept).unwrap().len() > 0, true);
+    assert!(!std::fs::read(&kept).unwrap().is_empty());
     // Bad units name their field.
     // A file that is not a plain ControlNet (a UNet's weights) is the request's fault.
     std::fs::copy(fixture("tiny2").join("pipeline/unet/diffusion_pytorch_model.safetensors"), models.join("ControlNet/not-a-controlnet.safetensors")).unwrap();

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use loramix::sdxl::schedulers::{self, SamplerKind, Schedule};
 use loramix::{GenerateRequest, LoadOptions, SdxlPipeline};
-use loramix_models::sdxl::AddedConditions;
+use loramix_models::sdxl::{AddedConditions, ControlInput};
 
 const CONFIGS: [&str; 2] = ["tiny2", "tiny3"];
 
@@ -600,7 +600,7 @@ fn controlnet_equals_diffusers() {
     let m = &gj["module"];
     let (t, scale) = (m["t"].as_f64().unwrap() as f32, m["scale"].as_f64().unwrap());
     for (what, model) in [("folder", &*folder), ("single file", &file)] {
-        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), &g["module.cond"], scale, false).unwrap();
+        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false }).unwrap();
         assert_eq!(r.down.len() as u64, m["down"].as_u64().unwrap());
         for (i, d) in r.down.iter().enumerate() {
             assert_close(&format!("controlnet {what} down {i}"), d, &g[&format!("module.down{i}")], 1e-4);
@@ -613,7 +613,7 @@ fn controlnet_equals_diffusers() {
     // transformer block; its config is inferred.
     let small = controlnet::load(dir.join("controlnet_small.safetensors").to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap();
     assert_eq!(small.config().unet.transformer_layers().unwrap(), [1, 0]);
-    let r = small.forward(&g["module.sample"], t, &g["module.context"], Some(&added), &g["module.cond"], scale, false).unwrap();
+    let r = small.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false }).unwrap();
     for (i, d) in r.down.iter().enumerate() {
         assert_close(&format!("controlnet small down {i}"), d, &g[&format!("small.down{i}")], 1e-4);
     }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use loramix_models::clip::{ClipTextConfig, ClipTextModel};
 use loramix_models::adapter::Adaptable;
 use loramix_models::{set_seamless, ConvBorders, Seamless};
-use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
+use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, ControlInput, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
 use crate::sdxl::controlnet::ControlUnit;
 use serde_json::Value;
 
@@ -871,11 +871,12 @@ impl SdxlPipeline {
                         None => None,
                     };
                     let context_c = context_views.rows(&context, b, b)?;
-                    let r = unit.model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), &cond.narrow(0, b, b)?, unit.weight, true)?;
+                    let cond_c = cond.narrow(0, b, b)?;
+                    let r = unit.model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), ControlInput { image: &cond_c, scale: unit.weight, guess: true })?;
                     let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
                     ControlResiduals { down: r.down.iter().map(pad).collect::<Result<Vec<_>>>()?, mid: pad(&r.mid)? }
                 } else {
-                    unit.model.forward(&x, t as f32, &context, added.as_ref(), cond, unit.weight, guess)?
+                    unit.model.forward(&x, t as f32, &context, added.as_ref(), ControlInput { image: cond, scale: unit.weight, guess })?
                 };
                 control = Some(match control {
                     None => r,

@@ -115,6 +115,18 @@ impl ConditioningEmbedding {
     }
 }
 
+/// What the ControlNet is asked to follow at a step: the control image `[b, 3, H, W]` in
+/// [0, 1] at the latent's size times [`ControlNetConfig::downscale`], its weight (diffusers'
+/// `conditioning_scale`, A1111's "Control Weight") and diffusers' `guess_mode`.
+#[derive(Debug, Clone, Copy)]
+pub struct ControlInput<'a> {
+    pub image: &'a Tensor,
+    pub scale: f64,
+    /// The residuals scaled from 0.1 at the first skip to 1 at the mid block
+    /// (`torch.logspace(-1, 0, n + 1)`), unless the model pools them.
+    pub guess: bool,
+}
+
 #[derive(Debug, Clone)]
 pub struct ControlNetModel {
     encoder: UNetEncoder,
@@ -161,34 +173,13 @@ impl ControlNetModel {
         self.config.extras.global_pool_conditions
     }
 
-    /// The residuals for `sample` (the UNet's scaled input, `[b, 4, h, w]`) and `cond`, the
-    /// control image `[b, 3, H, W]` in [0, 1] at the latent's size times [`ControlNetConfig::downscale`],
-    /// each multiplied by `scale` (diffusers' `conditioning_scale`, A1111's "Control Weight").
-    /// `guess` is diffusers' `guess_mode`: the residuals are scaled from 0.1 at the first skip
-    /// to 1 at the mid block (`torch.logspace(-1, 0, n + 1)`), unless the model pools them.
-    pub fn forward(
-        &self,
-        sample: &Tensor,
-        t: f32,
-        context: &Tensor,
-        added: Option<&AddedConditions>,
-        cond: &Tensor,
-        scale: f64,
-        guess: bool,
-    ) -> Result<ControlResiduals> {
-        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added, cond, scale, guess))
+    /// The residuals for `sample` (the UNet's scaled input, `[b, 4, h, w]`) under `control`.
+    pub fn forward(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>, control: ControlInput) -> Result<ControlResiduals> {
+        loramix_kernels::on_pool(|| self.forward_on_pool(sample, t, context, added, control))
     }
 
-    fn forward_on_pool(
-        &self,
-        sample: &Tensor,
-        t: f32,
-        context: &Tensor,
-        added: Option<&AddedConditions>,
-        cond: &Tensor,
-        scale: f64,
-        guess: bool,
-    ) -> Result<ControlResiduals> {
+    fn forward_on_pool(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>, control: ControlInput) -> Result<ControlResiduals> {
+        let ControlInput { image: cond, scale, guess } = control;
         let c = &self.config.unet;
         let (b, _, h, w) = sample.dims4()?;
         let (dtype, dev) = (sample.dtype(), sample.device());

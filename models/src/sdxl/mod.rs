@@ -9,6 +9,6 @@ pub mod unet;
 pub mod vae;
 
 pub use config::{AutoencoderKlConfig, UNet2DConditionConfig};
-pub use controlnet::{ControlNetConfig, ControlNetModel};
+pub use controlnet::{ControlInput, ControlNetConfig, ControlNetModel};
 pub use unet::{AddedConditions, ControlResiduals, UNet2DConditionModel};
 pub use vae::{AutoencoderKl, VaeTiling};
