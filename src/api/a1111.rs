@@ -365,6 +365,15 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
             Some(Value::Object(m)) => m.get("image").and_then(Value::as_str).map(str::to_string),
             Some(v) => return Err(err("image", format!("{}: expected a base64 image", v.to_string().chars().take(40).collect::<String>()))),
         };
+        // A bool, or the strings pydantic reads as one.
+        let guess_mode = match o.get("guessmode").or_else(|| o.get("guess_mode")) {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::Number(n)) if n.as_u64() == Some(0) || n.as_u64() == Some(1) => n.as_u64() == Some(1),
+            Some(Value::String(t)) if ["true", "yes", "on", "1", "y", "t"].contains(&t.to_ascii_lowercase().as_str()) => true,
+            Some(Value::String(t)) if ["false", "no", "off", "0", "n", "f"].contains(&t.to_ascii_lowercase().as_str()) => false,
+            Some(v) => return Err(err("guessmode", format!("{v}: expected true or false"))),
+        };
         let setting = crate::studio::ControlNetSetting {
             model,
             image: String::new(),
@@ -375,7 +384,7 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
             resize_mode,
             threshold_a,
             threshold_b,
-            guess_mode: o.get("guessmode").or_else(|| o.get("guess_mode")).and_then(Value::as_bool).unwrap_or(false),
+            guess_mode,
         };
         for (field, v) in [("guidance_start", setting.guidance_start), ("guidance_end", setting.guidance_end)] {
             if !(0.0..=1.0).contains(&v) {
@@ -411,6 +420,29 @@ mod tests {
         assert_eq!((s.subseed, s.subseed_strength), (Some(9), 0.4));
         let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "subseed": 9, "subseed_strength": 1.5})).unwrap();
         assert_eq!(to_settings(&req, "m", None, None).unwrap_err().loc, ["body", "subseed_strength"]);
+    }
+
+    /// sd-webui-controlnet's unit fields: disabled units skipped but counted, guess mode as a
+    /// bool or pydantic's strings, the extension's resize-mode aliases.
+    #[test]
+    fn controlnet_unit_fields() {
+        let req = |units: serde_json::Value| -> GenerationRequest {
+            serde_json::from_value(serde_json::json!({"prompt": "x", "alwayson_scripts": {"controlnet": {"args": units}}})).unwrap()
+        };
+        let u = controlnet_units(&req(serde_json::json!([
+            {"enabled": false, "model": "absent"},
+            {"model": "cn", "guessmode": "yes", "resize_mode": "Envelope (Outer Fit)", "threshold_a": -1},
+        ])))
+        .unwrap();
+        assert_eq!(u.len(), 1);
+        assert_eq!(u[0].index, 1);
+        assert!(u[0].setting.guess_mode);
+        assert_eq!(u[0].setting.resize_mode, crate::sdxl::img2img::ResizeMode::ResizeAndFill);
+        assert_eq!(u[0].setting.threshold_a, None);
+        let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "guessmode": "maybe"}]))).unwrap_err();
+        assert_eq!(e.loc, ["body", "alwayson_scripts", "controlnet", "args", "0", "guessmode"]);
+        let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "guidance_start": 0.6, "guidance_end": 0.5}]))).unwrap_err();
+        assert_eq!(e.loc.last().unwrap(), "guidance_end");
     }
 
     #[test]
