@@ -394,6 +394,12 @@ impl TryFrom<ResizeModeText> for ResizeMode {
 impl FromStr for ResizeMode {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
+        // sd-webui-controlnet's names from its older versions, which its API still takes.
+        match s.trim().to_ascii_lowercase().as_str() {
+            "envelope (outer fit)" | "outer fit (shrink to fit)" | "outer fit" => return Ok(Self::ResizeAndFill),
+            "scale to fit (inner fit)" | "inner fit (scale to fit)" | "inner fit" => return Ok(Self::CropAndResize),
+            _ => {}
+        }
         let key = s.trim().to_ascii_lowercase().replace(['-', ' '], "_");
         Self::ALL
             .into_iter()
@@ -540,6 +546,11 @@ mod tests {
     /// or rows, and the names parse as A1111 and our flags write them.
     #[test]
     fn resize_modes_follow_a1111() {
+        for (name, mode) in [("Crop and Resize", ResizeMode::CropAndResize), ("Envelope (Outer Fit)", ResizeMode::ResizeAndFill), ("Inner Fit (Scale to Fit)", ResizeMode::CropAndResize), ("2", ResizeMode::ResizeAndFill)] {
+            assert_eq!(name.parse::<ResizeMode>().unwrap(), mode, "{name}");
+            let v: ResizeMode = serde_json::from_value(serde_json::json!(name)).unwrap();
+            assert_eq!(v, mode, "{name} in a manifest");
+        }
         let wide = RgbImage::from_fn(40, 20, |x, y| image::Rgb([x as u8 * 5, y as u8 * 7, 3]));
         let crop = resize_to(ResizeMode::CropAndResize, &wide, 20, 20);
         assert_eq!(crop.dimensions(), (20, 20));
