@@ -14,8 +14,17 @@ use loramix::studio::Studio;
 type Queue = Arc<(Mutex<VecDeque<Box<dyn FnOnce() + Send>>>, Condvar)>;
 
 fn post(port: u16, path: &str, body: &str) -> (u16, String) {
+    exchange(port, &format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()))
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    exchange(port, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+}
+
+/// One raw HTTP request: the status code and the body.
+fn exchange(port: u16, request: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -215,15 +224,6 @@ fn skip_ends_one_batch_and_the_job_goes_on() {
         assert_eq!(pixels(written.last().unwrap()), pixels(&alone[0]), "the next batch is seed 31's image");
         assert!(!skip.load(Ordering::SeqCst), "the flag is taken");
     }
-}
-
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let code = out.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
 }
 
 /// sd-webui-controlnet's API: `/controlnet/model_list` names the models in `--models-dir`'s

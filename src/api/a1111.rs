@@ -342,13 +342,8 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
         let resize_mode = match o.get("resize_mode") {
             None | Some(Value::Null) => crate::sdxl::img2img::ResizeMode::CropAndResize,
             Some(Value::Number(n)) => n.as_u64().and_then(crate::sdxl::img2img::ResizeMode::from_a1111_index).ok_or_else(|| err("resize_mode", format!("{n}: expected 0, 1 or 2")))?,
-            // The extension's names and its aliases from older versions.
-            Some(Value::String(m)) => match m.to_ascii_lowercase().as_str() {
-                "just resize" => crate::sdxl::img2img::ResizeMode::JustResize,
-                "crop and resize" | "scale to fit (inner fit)" | "inner fit (scale to fit)" | "inner fit" => crate::sdxl::img2img::ResizeMode::CropAndResize,
-                "resize and fill" | "envelope (outer fit)" | "outer fit (shrink to fit)" | "outer fit" => crate::sdxl::img2img::ResizeMode::ResizeAndFill,
-                other => other.parse().map_err(|_| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
-            },
+            // The extension's names and its older aliases, which `ResizeMode` reads everywhere.
+            Some(Value::String(m)) => m.parse().map_err(|_| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
             Some(v) => return Err(err("resize_mode", format!("{v}: expected a resize mode"))),
         };
         match o.get("control_mode") {

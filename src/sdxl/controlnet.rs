@@ -137,16 +137,21 @@ fn check_plain(names: &[String]) -> std::result::Result<(), String> {
 /// A ControlNet must make the UNet's skip connections, one for one.
 fn check_fits(c: &ControlNetConfig, base: &UNet2DConditionConfig) -> std::result::Result<(), String> {
     let u = &c.unet;
-    if u.block_out_channels != base.block_out_channels || u.layers_per_block != base.layers_per_block {
-        return Err(format!(
-            "this ControlNet's blocks ({:?} channels, {} layers each) do not match the model's UNet ({:?}, {}): a ControlNet for another architecture (SD 1.5 vs SDXL?)",
-            u.block_out_channels, u.layers_per_block, base.block_out_channels, base.layers_per_block
-        ));
-    }
+    check_blocks(&u.block_out_channels, u.layers_per_block, base)?;
     if u.cross_attention_dim != base.cross_attention_dim {
         return Err(format!(
             "this ControlNet attends to {}-wide text embeddings; the model's are {} (a ControlNet for another architecture?)",
             u.cross_attention_dim, base.cross_attention_dim
+        ));
+    }
+    Ok(())
+}
+
+fn check_blocks(channels: &[usize], layers: usize, base: &UNet2DConditionConfig) -> std::result::Result<(), String> {
+    if channels != base.block_out_channels || layers != base.layers_per_block {
+        return Err(format!(
+            "this ControlNet's blocks ({channels:?} channels, {layers} layers each) do not match the model's UNet ({:?}, {}): a ControlNet for another architecture (SD 1.5 vs SDXL?)",
+            base.block_out_channels, base.layers_per_block
         ));
     }
     Ok(())
@@ -226,12 +231,7 @@ fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::resul
         boc.push(shape(&format!("down_blocks.{i}.resnets.0.conv1.weight"))?[0]);
     }
     // Before anything the base cannot describe: a ControlNet for another architecture.
-    if boc != base.block_out_channels || layers != base.layers_per_block {
-        return Err(format!(
-            "this ControlNet's blocks ({boc:?} channels, {layers} layers each) do not match the model's UNet ({:?}, {}): a ControlNet for another architecture (SD 1.5 vs SDXL?)",
-            base.block_out_channels, base.layers_per_block
-        ));
-    }
+    check_blocks(&boc, layers, base)?;
     let mut types = Vec::new();
     let mut depth = Vec::new();
     let mut linear = base.use_linear_projection;
