@@ -920,6 +920,16 @@ fn controlnet_from_the_command_line() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let again = std::fs::read_dir(elsewhere.join("again")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
     assert!(image::open(&again).unwrap().to_rgb8().into_raw() == canny, "the record does not make the image again");
+    // So does the PNG itself in place of a manifest.
+    let o = loramix().current_dir(&elsewhere).args(["batch", "run"]).arg(&path).args(["--out", "from-png"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let from_png = elsewhere.join("from-png").join("00001-0000.png");
+    assert!(image::open(&from_png).unwrap().to_rgb8().into_raw() == canny, "batch run of the PNG does not make it again");
+    // A T2I-Adapter in a unit, beside a ControlNet.
+    let adapter = tiny.join("t2i_adapter");
+    let (both, text, _) = run("both", &["--controlnet", cn.to_str().unwrap(), "--controlnet", adapter.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-weight", "1.5", "--control-end", "0.75"]);
+    assert!(both != given, "the adapter changed nothing");
+    assert!(text.contains("ControlNet 1: \"Module: none, Model: t2i_adapter ["), "{text}");
     // Errors name the flag or the unit.
     let err = |extra: &[&str]| {
         let o = loramix().env_remove("RUST_BACKTRACE").args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--steps", "2", "--out"]).arg(tmp.path().join("err")).args(extra).output().unwrap();
@@ -930,4 +940,6 @@ fn controlnet_from_the_command_line() {
     assert!(err(&["--controlnet", cn.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-preprocessor", "depth"]).contains("expected none, canny or invert"));
     let e = err(&["--controlnet", model.join("unet").to_str().unwrap(), "--control-image", edges.to_str().unwrap()]);
     assert!(e.contains("controlnet unit 0") && e.contains("not a ControlNet config"), "{e}");
+    let e = err(&["--controlnet", adapter.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-guess-mode"]);
+    assert!(e.contains("controlnet unit 0") && e.contains("guess mode is for ControlNets"), "{e}");
 }

@@ -585,46 +585,49 @@ fn seamless_tiling_equals_diffusers() {
 /// tools/parity/make_controlnet_fixtures.py.
 #[test]
 fn controlnet_equals_diffusers() {
-    use loramix::sdxl::controlnet::{self, ControlUnit};
+    use loramix::sdxl::controlnet::{self, ControlModel, ControlUnit};
     let pipe = load("tiny2");
+    let controlnet = |spec: &std::path::Path| match controlnet::load(spec.to_str().unwrap(), pipe.unet_config(), &Device::Cpu, candle_core::DType::F32).unwrap() {
+        ControlModel::ControlNet(m) => m,
+        other => panic!("{spec:?} loaded as {other:?}"),
+    };
     let dir = common::fixture("tiny2");
     let g = candle_core::safetensors::load(dir.join("controlnet.safetensors"), &Device::Cpu).unwrap();
     let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("controlnet.json")).unwrap()).unwrap();
     let single = std::env::temp_dir().join(format!("loramix-controlnet-{}.safetensors", std::process::id()));
     std::fs::copy(dir.join("controlnet/diffusion_pytorch_model.safetensors"), &single).unwrap();
-    let base = pipe.unet_config().clone();
-    let folder = std::sync::Arc::new(controlnet::load(dir.join("controlnet").to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap());
-    let file = controlnet::load(single.to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let folder = controlnet(&dir.join("controlnet"));
+    let file = controlnet(&single);
     std::fs::remove_file(&single).ok();
     let added = AddedConditions { text_embeds: g["module.text_embeds"].clone(), time_ids: g["module.time_ids"].clone() };
     let m = &gj["module"];
     let (t, scale) = (m["t"].as_f64().unwrap() as f32, m["scale"].as_f64().unwrap());
-    for (what, model) in [("folder", &*folder), ("single file", &file)] {
+    for (what, model) in [("folder", &*folder), ("single file", &*file)] {
         let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false }).unwrap();
         assert_eq!(r.down.len() as u64, m["down"].as_u64().unwrap());
         for (i, d) in r.down.iter().enumerate() {
             assert_close(&format!("controlnet {what} down {i}"), d, &g[&format!("module.down{i}")], 1e-4);
         }
-        assert_close(&format!("controlnet {what} mid"), &r.mid, &g["module.mid"], 1e-4);
+        assert_close(&format!("controlnet {what} mid"), r.mid.as_ref().unwrap(), &g["module.mid"], 1e-4);
         let out = pipe.unet().unwrap().forward_controlled(&g["module.sample"], t, &g["module.context"], Some(&added), Some(&r)).unwrap();
         assert_close(&format!("unet with {what} residuals"), &out, &g["module.unet"], 1e-4);
     }
     // A `-mid` / `-small`-style file: a cross-attention level (and so the mid block) without a
     // transformer block; its config is inferred.
-    let small = controlnet::load(dir.join("controlnet_small.safetensors").to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let small = controlnet(&dir.join("controlnet_small.safetensors"));
     assert_eq!(small.config().unet.transformer_layers().unwrap(), [1, 0]);
     let r = small.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false }).unwrap();
     for (i, d) in r.down.iter().enumerate() {
         assert_close(&format!("controlnet small down {i}"), d, &g[&format!("small.down{i}")], 1e-4);
     }
-    assert_close("controlnet small mid", &r.mid, &g["small.mid"], 1e-4);
+    assert_close("controlnet small mid", r.mid.as_ref().unwrap(), &g["small.mid"], 1e-4);
     // The same weights under a config that says `global_pool_conditions`.
     let pooled_dir = std::env::temp_dir().join(format!("loramix-controlnet-pooled-{}", std::process::id()));
     common::copy_dir(&dir.join("controlnet"), &pooled_dir);
     let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pooled_dir.join("config.json")).unwrap()).unwrap();
     config["global_pool_conditions"] = true.into();
     std::fs::write(pooled_dir.join("config.json"), config.to_string()).unwrap();
-    let pooled = std::sync::Arc::new(controlnet::load(pooled_dir.to_str().unwrap(), &base, &Device::Cpu, candle_core::DType::F32).unwrap());
+    let pooled = controlnet(&pooled_dir);
     std::fs::remove_dir_all(&pooled_dir).ok();
     assert!(pooled.needs_guess_mode());
     for (key, case) in gj["pipeline"].as_object().unwrap() {
@@ -638,7 +641,7 @@ fn controlnet_equals_diffusers() {
         }
         let global_pool = case.get("global_pool").and_then(|v| v.as_bool()) == Some(true);
         req.control = vec![ControlUnit {
-            model: if global_pool { pooled.clone() } else { folder.clone() },
+            model: ControlModel::ControlNet(if global_pool { pooled.clone() } else { folder.clone() }),
             image,
             weight: case["weight"].as_f64().unwrap(),
             start: case["start"].as_f64().unwrap(),
@@ -652,5 +655,102 @@ fn controlnet_equals_diffusers() {
         req.control.clear();
         let plain = pipe.generate_latents(&req, &mut |_| true).unwrap();
         assert!(rel_l2(&plain, &g[&format!("{key}.latents")]) > 1e-2, "controlnet {key}: no effect");
+    }
+}
+
+/// T2I-Adapters: the features of diffusers' `full_adapter_xl` (a folder, and a one-channel one as
+/// one file whose config is inferred), `full_adapter` and `light_adapter`; UNets with the features
+/// added inside their down blocks (tiny2, and small UNets with SDXL's and SD 1.5's block layouts:
+/// a block without attention adds after its downsampler and into its last skip, the fourth XL
+/// feature reaches the mid block); and `StableDiffusionXLAdapterPipeline`'s latents (weight,
+/// `adapter_conditioning_factor`, a batch, no CFG, a grey adapter given a colour map).
+/// tools/parity/make_t2i_adapter_fixtures.py.
+#[test]
+fn t2i_adapter_equals_diffusers() {
+    use loramix::sdxl::controlnet::{self, ControlModel, ControlUnit};
+    use loramix_models::sdxl::{ControlResiduals, T2IAdapter, T2IAdapterConfig, UNet2DConditionConfig, UNet2DConditionModel};
+    let pipe = load("tiny2");
+    let dir = common::fixture("tiny2");
+    let g = candle_core::safetensors::load(dir.join("t2i_adapter.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("t2i_adapter.json")).unwrap()).unwrap();
+    let adapter = |spec: &std::path::Path| match controlnet::load(spec.to_str().unwrap(), pipe.unet_config(), &Device::Cpu, candle_core::DType::F32).unwrap() {
+        ControlModel::Adapter(a) => a,
+        other => panic!("{spec:?} loaded as {other:?}"),
+    };
+    let folder = adapter(&dir.join("t2i_adapter"));
+    let grey = adapter(&dir.join("t2i_adapter_grey.safetensors"));
+    let c = grey.config();
+    assert_eq!((c.in_channels, c.downscale_factor, c.num_res_blocks, c.adapter_type.as_str()), (1, 4, 1, "full_adapter_xl"));
+    assert_eq!(c.channels, folder.config().channels);
+    let features = |a: &T2IAdapter, image: &str, key: &str| {
+        let f = a.forward(&g[image]).unwrap();
+        for (i, x) in f.iter().enumerate() {
+            assert_close(&format!("t2i-adapter {key} feature {i}"), x, &g[&format!("{key}.feature{i}")], 1e-4);
+        }
+        f
+    };
+    let f = features(&folder, "module.image", "module");
+    features(&grey, "module.image_grey", "grey");
+    let m = &gj["module"];
+    assert_eq!(f.len() as u64, m["features"].as_u64().unwrap());
+    let scale = m["scale"].as_f64().unwrap();
+    let repeat = |f: &[Tensor], k: f64| ControlResiduals { intrablock: f.iter().map(|x| (x * k).unwrap().repeat((2, 1, 1, 1)).unwrap()).collect(), ..Default::default() };
+    let added = AddedConditions { text_embeds: g["module.text_embeds"].clone(), time_ids: g["module.time_ids"].clone() };
+    let out = pipe.unet().unwrap().forward_controlled(&g["module.sample"], m["t"].as_f64().unwrap() as f32, &g["module.context"], Some(&added), Some(&repeat(&f, scale))).unwrap();
+    assert_close("tiny2 unet with t2i-adapter features", &out, &g["module.unet"], 1e-4);
+
+    // The other kinds, and UNets of other layouts, built from their files.
+    let extra = dir.join("t2i");
+    let open = |name: &str| {
+        let cfg = T2IAdapterConfig::from_json(serde_json::from_str(&std::fs::read_to_string(extra.join(format!("{name}.json"))).unwrap()).unwrap()).unwrap();
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[extra.join(format!("{name}.safetensors"))], candle_core::DType::F32, &Device::Cpu).unwrap() };
+        T2IAdapter::new(vb, &cfg).unwrap()
+    };
+    features(&open("full"), "small.image", "full");
+    features(&open("light"), "small.image", "light");
+    let unet = |name: &str| {
+        let d = extra.join(name);
+        let cfg: UNet2DConditionConfig = serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap();
+        let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(&[d.join("diffusion_pytorch_model.safetensors")], candle_core::DType::F32, &Device::Cpu).unwrap() };
+        UNet2DConditionModel::new(vb, &cfg).unwrap()
+    };
+    let s = &gj["small"];
+    let t = s["t"].as_f64().unwrap() as f32;
+    let xl_unet = unet("unet_xl_layout");
+    let xl = repeat(&open("xl8").forward(&g["small.image64"]).unwrap(), s["xl_scale"].as_f64().unwrap());
+    let out = xl_unet.forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&xl)).unwrap();
+    assert_close("SDXL-layout unet with 4 features (one at the mid block)", &out, &g["small.xl_unet"], 1e-4);
+    // The mid block's feature counts: without it the output is another.
+    let three = ControlResiduals { intrablock: xl.intrablock[..3].to_vec(), ..Default::default() };
+    let out3 = xl_unet.forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&three)).unwrap();
+    assert!(rel_l2(&out3, &g["small.xl_unet"]) > 1e-3, "the mid block's feature had no effect");
+    assert_close("SDXL-layout unet, no adapter", &xl_unet.forward(&g["small.sample"], t, &g["small.context"], None).unwrap(), &g["small.xl_unet_plain"], 1e-4);
+    let sd = repeat(&open("full4").forward(&g["small.image64"]).unwrap(), s["sd_scale"].as_f64().unwrap());
+    let out = unet("unet_sd_layout").forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&sd)).unwrap();
+    assert_close("SD 1.5-layout unet with the plain adapter's features", &out, &g["small.sd_unet"], 1e-4);
+    // A feature that does not fit is an error naming it, not a broadcast.
+    let e = unet("unet_sd_layout").forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&xl)).unwrap_err().to_string();
+    assert!(e.contains("t2i-adapter feature 0"), "{e}");
+
+    for (key, case) in gj["pipeline"].as_object().unwrap() {
+        let size = case["size"].as_array().unwrap();
+        let (h, w) = (size[0].as_u64().unwrap() as usize, size[1].as_u64().unwrap() as usize);
+        let mut req = request(case, None, (h, w));
+        let image = image::open(dir.join(case["image"].as_str().unwrap())).unwrap().to_rgb8();
+        let is_grey = case.get("grey").and_then(|v| v.as_bool()) == Some(true);
+        req.control = vec![ControlUnit {
+            model: ControlModel::Adapter(if is_grey { grey.clone() } else { folder.clone() }),
+            image,
+            weight: case["weight"].as_f64().unwrap(),
+            start: 0.0,
+            end: case["end"].as_f64().unwrap(),
+            resize_mode: loramix::sdxl::img2img::ResizeMode::CropAndResize,
+            guess_mode: false,
+        }];
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("t2i-adapter {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+        req.control.clear();
+        let plain = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert!(rel_l2(&plain, &g[&format!("{key}.latents")]) > 1e-2, "t2i-adapter {key}: no effect");
     }
 }

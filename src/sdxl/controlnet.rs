@@ -1,9 +1,12 @@
-//! ControlNets: opening one (a diffusers folder, one `.safetensors` file in diffusers names, or a
-//! hub repo), and the control units a generation runs.
+//! Control models: opening one (a diffusers folder, one `.safetensors` file in diffusers names, or
+//! a hub repo), and the control units a generation runs.
+//!
+//! A unit's model is a ControlNet or a T2I-Adapter, as in sd-webui-controlnet, which lists both
+//! as ControlNet models and runs both from a unit.
 //!
 //! A single file has no config. Its shape is read from its tensors; what the tensors cannot say
-//! (the attention heads, the normalisation, the timestep embedding's flavour) is the base UNet's,
-//! which the ControlNet was copied from.
+//! (a ControlNet's attention heads, normalisation and timestep flavour; whether an adapter is the
+//! SDXL kind) comes from the base UNet, which the model was made for.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,7 +14,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
-use loramix_models::sdxl::{ControlNetConfig, ControlNetModel, UNet2DConditionConfig};
+use loramix_models::adapter::Adaptable;
+use loramix_models::sdxl::{ControlNetConfig, ControlNetModel, ControlResiduals, T2IAdapter, T2IAdapterConfig, UNet2DConditionConfig};
 
 use super::img2img::ResizeMode;
 use super::model::{component_weights, read_json};
@@ -19,17 +23,50 @@ use crate::error::{Error, Result};
 use crate::hub::HubRepo;
 use crate::weights::{SafetensorsFile, WeightSource};
 
-/// One ControlNet applied to a generation (A1111's "ControlNet Unit").
+/// What a unit runs.
+#[derive(Debug, Clone)]
+pub enum ControlModel {
+    ControlNet(Arc<ControlNetModel>),
+    /// Runs once per pass (it sees only the control image); its features are added inside the
+    /// UNet's down blocks.
+    Adapter(Arc<T2IAdapter>),
+}
+
+impl ControlModel {
+    pub fn as_adaptable(&self) -> &dyn Adaptable {
+        match self {
+            Self::ControlNet(m) => m.as_ref(),
+            Self::Adapter(m) => m.as_ref(),
+        }
+    }
+
+    pub fn needs_guess_mode(&self) -> bool {
+        matches!(self, Self::ControlNet(m) if m.needs_guess_mode())
+    }
+}
+
+/// A unit's control input at one pass's size, made once per pass.
+#[derive(Debug, Clone)]
+pub enum PreparedControl {
+    /// The image a ControlNet sees at every step, `[rows, 3, H, W]`.
+    Image(Tensor),
+    /// A T2I-Adapter's features, already scaled by the unit's weight, one per block.
+    Features(ControlResiduals),
+}
+
+/// One control model applied to a generation (A1111's "ControlNet Unit").
 #[derive(Debug, Clone)]
 pub struct ControlUnit {
-    pub model: Arc<ControlNetModel>,
+    pub model: ControlModel,
     /// The control map as the model sees it (already preprocessed), at any size: it is fitted
     /// to each pass's size with `resize_mode`.
     pub image: RgbImage,
-    /// diffusers' `controlnet_conditioning_scale`, A1111's "Control Weight".
+    /// diffusers' `controlnet_conditioning_scale` / `adapter_conditioning_scale`, A1111's
+    /// "Control Weight".
     pub weight: f64,
     /// diffusers' `control_guidance_start` / `_end`, A1111's "Starting / Ending Control Step":
-    /// the fraction of the steps the unit acts on.
+    /// the fraction of the steps the unit acts on. An adapter's end is diffusers'
+    /// `adapter_conditioning_factor` (its start is always 0 there).
     pub start: f64,
     pub end: f64,
     pub resize_mode: ResizeMode,
@@ -47,14 +84,36 @@ impl ControlUnit {
         !((i as f64 / n) < self.start || ((i + 1) as f64 / n) > self.end)
     }
 
-    /// The control image for a latent of `(h, w)`, `[rows, 3, H, W]` in [0, 1].
-    pub fn cond_tensor(&self, (h, w): (usize, usize), rows: usize, device: &Device, dtype: DType) -> Result<Tensor> {
-        let f = self.model.config().downscale();
-        let img = super::img2img::resize_to(self.resize_mode, &self.image, (w * f) as u32, (h * f) as u32);
+    /// The control image for an image of `(h, w)` pixels, `[1, channels, h, w]` in [0, 1].
+    /// A one-channel adapter sees the map's luma, as PIL's `convert("L")` gives it (a grey map
+    /// such as canny's passes unchanged).
+    pub fn cond_tensor(&self, (h, w): (usize, usize), device: &Device, dtype: DType) -> Result<Tensor> {
+        let img = super::img2img::resize_to(self.resize_mode, &self.image, w as u32, h as u32);
         let (iw, ih) = img.dimensions();
-        let data: Vec<f32> = img.into_raw().into_iter().map(|v| v as f32 / 255.0).collect();
-        let t = Tensor::from_vec(data, (ih as usize, iw as usize, 3), device)?.permute((2, 0, 1))?.unsqueeze(0)?;
-        Ok(t.repeat((rows, 1, 1, 1))?.to_dtype(dtype)?)
+        let grey = matches!(&self.model, ControlModel::Adapter(a) if a.config().in_channels == 1);
+        let c = if grey { 1 } else { 3 };
+        let data: Vec<f32> = if grey {
+            img.pixels().map(|p| ((p[0] as u32 * 19595 + p[1] as u32 * 38470 + p[2] as u32 * 7471 + 0x8000) >> 16) as f32 / 255.0).collect()
+        } else {
+            img.into_raw().into_iter().map(|v| v as f32 / 255.0).collect()
+        };
+        let t = Tensor::from_vec(data, (ih as usize, iw as usize, c), device)?.permute((2, 0, 1))?.unsqueeze(0)?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// What the unit needs at every step of a pass making `(h, w)` pixels with `rows` batch rows:
+    /// the control image, or an adapter's weighted features (diffusers' adapter pipelines run
+    /// the adapter once and repeat its features over the batch and the CFG halves).
+    pub fn prepare(&self, size: (usize, usize), rows: usize, device: &Device, dtype: DType) -> Result<PreparedControl> {
+        let cond = self.cond_tensor(size, device, dtype)?;
+        Ok(match &self.model {
+            ControlModel::ControlNet(_) => PreparedControl::Image(cond.repeat((rows, 1, 1, 1))?),
+            ControlModel::Adapter(a) => {
+                let features = a.forward(&cond)?;
+                let intrablock = features.iter().map(|f| (f * self.weight)?.repeat((rows, 1, 1, 1))).collect::<candle_core::Result<Vec<_>>>()?;
+                PreparedControl::Features(ControlResiduals { intrablock, ..Default::default() })
+            }
+        })
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -68,44 +127,171 @@ impl ControlUnit {
                 self.start, self.end
             )));
         }
+        if self.guess_mode && matches!(self.model, ControlModel::Adapter(_)) {
+            return Err(Error::Argument("guess mode is for ControlNets; this unit's model is a T2I-Adapter".into()));
+        }
         Ok(())
     }
 }
 
-/// Opens a ControlNet for a model whose UNet has `base`'s config.
-pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DType) -> Result<ControlNetModel> {
+/// What kind of control model a folder's config or a file's tensor names say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    ControlNet,
+    Adapter,
+}
+
+/// Opens a ControlNet or a T2I-Adapter for a model whose UNet has `base`'s config.
+pub fn load(spec: &str, base: &UNet2DConditionConfig, device: &Device, dtype: DType) -> Result<ControlModel> {
     let p = Path::new(spec);
-    let (config, ws) = if p.is_dir() {
+    if crate::hub::is_repo_id(spec) && !p.exists() {
+        let dir = fetch_hub_controlnet(spec)?;
+        return load(&dir.to_string_lossy(), base, device, dtype);
+    }
+    let kind = if p.is_dir() {
         let cfg_path = p.join("config.json");
         if !cfg_path.is_file() {
-            return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel layout)"));
+            return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel or T2IAdapter layout)"));
         }
+        check_class(&read_json(&cfg_path)?).map_err(|m| Error::model(&cfg_path, m))?
+    } else if p.is_file() {
+        file_kind(&SafetensorsFile::open(p)?.names())
+    } else {
+        return Err(Error::Argument(format!("controlnet {spec:?}: no such file or folder, and not a Hugging Face repo id (owner/name)")));
+    };
+    match kind {
+        Kind::ControlNet => Ok(ControlModel::ControlNet(Arc::new(load_controlnet(p, base, device, dtype)?))),
+        Kind::Adapter => Ok(ControlModel::Adapter(Arc::new(load_adapter(p, base, device, dtype)?))),
+    }
+}
+
+/// Builds a model from `ws`, naming the file in a weights error.
+fn build<M>(ws: WeightSource, dtype: DType, device: &Device, new: impl FnOnce(candle_nn::VarBuilder<'static>) -> candle_core::Result<M>) -> Result<M> {
+    let label = ws.label().to_string();
+    new(ws.into_var_builder(dtype, device)).map_err(|e| {
+        // The weights' errors name their file already.
+        let m = e.to_string();
+        if m.contains(&label) { Error::Argument(m) } else { Error::model(PathBuf::from(label), m) }
+    })
+}
+
+fn load_controlnet(p: &Path, base: &UNet2DConditionConfig, device: &Device, dtype: DType) -> Result<ControlNetModel> {
+    let (config, ws) = if p.is_dir() {
+        let cfg_path = p.join("config.json");
         let json = read_json(&cfg_path)?;
-        check_class(&json).map_err(|m| Error::model(&cfg_path, m))?;
         let cfg = ControlNetConfig::from_json(json).map_err(|m| Error::model(&cfg_path, m))?;
         let files = component_weights(p)?;
         for f in &files {
             check_plain(&SafetensorsFile::open(f)?.names()).map_err(|m| Error::model(f, m))?;
         }
         (cfg, WeightSource::from_files(&files)?)
-    } else if p.is_file() {
+    } else {
         let file = SafetensorsFile::open(p)?;
         let cfg = infer_config(&file, base).map_err(|m| Error::model(p, m))?;
         check_plain(&file.names()).map_err(|m| Error::model(p, m))?;
         (cfg, WeightSource::from_files(&[p.to_path_buf()])?)
-    } else if crate::hub::is_repo_id(spec) {
-        let dir = fetch_hub_controlnet(spec)?;
-        return load(&dir.to_string_lossy(), base, device, dtype);
-    } else {
-        return Err(Error::Argument(format!("controlnet {spec:?}: no such file or folder, and not a Hugging Face repo id (owner/name)")));
     };
     check_fits(&config, base).map_err(|m| Error::model(p, m))?;
-    let label = ws.label().to_string();
-    ControlNetModel::new(ws.into_var_builder(dtype, device), &config).map_err(|e| {
-        // The weights' errors name their file already.
-        let m = e.to_string();
-        if m.contains(&label) { Error::Argument(m) } else { Error::model(PathBuf::from(label), m) }
-    })
+    build(ws, dtype, device, |vb| ControlNetModel::new(vb, &config))
+}
+
+fn load_adapter(p: &Path, base: &UNet2DConditionConfig, device: &Device, dtype: DType) -> Result<T2IAdapter> {
+    let (config, ws) = if p.is_dir() {
+        let cfg_path = p.join("config.json");
+        let cfg = T2IAdapterConfig::from_json(read_json(&cfg_path)?).map_err(|m| Error::model(&cfg_path, m))?;
+        let files = component_weights(p)?;
+        for f in &files {
+            check_adapter_plain(&SafetensorsFile::open(f)?.names()).map_err(|m| Error::model(f, m))?;
+        }
+        (cfg, WeightSource::from_files(&files)?)
+    } else {
+        let file = SafetensorsFile::open(p)?;
+        check_adapter_plain(&file.names()).map_err(|m| Error::model(p, m))?;
+        let cfg = infer_adapter_config(&file, base).map_err(|m| Error::model(p, m))?;
+        (cfg, WeightSource::from_files(&[p.to_path_buf()])?)
+    };
+    check_adapter_fits(&config, base).map_err(|m| Error::model(p, m))?;
+    build(ws, dtype, device, |vb| T2IAdapter::new(vb, &config))
+}
+
+/// A file whose tensors are all `adapter.*` is a diffusers T2I-Adapter; anything else is read
+/// as a ControlNet (whose checks then say what it is not).
+fn file_kind(names: &[String]) -> Kind {
+    if !names.is_empty() && names.iter().all(|n| n.starts_with("adapter.")) {
+        Kind::Adapter
+    } else {
+        Kind::ControlNet
+    }
+}
+
+/// A diffusers `T2IAdapter` has only `adapter.conv_in` and `adapter.body.*`: another prefix is a
+/// `MultiAdapter` or another model, which would load without the tensors it does not name.
+fn check_adapter_plain(names: &[String]) -> std::result::Result<(), String> {
+    let mut other: Vec<&str> = names.iter().map(String::as_str).filter(|n| !n.starts_with("adapter.conv_in.") && !n.starts_with("adapter.body.")).collect();
+    if other.is_empty() {
+        return Ok(());
+    }
+    other.sort();
+    Err(format!(
+        "tensors outside a diffusers T2IAdapter ({}{}): a MultiAdapter or another model, which is not supported here (give each adapter its own unit)",
+        other.iter().take(3).copied().collect::<Vec<_>>().join(", "),
+        if other.len() > 3 { format!(" and {} more", other.len() - 3) } else { String::new() }
+    ))
+}
+
+/// An adapter's feature widths must be the UNet's block widths, level for level.
+fn check_adapter_fits(c: &T2IAdapterConfig, base: &UNet2DConditionConfig) -> std::result::Result<(), String> {
+    let k = c.channels.len().min(base.block_out_channels.len());
+    if c.channels[..k] != base.block_out_channels[..k] {
+        return Err(format!(
+            "this T2I-Adapter's features ({:?} channels) do not match the model's UNet blocks ({:?}): an adapter for another architecture (SD 1.5 vs SDXL?)",
+            c.channels, base.block_out_channels
+        ));
+    }
+    Ok(())
+}
+
+/// The config of a T2I-Adapter stored as one file in diffusers names (sd-webui-controlnet's
+/// `t2i-adapter_diffusers_xl_*`). The plain and the SDXL adapter have the same tensors (they
+/// differ only in where they pool); the base UNet says which: an SDXL UNet (text-time added
+/// conditions) takes the SDXL kind.
+fn infer_adapter_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<T2IAdapterConfig, String> {
+    let names: BTreeSet<String> = f.names().into_iter().collect();
+    let shape = |n: &str| f.shape_of(n).ok_or_else(|| format!("tensor {n} is missing"));
+    let count = |prefix: &str| -> usize {
+        names.iter().filter_map(|n| n.strip_prefix(prefix)).filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0)
+    };
+    let blocks = count("adapter.body.");
+    let res = count("adapter.body.0.resnets.");
+    if blocks == 0 || res == 0 {
+        return Err("no adapter.body.N.resnets.M tensors".into());
+    }
+    let light = names.contains("adapter.body.0.out_conv.weight");
+    let (unshuffled, channels, ty) = if light {
+        // The last block repeats the widest width at half the size.
+        let channels = (0..blocks - 1).map(|i| shape(&format!("adapter.body.{i}.out_conv.weight")).map(|s| s[0])).collect::<std::result::Result<Vec<_>, _>>()?;
+        (shape("adapter.body.0.in_conv.weight")?[1], channels, "light_adapter")
+    } else {
+        let channels = (0..blocks).map(|i| shape(&format!("adapter.body.{i}.resnets.0.block1.weight")).map(|s| s[0])).collect::<std::result::Result<Vec<_>, _>>()?;
+        let ty = if base.addition_embed_type.as_deref() == Some("text_time") { "full_adapter_xl" } else { "full_adapter" };
+        (shape("adapter.conv_in.weight")?[1], channels, ty)
+    };
+    // `in_channels · downscale²` input channels after the pixel unshuffle: 3 (RGB) or 1 (grey)
+    // times a square; never both, since 3 is not a square.
+    let (in_channels, downscale) = [3usize, 1]
+        .iter()
+        .find_map(|&c| {
+            let d = ((unshuffled / c) as f64).sqrt().round() as usize;
+            (unshuffled % c == 0 && d * d * c == unshuffled).then_some((c, d))
+        })
+        .ok_or_else(|| format!("the adapter's input has {unshuffled} channels: not 3 or 1 channels times a square downscale"))?;
+    T2IAdapterConfig::from_json(serde_json::json!({
+        "in_channels": in_channels,
+        "channels": channels,
+        "num_res_blocks": res,
+        "downscale_factor": downscale,
+        "adapter_type": ty,
+    }))
 }
 
 /// Every tensor must belong to a plain `ControlNetModel`: the weights are read by name, so a
@@ -173,35 +359,54 @@ fn check_layout(names: &BTreeSet<String>) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Checks that `spec` (a folder or a file; a hub id is not looked at) holds a ControlNet this
-/// build reads, from its config and tensor names alone: what a server checks before it queues a
-/// job, so a wrong file is the request's fault, not a failed job.
+/// Checks that `spec` (a folder or a file; a hub id is not looked at) holds a ControlNet or a
+/// T2I-Adapter this build reads, from its config and tensor names alone: what a server checks
+/// before it queues a job, so a wrong file is the request's fault, not a failed job.
 pub fn inspect(spec: &str) -> Result<()> {
     let p = Path::new(spec);
     if p.is_dir() {
         let cfg_path = p.join("config.json");
         if !cfg_path.is_file() {
-            return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel layout)"));
+            return Err(Error::model(p, "a ControlNet folder needs config.json (diffusers' ControlNetModel or T2IAdapter layout)"));
         }
-        check_class(&read_json(&cfg_path)?).map_err(|m| Error::model(&cfg_path, m))?;
+        let json = read_json(&cfg_path)?;
+        let kind = check_class(&json).map_err(|m| Error::model(&cfg_path, m))?;
+        if kind == Kind::Adapter {
+            T2IAdapterConfig::from_json(json).map_err(|m| Error::model(&cfg_path, m))?;
+        }
         for f in component_weights(p)? {
-            check_plain(&SafetensorsFile::open(&f)?.names()).map_err(|m| Error::model(&f, m))?;
+            let names = SafetensorsFile::open(&f)?.names();
+            match kind {
+                Kind::ControlNet => check_plain(&names),
+                Kind::Adapter => check_adapter_plain(&names),
+            }
+            .map_err(|m| Error::model(&f, m))?;
         }
     } else if p.is_file() {
-        let names: BTreeSet<String> = SafetensorsFile::open(p)?.names().into_iter().collect();
+        let names = SafetensorsFile::open(p)?.names();
+        if file_kind(&names) == Kind::Adapter {
+            return check_adapter_plain(&names).map_err(|m| Error::model(p, m));
+        }
+        let names: BTreeSet<String> = names.into_iter().collect();
         check_layout(&names).map_err(|m| Error::model(p, m))?;
         check_plain(&names.into_iter().collect::<Vec<_>>()).map_err(|m| Error::model(p, m))?;
     }
     Ok(())
 }
 
-fn check_class(json: &serde_json::Value) -> std::result::Result<(), String> {
+fn check_class(json: &serde_json::Value) -> std::result::Result<Kind, String> {
     let class = json.get("_class_name").and_then(|c| c.as_str());
     let controlnet_keys = json.get("controlnet_conditioning_channel_order").is_some() || json.get("conditioning_embedding_out_channels").is_some();
-    if class == Some("ControlNetModel") || class.is_none() && controlnet_keys {
-        Ok(())
-    } else {
-        Err(format!("not a ControlNet config (_class_name {}): expected diffusers' ControlNetModel", class.unwrap_or("absent")))
+    match class {
+        Some("ControlNetModel") => Ok(Kind::ControlNet),
+        None if controlnet_keys => Ok(Kind::ControlNet),
+        Some("T2IAdapter") => Ok(Kind::Adapter),
+        None if json.get("adapter_type").is_some() => Ok(Kind::Adapter),
+        Some("MultiAdapter") => Err("a MultiAdapter folder is not supported: give each adapter its own unit".into()),
+        _ => Err(format!(
+            "not a ControlNet config (_class_name {}): expected diffusers' ControlNetModel or T2IAdapter",
+            class.unwrap_or("absent")
+        )),
     }
 }
 

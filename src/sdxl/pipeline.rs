@@ -9,7 +9,7 @@ use loramix_models::clip::{ClipTextConfig, ClipTextModel};
 use loramix_models::adapter::Adaptable;
 use loramix_models::{set_seamless, ConvBorders, Seamless};
 use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, ControlInput, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
-use crate::sdxl::controlnet::ControlUnit;
+use crate::sdxl::controlnet::{ControlModel, ControlUnit, PreparedControl};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -206,7 +206,8 @@ pub struct GenerateRequest {
     pub eta_noise_seed_delta: i64,
     /// Seamless (tileable) images: the UNet's and the VAE's convolutions wrap these borders.
     pub seamless: Seamless,
-    /// ControlNet units; their residuals add up (diffusers' `MultiControlNetModel`).
+    /// ControlNet and T2I-Adapter units; their residuals add up (diffusers'
+    /// `MultiControlNetModel` and `MultiAdapter`).
     pub control: Vec<ControlUnit>,
 }
 
@@ -621,7 +622,7 @@ impl SdxlPipeline {
         self.set_seamless(req.seamless);
         for unit in &req.control {
             unit.validate()?;
-            set_seamless(unit.model.as_ref(), req.seamless);
+            set_seamless(unit.model.as_adaptable(), req.seamless);
         }
         let latent_channels = self.vae_config.latent_channels;
         let in_channels = self.unet_config.in_channels;
@@ -828,7 +829,7 @@ impl SdxlPipeline {
         let mut context_views = RowViews::default();
         // The kept keys and values go with the generation, however it ends.
         let mut kept: Vec<&dyn Adaptable> = vec![unet];
-        kept.extend(req.control.iter().map(|u| u.model.as_ref() as &dyn Adaptable));
+        kept.extend(req.control.iter().map(|u| u.model.as_adaptable()));
         let _forget = ForgetKeptProducts(kept);
         let timesteps = sched.timesteps().to_vec();
         // The mixer counts sampling steps, not model calls: Heun and DPM2 take two entries of
@@ -841,9 +842,10 @@ impl SdxlPipeline {
             rng = BatchNoise::with_variation(req.seed.wrapping_add_signed(req.eta_noise_seed_delta), b, req.batch_seeds, variation.is_some());
         }
         let mut draw = |dims: &[usize]| -> Result<Tensor> { batch_randn(&mut rng, dims) };
-        // Each unit's control image at this pass's size, for every row, made once.
-        let control_images =
-            req.control.iter().map(|u| u.cond_tensor((h, w), rows, &self.device, self.dtype)).collect::<Result<Vec<_>>>()?;
+        // Each unit's control image at this pass's size, for every row, made once (an adapter's
+        // features too: it does not see the latent).
+        let vae_f = self.vae_scale_factor();
+        let prepared = req.control.iter().map(|u| u.prepare((h * vae_f, w * vae_f), rows, &self.device, self.dtype)).collect::<Result<Vec<_>>>()?;
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
             // A1111 counts the steps of this run (model calls) from 0.
             let key = entries(i - start_index);
@@ -857,11 +859,22 @@ impl SdxlPipeline {
             // own), with the same text and added conditions, on every row; a unit outside its
             // steps is not run (diffusers runs it at scale 0, which adds exact zeros).
             let mut control: Option<ControlResiduals> = None;
-            for (unit, cond) in req.control.iter().zip(&control_images) {
+            for (unit, prep) in req.control.iter().zip(&prepared) {
                 if !unit.acts_at(i - start_index, timesteps.len() - start_index) {
                     continue;
                 }
-                let guess = unit.guess_mode || unit.model.needs_guess_mode();
+                let (model, cond) = match (&unit.model, prep) {
+                    (ControlModel::ControlNet(m), PreparedControl::Image(cond)) => (m, cond),
+                    (_, PreparedControl::Features(r)) => {
+                        control = Some(match control {
+                            None => r.clone(),
+                            Some(acc) => acc.add(r)?,
+                        });
+                        continue;
+                    }
+                    (ControlModel::Adapter(_), PreparedControl::Image(_)) => return Err(Error::Argument("a T2I-Adapter unit was prepared as a ControlNet".into())),
+                };
+                let guess = unit.guess_mode || model.needs_guess_mode();
                 let x = input.to_dtype(self.dtype)?;
                 let r = if guess && cfg {
                     // diffusers' guess mode runs the ControlNet on the conditional rows only and
@@ -872,11 +885,11 @@ impl SdxlPipeline {
                     };
                     let context_c = context_views.rows(&context, b, b)?;
                     let cond_c = cond.narrow(0, b, b)?;
-                    let r = unit.model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), ControlInput { image: &cond_c, scale: unit.weight, guess: true })?;
+                    let r = model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), ControlInput { image: &cond_c, scale: unit.weight, guess: true })?;
                     let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
-                    ControlResiduals { down: r.down.iter().map(pad).collect::<Result<Vec<_>>>()?, mid: pad(&r.mid)? }
+                    ControlResiduals { down: r.down.iter().map(pad).collect::<Result<Vec<_>>>()?, mid: r.mid.as_ref().map(pad).transpose()?, intrablock: Vec::new() }
                 } else {
-                    unit.model.forward(&x, t as f32, &context, added.as_ref(), ControlInput { image: cond, scale: unit.weight, guess })?
+                    model.forward(&x, t as f32, &context, added.as_ref(), ControlInput { image: cond, scale: unit.weight, guess })?
                 };
                 control = Some(match control {
                     None => r,

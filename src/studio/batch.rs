@@ -178,8 +178,14 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
 }
 
 impl Manifest {
+    /// A JSONL manifest, or a PNG of ours or A1111's: one job that makes that image again (its
+    /// line number is 1).
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+            return Ok(Self::parse(&image_line(path)?));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a UTF-8 JSONL manifest (or a PNG): {e}") })?;
         Ok(Self::parse(&text))
     }
 
@@ -499,6 +505,25 @@ pub fn manifest_line(settings: &Settings, images: Option<usize>) -> Result<Strin
     serde_json::to_string(&v).map_err(|e| Error::Argument(e.to_string()))
 }
 
+/// The manifest line that makes the image at `path` again: its seed fixed; with per-image seeds
+/// that is the image alone, with a shared generator its batch kept whole, since its images share
+/// one noise stream.
+fn image_line(path: &Path) -> Result<String> {
+    let (mut s, rec) = super::metadata::settings_from_png(path)?;
+    s.batch_count = 1;
+    let images = match &rec {
+        Some(r) => {
+            s.seed = Some(r.seed);
+            if s.batch_seeds == crate::rng::BatchSeeds::PerImage {
+                s.batch_size = 1;
+            }
+            s.batch_size.max(1)
+        }
+        None => 1,
+    };
+    manifest_line(&s, Some(images))
+}
+
 /// The Gallery's "save as manifest": one line per distinct job among `images` that makes that
 /// image again (its seed fixed; with per-image seeds that is the image alone, with a shared
 /// generator its batch kept whole, since its images share one noise stream),
@@ -509,20 +534,7 @@ pub fn export_manifest(images: &[PathBuf], dest: &Path) -> Result<PathBuf> {
     }
     let mut lines: Vec<String> = vec![];
     for p in images {
-        let (settings, rec) = super::metadata::settings_from_png(p)?;
-        let mut s = settings;
-        s.batch_count = 1;
-        let images = match &rec {
-            Some(r) => {
-                s.seed = Some(r.seed);
-                if s.batch_seeds == crate::rng::BatchSeeds::PerImage {
-                    s.batch_size = 1;
-                }
-                s.batch_size.max(1)
-            }
-            None => 1,
-        };
-        let line = manifest_line(&s, Some(images))?;
+        let line = image_line(p)?;
         if !lines.contains(&line) {
             lines.push(line);
         }

@@ -1,15 +1,13 @@
-//! A job's ControlNet units: models loaded once and kept, control images read and preprocessed,
-//! and the names A1111's infotext gives them.
+//! A job's ControlNet units (ControlNets and T2I-Adapters): models loaded once and kept, control
+//! images read and preprocessed, and the names A1111's infotext gives them.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
-
-use loramix_models::sdxl::ControlNetModel;
+use std::sync::Mutex;
 
 use super::settings::ControlNetSetting;
 use crate::error::{Error, Result};
-use crate::sdxl::controlnet::{self, ControlUnit};
+use crate::sdxl::controlnet::{self, ControlModel, ControlUnit};
 use crate::sdxl::preprocessor::Preprocessor;
 use crate::SdxlPipeline;
 
@@ -18,7 +16,7 @@ use crate::SdxlPipeline;
 /// half a UNet).
 #[derive(Default)]
 pub struct ControlNets {
-    loaded: Mutex<Vec<(String, Arc<ControlNetModel>)>>,
+    loaded: Mutex<Vec<(String, ControlModel)>>,
 }
 
 impl ControlNets {
@@ -26,12 +24,12 @@ impl ControlNets {
         format!("{spec}\u{0}{:?}\u{0}{:?}\u{0}{:?}", pipe.unet_config().block_out_channels, pipe.dtype, pipe.device.location())
     }
 
-    fn get(&self, spec: &str, pipe: &SdxlPipeline) -> Result<Arc<ControlNetModel>> {
+    fn get(&self, spec: &str, pipe: &SdxlPipeline) -> Result<ControlModel> {
         let key = Self::key(spec, pipe);
         if let Some((_, m)) = self.loaded.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| *k == key) {
             return Ok(m.clone());
         }
-        let m = Arc::new(controlnet::load(spec, pipe.unet_config(), &pipe.device, pipe.dtype)?);
+        let m = controlnet::load(spec, pipe.unet_config(), &pipe.device, pipe.dtype)?;
         self.loaded.lock().unwrap_or_else(|e| e.into_inner()).push((key, m.clone()));
         Ok(m)
     }
@@ -51,7 +49,7 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
         .map(|(i, s)| {
             let named = |e: Error| in_unit(i, e);
             if s.model.is_empty() {
-                return Err(named(Error::Argument("no model: give a ControlNet folder, file or hub repo".into())));
+                return Err(named(Error::Argument("no model: give a ControlNet or T2I-Adapter folder, file or hub repo".into())));
             }
             if s.image.is_empty() {
                 return Err(named(Error::Argument("no control image".into())));

@@ -200,7 +200,7 @@ impl ControlNetModel {
         let emb = self.encoder.embed(c, b, t, dtype, dev, added)?;
         let context = context.to_dtype(dtype)?;
         let x = (self.encoder.conv_in.forward(sample)? + self.cond_embedding.forward(&cond.to_dtype(dtype)?)?)?;
-        let (x, skips) = self.encoder.down(x, &emb, &context)?;
+        let (x, skips, _) = self.encoder.down(x, &emb, &context, &[])?;
         let x = self.encoder.mid(&x, &emb, &context)?;
         let pool = |t: Tensor| -> Result<Tensor> {
             if self.config.extras.global_pool_conditions {
@@ -223,7 +223,7 @@ impl ControlNetModel {
             .map(|((s, z), &k)| pool((z.forward(s)? * k)?))
             .collect::<Result<Vec<_>>>()?;
         let mid = pool((self.mid_zero_conv.forward(&x)? * scales[n])?)?;
-        Ok(ControlResiduals { down, mid })
+        Ok(ControlResiduals { down, mid: Some(mid), intrablock: Vec::new() })
     }
 }
 

@@ -99,33 +99,61 @@ pub struct AddedConditions {
     pub time_ids: Tensor,
 }
 
-/// What a ControlNet adds to the UNet: one residual per skip connection (in the order the down
-/// blocks make them) and one for the mid block's output, already scaled by the control's weight.
-#[derive(Debug, Clone)]
+/// What control models add to the UNet, already scaled by each control's weight.
+///
+/// A ControlNet gives one residual per skip connection (in the order the down blocks make them)
+/// and one for the mid block's output; a T2I-Adapter gives feature maps that are added inside
+/// the down blocks and, where the shape fits, to the mid block's output (diffusers'
+/// `down_intrablock_additional_residuals`). Either list is empty when no such model runs.
+#[derive(Debug, Clone, Default)]
 pub struct ControlResiduals {
     pub down: Vec<Tensor>,
-    pub mid: Tensor,
+    pub mid: Option<Tensor>,
+    pub intrablock: Vec<Tensor>,
+}
+
+fn add_lists(what: &str, a: &[Tensor], b: &[Tensor]) -> Result<Vec<Tensor>> {
+    match (a.is_empty(), b.is_empty()) {
+        (_, true) => Ok(a.to_vec()),
+        (true, false) => Ok(b.to_vec()),
+        _ if a.len() != b.len() => Err(candle_core::Error::Msg(format!("{what} disagree on the number of residuals ({} and {})", a.len(), b.len()))),
+        _ => a.iter().zip(b).map(|(x, y)| x + y).collect(),
+    }
 }
 
 impl ControlResiduals {
-    /// The sum of two ControlNets' residuals (diffusers' `MultiControlNetModel`).
+    /// The sum of two control models' residuals (diffusers' `MultiControlNetModel` and
+    /// `MultiAdapter`).
     pub fn add(&self, other: &Self) -> Result<Self> {
-        if self.down.len() != other.down.len() {
-            return Err(candle_core::Error::Msg(format!(
-                "controlnets disagree on the number of skip connections ({} and {})",
-                self.down.len(),
-                other.down.len()
-            )));
-        }
-        let down = self.down.iter().zip(&other.down).map(|(a, b)| a + b).collect::<Result<Vec<_>>>()?;
-        Ok(Self { down, mid: (&self.mid + &other.mid)? })
+        let mid = match (&self.mid, &other.mid) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
+        Ok(Self {
+            down: add_lists("controlnets", &self.down, &other.down)?,
+            mid,
+            intrablock: add_lists("t2i-adapters", &self.intrablock, &other.intrablock)?,
+        })
     }
 
     /// Rows `[start, start + len)` of the batch.
     pub fn rows(&self, start: usize, len: usize) -> Result<Self> {
-        let down = self.down.iter().map(|d| d.narrow(0, start, len)).collect::<Result<Vec<_>>>()?;
-        Ok(Self { down, mid: self.mid.narrow(0, start, len)? })
+        let narrow = |v: &[Tensor]| v.iter().map(|d| d.narrow(0, start, len)).collect::<Result<Vec<_>>>();
+        Ok(Self { down: narrow(&self.down)?, mid: self.mid.as_ref().map(|m| m.narrow(0, start, len)).transpose()?, intrablock: narrow(&self.intrablock)? })
     }
+}
+
+/// `h + r` where a T2I-Adapter feature must fit exactly (diffusers adds in place, so a
+/// mismatch is an error there too); named so a wrong adapter says what it is.
+fn add_feature(h: &Tensor, r: &Tensor, k: usize) -> Result<Tensor> {
+    if h.dims() != r.dims() {
+        return Err(candle_core::Error::Msg(format!(
+            "t2i-adapter feature {k} is {:?}; the UNet's block gives {:?} (an adapter for another architecture, or an image size it cannot divide)",
+            r.dims(),
+            h.dims()
+        )));
+    }
+    h + r.to_dtype(h.dtype())?
 }
 
 /// The half of the UNet that a ControlNet copies: the embeddings, the input convolution, the down
@@ -226,15 +254,28 @@ impl UNetEncoder {
         Ok(emb)
     }
 
-    /// The down blocks from `h` (the input convolution's output): the last hidden state and
-    /// every skip connection, `h` itself first.
-    pub(crate) fn down(&self, mut h: Tensor, emb: &Tensor, context: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    /// The down blocks from `h` (the input convolution's output): the last hidden state, every
+    /// skip connection (`h` itself first) and how many of `intrablock` were used.
+    ///
+    /// T2I-Adapter features go in as diffusers puts them: a block with cross-attention adds
+    /// its feature after its last resnet/attention pair, before that skip is kept and before
+    /// the downsampler; a block without adds it to its output (after the downsampler), in
+    /// place, so its last skip has it too.
+    pub(crate) fn down(&self, mut h: Tensor, emb: &Tensor, context: &Tensor, intrablock: &[Tensor]) -> Result<(Tensor, Vec<Tensor>, usize)> {
         let mut skips = vec![h.clone()];
+        let mut used = 0;
         for block in &self.down_blocks {
+            let cross = !block.attentions.is_empty();
             for (j, resnet) in block.resnets.iter().enumerate() {
                 h = resnet.forward(&h, Some(emb))?;
                 if let Some(attn) = block.attentions.get(j) {
                     h = attn.forward(&h, context)?;
+                }
+                if cross && j + 1 == block.resnets.len() {
+                    if let Some(r) = intrablock.get(used) {
+                        h = add_feature(&h, r, used)?;
+                        used += 1;
+                    }
                 }
                 skips.push(h.clone());
             }
@@ -242,8 +283,17 @@ impl UNetEncoder {
                 h = d.forward(&h)?;
                 skips.push(h.clone());
             }
+            if !cross {
+                if let Some(r) = intrablock.get(used) {
+                    h = add_feature(&h, r, used)?;
+                    used += 1;
+                    if let Some(last) = skips.last_mut() {
+                        *last = h.clone();
+                    }
+                }
+            }
         }
-        Ok((h, skips))
+        Ok((h, skips, used))
     }
 
     pub(crate) fn mid(&self, h: &Tensor, emb: &Tensor, context: &Tensor) -> Result<Tensor> {
@@ -372,9 +422,15 @@ impl UNet2DConditionModel {
         let context = context.to_dtype(dtype)?;
 
         let h = self.encoder.conv_in.forward(sample)?;
-        let (h, mut skips) = self.encoder.down(h, &emb, &context)?;
+        let intrablock = control.map(|c| c.intrablock.as_slice()).unwrap_or_default();
+        let (h, mut skips, used) = self.encoder.down(h, &emb, &context, intrablock)?;
         let mut h = self.encoder.mid(&h, &emb, &context)?;
-        if let Some(control) = control {
+        // SDXL adapters have one more feature, for the mid block; diffusers adds it only where
+        // its shape is the mid block's (and ignores a feature left over).
+        if let Some(r) = intrablock.get(used).filter(|r| r.dims() == h.dims()) {
+            h = (h + r.to_dtype(dtype)?)?;
+        }
+        if let Some(control) = control.filter(|c| !c.down.is_empty() || c.mid.is_some()) {
             if control.down.len() != skips.len() {
                 return Err(candle_core::Error::Msg(format!(
                     "the ControlNet gives {} residuals; this UNet has {} skip connections (a ControlNet for another model?)",
@@ -386,7 +442,9 @@ impl UNet2DConditionModel {
             for (s, r) in skips.iter_mut().zip(&control.down) {
                 *s = s.broadcast_add(&r.to_dtype(dtype)?)?;
             }
-            h = h.broadcast_add(&control.mid.to_dtype(dtype)?)?;
+            if let Some(mid) = &control.mid {
+                h = h.broadcast_add(&mid.to_dtype(dtype)?)?;
+            }
         }
 
         for block in &self.up_blocks {

@@ -20,7 +20,8 @@ pub struct BatchArgs {
 enum BatchCommand {
     /// Run a JSONL manifest (exit status 2 when it finished but some lines are bad): one job per line, in the settings JSON our PNGs carry, plus
     /// `"images": N`. Images are named LLLLL-KKKK.png (manifest line, image); a valid file already
-    /// there is kept, so a restarted run finishes the job and a finished one does nothing.
+    /// there is kept, so a restarted run finishes the job and a finished one does nothing. A PNG
+    /// (ours, or A1111's infotext) in place of the manifest is one job that makes it again.
     Run(RunArgs),
 }
 

@@ -140,8 +140,9 @@ pub struct GenerateArgs {
     /// inside, stretch the edges over the rest).
     #[arg(long, default_value = "just_resize")]
     resize_mode: String,
-    /// A ControlNet (one unit each; repeatable, their guidance adds up): a diffusers folder, one
-    /// .safetensors in diffusers names (config read from its tensors), or a hub repo id.
+    /// A ControlNet or T2I-Adapter (one unit each; repeatable, their guidance adds up): a
+    /// diffusers folder, one .safetensors in diffusers names (config read from its tensors), or
+    /// a hub repo id.
     #[arg(long = "controlnet", value_name = "MODEL")]
     controlnets: Vec<String>,
     /// The picture each --controlnet reads (the control map itself with preprocessor none).
