@@ -320,4 +320,33 @@ fn controlnet_units_through_the_api() {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["detail"][0]["loc"], serde_json::json!(["body", "alwayson_scripts", "controlnet", "args", "1", field]), "{body}");
     }
+
+    // `/controlnet/detect`: the map a unit would follow, OpenCV's canny bit for bit.
+    let detect = |body: serde_json::Value| post(port, "/controlnet/detect", &body.to_string());
+    let (code, body) = detect(serde_json::json!({"controlnet_module": "canny", "controlnet_input_images": [b64.clone(), format!("data:image/png;base64,{b64}")],
+        "controlnet_processor_res": 512, "controlnet_threshold_a": 50.7, "controlnet_threshold_b": 80.2}));
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["info"], "Success");
+    let want = image::open(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/canny/shapes_50.7_80.2.png")).unwrap().to_rgb8().into_raw();
+    for img in v["images"].as_array().unwrap() {
+        let png = base64::engine::general_purpose::STANDARD.decode(img.as_str().unwrap()).unwrap();
+        assert!(image::load_from_memory(&png).unwrap().to_rgb8().into_raw() == want, "detect's map is not OpenCV's");
+    }
+    assert_eq!(v["images"].as_array().unwrap().len(), 2);
+    // -1 thresholds are the module's defaults.
+    let (_, body) = detect(serde_json::json!({"controlnet_module": "canny", "controlnet_input_images": [b64.clone()], "controlnet_threshold_a": -1, "controlnet_threshold_b": -1}));
+    let (_, body2) = detect(serde_json::json!({"controlnet_module": "canny", "controlnet_input_images": [b64.clone()], "controlnet_threshold_a": 100, "controlnet_threshold_b": 200}));
+    assert_eq!(body, body2);
+    for (bad, detail) in [
+        (serde_json::json!({"controlnet_module": "depth_zoe", "controlnet_input_images": [b64.clone()]}), "Module not available"),
+        (serde_json::json!({"controlnet_module": "canny", "controlnet_input_images": []}), "No image selected"),
+    ] {
+        let (code, body) = detect(bad);
+        assert_eq!(code, 422, "{body}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["detail"], detail);
+    }
+    let (code, body) = detect(serde_json::json!({"controlnet_module": "canny", "controlnet_input_images": [b64.clone(), "bm90IGFuIGltYWdl"]}));
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["detail"][0]["loc"], serde_json::json!(["body", "controlnet_input_images", "1"]));
 }

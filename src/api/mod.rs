@@ -526,6 +526,57 @@ async fn controlnet_module_list() -> Json<Value> {
     }}))
 }
 
+fn minus_one() -> f64 {
+    -1.0
+}
+fn none_module() -> String {
+    "none".into()
+}
+
+/// `POST /controlnet/detect`'s body (sd-webui-controlnet's `Body(...)` fields; others ignored).
+#[derive(serde::Deserialize)]
+struct DetectRequest {
+    #[serde(default = "none_module")]
+    controlnet_module: String,
+    #[serde(default)]
+    controlnet_input_images: Vec<String>,
+    /// -1: the module's default, as the extension's `bound_check_params`. (Its
+    /// `controlnet_processor_res` is accepted and unused: our preprocessors run at the image's
+    /// own size.)
+    #[serde(default = "minus_one")]
+    controlnet_threshold_a: f64,
+    #[serde(default = "minus_one")]
+    controlnet_threshold_b: f64,
+}
+
+/// sd-webui-controlnet's `POST /controlnet/detect`: each image's control map as a base64 PNG, so
+/// a client can see (or reuse) what a unit would follow. The extension answers an unknown module
+/// or no image with a 422 whose `detail` is a sentence; so does this.
+async fn controlnet_detect(body: Bytes) -> std::result::Result<Json<Value>, Response> {
+    let detail = |m: String| (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({"detail": m}))).into_response();
+    let req: DetectRequest = parse_body(&body).map_err(IntoResponse::into_response)?;
+    if !crate::sdxl::preprocessor::Preprocessor::NAMES.iter().any(|n| n.eq_ignore_ascii_case(req.controlnet_module.trim())) {
+        return Err(detail("Module not available".into()));
+    }
+    let threshold = |v: f64| (v != -1.0).then_some(v);
+    let pre = crate::sdxl::preprocessor::Preprocessor::parse(&req.controlnet_module, threshold(req.controlnet_threshold_a), threshold(req.controlnet_threshold_b))
+        .map_err(|e| detail(e.to_string()))?;
+    if req.controlnet_input_images.is_empty() {
+        return Err(detail("No image selected".into()));
+    }
+    let mut images = Vec::with_capacity(req.controlnet_input_images.len());
+    for (i, text) in req.controlnet_input_images.iter().enumerate() {
+        let at = |m: String| ApiError::from(FieldError { loc: ["body", "controlnet_input_images", &i.to_string()].map(String::from).to_vec(), msg: m }).into_response();
+        let raw = text.split_once(";base64,").map_or(text.as_str(), |(_, b)| b);
+        let bytes = base64::engine::general_purpose::STANDARD.decode(raw.trim()).map_err(|e| at(format!("expected a base64 image: {e}")))?;
+        let img = crate::sdxl::img2img::decode_image(&bytes).map_err(at)?;
+        let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e).into_response();
+        let map = tokio::task::spawn_blocking(move || pre.apply(&img)).await.map_err(|e| internal(e.to_string()))?;
+        images.push(b64(&crate::output::encode_png(&map, &[]).map_err(|e| internal(e.to_string()))?));
+    }
+    Ok(Json(json!({"info": "Success", "images": images})))
+}
+
 /// `/controlnet/version`: clients check it before sending units.
 async fn controlnet_version() -> Json<Value> {
     Json(json!({"version": 2}))
@@ -981,6 +1032,7 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/controlnet/model_list", get(controlnet_model_list))
         .route("/controlnet/module_list", get(controlnet_module_list))
         .route("/controlnet/version", get(controlnet_version))
+        .route("/controlnet/detect", post(controlnet_detect))
         .fallback(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not Found"}))) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_auth))
         .layer(DefaultBodyLimit::max(config.body_limit))

@@ -138,8 +138,17 @@ pub fn downsample_nearest(mask: &[f32], (in_h, in_w): (usize, usize), (h, w): (u
 /// `images.flatten(img, opts.img2img_background_color)` does by default.
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let img = image::open(path).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a readable image: {e}") })?;
+    Ok(flatten(img))
+}
+
+/// [`load_image`] of an image in memory (an API request's).
+pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    image::load_from_memory(bytes).map(flatten).map_err(|e| format!("not a readable image: {e}"))
+}
+
+fn flatten(img: image::DynamicImage) -> RgbImage {
     if !img.color().has_alpha() {
-        return Ok(img.to_rgb8());
+        return img.to_rgb8();
     }
     let rgba = img.to_rgba8();
     let mut out = RgbImage::new(rgba.width(), rgba.height());
@@ -149,7 +158,7 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
             o[c] = (p[c] as f32 * a + 255.0 * (1.0 - a)).round() as u8;
         }
     }
-    Ok(out)
+    out
 }
 
 /// Reads a mask (white = repaint). A mask with real transparency is read from its alpha (a

@@ -18,6 +18,9 @@ pub enum Preprocessor {
 }
 
 impl Preprocessor {
+    /// The module names [`Self::parse`] takes (case aside).
+    pub const NAMES: [&'static str; 4] = ["none", "canny", "invert", "invert (from white bg & black line)"];
+
     /// An A1111 module name (`none`, `canny`, `invert`, or `invert (from white bg & black line)`)
     /// with its two thresholds (A1111's "Threshold A / B"; canny's low and high, default 100
     /// and 200).

@@ -490,7 +490,9 @@ impl Studio {
                     g.on.then(|| g.loras.get(&key).cloned()).flatten()
                 };
                 if let Some(l) = batch_cached {
-                    self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats.loras_shared += 1;
+                    if !l.reports.is_empty() {
+                        self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats.loras_shared += 1;
+                    }
                     loaded_for.push((key.clone(), l));
                 }
             }
@@ -503,7 +505,10 @@ impl Studio {
                     }
                     let l = Arc::new(l);
                     let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-                    g.stats.loras_loaded += 1;
+                    // A job without LoRAs loads an empty set: nothing to count.
+                    if !l.reports.is_empty() {
+                        g.stats.loras_loaded += 1;
+                    }
                     if g.on {
                         if g.loras.len() >= 64 {
                             g.loras.clear();

@@ -6,7 +6,16 @@ use loramix::studio::{self, Axis};
 
 use crate::generate::{self, GenerateArgs};
 
+/// The generate flags a grid refuses (`generate::studio_settings` says why) are hidden from its
+/// help.
 #[derive(clap::Args)]
+#[command(
+    mut_arg("mix_trace", |a| a.hide(true)),
+    mut_arg("save_latents", |a| a.hide(true)),
+    mut_arg("init_noise", |a| a.hide(true)),
+    mut_arg("low_memory", |a| a.hide(true)),
+    mut_arg("vae_tiling", |a| a.hide(true))
+)]
 pub struct GridArgs {
     /// Columns: seed | subseed | subseed_strength | steps | cfg | sampler | schedule | size | width | height | clip_skip |
     /// prompt_sr | lora:NAME | mix | lbw | lbw:NAME | checkpoint | vae | denoise, then = and
