@@ -296,6 +296,18 @@ fn controlnet_units_through_the_api() {
     };
     let out = studio.generate(&settings, None, &tmp.path().join("direct"), &std::sync::atomic::AtomicBool::new(false), &mut |_| {}, &mut |_| {}).unwrap();
     assert!(image::open(&out[0]).unwrap().to_rgb8().into_raw() == api_pixels, "the API's unit is not the studio's");
+    // The extension's other control modes: written in the infotext, and they change the image.
+    for (mode, label) in [(serde_json::json!(2), "ControlNet is more important"), (serde_json::json!("My prompt is more important"), "My prompt is more important")] {
+        let mut u = unit.clone();
+        u["control_mode"] = mode;
+        let (code, body) = post(port, "/sdapi/v1/txt2img", &request(u));
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let info: serde_json::Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+        assert!(info["infotexts"][0].as_str().unwrap().contains(&format!("Control Mode: {label}")), "{info}");
+        let png = base64::engine::general_purpose::STANDARD.decode(v["images"][0].as_str().unwrap()).unwrap();
+        assert!(image::load_from_memory(&png).unwrap().to_rgb8().into_raw() != api_pixels, "{label} made the balanced image");
+    }
     // The saved image's record names a control image that outlives the request.
     let saved = std::fs::read_dir(tmp.path().join("out")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
     let (_, rec) = loramix::studio::settings_from_png(&saved).unwrap();
@@ -311,7 +323,8 @@ fn controlnet_units_through_the_api() {
         ("model", serde_json::json!({"model": "not-a-controlnet"})),
         ("image", serde_json::json!({"image": "not base64!"})),
         ("guidance_end", serde_json::json!({"guidance_start": 0.5, "guidance_end": 0.2})),
-        ("control_mode", serde_json::json!({"control_mode": "ControlNet is more important"})),
+        ("control_mode", serde_json::json!({"control_mode": "Whatever is more important"})),
+        ("control_mode", serde_json::json!({"control_mode": 1, "guessmode": true})),
     ] {
         let mut u = unit.clone();
         u.as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());

@@ -603,7 +603,7 @@ fn controlnet_equals_diffusers() {
     let m = &gj["module"];
     let (t, scale) = (m["t"].as_f64().unwrap() as f32, m["scale"].as_f64().unwrap());
     for (what, model) in [("folder", &*folder), ("single file", &*file)] {
-        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false }).unwrap();
+        let r = model.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false, soft: false }).unwrap();
         assert_eq!(r.down.len() as u64, m["down"].as_u64().unwrap());
         for (i, d) in r.down.iter().enumerate() {
             assert_close(&format!("controlnet {what} down {i}"), d, &g[&format!("module.down{i}")], 1e-4);
@@ -612,11 +612,19 @@ fn controlnet_equals_diffusers() {
         let out = pipe.unet().unwrap().forward_controlled(&g["module.sample"], t, &g["module.context"], Some(&added), Some(&r)).unwrap();
         assert_close(&format!("unet with {what} residuals"), &out, &g["module.unet"], 1e-4);
     }
+    // sd-webui-controlnet's soft injection: residual k of n weighted 0.825^(12 - k), the mid
+    // block's last (hook.py's `control_scales`, zipped with the model's outputs).
+    let soft = folder.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false, soft: true }).unwrap();
+    let n = soft.down.len();
+    for (k, d) in soft.down.iter().chain(soft.mid.as_ref()).enumerate() {
+        let golden = if k < n { g[&format!("module.down{k}")].clone() } else { g["module.mid"].clone() };
+        assert_close(&format!("soft residual {k}"), d, &(golden * 0.825f64.powi(12 - k as i32)).unwrap(), 1e-4);
+    }
     // A `-mid` / `-small`-style file: a cross-attention level (and so the mid block) without a
     // transformer block; its config is inferred.
     let small = controlnet(&dir.join("controlnet_small.safetensors"));
     assert_eq!(small.config().unet.transformer_layers().unwrap(), [1, 0]);
-    let r = small.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false }).unwrap();
+    let r = small.forward(&g["module.sample"], t, &g["module.context"], Some(&added), ControlInput { image: &g["module.cond"], scale, guess: false, soft: false }).unwrap();
     for (i, d) in r.down.iter().enumerate() {
         assert_close(&format!("controlnet small down {i}"), d, &g[&format!("small.down{i}")], 1e-4);
     }
@@ -648,6 +656,9 @@ fn controlnet_equals_diffusers() {
             end: case["end"].as_f64().unwrap(),
             resize_mode: loramix::sdxl::img2img::ResizeMode::CropAndResize,
             guess_mode: case.get("guess_mode").and_then(|v| v.as_bool()) == Some(true),
+            control_mode: Default::default(),
+            soft_injection: false,
+            soft_in_hires: false,
         }];
         let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
         assert_close(&format!("controlnet {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
@@ -746,6 +757,9 @@ fn t2i_adapter_equals_diffusers() {
             end: case["end"].as_f64().unwrap(),
             resize_mode: loramix::sdxl::img2img::ResizeMode::CropAndResize,
             guess_mode: false,
+            control_mode: Default::default(),
+            soft_injection: false,
+            soft_in_hires: false,
         }];
         let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
         assert_close(&format!("t2i-adapter {key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);

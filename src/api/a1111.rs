@@ -346,12 +346,14 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
             Some(Value::String(m)) => m.parse().map_err(|_| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
             Some(v) => return Err(err("resize_mode", format!("{v}: expected a resize mode"))),
         };
-        match o.get("control_mode") {
-            None | Some(Value::Null) => {}
-            Some(Value::Number(n)) if n.as_u64() == Some(0) => {}
-            Some(Value::String(m)) if m == "Balanced" => {}
-            Some(v) => return Err(err("control_mode", format!("{v}: only Balanced (0) is supported"))),
-        }
+        let control_mode = match o.get("control_mode") {
+            None | Some(Value::Null) => Default::default(),
+            Some(v @ (Value::Number(_) | Value::String(_))) => {
+                let t = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                t.parse::<crate::sdxl::controlnet::ControlMode>().map_err(|_| err("control_mode", format!("{v}: expected Balanced, My prompt is more important or ControlNet is more important (0, 1, 2)")))?
+            }
+            Some(v) => return Err(err("control_mode", format!("{v}: expected a control mode"))),
+        };
 
         let image = match o.get("image").or_else(|| o.get("input_image")) {
             None | Some(Value::Null) => None,
@@ -380,7 +382,11 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
             threshold_a,
             threshold_b,
             guess_mode,
+            control_mode,
         };
+        if setting.guess_mode && !setting.control_mode.is_balanced() {
+            return Err(err("control_mode", "guessmode and a control mode other than Balanced are two ways to favour the control: choose one".into()));
+        }
         for (field, v) in [("guidance_start", setting.guidance_start), ("guidance_end", setting.guidance_end)] {
             if !(0.0..=1.0).contains(&v) {
                 return Err(err(field, format!("{v}: expected 0 to 1")));

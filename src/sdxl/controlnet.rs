@@ -23,6 +23,77 @@ use crate::error::{Error, Result};
 use crate::hub::HubRepo;
 use crate::weights::{SafetensorsFile, WeightSource};
 
+/// sd-webui-controlnet's "Control Mode". Balanced applies the weight as it is. The other two
+/// use the extension's "soft injection": a ControlNet's residual k (of n, the mid block's last)
+/// is weighted `0.825^(12 - k)` (13 for SD 1.5, the first 10 of them for SDXL), an adapter's
+/// features `0.25, 0.62, 0.825, 1`; "ControlNet is more important" also takes the control off the
+/// unconditional half of CFG ("cfg injection").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case", try_from = "ControlModeText")]
+pub enum ControlMode {
+    #[default]
+    Balanced,
+    Prompt,
+    Control,
+}
+
+impl ControlMode {
+    pub const ALL: [ControlMode; 3] = [Self::Balanced, Self::Prompt, Self::Control];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Balanced => "balanced",
+            Self::Prompt => "prompt",
+            Self::Control => "control",
+        }
+    }
+
+    /// As the extension labels it (and writes it in infotext).
+    pub fn a1111_name(self) -> &'static str {
+        match self {
+            Self::Balanced => "Balanced",
+            Self::Prompt => "My prompt is more important",
+            Self::Control => "ControlNet is more important",
+        }
+    }
+
+    pub fn is_balanced(&self) -> bool {
+        *self == Self::Balanced
+    }
+}
+
+impl std::str::FromStr for ControlMode {
+    type Err = Error;
+    /// Our names, the extension's labels, or its API numbers (0, 1, 2).
+    fn from_str(s: &str) -> Result<Self> {
+        let t = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(t) || m.a1111_name().eq_ignore_ascii_case(t) || t.parse::<usize>().ok() == Self::ALL.iter().position(|x| x == m))
+            .ok_or_else(|| Error::Argument(format!("control mode {s:?}: expected balanced, prompt or control (or the extension's \"My prompt is more important\", \"ControlNet is more important\", 0, 1, 2)")))
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum ControlModeText {
+    Number(u64),
+    Name(String),
+}
+
+impl TryFrom<ControlModeText> for ControlMode {
+    type Error = String;
+    fn try_from(t: ControlModeText) -> std::result::Result<Self, String> {
+        match t {
+            ControlModeText::Number(n) => n.to_string().parse().map_err(|e: Error| e.to_string()),
+            ControlModeText::Name(s) => s.parse().map_err(|e: Error| e.to_string()),
+        }
+    }
+}
+
+/// The extension's soft-injection weights of an adapter's features, in order.
+const ADAPTER_SOFT_WEIGHTS: [f64; 4] = [0.25, 0.62, 0.825, 1.0];
+
 /// What a unit runs.
 #[derive(Debug, Clone)]
 pub enum ControlModel {
@@ -73,6 +144,13 @@ pub struct ControlUnit {
     /// diffusers' `guess_mode`: the ControlNet sees only the conditional rows, its residuals
     /// scaled from 0.1 to 1 (always on for a model whose config says `global_pool_conditions`).
     pub guess_mode: bool,
+    /// sd-webui-controlnet's control mode ([`ControlMode`]).
+    pub control_mode: ControlMode,
+    /// The extension's soft weights in this pass even when balanced.
+    pub soft_injection: bool,
+    /// Soft weights in the hires pass: sd-webui-controlnet forces them there for canny (and
+    /// mlsd) maps, "to reduce artifacts"; the hires request sets `soft_injection` from this.
+    pub soft_in_hires: bool,
 }
 
 impl ControlUnit {
@@ -101,16 +179,41 @@ impl ControlUnit {
         Ok(t.to_dtype(dtype)?)
     }
 
-    /// What the unit needs at every step of a pass making `(h, w)` pixels with `rows` batch rows:
-    /// the control image, or an adapter's weighted features (diffusers' adapter pipelines run
-    /// the adapter once and repeat its features over the batch and the CFG halves).
-    pub fn prepare(&self, size: (usize, usize), rows: usize, device: &Device, dtype: DType) -> Result<PreparedControl> {
+    /// Whether the extension's soft weights apply (a mode other than balanced, or forced).
+    pub fn soft(&self) -> bool {
+        self.soft_injection || !self.control_mode.is_balanced()
+    }
+
+    /// Whether the unconditional half of CFG goes without this unit's control (diffusers' guess
+    /// mode, the extension's "ControlNet is more important", or a pooled ControlNet).
+    pub fn cond_only(&self) -> bool {
+        self.guess_mode || self.control_mode == ControlMode::Control || self.model.needs_guess_mode()
+    }
+
+    /// What the unit needs at every step of a pass making `(h, w)` pixels with `rows` batch rows,
+    /// the first `uncond` of them CFG's unconditional half: the control image, or an adapter's
+    /// weighted features (diffusers' adapter pipelines run the adapter once and repeat its
+    /// features over the batch and the CFG halves).
+    pub fn prepare(&self, size: (usize, usize), rows: usize, uncond: usize, device: &Device, dtype: DType) -> Result<PreparedControl> {
         let cond = self.cond_tensor(size, device, dtype)?;
         Ok(match &self.model {
             ControlModel::ControlNet(_) => PreparedControl::Image(cond.repeat((rows, 1, 1, 1))?),
             ControlModel::Adapter(a) => {
                 let features = a.forward(&cond)?;
-                let intrablock = features.iter().map(|f| (f * self.weight)?.repeat((rows, 1, 1, 1))).collect::<candle_core::Result<Vec<_>>>()?;
+                // Soft weights zip with the features, as the extension's: a fifth feature has none.
+                let weights: Vec<f64> = if self.soft() { ADAPTER_SOFT_WEIGHTS.iter().map(|k| k * self.weight).collect() } else { vec![self.weight; features.len()] };
+                let intrablock = features
+                    .iter()
+                    .zip(&weights)
+                    .map(|(f, &k)| {
+                        let f = (f * k)?.repeat((rows, 1, 1, 1))?;
+                        if self.cond_only() && uncond > 0 {
+                            Tensor::cat(&[&f.narrow(0, 0, uncond)?.zeros_like()?, &f.narrow(0, uncond, rows - uncond)?], 0)
+                        } else {
+                            Ok(f)
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 PreparedControl::Features(ControlResiduals { intrablock, ..Default::default() })
             }
         })
@@ -129,6 +232,12 @@ impl ControlUnit {
         }
         if self.guess_mode && matches!(self.model, ControlModel::Adapter(_)) {
             return Err(Error::Argument("guess mode is for ControlNets; this unit's model is a T2I-Adapter".into()));
+        }
+        if self.guess_mode && !self.control_mode.is_balanced() {
+            return Err(Error::Argument(format!(
+                "guess mode (diffusers') and control mode {:?} (the extension's) are two ways to favour the control: choose one",
+                self.control_mode.a1111_name()
+            )));
         }
         Ok(())
     }

@@ -845,7 +845,8 @@ impl SdxlPipeline {
         // Each unit's control image at this pass's size, for every row, made once (an adapter's
         // features too: it does not see the latent).
         let vae_f = self.vae_scale_factor();
-        let prepared = req.control.iter().map(|u| u.prepare((h * vae_f, w * vae_f), rows, &self.device, self.dtype)).collect::<Result<Vec<_>>>()?;
+        let uncond = if cfg { b } else { 0 };
+        let prepared = req.control.iter().map(|u| u.prepare((h * vae_f, w * vae_f), rows, uncond, &self.device, self.dtype)).collect::<Result<Vec<_>>>()?;
         for (i, &t) in timesteps.iter().enumerate().skip(start_index) {
             // A1111 counts the steps of this run (model calls) from 0.
             let key = entries(i - start_index);
@@ -875,21 +876,23 @@ impl SdxlPipeline {
                     (ControlModel::Adapter(_), PreparedControl::Image(_)) => return Err(Error::Argument("a T2I-Adapter unit was prepared as a ControlNet".into())),
                 };
                 let guess = unit.guess_mode || model.needs_guess_mode();
+                let soft = unit.soft();
                 let x = input.to_dtype(self.dtype)?;
-                let r = if guess && cfg {
+                let r = if unit.cond_only() && cfg {
                     // diffusers' guess mode runs the ControlNet on the conditional rows only and
-                    // gives the unconditional rows zeros.
+                    // gives the unconditional rows zeros; the extension's "ControlNet is more
+                    // important" runs all rows and zeroes the unconditional ones: the same.
                     let added_c = match &added {
                         Some(a) => Some(AddedConditions { text_embeds: a.text_embeds.narrow(0, b, b)?, time_ids: a.time_ids.narrow(0, b, b)? }),
                         None => None,
                     };
                     let context_c = context_views.rows(&context, b, b)?;
                     let cond_c = cond.narrow(0, b, b)?;
-                    let r = model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), ControlInput { image: &cond_c, scale: unit.weight, guess: true })?;
+                    let r = model.forward(&x.narrow(0, b, b)?, t as f32, &context_c, added_c.as_ref(), ControlInput { image: &cond_c, scale: unit.weight, guess, soft })?;
                     let pad = |t: &Tensor| -> Result<Tensor> { Ok(Tensor::cat(&[&t.zeros_like()?, t], 0)?) };
                     ControlResiduals { down: r.down.iter().map(pad).collect::<Result<Vec<_>>>()?, mid: r.mid.as_ref().map(pad).transpose()?, intrablock: Vec::new() }
                 } else {
-                    model.forward(&x, t as f32, &context, added.as_ref(), ControlInput { image: cond, scale: unit.weight, guess })?
+                    model.forward(&x, t as f32, &context, added.as_ref(), ControlInput { image: cond, scale: unit.weight, guess, soft })?
                 };
                 control = Some(match control {
                     None => r,

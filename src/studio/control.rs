@@ -65,6 +65,10 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
                 end: s.guidance_end,
                 resize_mode: s.resize_mode,
                 guess_mode: s.guess_mode,
+                control_mode: s.control_mode,
+                // The extension forces its soft weights in the hires pass for canny maps.
+                soft_injection: false,
+                soft_in_hires: matches!(pre, Preprocessor::Canny { .. }),
             };
             unit.validate().map_err(named)?;
             Ok(unit)

@@ -143,5 +143,8 @@ pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents
         masked_content: MaskedContent::Original,
         latents: Some(latents.to_dtype(DType::F32)?),
     });
+    for u in &mut req.control {
+        u.soft_injection |= u.soft_in_hires;
+    }
     Ok(req)
 }

@@ -33,7 +33,12 @@ fn controlnet_unit_text(c: &super::ControlNetSetting) -> String {
     if let Ok(crate::sdxl::preprocessor::Preprocessor::Canny { low, high }) = module {
         t.push_str(&format!(", Threshold A: {low}, Threshold B: {high}"));
     }
-    t.push_str(&format!(", Guidance Start: {}, Guidance End: {}, Pixel Perfect: False, Control Mode: Balanced", c.guidance_start, c.guidance_end));
+    t.push_str(&format!(
+        ", Guidance Start: {}, Guidance End: {}, Pixel Perfect: False, Control Mode: {}",
+        c.guidance_start,
+        c.guidance_end,
+        c.control_mode.a1111_name()
+    ));
     if c.guess_mode {
         // The extension's field from before control modes.
         t.push_str(", Guess Mode: True");

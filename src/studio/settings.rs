@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mix;
 use crate::rng::BatchSeeds;
+use crate::sdxl::controlnet::ControlMode;
 use crate::sdxl::img2img::{MaskedContent, ResizeMode};
 
 /// One LoRA of a job.
@@ -158,6 +159,10 @@ pub struct ControlNetSetting {
     /// conditional half of CFG only, with its residuals scaled from 0.1 to 1.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub guess_mode: bool,
+    /// The extension's "Control Mode" (`balanced`, `prompt`, `control`; its labels and numbers
+    /// are read too).
+    #[serde(skip_serializing_if = "ControlMode::is_balanced")]
+    pub control_mode: ControlMode,
 }
 
 impl Default for ControlNetSetting {
@@ -173,6 +178,7 @@ impl Default for ControlNetSetting {
             threshold_a: None,
             threshold_b: None,
             guess_mode: false,
+            control_mode: ControlMode::Balanced,
         }
     }
 }

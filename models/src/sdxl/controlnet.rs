@@ -125,6 +125,9 @@ pub struct ControlInput<'a> {
     /// The residuals scaled from 0.1 at the first skip to 1 at the mid block
     /// (`torch.logspace(-1, 0, n + 1)`), unless the model pools them.
     pub guess: bool,
+    /// sd-webui-controlnet's soft injection: residual k (the mid block's last) scaled by
+    /// `0.825^(12 - k)`, as the extension computes it for SD 1.5's 13 and SDXL's first 10.
+    pub soft: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -179,7 +182,7 @@ impl ControlNetModel {
     }
 
     fn forward_on_pool(&self, sample: &Tensor, t: f32, context: &Tensor, added: Option<&AddedConditions>, control: ControlInput) -> Result<ControlResiduals> {
-        let ControlInput { image: cond, scale, guess } = control;
+        let ControlInput { image: cond, scale, guess, soft } = control;
         let c = &self.config.unet;
         let (b, _, h, w) = sample.dims4()?;
         let (dtype, dev) = (sample.dtype(), sample.device());
@@ -210,7 +213,9 @@ impl ControlNetModel {
             }
         };
         let n = skips.len();
-        let scales: Vec<f64> = if guess && !self.config.extras.global_pool_conditions {
+        let scales: Vec<f64> = if soft {
+            (0..=n).map(|k| scale * 0.825f64.powf(12.0 - k as f64)).collect()
+        } else if guess && !self.config.extras.global_pool_conditions {
             // torch.logspace in f32, as diffusers computes it.
             (0..=n).map(|k| (10f32.powf(-1.0 + k as f32 / n as f32)) as f64 * scale).collect()
         } else {

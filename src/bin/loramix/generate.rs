@@ -177,6 +177,11 @@ pub struct GenerateArgs {
     /// residuals scaled from 0.1 (first skip) to 1 (mid block).
     #[arg(long = "control-guess-mode")]
     control_guess_mode: bool,
+    /// sd-webui-controlnet's Control Mode: balanced (the default), prompt ("My prompt is more
+    /// important": the extension's soft weights) or control ("ControlNet is more important":
+    /// soft weights on the conditional half of CFG only); the extension's labels work too.
+    #[arg(long = "control-mode", value_name = "MODE")]
+    control_modes: Vec<String>,
     /// Outpainting: grow the canvas by N pixels on every side, or L,T,R,B, and repaint the border.
     #[arg(long)]
     outpaint: Option<String>,
@@ -284,6 +289,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
             ("--control-threshold-a", a.control_thresholds_a.len()),
             ("--control-threshold-b", a.control_thresholds_b.len()),
             ("--control-guess-mode", a.control_guess_mode as usize),
+            ("--control-mode", a.control_modes.len()),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, k)| *k > 0) {
             anyhow::bail!("{flag} needs --controlnet MODEL");
@@ -298,6 +304,10 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
             let resize_mode = match pick("--control-resize-mode", &a.control_resize_modes, n, i)? {
                 Some(m) => m.parse().with_context(|| format!("--control-resize-mode {m}"))?,
                 None => d.resize_mode,
+            };
+            let control_mode = match pick("--control-mode", &a.control_modes, n, i)? {
+                Some(m) => m.parse().with_context(|| format!("--control-mode {m}"))?,
+                None => d.control_mode,
             };
             let module = pick("--control-preprocessor", &a.control_preprocessors, n, i)?.unwrap_or(d.module);
             let (ta, tb) = (pick("--control-threshold-a", &a.control_thresholds_a, n, i)?, pick("--control-threshold-b", &a.control_thresholds_b, n, i)?);
@@ -316,6 +326,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
                 threshold_a: ta,
                 threshold_b: tb,
                 guess_mode: a.control_guess_mode,
+                control_mode,
             })
         })
         .collect()

@@ -28,7 +28,7 @@ export function defaultInit(image: string): InitSettings {
 
 /** One ControlNet unit with sd-webui-controlnet's names (src/studio/settings.rs ControlNetSetting). */
 export interface ControlNetSetting {
-  /** A diffusers ControlNet folder, one .safetensors in diffusers names, or a hub repo id. */
+  /** A diffusers ControlNet or T2I-Adapter folder, one .safetensors in diffusers names, or a hub repo id. */
   model: string;
   /** The picture the preprocessor reads (the control map itself with "none"). */
   image: string;
@@ -43,10 +43,12 @@ export interface ControlNetSetting {
   /** canny: low and high thresholds; null = 100 and 200. */
   threshold_a?: number | null;
   threshold_b?: number | null;
+  /** sd-webui-controlnet's "Control Mode": Balanced, "My prompt is more important", "ControlNet is more important". */
+  control_mode?: "balanced" | "prompt" | "control";
 }
 
 export function defaultControlUnit(): ControlNetSetting {
-  return { model: "", image: "", module: "none", weight: 1, guidance_start: 0, guidance_end: 1, resize_mode: "crop_and_resize", threshold_a: null, threshold_b: null };
+  return { model: "", image: "", module: "none", weight: 1, guidance_start: 0, guidance_end: 1, resize_mode: "crop_and_resize", threshold_a: null, threshold_b: null, control_mode: "balanced" };
 }
 
 export interface Settings {
