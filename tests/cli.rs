@@ -942,4 +942,10 @@ fn controlnet_from_the_command_line() {
     assert!(e.contains("controlnet unit 0") && e.contains("not a ControlNet config"), "{e}");
     let e = err(&["--controlnet", adapter.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--control-guess-mode"]);
     assert!(e.contains("controlnet unit 0") && e.contains("guess mode is for ControlNets"), "{e}");
+    // An adapter's sizes are checked before the first pass, the hires pass's included.
+    let e = err(&["--controlnet", adapter.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--width", "46", "--height", "32"]);
+    assert!(e.contains("controlnet unit 0") && e.contains("46x32") && e.contains("multiples of 4"), "{e}");
+    let e = err(&["--controlnet", adapter.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--width", "48", "--height", "32", "--hr-scale", "1.3"]);
+    assert!(e.contains("in the hires pass") && e.contains("62x40"), "{e}");
+    assert!(!e.contains("hires fix:"), "the first pass ran: {e}");
 }

@@ -540,7 +540,7 @@ struct DetectRequest {
     controlnet_module: String,
     #[serde(default)]
     controlnet_input_images: Vec<String>,
-    /// -1: the module's default, as the extension's `bound_check_params`. (Its
+    /// Negative (-1): the module's default, as the extension's `bound_check_params`. (Its
     /// `controlnet_processor_res` is accepted and unused: our preprocessors run at the image's
     /// own size.)
     #[serde(default = "minus_one")]
@@ -558,7 +558,8 @@ async fn controlnet_detect(body: Bytes) -> std::result::Result<Json<Value>, Resp
     if !crate::sdxl::preprocessor::Preprocessor::NAMES.iter().any(|n| n.eq_ignore_ascii_case(req.controlnet_module.trim())) {
         return Err(detail("Module not available".into()));
     }
-    let threshold = |v: f64| (v != -1.0).then_some(v);
+    // Any negative value is the module's default, as the extension's `bound_check_params`.
+    let threshold = |v: f64| (v >= 0.0).then_some(v);
     let pre = crate::sdxl::preprocessor::Preprocessor::parse(&req.controlnet_module, threshold(req.controlnet_threshold_a), threshold(req.controlnet_threshold_b))
         .map_err(|e| detail(e.to_string()))?;
     if req.controlnet_input_images.is_empty() {

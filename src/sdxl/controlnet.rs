@@ -157,9 +157,38 @@ impl ControlUnit {
     /// Whether the unit acts at entry `i` of the `n` schedule entries this run takes (diffusers'
     /// `controlnet_keep`: entries, so Heun's and DPM2's two model calls per step count twice, and
     /// an img2img run counts from its first step).
+    /// An adapter ends as diffusers' adapter pipelines count: while `i < ⌊n · end⌋` (which can
+    /// differ from the ControlNet rule by one step where `n · end` rounds down).
     pub fn acts_at(&self, i: usize, n: usize) -> bool {
-        let n = n as f64;
-        !((i as f64 / n) < self.start || ((i + 1) as f64 / n) > self.end)
+        let nf = n as f64;
+        if (i as f64 / nf) < self.start {
+            return false;
+        }
+        match self.model {
+            ControlModel::Adapter(_) => i < (nf * self.end) as usize,
+            ControlModel::ControlNet(_) => ((i + 1) as f64 / nf) <= self.end,
+        }
+    }
+
+    /// Whether this unit can run on an image of `(w, h)` pixels from a VAE that downscales by
+    /// `vae_factor`: an adapter unshuffles the image by its downscale factor, which must divide
+    /// both sides and put its first feature where the UNet's blocks are (SDXL's kind: half the
+    /// latent; the others: the latent).
+    pub fn check_size(&self, (w, h): (usize, usize), vae_factor: usize) -> Result<()> {
+        let ControlModel::Adapter(a) = &self.model else { return Ok(()) };
+        let c = a.config();
+        let want = if c.adapter_type == "full_adapter_xl" { 2 * vae_factor } else { vae_factor };
+        if c.downscale_factor != want {
+            return Err(Error::Argument(format!(
+                "this T2I-Adapter ({}) unshuffles the image by {}; this model needs {want} (an adapter made for another architecture, SD 1.5 vs SDXL?)",
+                c.adapter_type, c.downscale_factor
+            )));
+        }
+        let d = c.downscale_factor;
+        if w % d != 0 || h % d != 0 {
+            return Err(Error::Argument(format!("the image is {w}x{h}; this T2I-Adapter needs sides that are multiples of {d}: give such a width and height (and hires scale)")));
+        }
+        Ok(())
     }
 
     /// The control image for an image of `(h, w)` pixels, `[1, channels, h, w]` in [0, 1].
@@ -366,7 +395,8 @@ fn check_adapter_fits(c: &T2IAdapterConfig, base: &UNet2DConditionConfig) -> std
 /// conditions) takes the SDXL kind.
 fn infer_adapter_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<T2IAdapterConfig, String> {
     let names: BTreeSet<String> = f.names().into_iter().collect();
-    let shape = |n: &str| f.shape_of(n).ok_or_else(|| format!("tensor {n} is missing"));
+    // Weights are matrices or kernels: at least two dimensions, so [0] and [1] exist.
+    let shape = |n: &str| f.shape_of(n).filter(|s| s.len() >= 2).ok_or_else(|| format!("tensor {n} is missing or not a weight (fewer than 2 dimensions)"));
     let count = |prefix: &str| -> usize {
         names.iter().filter_map(|n| n.strip_prefix(prefix)).filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok()).map(|i| i + 1).max().unwrap_or(0)
     };
@@ -462,8 +492,14 @@ fn check_layout(names: &BTreeSet<String>) -> std::result::Result<(), String> {
     if names.iter().any(|n| n.starts_with("control_model.") || n.starts_with("input_hint_block.") || n.starts_with("zero_convs.")) {
         return Err("this ControlNet is in the original (LDM) layout; convert it to diffusers names (diffusers' ControlNetModel.from_single_file) or use a diffusers ControlNet".into());
     }
+    if names.iter().any(|n| n.starts_with("body.")) && names.iter().any(|n| n == "conv_in.weight" || n.starts_with("body.0.in_conv.")) {
+        return Err("this T2I-Adapter is in TencentARC's original layout (body.*, conv_in.*); convert it to diffusers names (T2IAdapter, tensors adapter.*) or use a diffusers T2I-Adapter".into());
+    }
+    if names.iter().any(|n| n.starts_with("adapters.")) {
+        return Err("a MultiAdapter file is not supported: give each adapter its own unit".into());
+    }
     if !names.contains("controlnet_cond_embedding.conv_in.weight") {
-        return Err("not a ControlNet in diffusers names: no controlnet_cond_embedding.conv_in.weight".into());
+        return Err("neither a ControlNet nor a T2I-Adapter in diffusers names (no controlnet_cond_embedding.conv_in.weight, and not every tensor is adapter.*)".into());
     }
     Ok(())
 }
@@ -524,7 +560,8 @@ fn check_class(json: &serde_json::Value) -> std::result::Result<Kind, String> {
 fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::result::Result<ControlNetConfig, String> {
     let names: BTreeSet<String> = f.names().into_iter().collect();
     check_layout(&names)?;
-    let shape = |n: &str| f.shape_of(n).ok_or_else(|| format!("tensor {n} is missing"));
+    // Weights are matrices or kernels: at least two dimensions, so [0] and [1] exist.
+    let shape = |n: &str| f.shape_of(n).filter(|s| s.len() >= 2).ok_or_else(|| format!("tensor {n} is missing or not a weight (fewer than 2 dimensions)"));
     let count = |prefix: &str| -> usize {
         names
             .iter()
@@ -558,7 +595,7 @@ fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::resul
             // transformer block (depth 0: only the projections).
             depth.push(count(&format!("{attn}transformer_blocks.")));
             linear = shape(&format!("{attn}proj_in.weight"))?.len() == 2;
-            if let Some(k) = f.shape_of(&format!("{attn}transformer_blocks.0.attn2.to_k.weight")) {
+            if let Some(k) = f.shape_of(&format!("{attn}transformer_blocks.0.attn2.to_k.weight")).filter(|k| k.len() >= 2) {
                 context = k[1];
             }
         } else {
@@ -585,12 +622,12 @@ fn infer_config(f: &SafetensorsFile, base: &UNet2DConditionConfig) -> std::resul
     let embed_in = shape("controlnet_cond_embedding.conv_in.weight")?;
     let mut embed_channels = vec![embed_in[0]];
     for k in 0.. {
-        match f.shape_of(&format!("controlnet_cond_embedding.blocks.{}.weight", 2 * k + 1)) {
+        match f.shape_of(&format!("controlnet_cond_embedding.blocks.{}.weight", 2 * k + 1)).filter(|s| !s.is_empty()) {
             Some(s) => embed_channels.push(s[0]),
             None => break,
         }
     }
-    let add = f.shape_of("add_embedding.linear_1.weight");
+    let add = f.shape_of("add_embedding.linear_1.weight").filter(|s| s.len() >= 2);
     let v = serde_json::json!({
         "in_channels": conv_in[1],
         "conditioning_channels": embed_in[1],
@@ -651,6 +688,33 @@ fn fetch_hub_controlnet(repo: &str) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// diffusers' adapter pipelines stop at `i < int(n * factor)`: with 50 steps and 0.58 that
+    /// is 28 steps, where the ControlNet rule gives 29 (50 · 0.58 rounds below 29).
+    #[test]
+    fn an_adapter_ends_as_diffusers_counts() {
+        let cfg = T2IAdapterConfig { in_channels: 3, channels: vec![4, 8, 8, 8], num_res_blocks: 1, downscale_factor: 4, adapter_type: "full_adapter_xl".into() };
+        let adapter = T2IAdapter::new(candle_nn::VarBuilder::zeros(DType::F32, &Device::Cpu), &cfg).unwrap();
+        let mut unit = ControlUnit {
+            model: ControlModel::Adapter(Arc::new(adapter)),
+            image: RgbImage::new(1, 1),
+            weight: 1.0,
+            start: 0.0,
+            end: 0.58,
+            resize_mode: ResizeMode::CropAndResize,
+            guess_mode: false,
+            control_mode: ControlMode::Balanced,
+            soft_injection: false,
+            soft_in_hires: false,
+        };
+        assert_eq!((0..50).filter(|&i| unit.acts_at(i, 50)).count(), 28);
+        unit.start = 0.1;
+        assert_eq!((0..50).filter(|&i| unit.acts_at(i, 50)).collect::<Vec<_>>(), (5..28).collect::<Vec<_>>());
+        // Sizes: multiples of the unshuffle, and the XL kind at twice the VAE's factor.
+        assert!(unit.check_size((48, 32), 2).is_ok());
+        assert!(unit.check_size((46, 32), 2).unwrap_err().to_string().contains("multiples of 4"));
+        assert!(unit.check_size((48, 32), 4).unwrap_err().to_string().contains("another architecture"));
+    }
 
     #[test]
     fn variants_with_more_modules_are_refused() {

@@ -620,8 +620,9 @@ impl SdxlPipeline {
             return Err(Error::Argument(SEAMLESS_UNTILED.into()));
         }
         self.set_seamless(req.seamless);
-        for unit in &req.control {
+        for (k, unit) in req.control.iter().enumerate() {
             unit.validate()?;
+            unit.check_size((width, height), self.vae_scale_factor()).map_err(|e| Error::Argument(format!("controlnet unit {k}: {e}")))?;
             set_seamless(unit.model.as_adaptable(), req.seamless);
         }
         let latent_channels = self.vae_config.latent_channels;

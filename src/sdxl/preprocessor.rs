@@ -18,7 +18,7 @@ pub enum Preprocessor {
 }
 
 impl Preprocessor {
-    /// The module names [`Self::parse`] takes (case aside).
+    /// The module names [`Self::parse`] takes (case aside); a unit test checks each parses.
     pub const NAMES: [&'static str; 4] = ["none", "canny", "invert", "invert (from white bg & black line)"];
 
     /// An A1111 module name (`none`, `canny`, `invert`, or `invert (from white bg & black line)`)
@@ -171,6 +171,15 @@ pub fn canny(img: &RgbImage, low: f64, high: f64) -> GrayImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_name_parses() {
+        for n in Preprocessor::NAMES {
+            assert!(Preprocessor::parse(n, None, None).is_ok(), "{n}");
+            assert!(Preprocessor::parse(&n.to_uppercase(), None, None).is_ok(), "{n}");
+        }
+        assert!(Preprocessor::parse("depth_zoe", None, None).is_err());
+    }
 
     /// Equal to OpenCV's `cv2.Canny` on shapes, noise, a ramp and a 3×2 image, over thresholds
     /// that are swapped, fractional (floored) and zero (tools/parity/make_canny_fixtures.py).

@@ -11,9 +11,9 @@ use crate::sdxl::controlnet::{self, ControlModel, ControlUnit};
 use crate::sdxl::preprocessor::Preprocessor;
 use crate::SdxlPipeline;
 
-/// ControlNets loaded for the last job, by what was asked for and the model they serve: the next
-/// job with the same units reuses them, and one with others lets them go (each is the size of
-/// half a UNet).
+/// Control models loaded for the last job, by what was asked for and the model they serve: the
+/// next job with the same units reuses them, and one with others lets them go (a ControlNet is
+/// the size of half a UNet).
 #[derive(Default)]
 pub struct ControlNets {
     loaded: Mutex<Vec<(String, ControlModel)>>,
@@ -74,6 +74,21 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
             Ok(unit)
         })
         .collect()
+}
+
+/// Checks that every pass's size (`(w, h)`, and the hires pass's) suits the units' adapters,
+/// before the first pass runs, saying where the size came from.
+pub fn check_pass_sizes(control: &[ControlUnit], (w, h): (usize, usize), from_init: bool, hires: Option<&super::HiresSettings>, vae_factor: usize) -> Result<()> {
+    let mut sizes = vec![((w, h), if from_init { " (the size from the init image and the width/height)" } else { "" })];
+    if let Some(hr) = hires {
+        sizes.push((super::hires_size(hr, (w, h), vae_factor)?, " in the hires pass"));
+    }
+    for (size, from) in sizes {
+        for (k, u) in control.iter().enumerate() {
+            u.check_size(size, vae_factor).map_err(|e| Error::Argument(format!("controlnet unit {k}{from}: {e}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// `e` with the unit named, keeping its kind (a user's mistake, a bad file, the hub, the device).

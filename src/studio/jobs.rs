@@ -419,6 +419,7 @@ impl Studio {
             Some(p) => (p.width, p.height),
             None => (given(settings.width).unwrap_or(dw), given(settings.height).unwrap_or(dh)),
         };
+        super::control::check_pass_sizes(&control, (w, h), settings.init.is_some(), settings.hires.as_ref().filter(|_| settings.init.is_none()), pipe.vae_scale_factor())?;
         let (base, resolved) = schedulers::resolve(sampler.map_or_else(|| pipe.default_sampler(), Ok)?, schedule)?;
         let sampler_name = base.a1111_name().to_string();
         let schedule_name = if resolved == Schedule::Default { String::new() } else { resolved.a1111_name().to_string() };

@@ -32,6 +32,6 @@ pub use jobs::*;
 pub use metadata::*;
 pub use model_hash::{cached_model_sha256, model_sha256, model_shorthash, shorthash};
 pub use preview::{LatentPreview, Previewer};
-pub use control::{a1111_model_name as a1111_controlnet_name, control_units, ControlNets};
+pub use control::{a1111_model_name as a1111_controlnet_name, check_pass_sizes, control_units, ControlNets};
 pub use settings::{parse_tiling, tiling_name, ControlNetSetting, DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

@@ -70,7 +70,9 @@ impl T2IAdapterConfig {
     }
 
     /// How many pixels of the control image make one pixel of the smallest feature map
-    /// (diffusers' `total_downscale_factor`): image sides must be multiples of it.
+    /// (diffusers' `total_downscale_factor`; its pipelines round a size they pick to it). Sides
+    /// need only be multiples of `downscale_factor`: the 2× pools round up, as the UNet's
+    /// downsamplers do.
     pub fn total_downscale(&self) -> usize {
         let n = self.channels.len() as u32;
         match self.adapter_type.as_str() {

@@ -543,9 +543,14 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     if let Some(p) = &prepared {
         control.iter_mut().for_each(|u| p.fit_control(u));
     }
+    studio::check_pass_sizes(&control, (width, height), prepared.is_some(), hires.as_ref().filter(|_| prepared.is_none()), pipe.vae_scale_factor())?;
     for c in &control {
         let (w, h) = c.image.dimensions();
-        eprintln!("controlnet: {w}x{h} control map, weight {}, steps {}..{}", c.weight, c.start, c.end);
+        let kind = match c.model {
+            loramix::sdxl::controlnet::ControlModel::ControlNet(_) => "controlnet",
+            loramix::sdxl::controlnet::ControlModel::Adapter(_) => "t2i-adapter",
+        };
+        eprintln!("{kind}: {w}x{h} control map, weight {}, steps {}..{}", c.weight, c.start, c.end);
     }
     let req = GenerateRequest {
         prompt: clean_prompt,
