@@ -50,6 +50,10 @@ pub enum AxisKind {
     ControlEnd,
     ControlModel,
     ControlModule,
+    ControlMode,
+    ControlResizeMode,
+    ControlThresholdA,
+    ControlThresholdB,
 }
 
 /// One axis: what it varies and its values as written.
@@ -94,6 +98,10 @@ impl AxisKind {
             "controlnet_end" | "[controlnet] guidance end" | "guidance end" => Self::ControlEnd,
             "controlnet_model" | "[controlnet] model" => Self::ControlModel,
             "controlnet_module" | "[controlnet] preprocessor" | "[controlnet] module" => Self::ControlModule,
+            "controlnet_control_mode" | "[controlnet] control mode" => Self::ControlMode,
+            "controlnet_resize_mode" | "[controlnet] resize mode" => Self::ControlResizeMode,
+            "controlnet_threshold_a" | "[controlnet] pre threshold a" => Self::ControlThresholdA,
+            "controlnet_threshold_b" | "[controlnet] pre threshold b" => Self::ControlThresholdB,
             _ => {
                 return Err(Error::Argument(format!(
                     "grid axis {name:?}: expected seed, subseed, subseed_strength, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae, denoise, controlnet_weight, controlnet_start, controlnet_end, controlnet_model or controlnet_module"
@@ -129,13 +137,17 @@ impl AxisKind {
             Self::ControlEnd => "[ControlNet] Guidance End".into(),
             Self::ControlModel => "[ControlNet] Model".into(),
             Self::ControlModule => "[ControlNet] Preprocessor".into(),
+            Self::ControlMode => "[ControlNet] Control Mode".into(),
+            Self::ControlResizeMode => "[ControlNet] Resize Mode".into(),
+            Self::ControlThresholdA => "[ControlNet] Pre Threshold A".into(),
+            Self::ControlThresholdB => "[ControlNet] Pre Threshold B".into(),
         }
     }
 
     fn numeric(&self) -> Option<bool> {
         match self {
             Self::Seed | Self::VarSeed | Self::Steps | Self::Width | Self::Height | Self::ClipSkip => Some(true),
-            Self::Cfg | Self::LoraWeight(_) | Self::Denoise | Self::VarStrength | Self::ControlWeight | Self::ControlStart | Self::ControlEnd => Some(false),
+            Self::Cfg | Self::LoraWeight(_) | Self::Denoise | Self::VarStrength | Self::ControlWeight | Self::ControlStart | Self::ControlEnd | Self::ControlThresholdA | Self::ControlThresholdB => Some(false),
             _ => None,
         }
     }
@@ -322,7 +334,15 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                 _ => return Err(Error::Argument("grid axis Denoising strength: the job has neither an init image nor hires fix".into())),
             }
         }
-        AxisKind::ControlWeight | AxisKind::ControlStart | AxisKind::ControlEnd | AxisKind::ControlModel | AxisKind::ControlModule => {
+        AxisKind::ControlWeight
+        | AxisKind::ControlStart
+        | AxisKind::ControlEnd
+        | AxisKind::ControlModel
+        | AxisKind::ControlModule
+        | AxisKind::ControlMode
+        | AxisKind::ControlResizeMode
+        | AxisKind::ControlThresholdA
+        | AxisKind::ControlThresholdB => {
             if settings.controlnet.is_empty() {
                 return Err(Error::Argument(format!("grid axis {}: the job has no ControlNet unit (give one with --controlnet)", kind.label())));
             }
@@ -334,10 +354,21 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                     AxisKind::ControlStart => u.guidance_start = fraction()?,
                     AxisKind::ControlEnd => u.guidance_end = fraction()?,
                     AxisKind::ControlModel => u.model = v.to_string(),
+                    AxisKind::ControlMode => u.control_mode = v.parse()?,
+                    AxisKind::ControlResizeMode => u.resize_mode = v.parse()?,
+                    AxisKind::ControlThresholdA | AxisKind::ControlThresholdB => {
+                        let x = float()?;
+                        let t = if matches!(kind, AxisKind::ControlThresholdA) { &mut u.threshold_a } else { &mut u.threshold_b };
+                        *t = Some(x);
+                        crate::sdxl::preprocessor::Preprocessor::parse(&u.module, u.threshold_a, u.threshold_b)?;
+                    }
                     _ => {
                         crate::sdxl::preprocessor::Preprocessor::parse(v, u.threshold_a, u.threshold_b)?;
                         u.module = v.to_string();
                     }
+                }
+                if u.guess_mode && !u.control_mode.is_balanced() {
+                    return Err(bad("Balanced with guess mode (the unit has guess mode on)"));
                 }
                 if u.guidance_start > u.guidance_end {
                     return Err(bad(&format!("a step range with start ≤ end (the unit has {} to {})", u.guidance_start, u.guidance_end)));
@@ -712,6 +743,17 @@ mod tests {
         assert!(apply(&mut s, &AxisKind::ControlStart, "0.8", "").unwrap_err().to_string().contains("start ≤ end"));
         assert!(apply(&mut s.clone(), &AxisKind::ControlEnd, "1.5", "").is_err());
         assert!(apply(&mut s.clone(), &AxisKind::ControlModule, "depth", "").is_err());
+        // (The failed start above left the units with start 0.8.)
+        s.controlnet.iter_mut().for_each(|u| u.guidance_start = 0.0);
+        for (axis, value) in [("[ControlNet] Control Mode", "My prompt is more important"), ("[ControlNet] Resize Mode", "Resize and Fill"), ("[ControlNet] Pre Threshold A", "50"), ("[ControlNet] Pre Threshold B", "90.5")] {
+            let a: Axis = format!("{axis}={value}").parse().unwrap();
+            apply(&mut s, &a.kind, value, "").unwrap();
+        }
+        assert!(s.controlnet.iter().all(|u| u.control_mode == crate::sdxl::controlnet::ControlMode::Prompt
+            && u.resize_mode == crate::sdxl::img2img::ResizeMode::ResizeAndFill
+            && (u.threshold_a, u.threshold_b) == (Some(50.0), Some(90.5))));
+        assert!(apply(&mut s.clone(), &AxisKind::ControlMode, "louder", "").is_err());
+        assert!(apply(&mut s.clone(), &AxisKind::ControlThresholdA, "-3", "").is_err());
         let e = apply(&mut Settings::default(), &AxisKind::ControlWeight, "1", "").unwrap_err().to_string();
         assert!(e.contains("no ControlNet unit"), "{e}");
     }

@@ -18,7 +18,9 @@ use crate::generate::{self, GenerateArgs};
 )]
 pub struct GridArgs {
     /// Columns: seed | subseed | subseed_strength | steps | cfg | sampler | schedule | size | width | height | clip_skip |
-    /// prompt_sr | lora:NAME | mix | lbw | lbw:NAME | checkpoint | vae | denoise, then = and
+    /// prompt_sr | lora:NAME | mix | lbw | lbw:NAME | checkpoint | vae | denoise | controlnet_weight |
+    /// controlnet_start | controlnet_end | controlnet_model | controlnet_module | controlnet_control_mode |
+    /// controlnet_resize_mode | controlnet_threshold_a | controlnet_threshold_b, then = and
     /// comma-separated values (CSV quoting; ranges 1-5, 1-9 (+2), 0.2-1 [5] on numeric axes).
     #[arg(long, value_name = "AXIS=V1,V2,...")]
     x: String,
