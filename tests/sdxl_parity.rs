@@ -739,6 +739,18 @@ fn t2i_adapter_equals_diffusers() {
     let sd = repeat(&open("full4").forward(&g["small.image64"]).unwrap(), s["sd_scale"].as_f64().unwrap());
     let out = unet("unet_sd_layout").forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&sd)).unwrap();
     assert_close("SD 1.5-layout unet with the plain adapter's features", &out, &g["small.sd_unet"], 1e-4);
+    // The same adapter as one file without a config, for a model without SDXL's added
+    // conditions: read as the plain kind, with its unshuffle and input channels from conv_in.
+    let sd_base: UNet2DConditionConfig = serde_json::from_str(&std::fs::read_to_string(extra.join("unet_sd_layout/config.json")).unwrap()).unwrap();
+    let inferred = match controlnet::load(extra.join("full4.safetensors").to_str().unwrap(), &sd_base, &Device::Cpu, candle_core::DType::F32).unwrap() {
+        ControlModel::Adapter(a) => a,
+        other => panic!("full4 loaded as {other:?}"),
+    };
+    let c = inferred.config();
+    assert_eq!((c.adapter_type.as_str(), c.in_channels, c.downscale_factor, c.num_res_blocks, c.channels.clone()), ("full_adapter", 3, 4, 1, vec![8, 16, 16]));
+    let sd = repeat(&inferred.forward(&g["small.image64"]).unwrap(), s["sd_scale"].as_f64().unwrap());
+    let out = unet("unet_sd_layout").forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&sd)).unwrap();
+    assert_close("SD 1.5-layout unet, adapter config inferred", &out, &g["small.sd_unet"], 1e-4);
     // A feature that does not fit is an error naming it, not a broadcast.
     let e = unet("unet_sd_layout").forward_controlled(&g["small.sample"], t, &g["small.context"], None, Some(&xl)).unwrap_err().to_string();
     assert!(e.contains("t2i-adapter feature 0"), "{e}");
