@@ -236,6 +236,7 @@ fn controlnet_units_through_the_api() {
     let tmp = tempfile::tempdir().unwrap();
     let models = tmp.path().join("models");
     copy_dir(&fixture("tiny2").join("controlnet"), &models.join("ControlNet").join("edges-xl"));
+    copy_dir(&fixture("tiny2").join("t2i_adapter"), &models.join("ControlNet").join("zz-adapter"));
     let model = fixture("tiny2").join("pipeline").to_string_lossy().into_owned();
     let config = ApiConfig { port: 0, model: model.clone(), models_dir: Some(models.clone()), library: Some(tmp.path().join("lib")), out: tmp.path().join("out"), ..Default::default() };
     let studio = Arc::new(Studio::new());
@@ -308,6 +309,17 @@ fn controlnet_units_through_the_api() {
         let png = base64::engine::general_purpose::STANDARD.decode(v["images"][0].as_str().unwrap()).unwrap();
         assert!(image::load_from_memory(&png).unwrap().to_rgb8().into_raw() != api_pixels, "{label} made the balanced image");
     }
+    // A T2I-Adapter whose hires size it cannot divide: the request's fault, a 422, before any pass.
+    let adapter = list["model_list"].as_array().unwrap().iter().filter_map(|m| m.as_str()).find(|m| m.starts_with("zz-adapter [")).unwrap().to_string();
+    let mut u = unit.clone();
+    u["model"] = adapter.into();
+    u["module"] = "none".into();
+    let mut body: serde_json::Value = serde_json::from_str(&request(u)).unwrap();
+    body["enable_hr"] = true.into();
+    body["hr_scale"] = 1.3.into();
+    let (code, body) = post(port, "/sdapi/v1/txt2img", &body.to_string());
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("in the hires pass") && body.contains("62x40"), "{body}");
     // The saved image's record names a control image that outlives the request.
     let saved = std::fs::read_dir(tmp.path().join("out")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
     let (_, rec) = loramix::studio::settings_from_png(&saved).unwrap();

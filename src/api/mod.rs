@@ -111,7 +111,8 @@ fn timestamp() -> String {
     chrono::Local::now().format("%Y%m%d%H%M%S").to_string()
 }
 
-type Reply = tokio::sync::oneshot::Receiver<std::result::Result<JobDone, String>>;
+/// A job's end: its images, or why not (`true`: the request's settings were at fault).
+type Reply = tokio::sync::oneshot::Receiver<std::result::Result<JobDone, (bool, String)>>;
 
 impl Worker {
     /// Starts a worker thread of its own on `studio`; temporary images go under the system temp folder.
@@ -163,7 +164,9 @@ impl Worker {
                 g.active = false;
                 g.current_image = None;
             }
-            let _ = reply.send(r.map_err(|e| e.to_string()));
+            // An argument error is found only once the model is open (a T2I-Adapter's sizes,
+            // say): it is the request's fault all the same, a 422 rather than a 500.
+            let _ = reply.send(r.map_err(|e| (matches!(e, Error::Argument(_)), e.to_string())));
         };
         if !(self.dispatch)(Box::new(job)) {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -297,7 +300,7 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
     let done = rx
         .await
         .map_err(|_| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, "the generation worker stopped".into()))?
-        .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        .map_err(|(user, e)| if user { ApiError::Field(FieldError { loc: vec!["body".into()], msg: e }) } else { ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e) })?;
     let infotexts: Vec<String> = done.images.iter().map(|(_, r)| studio::parameters_text(r)).collect();
     let prompts: Vec<String> = done.images.iter().map(|(_, r)| r.drawn.as_ref().map_or(r.settings.prompt.clone(), |d| d.prompt.clone())).collect();
     let negatives: Vec<String> = done.images.iter().map(|(_, r)| r.drawn.as_ref().map_or(r.settings.negative_prompt.clone(), |d| d.negative_prompt.clone())).collect();

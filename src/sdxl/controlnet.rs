@@ -365,13 +365,19 @@ fn file_kind(names: &[String]) -> Kind {
 /// A diffusers `T2IAdapter` has only `adapter.conv_in` and `adapter.body.*`: another prefix is a
 /// `MultiAdapter` or another model, which would load without the tensors it does not name.
 fn check_adapter_plain(names: &[String]) -> std::result::Result<(), String> {
-    let mut other: Vec<&str> = names.iter().map(String::as_str).filter(|n| !n.starts_with("adapter.conv_in.") && !n.starts_with("adapter.body.")).collect();
+    only_modules(names, &["adapter.conv_in.", "adapter.body."], "a diffusers T2IAdapter", "a MultiAdapter or another model, which is not supported here (give each adapter its own unit)")
+}
+
+/// `Err` naming the first few tensors outside `modules` (prefixes): a variant or another model
+/// would otherwise load without them, since weights are read by name.
+fn only_modules(names: &[String], modules: &[&str], model: &str, what: &str) -> std::result::Result<(), String> {
+    let mut other: Vec<&str> = names.iter().map(String::as_str).filter(|n| !modules.iter().any(|m| n.starts_with(m))).collect();
     if other.is_empty() {
         return Ok(());
     }
     other.sort();
     Err(format!(
-        "tensors outside a diffusers T2IAdapter ({}{}): a MultiAdapter or another model, which is not supported here (give each adapter its own unit)",
+        "tensors outside {model} ({}{}): {what}",
         other.iter().take(3).copied().collect::<Vec<_>>().join(", "),
         if other.len() > 3 { format!(" and {} more", other.len() - 3) } else { String::new() }
     ))
@@ -447,16 +453,7 @@ fn check_plain(names: &[String]) -> std::result::Result<(), String> {
         "controlnet_down_blocks.",
         "controlnet_mid_block.",
     ];
-    let mut other: Vec<&str> = names.iter().map(String::as_str).filter(|n| !MODULES.iter().any(|m| n.starts_with(m))).collect();
-    if other.is_empty() {
-        return Ok(());
-    }
-    other.sort();
-    Err(format!(
-        "tensors outside a plain ControlNetModel ({}{}): a ControlNet variant (Union / ControlNet++, XS) or another model, which is not supported",
-        other.iter().take(3).copied().collect::<Vec<_>>().join(", "),
-        if other.len() > 3 { format!(" and {} more", other.len() - 3) } else { String::new() }
-    ))
+    only_modules(names, &MODULES, "a plain ControlNetModel", "a ControlNet variant (Union / ControlNet++, XS) or another model, which is not supported")
 }
 
 /// A ControlNet must make the UNet's skip connections, one for one.

@@ -79,7 +79,7 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
 /// Checks that every pass's size (`(w, h)`, and the hires pass's) suits the units' adapters,
 /// before the first pass runs, saying where the size came from.
 pub fn check_pass_sizes(control: &[ControlUnit], (w, h): (usize, usize), from_init: bool, hires: Option<&super::HiresSettings>, vae_factor: usize) -> Result<()> {
-    let mut sizes = vec![((w, h), if from_init { " (the size from the init image and the width/height)" } else { "" })];
+    let mut sizes = vec![((w, h), if from_init { " (the size made from the init image, its outpainting and any width/height given)" } else { "" })];
     if let Some(hr) = hires {
         sizes.push((super::hires_size(hr, (w, h), vae_factor)?, " in the hires pass"));
     }

@@ -354,13 +354,18 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                     AxisKind::ControlStart => u.guidance_start = fraction()?,
                     AxisKind::ControlEnd => u.guidance_end = fraction()?,
                     AxisKind::ControlModel => u.model = v.to_string(),
-                    AxisKind::ControlMode => u.control_mode = v.parse()?,
-                    AxisKind::ControlResizeMode => u.resize_mode = v.parse()?,
+                    AxisKind::ControlMode => u.control_mode = v.parse().map_err(|_| bad("Balanced, My prompt is more important or ControlNet is more important"))?,
+                    AxisKind::ControlResizeMode => u.resize_mode = v.parse().map_err(|_| bad("Just Resize, Crop and Resize or Resize and Fill"))?,
                     AxisKind::ControlThresholdA | AxisKind::ControlThresholdB => {
                         let x = float()?;
                         let t = if matches!(kind, AxisKind::ControlThresholdA) { &mut u.threshold_a } else { &mut u.threshold_b };
                         *t = Some(x);
-                        crate::sdxl::preprocessor::Preprocessor::parse(&u.module, u.threshold_a, u.threshold_b)?;
+                        match crate::sdxl::preprocessor::Preprocessor::parse(&u.module, u.threshold_a, u.threshold_b) {
+                            Ok(crate::sdxl::preprocessor::Preprocessor::Canny { .. }) => {}
+                            // Only canny has thresholds: on another module the cells would all be one.
+                            Ok(_) => return Err(bad(&format!("a unit with thresholds (canny); the unit's preprocessor is {}", u.module))),
+                            Err(e) => return Err(bad(&format!("a threshold the preprocessor takes ({e})"))),
+                        }
                     }
                     _ => {
                         crate::sdxl::preprocessor::Preprocessor::parse(v, u.threshold_a, u.threshold_b)?;
@@ -754,6 +759,10 @@ mod tests {
             && (u.threshold_a, u.threshold_b) == (Some(50.0), Some(90.5))));
         assert!(apply(&mut s.clone(), &AxisKind::ControlMode, "louder", "").is_err());
         assert!(apply(&mut s.clone(), &AxisKind::ControlThresholdA, "-3", "").is_err());
+        let mut plain = s.clone();
+        plain.controlnet.iter_mut().for_each(|u| u.module = "none".into());
+        let e = apply(&mut plain, &AxisKind::ControlThresholdA, "50", "").unwrap_err().to_string();
+        assert!(e.contains("Pre Threshold A") && e.contains("canny"), "{e}");
         let e = apply(&mut Settings::default(), &AxisKind::ControlWeight, "1", "").unwrap_err().to_string();
         assert!(e.contains("no ControlNet unit"), "{e}");
     }
