@@ -32,6 +32,11 @@ pub enum Error {
     #[error("hugging face hub: {0}")]
     Hub(String),
 
+    /// Our own state or invariant failed (a released model, an encoder, a numeric routine), not
+    /// the request: the API answers it with a 500 where an `Argument` is a 422.
+    #[error("{0}")]
+    Internal(String),
+
     #[error("cancelled")]
     Cancelled,
 

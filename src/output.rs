@@ -39,10 +39,10 @@ pub fn encode_png(img: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<
         for (k, v) in text {
             // tEXt is Latin-1; iTXt carries UTF-8 prompts.
             let r = if v.is_ascii() { enc.add_text_chunk(k.to_string(), v.clone()) } else { enc.add_itxt_chunk(k.to_string(), v.clone()) };
-            r.map_err(|e| Error::Argument(format!("png text chunk {k}: {e}")))?;
+            r.map_err(|e| Error::Internal(format!("png text chunk {k}: {e}")))?;
         }
-        let mut w = enc.write_header().map_err(|e| Error::Argument(format!("png: {e}")))?;
-        w.write_image_data(img.as_raw()).map_err(|e| Error::Argument(format!("png: {e}")))?;
+        let mut w = enc.write_header().map_err(|e| Error::Internal(format!("png: {e}")))?;
+        w.write_image_data(img.as_raw()).map_err(|e| Error::Internal(format!("png: {e}")))?;
     }
     Ok(buf)
 }

@@ -164,8 +164,9 @@ impl Worker {
                 g.active = false;
                 g.current_image = None;
             }
-            // An argument error is found only once the model is open (a T2I-Adapter's sizes,
-            // say): it is the request's fault all the same, a 422 rather than a 500.
+            // Some argument errors are found only once the model is open (a T2I-Adapter's sizes,
+            // say): the request's fault all the same, a 422 rather than a 500. Our own failures
+            // (`Error::Internal`, I/O, tensors) stay 500s.
             let _ = reply.send(r.map_err(|e| (matches!(e, Error::Argument(_)), e.to_string())));
         };
         if !(self.dispatch)(Box::new(job)) {

@@ -188,7 +188,7 @@ impl ModuleFactors {
         let r1 = qr_p.thin_R().to_owned();
         let r2 = qr_q.thin_R().to_owned();
         let m = &r1 * r2.transpose();
-        let svd = m.thin_svd().map_err(|e| Error::Argument(format!("SVD did not converge: {e:?}")))?;
+        let svd = m.thin_svd().map_err(|e| Error::Internal(format!("SVD did not converge: {e:?}")))?;
         let (x, s, y) = (svd.U(), svd.S().column_vector(), svd.V());
         let b = &q1 * x;
         let a = &q2 * y;
@@ -282,7 +282,7 @@ impl SideBasis {
             }
         }
         let stack = Mat::<f64>::from_fn(dim, n, |i, j| cols[j][i] - mean[i]);
-        let svd = stack.thin_svd().map_err(|e| Error::Argument(format!("SVD did not converge: {e:?}")))?;
+        let svd = stack.thin_svd().map_err(|e| Error::Internal(format!("SVD did not converge: {e:?}")))?;
         let (u, s) = (svd.U(), svd.S().column_vector());
         // Directions with σ ≤ 1e-9 σ_max are rank deficiency (a centred stack always loses one):
         // their vectors are arbitrary and carry nothing, so they are never kept.

@@ -46,7 +46,7 @@ pub fn row_space_basis(rows: &[f64], r: usize, n: usize) -> Result<Vec<Vec<f64>>
         return Ok(Vec::new());
     }
     let m = Mat::<f64>::from_fn(r, n, |i, j| rows[i * n + j]);
-    let svd = m.thin_svd().map_err(|e| Error::Argument(format!("SVD did not converge: {e:?}")))?;
+    let svd = m.thin_svd().map_err(|e| Error::Internal(format!("SVD did not converge: {e:?}")))?;
     let s = svd.S().column_vector();
     let v = svd.V();
     let smax = (0..s.nrows()).map(|i| s[i]).fold(0.0f64, f64::max);

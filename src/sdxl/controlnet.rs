@@ -157,15 +157,16 @@ impl ControlUnit {
     /// Whether the unit acts at entry `i` of the `n` schedule entries this run takes (diffusers'
     /// `controlnet_keep`: entries, so Heun's and DPM2's two model calls per step count twice, and
     /// an img2img run counts from its first step).
-    /// An adapter ends as diffusers' adapter pipelines count: while `i < ⌊n · end⌋` (which can
-    /// differ from the ControlNet rule by one step where `n · end` rounds down).
-    pub fn acts_at(&self, i: usize, n: usize) -> bool {
+    /// An adapter ends as diffusers' adapter pipelines count: while the entry `i < ⌊steps · end⌋`,
+    /// `steps` being the sampling steps (Heun's and DPM2's `n` entries are about twice as many),
+    /// which can differ from the ControlNet rule by a step where the product rounds down.
+    pub fn acts_at(&self, i: usize, n: usize, steps: usize) -> bool {
         let nf = n as f64;
         if (i as f64 / nf) < self.start {
             return false;
         }
         match self.model {
-            ControlModel::Adapter(_) => i < (nf * self.end) as usize,
+            ControlModel::Adapter(_) => i < (steps as f64 * self.end) as usize,
             ControlModel::ControlNet(_) => ((i + 1) as f64 / nf) <= self.end,
         }
     }
@@ -704,9 +705,13 @@ mod tests {
             soft_injection: false,
             soft_in_hires: false,
         };
-        assert_eq!((0..50).filter(|&i| unit.acts_at(i, 50)).count(), 28);
+        assert_eq!((0..50).filter(|&i| unit.acts_at(i, 50, 50)).count(), 28);
+        // Heun: 7 entries for 4 steps; at 0.5, diffusers runs the adapter for entries 0 and 1.
+        unit.end = 0.5;
+        assert_eq!((0..7).filter(|&i| unit.acts_at(i, 7, 4)).collect::<Vec<_>>(), [0, 1]);
+        unit.end = 0.58;
         unit.start = 0.1;
-        assert_eq!((0..50).filter(|&i| unit.acts_at(i, 50)).collect::<Vec<_>>(), (5..28).collect::<Vec<_>>());
+        assert_eq!((0..50).filter(|&i| unit.acts_at(i, 50, 50)).collect::<Vec<_>>(), (5..28).collect::<Vec<_>>());
         // Sizes: multiples of the unshuffle, and the XL kind at twice the VAE's factor.
         assert!(unit.check_size((48, 32), 2).is_ok());
         assert!(unit.check_size((46, 32), 2).unwrap_err().to_string().contains("multiples of 4"));

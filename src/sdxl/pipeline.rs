@@ -423,14 +423,14 @@ impl SdxlPipeline {
 
     /// The text encoders, unless released.
     pub fn text(&self) -> Result<&TextEncoders> {
-        self.text.as_ref().ok_or_else(|| Error::Argument("the text encoders were released after encoding (low memory)".into()))
+        self.text.as_ref().ok_or_else(|| Error::Internal("the text encoders were released after encoding (low memory)".into()))
     }
 
     /// The UNet, unless released (or not loaded yet).
     pub fn unet(&self) -> Result<&UNet2DConditionModel> {
         self.unet.as_ref().ok_or_else(|| match self.unet_loader {
             Some(_) => Error::Argument("the UNet is not loaded yet (deferred load: call load_unet)".into()),
-            None => Error::Argument("the UNet was released after denoising (low memory)".into()),
+            None => Error::Internal("the UNet was released after denoising (low memory)".into()),
         })
     }
 
@@ -570,7 +570,7 @@ impl SdxlPipeline {
         let Some(text) = &self.text else {
             let key: ConditioningKey = (prompt.to_string(), negative.map(str::to_string), cfg, clip_skip, embeddings.fingerprint());
             let cached = self.encoded().get(&key).cloned();
-            return cached.ok_or_else(|| Error::Argument(format!("the text encoders were released (low memory) before the prompt {prompt:?} was encoded")));
+            return cached.ok_or_else(|| Error::Internal(format!("the text encoders were released (low memory) before the prompt {prompt:?} was encoded")));
         };
         let pos = text.encode_with(prompt, clip_skip, embeddings)?;
         if !cfg {
@@ -862,7 +862,7 @@ impl SdxlPipeline {
             // steps is not run (diffusers runs it at scale 0, which adds exact zeros).
             let mut control: Option<ControlResiduals> = None;
             for (unit, prep) in req.control.iter().zip(&prepared) {
-                if !unit.acts_at(i - start_index, timesteps.len() - start_index) {
+                if !unit.acts_at(i - start_index, timesteps.len() - start_index, (timesteps.len() - start_index).div_ceil(order)) {
                     continue;
                 }
                 let (model, cond) = match (&unit.model, prep) {
@@ -874,7 +874,7 @@ impl SdxlPipeline {
                         });
                         continue;
                     }
-                    (ControlModel::Adapter(_), PreparedControl::Image(_)) => return Err(Error::Argument("a T2I-Adapter unit was prepared as a ControlNet".into())),
+                    (ControlModel::Adapter(_), PreparedControl::Image(_)) => return Err(Error::Internal("a T2I-Adapter unit was prepared as a ControlNet".into())),
                 };
                 let guess = unit.guess_mode || model.needs_guess_mode();
                 let soft = unit.soft();
@@ -933,7 +933,7 @@ impl SdxlPipeline {
             let out = match out {
                 Some(o) if passes > 1 => (o / passes as f64)?,
                 Some(o) => o,
-                None => return Err(Error::Argument("no UNet pass ran".into())),
+                None => return Err(Error::Internal("no UNet pass ran".into())),
             };
             let out = match mixer.as_deref_mut() {
                 Some(m) if asymmetric => {
@@ -1137,7 +1137,7 @@ pub fn to_images(pixels: &Tensor) -> Result<Vec<image::RgbImage>> {
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
         let data: Vec<u8> = x.get(i)?.flatten_all()?.to_vec1()?;
-        out.push(image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Argument("image buffer size mismatch".into()))?);
+        out.push(image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Internal("image buffer size mismatch".into()))?);
     }
     Ok(out)
 }

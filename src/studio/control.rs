@@ -68,7 +68,8 @@ pub fn control_units(settings: &[ControlNetSetting], pipe: &SdxlPipeline, cache:
                 control_mode: s.control_mode,
                 // The extension forces its soft weights in the hires pass for canny maps.
                 soft_injection: false,
-                soft_in_hires: matches!(pre, Preprocessor::Canny { .. }),
+                // (Not under diffusers' guess mode, which has its own scales.)
+                soft_in_hires: matches!(pre, Preprocessor::Canny { .. }) && !s.guess_mode,
             };
             unit.validate().map_err(named)?;
             Ok(unit)

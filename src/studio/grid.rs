@@ -104,7 +104,7 @@ impl AxisKind {
             "controlnet_threshold_b" | "[controlnet] pre threshold b" => Self::ControlThresholdB,
             _ => {
                 return Err(Error::Argument(format!(
-                    "grid axis {name:?}: expected seed, subseed, subseed_strength, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae, denoise, controlnet_weight, controlnet_start, controlnet_end, controlnet_model or controlnet_module"
+                    "grid axis {name:?}: expected seed, subseed, subseed_strength, steps, cfg, sampler, schedule, size, width, height, clip_skip, prompt_sr, lora:NAME, mix, lbw, lbw:NAME, checkpoint, vae, denoise, controlnet_weight, controlnet_start, controlnet_end, controlnet_model, controlnet_module, controlnet_control_mode, controlnet_resize_mode, controlnet_threshold_a or controlnet_threshold_b"
                 )))
             }
         })

@@ -15,9 +15,10 @@ it too; a block with attention adds before); and two small UNets saved beside th
 SDXL's block layout and three levels (so the fourth feature reaches the mid block) and one with
 SD 1.5's (attention first, a last block without attention or downsampler) under the plain adapter.
 
-Pipeline cases (Euler): weight, `adapter_conditioning_factor`, a batch, no CFG, and the grey adapter
-given a colour map (the pipeline is given PIL's `convert("L")` of it, which the Rust side must
-reproduce).
+Pipeline cases (Euler, and one Heun, whose factor counts steps, not its schedule's entries): weight,
+`adapter_conditioning_factor`, a batch, no CFG, and the grey adapter given a colour map (the pipeline
+is given PIL's `convert("L")` of it, which the Rust side must reproduce). The small UNets' adapters
+are `t2i/xl8` (the XL kind unshuffling by 8) and `t2i/full4` (the plain kind by 4).
 
 python tools/parity/make_t2i_adapter_fixtures.py   (writes tests/fixtures/sdxl/tiny2/t2i*)
 """
@@ -27,7 +28,7 @@ import shutil
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -127,7 +128,8 @@ def main():
                                      down_intrablock_additional_residuals=[f.clone() for f in sd_feats]).sample.contiguous()
         js["small"] = {"t": 500.0, "xl_scale": 0.9, "sd_scale": 1.1}
 
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    euler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    heun = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
     cases = [dict(prompt="a red house", negative="blurry", steps=5, cfg=5.0, seed=31, batch=1, size=[32, 32],
                   weight=0.8, end=1.0),
              dict(prompt="a cat on a mat", negative=None, steps=6, cfg=4.0, seed=32, batch=2, size=[32, 48],
@@ -135,7 +137,10 @@ def main():
              dict(prompt="grass", negative="", steps=4, cfg=1.0, seed=33, batch=1, size=[48, 32],
                   weight=0.9, end=1.0),
              dict(prompt="a red house", negative="blurry", steps=5, cfg=5.0, seed=34, batch=1, size=[32, 32],
-                  weight=1.0, end=0.8, grey=True)]
+                  weight=1.0, end=0.8, grey=True),
+             # Heun: 7 schedule entries for 4 steps; the factor counts steps (i < int(4 * 0.5)).
+             dict(prompt="a cat on a mat", negative="blurry", steps=4, cfg=5.0, seed=35, batch=1, size=[32, 32],
+                  weight=1.2, end=0.5, sampler="heun")]
     for i, c in enumerate(cases):
         h, w = c["size"]
         rng = np.random.default_rng(200 + i)
@@ -144,7 +149,8 @@ def main():
         name = f"t2i_run{i}.png"
         Image.fromarray(img).save(os.path.join(ROOT, name))
         c["image"] = name
-        c["sampler"] = "euler"
+        c.setdefault("sampler", "euler")
+        pipe.scheduler = heun if c["sampler"] == "heun" else euler
         pil = Image.open(os.path.join(ROOT, name))
         if c.get("grey"):
             pil = pil.convert("L")
