@@ -290,10 +290,12 @@ fn b64(bytes: &[u8]) -> String {
 
 /// A base64 image as A1111 accepts it: raw, or a `data:image/...;base64,` URL.
 fn decode_image(field: &str, text: &str) -> std::result::Result<Vec<u8>, ApiError> {
+    decode_base64(text).map_err(|m| FieldError::new(field, m).into())
+}
+
+fn decode_base64(text: &str) -> std::result::Result<Vec<u8>, String> {
     let raw = text.split_once(";base64,").map_or(text, |(_, b)| b);
-    base64::engine::general_purpose::STANDARD
-        .decode(raw.trim())
-        .map_err(|e| FieldError::new(field, format!("expected a base64 image: {e}")).into())
+    base64::engine::general_purpose::STANDARD.decode(raw.trim()).map_err(|e| format!("expected a base64 image: {e}"))
 }
 
 async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) -> std::result::Result<Json<Value>, ApiError> {
@@ -572,8 +574,7 @@ async fn controlnet_detect(body: Bytes) -> std::result::Result<Json<Value>, Resp
     let mut images = Vec::with_capacity(req.controlnet_input_images.len());
     for (i, text) in req.controlnet_input_images.iter().enumerate() {
         let at = |m: String| ApiError::from(FieldError { loc: ["body", "controlnet_input_images", &i.to_string()].map(String::from).to_vec(), msg: m }).into_response();
-        let raw = text.split_once(";base64,").map_or(text.as_str(), |(_, b)| b);
-        let bytes = base64::engine::general_purpose::STANDARD.decode(raw.trim()).map_err(|e| at(format!("expected a base64 image: {e}")))?;
+        let bytes = decode_base64(text).map_err(at)?;
         let img = crate::sdxl::img2img::decode_image(&bytes).map_err(at)?;
         let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e).into_response();
         let map = tokio::task::spawn_blocking(move || pre.apply(&img)).await.map_err(|e| internal(e.to_string()))?;

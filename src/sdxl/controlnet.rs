@@ -119,8 +119,8 @@ impl ControlModel {
 /// A unit's control input at one pass's size, made once per pass.
 #[derive(Debug, Clone)]
 pub enum PreparedControl {
-    /// The image a ControlNet sees at every step, `[rows, 3, H, W]`.
-    Image(Tensor),
+    /// A ControlNet and the image it sees at every step, `[rows, 3, H, W]`.
+    ControlNet(Arc<ControlNetModel>, Tensor),
     /// A T2I-Adapter's features, already scaled by the unit's weight, one per block.
     Features(ControlResiduals),
 }
@@ -227,7 +227,7 @@ impl ControlUnit {
     pub fn prepare(&self, size: (usize, usize), rows: usize, uncond: usize, device: &Device, dtype: DType) -> Result<PreparedControl> {
         let cond = self.cond_tensor(size, device, dtype)?;
         Ok(match &self.model {
-            ControlModel::ControlNet(_) => PreparedControl::Image(cond.repeat((rows, 1, 1, 1))?),
+            ControlModel::ControlNet(m) => PreparedControl::ControlNet(m.clone(), cond.repeat((rows, 1, 1, 1))?),
             ControlModel::Adapter(a) => {
                 let features = a.forward(&cond)?;
                 // Soft weights zip with the features, as the extension's: a fifth feature has none.

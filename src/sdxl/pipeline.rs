@@ -9,7 +9,7 @@ use loramix_models::clip::{ClipTextConfig, ClipTextModel};
 use loramix_models::adapter::Adaptable;
 use loramix_models::{set_seamless, ConvBorders, Seamless};
 use loramix_models::sdxl::{AddedConditions, AutoencoderKl, AutoencoderKlConfig, ControlInput, ControlResiduals, UNet2DConditionConfig, UNet2DConditionModel, VaeTiling};
-use crate::sdxl::controlnet::{ControlModel, ControlUnit, PreparedControl};
+use crate::sdxl::controlnet::{ControlUnit, PreparedControl};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -865,16 +865,15 @@ impl SdxlPipeline {
                 if !unit.acts_at(i - start_index, timesteps.len() - start_index, (timesteps.len() - start_index).div_ceil(order)) {
                     continue;
                 }
-                let (model, cond) = match (&unit.model, prep) {
-                    (ControlModel::ControlNet(m), PreparedControl::Image(cond)) => (m, cond),
-                    (_, PreparedControl::Features(r)) => {
+                let (model, cond) = match prep {
+                    PreparedControl::ControlNet(m, cond) => (m, cond),
+                    PreparedControl::Features(r) => {
                         control = Some(match control {
                             None => r.clone(),
                             Some(acc) => acc.add(r)?,
                         });
                         continue;
                     }
-                    (ControlModel::Adapter(_), PreparedControl::Image(_)) => return Err(Error::Internal("a T2I-Adapter unit was prepared as a ControlNet".into())),
                 };
                 let guess = unit.guess_mode || model.needs_guess_mode();
                 let soft = unit.soft();
