@@ -4,7 +4,7 @@
 //! The engine knows nothing about any UI; the `loramix` binary (`src/bin/loramix/`) and the
 //! desktop shell (`src-tauri/`) are thin layers over it. Rooms, each depending only on those
 //! above it in this list (and on the shared files: `error`, `device`, `weights`, `rng`, `hub`,
-//! `output`):
+//! `output`, `resample`):
 //!
 //! - [`sdxl`]: the pipeline, schedulers, text encoding, prompt syntax, model loading;
 //! - [`lora`]: LoRA files, their application, the prompt tags and schedules, and the library;
@@ -18,6 +18,7 @@ pub mod device;
 pub mod error;
 pub mod hub;
 pub mod output;
+pub mod resample;
 pub mod rng;
 pub mod weights;
 

@@ -645,7 +645,7 @@ async fn img2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
         let (want, got) = (size(&init)?, size(m)?);
         if want != got {
             let img = image::open(m).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?.to_rgb8();
-            image::imageops::resize(&img, want.0, want.1, image::imageops::FilterType::Lanczos3)
+            crate::sdxl::img2img::resize(&img, want.0, want.1)
                 .save(m)
                 .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         }
@@ -831,7 +831,7 @@ async fn upscalers(State(state): State<Arc<AppState>>) -> Json<Value> {
     let entry = |name: &str, model: Option<PathBuf>| {
         json!({"name": name, "model_name": model.as_ref().map(|_| name), "model_path": model, "model_url": null, "scale": 4})
     };
-    let mut out = vec![entry("None", None), entry("Lanczos", None)];
+    let mut out = vec![entry("None", None), entry("Lanczos", None), entry("Nearest", None)];
     if let Some(root) = library_root(&state) {
         for name in crate::studio::upscaler_models(&root) {
             let path = crate::studio::upscaler_model_path(&name, Some(&root)).ok().flatten();

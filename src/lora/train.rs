@@ -78,7 +78,7 @@ impl TrainData {
             let (w, h) = img.dimensions();
             let s = size as f64 / w.min(h) as f64;
             let (rw, rh) = (((w as f64 * s).round() as u32).max(size as u32), ((h as f64 * s).round() as u32).max(size as u32));
-            let r = if (rw, rh) == (w, h) { img.clone() } else { image::imageops::resize(img, rw, rh, image::imageops::FilterType::Lanczos3) };
+            let r = if (rw, rh) == (w, h) { img.clone() } else { crate::sdxl::img2img::resize(img, rw, rh) };
             let (x0, y0) = ((rw - size as u32) / 2, (rh - size as u32) / 2);
             let c = image::imageops::crop_imm(&r, x0, y0, size as u32, size as u32).to_image();
             let px: Vec<f32> = (0..3).flat_map(|ch| c.pixels().map(move |p| p.0[ch] as f32 / 127.5 - 1.0)).collect();

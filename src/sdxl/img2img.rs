@@ -15,6 +15,7 @@ use candle_core::{Device, Tensor};
 use image::{GrayImage, RgbImage};
 
 use crate::error::{Error, Result};
+use crate::resample::{self, Filter};
 
 /// A1111's "Masked content": what the masked area starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -330,18 +331,42 @@ pub fn crop_region(mask: &GrayImage, pad: u32, out_w: usize, out_h: usize) -> Op
     Some((x1 as u32, y1 as u32, x2 as u32, y2 as u32))
 }
 
-/// Lanczos resampling of an image or a mask (A1111's `images.resize_image` without an
-/// upscaler model uses PIL's LANCZOS; the `image` crate's Lanczos3 is the same filter with
-/// slightly different rounding).
-pub fn resize<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+/// Lanczos resampling of an image or a mask, as A1111's `images.resize_image` does without an
+/// upscaler model: PIL's `resize(…, LANCZOS)`, which [`resample`] is bit for bit.
+pub fn resize<P>(img: &image::ImageBuffer<P, Vec<u8>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<u8>>
 where
-    P: image::Pixel + 'static,
-    P::Subpixel: 'static,
+    P: image::Pixel<Subpixel = u8>,
 {
-    if img.dimensions() == (w, h) {
-        return img.clone();
+    resample::resize(img, w, h, Filter::Lanczos)
+}
+
+/// A1111's `resize_image` with an upscaler (`modules/images.py`'s inner `resize`, then
+/// `modules/upscaler.py`'s `Upscaler.upscale`): when enlarging, `step(image, scale)` runs until
+/// the image is at least `scale ×` the original rounded down to 8 pixels (at most three times,
+/// and not again once a step leaves the size unchanged); then Lanczos to that rounded size, and
+/// Lanczos to exactly `w × h`. `scale` is the larger of the two axes' ratios.
+pub fn upscale_with<E>(img: &RgbImage, w: u32, h: u32, mut step: impl FnMut(&RgbImage, f64) -> std::result::Result<RgbImage, E>) -> std::result::Result<RgbImage, E> {
+    let scale = (w as f64 / img.width() as f64).max(h as f64 / img.height() as f64);
+    let mut im = img.clone();
+    if scale > 1.0 {
+        let dest_w = ((im.width() as f64 * scale) / 8.0).floor() as u32 * 8;
+        let dest_h = ((im.height() as f64 * scale) / 8.0).floor() as u32 * 8;
+        for i in 0..3 {
+            if im.width() >= dest_w && im.height() >= dest_h && (i > 0 || scale != 1.0) {
+                break;
+            }
+            let before = im.dimensions();
+            im = step(&im, scale)?;
+            if im.dimensions() == before {
+                break;
+            }
+        }
+        // Pillow refuses an empty size; below 8 pixels A1111 fails where we skip this resize.
+        if im.dimensions() != (dest_w, dest_h) && dest_w > 0 && dest_h > 0 {
+            im = resize(&im, dest_w, dest_h);
+        }
     }
-    image::imageops::resize(img, w, h, image::imageops::FilterType::Lanczos3)
+    Ok(resize(&im, w, h))
 }
 
 /// A1111's img2img "Resize mode": how an init image (and its mask) of another shape is fitted
@@ -417,40 +442,16 @@ impl FromStr for ResizeMode {
     }
 }
 
-/// What PIL's Lanczos gives for a box of zero height at an image's edge (A1111's fill bands:
-/// `resized.resize((width, fill), box=(0, 0, width, 0))`): every output row is the same
-/// extrapolation of the edge rows, weights `lanczos(d + ½)` for rows `d` = 0, 1, 2 from the edge
-/// (fewer in a shorter image), normalised and rounded to PIL's 22-bit fixed point. Ours because
-/// no resampling crate takes PIL's box argument; `edge` yields those rows' channels, nearest first.
-fn pil_edge_extrapolation(edge: &[&[u8]]) -> Vec<u8> {
-    const BITS: u32 = 22;
-    let sinc = |t: f64| if t == 0.0 { 1.0 } else { (std::f64::consts::PI * t).sin() / (std::f64::consts::PI * t) };
-    let weights: Vec<f64> = (0..edge.len()).map(|d| sinc(d as f64 + 0.5) * sinc((d as f64 + 0.5) / 3.0)).collect();
-    let total: f64 = weights.iter().sum();
-    let fixed: Vec<i64> = weights
-        .iter()
-        .map(|w| {
-            let k = w / total * (1u64 << BITS) as f64;
-            if k < 0.0 { (k - 0.5) as i64 } else { (k + 0.5) as i64 }
-        })
-        .collect();
-    (0..edge[0].len())
-        .map(|c| {
-            let ss = (1i64 << (BITS - 1)) + edge.iter().zip(&fixed).map(|(row, k)| row[c] as i64 * k).sum::<i64>();
-            (ss >> BITS).clamp(0, 255) as u8
-        })
-        .collect()
-}
-
 /// `img` fitted to `w`×`h` as A1111's `images.resize_image(resize_mode, …)` does without an
 /// upscaler model: the scaled sizes use its integer arithmetic (`im.width * height //
 /// im.height`), the image is pasted at `(w // 2 - src_w // 2, h // 2 - src_h // 2)` on black,
-/// and "resize and fill" fills each band with PIL's zero-height-box resize of the edge
-/// ([`pil_edge_extrapolation`]), leaving a remainder row black where A1111 does. The scaling
-/// itself is the `image` crate's Lanczos3 ([`resize`]), not PIL's bit for bit.
+/// and "resize and fill" fills each band with PIL's resize of a zero-height (or zero-width) box
+/// at the edge, which extrapolates the edge rows, leaving a remainder row black where A1111
+/// does. A1111 passes no filter there, so the bands are Pillow's default, bicubic, while the
+/// scaling is Lanczos ([`resize`]). Bit for bit A1111's.
 pub fn resize_to<P>(mode: ResizeMode, img: &image::ImageBuffer<P, Vec<u8>>, w: u32, h: u32) -> image::ImageBuffer<P, Vec<u8>>
 where
-    P: image::Pixel<Subpixel = u8> + 'static,
+    P: image::Pixel<Subpixel = u8>,
 {
     let (iw, ih) = img.dimensions();
     if mode == ResizeMode::JustResize || iw == 0 || ih == 0 {
@@ -471,36 +472,21 @@ where
     if mode != ResizeMode::ResizeAndFill {
         return out;
     }
-    // The pixel at `(x, y)` of `resized`, as a channel slice.
-    let px = |x: u32, y: u32| resized.get_pixel(x, y).channels().to_vec();
-    let taps = |n: u32| n.min(3);
+    // Each band is `resized.resize(band, box=<the edge, zero rows or columns thick>)`.
+    let band = |bw: u32, bh: u32, region: [f32; 4]| resample::resize_region(&resized, bw, bh, Filter::Bicubic, region);
     if lhs < rhs {
         let fill = (h / 2).saturating_sub(src_h / 2);
-        for x in 0..w.min(src_w) {
-            let top: Vec<Vec<u8>> = (0..taps(src_h)).map(|d| px(x, d)).collect();
-            let bottom: Vec<Vec<u8>> = (0..taps(src_h)).map(|d| px(x, src_h - 1 - d)).collect();
-            let top = pil_edge_extrapolation(&top.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            let bottom = pil_edge_extrapolation(&bottom.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            for y in 0..fill {
-                out.put_pixel(x, y, *P::from_slice(&top));
-                if fill + src_h + y < h {
-                    out.put_pixel(x, fill + src_h + y, *P::from_slice(&bottom));
-                }
-            }
+        if fill > 0 {
+            image::imageops::replace(&mut out, &band(w, fill, [0.0, 0.0, w as f32, 0.0]), 0, 0);
+            let bottom = band(w, fill, [0.0, src_h as f32, w as f32, src_h as f32]);
+            image::imageops::replace(&mut out, &bottom, 0, (fill + src_h) as i64);
         }
     } else if lhs > rhs {
         let fill = (w / 2).saturating_sub(src_w / 2);
-        for y in 0..h.min(src_h) {
-            let left: Vec<Vec<u8>> = (0..taps(src_w)).map(|d| px(d, y)).collect();
-            let right: Vec<Vec<u8>> = (0..taps(src_w)).map(|d| px(src_w - 1 - d, y)).collect();
-            let left = pil_edge_extrapolation(&left.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            let right = pil_edge_extrapolation(&right.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            for x in 0..fill {
-                out.put_pixel(x, y, *P::from_slice(&left));
-                if fill + src_w + x < w {
-                    out.put_pixel(fill + src_w + x, y, *P::from_slice(&right));
-                }
-            }
+        if fill > 0 {
+            image::imageops::replace(&mut out, &band(fill, h, [0.0, 0.0, 0.0, h as f32]), 0, 0);
+            let right = band(fill, h, [src_w as f32, 0.0, src_w as f32, h as f32]);
+            image::imageops::replace(&mut out, &right, (fill + src_w) as i64, 0);
         }
     }
     out
@@ -564,8 +550,8 @@ mod tests {
         let crop = resize_to(ResizeMode::CropAndResize, &wide, 20, 20);
         assert_eq!(crop.dimensions(), (20, 20));
         assert!(crop.enumerate_pixels().all(|(x, y, p)| p == wide.get_pixel(x + 10, y)), "crop keeps columns 10..30");
-        // The bands' values are Pillow's (`im.resize((2, 40), box=(0, 0, 0, 40), resample=LANCZOS)`
-        // and the same at the other edges), which extrapolate the edge: 95, 90, 85 give 96.
+        // The bands' values are Pillow's (`im.resize((10, 40), box=(0, 0, 0, 40))`, its default
+        // bicubic, and the same at the other edges), which extrapolate the edge: 95, 90, 85 give 96.
         let tall = RgbImage::from_fn(20, 40, |x, y| image::Rgb([x as u8 * 5, y as u8 * 3, 9]));
         let fill = resize_to(ResizeMode::ResizeAndFill, &tall, 40, 40);
         for (x, y, p) in fill.enumerate_pixels() {
@@ -584,8 +570,9 @@ mod tests {
         assert_eq!(fill.get_pixel(7, 12), wide.get_pixel(7, 10));
         assert_eq!(fill.get_pixel(7, 22), &image::Rgb([35, 134, 3]));
         assert_eq!(fill.get_pixel(7, 24), &image::Rgb([0, 0, 0]));
-        let edge = pil_edge_extrapolation(&[&[200], &[0], &[100]]);
-        assert_eq!(edge, vec![249], "Pillow: rows 200, 0, 100 extrapolate to 249");
+        let column = GrayImage::from_raw(1, 3, vec![200, 0, 100]).unwrap();
+        let edge = resample::resize_region(&column, 1, 2, Filter::Lanczos, [0.0, 0.0, 1.0, 0.0]);
+        assert_eq!(edge.as_raw(), &vec![249, 249], "Pillow: rows 200, 0, 100 extrapolate to 249");
         let mask = GrayImage::from_fn(40, 20, |x, _| image::Luma([if x < 20 { 0 } else { 255 }]));
         assert_eq!(resize_to(ResizeMode::CropAndResize, &mask, 20, 20).get_pixel(12, 3)[0], 255);
         assert_eq!(resize_to(ResizeMode::JustResize, &wide, 20, 20), resize(&wide, 20, 20));
@@ -593,6 +580,35 @@ mod tests {
             assert_eq!(s.parse::<ResizeMode>().unwrap(), m, "{s}");
         }
         assert!("3".parse::<ResizeMode>().unwrap_err().to_string().contains("crop_and_resize"));
+    }
+
+    /// A1111's `images.resize_image` in its three modes (every fill direction, odd remainders,
+    /// masks) and its "Lanczos" and "Nearest" upscalers, from goldens written with Pillow
+    /// following A1111's code: equal byte for byte.
+    #[test]
+    fn resize_image_equals_a1111() {
+        use crate::resample::tests::{fixtures, gray, rgb};
+        use crate::sdxl::upscale::Upscaler;
+        let (cases, tensors) = fixtures();
+        let mut checked = 0;
+        for case in cases.iter().filter(|c| c["kind"] != "resize") {
+            let key = case["key"].as_str().unwrap();
+            let source = &tensors[&format!("source.{}", case["source"].as_str().unwrap())];
+            let size: Vec<u32> = case["size"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+            let got = match (case["kind"].as_str().unwrap(), source.2) {
+                ("resize_image", c) => {
+                    let mode = ResizeMode::from_a1111_index(case["mode"].as_u64().unwrap()).unwrap();
+                    if c == 1 { resize_to(mode, &gray(source), size[0], size[1]).into_raw() } else { resize_to(mode, &rgb(source), size[0], size[1]).into_raw() }
+                }
+                ("upscaler", _) => case["upscaler"].as_str().unwrap().parse::<Upscaler>().unwrap().upscale_image(&rgb(source), size[0], size[1]).into_raw(),
+                (kind, _) => panic!("kind {kind}"),
+            };
+            let want = &tensors[key];
+            let diff = got.iter().zip(&want.3).filter(|(a, b)| a != b).count();
+            assert_eq!((got.len(), diff), (want.3.len(), 0), "{key}: {diff} bytes differ from A1111's");
+            checked += 1;
+        }
+        assert_eq!(checked, 88, "every resize_image and upscaler case ran");
     }
 
     #[test]

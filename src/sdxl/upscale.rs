@@ -1,5 +1,6 @@
 //! Hires fix upscalers: A1111's latent upscalers (`torch.nn.functional.interpolate` on the
-//! latents, `modules/shared_items.py` `latent_upscale_modes`) and Lanczos in pixel space.
+//! latents, `modules/shared_items.py` `latent_upscale_modes`) and its pixel-space "None",
+//! "Lanczos" and "Nearest" (`modules/upscaler.py`), bit for bit through [`crate::resample`].
 //!
 //! Interpolation is written here as two separable weight matrices (`Wₕ · X · W_wᵀ`) that
 //! reproduce torch's `align_corners=False` index rules exactly: candle's resize kernels do not
@@ -13,13 +14,19 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::resample::{self, Filter};
+use crate::sdxl::img2img;
 
 /// What the first pass is enlarged with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upscaler {
     Latent(LatentMode),
-    /// Decode, Lanczos in pixel space, encode again.
+    /// Decode, resize in pixel space, encode again. A1111's "None": one Lanczos resize to the size.
+    Resize,
+    /// A1111's "Lanczos" upscaler: Lanczos by the scale factor, then to the size ([`img2img::upscale_with`]).
     Lanczos,
+    /// A1111's "Nearest" upscaler: nearest neighbour by the scale factor, then Lanczos to the size.
+    Nearest,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,18 +42,39 @@ pub enum LatentMode {
 
 impl Upscaler {
     /// A1111's names (`Hires upscaler: Latent (bicubic antialiased)`), with the mode and antialias flag.
-    const NAMES: [(&'static str, Upscaler, bool); 7] = [
+    const NAMES: [(&'static str, Upscaler, bool); 9] = [
         ("Latent", Upscaler::Latent(LatentMode::Bilinear), false),
         ("Latent (antialiased)", Upscaler::Latent(LatentMode::Bilinear), true),
         ("Latent (bicubic)", Upscaler::Latent(LatentMode::Bicubic), false),
         ("Latent (bicubic antialiased)", Upscaler::Latent(LatentMode::BicubicAntialiased), true),
         ("Latent (nearest)", Upscaler::Latent(LatentMode::Nearest), false),
         ("Latent (nearest-exact)", Upscaler::Latent(LatentMode::NearestExact), false),
+        ("None", Upscaler::Resize, false),
         ("Lanczos", Upscaler::Lanczos, false),
+        ("Nearest", Upscaler::Nearest, false),
     ];
 
     pub fn names() -> Vec<&'static str> {
         Self::NAMES.iter().map(|n| n.0).collect()
+    }
+
+    /// A decoded image enlarged to `w × h` in pixel space, as A1111's `resize_image(0, image, w,
+    /// h, upscaler_name)` does for this upscaler. The latent modes are not pixel upscalers and
+    /// resize as "None" does.
+    pub fn upscale_image(self, img: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
+        // `do_upscale`: `img.resize((int(img.width * scale), int(img.height * scale)), filter)`.
+        let by = |filter: Filter| {
+            move |im: &image::RgbImage, scale: f64| Ok::<_, std::convert::Infallible>(resample::resize(im, (im.width() as f64 * scale) as u32, (im.height() as f64 * scale) as u32, filter))
+        };
+        let out = match self {
+            Upscaler::Lanczos => img2img::upscale_with(img, w, h, by(Filter::Lanczos)),
+            Upscaler::Nearest => img2img::upscale_with(img, w, h, by(Filter::Nearest)),
+            Upscaler::Resize | Upscaler::Latent(_) => Ok(img2img::resize(img, w, h)),
+        };
+        match out {
+            Ok(i) => i,
+            Err(never) => match never {},
+        }
     }
 }
 

@@ -200,26 +200,7 @@ impl UpscaleModel {
     /// until the image is at least `scale ×` its size rounded down to 8 pixels (at most three
     /// times), Lanczos to that size, and Lanczos to exactly `width × height`.
     pub fn upscale_to(&self, img: &RgbImage, width: u32, height: u32) -> Result<RgbImage> {
-        let scale = (width as f64 / img.width() as f64).max(height as f64 / img.height() as f64);
-        let mut im = img.clone();
-        if scale > 1.0 {
-            let dest_w = ((im.width() as f64 * scale) / 8.0).floor() as u32 * 8;
-            let dest_h = ((im.height() as f64 * scale) / 8.0).floor() as u32 * 8;
-            for i in 0..3 {
-                if im.width() >= dest_w && im.height() >= dest_h && (i > 0 || scale != 1.0) {
-                    break;
-                }
-                let before = im.dimensions();
-                im = self.upscale_tiled(&im, TILE, TILE_OVERLAP)?;
-                if im.dimensions() == before {
-                    break;
-                }
-            }
-            if im.dimensions() != (dest_w, dest_h) {
-                im = img2img::resize(&im, dest_w, dest_h);
-            }
-        }
-        Ok(img2img::resize(&im, width, height))
+        img2img::upscale_with(img, width, height, |im, _| self.upscale_tiled(im, TILE, TILE_OVERLAP))
     }
 }
 

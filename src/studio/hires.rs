@@ -122,7 +122,7 @@ pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents
             for img in &images {
                 let big = match model.filter(|_| upscaler.is_none()) {
                     Some(m) => m.upscale_to(img, tw as u32, th as u32)?,
-                    None => img2img::resize(img, tw as u32, th as u32),
+                    None => upscaler.unwrap_or(Upscaler::Resize).upscale_image(img, tw as u32, th as u32),
                 };
                 pixels.push(img2img::image_tensor(&big, &pipe.device)?);
             }

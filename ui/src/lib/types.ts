@@ -107,7 +107,7 @@ export interface HiresSettings {
   denoise: number;
 }
 
-export const HIRES_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "Lanczos"];
+export const HIRES_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "None", "Lanczos", "Nearest"];
 
 export interface LoraEntry {
   sha256: string;
