@@ -375,3 +375,68 @@ fn controlnet_units_through_the_api() {
     assert_eq!(code, 422, "{body}");
     assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["detail"][0]["loc"], serde_json::json!(["body", "controlnet_input_images", "1"]));
 }
+
+/// A1111's img2img `script_name: "SD upscale"` with its `script_args` (`[info, overlap,
+/// upscaler index, scale]`, the index counting in `/sdapi/v1/upscalers`) makes the studio's SD
+/// upscale; another script is a 422 naming it.
+#[test]
+fn sd_upscale_script_through_the_api() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline").to_string_lossy().into_owned();
+    let config = ApiConfig { port: 0, model: model.clone(), library: Some(tmp.path().join("lib")), out: tmp.path().join("out"), ..Default::default() };
+    let studio = Arc::new(Studio::new());
+    let dispatch: Dispatch = Arc::new(|job| {
+        std::thread::spawn(job);
+        true
+    });
+    let worker = Arc::new(Worker::start_on(studio.clone(), config.library.clone(), config.out.clone(), dispatch));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(loramix::api::bind(&config)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(loramix::api::serve_on(listener, config, worker, std::future::pending()));
+
+    let (code, body) = get(port, "/sdapi/v1/upscalers");
+    assert_eq!(code, 200, "{body}");
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&body).unwrap().as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["None", "Lanczos", "Nearest"]);
+    let init = image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([(x * 6) as u8, (y * 9) as u8, 77]));
+    let init_path = tmp.path().join("init.png");
+    init.save(&init_path).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&init_path).unwrap());
+    let request = |script: &str, args: serde_json::Value| {
+        serde_json::json!({"prompt": "a red house", "steps": 4, "sampler_name": "Euler", "seed": 3, "width": 32, "height": 32, "cfg_scale": 5,
+            "denoising_strength": 0.6, "init_images": [b64], "script_name": script, "script_args": args})
+        .to_string()
+    };
+    let (code, body) = post(port, "/sdapi/v1/img2img", &request("SD upscale", serde_json::json!(["", 8, 1, 1.5])));
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let png = base64::engine::general_purpose::STANDARD.decode(v["images"][0].as_str().unwrap()).unwrap();
+    let api = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(api.dimensions(), (56, 32), "40x24 × 1.5, rounded down to 8");
+    let settings = loramix::studio::Settings {
+        model,
+        prompt: "a red house".into(),
+        steps: 4,
+        sampler: "euler".into(),
+        seed: Some(3),
+        width: 32,
+        height: 32,
+        cfg: 5.0,
+        batch_seeds: loramix::rng::BatchSeeds::PerImage,
+        init: Some(loramix::studio::InitSettings { image: init_path.to_string_lossy().into_owned(), strength: 0.6, ..Default::default() }),
+        sd_upscale: Some(loramix::studio::SdUpscaleSettings { scale: 1.5, overlap: 8, upscaler: "Lanczos".into() }),
+        ..Default::default()
+    };
+    let out = studio.generate(&settings, None, &tmp.path().join("direct"), &std::sync::atomic::AtomicBool::new(false), &mut |_| {}, &mut |_| {}).unwrap();
+    assert!(image::open(&out[0]).unwrap().to_rgb8() == api, "the API's SD upscale is not the studio's");
+    for (script, args, want) in [
+        ("Ultimate SD upscale", serde_json::json!([]), "Script 'Ultimate SD upscale' not found"),
+        ("SD upscale", serde_json::json!(["", 8, 7, 2]), "SD upscale upscaler 7"),
+        ("SD upscale", serde_json::json!(["", 40, 0, 2]), "tile overlap 40"),
+    ] {
+        let (code, body) = post(port, "/sdapi/v1/img2img", &request(script, args));
+        assert!(code == 422 && body.contains(want) && body.contains("script_"), "{script}: {code} {body}");
+    }
+}

@@ -520,6 +520,8 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
         ("tiling", vec!["--tiling", "x"]),
         ("ensd", vec!["--sampler", "euler_a", "--ensd", "31337", "--batch-size", "2", "--batch-seeds", "per-image"]),
         ("resize", vec!["--seed-resize-from", "48x80", "--subseed-strength", "0.3"]),
+        // Tiles share their LoRAs and mix statistics within the job; `batch run` makes it again.
+        ("sd-upscale", vec!["--init-image", "none/00000-5.png", "--strength", "0.3", "--sd-upscale", "1.5", "--sd-upscale-overlap", "16", "--lora", "vlox", "--lora", "checkered", "--mix", "klora", "--width", "64", "--height", "64"]),
     ];
     for (name, extra) in &cases {
         let made = generate(name, extra);
@@ -948,4 +950,72 @@ fn controlnet_from_the_command_line() {
     let e = err(&["--controlnet", adapter.to_str().unwrap(), "--control-image", edges.to_str().unwrap(), "--width", "48", "--height", "32", "--hr-scale", "1.3"]);
     assert!(e.contains("in the hires pass") && e.contains("62x40"), "{e}");
     assert!(!e.contains("hires fix:"), "the first pass ran: {e}");
+}
+
+/// A1111's "SD upscale" script: the init image enlarged by the upscaler, cut at A1111's
+/// `split_grid` positions (worked out here from its formula), each tile an img2img run of its
+/// own with the script's seed (batch `b`, place `k` in it: seed + b + k), blended back by
+/// `combine_grid`. The job must equal those runs made one by one, byte for byte.
+#[test]
+fn sd_upscale_is_tiles_of_img2img_runs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let init = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, ((x * y) % 251) as u8]));
+    let init_path = tmp.path().join("init.png");
+    init.save(&init_path).unwrap();
+    let run = |init: &std::path::Path, seed: u64, extra: &[&str], out: &str| {
+        loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a red house", "--steps", "4", "--strength", "0.5"])
+            .args(["--width", "32", "--height", "32", "--seed", &seed.to_string()])
+            .arg("--init-image")
+            .arg(init)
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let job = run(&init_path, 7, &["--sd-upscale", "2", "--sd-upscale-overlap", "8", "--sd-upscale-upscaler", "Lanczos", "--batch-size", "2"], "job");
+    let (pixels, text) = first_image(&job);
+    assert!(text.contains("Size: 32x32") && text.contains("SD upscale: 2, SD upscale overlap: 8, SD upscale upscaler: Lanczos"), "{text}");
+    // 48×40 × 2 = 96×80: 4 columns at x = 0, 21, 42, 64 (A1111: int(col × dx), dx = 64/3) and
+    // 3 rows at y = 0, 24, 48.
+    let big = loramix::sdxl::upscale::Upscaler::Lanczos.upscale_by(&init, 2.0);
+    assert_eq!(big.dimensions(), (96, 80));
+    let (xs, ys) = ([0i64, 21, 42, 64], [0i64, 24, 48]);
+    let mut rows = vec![];
+    let mut t = 0;
+    for &y in &ys {
+        let mut row = vec![];
+        for &x in &xs {
+            let tile = image::imageops::crop_imm(&big, x as u32, y as u32, 32, 32).to_image();
+            let p = tmp.path().join(format!("tile{t}.png"));
+            tile.save(&p).unwrap();
+            let seed = 7 + (t / 2 + t % 2) as u64;
+            let (made, _) = first_image(&run(&p, seed, &[], &format!("tile{t}")));
+            row.push((x, 32, image::RgbImage::from_raw(32, 32, made).unwrap()));
+            t += 1;
+        }
+        rows.push((y, 32, row));
+    }
+    let want = loramix::sdxl::tile_grid::combine_grid(&rows, 32, 96, 80, 8);
+    assert_eq!(pixels.len(), want.as_raw().len(), "a 96x80 picture");
+    assert!(pixels == *want.as_raw(), "the job equals its tiles made one by one and blended");
+    // What the script cannot take is refused before any model loads.
+    for (extra, want) in [
+        (&["--sd-upscale", "2", "--sd-upscale-overlap", "8", "--sd-upscale-upscaler", "Latent"][..], "SD upscale upscaler \"Latent\": expected one of None, Lanczos, Nearest"),
+        (&["--sd-upscale", "2", "--sd-upscale-overlap", "32"][..], "tile overlap 32"),
+        (&["--sd-upscale", "0"][..], "scale factor 0"),
+        (&["--sd-upscale", "2", "--sd-upscale-overlap", "8", "--sd-upscale-upscaler", "4x-Missing"][..], "4x-Missing"),
+    ] {
+        let o = run(&init_path, 1, extra, "bad");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{extra:?}: {err}");
+    }
+    let o = loramix()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "x", "--sd-upscale", "2", "--out"])
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("init image"), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::sdxl::img2img::MaskedContent;
 use crate::sdxl::schedulers::{SamplerKind, Schedule};
-use crate::studio::{HiresSettings, InitSettings, InpaintArea, Settings};
+use crate::studio::{HiresSettings, InitSettings, InpaintArea, SdUpscaleSettings, Settings};
 
 fn or_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
@@ -78,6 +78,10 @@ pub struct GenerationRequest {
     pub inpainting_mask_invert: u8,
     /// 0 just resize, 1 crop and resize, 2 resize and fill.
     pub resize_mode: Option<u64>,
+    /// A1111's scripts: "SD upscale" in img2img is the one run here ([`script`]).
+    pub script_name: Option<String>,
+    #[serde(deserialize_with = "or_default")]
+    pub script_args: Vec<Value>,
 }
 
 /// A request that cannot be a job: the field and what was expected (a 422, as FastAPI's).
@@ -284,7 +288,57 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         });
     }
     apply_mix_settings(req, &mut s)?;
+    s.sd_upscale = script(req, library, s.init.is_some())?;
+    if s.sd_upscale.is_some() {
+        crate::studio::check_sd_upscale(&s, library).map_err(|e| FieldError::new("script_args", e.to_string()))?;
+    }
     Ok(s)
+}
+
+/// `/sdapi/v1/upscalers`' names in order, which the "SD upscale" script's upscaler index counts
+/// in: A1111's built-in pixel upscalers, then the library's ESRGAN-family models.
+pub fn upscaler_names(library: Option<&std::path::Path>) -> Vec<String> {
+    let mut names: Vec<String> = ["None", "Lanczos", "Nearest"].map(String::from).to_vec();
+    let root = library.map(std::path::Path::to_path_buf).or_else(|| crate::lora::library::LoraLibrary::default_root().ok());
+    if let Some(root) = root {
+        names.extend(crate::studio::upscaler_models(&root));
+    }
+    names
+}
+
+/// A1111's `script_name` and `script_args`. The one script run here is img2img's "SD upscale"
+/// (`scripts/sd_upscale.py`, arguments `[info, overlap, upscaler_index, scale_factor]`, the
+/// index counting in [`upscaler_names`]; a name is taken too). Any other script is refused, as
+/// A1111 refuses one it does not have.
+fn script(req: &GenerationRequest, library: Option<&std::path::Path>, img2img: bool) -> Result<Option<SdUpscaleSettings>, FieldError> {
+    let name = req.script_name.as_deref().map(str::trim).unwrap_or("");
+    if name.is_empty() || name.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    if !name.eq_ignore_ascii_case("sd upscale") || !img2img {
+        let runs = if img2img { "\"SD upscale\"" } else { "no script in txt2img (\"SD upscale\" is img2img's)" };
+        return Err(FieldError::new("script_name", format!("Script '{name}' not found: the API runs {runs}")));
+    }
+    let arg = |i: usize| req.script_args.get(i).filter(|v| !v.is_null());
+    let bad = |what: &str, v: &Value, want: &str| FieldError::new("script_args", format!("SD upscale {what} {v}: expected {want}"));
+    let defaults = SdUpscaleSettings::default();
+    let overlap = match arg(1) {
+        None => defaults.overlap,
+        Some(v) => v.as_u64().ok_or_else(|| bad("tile overlap", v, "whole pixels"))? as usize,
+    };
+    let upscaler = match arg(2) {
+        None => defaults.upscaler,
+        Some(Value::String(n)) => n.clone(),
+        Some(v) => {
+            let names = upscaler_names(library);
+            v.as_u64().and_then(|i| names.get(i as usize).cloned()).ok_or_else(|| bad("upscaler", v, &format!("an index into {names:?} or a name")))?
+        }
+    };
+    let scale = match arg(3) {
+        None => defaults.scale,
+        Some(v) => v.as_f64().ok_or_else(|| bad("scale factor", v, "a number"))?,
+    };
+    Ok(Some(SdUpscaleSettings { scale, overlap, upscaler }))
 }
 
 /// One `alwayson_scripts.controlnet.args` entry as sd-webui-controlnet's API takes it: the unit

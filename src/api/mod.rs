@@ -831,13 +831,12 @@ async fn upscalers(State(state): State<Arc<AppState>>) -> Json<Value> {
     let entry = |name: &str, model: Option<PathBuf>| {
         json!({"name": name, "model_name": model.as_ref().map(|_| name), "model_path": model, "model_url": null, "scale": 4})
     };
-    let mut out = vec![entry("None", None), entry("Lanczos", None), entry("Nearest", None)];
-    if let Some(root) = library_root(&state) {
-        for name in crate::studio::upscaler_models(&root) {
-            let path = crate::studio::upscaler_model_path(&name, Some(&root)).ok().flatten();
-            out.push(entry(&name, path));
-        }
-    }
+    // The order is what the "SD upscale" script's upscaler index counts in.
+    let root = library_root(&state);
+    let out: Vec<Value> = a1111::upscaler_names(root.as_deref())
+        .iter()
+        .map(|name| entry(name, root.as_ref().and_then(|r| crate::studio::upscaler_model_path(name, Some(r)).ok().flatten())))
+        .collect();
     Json(Value::Array(out))
 }
 

@@ -340,32 +340,37 @@ where
     resample::resize(img, w, h, Filter::Lanczos)
 }
 
-/// A1111's `resize_image` with an upscaler (`modules/images.py`'s inner `resize`, then
-/// `modules/upscaler.py`'s `Upscaler.upscale`): when enlarging, `step(image, scale)` runs until
-/// the image is at least `scale ×` the original rounded down to 8 pixels (at most three times,
-/// and not again once a step leaves the size unchanged); then Lanczos to that rounded size, and
-/// Lanczos to exactly `w × h`. `scale` is the larger of the two axes' ratios.
-pub fn upscale_with<E>(img: &RgbImage, w: u32, h: u32, mut step: impl FnMut(&RgbImage, f64) -> std::result::Result<RgbImage, E>) -> std::result::Result<RgbImage, E> {
-    let scale = (w as f64 / img.width() as f64).max(h as f64 / img.height() as f64);
+/// A1111's `Upscaler.upscale(img, scale)` (`modules/upscaler.py`): `step(image, scale)` runs
+/// until the image is at least `scale ×` the original rounded down to 8 pixels (at most three
+/// times, and not again once a step leaves the size unchanged; at scale 1, once), then Lanczos
+/// to that rounded size.
+pub fn a1111_upscale<E>(img: &RgbImage, scale: f64, mut step: impl FnMut(&RgbImage, f64) -> std::result::Result<RgbImage, E>) -> std::result::Result<RgbImage, E> {
     let mut im = img.clone();
-    if scale > 1.0 {
-        let dest_w = ((im.width() as f64 * scale) / 8.0).floor() as u32 * 8;
-        let dest_h = ((im.height() as f64 * scale) / 8.0).floor() as u32 * 8;
-        for i in 0..3 {
-            if im.width() >= dest_w && im.height() >= dest_h && (i > 0 || scale != 1.0) {
-                break;
-            }
-            let before = im.dimensions();
-            im = step(&im, scale)?;
-            if im.dimensions() == before {
-                break;
-            }
+    let dest_w = ((im.width() as f64 * scale) / 8.0).floor() as u32 * 8;
+    let dest_h = ((im.height() as f64 * scale) / 8.0).floor() as u32 * 8;
+    for i in 0..3 {
+        if im.width() >= dest_w && im.height() >= dest_h && (i > 0 || scale != 1.0) {
+            break;
         }
-        // Pillow refuses an empty size; below 8 pixels A1111 fails where we skip this resize.
-        if im.dimensions() != (dest_w, dest_h) && dest_w > 0 && dest_h > 0 {
-            im = resize(&im, dest_w, dest_h);
+        let before = im.dimensions();
+        im = step(&im, scale)?;
+        if im.dimensions() == before {
+            break;
         }
     }
+    // Pillow refuses an empty size; below 8 pixels A1111 fails where we skip this resize.
+    if im.dimensions() != (dest_w, dest_h) && dest_w > 0 && dest_h > 0 {
+        im = resize(&im, dest_w, dest_h);
+    }
+    Ok(im)
+}
+
+/// A1111's `resize_image` with an upscaler (`modules/images.py`'s inner `resize`): when
+/// enlarging, [`a1111_upscale`] by the larger of the two axes' ratios; then Lanczos to exactly
+/// `w × h`.
+pub fn upscale_with<E>(img: &RgbImage, w: u32, h: u32, step: impl FnMut(&RgbImage, f64) -> std::result::Result<RgbImage, E>) -> std::result::Result<RgbImage, E> {
+    let scale = (w as f64 / img.width() as f64).max(h as f64 / img.height() as f64);
+    let im = if scale > 1.0 { a1111_upscale(img, scale, step)? } else { img.clone() };
     Ok(resize(&im, w, h))
 }
 

@@ -17,6 +17,7 @@ pub mod prompt;
 pub mod prompt_schedule;
 pub mod schedulers;
 pub mod text;
+pub mod tile_grid;
 pub mod tokenizer;
 pub mod upscale;
 pub mod upscale_model;

@@ -62,19 +62,37 @@ impl Upscaler {
     /// h, upscaler_name)` does for this upscaler. The latent modes are not pixel upscalers and
     /// resize as "None" does.
     pub fn upscale_image(self, img: &image::RgbImage, w: u32, h: u32) -> image::RgbImage {
-        // `do_upscale`: `img.resize((int(img.width * scale), int(img.height * scale)), filter)`.
-        let by = |filter: Filter| {
-            move |im: &image::RgbImage, scale: f64| Ok::<_, std::convert::Infallible>(resample::resize(im, (im.width() as f64 * scale) as u32, (im.height() as f64 * scale) as u32, filter))
-        };
-        let out = match self {
-            Upscaler::Lanczos => img2img::upscale_with(img, w, h, by(Filter::Lanczos)),
-            Upscaler::Nearest => img2img::upscale_with(img, w, h, by(Filter::Nearest)),
-            Upscaler::Resize | Upscaler::Latent(_) => Ok(img2img::resize(img, w, h)),
+        let out = match self.pixel_step() {
+            Some(step) => img2img::upscale_with(img, w, h, step),
+            None => Ok(img2img::resize(img, w, h)),
         };
         match out {
             Ok(i) => i,
             Err(never) => match never {},
         }
+    }
+
+    /// A1111's `Upscaler.upscale(img, scale)` for this pixel upscaler, as the "SD upscale"
+    /// script calls it; "None" leaves the image as it is (the script skips it).
+    pub fn upscale_by(self, img: &image::RgbImage, scale: f64) -> image::RgbImage {
+        match self.pixel_step() {
+            Some(step) => match img2img::a1111_upscale(img, scale, step) {
+                Ok(i) => i,
+                Err(never) => match never {},
+            },
+            None => img.clone(),
+        }
+    }
+
+    /// `do_upscale` of A1111's "Lanczos" and "Nearest": `img.resize((int(img.width * scale),
+    /// int(img.height * scale)), filter)`.
+    fn pixel_step(self) -> Option<impl Fn(&image::RgbImage, f64) -> std::result::Result<image::RgbImage, std::convert::Infallible>> {
+        let filter = match self {
+            Upscaler::Lanczos => Filter::Lanczos,
+            Upscaler::Nearest => Filter::Nearest,
+            Upscaler::Resize | Upscaler::Latent(_) => return None,
+        };
+        Some(move |im: &image::RgbImage, scale: f64| Ok(resample::resize(im, (im.width() as f64 * scale) as u32, (im.height() as f64 * scale) as u32, filter)))
     }
 }
 

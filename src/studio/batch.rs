@@ -91,6 +91,7 @@ fn known_keys() -> Vec<String> {
         batch_seeds: crate::rng::BatchSeeds::PerImage,
         hires: Some(Default::default()),
         init: Some(Default::default()),
+        sd_upscale: Some(Default::default()),
         styles: vec!["x".into()],
         embeddings: vec!["x".into()],
         controlnet: vec![Default::default()],

@@ -24,8 +24,22 @@ const MODEL_DIRS: [&str; 3] = ["models/ESRGAN", "models/RealESRGAN", "models/ups
 /// modes, Lanczos); else a `.safetensors` path as given, or `NAME.safetensors` in the library's
 /// upscaler folders (A1111 lists those models by file stem). Pickles are refused.
 pub fn upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<PathBuf>> {
-    if name.parse::<Upscaler>().is_ok() {
-        return Ok(None);
+    model_path(name, library, "hires upscaler", &Upscaler::names())
+}
+
+/// [`upscaler_model_path`] for the pixel upscalers alone (A1111's `sd_upscalers`: `None`,
+/// `Lanczos`, `Nearest` and models), as the "SD upscale" script takes them.
+pub fn pixel_upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<PathBuf>> {
+    let builtins: Vec<&str> = Upscaler::names().into_iter().filter(|n| !n.starts_with("Latent")).collect();
+    model_path(name, library, "SD upscale upscaler", &builtins)
+}
+
+fn model_path(name: &str, library: Option<&Path>, what: &str, builtins: &[&str]) -> Result<Option<PathBuf>> {
+    if let Ok(u) = name.parse::<Upscaler>() {
+        if builtins.iter().any(|b| b.parse::<Upscaler>().ok() == Some(u)) {
+            return Ok(None);
+        }
+        return Err(Error::Argument(format!("{what} {name:?}: expected one of {}, or an ESRGAN-family model", builtins.join(", "))));
     }
     let p = Path::new(name);
     let ext = p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).unwrap_or_default();
@@ -51,8 +65,8 @@ pub fn upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<
         }
     }
     Err(Error::Argument(format!(
-        "unknown hires upscaler {name:?}: expected one of {}, a .safetensors ESRGAN-family model (RRDBNet), or the name of one in {}",
-        Upscaler::names().join(", "),
+        "unknown {what} {name:?}: expected one of {}, a .safetensors ESRGAN-family model (RRDBNet), or the name of one in {}",
+        builtins.join(", "),
         match &root {
             Some(r) => MODEL_DIRS.iter().map(|d| r.join(d).display().to_string()).collect::<Vec<_>>().join(", "),
             None => "the library's models/ESRGAN".to_string(),

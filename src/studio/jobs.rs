@@ -221,6 +221,16 @@ impl Studio {
         stats
     }
 
+    /// Mix sharing on until the guard drops (off again then, if it was off): the jobs of one
+    /// SD upscale, its tiles, load their LoRAs and compute their mix statistics once.
+    pub(super) fn sharing_mixes(&self) -> SharingMixes<'_> {
+        let was_on = self.shared.lock().unwrap_or_else(|e| e.into_inner()).on;
+        if !was_on {
+            self.share_mixes(true);
+        }
+        SharingMixes { studio: self, switched: !was_on }
+    }
+
     /// Pooled text embeddings of `prompts` (LoRA tags removed) under `model`'s encoders: what a
     /// batch clusters its prompts by.
     pub fn prompt_embeddings(&self, model: &str, vae: &str, library: Option<&Path>, prompts: &[String]) -> Result<Vec<Vec<f32>>> {
@@ -235,7 +245,7 @@ impl Studio {
     }
 
     /// `dtype` empty: the studio's.
-    fn pipeline(&self, model: &str, vae: &str, dtype: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
+    pub(super) fn pipeline(&self, model: &str, vae: &str, dtype: &str, library: Option<&Path>, on_event: &mut dyn FnMut(StudioEvent)) -> Result<(Arc<SdxlPipeline>, Previewer)> {
         let dtype = if dtype.is_empty() { self.load.dtype } else { crate::device::parse_dtype(dtype)? };
         let mut guard = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         // A VAE override and the dtype are part of what is loaded.
@@ -291,6 +301,9 @@ impl Studio {
         on_event: &mut dyn FnMut(StudioEvent),
         on_preview: &mut dyn FnMut(&image::RgbImage),
     ) -> Result<JobOutput> {
+        if settings.sd_upscale.is_some() {
+            return self.run_sd_upscale(settings, library, outputs, cancel, on_event, on_preview);
+        }
         if settings.steps == 0 || settings.steps > 1000 {
             return Err(Error::Argument(format!("steps {}: expected 1 to 1000", settings.steps)));
         }
@@ -679,6 +692,20 @@ impl Studio {
     }
 }
 
+/// [`Studio::sharing_mixes`]'s guard.
+pub(super) struct SharingMixes<'a> {
+    studio: &'a Studio,
+    switched: bool,
+}
+
+impl Drop for SharingMixes<'_> {
+    fn drop(&mut self) {
+        if self.switched {
+            self.studio.share_mixes(false);
+        }
+    }
+}
+
 /// What identifies a prepared strategy: the model, the strategy's options and every LoRA's
 /// file hash, role, strength and schedule, in order.
 fn mix_key(model: &str, vae: &str, opts: &MixOptions, plan: &MixPlan) -> String {
@@ -739,7 +766,11 @@ pub fn holds_image(path: &Path, settings: &Settings, seed: u64, batch_index: usi
         return false;
     }
     // The record's size is the first pass's (A1111's `Size`); a hires image is its upscale,
-    // rounded down to the model's VAE factor, which the record does not name.
+    // rounded down to the model's VAE factor, which the record does not name. An SD upscale's
+    // is its tiles', and the picture the upscaled init image's size.
+    if settings.sd_upscale.is_some() {
+        return image::open(path).is_ok();
+    }
     let hires = settings.hires.as_ref().filter(|_| settings.init.is_none());
     let sizes: Vec<(usize, usize)> = match hires {
         Some(hr) => (0..7).filter_map(|k| super::hires_size(hr, (rec.width, rec.height), 1 << k).ok()).collect(),

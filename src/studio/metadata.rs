@@ -142,6 +142,11 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             // A1111's img2img paste fields read it back.
             text.push_str(&format!(", Resize mode: {}", init.resize_mode.a1111_name()));
         }
+        if let Some(u) = &s.sd_upscale {
+            // A1111's script writes nothing of itself (its `Size` is a tile's); ours, so the
+            // picture can be made again.
+            text.push_str(&format!(", SD upscale: {}, SD upscale overlap: {}, SD upscale upscaler: {}", u.scale, u.overlap, quote(&u.upscaler)));
+        }
     }
     if !r.ti_hashes.is_empty() {
         let h: Vec<String> = r.ti_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
@@ -352,6 +357,9 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
             "Hires upscale" => s.hires.get_or_insert_with(Default::default).scale = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
             "Hires steps" => s.hires.get_or_insert_with(Default::default).steps = v.parse().map_err(|_| bad(&k, &v, "an integer"))?,
             "Hires upscaler" => s.hires.get_or_insert_with(Default::default).upscaler = v,
+            "SD upscale" => s.sd_upscale.get_or_insert_with(Default::default).scale = v.parse().map_err(|_| bad(&k, &v, "a number"))?,
+            "SD upscale overlap" => s.sd_upscale.get_or_insert_with(Default::default).overlap = v.parse().map_err(|_| bad(&k, &v, "a whole number of pixels"))?,
+            "SD upscale upscaler" => s.sd_upscale.get_or_insert_with(Default::default).upscaler = v,
             // A1111's "Resize width to / height to" (0: by the other side's ratio).
             "Hires resize" => {
                 let (x, y) = v.split_once('x').ok_or_else(|| bad(&k, &v, "WxH"))?;
@@ -457,6 +465,11 @@ mod tests {
         let s = parse_parameters("a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 512x384, Denoising strength: 0.5, Hires resize: 1024x0, Hires upscaler: Latent").unwrap();
         let hr = s.hires.unwrap();
         assert_eq!((crate::studio::hires_size(&hr, (512, 384), 8).unwrap(), hr.denoise, s.init.is_none()), ((1024, 768), 0.5, true));
+        // An SD upscale's fields come back (the init image, which A1111's text does not name,
+        // is the user's to give again).
+        let s = parse_parameters("a cat\nSteps: 20, Seed: 3, Size: 512x512, Denoising strength: 0.3, SD upscale: 2.5, SD upscale overlap: 48, SD upscale upscaler: \"4x, Ultra\"").unwrap();
+        assert_eq!(s.sd_upscale, Some(crate::studio::SdUpscaleSettings { scale: 2.5, overlap: 48, upscaler: "4x, Ultra".into() }));
+        assert!(parse_parameters("x\nSteps: 2, SD upscale overlap: -3").unwrap_err().to_string().contains("SD upscale overlap \"-3\""));
     }
 
     #[test]

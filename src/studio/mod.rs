@@ -18,6 +18,7 @@ mod jobs;
 mod metadata;
 pub(crate) mod model_hash;
 mod preview;
+mod sd_upscale;
 mod settings;
 mod training;
 
@@ -26,12 +27,13 @@ pub use dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, pars
 pub use embeddings::{embedding_hashes, job_embeddings};
 pub use export::{export, fill_template};
 pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};
-pub use hires::{factor_reaching, hires_request, hires_size, hires_upscaler_model, upscaler_model_path, upscaler_models};
+pub use hires::{factor_reaching, hires_request, hires_size, hires_upscaler_model, pixel_upscaler_model_path, upscaler_model_path, upscaler_models};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;
 pub use model_hash::{cached_model_sha256, model_sha256, model_shorthash, shorthash};
 pub use preview::{LatentPreview, Previewer};
+pub use sd_upscale::check_sd_upscale;
 pub use control::{a1111_model_name as a1111_controlnet_name, check_pass_sizes, control_units, ControlNets};
-pub use settings::{parse_tiling, tiling_name, ControlNetSetting, DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, Settings};
+pub use settings::{parse_tiling, tiling_name, ControlNetSetting, DrawnPrompts, HiresSettings, ImageRecord, InitSettings, InpaintArea, LoraSetting, MixSummary, SdUpscaleSettings, Settings};
 pub use training::{train_lora, TrainEvent, TrainReport, TrainRequest};

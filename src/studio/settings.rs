@@ -121,6 +121,9 @@ pub struct Settings {
     /// img2img and inpainting (A1111's img2img tab); `None`: text to image.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub init: Option<InitSettings>,
+    /// A1111's "SD upscale" script over the img2img job (`init`): tiles of `width × height`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sd_upscale: Option<SdUpscaleSettings>,
     /// A1111 styles applied by name from `<library>/styles.csv`, in order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub styles: Vec<String>,
@@ -199,6 +202,24 @@ pub struct HiresSettings {
 impl Default for HiresSettings {
     fn default() -> Self {
         Self { scale: 2.0, upscaler: "Latent".into(), steps: 0, denoise: 0.7 }
+    }
+}
+
+/// A1111's "SD upscale" script (`scripts/sd_upscale.py`): its "Scale Factor", "Tile overlap"
+/// and "Upscaler".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SdUpscaleSettings {
+    pub scale: f64,
+    /// Pixels each tile shares with its neighbours, blended across.
+    pub overlap: usize,
+    /// `None` (the image as it is), `Lanczos`, `Nearest`, or an ESRGAN-family model.
+    pub upscaler: String,
+}
+
+impl Default for SdUpscaleSettings {
+    fn default() -> Self {
+        Self { scale: 2.0, overlap: 64, upscaler: "None".into() }
     }
 }
 
@@ -291,6 +312,7 @@ impl Default for Settings {
             np_mu: None,
             candidates: false,
             init: None,
+            sd_upscale: None,
             hires: None,
             styles: vec![],
             embeddings: vec![],
@@ -506,6 +528,9 @@ impl Settings {
         }
         if let Some(h) = &mut s.hires {
             h.upscaler = recorded_path(&h.upscaler);
+        }
+        if let Some(u) = &mut s.sd_upscale {
+            u.upscaler = recorded_path(&u.upscaler);
         }
         s
     }

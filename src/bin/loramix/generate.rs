@@ -197,6 +197,17 @@ pub struct GenerateArgs {
     /// Denoising strength of the second pass.
     #[arg(long, default_value_t = 0.7)]
     hr_denoise: f64,
+    /// A1111's "SD upscale" script: enlarge --init-image by this factor, then redraw it in
+    /// overlapping tiles of --width × --height (img2img at --strength, tile k with seed + k).
+    #[arg(long, value_name = "FACTOR")]
+    sd_upscale: Option<f64>,
+    /// SD upscale's "Tile overlap", in pixels.
+    #[arg(long, default_value_t = 64, value_name = "PIXELS")]
+    sd_upscale_overlap: usize,
+    /// SD upscale's "Upscaler": None (the image as it is), Lanczos, Nearest, or an ESRGAN-family
+    /// model (a .safetensors path, or a name from the library's models/ESRGAN).
+    #[arg(long, default_value = "None", value_name = "NAME")]
+    sd_upscale_upscaler: String,
     /// An A1111 style from <library>/styles.csv, applied by name (its `{prompt}` placeholder, or
     /// appended). Repeatable.
     #[arg(long = "style", value_name = "NAME")]
@@ -453,7 +464,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     let JobParts { load: mut opts, init: init_settings, hires } = job_parts(&a)?;
     let sampler = a.sampler.as_deref().map(str::parse::<SamplerKind>).transpose()?;
     let schedule: Schedule = a.schedule.as_deref().unwrap_or("").parse()?;
-    if !a.styles.is_empty() || studio::is_dynamic(&a.prompt) || a.negative_prompt.as_deref().is_some_and(studio::is_dynamic) {
+    if a.sd_upscale.is_some() || !a.styles.is_empty() || studio::is_dynamic(&a.prompt) || a.negative_prompt.as_deref().is_some_and(studio::is_dynamic) {
         return run_drawn(&a, opts, init_settings, hires);
     }
     let init_noise = a.init_noise.as_deref().map(output::load_latents).transpose()?;
@@ -825,10 +836,12 @@ fn write_batch(
     Ok(written)
 }
 
-/// Styles, wildcards and `{a|b}` draw a prompt per image: the job runs through the studio (as
-/// in the app and `batch run`), which draws with each image's seed and records the template.
+/// Styles, wildcards and `{a|b}` draw a prompt per image, and SD upscale runs a job per tile:
+/// the job runs through the studio (as in the app and `batch run`), which draws with each
+/// image's seed and records the template.
 fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSettings>, hires: Option<studio::HiresSettings>) -> Result<()> {
-    let settings = studio_settings(a, init, hires, "--style, wildcards (__name__) or variants ({a|b})")?;
+    let why = if a.sd_upscale.is_some() { "--sd-upscale" } else { "--style, wildcards (__name__) or variants ({a|b})" };
+    let settings = studio_settings(a, init, hires, why)?;
     let studio = studio::Studio::with_load_options(opts);
     let cancel = std::sync::atomic::AtomicBool::new(false);
     let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None, keep_interrupted: false, skip: None };
@@ -860,6 +873,7 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
     }
     seamless_arg(a)?;
     let mut settings = settings_of(a, init, hires);
+    studio::check_sd_upscale(&settings, a.library.as_deref())?;
     settings.loras = lora_settings(a)?;
     settings.controlnet = controlnet_settings(a)?;
     settings.seed = Some(a.seed.unwrap_or_else(studio::random_seed));
@@ -941,6 +955,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         candidates: a.candidates.is_some(),
         hires,
         init,
+        sd_upscale: a.sd_upscale.map(|scale| studio::SdUpscaleSettings { scale, overlap: a.sd_upscale_overlap, upscaler: a.sd_upscale_upscaler.clone() }),
         styles: a.styles.clone(),
         embeddings: a.embeddings.clone(),
         // Checked in `run` before any model loads.

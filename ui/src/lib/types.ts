@@ -94,6 +94,8 @@ export interface Settings {
   klora_others: string | null;
   candidates: boolean;
   init?: InitSettings | null;
+  /** A1111's "SD upscale" script over the img2img job: tiles of width × height. */
+  sd_upscale?: SdUpscaleSettings | null;
   hires?: HiresSettings | null;
   /** ControlNet units; their guidance adds up. */
   controlnet?: ControlNetSetting[];
@@ -106,6 +108,16 @@ export interface HiresSettings {
   steps: number;
   denoise: number;
 }
+
+/** A1111's "SD upscale" script (src/studio/settings.rs SdUpscaleSettings). */
+export interface SdUpscaleSettings {
+  scale: number;
+  overlap: number;
+  upscaler: string;
+}
+
+/** The upscalers SD upscale takes besides the library's models (A1111's pixel upscalers). */
+export const PIXEL_UPSCALERS = ["None", "Lanczos", "Nearest"];
 
 export const HIRES_UPSCALERS = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", "None", "Lanczos", "Nearest"];
 
