@@ -230,15 +230,9 @@ fn skip_ends_one_batch_and_the_job_goes_on() {
 /// `ControlNet/`, a txt2img request's `alwayson_scripts.controlnet.args` unit (model by that
 /// name, base64 image, canny with its thresholds) makes the image the same settings make in the
 /// studio, the infotext names the unit, and a bad unit is a 422 naming its field.
-#[test]
-fn controlnet_units_through_the_api() {
-    use base64::Engine as _;
-    let tmp = tempfile::tempdir().unwrap();
-    let models = tmp.path().join("models");
-    copy_dir(&fixture("tiny2").join("controlnet"), &models.join("ControlNet").join("edges-xl"));
-    copy_dir(&fixture("tiny2").join("t2i_adapter"), &models.join("ControlNet").join("zz-adapter"));
-    let model = fixture("tiny2").join("pipeline").to_string_lossy().into_owned();
-    let config = ApiConfig { port: 0, model: model.clone(), models_dir: Some(models.clone()), library: Some(tmp.path().join("lib")), out: tmp.path().join("out"), ..Default::default() };
+/// The API on `config`, its jobs each on a thread of their own: the studio, the port, and the
+/// runtime that serves until dropped.
+fn serve_threaded(config: ApiConfig) -> (Arc<Studio>, u16, tokio::runtime::Runtime) {
     let studio = Arc::new(Studio::new());
     let dispatch: Dispatch = Arc::new(|job| {
         std::thread::spawn(job);
@@ -249,6 +243,19 @@ fn controlnet_units_through_the_api() {
     let listener = rt.block_on(loramix::api::bind(&config)).unwrap();
     let port = listener.local_addr().unwrap().port();
     rt.spawn(loramix::api::serve_on(listener, config, worker, std::future::pending()));
+    (studio, port, rt)
+}
+
+#[test]
+fn controlnet_units_through_the_api() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    copy_dir(&fixture("tiny2").join("controlnet"), &models.join("ControlNet").join("edges-xl"));
+    copy_dir(&fixture("tiny2").join("t2i_adapter"), &models.join("ControlNet").join("zz-adapter"));
+    let model = fixture("tiny2").join("pipeline").to_string_lossy().into_owned();
+    let config = ApiConfig { port: 0, model: model.clone(), models_dir: Some(models.clone()), library: Some(tmp.path().join("lib")), out: tmp.path().join("out"), ..Default::default() };
+    let (studio, port, _rt) = serve_threaded(config);
 
     let (code, body) = get(port, "/controlnet/model_list");
     assert_eq!(code, 200, "{body}");
@@ -385,16 +392,7 @@ fn sd_upscale_script_through_the_api() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny2").join("pipeline").to_string_lossy().into_owned();
     let config = ApiConfig { port: 0, model: model.clone(), library: Some(tmp.path().join("lib")), out: tmp.path().join("out"), ..Default::default() };
-    let studio = Arc::new(Studio::new());
-    let dispatch: Dispatch = Arc::new(|job| {
-        std::thread::spawn(job);
-        true
-    });
-    let worker = Arc::new(Worker::start_on(studio.clone(), config.library.clone(), config.out.clone(), dispatch));
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let listener = rt.block_on(loramix::api::bind(&config)).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    rt.spawn(loramix::api::serve_on(listener, config, worker, std::future::pending()));
+    let (studio, port, _rt) = serve_threaded(config);
 
     let (code, body) = get(port, "/sdapi/v1/upscalers");
     assert_eq!(code, 200, "{body}");
