@@ -150,7 +150,7 @@ pub fn resize<P>(
 where
     P: Pixel<Subpixel = u8>,
 {
-    resize_region(
+    resample_inside(
         img,
         w,
         h,
@@ -161,9 +161,36 @@ where
 
 /// `img.resize((w, h), resample=filter, box=region)`: the source rectangle `region`
 /// (left, top, right, bottom, in pixels, fractions allowed) scaled to `w × h`. A zero-width or
-/// zero-height region extrapolates the pixels at that edge. An empty output size gives an empty
-/// image (Pillow raises).
+/// zero-height region extrapolates the pixels at that edge. A region that is not inside the
+/// image is refused with Pillow's words; an empty output size gives an empty image (Pillow
+/// raises).
 pub fn resize_region<P>(
+    img: &ImageBuffer<P, Vec<u8>>,
+    w: u32,
+    h: u32,
+    filter: Filter,
+    region: [f32; 4],
+) -> crate::Result<ImageBuffer<P, Vec<u8>>>
+where
+    P: Pixel<Subpixel = u8>,
+{
+    let [x0, y0, x1, y1] = region;
+    let bad = |why: &str| Err(crate::Error::Argument(format!("resize box {region:?} of a {}x{} image: {why}", img.width(), img.height())));
+    // Negated comparisons so that NaN is refused too.
+    if !(x0 >= 0.0 && y0 >= 0.0) {
+        return bad("box offset can't be negative");
+    }
+    if !(x1 <= img.width() as f32 && y1 <= img.height() as f32) {
+        return bad("box can't exceed original image size");
+    }
+    if !(x1 - x0 >= 0.0 && y1 - y0 >= 0.0) {
+        return bad("box can't be empty");
+    }
+    Ok(resample_inside(img, w, h, filter, region))
+}
+
+/// [`resize_region`] for a region inside the image.
+fn resample_inside<P>(
     img: &ImageBuffer<P, Vec<u8>>,
     w: u32,
     h: u32,
@@ -390,9 +417,9 @@ pub(crate) mod tests {
             };
             let want = &tensors[key];
             let got = if source.2 == 1 {
-                resize_region(&gray(source), size[0], size[1], filter, region).into_raw()
+                resize_region(&gray(source), size[0], size[1], filter, region).unwrap().into_raw()
             } else {
-                resize_region(&rgb(source), size[0], size[1], filter, region).into_raw()
+                resize_region(&rgb(source), size[0], size[1], filter, region).unwrap().into_raw()
             };
             assert_eq!(
                 (want.0, want.1),
@@ -407,5 +434,11 @@ pub(crate) mod tests {
         }
         assert!(failures.is_empty(), "differ from Pillow: {failures:#?}");
         assert_eq!(checked, 252, "every resize case ran");
+        // Boxes Pillow refuses are refused, naming the box.
+        let img = image::GrayImage::new(4, 3);
+        for (region, why) in [([-1.0, 0.0, 2.0, 2.0], "negative"), ([0.0, 0.0, 4.0, 3.5], "exceed"), ([2.0, 0.0, 1.0, 3.0], "empty"), ([f32::NAN, 0.0, 1.0, 1.0], "negative")] {
+            let e = resize_region(&img, 2, 2, Filter::Lanczos, region).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("4x3"), "{region:?}: {e}");
+        }
     }
 }

@@ -398,6 +398,8 @@ fn sd_upscale_script_through_the_api() {
     assert_eq!(code, 200, "{body}");
     let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&body).unwrap().as_array().unwrap().iter().map(|u| u["name"].as_str().unwrap().to_string()).collect();
     assert_eq!(names, ["None", "Lanczos", "Nearest"]);
+    let (code, body) = get(port, "/sdapi/v1/scripts");
+    assert!(code == 200 && body.contains("\"img2img\":[\"sd upscale\"]"), "{code} {body}");
     let init = image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([(x * 6) as u8, (y * 9) as u8, 77]));
     let init_path = tmp.path().join("init.png");
     init.save(&init_path).unwrap();
@@ -427,8 +429,37 @@ fn sd_upscale_script_through_the_api() {
         sd_upscale: Some(loramix::studio::SdUpscaleSettings { scale: 1.5, overlap: 8, upscaler: "Lanczos".into() }),
         ..Default::default()
     };
-    let out = studio.generate(&settings, None, &tmp.path().join("direct"), &std::sync::atomic::AtomicBool::new(false), &mut |_| {}, &mut |_| {}).unwrap();
+    let no = std::sync::atomic::AtomicBool::new(false);
+    let out = studio.generate(&settings, None, &tmp.path().join("direct"), &no, &mut |_| {}, &mut |_| {}).unwrap();
     assert!(image::open(&out[0]).unwrap().to_rgb8() == api, "the API's SD upscale is not the studio's");
+    let pixels = |p: &std::path::Path| image::open(p).unwrap().to_rgb8();
+    // A batch count of 2: the second picture redraws the same upscaled tiles from seed + 1.
+    let two = studio.generate(&loramix::studio::Settings { batch_count: 2, ..settings.clone() }, None, &tmp.path().join("two"), &no, &mut |_| {}, &mut |_| {}).unwrap();
+    let alone = studio.generate(&loramix::studio::Settings { seed: Some(4), ..settings.clone() }, None, &tmp.path().join("alone"), &no, &mut |_| {}, &mut |_| {}).unwrap();
+    assert_eq!(two.len(), 2);
+    assert!(pixels(&two[0]) == api && pixels(&two[1]) == pixels(&alone[0]), "upscale 2 of 2 is the upscale of seed + 1");
+    // A variation seed with both tiles in one batch: both keep the batch's seed, and tile k
+    // takes variation seed + k (A1111's all_seeds / all_subseeds), blended at x = 0 and 24.
+    let varied = loramix::studio::Settings { batch_size: 2, subseed: Some(50), subseed_strength: 0.5, ..settings.clone() };
+    let job = studio.generate(&varied, None, &tmp.path().join("varied"), &no, &mut |_| {}, &mut |_| {}).unwrap();
+    let big = loramix::sdxl::upscale::Upscaler::Lanczos.upscale_by(&init, 1.5);
+    let mut row = vec![];
+    for (k, x) in [0u32, 24].into_iter().enumerate() {
+        let tile = image::imageops::crop_imm(&big, x, 0, 32, 32).to_image();
+        let p = tmp.path().join(format!("tile{k}.png"));
+        tile.save(&p).unwrap();
+        let one = loramix::studio::Settings {
+            init: Some(loramix::studio::InitSettings { image: p.to_string_lossy().into_owned(), strength: 0.6, ..Default::default() }),
+            sd_upscale: None,
+            subseed: Some(50 + k as u64),
+            ..varied.clone()
+        };
+        let one = loramix::studio::Settings { batch_size: 1, ..one };
+        let made = studio.generate(&one, None, &tmp.path().join(format!("v{k}")), &no, &mut |_| {}, &mut |_| {}).unwrap();
+        row.push((x as i64, 32, pixels(&made[0])));
+    }
+    let want = loramix::sdxl::tile_grid::combine_grid(&[(0, 32, row)], 32, 56, 32, 8);
+    assert!(pixels(&job[0]) == want, "varied tiles take the batch's seed and variation seed + k");
     for (script, args, want) in [
         ("Ultimate SD upscale", serde_json::json!([]), "Script 'Ultimate SD upscale' not found"),
         ("SD upscale", serde_json::json!(["", 8, 7, 2]), "SD upscale upscaler 7"),

@@ -1001,6 +1001,13 @@ fn sd_upscale_is_tiles_of_img2img_runs() {
     let want = loramix::sdxl::tile_grid::combine_grid(&rows, 32, 96, 80, 8);
     assert_eq!(pixels.len(), want.as_raw().len(), "a 96x80 picture");
     assert!(pixels == *want.as_raw(), "the job equals its tiles made one by one and blended");
+    // `batch run` of the PNG makes the one picture again (the batch size batches tiles).
+    let png = String::from_utf8_lossy(&job.stdout).lines().next().unwrap().to_string();
+    let again = loramix().args(["batch", "run", &png, "--out"]).arg(tmp.path().join("again")).output().unwrap();
+    assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
+    let made: Vec<_> = std::fs::read_dir(tmp.path().join("again")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    assert_eq!(made.len(), 1, "{made:?}");
+    assert!(image::open(&made[0]).unwrap().to_rgb8().into_raw() == pixels, "batch run makes the SD upscale again");
     // What the script cannot take is refused before any model loads.
     for (extra, want) in [
         (&["--sd-upscale", "2", "--sd-upscale-overlap", "8", "--sd-upscale-upscaler", "Latent"][..], "SD upscale upscaler \"Latent\": expected one of None, Lanczos, Nearest"),

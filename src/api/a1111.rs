@@ -229,7 +229,7 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     s.width = req.width.unwrap_or(512);
     s.height = req.height.unwrap_or(512);
     if req.enable_hr && init_paths.is_none() {
-        let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { req.hr_upscaler.clone() };
+        let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { crate::sdxl::upscale::Upscaler::canonical(&req.hr_upscaler) };
         // Built-in names, or an ESRGAN-family model by path or by name in the library's folders.
         crate::studio::upscaler_model_path(&upscaler, library).map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
         let scale = match (req.hr_resize_x, req.hr_resize_y) {
@@ -328,7 +328,7 @@ fn script(req: &GenerationRequest, library: Option<&std::path::Path>, img2img: b
     };
     let upscaler = match arg(2) {
         None => defaults.upscaler,
-        Some(Value::String(n)) => n.clone(),
+        Some(Value::String(n)) => crate::sdxl::upscale::Upscaler::canonical(n),
         Some(v) => {
             let names = upscaler_names(library);
             v.as_u64().and_then(|i| names.get(i as usize).cloned()).ok_or_else(|| bad("upscaler", v, &format!("an index into {names:?} or a name")))?

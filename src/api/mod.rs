@@ -334,7 +334,7 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
         "seed_resize_from_w": settings.seed_resize_from().map_or(-1, |s| s.0 as i64),
         "seed_resize_from_h": settings.seed_resize_from().map_or(-1, |s| s.1 as i64),
         "denoising_strength": settings.init.as_ref().map(|i| i.strength).or(settings.hires.as_ref().map(|h| h.denoise)),
-        "extra_generation_params": {"LoRA mix": settings.mix},
+        "extra_generation_params": extra_generation_params(&settings),
         "index_of_first_image": 0,
         "infotexts": infotexts,
         "styles": settings.styles,
@@ -374,6 +374,22 @@ async fn txt2img(State(state): State<Arc<AppState>>, body: Bytes) -> std::result
         dir.keep_for(&state.config.out, &mut settings)?;
     }
     generate(&state, req, settings).await
+}
+
+/// A1111's `extra_generation_params` of the job: its scripts' fields and ours.
+fn extra_generation_params(settings: &Settings) -> Value {
+    let mut params = json!({"LoRA mix": settings.mix});
+    if let Some(u) = &settings.sd_upscale {
+        params["SD upscale overlap"] = json!(u.overlap);
+        params["SD upscale upscaler"] = json!(u.upscaler);
+        params["SD upscale"] = json!(u.scale);
+    }
+    params
+}
+
+/// A1111's `/sdapi/v1/scripts`: the scripts `script_name` may name, lower-cased as A1111 lists them.
+async fn scripts() -> Json<Value> {
+    Json(json!({"txt2img": [], "img2img": ["sd upscale"]}))
 }
 
 /// A folder for the images a request brings (init image, mask, control images), removed when
@@ -1034,6 +1050,7 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/skip", post(skip))
         .route("/sdapi/v1/png-info", post(png_info))
+        .route("/sdapi/v1/scripts", get(scripts))
         .route("/controlnet/model_list", get(controlnet_model_list))
         .route("/controlnet/module_list", get(controlnet_module_list))
         .route("/controlnet/version", get(controlnet_version))

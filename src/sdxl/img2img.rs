@@ -478,7 +478,7 @@ where
         return out;
     }
     // Each band is `resized.resize(band, box=<the edge, zero rows or columns thick>)`.
-    let band = |bw: u32, bh: u32, region: [f32; 4]| resample::resize_region(&resized, bw, bh, Filter::Bicubic, region);
+    let band = |bw: u32, bh: u32, region: [f32; 4]| resample::resize_region(&resized, bw, bh, Filter::Bicubic, region).expect("an edge box lies on the image");
     if lhs < rhs {
         let fill = (h / 2).saturating_sub(src_h / 2);
         if fill > 0 {
@@ -576,7 +576,7 @@ mod tests {
         assert_eq!(fill.get_pixel(7, 22), &image::Rgb([35, 134, 3]));
         assert_eq!(fill.get_pixel(7, 24), &image::Rgb([0, 0, 0]));
         let column = GrayImage::from_raw(1, 3, vec![200, 0, 100]).unwrap();
-        let edge = resample::resize_region(&column, 1, 2, Filter::Lanczos, [0.0, 0.0, 1.0, 0.0]);
+        let edge = resample::resize_region(&column, 1, 2, Filter::Lanczos, [0.0, 0.0, 1.0, 0.0]).unwrap();
         assert_eq!(edge.as_raw(), &vec![249, 249], "Pillow: rows 200, 0, 100 extrapolate to 249");
         let mask = GrayImage::from_fn(40, 20, |x, _| image::Luma([if x < 20 { 0 } else { 255 }]));
         assert_eq!(resize_to(ResizeMode::CropAndResize, &mask, 20, 20).get_pixel(12, 3)[0], 255);

@@ -58,6 +58,19 @@ impl Upscaler {
         Self::NAMES.iter().map(|n| n.0).collect()
     }
 
+    /// A1111's spelling of a built-in upscaler written another way (`lanczos`,
+    /// `latent_bicubic`), which is what PNGs record; any other name as it is.
+    pub fn canonical(name: &str) -> String {
+        Self::NAMES.iter().find(|(n, _, _)| Self::same_name(n, name)).map_or_else(|| name.to_string(), |(n, _, _)| n.to_string())
+    }
+
+    /// Whether `given` names A1111's `name`: as written, or in our lower-case spellings
+    /// (latent, latent_bicubic, latent_nearest_exact, lanczos).
+    fn same_name(name: &str, given: &str) -> bool {
+        let norm = |n: &str| n.to_lowercase().replace(['(', ')'], "").replace([' ', '-'], "_").replace("__", "_");
+        name == given.trim() || norm(name) == norm(given.trim())
+    }
+
     /// A decoded image enlarged to `w × h` in pixel space, as A1111's `resize_image(0, image, w,
     /// h, upscaler_name)` does for this upscaler. The latent modes are not pixel upscalers and
     /// resize as "None" does.
@@ -100,9 +113,7 @@ impl FromStr for Upscaler {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let key = s.trim();
-        // Our lower-case spellings too: latent, latent_bicubic, latent_nearest_exact, lanczos.
-        let norm = |n: &str| n.to_lowercase().replace(['(', ')'], "").replace([' ', '-'], "_").replace("__", "_");
-        Self::NAMES.iter().find(|(n, _, _)| *n == key || norm(n) == norm(key)).map(|(_, u, _)| *u).ok_or_else(|| {
+        Self::NAMES.iter().find(|(n, _, _)| Self::same_name(n, key)).map(|(_, u, _)| *u).ok_or_else(|| {
             // Model upscalers (ESRGAN-family) are resolved by the studio (`upscaler_model_path`).
             Error::Argument(format!("unknown hires upscaler {key:?}; expected one of {}, or an ESRGAN-family .safetensors model", Self::names().join(", ")))
         })

@@ -208,7 +208,9 @@ impl Manifest {
                     if settings.subseed.is_none() && settings.subseed_strength != 0.0 {
                         settings.subseed = Some(seed_of(&settings));
                     }
-                    let images = images.unwrap_or(settings.batch_count * settings.batch_size);
+                    // An SD upscale makes one picture per batch; its batch size groups tiles.
+                    let per_batch = if settings.sd_upscale.is_some() { 1 } else { settings.batch_size };
+                    let images = images.unwrap_or(settings.batch_count * per_batch);
                     m.jobs.push(ManifestJob { line: i + 1, settings, images });
                 }
                 Err(error) => m.errors.push(LineError { line: i + 1, error }),
@@ -513,6 +515,11 @@ fn image_line(path: &Path) -> Result<String> {
     let (mut s, rec) = super::metadata::settings_from_png(path)?;
     s.batch_count = 1;
     let images = match &rec {
+        // One SD upscale picture: its batch size batches tiles, and stays.
+        Some(r) if s.sd_upscale.is_some() => {
+            s.seed = Some(r.seed);
+            1
+        }
         Some(r) => {
             s.seed = Some(r.seed);
             if s.batch_seeds == crate::rng::BatchSeeds::PerImage {

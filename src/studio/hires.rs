@@ -84,7 +84,9 @@ pub fn upscaler_models(library: &Path) -> Vec<String> {
         .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().to_string()))
         .collect();
-    names.sort();
+    // A1111's `sd_upscalers` order (its built-ins first, then by lower-case name), which the
+    // API's upscaler indices count in.
+    names.sort_by_key(|n| (n.to_lowercase(), n.clone()));
     names.dedup();
     names
 }

@@ -224,11 +224,12 @@ impl Studio {
     /// Mix sharing on until the guard drops (off again then, if it was off): the jobs of one
     /// SD upscale, its tiles, load their LoRAs and compute their mix statistics once.
     pub(super) fn sharing_mixes(&self) -> SharingMixes<'_> {
-        let was_on = self.shared.lock().unwrap_or_else(|e| e.into_inner()).on;
-        if !was_on {
-            self.share_mixes(true);
+        let mut g = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let switched = !g.on;
+        if switched {
+            *g = SharedMix { on: true, ..Default::default() };
         }
-        SharingMixes { studio: self, switched: !was_on }
+        SharingMixes { studio: self, switched }
     }
 
     /// Pooled text embeddings of `prompts` (LoRA tags removed) under `model`'s encoders: what a
@@ -701,7 +702,7 @@ pub(super) struct SharingMixes<'a> {
 impl Drop for SharingMixes<'_> {
     fn drop(&mut self) {
         if self.switched {
-            self.studio.share_mixes(false);
+            *self.studio.shared.lock().unwrap_or_else(|e| e.into_inner()) = SharedMix::default();
         }
     }
 }

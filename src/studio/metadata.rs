@@ -143,8 +143,8 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             text.push_str(&format!(", Resize mode: {}", init.resize_mode.a1111_name()));
         }
         if let Some(u) = &s.sd_upscale {
-            // A1111's script writes nothing of itself (its `Size` is a tile's); ours, so the
-            // picture can be made again.
+            // A1111's script writes the overlap and the upscaler (its `Size` is a tile's); the
+            // scale factor is ours, so the picture can be made again.
             text.push_str(&format!(", SD upscale: {}, SD upscale overlap: {}, SD upscale upscaler: {}", u.scale, u.overlap, quote(&u.upscaler)));
         }
     }

@@ -6,7 +6,9 @@
 //!
 //! Seeds follow the script: upscale `n` of the batch count starts at `seed + n`; tiles go in
 //! batches of the batch size, and each batch starts one above the last batch's first seed, so
-//! tile `k` of batch `b` takes `seed + n + b + k`.
+//! tile `k` of batch `b` takes `seed + n + b + k`. Under a variation seed (A1111's `all_seeds`
+//! then keep the batch's seed) tile `k` of batch `b` takes `seed + n + b` and variation seed
+//! `subseed + k`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,14 +25,17 @@ use crate::sdxl::tile_grid::{combine_grid, split_grid, TileRow};
 use crate::sdxl::upscale::Upscaler;
 use crate::sdxl::upscale_model::UpscaleModel;
 
-/// A folder for the tiles of one job, removed when done.
+/// A folder for the tiles of one job, removed when done. It is new: a folder left by another
+/// run would hold pictures that pass for this run's.
 struct TileDir(PathBuf);
 
 impl TileDir {
     fn new() -> Result<Self> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!("loramix-sd-upscale-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let name = format!("loramix-sd-upscale-{}-{}-{nanos}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let dir = std::env::temp_dir().join(name);
+        std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         Ok(Self(dir))
     }
 }
@@ -95,6 +100,19 @@ impl Studio {
             return Ok(out);
         }
         let image = img2img::load_image(Path::new(&init.image))?;
+        // A1111's upscalers round the size down to 8 pixels; Pillow refuses an empty one.
+        let dest = |n: u32| ((n as f64 * up.scale) / 8.0).floor() as u32 * 8;
+        let keeps_size = matches!(up.upscaler.parse::<Upscaler>(), Ok(Upscaler::Resize));
+        if !keeps_size && (dest(image.width()) == 0 || dest(image.height()) == 0) {
+            return Err(Error::Argument(format!(
+                "SD upscale scale factor {}: the {}x{} init image would become {}x{} (sides are rounded down to 8 pixels)",
+                up.scale,
+                image.width(),
+                image.height(),
+                dest(image.width()),
+                dest(image.height())
+            )));
+        }
         let (pipe, _) = self.pipeline(&settings.model, &settings.vae, &settings.dtype, library, on_event)?;
         let f = pipe.vae_scale_factor();
         let (dw, dh) = pipe.default_size();
@@ -113,16 +131,12 @@ impl Studio {
                 None => return Err(Error::Argument(format!("SD upscale upscaler {:?}: not found", up.upscaler))),
             },
         };
-        let mut grid = split_grid(&big, tile_w, tile_h, up.overlap);
-        let tiles = grid.iter().map(|(_, _, row)| row.len()).sum::<usize>();
-        if tiles == 0 {
-            return Err(Error::Argument(format!(
-                "SD upscale: the upscaled image ({}x{}) is smaller than the tile overlap {}",
-                big.width(),
-                big.height(),
-                up.overlap
-            )));
-        }
+        // Tiles past the picture's edge (a picture smaller than a tile) are padded with black,
+        // as A1111's crop pads them. A picture no wider than the overlap has one tile here, none
+        // (and a black result) in A1111.
+        let grid = split_grid(&big, tile_w, tile_h, up.overlap);
+        let inputs: Vec<RgbImage> = grid.iter().flat_map(|(_, _, row)| row.iter().map(|(_, _, tile)| tile.clone())).collect();
+        let tiles = inputs.len();
         on_event(StudioEvent::Notice {
             message: format!(
                 "SD upscale: {}x{} in {} tiles of {tile_w}x{tile_h} ({} x {}), overlap {}",
@@ -134,7 +148,7 @@ impl Studio {
                 up.overlap
             ),
         });
-        // The variation seed, drawn once when none is given, is every tile's.
+        // The variation seed, drawn once when none is given.
         let subseed = (settings.subseed_strength != 0.0).then(|| settings.subseed.unwrap_or_else(random_seed));
         let mut idx = output::first_free_index(outputs.dir);
         std::fs::create_dir_all(outputs.dir).map_err(|e| Error::io(outputs.dir, e))?;
@@ -148,16 +162,20 @@ impl Studio {
             let mut skipped = false;
             for t in 0..tiles {
                 let (b, k) = (t / bs, t % bs);
-                let tile = tile_at(&grid, t);
                 let tile_path = dir.0.join(format!("input{t}.png"));
-                tile.save(&tile_path).map_err(|e| Error::BadFile { path: tile_path.clone(), message: e.to_string() })?;
+                inputs[t].save(&tile_path).map_err(|e| Error::BadFile { path: tile_path.clone(), message: e.to_string() })?;
                 let mut ts = settings.clone();
                 ts.sd_upscale = None;
                 ts.hires = None;
                 ts.init = Some(InitSettings { image: tile_path.to_string_lossy().into_owned(), resize_mode: ResizeMode::JustResize, ..init.clone() });
                 (ts.width, ts.height, ts.batch_count, ts.batch_size) = (tile_w, tile_h, 1, 1);
-                ts.seed = Some(start.wrapping_add((b + k) as u64));
-                ts.subseed = subseed;
+                match subseed {
+                    None => ts.seed = Some(start.wrapping_add((b + k) as u64)),
+                    Some(sub) => {
+                        ts.seed = Some(start.wrapping_add(b as u64));
+                        ts.subseed = Some(sub.wrapping_add(k as u64));
+                    }
+                }
                 let name = move |_: usize| format!("tile{t}.png");
                 let sub = ImageOutputs { dir: &dir.0, names: Some(&name), images: Some(1), keep_interrupted: false, skip: outputs.skip };
                 let done = n * tiles + t;
@@ -172,7 +190,7 @@ impl Studio {
                     other => on_event(other),
                 };
                 let job = self.run(&ts, library, &sub, cancel, &mut relay, on_preview)?;
-                let Some(path) = job.written.first() else {
+                let Some(path) = job.written.first().or(job.kept.first()) else {
                     // Skip ended this tile: A1111's Skip drops the picture being made.
                     skipped = true;
                     break;
@@ -191,13 +209,13 @@ impl Studio {
             if skipped {
                 continue;
             }
+            // The grid's places with the redrawn tiles; the next upscale starts from the inputs again.
             let mut it = made.into_iter();
-            for (_, _, row) in grid.iter_mut() {
-                for (_, _, tile) in row.iter_mut() {
-                    *tile = it.next().expect("one picture per tile");
-                }
-            }
-            let combined = combine_grid(&grid, tile_h, big.width() as usize, big.height() as usize, up.overlap);
+            let drawn: Vec<TileRow> = grid
+                .iter()
+                .map(|(y, h, row)| (*y, *h, row.iter().map(|(x, w, _)| (*x, *w, it.next().expect("one picture per tile"))).collect()))
+                .collect();
+            let combined = combine_grid(&drawn, tile_h, big.width() as usize, big.height() as usize, up.overlap);
             let mut rec = first_record.ok_or_else(|| Error::Internal("an SD upscale tile was written without its record".into()))?;
             // The record is the job's: the first tile's generation, A1111's `Size` the tile's.
             rec.settings = settings.recorded();
@@ -216,7 +234,3 @@ impl Studio {
     }
 }
 
-/// Tile `t` of the grid, counted row by row.
-fn tile_at(grid: &[TileRow], t: usize) -> &RgbImage {
-    grid.iter().flat_map(|(_, _, row)| row.iter().map(|(_, _, tile)| tile)).nth(t).expect("t < the number of tiles")
-}

@@ -162,6 +162,16 @@ try {
   check(painted > 0 && kept, `unmasked pixels are the init image's (${painted} painted)`);
   check(changed > painted / 4, `the masked area changed (${changed}/${painted})`);
   await shot("inpaint.png");
+  // The img2img panel's SD upscale switch (off once a mask is painted: the script is img2img's)
+  // and a ControlNet unit's controls, as drawn; the unit goes again before the grid.
+  const sdu = await reveal(await driver.findElement(byTest("sd-upscale-on")));
+  check(!(await sdu.isEnabled()), "SD upscale cannot be switched on over a painted mask");
+  await shot("img2img.png");
+  await driver.executeScript("document.querySelector('details.controlnet').open = true");
+  await (await reveal(await driver.findElement(byTest("controlnet-add")))).click();
+  await reveal(await driver.wait(until.elementLocated(byTest("controlnet-unit-0")), 10000));
+  await shot("controlnet.png");
+  await (await driver.findElement(By.css('[data-testid="controlnet-unit-0"] legend button'))).click();
   // 4c. An X/Y/Z plot from the Studio: two seeds, the cells and a labelled grid in the gallery.
   await driver.executeScript("document.querySelector('details.grid-plot').open = true");
   const gx = await reveal(await driver.findElement(byTest("grid-x")));

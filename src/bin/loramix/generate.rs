@@ -91,7 +91,8 @@ pub struct GenerateArgs {
     /// and the API's default).
     #[arg(long, default_value = "shared", value_parser = parse_batch_seeds)]
     batch_seeds: BatchSeeds,
-    /// Batches run one after another (A1111's batch count); batch i starts at seed + i·batch-size.
+    /// Batches run one after another (A1111's batch count); batch i starts at seed + i·batch-size
+    /// (with --sd-upscale, picture i is made from seed + i).
     #[arg(long, default_value_t = 1)]
     batch_count: usize,
     #[arg(long, default_value = "out")]
@@ -188,7 +189,8 @@ pub struct GenerateArgs {
     /// Hires fix: upscale the first pass by this factor and run a second pass (A1111's "Hires upscale").
     #[arg(long)]
     hr_scale: Option<f64>,
-    /// Latent | "Latent (antialiased)" | "Latent (bicubic)" | "Latent (bicubic antialiased)" | "Latent (nearest)" | "Latent (nearest-exact)" | Lanczos.
+    /// Latent | "Latent (antialiased)" | "Latent (bicubic)" | "Latent (bicubic antialiased)" | "Latent (nearest)" | "Latent (nearest-exact)" | None | Lanczos | Nearest,
+    /// or an ESRGAN-family model (a .safetensors path, or a name from the library's models/ESRGAN).
     #[arg(long, default_value = "Latent")]
     hr_upscaler: String,
     /// Steps of the second pass (0: as many as the first).
@@ -197,16 +199,17 @@ pub struct GenerateArgs {
     /// Denoising strength of the second pass.
     #[arg(long, default_value_t = 0.7)]
     hr_denoise: f64,
-    /// A1111's "SD upscale" script: enlarge --init-image by this factor, then redraw it in
-    /// overlapping tiles of --width × --height (img2img at --strength, tile k with seed + k).
+    /// A1111's "SD upscale" script: enlarge --init-image by this factor with
+    /// --sd-upscale-upscaler (its default, None, keeps the size), then redraw it in overlapping
+    /// tiles of --width × --height (img2img at --strength; one tile a batch: tile k takes seed + k).
     #[arg(long, value_name = "FACTOR")]
     sd_upscale: Option<f64>,
     /// SD upscale's "Tile overlap", in pixels.
-    #[arg(long, default_value_t = 64, value_name = "PIXELS")]
+    #[arg(long, default_value_t = 64, value_name = "PIXELS", requires = "sd_upscale")]
     sd_upscale_overlap: usize,
     /// SD upscale's "Upscaler": None (the image as it is), Lanczos, Nearest, or an ESRGAN-family
     /// model (a .safetensors path, or a name from the library's models/ESRGAN).
-    #[arg(long, default_value = "None", value_name = "NAME")]
+    #[arg(long, default_value = "None", value_name = "NAME", requires = "sd_upscale")]
     sd_upscale_upscaler: String,
     /// An A1111 style from <library>/styles.csv, applied by name (its `{prompt}` placeholder, or
     /// appended). Repeatable.
@@ -411,7 +414,7 @@ pub fn job_parts(a: &GenerateArgs) -> Result<JobParts> {
     let hires = match a.hr_scale {
         None => None,
         Some(scale) => {
-            let h = studio::HiresSettings { scale, upscaler: a.hr_upscaler.clone(), steps: a.hr_steps, denoise: a.hr_denoise };
+            let h = studio::HiresSettings { scale, upscaler: loramix::sdxl::upscale::Upscaler::canonical(&a.hr_upscaler), steps: a.hr_steps, denoise: a.hr_denoise };
             // Names and ranges fail before the model loads.
             studio::upscaler_model_path(&h.upscaler, a.library.as_deref())?;
             loramix::sdxl::upscale::hires_steps(a.steps, h.steps, h.denoise)?;
@@ -955,7 +958,7 @@ fn settings_of(a: &GenerateArgs, init: Option<studio::InitSettings>, hires: Opti
         candidates: a.candidates.is_some(),
         hires,
         init,
-        sd_upscale: a.sd_upscale.map(|scale| studio::SdUpscaleSettings { scale, overlap: a.sd_upscale_overlap, upscaler: a.sd_upscale_upscaler.clone() }),
+        sd_upscale: a.sd_upscale.map(|scale| studio::SdUpscaleSettings { scale, overlap: a.sd_upscale_overlap, upscaler: loramix::sdxl::upscale::Upscaler::canonical(&a.sd_upscale_upscaler) }),
         styles: a.styles.clone(),
         embeddings: a.embeddings.clone(),
         // Checked in `run` before any model loads.
