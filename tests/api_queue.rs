@@ -439,8 +439,15 @@ fn sd_upscale_script_through_the_api() {
     assert_eq!(two.len(), 2);
     assert!(pixels(&two[0]) == api && pixels(&two[1]) == pixels(&alone[0]), "upscale 2 of 2 is the upscale of seed + 1");
     // A variation seed with both tiles in one batch: both keep the batch's seed, and tile k
-    // takes variation seed + k (A1111's all_seeds / all_subseeds), blended at x = 0 and 24.
-    let varied = loramix::studio::Settings { batch_size: 2, subseed: Some(50), subseed_strength: 0.5, ..settings.clone() };
+    // takes variation seed + k (A1111's all_seeds / all_subseeds), blended at x = 0 and 24. A
+    // ControlNet unit on the init image sees each tile.
+    let unit = |image: &std::path::Path| loramix::studio::ControlNetSetting {
+        model: fixture("tiny2").join("controlnet").to_string_lossy().into_owned(),
+        image: image.to_string_lossy().into_owned(),
+        weight: 0.8,
+        ..Default::default()
+    };
+    let varied = loramix::studio::Settings { batch_size: 2, subseed: Some(50), subseed_strength: 0.5, controlnet: vec![unit(&init_path)], ..settings.clone() };
     let job = studio.generate(&varied, None, &tmp.path().join("varied"), &no, &mut |_| {}, &mut |_| {}).unwrap();
     let big = loramix::sdxl::upscale::Upscaler::Lanczos.upscale_by(&init, 1.5);
     let mut row = vec![];
@@ -452,6 +459,7 @@ fn sd_upscale_script_through_the_api() {
             init: Some(loramix::studio::InitSettings { image: p.to_string_lossy().into_owned(), strength: 0.6, ..Default::default() }),
             sd_upscale: None,
             subseed: Some(50 + k as u64),
+            controlnet: vec![unit(&p)],
             ..varied.clone()
         };
         let one = loramix::studio::Settings { batch_size: 1, ..one };
@@ -459,7 +467,7 @@ fn sd_upscale_script_through_the_api() {
         row.push((x as i64, 32, pixels(&made[0])));
     }
     let want = loramix::sdxl::tile_grid::combine_grid(&[(0, 32, row)], 32, 56, 32, 8);
-    assert!(pixels(&job[0]) == want, "varied tiles take the batch's seed and variation seed + k");
+    assert!(pixels(&job[0]) == want, "varied tiles take the batch's seed and variation seed + k, and the unit each tile");
     for (script, args, want) in [
         ("Ultimate SD upscale", serde_json::json!([]), "Script 'Ultimate SD upscale' not found"),
         ("SD upscale", serde_json::json!(["", 8, 7, 2]), "SD upscale upscaler 7"),

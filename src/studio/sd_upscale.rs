@@ -167,7 +167,13 @@ impl Studio {
                 let mut ts = settings.clone();
                 ts.sd_upscale = None;
                 ts.hires = None;
-                ts.init = Some(InitSettings { image: tile_path.to_string_lossy().into_owned(), resize_mode: ResizeMode::JustResize, ..init.clone() });
+                let tile_file = tile_path.to_string_lossy().into_owned();
+                // A ControlNet unit on the init image (the API's units without an image) sees
+                // the tile, as the extension's unit sees the script's `p.init_images`.
+                for c in ts.controlnet.iter_mut().filter(|c| c.image == init.image) {
+                    c.image = tile_file.clone();
+                }
+                ts.init = Some(InitSettings { image: tile_file, resize_mode: ResizeMode::JustResize, ..init.clone() });
                 (ts.width, ts.height, ts.batch_count, ts.batch_size) = (tile_w, tile_h, 1, 1);
                 match subseed {
                     None => ts.seed = Some(start.wrapping_add((b + k) as u64)),
