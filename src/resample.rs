@@ -207,26 +207,9 @@ where
     }
     // A whole-pixel region of the output's size is a crop (`_imaging.c`'s `_resize`).
     let [x0, y0, x1, y1] = region;
-    if x0.fract() == 0.0
-        && y0.fract() == 0.0
-        && x1 - x0 == ow as f32
-        && y1 - y0 == oh as f32
-        && x0 >= 0.0
-        && y0 >= 0.0
-    {
+    if x0.fract() == 0.0 && y0.fract() == 0.0 && x1 - x0 == ow as f32 && y1 - y0 == oh as f32 {
         let (cx, cy, ch) = (x0 as usize, y0 as usize, P::CHANNEL_COUNT as usize);
-        let rows = (cy..(cy + oh).min(ih)).flat_map(|y| {
-            let line = &img.as_raw()[y * iw * ch..(y + 1) * iw * ch];
-            (cx..cx + ow).flat_map(move |x| {
-                if x < iw {
-                    line[x * ch..(x + 1) * ch].to_vec()
-                } else {
-                    vec![0; ch]
-                }
-            })
-        });
-        let mut raw: Vec<u8> = rows.collect();
-        raw.resize(ow * oh * ch, 0);
+        let raw: Vec<u8> = (cy..cy + oh).flat_map(|y| img.as_raw()[(y * iw + cx) * ch..(y * iw + cx + ow) * ch].iter().copied()).collect();
         return ImageBuffer::from_raw(w, h, raw).expect("the output buffer has w × h pixels");
     }
     let raw = if filter == Filter::Nearest {

@@ -346,8 +346,7 @@ where
 /// to that rounded size.
 pub fn a1111_upscale<E>(img: &RgbImage, scale: f64, mut step: impl FnMut(&RgbImage, f64) -> std::result::Result<RgbImage, E>) -> std::result::Result<RgbImage, E> {
     let mut im = img.clone();
-    let dest_w = ((im.width() as f64 * scale) / 8.0).floor() as u32 * 8;
-    let dest_h = ((im.height() as f64 * scale) / 8.0).floor() as u32 * 8;
+    let (dest_w, dest_h) = a1111_upscaled_size(img.dimensions(), scale);
     for i in 0..3 {
         if im.width() >= dest_w && im.height() >= dest_h && (i > 0 || scale != 1.0) {
             break;
@@ -363,6 +362,13 @@ pub fn a1111_upscale<E>(img: &RgbImage, scale: f64, mut step: impl FnMut(&RgbIma
         im = resize(&im, dest_w, dest_h);
     }
     Ok(im)
+}
+
+/// The size [`a1111_upscale`] ends at: `scale ×` each side, rounded down to 8 pixels
+/// (`int((w * scale) // 8 * 8)`).
+pub fn a1111_upscaled_size((w, h): (u32, u32), scale: f64) -> (u32, u32) {
+    let side = |n: u32| ((n as f64 * scale) / 8.0).floor() as u32 * 8;
+    (side(w), side(h))
 }
 
 /// A1111's `resize_image` with an upscaler (`modules/images.py`'s inner `resize`): when

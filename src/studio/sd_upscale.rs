@@ -101,16 +101,14 @@ impl Studio {
         }
         let image = img2img::load_image(Path::new(&init.image))?;
         // A1111's upscalers round the size down to 8 pixels; Pillow refuses an empty one.
-        let dest = |n: u32| ((n as f64 * up.scale) / 8.0).floor() as u32 * 8;
+        let (dest_w, dest_h) = img2img::a1111_upscaled_size(image.dimensions(), up.scale);
         let keeps_size = matches!(up.upscaler.parse::<Upscaler>(), Ok(Upscaler::Resize));
-        if !keeps_size && (dest(image.width()) == 0 || dest(image.height()) == 0) {
+        if !keeps_size && (dest_w == 0 || dest_h == 0) {
             return Err(Error::Argument(format!(
-                "SD upscale scale factor {}: the {}x{} init image would become {}x{} (sides are rounded down to 8 pixels)",
+                "SD upscale scale factor {}: the {}x{} init image would become {dest_w}x{dest_h} (sides are rounded down to 8 pixels)",
                 up.scale,
                 image.width(),
                 image.height(),
-                dest(image.width()),
-                dest(image.height())
             )));
         }
         let (pipe, _) = self.pipeline(&settings.model, &settings.vae, &settings.dtype, library, on_event)?;
