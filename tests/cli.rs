@@ -515,6 +515,7 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
         ("mixed", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--timestep-spacing", "trailing", "--lora", "vlox:0.8:subject", "--lora", "checkered", "--mix", "np", "--np-mu", "5"]),
         ("klora", vec!["--lora", "vlox", "--lora", "checkered", "--mix", "klora", "--klora-mode", "reference"]),
         ("init", vec!["--init-image", "none/00000-5.png", "--strength", "0.6"]),
+        ("latent-resize", vec!["--init-image", "none/00000-5.png", "--strength", "0.6", "--resize-mode", "just_resize_latent_upscale", "--width", "48", "--height", "56"]),
         // A random variation seed is recorded; ancestral noise continues the image's own seed.
         ("variation", vec!["--batch-size", "2", "--batch-seeds", "per-image", "--subseed-strength", "0.4", "--sampler", "euler_a"]),
         ("tiling", vec!["--tiling", "x"]),

@@ -36,6 +36,7 @@ fn request(case: &serde_json::Value) -> GenerateRequest {
             mask: masked.then(|| img2img::load_mask(&d.join("mask.png")).unwrap()),
             masked_content: MaskedContent::Original,
             latents: None,
+            resize_latents: false,
         }),
         ..Default::default()
     }
@@ -146,10 +147,11 @@ fn an_inpainting_unet_refuses_text_to_image() {
 }
 
 /// A1111's latent upscalers equal `torch.nn.functional.interpolate` (align_corners=False) for
-/// every mode at integer and fractional scales (tools/parity/make_upscale_fixtures.py).
+/// every mode at integer and fractional scales, and when shrinking, as img2img's resize mode 3
+/// does (tools/parity/make_upscale_fixtures.py).
 #[test]
 fn latent_upscalers_equal_torch_interpolate() {
-    use loramix::sdxl::upscale::{upscale_latents, LatentMode, Upscaler};
+    use loramix::sdxl::upscale::{interpolate_latents, upscale_latents, LatentMode, Upscaler};
     let g = candle_core::safetensors::load(fixture("upscale").join("latent.safetensors"), &Device::Cpu).unwrap();
     let x = &g["input"];
     let mut n = 0;
@@ -163,9 +165,80 @@ fn latent_upscalers_equal_torch_interpolate() {
             _ if name == "nearest" => LatentMode::Nearest,
             _ => LatentMode::NearestExact,
         };
-        let ours = upscale_latents(x, mode, h.parse().unwrap(), w.parse().unwrap()).unwrap();
+        let (h, w): (usize, usize) = (h.parse().unwrap(), w.parse().unwrap());
+        let ours = if h >= x.dim(2).unwrap() && w >= x.dim(3).unwrap() {
+            upscale_latents(x, mode, h, w).unwrap()
+        } else {
+            assert!(upscale_latents(x, mode, h, w).is_err(), "hires fix only enlarges");
+            interpolate_latents(x, mode, h, w).unwrap()
+        };
         assert_close(key, &ours, want, 1e-5);
         n += 1;
     }
-    assert_eq!(n, 24);
+    assert_eq!(n, 39);
+}
+
+/// A1111's resize mode 3, "Just resize (latent upscale)": the init image encoded at its own
+/// (odd) size, the latents stretched with torch's bilinear interpolate, shrinking and
+/// enlarging, through the studio's preparation as the command line and the app run it
+/// (goldens: tools/parity/make_latent_resize_fixtures.py).
+#[test]
+fn latent_upscale_resize_mode_equals_a1111_on_diffusers() {
+    use loramix::sdxl::img2img::ResizeMode;
+    use loramix::studio::{prepare_init, InitSettings, InpaintArea};
+    let pipe = SdxlPipeline::load(fixture("tiny2").join("pipeline").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let d = dir().join("latent_resize");
+    let g = candle_core::safetensors::load(d.join("golden.safetensors"), &Device::Cpu).unwrap();
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("golden.json")).unwrap()).unwrap();
+    let f = pipe.vae_scale_factor();
+    for (key, case) in gj.as_object().unwrap() {
+        let image = d.join(case["init"].as_str().unwrap()).to_string_lossy().into_owned();
+        let (w, h) = (case["width"].as_u64().unwrap() as usize, case["height"].as_u64().unwrap() as usize);
+        let s = InitSettings { image, strength: case["strength"].as_f64().unwrap(), resize_mode: ResizeMode::LatentUpscale, ..Default::default() };
+        let p = prepare_init(&s, (Some(w), Some(h)), f).unwrap();
+        assert!(p.init.resize_latents && p.init.image.dimensions() != (w as u32, h as u32), "{key}: the image is kept at its size");
+        let req = GenerateRequest {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            steps: case["steps"].as_u64().unwrap() as usize,
+            cfg: case["cfg"].as_f64().unwrap(),
+            sampler: Some(case["sampler"].as_str().unwrap().parse().unwrap()),
+            seed: case["seed"].as_u64().unwrap(),
+            width: Some(w),
+            height: Some(h),
+            batch_size: case["batch"].as_u64().unwrap() as usize,
+            init: Some(p.init.clone()),
+            ..Default::default()
+        };
+        let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+        assert_close(&format!("{key} {case}"), &lat, &g[&format!("{key}.latents")], 1e-3);
+        // A plain resize of the same picture is another start.
+        let plain = prepare_init(&InitSettings { resize_mode: ResizeMode::JustResize, ..s.clone() }, (Some(w), Some(h)), f).unwrap();
+        let other = pipe.generate_latents(&GenerateRequest { init: Some(plain.init), ..req.clone() }, &mut |_| true).unwrap();
+        assert!(rel_l2(&other, &lat) > 1e-2, "{key}: resize mode 3 differs from just resize");
+    }
+    // Whole-picture inpainting at another size has no latent resize (A1111 fails there too);
+    // "only masked" fits its crop in pixels, as A1111's, and works.
+    let tmp = tempfile::tempdir().unwrap();
+    let image = d.join("init_a.png").to_string_lossy().into_owned();
+    let mut m = image::GrayImage::new(45, 37);
+    for y in 10..20 {
+        for x in 10..30 {
+            m.put_pixel(x, y, image::Luma([255]));
+        }
+    }
+    let mask = tmp.path().join("mask.png");
+    m.save(&mask).unwrap();
+    let s = InitSettings { image, mask: Some(mask.to_string_lossy().into()), resize_mode: ResizeMode::LatentUpscale, ..Default::default() };
+    let e = prepare_init(&s, (Some(32), Some(32)), f).unwrap_err().to_string();
+    assert!(e.contains("latent upscale") && e.contains("45x37") && e.contains("32x32"), "{e}");
+    let p = prepare_init(&InitSettings { inpaint_area: InpaintArea::OnlyMasked, ..s.clone() }, (Some(32), Some(32)), f).unwrap();
+    assert!(!p.init.resize_latents && p.init.image.dimensions() == (32, 32));
+    // At the image's own size a mask is fine (the latent resize is then the identity).
+    let even = tmp.path().join("even.png");
+    image::imageops::crop_imm(&image::open(&s.image).unwrap().to_rgb8(), 0, 0, 44, 36).to_image().save(&even).unwrap();
+    let m44 = tmp.path().join("m44.png");
+    image::imageops::crop_imm(&m, 0, 0, 44, 36).to_image().save(&m44).unwrap();
+    let s = InitSettings { image: even.to_string_lossy().into(), mask: Some(m44.to_string_lossy().into()), ..s };
+    let p = prepare_init(&s, (None, None), f).unwrap();
+    assert!(p.init.mask.is_some() && !p.init.resize_latents && (p.width, p.height) == (44, 36));
 }

@@ -645,7 +645,7 @@ fn controlnet_equals_diffusers() {
         let image = image::open(dir.join(case["image"].as_str().unwrap())).unwrap().to_rgb8();
         if let Some(strength) = case.get("strength").and_then(|s| s.as_f64()) {
             let init = image::open(dir.join(case["init"].as_str().unwrap())).unwrap().to_rgb8();
-            req.init = Some(loramix::sdxl::img2img::InitImage { image: init, strength, mask: None, masked_content: Default::default(), latents: None });
+            req.init = Some(loramix::sdxl::img2img::InitImage { image: init, strength, mask: None, masked_content: Default::default(), latents: None, resize_latents: false });
         }
         let global_pool = case.get("global_pool").and_then(|v| v.as_bool()) == Some(true);
         req.control = vec![ControlUnit {

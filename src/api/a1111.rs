@@ -281,9 +281,11 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
             inpaint_area: if req.inpaint_full_res.unwrap_or(true) { InpaintArea::OnlyMasked } else { InpaintArea::WholePicture },
             padding: req.inpaint_full_res_padding.unwrap_or(0),
             outpaint: None,
-            resize_mode: match req.resize_mode.unwrap_or(0) {
-                3 => return Err(FieldError::new("resize_mode", "3 (just resize, latent upscale) is not supported: expected 0 (just resize), 1 (crop and resize) or 2 (resize and fill)")),
-                n => crate::sdxl::img2img::ResizeMode::from_a1111_index(n).ok_or_else(|| FieldError::new("resize_mode", format!("{n}: expected 0 (just resize), 1 (crop and resize) or 2 (resize and fill)")))?,
+            resize_mode: {
+                let n = req.resize_mode.unwrap_or(0);
+                crate::sdxl::img2img::ResizeMode::from_a1111_index(n).ok_or_else(|| {
+                    FieldError::new("resize_mode", format!("{n}: expected 0 (just resize), 1 (crop and resize), 2 (resize and fill) or 3 (just resize, latent upscale)"))
+                })?
             },
         });
     }
@@ -395,9 +397,17 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
         crate::sdxl::preprocessor::Preprocessor::parse(&module, threshold_a, threshold_b).map_err(|e| err("module", e.to_string()))?;
         let resize_mode = match o.get("resize_mode") {
             None | Some(Value::Null) => crate::sdxl::img2img::ResizeMode::CropAndResize,
-            Some(Value::Number(n)) => n.as_u64().and_then(crate::sdxl::img2img::ResizeMode::from_a1111_index).ok_or_else(|| err("resize_mode", format!("{n}: expected 0, 1 or 2")))?,
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(crate::sdxl::img2img::ResizeMode::from_a1111_index)
+                .filter(|m| m.fits_pixels())
+                .ok_or_else(|| err("resize_mode", format!("{n}: expected 0, 1 or 2")))?,
             // The extension's names and its older aliases, which `ResizeMode` reads everywhere.
-            Some(Value::String(m)) => m.parse().map_err(|_| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
+            Some(Value::String(m)) => m
+                .parse()
+                .ok()
+                .filter(|m: &crate::sdxl::img2img::ResizeMode| m.fits_pixels())
+                .ok_or_else(|| err("resize_mode", format!("{m:?}: expected Just Resize, Crop and Resize or Resize and Fill")))?,
             Some(v) => return Err(err("resize_mode", format!("{v}: expected a resize mode"))),
         };
         let control_mode = match o.get("control_mode") {
@@ -498,6 +508,24 @@ mod tests {
         assert_eq!(e.loc, ["body", "alwayson_scripts", "controlnet", "args", "0", "guessmode"]);
         let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "guidance_start": 0.6, "guidance_end": 0.5}]))).unwrap_err();
         assert_eq!(e.loc.last().unwrap(), "guidance_end");
+        // img2img's latent upscale is not a way to fit a control map.
+        for mode in [serde_json::json!(3), serde_json::json!("Just resize (latent upscale)")] {
+            let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "resize_mode": mode}]))).unwrap_err();
+            assert_eq!(e.loc.last().unwrap(), "resize_mode");
+        }
+    }
+
+    /// img2img's `resize_mode` takes A1111's four numbers.
+    #[test]
+    fn img2img_resize_modes() {
+        let init = Some(("init.png".to_string(), None));
+        for (n, mode) in [(0, "just_resize"), (2, "resize_and_fill"), (3, "just_resize_latent_upscale")] {
+            let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "init_images": ["x"], "resize_mode": n})).unwrap();
+            let s = to_settings(&req, "m", None, init.clone()).unwrap();
+            assert_eq!(s.init.unwrap().resize_mode.name(), mode);
+        }
+        let req: GenerationRequest = serde_json::from_value(serde_json::json!({"prompt": "x", "init_images": ["x"], "resize_mode": 4})).unwrap();
+        assert_eq!(to_settings(&req, "m", None, init).unwrap_err().loc, ["body", "resize_mode"]);
     }
 
     #[test]

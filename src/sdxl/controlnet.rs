@@ -260,6 +260,12 @@ impl ControlUnit {
                 self.start, self.end
             )));
         }
+        if !self.resize_mode.fits_pixels() {
+            return Err(Error::Argument(format!(
+                "resize mode {:?} is img2img's: a control map is fitted with Just Resize, Crop and Resize or Resize and Fill",
+                self.resize_mode.a1111_name()
+            )));
+        }
         if self.guess_mode && matches!(self.model, ControlModel::Adapter(_)) {
             return Err(Error::Argument("guess mode is for ControlNets; this unit's model is a T2I-Adapter".into()));
         }

@@ -76,6 +76,9 @@ pub struct InitImage {
     /// Already-encoded, scaled latents `[1 or batch, C, H/f, W/f]` to start from instead of
     /// encoding `image` (hires fix's second pass); `image` is then unused.
     pub latents: Option<Tensor>,
+    /// A1111's resize mode 3: `image` is at its own size, encoded there, and its latents are
+    /// stretched to the output's as `torch.nn.functional.interpolate(…, mode="bilinear")`.
+    pub resize_latents: bool,
 }
 
 impl InitImage {
@@ -94,6 +97,12 @@ impl InitImage {
             return Ok(());
         }
         let (w, h) = self.image.dimensions();
+        if self.resize_latents {
+            if self.mask.is_some() {
+                return Err(Error::Argument("a latent resize cannot be combined with a mask".into()));
+            }
+            return Ok(());
+        }
         if (w as usize, h as usize) != (width, height) {
             return Err(Error::Argument(format!("init image is {w}x{h}, but the output is {width}x{height}: resize it first")));
         }
@@ -394,15 +403,24 @@ pub enum ResizeMode {
     /// Scaled to fit inside, keeping its aspect ratio; the bands left are filled by stretching
     /// the image's edge rows or columns.
     ResizeAndFill,
+    /// A1111's "Just resize (latent upscale)" (its number 3): the image is encoded at its own
+    /// size and its latents are stretched bilinearly to the output's. An img2img mode only:
+    /// in pixels (a mask of the output's size, a ControlNet map) it is a plain resize.
+    #[serde(rename = "just_resize_latent_upscale")]
+    LatentUpscale,
 }
 
 impl ResizeMode {
+    /// The modes that fit pixels, and so a ControlNet map (sd-webui-controlnet's three).
     pub const ALL: [ResizeMode; 3] = [Self::JustResize, Self::CropAndResize, Self::ResizeAndFill];
+    /// A1111's img2img modes, in its order (its API's numbers).
+    pub const IMG2IMG: [ResizeMode; 4] = [Self::JustResize, Self::CropAndResize, Self::ResizeAndFill, Self::LatentUpscale];
     pub fn name(self) -> &'static str {
         match self {
             Self::JustResize => "just_resize",
             Self::CropAndResize => "crop_and_resize",
             Self::ResizeAndFill => "resize_and_fill",
+            Self::LatentUpscale => "just_resize_latent_upscale",
         }
     }
     /// As A1111 labels it.
@@ -411,11 +429,16 @@ impl ResizeMode {
             Self::JustResize => "Just resize",
             Self::CropAndResize => "Crop and resize",
             Self::ResizeAndFill => "Resize and fill",
+            Self::LatentUpscale => "Just resize (latent upscale)",
         }
     }
-    /// A1111's API number (`resize_mode`: 0, 1, 2; 3, "Just resize (latent upscale)", is not ours).
+    /// A1111's API number (`resize_mode`: 0, 1, 2, 3).
     pub fn from_a1111_index(i: u64) -> Option<Self> {
-        Self::ALL.get(i as usize).copied()
+        Self::IMG2IMG.get(i as usize).copied()
+    }
+    /// Whether the mode fits pixels (every mode but the latent upscale).
+    pub fn fits_pixels(self) -> bool {
+        self != Self::LatentUpscale
     }
 }
 
@@ -430,7 +453,7 @@ impl TryFrom<ResizeModeText> for ResizeMode {
     type Error = String;
     fn try_from(t: ResizeModeText) -> std::result::Result<Self, String> {
         match t {
-            ResizeModeText::Number(n) => Self::from_a1111_index(n).ok_or_else(|| format!("resize mode {n}: expected 0, 1 or 2")),
+            ResizeModeText::Number(n) => Self::from_a1111_index(n).ok_or_else(|| format!("resize mode {n}: expected 0, 1, 2 or 3")),
             ResizeModeText::Name(s) => s.parse().map_err(|e: Error| e.to_string()),
         }
     }
@@ -445,11 +468,11 @@ impl FromStr for ResizeMode {
             "scale to fit (inner fit)" | "inner fit (scale to fit)" | "inner fit" => return Ok(Self::CropAndResize),
             _ => {}
         }
-        let key = s.trim().to_ascii_lowercase().replace(['-', ' '], "_");
-        Self::ALL
+        let key = s.trim().to_ascii_lowercase().replace(['-', ' '], "_").replace(['(', ')'], "");
+        Self::IMG2IMG
             .into_iter()
             .find(|m| m.name() == key || key.parse::<u64>().ok().and_then(Self::from_a1111_index) == Some(*m))
-            .ok_or_else(|| Error::Argument(format!("resize mode {s:?}: expected one of {} (or A1111's 0, 1, 2)", Self::ALL.map(|m| m.name()).join(", "))))
+            .ok_or_else(|| Error::Argument(format!("resize mode {s:?}: expected one of {} (or A1111's 0, 1, 2, 3)", Self::IMG2IMG.map(|m| m.name()).join(", "))))
     }
 }
 
@@ -465,7 +488,7 @@ where
     P: image::Pixel<Subpixel = u8>,
 {
     let (iw, ih) = img.dimensions();
-    if mode == ResizeMode::JustResize || iw == 0 || ih == 0 {
+    if matches!(mode, ResizeMode::JustResize | ResizeMode::LatentUpscale) || iw == 0 || ih == 0 {
         return resize(img, w, h);
     }
     // ratio vs src_ratio, as w/h against iw/ih, compared exactly.
@@ -552,11 +575,14 @@ mod tests {
     /// or rows, and the names parse as A1111 and our flags write them.
     #[test]
     fn resize_modes_follow_a1111() {
-        for (name, mode) in [("Crop and Resize", ResizeMode::CropAndResize), ("Envelope (Outer Fit)", ResizeMode::ResizeAndFill), ("Inner Fit (Scale to Fit)", ResizeMode::CropAndResize), ("2", ResizeMode::ResizeAndFill)] {
+        for (name, mode) in [("Crop and Resize", ResizeMode::CropAndResize), ("Envelope (Outer Fit)", ResizeMode::ResizeAndFill), ("Inner Fit (Scale to Fit)", ResizeMode::CropAndResize), ("2", ResizeMode::ResizeAndFill), ("Just resize (latent upscale)", ResizeMode::LatentUpscale), ("3", ResizeMode::LatentUpscale)] {
             assert_eq!(name.parse::<ResizeMode>().unwrap(), mode, "{name}");
             let v: ResizeMode = serde_json::from_value(serde_json::json!(name)).unwrap();
             assert_eq!(v, mode, "{name} in a manifest");
+            assert_eq!(mode.a1111_name().parse::<ResizeMode>().unwrap(), mode, "A1111's words read back");
+            assert_eq!(serde_json::to_value(mode).unwrap(), serde_json::json!(mode.name()));
         }
+        assert!(!ResizeMode::LatentUpscale.fits_pixels());
         let wide = RgbImage::from_fn(40, 20, |x, y| image::Rgb([x as u8 * 5, y as u8 * 7, 3]));
         let crop = resize_to(ResizeMode::CropAndResize, &wide, 20, 20);
         assert_eq!(crop.dimensions(), (20, 20));
@@ -590,7 +616,7 @@ mod tests {
         for (s, m) in [("Crop and resize", ResizeMode::CropAndResize), ("resize-and-fill", ResizeMode::ResizeAndFill), ("0", ResizeMode::JustResize), ("2", ResizeMode::ResizeAndFill)] {
             assert_eq!(s.parse::<ResizeMode>().unwrap(), m, "{s}");
         }
-        assert!("3".parse::<ResizeMode>().unwrap_err().to_string().contains("crop_and_resize"));
+        assert!("4".parse::<ResizeMode>().unwrap_err().to_string().contains("crop_and_resize"));
     }
 
     /// A1111's `images.resize_image` in its three modes (every fill direction, odd remainders,

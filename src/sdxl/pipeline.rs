@@ -640,6 +640,10 @@ impl SdxlPipeline {
         }
         if let Some(init) = &req.init {
             init.validate(width, height)?;
+            let (iw, ih) = init.image.dimensions();
+            if init.resize_latents && init.latents.is_none() && (iw < f as u32 || ih < f as u32) {
+                return Err(Error::Argument(format!("init image is {iw}x{ih}: the VAE needs at least {f}x{f} pixels to encode")));
+            }
             if req.init_noise.is_some() {
                 return Err(Error::Argument("init noise and an init image cannot be combined".into()));
             }
@@ -728,6 +732,10 @@ impl SdxlPipeline {
                                 }
                                 let l = l.to_dtype(DType::F32)?.to_device(&self.device)?;
                                 if l.dim(0)? == b { l } else { l.repeat((b, 1, 1, 1))? }
+                            }
+                            None if init.resize_latents => {
+                                let z = self.encode_sampled(&pixels()?, &mut rng)?;
+                                to_batch(super::upscale::interpolate_latents(&z, super::upscale::LatentMode::Bilinear, h, w)?, b)?
                             }
                             None => to_batch(self.encode_sampled(&pixels()?, &mut rng)?, b)?,
                         };

@@ -7,7 +7,8 @@
 //! cover bicubic, and one formulation for all modes keeps them comparable. Hires fix only
 //! enlarges, where torch's `antialias=True` changes nothing, so the antialiased modes equal
 //! their plain ones for bilinear; torch's antialiased bicubic uses PIL's kernel, reproduced
-//! here (a downscale is refused).
+//! here. img2img's resize mode 3 also shrinks, with plain bilinear (no antialias), which the
+//! same weights give.
 
 use std::str::FromStr;
 
@@ -179,11 +180,21 @@ fn axis_weights(mode: LatentMode, n_in: usize, n_out: usize) -> Vec<f32> {
     w
 }
 
-/// `interpolate(x, size=(h, w), mode=…, align_corners=False)` on `[b, c, H, W]` latents.
+/// Hires fix's latent upscale: [`interpolate_latents`] to a size no smaller.
 pub fn upscale_latents(x: &Tensor, mode: LatentMode, h: usize, w: usize) -> Result<Tensor> {
-    let (b, c, h0, w0) = x.dims4()?;
+    let (_, _, h0, w0) = x.dims4()?;
     if h < h0 || w < w0 {
         return Err(Error::Argument(format!("hires fix enlarges: {h0}x{w0} latents cannot go to {h}x{w}")));
+    }
+    interpolate_latents(x, mode, h, w)
+}
+
+/// `interpolate(x, size=(h, w), mode=…, align_corners=False)` on `[b, c, H, W]` latents, either
+/// way (img2img's resize mode 3 also shrinks).
+pub fn interpolate_latents(x: &Tensor, mode: LatentMode, h: usize, w: usize) -> Result<Tensor> {
+    let (b, c, h0, w0) = x.dims4()?;
+    if h == 0 || w == 0 || h0 == 0 || w0 == 0 {
+        return Err(Error::Argument(format!("latents of {h0}x{w0} cannot be interpolated to {h}x{w}")));
     }
     let dev = x.device();
     let wh = Tensor::from_vec(axis_weights(mode, h0, h), (h, h0), &Device::Cpu)?.to_device(dev)?;

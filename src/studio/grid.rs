@@ -355,7 +355,9 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                     AxisKind::ControlEnd => u.guidance_end = fraction()?,
                     AxisKind::ControlModel => u.model = v.to_string(),
                     AxisKind::ControlMode => u.control_mode = v.parse().map_err(|_| bad("Balanced, My prompt is more important or ControlNet is more important"))?,
-                    AxisKind::ControlResizeMode => u.resize_mode = v.parse().map_err(|_| bad("Just Resize, Crop and Resize or Resize and Fill"))?,
+                    AxisKind::ControlResizeMode => {
+                        u.resize_mode = v.parse().ok().filter(|m: &crate::sdxl::img2img::ResizeMode| m.fits_pixels()).ok_or_else(|| bad("Just Resize, Crop and Resize or Resize and Fill"))?
+                    }
                     AxisKind::ControlThresholdA | AxisKind::ControlThresholdB => {
                         let x = float()?;
                         let t = if matches!(kind, AxisKind::ControlThresholdA) { &mut u.threshold_a } else { &mut u.threshold_b };

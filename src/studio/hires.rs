@@ -158,6 +158,7 @@ pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents
         mask: None,
         masked_content: MaskedContent::Original,
         latents: Some(latents.to_dtype(DType::F32)?),
+        resize_latents: false,
     });
     for u in &mut req.control {
         u.soft_injection |= u.soft_in_hires;

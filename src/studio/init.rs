@@ -127,7 +127,10 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
     }
     let (w, h) = (width as u32, height as u32);
     let Some(mask) = mask else {
-        let init = InitImage { image: img2img::resize_to(s.resize_mode, &image, w, h), strength: s.strength, mask: None, masked_content: MaskedContent::Original, latents: None };
+        // Resize mode 3 hands the pipeline the image as it is: it is encoded at its own size.
+        let resize_latents = s.resize_mode == img2img::ResizeMode::LatentUpscale && image.dimensions() != (w, h);
+        let image_in = if resize_latents { image.clone() } else { img2img::resize_to(s.resize_mode, &image, w, h) };
+        let init = InitImage { image: image_in, strength: s.strength, mask: None, masked_content: MaskedContent::Original, latents: None, resize_latents };
         return Ok(PreparedInit { init, width, height, original: image, overlay_mask: None, paste: None, note: None });
     };
     let blurred = img2img::blur_mask(&mask, s.mask_blur);
@@ -151,6 +154,15 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
             let fit = img2img::ResizeMode::ResizeAndFill;
             (img2img::resize_to(fit, &ci, w, h), img2img::resize_to(fit, &cm, w, h), image, blurred)
         }
+        None if s.resize_mode == img2img::ResizeMode::LatentUpscale && image.dimensions() != (w, h) => {
+            // A1111 fits the mask in pixels but keeps the image at its size, and its overlay
+            // paste then fails ("images do not match"): there is no picture to copy.
+            return Err(Error::Argument(format!(
+                "resize mode \"Just resize (latent upscale)\" cannot inpaint the whole picture of a {}x{} image at {w}x{h}: the mask has no latent resize; use Just resize, or Only masked, or the image's own size",
+                image.width(),
+                image.height()
+            )));
+        }
         None => {
             let ri = img2img::resize_to(s.resize_mode, &image, w, h);
             let rm = img2img::resize_to(s.resize_mode, &blurred, w, h);
@@ -162,7 +174,7 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
         MaskedContent::Original => work_image,
         _ => img2img::fill(&work_image, &work_mask),
     };
-    let init = InitImage { image: work_image, strength: s.strength, mask: Some(work_mask), masked_content: s.masked_content, latents: None };
+    let init = InitImage { image: work_image, strength: s.strength, mask: Some(work_mask), masked_content: s.masked_content, latents: None, resize_latents: false };
     Ok(PreparedInit { init, width, height, original, overlay_mask: Some(overlay_mask), paste: crop, note })
 }
 

@@ -19,7 +19,8 @@ pub const JSON_CHUNK: &str = "loramix";
 /// the control image itself is in our JSON record, not in this text.
 fn controlnet_unit_text(c: &super::ControlNetSetting) -> String {
     let resize = match c.resize_mode {
-        crate::sdxl::img2img::ResizeMode::JustResize => "Just Resize",
+        // (A unit refuses the latent upscale; in pixels it is a plain resize.)
+        crate::sdxl::img2img::ResizeMode::JustResize | crate::sdxl::img2img::ResizeMode::LatentUpscale => "Just Resize",
         crate::sdxl::img2img::ResizeMode::CropAndResize => "Crop and Resize",
         crate::sdxl::img2img::ResizeMode::ResizeAndFill => "Resize and Fill",
     };
@@ -320,7 +321,7 @@ pub fn parse_parameters(text: &str) -> Result<Settings> {
                     _ => return Err(bad(&k, &v, "Whole picture or Only masked")),
                 }
             }
-            // A1111's "Just resize (latent upscale)" is not ours: the field is left at its default.
+            // A mode we do not know leaves the field at its default.
             "Resize mode" => {
                 if let Ok(m) = v.parse() {
                     s.init.get_or_insert_with(Default::default).resize_mode = m;

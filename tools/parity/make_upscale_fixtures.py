@@ -23,6 +23,14 @@ def main():
         for name, (mode, aa) in MODES.items():
             kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
             g[f"{name}.{h}x{w}"] = torch.nn.functional.interpolate(x, size=(h, w), mode=mode, antialias=aa, **kw).contiguous()
+    # Shrinking, as img2img's resize mode 3 does (plain bilinear there); antialiased bilinear,
+    # which only hires fix names and which only enlarges, is left out.
+    for h, w in ((4, 3), (5, 2), (3, 5)):
+        for name, (mode, aa) in MODES.items():
+            if name == "bilinear_aa":
+                continue
+            kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+            g[f"{name}.{h}x{w}"] = torch.nn.functional.interpolate(x, size=(h, w), mode=mode, antialias=aa, **kw).contiguous()
     save_file(g, os.path.join(OUT, "latent.safetensors"))
     print("wrote", OUT)
 

@@ -137,8 +137,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 32)]
     inpaint_padding: u32,
     /// How an init image of another shape fits --width/--height (A1111's "Resize mode"):
-    /// just_resize (stretch), crop_and_resize (cover, crop the centre) or resize_and_fill (fit
-    /// inside, stretch the edges over the rest).
+    /// just_resize (stretch), crop_and_resize (cover, crop the centre), resize_and_fill (fit
+    /// inside, stretch the edges over the rest) or just_resize_latent_upscale (encode at the
+    /// image's size, stretch the latents bilinearly).
     #[arg(long, default_value = "just_resize")]
     resize_mode: String,
     /// A ControlNet or T2I-Adapter (one unit each; repeatable, their guidance adds up): a

@@ -19,7 +19,7 @@ export interface InitSettings {
   padding: number;
   outpaint?: [number, number, number, number] | null;
   /** A1111's "Resize mode" for an init image of another shape. */
-  resize_mode?: "just_resize" | "crop_and_resize" | "resize_and_fill";
+  resize_mode?: "just_resize" | "crop_and_resize" | "resize_and_fill" | "just_resize_latent_upscale";
 }
 
 export function defaultInit(image: string): InitSettings {
