@@ -1027,3 +1027,68 @@ fn sd_upscale_is_tiles_of_img2img_runs() {
         .unwrap();
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("init image"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// `loramix extras`: A1111's Extras upscale on a picture and on a folder. The picture equals
+/// the Pillow golden byte for byte (tools/parity/make_extras_fixtures.py), keeps its text
+/// chunks, gains `postprocessing` and `extras`; a second run takes a new name; a model
+/// upscaler (a tiny ESRGAN) is named in the line; bad flags fail before anything is written.
+#[test]
+fn extras_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ex = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extras");
+    let out = tmp.path().join("up");
+    let run = |args: &[&str]| loramix().arg("extras").args(args).env("LORAMIX_HOME", tmp.path().join("home")).output().unwrap();
+    // A picture with a `parameters` chunk, as one of ours would have.
+    let src = tmp.path().join("pic.png");
+    let img = image::open(ex.join("a.png")).unwrap().to_rgb8();
+    std::fs::write(&src, loramix::output::encode_png(&img, &[("parameters", "a cat\nSteps: 4, Seed: 3".into())]).unwrap()).unwrap();
+    let o = run(&[src.to_str().unwrap(), "--scale-by", "2.5", "--upscaler-1", "Nearest", "--upscaler-2", "Lanczos", "--upscaler-2-visibility", "0.37", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let made = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(made.ends_with("pic.png"), "{made}");
+    let want = image::open(ex.join("a_1.png")).unwrap().to_rgb8();
+    assert!(image::open(&made).unwrap().to_rgb8() == want, "equal to A1111's");
+    let chunks = loramix::studio::png_text_chunks(&std::fs::read(&made).unwrap()).unwrap();
+    let line = "Postprocess upscale by: 2.5, Postprocess upscaler: Nearest, Postprocess upscaler 2: Lanczos";
+    assert_eq!(chunks["parameters"], "a cat\nSteps: 4, Seed: 3");
+    assert_eq!((chunks["postprocessing"].as_str(), chunks["extras"].as_str()), (line, line));
+    // Again: a new name, nothing overwritten. A folder takes every picture in it.
+    let o = run(&[src.to_str().unwrap(), "--scale-to", "100x60", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).trim().ends_with("pic-1.png"));
+    assert_eq!(image::open(out.join("pic-1.png")).unwrap().to_rgb8().dimensions(), (100, 60));
+    let folder = tmp.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    for n in ["a.png", "b.png", "c.png"] {
+        std::fs::copy(ex.join(n), folder.join(n)).unwrap();
+    }
+    std::fs::write(folder.join("notes.txt"), "not a picture").unwrap();
+    let o = run(&[folder.to_str().unwrap(), "--scale-to", "50x90", "--upscaler-2", "Nearest", "--upscaler-2-visibility", "0.999", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for n in ["a", "b", "c"] {
+        let want = image::open(ex.join(format!("{n}_5.png"))).unwrap().to_rgb8();
+        assert!(image::open(out.join(format!("{n}.png"))).unwrap().to_rgb8() == want, "{n}: equal to A1111's");
+    }
+    // A model upscaler, by path: its name (the file stem) is written.
+    let model = fixture("upscale").join("esrgan/tiny_x4.safetensors");
+    let o = run(&[src.to_str().unwrap(), "--scale-by", "2", "--upscaler-1", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let made = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(image::open(&made).unwrap().to_rgb8().dimensions(), (72, 40));
+    assert!(loramix::studio::png_text_chunks(&std::fs::read(&made).unwrap()).unwrap()["postprocessing"].ends_with("Postprocess upscaler: tiny_x4"));
+    // Bad input: named, and nothing written.
+    let before = std::fs::read_dir(&out).unwrap().count();
+    for (args, want) in [
+        (vec!["--upscaler-1", "Latent"], "Extras upscaler 1"),
+        (vec!["--scale-by", "9"], "from 1 to 8"),
+        (vec!["--upscaler-2-visibility", "2"], "visibility"),
+        (vec!["--scale-to", "12by5"], "--scale-to"),
+    ] {
+        let o = run(&[&[src.to_str().unwrap(), "--out", out.to_str().unwrap()], &args[..]].concat());
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(want), "{args:?}: {e}");
+    }
+    let o = run(&[tmp.path().join("absent.png").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("absent.png"));
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), before);
+}

@@ -978,6 +978,171 @@ async fn skip(State(state): State<Arc<AppState>>) -> Json<Value> {
     Json(Value::Null)
 }
 
+fn yes() -> bool {
+    true
+}
+
+fn none_upscaler() -> String {
+    "None".into()
+}
+
+fn two() -> f64 {
+    2.0
+}
+
+fn five_twelve() -> i64 {
+    512
+}
+
+/// One picture of `extra-batch-images`' `imageList` (A1111's `FileData`).
+#[derive(serde::Deserialize)]
+struct FileData {
+    data: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    name: String,
+}
+
+/// A1111's `ExtrasSingleImageRequest` / `ExtrasBatchImagesRequest` (their `ExtrasBaseRequest`
+/// fields, defaults included). `show_extras_results` and `upscale_first` change nothing here:
+/// the API always returns its pictures, and there is no face restoration to order against.
+#[derive(serde::Deserialize)]
+struct ExtrasRequest {
+    #[serde(default)]
+    resize_mode: Value,
+    #[serde(default = "yes")]
+    #[allow(dead_code)]
+    show_extras_results: bool,
+    #[serde(default)]
+    gfpgan_visibility: f64,
+    #[serde(default)]
+    codeformer_visibility: f64,
+    #[serde(default)]
+    codeformer_weight: f64,
+    #[serde(default = "two")]
+    upscaling_resize: f64,
+    #[serde(default = "five_twelve")]
+    upscaling_resize_w: i64,
+    #[serde(default = "five_twelve")]
+    upscaling_resize_h: i64,
+    #[serde(default = "yes")]
+    upscaling_crop: bool,
+    #[serde(default = "none_upscaler")]
+    upscaler_1: String,
+    #[serde(default = "none_upscaler")]
+    upscaler_2: String,
+    #[serde(default)]
+    extras_upscaler_2_visibility: f64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    upscale_first: bool,
+    #[serde(default)]
+    image: String,
+    #[serde(default, rename = "imageList")]
+    image_list: Vec<FileData>,
+}
+
+impl ExtrasRequest {
+    /// The settings, each bad field named as pydantic names it.
+    fn settings(&self, library: Option<&Path>) -> std::result::Result<studio::ExtrasSettings, ApiError> {
+        for (field, v, what) in [("gfpgan_visibility", self.gfpgan_visibility, "GFPGAN"), ("codeformer_visibility", self.codeformer_visibility, "CodeFormer")] {
+            if v != 0.0 {
+                return Err(FieldError::new(field, format!("{v}: face restoration ({what}) is not available here (its models are pickled): expected 0")).into());
+            }
+        }
+        if !(0.0..=1.0).contains(&self.codeformer_weight) {
+            return Err(FieldError::new("codeformer_weight", "ensure this value is between 0 and 1").into());
+        }
+        let mode = match &self.resize_mode {
+            Value::Null => 0,
+            Value::Number(n) if n.as_f64() == Some(0.0) => 0,
+            Value::Number(n) if n.as_f64() == Some(1.0) => 1,
+            v => return Err(FieldError::new("resize_mode", format!("{v}: expected 0 (scale by upscaling_resize) or 1 (scale to upscaling_resize_w x upscaling_resize_h)")).into()),
+        };
+        if !(1.0..=8.0).contains(&self.upscaling_resize) {
+            return Err(FieldError::new("upscaling_resize", format!("{}: ensure this value is from 1 to 8", self.upscaling_resize)).into());
+        }
+        let side = |field: &str, v: i64| -> std::result::Result<u32, ApiError> {
+            if v < 1 || v > studio::MAX_EXTRAS_SIDE as i64 {
+                return Err(FieldError::new(field, format!("{v}: expected 1 to {} pixels", studio::MAX_EXTRAS_SIDE)).into());
+            }
+            Ok(v as u32)
+        };
+        let (w, h) = (side("upscaling_resize_w", self.upscaling_resize_w)?, side("upscaling_resize_h", self.upscaling_resize_h)?);
+        if !(0.0..=1.0).contains(&self.extras_upscaler_2_visibility) {
+            return Err(FieldError::new("extras_upscaler_2_visibility", format!("{}: ensure this value is from 0 to 1", self.extras_upscaler_2_visibility)).into());
+        }
+        let resize = if mode == 1 {
+            studio::ExtrasResize::ScaleTo { width: w, height: h, crop: self.upscaling_crop }
+        } else {
+            studio::ExtrasResize::ScaleBy { factor: self.upscaling_resize, max_side_length: 0 }
+        };
+        let s = studio::ExtrasSettings {
+            resize,
+            upscaler_1: self.upscaler_1.clone(),
+            upscaler_2: self.upscaler_2.clone(),
+            upscaler_2_visibility: self.extras_upscaler_2_visibility,
+        };
+        s.check(library).map_err(|e| {
+            let field = if e.to_string().contains("upscaler 2") { "upscaler_2" } else { "upscaler_1" };
+            ApiError::from(FieldError::new(field, e.to_string()))
+        })?;
+        Ok(s)
+    }
+}
+
+/// Extras on decoded pictures, off the async threads: each picture as a base64 PNG with its
+/// own text chunks and A1111's `postprocessing` line, and the last picture's `html_info`.
+async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(String, Vec<String>, Vec<u8>)>) -> std::result::Result<(Vec<String>, String), ApiError> {
+    let library = library_root(state);
+    let settings = req.settings(library.as_deref())?;
+    let device = state.worker.studio.device().clone();
+    let done = tokio::task::spawn_blocking(move || -> std::result::Result<(Vec<String>, String), ApiError> {
+        let mut images = Vec::with_capacity(pictures.len());
+        let mut html = studio::infotext_html("");
+        for (field, loc, bytes) in pictures {
+            let at = |m: String| ApiError::from(FieldError { loc: loc.clone(), msg: m });
+            let (img, chunks) = studio::decode_extras_input(&bytes).map_err(|e| at(e.to_string()))?;
+            let out = settings.run(&img, library.as_deref(), &device).map_err(|e| match e {
+                crate::error::Error::Argument(m) => at(format!("{field}: {m}")),
+                e => ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            })?;
+            let text = out.infotext();
+            let png = studio::encode_extras_png(&out.image, &studio::extras_chunks(&chunks, &text, false)).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+            images.push(b64(&png));
+            html = studio::infotext_html(&text);
+        }
+        Ok((images, html))
+    })
+    .await
+    .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok(done)
+}
+
+/// A1111's `POST /sdapi/v1/extra-single-image`: the Extras tab's upscale on one picture.
+async fn extra_single_image(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+    let req: ExtrasRequest = parse_body(&body)?;
+    if req.image.trim().is_empty() {
+        return Err(FieldError::new("image", "no image: expected a base64 picture").into());
+    }
+    let bytes = decode_image("image", &req.image)?;
+    let (mut images, html) = run_extras(&state, &req, vec![("image".into(), vec!["body".into(), "image".into()], bytes)]).await?;
+    Ok(Json(json!({"html_info": html, "image": images.pop()})))
+}
+
+/// A1111's `POST /sdapi/v1/extra-batch-images`: the same on `imageList`'s pictures.
+async fn extra_batch_images(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+    let req: ExtrasRequest = parse_body(&body)?;
+    let mut pictures = Vec::with_capacity(req.image_list.len());
+    for (i, f) in req.image_list.iter().enumerate() {
+        let loc: Vec<String> = ["body", "imageList", &i.to_string(), "data"].map(String::from).to_vec();
+        let bytes = decode_base64(&f.data).map_err(|m| ApiError::from(FieldError { loc: loc.clone(), msg: m }))?;
+        pictures.push((format!("imageList[{i}]"), loc, bytes));
+    }
+    let (images, html) = run_extras(&state, &req, pictures).await?;
+    Ok(Json(json!({"html_info": html, "images": images})))
+}
+
 #[derive(serde::Deserialize)]
 struct PngInfoRequest {
     image: String,
@@ -1050,6 +1215,8 @@ pub fn router(config: ApiConfig, worker: Arc<Worker>) -> Router {
         .route("/sdapi/v1/interrupt", post(interrupt))
         .route("/sdapi/v1/skip", post(skip))
         .route("/sdapi/v1/png-info", post(png_info))
+        .route("/sdapi/v1/extra-single-image", post(extra_single_image))
+        .route("/sdapi/v1/extra-batch-images", post(extra_batch_images))
         .route("/sdapi/v1/scripts", get(scripts))
         .route("/controlnet/model_list", get(controlnet_model_list))
         .route("/controlnet/module_list", get(controlnet_module_list))

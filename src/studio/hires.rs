@@ -30,8 +30,13 @@ pub fn upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<
 /// [`upscaler_model_path`] for the pixel upscalers alone (A1111's `sd_upscalers`: `None`,
 /// `Lanczos`, `Nearest` and models), as the "SD upscale" script takes them.
 pub fn pixel_upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<PathBuf>> {
+    pixel_upscaler_path(name, library, "SD upscale upscaler")
+}
+
+/// [`pixel_upscaler_model_path`] with `what` naming the field in errors.
+pub(super) fn pixel_upscaler_path(name: &str, library: Option<&Path>, what: &str) -> Result<Option<PathBuf>> {
     let builtins: Vec<&str> = Upscaler::names().into_iter().filter(|n| !n.starts_with("Latent")).collect();
-    model_path(name, library, "SD upscale upscaler", &builtins)
+    model_path(name, library, what, &builtins)
 }
 
 fn model_path(name: &str, library: Option<&Path>, what: &str, builtins: &[&str]) -> Result<Option<PathBuf>> {

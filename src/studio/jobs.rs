@@ -206,6 +206,11 @@ impl Studio {
         Self::default()
     }
 
+    /// The device models run on (an Extras upscaler too).
+    pub fn device(&self) -> &candle_core::Device {
+        &self.load.device
+    }
+
     pub fn with_load_options(load: LoadOptions) -> Self {
         Self { loaded: Mutex::default(), load: LoadOptions { vae: None, ..load }, shared: Mutex::default(), controlnets: Default::default() }
     }

@@ -49,6 +49,12 @@ def pixels(img):
     return img.convert("RGB").tobytes()
 
 
+def b64(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--binary", default=os.path.join(ROOT, "target/debug/loramix"))
@@ -147,6 +153,21 @@ def main():
         info = api.png_info(res.image)
         check(info.info == params, "png-info reads our PNG's parameters back")
         check(info.json["parameters"]["Seed"] == "11" and "vlox" in info.json["parameters"]["Prompt"], "png-info parses the infotext")
+
+        # Extras: A1111's upscale of a finished picture, its metadata kept.
+        ex = api.extra_single_image(res.image, upscaler_1="Lanczos", upscaling_resize=2)
+        check(ex.image.size == (128, 128), f"extra-single-image doubles the picture ({ex.image.size})")
+        check(ex.image.info.get("parameters") == params and ex.image.info.get("postprocessing") == "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos",
+              f"the picture keeps its parameters and gains A1111's postprocessing line ({ex.image.info.get('postprocessing')!r})")
+        check(ex.info == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>", f"html_info ({ex.info!r})")
+        exb = api.extra_batch_images([res.image, plain.image], resize_mode=1, upscaling_resize_w=96, upscaling_resize_h=80,
+                                     upscaler_1="Nearest", upscaler_2="Lanczos", extras_upscaler_2_visibility=0.4)
+        check([i.size for i in exb.images] == [(96, 80), (96, 80)], f"extra-batch-images scales to a size and crops ({[i.size for i in exb.images]})")
+        check(pixels(exb.images[0]) != pixels(exb.images[1]), "each picture of the batch is its own")
+        r = requests.post(base + "/extra-single-image", auth=(USER, PASS), json={"image": b64(res.image), "upscaler_1": "Lanczos", "gfpgan_visibility": 0.5})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gfpgan_visibility"], f"face restoration is refused, naming the field ({r.text[:200]})")
+        r = requests.post(base + "/extra-single-image", auth=(USER, PASS), json={"image": b64(res.image), "upscaler_1": "R-ESRGAN 9x"})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaler_1"], f"an unknown upscaler is a 422 naming upscaler_1 ({r.text[:200]})")
 
         # A bad field gets FastAPI's 422 naming it.
         r = requests.post(base + "/txt2img", auth=(USER, PASS), json={"prompt": "x", "steps": "many"})

@@ -4,6 +4,7 @@ mod batch;
 mod bench;
 mod chat;
 mod eval;
+mod extras;
 mod generate;
 mod grid;
 mod llm;
@@ -32,6 +33,8 @@ enum Command {
     Grid(Box<grid::GridArgs>),
     /// The A1111-compatible HTTP API (/sdapi/v1/txt2img, img2img, progress, ...).
     Serve(serve::ServeArgs),
+    /// A1111's Extras tab: upscale finished pictures (or folders of them), keeping their metadata.
+    Extras(extras::ExtrasArgs),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// The LoRA library: import, list, show, remove, rename, set role and tags.
@@ -86,5 +89,6 @@ fn run() -> Result<()> {
         Command::Batch(a) => batch::run(a),
         Command::Grid(a) => grid::run(*a),
         Command::Serve(a) => serve::run(a),
+        Command::Extras(a) => extras::run(a),
     }
 }

@@ -1,0 +1,113 @@
+//! `loramix extras`: A1111's Extras tab (its upscale) on pictures or folders of pictures, as
+//! "Single Image" and "Batch from Directory" run it.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use loramix::device::parse_device;
+use loramix::studio::{self, ExtrasResize, ExtrasSettings};
+
+#[derive(clap::Args)]
+pub struct ExtrasArgs {
+    /// Pictures, or folders whose PNG, JPEG, WebP and BMP pictures are all taken (A1111's
+    /// "Batch from Directory"; not recursive).
+    #[arg(required = true, value_name = "IMAGE|FOLDER")]
+    inputs: Vec<PathBuf>,
+    /// "Scale by": the factor, 1 to 8 (the default, 2, unless --scale-to is given).
+    #[arg(long, value_name = "FACTOR", conflicts_with = "scale_to")]
+    scale_by: Option<f64>,
+    /// "Max side length" of --scale-by: a longer result is shrunk to fit (0: no limit).
+    #[arg(long, default_value_t = 0, value_name = "PIXELS", conflicts_with = "scale_to")]
+    max_side_length: u32,
+    /// "Scale to" WxH: enlarged by the larger of the two ratios, then cropped to the size
+    /// around the centre.
+    #[arg(long, value_name = "WxH")]
+    scale_to: Option<String>,
+    /// With --scale-to: keep the whole enlarged picture ("Crop to fit" off).
+    #[arg(long, requires = "scale_to")]
+    no_crop: bool,
+    /// "Upscaler 1": None, Lanczos, Nearest, or an ESRGAN-family .safetensors model (a path or
+    /// a name in the library's models/ESRGAN).
+    #[arg(long = "upscaler-1", default_value = "Lanczos", value_name = "NAME")]
+    upscaler_1: String,
+    /// "Upscaler 2", blended in by --upscaler-2-visibility.
+    #[arg(long = "upscaler-2", default_value = "None", value_name = "NAME")]
+    upscaler_2: String,
+    /// "Upscaler 2 visibility", 0 to 1.
+    #[arg(long = "upscaler-2-visibility", default_value_t = 0.0, value_name = "F")]
+    upscaler_2_visibility: f64,
+    /// Output folder. Each picture keeps its name (as a .png); a name taken gets -1, -2, ….
+    #[arg(long, default_value = "out/extras")]
+    out: PathBuf,
+    /// Library for upscaler model names (default: $LORAMIX_HOME or the data dir).
+    #[arg(long)]
+    library: Option<PathBuf>,
+    /// cpu | cuda | cuda:N | metal (for model upscalers).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+
+/// The pictures `inputs` name, folders listed in name order.
+fn pictures(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in inputs {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("{}: cannot list the folder", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && f.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+                .collect();
+            if found.is_empty() {
+                anyhow::bail!("{}: no pictures in the folder (expected {})", p.display(), EXTENSIONS.join(", "));
+            }
+            found.sort();
+            out.extend(found);
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            anyhow::bail!("{}: no such picture or folder", p.display());
+        }
+    }
+    Ok(out)
+}
+
+/// `stem.png` in `dir`, or `stem-1.png`, `stem-2.png`, … when taken: nothing is overwritten.
+fn free_name(dir: &Path, stem: &str) -> PathBuf {
+    let mut p = dir.join(format!("{stem}.png"));
+    let mut n = 1;
+    while p.exists() {
+        p = dir.join(format!("{stem}-{n}.png"));
+        n += 1;
+    }
+    p
+}
+
+pub fn run(a: ExtrasArgs) -> Result<()> {
+    let resize = match &a.scale_to {
+        Some(s) => {
+            let (w, h) = s.split_once(['x', 'X']).and_then(|(w, h)| Some((w.trim().parse::<u32>().ok()?, h.trim().parse::<u32>().ok()?))).with_context(|| format!("--scale-to {s:?}: expected WxH in pixels, e.g. 1024x1024"))?;
+            ExtrasResize::ScaleTo { width: w, height: h, crop: !a.no_crop }
+        }
+        None => ExtrasResize::ScaleBy { factor: a.scale_by.unwrap_or(2.0), max_side_length: a.max_side_length },
+    };
+    let settings = ExtrasSettings { resize, upscaler_1: a.upscaler_1.clone(), upscaler_2: a.upscaler_2.clone(), upscaler_2_visibility: a.upscaler_2_visibility };
+    // Every check that needs no picture runs before any is read or written.
+    settings.check(a.library.as_deref())?;
+    let device = parse_device(&a.device)?;
+    let files = pictures(&a.inputs)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
+    for f in &files {
+        let (img, chunks) = studio::read_extras_input(f)?;
+        let done = settings.run(&img, a.library.as_deref(), &device).with_context(|| f.display().to_string())?;
+        let text = done.infotext();
+        let png = studio::encode_extras_png(&done.image, &studio::extras_chunks(&chunks, &text, true))?;
+        let stem = f.file_stem().map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
+        let path = free_name(&a.out, &stem);
+        loramix::output::write_atomic(&path, &png)?;
+        println!("{}", path.display());
+        eprintln!("{} ({}x{} -> {}x{}): {}", f.display(), img.width(), img.height(), done.image.width(), done.image.height(), if text.is_empty() { "unchanged (upscaler 1 is None)" } else { &text });
+    }
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! The Extras tab's upscale equal to A1111's byte for byte (Pillow 9.5.0 under its
+//! postprocessing code; goldens: tools/parity/make_extras_fixtures.py): "Scale by" with and
+//! without "Max side length", "Scale to" with and without "Crop to fit", a second upscaler
+//! blended in, the `postprocessing` infotext, and an RGBA picture read as `convert("RGB")`.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use loramix::studio::{blend, read_extras_input, ExtrasResize, ExtrasSettings};
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extras")
+}
+
+fn cases() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("cases.json")).unwrap()).unwrap()
+}
+
+fn settings(c: &serde_json::Value) -> ExtrasSettings {
+    let resize = if c["mode"] == 1 {
+        ExtrasResize::ScaleTo { width: c["width"].as_u64().unwrap() as u32, height: c["height"].as_u64().unwrap() as u32, crop: c["crop"].as_bool().unwrap() }
+    } else {
+        ExtrasResize::ScaleBy { factor: c["factor"].as_f64().unwrap(), max_side_length: c["max_side_length"].as_u64().unwrap() as u32 }
+    };
+    ExtrasSettings {
+        resize,
+        upscaler_1: c["upscaler_1"].as_str().unwrap().into(),
+        upscaler_2: c["upscaler_2"].as_str().unwrap().into(),
+        upscaler_2_visibility: c["visibility"].as_f64().unwrap(),
+    }
+}
+
+#[test]
+fn extras_upscale_equals_a1111_byte_for_byte() {
+    let g = cases();
+    let cases = g["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 27);
+    for c in cases {
+        let (img, _) = read_extras_input(&dir().join(c["input"].as_str().unwrap())).unwrap();
+        let out = settings(c).run(&img, None, &Device::Cpu).unwrap();
+        let want = image::open(dir().join(c["output"].as_str().unwrap())).unwrap().to_rgb8();
+        assert_eq!(out.image.dimensions(), want.dimensions(), "{c}");
+        let diff = out.image.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
+        assert_eq!(diff, 0, "{c}: {diff} bytes differ");
+        assert_eq!(out.infotext(), c["infotext"].as_str().unwrap(), "{c}");
+    }
+    for b in g["blends"].as_array().unwrap() {
+        let x = image::open(dir().join("blend_x.png")).unwrap().to_rgb8();
+        let y = image::open(dir().join("blend_y.png")).unwrap().to_rgb8();
+        let want = image::open(dir().join(b["output"].as_str().unwrap())).unwrap().to_rgb8();
+        assert!(blend(&x, &y, b["alpha"].as_f64().unwrap()) == want, "Image.blend at {}", b["alpha"]);
+    }
+}
+
+/// "None" as upscaler 1 leaves the picture as it is and writes nothing, as A1111; bad values
+/// and names are refused with the field named.
+#[test]
+fn extras_none_and_refusals() {
+    let (img, _) = read_extras_input(&dir().join("a.png")).unwrap();
+    let out = ExtrasSettings::default().run(&img, None, &Device::Cpu).unwrap();
+    assert!(out.image == img && out.info.is_empty() && out.html_info() == "<p></p>");
+    let bad = |s: ExtrasSettings| s.run(&img, None, &Device::Cpu).unwrap_err().to_string();
+    let e = bad(ExtrasSettings { resize: ExtrasResize::ScaleBy { factor: 9.0, max_side_length: 0 }, upscaler_1: "Lanczos".into(), ..Default::default() });
+    assert!(e.contains("scale factor") && e.contains("from 1 to 8"), "{e}");
+    let e = bad(ExtrasSettings { upscaler_1: "Lanczos".into(), upscaler_2_visibility: 1.5, ..Default::default() });
+    assert!(e.contains("visibility"), "{e}");
+    let e = bad(ExtrasSettings { upscaler_1: "Latent".into(), ..Default::default() });
+    assert!(e.contains("Extras upscaler 1") && e.contains("Lanczos"), "{e}");
+    let e = bad(ExtrasSettings { upscaler_1: "Lanczos".into(), upscaler_2: "nope".into(), ..Default::default() });
+    assert!(e.contains("Extras upscaler 2") && e.contains("nope"), "{e}");
+    let e = bad(ExtrasSettings { resize: ExtrasResize::ScaleTo { width: 0, height: 5, crop: true }, upscaler_1: "Lanczos".into(), ..Default::default() });
+    assert!(e.contains("0x5"), "{e}");
+    let tiny = image::RgbImage::new(3, 3);
+    let e = ExtrasSettings { upscaler_1: "Lanczos".into(), ..Default::default() }.run(&tiny, None, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("3x3") && e.contains("0x0"), "{e}");
+}
