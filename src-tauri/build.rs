@@ -20,6 +20,7 @@ const COMMANDS: &[&str] = &[
     "studio_save_mask",
     "gallery_settings",
     "gallery_export",
+    "gallery_extras",
     "model_list",
     "model_download",
     "llm_load",

@@ -11,11 +11,19 @@ use candle_core::{Device, Tensor};
 use crate::error::{Error, Result};
 use crate::weights::SafetensorsFile;
 
-/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// A temp file's name beside `path`, unique within the process too (two threads of the app
+/// may write the same name).
+fn temp_beside(path: &Path) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+}
+
+/// Writes `bytes` to `path` atomically (temp file in the same folder, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path);
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -29,12 +37,51 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes `bytes` atomically under the first of `name(0)`, `name(1)`, … that is free, and never
+/// over a file, even one another writer makes meanwhile: the finished temp file is hard-linked
+/// to the name, which fails if the name exists. Returns the name used.
+pub fn write_new(name: impl Fn(usize) -> std::path::PathBuf, bytes: &[u8]) -> Result<std::path::PathBuf> {
+    let first = name(0);
+    let tmp = temp_beside(&first);
+    let written = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&first, e));
+    }
+    let mut i = 0;
+    let out = loop {
+        let p = name(i);
+        match std::fs::hard_link(&tmp, &p) {
+            Ok(()) => break Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => i += 1,
+            // A file system without hard links: the name checked, then renamed onto.
+            Err(_) if !p.exists() => break std::fs::rename(&tmp, &p).map(|_| p.clone()).map_err(|e| Error::io(&p, e)),
+            Err(_) => i += 1,
+        }
+    };
+    let _ = std::fs::remove_file(&tmp);
+    out
+}
+
 /// PNG bytes with `tEXt` chunks (A1111 reads `parameters`).
 pub fn encode_png(img: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    encode_png_raw(img, png::ColorType::Rgb, text)
+}
+
+/// [`encode_png`] for a picture with transparency.
+pub fn encode_png_rgba(img: &image::RgbaImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    encode_png_raw(img, png::ColorType::Rgba, text)
+}
+
+fn encode_png_raw<P: image::Pixel<Subpixel = u8>>(img: &image::ImageBuffer<P, Vec<u8>>, color: png::ColorType, text: &[(&str, String)]) -> Result<Vec<u8>> {
     let mut buf = Vec::new();
     {
         let mut enc = png::Encoder::new(&mut buf, img.width(), img.height());
-        enc.set_color(png::ColorType::Rgb);
+        enc.set_color(color);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
             // tEXt is Latin-1; iTXt carries UTF-8 prompts.

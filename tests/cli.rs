@@ -1063,12 +1063,26 @@ fn extras_from_the_command_line() {
         std::fs::copy(ex.join(n), folder.join(n)).unwrap();
     }
     std::fs::write(folder.join("notes.txt"), "not a picture").unwrap();
+    // A folder's unreadable picture is skipped, as A1111's "Batch from Directory" skips it.
+    std::fs::write(folder.join("broken.png"), "not a picture either").unwrap();
     let o = run(&[folder.to_str().unwrap(), "--scale-to", "50x90", "--upscaler-2", "Nearest", "--upscaler-2-visibility", "0.999", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("skipped") && e.contains("broken.png") && e.contains("3 of 4 pictures written"), "{e}");
     for n in ["a", "b", "c"] {
         let want = image::open(ex.join(format!("{n}_5.png"))).unwrap().to_rgb8();
         assert!(image::open(out.join(format!("{n}.png"))).unwrap().to_rgb8() == want, "{n}: equal to A1111's");
     }
+    // A listed one that cannot be read stops the run before anything is written.
+    let fresh = tmp.path().join("fresh");
+    let o = run(&[src.to_str().unwrap(), folder.join("broken.png").to_str().unwrap(), "--out", fresh.to_str().unwrap()]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("broken.png"));
+    assert!(!fresh.exists(), "nothing written");
+    // An RGBA picture keeps its transparency (A1111 1.10).
+    let o = run(&[ex.join("c.png").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    let made = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(image::open(&made).unwrap().to_rgba8() == image::open(ex.join("c_0.png")).unwrap().to_rgba8(), "RGBA, equal to A1111's");
     // A model upscaler, by path: its name (the file stem) is written.
     let model = fixture("upscale").join("esrgan/tiny_x4.safetensors");
     let o = run(&[src.to_str().unwrap(), "--scale-by", "2", "--upscaler-1", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);

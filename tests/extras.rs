@@ -1,12 +1,13 @@
 //! The Extras tab's upscale equal to A1111's byte for byte (Pillow 9.5.0 under its
 //! postprocessing code; goldens: tools/parity/make_extras_fixtures.py): "Scale by" with and
 //! without "Max side length", "Scale to" with and without "Crop to fit", a second upscaler
-//! blended in, the `postprocessing` infotext, and an RGBA picture read as `convert("RGB")`.
+//! blended in, the `postprocessing` infotext, an RGBA picture kept RGBA and resized premultiplied
+//! (A1111 1.10), an LA one made RGB.
 
 use std::path::PathBuf;
 
 use candle_core::Device;
-use loramix::studio::{blend, read_extras_input, ExtrasResize, ExtrasSettings};
+use loramix::studio::{blend, read_extras_input, ExtrasImage, ExtrasResize, ExtrasSettings};
 
 fn dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/extras")
@@ -27,6 +28,15 @@ fn settings(c: &serde_json::Value) -> ExtrasSettings {
         upscaler_1: c["upscaler_1"].as_str().unwrap().into(),
         upscaler_2: c["upscaler_2"].as_str().unwrap().into(),
         upscaler_2_visibility: c["visibility"].as_f64().unwrap(),
+        factor_as_int: false,
+    }
+}
+
+/// A golden as Pillow wrote it: RGB, or RGBA when the picture kept its alpha.
+fn golden(name: &str) -> ExtrasImage {
+    match image::open(dir().join(name)).unwrap() {
+        image::DynamicImage::ImageRgba8(i) => ExtrasImage::Rgba(i),
+        other => ExtrasImage::Rgb(other.to_rgb8()),
     }
 }
 
@@ -34,21 +44,29 @@ fn settings(c: &serde_json::Value) -> ExtrasSettings {
 fn extras_upscale_equals_a1111_byte_for_byte() {
     let g = cases();
     let cases = g["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 27);
+    assert_eq!(cases.len(), 36);
+    let mut rgba = 0;
     for c in cases {
         let (img, _) = read_extras_input(&dir().join(c["input"].as_str().unwrap())).unwrap();
         let out = settings(c).run(&img, None, &Device::Cpu).unwrap();
-        let want = image::open(dir().join(c["output"].as_str().unwrap())).unwrap().to_rgb8();
+        let want = golden(c["output"].as_str().unwrap());
         assert_eq!(out.image.dimensions(), want.dimensions(), "{c}");
-        let diff = out.image.as_raw().iter().zip(want.as_raw()).filter(|(a, b)| a != b).count();
-        assert_eq!(diff, 0, "{c}: {diff} bytes differ");
+        match (&out.image, &want) {
+            (ExtrasImage::Rgb(a), ExtrasImage::Rgb(b)) => assert!(a == b, "{c}: {} bytes differ", a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x != y).count()),
+            (ExtrasImage::Rgba(a), ExtrasImage::Rgba(b)) => {
+                rgba += 1;
+                assert!(a == b, "{c}: {} bytes differ", a.as_raw().iter().zip(b.as_raw()).filter(|(x, y)| x != y).count())
+            }
+            _ => panic!("{c}: RGB and RGBA"),
+        }
         assert_eq!(out.infotext(), c["infotext"].as_str().unwrap(), "{c}");
     }
+    assert_eq!(rgba, 6, "the RGBA picture stays RGBA unless cropped");
     for b in g["blends"].as_array().unwrap() {
         let x = image::open(dir().join("blend_x.png")).unwrap().to_rgb8();
         let y = image::open(dir().join("blend_y.png")).unwrap().to_rgb8();
         let want = image::open(dir().join(b["output"].as_str().unwrap())).unwrap().to_rgb8();
-        assert!(blend(&x, &y, b["alpha"].as_f64().unwrap()) == want, "Image.blend at {}", b["alpha"]);
+        assert!(blend(&x, &y, b["alpha"].as_f64().unwrap()).unwrap() == want, "Image.blend at {}", b["alpha"]);
     }
 }
 
@@ -70,7 +88,7 @@ fn extras_none_and_refusals() {
     assert!(e.contains("Extras upscaler 2") && e.contains("nope"), "{e}");
     let e = bad(ExtrasSettings { resize: ExtrasResize::ScaleTo { width: 0, height: 5, crop: true }, upscaler_1: "Lanczos".into(), ..Default::default() });
     assert!(e.contains("0x5"), "{e}");
-    let tiny = image::RgbImage::new(3, 3);
+    let tiny = ExtrasImage::Rgb(image::RgbImage::new(3, 3));
     let e = ExtrasSettings { upscaler_1: "Lanczos".into(), ..Default::default() }.run(&tiny, None, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("3x3") && e.contains("0x0"), "{e}");
 }

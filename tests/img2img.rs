@@ -242,3 +242,23 @@ fn latent_upscale_resize_mode_equals_a1111_on_diffusers() {
     let p = prepare_init(&s, (None, None), f).unwrap();
     assert!(p.init.mask.is_some() && !p.init.resize_latents && (p.width, p.height) == (44, 36));
 }
+
+/// Resize mode 3 encodes a picture of any size, so a tiled VAE can meet a last tile narrower
+/// than the VAE's factor; that tile makes no latent and is left out (it used to underflow the
+/// convolution's size), giving the untiled latent size.
+#[test]
+fn tiled_encode_of_an_odd_size_leaves_out_a_sliver_tile() {
+    use loramix::sdxl::img2img::ResizeMode;
+    use loramix::studio::{prepare_init, InitSettings};
+    let mut pipe = SdxlPipeline::load(fixture("tiny2").join("pipeline").to_str().unwrap(), &LoadOptions::default()).unwrap();
+    pipe.vae_tiling = loramix::sdxl::pipeline::VaeTilingMode::On(Some(16));
+    let tmp = tempfile::tempdir().unwrap();
+    // Tiles of 16 pixels every 12: the last starts at 36 and holds 1 pixel of 37.
+    let pic = tmp.path().join("odd.png");
+    image::RgbImage::from_fn(37, 25, |x, y| image::Rgb([(x * 7) as u8, (y * 9) as u8, 60])).save(&pic).unwrap();
+    let s = InitSettings { image: pic.to_string_lossy().into(), strength: 0.5, resize_mode: ResizeMode::LatentUpscale, ..Default::default() };
+    let p = prepare_init(&s, (Some(32), Some(24)), pipe.vae_scale_factor()).unwrap();
+    let req = GenerateRequest { prompt: "a red house".into(), steps: 4, width: Some(32), height: Some(24), init: Some(p.init), ..Default::default() };
+    let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
+    assert_eq!(lat.dims(), &[1, 4, 12, 16]);
+}

@@ -614,6 +614,16 @@ impl AppState {
         Ok(studio::export(&images, &dest, template, req.zip)?)
     }
 
+    /// A1111's Extras upscale on pictures the user chose (gallery images, or any picture by
+    /// path), written into the gallery beside them, metadata kept.
+    pub fn gallery_extras(&self, paths: &[String], settings: &studio::ExtrasSettings) -> AppResult<Vec<PathBuf>> {
+        let files = paths.iter().map(|p| Ok(studio::ExtrasSource { path: user_path(p, "image")?, listed: true })).collect::<AppResult<Vec<_>>>()?;
+        if files.is_empty() {
+            return Err(AppError::Invalid("Extras: no pictures chosen".into()));
+        }
+        Ok(studio::extras_to_folder(&files, settings, Some(&self.library_root), self.studio.device(), &self.gallery_dir, &mut |_| {})?)
+    }
+
     // ---- LLM -----------------------------------------------------------------------------
 
     pub fn llm_load(&self, model: &str) -> AppResult<ChatInfo> {
@@ -1132,6 +1142,15 @@ pub async fn gallery_settings(state: State<'_>, path: String) -> AppResult<Setti
 #[tauri::command]
 pub async fn gallery_export(state: State<'_>, request: ExportRequest) -> AppResult<Vec<PathBuf>> {
     state.gallery_export(request)
+}
+
+/// Extras can take a while (an ESRGAN model on big pictures): off the async threads.
+#[tauri::command]
+pub async fn gallery_extras(app: tauri::AppHandle, paths: Vec<String>, settings: studio::ExtrasSettings) -> AppResult<Vec<PathBuf>> {
+    use tauri::Manager;
+    tauri::async_runtime::spawn_blocking(move || app.state::<AppState>().gallery_extras(&paths, &settings))
+        .await
+        .map_err(|e| AppError::Invalid(e.to_string()))?
 }
 
 #[tauri::command]

@@ -83,6 +83,7 @@ pub fn run() {
             commands::studio_save_mask,
             commands::gallery_settings,
             commands::gallery_export,
+            commands::gallery_extras,
             commands::model_list,
             commands::model_download,
             commands::llm_load,

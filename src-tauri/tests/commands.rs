@@ -129,6 +129,19 @@ fn generate_restore_and_export() {
     let text = std::fs::read_to_string(&manifest[0]).unwrap();
     assert!(!text.trim().is_empty() && text.lines().all(|l| loramix::studio::parse_line(l).is_ok()), "{text}");
     assert!(std::fs::read_dir(&dest).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().contains(".tmp")));
+    // Extras: a gallery picture upscaled into the gallery, its settings still restoring.
+    let ex = loramix::studio::ExtrasSettings { upscaler_1: "Lanczos".into(), ..Default::default() };
+    let up = st.gallery_extras(&[s(&images[0])], &ex).unwrap();
+    assert_eq!(up.len(), 1);
+    assert!(up[0].starts_with(&st.gallery_dir) && up[0] != images[0]);
+    let (w, h) = image::image_dimensions(&up[0]).unwrap();
+    assert_eq!((w, h), (2 * image::image_dimensions(&images[0]).unwrap().0, 2 * image::image_dimensions(&images[0]).unwrap().1));
+    assert_eq!(st.png_settings(&s(&up[0])).unwrap().seed, Some(11));
+    assert_eq!(st.gallery_list().unwrap().len(), 3);
+    let e = st.gallery_extras(&[], &ex).unwrap_err().to_string();
+    assert!(e.contains("no pictures"), "{e}");
+    let e = st.gallery_extras(&["relative.png".into()], &ex).unwrap_err().to_string();
+    assert!(e.contains("absolute"), "{e}");
 }
 
 #[test]

@@ -230,7 +230,8 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     s.height = req.height.unwrap_or(512);
     if req.enable_hr && init_paths.is_none() {
         let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { crate::sdxl::upscale::Upscaler::canonical(&req.hr_upscaler) };
-        // Built-in names, or an ESRGAN-family model by path or by name in the library's folders.
+        // Built-in names, or an ESRGAN-family model by its name in the library's folders.
+        check_upscaler_name("hr_upscaler", &upscaler)?;
         crate::studio::upscaler_model_path(&upscaler, library).map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
         let scale = match (req.hr_resize_x, req.hr_resize_y) {
             (0, 0) => req.hr_scale.unwrap_or(2.0),
@@ -299,6 +300,18 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
 
 /// `/sdapi/v1/upscalers`' names in order, which the "SD upscale" script's upscaler index counts
 /// in: A1111's built-in pixel upscalers, then the library's ESRGAN-family models.
+/// An upscaler as a client names one: by the name `/sdapi/v1/upscalers` lists (A1111's
+/// `sd_upscalers`), never by a file path, which would let a client load or probe any file of
+/// the server.
+pub fn check_upscaler_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let p = std::path::Path::new(name);
+    let model_ext = p.extension().is_some_and(|e| ["safetensors", "pth", "pt", "ckpt", "bin"].contains(&e.to_string_lossy().to_ascii_lowercase().as_str()));
+    if name.contains(['/', '\\']) || model_ext {
+        return Err(FieldError::new(field, format!("{name:?}: expected an upscaler's name as /sdapi/v1/upscalers lists it, not a file")));
+    }
+    Ok(())
+}
+
 pub fn upscaler_names(library: Option<&std::path::Path>) -> Vec<String> {
     let mut names: Vec<String> = ["None", "Lanczos", "Nearest"].map(String::from).to_vec();
     let root = library.map(std::path::Path::to_path_buf).or_else(|| crate::lora::library::LoraLibrary::default_root().ok());
@@ -330,7 +343,10 @@ fn script(req: &GenerationRequest, library: Option<&std::path::Path>, img2img: b
     };
     let upscaler = match arg(2) {
         None => defaults.upscaler,
-        Some(Value::String(n)) => crate::sdxl::upscale::Upscaler::canonical(n),
+        Some(Value::String(n)) => {
+            check_upscaler_name("script_args", n)?;
+            crate::sdxl::upscale::Upscaler::canonical(n)
+        }
         Some(v) => {
             let names = upscaler_names(library);
             v.as_u64().and_then(|i| names.get(i as usize).cloned()).ok_or_else(|| bad("upscaler", v, &format!("an index into {names:?} or a name")))?
@@ -397,10 +413,12 @@ pub fn controlnet_units(req: &GenerationRequest) -> Result<Vec<ApiControlUnit>, 
         crate::sdxl::preprocessor::Preprocessor::parse(&module, threshold_a, threshold_b).map_err(|e| err("module", e.to_string()))?;
         let resize_mode = match o.get("resize_mode") {
             None | Some(Value::Null) => crate::sdxl::img2img::ResizeMode::CropAndResize,
+            // The extension's `resize_mode_from_value`: 3 (img2img's latent upscale) and larger
+            // numbers are Just Resize.
             Some(Value::Number(n)) => n
                 .as_u64()
-                .and_then(crate::sdxl::img2img::ResizeMode::from_a1111_index)
-                .filter(|m| m.fits_pixels())
+                .map(|n| crate::sdxl::img2img::ResizeMode::parse_control(&n.to_string()))
+                .and_then(|r| r.ok())
                 .ok_or_else(|| err("resize_mode", format!("{n}: expected 0, 1 or 2")))?,
             // The extension's names and its older aliases, which `ResizeMode` reads everywhere.
             Some(Value::String(m)) => m
@@ -508,11 +526,12 @@ mod tests {
         assert_eq!(e.loc, ["body", "alwayson_scripts", "controlnet", "args", "0", "guessmode"]);
         let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "guidance_start": 0.6, "guidance_end": 0.5}]))).unwrap_err();
         assert_eq!(e.loc.last().unwrap(), "guidance_end");
-        // img2img's latent upscale is not a way to fit a control map.
-        for mode in [serde_json::json!(3), serde_json::json!("Just resize (latent upscale)")] {
-            let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "resize_mode": mode}]))).unwrap_err();
-            assert_eq!(e.loc.last().unwrap(), "resize_mode");
-        }
+        // img2img's latent upscale is not a way to fit a control map: by name it is refused, as
+        // 3 the extension reads it as Just Resize.
+        let e = controlnet_units(&req(serde_json::json!([{"model": "cn", "resize_mode": "Just resize (latent upscale)"}]))).unwrap_err();
+        assert_eq!(e.loc.last().unwrap(), "resize_mode");
+        let u = controlnet_units(&req(serde_json::json!([{"model": "cn", "resize_mode": 3}]))).unwrap();
+        assert_eq!(u[0].setting.resize_mode, crate::sdxl::img2img::ResizeMode::JustResize);
     }
 
     /// img2img's `resize_mode` takes A1111's four numbers.

@@ -276,10 +276,29 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> std::result::Result<T, ApiEr
         let path = e.path().to_string();
         let mut loc = vec!["body".to_string()];
         if path != "." {
-            loc.extend(path.split('.').map(str::to_string));
+            // serde_path_to_error writes `imageList[0].data`; FastAPI's loc is the parts.
+            for part in path.split('.') {
+                let mut rest = part;
+                while let Some(open) = rest.find('[') {
+                    if open > 0 {
+                        loc.push(rest[..open].to_string());
+                    }
+                    let close = rest[open..].find(']').map_or(rest.len(), |c| open + c);
+                    loc.push(rest[open + 1..close].to_string());
+                    rest = rest.get(close + 1..).unwrap_or("");
+                }
+                if !rest.is_empty() {
+                    loc.push(rest.to_string());
+                }
+            }
         }
         let inner = e.into_inner();
-        let msg = if inner.is_syntax() || inner.is_eof() { format!("JSON decode error: {inner}") } else { inner.to_string() };
+        let mut msg = if inner.is_syntax() || inner.is_eof() { format!("JSON decode error: {inner}") } else { inner.to_string() };
+        // serde names a missing field at its parent; FastAPI's loc ends with the field.
+        if let Some(field) = msg.strip_prefix("missing field `").and_then(|m| m.split('`').next()).map(str::to_string) {
+            loc.push(field);
+            msg = "field required".into();
+        }
         ApiError::Field(FieldError { loc, msg })
     })
 }
@@ -475,7 +494,12 @@ fn controlnet_settings(state: &AppState, req: &GenerationRequest, files: &JobFil
                 Err(ApiError::Field(e)) => return Err(at("image", e.msg)),
                 Err(e) => return Err(e),
             },
-            (None, Some(init)) => init.to_string(),
+            (None, Some(init)) => {
+                // The extension fits the init image with img2img's resize mode
+                // (`resize_mode_from_value`: the latent upscale, 3, is Just Resize there).
+                s.resize_mode = crate::sdxl::img2img::ResizeMode::parse_control(&req.resize_mode.unwrap_or(0).to_string()).unwrap_or_default();
+                init.to_string()
+            }
             (None, None) => return Err(at("image", "expected a base64 control image".into())),
         };
         s.model = find_controlnet(state, &s.model).ok_or_else(|| at("model", format!("{:?}: not a model of /controlnet/model_list", s.model)))?;
@@ -986,19 +1010,18 @@ fn none_upscaler() -> String {
     "None".into()
 }
 
-fn two() -> f64 {
-    2.0
-}
-
 fn five_twelve() -> i64 {
     512
 }
 
-/// One picture of `extra-batch-images`' `imageList` (A1111's `FileData`).
+fn zero() -> Value {
+    json!(0)
+}
+
+/// One picture of `extra-batch-images`' `imageList` (A1111's `FileData`: both fields required).
 #[derive(serde::Deserialize)]
 struct FileData {
     data: String,
-    #[serde(default)]
     #[allow(dead_code)]
     name: String,
 }
@@ -1008,7 +1031,8 @@ struct FileData {
 /// the API always returns its pictures, and there is no face restoration to order against.
 #[derive(serde::Deserialize)]
 struct ExtrasRequest {
-    #[serde(default)]
+    /// A1111's `Literal[0, 1]`; an explicit null is refused as pydantic refuses it.
+    #[serde(default = "zero")]
     resize_mode: Value,
     #[serde(default = "yes")]
     #[allow(dead_code)]
@@ -1019,8 +1043,10 @@ struct ExtrasRequest {
     codeformer_visibility: f64,
     #[serde(default)]
     codeformer_weight: f64,
-    #[serde(default = "two")]
-    upscaling_resize: f64,
+    /// Absent: A1111's default, the int 2, which it writes as `2` (pydantic v1 does not
+    /// validate defaults); a value given is a float (`2.0`).
+    #[serde(default)]
+    upscaling_resize: Option<f64>,
     #[serde(default = "five_twelve")]
     upscaling_resize_w: i64,
     #[serde(default = "five_twelve")]
@@ -1038,8 +1064,8 @@ struct ExtrasRequest {
     upscale_first: bool,
     #[serde(default)]
     image: String,
-    #[serde(default, rename = "imageList")]
-    image_list: Vec<FileData>,
+    #[serde(rename = "imageList")]
+    image_list: Option<Vec<FileData>>,
 }
 
 impl ExtrasRequest {
@@ -1054,17 +1080,19 @@ impl ExtrasRequest {
             return Err(FieldError::new("codeformer_weight", "ensure this value is between 0 and 1").into());
         }
         let mode = match &self.resize_mode {
-            Value::Null => 0,
             Value::Number(n) if n.as_f64() == Some(0.0) => 0,
             Value::Number(n) if n.as_f64() == Some(1.0) => 1,
             v => return Err(FieldError::new("resize_mode", format!("{v}: expected 0 (scale by upscaling_resize) or 1 (scale to upscaling_resize_w x upscaling_resize_h)")).into()),
         };
-        if !(1.0..=8.0).contains(&self.upscaling_resize) {
-            return Err(FieldError::new("upscaling_resize", format!("{}: ensure this value is from 1 to 8", self.upscaling_resize)).into());
+        let factor = self.upscaling_resize.unwrap_or(2.0);
+        if !(1.0..=8.0).contains(&factor) {
+            return Err(FieldError::new("upscaling_resize", format!("{factor}: ensure this value is from 1 to 8")).into());
         }
+        // A1111 bounds the target size below only; it is used (and bounded here) in mode 1.
         let side = |field: &str, v: i64| -> std::result::Result<u32, ApiError> {
-            if v < 1 || v > studio::MAX_EXTRAS_SIDE as i64 {
-                return Err(FieldError::new(field, format!("{v}: expected 1 to {} pixels", studio::MAX_EXTRAS_SIDE)).into());
+            let max = if mode == 1 { studio::MAX_EXTRAS_SIDE as i64 } else { u32::MAX as i64 };
+            if v < 1 || v > max {
+                return Err(FieldError::new(field, format!("{v}: expected 1 to {max} pixels")).into());
             }
             Ok(v as u32)
         };
@@ -1075,69 +1103,86 @@ impl ExtrasRequest {
         let resize = if mode == 1 {
             studio::ExtrasResize::ScaleTo { width: w, height: h, crop: self.upscaling_crop }
         } else {
-            studio::ExtrasResize::ScaleBy { factor: self.upscaling_resize, max_side_length: 0 }
+            studio::ExtrasResize::ScaleBy { factor, max_side_length: 0 }
         };
+        // Upscalers by the names `/sdapi/v1/upscalers` lists, as A1111's `sd_upscalers`: never
+        // a path, which would let a client load or probe any file of the server. Upscaler 2
+        // only counts once upscaler 1 is one (A1111 returns before looking at it).
+        let named = |field: &str, name: &str| -> std::result::Result<(), ApiError> {
+            a1111::check_upscaler_name(field, name)?;
+            studio::pixel_upscaler_path(name, library, &format!("Extras {}", field.replace('_', " "))).map(|_| ()).map_err(|e| ApiError::from(FieldError::new(field, e.to_string())))
+        };
+        named("upscaler_1", &self.upscaler_1)?;
+        if !matches!(self.upscaler_1.parse::<crate::sdxl::upscale::Upscaler>(), Ok(crate::sdxl::upscale::Upscaler::Resize)) {
+            named("upscaler_2", &self.upscaler_2)?;
+        }
         let s = studio::ExtrasSettings {
             resize,
             upscaler_1: self.upscaler_1.clone(),
             upscaler_2: self.upscaler_2.clone(),
             upscaler_2_visibility: self.extras_upscaler_2_visibility,
+            factor_as_int: self.upscaling_resize.is_none(),
         };
-        s.check(library).map_err(|e| {
-            let field = if e.to_string().contains("upscaler 2") { "upscaler_2" } else { "upscaler_1" };
-            ApiError::from(FieldError::new(field, e.to_string()))
-        })?;
+        s.check(library).map_err(|e| ApiError::from(FieldError::new("upscaler_1", e.to_string())))?;
         Ok(s)
     }
 }
 
 /// Extras on decoded pictures, off the async threads: each picture as a base64 PNG with its
 /// own text chunks and A1111's `postprocessing` line, and the last picture's `html_info`.
-async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(String, Vec<String>, Vec<u8>)>) -> std::result::Result<(Vec<String>, String), ApiError> {
+/// `pictures` holds each picture's `loc` and bytes.
+async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(Vec<String>, Vec<u8>)>) -> std::result::Result<(Vec<String>, String), ApiError> {
     let library = library_root(state);
     let settings = req.settings(library.as_deref())?;
     let device = state.worker.studio.device().clone();
-    let done = tokio::task::spawn_blocking(move || -> std::result::Result<(Vec<String>, String), ApiError> {
-        let mut images = Vec::with_capacity(pictures.len());
-        let mut html = studio::infotext_html("");
-        for (field, loc, bytes) in pictures {
+    let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
+    tokio::task::spawn_blocking(move || -> std::result::Result<(Vec<String>, String), ApiError> {
+        let prepared = settings.prepare(library.as_deref(), &device).map_err(|e| internal(e.to_string()))?;
+        // Every picture is read and sized before any is upscaled.
+        let mut decoded = Vec::with_capacity(pictures.len());
+        for (loc, bytes) in pictures {
             let at = |m: String| ApiError::from(FieldError { loc: loc.clone(), msg: m });
             let (img, chunks) = studio::decode_extras_input(&bytes).map_err(|e| at(e.to_string()))?;
-            let out = settings.run(&img, library.as_deref(), &device).map_err(|e| match e {
-                crate::error::Error::Argument(m) => at(format!("{field}: {m}")),
-                e => ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            })?;
+            prepared.check_size(img.dimensions()).map_err(|e| at(e.to_string()))?;
+            decoded.push((img, chunks));
+        }
+        let mut images = Vec::with_capacity(decoded.len());
+        let mut html = studio::infotext_html("");
+        for (img, chunks) in decoded {
+            let out = prepared.run(&img).map_err(|e| internal(e.to_string()))?;
             let text = out.infotext();
-            let png = studio::encode_extras_png(&out.image, &studio::extras_chunks(&chunks, &text, false)).map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-            images.push(b64(&png));
+            images.push(b64(&out.image.encode_png(&studio::extras_chunks(&chunks, &text, false)).map_err(|e| internal(e.to_string()))?));
             html = studio::infotext_html(&text);
         }
         Ok((images, html))
     })
     .await
-    .map_err(|e| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
-    Ok(done)
+    .map_err(|e| internal(e.to_string()))?
 }
 
-/// A1111's `POST /sdapi/v1/extra-single-image`: the Extras tab's upscale on one picture.
+/// A1111's `POST /sdapi/v1/extra-single-image`: the Extras tab's upscale on one picture. They
+/// run beside the generation queue, not in it: a picture upscale holds no model of the queue's.
 async fn extra_single_image(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: ExtrasRequest = parse_body(&body)?;
     if req.image.trim().is_empty() {
         return Err(FieldError::new("image", "no image: expected a base64 picture").into());
     }
     let bytes = decode_image("image", &req.image)?;
-    let (mut images, html) = run_extras(&state, &req, vec![("image".into(), vec!["body".into(), "image".into()], bytes)]).await?;
+    let (mut images, html) = run_extras(&state, &req, vec![(vec!["body".into(), "image".into()], bytes)]).await?;
     Ok(Json(json!({"html_info": html, "image": images.pop()})))
 }
 
 /// A1111's `POST /sdapi/v1/extra-batch-images`: the same on `imageList`'s pictures.
 async fn extra_batch_images(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: ExtrasRequest = parse_body(&body)?;
-    let mut pictures = Vec::with_capacity(req.image_list.len());
-    for (i, f) in req.image_list.iter().enumerate() {
+    let Some(list) = &req.image_list else {
+        return Err(FieldError::new("imageList", "field required").into());
+    };
+    let mut pictures = Vec::with_capacity(list.len());
+    for (i, f) in list.iter().enumerate() {
         let loc: Vec<String> = ["body", "imageList", &i.to_string(), "data"].map(String::from).to_vec();
         let bytes = decode_base64(&f.data).map_err(|m| ApiError::from(FieldError { loc: loc.clone(), msg: m }))?;
-        pictures.push((format!("imageList[{i}]"), loc, bytes));
+        pictures.push((loc, bytes));
     }
     let (images, html) = run_extras(&state, &req, pictures).await?;
     Ok(Json(json!({"html_info": html, "images": images})))

@@ -62,7 +62,8 @@ impl FromStr for MaskedContent {
     }
 }
 
-/// The init image of an img2img or inpainting run, at the output size.
+/// The init image of an img2img or inpainting run, at the output size (at its own size under
+/// `resize_latents`).
 #[derive(Debug, Clone)]
 pub struct InitImage {
     pub image: RgbImage,
@@ -353,24 +354,41 @@ where
 /// until the image is at least `scale ×` the original rounded down to 8 pixels (at most three
 /// times, and not again once a step leaves the size unchanged; at scale 1, once), then Lanczos
 /// to that rounded size.
-pub fn a1111_upscale<E>(img: &RgbImage, scale: f64, mut step: impl FnMut(&RgbImage, f64) -> std::result::Result<RgbImage, E>) -> std::result::Result<RgbImage, E> {
+pub fn a1111_upscale<I: Upscalable, E>(img: &I, scale: f64, mut step: impl FnMut(&I, f64) -> std::result::Result<I, E>) -> std::result::Result<I, E> {
     let mut im = img.clone();
-    let (dest_w, dest_h) = a1111_upscaled_size(img.dimensions(), scale);
+    let (dest_w, dest_h) = a1111_upscaled_size(img.size(), scale);
     for i in 0..3 {
-        if im.width() >= dest_w && im.height() >= dest_h && (i > 0 || scale != 1.0) {
+        let (w, h) = im.size();
+        if w >= dest_w && h >= dest_h && (i > 0 || scale != 1.0) {
             break;
         }
-        let before = im.dimensions();
+        let before = im.size();
         im = step(&im, scale)?;
-        if im.dimensions() == before {
+        if im.size() == before {
             break;
         }
     }
     // Pillow refuses an empty size; below 8 pixels A1111 fails where we skip this resize.
-    if im.dimensions() != (dest_w, dest_h) && dest_w > 0 && dest_h > 0 {
-        im = resize(&im, dest_w, dest_h);
+    if im.size() != (dest_w, dest_h) && dest_w > 0 && dest_h > 0 {
+        im = im.lanczos(dest_w, dest_h);
     }
     Ok(im)
+}
+
+/// What [`a1111_upscale`] needs of a picture: its size and Pillow's Lanczos `resize` (which
+/// premultiplies an RGBA picture's alpha; a plain buffer is resized band by band).
+pub trait Upscalable: Clone {
+    fn size(&self) -> (u32, u32);
+    fn lanczos(&self, w: u32, h: u32) -> Self;
+}
+
+impl<P: image::Pixel<Subpixel = u8>> Upscalable for image::ImageBuffer<P, Vec<u8>> {
+    fn size(&self) -> (u32, u32) {
+        self.dimensions()
+    }
+    fn lanczos(&self, w: u32, h: u32) -> Self {
+        resize(self, w, h)
+    }
 }
 
 /// The size [`a1111_upscale`] ends at: `scale ×` each side, rounded down to 8 pixels
@@ -404,8 +422,9 @@ pub enum ResizeMode {
     /// the image's edge rows or columns.
     ResizeAndFill,
     /// A1111's "Just resize (latent upscale)" (its number 3): the image is encoded at its own
-    /// size and its latents are stretched bilinearly to the output's. An img2img mode only:
-    /// in pixels (a mask of the output's size, a ControlNet map) it is a plain resize.
+    /// size and its latents are stretched bilinearly to the output's. An img2img mode only; in
+    /// pixels [`resize_to`] fits as A1111's `resize_image(3, …)` does, by its last branch,
+    /// resize and fill.
     #[serde(rename = "just_resize_latent_upscale")]
     LatentUpscale,
 }
@@ -439,6 +458,18 @@ impl ResizeMode {
     /// Whether the mode fits pixels (every mode but the latent upscale).
     pub fn fits_pixels(self) -> bool {
         self != Self::LatentUpscale
+    }
+
+    /// A ControlNet unit's mode as sd-webui-controlnet reads one (`resize_mode_from_value`):
+    /// its three names (and their old aliases) or numbers, where 3, img2img's latent upscale,
+    /// and any larger number fall back to Just Resize.
+    pub fn parse_control(s: &str) -> Result<Self> {
+        if let Ok(n) = s.trim().parse::<u64>() {
+            return Ok(Self::ALL.get(n as usize).copied().unwrap_or(Self::JustResize));
+        }
+        s.parse::<Self>().ok().filter(|m| m.fits_pixels()).ok_or_else(|| {
+            Error::Argument(format!("control resize mode {s:?}: expected one of {} (or 0, 1, 2)", Self::ALL.map(|m| m.name()).join(", ")))
+        })
     }
 }
 
@@ -488,7 +519,7 @@ where
     P: image::Pixel<Subpixel = u8>,
 {
     let (iw, ih) = img.dimensions();
-    if matches!(mode, ResizeMode::JustResize | ResizeMode::LatentUpscale) || iw == 0 || ih == 0 {
+    if mode == ResizeMode::JustResize || iw == 0 || ih == 0 {
         return resize(img, w, h);
     }
     // ratio vs src_ratio, as w/h against iw/ih, compared exactly.
@@ -503,7 +534,7 @@ where
     let mut out = image::ImageBuffer::<P, Vec<u8>>::new(w, h);
     let (ox, oy) = ((w / 2) as i64 - (src_w / 2) as i64, (h / 2) as i64 - (src_h / 2) as i64);
     image::imageops::replace(&mut out, &resized, ox, oy);
-    if mode != ResizeMode::ResizeAndFill {
+    if mode == ResizeMode::CropAndResize {
         return out;
     }
     // Each band is `resized.resize(band, box=<the edge, zero rows or columns thick>)`.
@@ -617,6 +648,13 @@ mod tests {
             assert_eq!(s.parse::<ResizeMode>().unwrap(), m, "{s}");
         }
         assert!("4".parse::<ResizeMode>().unwrap_err().to_string().contains("crop_and_resize"));
+        // In pixels mode 3 is A1111's `resize_image` last branch: resize and fill.
+        assert_eq!(resize_to(ResizeMode::LatentUpscale, &tall, 40, 40), resize_to(ResizeMode::ResizeAndFill, &tall, 40, 40));
+        // A ControlNet unit reads numbers as the extension: 3 and more are Just Resize.
+        assert_eq!(ResizeMode::parse_control("3").unwrap(), ResizeMode::JustResize);
+        assert_eq!(ResizeMode::parse_control("Resize and Fill").unwrap(), ResizeMode::ResizeAndFill);
+        let e = ResizeMode::parse_control("just_resize_latent_upscale").unwrap_err().to_string();
+        assert!(e.ends_with("expected one of just_resize, crop_and_resize, resize_and_fill (or 0, 1, 2)"), "{e}");
     }
 
     /// A1111's `images.resize_image` in its three modes (every fill direction, odd remainders,

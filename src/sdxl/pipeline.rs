@@ -644,6 +644,10 @@ impl SdxlPipeline {
             if init.resize_latents && init.latents.is_none() && (iw < f as u32 || ih < f as u32) {
                 return Err(Error::Argument(format!("init image is {iw}x{ih}: the VAE needs at least {f}x{f} pixels to encode")));
             }
+            // Encoded at its own size, the picture is bound as an output is.
+            if init.resize_latents && (iw as usize > MAX_SIDE || ih as usize > MAX_SIDE) {
+                return Err(Error::Argument(format!("init image is {iw}x{ih}: resize mode 3 encodes it at that size; expected at most {MAX_SIDE} pixels a side")));
+            }
             if req.init_noise.is_some() {
                 return Err(Error::Argument("init noise and an init image cannot be combined".into()));
             }

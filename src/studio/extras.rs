@@ -10,9 +10,10 @@
 use std::path::Path;
 
 use candle_core::Device;
-use image::RgbImage;
+use image::{ImageBuffer, RgbImage, RgbaImage};
 
 use crate::error::{Error, Result};
+use crate::resample::{self, Filter};
 use crate::sdxl::img2img;
 use crate::sdxl::upscale::Upscaler;
 use crate::sdxl::upscale_model::UpscaleModel;
@@ -43,18 +44,23 @@ pub struct ExtrasSettings {
     pub upscaler_2: String,
     /// How much of upscaler 2's picture is blended in, in [0, 1] (Pillow's `Image.blend`).
     pub upscaler_2_visibility: f64,
+    /// Write a whole "Scale by" factor as an int (`by: 2`), as A1111 writes its API's default
+    /// (pydantic v1 leaves the default `2` unconverted); any factor a request gives is a float
+    /// there, written `2.0`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub factor_as_int: bool,
 }
 
 impl Default for ExtrasSettings {
     fn default() -> Self {
-        Self { resize: ExtrasResize::ScaleBy { factor: 2.0, max_side_length: 0 }, upscaler_1: "None".into(), upscaler_2: "None".into(), upscaler_2_visibility: 0.0 }
+        Self { resize: ExtrasResize::ScaleBy { factor: 2.0, max_side_length: 0 }, upscaler_1: "None".into(), upscaler_2: "None".into(), upscaler_2_visibility: 0.0, factor_as_int: false }
     }
 }
 
 /// A picture after Extras, with the `Key: value` pairs A1111 writes, in its order.
 #[derive(Debug, Clone)]
 pub struct Postprocessed {
-    pub image: RgbImage,
+    pub image: ExtrasImage,
     pub info: Vec<(String, String)>,
 }
 
@@ -97,6 +103,104 @@ impl Info {
     }
 }
 
+/// A picture as Extras holds it: Pillow's "RGB" or "RGBA" (A1111 keeps an RGBA picture's
+/// transparency and converts every other mode to RGB).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExtrasImage {
+    Rgb(RgbImage),
+    Rgba(RgbaImage),
+}
+
+impl ExtrasImage {
+    pub fn dimensions(&self) -> (u32, u32) {
+        match self {
+            Self::Rgb(i) => i.dimensions(),
+            Self::Rgba(i) => i.dimensions(),
+        }
+    }
+
+    /// Pillow's `convert("RGB")`: the alpha dropped, the colours kept as they are.
+    pub fn to_rgb(&self) -> RgbImage {
+        match self {
+            Self::Rgb(i) => i.clone(),
+            Self::Rgba(i) => RgbImage::from_fn(i.width(), i.height(), |x, y| {
+                let p = i.get_pixel(x, y).0;
+                image::Rgb([p[0], p[1], p[2]])
+            }),
+        }
+    }
+
+    /// `other` in this picture's mode (Pillow's `convert`: RGB gains an opaque alpha).
+    fn in_mode_of(&self, other: Self) -> Self {
+        match (self, other) {
+            (Self::Rgb(_), o) => Self::Rgb(o.to_rgb()),
+            (Self::Rgba(_), Self::Rgb(o)) => Self::Rgba(RgbaImage::from_fn(o.width(), o.height(), |x, y| {
+                let p = o.get_pixel(x, y).0;
+                image::Rgba([p[0], p[1], p[2], 255])
+            })),
+            (Self::Rgba(_), o) => o,
+        }
+    }
+
+    /// Pillow's `Image.resize(size, filter)`: the same size is a copy; an RGBA picture is
+    /// resized premultiplied (`RGBa`) unless by nearest neighbour.
+    pub fn resize(&self, w: u32, h: u32, filter: Filter) -> Self {
+        if (w, h) == self.dimensions() {
+            return self.clone();
+        }
+        match self {
+            Self::Rgb(i) => Self::Rgb(resample::resize(i, w, h, filter)),
+            Self::Rgba(i) if filter == Filter::Nearest => Self::Rgba(resample::resize(i, w, h, filter)),
+            Self::Rgba(i) => Self::Rgba(unpremultiply(&resample::resize(&premultiply(i), w, h, filter))),
+        }
+    }
+
+    /// PNG bytes with `chunks` (an RGBA picture stays RGBA).
+    pub fn encode_png(&self, chunks: &[(String, String)]) -> Result<Vec<u8>> {
+        let text: Vec<(&str, String)> = chunks.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        match self {
+            Self::Rgb(i) => crate::output::encode_png(i, &text),
+            Self::Rgba(i) => crate::output::encode_png_rgba(i, &text),
+        }
+    }
+}
+
+impl img2img::Upscalable for ExtrasImage {
+    fn size(&self) -> (u32, u32) {
+        self.dimensions()
+    }
+    fn lanczos(&self, w: u32, h: u32) -> Self {
+        self.resize(w, h, Filter::Lanczos)
+    }
+}
+
+/// Pillow's `RGBA → RGBa` (`rgbA2rgba`: `c·a/255` rounded by its `MULDIV255`).
+fn premultiply(img: &RgbaImage) -> RgbaImage {
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let a = p[3] as u32;
+        for c in 0..3 {
+            let t = p[c] as u32 * a + 128;
+            p[c] = (((t >> 8) + t) >> 8) as u8;
+        }
+    }
+    out
+}
+
+/// Pillow's `RGBa → RGBA` (`rgba2rgbA`: `255·c/a` truncated and clipped; alpha 0 and 255 kept).
+fn unpremultiply(img: &RgbaImage) -> RgbaImage {
+    let mut out = img.clone();
+    for p in out.pixels_mut() {
+        let a = p[3] as u32;
+        if a != 0 && a != 255 {
+            for c in 0..3 {
+                p[c] = ((255 * p[c] as u32) / a).min(255) as u8;
+            }
+        }
+    }
+    out
+}
+
 /// A resolved upscaler: a built-in one or an ESRGAN-family model.
 enum Step {
     Builtin(Upscaler),
@@ -112,18 +216,31 @@ impl Step {
         }
     }
 
-    /// A1111's `Upscaler.upscale(img, scale)`.
-    fn upscale_by(&self, img: &RgbImage, scale: f64) -> Result<RgbImage> {
+    /// A1111's `Upscaler.upscale(img, scale)`. "Lanczos" and "Nearest" resize as Pillow does
+    /// (`do_upscale`: `img.resize((int(w·scale), int(h·scale)))`); a model sees the picture
+    /// in RGB (A1111's `pil_image_to_torch_bgr`), so its result has no alpha.
+    fn upscale_by(&self, img: &ExtrasImage, scale: f64) -> Result<ExtrasImage> {
         match self {
-            Step::Builtin(u) => Ok(u.upscale_by(img, scale)),
-            Step::Model(m) => m.upscale_by(img, scale),
+            Step::Builtin(u) => {
+                let filter = if *u == Upscaler::Lanczos { Filter::Lanczos } else { Filter::Nearest };
+                let step = |im: &ExtrasImage, s: f64| -> std::result::Result<ExtrasImage, std::convert::Infallible> {
+                    let (w, h) = im.dimensions();
+                    Ok(im.resize((w as f64 * s) as u32, (h as f64 * s) as u32, filter))
+                };
+                match img2img::a1111_upscale(img, scale, step) {
+                    Ok(i) => Ok(i),
+                    Err(never) => match never {},
+                }
+            }
+            Step::Model(m) => Ok(ExtrasImage::Rgb(m.upscale_by(&img.to_rgb(), scale)?)),
         }
     }
 }
 
 impl ExtrasSettings {
     /// The checks that need no picture: ranges as A1111's API model has them, and upscalers
-    /// that are there (a latent one is not a picture upscaler).
+    /// that are there (a latent one is not a picture upscaler). With upscaler 1 "None" A1111
+    /// looks no further, and neither does this.
     pub fn check(&self, library: Option<&Path>) -> Result<()> {
         match self.resize {
             ExtrasResize::ScaleBy { factor, .. } if !(1.0..=8.0).contains(&factor) => {
@@ -137,7 +254,9 @@ impl ExtrasSettings {
         if !(0.0..=1.0).contains(&self.upscaler_2_visibility) {
             return Err(Error::Argument(format!("Extras upscaler 2 visibility {}: expected a number from 0 to 1", self.upscaler_2_visibility)));
         }
-        super::hires::pixel_upscaler_path(&self.upscaler_1, library, "Extras upscaler 1")?;
+        if super::hires::pixel_upscaler_path(&self.upscaler_1, library, "Extras upscaler 1")?.is_none() && is_none_upscaler(&self.upscaler_1) {
+            return Ok(());
+        }
         super::hires::pixel_upscaler_path(&self.upscaler_2, library, "Extras upscaler 2")?;
         Ok(())
     }
@@ -152,73 +271,122 @@ impl ExtrasSettings {
         }
     }
 
-    /// `image` as A1111's Extras makes it (`ScriptPostprocessingUpscale.process`). ESRGAN-family
-    /// models run on `device`.
-    pub fn run(&self, image: &RgbImage, library: Option<&Path>, device: &Device) -> Result<Postprocessed> {
+    /// The checks, and the upscalers resolved and their models loaded once for many pictures.
+    /// ESRGAN-family models run on `device`.
+    pub fn prepare(&self, library: Option<&Path>, device: &Device) -> Result<PreparedExtras> {
         self.check(library)?;
-        let Some(first) = Self::resolve(&self.upscaler_1, library, device, "Extras upscaler 1")? else {
+        let first = Self::resolve(&self.upscaler_1, library, device, "Extras upscaler 1")?;
+        let second = match &first {
+            Some(_) if self.upscaler_2_visibility > 0.0 => Self::resolve(&self.upscaler_2, library, device, "Extras upscaler 2")?,
+            _ => None,
+        };
+        Ok(PreparedExtras { settings: self.clone(), first, second })
+    }
+
+    /// [`PreparedExtras::run`] for one picture.
+    pub fn run(&self, image: &ExtrasImage, library: Option<&Path>, device: &Device) -> Result<Postprocessed> {
+        self.prepare(library, device)?.run(image)
+    }
+}
+
+fn is_none_upscaler(name: &str) -> bool {
+    matches!(name.parse::<Upscaler>(), Ok(Upscaler::Resize))
+}
+
+/// Settings with their upscalers ready.
+pub struct PreparedExtras {
+    settings: ExtrasSettings,
+    first: Option<Step>,
+    second: Option<Step>,
+}
+
+impl PreparedExtras {
+    /// `image` as A1111's Extras makes it (`ScriptPostprocessingUpscale.process`).
+    pub fn run(&self, image: &ExtrasImage) -> Result<Postprocessed> {
+        let Some(first) = &self.first else {
             return Ok(Postprocessed { image: image.clone(), info: Vec::new() });
         };
-        let second = Self::resolve(&self.upscaler_2, library, device, "Extras upscaler 2")?;
+        self.check_size(image.dimensions())?;
         let mut info = Info(Vec::new());
-        let mut out = self.upscale(image, &mut info, &first)?;
+        let mut out = self.upscale(image, &mut info, first)?;
         info.set("Postprocess upscaler", first.name());
-        if let Some(second) = second.filter(|_| self.upscaler_2_visibility > 0.0) {
-            let other = self.upscale(image, &mut info, &second)?;
-            if other.dimensions() != out.dimensions() {
-                return Err(Error::Argument(format!(
-                    "Extras: upscaler 1 made {}x{} and upscaler 2 {}x{}: they cannot be blended",
-                    out.width(),
-                    out.height(),
-                    other.width(),
-                    other.height()
-                )));
-            }
-            out = blend(&out, &other, self.upscaler_2_visibility);
+        if let Some(second) = &self.second {
+            let other = out.in_mode_of(self.upscale(image, &mut info, second)?);
+            out = match (&out, &other) {
+                (ExtrasImage::Rgb(a), ExtrasImage::Rgb(b)) => ExtrasImage::Rgb(blend(a, b, self.settings.upscaler_2_visibility)?),
+                (ExtrasImage::Rgba(a), ExtrasImage::Rgba(b)) => ExtrasImage::Rgba(blend(a, b, self.settings.upscaler_2_visibility)?),
+                _ => unreachable!("converted to one mode above"),
+            };
             info.set("Postprocess upscaler 2", second.name());
         }
         Ok(Postprocessed { image: out, info: info.0 })
     }
 
-    /// `ScriptPostprocessingUpscale.upscale` with one upscaler.
-    fn upscale(&self, image: &RgbImage, info: &mut Info, step: &Step) -> Result<RgbImage> {
-        let (iw, ih) = (image.width() as f64, image.height() as f64);
-        if iw == 0.0 || ih == 0.0 {
-            return Err(Error::Argument("Extras: the picture is empty".into()));
-        }
-        // (scale, the size to crop to)
-        let (scale, crop_to) = match self.resize {
-            ExtrasResize::ScaleTo { width, height, crop } => {
-                info.set("Postprocess upscale to", format!("{width}x{height}"));
-                ((width as f64 / iw).max(height as f64 / ih), crop.then_some((width, height)))
-            }
+    /// The factor A1111 upscales by and the size it crops to, if it does.
+    fn plan(&self, (iw, ih): (u32, u32)) -> (f64, Option<(u32, u32)>) {
+        let (iw, ih) = (iw as f64, ih as f64);
+        match self.settings.resize {
+            ExtrasResize::ScaleTo { width, height, crop } => ((width as f64 / iw).max(height as f64 / ih), crop.then_some((width, height))),
             ExtrasResize::ScaleBy { factor, max_side_length } => {
-                // Python's `str(float)`, as A1111 writes the API's float.
-                info.set("Postprocess upscale by", format!("{factor:?}"));
                 if max_side_length != 0 && iw.max(ih) * factor > max_side_length as f64 {
                     let (tw, th) = limit_size_by_one_dimension(iw * factor, ih * factor, max_side_length);
-                    info.set("Max side length", max_side_length.to_string());
                     ((tw as f64 / iw).max(th as f64 / ih), None)
                 } else {
                     (factor, None)
                 }
             }
+        }
+    }
+
+    /// Whether a picture of `dims` can be made: not empty once rounded down to 8 pixels (Pillow
+    /// refuses an empty size), and within [`MAX_EXTRAS_SIDE`] (the enlarged picture before a
+    /// crop within that many pixels squared).
+    pub fn check_size(&self, (w, h): (u32, u32)) -> Result<()> {
+        if self.first.is_none() {
+            return Ok(());
+        }
+        if w == 0 || h == 0 {
+            return Err(Error::Argument("Extras: the picture is empty".into()));
+        }
+        let (scale, crop) = self.plan((w, h));
+        let (dw, dh) = img2img::a1111_upscaled_size((w, h), scale);
+        let max = MAX_EXTRAS_SIDE as u64;
+        let too_big = match crop {
+            Some(_) => dw as u64 * dh as u64 > max * max,
+            None => dw as u64 > max || dh as u64 > max,
         };
-        let (dw, dh) = img2img::a1111_upscaled_size(image.dimensions(), scale);
-        if dw == 0 || dh == 0 || dw > MAX_EXTRAS_SIDE || dh > MAX_EXTRAS_SIDE {
+        if dw == 0 || dh == 0 || too_big {
             return Err(Error::Argument(format!(
-                "Extras: the {}x{} picture would become {dw}x{dh} (sides rounded down to 8 pixels): expected sides from 8 to {MAX_EXTRAS_SIDE}",
-                image.width(),
-                image.height()
+                "Extras: the {w}x{h} picture would become {dw}x{dh} (sides rounded down to 8 pixels): expected sides from 8 to {MAX_EXTRAS_SIDE}"
             )));
         }
+        Ok(())
+    }
+
+    /// `ScriptPostprocessingUpscale.upscale` with one upscaler.
+    fn upscale(&self, image: &ExtrasImage, info: &mut Info, step: &Step) -> Result<ExtrasImage> {
+        match self.settings.resize {
+            ExtrasResize::ScaleTo { width, height, .. } => info.set("Postprocess upscale to", format!("{width}x{height}")),
+            ExtrasResize::ScaleBy { factor, max_side_length } => {
+                // Python's `str(float)`, as A1111 writes the API's float.
+                let text = if self.settings.factor_as_int && factor.fract() == 0.0 { format!("{factor}") } else { format!("{factor:?}") };
+                info.set("Postprocess upscale by", text);
+                let (w, h) = image.dimensions();
+                if max_side_length != 0 && (w.max(h) as f64) * factor > max_side_length as f64 {
+                    info.set("Max side length", max_side_length.to_string());
+                }
+            }
+        }
+        let (scale, crop) = self.plan(image.dimensions());
         let up = step.upscale_by(image, scale)?;
-        let Some((w, h)) = crop_to else { return Ok(up) };
-        // `Image.new("RGB", size)` and a paste at the centre, in Python's integer division.
+        let Some((w, h)) = crop else { return Ok(up) };
+        // `Image.new("RGB", size)` and a paste at the centre, in Python's integer division (an
+        // RGBA picture's bytes go in as they are, its alpha dropped).
+        let up = up.to_rgb();
         let mut canvas = RgbImage::new(w, h);
         image::imageops::replace(&mut canvas, &up, (w / 2) as i64 - (up.width() / 2) as i64, (h / 2) as i64 - (up.height() / 2) as i64);
         info.set("Postprocess crop to", format!("{w}x{h}"));
-        Ok(canvas)
+        Ok(ExtrasImage::Rgb(canvas))
     }
 }
 
@@ -255,24 +423,44 @@ fn py_floordiv(vx: f64, wx: f64) -> f64 {
     }
 }
 
-/// Pillow's `Image.blend(a, b, alpha)` on 8-bit pictures of one size: `a + alpha · (b − a)`
-/// in C `float` (the argument narrowed from Python's double), truncated to a byte. Ours
-/// because the result must be Pillow's to the level.
-pub fn blend(a: &RgbImage, b: &RgbImage, alpha: f64) -> RgbImage {
+/// Pillow's `Image.blend(a, b, alpha)` on 8-bit pictures of one mode and size, every band
+/// (alpha too): `a + alpha · (b − a)` in C `float` (the argument narrowed from Python's double),
+/// truncated to a byte. Ours because the result must be Pillow's to the level.
+pub fn blend<P: image::Pixel<Subpixel = u8>>(a: &ImageBuffer<P, Vec<u8>>, b: &ImageBuffer<P, Vec<u8>>, alpha: f64) -> Result<ImageBuffer<P, Vec<u8>>> {
+    if a.dimensions() != b.dimensions() {
+        return Err(Error::Argument(format!("Extras: upscaler 1 made {:?} and upscaler 2 {:?}: pictures of two sizes cannot be blended", a.dimensions(), b.dimensions())));
+    }
     let al = alpha as f32;
     if al == 0.0 {
-        return a.clone();
+        return Ok(a.clone());
     }
     if al == 1.0 {
-        return b.clone();
+        return Ok(b.clone());
     }
     let data = a.as_raw().iter().zip(b.as_raw()).map(|(&x, &y)| (x as f32 + al * (y as i32 - x as i32) as f32) as u8).collect();
-    RgbImage::from_raw(a.width(), a.height(), data).expect("same size as a")
+    ImageBuffer::from_raw(a.width(), a.height(), data).ok_or_else(|| Error::Internal("blend: buffer size".into()))
 }
 
-/// A picture as Extras reads it: Pillow's `convert("RGB")`, so transparency is dropped, not
-/// flattened (img2img flattens onto white), and the text chunks a PNG carries.
-pub fn read_extras_input(path: &Path) -> Result<(RgbImage, Vec<(String, String)>)> {
+/// A decoded picture as A1111's Extras takes it: what Pillow opens (a 16-bit PNG's high byte;
+/// a 16-bit grey one as Pillow's "I" mode, clipped to 255 when made RGB), RGB and RGBA kept,
+/// every other mode made RGB (an "LA" picture's alpha dropped). A palette PNG with a
+/// transparent entry opens as RGBA, as A1111's `fix_png_transparency` makes it.
+pub fn extras_picture(img: image::DynamicImage) -> ExtrasImage {
+    use image::DynamicImage as D;
+    let hi = |v: u16| (v >> 8) as u8;
+    match img {
+        D::ImageRgb8(i) => ExtrasImage::Rgb(i),
+        D::ImageRgba8(i) => ExtrasImage::Rgba(i),
+        D::ImageRgb16(i) => ExtrasImage::Rgb(RgbImage::from_fn(i.width(), i.height(), |x, y| image::Rgb(i.get_pixel(x, y).0.map(hi)))),
+        D::ImageRgba16(i) => ExtrasImage::Rgba(RgbaImage::from_fn(i.width(), i.height(), |x, y| image::Rgba(i.get_pixel(x, y).0.map(hi)))),
+        D::ImageLuma16(i) => ExtrasImage::Rgb(RgbImage::from_fn(i.width(), i.height(), |x, y| image::Rgb([i.get_pixel(x, y).0[0].min(255) as u8; 3]))),
+        D::ImageLumaA16(i) => ExtrasImage::Rgb(RgbImage::from_fn(i.width(), i.height(), |x, y| image::Rgb([hi(i.get_pixel(x, y).0[0]); 3]))),
+        other => ExtrasImage::Rgb(other.to_rgb8()),
+    }
+}
+
+/// A picture file as Extras reads it ([`extras_picture`]) with its text chunks.
+pub fn read_extras_input(path: &Path) -> Result<(ExtrasImage, Vec<(String, String)>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode_extras_input(&bytes).map_err(|e| match e {
         Error::Argument(m) | Error::Internal(m) => Error::BadFile { path: path.into(), message: m },
@@ -280,35 +468,87 @@ pub fn read_extras_input(path: &Path) -> Result<(RgbImage, Vec<(String, String)>
     })
 }
 
-/// [`read_extras_input`] on bytes (the API's base64 pictures).
-pub fn decode_extras_input(bytes: &[u8]) -> Result<(RgbImage, Vec<(String, String)>)> {
+/// [`read_extras_input`] on bytes (the API's base64 pictures). The text chunks come in the
+/// order A1111 keeps them: the file's, `parameters` moved last (its `read_info_from_image`).
+pub fn decode_extras_input(bytes: &[u8]) -> Result<(ExtrasImage, Vec<(String, String)>)> {
     let img = image::load_from_memory(bytes).map_err(|e| Error::Argument(format!("not a readable image: {e}")))?;
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 || w > MAX_EXTRAS_SIDE || h > MAX_EXTRAS_SIDE {
         return Err(Error::Argument(format!("the picture is {w}x{h}: expected sides from 1 to {MAX_EXTRAS_SIDE} pixels")));
     }
-    let mut chunks: Vec<(String, String)> = if bytes.starts_with(b"\x89PNG") { super::png_text_chunks(bytes)?.into_iter().collect() } else { Vec::new() };
-    // A1111 re-adds `parameters` after the others; ours are sorted, so the file is the same
-    // whatever order the chunks came in.
-    chunks.sort_by_key(|(k, _)| (k == "parameters", k.clone()));
-    Ok((img.to_rgb8(), chunks))
-}
-
-/// The chunks an Extras picture is written with: the original's, then `postprocessing` (and,
-/// for a saved file, `extras`, as A1111's `save_image(pnginfo_section_name="extras")`).
-pub fn extras_chunks(original: &[(String, String)], infotext: &str, saved: bool) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = original.iter().filter(|(k, _)| k != "postprocessing" && k != "extras").cloned().collect();
-    out.push(("postprocessing".into(), infotext.to_string()));
-    if saved {
-        out.push(("extras".into(), infotext.to_string()));
+    let mut chunks = if bytes.starts_with(b"\x89PNG") { super::png_text_list(bytes)? } else { Vec::new() };
+    if let Some(i) = chunks.iter().position(|(k, _)| k == "parameters") {
+        let p = chunks.remove(i);
+        chunks.push(p);
     }
-    out
+    Ok((extras_picture(img), chunks))
 }
 
-/// PNG bytes of an Extras picture with `chunks`.
-pub fn encode_extras_png(image: &RgbImage, chunks: &[(String, String)]) -> Result<Vec<u8>> {
-    let text: Vec<(&str, String)> = chunks.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    crate::output::encode_png(image, &text)
+/// The chunks an Extras picture is written with, as A1111's dict makes them: the original's,
+/// `postprocessing` set (in its place if it was there), and for a saved file `extras` too
+/// (`save_image(pnginfo_section_name="extras")`); the API's picture keeps an old `extras`.
+pub fn extras_chunks(original: &[(String, String)], infotext: &str, saved: bool) -> Vec<(String, String)> {
+    let mut info = Info(original.to_vec());
+    info.set("postprocessing", infotext.to_string());
+    if saved {
+        info.set("extras", infotext.to_string());
+    }
+    info.0
+}
+
+/// A picture for [`extras_to_folder`]. A `listed` one must be readable (A1111's single picture
+/// and file batch raise); one found in a folder is skipped when not (its "Batch from
+/// Directory" goes on).
+#[derive(Debug, Clone)]
+pub struct ExtrasSource {
+    pub path: std::path::PathBuf,
+    pub listed: bool,
+}
+
+/// What [`extras_to_folder`] reports as it goes.
+#[derive(Debug)]
+pub enum ExtrasEvent<'a> {
+    Written { from: &'a Path, to: &'a Path, size: (u32, u32), done: &'a Postprocessed },
+    Skipped { path: &'a Path, reason: String },
+}
+
+/// Extras on picture files, each written atomically into `out` as a PNG named after it
+/// (`stem.png`, else `stem-1.png`, …: nothing is overwritten). The upscalers are loaded and
+/// every listed picture read and sized before anything is written, so bad input leaves no
+/// half-done folder.
+pub fn extras_to_folder(sources: &[ExtrasSource], s: &ExtrasSettings, library: Option<&Path>, device: &Device, out: &Path, on_event: &mut dyn FnMut(ExtrasEvent)) -> Result<Vec<std::path::PathBuf>> {
+    let prepared = s.prepare(library, device)?;
+    let named = |path: &Path, e: Error| match e {
+        Error::Argument(m) => Error::BadFile { path: path.into(), message: m },
+        e => e,
+    };
+    for src in sources.iter().filter(|s| s.listed) {
+        let dims = image::image_dimensions(&src.path).map_err(|e| Error::BadFile { path: src.path.clone(), message: format!("not a readable image: {e}") })?;
+        prepared.check_size(dims).map_err(|e| named(&src.path, e))?;
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut written = Vec::with_capacity(sources.len());
+    for src in sources {
+        let f = &src.path;
+        let step = read_extras_input(f).and_then(|(img, chunks)| {
+            let done = prepared.run(&img).map_err(|e| named(f, e))?;
+            Ok((img.dimensions(), done, chunks))
+        });
+        let (size, done, chunks) = match step {
+            Ok(v) => v,
+            Err(e) if !src.listed => {
+                on_event(ExtrasEvent::Skipped { path: f, reason: e.to_string() });
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let png = done.image.encode_png(&extras_chunks(&chunks, &done.infotext(), true))?;
+        let stem = f.file_stem().map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
+        let path = crate::output::write_new(|i| if i == 0 { out.join(format!("{stem}.png")) } else { out.join(format!("{stem}-{i}.png")) }, &png)?;
+        on_event(ExtrasEvent::Written { from: f, to: &path, size, done: &done });
+        written.push(path);
+    }
+    Ok(written)
 }
 
 #[cfg(test)]
@@ -332,7 +572,7 @@ mod tests {
         i.set("a", "1".into());
         i.set("b", "x, y".into());
         i.set("a", "2".into());
-        let p = Postprocessed { image: RgbImage::new(1, 1), info: i.0 };
+        let p = Postprocessed { image: ExtrasImage::Rgb(RgbImage::new(1, 1)), info: i.0 };
         assert_eq!(p.infotext(), "a: 2, b: \"x, y\"");
         assert_eq!(infotext_html("a <b> & 'c'"), "<p>a &lt;b&gt; &amp; &#x27;c&#x27;</p>");
     }

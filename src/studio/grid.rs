@@ -356,7 +356,7 @@ pub fn apply(settings: &mut Settings, kind: &AxisKind, value: &str, search: &str
                     AxisKind::ControlModel => u.model = v.to_string(),
                     AxisKind::ControlMode => u.control_mode = v.parse().map_err(|_| bad("Balanced, My prompt is more important or ControlNet is more important"))?,
                     AxisKind::ControlResizeMode => {
-                        u.resize_mode = v.parse().ok().filter(|m: &crate::sdxl::img2img::ResizeMode| m.fits_pixels()).ok_or_else(|| bad("Just Resize, Crop and Resize or Resize and Fill"))?
+                        u.resize_mode = crate::sdxl::img2img::ResizeMode::parse_control(v).map_err(|_| bad("Just Resize, Crop and Resize or Resize and Fill"))?
                     }
                     AxisKind::ControlThresholdA | AxisKind::ControlThresholdB => {
                         let x = float()?;

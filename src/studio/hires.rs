@@ -34,7 +34,7 @@ pub fn pixel_upscaler_model_path(name: &str, library: Option<&Path>) -> Result<O
 }
 
 /// [`pixel_upscaler_model_path`] with `what` naming the field in errors.
-pub(super) fn pixel_upscaler_path(name: &str, library: Option<&Path>, what: &str) -> Result<Option<PathBuf>> {
+pub fn pixel_upscaler_path(name: &str, library: Option<&Path>, what: &str) -> Result<Option<PathBuf>> {
     let builtins: Vec<&str> = Upscaler::names().into_iter().filter(|n| !n.starts_with("Latent")).collect();
     model_path(name, library, what, &builtins)
 }
@@ -54,6 +54,11 @@ fn model_path(name: &str, library: Option<&Path>, what: &str, builtins: &[&str])
     if p.is_file() {
         return Ok(Some(p.to_path_buf()));
     }
+    if name.contains(['/', '\\']) {
+        return Err(Error::BadFile { path: p.into(), message: format!("{what}: no such file") });
+    }
+    // A library name, with or without its extension.
+    let name = name.strip_suffix(".safetensors").unwrap_or(name);
     let root = match library {
         Some(r) => Some(r.to_path_buf()),
         None => crate::lora::library::LoraLibrary::default_root().ok(),

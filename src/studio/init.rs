@@ -126,25 +126,27 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
         });
     }
     let (w, h) = (width as u32, height as u32);
-    let Some(mask) = mask else {
+    let plain = |image: RgbImage, note: Option<String>| {
         // Resize mode 3 hands the pipeline the image as it is: it is encoded at its own size.
         let resize_latents = s.resize_mode == img2img::ResizeMode::LatentUpscale && image.dimensions() != (w, h);
         let image_in = if resize_latents { image.clone() } else { img2img::resize_to(s.resize_mode, &image, w, h) };
         let init = InitImage { image: image_in, strength: s.strength, mask: None, masked_content: MaskedContent::Original, latents: None, resize_latents };
-        return Ok(PreparedInit { init, width, height, original: image, overlay_mask: None, paste: None, note: None });
+        PreparedInit { init, width, height, original: image, overlay_mask: None, paste: None, note }
+    };
+    let Some(mask) = mask else {
+        return Ok(plain(image, None));
     };
     let blurred = img2img::blur_mask(&mask, s.mask_blur);
-    let mut note = None;
     let crop = match s.inpaint_area {
-        InpaintArea::OnlyMasked => {
-            let c = img2img::crop_region(&blurred, s.padding, width, height);
-            if c.is_none() {
-                note = Some("only masked: the mask is empty, so the whole picture is used".to_string());
-            }
-            c
-        }
+        InpaintArea::OnlyMasked => match img2img::crop_region(&blurred, s.padding, width, height) {
+            Some(c) => Some(c),
+            // A1111 drops the mask then: 'Unable to perform "Inpaint Only mask" because mask is
+            // blank, switch to img2img mode.'
+            None => return Ok(plain(image, Some("only masked: the mask is blank, so the whole picture goes through img2img (as A1111)".to_string()))),
+        },
         InpaintArea::WholePicture => None,
     };
+    let note = None;
     let (work_image, work_mask, original, overlay_mask) = match crop {
         Some((x1, y1, x2, y2)) => {
             let ci = image::imageops::crop_imm(&image, x1, y1, x2 - x1, y2 - y1).to_image();
@@ -155,10 +157,11 @@ pub fn prepare_init(s: &InitSettings, size: (Option<usize>, Option<usize>), fact
             (img2img::resize_to(fit, &ci, w, h), img2img::resize_to(fit, &cm, w, h), image, blurred)
         }
         None if s.resize_mode == img2img::ResizeMode::LatentUpscale && image.dimensions() != (w, h) => {
-            // A1111 fits the mask in pixels but keeps the image at its size, and its overlay
-            // paste then fails ("images do not match"): there is no picture to copy.
+            // A1111 fits the mask in pixels (resize and fill) but the picture in latents, so
+            // the two no longer cover the same content; its "fill" and latent fills then fail
+            // and "original" pastes the own-size picture over the output's corner. Not copied.
             return Err(Error::Argument(format!(
-                "resize mode \"Just resize (latent upscale)\" cannot inpaint the whole picture of a {}x{} image at {w}x{h}: the mask has no latent resize; use Just resize, or Only masked, or the image's own size",
+                "resize mode \"Just resize (latent upscale)\" does not inpaint the whole picture of a {}x{} image at {w}x{h} (the mask would be fitted in pixels, the picture in latents); use Just resize, or Only masked, or the image's own size",
                 image.width(),
                 image.height()
             )));

@@ -117,7 +117,25 @@ try {
   check(files.length === 1, `exported ${files.join(", ")}`);
   const png = fs.readFileSync(path.join(exportDir, files[0]));
   check(png.includes(Buffer.from("Lora hashes")) && png.includes(Buffer.from("loramix")), "the export carries parameters and our JSON chunk");
+  // 4a. Extras: the picture upscaled 2x by Lanczos (the panel's defaults) into the gallery,
+  //     its metadata kept and A1111's postprocessing line added.
+  const exDir = path.join(process.env.LORAMIX_HOME, "library", "gallery");
+  const beforeEx = fs.readdirSync(exDir).filter((f) => f.endsWith(".png"));
+  const box = await items[0].findElement(By.css("input[type=checkbox]"));
+  await box.click();
+  await driver.findElement(byTest("extras-run")).click();
+  const exr = await driver.wait(until.elementLocated(byTest("extras-result")), 60000);
+  await driver.wait(async () => (await exr.getText()).length > 0, 120000);
+  check((await exr.getText()).includes("Upscaled 1"), `extras: ${await exr.getText()}`);
+  const upNames = fs.readdirSync(exDir).filter((f) => f.endsWith(".png") && !beforeEx.includes(f));
+  check(upNames.length === 1, `extras wrote one picture into the gallery (${upNames.join(", ")})`);
+  const upPng = readPng(path.join(exDir, upNames[0])), origPng = readPng(path.join(exDir, beforeEx[0]));
+  check(upPng.w === 2 * origPng.w && upPng.h === 2 * origPng.h, `extras doubled ${origPng.w}x${origPng.h} to ${upPng.w}x${upPng.h}`);
+  const upBytes = fs.readFileSync(path.join(exDir, upNames[0]));
+  check(upBytes.includes(Buffer.from("Postprocess upscaler: Lanczos")) && upBytes.includes(Buffer.from("Lora hashes")), "the upscaled picture keeps its parameters and gains the postprocessing line");
+  await driver.wait(async () => (await driver.findElements(byTest("gallery-item"))).length === 2, 30000);
   await shot("gallery.png");
+  await box.click();
   fs.copyFileSync(path.join(outDir, "gallery.png"), path.join(outDir, "screenshot.png"));
   await tab("studio");
   await shot("mix.png");

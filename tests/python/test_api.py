@@ -168,6 +168,14 @@ def main():
         check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gfpgan_visibility"], f"face restoration is refused, naming the field ({r.text[:200]})")
         r = requests.post(base + "/extra-single-image", auth=(USER, PASS), json={"image": b64(res.image), "upscaler_1": "R-ESRGAN 9x"})
         check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaler_1"], f"an unknown upscaler is a 422 naming upscaler_1 ({r.text[:200]})")
+        r = requests.post(base + "/extra-single-image", auth=(USER, PASS), json={"image": b64(res.image), "upscaler_1": "Lanczos", "upscaler_2": os.path.join(model, "vae", "diffusion_pytorch_model.safetensors"), "extras_upscaler_2_visibility": 0.5})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "upscaler_2"], f"an upscaler is a name, never a server path ({r.text[:200]})")
+        r = requests.post(base + "/extra-single-image", auth=(USER, PASS), json={"image": b64(res.image), "upscaler_1": "Lanczos"})
+        check(r.status_code == 200 and r.json()["html_info"] == "<p>Postprocess upscale by: 2, Postprocess upscaler: Lanczos</p>", f"the default factor is A1111's int 2 ({r.text[:200]})")
+        r = requests.post(base + "/extra-batch-images", auth=(USER, PASS), json={"upscaler_1": "Lanczos"})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "imageList"], f"imageList is required ({r.text[:200]})")
+        r = requests.post(base + "/extra-batch-images", auth=(USER, PASS), json={"imageList": [{"name": "x"}]})
+        check(r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "imageList", "0", "data"], f"a missing picture is named by its place ({r.text[:200]})")
 
         # A bad field gets FastAPI's 422 naming it.
         r = requests.post(base + "/txt2img", auth=(USER, PASS), json={"prompt": "x", "steps": "many"})

@@ -3,8 +3,9 @@ modules/postprocessing.py), re-implemented here line by line over Pillow 9.5.0, 
 pins: `Upscaler.upscale` (modules/upscaler.py) with its "Lanczos" and "Nearest" upscalers,
 "Scale by" with "Max side length" (`limit_size_by_one_dimention`), "Scale to" with and without
 "Crop to fit", a second upscaler blended in with `Image.blend`, and the `postprocessing` infotext
-(`infotext_utils.quote`). Inputs are converted as run_postprocessing does (`convert("RGB")`,
-so an RGBA picture loses its alpha). Also `Image.blend` alone at several alphas.
+(`infotext_utils.quote`). Inputs are taken as A1111 1.10's run_postprocessing takes them (`image
+if image.mode in ("RGBA", "RGB") else image.convert("RGB")`): an RGBA picture keeps its alpha and
+Pillow resizes it premultiplied, an LA one loses it. Also `Image.blend` alone at several alphas.
 
 /tmp/pil95/bin/python tools/parity/make_extras_fixtures.py   (pip install pillow==9.5.0 numpy; writes tests/fixtures/extras/)
 """
@@ -94,26 +95,31 @@ def process(image, c):
     if c["upscaler_2"] != "None" and c["visibility"] > 0:
         u2 = UPSCALERS[c["upscaler_2"]]
         second = upscale(image, info, u2, *args)
+        if out.mode != second.mode:
+            second = second.convert(out.mode)
         out = Image.blend(out, second, c["visibility"])
         info["Postprocess upscaler 2"] = u2.name
     return out, ", ".join([k if k == v else f'{k}: {quote(v)}' for k, v in info.items() if v is not None])
 
 
-def picture(w, h, seed, alpha=False):
+def picture(w, h, seed, alpha=False, grey=False):
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
     img = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x * 7 + y * 13) % 256)], -1).astype(np.int32)
     img = np.clip(img + rng.integers(-40, 41, img.shape), 0, 255).astype(np.uint8)
     img[h // 3:h // 2, w // 4:w // 2] = [250, 20, 30]
+    a = ((x * 255) // max(w - 1, 1)).astype(np.uint8)[..., None]
+    a[:, : w // 5] = 0
+    if grey:
+        return Image.fromarray(np.concatenate([img[..., :1], a], -1), "LA")
     if alpha:
-        a = ((x * 255) // max(w - 1, 1)).astype(np.uint8)[..., None]
         return Image.fromarray(np.concatenate([img, a], -1), "RGBA")
     return Image.fromarray(img)
 
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    inputs = {"a.png": picture(37, 23, 1), "b.png": picture(20, 31, 2), "c.png": picture(40, 28, 3, alpha=True)}
+    inputs = {"a.png": picture(37, 23, 1), "b.png": picture(20, 31, 2), "c.png": picture(40, 28, 3, alpha=True), "d.png": picture(16, 13, 6, grey=True)}
     for n, im in inputs.items():
         im.save(os.path.join(OUT, n))
     base = dict(mode=0, factor=2.0, max_side_length=0, width=512, height=512, crop=True, upscaler_1="Lanczos", upscaler_2="None", visibility=0.0)
@@ -130,7 +136,7 @@ def main():
     ]
     cases = []
     for name, im in inputs.items():
-        rgb = im.convert("RGB")
+        rgb = im if im.mode in ("RGBA", "RGB") else im.convert("RGB")
         for k, s in enumerate(settings):
             c = dict(base, **s)
             out, text = process(rgb, c)

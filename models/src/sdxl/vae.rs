@@ -356,7 +356,7 @@ impl VaeTiling {
             candle_core::bail!("VAE tiling: tiles of {} pixels / {} latents are too small", self.sample_tile, self.latent_tile);
         }
         let blend = (output_tile as f64 * self.overlap) as usize;
-        Ok(TilePlan { stride, input_tile, blend, keep: output_tile - blend })
+        Ok(TilePlan { stride, input_tile, blend, keep: output_tile - blend, min_tile: (input_tile / output_tile.max(1)).max(1) })
     }
 }
 
@@ -367,6 +367,11 @@ struct TilePlan {
     input_tile: usize,
     blend: usize,
     keep: usize,
+    /// Input pixels per output pixel. A last tile narrower than this (an encoded picture whose
+    /// side is not a multiple of the VAE's factor) makes no output pixel and would underflow the
+    /// convolutions; the tile before it already covers it, so it is left out, which gives the
+    /// untiled size.
+    min_tile: usize,
 }
 
 impl TilePlan {
@@ -377,10 +382,10 @@ impl TilePlan {
         let (_, _, h, w) = x.dims4()?;
         let mut above: Vec<Tensor> = Vec::new();
         let mut rows = Vec::new();
-        for i in (0..h).step_by(self.stride) {
+        for i in (0..h).step_by(self.stride).take_while(|&i| i == 0 || h - i >= self.min_tile) {
             let mut row: Vec<Tensor> = Vec::new();
             let mut kept = Vec::new();
-            for (col, j) in (0..w).step_by(self.stride).enumerate() {
+            for (col, j) in (0..w).step_by(self.stride).take_while(|&j| j == 0 || w - j >= self.min_tile).enumerate() {
                 let tile = x.narrow(2, i, self.input_tile.min(h - i))?.narrow(3, j, self.input_tile.min(w - j))?;
                 let mut out = f(&tile.contiguous()?)?;
                 if let Some(a) = above.get(col) {

@@ -1,7 +1,7 @@
 //! `loramix extras`: A1111's Extras tab (its upscale) on pictures or folders of pictures, as
 //! "Single Image" and "Batch from Directory" run it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use loramix::device::parse_device;
@@ -10,7 +10,7 @@ use loramix::studio::{self, ExtrasResize, ExtrasSettings};
 #[derive(clap::Args)]
 pub struct ExtrasArgs {
     /// Pictures, or folders whose PNG, JPEG, WebP and BMP pictures are all taken (A1111's
-    /// "Batch from Directory"; not recursive).
+    /// "Batch from Directory"; not recursive; one that cannot be read is skipped, as there).
     #[arg(required = true, value_name = "IMAGE|FOLDER")]
     inputs: Vec<PathBuf>,
     /// "Scale by": the factor, 1 to 8 (the default, 2, unless --scale-to is given).
@@ -47,41 +47,31 @@ pub struct ExtrasArgs {
     device: String,
 }
 
-const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "webp", "bmp", "gif"];
+const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "webp", "bmp"];
 
-/// The pictures `inputs` name, folders listed in name order.
-fn pictures(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+/// The pictures `inputs` name, folders listed in name order (hidden files left out).
+fn pictures(inputs: &[PathBuf]) -> Result<Vec<studio::ExtrasSource>> {
     let mut out = Vec::new();
     for p in inputs {
         if p.is_dir() {
             let mut found: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("{}: cannot list the folder", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && f.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
+                .filter(|f| f.is_file() && !f.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .filter(|f| f.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
                 .collect();
             if found.is_empty() {
                 anyhow::bail!("{}: no pictures in the folder (expected {})", p.display(), EXTENSIONS.join(", "));
             }
             found.sort();
-            out.extend(found);
+            out.extend(found.into_iter().map(|path| studio::ExtrasSource { path, listed: false }));
         } else if p.is_file() {
-            out.push(p.clone());
+            out.push(studio::ExtrasSource { path: p.clone(), listed: true });
         } else {
             anyhow::bail!("{}: no such picture or folder", p.display());
         }
     }
     Ok(out)
-}
-
-/// `stem.png` in `dir`, or `stem-1.png`, `stem-2.png`, … when taken: nothing is overwritten.
-fn free_name(dir: &Path, stem: &str) -> PathBuf {
-    let mut p = dir.join(format!("{stem}.png"));
-    let mut n = 1;
-    while p.exists() {
-        p = dir.join(format!("{stem}-{n}.png"));
-        n += 1;
-    }
-    p
 }
 
 pub fn run(a: ExtrasArgs) -> Result<()> {
@@ -92,22 +82,26 @@ pub fn run(a: ExtrasArgs) -> Result<()> {
         }
         None => ExtrasResize::ScaleBy { factor: a.scale_by.unwrap_or(2.0), max_side_length: a.max_side_length },
     };
-    let settings = ExtrasSettings { resize, upscaler_1: a.upscaler_1.clone(), upscaler_2: a.upscaler_2.clone(), upscaler_2_visibility: a.upscaler_2_visibility };
+    let settings = ExtrasSettings { resize, upscaler_1: a.upscaler_1.clone(), upscaler_2: a.upscaler_2.clone(), upscaler_2_visibility: a.upscaler_2_visibility, factor_as_int: false };
     // Every check that needs no picture runs before any is read or written.
     settings.check(a.library.as_deref())?;
     let device = parse_device(&a.device)?;
     let files = pictures(&a.inputs)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("{}: cannot create the output folder", a.out.display()))?;
-    for f in &files {
-        let (img, chunks) = studio::read_extras_input(f)?;
-        let done = settings.run(&img, a.library.as_deref(), &device).with_context(|| f.display().to_string())?;
-        let text = done.infotext();
-        let png = studio::encode_extras_png(&done.image, &studio::extras_chunks(&chunks, &text, true))?;
-        let stem = f.file_stem().map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
-        let path = free_name(&a.out, &stem);
-        loramix::output::write_atomic(&path, &png)?;
-        println!("{}", path.display());
-        eprintln!("{} ({}x{} -> {}x{}): {}", f.display(), img.width(), img.height(), done.image.width(), done.image.height(), if text.is_empty() { "unchanged (upscaler 1 is None)" } else { &text });
+    let mut skipped = 0;
+    let written = studio::extras_to_folder(&files, &settings, a.library.as_deref(), &device, &a.out, &mut |e| match e {
+        studio::ExtrasEvent::Written { from, to, size: (w, h), done } => {
+            let text = done.infotext();
+            let (ow, oh) = done.image.dimensions();
+            println!("{}", to.display());
+            eprintln!("{} ({w}x{h}) -> {} ({ow}x{oh}): {}", from.display(), to.display(), if text.is_empty() { "unchanged (upscaler 1 is None)" } else { &text });
+        }
+        studio::ExtrasEvent::Skipped { path, reason } => {
+            skipped += 1;
+            eprintln!("skipped {}: {reason}", path.display());
+        }
+    })?;
+    if skipped > 0 {
+        eprintln!("{} of {} pictures written, {skipped} skipped", written.len(), files.len());
     }
     Ok(())
 }

@@ -140,8 +140,9 @@ pub struct GenerateArgs {
     /// just_resize (stretch), crop_and_resize (cover, crop the centre), resize_and_fill (fit
     /// inside, stretch the edges over the rest) or just_resize_latent_upscale (encode at the
     /// image's size, stretch the latents bilinearly).
-    #[arg(long, default_value = "just_resize")]
-    resize_mode: String,
+    /// (Default: just_resize.)
+    #[arg(long)]
+    resize_mode: Option<String>,
     /// A ControlNet or T2I-Adapter (one unit each; repeatable, their guidance adds up): a
     /// diffusers folder, one .safetensors in diffusers names (config read from its tensors), or
     /// a hub repo id.
@@ -317,7 +318,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
             let image = pick("--control-image", &a.control_images, n, i)?
                 .ok_or_else(|| anyhow::anyhow!("--controlnet {} needs --control-image PATH", a.controlnets[i]))?;
             let resize_mode = match pick("--control-resize-mode", &a.control_resize_modes, n, i)? {
-                Some(m) => m.parse().with_context(|| format!("--control-resize-mode {m}"))?,
+                Some(m) => loramix::sdxl::img2img::ResizeMode::parse_control(&m).with_context(|| format!("--control-resize-mode {m}"))?,
                 None => d.resize_mode,
             };
             let control_mode = match pick("--control-mode", &a.control_modes, n, i)? {
@@ -350,7 +351,7 @@ pub fn controlnet_settings(a: &GenerateArgs) -> Result<Vec<studio::ControlNetSet
 /// The img2img / inpainting part of the flags, checked before the model loads.
 fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
     let Some(image) = &a.init_image else {
-        for (set, flag) in [(a.strength.is_some(), "--strength"), (a.mask.is_some(), "--mask"), (a.outpaint.is_some(), "--outpaint")] {
+        for (set, flag) in [(a.strength.is_some(), "--strength"), (a.mask.is_some(), "--mask"), (a.outpaint.is_some(), "--outpaint"), (a.resize_mode.is_some(), "--resize-mode")] {
             if set {
                 anyhow::bail!("{flag} needs --init-image FILE");
             }
@@ -390,7 +391,10 @@ fn init_settings(a: &GenerateArgs) -> Result<Option<studio::InitSettings>> {
         inpaint_area,
         padding: a.inpaint_padding,
         outpaint,
-        resize_mode: a.resize_mode.parse().with_context(|| format!("--resize-mode {}", a.resize_mode))?,
+        resize_mode: match &a.resize_mode {
+            Some(m) => m.parse().with_context(|| format!("--resize-mode {m}"))?,
+            None => Default::default(),
+        },
     };
     // Unreadable files fail now, not after the model has loaded.
     studio::prepare_init(&s, (a.width, a.height), 8)?;

@@ -1,7 +1,7 @@
 // Typed wrappers over the app's commands. Progress arrives on Tauri channels.
 import { Channel, invoke } from "@tauri-apps/api/core";
 import type {
-  AdapterView, ApiSettings, ApiStatus, AppInfo, BatchRequest, BatchSummary, ChatStats, EmbeddingEntry, GalleryItem, ImportEvent, JobEvent, LoraEntry,
+  AdapterView, ApiSettings, ApiStatus, AppInfo, BatchRequest, BatchSummary, ChatStats, EmbeddingEntry, ExtrasSettings, GalleryItem, ImportEvent, JobEvent, LoraEntry,
   MixerTrainReport, MixerTrainRequest, MixerTrainStep, MixerView, ModelEntry, Settings, SubspaceMember,
   SubspaceSummary, TrainEvent, TrainReport, TrainRequest,
 } from "./types";
@@ -50,6 +50,7 @@ export const api = {
   pngSettings: (path: string) => invoke<Settings>("gallery_settings", { path }),
   exportImages: (request: { images: string[]; dest: string; template: string; zip: boolean; manifest?: boolean }) =>
     invoke<string[]>("gallery_export", { request }),
+  galleryExtras: (paths: string[], settings: ExtrasSettings) => invoke<string[]>("gallery_extras", { paths, settings }),
   modelList: () => invoke<ModelEntry[]>("model_list"),
   modelDownload: (repo: string, onEvent: (e: { kind: string; message?: string }) => void) => {
     const ch = new Channel<{ kind: string; message?: string }>();

@@ -116,6 +116,17 @@ export interface SdUpscaleSettings {
   upscaler: string;
 }
 
+/** A1111's Extras upscale (the engine's `ExtrasSettings`). */
+export type ExtrasResize =
+  | { mode: "scale_by"; factor: number; max_side_length: number }
+  | { mode: "scale_to"; width: number; height: number; crop: boolean };
+export interface ExtrasSettings {
+  resize: ExtrasResize;
+  upscaler_1: string;
+  upscaler_2: string;
+  upscaler_2_visibility: number;
+}
+
 /** The upscalers SD upscale takes besides the library's models (A1111's pixel upscalers). */
 export const PIXEL_UPSCALERS = ["None", "Lanczos", "Nearest"];
 
