@@ -44,7 +44,7 @@ fn golden(name: &str) -> ExtrasImage {
 fn extras_upscale_equals_a1111_byte_for_byte() {
     let g = cases();
     let cases = g["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 36);
+    assert_eq!(cases.len(), 54);
     let mut rgba = 0;
     for c in cases {
         let (img, _) = read_extras_input(&dir().join(c["input"].as_str().unwrap())).unwrap();

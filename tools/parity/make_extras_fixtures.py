@@ -11,6 +11,8 @@ Pillow resizes it premultiplied, an LA one loses it. Also `Image.blend` alone at
 """
 import json
 import os
+import struct
+import zlib
 
 import numpy as np
 import PIL
@@ -117,11 +119,32 @@ def picture(w, h, seed, alpha=False, grey=False):
     return Image.fromarray(img)
 
 
+def png16(path, arr):
+    """A 16-bit PNG (grey when `arr` is 2-D, RGB when 3-D), written here: Pillow cannot write
+    16-bit RGB."""
+    h, w = arr.shape[:2]
+    colour = 0 if arr.ndim == 2 else 2
+    raw = b"".join(b"\0" + arr[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     inputs = {"a.png": picture(37, 23, 1), "b.png": picture(20, 31, 2), "c.png": picture(40, 28, 3, alpha=True), "d.png": picture(16, 13, 6, grey=True)}
     for n, im in inputs.items():
         im.save(os.path.join(OUT, n))
+    # 16-bit PNGs as Pillow opens them: grey as mode "I" (made RGB by clipping at 255), RGB by
+    # its high bytes.
+    rng = np.random.default_rng(7)
+    png16(os.path.join(OUT, "e.png"), rng.integers(0, 65536, (11, 14)).astype(np.uint16) // np.array([1, 300])[rng.integers(0, 2, (11, 14))].astype(np.uint16))
+    png16(os.path.join(OUT, "f.png"), rng.integers(0, 65536, (9, 12, 3)).astype(np.uint16))
+    for n in ("e.png", "f.png"):
+        inputs[n] = Image.open(os.path.join(OUT, n))
     base = dict(mode=0, factor=2.0, max_side_length=0, width=512, height=512, crop=True, upscaler_1="Lanczos", upscaler_2="None", visibility=0.0)
     settings = [
         dict(),
