@@ -44,7 +44,7 @@ fn golden(name: &str) -> ExtrasImage {
 fn extras_upscale_equals_a1111_byte_for_byte() {
     let g = cases();
     let cases = g["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 54);
+    assert_eq!(cases.len(), 81);
     let mut rgba = 0;
     for c in cases {
         let (img, _) = read_extras_input(&dir().join(c["input"].as_str().unwrap())).unwrap();
@@ -61,7 +61,7 @@ fn extras_upscale_equals_a1111_byte_for_byte() {
         }
         assert_eq!(out.infotext(), c["infotext"].as_str().unwrap(), "{c}");
     }
-    assert_eq!(rgba, 6, "the RGBA picture stays RGBA unless cropped");
+    assert_eq!(rgba, 12, "RGBA pictures (and a palette with an alpha table) stay RGBA unless cropped");
     for b in g["blends"].as_array().unwrap() {
         let x = image::open(dir().join("blend_x.png")).unwrap().to_rgb8();
         let y = image::open(dir().join("blend_y.png")).unwrap().to_rgb8();

@@ -261,4 +261,9 @@ fn tiled_encode_of_an_odd_size_leaves_out_a_sliver_tile() {
     let req = GenerateRequest { prompt: "a red house".into(), steps: 4, width: Some(32), height: Some(24), init: Some(p.init), ..Default::default() };
     let lat = pipe.generate_latents(&req, &mut |_| true).unwrap();
     assert_eq!(lat.dims(), &[1, 4, 12, 16]);
+    // A tile size that is not a multiple of the VAE's factor is rounded down to one: the
+    // picture keeps its size (17-pixel tiles once made it a pixel or two larger).
+    pipe.vae_tiling = loramix::sdxl::pipeline::VaeTilingMode::On(Some(17));
+    let images = pipe.decode(&lat).unwrap();
+    assert_eq!(images[0].dimensions(), (32, 24));
 }

@@ -476,12 +476,37 @@ pub fn decode_extras_input(bytes: &[u8]) -> Result<(ExtrasImage, Vec<(String, St
     if w == 0 || h == 0 || w > MAX_EXTRAS_SIDE || h > MAX_EXTRAS_SIDE {
         return Err(Error::Argument(format!("the picture is {w}x{h}: expected sides from 1 to {MAX_EXTRAS_SIDE} pixels")));
     }
-    let mut chunks = if bytes.starts_with(b"\x89PNG") { super::png_text_list(bytes)? } else { Vec::new() };
+    let png = bytes.starts_with(b"\x89PNG");
+    let mut chunks = if png { super::png_text_list(bytes)? } else { Vec::new() };
     if let Some(i) = chunks.iter().position(|(k, _)| k == "parameters") {
         let p = chunks.remove(i);
         chunks.push(p);
     }
-    Ok((extras_picture(img), chunks))
+    let mut picture = extras_picture(img);
+    if png && !png_has_alpha(bytes) {
+        // A `tRNS` transparency is no alpha channel to Pillow: its RGB, grey and palette
+        // pictures (palette ones with one transparent entry) are made RGB, dropping it.
+        picture = ExtrasImage::Rgb(picture.to_rgb());
+    }
+    Ok((picture, chunks))
+}
+
+/// Whether Pillow opens this PNG with an alpha channel that A1111 keeps: an RGBA (or grey and
+/// alpha) picture, or a palette whose `tRNS` gives entries other than one fully transparent
+/// one (a byte string in Pillow's `info["transparency"]`, which A1111's
+/// `fix_png_transparency` makes RGBA; one transparent entry is an int there, left alone).
+fn png_has_alpha(bytes: &[u8]) -> bool {
+    let Ok(reader) = png::Decoder::new(std::io::Cursor::new(bytes)).read_info() else { return true };
+    let info = reader.info();
+    match info.color_type {
+        png::ColorType::Rgba | png::ColorType::GrayscaleAlpha => true,
+        png::ColorType::Indexed => info.trns.as_ref().is_some_and(|t| {
+            // Pillow's `_simple_palette`: `^\xff*\x00\xff*$`.
+            let simple = t.iter().filter(|&&a| a == 0).count() == 1 && t.iter().all(|&a| a == 0 || a == 255);
+            !simple
+        }),
+        _ => false,
+    }
 }
 
 /// The chunks an Extras picture is written with, as A1111's dict makes them: the original's,
@@ -522,9 +547,10 @@ pub fn extras_to_folder(sources: &[ExtrasSource], s: &ExtrasSettings, library: O
         Error::Argument(m) => Error::BadFile { path: path.into(), message: m },
         e => e,
     };
+    // Each listed picture decoded whole (a truncated file passes a header check).
     for src in sources.iter().filter(|s| s.listed) {
-        let dims = image::image_dimensions(&src.path).map_err(|e| Error::BadFile { path: src.path.clone(), message: format!("not a readable image: {e}") })?;
-        prepared.check_size(dims).map_err(|e| named(&src.path, e))?;
+        let (img, _) = read_extras_input(&src.path)?;
+        prepared.check_size(img.dimensions()).map_err(|e| named(&src.path, e))?;
     }
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut written = Vec::with_capacity(sources.len());

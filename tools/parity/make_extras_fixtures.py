@@ -143,7 +143,14 @@ def main():
     rng = np.random.default_rng(7)
     png16(os.path.join(OUT, "e.png"), rng.integers(0, 65536, (11, 14)).astype(np.uint16) // np.array([1, 300])[rng.integers(0, 2, (11, 14))].astype(np.uint16))
     png16(os.path.join(OUT, "f.png"), rng.integers(0, 65536, (9, 12, 3)).astype(np.uint16))
-    for n in ("e.png", "f.png"):
+    # tRNS transparency: a palette with a table of alphas (A1111's `fix_png_transparency` makes
+    # it RGBA), a palette with one transparent entry and an RGB picture with a transparent colour
+    # (both made RGB, the transparency dropped).
+    pal = picture(15, 12, 8).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.save(os.path.join(OUT, "g.png"), transparency=bytes([0, 128, 255, 40] + [255] * 12))
+    pal.save(os.path.join(OUT, "h.png"), transparency=3)
+    picture(13, 10, 9).save(os.path.join(OUT, "i.png"), transparency=(0, 0, 0))
+    for n in ("e.png", "f.png", "g.png", "h.png", "i.png"):
         inputs[n] = Image.open(os.path.join(OUT, n))
     base = dict(mode=0, factor=2.0, max_side_length=0, width=512, height=512, crop=True, upscaler_1="Lanczos", upscaler_2="None", visibility=0.0)
     settings = [
@@ -159,10 +166,15 @@ def main():
     ]
     cases = []
     for name, im in inputs.items():
+        if im.mode in ("RGB", "P") and isinstance(im.info.get("transparency"), bytes):
+            im = im.convert("RGBA")  # images.fix_png_transparency
         rgb = im if im.mode in ("RGBA", "RGB") else im.convert("RGB")
         for k, s in enumerate(settings):
             c = dict(base, **s)
             out, text = process(rgb, c)
+            # The pixels are the golden: a transparent colour Pillow carried over from the
+            # input's `info` would be written as tRNS and read back as alpha.
+            out.info.pop("transparency", None)
             fn = f"{os.path.splitext(name)[0]}_{k}.png"
             out.save(os.path.join(OUT, fn))
             cases.append(dict(input=name, output=fn, infotext=text, **c))

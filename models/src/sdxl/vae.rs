@@ -340,9 +340,12 @@ impl VaeTiling {
         Self::with_tile_size(config, config.sample_size.unwrap_or(32))
     }
 
-    /// Tiles of `pixels` a side (diffusers with `tile_sample_min_size` set; ComfyUI's tile size).
+    /// Tiles of `pixels` a side (diffusers with `tile_sample_min_size` set; ComfyUI's tile size),
+    /// rounded down to the VAE's factor: a tile holds whole latents, and a pixel tile that is not
+    /// its latent tile times the factor would make the picture a few pixels too large.
     pub fn with_tile_size(config: &AutoencoderKlConfig, pixels: usize) -> Self {
-        Self { sample_tile: pixels, latent_tile: pixels / config.downscale(), overlap: 0.25 }
+        let f = config.downscale().max(1);
+        Self { sample_tile: pixels / f * f, latent_tile: pixels / f, overlap: 0.25 }
     }
 
     /// Strides and blends for tiles of `input_tile` on the input side and `output_tile` on the
