@@ -142,3 +142,33 @@ pub fn load_latents(path: &Path) -> Result<Tensor> {
     }
     Ok(f.load("latents")?.to_dtype(candle_core::DType::F32)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `write_new` takes the first free name, never replaces a file, and leaves no temp file.
+    #[test]
+    fn write_new_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = |i: usize| if i == 0 { dir.path().join("a.png") } else { dir.path().join(format!("a-{i}.png")) };
+        std::fs::write(dir.path().join("a.png"), b"old").unwrap();
+        std::fs::write(dir.path().join("a-1.png"), b"older").unwrap();
+        let p = write_new(name, b"new").unwrap();
+        assert_eq!(p, dir.path().join("a-2.png"));
+        assert_eq!(std::fs::read(dir.path().join("a.png")).unwrap(), b"old");
+        assert_eq!(std::fs::read(dir.path().join("a-1.png")).unwrap(), b"older");
+        assert_eq!(std::fs::read(&p).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3, "no temp file left");
+        // Many writers racing for one name each get their own.
+        let d = dir.path();
+        let names: Vec<PathBuf> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8).map(|k| s.spawn(move || write_new(|i| d.join(format!("b-{i}.png")), &[k as u8]).unwrap())).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut unique = names.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), 8);
+    }
+}

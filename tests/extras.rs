@@ -70,6 +70,19 @@ fn extras_upscale_equals_a1111_byte_for_byte() {
     }
 }
 
+/// A phone picture is turned upright by its EXIF orientation first, as A1111's `images.read`
+/// (`ImageOps.exif_transpose`): a 16x8 JPEG tagged "rotate 90° clockwise" is read as 8x16, its
+/// left (blue) half on top.
+#[test]
+fn extras_turns_pictures_upright() {
+    let (img, _) = read_extras_input(&dir().join("rotated.jpg")).unwrap();
+    let ExtrasImage::Rgb(img) = img else { panic!("a JPEG is RGB") };
+    assert_eq!(img.dimensions(), (8, 16));
+    let (top, bottom) = (img.get_pixel(2, 2).0, img.get_pixel(2, 13).0);
+    assert!(top[2] > 150 && top[0] < 80, "{top:?}");
+    assert!(bottom[0] > 150 && bottom[2] < 80, "{bottom:?}");
+}
+
 /// "None" as upscaler 1 leaves the picture as it is and writes nothing, as A1111; bad values
 /// and names are refused with the field named.
 #[test]

@@ -267,3 +267,34 @@ fn tiled_encode_of_an_odd_size_leaves_out_a_sliver_tile() {
     let images = pipe.decode(&lat).unwrap();
     assert_eq!(images[0].dimensions(), (32, 24));
 }
+
+/// img2img on an inpainting UNet, and a blank "Only masked" mask on one, condition on an
+/// all-white mask (A1111's `inpainting_image_conditioning` without a mask): the same latents
+/// as the whole picture masked white.
+#[test]
+fn an_inpainting_unet_redraws_the_whole_picture_without_a_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipe9 = inpaint_pipeline(tmp.path());
+    let gj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir().join("golden.json")).unwrap()).unwrap();
+    let mut plain = request(&gj["case15"]);
+    plain.init.as_mut().unwrap().mask = None;
+    let mut white = plain.clone();
+    white.init.as_mut().unwrap().mask = Some(image::GrayImage::from_pixel(32, 32, image::Luma([255])));
+    let a = pipe9.generate_latents(&plain, &mut |_| true).unwrap();
+    let b = pipe9.generate_latents(&white, &mut |_| true).unwrap();
+    assert!(rel_l2(&a, &b) < 1e-6);
+    // Through the studio: a blank mask under "Only masked" drops the mask, as A1111 does.
+    let blank = tmp.path().join("blank.png");
+    image::GrayImage::new(32, 32).save(&blank).unwrap();
+    let s = loramix::studio::InitSettings {
+        image: dir().join("init.png").to_string_lossy().into(),
+        mask: Some(blank.to_string_lossy().into()),
+        inpaint_area: loramix::studio::InpaintArea::OnlyMasked,
+        strength: 0.7,
+        ..Default::default()
+    };
+    let p = loramix::studio::prepare_init(&s, (Some(32), Some(32)), pipe9.vae_scale_factor()).unwrap();
+    assert!(p.init.mask.is_none() && p.note.as_deref().is_some_and(|n| n.contains("blank")));
+    let c = pipe9.generate_latents(&GenerateRequest { init: Some(p.init), ..plain.clone() }, &mut |_| true).unwrap();
+    assert_eq!(c.dims(), a.dims());
+}

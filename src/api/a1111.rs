@@ -232,7 +232,7 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
         let upscaler = if req.hr_upscaler.is_empty() { "Latent".to_string() } else { crate::sdxl::upscale::Upscaler::canonical(&req.hr_upscaler) };
         // Built-in names, or an ESRGAN-family model by its name in the library's folders.
         check_upscaler_name("hr_upscaler", &upscaler)?;
-        crate::studio::upscaler_model_path(&upscaler, library).map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
+        crate::studio::upscaler_model_by_name(&upscaler, library, false, "hires upscaler").map_err(|e| FieldError::new("hr_upscaler", e.to_string()))?;
         let scale = match (req.hr_resize_x, req.hr_resize_y) {
             (0, 0) => req.hr_scale.unwrap_or(2.0),
             (x, y) => {
@@ -298,8 +298,6 @@ pub fn to_settings(req: &GenerationRequest, model: &str, library: Option<&std::p
     Ok(s)
 }
 
-/// `/sdapi/v1/upscalers`' names in order, which the "SD upscale" script's upscaler index counts
-/// in: A1111's built-in pixel upscalers, then the library's ESRGAN-family models.
 /// An upscaler as a client names one: by the name `/sdapi/v1/upscalers` lists (A1111's
 /// `sd_upscalers`), never by a file path, which would let a client load or probe any file of
 /// the server.
@@ -312,6 +310,8 @@ pub fn check_upscaler_name(field: &str, name: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// `/sdapi/v1/upscalers`' names in order, which the "SD upscale" script's upscaler index counts
+/// in: A1111's built-in pixel upscalers, then the library's ESRGAN-family models.
 pub fn upscaler_names(library: Option<&std::path::Path>) -> Vec<String> {
     let mut names: Vec<String> = ["None", "Lanczos", "Nearest"].map(String::from).to_vec();
     let root = library.map(std::path::Path::to_path_buf).or_else(|| crate::lora::library::LoraLibrary::default_root().ok());
@@ -345,6 +345,7 @@ fn script(req: &GenerationRequest, library: Option<&std::path::Path>, img2img: b
         None => defaults.upscaler,
         Some(Value::String(n)) => {
             check_upscaler_name("script_args", n)?;
+            crate::studio::upscaler_model_by_name(n, library, true, "SD upscale upscaler").map_err(|e| FieldError::new("script_args", e.to_string()))?;
             crate::sdxl::upscale::Upscaler::canonical(n)
         }
         Some(v) => {

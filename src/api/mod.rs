@@ -1018,6 +1018,12 @@ fn zero() -> Value {
     json!(0)
 }
 
+/// A field's value when the body has it, `null` included (absent: `None`), so an explicit null
+/// can be refused as pydantic refuses it where a default stands in for absence.
+fn given<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    <Value as serde::Deserialize>::deserialize(d).map(Some)
+}
+
 /// One picture of `extra-batch-images`' `imageList` (A1111's `FileData`: both fields required).
 #[derive(serde::Deserialize)]
 struct FileData {
@@ -1045,8 +1051,8 @@ struct ExtrasRequest {
     codeformer_weight: f64,
     /// Absent: A1111's default, the int 2, which it writes as `2` (pydantic v1 does not
     /// validate defaults); a value given is a float (`2.0`).
-    #[serde(default)]
-    upscaling_resize: Option<f64>,
+    #[serde(default, deserialize_with = "given")]
+    upscaling_resize: Option<Value>,
     #[serde(default = "five_twelve")]
     upscaling_resize_w: i64,
     #[serde(default = "five_twelve")]
@@ -1084,7 +1090,10 @@ impl ExtrasRequest {
             Value::Number(n) if n.as_f64() == Some(1.0) => 1,
             v => return Err(FieldError::new("resize_mode", format!("{v}: expected 0 (scale by upscaling_resize) or 1 (scale to upscaling_resize_w x upscaling_resize_h)")).into()),
         };
-        let factor = self.upscaling_resize.unwrap_or(2.0);
+        let factor = match &self.upscaling_resize {
+            None => 2.0,
+            Some(v) => v.as_f64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())).ok_or_else(|| ApiError::from(FieldError::new("upscaling_resize", format!("{v}: expected a number from 1 to 8"))))?,
+        };
         if !(1.0..=8.0).contains(&factor) {
             return Err(FieldError::new("upscaling_resize", format!("{factor}: ensure this value is from 1 to 8")).into());
         }
@@ -1110,7 +1119,7 @@ impl ExtrasRequest {
         // only counts once upscaler 1 is one (A1111 returns before looking at it).
         let named = |field: &str, name: &str| -> std::result::Result<(), ApiError> {
             a1111::check_upscaler_name(field, name)?;
-            studio::pixel_upscaler_path(name, library, &format!("Extras {}", field.replace('_', " "))).map(|_| ()).map_err(|e| ApiError::from(FieldError::new(field, e.to_string())))
+            studio::upscaler_model_by_name(name, library, true, &format!("Extras {}", field.replace('_', " "))).map(|_| ()).map_err(|e| ApiError::from(FieldError::new(field, e.to_string())))
         };
         named("upscaler_1", &self.upscaler_1)?;
         if !matches!(self.upscaler_1.parse::<crate::sdxl::upscale::Upscaler>(), Ok(crate::sdxl::upscale::Upscaler::Resize)) {

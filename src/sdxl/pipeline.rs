@@ -635,8 +635,24 @@ impl SdxlPipeline {
                 2 * latent_channels + 1
             )));
         }
+        // img2img on an inpainting UNet conditions on an all-white mask (A1111's
+        // `inpainting_image_conditioning` with no mask: `new_ones`), so the whole picture is
+        // its to redraw and nothing is pasted back.
+        let whole;
+        let req = match &req.init {
+            Some(i) if inpaint_unet && i.mask.is_none() && i.latents.is_none() && !i.resize_latents => {
+                let mut r = req.clone();
+                let (iw, ih) = i.image.dimensions();
+                if let Some(i) = r.init.as_mut() {
+                    i.mask = Some(image::GrayImage::from_pixel(iw, ih, image::Luma([255])));
+                }
+                whole = r;
+                &whole
+            }
+            _ => req,
+        };
         if inpaint_unet && req.init.as_ref().is_none_or(|i| i.mask.is_none()) {
-            return Err(Error::Argument("this is an inpainting UNet (9 input channels): it needs an init image and a mask".into()));
+            return Err(Error::Argument("this is an inpainting UNet (9 input channels): it needs an init image (and a mask, or the whole picture is redrawn); a latent start or resize mode 3 is not for it".into()));
         }
         if let Some(init) = &req.init {
             init.validate(width, height)?;

@@ -44,9 +44,9 @@ pub struct ExtrasSettings {
     pub upscaler_2: String,
     /// How much of upscaler 2's picture is blended in, in [0, 1] (Pillow's `Image.blend`).
     pub upscaler_2_visibility: f64,
-    /// Write a whole "Scale by" factor as an int (`by: 2`), as A1111 writes its API's default
-    /// (pydantic v1 leaves the default `2` unconverted); any factor a request gives is a float
-    /// there, written `2.0`.
+    /// Write a whole "Scale by" factor as an int (`by: 2`), as A1111 writes its tab's (Gradio's
+    /// slider hands it an int) and its API's default (pydantic v1 leaves the default `2`
+    /// unconverted); a factor an API request gives is a float there, written `2.0`.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub factor_as_int: bool,
 }
@@ -471,7 +471,13 @@ pub fn read_extras_input(path: &Path) -> Result<(ExtrasImage, Vec<(String, Strin
 /// [`read_extras_input`] on bytes (the API's base64 pictures). The text chunks come in the
 /// order A1111 keeps them: the file's, `parameters` moved last (its `read_info_from_image`).
 pub fn decode_extras_input(bytes: &[u8]) -> Result<(ExtrasImage, Vec<(String, String)>)> {
-    let img = image::load_from_memory(bytes).map_err(|e| Error::Argument(format!("not a readable image: {e}")))?;
+    use image::ImageDecoder as _;
+    let unreadable = |e: &dyn std::fmt::Display| Error::Argument(format!("not a readable image: {e}"));
+    let mut decoder = image::ImageReader::new(std::io::Cursor::new(bytes)).with_guessed_format().map_err(|e| unreadable(&e))?.into_decoder().map_err(|e| unreadable(&e))?;
+    // A1111's `images.read` turns the picture upright first (`ImageOps.exif_transpose`).
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = image::DynamicImage::from_decoder(decoder).map_err(|e| unreadable(&e))?;
+    img.apply_orientation(orientation);
     let (w, h) = (img.width(), img.height());
     if w == 0 || h == 0 || w > MAX_EXTRAS_SIDE || h > MAX_EXTRAS_SIDE {
         return Err(Error::Argument(format!("the picture is {w}x{h}: expected sides from 1 to {MAX_EXTRAS_SIDE} pixels")));
@@ -556,11 +562,9 @@ pub fn extras_to_folder(sources: &[ExtrasSource], s: &ExtrasSettings, library: O
     let mut written = Vec::with_capacity(sources.len());
     for src in sources {
         let f = &src.path;
-        let step = read_extras_input(f).and_then(|(img, chunks)| {
-            let done = prepared.run(&img).map_err(|e| named(f, e))?;
-            Ok((img.dimensions(), done, chunks))
-        });
-        let (size, done, chunks) = match step {
+        // Only a picture that cannot be read is skipped (A1111's `except Exception: continue`
+        // around `images.read`); a failure while upscaling stops the run, as there.
+        let (img, chunks) = match read_extras_input(f) {
             Ok(v) => v,
             Err(e) if !src.listed => {
                 on_event(ExtrasEvent::Skipped { path: f, reason: e.to_string() });
@@ -568,6 +572,8 @@ pub fn extras_to_folder(sources: &[ExtrasSource], s: &ExtrasSettings, library: O
             }
             Err(e) => return Err(e),
         };
+        let done = prepared.run(&img).map_err(|e| named(f, e))?;
+        let size = img.dimensions();
         let png = done.image.encode_png(&extras_chunks(&chunks, &done.infotext(), true))?;
         let stem = f.file_stem().map_or_else(|| "image".to_string(), |s| s.to_string_lossy().into_owned());
         let path = crate::output::write_new(|i| if i == 0 { out.join(format!("{stem}.png")) } else { out.join(format!("{stem}-{i}.png")) }, &png)?;

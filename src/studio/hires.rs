@@ -24,7 +24,15 @@ const MODEL_DIRS: [&str; 3] = ["models/ESRGAN", "models/RealESRGAN", "models/ups
 /// modes, Lanczos); else a `.safetensors` path as given, or `NAME.safetensors` in the library's
 /// upscaler folders (A1111 lists those models by file stem). Pickles are refused.
 pub fn upscaler_model_path(name: &str, library: Option<&Path>) -> Result<Option<PathBuf>> {
-    model_path(name, library, "hires upscaler", &Upscaler::names())
+    model_path(name, library, "hires upscaler", &Upscaler::names(), true)
+}
+
+/// An upscaler by name only: a built-in one (`pixel_only`: no latent mode) or a model in the
+/// library's folders, never a file path. What a client of the API may name: a path would let
+/// it load, or probe for, any file the server can read.
+pub fn upscaler_model_by_name(name: &str, library: Option<&Path>, pixel_only: bool, what: &str) -> Result<Option<PathBuf>> {
+    let builtins: Vec<&str> = Upscaler::names().into_iter().filter(|n| !pixel_only || !n.starts_with("Latent")).collect();
+    model_path(name, library, what, &builtins, false)
 }
 
 /// [`upscaler_model_path`] for the pixel upscalers alone (A1111's `sd_upscalers`: `None`,
@@ -36,10 +44,11 @@ pub fn pixel_upscaler_model_path(name: &str, library: Option<&Path>) -> Result<O
 /// [`pixel_upscaler_model_path`] with `what` naming the field in errors.
 pub fn pixel_upscaler_path(name: &str, library: Option<&Path>, what: &str) -> Result<Option<PathBuf>> {
     let builtins: Vec<&str> = Upscaler::names().into_iter().filter(|n| !n.starts_with("Latent")).collect();
-    model_path(name, library, what, &builtins)
+    model_path(name, library, what, &builtins, true)
 }
 
-fn model_path(name: &str, library: Option<&Path>, what: &str, builtins: &[&str]) -> Result<Option<PathBuf>> {
+/// `paths`: a file path is taken as it is (the command line's and the app's); else names only.
+fn model_path(name: &str, library: Option<&Path>, what: &str, builtins: &[&str], paths: bool) -> Result<Option<PathBuf>> {
     if let Ok(u) = name.parse::<Upscaler>() {
         if builtins.iter().any(|b| b.parse::<Upscaler>().ok() == Some(u)) {
             return Ok(None);
@@ -51,7 +60,10 @@ fn model_path(name: &str, library: Option<&Path>, what: &str, builtins: &[&str])
     if PICKLE_EXTENSIONS.contains(&ext.as_str()) {
         return Err(pickle_refusal(p));
     }
-    if p.is_file() {
+    if !paths && name.contains(['/', '\\']) {
+        return Err(Error::Argument(format!("{what} {name:?}: expected an upscaler's name, not a path")));
+    }
+    if paths && p.is_file() {
         return Ok(Some(p.to_path_buf()));
     }
     if name.contains(['/', '\\']) {

@@ -29,7 +29,7 @@ pub use embeddings::{embedding_hashes, job_embeddings};
 pub use export::{export, fill_template};
 pub use extras::{blend, decode_extras_input, extras_chunks, extras_picture, extras_to_folder, infotext_html, read_extras_input, ExtrasEvent, ExtrasImage, ExtrasResize, ExtrasSettings, ExtrasSource, PreparedExtras, Postprocessed, MAX_EXTRAS_SIDE};
 pub use grid::{apply as apply_axis, draw_grid, run_grid, Axis, AxisKind, GridCell, GridOutput};
-pub use hires::{factor_reaching, hires_request, hires_size, hires_upscaler_model, pixel_upscaler_model_path, pixel_upscaler_path, upscaler_model_path, upscaler_models};
+pub use hires::{factor_reaching, hires_request, hires_size, hires_upscaler_model, pixel_upscaler_model_path, pixel_upscaler_path, upscaler_model_by_name, upscaler_model_path, upscaler_models};
 pub use init::{prepare_init, PreparedInit};
 pub use jobs::*;
 pub use metadata::*;

@@ -186,6 +186,12 @@ def main():
         fn = f"blend_{k}.png"
         Image.blend(x, y, alpha).save(os.path.join(OUT, fn))
         blends.append(dict(alpha=alpha, output=fn))
+    # A phone picture: 16x8, left half blue, tagged EXIF Orientation 6 (upright it is 8x16).
+    rot = Image.new("RGB", (16, 8), (200, 30, 30))
+    rot.paste((20, 20, 220), (0, 0, 8, 8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rot.save(os.path.join(OUT, "rotated.jpg"), quality=95, exif=exif.tobytes())
     with open(os.path.join(OUT, "cases.json"), "w") as f:
         json.dump({"cases": cases, "blends": blends}, f, indent=1)
     print("wrote", len(cases), "cases and", len(blends), "blends to", OUT)

@@ -82,7 +82,8 @@ pub fn run(a: ExtrasArgs) -> Result<()> {
         }
         None => ExtrasResize::ScaleBy { factor: a.scale_by.unwrap_or(2.0), max_side_length: a.max_side_length },
     };
-    let settings = ExtrasSettings { resize, upscaler_1: a.upscaler_1.clone(), upscaler_2: a.upscaler_2.clone(), upscaler_2_visibility: a.upscaler_2_visibility, factor_as_int: false };
+    // The tab's slider hands A1111 a whole factor as an int: `by: 2`.
+    let settings = ExtrasSettings { resize, upscaler_1: a.upscaler_1.clone(), upscaler_2: a.upscaler_2.clone(), upscaler_2_visibility: a.upscaler_2_visibility, factor_as_int: true };
     // Every check that needs no picture runs before any is read or written.
     settings.check(a.library.as_deref())?;
     let device = parse_device(&a.device)?;

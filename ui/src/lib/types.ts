@@ -125,6 +125,8 @@ export interface ExtrasSettings {
   upscaler_1: string;
   upscaler_2: string;
   upscaler_2_visibility: number;
+  /** Write a whole factor as A1111's tab does (`by: 2`). */
+  factor_as_int?: boolean;
 }
 
 /** The upscalers SD upscale takes besides the library's models (A1111's pixel upscalers). */
