@@ -1122,9 +1122,6 @@ impl ExtrasRequest {
             studio::upscaler_model_by_name(name, library, true, &format!("Extras {}", field.replace('_', " "))).map(|_| ()).map_err(|e| ApiError::from(FieldError::new(field, e.to_string())))
         };
         named("upscaler_1", &self.upscaler_1)?;
-        if !matches!(self.upscaler_1.parse::<crate::sdxl::upscale::Upscaler>(), Ok(crate::sdxl::upscale::Upscaler::Resize)) {
-            named("upscaler_2", &self.upscaler_2)?;
-        }
         let s = studio::ExtrasSettings {
             resize,
             upscaler_1: self.upscaler_1.clone(),
@@ -1132,6 +1129,9 @@ impl ExtrasRequest {
             upscaler_2_visibility: self.extras_upscaler_2_visibility,
             factor_as_int: self.upscaling_resize.is_none(),
         };
+        if s.upscales() {
+            named("upscaler_2", &self.upscaler_2)?;
+        }
         s.check(library).map_err(|e| ApiError::from(FieldError::new("upscaler_1", e.to_string())))?;
         Ok(s)
     }

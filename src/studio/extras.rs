@@ -254,7 +254,8 @@ impl ExtrasSettings {
         if !(0.0..=1.0).contains(&self.upscaler_2_visibility) {
             return Err(Error::Argument(format!("Extras upscaler 2 visibility {}: expected a number from 0 to 1", self.upscaler_2_visibility)));
         }
-        if super::hires::pixel_upscaler_path(&self.upscaler_1, library, "Extras upscaler 1")?.is_none() && is_none_upscaler(&self.upscaler_1) {
+        super::hires::pixel_upscaler_path(&self.upscaler_1, library, "Extras upscaler 1")?;
+        if !self.upscales() {
             return Ok(());
         }
         super::hires::pixel_upscaler_path(&self.upscaler_2, library, "Extras upscaler 2")?;
@@ -289,8 +290,12 @@ impl ExtrasSettings {
     }
 }
 
-fn is_none_upscaler(name: &str) -> bool {
-    matches!(name.parse::<Upscaler>(), Ok(Upscaler::Resize))
+impl ExtrasSettings {
+    /// Whether upscaler 1 is one: "None" leaves the picture as it is, and A1111 then looks at
+    /// nothing else.
+    pub fn upscales(&self) -> bool {
+        !matches!(self.upscaler_1.parse::<Upscaler>(), Ok(Upscaler::Resize))
+    }
 }
 
 /// Settings with their upscalers ready.
