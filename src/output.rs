@@ -94,10 +94,10 @@ fn encode_png_raw<P: image::Pixel<Subpixel = u8>>(img: &image::ImageBuffer<P, Ve
     Ok(buf)
 }
 
-/// The next free `NNNNN-<seed>.png` name in `dir` (A1111's numbering).
-pub fn next_image_path(dir: &Path, seed: u64, taken: &mut usize) -> PathBuf {
+/// The next free `NNNNN-<seed>.<extension>` name in `dir` (A1111's numbering).
+pub fn next_image_path(dir: &Path, seed: u64, extension: &str, taken: &mut usize) -> PathBuf {
     loop {
-        let p = dir.join(format!("{:05}-{seed}.png", *taken));
+        let p = dir.join(format!("{:05}-{seed}.{extension}", *taken));
         *taken += 1;
         if !p.exists() {
             return p;

@@ -129,7 +129,7 @@ fn an_interrupted_batch_is_decoded_from_its_last_prediction() {
     for keep in [false, true] {
         let dir = tmp.path().join(format!("keep-{keep}"));
         let cancel = AtomicBool::new(false);
-        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep, skip: None };
+        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep, skip: None, format: Default::default() };
         let r = studio.run(
             &settings,
             None,
@@ -199,7 +199,7 @@ fn skip_ends_one_batch_and_the_job_goes_on() {
     for keep in [true, false] {
         let dir = tmp.path().join(format!("skip-{keep}"));
         let (cancel, skip) = (AtomicBool::new(false), AtomicBool::new(false));
-        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep, skip: Some(&skip) };
+        let outputs = ImageOutputs { dir: &dir, names: None, images: None, keep_interrupted: keep, skip: Some(&skip), format: Default::default() };
         let mut written = vec![];
         let r = studio.run(
             &settings,
@@ -329,7 +329,7 @@ fn controlnet_units_through_the_api() {
     assert!(body.contains("in the hires pass") && body.contains("62x40"), "{body}");
     // The saved image's record names a control image that outlives the request.
     let saved = std::fs::read_dir(tmp.path().join("out")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "png")).unwrap();
-    let (_, rec) = loramix::studio::settings_from_png(&saved).unwrap();
+    let (_, rec) = loramix::studio::settings_from_image(&saved).unwrap();
     let kept = std::path::PathBuf::from(&rec.unwrap().settings.controlnet[0].image);
     assert!(kept.starts_with(tmp.path().join("out").join("inputs")) && kept.is_file(), "{}", kept.display());
     assert!(!std::fs::read(&kept).unwrap().is_empty());

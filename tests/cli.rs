@@ -260,7 +260,7 @@ fn inpaint_from_the_command_line() {
     let text = String::from_utf8_lossy(&std::fs::read(&png).unwrap()).to_string();
     assert!(text.contains("Denoising strength: 0.75, Mask blur: 0, Masked content: original"), "{text}");
     // Restoring the PNG gives back the img2img settings.
-    let (s, _) = loramix::studio::settings_from_png(std::path::Path::new(&png)).unwrap();
+    let (s, _) = loramix::studio::settings_from_image(std::path::Path::new(&png)).unwrap();
     let init_s = s.init.unwrap();
     assert_eq!((init_s.strength, init_s.mask.is_some()), (0.75, true));
 
@@ -526,7 +526,7 @@ fn generated_pngs_restore_through_a_manifest_from_another_folder() {
     ];
     for (name, extra) in &cases {
         let made = generate(name, extra);
-        let (_, rec) = loramix::studio::settings_from_png(&made[0]).unwrap();
+        let (_, rec) = loramix::studio::settings_from_image(&made[0]).unwrap();
         let line = loramix::studio::manifest_line(&rec.unwrap().settings, Some(made.len())).unwrap();
         let manifest = elsewhere.join(format!("{name}.jsonl"));
         std::fs::write(&manifest, line + "\n").unwrap();
@@ -860,7 +860,7 @@ fn resize_modes_from_the_command_line() {
         let path = std::path::PathBuf::from(String::from_utf8_lossy(&o.stdout).lines().next().unwrap());
         let text = loramix::studio::png_text_chunks(&std::fs::read(&path).unwrap()).unwrap().remove("parameters").unwrap();
         assert_eq!(text.contains("Resize mode: "), mode != "just_resize", "{text}");
-        let (_, rec) = loramix::studio::settings_from_png(&path).unwrap();
+        let (_, rec) = loramix::studio::settings_from_image(&path).unwrap();
         assert_eq!(rec.unwrap().settings.init.unwrap().resize_mode.name(), mode);
         pictures.push(image::open(&path).unwrap().to_rgb8().into_raw());
     }
@@ -912,7 +912,7 @@ fn controlnet_from_the_command_line() {
     let differ = two.iter().zip(&one).filter(|(a, b)| a.abs_diff(**b) > 1).count();
     assert_eq!(differ, 0, "two units at 0.75 are not one at 1.5");
     // The record restores the unit, from another folder.
-    let (_, rec) = loramix::studio::settings_from_png(&path).unwrap();
+    let (_, rec) = loramix::studio::settings_from_image(&path).unwrap();
     let settings = rec.unwrap().settings;
     assert_eq!(settings.controlnet.len(), 1);
     let manifest = tmp.path().join("cn.jsonl");
@@ -1105,4 +1105,46 @@ fn extras_from_the_command_line() {
     let o = run(&[tmp.path().join("absent.png").to_str().unwrap(), "--out", out.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("absent.png"));
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), before);
+}
+
+/// `--samples-format jpg|webp` writes A1111's kind of JPEG or (lossless) WebP: the pixels of the
+/// PNG run, the `parameters` as the EXIF comment, numbered after the PNG, and they restore.
+#[test]
+fn samples_formats_carry_parameters_as_exif() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let run = |extra: &[&str]| {
+        loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a caf\u{e9}, \u{1F600}", "--steps", "2", "--seed", "4", "--width", "32", "--height", "32"])
+            .args(extra)
+            .arg("--out")
+            .arg(tmp.path())
+            .output()
+            .unwrap()
+    };
+    let (png_pixels, png_text) = first_image(&run(&[]));
+    for (format, name) in [("jpg", "00001-4.jpg"), ("WEBP", "00002-4.webp")] {
+        let out = run(&["--samples-format", format, "--jpeg-quality", "95"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().next().unwrap());
+        assert_eq!(path.file_name().unwrap(), name);
+        let bytes = std::fs::read(&path).unwrap();
+        let info = loramix::studio::read_image_info(&bytes).unwrap();
+        assert_eq!(info.parameters.as_deref(), Some(png_text.as_str()), "{format}");
+        assert!(info.items.is_empty());
+        let pixels = image::load_from_memory(&bytes).unwrap().to_rgb8().into_raw();
+        if format == "WEBP" {
+            assert_eq!(pixels, png_pixels, "lossless");
+        } else {
+            let mse = pixels.iter().zip(&png_pixels).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>() / pixels.len() as f64;
+            assert!(mse > 0.0 && mse < 20.0, "quality 95: mse {mse}");
+        }
+        let (restored, record) = loramix::studio::settings_from_image(&path).unwrap();
+        assert!(record.is_none(), "a JPEG or WebP carries no JSON record");
+        assert_eq!((restored.prompt.as_str(), restored.seed, restored.steps), ("a caf\u{e9}, \u{1F600}", Some(4), 2));
+    }
+    let out = run(&["--samples-format", "gif"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("png, jpg, jpeg, webp"));
+    let out = run(&["--samples-format", "jpg", "--jpeg-quality", "0"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("1..=100"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -83,6 +83,24 @@ fn extras_turns_pictures_upright() {
     assert!(bottom[0] > 150 && bottom[2] < 80, "{bottom:?}");
 }
 
+/// A1111's run_postprocessing keeps a JPEG's or WebP's EXIF comment as the output's
+/// `parameters` (tools/parity/make_image_info_fixtures.py), and a PNG's text chunks with
+/// `parameters` last; an empty comment leaves none.
+#[test]
+fn extras_keeps_parameters_from_exif() {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_info");
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("expected.json")).unwrap()).unwrap();
+    let infotext = expected["read"]["a1111_saved.jpg"]["info"].as_str().unwrap();
+    for name in ["a1111_saved.jpg", "a1111_saved.webp", "a1111_api.webp"] {
+        let (_, chunks) = read_extras_input(&fixtures.join(name)).unwrap();
+        assert_eq!(chunks, vec![("parameters".to_string(), infotext.to_string())], "{name}");
+    }
+    let (_, chunks) = read_extras_input(&fixtures.join("a1111_api_empty.jpg")).unwrap();
+    assert!(chunks.is_empty());
+    let (_, chunks) = read_extras_input(&fixtures.join("exif_wins.png")).unwrap();
+    assert_eq!(chunks, vec![("Software".to_string(), "x".to_string()), ("parameters".to_string(), "from eXIf".to_string())]);
+}
+
 /// "None" as upscaler 1 leaves the picture as it is and writes nothing, as A1111; bad values
 /// and names are refused with the field named.
 #[test]

@@ -39,7 +39,7 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
     for z in 0..2 {
         for y in 0..2 {
             for x in 0..2 {
-                let (s, rec) = loramix::studio::settings_from_png(&out.join(format!("xyz-z{z:02}-y{y:02}-x{x:02}-00.png"))).unwrap();
+                let (s, rec) = loramix::studio::settings_from_image(&out.join(format!("xyz-z{z:02}-y{y:02}-x{x:02}-00.png"))).unwrap();
                 assert_eq!(s.mix, ["merge", "auto"][x]);
                 assert_eq!(s.seed, Some([3, 4][z]));
                 let vlox = s.loras.iter().find(|l| l.name == "vlox").unwrap();

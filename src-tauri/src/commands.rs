@@ -536,7 +536,7 @@ impl AppState {
                 continue;
             }
             let modified = e.metadata().and_then(|m| m.modified()).ok();
-            let settings = studio::settings_from_png(&p).ok().map(|(s, _)| s);
+            let settings = studio::settings_from_image(&p).ok().map(|(s, _)| s);
             items.push((modified, GalleryItem { path: p.clone(), name: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(), settings }));
         }
         items.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.name.cmp(&a.1.name)));
@@ -579,17 +579,18 @@ impl AppState {
         Ok(path)
     }
 
-    /// Settings from a PNG dropped on the window (ours or A1111's). Only reads the file.
+    /// Settings from a picture dropped on the window (ours, or A1111's PNG, JPEG or WebP). Only
+    /// reads the file.
     pub fn png_settings(&self, path: &str) -> AppResult<Settings> {
-        let p = user_path(path, "PNG")?;
-        if p.extension().is_none_or(|e| !e.eq_ignore_ascii_case("png")) {
-            return Err(AppError::Invalid(format!("{path}: expected a .png file")));
+        let p = user_path(path, "picture")?;
+        if p.extension().and_then(|e| e.to_str()).is_none_or(|e| !["png", "jpg", "jpeg", "webp"].contains(&e.to_ascii_lowercase().as_str())) {
+            return Err(AppError::Invalid(format!("{path}: expected a .png, .jpg, .jpeg or .webp picture")));
         }
         let meta = std::fs::metadata(&p).map_err(|e| loramix::Error::io(&p, e))?;
         if !meta.is_file() || meta.len() > 256 << 20 {
-            return Err(AppError::Invalid(format!("{path}: expected a PNG file under 256 MB")));
+            return Err(AppError::Invalid(format!("{path}: expected a picture file under 256 MB")));
         }
-        let (mut s, _) = studio::settings_from_png(&p)?;
+        let (mut s, _) = studio::settings_from_image(&p)?;
         // A model named by file name only (A1111's "Model: x") may not exist here; keep ours then.
         if self.resolve_model(&s.model).is_err() {
             s.model = "miniworld".into();

@@ -110,6 +110,17 @@ fn generate_restore_and_export() {
     assert_eq!(restored.prompt, settings.prompt);
     assert_eq!(restored.seed, Some(12));
     assert_eq!(restored.loras, settings.loras);
+    // A1111's JPEG and WebP pictures restore from their EXIF comment; other files are refused.
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/image_info").canonicalize().unwrap();
+    for name in ["a1111_saved.jpg", "a1111_api.webp"] {
+        let r = st.png_settings(&s(&fixtures.join(name))).unwrap();
+        assert_eq!((r.steps, r.seed, r.cfg, r.width, r.height), (20, Some(1234), 5.0, 24, 16), "{name}");
+        assert!(r.prompt.starts_with("a caf\u{e9} at dusk"), "{name}: {}", r.prompt);
+        assert_eq!(r.negative_prompt, "blurry, \"low quality\"");
+    }
+    let err = st.png_settings(&s(&fixtures.join("plain.jpg"))).unwrap_err().to_string();
+    assert!(err.contains("plain.jpg") && err.contains("no generation settings"), "{err}");
+    assert!(st.png_settings(&s(&fixtures.join("expected.json"))).unwrap_err().to_string().contains("expected a .png, .jpg"));
     assert!(st.gallery_image(&s(&images[0])).unwrap().starts_with("data:image/png;base64,"));
     // The PNG's A1111 text carries the LoRA hash.
     let text = loramix::studio::png_text_chunks(&std::fs::read(&images[0]).unwrap()).unwrap();

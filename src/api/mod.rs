@@ -10,7 +10,6 @@
 
 pub mod a1111;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -197,7 +196,7 @@ impl Worker {
 
 fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, (cancel, skip): (&AtomicBool, &AtomicBool), progress: &Mutex<Progress>) -> Result<JobDone> {
     let mut written = vec![];
-    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true, skip: Some(skip) };
+    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true, skip: Some(skip), format: Default::default() };
     let r = studio.run(
         settings,
         library,
@@ -227,7 +226,7 @@ fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &P
     let mut images = vec![];
     for p in written {
         let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        let (_, rec) = studio::settings_from_png(&p)?;
+        let (_, rec) = studio::settings_from_image(&p)?;
         images.push((bytes, rec.ok_or_else(|| Error::BadFile { path: p.clone(), message: "no record".into() })?));
     }
     Ok(JobDone { images, interrupted })
@@ -363,7 +362,13 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
         "interrupted": done.interrupted,
         "version": format!("loramix {}", env!("CARGO_PKG_VERSION")),
     });
-    let images: Vec<String> = if req.send_images.unwrap_or(true) { done.images.iter().map(|(b, _)| b64(b)).collect() } else { vec![] };
+    let images: Vec<String> = if req.send_images.unwrap_or(true) {
+        let format = samples_format(state);
+        let internal = |e: crate::Error| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+        done.images.iter().zip(&infotexts).map(|((png, _), text)| Ok(b64(&in_samples_format(png, text, format).map_err(internal)?))).collect::<std::result::Result<_, ApiError>>()?
+    } else {
+        vec![]
+    };
     // The request echoed with the defaults it ran with, as A1111's filled-in request model.
     let mut echo = req;
     echo.batch_size.get_or_insert(settings.batch_size);
@@ -626,6 +631,39 @@ async fn controlnet_detect(body: Bytes) -> std::result::Result<Json<Value>, Resp
 /// `/controlnet/version`: clients check it before sending units.
 async fn controlnet_version() -> Json<Value> {
     Json(json!({"version": 2}))
+}
+
+/// A1111's `samples_format` and `jpeg_quality` options (`POST options`), which its
+/// `encode_pil_to_base64` encodes every returned picture by. A request's `override_settings`
+/// do not reach them there: A1111 restores the options before it encodes.
+fn samples_format(state: &AppState) -> studio::SamplesFormat {
+    let options = state.options.lock().unwrap_or_else(|e| e.into_inner());
+    parse_samples_format(&options).unwrap_or_default()
+}
+
+/// `samples_format` and `jpeg_quality` from options, checked.
+fn parse_samples_format(options: &serde_json::Map<String, Value>) -> std::result::Result<studio::SamplesFormat, FieldError> {
+    let quality = match options.get("jpeg_quality") {
+        None => studio::SamplesFormat::DEFAULT_JPEG_QUALITY,
+        Some(v) => v.as_u64().filter(|q| (1..=100).contains(q)).map(|q| q as u8).ok_or_else(|| FieldError::new("jpeg_quality", format!("{v}: expected a whole number from 1 to 100")))?,
+    };
+    match options.get("samples_format") {
+        None => Ok(studio::SamplesFormat::Png),
+        Some(v) => {
+            let name = v.as_str().ok_or_else(|| FieldError::new("samples_format", format!("{v}: expected png, jpg, jpeg or webp")))?;
+            studio::SamplesFormat::parse(name, quality).map_err(|e| FieldError::new("samples_format", e.to_string()))
+        }
+    }
+}
+
+/// A picture we wrote as PNG, as `encode_pil_to_base64` sends it in `format`: a JPEG or WebP
+/// carries `parameters` as its EXIF comment, and an RGBA picture loses its alpha.
+fn in_samples_format(png: &[u8], parameters: &str, format: studio::SamplesFormat) -> crate::Result<Vec<u8>> {
+    if format == studio::SamplesFormat::Png {
+        return Ok(png.to_vec());
+    }
+    let img = image::load_from_memory_with_format(png, image::ImageFormat::Png).map_err(|e| crate::Error::Internal(format!("re-reading a written picture: {e}")))?;
+    format.encode(&img.to_rgb8(), &[("parameters", parameters.to_string())])
 }
 
 /// The server's options (`POST options`) under the request's own `override_settings`.
@@ -929,7 +967,7 @@ async fn refresh() -> Json<Value> {
 
 async fn get_options(State(state): State<Arc<AppState>>) -> Json<Value> {
     let model = current_model(&state);
-    let mut out = json!({"sd_model_checkpoint": model_title(&model), "sd_checkpoint_hash": studio::cached_model_sha256(&model), "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png"});
+    let mut out = json!({"sd_model_checkpoint": model_title(&model), "sd_checkpoint_hash": studio::cached_model_sha256(&model), "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "samples_format": "png", "jpeg_quality": 80});
     if let Value::Object(m) = &mut out {
         m.extend(state.options.lock().unwrap_or_else(|e| e.into_inner()).clone());
     }
@@ -954,6 +992,11 @@ async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> std::re
     if let Some(v) = opts.get("tiling") {
         v.as_bool().ok_or_else(|| FieldError::new("tiling", "expected true or false"))?;
     }
+    if opts.contains_key("samples_format") || opts.contains_key("jpeg_quality") {
+        let mut merged = state.options.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        merged.extend(opts.iter().filter(|(k, _)| matches!(k.as_str(), "samples_format" | "jpeg_quality")).map(|(k, v)| (k.clone(), v.clone())));
+        parse_samples_format(&merged)?;
+    }
     if let Some(v) = opts.get("sd_vae") {
         let name = v.as_str().ok_or_else(|| FieldError::new("sd_vae", "expected a VAE name, Automatic or None"))?;
         let mut probe = Settings { vae: if matches!(name, "Automatic" | "None" | "") { String::new() } else { name.to_string() }, ..Settings::default() };
@@ -968,6 +1011,7 @@ async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> std::re
 }
 
 async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
+    let format = samples_format(&state);
     let g = state.worker.progress.lock().unwrap_or_else(|e| e.into_inner());
     let frac = if g.active && g.steps > 0 && g.batches > 0 { (g.batch as f64 + g.step as f64 / g.steps as f64) / g.batches as f64 } else { 0.0 };
     let elapsed = g.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
@@ -986,7 +1030,7 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
             "sampling_step": g.step,
             "sampling_steps": g.steps,
         },
-        "current_image": g.current_image.as_ref().filter(|_| g.active).map(|b| b64(b)),
+        "current_image": g.current_image.as_ref().filter(|_| g.active).and_then(|png| in_samples_format(png, "", format).ok()).map(|b| b64(&b)),
         "textinfo": null,
         "current_task": null,
     }))
@@ -1144,6 +1188,7 @@ async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(Vec<St
     let library = library_root(state);
     let settings = req.settings(library.as_deref())?;
     let device = state.worker.studio.device().clone();
+    let format = samples_format(state);
     let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
     tokio::task::spawn_blocking(move || -> std::result::Result<(Vec<String>, String), ApiError> {
         let prepared = settings.prepare(library.as_deref(), &device).map_err(|e| internal(e.to_string()))?;
@@ -1160,7 +1205,13 @@ async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(Vec<St
         for (img, chunks) in decoded {
             let out = prepared.run(&img).map_err(|e| internal(e.to_string()))?;
             let text = out.infotext();
-            images.push(b64(&out.image.encode_png(&studio::extras_chunks(&chunks, &text, false)).map_err(|e| internal(e.to_string()))?));
+            let chunks = studio::extras_chunks(&chunks, &text, false);
+            let encoded = match format {
+                studio::SamplesFormat::Png => out.image.encode_png(&chunks),
+                // `encode_pil_to_base64`: RGB, and the picture's `parameters` (not `postprocessing`).
+                f => f.encode(&out.image.to_rgb(), &chunks.iter().filter(|(k, _)| k == "parameters").map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>()),
+            };
+            images.push(b64(&encoded.map_err(|e| internal(e.to_string()))?));
             html = studio::infotext_html(&text);
         }
         Ok((images, html))
@@ -1223,9 +1274,10 @@ fn infotext_items(text: &str) -> Value {
 async fn png_info(body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: PngInfoRequest = parse_body(&body)?;
     let bytes = decode_image("image", &req.image)?;
-    let chunks = studio::png_text_chunks(&bytes).map_err(|e| FieldError::new("image", e.to_string()))?;
-    let info = chunks.get("parameters").cloned().unwrap_or_default();
-    let items: HashMap<&String, &String> = chunks.iter().filter(|(k, _)| *k != "parameters").collect();
+    // A1111's `read_info_from_image`: a PNG's `parameters`, a JPEG's or WebP's EXIF comment.
+    let found = studio::read_image_info(&bytes).map_err(|e| FieldError::new("image", e.to_string()))?;
+    let info = found.parameters.unwrap_or_default();
+    let items: serde_json::Map<String, Value> = found.items.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
     Ok(Json(json!({"info": info, "items": items, "parameters": infotext_items(&info)})))
 }
 

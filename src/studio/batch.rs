@@ -179,14 +179,14 @@ pub fn parse_line(text: &str) -> std::result::Result<(Settings, Option<usize>), 
 }
 
 impl Manifest {
-    /// A JSONL manifest, or a PNG of ours or A1111's: one job that makes that image again (its
-    /// line number is 1).
+    /// A JSONL manifest, or a picture of ours or A1111's (PNG, JPEG, WebP): one job that makes
+    /// that image again (its line number is 1).
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        if matches!(image::guess_format(&bytes), Ok(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) {
             return Ok(Self::parse(&image_line(path)?));
         }
-        let text = String::from_utf8(bytes).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a UTF-8 JSONL manifest (or a PNG): {e}") })?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a UTF-8 JSONL manifest (or a PNG, JPEG or WebP picture): {e}") })?;
         Ok(Self::parse(&text))
     }
 
@@ -424,7 +424,7 @@ pub fn run_batch(
         let line = job.line;
         let names = move |k: usize| image_name(line, k);
         let cluster = cluster_of.get(ji).copied();
-        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images), keep_interrupted: false, skip: None };
+        let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images), keep_interrupted: false, skip: None, format: Default::default() };
         let r = studio.run(
             &job.settings,
             library,
@@ -512,7 +512,7 @@ pub fn manifest_line(settings: &Settings, images: Option<usize>) -> Result<Strin
 /// that is the image alone, with a shared generator its batch kept whole, since its images share
 /// one noise stream.
 fn image_line(path: &Path) -> Result<String> {
-    let (mut s, rec) = super::metadata::settings_from_png(path)?;
+    let (mut s, rec) = super::metadata::settings_from_image(path)?;
     s.batch_count = 1;
     let images = match &rec {
         // One SD upscale picture: its batch size batches tiles, and stays.
@@ -558,6 +558,21 @@ pub fn export_manifest(images: &[PathBuf], dest: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A1111's JPEG and WebP pictures are one-job manifests, as its PNGs are; a picture with
+    /// nothing to restore is an error naming it.
+    #[test]
+    fn a1111_jpeg_and_webp_are_manifests() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_info");
+        for name in ["a1111_saved.jpg", "a1111_api.webp"] {
+            let m = Manifest::read(&dir.join(name)).unwrap();
+            assert!(m.errors.is_empty(), "{name}: {:?}", m.errors);
+            let s = &m.jobs[0].settings;
+            assert_eq!((s.seed, s.steps, s.width, s.height, m.jobs[0].images), (Some(1234), 20, 24, 16, 1), "{name}");
+        }
+        let err = Manifest::read(&dir.join("plain.webp")).unwrap_err().to_string();
+        assert!(err.contains("plain.webp") && err.contains("no generation settings"), "{err}");
+    }
 
     /// Every field a record can hold reads back from a manifest line (fields skipped at their
     /// defaults were once unknown to the line parser).

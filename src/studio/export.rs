@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::metadata::settings_from_png;
+use super::metadata::settings_from_image;
 use super::settings::Settings;
 use crate::error::{Error, Result};
 use crate::output;
@@ -56,7 +56,7 @@ pub fn export(images: &[PathBuf], dest: &Path, template: &str, as_zip: bool) -> 
     let mut used: HashMap<String, usize> = HashMap::new();
     for (i, p) in images.iter().enumerate() {
         let bytes = std::fs::read(p).map_err(|e| Error::io(p, e))?;
-        let (settings, seed) = match settings_from_png(p) {
+        let (settings, seed) = match settings_from_image(p) {
             Ok((s, _)) => {
                 let seed = s.seed;
                 (Some(s), seed)

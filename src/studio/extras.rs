@@ -474,7 +474,8 @@ pub fn read_extras_input(path: &Path) -> Result<(ExtrasImage, Vec<(String, Strin
 }
 
 /// [`read_extras_input`] on bytes (the API's base64 pictures). The text chunks come in the
-/// order A1111 keeps them: the file's, `parameters` moved last (its `read_info_from_image`).
+/// order A1111 keeps them: the file's, `parameters` last (a JPEG's or WebP's from its EXIF
+/// comment), as its `read_info_from_image` gives them.
 pub fn decode_extras_input(bytes: &[u8]) -> Result<(ExtrasImage, Vec<(String, String)>)> {
     use image::ImageDecoder as _;
     let unreadable = |e: &dyn std::fmt::Display| Error::Argument(format!("not a readable image: {e}"));
@@ -488,10 +489,12 @@ pub fn decode_extras_input(bytes: &[u8]) -> Result<(ExtrasImage, Vec<(String, St
         return Err(Error::Argument(format!("the picture is {w}x{h}: expected sides from 1 to {MAX_EXTRAS_SIDE} pixels")));
     }
     let png = bytes.starts_with(b"\x89PNG");
-    let mut chunks = if png { super::png_text_list(bytes)? } else { Vec::new() };
-    if let Some(i) = chunks.iter().position(|(k, _)| k == "parameters") {
-        let p = chunks.remove(i);
-        chunks.push(p);
+    // A1111's run_postprocessing: `read_info_from_image`'s items, then its parameters (a PNG's
+    // chunk or a JPEG's or WebP's EXIF comment) when not empty.
+    let info = super::read_image_info(bytes)?;
+    let mut chunks = info.items;
+    if let Some(p) = info.parameters.filter(|p| !p.is_empty()) {
+        chunks.push(("parameters".into(), p));
     }
     let mut picture = extras_picture(img);
     if png && !png_has_alpha(bytes) {

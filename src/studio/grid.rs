@@ -534,7 +534,7 @@ pub fn run_grid(
     for ((xi, yi, zi), s) in &cells {
         let prefix = format!("xyz{tag}-z{zi:02}-y{yi:02}-x{xi:02}");
         let names = |k: usize| format!("{prefix}-{k:02}.png");
-        let o = studio.run(s, library, &ImageOutputs { dir: out, names: Some(&names), images: None, keep_interrupted: false, skip: None }, cancel, on_event, &mut |_| {})?;
+        let o = studio.run(s, library, &ImageOutputs { dir: out, names: Some(&names), images: None, keep_interrupted: false, skip: None, format: Default::default() }, cancel, on_event, &mut |_| {})?;
         let mut images = o.kept;
         images.extend(o.written);
         images.sort();

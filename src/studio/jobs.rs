@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::hires::hires_request;
 use super::init::prepare_init;
-use super::metadata::encode_image;
+use super::metadata::encode_image_as;
 use super::preview::{LatentPreview, Previewer};
 use super::dynamic_prompt::{apply_styles, expand as expand_prompt, is_dynamic, read_styles, WildcardDir};
 use super::settings::{DrawnPrompts, ImageRecord, MixSummary, Settings};
@@ -291,7 +291,7 @@ impl Studio {
         on_event: &mut dyn FnMut(StudioEvent),
         on_preview: &mut dyn FnMut(&image::RgbImage),
     ) -> Result<Vec<PathBuf>> {
-        let outputs = ImageOutputs { dir: out_dir, names: None, images: None, keep_interrupted: false, skip: None };
+        let outputs = ImageOutputs { dir: out_dir, names: None, images: None, keep_interrupted: false, skip: None, format: Default::default() };
         Ok(self.run(settings, library, &outputs, cancel, on_event, on_preview)?.written)
     }
 
@@ -681,11 +681,11 @@ impl Studio {
                     None => img.clone(),
                 };
                 let rec = record(i, loaded.hashes.clone(), ti_hashes.clone(), summary.clone(), drawn.clone());
-                let path = match &fixed {
-                    Some(f) => f[i].clone(),
-                    None => output::next_image_path(outputs.dir, rec.seed, &mut idx),
+                let (path, format) = match &fixed {
+                    Some(f) => (f[i].clone(), super::SamplesFormat::Png),
+                    None => (output::next_image_path(outputs.dir, rec.seed, outputs.format.extension(), &mut idx), outputs.format),
                 };
-                output::write_atomic(&path, &encode_image(img, &rec)?)?;
+                output::write_atomic(&path, &encode_image_as(img, &rec, format)?)?;
                 on_event(StudioEvent::Image { path: path.clone(), seed: rec.seed, batch: unit.batch, index: rec.index_in_batch });
                 out.written.push(path);
             }
@@ -747,6 +747,9 @@ pub struct ImageOutputs<'a> {
     /// A1111's Skip: when set, the running batch ends as an interrupted one would (kept under
     /// `keep_interrupted`, else dropped) and the job goes on with the next; the flag is cleared.
     pub skip: Option<&'a AtomicBool>,
+    /// The file type of numbered pictures (fixed names are always PNGs, which keep the record
+    /// that tells a finished file).
+    pub format: super::SamplesFormat,
 }
 
 /// What a job did.
@@ -767,7 +770,7 @@ pub fn holds_image(path: &Path, settings: &Settings, seed: u64, batch_index: usi
     if !path.is_file() {
         return false;
     }
-    let Ok((_, Some(rec))) = super::metadata::settings_from_png(path) else { return false };
+    let Ok((_, Some(rec))) = super::metadata::settings_from_image(path) else { return false };
     if rec.settings != settings.recorded() || rec.seed != seed || rec.batch_index != batch_index || rec.index_in_batch != index_in_batch {
         return false;
     }

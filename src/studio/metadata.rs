@@ -429,12 +429,14 @@ pub fn png_text_list(bytes: &[u8]) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// Settings restored from a PNG made by us (our JSON chunk) or by A1111-compatible tools
-/// (`parameters`).
-pub fn settings_from_png(path: &Path) -> Result<(Settings, Option<ImageRecord>)> {
+/// Settings restored from a picture made by us (a PNG's JSON chunk) or by A1111-compatible
+/// tools: a PNG's `parameters` (or `eXIf` comment), a JPEG's or WebP's EXIF UserComment, as
+/// A1111's `read_info_from_image` finds them.
+pub fn settings_from_image(path: &Path) -> Result<(Settings, Option<ImageRecord>)> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let chunks = png_text_chunks(&bytes).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })?;
-    if let Some(j) = chunks.get(JSON_CHUNK) {
+    let bad = |e: Error| Error::BadFile { path: path.into(), message: e.to_string() };
+    let info = super::read_image_info(&bytes).map_err(bad)?;
+    if let Some((_, j)) = info.items.iter().find(|(k, _)| k == JSON_CHUNK) {
         let rec: ImageRecord = serde_json::from_str(j)
             .map_err(|e| Error::BadFile { path: path.into(), message: format!("'{JSON_CHUNK}' chunk: {e}") })?;
         let mut s = rec.settings.clone();
@@ -444,11 +446,11 @@ pub fn settings_from_png(path: &Path) -> Result<(Settings, Option<ImageRecord>)>
         }
         return Ok((s, Some(rec)));
     }
-    match chunks.get("parameters") {
-        Some(p) => Ok((parse_parameters(p).map_err(|e| Error::BadFile { path: path.into(), message: e.to_string() })?, None)),
+    match info.parameters.filter(|p| !p.is_empty()) {
+        Some(p) => Ok((parse_parameters(&p).map_err(bad)?, None)),
         None => Err(Error::BadFile {
             path: path.into(),
-            message: "this PNG carries no generation settings (no 'parameters' or 'loramix' text chunk)".into(),
+            message: "this picture carries no generation settings (no 'parameters' or 'loramix' text chunk in a PNG, no EXIF UserComment in a JPEG or WebP)".into(),
         }),
     }
 }
@@ -457,6 +459,15 @@ pub fn settings_from_png(path: &Path) -> Result<(Settings, Option<ImageRecord>)>
 pub fn encode_image(img: &image::RgbImage, rec: &ImageRecord) -> Result<Vec<u8>> {
     let json = serde_json::to_string(rec).map_err(|e| Error::Argument(e.to_string()))?;
     output::encode_png(img, &[("parameters", parameters_text(rec)), (JSON_CHUNK, json)])
+}
+
+/// [`encode_image`] in `format`. A JPEG or WebP carries A1111's `parameters` only (its EXIF
+/// comment, as A1111 writes them), so it restores from that text as A1111's pictures do.
+pub fn encode_image_as(img: &image::RgbImage, rec: &ImageRecord, format: super::SamplesFormat) -> Result<Vec<u8>> {
+    match format {
+        super::SamplesFormat::Png => encode_image(img, rec),
+        f => f.encode(img, &[("parameters", parameters_text(rec))]),
+    }
 }
 
 #[cfg(test)]

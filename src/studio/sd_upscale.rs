@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use image::RgbImage;
 
 use super::jobs::{holds_image, random_seed, ImageOutputs, JobOutput, Studio, StudioEvent};
-use super::metadata::{encode_image, settings_from_png};
+use super::metadata::{encode_image_as, settings_from_image};
 use super::settings::{InitSettings, Settings};
 use crate::error::{Error, Result};
 use crate::output;
@@ -181,7 +181,7 @@ impl Studio {
                     }
                 }
                 let name = move |_: usize| format!("tile{t}.png");
-                let sub = ImageOutputs { dir: &dir.0, names: Some(&name), images: Some(1), keep_interrupted: false, skip: outputs.skip };
+                let sub = ImageOutputs { dir: &dir.0, names: Some(&name), images: Some(1), keep_interrupted: false, skip: outputs.skip, format: Default::default() };
                 let done = n * tiles + t;
                 let mut relay = |e: StudioEvent| match e {
                     StudioEvent::Step { step, steps, its, eta_seconds, .. } => {
@@ -201,7 +201,7 @@ impl Studio {
                 };
                 made.push(image::open(path).map_err(|e| Error::BadFile { path: path.clone(), message: e.to_string() })?.to_rgb8());
                 if first_record.is_none() {
-                    first_record = settings_from_png(path)?.1;
+                    first_record = settings_from_image(path)?.1;
                     out.prompts.extend(job.prompts.iter().cloned());
                 }
                 for l in job.loras {
@@ -226,11 +226,11 @@ impl Studio {
             rec.seed = start;
             rec.batch_index = n;
             rec.index_in_batch = 0;
-            let path = match target(n) {
-                Some(p) => p,
-                None => output::next_image_path(outputs.dir, start, &mut idx),
+            let (path, format) = match target(n) {
+                Some(p) => (p, super::SamplesFormat::Png),
+                None => (output::next_image_path(outputs.dir, start, outputs.format.extension(), &mut idx), outputs.format),
             };
-            output::write_atomic(&path, &encode_image(&combined, &rec)?)?;
+            output::write_atomic(&path, &encode_image_as(&combined, &rec, format)?)?;
             on_event(StudioEvent::Image { path: path.clone(), seed: start, batch: n, index: 0 });
             out.written.push(path);
         }

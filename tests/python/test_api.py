@@ -154,6 +154,31 @@ def main():
         check(info.info == params, "png-info reads our PNG's parameters back")
         check(info.json["parameters"]["Seed"] == "11" and "vlox" in info.json["parameters"]["Prompt"], "png-info parses the infotext")
 
+        # samples_format, a global option as in A1111 (whose encode_pil_to_base64 encodes every
+        # returned picture by it): JPEG and WebP carry the infotext as the EXIF UserComment.
+        def user_comment(raw):
+            comment = Image.open(io.BytesIO(raw)).getexif().get_ifd(0x8769).get(0x9286, b"")
+            return comment[8:].decode("utf_16_be") if comment[:8] == b"UNICODE\x00" else None
+        for fmt, kind in (("jpg", "JPEG"), ("webp", "WEBP")):
+            api.set_options({"samples_format": fmt})
+            out = api.txt2img(prompt="a vlox emblem on a teal background <lora:vlox:1>", seed=11, width=64, height=64, steps=8)
+            raw = base64.b64decode(out.json["images"][0])
+            check(Image.open(io.BytesIO(raw)).format == kind and user_comment(raw) == params, f"samples_format {fmt}: a {kind} with the infotext as its EXIF comment")
+            if fmt == "webp":
+                check(pixels(out.image) == pixels(res.image), "a WebP is lossless")
+            read = requests.post(base + "/png-info", json={"image": base64.b64encode(raw).decode()}, auth=(USER, PASS)).json()
+            check(read["info"] == params and read["parameters"]["Seed"] == "11", f"png-info reads a {kind}'s EXIF comment")
+            up = api.extra_single_image(res.image, upscaler_1="Lanczos", upscaling_resize=2)
+            raw = base64.b64decode(up.json["image"])
+            check(Image.open(io.BytesIO(raw)).format == kind and user_comment(raw) == params, f"Extras answers a {kind} with the parameters as its EXIF comment")
+        api.set_options({"samples_format": "png"})
+        check(api.txt2img(prompt="x", seed=1, width=64, height=64, steps=2).image.format == "PNG", "samples_format back to png")
+        bad = requests.post(base + "/options", json={"samples_format": "gif"}, auth=(USER, PASS))
+        check(bad.status_code == 422 and "samples_format" in bad.text and "webp" in bad.text, f"an unknown samples_format is refused ({bad.text})")
+        bad = requests.post(base + "/options", json={"samples_format": "jpg", "jpeg_quality": 101}, auth=(USER, PASS))
+        check(bad.status_code == 422 and "jpeg_quality" in bad.text, f"a JPEG quality over 100 is refused ({bad.text})")
+        check(api.get_options()["samples_format"] == "png", "a refused option is not kept")
+
         # Extras: A1111's upscale of a finished picture, its metadata kept.
         ex = api.extra_single_image(res.image, upscaler_1="Lanczos", upscaling_resize=2)
         check(ex.image.size == (128, 128), f"extra-single-image doubles the picture ({ex.image.size})")

@@ -97,6 +97,14 @@ pub struct GenerateArgs {
     batch_count: usize,
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
+    /// The pictures' file type (A1111's `samples_format`). A PNG keeps our full record besides
+    /// A1111's `parameters`; a JPEG or WebP keeps `parameters` as its EXIF UserComment, as A1111
+    /// writes them. WebP is written lossless.
+    #[arg(long, default_value = "png", value_parser = ["png", "jpg", "jpeg", "webp"], ignore_case = true)]
+    samples_format: String,
+    /// JPEG quality, 1 to 100 (A1111's `jpeg_quality`).
+    #[arg(long, default_value_t = studio::SamplesFormat::DEFAULT_JPEG_QUALITY, value_parser = clap::value_parser!(u8).range(1..=100))]
+    jpeg_quality: u8,
     #[arg(long, default_value = "f32")]
     dtype: String,
     #[arg(long, default_value = "cpu")]
@@ -281,6 +289,12 @@ pub struct GenerateArgs {
     /// Size of EST's previews, WxH (default: the output size).
     #[arg(long)]
     est_preview_size: Option<String>,
+}
+
+impl GenerateArgs {
+    fn format(&self) -> loramix::Result<studio::SamplesFormat> {
+        studio::SamplesFormat::parse(&self.samples_format, self.jpeg_quality)
+    }
 }
 
 /// The ControlNet units of the flags, checked before the model loads.
@@ -837,8 +851,8 @@ fn write_batch(
             version: env!("CARGO_PKG_VERSION").to_string(),
             drawn: None,
         };
-        let path = output::next_image_path(&a.out, rec.seed, idx);
-        output::write_atomic(&path, &studio::encode_image(img, &rec)?)?;
+        let path = output::next_image_path(&a.out, rec.seed, a.format()?.extension(), idx);
+        output::write_atomic(&path, &studio::encode_image_as(img, &rec, a.format()?)?)?;
         written.push(path);
     }
     Ok(written)
@@ -852,7 +866,7 @@ fn run_drawn(a: &GenerateArgs, opts: LoadOptions, init: Option<studio::InitSetti
     let settings = studio_settings(a, init, hires, why)?;
     let studio = studio::Studio::with_load_options(opts);
     let cancel = std::sync::atomic::AtomicBool::new(false);
-    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None, keep_interrupted: false, skip: None };
+    let outputs = studio::ImageOutputs { dir: &a.out, names: None, images: None, keep_interrupted: false, skip: None, format: a.format()? };
     let job = studio.run(&settings, a.library.as_deref(), &outputs, &cancel, &mut |e| log_event(&e), &mut |_| {})?;
     let mut stdout = std::io::stdout().lock();
     for path in &job.written {

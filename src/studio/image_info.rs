@@ -1,0 +1,269 @@
+//! Generation parameters in PNG, JPEG and WebP pictures, read and written as A1111 does.
+//!
+//! A1111 (and Forge, Fooocus, Civitai's downloads) keeps a JPEG's or WebP's infotext in the EXIF
+//! `UserComment`, written by piexif with its 8-byte `UNICODE\0` prefix and UTF-16BE text. PNGs
+//! carry it in a `parameters` text chunk, unless an `eXIf` chunk has a comment, which wins. The
+//! EXIF (TIFF) structure is read and written by `kamadak-exif`; only the comment's encoding rules
+//! are ours, because they are piexif's and A1111's, down to how broken comments decode.
+
+use std::io::Cursor;
+
+use exif::{Field, In, Tag, Value};
+use image::ImageDecoder as _;
+
+use crate::error::{Error, Result};
+
+/// What A1111's `read_info_from_image` returns for a picture: its infotext, and the picture's
+/// other text items (a PNG's other text chunks, in [`super::png_text_list`]'s order).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ImageInfo {
+    pub parameters: Option<String>,
+    pub items: Vec<(String, String)>,
+}
+
+/// Reads [`ImageInfo`] from PNG, JPEG or WebP bytes; other formats carry none. Unreadable EXIF
+/// counts as no comment, where A1111 would fail on some of it.
+pub fn read_image_info(bytes: &[u8]) -> Result<ImageInfo> {
+    let format = image::guess_format(bytes).map_err(|_| Error::Argument("not a PNG, JPEG or WebP picture (its first bytes are no known image format)".into()))?;
+    let unreadable = |e: image::ImageError| Error::Argument(format!("not a readable {format:?} picture: {e}"));
+    let (mut items, exif) = match format {
+        image::ImageFormat::Png => {
+            let exif = png::Decoder::new(Cursor::new(bytes)).read_info().ok().and_then(|r| r.info().exif_metadata.as_ref().map(|e| e.to_vec()));
+            (super::png_text_list(bytes)?, exif)
+        }
+        image::ImageFormat::Jpeg => (vec![], image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes)).map_err(unreadable)?.exif_metadata().map_err(unreadable)?),
+        image::ImageFormat::WebP => (vec![], image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).map_err(unreadable)?.exif_metadata().map_err(unreadable)?),
+        _ => (vec![], None),
+    };
+    let mut parameters = items.iter().position(|(k, _)| k == "parameters").map(|i| items.remove(i).1);
+    if let Some(exif) = exif {
+        // A1111: a non-empty comment replaces the `parameters` chunk.
+        let comment = exif_user_comment(&exif).map(|raw| user_comment_text(&raw)).unwrap_or_default();
+        if !comment.is_empty() {
+            parameters = Some(comment);
+        }
+    }
+    // A1111's IGNORED_INFO_KEYS hold Pillow's own info entries; as PNG text chunks they are
+    // dropped too.
+    const IGNORED: [&str; 15] = ["jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp", "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop"];
+    items.retain(|(k, _)| !IGNORED.contains(&k.as_str()));
+    Ok(ImageInfo { parameters, items })
+}
+
+/// The raw `UserComment` of EXIF data: a TIFF structure, with or without the `Exif\0\0` header
+/// (JPEG's APP1 and Pillow's WebP chunks keep it; piexif's WebP chunks drop it).
+fn exif_user_comment(exif: &[u8]) -> Option<Vec<u8>> {
+    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    // piexif ends the Exif IFD without a next-IFD offset, which kamadak-exif reports as an error
+    // after reading its fields: what was read is kept.
+    let parsed = match exif::Reader::new().continue_on_error(true).read_raw(tiff.to_vec()) {
+        Ok(parsed) => parsed,
+        Err(e) => e.distill_partial_result(|_| {}).ok()?,
+    };
+    match &parsed.get_field(Tag::UserComment, In::PRIMARY)?.value {
+        Value::Undefined(raw, _) => Some(raw.clone()),
+        Value::Byte(raw) => Some(raw.clone()),
+        Value::Ascii(parts) => Some(parts.concat()),
+        _ => None,
+    }
+}
+
+/// A `UserComment` as text: piexif's `UserComment.load` (its 8-byte prefix names ASCII,
+/// UTF-16BE or JIS, bad sequences replaced), and where that fails (no known prefix, under 8
+/// bytes, all-zero prefix) A1111's fallback, the whole value as UTF-8 with bad bytes dropped.
+pub fn user_comment_text(raw: &[u8]) -> String {
+    if raw.len() >= 8 {
+        let (prefix, body) = raw.split_at(8);
+        match prefix {
+            b"UNICODE\0" => {
+                let units = body.chunks(2).map(|c| if c.len() == 2 { Some(u16::from_be_bytes([c[0], c[1]])) } else { None });
+                let mut out = String::new();
+                let mut pending: Vec<u16> = vec![];
+                for u in units {
+                    match u {
+                        Some(u) => pending.push(u),
+                        // Python's utf_16_be: a trailing odd byte is one replacement character.
+                        None => {
+                            out.extend(char::decode_utf16(pending.drain(..)).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)));
+                            out.push(char::REPLACEMENT_CHARACTER);
+                        }
+                    }
+                }
+                out.extend(char::decode_utf16(pending).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)));
+                return out;
+            }
+            // Python's `ascii` codec with errors="replace": each byte over 127 is one U+FFFD.
+            // Shift_JIS is read only as far as its ASCII range goes (see the closing note).
+            b"ASCII\0\0\0" | b"JIS\0\0\0\0\0" => return body.iter().map(|&b| if b < 128 { b as char } else { char::REPLACEMENT_CHARACTER }).collect(),
+            _ => {}
+        }
+    }
+    utf8_dropping_bad_bytes(raw)
+}
+
+/// Python's `bytes.decode("utf8", errors="ignore")`.
+fn utf8_dropping_bad_bytes(mut raw: &[u8]) -> String {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(raw) {
+            Ok(s) => {
+                out.push_str(s);
+                return out;
+            }
+            Err(e) => {
+                let (good, rest) = raw.split_at(e.valid_up_to());
+                out.push_str(std::str::from_utf8(good).unwrap_or_default());
+                raw = &rest[e.error_len().unwrap_or(rest.len())..];
+            }
+        }
+    }
+}
+
+/// EXIF (a big-endian TIFF, without the `Exif\0\0` header) holding only `text` as a
+/// `UserComment`, as A1111 writes its JPEG and WebP pictures' parameters
+/// (`piexif.helper.UserComment.dump(text, encoding="unicode")`).
+pub fn user_comment_exif(text: &str) -> Result<Vec<u8>> {
+    let mut raw = b"UNICODE\0".to_vec();
+    raw.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
+    let field = Field { tag: Tag::UserComment, ifd_num: In::PRIMARY, value: Value::Undefined(raw, 0) };
+    let mut writer = exif::experimental::Writer::new();
+    writer.push_field(&field);
+    let mut out = Cursor::new(Vec::new());
+    writer.write(&mut out, false).map_err(|e| Error::Internal(format!("writing EXIF: {e}")))?;
+    Ok(out.into_inner())
+}
+
+/// A1111's `samples_format`: the file type generated pictures are saved (or sent) as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SamplesFormat {
+    #[default]
+    Png,
+    /// With A1111's `jpeg_quality` (1 to 100; its default 80).
+    Jpeg { quality: u8 },
+    /// Always lossless: the `image` crate has no lossy WebP encoder (A1111's default is lossy,
+    /// quality 80; its `webp_lossless` option gives this).
+    Webp,
+}
+
+impl SamplesFormat {
+    pub const DEFAULT_JPEG_QUALITY: u8 = 80;
+
+    /// A1111's names (`png`, `jpg`, `jpeg`, `webp`, any case), JPEG at `quality`.
+    pub fn parse(name: &str, quality: u8) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "png" => Ok(Self::Png),
+            "jpg" | "jpeg" if (1..=100).contains(&quality) => Ok(Self::Jpeg { quality }),
+            "jpg" | "jpeg" => Err(Error::Argument(format!("JPEG quality {quality}: expected 1 to 100"))),
+            "webp" => Ok(Self::Webp),
+            _ => Err(Error::Argument(format!("samples format {name:?}: expected png, jpg or webp"))),
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Png => "png",
+            Self::Jpeg { .. } => "jpg",
+            Self::Webp => "webp",
+        }
+    }
+
+    /// The picture in this format, as A1111 saves it: a PNG keeps every text chunk; a JPEG or
+    /// WebP keeps only `parameters`, as its EXIF UserComment (written even when empty, as the
+    /// API's `encode_pil_to_base64` does).
+    pub fn encode(self, img: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+        use image::ImageEncoder as _;
+        let exif = || user_comment_exif(text.iter().find(|(k, _)| *k == "parameters").map_or("", |(_, v)| v.as_str()));
+        let failed = |e: image::ImageError| Error::Internal(format!("encoding a {} picture: {e}", self.extension()));
+        let mut out = Vec::new();
+        match self {
+            Self::Png => return crate::output::encode_png(img, text),
+            Self::Jpeg { quality } => {
+                let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
+                enc.set_exif_metadata(exif()?).map_err(|e| Error::Internal(e.to_string()))?;
+                enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8).map_err(failed)?;
+            }
+            Self::Webp => {
+                let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+                enc.set_exif_metadata(exif()?).map_err(|e| Error::Internal(e.to_string()))?;
+                enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8).map_err(failed)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_utf8_bytes_are_dropped() {
+        assert_eq!(utf8_dropping_bad_bytes(b"a\xffb\xc3\xa9\xe2\x82"), "abé");
+        assert_eq!(user_comment_text(b"abc"), "abc");
+        assert_eq!(user_comment_text(b"UNICODE\0\0a\0"), "a\u{fffd}");
+    }
+
+    fn goldens() -> (std::path::PathBuf, serde_json::Value) {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_info");
+        let expected = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        (dir, expected)
+    }
+
+    /// Every picture of tools/parity/make_image_info_fixtures.py reads as A1111's
+    /// `read_info_from_image` reads it under Pillow 9.5.0 and piexif 1.1.3.
+    #[test]
+    fn reads_what_a1111_reads() {
+        let (dir, expected) = goldens();
+        let read = expected["read"].as_object().unwrap();
+        assert!(read.len() >= 19);
+        for (name, want) in read {
+            let got = read_image_info(&std::fs::read(dir.join(name)).unwrap()).unwrap();
+            assert_eq!(got.parameters.as_deref(), want["info"].as_str(), "{name}");
+            let items: Vec<(String, String)> = want["items"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+            let mut got_items = got.items.clone();
+            got_items.sort();
+            assert_eq!(got_items, items, "{name}");
+        }
+    }
+
+    /// Our EXIF holds the comment piexif's `dump` holds, byte for byte, in the Exif IFD where
+    /// piexif (and so A1111) looks for it. The TIFF around it is laid out by kamadak-exif, which
+    /// ends the Exif IFD with a next-IFD offset where piexif writes none: the bytes differ by that.
+    #[test]
+    fn writes_the_comment_a1111_writes() {
+        let (_, expected) = goldens();
+        for (text, hex) in expected["dumps"].as_object().unwrap() {
+            let theirs: Vec<u8> = (0..hex.as_str().unwrap().len()).step_by(2).map(|i| u8::from_str_radix(&hex.as_str().unwrap()[i..i + 2], 16).unwrap()).collect();
+            let ours = user_comment_exif(text).unwrap();
+            assert!(ours.starts_with(b"MM\0*"));
+            assert_eq!(exif_user_comment(&ours), exif_user_comment(&theirs), "{text:?}");
+            assert_eq!(user_comment_text(&exif_user_comment(&ours).unwrap()), *text);
+            let parsed = exif::Reader::new().read_raw(ours.clone()).unwrap();
+            assert_eq!(parsed.fields().count(), 1, "only the comment");
+            // piexif's layout up to the comment's offset, which is 4 bytes later in ours.
+            assert_eq!(ours[..0x26], theirs[6..6 + 0x26]);
+        }
+    }
+
+    /// A JPEG or WebP we write reads back with its parameters (and only those), its pixels
+    /// intact where lossless.
+    #[test]
+    fn samples_formats_keep_their_parameters() {
+        let img = image::RgbImage::from_fn(19, 7, |x, y| image::Rgb([(x * 13) as u8, (y * 31) as u8, ((x + y) * 7) as u8]));
+        let text = [("parameters", "a cat \u{e9}\u{1F600}\nSteps: 2, Seed: 3".to_string()), ("loramix", "{}".to_string())];
+        for format in [SamplesFormat::Png, SamplesFormat::Jpeg { quality: 80 }, SamplesFormat::Webp] {
+            let bytes = format.encode(&img, &text).unwrap();
+            assert_eq!(image::guess_format(&bytes).unwrap().extensions_str()[0].replace("jpeg", "jpg"), format.extension());
+            let info = read_image_info(&bytes).unwrap();
+            assert_eq!(info.parameters.as_deref(), Some(text[0].1.as_str()), "{format:?}");
+            let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
+            assert_eq!(decoded.dimensions(), (19, 7));
+            if format != (SamplesFormat::Jpeg { quality: 80 }) {
+                assert_eq!(decoded, img, "{format:?}");
+            }
+        }
+        assert!(SamplesFormat::parse("JPG", 0).unwrap_err().to_string().contains("1 to 100"));
+        assert!(SamplesFormat::parse("gif", 80).unwrap_err().to_string().contains("png, jpg or webp"));
+        assert_eq!(SamplesFormat::parse("jpeg", 95).unwrap(), SamplesFormat::Jpeg { quality: 95 });
+    }
+}

@@ -1,0 +1,164 @@
+"""Goldens for reading generation parameters out of PNG, JPEG and WebP pictures, as A1111 1.10's
+`modules/images.py: read_info_from_image` reads them (PNG Info, the `png-info` API, Extras, and
+drag-and-drop restore), and for the EXIF it writes into its own JPEG and WebP pictures.
+
+The pictures are written the ways A1111 writes them, over Pillow 9.5.0 and piexif 1.1.3 (the
+versions it pins):
+- `save_image_with_geninfo` for .jpg/.webp: `image.save(quality=80)`, then
+  `piexif.insert(piexif.dump({"Exif": {UserComment: UserComment.dump(geninfo, "unicode")}}))`;
+- the API's `encode_pil_to_base64`: `image.save(format=..., exif=exif_bytes, quality=80)`, which
+  leaves WebP's EXIF chunk with its `Exif\\0\\0` header;
+and the ways other tools and odd files carry them (an ASCII-prefixed or unprefixed UserComment,
+Pillow's little-endian EXIF, a PNG's `eXIf` chunk beside its text chunks, EXIF without a comment).
+The expected values come from `read_info_from_image` re-implemented below line by line, run on the
+pictures as Pillow opens them.
+
+/tmp/pil95/bin/python tools/parity/make_image_info_fixtures.py
+    (pip install pillow==9.5.0 piexif==1.1.3 numpy; writes tests/fixtures/image_info/)
+"""
+import io
+import json
+import os
+import struct
+
+import numpy as np
+import piexif
+import piexif.helper
+import PIL
+from PIL import Image, PngImagePlugin
+
+assert PIL.__version__ == "9.5.0", f"Pillow 9.5.0 is A1111's; this is {PIL.__version__}"
+assert piexif.VERSION == "1.1.3", piexif.VERSION
+OUT = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "image_info")
+
+IGNORED_INFO_KEYS = {
+    "jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp",
+    "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop",
+}
+
+
+def read_info_from_image(image):
+    """modules/images.py (A1111 1.10), without its NovelAI branch."""
+    items = (image.info or {}).copy()
+    geninfo = items.pop("parameters", None)
+    if "exif" in items:
+        exif_data = items["exif"]
+        try:
+            exif = piexif.load(exif_data)
+        except OSError:
+            exif = None
+        exif_comment = (exif or {}).get("Exif", {}).get(piexif.ExifIFD.UserComment, b"")
+        try:
+            exif_comment = piexif.helper.UserComment.load(exif_comment)
+        except ValueError:
+            exif_comment = exif_comment.decode("utf8", errors="ignore")
+        if exif_comment:
+            geninfo = exif_comment
+    elif "comment" in items:  # for gif
+        if isinstance(items["comment"], bytes):
+            geninfo = items["comment"].decode("utf8", errors="ignore")
+        else:
+            geninfo = items["comment"]
+    for field in IGNORED_INFO_KEYS:
+        items.pop(field, None)
+    return geninfo, items
+
+
+def exif_bytes(text):
+    return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text or "", encoding="unicode")}})
+
+
+def raw_comment_exif(raw):
+    return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: raw}})
+
+
+def picture(w=24, h=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+INFOTEXT = (
+    "a café at dusk, <lora:subject_cat:0.8>, (watercolor:1.2) \U0001F600\n"
+    "Negative prompt: blurry, \"low quality\"\n"
+    "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 1234, Size: 24x16, "
+    "Model hash: 0123456789, Model: miniworld, Lora hashes: \"subject_cat: abcdef012345\", Version: v1.10.1"
+)
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    expected = {}
+
+    def keep(name, data):
+        with open(os.path.join(OUT, name), "wb") as f:
+            f.write(data)
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            geninfo, items = read_info_from_image(im)
+        for k, v in items.items():
+            assert isinstance(v, str), (name, k, v)
+        expected[name] = {"info": geninfo, "items": items}
+
+    def saved(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    img = picture()
+    # save_image_with_geninfo: the picture first, then piexif.insert.
+    for ext, fmt in (("jpg", "JPEG"), ("webp", "WEBP")):
+        out = io.BytesIO()
+        piexif.insert(exif_bytes(INFOTEXT), saved(img, fmt, quality=80, lossless=False), out)
+        keep(f"a1111_saved.{ext}", out.getvalue())
+    # encode_pil_to_base64 (the API): EXIF through Pillow's save.
+    keep("a1111_api.jpg", saved(img, "JPEG", exif=exif_bytes(INFOTEXT), quality=80))
+    keep("a1111_api.webp", saved(img, "WEBP", exif=exif_bytes(INFOTEXT), quality=80))
+    keep("a1111_api_empty.jpg", saved(img, "JPEG", exif=exif_bytes(""), quality=80))
+    # UserComments other tools write, and broken ones A1111 falls back on (utf-8, errors ignored).
+    comments = {
+        "ascii_prefix": piexif.helper.UserComment.dump("Steps: 30, Seed: 7", encoding="ascii"),
+        "undefined_prefix": b"\x00" * 8 + "Steps: 12, Seed: 9 é".encode(),
+        "unprefixed_utf8": b"Steps: 20\xff, Seed: 1 \xc3\xa9 end",
+        "short": b"abc",
+        "odd_utf16": b"UNICODE\x00" + "ok".encode("utf_16_be") + b"\xd8\x00\x00a" + b"\x41",
+        "ascii_bad_bytes": b"ASCII\x00\x00\x00caf\xe9 ok",
+    }
+    for name, raw in comments.items():
+        keep(f"{name}.jpg", saved(img, "JPEG", exif=raw_comment_exif(raw), quality=80))
+    # A little-endian TIFF (cameras and some tools; piexif writes big-endian only), laid out by hand.
+    comment = piexif.helper.UserComment.dump("little endian \u00e9\u4e2d", encoding="unicode")
+    ifd0 = struct.pack("<H", 2) + struct.pack("<HHIHH", 0x0112, 3, 1, 1, 0) + struct.pack("<HHII", 0x8769, 4, 1, 38) + struct.pack("<I", 0)
+    exif_ifd = struct.pack("<H", 1) + struct.pack("<HHII", 0x9286, 7, len(comment), 56) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + ifd0 + exif_ifd + comment
+    assert len(b"II*\x00") + 4 + len(ifd0) == 38 and 38 + len(exif_ifd) == 56
+    keep("little_endian.jpg", saved(img, "JPEG", exif=b"Exif\x00\x00" + tiff, quality=80))
+    # EXIF with no comment at all, and no EXIF.
+    only = Image.Exif()
+    only[0x0112] = 6
+    keep("orientation_only.jpg", saved(img, "JPEG", exif=only.tobytes(), quality=80))
+    keep("plain.jpg", saved(img, "JPEG", quality=80))
+    keep("plain.webp", saved(img, "WEBP", quality=80))
+    keep("lossless.webp", saved(img, "WEBP", lossless=True, exif=exif_bytes("lossless parameters")))
+    # PNGs: text chunks are items; an eXIf comment wins over `parameters` unless it is empty.
+    def png(texts, exif=None):
+        info = PngImagePlugin.PngInfo()
+        for k, v in texts:
+            info.add_text(k, v) if k != "zipped" else info.add_text(k, v, zip=True)
+        kw = {"pnginfo": info}
+        if exif is not None:
+            kw["exif"] = exif
+        return saved(img, "PNG", **kw)
+
+    keep("text.png", png([("parameters", INFOTEXT), ("postprocessing", "Postprocess upscale by: 2"), ("zipped", "z" * 40)]))
+    keep("exif_wins.png", png([("parameters", "from the text chunk"), ("Software", "x")], exif_bytes("from eXIf")))
+    keep("exif_empty.png", png([("parameters", "from the text chunk")], exif_bytes("")))
+
+    # What A1111 writes as EXIF (piexif.dump), for our writer.
+    dumps = {text: exif_bytes(text).hex() for text in ["", "hi", INFOTEXT, "tab\tnewline\n\u00e9\U0001F600"]}
+    with open(os.path.join(OUT, "expected.json"), "w") as f:
+        json.dump({"read": expected, "dumps": dumps}, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
