@@ -2,7 +2,8 @@
 //!
 //! A1111 (and Forge, Fooocus, Civitai's downloads) keeps a JPEG's or WebP's infotext in the EXIF
 //! `UserComment`, written by piexif with its 8-byte `UNICODE\0` prefix and UTF-16BE text. PNGs
-//! carry it in a `parameters` text chunk, unless an `eXIf` chunk has a comment, which wins. The
+//! carry it in a `parameters` text chunk, unless an `eXIf` chunk has a comment, which wins;
+//! NovelAI's PNGs carry a prompt and a JSON comment that A1111 turns into an infotext. The
 //! EXIF (TIFF) structure is read and written by `kamadak-exif`; only the comment's encoding rules
 //! are ours, because they are piexif's and A1111's, down to how broken comments decode.
 
@@ -47,7 +48,106 @@ pub fn read_image_info(bytes: &[u8]) -> Result<ImageInfo> {
     // dropped too.
     const IGNORED: [&str; 15] = ["jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background", "timestamp", "duration", "progressive", "progression", "icc_profile", "chromaticity", "photoshop"];
     items.retain(|(k, _)| !IGNORED.contains(&k.as_str()));
+    if items.iter().any(|(k, v)| k == "Software" && v == "NovelAI") {
+        if let Some(text) = novelai_infotext(&items, bytes) {
+            parameters = Some(text);
+        }
+    }
     Ok(ImageInfo { parameters, items })
+}
+
+/// A1111's reading of a NovelAI PNG (`Software: NovelAI`): its `Description` is the prompt and
+/// its `Comment` JSON the rest, written as an infotext with NovelAI's fixed `Clip skip: 2, ENSD:
+/// 31337`. `None` where A1111's conversion raises (it then keeps what it had).
+fn novelai_infotext(items: &[(String, String)], bytes: &[u8]) -> Option<String> {
+    let get = |key: &str| items.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let json: serde_json::Value = serde_json::from_str(get("Comment")?).ok()?;
+    let field = |key: &str| json.get(key).and_then(python_str);
+    // `sd_samplers.samplers_map.get(json_info["sampler"], "Euler a")`: a key error on a
+    // missing sampler, a non-string one is no key.
+    let sampler = json.get("sampler")?;
+    let sampler = sampler.as_str().and_then(|s| A1111_SAMPLERS_MAP.iter().find(|(k, _)| *k == s)).map_or("Euler a", |(_, name)| name);
+    let (width, height) = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()?;
+    Some(format!(
+        "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Clip skip: 2, ENSD: 31337",
+        get("Description")?,
+        field("uc")?,
+        field("steps")?,
+        field("scale")?,
+        field("seed")?
+    ))
+}
+
+/// A1111 1.10's `sd_samplers.samplers_map`: every sampler's name in lower case and its aliases
+/// (`sd_samplers_kdiffusion`, `sd_samplers_timesteps`, `sd_samplers_lcm`), to its name.
+const A1111_SAMPLERS_MAP: &[(&str, &str)] = &[
+    ("dpm++ 2m", "DPM++ 2M"), ("k_dpmpp_2m", "DPM++ 2M"),
+    ("dpm++ sde", "DPM++ SDE"), ("k_dpmpp_sde", "DPM++ SDE"),
+    ("dpm++ 2m sde", "DPM++ 2M SDE"), ("k_dpmpp_2m_sde", "DPM++ 2M SDE"),
+    ("dpm++ 2m sde heun", "DPM++ 2M SDE Heun"), ("k_dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun"),
+    ("dpm++ 2s a", "DPM++ 2S a"), ("k_dpmpp_2s_a", "DPM++ 2S a"),
+    ("dpm++ 3m sde", "DPM++ 3M SDE"), ("k_dpmpp_3m_sde", "DPM++ 3M SDE"),
+    ("euler a", "Euler a"), ("k_euler_a", "Euler a"), ("k_euler_ancestral", "Euler a"),
+    ("euler", "Euler"), ("k_euler", "Euler"),
+    ("lms", "LMS"), ("k_lms", "LMS"),
+    ("heun", "Heun"), ("k_heun", "Heun"),
+    ("dpm2", "DPM2"), ("k_dpm_2", "DPM2"),
+    ("dpm2 a", "DPM2 a"), ("k_dpm_2_a", "DPM2 a"),
+    ("dpm fast", "DPM fast"), ("k_dpm_fast", "DPM fast"),
+    ("dpm adaptive", "DPM adaptive"), ("k_dpm_ad", "DPM adaptive"),
+    ("restart", "Restart"),
+    ("ddim", "DDIM"),
+    ("ddim cfg++", "DDIM CFG++"), ("ddim_cfgpp", "DDIM CFG++"),
+    ("plms", "PLMS"),
+    ("unipc", "UniPC"),
+    ("lcm", "LCM"), ("k_lcm", "LCM"),
+];
+
+/// A JSON scalar as Python's `str()` prints what `json.loads` made of it (an f-string field).
+/// Lists and objects (Python's repr of them) are not rendered: `None`.
+fn python_str(v: &serde_json::Value) -> Option<String> {
+    use serde_json::Value as J;
+    match v {
+        J::String(s) => Some(s.clone()),
+        J::Bool(b) => Some(if *b { "True" } else { "False" }.into()),
+        J::Null => Some("None".into()),
+        J::Number(n) if n.is_f64() => n.as_f64().map(python_float_repr),
+        J::Number(n) => Some(n.to_string()),
+        J::Array(_) | J::Object(_) => None,
+    }
+}
+
+/// Python's `repr(float)`: the shortest digits that round-trip (as Rust's), positional from
+/// 1e-4 up to 1e16 with at least one decimal, else `d.ddde±XX`.
+fn python_float_repr(x: f64) -> String {
+    if x.is_nan() {
+        return "nan".into();
+    }
+    if x.is_infinite() {
+        return if x > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    if x == 0.0 {
+        return if x.is_sign_negative() { "-0.0" } else { "0.0" }.into();
+    }
+    let sci = format!("{:e}", x.abs());
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let sign = if x < 0.0 { "-" } else { "" };
+    if (-4..16).contains(&exp) {
+        let point = exp + 1;
+        let body = if point <= 0 {
+            format!("0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!("{digits}{}.0", "0".repeat(point as usize - digits.len()))
+        } else {
+            format!("{}.{}", &digits[..point as usize], &digits[point as usize..])
+        };
+        format!("{sign}{body}")
+    } else {
+        let m = if digits.len() > 1 { format!("{}.{}", &digits[..1], &digits[1..]) } else { digits.clone() };
+        format!("{sign}{m}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs())
+    }
 }
 
 /// The raw `UserComment` of EXIF data: a TIFF structure, with or without the `Exif\0\0` header
@@ -197,6 +297,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn floats_print_as_python_prints_them() {
+        for (x, want) in [(5.0, "5.0"), (7.5, "7.5"), (0.1, "0.1"), (1e-4, "0.0001"), (1e-5, "1e-05"), (123456789012345.6, "123456789012345.6"), (1e16, "1e+16"), (1.5e16, "1.5e+16"), (-2.25e-7, "-2.25e-07"), (1234.0, "1234.0"), (0.000123, "0.000123")] {
+            assert_eq!(python_float_repr(x), want, "{x}");
+        }
+    }
+
+    #[test]
     fn bad_utf8_bytes_are_dropped() {
         assert_eq!(utf8_dropping_bad_bytes(b"a\xffb\xc3\xa9\xe2\x82"), "abé");
         assert_eq!(user_comment_text(b"abc"), "abc");
@@ -215,7 +322,7 @@ mod tests {
     fn reads_what_a1111_reads() {
         let (dir, expected) = goldens();
         let read = expected["read"].as_object().unwrap();
-        assert!(read.len() >= 19);
+        assert!(read.len() >= 24);
         for (name, want) in read {
             let got = read_image_info(&std::fs::read(dir.join(name)).unwrap()).unwrap();
             assert_eq!(got.parameters.as_deref(), want["info"].as_str(), "{name}");

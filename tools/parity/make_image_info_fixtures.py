@@ -37,8 +37,16 @@ IGNORED_INFO_KEYS = {
 }
 
 
+# sd_samplers.samplers_map of A1111 1.10 (each sampler's name in lower case and its aliases), as
+# far as NovelAI's sampler names can reach it; transcribed from sd_samplers_kdiffusion.py.
+SAMPLERS_MAP = {
+    "k_euler_ancestral": "Euler a", "k_euler_a": "Euler a", "euler a": "Euler a", "k_euler": "Euler",
+    "euler": "Euler", "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_lms": "LMS", "ddim": "DDIM",
+}
+
+
 def read_info_from_image(image):
-    """modules/images.py (A1111 1.10), without its NovelAI branch."""
+    """modules/images.py (A1111 1.10); its NovelAI branch's errors.report left out."""
     items = (image.info or {}).copy()
     geninfo = items.pop("parameters", None)
     if "exif" in items:
@@ -61,6 +69,16 @@ def read_info_from_image(image):
             geninfo = items["comment"]
     for field in IGNORED_INFO_KEYS:
         items.pop(field, None)
+    if items.get("Software", None) == "NovelAI":
+        try:
+            json_info = json.loads(items["Comment"])
+            sampler = SAMPLERS_MAP.get(json_info["sampler"], "Euler a")
+
+            geninfo = f"""{items["Description"]}
+Negative prompt: {json_info["uc"]}
+Steps: {json_info["steps"]}, Sampler: {sampler}, CFG scale: {json_info["scale"]}, Seed: {json_info["seed"]}, Size: {image.width}x{image.height}, Clip skip: 2, ENSD: 31337"""
+        except Exception:
+            pass
     return geninfo, items
 
 
@@ -152,6 +170,16 @@ def main():
     keep("text.png", png([("parameters", INFOTEXT), ("postprocessing", "Postprocess upscale by: 2"), ("zipped", "z" * 40)]))
     keep("exif_wins.png", png([("parameters", "from the text chunk"), ("Software", "x")], exif_bytes("from eXIf")))
     keep("exif_empty.png", png([("parameters", "from the text chunk")], exif_bytes("")))
+    # NovelAI's PNGs: Description and a Comment JSON, made an infotext (floats as Python prints them).
+    def novelai(comment, extra=()):
+        return png([("Title", "AI generated image"), ("Description", "1girl, {masterpiece}, caf\u00e9"), ("Software", "NovelAI"),
+                    ("Source", "Stable Diffusion XL C1E1DE52"), ("Comment", json.dumps(comment)), *extra])
+    keep("novelai.png", novelai({"steps": 28, "sampler": "k_euler_ancestral", "seed": 2825307433, "strength": 0.7, "noise": 0.0,
+                                 "scale": 5.0, "uc": "lowres, bad anatomy", "sm": False}))
+    keep("novelai_unmapped.png", novelai({"steps": 23.0, "sampler": "k_dpmpp_2s_ancestral", "seed": 7, "scale": 11, "uc": ""}))
+    keep("novelai_tiny_scale.png", novelai({"steps": 30, "sampler": "ddim", "seed": 1, "scale": 1.5e-05, "uc": None}))
+    keep("novelai_no_uc.png", novelai({"steps": 28, "sampler": "k_euler", "seed": 3, "scale": 6.0}, [("parameters", "kept")]))
+    keep("novelai_bad_json.png", novelai({}, [("Comment", "{not json")]))
 
     # What A1111 writes as EXIF (piexif.dump), for our writer.
     dumps = {text: exif_bytes(text).hex() for text in ["", "hi", INFOTEXT, "tab\tnewline\n\u00e9\U0001F600"]}
