@@ -1148,3 +1148,34 @@ fn samples_formats_carry_parameters_as_exif() {
     let out = run(&["--samples-format", "jpg", "--jpeg-quality", "0"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("1..=100"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `loramix info` is A1111's PNG Info: the parameters and other text of PNG, JPEG, WebP and
+/// NovelAI pictures (as the golden reads them), as text or as the API's png-info JSON; an
+/// unreadable picture is named and the others still shown.
+#[test]
+fn info_shows_what_png_info_shows() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_info");
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let names = ["a1111_saved.jpg", "a1111_api.webp", "text.png", "novelai.png", "plain.jpg"];
+    let out = loramix().arg("info").arg("--json").args(names.iter().map(|n| dir.join(n))).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), names.len());
+    for (name, got) in names.iter().zip(&lines) {
+        let want = &expected["read"][name];
+        assert_eq!(got["info"], want["info"].as_str().map_or(serde_json::Value::from(""), serde_json::Value::from), "{name}");
+        assert_eq!(got["items"], want["items"], "{name}");
+        assert!(got["file"].as_str().unwrap().ends_with(name));
+    }
+    assert_eq!((lines[0]["parameters"]["Seed"].as_str(), lines[0]["parameters"]["Size-1"].as_str()), (Some("1234"), Some("24")));
+    assert_eq!(lines[3]["parameters"]["ENSD"].as_str(), Some("31337"));
+
+    let missing = dir.join("missing.png");
+    let out = loramix().arg("info").arg(dir.join("text.png")).arg(&missing).arg(dir.join("plain.jpg")).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success());
+    assert!(stderr.contains("missing.png") && stderr.contains("1 of 3 pictures"), "{stderr}");
+    assert!(stdout.contains("[parameters]\na caf\u{e9} at dusk") && stdout.contains("[postprocessing]\nPostprocess upscale by: 2") && stdout.contains("Nothing found in the image."), "{stdout}");
+    let out = loramix().arg("info").arg(dir.join("expected.json")).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("expected.json: not a PNG, JPEG or WebP"));
+}

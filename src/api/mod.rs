@@ -1253,32 +1253,12 @@ struct PngInfoRequest {
     image: String,
 }
 
-/// A1111's parse of an infotext: prompt, negative prompt and each `Key: value` of the last line.
-fn infotext_items(text: &str) -> Value {
-    let (prompt, negative, fields) = studio::split_infotext(text);
-    let mut m = serde_json::Map::new();
-    m.insert("Prompt".into(), prompt.into());
-    m.insert("Negative prompt".into(), negative.into());
-    for (k, v) in fields {
-        // A1111's `re_imagesize` (`^(\d+)x(\d+)$`): every WxH value is also split in two
-        // (`Size-1`, `Seed resize from-2`, `Hires resize-1`).
-        if let Some((w, h)) = v.split_once('x').filter(|(w, h)| [w, h].iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))) {
-            m.insert(format!("{k}-1"), w.into());
-            m.insert(format!("{k}-2"), h.into());
-        }
-        m.insert(k, v.into());
-    }
-    Value::Object(m)
-}
-
 async fn png_info(body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: PngInfoRequest = parse_body(&body)?;
     let bytes = decode_image("image", &req.image)?;
     // A1111's `read_info_from_image`: a PNG's `parameters`, a JPEG's or WebP's EXIF comment.
     let found = studio::read_image_info(&bytes).map_err(|e| FieldError::new("image", e.to_string()))?;
-    let info = found.parameters.unwrap_or_default();
-    let items: serde_json::Map<String, Value> = found.items.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
-    Ok(Json(json!({"info": info, "items": items, "parameters": infotext_items(&info)})))
+    Ok(Json(found.png_info()))
 }
 
 async fn require_auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -22,6 +22,30 @@ pub struct ImageInfo {
     pub items: Vec<(String, String)>,
 }
 
+impl ImageInfo {
+    /// What A1111's `/sdapi/v1/png-info` answers: `info` (the infotext, or empty), `items` and
+    /// `parameters`, the infotext parsed as its `parse_generation_parameters` parses it
+    /// (prompt, negative prompt, each `Key: value`, and every `WxH` value also split in two).
+    pub fn png_info(&self) -> serde_json::Value {
+        use serde_json::Value;
+        let info = self.parameters.clone().unwrap_or_default();
+        let items: serde_json::Map<String, Value> = self.items.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+        let (prompt, negative, fields) = super::split_infotext(&info);
+        let mut parsed = serde_json::Map::new();
+        parsed.insert("Prompt".into(), prompt.into());
+        parsed.insert("Negative prompt".into(), negative.into());
+        for (k, v) in fields {
+            // A1111's `re_imagesize` (`^(\d+)x(\d+)$`): `Size-1`, `Seed resize from-2`, ….
+            if let Some((w, h)) = v.split_once('x').filter(|(w, h)| [w, h].iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))) {
+                parsed.insert(format!("{k}-1"), w.into());
+                parsed.insert(format!("{k}-2"), h.into());
+            }
+            parsed.insert(k, v.into());
+        }
+        serde_json::json!({"info": info, "items": items, "parameters": parsed})
+    }
+}
+
 /// Reads [`ImageInfo`] from PNG, JPEG or WebP bytes; other formats carry none. Unreadable EXIF
 /// counts as no comment, where A1111 would fail on some of it.
 pub fn read_image_info(bytes: &[u8]) -> Result<ImageInfo> {

@@ -6,6 +6,7 @@ mod chat;
 mod eval;
 mod extras;
 mod generate;
+mod info;
 mod grid;
 mod llm;
 mod lora;
@@ -35,6 +36,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// A1111's Extras tab: upscale finished pictures (or folders of them), keeping their metadata.
     Extras(extras::ExtrasArgs),
+    /// A1111's PNG Info: a picture's generation parameters (PNG, JPEG, WebP) and its other text.
+    Info(info::InfoArgs),
     /// Seconds per SDXL UNet step on the CPU, beside diffusers (see BENCHMARKS.md).
     Bench(bench::BenchArgs),
     /// The LoRA library: import, list, show, remove, rename, set role and tags.
@@ -90,5 +93,6 @@ fn run() -> Result<()> {
         Command::Grid(a) => grid::run(*a),
         Command::Serve(a) => serve::run(a),
         Command::Extras(a) => extras::run(a),
+        Command::Info(a) => info::run(a),
     }
 }
