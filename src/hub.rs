@@ -38,12 +38,35 @@ pub fn is_repo_id(spec: &str) -> bool {
 
 /// The models we ship (`models/miniworld`, `models/minichat`, ...) found from any working
 /// directory: a relative `models/...` path that is not there is looked up in the source tree
-/// the binary was built from, which is where `cargo run` and `target/*/loramix` find them.
+/// the binary was built from, which is where `cargo run` and `target/*/loramix` find them. A
+/// bare name (`miniworld`, as A1111's `Model:` names a model in the pictures it restores from)
+/// is a shipped model folder of that name.
 pub fn shipped(spec: &str) -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(spec);
-    if p.exists() || !spec.starts_with("models/") {
+    if p.exists() {
         return None;
     }
-    let there = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(p);
-    there.exists().then_some(there)
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if spec.starts_with("models/") {
+        let there = source.join(p);
+        return there.exists().then_some(there);
+    }
+    let bare = !spec.is_empty() && !spec.starts_with('.') && spec.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
+    let there = source.join("models").join(spec);
+    (bare && ["model_index.json", "config.json"].iter().any(|f| there.join(f).is_file())).then_some(there)
+}
+
+#[cfg(test)]
+mod shipped_tests {
+    use super::shipped;
+
+    /// A bare name is a shipped model folder only; other names and paths are left alone.
+    #[test]
+    fn bare_names_find_shipped_models() {
+        let miniworld = shipped("miniworld").expect("models/miniworld is shipped");
+        assert!(miniworld.ends_with("models/miniworld") && miniworld.join("model_index.json").is_file());
+        for other in ["sd_xl_base_1.0", "../miniworld", "models", "", "miniworld/vae"] {
+            assert_eq!(shipped(other), None, "{other}");
+        }
+    }
 }

@@ -313,7 +313,10 @@ fn decode_image(field: &str, text: &str) -> std::result::Result<Vec<u8>, ApiErro
 
 fn decode_base64(text: &str) -> std::result::Result<Vec<u8>, String> {
     let raw = text.split_once(";base64,").map_or(text, |(_, b)| b);
-    base64::engine::general_purpose::STANDARD.decode(raw.trim()).map_err(|e| format!("expected a base64 image: {e}"))
+    // Python's `b64decode` (A1111's) skips what is not of the alphabet: line breaks from
+    // `base64.encodebytes` or a wrapping `base64` command.
+    let raw: String = raw.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=')).collect();
+    base64::engine::general_purpose::STANDARD.decode(raw).map_err(|e| format!("expected a base64 image: {e}"))
 }
 
 async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) -> std::result::Result<Json<Value>, ApiError> {
@@ -364,8 +367,13 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
     });
     let images: Vec<String> = if req.send_images.unwrap_or(true) {
         let format = samples_format(state);
-        let internal = |e: crate::Error| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        done.images.iter().zip(&infotexts).map(|((png, _), text)| Ok(b64(&in_samples_format(png, text, format).map_err(internal)?))).collect::<std::result::Result<_, ApiError>>()?
+        let pictures: Vec<(Vec<u8>, String)> = done.images.iter().zip(&infotexts).map(|((png, _), text)| (png.clone(), text.clone())).collect();
+        let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
+        // Encoding (a lossless WebP of 1024² takes a while) stays off the async threads.
+        tokio::task::spawn_blocking(move || pictures.iter().map(|(png, text)| in_samples_format(png, text, format).map(|b| b64(&b)).map_err(|e| e.to_string())).collect::<std::result::Result<Vec<_>, _>>())
+            .await
+            .map_err(|e| internal(e.to_string()))?
+            .map_err(internal)?
     } else {
         vec![]
     };
@@ -657,12 +665,18 @@ fn parse_samples_format(options: &serde_json::Map<String, Value>) -> std::result
 }
 
 /// A picture we wrote as PNG, as `encode_pil_to_base64` sends it in `format`: a JPEG or WebP
-/// carries `parameters` as its EXIF comment, and an RGBA picture loses its alpha.
+/// carries `parameters` as its EXIF comment, and an RGBA picture loses its alpha. One that
+/// format cannot hold (parameters too long for a JPEG's EXIF, where A1111 fails) stays PNG.
 fn in_samples_format(png: &[u8], parameters: &str, format: studio::SamplesFormat) -> crate::Result<Vec<u8>> {
     if format == studio::SamplesFormat::Png {
         return Ok(png.to_vec());
     }
     let img = image::load_from_memory_with_format(png, image::ImageFormat::Png).map_err(|e| crate::Error::Internal(format!("re-reading a written picture: {e}")))?;
+    let (format, note) = format.or_png(img.width(), img.height(), parameters);
+    if let Some(note) = note {
+        eprintln!("{note}");
+        return Ok(png.to_vec());
+    }
     format.encode(&img.to_rgb8(), &[("parameters", parameters.to_string())])
 }
 
@@ -1012,6 +1026,16 @@ async fn set_options(State(state): State<Arc<AppState>>, body: Bytes) -> std::re
 
 async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
     let format = samples_format(&state);
+    // The preview is copied out and encoded after the lock is let go: the worker takes it at
+    // every step.
+    let preview = {
+        let g = state.worker.progress.lock().unwrap_or_else(|e| e.into_inner());
+        g.current_image.clone().filter(|_| g.active)
+    };
+    let preview = match preview {
+        Some(png) => tokio::task::spawn_blocking(move || in_samples_format(&png, "", format).ok()).await.ok().flatten(),
+        None => None,
+    };
     let g = state.worker.progress.lock().unwrap_or_else(|e| e.into_inner());
     let frac = if g.active && g.steps > 0 && g.batches > 0 { (g.batch as f64 + g.step as f64 / g.steps as f64) / g.batches as f64 } else { 0.0 };
     let elapsed = g.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
@@ -1030,7 +1054,7 @@ async fn progress(State(state): State<Arc<AppState>>) -> Json<Value> {
             "sampling_step": g.step,
             "sampling_steps": g.steps,
         },
-        "current_image": g.current_image.as_ref().filter(|_| g.active).and_then(|png| in_samples_format(png, "", format).ok()).map(|b| b64(&b)),
+        "current_image": preview.map(|b| b64(&b)),
         "textinfo": null,
         "current_task": null,
     }))
@@ -1206,10 +1230,12 @@ async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(Vec<St
             let out = prepared.run(&img).map_err(|e| internal(e.to_string()))?;
             let text = out.infotext();
             let chunks = studio::extras_chunks(&chunks, &text, false);
-            let encoded = match format {
+            // `encode_pil_to_base64`: RGB, and the picture's `parameters` (not `postprocessing`).
+            let parameters: Vec<(&str, String)> = chunks.iter().filter(|(k, _)| k == "parameters").map(|(k, v)| (k.as_str(), v.clone())).collect();
+            let (w, h) = out.image.dimensions();
+            let encoded = match format.or_png(w, h, parameters.first().map_or("", |(_, v)| v.as_str())).0 {
                 studio::SamplesFormat::Png => out.image.encode_png(&chunks),
-                // `encode_pil_to_base64`: RGB, and the picture's `parameters` (not `postprocessing`).
-                f => f.encode(&out.image.to_rgb(), &chunks.iter().filter(|(k, _)| k == "parameters").map(|(k, v)| (k.as_str(), v.clone())).collect::<Vec<_>>()),
+                f => f.encode(&out.image.to_rgb(), &parameters),
             };
             images.push(b64(&encoded.map_err(|e| internal(e.to_string()))?));
             html = studio::infotext_html(&text);
@@ -1255,6 +1281,10 @@ struct PngInfoRequest {
 
 async fn png_info(body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: PngInfoRequest = parse_body(&body)?;
+    if req.image.trim().is_empty() {
+        // A1111 answers an empty picture with empty info.
+        return Ok(Json(studio::ImageInfo::default().png_info()));
+    }
     let bytes = decode_image("image", &req.image)?;
     // A1111's `read_info_from_image`: a PNG's `parameters`, a JPEG's or WebP's EXIF comment.
     let found = studio::read_image_info(&bytes).map_err(|e| FieldError::new("image", e.to_string()))?;

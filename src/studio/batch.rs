@@ -186,6 +186,10 @@ impl Manifest {
         if matches!(image::guess_format(&bytes), Ok(image::ImageFormat::Png | image::ImageFormat::Jpeg | image::ImageFormat::WebP)) {
             return Ok(Self::parse(&image_line(path)?));
         }
+        let picture_name = path.extension().and_then(|e| e.to_str()).is_some_and(|e| ["png", "jpg", "jpeg", "webp"].contains(&e.to_ascii_lowercase().as_str()));
+        if picture_name {
+            return Err(Error::BadFile { path: path.into(), message: "expected a PNG, JPEG or WebP picture, but its content is none of them".into() });
+        }
         let text = String::from_utf8(bytes).map_err(|e| Error::BadFile { path: path.into(), message: format!("not a UTF-8 JSONL manifest (or a PNG, JPEG or WebP picture): {e}") })?;
         Ok(Self::parse(&text))
     }
@@ -572,6 +576,13 @@ mod tests {
         }
         let err = Manifest::read(&dir.join("plain.webp")).unwrap_err().to_string();
         assert!(err.contains("plain.webp") && err.contains("no generation settings"), "{err}");
+        // An empty or text file named as a picture is not taken for an empty manifest.
+        let tmp = tempfile::tempdir().unwrap();
+        for (name, content) in [("empty.jpg", &b""[..]), ("text.PNG", b"{\"prompt\": \"x\"}")] {
+            std::fs::write(tmp.path().join(name), content).unwrap();
+            let err = Manifest::read(&tmp.path().join(name)).unwrap_err().to_string();
+            assert!(err.contains(name) && err.contains("expected a PNG, JPEG or WebP picture"), "{err}");
+        }
     }
 
     /// Every field a record can hold reads back from a manifest line (fields skipped at their

@@ -52,11 +52,8 @@ pub fn read_image_info(bytes: &[u8]) -> Result<ImageInfo> {
     let format = image::guess_format(bytes).map_err(|_| Error::Argument("not a PNG, JPEG or WebP picture (its first bytes are no known image format)".into()))?;
     let unreadable = |e: image::ImageError| Error::Argument(format!("not a readable {format:?} picture: {e}"));
     let (mut items, exif) = match format {
-        image::ImageFormat::Png => {
-            let exif = png::Decoder::new(Cursor::new(bytes)).read_info().ok().and_then(|r| r.info().exif_metadata.as_ref().map(|e| e.to_vec()));
-            (super::png_text_list(bytes)?, exif)
-        }
-        image::ImageFormat::Jpeg => (vec![], image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes)).map_err(unreadable)?.exif_metadata().map_err(unreadable)?),
+        image::ImageFormat::Png => png_info_entries(bytes)?,
+        image::ImageFormat::Jpeg => jpeg_info_entries(bytes),
         image::ImageFormat::WebP => (vec![], image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).map_err(unreadable)?.exif_metadata().map_err(unreadable)?),
         _ => (vec![], None),
     };
@@ -67,6 +64,10 @@ pub fn read_image_info(bytes: &[u8]) -> Result<ImageInfo> {
         if !comment.is_empty() {
             parameters = Some(comment);
         }
+    } else if let Some((_, comment)) = items.iter().find(|(k, _)| k == "comment") {
+        // A1111's branch "for gif": a `comment` (a JPEG's COM segment, a PNG text chunk so
+        // named) is the infotext when there is no EXIF at all.
+        parameters = Some(comment.clone());
     }
     // A1111's IGNORED_INFO_KEYS hold Pillow's own info entries; as PNG text chunks they are
     // dropped too.
@@ -174,10 +175,136 @@ fn python_float_repr(x: f64) -> String {
     }
 }
 
-/// The raw `UserComment` of EXIF data: a TIFF structure, with or without the `Exif\0\0` header
-/// (JPEG's APP1 and Pillow's WebP chunks keep it; piexif's WebP chunks drop it).
+/// What Pillow 9.5 puts in a PNG's `info`, in its order: each text chunk (tEXt, zTXt, iTXt) as
+/// it decodes them, in file order, those after the image data too (A1111 reads a loaded
+/// picture), a key given twice keeping its first place and its last value; and its `exif`, the
+/// last `eXIf` chunk (with Pillow's `Exif\0\0` header) or `exif`-named tEXt chunk.
+///
+/// Ours, because the `png` crate keeps each chunk kind in its own list and stops at the image
+/// data: only the chunk framing and Pillow's decoding rules are written here; zlib is flate2's.
+pub(crate) fn png_info_entries(bytes: &[u8]) -> Result<(Vec<(String, String)>, Option<Vec<u8>>)> {
+    const SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
+    let mut rest = bytes.strip_prefix(SIGNATURE).ok_or_else(|| Error::Argument("not a PNG: no PNG signature".into()))?;
+    let latin1 = |b: &[u8]| -> String { b.iter().map(|&c| c as char).collect() };
+    let split_nul = |b: &'_ [u8]| -> Option<(Vec<u8>, Vec<u8>)> { b.iter().position(|&c| c == 0).map(|i| (b[..i].to_vec(), b[i + 1..].to_vec())) };
+    let mut items: Vec<(String, String)> = vec![];
+    let mut exif = None;
+    let mut put = |k: String, v: String| match items.iter_mut().find(|(key, _)| *key == k) {
+        Some(e) => e.1 = v,
+        None => items.push((k, v)),
+    };
+    while rest.len() >= 8 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let kind: [u8; 4] = [rest[4], rest[5], rest[6], rest[7]];
+        let Some(data) = rest.get(8..8 + len) else { break };
+        rest = rest.get(8 + len + 4..).unwrap_or_default();
+        match &kind {
+            b"IEND" => break,
+            b"tEXt" => {
+                let (k, v) = split_nul(data).unwrap_or((data.to_vec(), vec![]));
+                if k == b"exif" {
+                    exif = Some(v.clone());
+                }
+                if !k.is_empty() {
+                    put(latin1(&k), latin1(&v));
+                }
+            }
+            b"zTXt" => {
+                let (k, v) = split_nul(data).unwrap_or((data.to_vec(), vec![]));
+                // Pillow refuses a method other than 0 (deflate); an undecodable stream is empty.
+                if v.first().is_some_and(|&m| m != 0) {
+                    continue;
+                }
+                let text = v.get(1..).and_then(inflate_text).unwrap_or_default();
+                if !k.is_empty() {
+                    put(latin1(&k), latin1(&text));
+                }
+            }
+            b"iTXt" => {
+                let Some((k, r)) = split_nul(data) else { continue };
+                let (Some(&flag), Some(&method)) = (r.first(), r.get(1)) else { continue };
+                let Some((lang, r)) = split_nul(&r[2..]) else { continue };
+                let Some((translated, v)) = split_nul(&r) else { continue };
+                let v = match (flag, method) {
+                    (0, _) => v,
+                    (_, 0) => match inflate_text(&v) {
+                        Some(v) => v,
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                // Every part must be UTF-8, or Pillow drops the chunk.
+                if let (Ok(_), Ok(_), Ok(v)) = (std::str::from_utf8(&lang), std::str::from_utf8(&translated), String::from_utf8(v)) {
+                    put(latin1(&k), v);
+                }
+            }
+            b"eXIf" => exif = Some([b"Exif\0\0".as_slice(), data].concat()),
+            _ => {}
+        }
+    }
+    Ok((items, exif))
+}
+
+/// A zlib stream as Pillow's `_safe_zlib_decompress` takes it, up to its 1 MiB limit.
+fn inflate_text(compressed: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    const LIMIT: u64 = 1 << 20;
+    let mut out = Vec::new();
+    flate2::read::ZlibDecoder::new(compressed).take(LIMIT + 1).read_to_end(&mut out).ok()?;
+    (out.len() as u64 <= LIMIT).then_some(out)
+}
+
+/// What Pillow 9.5's JPEG reader puts in `info` that A1111 reads: the first APP1 segment that
+/// starts `Exif\0` (later ones are ignored) and the last COM segment, as `comment` (UTF-8,
+/// bad bytes dropped, as A1111 decodes it). Ours, because the `image` crate's JPEG decoder keeps
+/// the last EXIF segment, wants `Exif\0\0` and skips comments: only the marker walk up to the
+/// scan is written here.
+fn jpeg_info_entries(bytes: &[u8]) -> (Vec<(String, String)>, Option<Vec<u8>>) {
+    let (mut exif, mut comment) = (None, None);
+    jpeg_segments(bytes, &mut |marker, data| match marker {
+        0xE1 if exif.is_none() && data.starts_with(b"Exif\0") => exif = Some(data.to_vec()),
+        0xFE => comment = Some(utf8_dropping_bad_bytes(data)),
+        _ => {}
+    });
+    (comment.map(|c| ("comment".to_string(), c)).into_iter().collect(), exif)
+}
+
+/// Each marker segment of a JPEG before its first scan, as Pillow's reader walks them.
+fn jpeg_segments(bytes: &[u8], on_segment: &mut dyn FnMut(u8, &[u8])) {
+    let mut at = 2; // after SOI
+    while at + 1 < bytes.len() {
+        if bytes[at] != 0xFF {
+            at += 1; // junk between segments, as Pillow skips it
+            continue;
+        }
+        let marker = bytes[at + 1];
+        at += 2;
+        match marker {
+            0xFF => at -= 1,                          // fill byte
+            0x00 | 0x01 | 0xD0..=0xD9 => {}           // no length
+            0xDA => return,                           // start of scan: no more metadata
+            _ => {
+                let (Some(&hi), Some(&lo)) = (bytes.get(at), bytes.get(at + 1)) else { return };
+                let len = (u16::from_be_bytes([hi, lo]) as usize).max(2);
+                let Some(data) = bytes.get(at + 2..at + len) else { return };
+                on_segment(marker, data);
+                at += len;
+            }
+        }
+    }
+}
+
+/// The raw `UserComment` of EXIF data as piexif's `load` takes it: a TIFF structure (`II` or
+/// `MM`), or one after a 6-byte `Exif` header (JPEG's APP1, some WebP chunks, Pillow's PNG
+/// `exif`); anything else is no EXIF to piexif.
 fn exif_user_comment(exif: &[u8]) -> Option<Vec<u8>> {
-    let tiff = exif.strip_prefix(b"Exif\0\0").unwrap_or(exif);
+    let tiff = if exif.starts_with(b"II") || exif.starts_with(b"MM") {
+        exif
+    } else if exif.starts_with(b"Exif") {
+        exif.get(6..)?
+    } else {
+        return None;
+    };
     // piexif ends the Exif IFD without a next-IFD offset, which kamadak-exif reports as an error
     // after reading its fields: what was read is kept.
     let parsed = match exif::Reader::new().continue_on_error(true).read_raw(tiff.to_vec()) {
@@ -187,7 +314,9 @@ fn exif_user_comment(exif: &[u8]) -> Option<Vec<u8>> {
     match &parsed.get_field(Tag::UserComment, In::PRIMARY)?.value {
         Value::Undefined(raw, _) => Some(raw.clone()),
         Value::Byte(raw) => Some(raw.clone()),
-        Value::Ascii(parts) => Some(parts.concat()),
+        // piexif reads an ASCII value without its terminating NUL; kamadak-exif has split it at
+        // every NUL.
+        Value::Ascii(parts) => Some(parts.join(&0u8)),
         _ => None,
     }
 }
@@ -200,29 +329,44 @@ pub fn user_comment_text(raw: &[u8]) -> String {
         let (prefix, body) = raw.split_at(8);
         match prefix {
             b"UNICODE\0" => {
-                let units = body.chunks(2).map(|c| if c.len() == 2 { Some(u16::from_be_bytes([c[0], c[1]])) } else { None });
-                let mut out = String::new();
-                let mut pending: Vec<u16> = vec![];
-                for u in units {
-                    match u {
-                        Some(u) => pending.push(u),
-                        // Python's utf_16_be: a trailing odd byte is one replacement character.
-                        None => {
-                            out.extend(char::decode_utf16(pending.drain(..)).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)));
-                            out.push(char::REPLACEMENT_CHARACTER);
-                        }
-                    }
+                let units: Vec<u16> = body.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+                let mut out: String = char::decode_utf16(units.iter().copied()).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)).collect();
+                // Python's utf_16_be: an odd trailing byte is one more U+FFFD, except after a
+                // lone high surrogate, whose error takes the byte in.
+                if body.len() % 2 == 1 && !units.last().is_some_and(|u| (0xD800..0xDC00).contains(u)) {
+                    out.push(char::REPLACEMENT_CHARACTER);
                 }
-                out.extend(char::decode_utf16(pending).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)));
                 return out;
             }
             // Python's `ascii` codec with errors="replace": each byte over 127 is one U+FFFD.
-            // Shift_JIS is read only as far as its ASCII range goes (see the closing note).
-            b"ASCII\0\0\0" | b"JIS\0\0\0\0\0" => return body.iter().map(|&b| if b < 128 { b as char } else { char::REPLACEMENT_CHARACTER }).collect(),
+            b"ASCII\0\0\0" => return body.iter().map(|&b| if b < 128 { b as char } else { char::REPLACEMENT_CHARACTER }).collect(),
+            b"JIS\0\0\0\0\0" => return shift_jis_lossy(body),
             _ => {}
         }
     }
     utf8_dropping_bad_bytes(raw)
+}
+
+/// Shift_JIS as far as it is not a table: ASCII and half-width katakana as Python's
+/// `shift_jis` decodes them, each two-byte character (kanji, kana) as one U+FFFD. No crate
+/// here has Python's JIS X 0208 table (encoding_rs decodes Windows-31J, which differs).
+fn shift_jis_lossy(body: &[u8]) -> String {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        match b {
+            0x00..=0x7F => out.push(b as char),
+            0xA1..=0xDF => out.push(char::from_u32(0xFF61 + (b - 0xA1) as u32).unwrap_or(char::REPLACEMENT_CHARACTER)),
+            0x81..=0x9F | 0xE0..=0xFC if body.get(i + 1).is_some_and(|t| matches!(t, 0x40..=0x7E | 0x80..=0xFC)) => {
+                out.push(char::REPLACEMENT_CHARACTER);
+                i += 1;
+            }
+            _ => out.push(char::REPLACEMENT_CHARACTER),
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Python's `bytes.decode("utf8", errors="ignore")`.
@@ -279,7 +423,7 @@ impl SamplesFormat {
             "jpg" | "jpeg" if (1..=100).contains(&quality) => Ok(Self::Jpeg { quality }),
             "jpg" | "jpeg" => Err(Error::Argument(format!("JPEG quality {quality}: expected 1 to 100"))),
             "webp" => Ok(Self::Webp),
-            _ => Err(Error::Argument(format!("samples format {name:?}: expected png, jpg or webp"))),
+            _ => Err(Error::Argument(format!("samples format {name:?}: expected png, jpg, jpeg or webp"))),
         }
     }
 
@@ -291,12 +435,41 @@ impl SamplesFormat {
         }
     }
 
+    /// Why a picture of this size with these parameters cannot be written in this format, if it
+    /// cannot: a JPEG side over 65535 or a WebP side over 16383 (A1111 saves PNG then), or
+    /// parameters over what one JPEG segment holds (about 32,700 UTF-16 units; A1111 fails
+    /// there, and a longer segment would be a corrupt file).
+    pub fn unfit(self, width: u32, height: u32, parameters: &str) -> Option<String> {
+        match self {
+            Self::Png => None,
+            Self::Jpeg { .. } if width.max(height) > 65535 => Some(format!("a {width}x{height} picture is too large for a JPEG (65535 pixels a side)")),
+            // "Exif\0\0", the TIFF header and two one-entry IFDs, the comment's 8-byte prefix.
+            Self::Jpeg { .. } if 6 + 52 + 2 * parameters.encode_utf16().count() > 65533 => {
+                Some(format!("its parameters ({} characters) are too long for a JPEG's EXIF (about 32,700)", parameters.chars().count()))
+            }
+            Self::Webp if width.max(height) > 16383 => Some(format!("a {width}x{height} picture is too large for a WebP (16383 pixels a side)")),
+            _ => None,
+        }
+    }
+
+    /// This format, or PNG where [`Self::unfit`] says why not (with that reason).
+    pub fn or_png(self, width: u32, height: u32, parameters: &str) -> (Self, Option<String>) {
+        match self.unfit(width, height, parameters) {
+            Some(why) => (Self::Png, Some(format!("{why}: written as PNG"))),
+            None => (self, None),
+        }
+    }
+
     /// The picture in this format, as A1111 saves it: a PNG keeps every text chunk; a JPEG or
     /// WebP keeps only `parameters`, as its EXIF UserComment (written even when empty, as the
     /// API's `encode_pil_to_base64` does).
     pub fn encode(self, img: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
         use image::ImageEncoder as _;
-        let exif = || user_comment_exif(text.iter().find(|(k, _)| *k == "parameters").map_or("", |(_, v)| v.as_str()));
+        let parameters = text.iter().find(|(k, _)| *k == "parameters").map_or("", |(_, v)| v.as_str());
+        if let Some(why) = self.unfit(img.width(), img.height(), parameters) {
+            return Err(Error::Argument(format!("cannot write a {}: {why}", self.extension())));
+        }
+        let exif = || user_comment_exif(parameters);
         let failed = |e: image::ImageError| Error::Internal(format!("encoding a {} picture: {e}", self.extension()));
         let mut out = Vec::new();
         match self {
@@ -332,6 +505,11 @@ mod tests {
         assert_eq!(utf8_dropping_bad_bytes(b"a\xffb\xc3\xa9\xe2\x82"), "abé");
         assert_eq!(user_comment_text(b"abc"), "abc");
         assert_eq!(user_comment_text(b"UNICODE\0\0a\0"), "a\u{fffd}");
+        // A lone high surrogate and an odd byte are one error to Python.
+        assert_eq!(user_comment_text(b"UNICODE\0\xd8\x00A"), "\u{fffd}");
+        assert_eq!(user_comment_text(b"UNICODE\0\xd8\x00\x00A\xdc"), "\u{fffd}A\u{fffd}");
+        // Shift_JIS: ASCII and half-width kana as Python reads them, a kanji as one U+FFFD.
+        assert_eq!(user_comment_text(b"JIS\0\0\0\0\0\x94\x4c\xb1Steps: 2"), "\u{fffd}\u{ff71}Steps: 2");
     }
 
     fn goldens() -> (std::path::PathBuf, serde_json::Value) {
@@ -346,14 +524,12 @@ mod tests {
     fn reads_what_a1111_reads() {
         let (dir, expected) = goldens();
         let read = expected["read"].as_object().unwrap();
-        assert!(read.len() >= 24);
+        assert!(read.len() >= 37);
         for (name, want) in read {
             let got = read_image_info(&std::fs::read(dir.join(name)).unwrap()).unwrap();
             assert_eq!(got.parameters.as_deref(), want["info"].as_str(), "{name}");
-            let items: Vec<(String, String)> = want["items"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
-            let mut got_items = got.items.clone();
-            got_items.sort();
-            assert_eq!(got_items, items, "{name}");
+            let items: Vec<(String, String)> = want["items"].as_array().unwrap().iter().map(|kv| (kv[0].as_str().unwrap().to_string(), kv[1].as_str().unwrap().to_string())).collect();
+            assert_eq!(got.items, items, "{name}");
         }
     }
 
@@ -394,7 +570,18 @@ mod tests {
             }
         }
         assert!(SamplesFormat::parse("JPG", 0).unwrap_err().to_string().contains("1 to 100"));
-        assert!(SamplesFormat::parse("gif", 80).unwrap_err().to_string().contains("png, jpg or webp"));
+        assert!(SamplesFormat::parse("gif", 80).unwrap_err().to_string().contains("png, jpg, jpeg or webp"));
         assert_eq!(SamplesFormat::parse("jpeg", 95).unwrap(), SamplesFormat::Jpeg { quality: 95 });
+        // The longest comment one JPEG segment holds is written and read back; one more
+        // UTF-16 unit is refused (never a wrapped segment length), and PNG is offered instead.
+        let jpeg = SamplesFormat::Jpeg { quality: 80 };
+        let longest = "x".repeat((65533 - 58) / 2);
+        let bytes = jpeg.encode(&img, &[("parameters", longest.clone())]).unwrap();
+        assert_eq!(read_image_info(&bytes).unwrap().parameters.as_deref(), Some(longest.as_str()));
+        let over = format!("{longest}\u{1F600}");
+        assert!(jpeg.encode(&img, &[("parameters", over.clone())]).unwrap_err().to_string().contains("too long for a JPEG"));
+        assert_eq!(jpeg.or_png(19, 7, &over).0, SamplesFormat::Png);
+        assert_eq!(SamplesFormat::Webp.or_png(16384, 7, "").0, SamplesFormat::Png);
+        assert_eq!(SamplesFormat::Webp.or_png(16383, 7, &over), (SamplesFormat::Webp, None));
     }
 }

@@ -683,7 +683,13 @@ impl Studio {
                 let rec = record(i, loaded.hashes.clone(), ti_hashes.clone(), summary.clone(), drawn.clone());
                 let (path, format) = match &fixed {
                     Some(f) => (f[i].clone(), super::SamplesFormat::Png),
-                    None => (output::next_image_path(outputs.dir, rec.seed, outputs.format.extension(), &mut idx), outputs.format),
+                    None => {
+                        let (format, note) = outputs.format.or_png(img.width(), img.height(), &super::parameters_text(&rec));
+                        if let Some(message) = note {
+                            on_event(StudioEvent::Notice { message });
+                        }
+                        (output::next_image_path(outputs.dir, rec.seed, format.extension(), &mut idx), format)
+                    }
                 };
                 output::write_atomic(&path, &encode_image_as(img, &rec, format)?)?;
                 on_event(StudioEvent::Image { path: path.clone(), seed: rec.seed, batch: unit.batch, index: rec.index_in_batch });

@@ -402,31 +402,10 @@ pub fn png_text_chunks(bytes: &[u8]) -> Result<HashMap<String, String>> {
     Ok(png_text_list(bytes)?.into_iter().collect())
 }
 
-/// [`png_text_chunks`] in order: tEXt, then zTXt, then iTXt chunks, each kind in file order (a
-/// key given twice keeps its last value, in its first place, as Pillow's `info` dict).
+/// [`png_text_chunks`] in file order, those after the image data too (a key given twice keeps
+/// its last value, in its first place, as Pillow's `info` dict).
 pub fn png_text_list(bytes: &[u8]) -> Result<Vec<(String, String)>> {
-    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
-    let reader = decoder.read_info().map_err(|e| Error::Argument(format!("not a PNG: {e}")))?;
-    let info = reader.info();
-    let mut out: Vec<(String, String)> = Vec::new();
-    let mut put = |k: &str, v: String| match out.iter_mut().find(|(key, _)| key == k) {
-        Some(e) => e.1 = v,
-        None => out.push((k.to_string(), v)),
-    };
-    for t in &info.uncompressed_latin1_text {
-        put(&t.keyword, t.text.clone());
-    }
-    for t in &info.compressed_latin1_text {
-        if let Ok(text) = t.get_text() {
-            put(&t.keyword, text);
-        }
-    }
-    for t in &info.utf8_text {
-        if let Ok(text) = t.get_text() {
-            put(&t.keyword, text);
-        }
-    }
-    Ok(out)
+    Ok(super::image_info::png_info_entries(bytes)?.0)
 }
 
 /// Settings restored from a picture made by us (a PNG's JSON chunk) or by A1111-compatible

@@ -228,7 +228,13 @@ impl Studio {
             rec.index_in_batch = 0;
             let (path, format) = match target(n) {
                 Some(p) => (p, super::SamplesFormat::Png),
-                None => (output::next_image_path(outputs.dir, start, outputs.format.extension(), &mut idx), outputs.format),
+                None => {
+                    let (format, note) = outputs.format.or_png(combined.width(), combined.height(), &super::parameters_text(&rec));
+                    if let Some(message) = note {
+                        on_event(StudioEvent::Notice { message });
+                    }
+                    (output::next_image_path(outputs.dir, start, format.extension(), &mut idx), format)
+                }
             };
             output::write_atomic(&path, &encode_image_as(&combined, &rec, format)?)?;
             on_event(StudioEvent::Image { path: path.clone(), seed: start, batch: n, index: 0 });

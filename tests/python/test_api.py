@@ -171,6 +171,11 @@ def main():
             up = api.extra_single_image(res.image, upscaler_1="Lanczos", upscaling_resize=2)
             raw = base64.b64decode(up.json["image"])
             check(Image.open(io.BytesIO(raw)).format == kind and user_comment(raw) == params, f"Extras answers a {kind} with the parameters as its EXIF comment")
+        wrapped = base64.encodebytes(raw).decode()  # line breaks every 76 characters, as A1111 takes them
+        read = requests.post(base + "/png-info", json={"image": wrapped}, auth=(USER, PASS)).json()
+        check(read.get("info") == params, "png-info takes base64 with line breaks")
+        empty = requests.post(base + "/png-info", json={"image": ""}, auth=(USER, PASS))
+        check(empty.status_code == 200 and empty.json()["info"] == "", f"png-info of an empty picture is empty info ({empty.text})")
         api.set_options({"samples_format": "png"})
         check(api.txt2img(prompt="x", seed=1, width=64, height=64, steps=2).image.format == "PNG", "samples_format back to png")
         bad = requests.post(base + "/options", json={"samples_format": "gif"}, auth=(USER, PASS))

@@ -6,10 +6,10 @@ The pictures are written the ways A1111 writes them, over Pillow 9.5.0 and piexi
 versions it pins):
 - `save_image_with_geninfo` for .jpg/.webp: `image.save(quality=80)`, then
   `piexif.insert(piexif.dump({"Exif": {UserComment: UserComment.dump(geninfo, "unicode")}}))`;
-- the API's `encode_pil_to_base64`: `image.save(format=..., exif=exif_bytes, quality=80)`, which
-  leaves WebP's EXIF chunk with its `Exif\\0\\0` header;
+- the API's `encode_pil_to_base64`: `image.save(format=..., exif=exif_bytes, quality=80)`;
 and the ways other tools and odd files carry them (an ASCII-prefixed or unprefixed UserComment,
-Pillow's little-endian EXIF, a PNG's `eXIf` chunk beside its text chunks, EXIF without a comment).
+little-endian EXIF, a PNG's `eXIf` chunk beside its text chunks, EXIF without a comment, two EXIF
+segments, COM comments, text chunks after the image data, NovelAI's PNGs).
 The expected values come from `read_info_from_image` re-implemented below line by line, run on the
 pictures as Pillow opens them.
 
@@ -20,6 +20,7 @@ import io
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import piexif
@@ -113,9 +114,11 @@ def main():
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             geninfo, items = read_info_from_image(im)
+        # A JPEG's `comment` is bytes in Pillow's info; the API answers it decoded.
+        items = {k: v.decode("utf8", errors="ignore") if k == "comment" and isinstance(v, bytes) else v for k, v in items.items()}
         for k, v in items.items():
             assert isinstance(v, str), (name, k, v)
-        expected[name] = {"info": geninfo, "items": items}
+        expected[name] = {"info": geninfo, "items": list(items.items())}  # in Pillow's order
 
     def saved(img, fmt, **kw):
         buf = io.BytesIO()
@@ -180,6 +183,48 @@ def main():
     keep("novelai_tiny_scale.png", novelai({"steps": 30, "sampler": "ddim", "seed": 1, "scale": 1.5e-05, "uc": None}))
     keep("novelai_no_uc.png", novelai({"steps": 28, "sampler": "k_euler", "seed": 3, "scale": 6.0}, [("parameters", "kept")]))
     keep("novelai_bad_json.png", novelai({}, [("Comment", "{not json")]))
+
+    # Chunk order and place, as a loaded picture (A1111's images.read) has them: text after the
+    # image data is read, the last value of a key given twice wins, in file order across kinds.
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    def before_iend(data, *chunks):
+        assert data[-12:-8] == b"\x00\x00\x00\x00" and data[-8:-4] == b"IEND"
+        return data[:-12] + b"".join(chunks) + data[-12:]
+
+    base = png([("Software", "x")])
+    keep("text_after_idat.png", before_iend(base, chunk(b"tEXt", b"parameters\x00after the image data"), chunk(b"tEXt", b"Software\x00y")))
+    keep("exif_after_idat.png", before_iend(png([("parameters", "before")]), chunk(b"eXIf", exif_bytes("after the image data")[6:])))
+    itxt = b"parameters\x00\x00\x00\x00\x00" + "from iTXt \u00e9".encode()
+    keep("itxt_then_text.png", before_iend(png([]), chunk(b"iTXt", itxt), chunk(b"tEXt", b"parameters\x00from tEXt \xe9")))
+    ztxt = b"parameters\x00\x00" + zlib.compress("zipped caf\u00e9, Steps: 5".encode("latin-1"))
+    itxt_z = b"extra\x00\x01\x00en\x00Extra\x00" + zlib.compress("zipped \u4e2d".encode())
+    keep("compressed_text.png", before_iend(png([]), chunk(b"zTXt", ztxt), chunk(b"iTXt", itxt_z), chunk(b"zTXt", b"broken\x00\x00not zlib")))
+
+    # JPEGs with two EXIF segments (Pillow keeps the first) and an `Exif\0` header of another kind.
+    def jpeg_with_app1(*payloads):
+        data = saved(img, "JPEG", quality=80)
+        segments = b"".join(b"\xff\xe1" + struct.pack(">H", len(p) + 2) + p for p in payloads)
+        return data[:2] + segments + data[2:]
+
+    keep("two_exif.jpg", jpeg_with_app1(exif_bytes("first"), exif_bytes("second")))
+    keep("two_exif_first_empty.jpg", jpeg_with_app1(piexif.dump({"0th": {piexif.ImageIFD.Orientation: 1}}), exif_bytes("second")))
+    keep("exif_odd_header.jpg", jpeg_with_app1(b"Exif\x00\xff" + exif_bytes("odd header")[6:]))
+    # A comment typed ASCII (piexif reads it without its last byte) and JIS-prefixed ASCII and kana.
+    def tiff_comment(kind, raw):
+        ifd0 = struct.pack(">H", 1) + struct.pack(">HHII", 0x8769, 4, 1, 26) + struct.pack(">I", 0)
+        exif_ifd = struct.pack(">H", 1) + struct.pack(">HHII", 0x9286, kind, len(raw), 44) + struct.pack(">I", 0)
+        return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + ifd0 + exif_ifd + raw
+
+    keep("ascii_typed.jpg", saved(img, "JPEG", exif=tiff_comment(2, b"ASCII\x00\x00\x00Steps: 3, Seed: 4\x00"), quality=80))
+    keep("jis_kana.jpg", saved(img, "JPEG", exif=tiff_comment(7, b"JIS\x00\x00\x00\x00\x00\xb1\xb2 Steps: 6"), quality=80))
+    # A COM comment is the infotext when there is no EXIF at all (A1111's branch "for gif"), and
+    # a PNG `comment` chunk too, over its `parameters`.
+    keep("comment_only.jpg", saved(img, "JPEG", comment="Steps: 9, Seed: 8 caf\u00e9".encode() + b"\xff", quality=80))
+    keep("comment_and_exif.jpg", saved(img, "JPEG", comment=b"not read", exif=piexif.dump({"0th": {piexif.ImageIFD.Orientation: 1}}), quality=80))
+    keep("comment.png", png([("parameters", "from parameters"), ("comment", "from comment")]))
+    keep("surrogate_odd.jpg", saved(img, "JPEG", exif=raw_comment_exif(b"UNICODE\x00\x00o\xd8\x00A"), quality=80))
 
     # What A1111 writes as EXIF (piexif.dump), for our writer.
     dumps = {text: exif_bytes(text).hex() for text in ["", "hi", INFOTEXT, "tab\tnewline\n\u00e9\U0001F600"]}

@@ -292,7 +292,7 @@ pub struct GenerateArgs {
 }
 
 impl GenerateArgs {
-    fn format(&self) -> loramix::Result<studio::SamplesFormat> {
+    pub fn format(&self) -> loramix::Result<studio::SamplesFormat> {
         studio::SamplesFormat::parse(&self.samples_format, self.jpeg_quality)
     }
 }
@@ -851,8 +851,12 @@ fn write_batch(
             version: env!("CARGO_PKG_VERSION").to_string(),
             drawn: None,
         };
-        let path = output::next_image_path(&a.out, rec.seed, a.format()?.extension(), idx);
-        output::write_atomic(&path, &studio::encode_image_as(img, &rec, a.format()?)?)?;
+        let (format, note) = a.format()?.or_png(img.width(), img.height(), &studio::parameters_text(&rec));
+        if let Some(note) = note {
+            eprintln!("{note}");
+        }
+        let path = output::next_image_path(&a.out, rec.seed, format.extension(), idx);
+        output::write_atomic(&path, &studio::encode_image_as(img, &rec, format)?)?;
         written.push(path);
     }
     Ok(written)

@@ -37,6 +37,9 @@ pub struct GridArgs {
 pub fn run(a: GridArgs) -> Result<()> {
     let parse = |s: &Option<String>| s.as_deref().map(str::parse::<Axis>).transpose();
     let (x, y, z) = (Some(a.x.parse::<Axis>()?), parse(&a.y)?, parse(&a.z)?);
+    if a.job.format()? != studio::SamplesFormat::Png {
+        anyhow::bail!("--samples-format: a grid writes PNGs (each cell keeps the record that restores it)");
+    }
     let parts = generate::job_parts(&a.job)?;
     let settings = generate::studio_settings(&a.job, parts.init, parts.hires, "grid")?;
     let cells = [&x, &y, &z].iter().map(|a| a.as_ref().map_or(1, |a| a.values.len())).product::<usize>();
