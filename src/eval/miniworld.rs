@@ -179,18 +179,11 @@ fn most_likely<P: PartialOrd>(p: &[P], classes: &[String]) -> String {
         .unwrap_or_default()
 }
 
-/// The prompt stored in one of our (or A1111's) PNGs: the first line of `parameters`.
-pub fn prompt_from_png(path: &Path) -> Result<String> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
-    let reader = decoder.read_info().map_err(|e| Error::BadFile { path: path.to_path_buf(), message: format!("not a PNG: {e}") })?;
-    let info = reader.info();
-    let text = info
-        .uncompressed_latin1_text
-        .iter()
-        .find(|t| t.keyword == "parameters")
-        .map(|t| t.text.clone())
-        .or_else(|| info.utf8_text.iter().find(|t| t.keyword == "parameters").and_then(|t| t.get_text().ok()));
-    let text = text.ok_or_else(|| Error::BadFile { path: path.to_path_buf(), message: "no `parameters` text chunk (pass --prompt)".into() })?;
+/// The prompt stored in one of our (or A1111's) pictures, PNG, JPEG or WebP: the first line of
+/// its parameters.
+pub fn prompt_from_image(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let info = crate::studio::read_image_info(&bytes).map_err(|e| Error::BadFile { path: path.to_path_buf(), message: e.to_string() })?;
+    let text = info.parameters.filter(|p| !p.is_empty()).ok_or_else(|| Error::BadFile { path: path.to_path_buf(), message: "no generation parameters (a PNG's `parameters` chunk, a JPEG's or WebP's EXIF comment; pass --prompt)".into() })?;
     Ok(text.lines().next().unwrap_or("").to_string())
 }

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// PNG files (their prompt is read from the `parameters` chunk unless --prompt is given).
+    /// Pictures, PNG, JPEG or WebP (their prompt is read from their parameters unless --prompt is given).
     #[arg(required = true)]
     images: Vec<PathBuf>,
     #[arg(long)]
@@ -30,7 +30,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let scored = (|| -> Result<_> {
             let prompt = match &a.prompt {
                 Some(p) => p.clone(),
-                None => loramix::eval::prompt_from_png(path)?,
+                None => loramix::eval::prompt_from_image(path)?,
             };
             let img = image::open(path).with_context(|| format!("reading {}", path.display()))?.to_rgb8();
             let s = ev.score(&img, &prompt)?;
