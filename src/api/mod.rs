@@ -313,10 +313,58 @@ fn decode_image(field: &str, text: &str) -> std::result::Result<Vec<u8>, ApiErro
 
 fn decode_base64(text: &str) -> std::result::Result<Vec<u8>, String> {
     let raw = text.split_once(";base64,").map_or(text, |(_, b)| b);
-    // Python's `b64decode` (A1111's) skips what is not of the alphabet: line breaks from
-    // `base64.encodebytes` or a wrapping `base64` command.
-    let raw: String = raw.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=')).collect();
-    base64::engine::general_purpose::STANDARD.decode(raw).map_err(|e| format!("expected a base64 image: {e}"))
+    python_b64decode(raw.as_bytes()).map_err(|e| format!("expected a base64 image: {e}"))
+}
+
+/// Python's `base64.b64decode` as A1111 calls it (not validating): what is not of the alphabet
+/// is skipped (line breaks from `base64.encodebytes` or a wrapping `base64` command), padding
+/// that completes a group ends the input, stray `=` are ignored, and trailing bits may be set.
+/// Ours, because no base64 crate is this lenient; it follows CPython's `binascii.a2b_base64`.
+fn python_b64decode(text: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(text.len() / 4 * 3);
+    let (mut quad_pos, mut pads, mut left) = (0u8, 0u8, 0u8);
+    for &c in text {
+        if c == b'=' {
+            // CPython: `quad_pos >= 2 && quad_pos + ++pads >= 4` (pads counted from the third
+            // character of a group only).
+            if quad_pos >= 2 {
+                pads += 1;
+                if quad_pos + pads >= 4 {
+                    return Ok(out);
+                }
+            }
+            continue;
+        }
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => continue,
+        };
+        pads = 0;
+        match quad_pos {
+            0 => (quad_pos, left) = (1, v),
+            1 => {
+                out.push((left << 2) | (v >> 4));
+                (quad_pos, left) = (2, v & 0x0F);
+            }
+            2 => {
+                out.push((left << 4) | (v >> 2));
+                (quad_pos, left) = (3, v & 0x03);
+            }
+            _ => {
+                out.push((left << 6) | v);
+                (quad_pos, left) = (0, 0);
+            }
+        }
+    }
+    match quad_pos {
+        0 => Ok(out),
+        1 => Err(format!("invalid base64: the number of data characters ({}) cannot be 1 more than a multiple of 4", out.len() / 3 * 4 + 1)),
+        _ => Err("incorrect base64 padding".into()),
+    }
 }
 
 async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) -> std::result::Result<Json<Value>, ApiError> {
@@ -1233,7 +1281,11 @@ async fn run_extras(state: &AppState, req: &ExtrasRequest, pictures: Vec<(Vec<St
             // `encode_pil_to_base64`: RGB, and the picture's `parameters` (not `postprocessing`).
             let parameters: Vec<(&str, String)> = chunks.iter().filter(|(k, _)| k == "parameters").map(|(k, v)| (k.as_str(), v.clone())).collect();
             let (w, h) = out.image.dimensions();
-            let encoded = match format.or_png(w, h, parameters.first().map_or("", |(_, v)| v.as_str())).0 {
+            let (format, note) = format.or_png(w, h, parameters.first().map_or("", |(_, v)| v.as_str()));
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
+            let encoded = match format {
                 studio::SamplesFormat::Png => out.image.encode_png(&chunks),
                 f => f.encode(&out.image.to_rgb(), &parameters),
             };
@@ -1282,7 +1334,7 @@ struct PngInfoRequest {
 async fn png_info(body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
     let req: PngInfoRequest = parse_body(&body)?;
     if req.image.trim().is_empty() {
-        // A1111 answers an empty picture with empty info.
+        // Empty info, as A1111 answered before 1.6 (1.10 fails with a 500 here).
         return Ok(Json(studio::ImageInfo::default().png_info()));
     }
     let bytes = decode_image("image", &req.image)?;
@@ -1364,6 +1416,21 @@ pub async fn serve_on(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     axum::serve(listener, router(config, worker)).with_graceful_shutdown(shutdown).await.map_err(|e| Error::Argument(format!("server: {e}")))
+}
+
+#[cfg(test)]
+mod b64_tests {
+    /// Each as CPython 3's `base64.b64decode` answers it.
+    #[test]
+    fn base64_as_python_reads_it() {
+        for (text, want) in [("QQ==QUJD", Ok("A")), ("=QUJD", Ok("ABC")), ("QUJD=", Ok("ABC")), ("QR==", Ok("A")), ("QUJD\nRA==", Ok("ABCD")), ("Q=UJD", Ok("ABC")), ("QU=JD", Ok("ABC")), ("QUJ=D", Ok("AB")), ("QUJDR", Err("(5) cannot be 1 more")), ("QUJDRA", Err("padding")), ("QU JD RA =", Err("padding"))] {
+            let got = super::python_b64decode(text.as_bytes());
+            match want {
+                Ok(w) => assert_eq!(got.as_deref(), Ok(w.as_bytes()), "{text:?}"),
+                Err(w) => assert!(got.as_ref().is_err_and(|e| e.contains(w)), "{text:?}: {got:?}"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

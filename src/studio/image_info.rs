@@ -24,8 +24,9 @@ pub struct ImageInfo {
 
 impl ImageInfo {
     /// What A1111's `/sdapi/v1/png-info` answers: `info` (the infotext, or empty), `items` and
-    /// `parameters`, the infotext parsed as its `parse_generation_parameters` parses it
-    /// (prompt, negative prompt, each `Key: value`, and every `WxH` value also split in two).
+    /// `parameters`, the infotext parsed as its `parse_generation_parameters` parses it (prompt,
+    /// negative prompt, each `Key: value`, a `WxH` value as `Key-1` and `Key-2` instead), less
+    /// the defaults it fills in for keys the text lacks (`Clip skip: 1`, `RNG: GPU`, …).
     pub fn png_info(&self) -> serde_json::Value {
         use serde_json::Value;
         let info = self.parameters.clone().unwrap_or_default();
@@ -39,8 +40,9 @@ impl ImageInfo {
             if let Some((w, h)) = v.split_once('x').filter(|(w, h)| [w, h].iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))) {
                 parsed.insert(format!("{k}-1"), w.into());
                 parsed.insert(format!("{k}-2"), h.into());
+            } else {
+                parsed.insert(k, v.into());
             }
-            parsed.insert(k, v.into());
         }
         serde_json::json!({"info": info, "items": items, "parameters": parsed})
     }
@@ -90,8 +92,11 @@ fn novelai_infotext(items: &[(String, String)], bytes: &[u8]) -> Option<String> 
     let field = |key: &str| json.get(key).and_then(python_str);
     // `sd_samplers.samplers_map.get(json_info["sampler"], "Euler a")`: a key error on a
     // missing sampler, a non-string one is no key.
-    let sampler = json.get("sampler")?;
-    let sampler = sampler.as_str().and_then(|s| A1111_SAMPLERS_MAP.iter().find(|(k, _)| *k == s)).map_or("Euler a", |(_, name)| name);
+    let sampler = match json.get("sampler")? {
+        // A list or an object is no dict key in Python (a TypeError there).
+        serde_json::Value::Array(_) | serde_json::Value::Object(_) => return None,
+        s => s.as_str().and_then(|s| A1111_SAMPLERS_MAP.iter().find(|(k, _)| *k == s)).map_or("Euler a", |(_, name)| name),
+    };
     let (width, height) = image::ImageReader::new(Cursor::new(bytes)).with_guessed_format().ok()?.into_dimensions().ok()?;
     Some(format!(
         "{}\nNegative prompt: {}\nSteps: {}, Sampler: {sampler}, CFG scale: {}, Seed: {}, Size: {width}x{height}, Clip skip: 2, ENSD: 31337",
@@ -188,11 +193,25 @@ pub(crate) fn png_info_entries(bytes: &[u8]) -> Result<(Vec<(String, String)>, O
     let latin1 = |b: &[u8]| -> String { b.iter().map(|&c| c as char).collect() };
     let split_nul = |b: &'_ [u8]| -> Option<(Vec<u8>, Vec<u8>)> { b.iter().position(|&c| c == 0).map(|i| (b[..i].to_vec(), b[i + 1..].to_vec())) };
     let mut items: Vec<(String, String)> = vec![];
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut exif = None;
-    let mut put = |k: String, v: String| match items.iter_mut().find(|(key, _)| *key == k) {
-        Some(e) => e.1 = v,
-        None => items.push((k, v)),
+    // Pillow's `check_text_memory`: past 64 MiB of decoded text the picture is refused.
+    let mut text_memory = 0usize;
+    let mut put = |k: String, v: String| -> Result<()> {
+        text_memory += v.len();
+        if text_memory > 64 << 20 {
+            return Err(Error::Argument("the PNG's text chunks hold over 64 MiB of text (Pillow refuses it too)".into()));
+        }
+        match index.get(&k) {
+            Some(&i) => items[i].1 = v,
+            None => {
+                index.insert(k.clone(), items.len());
+                items.push((k, v));
+            }
+        }
+        Ok(())
     };
+    let too_large = || Error::Argument("a PNG text chunk over 1 MiB uncompressed (Pillow refuses it too)".into());
     while rest.len() >= 8 {
         let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         let kind: [u8; 4] = [rest[4], rest[5], rest[6], rest[7]];
@@ -207,7 +226,7 @@ pub(crate) fn png_info_entries(bytes: &[u8]) -> Result<(Vec<(String, String)>, O
                     exif = Some(v.clone());
                 }
                 if !k.is_empty() {
-                    put(latin1(&k), latin1(&v));
+                    put(latin1(&k), latin1(&v))?;
                 }
             }
             b"zTXt" => {
@@ -216,9 +235,18 @@ pub(crate) fn png_info_entries(bytes: &[u8]) -> Result<(Vec<(String, String)>, O
                 if v.first().is_some_and(|&m| m != 0) {
                     continue;
                 }
-                let text = v.get(1..).and_then(inflate_text).unwrap_or_default();
+                let text = match inflate_text(v.get(1..).unwrap_or_default()) {
+                    Inflated::Text(t) => t,
+                    Inflated::Corrupt => vec![],
+                    Inflated::TooLarge => return Err(too_large()),
+                };
                 if !k.is_empty() {
-                    put(latin1(&k), latin1(&text));
+                    if k == b"exif" {
+                        // Pillow keeps this `exif` as text, which piexif cannot read: EXIF
+                        // present, no comment.
+                        exif = Some(vec![]);
+                    }
+                    put(latin1(&k), latin1(&text))?;
                 }
             }
             b"iTXt" => {
@@ -229,14 +257,18 @@ pub(crate) fn png_info_entries(bytes: &[u8]) -> Result<(Vec<(String, String)>, O
                 let v = match (flag, method) {
                     (0, _) => v,
                     (_, 0) => match inflate_text(&v) {
-                        Some(v) => v,
-                        None => continue,
+                        Inflated::Text(v) => v,
+                        Inflated::Corrupt => continue,
+                        Inflated::TooLarge => return Err(too_large()),
                     },
                     _ => continue,
                 };
                 // Every part must be UTF-8, or Pillow drops the chunk.
                 if let (Ok(_), Ok(_), Ok(v)) = (std::str::from_utf8(&lang), std::str::from_utf8(&translated), String::from_utf8(v)) {
-                    put(latin1(&k), v);
+                    if k == b"exif" {
+                        exif = Some(vec![]);
+                    }
+                    put(latin1(&k), v)?;
                 }
             }
             b"eXIf" => exif = Some([b"Exif\0\0".as_slice(), data].concat()),
@@ -246,13 +278,41 @@ pub(crate) fn png_info_entries(bytes: &[u8]) -> Result<(Vec<(String, String)>, O
     Ok((items, exif))
 }
 
-/// A zlib stream as Pillow's `_safe_zlib_decompress` takes it, up to its 1 MiB limit.
-fn inflate_text(compressed: &[u8]) -> Option<Vec<u8>> {
-    use std::io::Read as _;
-    const LIMIT: u64 = 1 << 20;
-    let mut out = Vec::new();
-    flate2::read::ZlibDecoder::new(compressed).take(LIMIT + 1).read_to_end(&mut out).ok()?;
-    (out.len() as u64 <= LIMIT).then_some(out)
+enum Inflated {
+    Text(Vec<u8>),
+    /// Not a zlib stream (Python's `zlib.error`).
+    Corrupt,
+    /// Over Pillow's 1 MiB (its `ValueError`, which fails the whole picture).
+    TooLarge,
+}
+
+/// A zlib stream as Pillow's `_safe_zlib_decompress` takes it: a stream cut short gives what it
+/// holds (Python's `decompressobj` does not complain), up to the 1 MiB limit.
+fn inflate_text(compressed: &[u8]) -> Inflated {
+    const LIMIT: usize = 1 << 20;
+    let mut z = flate2::Decompress::new(true);
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(LIMIT + 1));
+    loop {
+        if out.len() == out.capacity() {
+            if out.len() > LIMIT {
+                return Inflated::TooLarge;
+            }
+            // Doubling, to one byte past the limit at most (out.len() <= LIMIT here).
+            out.reserve(out.len().max(1024).min(LIMIT + 1 - out.len()));
+        }
+        let before = (z.total_in(), z.total_out());
+        let input = &compressed[(z.total_in() as usize).min(compressed.len())..];
+        match z.decompress_vec(input, &mut out, flate2::FlushDecompress::None) {
+            Ok(flate2::Status::StreamEnd) => break,
+            Ok(_) if (z.total_in(), z.total_out()) == before && out.len() < out.capacity() => break, // input used up
+            Ok(_) => {}
+            Err(_) => return Inflated::Corrupt,
+        }
+    }
+    if out.len() > LIMIT {
+        return Inflated::TooLarge;
+    }
+    Inflated::Text(out)
 }
 
 /// What Pillow 9.5's JPEG reader puts in `info` that A1111 reads: the first APP1 segment that
@@ -282,7 +342,8 @@ fn jpeg_segments(bytes: &[u8], on_segment: &mut dyn FnMut(u8, &[u8])) {
         at += 2;
         match marker {
             0xFF => at -= 1,                          // fill byte
-            0x00 | 0x01 | 0xD0..=0xD9 => {}           // no length
+            // No length in Pillow's marker table.
+            0x00 | 0x01 | 0xC8 | 0xD0..=0xD9 | 0xF0..=0xFD => {}
             0xDA => return,                           // start of scan: no more metadata
             _ => {
                 let (Some(&hi), Some(&lo)) = (bytes.get(at), bytes.get(at + 1)) else { return };
@@ -306,18 +367,50 @@ fn exif_user_comment(exif: &[u8]) -> Option<Vec<u8>> {
     } else {
         return None;
     };
-    // piexif ends the Exif IFD without a next-IFD offset, which kamadak-exif reports as an error
-    // after reading its fields: what was read is kept.
-    let parsed = match exif::Reader::new().continue_on_error(true).read_raw(tiff.to_vec()) {
-        Ok(parsed) => parsed,
-        Err(e) => e.distill_partial_result(|_| {}).ok()?,
+    piexif_user_comment(tiff)
+}
+
+/// piexif's own path to the comment, with its Python slicing: IFD0 at the offset in bytes 4..8
+/// (`II` little-endian, anything else big-endian, the magic number unchecked), its ExifTag as the
+/// Exif IFD's offset, that IFD's UserComment (the last entry of each tag wins, as in its dict),
+/// a value past the end of the data cut where the data ends. Ours, because a TIFF reader that
+/// checks the structure (kamadak-exif) refuses files piexif reads, and drops an ASCII value's
+/// last byte differently. Where piexif raises (a cut entry table), nothing is read.
+fn piexif_user_comment(tiff: &[u8]) -> Option<Vec<u8>> {
+    let le = tiff.starts_with(b"II");
+    let u16_at = |at: usize| tiff.get(at..at.checked_add(2)?).map(|b| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) });
+    let u32_of = |b: &[u8]| if le { u32::from_le_bytes([b[0], b[1], b[2], b[3]]) } else { u32::from_be_bytes([b[0], b[1], b[2], b[3]]) };
+    // Python's `data[start:end]`: clamped, never out of range.
+    let slice = |start: usize, end: usize| -> Vec<u8> { tiff.get(start.min(tiff.len())..end.clamp(start.min(tiff.len()), tiff.len())).unwrap_or_default().to_vec() };
+    // The last (type, count, value field) of `tag` in the IFD at `at`.
+    let find = |at: usize, tag: u16| -> Option<(u16, u32, [u8; 4])> {
+        let count = u16_at(at)? as usize;
+        let mut found = None;
+        for x in 0..count {
+            let p = at.checked_add(2 + 12 * x)?;
+            let entry = tiff.get(p..p.checked_add(12)?)?;
+            if u16_at(p)? == tag {
+                found = Some((u16_at(p + 2)?, u32_of(&entry[4..8]), [entry[8], entry[9], entry[10], entry[11]]));
+            }
+        }
+        found
     };
-    match &parsed.get_field(Tag::UserComment, In::PRIMARY)?.value {
-        Value::Undefined(raw, _) => Some(raw.clone()),
-        Value::Byte(raw) => Some(raw.clone()),
-        // piexif reads an ASCII value without its terminating NUL; kamadak-exif has split it at
-        // every NUL.
-        Value::Ascii(parts) => Some(parts.join(&0u8)),
+    let ifd0 = u32_of(tiff.get(4..8)?) as usize;
+    let exif_ifd = match find(ifd0, 0x8769)? {
+        (4, 1, v) => u32_of(&v) as usize,                                              // LONG
+        (3, 1, v) => (if le { u16::from_le_bytes([v[0], v[1]]) } else { u16::from_be_bytes([v[0], v[1]]) }) as usize, // SHORT
+        _ => return None,
+    };
+    let (kind, count, value) = find(exif_ifd, 0x9286)?;
+    let count = count as usize;
+    let pointer = u32_of(&value) as usize;
+    match kind {
+        // UNDEFINED, and BYTE (a tuple to piexif, on which A1111 fails; read as bytes here).
+        1 | 7 if count > 4 => Some(slice(pointer, pointer.saturating_add(count))),
+        1 | 7 => Some(value[..count].to_vec()),
+        // ASCII: one byte short of the count, as Python's `[:length - 1]` (`[0:-1]` for 0).
+        2 if count > 4 => Some(slice(pointer, pointer.saturating_add(count - 1))),
+        2 => Some(value[..if count == 0 { 3 } else { count - 1 }].to_vec()),
         _ => None,
     }
 }
@@ -359,7 +452,8 @@ fn shift_jis_lossy(body: &[u8]) -> String {
         match b {
             0x00..=0x7F => out.push(b as char),
             0xA1..=0xDF => out.push(char::from_u32(0xFF61 + (b - 0xA1) as u32).unwrap_or(char::REPLACEMENT_CHARACTER)),
-            0x81..=0x9F | 0xE0..=0xFC if body.get(i + 1).is_some_and(|t| matches!(t, 0x40..=0x7E | 0x80..=0xFC)) => {
+            // Python's lead bytes (JIS X 0208 rows) with a trail byte in range.
+            0x81..=0x9F | 0xE0..=0xEA if body.get(i + 1).is_some_and(|t| matches!(t, 0x40..=0x7E | 0x80..=0xFC)) => {
                 out.push(char::REPLACEMENT_CHARACTER);
                 i += 1;
             }
@@ -525,7 +619,7 @@ mod tests {
     fn reads_what_a1111_reads() {
         let (dir, expected) = goldens();
         let read = expected["read"].as_object().unwrap();
-        assert!(read.len() >= 37);
+        assert!(read.len() >= 44);
         for (name, want) in read {
             let got = read_image_info(&std::fs::read(dir.join(name)).unwrap()).unwrap();
             assert_eq!(got.parameters.as_deref(), want["info"].as_str(), "{name}");

@@ -201,6 +201,13 @@ def main():
     ztxt = b"parameters\x00\x00" + zlib.compress("zipped caf\u00e9, Steps: 5".encode("latin-1"))
     itxt_z = b"extra\x00\x01\x00en\x00Extra\x00" + zlib.compress("zipped \u4e2d".encode())
     keep("compressed_text.png", before_iend(png([]), chunk(b"zTXt", ztxt), chunk(b"iTXt", itxt_z), chunk(b"zTXt", b"broken\x00\x00not zlib")))
+    # Streams cut short give what they hold; an `exif` zTXt or iTXt is text piexif cannot read,
+    # which still counts as EXIF (no comment, and no `comment` branch).
+    cut = zlib.compress(("a cat\nSteps: 20, Seed: 7" * 40).encode())
+    keep("truncated_ztxt.png", before_iend(png([]), chunk(b"zTXt", b"parameters\x00\x00" + cut[: len(cut) // 2])))
+    keep("truncated_itxt.png", before_iend(png([]), chunk(b"iTXt", b"parameters\x00\x01\x00\x00\x00" + cut[: len(cut) // 2])))
+    keep("exif_itxt.png", before_iend(png([]), chunk(b"eXIf", exif_bytes("from exif")[6:]), chunk(b"iTXt", b"exif\x00\x00\x00\x00\x00text")))
+    keep("exif_ztxt_comment.png", before_iend(png([("comment", "a comment")]), chunk(b"zTXt", b"exif\x00\x00" + zlib.compress(b"text"))))
 
     # JPEGs with two EXIF segments (Pillow keeps the first) and an `Exif\0` header of another kind.
     def jpeg_with_app1(*payloads):
@@ -218,6 +225,12 @@ def main():
         return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + ifd0 + exif_ifd + raw
 
     keep("ascii_typed.jpg", saved(img, "JPEG", exif=tiff_comment(2, b"ASCII\x00\x00\x00Steps: 3, Seed: 4\x00"), quality=80))
+    keep("ascii_typed_no_nul.jpg", saved(img, "JPEG", exif=tiff_comment(2, b"ASCII\x00\x00\x00Steps: 3"), quality=80))
+    # A count running past the data (piexif slices what is there) and a TIFF magic other than 42.
+    hugecount = tiff_comment(7, b"UNICODE\x00" + "cut short".encode("utf_16_be"))
+    hugecount = hugecount[:6 + 26 + 6] + struct.pack(">I", 0x7FFFFFFF) + hugecount[6 + 26 + 10:]
+    keep("count_past_end.jpg", jpeg_with_app1(hugecount))
+    keep("odd_magic.jpg", jpeg_with_app1(b"Exif\x00\x00MM\x00\x2b" + exif_bytes("odd magic")[10:]))
     keep("jis_kana.jpg", saved(img, "JPEG", exif=tiff_comment(7, b"JIS\x00\x00\x00\x00\x00\xb1\xb2 Steps: 6"), quality=80))
     # A COM comment is the infotext when there is no EXIF at all (A1111's branch "for gif"), and
     # a PNG `comment` chunk too, over its `parameters`.
