@@ -628,6 +628,33 @@ mod tests {
         }
     }
 
+    /// Pillow's limits: one text chunk over 1 MiB uncompressed, or over 64 MiB of text in all,
+    /// and the picture is refused (A1111 fails on it too), whatever the file's own size.
+    #[test]
+    fn text_bombs_are_refused() {
+        use std::io::Write as _;
+        let chunk = |kind: &[u8], data: &[u8]| [&(data.len() as u32).to_be_bytes()[..], kind, data, &[0; 4]].concat();
+        let ztxt = |key: &str, size: usize| {
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+            z.write_all(&vec![b'a'; size]).unwrap();
+            chunk(b"zTXt", &[key.as_bytes(), b"\0\0", &z.finish().unwrap()].concat())
+        };
+        let png = |chunks: Vec<Vec<u8>>| [b"\x89PNG\r\n\x1a\n".to_vec(), chunks.concat(), chunk(b"IEND", b"")].concat();
+        let one_mib = read_image_info(&png(vec![ztxt("parameters", 1 << 20)])).unwrap();
+        assert_eq!(one_mib.parameters.map(|p| p.len()), Some(1 << 20));
+        let err = read_image_info(&png(vec![ztxt("parameters", (1 << 20) + 1)])).unwrap_err().to_string();
+        assert!(err.contains("over 1 MiB"), "{err}");
+        let many = png((0..65).map(|i| ztxt(&format!("k{i}"), 1 << 20)).collect());
+        assert!(many.len() < 200_000, "a small file: {}", many.len());
+        let err = read_image_info(&many).unwrap_err().to_string();
+        assert!(err.contains("64 MiB"), "{err}");
+        // Many keys, each given twice: the first place, the last value.
+        let texts = png((0..20_000).flat_map(|i| [chunk(b"tEXt", format!("k{}\0first", i % 10_000).as_bytes())]).chain([chunk(b"tEXt", b"k3\0last")]).collect());
+        let info = read_image_info(&texts).unwrap();
+        assert_eq!(info.items.len(), 10_000);
+        assert_eq!(info.items[3], ("k3".to_string(), "last".to_string()));
+    }
+
     /// Every golden picture cut short at every length, and with bytes overwritten at many
     /// places, reads as Ok or a clean error: the walkers never panic on hostile files.
     #[test]
