@@ -43,13 +43,16 @@ pub fn is_repo_id(spec: &str) -> bool {
 /// is a shipped model folder of that name.
 pub fn shipped(spec: &str) -> Option<std::path::PathBuf> {
     let p = std::path::Path::new(spec);
-    if p.exists() {
-        return None;
-    }
+    let is_model = |p: &std::path::Path| p.is_file() || ["model_index.json", "config.json"].iter().any(|f| p.join(f).is_file());
     let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     if spec.starts_with("models/") {
         let there = source.join(p);
-        return there.exists().then_some(there);
+        return (!p.exists() && there.exists()).then_some(there);
+    }
+    // A folder of that name here that is no model (an output folder named after the model)
+    // does not hide ours.
+    if p.exists() && is_model(p) {
+        return None;
     }
     let bare = !spec.is_empty() && !spec.starts_with('.') && spec.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c));
     let there = source.join("models").join(spec);

@@ -21,15 +21,15 @@ pub enum ModelSource {
 
 impl ModelSource {
     pub fn parse(spec: &str) -> Result<Self> {
+        if let Some(p) = crate::hub::shipped(spec) {
+            return Self::parse(&p.to_string_lossy());
+        }
         let p = Path::new(spec);
         if p.is_dir() {
             return Ok(Self::Folder(p.to_path_buf()));
         }
         if p.is_file() {
             return Ok(Self::SingleFile(p.to_path_buf()));
-        }
-        if let Some(p) = crate::hub::shipped(spec) {
-            return Self::parse(&p.to_string_lossy());
         }
         if crate::hub::is_repo_id(spec) {
             return Ok(Self::HubRepo(spec.to_string()));

@@ -3,13 +3,14 @@
 //! A1111 (and Forge, Fooocus, Civitai's downloads) keeps a JPEG's or WebP's infotext in the EXIF
 //! `UserComment`, written by piexif with its 8-byte `UNICODE\0` prefix and UTF-16BE text. PNGs
 //! carry it in a `parameters` text chunk, unless an `eXIf` chunk has a comment, which wins;
-//! NovelAI's PNGs carry a prompt and a JSON comment that A1111 turns into an infotext. The
-//! EXIF (TIFF) structure is read and written by `kamadak-exif`; only the comment's encoding rules
-//! are ours, because they are piexif's and A1111's, down to how broken comments decode.
+//! NovelAI's PNGs carry a prompt and a JSON comment that A1111 turns into an infotext.
+//!
+//! What A1111 reads is what Pillow 9.5 and piexif 1.1.3 make of a file, broken ones included, so
+//! the walks through PNG chunks, JPEG segments and the EXIF to its comment are written here with
+//! their rules (each says why no crate does); decoding pixels and zlib stay the crates'.
 
 use std::io::Cursor;
 
-use exif::{Field, In, Tag, Value};
 use image::ImageDecoder as _;
 
 use crate::error::{Error, Result};
@@ -374,8 +375,8 @@ fn exif_user_comment(exif: &[u8]) -> Option<Vec<u8>> {
 /// (`II` little-endian, anything else big-endian, the magic number unchecked), its ExifTag as the
 /// Exif IFD's offset, that IFD's UserComment (the last entry of each tag wins, as in its dict),
 /// a value past the end of the data cut where the data ends. Ours, because a TIFF reader that
-/// checks the structure (kamadak-exif) refuses files piexif reads, and drops an ASCII value's
-/// last byte differently. Where piexif raises (a cut entry table), nothing is read.
+/// checks the structure (such as kamadak-exif) refuses files piexif reads, and drops an ASCII
+/// value's last byte differently. Where piexif raises (a cut entry table), nothing is read.
 fn piexif_user_comment(tiff: &[u8]) -> Option<Vec<u8>> {
     let le = tiff.starts_with(b"II");
     let u16_at = |at: usize| tiff.get(at..at.checked_add(2)?).map(|b| if le { u16::from_le_bytes([b[0], b[1]]) } else { u16::from_be_bytes([b[0], b[1]]) });
@@ -483,17 +484,28 @@ fn utf8_dropping_bad_bytes(mut raw: &[u8]) -> String {
 }
 
 /// EXIF (a big-endian TIFF, without the `Exif\0\0` header) holding only `text` as a
-/// `UserComment`, as A1111 writes its JPEG and WebP pictures' parameters
-/// (`piexif.helper.UserComment.dump(text, encoding="unicode")`).
-pub fn user_comment_exif(text: &str) -> Result<Vec<u8>> {
-    let mut raw = b"UNICODE\0".to_vec();
-    raw.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
-    let field = Field { tag: Tag::UserComment, ifd_num: In::PRIMARY, value: Value::Undefined(raw, 0) };
-    let mut writer = exif::experimental::Writer::new();
-    writer.push_field(&field);
-    let mut out = Cursor::new(Vec::new());
-    writer.write(&mut out, false).map_err(|e| Error::Internal(format!("writing EXIF: {e}")))?;
-    Ok(out.into_inner())
+/// `UserComment`, byte for byte what A1111 writes into its JPEG and WebP pictures:
+/// `piexif.dump({"Exif": {UserComment: UserComment.dump(text, encoding="unicode")}})`. Ours,
+/// because that exact layout is piexif's (its Exif IFD has no next-IFD offset, which a TIFF
+/// writer such as kamadak-exif's adds), and it sets how long a JPEG's parameters may be.
+pub fn user_comment_exif(text: &str) -> Vec<u8> {
+    let mut comment = b"UNICODE\0".to_vec();
+    comment.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
+    const EXIF_IFD: u32 = 8 + 2 + 12 + 4;
+    let mut tiff = b"MM\0\x2a".to_vec();
+    tiff.extend(8u32.to_be_bytes());
+    // IFD0: one entry, ExifTag (LONG, 1) pointing at the Exif IFD; no next IFD.
+    tiff.extend(1u16.to_be_bytes());
+    tiff.extend([0x87u8, 0x69, 0, 4, 0, 0, 0, 1]);
+    tiff.extend(EXIF_IFD.to_be_bytes());
+    tiff.extend(0u32.to_be_bytes());
+    // The Exif IFD: one entry, UserComment (UNDEFINED), its value right after the entry.
+    tiff.extend(1u16.to_be_bytes());
+    tiff.extend([0x92u8, 0x86, 0, 7]);
+    tiff.extend((comment.len() as u32).to_be_bytes());
+    tiff.extend((EXIF_IFD + 2 + 12).to_be_bytes());
+    tiff.extend(comment);
+    tiff
 }
 
 /// A1111's `samples_format`: the file type generated pictures are saved (or sent) as.
@@ -538,9 +550,10 @@ impl SamplesFormat {
         match self {
             Self::Png => None,
             Self::Jpeg { .. } if width.max(height) > 65535 => Some(format!("a {width}x{height} picture is too large for a JPEG (65535 pixels a side)")),
-            // "Exif\0\0", the TIFF header and two one-entry IFDs, the comment's 8-byte prefix.
-            Self::Jpeg { .. } if 6 + 52 + 2 * parameters.encode_utf16().count() > 65533 => {
-                Some(format!("its parameters ({} characters) are too long for a JPEG's EXIF (about 32,700)", parameters.chars().count()))
+            // "Exif\0\0", piexif's TIFF (header, two one-entry IFDs) and the comment's prefix:
+            // at most 32,739 UTF-16 units, as in A1111.
+            Self::Jpeg { .. } if 6 + 48 + 2 * parameters.encode_utf16().count() > 65533 => {
+                Some(format!("its parameters ({} UTF-16 units) are too long for a JPEG's EXIF (at most 32,739)", parameters.encode_utf16().count()))
             }
             Self::Webp if width.max(height) > 16383 => Some(format!("a {width}x{height} picture is too large for a WebP (16383 pixels a side)")),
             _ => None,
@@ -564,7 +577,7 @@ impl SamplesFormat {
         if let Some(why) = self.unfit(img.width(), img.height(), parameters) {
             return Err(Error::Argument(format!("cannot write a {}: {why}", self.extension())));
         }
-        let exif = || user_comment_exif(parameters);
+        let exif = || Ok::<_, Error>(user_comment_exif(parameters));
         let failed = |e: image::ImageError| Error::Internal(format!("encoding a {} picture: {e}", self.extension()));
         let mut out = Vec::new();
         match self {
@@ -683,22 +696,15 @@ mod tests {
         }
     }
 
-    /// Our EXIF holds the comment piexif's `dump` holds, byte for byte, in the Exif IFD where
-    /// piexif (and so A1111) looks for it. The TIFF around it is laid out by kamadak-exif, which
-    /// ends the Exif IFD with a next-IFD offset where piexif writes none: the bytes differ by that.
+    /// Our EXIF is piexif's `dump`, byte for byte.
     #[test]
     fn writes_the_comment_a1111_writes() {
         let (_, expected) = goldens();
         for (text, hex) in expected["dumps"].as_object().unwrap() {
             let theirs: Vec<u8> = (0..hex.as_str().unwrap().len()).step_by(2).map(|i| u8::from_str_radix(&hex.as_str().unwrap()[i..i + 2], 16).unwrap()).collect();
-            let ours = user_comment_exif(text).unwrap();
-            assert!(ours.starts_with(b"MM\0*"));
-            assert_eq!(exif_user_comment(&ours), exif_user_comment(&theirs), "{text:?}");
+            let ours = user_comment_exif(text);
+            assert_eq!(ours, theirs[6..], "{text:?}: piexif.dump's bytes after its Exif header");
             assert_eq!(user_comment_text(&exif_user_comment(&ours).unwrap()), *text);
-            let parsed = exif::Reader::new().read_raw(ours.clone()).unwrap();
-            assert_eq!(parsed.fields().count(), 1, "only the comment");
-            // piexif's layout up to the comment's offset, which is 4 bytes later in ours.
-            assert_eq!(ours[..0x26], theirs[6..6 + 0x26]);
         }
     }
 
@@ -725,7 +731,7 @@ mod tests {
         // The longest comment one JPEG segment holds is written and read back; one more
         // UTF-16 unit is refused (never a wrapped segment length), and PNG is offered instead.
         let jpeg = SamplesFormat::Jpeg { quality: 80 };
-        let longest = "x".repeat((65533 - 58) / 2);
+        let longest = "x".repeat((65533 - 54) / 2);
         let bytes = jpeg.encode(&img, &[("parameters", longest.clone())]).unwrap();
         assert_eq!(read_image_info(&bytes).unwrap().parameters.as_deref(), Some(longest.as_str()));
         let over = format!("{longest}\u{1F600}");
