@@ -201,78 +201,63 @@ pub fn lora_tag_name(name: &str) -> String {
     }
 }
 
-/// Splits `a: 1, b: "x, y", c: 3` into pairs (A1111's settings line; values may be quoted).
+/// The `Key: value` pairs of an infotext's settings line, as A1111's `parse_generation_parameters`
+/// finds them with its `re_param` (values may be quoted, then `json.loads`-unquoted as its
+/// `unquote` does; a key with an empty value is dropped, as its `v[0]` fails there).
 pub fn split_settings_line(line: &str) -> Vec<(String, String)> {
-    let mut out = vec![];
-    let mut rest = line.trim();
-    while !rest.is_empty() {
-        let Some(colon) = rest.find(':') else { break };
-        let key = rest[..colon].trim().to_string();
-        let mut after = rest[colon + 1..].trim_start();
-        let value;
-        if let Some(stripped) = after.strip_prefix('"') {
-            // A quoted value: up to the next unescaped quote.
-            let mut end = None;
-            let mut esc = false;
-            for (i, c) in stripped.char_indices() {
-                if esc {
-                    esc = false;
-                } else if c == '\\' {
-                    esc = true;
-                } else if c == '"' {
-                    end = Some(i);
-                    break;
-                }
+    re_param()
+        .captures_iter(line)
+        .filter_map(|c| {
+            let (k, v) = (c.get(1)?.as_str(), c.get(2)?.as_str());
+            if v.is_empty() {
+                return None;
             }
-            let e = end.unwrap_or(stripped.len());
-            // A1111's `unquote` is `json.loads`: every JSON escape, not only `\"`.
-            value = serde_json::from_str::<String>(&format!("\"{}\"", &stripped[..e])).unwrap_or_else(|_| stripped[..e].replace("\\\"", "\""));
-            after = stripped.get(e + 1..).unwrap_or("");
-            rest = after.trim_start().strip_prefix(',').unwrap_or(after).trim_start();
-        } else {
-            match after.find(", ") {
-                Some(i) => {
-                    value = after[..i].trim().to_string();
-                    rest = after[i + 2..].trim_start();
-                }
-                None => {
-                    value = after.trim().to_string();
-                    rest = "";
-                }
-            }
-        }
-        out.push((key, value));
+            let v = if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') { serde_json::from_str::<String>(v).unwrap_or_else(|_| v.to_string()) } else { v.to_string() };
+            Some((k.to_string(), v))
+        })
+        .collect()
+}
+
+/// An infotext's parts as A1111's `parse_generation_parameters` splits them: the last line is
+/// the settings line when `re_param` finds three pairs or more in it (else it belongs to the
+/// prompt), every other line is stripped and joined to the prompt until one starts
+/// `Negative prompt:`, and to the negative prompt from there.
+pub fn split_infotext(text: &str) -> (String, String, Vec<(String, String)>) {
+    let mut lines: Vec<&str> = text.trim().split('\n').collect();
+    let mut last = lines.pop().unwrap_or_default();
+    if split_settings_line_count(last) < 3 {
+        lines.push(last);
+        last = "";
     }
-    out
+    let (mut prompt, mut negative, mut in_negative) = (String::new(), String::new(), false);
+    for line in lines {
+        let mut line = line.trim();
+        if let Some(rest) = line.strip_prefix("Negative prompt:") {
+            in_negative = true;
+            line = rest.trim();
+        }
+        let to = if in_negative { &mut negative } else { &mut prompt };
+        if !to.is_empty() {
+            to.push('\n');
+        }
+        to.push_str(line);
+    }
+    (prompt, negative, split_settings_line(last))
+}
+
+/// How many pairs `re_param` finds (empty values included, as A1111's `findall` counts them).
+fn split_settings_line_count(line: &str) -> usize {
+    re_param().captures_iter(line).count()
+}
+
+/// A1111's `infotext_utils.re_param`.
+fn re_param() -> &'static regex::Regex {
+    static RE_PARAM: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE_PARAM.get_or_init(|| regex::Regex::new(r#"\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)"#).expect("a valid regex"))
 }
 
 /// Settings from an A1111 `parameters` text (ours, A1111's, Forge's, ...). `<lora:NAME:w>` tags
 /// move from the prompt into [`Settings::loras`].
-/// An infotext's parts as A1111 splits them: the prompt, the negative prompt and the last
-/// `Steps: …` line's `Key: value` pairs.
-pub fn split_infotext(text: &str) -> (String, String, Vec<(String, String)>) {
-    let lines: Vec<&str> = text.lines().collect();
-    let settings_at = lines.iter().rposition(|l| l.trim_start().starts_with("Steps:"));
-    let (body, settings_line) = match settings_at {
-        Some(i) => (&lines[..i], Some(lines[i])),
-        None => (&lines[..], None),
-    };
-    let mut prompt_lines = vec![];
-    let mut negative_lines = vec![];
-    let mut in_negative = false;
-    for l in body {
-        if let Some(n) = l.strip_prefix("Negative prompt:") {
-            in_negative = true;
-            negative_lines.push(n.trim_start());
-        } else if in_negative {
-            negative_lines.push(l);
-        } else {
-            prompt_lines.push(*l);
-        }
-    }
-    (prompt_lines.join("\n"), negative_lines.join("\n"), settings_line.map(split_settings_line).unwrap_or_default())
-}
-
 pub fn parse_parameters(text: &str) -> Result<Settings> {
     let (prompt_text, negative_text, fields) = split_infotext(text);
     let (prompt, tags) = lora::extract_prompt_loras(&prompt_text)?;
@@ -455,6 +440,23 @@ mod tests {
     use super::super::settings::InitSettings;
     use crate::sdxl::img2img::MaskedContent;
 
+    /// Infotexts split as A1111 1.10's `parse_generation_parameters` splits them
+    /// (tools/parity/make_image_info_fixtures.py runs its code): stripped lines, a last line of
+    /// fewer than three pairs kept in the prompt, `re_param`'s pairs, `unquote`.
+    #[test]
+    fn infotexts_split_as_a1111_splits_them() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_info/expected.json");
+        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases = expected["parse"].as_array().unwrap();
+        assert!(cases.len() >= 11);
+        for c in cases {
+            let text = c["text"].as_str().unwrap();
+            let (prompt, negative, fields) = split_infotext(text);
+            let want: Vec<(String, String)> = c["fields"].as_array().unwrap().iter().map(|kv| (kv[0].as_str().unwrap().into(), kv[1].as_str().unwrap().into())).collect();
+            assert_eq!((prompt.as_str(), negative.as_str(), &fields), (c["prompt"].as_str().unwrap(), c["negative"].as_str().unwrap(), &want), "{text:?}");
+        }
+    }
+
     /// A1111 quotes with `json.dumps` and unquotes with `json.loads`: every escape survives.
     #[test]
     fn quoted_values_keep_every_character() {
@@ -470,7 +472,7 @@ mod tests {
         // is the user's to give again).
         let s = parse_parameters("a cat\nSteps: 20, Seed: 3, Size: 512x512, Denoising strength: 0.3, SD upscale: 2.5, SD upscale overlap: 48, SD upscale upscaler: \"4x, Ultra\"").unwrap();
         assert_eq!(s.sd_upscale, Some(crate::studio::SdUpscaleSettings { scale: 2.5, overlap: 48, upscaler: "4x, Ultra".into() }));
-        assert!(parse_parameters("x\nSteps: 2, SD upscale overlap: -3").unwrap_err().to_string().contains("SD upscale overlap \"-3\""));
+        assert!(parse_parameters("x\nSteps: 2, Sampler: Euler, SD upscale overlap: -3").unwrap_err().to_string().contains("SD upscale overlap \"-3\""));
     }
 
     #[test]
@@ -517,22 +519,22 @@ mod tests {
         let rec = record(Settings { init: Some(InitSettings { image: "a.png".into(), mask: Some("m.png".into()), ..init.clone() }), ..Settings::default() }, 3);
         let back = parse_parameters(&parameters_text(&rec)).unwrap().init.unwrap();
         assert_eq!(InitSettings { image: String::new(), mask: None, ..back }, init);
-        let err = parse_parameters("a\nSteps: 2, Inpaint area: Everywhere").unwrap_err().to_string();
+        let err = parse_parameters("a\nSteps: 2, Sampler: Euler, Inpaint area: Everywhere").unwrap_err().to_string();
         assert!(err.contains("Inpaint area") && err.contains("Only masked"), "{err}");
     }
 
     /// `Tiling: True` is A1111's (both axes); one axis is written as X / Y and read back.
     #[test]
     fn tiling_parses_back() {
-        assert_eq!(parse_parameters("a cat\nSteps: 2, Tiling: True").unwrap().tiling, "xy");
-        assert_eq!(parse_parameters("a cat\nSteps: 2, Tiling: False").unwrap().tiling, "");
+        assert_eq!(parse_parameters("a cat\nSteps: 2, Sampler: Euler, Tiling: True").unwrap().tiling, "xy");
+        assert_eq!(parse_parameters("a cat\nSteps: 2, Sampler: Euler, Tiling: False").unwrap().tiling, "");
         for axes in ["xy", "x", "y", ""] {
             let rec = record(Settings { tiling: axes.into(), ..Settings::default() }, 3);
             let text = parameters_text(&rec);
             assert_eq!(text.contains("Tiling: "), !axes.is_empty(), "{text}");
             assert_eq!(parse_parameters(&text).unwrap().tiling, axes, "{text}");
         }
-        let err = parse_parameters("a\nSteps: 2, Tiling: sideways").unwrap_err().to_string();
+        let err = parse_parameters("a\nSteps: 2, Sampler: Euler, Tiling: sideways").unwrap_err().to_string();
         assert!(err.contains("Tiling") && err.contains("True, False, X, Y"), "{err}");
     }
 
@@ -555,10 +557,10 @@ mod tests {
         assert!(text.contains("Variation seed strength: 0.25, Seed resize from: 512x768"), "{text}");
         let back = parse_parameters(&text).unwrap();
         assert_eq!((back.subseed, back.subseed_strength, back.seed_resize_from()), (Some(77), 0.25, Some((512, 768))));
-        assert!(parse_parameters("a\nSteps: 2, Seed resize from: big").unwrap_err().to_string().contains("Seed resize from"));
+        assert!(parse_parameters("a\nSteps: 2, Sampler: Euler, Seed resize from: big").unwrap_err().to_string().contains("Seed resize from"));
         let old = parse_parameters("a\nSteps: 2, Seed: 1, Seed resize from: -1x-1, ENSD: 31337").unwrap();
         assert_eq!((old.seed_resize_from(), old.eta_noise_seed_delta), (None, 31337));
-        assert_eq!(parse_parameters("a\nSteps: 2, ENSD: -5").unwrap().eta_noise_seed_delta, -5);
+        assert_eq!(parse_parameters("a\nSteps: 2, Sampler: Euler, ENSD: -5").unwrap().eta_noise_seed_delta, -5);
         // ENSD: written for samplers that draw noise, as A1111's `uses_ensd`, and read back.
         varied.settings.eta_noise_seed_delta = 31337;
         assert!(!parameters_text(&varied).contains("ENSD"), "Euler draws no noise");
@@ -594,7 +596,7 @@ mod tests {
             let back = parse_parameters(&parameters_text(&rec3)).unwrap();
             assert_eq!((back.batch_size, back.batch_seeds), (2, seeds));
         }
-        assert!(parse_parameters("a cat\nSteps: 2, Batch seeds: sometimes").unwrap_err().to_string().contains("Batch seeds"));
+        assert!(parse_parameters("a cat\nSteps: 2, Sampler: Euler, Batch seeds: sometimes").unwrap_err().to_string().contains("Batch seeds"));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pictures as Pillow opens them.
 import io
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -83,6 +84,50 @@ Steps: {json_info["steps"]}, Sampler: {sampler}, CFG scale: {json_info["scale"]}
     return geninfo, items
 
 
+re_param = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param
+
+
+def unquote(text):
+    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        return json.loads(text)
+    except Exception:
+        return text
+
+
+def split_generation_parameters(x):
+    """infotext_utils.parse_generation_parameters (A1111 1.10) up to its pairs, before the
+    defaults it fills in and its WxH split."""
+    prompt = ""
+    negative_prompt = ""
+    done_with_prompt = False
+    *lines, lastline = x.strip().split("\n")
+    if len(re_param.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ''
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    fields = []
+    for k, v in re_param.findall(lastline):
+        try:
+            if v[0] == '"' and v[-1] == '"':
+                v = unquote(v)
+            fields.append([k, v])
+        except Exception:
+            pass
+    return prompt, negative_prompt, fields
+
+
+
+
 def exif_bytes(text):
     return piexif.dump({"Exif": {piexif.ExifIFD.UserComment: piexif.helper.UserComment.dump(text or "", encoding="unicode")}})
 
@@ -102,6 +147,21 @@ INFOTEXT = (
     "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5, Seed: 1234, Size: 24x16, "
     "Model hash: 0123456789, Model: miniworld, Lora hashes: \"subject_cat: abcdef012345\", Version: v1.10.1"
 )
+
+
+PARSE_CASES = [
+    INFOTEXT,
+    " a vlox emblem \n Negative prompt: blurry \nSteps: 20, Sampler: Euler, Seed: 1",
+    "Steps: 20,Sampler:Euler,Seed:1",
+    "line1\nline2\nSteps: 20, Seed: 5",
+    "a\nSteps: 2, Bad: \"unterminated, X: 1, Y: 2",
+    "a\nSteps: 2, Esc: \"not json \\x\", Empty: , Z: 3",
+    "\n\nfirst\n\nsecond\nNegative prompt:\n  neg two  \nSteps: 1, Sampler: DPM++ 2M, CFG scale: 7, Lora hashes: \"a: 1, b: 2\", Template: \"x\\ny \\u00e9\"",
+    "only a prompt",
+    "a cat\r\nSteps: 3, Sampler: Euler a\r, Size: 64x64",
+    "a cat\nNegative prompt: x\nSteps: 30, Sampler: Euler, Seed: 7\ntrailing line",
+    "caf\u00e9 \u4e2d\nSteps: 5, Sampler: Euler, Model: \u4e2d\u6587-v1/x, Seed: 2",
+]
 
 
 def main():
@@ -242,7 +302,8 @@ def main():
     # What A1111 writes as EXIF (piexif.dump), for our writer.
     dumps = {text: exif_bytes(text).hex() for text in ["", "hi", INFOTEXT, "tab\tnewline\n\u00e9\U0001F600"]}
     with open(os.path.join(OUT, "expected.json"), "w") as f:
-        json.dump({"read": expected, "dumps": dumps}, f, indent=1, sort_keys=True)
+        parse = [dict(zip(("text", "prompt", "negative", "fields"), (t, *split_generation_parameters(t)))) for t in PARSE_CASES]
+        json.dump({"read": expected, "dumps": dumps, "parse": parse}, f, indent=1, sort_keys=True)
         f.write("\n")
 
 
