@@ -415,7 +415,7 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
     });
     let images: Vec<String> = if req.send_images.unwrap_or(true) {
         let format = samples_format(state);
-        let pictures: Vec<(Vec<u8>, String)> = done.images.iter().zip(&infotexts).map(|((png, _), text)| (png.clone(), text.clone())).collect();
+        let pictures: Vec<(Vec<u8>, String)> = done.images.into_iter().map(|(png, _)| png).zip(infotexts).collect();
         let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
         // Encoding (a lossless WebP of 1024² takes a while) stays off the async threads.
         tokio::task::spawn_blocking(move || pictures.iter().map(|(png, text)| in_samples_format(png, text, format).map(|b| b64(&b)).map_err(|e| e.to_string())).collect::<std::result::Result<Vec<_>, _>>())

@@ -572,27 +572,21 @@ impl SamplesFormat {
     /// WebP keeps only `parameters`, as its EXIF UserComment (written even when empty, as the
     /// API's `encode_pil_to_base64` does).
     pub fn encode(self, img: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
-        use image::ImageEncoder as _;
         let parameters = text.iter().find(|(k, _)| *k == "parameters").map_or("", |(_, v)| v.as_str());
         if let Some(why) = self.unfit(img.width(), img.height(), parameters) {
             return Err(Error::Argument(format!("cannot write a {}: {why}", self.extension())));
         }
-        let exif = || Ok::<_, Error>(user_comment_exif(parameters));
-        let failed = |e: image::ImageError| Error::Internal(format!("encoding a {} picture: {e}", self.extension()));
-        let mut out = Vec::new();
-        match self {
-            Self::Png => return crate::output::encode_png(img, text),
-            Self::Jpeg { quality } => {
-                let mut enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality);
-                enc.set_exif_metadata(exif()?).map_err(|e| Error::Internal(e.to_string()))?;
-                enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8).map_err(failed)?;
-            }
-            Self::Webp => {
-                let mut enc = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
-                enc.set_exif_metadata(exif()?).map_err(|e| Error::Internal(e.to_string()))?;
-                enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8).map_err(failed)?;
-            }
+        fn with_exif(mut enc: impl image::ImageEncoder, exif: Vec<u8>, img: &image::RgbImage) -> image::ImageResult<()> {
+            enc.set_exif_metadata(exif).map_err(image::ImageError::Unsupported)?;
+            enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
         }
+        let mut out = Vec::new();
+        let written = match self {
+            Self::Png => return crate::output::encode_png(img, text),
+            Self::Jpeg { quality } => with_exif(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality), user_comment_exif(parameters), img),
+            Self::Webp => with_exif(image::codecs::webp::WebPEncoder::new_lossless(&mut out), user_comment_exif(parameters), img),
+        };
+        written.map_err(|e| Error::Internal(format!("encoding a {} picture: {e}", self.extension())))?;
         Ok(out)
     }
 }
