@@ -1157,9 +1157,17 @@ fn info_shows_what_png_info_shows() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_info");
     let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let names = ["a1111_saved.jpg", "a1111_api.webp", "text.png", "novelai.png", "plain.jpg"];
-    let out = loramix().arg("info").arg("--json").args(names.iter().map(|n| dir.join(n))).output().unwrap();
+    let home = tempfile::tempdir().unwrap();
+    let out = loramix().env("LORAMIX_HOME", home.path()).arg("info").arg("--json").args(names.iter().map(|n| dir.join(n))).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // A1111's order: the answer's fields, then in `parameters` the settings line's pairs, the
+    // prompts, and the defaults it fills in.
+    let first = text.lines().next().unwrap();
+    let at = |key: &str| first.find(key).unwrap_or_else(|| panic!("{key} in {first}"));
+    let order = ["\"info\":", "\"items\":", "\"parameters\":{\"Steps\":\"20\"", "\"Version\":\"v1.10.1\"", "\"Prompt\":", "\"Clip skip\":\"1\"", "\"Masked area padding\":32", "\"Refiner switch by sampling steps\":false", "\"file\":"];
+    assert!(order.windows(2).all(|w| at(w[0]) < at(w[1])), "{first}");
     assert_eq!(lines.len(), names.len());
     for (name, got) in names.iter().zip(&lines) {
         let want = &expected["read"][name];
@@ -1170,6 +1178,13 @@ fn info_shows_what_png_info_shows() {
     }
     assert_eq!((lines[0]["parameters"]["Seed"].as_str(), lines[0]["parameters"]["Size-1"].as_str()), (Some("1234"), Some("24")));
     assert_eq!(lines[3]["parameters"]["ENSD"].as_str(), Some("31337"));
+
+    // `--library`: its styles.csv, whose text the prompt ends with, is taken back out.
+    std::fs::write(home.path().join("styles.csv"), "name,prompt,negative_prompt\nWater,(watercolor:1.2) \u{1F600},\n").unwrap();
+    let out = loramix().arg("info").arg("--json").arg("--library").arg(home.path()).arg(dir.join(names[0])).output().unwrap();
+    let styled: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(styled["parameters"]["Styles array"], serde_json::json!(["Water"]));
+    assert_eq!(styled["parameters"]["Prompt"], "a caf\u{e9} at dusk, <lora:subject_cat:0.8>");
 
     let missing = dir.join("missing.png");
     let out = loramix().arg("info").arg(dir.join("text.png")).arg(&missing).arg(dir.join("plain.jpg")).output().unwrap();

@@ -1331,16 +1331,19 @@ struct PngInfoRequest {
     image: String,
 }
 
-async fn png_info(body: Bytes) -> std::result::Result<Json<Value>, ApiError> {
+async fn png_info(State(state): State<Arc<AppState>>, body: Bytes) -> std::result::Result<Json<studio::PngInfo>, ApiError> {
     let req: PngInfoRequest = parse_body(&body)?;
-    if req.image.trim().is_empty() {
-        // Empty info, as A1111 answered before 1.6 (1.10 fails with a 500 here).
-        return Ok(Json(studio::ImageInfo::default().png_info()));
-    }
-    let bytes = decode_image("image", &req.image)?;
-    // A1111's `read_info_from_image`: a PNG's `parameters`, a JPEG's or WebP's EXIF comment.
-    let found = studio::read_image_info(&bytes).map_err(|e| FieldError::new("image", e.to_string()))?;
-    Ok(Json(found.png_info()))
+    // Empty info for an empty image, as A1111 answered before 1.6 (1.10 fails with a 500 here).
+    let found = match req.image.trim().is_empty() {
+        true => studio::ImageInfo::default(),
+        // A1111's `read_info_from_image`: a PNG's `parameters`, a JPEG's or WebP's EXIF comment.
+        false => studio::read_image_info(&decode_image("image", &req.image)?).map_err(|e| FieldError::new("image", e.to_string()))?,
+    };
+    let internal = |e: crate::Error| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let own_loras = Path::new(&current_model(&state)).join("loras");
+    let infotext = found.parameters.as_deref().unwrap_or_default();
+    let ctx = studio::PasteContext::load(library_root(&state).as_deref(), Some(&own_loras), infotext).map_err(internal)?;
+    Ok(Json(found.png_info(&ctx).map_err(internal)?))
 }
 
 async fn require_auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -18,7 +18,7 @@ pub mod train;
 pub mod targets;
 
 pub use info::{inspect, BaseModel, LoraFormat, LoraInfo, Role};
-pub use network::{attach, fuse, LoadReport, LoadedLora, LoraModule, SharedModule};
+pub use network::{addnet_hash_of, attach, fuse, LoadReport, LoadedLora, LoraModule, SharedModule};
 pub use targets::{AdapterTargets, Target};
 
 use crate::error::{Error, Result};

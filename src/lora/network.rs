@@ -111,6 +111,12 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A LoRA file's addnet hash (A1111's `Lora hashes`, Civitai's AutoV3): sha256 of its tensor
+/// data, so that edits of its metadata keep it.
+pub fn addnet_hash_of(path: &std::path::Path) -> Result<String> {
+    Ok(sha256_hex(SafetensorsFile::open(path)?.data_bytes()))
+}
+
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex(&sha2::Sha256::digest(bytes))

@@ -21,6 +21,16 @@ pub enum Fragment {
 
 /// Parses emphasis. Unbalanced brackets apply to the rest of the prompt, as in A1111.
 pub fn parse_attention(text: &str) -> Vec<Fragment> {
+    attention_pairs(text)
+        .into_iter()
+        .map(|(t, w)| if w == -1.0 && t == "BREAK" { Fragment::Break } else { Fragment::Text(t, w) })
+        .collect()
+}
+
+/// `parse_prompt_attention`'s own list: text and weight, `BREAK` as the text "BREAK" with a
+/// negative weight (scaled by brackets around it, as A1111 scales it), neighbours of equal
+/// weight merged. A1111 reads it as it is to tell whether a prompt uses emphasis.
+pub fn attention_pairs(text: &str) -> Vec<(String, f64)> {
     let mut res: Vec<(String, f64)> = Vec::new(); // weight -1 marks BREAK
     let mut round: Vec<usize> = Vec::new();
     let mut square: Vec<usize> = Vec::new();
@@ -139,9 +149,6 @@ pub fn parse_attention(text: &str) -> Vec<Fragment> {
         }
     }
     merged
-        .into_iter()
-        .map(|(t, w)| if w == -1.0 && t == "BREAK" { Fragment::Break } else { Fragment::Text(t, w) })
-        .collect()
 }
 
 /// `re.split(r"\s*\bBREAK\b\s*", text)`.

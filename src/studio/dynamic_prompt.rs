@@ -358,6 +358,10 @@ pub fn parse_styles(text: &str) -> std::result::Result<Vec<PromptStyle>, String>
         let line = row.position().map_or(0, |p| p.line());
         let get = |c: Option<usize>| c.and_then(|c| row.get(c)).unwrap_or_default().to_string();
         let n = get(Some(name));
+        // A1111 skips a style whose name starts with `#`: a comment row.
+        if n.starts_with('#') {
+            continue;
+        }
         if n.trim().is_empty() {
             if row.iter().all(|f| f.trim().is_empty()) {
                 continue;
@@ -369,8 +373,9 @@ pub fn parse_styles(text: &str) -> std::result::Result<Vec<PromptStyle>, String>
     Ok(out)
 }
 
-/// Applies styles as A1111 does: a style's text with `{prompt}` has the prompt put there,
-/// otherwise it is appended after `, `.
+/// Applies styles as A1111's `merge_prompts` does: a style's text with `{prompt}` has the prompt
+/// put there, otherwise the stripped prompt and style text are joined by `, ` (an empty one
+/// left out).
 pub fn apply_styles(prompt: &str, negative: &str, names: &[String], styles: &[PromptStyle]) -> Result<(String, String)> {
     let (mut p, mut n) = (prompt.to_string(), negative.to_string());
     for name in names {
@@ -385,14 +390,11 @@ pub fn apply_styles(prompt: &str, negative: &str, names: &[String], styles: &[Pr
 }
 
 fn merge_style(text: &str, style: &str) -> String {
+    use super::generation_parameters::python_strip;
     if style.contains("{prompt}") {
         style.replace("{prompt}", text)
-    } else if style.trim().is_empty() {
-        text.to_string()
-    } else if text.trim().is_empty() {
-        style.to_string()
     } else {
-        format!("{text}, {style}")
+        [python_strip(text), python_strip(style)].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -492,6 +494,10 @@ mod tests {
         assert_eq!(p, "cinematic still of a cat, film grain, sharp focus");
         assert_eq!(n, "blurry, cartoon, \"bad\"");
         assert!(apply_styles("a", "", &["Nope".into()], &styles).unwrap_err().to_string().contains("Nope"));
+        // `merge_prompts` strips both sides, and an empty style leaves the stripped prompt.
+        let (p, n) = apply_styles(" a cat ", " ugly ", &["Plain".into()], &styles).unwrap();
+        assert_eq!((p.as_str(), n.as_str()), ("a cat, sharp focus", "ugly"));
+        assert_eq!(parse_styles("name,prompt\n# hidden,x\nShown,y\n").unwrap().iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["Shown"]);
         assert!(parse_styles("prompt\nx\n").unwrap_err().contains("name column"));
     }
 }

@@ -27,26 +27,26 @@ impl ImageInfo {
     /// What A1111's `/sdapi/v1/png-info` answers: `info` (the infotext, or empty), `items` and
     /// `parameters`, the infotext parsed as its `parse_generation_parameters` parses it (prompt,
     /// negative prompt, each `Key: value`, a `WxH` value as `Key-1` and `Key-2` instead), less
-    /// the defaults it fills in for keys the text lacks (`Clip skip: 1`, `RNG: GPU`, …).
-    pub fn png_info(&self) -> serde_json::Value {
-        use serde_json::Value;
+    /// the defaults it fills in and the Lora extension's renames; see
+    /// [`super::parse_generation_parameters`]). Keys keep the picture's and A1111's order.
+    pub fn png_info(&self, ctx: &super::PasteContext) -> Result<PngInfo> {
         let info = self.parameters.clone().unwrap_or_default();
-        let items: serde_json::Map<String, Value> = self.items.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
-        let (prompt, negative, fields) = super::split_infotext(&info);
-        let mut parsed = serde_json::Map::new();
-        parsed.insert("Prompt".into(), prompt.into());
-        parsed.insert("Negative prompt".into(), negative.into());
-        for (k, v) in fields {
-            // A1111's `re_imagesize` (`^(\d+)x(\d+)$`): `Size-1`, `Seed resize from-2`, ….
-            if let Some((w, h)) = v.split_once('x').filter(|(w, h)| [w, h].iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))) {
-                parsed.insert(format!("{k}-1"), w.into());
-                parsed.insert(format!("{k}-2"), h.into());
-            } else {
-                parsed.insert(k, v.into());
-            }
-        }
-        serde_json::json!({"info": info, "items": items, "parameters": parsed})
+        let parameters = super::parse_generation_parameters(&info, ctx)?;
+        Ok(PngInfo { info, items: self.items.clone(), parameters })
     }
+}
+
+/// The answer of `/sdapi/v1/png-info` (and of `loramix info --json`), in A1111's key order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PngInfo {
+    pub info: String,
+    #[serde(serialize_with = "in_order")]
+    pub items: Vec<(String, String)>,
+    pub parameters: super::GenerationParameters,
+}
+
+fn in_order<S: serde::Serializer>(items: &[(String, String)], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_map(items.iter().map(|(k, v)| (k, v)))
 }
 
 /// Reads [`ImageInfo`] from PNG, JPEG or WebP bytes; other formats carry none. Unreadable EXIF

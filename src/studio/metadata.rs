@@ -223,7 +223,8 @@ pub fn split_settings_line(line: &str) -> Vec<(String, String)> {
 /// prompt), every other line is stripped and joined to the prompt until one starts
 /// `Negative prompt:`, and to the negative prompt from there.
 pub fn split_infotext(text: &str) -> (String, String, Vec<(String, String)>) {
-    let mut lines: Vec<&str> = text.trim().split('\n').collect();
+    use super::generation_parameters::python_strip;
+    let mut lines: Vec<&str> = python_strip(text).split('\n').collect();
     let mut last = lines.pop().unwrap_or_default();
     if split_settings_line_count(last) < 3 {
         lines.push(last);
@@ -231,10 +232,10 @@ pub fn split_infotext(text: &str) -> (String, String, Vec<(String, String)>) {
     }
     let (mut prompt, mut negative, mut in_negative) = (String::new(), String::new(), false);
     for line in lines {
-        let mut line = line.trim();
+        let mut line = python_strip(line);
         if let Some(rest) = line.strip_prefix("Negative prompt:") {
             in_negative = true;
-            line = rest.trim();
+            line = python_strip(rest);
         }
         let to = if in_negative { &mut negative } else { &mut prompt };
         if !to.is_empty() {

@@ -153,6 +153,9 @@ def main():
         info = api.png_info(res.image)
         check(info.info == params, "png-info reads our PNG's parameters back")
         check(info.json["parameters"]["Seed"] == "11" and "vlox" in info.json["parameters"]["Prompt"], "png-info parses the infotext")
+        keys = list(info.json["parameters"])
+        check(keys.index("Seed") < keys.index("Prompt") < keys.index("Hires sampler") and info.json["parameters"]["Masked area padding"] == 32,
+              f"png-info's parameters in A1111's order, with the defaults it fills in ({keys})")
 
         # samples_format, a global option as in A1111 (whose encode_pil_to_base64 encodes every
         # returned picture by it): JPEG and WebP carry the infotext as the EXIF UserComment.

@@ -16,6 +16,10 @@ pub struct InfoArgs {
     /// `items`, `parameters`), with the picture's `file`.
     #[arg(long)]
     json: bool,
+    /// The LoRA library whose `styles.csv` and LoRAs the parsed `parameters` consult, as A1111
+    /// consults its own (default: the usual library).
+    #[arg(long, value_name = "DIR")]
+    library: Option<PathBuf>,
 }
 
 /// Each picture in turn; one that cannot be read is reported and the rest still shown (the
@@ -34,9 +38,27 @@ pub fn run(a: InfoArgs) -> Result<()> {
             }
         };
         let written = if a.json {
-            let mut v = found.png_info();
-            v["file"] = path.display().to_string().into();
-            writeln!(out, "{v}")
+            #[derive(serde::Serialize)]
+            struct Line<'a> {
+                #[serde(flatten)]
+                info: &'a studio::PngInfo,
+                file: String,
+            }
+            let library = match &a.library {
+                Some(l) => Some(l.clone()),
+                None => loramix::lora::library::LoraLibrary::default_root().ok(),
+            };
+            let infotext = found.parameters.as_deref().unwrap_or_default();
+            let parsed = studio::PasteContext::load(library.as_deref(), None, infotext).and_then(|ctx| found.png_info(&ctx));
+            let info = match parsed {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("Error: {}: {e}", path.display());
+                    failed += 1;
+                    continue;
+                }
+            };
+            writeln!(out, "{}", serde_json::to_string(&Line { info: &info, file: path.display().to_string() })?)
         } else {
             // As the tab shows it: `parameters`, then each other item, each under its name.
             let mut text = String::new();
