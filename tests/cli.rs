@@ -1107,8 +1107,9 @@ fn extras_from_the_command_line() {
     assert_eq!(std::fs::read_dir(&out).unwrap().count(), before);
 }
 
-/// `--samples-format jpg|webp` writes A1111's kind of JPEG or (lossless) WebP: the pixels of the
-/// PNG run, the `parameters` as the EXIF comment, numbered after the PNG, and they restore.
+/// `--samples-format jpg|webp|jpeg` writes A1111's kind of JPEG or (lossless) WebP: the pixels
+/// of the PNG run, the `parameters` as the EXIF comment, numbered after the PNG, named by the
+/// format's name as A1111 names them, and they restore.
 #[test]
 fn samples_formats_carry_parameters_as_exif() {
     let tmp = tempfile::tempdir().unwrap();
@@ -1123,7 +1124,7 @@ fn samples_formats_carry_parameters_as_exif() {
             .unwrap()
     };
     let (png_pixels, png_text) = first_image(&run(&[]));
-    for (format, name) in [("jpg", "00001-4.jpg"), ("WEBP", "00002-4.webp")] {
+    for (format, name) in [("jpg", "00001-4.jpg"), ("WEBP", "00002-4.webp"), ("jpeg", "00003-4.jpeg")] {
         let out = run(&["--samples-format", format, "--jpeg-quality", "95"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let path = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().next().unwrap());

@@ -80,7 +80,7 @@ struct Progress {
     job_timestamp: String,
 }
 
-/// A finished job: each image's PNG bytes and record.
+/// A finished job: each image's bytes as written (in `samples_format`) and its record.
 #[derive(Debug, Default)]
 pub struct JobDone {
     pub images: Vec<(Vec<u8>, ImageRecord)>,
@@ -136,7 +136,9 @@ impl Worker {
 
     /// Queues a job; the receiver gets its images. Refused when `limit` jobs already wait (the
     /// running one does not count).
-    fn submit(&self, settings: Settings, save: bool, limit: usize) -> std::result::Result<Reply, String> {
+    /// Runs `settings` in turn; its pictures are written in `format` (kept in the output folder
+    /// with `save`, as A1111's `save_images`) and answered as written.
+    fn submit(&self, settings: Settings, save: bool, format: studio::SamplesFormat, limit: usize) -> std::result::Result<Reply, String> {
         if self.waiting.fetch_add(1, Ordering::SeqCst) >= limit {
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(format!("{limit} requests are already waiting; try again later"));
@@ -154,7 +156,7 @@ impl Worker {
             }
             let n = JOB.fetch_add(1, Ordering::SeqCst);
             let dir = if save { out.clone() } else { std::env::temp_dir().join(format!("loramix-api-{}-{n}", std::process::id())) };
-            let r = run_job(&studio, library.as_deref(), &settings, &dir, (&c, &sk), &pr);
+            let r = run_job(&studio, library.as_deref(), &settings, &dir, format, (&c, &sk), &pr);
             if !save {
                 let _ = std::fs::remove_dir_all(&dir);
             }
@@ -194,16 +196,16 @@ impl Worker {
     }
 }
 
-fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, (cancel, skip): (&AtomicBool, &AtomicBool), progress: &Mutex<Progress>) -> Result<JobDone> {
+fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &Path, format: studio::SamplesFormat, (cancel, skip): (&AtomicBool, &AtomicBool), progress: &Mutex<Progress>) -> Result<JobDone> {
     let mut written = vec![];
-    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true, skip: Some(skip), format: Default::default() };
+    let outputs = ImageOutputs { dir, names: None, images: None, keep_interrupted: true, skip: Some(skip), format };
     let r = studio.run(
         settings,
         library,
         &outputs,
         cancel,
         &mut |e| match e {
-            StudioEvent::Image { path, .. } => written.push(path),
+            StudioEvent::Image { path, record, .. } => written.push((path, *record)),
             StudioEvent::Step { batch, batches, step, steps, .. } => {
                 let mut g = progress.lock().unwrap_or_else(|e| e.into_inner());
                 (g.batch, g.batches, g.step, g.steps) = (batch, batches, step, steps);
@@ -224,10 +226,8 @@ fn run_job(studio: &Studio, library: Option<&Path>, settings: &Settings, dir: &P
         Err(e) => return Err(e),
     };
     let mut images = vec![];
-    for p in written {
-        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        let (_, rec) = studio::settings_from_image(&p)?;
-        images.push((bytes, rec.ok_or_else(|| Error::BadFile { path: p.clone(), message: "no record".into() })?));
+    for (p, rec) in written {
+        images.push((std::fs::read(&p).map_err(|e| Error::io(&p, e))?, rec));
     }
     Ok(JobDone { images, interrupted })
 }
@@ -368,7 +368,7 @@ fn python_b64decode(text: &[u8]) -> std::result::Result<Vec<u8>, String> {
 }
 
 async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) -> std::result::Result<Json<Value>, ApiError> {
-    let rx = state.worker.submit(settings.clone(), req.save_images, state.config.queue_limit).map_err(|e| ApiError::Status(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let rx = state.worker.submit(settings.clone(), req.save_images, samples_format(state), state.config.queue_limit).map_err(|e| ApiError::Status(StatusCode::SERVICE_UNAVAILABLE, e))?;
     let done = rx
         .await
         .map_err(|_| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, "the generation worker stopped".into()))?
@@ -413,18 +413,8 @@ async fn generate(state: &AppState, req: GenerationRequest, settings: Settings) 
         "interrupted": done.interrupted,
         "version": format!("loramix {}", env!("CARGO_PKG_VERSION")),
     });
-    let images: Vec<String> = if req.send_images.unwrap_or(true) {
-        let format = samples_format(state);
-        let pictures: Vec<(Vec<u8>, String)> = done.images.into_iter().map(|(png, _)| png).zip(infotexts).collect();
-        let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
-        // Encoding (a lossless WebP of 1024² takes a while) stays off the async threads.
-        tokio::task::spawn_blocking(move || pictures.iter().map(|(png, text)| in_samples_format(png, text, format).map(|b| b64(&b)).map_err(|e| e.to_string())).collect::<std::result::Result<Vec<_>, _>>())
-            .await
-            .map_err(|e| internal(e.to_string()))?
-            .map_err(internal)?
-    } else {
-        vec![]
-    };
+    // The pictures as the worker wrote them, in `samples_format` (PNG where it cannot hold one).
+    let images: Vec<String> = if req.send_images.unwrap_or(true) { done.images.iter().map(|(bytes, _)| b64(bytes)).collect() } else { vec![] };
     // The request echoed with the defaults it ran with, as A1111's filled-in request model.
     let mut echo = req;
     echo.batch_size.get_or_insert(settings.batch_size);

@@ -513,8 +513,9 @@ pub fn user_comment_exif(text: &str) -> Vec<u8> {
 pub enum SamplesFormat {
     #[default]
     Png,
-    /// With A1111's `jpeg_quality` (1 to 100; its default 80).
-    Jpeg { quality: u8 },
+    /// With A1111's `jpeg_quality` (1 to 100; its default 80). `jpeg_suffix`: named `.jpeg`, as
+    /// A1111 names a file by the format's name as given (`jpeg`), instead of `.jpg`.
+    Jpeg { quality: u8, jpeg_suffix: bool },
     /// Always lossless: the `image` crate has no lossy WebP encoder (A1111's default is lossy,
     /// quality 80; its `webp_lossless` option gives this).
     Webp,
@@ -527,7 +528,7 @@ impl SamplesFormat {
     pub fn parse(name: &str, quality: u8) -> Result<Self> {
         match name.to_ascii_lowercase().as_str() {
             "png" => Ok(Self::Png),
-            "jpg" | "jpeg" if (1..=100).contains(&quality) => Ok(Self::Jpeg { quality }),
+            n @ ("jpg" | "jpeg") if (1..=100).contains(&quality) => Ok(Self::Jpeg { quality, jpeg_suffix: n == "jpeg" }),
             "jpg" | "jpeg" => Err(Error::Argument(format!("JPEG quality {quality}: expected 1 to 100"))),
             "webp" => Ok(Self::Webp),
             _ => Err(Error::Argument(format!("samples format {name:?}: expected png, jpg, jpeg or webp"))),
@@ -537,6 +538,7 @@ impl SamplesFormat {
     pub fn extension(self) -> &'static str {
         match self {
             Self::Png => "png",
+            Self::Jpeg { jpeg_suffix: true, .. } => "jpeg",
             Self::Jpeg { .. } => "jpg",
             Self::Webp => "webp",
         }
@@ -583,7 +585,7 @@ impl SamplesFormat {
         let mut out = Vec::new();
         let written = match self {
             Self::Png => return crate::output::encode_png(img, text),
-            Self::Jpeg { quality } => with_exif(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality), user_comment_exif(parameters), img),
+            Self::Jpeg { quality, .. } => with_exif(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality), user_comment_exif(parameters), img),
             Self::Webp => with_exif(image::codecs::webp::WebPEncoder::new_lossless(&mut out), user_comment_exif(parameters), img),
         };
         written.map_err(|e| Error::Internal(format!("encoding a {} picture: {e}", self.extension())))?;
@@ -708,23 +710,25 @@ mod tests {
     fn samples_formats_keep_their_parameters() {
         let img = image::RgbImage::from_fn(19, 7, |x, y| image::Rgb([(x * 13) as u8, (y * 31) as u8, ((x + y) * 7) as u8]));
         let text = [("parameters", "a cat \u{e9}\u{1F600}\nSteps: 2, Seed: 3".to_string()), ("loramix", "{}".to_string())];
-        for format in [SamplesFormat::Png, SamplesFormat::Jpeg { quality: 80 }, SamplesFormat::Webp] {
+        for format in [SamplesFormat::Png, SamplesFormat::Jpeg { quality: 80, jpeg_suffix: false }, SamplesFormat::Webp] {
             let bytes = format.encode(&img, &text).unwrap();
             assert_eq!(image::guess_format(&bytes).unwrap().extensions_str()[0].replace("jpeg", "jpg"), format.extension());
             let info = read_image_info(&bytes).unwrap();
             assert_eq!(info.parameters.as_deref(), Some(text[0].1.as_str()), "{format:?}");
             let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
             assert_eq!(decoded.dimensions(), (19, 7));
-            if format != (SamplesFormat::Jpeg { quality: 80 }) {
+            if !matches!(format, SamplesFormat::Jpeg { .. }) {
                 assert_eq!(decoded, img, "{format:?}");
             }
         }
         assert!(SamplesFormat::parse("JPG", 0).unwrap_err().to_string().contains("1 to 100"));
         assert!(SamplesFormat::parse("gif", 80).unwrap_err().to_string().contains("png, jpg, jpeg or webp"));
-        assert_eq!(SamplesFormat::parse("jpeg", 95).unwrap(), SamplesFormat::Jpeg { quality: 95 });
+        assert_eq!(SamplesFormat::parse("JPEG", 95).unwrap(), SamplesFormat::Jpeg { quality: 95, jpeg_suffix: true });
+        assert_eq!(SamplesFormat::parse("jpeg", 95).unwrap().extension(), "jpeg");
+        assert_eq!(SamplesFormat::parse("Jpg", 95).unwrap().extension(), "jpg");
         // The longest comment one JPEG segment holds is written and read back; one more
         // UTF-16 unit is refused (never a wrapped segment length), and PNG is offered instead.
-        let jpeg = SamplesFormat::Jpeg { quality: 80 };
+        let jpeg = SamplesFormat::Jpeg { quality: 80, jpeg_suffix: false };
         let longest = "x".repeat((65533 - 54) / 2);
         let bytes = jpeg.encode(&img, &[("parameters", longest.clone())]).unwrap();
         assert_eq!(read_image_info(&bytes).unwrap().parameters.as_deref(), Some(longest.as_str()));

@@ -31,7 +31,15 @@ pub enum StudioEvent {
     Loaded { model: String, seconds: f64 },
     LoraLoaded { name: String, role: String, layers: usize, warnings: Vec<String> },
     Step { batch: usize, batches: usize, step: usize, steps: usize, its: f64, eta_seconds: f64 },
-    Image { path: PathBuf, seed: u64, batch: usize, index: usize },
+    /// `record`: what the picture records, which a JPEG or WebP keeps only as A1111 text.
+    Image {
+        path: PathBuf,
+        seed: u64,
+        batch: usize,
+        index: usize,
+        #[serde(skip)]
+        record: Box<ImageRecord>,
+    },
     /// A fixed-name image already there and valid, not made again.
     Kept { path: PathBuf },
     MixTrace { summary: MixSummary },
@@ -692,7 +700,7 @@ impl Studio {
                     }
                 };
                 output::write_atomic(&path, &encode_image_as(img, &rec, format)?)?;
-                on_event(StudioEvent::Image { path: path.clone(), seed: rec.seed, batch: unit.batch, index: rec.index_in_batch });
+                on_event(StudioEvent::Image { path: path.clone(), seed: rec.seed, batch: unit.batch, index: rec.index_in_batch, record: Box::new(rec.clone()) });
                 out.written.push(path);
             }
             out.prompts.push(prompt_drawn);

@@ -237,7 +237,7 @@ impl Studio {
                 }
             };
             output::write_atomic(&path, &encode_image_as(&combined, &rec, format)?)?;
-            on_event(StudioEvent::Image { path: path.clone(), seed: start, batch: n, index: 0 });
+            on_event(StudioEvent::Image { path: path.clone(), seed: start, batch: n, index: 0, record: Box::new(rec.clone()) });
             out.written.push(path);
         }
         Ok(out)

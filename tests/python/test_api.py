@@ -171,6 +171,15 @@ def main():
                 check(pixels(out.image) == pixels(res.image), "a WebP is lossless")
             read = requests.post(base + "/png-info", json={"image": base64.b64encode(raw).decode()}, auth=(USER, PASS)).json()
             check(read["info"] == params and read["parameters"]["Seed"] == "11", f"png-info reads a {kind}'s EXIF comment")
+            # save_images writes the same picture in the same format, as A1111's save_image does.
+            saved = lambda: set(os.listdir(os.path.join(tmp, "saved"))) if os.path.isdir(os.path.join(tmp, "saved")) else set()
+            before = saved()
+            kept = api.txt2img(prompt="a vlox emblem on a teal background <lora:vlox:1>", seed=11, width=64, height=64, steps=8, save_images=True)
+            new = sorted(saved() - before)
+            with open(os.path.join(tmp, "saved", new[-1]) if new else os.devnull, "rb") as f:
+                on_disk = f.read()
+            check(len(new) == 1 and new[0].endswith("-11." + fmt) and on_disk == base64.b64decode(kept.json["images"][0]),
+                  f"save_images with samples_format {fmt} keeps the answered picture ({new})")
             up = api.extra_single_image(res.image, upscaler_1="Lanczos", upscaling_resize=2)
             raw = base64.b64decode(up.json["image"])
             check(Image.open(io.BytesIO(raw)).format == kind and user_comment(raw) == params, f"Extras answers a {kind} with the parameters as its EXIF comment")
