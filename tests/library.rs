@@ -69,6 +69,47 @@ fn import_is_idempotent_and_deduplicates() {
     assert_eq!(std::fs::read_dir(lib_dir.path().join("loras")).unwrap().count(), 6);
 }
 
+/// Opening sweeps only this library's own leftovers, and only when no other opener has the
+/// library: a user's files in the folder stay, a new or lost (empty) index keeps the stored
+/// files, a temporary file of an import still running elsewhere stays, and an entry whose file
+/// was deleted gets it back from a new import.
+#[test]
+fn the_sweep_keeps_what_is_not_its_own() {
+    let lib_dir = tempfile::tempdir().unwrap();
+    let loras = lib_dir.path().join("loras");
+    std::fs::create_dir_all(&loras).unwrap();
+    // A folder of someone's LoRAs (ComfyUI keeps them in `models/loras`) and a lost index's files.
+    std::fs::copy(fixtures().join("peft.safetensors"), loras.join("my_lora.safetensors")).unwrap();
+    std::fs::write(loras.join("README.txt"), "notes").unwrap();
+    let lost = loras.join(format!("{}.safetensors", "ab".repeat(32)));
+    std::fs::write(&lost, b"a stored file whose row was lost").unwrap();
+    let mut lib = LoraLibrary::open(lib_dir.path()).unwrap();
+    assert!(loras.join("my_lora.safetensors").exists() && loras.join("README.txt").exists() && lost.exists());
+    let added = lib.import(&[fixtures().join("peft.safetensors")], &mut |_| {}).unwrap();
+    let entry = match &added[0] {
+        ImportOutcome::Added { entry, .. } => entry.clone(),
+        other => panic!("{other:?}"),
+    };
+    // While this library is open, another opener does not sweep: an import's temporary file
+    // (here a stand-in) survives it.
+    let in_flight = loras.join(".import-1-2.tmp");
+    std::fs::write(&in_flight, b"copying").unwrap();
+    let other = LoraLibrary::open(lib_dir.path()).unwrap();
+    assert!(in_flight.exists());
+    drop(other);
+    drop(lib);
+    // Alone, with rows in the index: temporary and unindexed stored files go, the user's stay.
+    let mut lib = LoraLibrary::open(lib_dir.path()).unwrap();
+    assert!(!in_flight.exists() && !lost.exists());
+    assert!(loras.join("my_lora.safetensors").exists() && loras.join("README.txt").exists());
+    // A stored file deleted by hand comes back with the next import of the same bytes.
+    std::fs::remove_file(&entry.path).unwrap();
+    lib.import(&[fixtures().join("peft.safetensors")], &mut |_| {}).unwrap();
+    assert_eq!(sha256_file(&entry.path), entry.sha256);
+    // A name goes in a picture's one-line settings: no newline.
+    assert!(lib.rename("peft", "two\nlines").unwrap_err().to_string().contains("newline"));
+}
+
 /// A path that is not there fails alone: the other paths are imported. Names a
 /// `<lora:NAME:w>` tag cannot hold are made usable.
 #[test]

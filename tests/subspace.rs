@@ -170,10 +170,11 @@ fn bad_input_is_refused_and_leaves_the_library_unchanged() {
     assert!(e.contains("missing"), "{e}");
     assert!(lib.add_to_subspace("small", "tebo", &targets).unwrap_err().to_string().contains("missing"));
     // A leftover components file from a crashed build (no row names it) is swept on open.
-    std::fs::write(dir.path().join("subspaces/deadbeef.safetensors"), b"partial").unwrap();
+    let leftover = dir.path().join(format!("subspaces/{}.safetensors", "de".repeat(32)));
+    std::fs::write(&leftover, b"partial").unwrap();
     drop(lib);
     let lib = LoraLibrary::open(dir.path()).unwrap();
-    assert!(!dir.path().join("subspaces/deadbeef.safetensors").exists());
+    assert!(!leftover.exists());
     assert_eq!(lib.subspaces().unwrap().len(), 1);
 }
 

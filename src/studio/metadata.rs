@@ -149,13 +149,14 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             text.push_str(&format!(", SD upscale: {}, SD upscale overlap: {}, SD upscale upscaler: {}", u.scale, u.overlap, quote(&u.upscaler)));
         }
     }
+    // As A1111 writes them: each name without `:` and `,` (which would split the list when read),
+    // the list quoted as JSON.
+    let hash_list = |hashes: &[(String, String)]| quote(&hashes.iter().map(|(n, h)| format!("{}: {h}", n.replace([':', ','], ""))).collect::<Vec<_>>().join(", "));
     if !r.ti_hashes.is_empty() {
-        let h: Vec<String> = r.ti_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
-        text.push_str(&format!(", TI hashes: \"{}\"", h.join(", ")));
+        text.push_str(&format!(", TI hashes: {}", hash_list(&r.ti_hashes)));
     }
     if !r.lora_hashes.is_empty() {
-        let h: Vec<String> = r.lora_hashes.iter().map(|(n, h)| format!("{n}: {h}")).collect();
-        text.push_str(&format!(", Lora hashes: \"{}\"", h.join(", ")));
+        text.push_str(&format!(", Lora hashes: {}", hash_list(&r.lora_hashes)));
         text.push_str(&format!(", LoRA mix: {}", s.mix));
     }
     if let Some(t) = r.mix_trace.as_ref().filter(|t| !t.candidates.is_empty()) {

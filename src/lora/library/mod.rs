@@ -9,6 +9,13 @@
 //! row points at a complete, verified file; the only possible leftovers are temporary files and
 //! files without a row, which [`LoraLibrary::open`] sweeps away.
 //!
+//! Other processes. Every open library holds a shared lock on `library.lock`, and the sweep runs
+//! only when its opener gets the lock alone: a file another process is still copying in, or has
+//! renamed into place but not yet committed, looks like a leftover, so no sweep runs beside it.
+//! The sweep removes only names this library writes (temporary files, `<sha256>.safetensors`),
+//! never another file a user keeps in the folder, and keeps unindexed files while the index
+//! has no rows at all (a new or lost index, not a crash's leftovers).
+//!
 //! Uses the LoRA core (`lora::{info, network}`: inspection, roles, hashes) and the weights
 //! readers; the core never uses the library, so the arrow runs one way.
 
@@ -109,6 +116,8 @@ pub struct LoraQuery {
 pub struct LoraLibrary {
     root: PathBuf,
     db: Connection,
+    /// Held (shared) while open; see the module note.
+    _lock: File,
 }
 
 fn db_err(root: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
@@ -143,10 +152,21 @@ impl LoraLibrary {
         db.execute_batch(SCHEMA).map_err(db_err(root))?;
         db.execute_batch(subspaces::SCHEMA).map_err(db_err(root))?;
         db.execute_batch(embeddings::SCHEMA).map_err(db_err(root))?;
-        let lib = Self { root: root.to_path_buf(), db };
-        lib.sweep()?;
-        lib.sweep_embeddings()?;
-        lib.sweep_subspaces()?;
+        let lock_path = root.join("library.lock");
+        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        let alone = match lock.try_lock() {
+            Ok(()) => true,
+            Err(std::fs::TryLockError::WouldBlock) => false,
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&lock_path, e)),
+        };
+        let lib = Self { root: root.to_path_buf(), db, _lock: lock };
+        if alone {
+            let swept = lib.sweep().and_then(|_| lib.sweep_embeddings()).and_then(|_| lib.sweep_subspaces());
+            lib._lock.unlock().map_err(|e| Error::io(&lock_path, e))?;
+            swept?;
+        }
+        // Waits only while another opener sweeps.
+        lib._lock.lock_shared().map_err(|e| Error::io(&lock_path, e))?;
         Ok(lib)
     }
 
@@ -167,8 +187,9 @@ impl LoraLibrary {
         self.sweep_dir(&self.files_dir(), "SELECT sha256 FROM loras")
     }
 
-    /// Removes every file of `dir` that is not `<hash>.safetensors` for a hash `query` returns
-    /// (temporary files, and files whose row was never committed or was deleted).
+    /// Removes this library's temporary files from `dir`, and each `<sha256>.safetensors` whose
+    /// hash `query` does not return (its row never committed, or deleted), unless `query`
+    /// returns nothing at all. Other files are left alone.
     fn sweep_dir(&self, dir: &Path, query: &str) -> Result<()> {
         if !dir.is_dir() {
             return Ok(());
@@ -181,7 +202,11 @@ impl LoraLibrary {
         for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
             let e = e.map_err(|e| Error::io(dir, e))?;
             let name = e.file_name().to_string_lossy().to_string();
-            if !name.strip_suffix(".safetensors").is_some_and(|h| known.contains(h)) {
+            // `.import-<pid>-<t>.tmp` (imports) and `.<name>.tmp-<pid>-<n>` (`write_atomic`).
+            let temporary = name.starts_with('.') && (name.ends_with(".tmp") || name.contains(".tmp-"));
+            let stored = name.strip_suffix(".safetensors").filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            let unindexed = stored.is_some_and(|h| !known.is_empty() && !known.contains(h));
+            if (temporary || unindexed) && e.file_type().is_ok_and(|t| t.is_file()) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -335,6 +360,10 @@ impl LoraLibrary {
             }
         };
         if let Some(existing) = self.by_sha(&sha)? {
+            // An entry whose file went missing (deleted by hand) gets it back.
+            if !existing.path.exists() && std::fs::rename(&tmp, &existing.path).is_ok() {
+                return Ok((existing, false));
+            }
             let _ = std::fs::remove_file(&tmp);
             return Ok((existing, false));
         }
@@ -344,8 +373,9 @@ impl LoraLibrary {
             Error::io(&dest, e)
         })?;
         let file_name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("{sha}.safetensors"));
-        // A name is written in `<lora:NAME:weight>`, so the characters that tag cannot hold become `_`.
-        let stem: String = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().replace(['<', '>', ':'], "_").trim().to_string()).unwrap_or_default();
+        // A name is written in `<lora:NAME:weight>` and in a picture's one-line settings, so the
+        // characters that tag cannot hold, and control characters (a newline), become `_`.
+        let stem: String = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().replace(|c: char| matches!(c, '<' | '>' | ':') || c.is_control(), "_").trim().to_string()).unwrap_or_default();
         let stem = if stem.is_empty() { sha[..12].to_string() } else { stem };
         let tx = self.db.transaction().map_err(db_err(&self.root))?;
         let display_name = free_display_name(&tx, &self.root, "loras", &stem, &sha)?;
@@ -386,8 +416,8 @@ impl LoraLibrary {
 
     pub fn rename(&mut self, key: &str, new_name: &str) -> Result<LoraEntry> {
         let new_name = new_name.trim();
-        if new_name.is_empty() || new_name.contains(['<', '>', ':']) {
-            return Err(Error::Argument(format!("'{new_name}': a LoRA name must be non-empty and contain no '<', '>' or ':' (it is used in <lora:NAME:weight>)")));
+        if new_name.is_empty() || new_name.contains(['<', '>', ':']) || new_name.contains(char::is_control) {
+            return Err(Error::Argument(format!("{new_name:?}: a LoRA name must be non-empty and contain no '<', '>', ':' or control character such as a newline (it is used in <lora:NAME:weight> and in a picture's settings line)")));
         }
         let e = self.resolve(key)?;
         self.set_display_name("loras", &e.sha256, new_name, "LoRA")?;
