@@ -285,6 +285,28 @@ fn inpaint_from_the_command_line() {
     assert!(e.contains("small_mask.png") && e.contains("16x16") && e.contains("32x32"), "{e}");
 }
 
+/// Prompt editing in the hires pass counts on from the first pass, as A1111's: after 2 first
+/// steps, `[red:blue:2]` and `[red:blue:1.0]` are red for the first pass and blue for the whole
+/// hires pass, so they make one picture, and not `red`'s.
+#[test]
+fn prompt_editing_counts_on_into_the_hires_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("tiny2").join("pipeline");
+    let pixels = |prompt: &str| {
+        let out = loramix()
+            .args(["generate", "--model", model.to_str().unwrap(), "--prompt", prompt, "--steps", "2", "--seed", "3", "--width", "32", "--height", "32"])
+            .args(["--hr-scale", "1.5", "--hr-steps", "2", "--hr-denoise", "0.6", "--hr-upscaler", "Latent"])
+            .arg("--out")
+            .arg(tmp.path())
+            .output()
+            .unwrap();
+        first_image(&out).0
+    };
+    let (by_step, by_fraction, red) = (pixels("a [red:blue:2] house"), pixels("a [red:blue:1.0] house"), pixels("a red house"));
+    assert_eq!(by_step, by_fraction);
+    assert_ne!(by_step, red);
+}
+
 /// Hires fix from the command line: a second pass at twice the size, A1111's fields in the
 /// PNG, restored from it; pickles and unknown upscalers are refused with a clear message; an
 /// ESRGAN-family model from the library's `models/ESRGAN` upscales the first pass.

@@ -209,6 +209,10 @@ pub struct GenerateRequest {
     /// ControlNet and T2I-Adapter units; their residuals add up (diffusers'
     /// `MultiControlNetModel` and `MultiAdapter`).
     pub control: Vec<ControlUnit>,
+    /// A1111's hires-fix pass: (the first pass's steps, the steps this pass runs). Prompt
+    /// editing then counts on from the first pass, over the steps run
+    /// ([`prompt_schedule::WhenOffset::hires`]).
+    pub hires_of: Option<(usize, usize)>,
 }
 
 impl Default for GenerateRequest {
@@ -235,6 +239,7 @@ impl Default for GenerateRequest {
             eta_noise_seed_delta: 0,
             seamless: Seamless::OFF,
             control: Vec::new(),
+            hires_of: None,
         }
     }
 }
@@ -809,9 +814,13 @@ impl SdxlPipeline {
         // calls and builds the schedule over steps × 2 for second-order samplers
         // (`SamplerData.total_steps`, its `step_multiplier`), so an edit lands where it does there.
         let order = sched.order().max(1);
-        let schedule_steps = req.steps * order;
-        let pos_schedule = prompt_schedule::prompt_schedule(&req.prompt, schedule_steps)?;
-        let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule(n, schedule_steps)).transpose()?;
+        let (schedule_steps, offset) = match req.hires_of {
+            // Both passes sample with the same sampler, so with the same multiplier.
+            Some((first, run)) => (run * order, prompt_schedule::WhenOffset::hires(first * order)),
+            None => (req.steps * order, Default::default()),
+        };
+        let pos_schedule = prompt_schedule::prompt_schedule_from(&req.prompt, schedule_steps, offset)?;
+        let neg_schedule = req.negative_prompt.as_deref().map(|n| prompt_schedule::prompt_schedule_from(n, schedule_steps, offset)).transpose()?;
         let conditioning = |pi: usize, ni: Option<usize>| -> Result<(Tensor, Option<AddedConditions>)> {
             let neg_text = ni.and_then(|ni| neg_schedule.as_ref().map(|s| s[ni].1.as_str()));
             let (pos, neg) = self.encode_prompts_with(&pos_schedule[pi].1, neg_text, cfg, req.clip_skip, &req.embeddings)?;

@@ -2,9 +2,10 @@
 //! `[a|b|…]`, turned into the prompt text of each sampling step.
 //!
 //! Follows `modules/prompt_parser.py::get_learned_conditioning_prompt_schedules` (its lark
-//! grammar and the `CollectSteps` / `AtStep` passes): `when` with a decimal point is a fraction
-//! of the steps, without one a step number; both are cut to an integer and capped at the step
-//! count; a step `s` (1-based) uses `from` while `s ≤ when`; alternation takes part
+//! grammar and the `CollectSteps` / `AtStep` passes): `when` (a signed number, exponent allowed)
+//! with a decimal point is a fraction of the steps, without one a step number; both are cut to
+//! an integer and capped at the step count (in the hires pass both count on from the first
+//! pass, [`WhenOffset`]); a step `s` (1-based) uses `from` while `s ≤ when`; alternation takes part
 //! `(s − 1) mod n`. Emphasis, `BREAK` and escapes pass through untouched to the attention
 //! parser. A1111 parses with lark's Earley parser and falls back to the literal text when it
 //! cannot; this is a small recursive-descent parser that gives the same schedules on A1111's
@@ -158,67 +159,107 @@ impl Parser {
     }
 }
 
-/// lark's NUMBER (an integer or a decimal, no sign), surrounded by optional whitespace.
+/// lark's SIGNED_NUMBER (A1111's grammar imports it as NUMBER): an optional sign, then an
+/// integer, a decimal (`5.`, `.5`, `2.5`) or either with an exponent (`1e-1`), surrounded by
+/// optional whitespace.
 fn number(nodes: &[Node]) -> Option<String> {
     let text = match nodes {
         [Node::Text(t)] => t.trim(),
         _ => return None,
     };
-    let (int, frac) = match text.split_once('.') {
-        Some((a, b)) => (a, Some(b)),
-        None => (text, None),
+    let b = text.as_bytes();
+    let digits_from = |mut i: usize| {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        (i, i > start)
     };
-    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
-    let ok = match frac {
-        None => !int.is_empty() && digits(int),
-        Some(f) => digits(int) && digits(f) && !(int.is_empty() && f.is_empty()),
-    };
-    ok.then(|| text.to_string())
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let (after_int, has_int) = digits_from(i);
+    i = after_int;
+    if b.get(i) == Some(&b'.') {
+        let (after_frac, has_frac) = digits_from(i + 1);
+        if !has_int && !has_frac {
+            return None;
+        }
+        i = after_frac;
+    } else if !has_int {
+        return None;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        let j = i + 1 + usize::from(matches!(b.get(i + 1), Some(b'+' | b'-')));
+        let (after_exp, has_exp) = digits_from(j);
+        if !has_exp {
+            return None;
+        }
+        i = after_exp;
+    }
+    (i == b.len()).then(|| text.to_string())
 }
 
-/// The step a `when` ends at (A1111's non-hires rule: a decimal is a fraction of `steps`).
-fn when_step(when: &str, steps: usize) -> usize {
+/// Where `when` counts from. A1111's first pass counts this pass's steps; its hires pass
+/// (`get_learned_conditioning_prompt_schedules` with `hires_steps`) counts on from the first
+/// pass: a step number has the first pass's steps taken off, a decimal has 1.0 taken off
+/// before it is a fraction of the hires steps. So after a 10-step first pass `[a:b:10]` is `b`
+/// for the whole hires pass and `[a:b:1.5]` switches halfway through it.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct WhenOffset {
+    steps: usize,
+    fraction: f64,
+}
+
+impl WhenOffset {
+    /// The hires pass after a first pass of `first_pass_steps` schedule entries.
+    pub fn hires(first_pass_steps: usize) -> Self {
+        Self { steps: first_pass_steps, fraction: 1.0 }
+    }
+}
+
+/// The step a `when` ends at: `min(steps, int(v))`, which may be 0 or negative (then `to` holds
+/// from the start).
+fn when_step(when: &str, steps: usize, offset: WhenOffset) -> i64 {
     let v: f64 = when.parse().unwrap_or(0.0);
-    let v = if when.contains('.') { v * steps as f64 } else { v };
-    (v.max(0.0).min(steps as f64)) as usize
+    let v = if when.contains('.') { (v - offset.fraction) * steps as f64 } else { v - offset.steps as f64 };
+    (v.trunc() as i64).min(steps as i64)
 }
 
-fn collect(nodes: &[Node], steps: usize, out: &mut Vec<usize>) {
+fn collect(nodes: &[Node], steps: usize, offset: WhenOffset, out: &mut Vec<usize>) {
     for n in nodes {
         match n {
             Node::Text(_) => {}
-            Node::Group(_, inner, _) => collect(inner, steps, out),
+            Node::Group(_, inner, _) => collect(inner, steps, offset, out),
             Node::Scheduled { before, after, when } => {
-                let w = when_step(when, steps);
+                let w = when_step(when, steps, offset);
                 if w >= 1 {
-                    out.push(w);
+                    out.push(w as usize);
                 }
-                collect(before, steps, out);
-                collect(after, steps, out);
+                collect(before, steps, offset, out);
+                collect(after, steps, offset, out);
             }
             Node::Alternate(parts) => {
                 out.extend(1..=steps);
                 for p in parts {
-                    collect(p, steps, out);
+                    collect(p, steps, offset, out);
                 }
             }
         }
     }
 }
 
-fn render(nodes: &[Node], step: usize, steps: usize, out: &mut String) {
+fn render(nodes: &[Node], step: usize, steps: usize, offset: WhenOffset, out: &mut String) {
     for n in nodes {
         match n {
             Node::Text(t) => out.push_str(t),
             Node::Group(open, inner, close) => {
                 out.push(*open);
-                render(inner, step, steps, out);
+                render(inner, step, steps, offset, out);
                 out.push(*close);
             }
             Node::Scheduled { before, after, when } => {
-                render(if step <= when_step(when, steps) { before } else { after }, step, steps, out)
+                render(if step as i64 <= when_step(when, steps, offset) { before } else { after }, step, steps, offset, out)
             }
-            Node::Alternate(parts) => render(&parts[(step - 1) % parts.len()], step, steps, out),
+            Node::Alternate(parts) => render(&parts[(step - 1) % parts.len()], step, steps, offset, out),
         }
     }
 }
@@ -243,16 +284,20 @@ fn parse(prompt: &str) -> (Vec<Node>, Vec<usize>) {
 /// `steps`. Step `s` (1-based) uses the first pair with `s ≤ end_step`. Never fails: what does
 /// not parse stays literal, as in A1111.
 pub fn a1111_schedule(prompt: &str, steps: usize) -> Vec<(usize, String)> {
+    a1111_schedule_from(prompt, steps, WhenOffset::default())
+}
+
+fn a1111_schedule_from(prompt: &str, steps: usize, offset: WhenOffset) -> Vec<(usize, String)> {
     let steps = steps.max(1);
     let (nodes, _) = parse(prompt);
     let mut ends = vec![steps];
-    collect(&nodes, steps, &mut ends);
+    collect(&nodes, steps, offset, &mut ends);
     ends.sort_unstable();
     ends.dedup();
     ends.into_iter()
         .map(|t| {
             let mut s = String::new();
-            render(&nodes, t, steps, &mut s);
+            render(&nodes, t, steps, offset, &mut s);
             (t, s)
         })
         .collect()
@@ -261,6 +306,11 @@ pub fn a1111_schedule(prompt: &str, steps: usize) -> Vec<(usize, String)> {
 /// [`a1111_schedule`] for a job: an unclosed `[` followed by `:` or `|` (a prompt edit or an
 /// alternation that was never finished) is an error naming its position.
 pub fn prompt_schedule(prompt: &str, steps: usize) -> Result<Vec<(usize, String)>> {
+    prompt_schedule_from(prompt, steps, WhenOffset::default())
+}
+
+/// [`prompt_schedule`] counting `when` from `offset` (A1111's hires pass).
+pub fn prompt_schedule_from(prompt: &str, steps: usize, offset: WhenOffset) -> Result<Vec<(usize, String)>> {
     let (_, unclosed) = parse(prompt);
     if let Some(&pos) = unclosed.first() {
         return Err(Error::Argument(format!(
@@ -268,7 +318,7 @@ pub fn prompt_schedule(prompt: &str, steps: usize) -> Result<Vec<(usize, String)
             pos + 1
         )));
     }
-    Ok(a1111_schedule(prompt, steps))
+    Ok(a1111_schedule_from(prompt, steps, offset))
 }
 
 /// The schedule entry A1111's sampler uses at 0-based sampling step `step`
@@ -320,6 +370,32 @@ mod tests {
         assert_eq!(g("[a:b:25]"), v(&[(10, "a")]));
         assert_eq!(g("[a:b:0]"), v(&[(10, "b")]));
         assert_eq!(g("[a:b]"), v(&[(10, "[a:b]")]));
+    }
+
+    /// `when` is lark's SIGNED_NUMBER: signs and exponents; only a `.` makes it a fraction.
+    #[test]
+    fn signed_and_exponent_numbers() {
+        assert_eq!(g("[red:blue:-1]"), v(&[(10, "blue")]));
+        assert_eq!(g("[red:blue:+3]"), v(&[(3, "red"), (10, "blue")]));
+        assert_eq!(g("[red:blue:1e-1]"), v(&[(10, "blue")]));
+        assert_eq!(g("[red:blue:2.5e-1]"), v(&[(2, "red"), (10, "blue")]));
+        assert_eq!(g("[red:blue:5.]"), v(&[(10, "red")]));
+        assert_eq!(g("[red:blue:1e]"), v(&[(10, "[red:blue:1e]")]));
+        assert_eq!(g("[red:blue:-]"), v(&[(10, "[red:blue:-]")]));
+    }
+
+    /// A1111's hires pass (`hires_steps` given, new scheduling): a step number counts on from
+    /// the first pass, a decimal has 1.0 taken off before it is a fraction of the hires steps.
+    #[test]
+    fn hires_pass_counts_on_from_the_first() {
+        let h = |p: &str| a1111_schedule_from(p, 10, WhenOffset::hires(20));
+        assert_eq!(h("a [red:blue:20] c"), v(&[(10, "a blue c")]));
+        assert_eq!(h("[a:b:25]"), v(&[(5, "a"), (10, "b")]));
+        assert_eq!(h("[a:b:1.5]"), v(&[(5, "a"), (10, "b")]));
+        assert_eq!(h("[a:b:0.5]"), v(&[(10, "b")]));
+        assert_eq!(h("[a:b:40]"), v(&[(10, "a")]));
+        let alt: Vec<(usize, String)> = (1..=10).map(|i| (i, if i % 2 == 1 { "x".to_string() } else { "y".to_string() })).collect();
+        assert_eq!(h("[x|y]"), alt);
     }
 
     #[test]

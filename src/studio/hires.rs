@@ -172,6 +172,7 @@ pub fn hires_request(pipe: &SdxlPipeline, first: &GenerateRequest, first_latents
     req.width = Some(tw);
     req.height = Some(th);
     req.steps = total;
+    req.hires_of = Some((first.steps, run));
     req.init_noise = None;
     req.init = Some(InitImage {
         image: image::RgbImage::new(0, 0),

@@ -576,6 +576,7 @@ impl Studio {
                 seed_resize_from: settings.seed_resize_from(),
                 eta_noise_seed_delta: settings.eta_noise_seed_delta,
                 control: control.clone(),
+                hires_of: None,
             };
             let ti_hashes = super::embedding_hashes(&pipe, &req)?;
             let new_mixer = |mix_opts: &MixOptions| -> Result<Option<Mixer>> {

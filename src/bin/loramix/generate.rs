@@ -607,6 +607,7 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
         seed_resize_from: a.seed_resize_from,
         eta_noise_seed_delta: a.eta_noise_seed_delta,
         control,
+        hires_of: None,
     };
     // Before the text encoders may be released (--low-memory): they tokenize the prompts.
     let ti_hashes = studio::embedding_hashes(&pipe, &req)?;
