@@ -82,35 +82,49 @@ pub struct PromptLora {
 /// reads them ([`LoraSchedule::parse`]): `<lora:x:0.8>`, `<lora:x:1:0.5>` (te, unet),
 /// `<lora:x:0.2@0,1@0.5>`, `<lora:x:1:lbw=SDXL-OUTALL:start=5>`.
 pub fn extract_prompt_loras(prompt: &str) -> Result<(String, Vec<PromptLora>)> {
-    let mut out = String::with_capacity(prompt.len());
-    let mut found = Vec::new();
-    let mut rest = prompt;
-    // `<lyco:...>` is A1111's other name for the same tag (LyCORIS files load as LoRAs).
-    let next = |r: &str| [r.find("<lora:"), r.find("<lyco:")].into_iter().flatten().min();
-    while let Some(start) = next(rest) {
-        let kind = &rest[start + 1..start + 5];
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 6..];
-        let Some(end) = after.find('>') else {
-            return Err(Error::Argument(format!("prompt: unclosed <lora:...> tag at \"{}\"", &rest[start..])));
-        };
-        let body = &after[..end];
+    extract_extra_networks(prompt).map(|(p, loras, _)| (p, loras))
+}
+
+/// A1111's `extra_networks.parse_prompt`: every `<TYPE:…>` tag (`<(\w+):([^>]+)>`) leaves the
+/// prompt. `lora` and `lyco` (A1111's other name for it: LyCORIS files load as LoRAs) are
+/// returned as [`PromptLora`]s; the others (`hypernet`, an extension's, a mistyped `LORA`) are
+/// networks this app does not have, returned by type name as A1111 skips them. An unclosed or
+/// nameless `<lora:` is an error, where A1111 would leave it in the prompt as text.
+pub fn extract_extra_networks(prompt: &str) -> Result<(String, Vec<PromptLora>, Vec<String>)> {
+    static TAG: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| regex::Regex::new(r"<(\w+):([^>]+)>").expect("a valid regex"));
+    let (mut out, mut found, mut skipped) = (String::with_capacity(prompt.len()), Vec::new(), Vec::new());
+    let mut last = 0;
+    for c in tag.captures_iter(prompt) {
+        let (whole, kind, body) = (c.get(0).expect("match"), &c[1], &c[2]);
+        out.push_str(&prompt[last..whole.start()]);
+        last = whole.end();
+        if kind != "lora" && kind != "lyco" {
+            skipped.push(kind.to_string());
+            continue;
+        }
         let mut parts = body.split(':');
         let name = parts.next().unwrap_or("").trim();
         if name.is_empty() {
-            return Err(Error::Argument(format!("prompt: <lora:{body}> has no name")));
+            return Err(Error::Argument(format!("prompt: <{kind}:{body}> has no name")));
         }
         let fields: Vec<&str> = parts.collect();
-        let schedule = LoraSchedule::parse(&fields).map_err(|e| Error::Argument(format!("prompt: <lora:{body}>: {e}")))?;
+        let schedule = LoraSchedule::parse(&fields).map_err(|e| Error::Argument(format!("prompt: <{kind}:{body}>: {e}")))?;
         let (weight, schedule) = match (&schedule.te, schedule.is_plain()) {
             (Weight::Constant(w), true) => (*w, None),
             _ => (1.0, Some(schedule)),
         };
         found.push(PromptLora { name: name.to_string(), weight, schedule, text: format!("<{kind}:{body}>") });
-        rest = &after[end + 1..];
     }
-    out.push_str(rest);
-    Ok((out, found))
+    out.push_str(&prompt[last..]);
+    if let Some(start) = [out.find("<lora:"), out.find("<lyco:")].into_iter().flatten().min() {
+        let rest = &out[start..];
+        return Err(Error::Argument(match rest[6..].starts_with('>') {
+            true => format!("prompt: {} has no name", &rest[..7]),
+            false => format!("prompt: unclosed <lora:...> tag at \"{rest}\""),
+        }));
+    }
+    Ok((out, found, skipped))
 }
 
 #[cfg(test)]
@@ -139,6 +153,12 @@ mod tests {
     fn prompt_tags() {
         let (p, l) = extract_prompt_loras("a cat <lyco:tebo:0.8>, flat style <lora:striped>").unwrap();
         assert_eq!((p.as_str(), l[0].text.as_str(), l.len()), ("a cat , flat style ", "<lyco:tebo:0.8>", 2));
+        // Every other extra network leaves the prompt too, as A1111 skips it.
+        let (p, l, skipped) = extract_extra_networks("a <hypernet:anime:1> cat <LORA:vlox:1>, <lora:x:0.5> <3 <:)> <foo:bar>").unwrap();
+        assert_eq!((p.as_str(), l.len(), skipped), ("a  cat ,  <3 <:)> ", 1, vec!["hypernet".to_string(), "LORA".into(), "foo".into()]));
+        assert!(extract_prompt_loras("a <lora:x").unwrap_err().to_string().contains("unclosed"));
+        assert!(extract_prompt_loras("a <lora:>").unwrap_err().to_string().contains("no name"));
+        assert!(extract_prompt_loras("a <lora: :1>").unwrap_err().to_string().contains("no name"));
         let (p, l) = extract_prompt_loras("a cat <lora:tebo:0.8>, flat style <lora:striped>").unwrap();
         assert_eq!(p, "a cat , flat style ");
         let pairs: Vec<(String, f64)> = l.iter().map(|t| (t.name.clone(), t.weight)).collect();

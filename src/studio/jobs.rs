@@ -455,6 +455,7 @@ impl Studio {
         let mut loaded_for: Vec<(String, Arc<LoadedLoras>)> = vec![];
         let mut scored: Vec<(String, Vec<(String, f64, Option<Role>)>, Vec<mix::candidates::Candidate>)> = vec![];
         let mut idx = output::first_free_index(outputs.dir);
+        let mut skipped_networks: Vec<String> = Vec::new();
         let model_hash = super::model_hash::model_shorthash(&settings.model).unwrap_or_default();
         for (u, unit) in units.iter().enumerate() {
             // A Skip pressed between batches (loading, decoding) is dropped, as in A1111.
@@ -489,7 +490,14 @@ impl Studio {
                 continue;
             }
             let (prompt_drawn, negative_drawn) = draw(unit.seed)?;
-            let (prompt, mut tags) = lora::extract_prompt_loras(&prompt_drawn)?;
+            let (prompt, mut tags, skipped) = lora::extract_extra_networks(&prompt_drawn)?;
+            for kind in skipped {
+                if !skipped_networks.contains(&kind) {
+                    // A1111's "Skipping unknown extra network": the tag leaves the prompt.
+                    on_event(StudioEvent::Notice { message: format!("skipping the prompt's <{kind}:…> tags: not a network this app has (LoRA tags are <lora:…> or <lyco:…>)") });
+                    skipped_networks.push(kind);
+                }
+            }
             tags.extend(scheduled_tags.iter().cloned());
             // The library's candidates are scored per prompt (text only, cheap; sharing picks
             // between prompts gave prompts other subjects' LoRAs), once per distinct prompt.

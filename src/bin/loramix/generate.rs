@@ -514,7 +514,11 @@ pub fn run(mut a: GenerateArgs) -> Result<()> {
     for w in mix::ignored_options(&mix_opts) {
         eprintln!("warning: {w}");
     }
-    let (clean_prompt, prompt_tags) = lora::extract_prompt_loras(&a.prompt)?;
+    let (clean_prompt, prompt_tags, skipped) = lora::extract_extra_networks(&a.prompt)?;
+    for kind in skipped.iter().collect::<std::collections::BTreeSet<_>>() {
+        // A1111's "Skipping unknown extra network": the tag leaves the prompt.
+        eprintln!("skipping the prompt's <{kind}:…> tags: not a network this app has (LoRA tags are <lora:…> or <lyco:…>)");
+    }
     let model_loras = std::path::Path::new(&a.model).join("loras");
     // Resolve names before the model loads, so a typo fails fast.
     lora::library::resolve_choices(&lora_args, &prompt_tags, a.library.as_deref(), Some(&model_loras))?;
