@@ -135,6 +135,9 @@ fn bad_lines_are_reported_by_number_and_the_rest_still_run() {
         serde_json::json!({"model": model(), "prompt": "a", "steps": 2, "loras": [{"name": "no-such-lora", "weight": 1.0}]}).to_string(),
         serde_json::json!({"model": model(), "prompt": "a", "steps": 2, "width": 102}).to_string(),
         serde_json::json!({"model": model(), "prompt": "a tebo emblem", "steps": 2, "images": 2}).to_string(),
+        // A model that is not there fails its own line, not the run (the clustering before the
+        // jobs skips it).
+        serde_json::json!({"prompt": "a", "steps": 2, "model": "/nonexistent/model"}).to_string(),
     ];
     let m = tmp.path().join("m.jsonl");
     std::fs::write(&m, lines.join("\n")).unwrap();
@@ -145,9 +148,10 @@ fn bad_lines_are_reported_by_number_and_the_rest_still_run() {
     assert!(err.contains("m.jsonl:2: column") && err.contains("malformed JSON"), "{err}");
     assert!(err.contains("m.jsonl:3:") && err.contains("no-such-lora"), "{err}");
     assert!(err.contains("m.jsonl:4: field width: 102"), "{err}");
+    assert!(err.contains("m.jsonl:6:") && err.contains("/nonexistent/model"), "{err}");
     assert_eq!(pngs(&out).keys().cloned().collect::<Vec<_>>(), vec!["00001-0000.png", "00005-0000.png", "00005-0001.png"]);
     let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("batch.json")).unwrap()).unwrap();
-    assert_eq!(summary["failed_lines"].as_u64(), Some(3));
+    assert_eq!(summary["failed_lines"].as_u64(), Some(4));
     assert_eq!(summary["errors"][0]["line"].as_u64(), Some(2));
 }
 
@@ -178,6 +182,29 @@ fn a_gallery_manifest_makes_the_same_images_again() {
     made_px.sort();
     again_px.sort();
     assert_eq!(made_px, again_px);
+}
+
+/// A WebP keeps only A1111's text (`Model: miniworld`, `<lora:vlox:0.7>`): run as a manifest
+/// from another folder, the shipped model and its own LoRA are found and the picture is made
+/// again exactly.
+#[test]
+fn a_webp_restores_with_the_models_own_lora() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = tmp.path().join("made");
+    let o = loramix()
+        .args(["generate", "--prompt", "a vlox emblem", "--lora", "vlox:0.7", "--steps", "3", "--seed", "21", "--samples-format", "webp", "--model"])
+        .arg(model())
+        .arg("--out")
+        .arg(&made)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let webp = made.join("00000-21.webp");
+    let again = tmp.path().join("again");
+    let o = loramix().current_dir(tmp.path()).args(["batch", "run"]).arg(&webp).arg("--out").arg(&again).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(pixels(&again.join("00001-0000.png")), pixels(&webp));
 }
 
 /// A hires line's image is larger than its record's (first-pass) size; a second run still

@@ -355,8 +355,10 @@ pub fn kmeans(vectors: &[Vec<f32>], k: usize) -> Vec<usize> {
 
 /// Clusters the manifest's jobs by their prompts' pooled text embeddings, per model: `k` is
 /// ⌈√n⌉ (at most 16). Returns per job its cluster id (global) and the clusters' representatives.
-fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) -> Result<(Vec<usize>, Vec<(String, String, Vec<usize>)>)> {
-    let mut of_job = vec![0usize; manifest.jobs.len()];
+/// Jobs whose model cannot be read (or one of whose prompts cannot be) stay out of the clusters:
+/// each fails on its own line when it runs, and the others still run.
+fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) -> (Vec<Option<usize>>, Vec<(String, String, Vec<usize>)>) {
+    let mut of_job = vec![None; manifest.jobs.len()];
     let mut clusters = vec![];
     let mut models: Vec<(String, String)> = manifest.jobs.iter().map(|j| (j.settings.model.clone(), j.settings.vae.clone())).collect();
     models.sort();
@@ -364,7 +366,7 @@ fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) ->
     for (model, vae) in models {
         let idx: Vec<usize> = (0..manifest.jobs.len()).filter(|&i| manifest.jobs[i].settings.model == model && manifest.jobs[i].settings.vae == vae).collect();
         let prompts: Vec<String> = idx.iter().map(|&i| manifest.jobs[i].settings.prompt.clone()).collect();
-        let emb = studio.prompt_embeddings(&model, &vae, library, &prompts)?;
+        let Ok(emb) = studio.prompt_embeddings(&model, &vae, library, &prompts) else { continue };
         let k = ((idx.len() as f64).sqrt().ceil() as usize).clamp(1, 16);
         let assign = kmeans(&emb, k);
         for c in 0..k {
@@ -381,13 +383,13 @@ fn cluster_jobs(studio: &Studio, manifest: &Manifest, library: Option<&Path>) ->
             });
             let id = clusters.len();
             for &m in &members {
-                of_job[idx[m]] = id;
+                of_job[idx[m]] = Some(id);
             }
             let rep_prompt = rep.map(|r| crate::lora::extract_prompt_loras(&prompts[r]).map(|(p, _)| p.trim().to_string()).unwrap_or_default()).unwrap_or_default();
             clusters.push((model.clone(), rep_prompt, members.iter().map(|&m| manifest.jobs[idx[m]].line).collect()));
         }
     }
-    Ok((of_job, clusters))
+    (of_job, clusters)
 }
 
 /// Runs the shard's jobs of `manifest` into `out`, then writes the summary there atomically.
@@ -414,7 +416,7 @@ pub fn run_batch(
     let t0 = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     studio.share_mixes(batch_aware);
-    let (cluster_of, clusters) = if batch_aware && !manifest.jobs.is_empty() { cluster_jobs(studio, manifest, library)? } else { (vec![], vec![]) };
+    let (cluster_of, clusters) = if batch_aware && !manifest.jobs.is_empty() { cluster_jobs(studio, manifest, library) } else { (vec![], vec![]) };
     let mut cluster_mixes: Vec<Vec<String>> = vec![vec![]; clusters.len()];
     let jobs: Vec<(usize, &ManifestJob)> = manifest.jobs.iter().enumerate().filter(|(i, _)| shard.takes(*i)).collect();
     let total: usize = jobs.iter().map(|(_, j)| j.images).sum();
@@ -427,7 +429,7 @@ pub fn run_batch(
     for (ji, job) in jobs {
         let line = job.line;
         let names = move |k: usize| image_name(line, k);
-        let cluster = cluster_of.get(ji).copied();
+        let cluster = cluster_of.get(ji).copied().flatten();
         let outputs = ImageOutputs { dir: out, names: Some(&names), images: Some(job.images), keep_interrupted: false, skip: None, format: Default::default() };
         let r = studio.run(
             &job.settings,

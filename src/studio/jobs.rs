@@ -535,7 +535,9 @@ impl Studio {
             let loaded = match loaded_for.iter().find(|(k, _)| *k == key) {
                 Some((_, l)) => l.clone(),
                 None => {
-                    let l = load_loras(&job_args, &tags, library, &Path::new(&settings.model).join("loras"), &targets)?;
+                    // The model's own `loras/`, a bare shipped name (`Model: miniworld`) included.
+                    let model_dir = crate::hub::shipped(&settings.model).unwrap_or_else(|| PathBuf::from(&settings.model));
+                    let l = load_loras(&job_args, &tags, library, &model_dir.join("loras"), &targets)?;
                     for r in &l.reports {
                         on_event(StudioEvent::LoraLoaded { name: r.name.clone(), role: r.role.clone(), layers: r.layers, warnings: r.warnings.clone() });
                     }
