@@ -100,3 +100,32 @@ fn a_2x2x2_grid_writes_cells_and_labelled_grids() {
     assert!(seeds[0] != seeds[1], "each grid's cell is its own run's");
     assert!(!std::fs::read_dir(&out).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".reserved")));
 }
+
+/// A Var. strength axis keeps the given `--subseed` in every cell (as A1111's X/Y/Z plot keeps
+/// `p.subseed`); without one a random variation seed is drawn once for the whole grid.
+#[test]
+fn a_variation_strength_axis_keeps_the_given_subseed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/miniworld");
+    let run = |out: &str, extra: &[&str]| -> Vec<String> {
+        let out = tmp.path().join(out);
+        let o = Command::new(env!("CARGO_BIN_EXE_loramix"))
+            .env("RUST_BACKTRACE", "0")
+            .env("LORAMIX_HOME", tmp.path().join("home"))
+            .args(["grid", "--x", "subseed_strength=0.5,1", "--prompt", "a red circle", "--steps", "2", "--seed", "1"])
+            .args(extra)
+            .arg("--model")
+            .arg(&model)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        ["xyz-z00-y00-x00-00.png", "xyz-z00-y00-x01-00.png"].iter().map(|n| chunks(&out.join(n))["parameters"].clone()).collect()
+    };
+    let given = run("given", &["--subseed", "9"]);
+    assert!(given[0].contains("Variation seed: 9, Variation seed strength: 0.5") && given[1].contains("Variation seed: 9, Variation seed strength: 1"), "{given:?}");
+    let drawn = run("drawn", &[]);
+    let seed_of = |t: &str| t.split("Variation seed: ").nth(1).and_then(|r| r.split(',').next()).map(str::to_string);
+    assert!(seed_of(&drawn[0]).is_some() && seed_of(&drawn[0]) == seed_of(&drawn[1]), "{drawn:?}");
+}

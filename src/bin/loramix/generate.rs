@@ -904,6 +904,10 @@ pub fn studio_settings(a: &GenerateArgs, init: Option<studio::InitSettings>, hir
     }
     seamless_arg(a)?;
     let mut settings = settings_of(a, init, hires);
+    if why == "grid" {
+        // A grid's Var. strength axis gives the strength; its cells keep the given seed.
+        settings.subseed = a.subseed;
+    }
     studio::check_sd_upscale(&settings, a.library.as_deref())?;
     settings.loras = lora_settings(a)?;
     settings.controlnet = controlnet_settings(a)?;
