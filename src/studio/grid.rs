@@ -144,6 +144,28 @@ impl AxisKind {
         }
     }
 
+    /// A cell's label as A1111 draws it: `format_value_add_label` (`Steps: 20`, a float rounded
+    /// to 8 places and written as Python writes it, `CFG Scale: 7.0`), the bare value for its
+    /// `format_value` axes (Sampler, Prompt S/R), the file name for a checkpoint.
+    pub fn cell_label(&self, value: &str) -> String {
+        let value = match (self, self.numeric()) {
+            (Self::Sampler | Self::PromptSr, _) => return value.to_string(),
+            (Self::Checkpoint, _) => return Path::new(value.trim_end_matches(['/', '\\'])).file_name().map_or(value.to_string(), |n| n.to_string_lossy().into_owned()),
+            (_, Some(true)) => value.trim().parse::<i64>().map_or(value.to_string(), |n| n.to_string()),
+            (_, Some(false)) => value.trim().parse::<f64>().map_or(value.to_string(), |x| {
+                let rounded: f64 = format!("{x:.8}").parse().unwrap_or(x);
+                super::image_info::python_float_repr(rounded)
+            }),
+            _ => value.to_string(),
+        };
+        let label = match self {
+            Self::Denoise => "Denoising".to_string(),
+            Self::Checkpoint => "Checkpoint name".to_string(),
+            other => other.label(),
+        };
+        format!("{label}: {value}")
+    }
+
     fn numeric(&self) -> Option<bool> {
         match self {
             Self::Seed | Self::VarSeed | Self::Steps | Self::Width | Self::Height | Self::ClipSkip => Some(true),
@@ -164,52 +186,57 @@ fn csv_values(text: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// A1111's ranges: `1-5`, `1-9 (+2)`, `10-1 (-3)`, `1-10 [4]` (count, evenly spaced).
+/// A1111's ranges (`xyz_grid.py`), value for value. Integers: `1-5` and `1-9 (+2)` are Python's
+/// `range(start, end + 1, step)` (so `5-1` is empty and `10-1 (-3)` is 10, 7, 4), `1-10 [4]` is
+/// `int()` of `np.linspace`. Numbers: `1-2` and `0.5-1 (+0.25)` are `np.arange(start, end + step,
+/// step)`, `0.2-1 [5]` is `np.linspace`. Anything else is a single value.
 fn expand_range(v: &str, integer: bool) -> Result<Option<Vec<String>>> {
-    let re = regex::Regex::new(r"^\s*([+-]?\d+(?:\.\d*)?)\s*-\s*([+-]?\d+(?:\.\d*)?)\s*(?:\(\s*([+-]\s*\d+(?:\.\d*)?)\s*\)|\[\s*(\d+)\s*\])?\s*$")
-        .map_err(|e| Error::Argument(e.to_string()))?;
-    let Some(c) = re.captures(v) else { return Ok(None) };
-    let num = |s: &str| s.replace(' ', "").parse::<f64>().map_err(|_| Error::Argument(format!("grid range {v:?}: {s:?} is not a number")));
-    let (a, b) = (num(&c[1])?, num(&c[2])?);
-    let mut vals = vec![];
-    if let Some(n) = c.get(4) {
-        let n: usize = n.as_str().parse().map_err(|_| Error::Argument(format!("grid range {v:?}: bad count")))?;
-        if n == 0 || n > 1000 {
-            return Err(Error::Argument(format!("grid range {v:?}: expected a count from 1 to 1000")));
-        }
-        for i in 0..n {
-            vals.push(if n == 1 { a } else { a + (b - a) * i as f64 / (n - 1) as f64 });
-        }
+    static INT: std::sync::OnceLock<[regex::Regex; 2]> = std::sync::OnceLock::new();
+    static FLOAT: std::sync::OnceLock<[regex::Regex; 2]> = std::sync::OnceLock::new();
+    let compile = |r: &str| regex::Regex::new(r).expect("a valid regex");
+    // `re_range`, `re_range_count`, `re_range_float`, `re_range_count_float` (their `.` is any
+    // character, as in A1111's patterns), anchored as `fullmatch`.
+    let [by_step, by_count] = if integer {
+        INT.get_or_init(|| [compile(r"\A\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\(([+-]\d+)\s*\))?\s*\z"), compile(r"\A\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\[(\d+)\s*\])?\s*\z")])
     } else {
-        let step = match c.get(3) {
-            Some(s) => num(s.as_str())?,
-            None => {
-                if integer {
-                    if b >= a { 1.0 } else { -1.0 }
-                } else {
-                    return Ok(None);
-                }
-            }
-        };
-        if step == 0.0 || (b - a) * step < 0.0 {
-            return Err(Error::Argument(format!("grid range {v:?}: the step never reaches the end")));
+        FLOAT.get_or_init(|| {
+            [
+                compile(r"\A\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*\z"),
+                compile(r"\A\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\[(\d+(?:.\d*)?)\s*\])?\s*\z"),
+            ]
+        })
+    };
+    let number = |s: &str| super::generation_parameters::python_strip(s).parse::<f64>().map_err(|_| Error::Argument(format!("grid range {v:?}: {s:?} is not a number (as Python's int() or float() reads it)")));
+    let too_many = || Error::Argument(format!("grid range {v:?}: more than 1000 values"));
+    let values: Vec<f64> = if let Some(c) = by_step.captures(v) {
+        let (start, end) = (number(&c[1])?, number(&c[2])?);
+        let step = c.get(3).map(|s| number(s.as_str())).transpose()?.unwrap_or(1.0);
+        if step == 0.0 {
+            return Err(Error::Argument(format!("grid range {v:?}: a step of 0")));
         }
-        let mut x = a;
-        while (step > 0.0 && x <= b + 1e-9) || (step < 0.0 && x >= b - 1e-9) {
-            vals.push(x);
-            if vals.len() > 1000 {
-                return Err(Error::Argument(format!("grid range {v:?}: more than 1000 values")));
-            }
-            x += step;
+        // range(start, end + 1, step) / np.arange(start, end + step, step): the count is
+        // ⌈(stop − start) / step⌉, np.arange's values are start + i·((start + step) − start).
+        let stop = if integer { end + 1.0 } else { end + step };
+        let count = ((stop - start) / step).ceil();
+        if count > 1000.0 {
+            return Err(too_many());
         }
-    }
-    // Integers as A1111's `int(x)` over `np.linspace`: truncated (`1-10 [3]` is 1, 5, 10). The
-    // nudge keeps a value such as 2.9999999 (float spacing) from truncating a whole step down.
-    Ok(Some(
-        vals.into_iter()
-            .map(|x| if integer { format!("{}", (x + x.signum() * 1e-9).trunc() as i64) } else { format!("{}", (x * 1e6).round() / 1e6) })
-            .collect(),
-    ))
+        let delta = if integer { step } else { (start + step) - start };
+        (0..count.max(0.0) as usize).map(|i| if i == 0 { start } else { start + i as f64 * delta }).collect()
+    } else if let Some(c) = by_count.captures(v) {
+        let (start, end) = (number(&c[1])?, number(&c[2])?);
+        let count = c.get(3).map(|s| number(s.as_str())).transpose()?.unwrap_or(1.0) as usize;
+        if count > 1000 {
+            return Err(too_many());
+        }
+        // np.linspace: i · ((end − start) / (count − 1)) + start, the last value `end` itself.
+        let step = (end - start) / (count as f64 - 1.0);
+        (0..count).map(|i| if count > 1 && i == count - 1 { end } else if count == 1 { start } else { i as f64 * step + start }).collect()
+    } else {
+        return Ok(None);
+    };
+    // `int(x)` truncates; a float value is written so that it reads back exactly.
+    Ok(Some(values.into_iter().map(|x| if integer { format!("{}", x.trunc() as i64) } else { format!("{x}") }).collect()))
 }
 
 impl std::str::FromStr for Axis {
@@ -540,7 +567,7 @@ pub fn run_grid(
         images.sort();
         done.push(GridCell { x: *xi, y: *yi, z: *zi, images });
     }
-    let label = |a: Option<&Axis>, v: &str| a.map(|a| format!("{}: {v}", a.kind.label())).unwrap_or_default();
+    let label = |a: Option<&Axis>, v: &str| a.map(|a| a.kind.cell_label(v)).unwrap_or_default();
     let mut grids = vec![];
     for (zi, zv) in zs.iter().enumerate() {
         let mut tiles = vec![];
@@ -778,6 +805,19 @@ mod tests {
         // A1111's int(x) over np.linspace truncates.
         assert_eq!("seed=1-10 [3]".parse::<Axis>().unwrap().values, ["1", "5", "10"]);
         assert_eq!("steps=10-1 [4]".parse::<Axis>().unwrap().values, ["10", "7", "4", "1"]);
+        // Python's range(start, end + 1, step), np.arange(start, end + step, step) (values from
+        // numpy: np.arange(0.1, 0.3 + 0.1, 0.1).tolist() has 0.4 too, np.linspace(0, 1, 4).tolist()).
+        assert_eq!("steps=10-1 (-3)".parse::<Axis>().unwrap().values, ["10", "7", "4"]);
+        assert!("steps=5-1".parse::<Axis>().unwrap_err().to_string().contains("no values"));
+        assert_eq!("cfg=5-7".parse::<Axis>().unwrap().values, ["5", "6", "7"]);
+        assert_eq!("cfg=0.1-0.3 (+0.1)".parse::<Axis>().unwrap().values, ["0.1", "0.2", "0.30000000000000004", "0.4"]);
+        assert_eq!("cfg=0-1 [4]".parse::<Axis>().unwrap().values, ["0", "0.3333333333333333", "0.6666666666666666", "1"]);
+        assert_eq!(AxisKind::Cfg.cell_label("7"), "CFG Scale: 7.0");
+        assert_eq!(AxisKind::Cfg.cell_label("0.30000000000000004"), "CFG Scale: 0.3");
+        assert_eq!(AxisKind::Steps.cell_label("020"), "Steps: 20");
+        assert_eq!(AxisKind::Sampler.cell_label("Euler a"), "Euler a");
+        assert_eq!(AxisKind::Checkpoint.cell_label("/m/sdxl.safetensors"), "sdxl.safetensors");
+        assert_eq!(AxisKind::Denoise.cell_label("0.5"), "Denoising: 0.5");
         assert_eq!("lora:Vlox=0,0.5,1".parse::<Axis>().unwrap().kind, AxisKind::LoraWeight("Vlox".into()));
         assert_eq!("prompt_sr=\"red, circle\",blue".parse::<Axis>().unwrap().values, ["red, circle", "blue"]);
         assert!("colour=1,2".parse::<Axis>().unwrap_err().to_string().contains("expected seed"));

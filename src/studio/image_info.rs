@@ -150,7 +150,7 @@ fn python_str(v: &serde_json::Value) -> Option<String> {
 
 /// Python's `repr(float)`: the shortest digits that round-trip (as Rust's), positional from
 /// 1e-4 up to 1e16 with at least one decimal, else `d.ddde±XX`.
-fn python_float_repr(x: f64) -> String {
+pub(crate) fn python_float_repr(x: f64) -> String {
     if x.is_nan() {
         return "nan".into();
     }
