@@ -377,7 +377,14 @@ impl LoraLibrary {
         // characters that tag cannot hold, and control characters (a newline), become `_`.
         let stem: String = Path::new(&file_name).file_stem().map(|s| s.to_string_lossy().replace(|c: char| matches!(c, '<' | '>' | ':') || c.is_control(), "_").trim().to_string()).unwrap_or_default();
         let stem = if stem.is_empty() { sha[..12].to_string() } else { stem };
-        let tx = self.db.transaction().map_err(db_err(&self.root))?;
+        // IMMEDIATE: another process importing now waits here, so its row (the same bytes, or
+        // the same name) is seen before this one picks a name or inserts.
+        let tx = self.db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err(&self.root))?;
+        if tx.query_row("SELECT EXISTS(SELECT 1 FROM loras WHERE sha256 = ?1)", [&sha], |r| r.get::<_, bool>(0)).map_err(db_err(&self.root))? {
+            drop(tx);
+            let existing = self.by_sha(&sha)?.ok_or_else(|| Error::Argument("library entry vanished".into()))?;
+            return Ok((existing, false));
+        }
         let display_name = free_display_name(&tx, &self.root, "loras", &stem, &sha)?;
         tx.execute(
             "INSERT INTO loras (sha256, addnet_hash, file_name, display_name, size, format, ranks, alphas, base_model,
