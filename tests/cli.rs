@@ -315,7 +315,7 @@ fn hires_fix_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("tiny2").join("pipeline");
     let out = loramix()
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a red house", "--steps", "6", "--seed", "3"])
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", "a red house", "--steps", "6", "--seed", "3", "--clip-skip", "2"])
         .args(["--width", "32", "--height", "32", "--hr-scale", "1.5", "--hr-steps", "3", "--hr-denoise", "0.6", "--hr-upscaler", "Latent (bicubic antialiased)"])
         .arg("--out")
         .arg(tmp.path())
@@ -328,7 +328,8 @@ fn hires_fix_from_the_command_line() {
     let img = image::open(&png).unwrap();
     assert_eq!((img.width(), img.height()), (48, 48));
     let text = String::from_utf8_lossy(&std::fs::read(&png).unwrap()).to_string();
-    assert!(text.contains("Size: 32x32") && text.contains("Denoising strength: 0.6, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent (bicubic antialiased)"), "{text}");
+    // In A1111's create_infotext order: Denoising strength before Clip skip, the hires fields after.
+    assert!(text.contains("Size: 32x32") && text.contains("Denoising strength: 0.6, Clip skip: 3, Hires upscale: 1.5, Hires steps: 3, Hires upscaler: Latent (bicubic antialiased)"), "{text}");
     let chunks = loramix::studio::png_text_chunks(&std::fs::read(&png).unwrap()).unwrap();
     let back = loramix::studio::parse_parameters(&chunks["parameters"]).unwrap();
     let hr = back.hires.unwrap();

@@ -95,14 +95,20 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     if let Some((w, h)) = s.seed_resize_from() {
         text.push_str(&format!(", Seed resize from: {w}x{h}"));
     }
+    // Where A1111's `create_infotext` puts it (its dict has the key here; the hires or img2img
+    // value fills it in), before Clip skip and ENSD.
+    let hires = s.hires.as_ref().filter(|_| s.init.is_none());
+    if let Some(denoise) = s.init.as_ref().map(|i| i.strength).or(hires.map(|h| h.denoise)) {
+        text.push_str(&format!(", Denoising strength: {denoise}"));
+    }
+    if s.clip_skip > 0 {
+        text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
+    }
     // Written where the sampler draws noise between steps from the generators ENSD reseeds, so
     // the text restores the image; elsewhere ENSD changes nothing. (A1111 writes it for its
     // ancestral samplers; its SDE samplers draw from a Brownian tree instead.)
     if s.eta_noise_seed_delta != 0 && r.sampler.parse::<SamplerKind>().map_or(true, |k| k.draws_noise()) {
         text.push_str(&format!(", ENSD: {}", s.eta_noise_seed_delta));
-    }
-    if s.clip_skip > 0 {
-        text.push_str(&format!(", Clip skip: {}", s.clip_skip + 1));
     }
     match s.tiling.as_str() {
         "" => {}
@@ -123,8 +129,8 @@ pub fn parameters_text(r: &ImageRecord) -> String {
             text.push_str(", Batch seeds: shared");
         }
     }
-    if let Some(hr) = s.hires.as_ref().filter(|_| s.init.is_none()) {
-        text.push_str(&format!(", Denoising strength: {}, Hires upscale: {}", hr.denoise, hr.scale));
+    if let Some(hr) = hires {
+        text.push_str(&format!(", Hires upscale: {}", hr.scale));
         if hr.steps > 0 {
             text.push_str(&format!(", Hires steps: {}", hr.steps));
         }
@@ -132,7 +138,6 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     }
     if let Some(init) = &s.init {
         // A1111's img2img fields (`processing.py` extra_generation_params).
-        text.push_str(&format!(", Denoising strength: {}", init.strength));
         if init.mask.is_some() || init.outpaint.is_some() {
             text.push_str(&format!(", Mask blur: {}, Masked content: {}", init.mask_blur, init.masked_content.a1111_name()));
             if init.inpaint_area == InpaintArea::OnlyMasked {
