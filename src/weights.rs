@@ -90,7 +90,10 @@ pub fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), Head
             E::InvalidOffset(name) => format!(
                 "tensor '{name}': its data offsets are out of order, overlap another tensor, or leave a gap"
             ),
-            E::TensorInvalidInfo => "a tensor's byte length does not match its dtype and shape".into(),
+            E::TensorInvalidInfo => match misfit_tensor(header) {
+                Some(which) => which,
+                None => "a tensor's byte length does not match its dtype and shape".into(),
+            },
             E::MetadataIncompleteBuffer => format!(
                 "the data section ({} bytes) does not match the header's offsets — the file is truncated or has trailing bytes",
                 bytes.len() as u64 - 8 - header_len
@@ -100,6 +103,27 @@ pub fn parse_header(bytes: &[u8]) -> std::result::Result<(usize, Metadata), Head
             E::InvalidHeaderDeserialization(e) | E::JsonError(e) => format!("the header is not valid safetensors JSON: {e}"),
             other => format!("invalid safetensors header: {other}"),
         })
+    })
+}
+
+/// The first tensor whose byte length is not its dtype's size times its shape's product, named
+/// with both (the crate's error says only that one is).
+fn misfit_tensor(header: &[u8]) -> Option<String> {
+    let serde_json::Value::Object(map) = serde_json::from_slice::<serde_json::Value>(header).ok()? else { return None };
+    map.iter().filter(|(name, _)| *name != "__metadata__").find_map(|(name, v)| {
+        let dtype = v.get("dtype")?.as_str()?;
+        let bits: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 8,
+            "I16" | "U16" | "F16" | "BF16" => 16,
+            "I32" | "U32" | "F32" => 32,
+            "I64" | "U64" | "F64" => 64,
+            _ => return None,
+        };
+        let shape: Vec<u64> = v.get("shape")?.as_array()?.iter().map(|d| d.as_u64()).collect::<Option<_>>()?;
+        let o = v.get("data_offsets")?.as_array()?;
+        let (a, b) = (o.first()?.as_u64()?, o.get(1)?.as_u64()?);
+        let want = shape.iter().try_fold(bits / 8, |n, &d| n.checked_mul(d))?;
+        (b.checked_sub(a)? != want).then(|| format!("tensor '{name}': its byte length does not match its dtype and shape ({} bytes of data where a {dtype} tensor of shape {shape:?} takes {want})", b - a))
     })
 }
 

@@ -165,8 +165,10 @@ impl EmbeddingInfo {
             ));
             return Err(if sibling.is_file() {
                 bad(path, format!("one half of a diffusers SDXL embedding (token {k:?}); import the folder holding it and {}", sibling.display()))
-            } else {
+            } else if w == 768 {
                 sd1_refusal(path, &format!("one tensor `{k}` of width {w}"))
+            } else {
+                bad(path, format!("not a LoRA nor a textual-inversion embedding: one tensor `{k}` of width {w} (an embedding's vectors are 768 wide for SD 1.x, or `clip_l` 768 and `clip_g` 1280 wide for SDXL)"))
             });
         }
         Err(bad(path, format!("not a textual-inversion embedding: expected tensors `clip_l` and `clip_g` (found {})", names.join(", "))))
