@@ -123,7 +123,9 @@ pub fn parameters_text(r: &ImageRecord) -> String {
     }
     if s.batch_size > 1 {
         text.push_str(&format!(", Batch size: {}, Batch pos: {}", s.batch_size, r.index_in_batch));
-        if s.batch_seeds == BatchSeeds::Shared {
+        // A dynamic prompt draws per image, and each image then has its own seed whatever the
+        // setting, so the text says what ran.
+        if s.batch_seeds == BatchSeeds::Shared && !super::is_dynamic(&s.prompt) && !super::is_dynamic(&s.negative_prompt) {
             // Not an A1111 field: A1111's batches take per-image seeds, so its text without
             // this field restores as per-image.
             text.push_str(", Batch seeds: shared");
