@@ -14,6 +14,83 @@ fn or_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) ->
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+/// A value as A1111's pydantic (v1) models take it for a number or a flag: an integer field
+/// takes a float (cut to an integer, as Python's `int()`), a numeric string (`"20"`) or a
+/// boolean; a float field a numeric string; a flag `0`/`1` and `"true"`/`"no"`/`"on"`/….
+pub(crate) trait Lenient: Sized {
+    fn from_value(v: &Value) -> Result<Self, String>;
+}
+
+fn lenient_int(v: &Value) -> Result<i64, String> {
+    let bad = || format!("value is not a valid integer (got {v})");
+    match v {
+        Value::Bool(b) => Ok(*b as i64),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Ok(i),
+            (None, Some(f)) if f.is_finite() && f.abs() < 9.2e18 => Ok(f.trunc() as i64),
+            _ => Err(bad()),
+        },
+        Value::String(_) => crate::studio::python_int(v).map_err(|_| bad()),
+        _ => Err(bad()),
+    }
+}
+
+macro_rules! lenient_ints {
+    ($($t:ty),*) => {$(
+        impl Lenient for $t {
+            fn from_value(v: &Value) -> Result<Self, String> {
+                let i = lenient_int(v)?;
+                <$t>::try_from(i).map_err(|_| format!("{i}: out of range for this field (expected {} to {})", <$t>::MIN, <$t>::MAX))
+            }
+        }
+    )*};
+}
+lenient_ints!(i64, u64, usize, u32, u8);
+
+impl Lenient for f64 {
+    fn from_value(v: &Value) -> Result<Self, String> {
+        match v {
+            Value::Bool(b) => Ok(*b as u8 as f64),
+            Value::Number(n) => n.as_f64().ok_or_else(|| format!("value is not a valid float (got {v})")),
+            Value::String(s) => crate::studio::python_strip(s).parse::<f64>().map_err(|_| format!("value is not a valid float (got {v})")),
+            _ => Err(format!("value is not a valid float (got {v})")),
+        }
+    }
+}
+
+impl Lenient for bool {
+    fn from_value(v: &Value) -> Result<Self, String> {
+        let bad = || format!("value could not be parsed to a boolean (got {v})");
+        match v {
+            Value::Bool(b) => Ok(*b),
+            Value::Number(n) => match n.as_f64() {
+                Some(x) if x == 0.0 => Ok(false),
+                Some(x) if x == 1.0 => Ok(true),
+                _ => Err(bad()),
+            },
+            Value::String(s) => match s.to_lowercase().as_str() {
+                "0" | "off" | "f" | "false" | "n" | "no" => Ok(false),
+                "1" | "on" | "t" | "true" | "y" | "yes" => Ok(true),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// An optional number or flag, read as [`Lenient`] (`null` is none).
+fn lenient<'de, D: Deserializer<'de>, T: Lenient>(d: D) -> Result<Option<T>, D::Error> {
+    match Option::<Value>::deserialize(d)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => T::from_value(&v).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// A number or flag with a default, read as [`Lenient`] (`null` is the default).
+fn lenient_or_default<'de, D: Deserializer<'de>, T: Lenient + Default>(d: D) -> Result<T, D::Error> {
+    Ok(lenient(d)?.unwrap_or_default())
+}
+
 /// `/sdapi/v1/txt2img` and the shared part of `/sdapi/v1/img2img`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default)]
@@ -24,12 +101,17 @@ pub struct GenerationRequest {
     pub negative_prompt: String,
     #[serde(deserialize_with = "or_default")]
     pub styles: Vec<String>,
+    #[serde(deserialize_with = "lenient")]
     pub seed: Option<i64>,
     /// The variation seed and its strength (A1111's "Variation seed").
+    #[serde(deserialize_with = "lenient")]
     pub subseed: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
     pub subseed_strength: Option<f64>,
     /// "Resize seed from width / height" (pixels; -1 or 0: off).
+    #[serde(deserialize_with = "lenient")]
     pub seed_resize_from_w: Option<i64>,
+    #[serde(deserialize_with = "lenient")]
     pub seed_resize_from_h: Option<i64>,
     /// A1111's "Tiling" (seamless images): `true` / `false`, or our axes `"x"`, `"y"`, `"xy"`.
     pub tiling: Option<Value>,
@@ -39,44 +121,58 @@ pub struct GenerationRequest {
     pub sampler_index: String,
     #[serde(deserialize_with = "or_default")]
     pub scheduler: String,
+    #[serde(deserialize_with = "lenient")]
     pub batch_size: Option<usize>,
+    #[serde(deserialize_with = "lenient")]
     pub n_iter: Option<usize>,
+    #[serde(deserialize_with = "lenient")]
     pub steps: Option<usize>,
+    #[serde(deserialize_with = "lenient")]
     pub cfg_scale: Option<f64>,
+    #[serde(deserialize_with = "lenient")]
     pub width: Option<usize>,
+    #[serde(deserialize_with = "lenient")]
     pub height: Option<usize>,
+    #[serde(deserialize_with = "lenient")]
     pub denoising_strength: Option<f64>,
-    #[serde(deserialize_with = "or_default")]
+    #[serde(deserialize_with = "lenient_or_default")]
     pub enable_hr: bool,
+    #[serde(deserialize_with = "lenient")]
     pub hr_scale: Option<f64>,
     /// A1111's "Resize width to" / "height to" (0: by `hr_scale`; one of them: the other by the
     /// first pass's aspect ratio).
-    #[serde(deserialize_with = "or_default")]
+    #[serde(deserialize_with = "lenient_or_default")]
     pub hr_resize_x: usize,
-    #[serde(deserialize_with = "or_default")]
+    #[serde(deserialize_with = "lenient_or_default")]
     pub hr_resize_y: usize,
     #[serde(deserialize_with = "or_default")]
     pub hr_upscaler: String,
-    #[serde(deserialize_with = "or_default")]
+    #[serde(deserialize_with = "lenient_or_default")]
     pub hr_second_pass_steps: usize,
     #[serde(deserialize_with = "or_default")]
     pub override_settings: Map<String, Value>,
     #[serde(deserialize_with = "or_default")]
     pub alwayson_scripts: Map<String, Value>,
+    #[serde(deserialize_with = "lenient")]
     pub send_images: Option<bool>,
-    #[serde(deserialize_with = "or_default")]
+    #[serde(deserialize_with = "lenient_or_default")]
     pub save_images: bool,
     // img2img
     #[serde(deserialize_with = "or_default")]
     pub init_images: Vec<String>,
     pub mask: Option<String>,
+    #[serde(deserialize_with = "lenient")]
     pub mask_blur: Option<f64>,
+    #[serde(deserialize_with = "lenient")]
     pub inpainting_fill: Option<u8>,
+    #[serde(deserialize_with = "lenient")]
     pub inpaint_full_res: Option<bool>,
+    #[serde(deserialize_with = "lenient")]
     pub inpaint_full_res_padding: Option<u32>,
-    #[serde(deserialize_with = "or_default")]
+    #[serde(deserialize_with = "lenient_or_default")]
     pub inpainting_mask_invert: u8,
     /// 0 just resize, 1 crop and resize, 2 resize and fill.
+    #[serde(deserialize_with = "lenient")]
     pub resize_mode: Option<u64>,
     /// A1111's scripts: "SD upscale" in img2img is the one run here ([`script`]).
     pub script_name: Option<String>,

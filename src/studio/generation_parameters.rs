@@ -309,7 +309,7 @@ fn old_hires_fix_first_pass_dimensions(width: i64, height: i64) -> Result<(i64, 
 /// Python's `int(x)` on the strings and numbers of this dict: surrounding whitespace, a sign,
 /// `_` between digits, and any Unicode decimal digit. Numbers past i64 are refused (Python's
 /// integers have no bound).
-fn python_int(v: &Value) -> Result<i64> {
+pub(crate) fn python_int(v: &Value) -> Result<i64> {
     let text = match v {
         Value::Number(n) => return n.as_i64().ok_or_else(|| Error::Argument(format!("{n} is no integer"))),
         Value::String(s) => s.as_str(),

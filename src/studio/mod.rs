@@ -13,6 +13,7 @@ mod embeddings;
 mod export;
 mod extras;
 mod generation_parameters;
+pub(crate) use generation_parameters::{python_int, python_strip};
 mod grid;
 mod hires;
 mod image_info;

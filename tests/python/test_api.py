@@ -190,6 +190,11 @@ def main():
         check(empty.status_code == 200 and empty.json()["info"] == "", f"png-info of an empty picture is empty info ({empty.text})")
         api.set_options({"samples_format": "png"})
         check(api.txt2img(prompt="x", seed=1, width=64, height=64, steps=2).image.format == "PNG", "samples_format back to png")
+        # Numbers as A1111's pydantic (v1) takes them: strings, floats for integers, flags as text.
+        loose = requests.post(base + "/txt2img", json={"prompt": "x", "steps": "2", "cfg_scale": "5", "width": 64.0, "height": "64", "seed": "3", "save_images": "no", "send_images": 1}, auth=(USER, PASS))
+        check(loose.status_code == 200 and json.loads(loose.json()["info"])["seed"] == 3 and len(loose.json()["images"]) == 1, f"numeric strings and floats are read as pydantic reads them ({loose.status_code})")
+        frac = requests.post(base + "/txt2img", json={"prompt": "x", "steps": "2.5"}, auth=(USER, PASS))
+        check(frac.status_code == 422 and "steps" in frac.text, f"a fractional string for an integer is refused by field ({frac.text})")
         bad = requests.post(base + "/options", json={"samples_format": "gif"}, auth=(USER, PASS))
         check(bad.status_code == 422 and "samples_format" in bad.text and "webp" in bad.text, f"an unknown samples_format is refused ({bad.text})")
         bad = requests.post(base + "/options", json={"samples_format": "jpg", "jpeg_quality": 101}, auth=(USER, PASS))
