@@ -172,8 +172,15 @@ pub fn plan_mix(
 
 /// A random seed in A1111's range.
 pub fn random_seed() -> u64 {
+    // The clock, the process and a per-process count, mixed (splitmix64's finaliser), so two
+    // draws in one clock tick (a grid's `seed=-1,-1`) differ and nearby ticks are far apart.
+    static DRAWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    (t as u64 ^ (std::process::id() as u64).rotate_left(32)) % 4_294_967_296
+    let n = DRAWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut z = (t as u64 ^ (std::process::id() as u64).rotate_left(32)).wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    (z ^ (z >> 31)) % 4_294_967_296
 }
 
 /// Loads models once and runs jobs on them.
@@ -813,5 +820,17 @@ pub fn holds_image(path: &Path, settings: &Settings, seed: u64, batch_index: usi
     match image::open(path) {
         Ok(img) => sizes.contains(&(img.width() as usize, img.height() as usize)),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Draws in quick succession (one clock tick, as a grid's `seed=-1,-1`) all differ, and stay
+    /// A1111's 32-bit seeds.
+    #[test]
+    fn random_seeds_differ_within_a_tick() {
+        let seeds: std::collections::HashSet<u64> = (0..2000).map(|_| super::random_seed()).collect();
+        assert_eq!(seeds.len(), 2000);
+        assert!(seeds.iter().all(|&s| s < 1 << 32));
     }
 }
