@@ -829,8 +829,8 @@ mod tests {
     /// A1111's 32-bit seeds.
     #[test]
     fn random_seeds_differ_within_a_tick() {
-        let seeds: std::collections::HashSet<u64> = (0..2000).map(|_| super::random_seed()).collect();
-        assert_eq!(seeds.len(), 2000);
+        let seeds: std::collections::HashSet<u64> = (0..300).map(|_| super::random_seed()).collect();
+        assert_eq!(seeds.len(), 300, "a repeat among 300 draws (chance about 1e-5)");
         assert!(seeds.iter().all(|&s| s < 1 << 32));
     }
 }
