@@ -47,6 +47,12 @@ fn pngs(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// `loramix generate ARGS --model miniworld --out OUT`, which must succeed.
+fn generate(out: &Path, args: &[&str]) {
+    let o = loramix().arg("generate").args(args).arg("--model").arg(model()).arg("--out").arg(out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 fn run(manifest: &Path, out: &Path, shard: Option<&str>) -> std::process::Output {
     let mut c = loramix();
     c.args(["batch", "run"]).arg(manifest).arg("--out").arg(out);
@@ -159,14 +165,7 @@ fn bad_lines_are_reported_by_number_and_the_rest_still_run() {
 fn a_gallery_manifest_makes_the_same_images_again() {
     let tmp = tempfile::tempdir().unwrap();
     let made = tmp.path().join("made");
-    let o = loramix()
-        .args(["generate", "--prompt", "a mupa emblem on a navy background", "--lora", "mupa", "--steps", "3", "--seed", "21", "--batch-size", "2", "--model"])
-        .arg(model())
-        .arg("--out")
-        .arg(&made)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    generate(&made, &["--prompt", "a mupa emblem on a navy background", "--lora", "mupa", "--steps", "3", "--seed", "21", "--batch-size", "2"]);
     let images: Vec<PathBuf> = pngs(&made).keys().map(|n| made.join(n)).collect();
     assert_eq!(images.len(), 2);
     let m = loramix::studio::export_manifest(&images, &tmp.path().join("saved")).unwrap();
@@ -191,14 +190,7 @@ fn a_gallery_manifest_makes_the_same_images_again() {
 fn a_webp_restores_with_the_models_own_lora() {
     let tmp = tempfile::tempdir().unwrap();
     let made = tmp.path().join("made");
-    let o = loramix()
-        .args(["generate", "--prompt", "a vlox emblem", "--lora", "vlox:0.7", "--steps", "3", "--seed", "21", "--samples-format", "webp", "--model"])
-        .arg(model())
-        .arg("--out")
-        .arg(&made)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    generate(&made, &["--prompt", "a vlox emblem", "--lora", "vlox:0.7", "--steps", "3", "--seed", "21", "--samples-format", "webp"]);
     let webp = made.join("00000-21.webp");
     let again = tmp.path().join("again");
     let o = loramix().current_dir(tmp.path()).args(["batch", "run"]).arg(&webp).arg("--out").arg(&again).output().unwrap();

@@ -49,79 +49,7 @@ def old_hires_fix_first_pass_dimensions(width, height):
 
 
 # ---------------------------------------------------------------- modules/prompt_parser.py
-re_attention = re.compile(r"""
-\\\(|
-\\\)|
-\\\[|
-\\]|
-\\\\|
-\\|
-\(|
-\[|
-:\s*([+-]?[.\d]+)\s*\)|
-\)|
-]|
-[^\\()\[\]:]+|
-:
-""", re.X)
-
-re_break = re.compile(r"\s*\bBREAK\b\s*", re.S)
-
-
-def parse_prompt_attention(text):
-    res = []
-    round_brackets = []
-    square_brackets = []
-
-    round_bracket_multiplier = 1.1
-    square_bracket_multiplier = 1 / 1.1
-
-    def multiply_range(start_position, multiplier):
-        for p in range(start_position, len(res)):
-            res[p][1] *= multiplier
-
-    for m in re_attention.finditer(text):
-        text = m.group(0)
-        weight = m.group(1)
-
-        if text.startswith('\\'):
-            res.append([text[1:], 1.0])
-        elif text == '(':
-            round_brackets.append(len(res))
-        elif text == '[':
-            square_brackets.append(len(res))
-        elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
-        elif text == ')' and round_brackets:
-            multiply_range(round_brackets.pop(), round_bracket_multiplier)
-        elif text == ']' and square_brackets:
-            multiply_range(square_brackets.pop(), square_bracket_multiplier)
-        else:
-            parts = re.split(re_break, text)
-            for i, part in enumerate(parts):
-                if i > 0:
-                    res.append(["BREAK", -1])
-                res.append([part, 1.0])
-
-    for pos in round_brackets:
-        multiply_range(pos, round_bracket_multiplier)
-
-    for pos in square_brackets:
-        multiply_range(pos, square_bracket_multiplier)
-
-    if len(res) == 0:
-        res = [["", 1.0]]
-
-    # merge runs of identical weights
-    i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
-        else:
-            i += 1
-
-    return res
+from a1111_prompt_parser import parse_prompt_attention  # noqa: E402
 
 
 # ---------------------------------------------------------------- modules/infotext_versions.py
@@ -290,12 +218,10 @@ def restore_old_hires_fix_params(res):
     res['Hires resize-2'] = height
 
 
-def parse_generation_parameters(x: str, prompt_styles: StyleDatabase, skip_fields: list[str] | None = None):
-    if skip_fields is None:
-        skip_fields = opts.infotext_skip_pasting
-
-    res = {}
-
+def split_infotext(x: str):
+    """The first part of parse_generation_parameters: the prompt and negative prompt lines, and
+    the last line's `Key: value` pairs unquoted (a pair whose unquoting raises is left out, as
+    A1111's loop skips it)."""
     prompt = ""
     negative_prompt = ""
 
@@ -316,11 +242,27 @@ def parse_generation_parameters(x: str, prompt_styles: StyleDatabase, skip_field
         else:
             prompt += ("" if prompt == "" else "\n") + line
 
+    pairs = []
     for k, v in re_param.findall(lastline):
         try:
             if v[0] == '"' and v[-1] == '"':
                 v = unquote(v)
+            pairs.append((k, v))
+        except Exception:
+            print(f"Error parsing \"{k}: {v}\"", file=sys.stderr)
+    return prompt, negative_prompt, pairs
 
+
+def parse_generation_parameters(x: str, prompt_styles: StyleDatabase, skip_fields: list[str] | None = None):
+    if skip_fields is None:
+        skip_fields = opts.infotext_skip_pasting
+
+    res = {}
+
+    prompt, negative_prompt, pairs = split_infotext(x)
+
+    for k, v in pairs:
+        try:
             m = re_imagesize.match(v)
             if m is not None:
                 res[f"{k}-1"] = m.group(1)

@@ -84,46 +84,9 @@ Steps: {json_info["steps"]}, Sampler: {sampler}, CFG scale: {json_info["scale"]}
     return geninfo, items
 
 
-re_param = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # infotext_utils.re_param
-
-
-def unquote(text):
-    if len(text) == 0 or text[0] != '"' or text[-1] != '"':
-        return text
-    try:
-        return json.loads(text)
-    except Exception:
-        return text
-
-
-def split_generation_parameters(x):
-    """infotext_utils.parse_generation_parameters (A1111 1.10) up to its pairs, before the
-    defaults it fills in and its WxH split."""
-    prompt = ""
-    negative_prompt = ""
-    done_with_prompt = False
-    *lines, lastline = x.strip().split("\n")
-    if len(re_param.findall(lastline)) < 3:
-        lines.append(lastline)
-        lastline = ''
-    for line in lines:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            done_with_prompt = True
-            line = line[16:].strip()
-        if done_with_prompt:
-            negative_prompt += ("" if negative_prompt == "" else "\n") + line
-        else:
-            prompt += ("" if prompt == "" else "\n") + line
-    fields = []
-    for k, v in re_param.findall(lastline):
-        try:
-            if v[0] == '"' and v[-1] == '"':
-                v = unquote(v)
-            fields.append([k, v])
-        except Exception:
-            pass
-    return prompt, negative_prompt, fields
+# infotext_utils.parse_generation_parameters (A1111 1.10) up to its pairs, before the defaults it
+# fills in and its WxH split.
+from make_generation_parameters_fixtures import split_infotext as split_generation_parameters  # noqa: E402
 
 
 
