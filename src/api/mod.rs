@@ -1329,11 +1329,23 @@ async fn png_info(State(state): State<Arc<AppState>>, body: Bytes) -> std::resul
         // A1111's `read_info_from_image`: a PNG's `parameters`, a JPEG's or WebP's EXIF comment.
         false => studio::read_image_info(&decode_image("image", &req.image)?).map_err(|e| FieldError::new("image", e.to_string()))?,
     };
-    let internal = |e: crate::Error| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let own_loras = Path::new(&current_model(&state)).join("loras");
-    let infotext = found.parameters.as_deref().unwrap_or_default();
-    let ctx = studio::PasteContext::load(library_root(&state).as_deref(), Some(&own_loras), infotext).map_err(internal)?;
-    Ok(Json(found.png_info(&ctx).map_err(internal)?))
+    let internal = |e: String| ApiError::Status(StatusCode::INTERNAL_SERVER_ERROR, e);
+    // The model's own `loras/`, a bare shipped name included.
+    let model = current_model(&state);
+    let own_loras = crate::hub::shipped(&model).unwrap_or_else(|| PathBuf::from(&model)).join("loras");
+    let library = library_root(&state);
+    // Hashing the model's LoRAs and parsing a long text take a while: off the async threads.
+    tokio::task::spawn_blocking(move || {
+        let ctx = studio::PasteContext::load(library.as_deref(), Some(&own_loras), found.parameters.as_deref().unwrap_or_default());
+        for w in &ctx.warnings {
+            eprintln!("png-info: {w}");
+        }
+        found.png_info(&ctx).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| internal(e.to_string()))?
+    .map(Json)
+    .map_err(internal)
 }
 
 async fn require_auth(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {

@@ -77,6 +77,9 @@ pub struct PasteContext {
     styles: Vec<PromptStyle>,
     /// A LoRA's short hash (the first 12 hex digits of its addnet hash) → its name here.
     lora_names: HashMap<String, String>,
+    /// What could not be read (a bad `styles.csv`, a library that does not open): parsing goes
+    /// on without it, as A1111 reports a bad styles file and goes on.
+    pub warnings: Vec<String>,
 }
 
 impl PasteContext {
@@ -88,16 +91,23 @@ impl PasteContext {
                 None => kept.push(s.clone()),
             }
         }
-        Self { styles: kept, lora_names: loras.into_iter().collect() }
+        Self { styles: kept, lora_names: loras.into_iter().collect(), warnings: vec![] }
     }
 
     /// What A1111 consults for `infotext`: the library's `styles.csv`, and the LoRAs it knows by
     /// hash, looked up only when the text has `Lora hashes`: a model's own `loras/` folder, then
     /// the library (whose names win). A missing library or folder is none.
-    pub fn load(library: Option<&Path>, own_loras: Option<&Path>, infotext: &str) -> Result<Self> {
+    pub fn load(library: Option<&Path>, own_loras: Option<&Path>, infotext: &str) -> Self {
+        let mut warnings = vec![];
         let library = library.filter(|r| r.exists());
         let styles_csv = library.map(|r| r.join("styles.csv")).filter(|p| p.exists());
-        let styles = styles_csv.map(|p| super::read_styles(&p)).transpose()?.unwrap_or_default();
+        let styles = match styles_csv.map(|p| super::read_styles(&p)).transpose() {
+            Ok(s) => s.unwrap_or_default(),
+            Err(e) => {
+                warnings.push(format!("styles left out: {e}"));
+                vec![]
+            }
+        };
         let mut loras = vec![];
         if infotext.contains("Lora hashes") {
             let mut files: Vec<PathBuf> = own_loras.and_then(|d| std::fs::read_dir(d).ok()).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
@@ -109,12 +119,16 @@ impl PasteContext {
                     loras.push((hash[..12].to_string(), p.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
                 }
             }
-            if let Some(root) = library {
-                let lib = crate::lora::library::LoraLibrary::open(root)?;
-                loras.extend(lib.list(&Default::default())?.into_iter().filter(|e| e.addnet_hash.len() >= 12).map(|e| (e.addnet_hash[..12].to_string(), e.display_name)));
+            // Only a library that exists: reading pictures never makes one.
+            if let Some(root) = library.filter(|r| r.join("library.sqlite").is_file()) {
+                let listed = crate::lora::library::LoraLibrary::open(root).and_then(|lib| lib.list(&Default::default()));
+                match listed {
+                    Ok(entries) => loras.extend(entries.into_iter().filter(|e| e.addnet_hash.len() >= 12).map(|e| (e.addnet_hash[..12].to_string(), e.display_name))),
+                    Err(e) => warnings.push(format!("the library's LoRAs left out of `Lora hashes` renames: {e}")),
+                }
             }
         }
-        Ok(Self::new(&styles, loras))
+        Self { warnings, ..Self::new(&styles, loras) }
     }
 }
 
@@ -479,13 +493,17 @@ mod tests {
         std::fs::write(dir.path().join("styles.csv"), "name,prompt,negative_prompt\n# note,x,\nDotted,dotted style,\nDotted,\"polka dots\",\n").unwrap();
         let hash = crate::lora::addnet_hash_of(&Path::new(own).join("krin.safetensors")).unwrap();
         let text = format!("a <lora:old_krin:0.8>, polka dots\nSteps: 20, Seed: 1, Lora hashes: \"old_krin: {}\"", &hash[..12]);
-        let ctx = PasteContext::load(Some(dir.path()), Some(Path::new(own)), &text).unwrap();
+        let ctx = PasteContext::load(Some(dir.path()), Some(Path::new(own)), &text);
         let got = parse_generation_parameters(&text, &ctx).unwrap();
         assert_eq!(got.get_str("Prompt"), Some("a <lora:krin:0.8>"));
         assert_eq!(got.get("Styles array"), Some(&serde_json::json!(["Dotted"])));
         // No `Lora hashes`: no LoRA file is read.
-        let ctx = PasteContext::load(None, Some(Path::new("/nonexistent")), "a cat").unwrap();
+        let ctx = PasteContext::load(None, Some(Path::new("/nonexistent")), "a cat");
         assert!(ctx.lora_names.is_empty() && ctx.styles.is_empty());
+        // A bad styles.csv is left out with a warning; parsing goes on.
+        std::fs::write(dir.path().join("styles.csv"), "prompt\nx\n").unwrap();
+        let ctx = PasteContext::load(Some(dir.path()), None, "a cat");
+        assert!(ctx.styles.is_empty() && ctx.warnings.len() == 1 && ctx.warnings[0].contains("styles.csv"), "{:?}", ctx.warnings);
     }
 
     /// Texts made of the pieces the parser cares about, with styles made of them too: an answer

@@ -206,7 +206,11 @@ fn expand_range(v: &str, integer: bool) -> Result<Option<Vec<String>>> {
             ]
         })
     };
-    let number = |s: &str| super::generation_parameters::python_strip(s).parse::<f64>().map_err(|_| Error::Argument(format!("grid range {v:?}: {s:?} is not a number (as Python's int() or float() reads it)")));
+    let not_a_number = |s: &str| Error::Argument(format!("grid range {v:?}: {s:?} is not a number (as Python's int() or float() reads it)"));
+    // Python's `int()` for whole numbers (a count is one too: `[5.5]` is refused, as A1111's
+    // `int("5.5")` raises), `float()` for the rest.
+    let whole = |s: &str| super::generation_parameters::python_int(&serde_json::Value::String(s.to_string())).map(|i| i as f64).map_err(|_| not_a_number(s));
+    let number = |s: &str| if integer { whole(s) } else { super::generation_parameters::python_strip(s).parse::<f64>().map_err(|_| not_a_number(s)) };
     let too_many = || Error::Argument(format!("grid range {v:?}: more than 1000 values"));
     let values: Vec<f64> = if let Some(c) = by_step.captures(v) {
         let (start, end) = (number(&c[1])?, number(&c[2])?);
@@ -225,7 +229,7 @@ fn expand_range(v: &str, integer: bool) -> Result<Option<Vec<String>>> {
         (0..count.max(0.0) as usize).map(|i| if i == 0 { start } else { start + i as f64 * delta }).collect()
     } else if let Some(c) = by_count.captures(v) {
         let (start, end) = (number(&c[1])?, number(&c[2])?);
-        let count = c.get(3).map(|s| number(s.as_str())).transpose()?.unwrap_or(1.0) as usize;
+        let count = c.get(3).map(|s| whole(s.as_str())).transpose()?.unwrap_or(1.0).max(0.0) as usize;
         if count > 1000 {
             return Err(too_many());
         }
@@ -812,6 +816,8 @@ mod tests {
         assert_eq!("cfg=5-7".parse::<Axis>().unwrap().values, ["5", "6", "7"]);
         assert_eq!("cfg=0.1-0.3 (+0.1)".parse::<Axis>().unwrap().values, ["0.1", "0.2", "0.30000000000000004", "0.4"]);
         assert_eq!("cfg=0-1 [4]".parse::<Axis>().unwrap().values, ["0", "0.3333333333333333", "0.6666666666666666", "1"]);
+        assert!("cfg=0-1 [2.5]".parse::<Axis>().unwrap_err().to_string().contains("not a number"));
+        assert_eq!("seed=\u{661}-\u{663}".parse::<Axis>().unwrap().values, ["1", "2", "3"]);
         assert_eq!(AxisKind::Cfg.cell_label("7"), "CFG Scale: 7.0");
         assert_eq!(AxisKind::Cfg.cell_label("0.30000000000000004"), "CFG Scale: 0.3");
         assert_eq!(AxisKind::Steps.cell_label("020"), "Steps: 20");

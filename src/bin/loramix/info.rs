@@ -49,7 +49,11 @@ pub fn run(a: InfoArgs) -> Result<()> {
                 None => loramix::lora::library::LoraLibrary::default_root().ok(),
             };
             let infotext = found.parameters.as_deref().unwrap_or_default();
-            let parsed = studio::PasteContext::load(library.as_deref(), None, infotext).and_then(|ctx| found.png_info(&ctx));
+            let ctx = studio::PasteContext::load(library.as_deref(), None, infotext);
+            for w in &ctx.warnings {
+                eprintln!("warning: {w}");
+            }
+            let parsed = found.png_info(&ctx);
             let info = match parsed {
                 Ok(i) => i,
                 Err(e) => {

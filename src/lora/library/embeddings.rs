@@ -164,7 +164,13 @@ impl LoraLibrary {
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         crate::output::write_atomic(&self.embedding_path(&sha), &bytes)?;
         let file_name = src.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| format!("{sha}.safetensors"));
-        let tx = self.db.transaction().map_err(db_err(&self.root))?;
+        // IMMEDIATE, and the same bytes looked for again inside: see `import_one`.
+        let tx = self.db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err(&self.root))?;
+        if tx.query_row("SELECT EXISTS(SELECT 1 FROM embeddings WHERE sha256 = ?1)", [&sha], |r| r.get::<_, bool>(0)).map_err(db_err(&self.root))? {
+            drop(tx);
+            let existing = self.embedding_by_sha(&sha)?.ok_or_else(|| Error::Argument("library embedding vanished".into()))?;
+            return Ok((existing, false));
+        }
         let display_name = free_display_name(&tx, &self.root, "embeddings", &ti.name, &sha)?;
         tx.execute(
             "INSERT INTO embeddings (sha256, file_name, display_name, size, format, vectors, widths, thumbnail, added_at)

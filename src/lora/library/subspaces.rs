@@ -197,7 +197,9 @@ impl LoraLibrary {
         let dir = self.subspaces_dir();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         crate::output::write_atomic(&dir.join(format!("{sha}.safetensors")), &bytes)?;
-        let tx = self.db.transaction().map_err(db_err(&self.root))?;
+        // IMMEDIATE: a write after a read in a deferred transaction can meet another process's
+        // commit and fail at once (SQLITE_BUSY_SNAPSHOT); this one waits its turn instead.
+        let tx = self.db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(db_err(&self.root))?;
         tx.execute(
             "INSERT INTO subspaces (name, base_model, centering, rule, storage, file_sha256, file_size, modules, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
